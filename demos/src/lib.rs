@@ -1,0 +1,2 @@
+//! Unikernel applications. The network demos arrive with the driver-stack issue.
+#![no_std]

@@ -1,0 +1,4 @@
+fn main() {
+    eprintln!("host-shim: not built yet");
+    std::process::exit(2);
+}

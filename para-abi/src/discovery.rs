@@ -1,0 +1,64 @@
+//! How a guest finds out that it runs under the Exitless host shim.
+//!
+//! The shim answers the hypervisor CPUID range (Intel SDM vol 2A, CPUID: leaves
+//! 0x4000_0000–0x4FFF_FFFF are reserved for hypervisor use). It replaces KVM's own
+//! paravirtual leaves there: the guest must not mistake the shim for plain KVM.
+
+/// CPUID leaf with the maximum hypervisor leaf in EAX and the signature in EBX, ECX, EDX.
+pub const LEAF_SIGNATURE: u32 = 0x4000_0000;
+/// CPUID leaf whose EAX carries [`features`] bits.
+pub const LEAF_FEATURES: u32 = 0x4000_0001;
+/// CPUID leaf with timing information, following the convention VMware and KVM
+/// guests already know: EAX = TSC frequency in kHz, EBX = LAPIC timer frequency in kHz.
+pub const LEAF_TIMING: u32 = 0x4000_0010;
+/// The highest hypervisor leaf the shim answers.
+pub const MAX_LEAF: u32 = LEAF_TIMING;
+
+/// The 12-byte signature in EBX, ECX, EDX of [`LEAF_SIGNATURE`].
+pub const SIGNATURE: [u8; 12] = *b"ExitlessShim";
+
+/// Splits [`SIGNATURE`] into the (EBX, ECX, EDX) values CPUID returns.
+#[must_use]
+pub const fn signature_registers() -> (u32, u32, u32) {
+    let s = SIGNATURE;
+    (
+        u32::from_le_bytes([s[0], s[1], s[2], s[3]]),
+        u32::from_le_bytes([s[4], s[5], s[6], s[7]]),
+        u32::from_le_bytes([s[8], s[9], s[10], s[11]]),
+    )
+}
+
+/// True when (EBX, ECX, EDX) of [`LEAF_SIGNATURE`] spell [`SIGNATURE`].
+#[must_use]
+pub const fn is_exitless(ebx: u32, ecx: u32, edx: u32) -> bool {
+    let (b, c, d) = signature_registers();
+    ebx == b && ecx == c && edx == d
+}
+
+/// Feature bits in EAX of [`LEAF_FEATURES`].
+pub mod features {
+    /// The exit hypercall of [`crate::hypercall`] is available.
+    pub const EXIT_HYPERCALL: u32 = 1 << 0;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signature_round_trips_through_registers() {
+        let (b, c, d) = signature_registers();
+        assert!(is_exitless(b, c, d));
+        let mut bytes = [0u8; 12];
+        bytes[..4].copy_from_slice(&b.to_le_bytes());
+        bytes[4..8].copy_from_slice(&c.to_le_bytes());
+        bytes[8..].copy_from_slice(&d.to_le_bytes());
+        assert_eq!(&bytes, b"ExitlessShim");
+    }
+
+    #[test]
+    fn kvm_signature_is_not_ours() {
+        // "KVMKVMKVM\0\0\0" as KVM reports it.
+        assert!(!is_exitless(0x4b4d_564b, 0x564b_4d56, 0x0000_004d));
+    }
+}

@@ -1,0 +1,53 @@
+//! Hypercalls: the guest's explicit requests to the shim.
+//!
+//! A hypercall is a 32-bit `out` to [`PORT`] from ring 0 with the call number in
+//! EAX and arguments in RBX, RCX, RDX, RSI (the order KVM's own hypercalls use). It
+//! always exits to the shim, which reads the registers, acts, and writes a
+//! [`Status`] back into RAX before resuming. Port I/O, not `vmcall`: under KVM a
+//! `vmcall` is answered inside the kernel and never reaches a user-space VMM.
+
+/// The I/O port hypercalls are issued on. Outside every legacy PC device range.
+pub const PORT: u16 = 0x0510;
+
+/// Hypercall numbers (EAX).
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Call {
+    /// End this guest with the exit status in RBX (0 = success), the same
+    /// semantics as QEMU's isa-debug-exit: the guest's outcome, not the shim's.
+    Exit = 1,
+}
+
+impl Call {
+    /// Decodes a hypercall number; `None` for numbers this ABI does not define.
+    #[must_use]
+    pub const fn from_raw(raw: u32) -> Option<Self> {
+        match raw {
+            1 => Some(Self::Exit),
+            _ => None,
+        }
+    }
+}
+
+/// Values the shim returns in RAX.
+#[repr(u64)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Status {
+    Ok = 0,
+    /// The call number is unknown; the call was counted and ignored.
+    UnknownCall = u64::MAX,
+    /// An argument was out of range; the call was counted and ignored.
+    BadArgument = u64::MAX - 1,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn call_numbers_decode() {
+        assert_eq!(Call::from_raw(1), Some(Call::Exit));
+        assert_eq!(Call::from_raw(0), None);
+        assert_eq!(Call::from_raw(u32::MAX), None);
+    }
+}

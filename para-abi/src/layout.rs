@@ -1,0 +1,35 @@
+//! The guest-physical layout contract between guest images and any VMM that boots them.
+//!
+//! The guest identity-maps the low 4 GiB with page tables precomputed in its image
+//! (ring-0 code is emulated instruction by instruction on this platform, so a fill
+//! loop at boot is too dear). A VMM places its own structures so that they fit.
+
+/// Where guest images are linked and loaded (1 MiB).
+pub const KERNEL_LOAD: u64 = 0x10_0000;
+
+/// The 4 KiB page the guest copies its application-processor start-up code into.
+/// A SIPI vector names a page below 1 MiB; this one is page 8 (SDM vol 3 §10.4.4).
+/// A VMM must leave it as ordinary RAM and put nothing of its own there.
+pub const AP_TRAMPOLINE: u64 = 0x8000;
+
+/// Structures a VMM hands the guest (PVH `hvm_start_info`, its memory map, the
+/// command line) belong below this address and away from [`AP_TRAMPOLINE`]. The
+/// guest never allocates memory below it.
+pub const LOW_MEMORY_END: u64 = 0x10_0000;
+
+/// Guest RAM must end below this address: from here to 4 GiB is the MMIO hole
+/// (ECAM, PCI BARs, IOAPIC, LAPIC), mapped uncached by the guest.
+pub const MMIO_HOLE_START: u64 = 0xB000_0000;
+
+/// The top of the 4 GiB range the guest maps at boot.
+pub const IDENTITY_MAP_END: u64 = 0x1_0000_0000;
+
+/// The local APIC's default MMIO base (SDM vol 3 §11.4.1), where the guest expects it.
+pub const LAPIC_BASE: u64 = 0xFEE0_0000;
+/// The IOAPIC's conventional MMIO base, as PC firmware and QEMU place it.
+pub const IOAPIC_BASE: u64 = 0xFEC0_0000;
+
+/// The COM1 16550 UART the guest writes its console to.
+pub const SERIAL_PORT: u16 = 0x3F8;
+/// QEMU's isa-debug-exit device, as the guest's xtask configures it.
+pub const QEMU_DEBUG_EXIT_PORT: u16 = 0xF4;

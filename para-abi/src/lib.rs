@@ -1,0 +1,10 @@
+//! The Exitless paravirtual ABI: everything the guest and the host shim agree on.
+//!
+//! This crate is `no_std`, has no dependencies of ours, and holds only constants,
+//! record layouts and the pure logic of shared-memory protocols, so that both
+//! sides compile the very same definitions.
+#![no_std]
+
+pub mod discovery;
+pub mod hypercall;
+pub mod layout;
