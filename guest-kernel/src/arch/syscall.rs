@@ -1,0 +1,147 @@
+//! Kernel calls: the few privileged services ring 3 asks for (DESIGN §2a).
+//! Every argument comes from ring 3 and is checked before use.
+
+use super::cpu::{inl, outl, rdtsc};
+use super::entry::TrapFrame;
+use super::{BOOT, apic, boot, exit, serial};
+use crate::abi::{MAX_CPUS, Sys, SysError, arith_loop, is_user_range, vector};
+use crate::percpu::PerCpu;
+use core::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use para_abi::layout::AP_TRAMPOLINE;
+
+/// The CPU index an application processor reads while it starts (one at a time).
+#[unsafe(export_name = "exitless_ap_boot_cpu")]
+#[unsafe(link_section = ".kdata")]
+static AP_BOOT_CPU: AtomicU32 = AtomicU32::new(0);
+
+#[unsafe(link_section = ".kdata")]
+static TRAMPOLINE_READY: AtomicBool = AtomicBool::new(false);
+
+/// Most iterations one `Ring0Loop` call may run: ring 0 is emulated here, so
+/// this bounds the call to a few seconds.
+pub const RING0_LOOP_MAX: u64 = 2_000_000;
+
+pub fn dispatch(f: &mut TrapFrame, pc: &PerCpu) {
+    let Some(call) = Sys::from_raw(f.rax) else {
+        f.rax = SysError::NoSys as u64;
+        return;
+    };
+    f.rax = match call {
+        Sys::Write => write(f.rdi, f.rsi),
+        Sys::Exit => exit::exit(f.rdi),
+        Sys::Halt => halt(pc),
+        Sys::SetTimer => set_timer(f.rdi),
+        Sys::SendIpi => send_ipi(f.rdi, f.rsi),
+        Sys::StartAp => start_ap(f.rdi, f.rsi, f.rdx),
+        Sys::PciRead => pci_address(f.rdi, f.rsi).map_or(SysError::Invalid as u64, |a| {
+            // SAFETY: configuration mechanism #1 (PCI Local Bus 3.0 §3.2.2.3.2).
+            unsafe {
+                outl(0xCF8, a);
+                u64::from(inl(0xCFC))
+            }
+        }),
+        Sys::PciWrite => pci_address(f.rdi, f.rsi).map_or(SysError::Invalid as u64, |a| {
+            // SAFETY: as above; ring 3 owns PCI configuration in this design.
+            unsafe {
+                outl(0xCF8, a);
+                outl(0xCFC, f.rdx as u32);
+            }
+            0
+        }),
+        Sys::Ring0Loop => {
+            if f.rdi > RING0_LOOP_MAX {
+                SysError::Invalid as u64
+            } else {
+                let t0 = rdtsc();
+                f.rdx = arith_loop(f.rdi);
+                rdtsc() - t0
+            }
+        }
+    };
+}
+
+fn write(ptr: u64, len: u64) -> u64 {
+    if !is_user_range(ptr, len) {
+        return SysError::Fault as u64;
+    }
+    // SAFETY: the range lies in ring 3's identity-mapped memory.
+    let bytes = unsafe { core::slice::from_raw_parts(ptr as *const u8, len as usize) };
+    serial::write(bytes);
+    len
+}
+
+/// Sleeps until an interrupt is pending. Entered with IF = 0 (interrupt gate):
+/// the check and `sti; hlt` cannot miss a wake-up, because `sti` holds off
+/// interrupts until after the next instruction (SDM vol 2B, STI).
+fn halt(pc: &PerCpu) -> u64 {
+    if !pc.any_pending() {
+        // SAFETY: waits for the next interrupt, then masks again.
+        unsafe { core::arch::asm!("sti", "hlt", "cli", options(nostack, nomem)) };
+    }
+    0
+}
+
+fn set_timer(deadline: u64) -> u64 {
+    if BOOT.tsc_deadline.load(Ordering::Relaxed) != 0 {
+        // SAFETY: TSC-deadline mode was set up on every CPU.
+        unsafe { apic::arm_deadline(deadline) };
+        return 0;
+    }
+    let ticks = if deadline == 0 {
+        0
+    } else {
+        let tsc_khz = BOOT.tsc_khz.load(Ordering::Relaxed).max(1);
+        let lapic_khz = BOOT.lapic_khz.load(Ordering::Relaxed);
+        let delta = u128::from(deadline.saturating_sub(rdtsc()));
+        (delta * u128::from(lapic_khz) / u128::from(tsc_khz)).clamp(1, u128::from(u32::MAX)) as u32
+    };
+    // SAFETY: one-shot mode was set up on every CPU.
+    unsafe { apic::arm_oneshot(ticks) };
+    0
+}
+
+fn send_ipi(dest: u64, v: u64) -> u64 {
+    let (Ok(dest), Ok(v)) = (u32::try_from(dest), u8::try_from(v)) else {
+        return SysError::Invalid as u64;
+    };
+    if v < 32 || v == vector::SPURIOUS || v == vector::SYSCALL {
+        return SysError::Invalid as u64;
+    }
+    // SAFETY: a fixed IPI with a device-range vector.
+    unsafe { apic::send_ipi(dest, v) };
+    0
+}
+
+fn start_ap(cpu: u64, apic_id: u64, phase: u64) -> u64 {
+    let (Ok(cpu), Ok(apic_id)) = (u32::try_from(cpu), u32::try_from(apic_id)) else {
+        return SysError::Invalid as u64;
+    };
+    if cpu == 0 || cpu as usize >= MAX_CPUS || phase > 1 {
+        return SysError::Invalid as u64;
+    }
+    if !TRAMPOLINE_READY.swap(true, Ordering::AcqRel) {
+        // SAFETY: copies the start-up code to its page below 1 MiB, which is
+        // RAM reserved for it by the layout contract (para_abi::layout).
+        unsafe {
+            let start = core::ptr::addr_of!(boot::exitless_ap_trampoline);
+            let end = core::ptr::addr_of!(boot::exitless_ap_trampoline_end);
+            core::ptr::copy_nonoverlapping(
+                start,
+                AP_TRAMPOLINE as *mut u8,
+                end as usize - start as usize,
+            );
+        }
+    }
+    AP_BOOT_CPU.store(cpu, Ordering::Release);
+    // SAFETY: the trampoline is in place; AP_TRAMPOLINE is page 8.
+    unsafe { apic::send_init_sipi(apic_id, (AP_TRAMPOLINE >> 12) as u8, phase == 0) };
+    0
+}
+
+/// Configuration mechanism #1 address for bus/device/function `bdf`, dword `offset`.
+fn pci_address(bdf: u64, offset: u64) -> Option<u32> {
+    if bdf > 0xFFFF || offset > 0xFC || offset % 4 != 0 {
+        return None;
+    }
+    Some(0x8000_0000 | ((bdf as u32) << 8) | offset as u32)
+}

@@ -1,0 +1,29 @@
+//! The in-guest test suite: boots like any Exitless image, runs every
+//! registered test in ring 3, prints one line per test and a closing
+//! `N passed, M failed` line, and exits non-zero on any failure.
+#![cfg_attr(target_os = "none", no_std, no_main)]
+
+#[cfg(target_os = "none")]
+mod guest {
+    guest_kernel::entry!(main);
+
+    fn main() -> i32 {
+        let filter = guest_kernel::rt::start::system()
+            .cmdline
+            .get("ktest.filter");
+        let tally = guest_kernel::rt::ktest_runner::run(filter);
+        if tally.all_passed() {
+            0
+        } else {
+            guest_kernel::abi::status::TESTS_FAILED as i32
+        }
+    }
+}
+
+#[cfg(not(target_os = "none"))]
+fn main() {
+    eprintln!(
+        "ktest is a guest image: build it with `cargo xtask build` and boot it with `cargo xtask qemu`"
+    );
+    std::process::exit(2);
+}

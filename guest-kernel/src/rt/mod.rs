@@ -1,0 +1,16 @@
+//! The ring-3 runtime (DESIGN §2a): unprivileged bring-up (heap, ACPI, PCI,
+//! SMP), interrupt handlers run as upcalls, logging, time, and the pieces
+//! applications use. Nothing here executes a privileged instruction; what needs
+//! privilege goes through [`sys`].
+
+pub mod console;
+pub mod fault;
+pub mod irq;
+pub mod ktest_runner;
+pub mod panic;
+pub mod pci;
+pub mod platform;
+pub mod smp;
+pub mod start;
+pub mod sys;
+pub mod time;

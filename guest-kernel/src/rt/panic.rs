@@ -1,0 +1,23 @@
+//! The panic handler, for both rings. Ring 3 reports through a kernel call and
+//! may be caught by `fault::catch`; ring 0 reports on the serial port directly.
+//! Either way an uncaught panic ends the guest with `status::PANIC`.
+
+use crate::abi::status;
+use crate::arch::{cpu, exit, serial};
+use crate::linebuf::LineBuf;
+use core::fmt::Write;
+
+#[panic_handler]
+fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
+    if cpu::cpl() == 0 {
+        let mut line = LineBuf::<512>::new();
+        let _ = writeln!(line, "KERNEL PANIC (ring 0): {info}");
+        serial::write(line.as_bytes());
+        exit::exit(status::PANIC);
+    }
+    super::fault::recover_from_panic(info);
+    let mut line = LineBuf::<512>::new();
+    let _ = writeln!(line, "PANIC on cpu{}: {info}", crate::percpu::cpu_id());
+    let _ = super::sys::write(line.as_bytes());
+    super::sys::exit(status::PANIC)
+}

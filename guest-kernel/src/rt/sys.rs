@@ -1,0 +1,102 @@
+//! Kernel-call wrappers. `int 0x80` goes through the DPL-3 gate where the CPU
+//! delivers it, and arrives as #UD on this platform's KVM, where ring 0
+//! recognises the CD 80 bytes and runs the same call (DESIGN §7).
+
+use crate::abi::{Sys, SysError};
+
+#[inline]
+fn call(n: Sys, a: u64, b: u64, c: u64) -> u64 {
+    let ret: u64;
+    // SAFETY: the trap path saves and restores every other register; the call
+    // may read memory we pass (write), so no `nomem`.
+    unsafe {
+        core::arch::asm!("int 0x80", inlateout("rax") n as u64 => ret, in("rdi") a, in("rsi") b, in("rdx") c, options(nostack));
+    }
+    ret
+}
+
+fn result(raw: u64) -> Result<u64, SysError> {
+    SysError::from_result(raw).map_or(Ok(raw), Err)
+}
+
+/// Writes bytes to the console as one unit.
+pub fn write(bytes: &[u8]) -> Result<usize, SysError> {
+    result(call(
+        Sys::Write,
+        bytes.as_ptr() as u64,
+        bytes.len() as u64,
+        0,
+    ))
+    .map(|n| n as usize)
+}
+
+/// Ends the guest.
+pub fn exit(status: u64) -> ! {
+    call(Sys::Exit, status, 0, 0);
+    unreachable!("the exit kernel call returned");
+}
+
+/// Sleeps until an interrupt is pending on this CPU (returns at once if one is).
+/// Use [`super::irq::wait_until`] rather than this directly: it closes the race
+/// between checking a condition and sleeping.
+pub fn halt() {
+    call(Sys::Halt, 0, 0, 0);
+}
+
+/// Arms this CPU's timer for TSC value `deadline` (0 disarms).
+pub fn set_timer(deadline: u64) {
+    call(Sys::SetTimer, deadline, 0, 0);
+}
+
+/// Sends `vector` to the CPU with APIC id `apic_id`.
+pub fn send_ipi(apic_id: u32, vector: u8) -> Result<(), SysError> {
+    result(call(Sys::SendIpi, u64::from(apic_id), u64::from(vector), 0)).map(|_| ())
+}
+
+/// Starts application processor `cpu`; `again` sends only a further SIPI.
+pub fn start_ap(cpu: usize, apic_id: u32, again: bool) -> Result<(), SysError> {
+    result(call(
+        Sys::StartAp,
+        cpu as u64,
+        u64::from(apic_id),
+        u64::from(again),
+    ))
+    .map(|_| ())
+}
+
+/// PCI configuration read through ports 0xCF8/0xCFC (ring 0 only does that).
+pub fn pci_read(bdf: u16, offset: u8) -> Result<u32, SysError> {
+    result(call(Sys::PciRead, u64::from(bdf), u64::from(offset), 0)).map(|v| v as u32)
+}
+
+/// PCI configuration write through ports 0xCF8/0xCFC.
+pub fn pci_write(bdf: u16, offset: u8, value: u32) -> Result<(), SysError> {
+    result(call(
+        Sys::PciWrite,
+        u64::from(bdf),
+        u64::from(offset),
+        u64::from(value),
+    ))
+    .map(|_| ())
+}
+
+/// Runs [`crate::abi::arith_loop`] in ring 0: (TSC cycles, the loop's result).
+pub fn ring0_loop(iterations: u64) -> Result<(u64, u64), SysError> {
+    let (ret, value): (u64, u64);
+    // SAFETY: as `call`; the kernel returns the loop result in RDX.
+    unsafe {
+        core::arch::asm!("int 0x80", inlateout("rax") Sys::Ring0Loop as u64 => ret, in("rdi") iterations, in("rsi") 0u64,
+            inlateout("rdx") 0u64 => value, options(nostack, nomem));
+    }
+    result(ret).map(|cycles| (cycles, value))
+}
+
+/// An undefined kernel-call number, for tests of the kernel's rejection path.
+pub fn raw_call(number: u64, a: u64, b: u64) -> u64 {
+    let ret: u64;
+    // SAFETY: as `call`.
+    unsafe {
+        core::arch::asm!("int 0x80", inlateout("rax") number => ret, in("rdi") a, in("rsi") b, in("rdx") 0u64, options(nostack));
+    }
+    ret
+}
