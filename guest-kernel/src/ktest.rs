@@ -53,19 +53,16 @@ macro_rules! check {
     };
 }
 
-/// Fails the enclosing test unless the two values are equal, showing both.
+/// Fails the enclosing test unless the two values are equal, showing both
+/// (and an optional context message).
 #[macro_export]
 macro_rules! check_eq {
-    ($left:expr, $right:expr $(,)?) => {{
+    ($left:expr, $right:expr $(,)?) => {
+        $crate::check_eq!($left, $right, "{} == {}", stringify!($left), stringify!($right))
+    };
+    ($left:expr, $right:expr, $($arg:tt)+) => {{
         let (l, r) = (&$left, &$right);
-        $crate::check!(
-            *l == *r,
-            "{} == {} failed: {:?} != {:?}",
-            stringify!($left),
-            stringify!($right),
-            l,
-            r
-        );
+        $crate::check!(*l == *r, "{}: {:?} != {:?}", $crate::ktest::__format!($($arg)+), l, r);
     }};
 }
 
@@ -168,11 +165,18 @@ mod tests {
         Ok(())
     }
 
+    fn fails_with_context() -> TestResult {
+        check_eq!(1, 2, "context {}", 7);
+        Ok(())
+    }
+
     #[test]
     fn check_macros_return_errors_with_location() {
         assert_eq!(passes(), Ok(()));
         let err = fails().unwrap_err();
         assert!(err.contains("ktest.rs:"), "{err}");
         assert!(err.contains("4 != 5"), "{err}");
+        let err = fails_with_context().unwrap_err();
+        assert!(err.contains("context 7: 1 != 2"), "{err}");
     }
 }

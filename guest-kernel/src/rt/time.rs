@@ -55,10 +55,18 @@ pub fn duration_to_cycles(d: Duration) -> u64 {
     u64::try_from(c).unwrap_or(u64::MAX)
 }
 
-/// Halts until `deadline`, waking on this CPU's timer.
+/// Halts until `deadline`, waking on this CPU's timer. Re-arms when the timer
+/// fires early (the one-shot APIC timer counts in its own, calibrated, clock).
 pub fn sleep_until(deadline: Instant) {
-    super::sys::set_timer(deadline.0);
-    super::irq::wait_until(|| rdtsc() >= deadline.0);
+    let cpu = crate::percpu::cpu_id();
+    let timer = crate::abi::vector::TIMER;
+    while Instant::now() < deadline {
+        let seen = super::irq::count(cpu, timer);
+        super::sys::set_timer(deadline.0);
+        super::irq::wait_until(|| {
+            Instant::now() >= deadline || super::irq::count(cpu, timer) != seen
+        });
+    }
 }
 
 /// Halts for at least `d`.

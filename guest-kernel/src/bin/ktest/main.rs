@@ -4,6 +4,26 @@
 #![cfg_attr(target_os = "none", no_std, no_main)]
 
 #[cfg(target_os = "none")]
+extern crate alloc;
+
+#[cfg(target_os = "none")]
+mod bench;
+#[cfg(target_os = "none")]
+mod faults;
+#[cfg(target_os = "none")]
+mod interrupts;
+#[cfg(target_os = "none")]
+mod kcalls;
+#[cfg(target_os = "none")]
+mod memory;
+#[cfg(target_os = "none")]
+mod pci;
+#[cfg(target_os = "none")]
+mod smp;
+#[cfg(target_os = "none")]
+mod time;
+
+#[cfg(target_os = "none")]
 mod guest {
     guest_kernel::entry!(main);
 
