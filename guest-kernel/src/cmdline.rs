@@ -25,7 +25,7 @@ impl<'a> Cmdline<'a> {
             .filter_map(|w| w.split_once('='))
             .filter(|(k, _)| *k == key)
             .map(|(_, v)| v)
-            .last()
+            .next_back()
     }
 
     /// True when `flag` appears as a bare word or as `flag=1|on|yes|true`.

@@ -46,7 +46,7 @@ mod tests {
     #[test]
     fn formats_and_truncates() {
         let mut b = LineBuf::<8>::new();
-        write!(b, "{}-{}", 12, "abcdefgh").unwrap();
-        assert_eq!(b.as_bytes(), b"12-abcde");
+        write!(b, "{}-{}", 12, 345_678).unwrap();
+        assert_eq!(b.as_bytes(), b"12-34567");
     }
 }

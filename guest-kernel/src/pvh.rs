@@ -31,7 +31,7 @@ pub struct MemmapEntry {
     pub reserved: u32,
 }
 
-/// E820 type of usable RAM (ACPI 6.5 §15.1, table 15.1: AddressRangeMemory).
+/// E820 type of usable RAM (ACPI 6.5 §15.1, table 15.1: `AddressRangeMemory`).
 pub const E820_RAM: u32 = 1;
 
 /// Why a start-info block was refused.

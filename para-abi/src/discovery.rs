@@ -1,14 +1,14 @@
 //! How a guest finds out that it runs under the Exitless host shim.
 //!
 //! The shim answers the hypervisor CPUID range (Intel SDM vol 2A, CPUID: leaves
-//! 0x4000_0000–0x4FFF_FFFF are reserved for hypervisor use). It replaces KVM's own
+//! `0x4000_0000–0x4FFF_FFFF` are reserved for hypervisor use). It replaces KVM's own
 //! paravirtual leaves there: the guest must not mistake the shim for plain KVM.
 
 /// CPUID leaf with the maximum hypervisor leaf in EAX and the signature in EBX, ECX, EDX.
 pub const LEAF_SIGNATURE: u32 = 0x4000_0000;
 /// CPUID leaf whose EAX carries [`features`] bits.
 pub const LEAF_FEATURES: u32 = 0x4000_0001;
-/// CPUID leaf with timing information, following the convention VMware and KVM
+/// CPUID leaf with timing information, following the convention `VMware` and KVM
 /// guests already know: EAX = TSC frequency in kHz, EBX = LAPIC timer frequency in kHz.
 pub const LEAF_TIMING: u32 = 0x4000_0010;
 /// The highest hypervisor leaf the shim answers.

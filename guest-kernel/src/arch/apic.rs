@@ -67,6 +67,7 @@ unsafe fn write(r: u32, v: u32) {
 ///
 /// # Safety
 /// Ring 0, once per CPU, interrupts disabled.
+#[must_use]
 pub unsafe fn init_local() -> u32 {
     // SAFETY: the register writes below follow SDM vol 3 §11.4.3 (enable via
     // IA32_APIC_BASE and SVR), §11.12.1 (x2APIC enable: EN then EXTD).
@@ -137,6 +138,7 @@ pub unsafe fn start_free_running() {
 ///
 /// # Safety
 /// Ring 0.
+#[must_use]
 pub unsafe fn stop_free_running() -> u32 {
     // SAFETY: reading the current count and stopping the timer.
     unsafe {

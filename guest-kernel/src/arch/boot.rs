@@ -7,9 +7,9 @@
 //! only loads registers.
 //!
 //! Memory map of the image (see `link.ld`):
-//! - 0x10_0000–0x1F_FFFF, supervisor-only 4 KiB pages: this code, the stubs,
+//! - `0x10_0000–0x1F_FFFF`, supervisor-only 4 KiB pages: this code, the stubs,
 //!   the tables and the kernel stacks.
-//! - 0x20_0000 and up, user-accessible 2 MiB pages: everything else (ring-3
+//! - `0x20_0000` and up, user-accessible 2 MiB pages: everything else (ring-3
 //!   code, data, the heap and all RAM above the image).
 
 use crate::abi::{IST_SIZE, KSTACK_SIZE, KSTUBS_BASE, KTSS_BASE, MAX_CPUS, TSS_STRIDE};
@@ -29,8 +29,7 @@ unsafe extern "C" {
 /// Top of CPU `cpu`'s kernel stack (exclusive).
 #[must_use]
 pub fn kstack_top(cpu: usize) -> u64 {
-    // SAFETY: only the symbol's address is taken.
-    let base = unsafe { core::ptr::addr_of!(exitless_kstacks) } as u64;
+    let base = core::ptr::addr_of!(exitless_kstacks) as u64;
     base + (cpu as u64 + 1) * KSTACK_SIZE as u64
 }
 

@@ -81,9 +81,13 @@ pub unsafe fn capture(start_info: u64) {
     if si.cmdline_paddr != 0 && mapped(si.cmdline_paddr, MAX_CMDLINE as u64) {
         let src = si.cmdline_paddr as *const u8;
         let mut len = 0;
-        // SAFETY: within the mapped, checked range.
-        while len < MAX_CMDLINE && unsafe { src.add(len).read() } != 0 {
-            blob.cmdline[len] = unsafe { src.add(len).read() };
+        while len < MAX_CMDLINE {
+            // SAFETY: within the mapped, checked range.
+            let b = unsafe { src.add(len).read() };
+            if b == 0 {
+                break;
+            }
+            blob.cmdline[len] = b;
             len += 1;
         }
         blob.cmdline_len = len;

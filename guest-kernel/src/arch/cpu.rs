@@ -9,18 +9,19 @@ use core::arch::asm;
 pub unsafe fn outb(port: u16, value: u8) {
     // SAFETY: the caller vouches for the port write.
     unsafe {
-        asm!("out dx, al", in("dx") port, in("al") value, options(nostack, nomem, preserves_flags))
+        asm!("out dx, al", in("dx") port, in("al") value, options(nostack, nomem, preserves_flags));
     }
 }
 
 /// # Safety
 /// As [`outb`].
 #[inline]
+#[must_use]
 pub unsafe fn inb(port: u16) -> u8 {
     let v: u8;
     // SAFETY: the caller vouches for the port read.
     unsafe {
-        asm!("in al, dx", out("al") v, in("dx") port, options(nostack, nomem, preserves_flags))
+        asm!("in al, dx", out("al") v, in("dx") port, options(nostack, nomem, preserves_flags));
     }
     v
 }
@@ -31,18 +32,19 @@ pub unsafe fn inb(port: u16) -> u8 {
 pub unsafe fn outl(port: u16, value: u32) {
     // SAFETY: the caller vouches for the port write.
     unsafe {
-        asm!("out dx, eax", in("dx") port, in("eax") value, options(nostack, nomem, preserves_flags))
+        asm!("out dx, eax", in("dx") port, in("eax") value, options(nostack, nomem, preserves_flags));
     }
 }
 
 /// # Safety
 /// As [`outb`].
 #[inline]
+#[must_use]
 pub unsafe fn inl(port: u16) -> u32 {
     let v: u32;
     // SAFETY: the caller vouches for the port read.
     unsafe {
-        asm!("in eax, dx", out("eax") v, in("dx") port, options(nostack, nomem, preserves_flags))
+        asm!("in eax, dx", out("eax") v, in("dx") port, options(nostack, nomem, preserves_flags));
     }
     v
 }
@@ -50,11 +52,12 @@ pub unsafe fn inl(port: u16) -> u32 {
 /// # Safety
 /// Ring 0 only; the MSR must exist (else #GP).
 #[inline]
+#[must_use]
 pub unsafe fn rdmsr(msr: u32) -> u64 {
     let (lo, hi): (u32, u32);
     // SAFETY: the caller guarantees the MSR exists and we run in ring 0.
     unsafe {
-        asm!("rdmsr", in("ecx") msr, out("eax") lo, out("edx") hi, options(nostack, nomem, preserves_flags))
+        asm!("rdmsr", in("ecx") msr, out("eax") lo, out("edx") hi, options(nostack, nomem, preserves_flags));
     }
     (u64::from(hi) << 32) | u64::from(lo)
 }

@@ -9,9 +9,11 @@
 //! interrupted ring 3 with the virtual interrupt flag set — rewrites the return
 //! frame so that `iretq` lands in ring 3's upcall entry with the interrupted
 //! RIP and RFLAGS pushed on the user stack, like a signal frame. That is the
-//! whole ring-0 cost of an interrupt. Instruction counts (counted from the code
-//! below, xAPIC EOI): 37 when an upcall is delivered, 22 when ring 3 has
-//! delivery masked, 20 when ring 0 was interrupted; the x2APIC EOI adds 5.
+//! whole ring-0 cost of an interrupt. Instructions executed in
+//! `exitless_irq_common` (counted in `objdump -d` of the built image between
+//! it and `exitless_irq_common_end`), with the xAPIC EOI: 37 when an upcall is
+//! delivered, 22 when ring 3 has delivery masked, 20 when ring 0 was
+//! interrupted; the x2APIC EOI adds 3; the per-vector stub adds 2.
 
 use crate::abi::{KSTACK_SIZE, KSTUBS_BASE, USER_END, USER_MIN, vector};
 use crate::percpu::{PENDING_OFFSET, RECOVER_OFFSET, VIF_OFFSET};
@@ -293,8 +295,7 @@ unsafe extern "C" {
 /// start at the address the IDT was computed for.
 #[must_use]
 pub fn stubs_where_idt_expects() -> bool {
-    // SAFETY: only the addresses of the symbols are taken.
-    let (start, end) = unsafe {
+    let (start, end) = {
         (
             core::ptr::addr_of!(exitless_stubs) as u64,
             core::ptr::addr_of!(exitless_stubs_end) as u64,

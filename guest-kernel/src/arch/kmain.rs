@@ -105,7 +105,7 @@ extern "C" fn exitless_kmain_bsp(start_info: u32) -> ! {
     BOOT.tsc_at_user.store(rdtsc(), Ordering::Relaxed);
     let stack_top = core::ptr::addr_of!(BSP_USER_STACK) as u64 + USER_STACK_SIZE as u64;
     // SAFETY: ring-3 entry point and the boot CPU's ring-3 stack.
-    unsafe { enter_user(exitless_user_bsp as usize as u64, stack_top, 0) }
+    unsafe { enter_user(exitless_user_bsp as *const () as u64, stack_top, 0) }
 }
 
 #[unsafe(no_mangle)]
@@ -117,7 +117,7 @@ extern "C" fn exitless_kmain_ap(cpu: u32) -> ! {
         apic::setup_timer(BOOT.tsc_deadline.load(Ordering::Relaxed) != 0);
     }
     let rsp = CPUS[cpu].user_stack_top.load(Ordering::Acquire);
-    if rsp % 16 != 0 || !is_user_range(rsp - 64, 64) {
+    if !rsp.is_multiple_of(16) || !is_user_range(rsp - 64, 64) {
         serial::write(b"AP start-up: ring 3 gave no usable stack; parking this CPU\n");
         loop {
             // SAFETY: park the CPU for good.
@@ -125,5 +125,5 @@ extern "C" fn exitless_kmain_ap(cpu: u32) -> ! {
         }
     }
     // SAFETY: ring-3 AP entry and the stack ring 3 prepared for this CPU.
-    unsafe { enter_user(exitless_user_ap as usize as u64, rsp, cpu as u64) }
+    unsafe { enter_user(exitless_user_ap as *const () as u64, rsp, cpu as u64) }
 }

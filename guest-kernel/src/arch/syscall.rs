@@ -144,7 +144,7 @@ fn start_ap(cpu: u64, apic_id: u64, phase: u64) -> u64 {
 
 /// Configuration mechanism #1 address for bus/device/function `bdf`, dword `offset`.
 fn pci_address(bdf: u64, offset: u64) -> Option<u32> {
-    if bdf > 0xFFFF || offset > 0xFC || offset % 4 != 0 {
+    if bdf > 0xFFFF || offset > 0xFC || !offset.is_multiple_of(4) {
         return None;
     }
     Some(0x8000_0000 | ((bdf as u32) << 8) | offset as u32)

@@ -1,6 +1,6 @@
 //! Time-stamp-counter (and APIC timer) frequency, found once at boot.
 //!
-//! In order of preference: the hypervisor timing leaf 0x4000_0010 (the Exitless
+//! In order of preference: the hypervisor timing leaf `0x4000_0010` (the Exitless
 //! shim and QEMU/KVM with an invariant TSC fill it), CPUID leaf 0x15 (SDM vol 3
 //! §18.7.3), or a measurement against PIT channel 0 read back by latch commands
 //! (Intel 8254 datasheet). Channel 0 is used because its gate is always high;
@@ -53,6 +53,7 @@ const PIT_MAX_POLLS: u32 = 100_000;
 ///
 /// # Safety
 /// Ring 0 on the boot CPU, after the local APIC is enabled.
+#[must_use]
 pub unsafe fn calibrate(max_hv_leaf: u32, need_apic_timer: bool) -> (u64, u64, Source) {
     if (discovery::LEAF_TIMING..0x4000_0100).contains(&max_hv_leaf) {
         let t = cpuid(discovery::LEAF_TIMING, 0);
@@ -112,8 +113,8 @@ unsafe fn measure_with_pit(apic_timer: bool) -> Option<(u64, u64)> {
         }
     }
     let t1 = rdtsc();
-    // SAFETY: see above.
     let lapic_ticks = if apic_timer {
+        // SAFETY: see above.
         u64::from(unsafe { apic::stop_free_running() })
     } else {
         0

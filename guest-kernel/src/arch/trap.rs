@@ -50,7 +50,7 @@ fn percpu_from_kstack() -> &'static PerCpu {
     let rsp: u64;
     // SAFETY: reads RSP.
     unsafe {
-        core::arch::asm!("mov {}, rsp", out(reg) rsp, options(nostack, nomem, preserves_flags))
+        core::arch::asm!("mov {}, rsp", out(reg) rsp, options(nostack, nomem, preserves_flags));
     };
     let slot = (rsp | (KSTACK_SIZE as u64 - 1)) - 7;
     // SAFETY: ring-0 CPU initialisation stored this CPU's block address in the
@@ -92,15 +92,16 @@ fn exception(f: &mut TrapFrame) {
     } else {
         None
     };
+    // On an IST stack the kernel-stack slot is not ours to read.
     let cpu = if on_ist {
-        u64::MAX
+        None
     } else {
-        u64::from(percpu_from_kstack().cpu_id.load(Ordering::Relaxed))
+        Some(percpu_from_kstack().cpu_id.load(Ordering::Relaxed))
     };
     let mut line = LineBuf::<256>::new();
-    let _ = write!(
+    let _ = writeln!(
         line,
-        "EXCEPTION {} (vector {}) error={:#x} rip={:#x} cr2={:#x} cs={:#x} rflags={:#x} rsp={:#x} ring={} cpu={} -> {}\n",
+        "EXCEPTION {} (vector {}) error={:#x} rip={:#x} cr2={:#x} cs={:#x} rflags={:#x} rsp={:#x} ring={} cpu={} -> {}",
         NAMES.get(v).copied().unwrap_or("?"),
         v,
         f.error,
@@ -110,7 +111,7 @@ fn exception(f: &mut TrapFrame) {
         f.rflags,
         f.rsp,
         f.cs & 3,
-        if cpu == u64::MAX { -1 } else { cpu as i64 },
+        cpu.map_or(-1, i64::from),
         if recover.is_some() {
             "recovered by ring 3"
         } else if v == 2 {
@@ -125,7 +126,7 @@ fn exception(f: &mut TrapFrame) {
         pc.fault.error.store(f.error, Ordering::Relaxed);
         pc.fault.rip.store(f.rip, Ordering::Relaxed);
         pc.fault.cr2.store(fault_addr, Ordering::Relaxed);
-        f.rip = exitless_fault_landing as usize as u64;
+        f.rip = exitless_fault_landing as *const () as u64;
         return;
     }
     if v == 2 {

@@ -53,7 +53,7 @@ impl<'a> FrameAllocator<'a> {
                 have_words: bitmap.len(),
             });
         }
-        if base % FRAME_SIZE != 0 {
+        if !base.is_multiple_of(FRAME_SIZE) {
             return Err(FrameError::OutOfRange {
                 addr: base,
                 count: frames,
@@ -90,7 +90,7 @@ impl<'a> FrameAllocator<'a> {
 
     fn index_of(&self, addr: u64, count: usize) -> Result<usize, FrameError> {
         let err = FrameError::OutOfRange { addr, count };
-        if addr % FRAME_SIZE != 0 || addr < self.base {
+        if !addr.is_multiple_of(FRAME_SIZE) || addr < self.base {
             return Err(err);
         }
         let idx = usize::try_from((addr - self.base) / FRAME_SIZE).map_err(|_| err)?;
@@ -224,7 +224,7 @@ mod tests {
         let mut seen = HashSet::new();
         for _ in 0..50 {
             let f = a.alloc(1, 1).unwrap();
-            assert!(f >= BASE && f < BASE + 200 * FRAME_SIZE);
+            assert!((BASE..BASE + 200 * FRAME_SIZE).contains(&f));
             assert!(seen.insert(f), "frame {f:#x} handed out twice");
         }
         let run = a.alloc(8, 8).unwrap();

@@ -6,6 +6,9 @@ use crate::ktest::{Tally, TestCase, display_name, write_result_line};
 use crate::linebuf::LineBuf;
 use alloc::format;
 
+// Linker-script symbols: only their addresses are used, never their values
+// across an FFI boundary, so the Rust layout of `TestCase` is fine.
+#[allow(improper_ctypes)]
 unsafe extern "C" {
     static __ktests_start: TestCase;
     static __ktests_end: TestCase;
@@ -24,6 +27,7 @@ fn tests() -> &'static [TestCase] {
 
 /// Runs every test whose name contains `filter` (all when `None`), prints one
 /// line per test and the closing tally line.
+#[must_use]
 pub fn run(filter: Option<&str>) -> Tally {
     let mut tally = Tally::default();
     let selected = tests()

@@ -92,6 +92,7 @@ pub fn ring0_loop(iterations: u64) -> Result<(u64, u64), SysError> {
 }
 
 /// An undefined kernel-call number, for tests of the kernel's rejection path.
+#[must_use]
 pub fn raw_call(number: u64, a: u64, b: u64) -> u64 {
     let ret: u64;
     // SAFETY: as `call`.

@@ -23,10 +23,8 @@ ktest!(
         }))?;
         check_eq!(vector, 6);
         // SAFETY: reads the two bytes at the reported RIP, inside our own text.
-        check_eq!(
-            unsafe { core::ptr::read(rip as *const [u8; 2]) },
-            [0x0F, 0x0B]
-        );
+        let bytes = unsafe { core::ptr::read(rip as *const [u8; 2]) };
+        check_eq!(bytes, [0x0F, 0x0B]);
         Ok(())
     }
 );
@@ -89,7 +87,7 @@ ktest!(
         let r = catch(|| -> u32 { panic!("deliberate test panic {}", 42) });
         match r {
             Err(Caught::Panic(msg)) => {
-                check!(msg.contains("deliberate test panic 42"), "message: {msg}")
+                check!(msg.contains("deliberate test panic 42"), "message: {msg}");
             }
             other => return Err(alloc::format!("expected a panic, got {other:?}")),
         }

@@ -19,9 +19,9 @@ ktest!(
             "these tests run with at least 2 CPUs; ACPI describes {described}"
         );
         check_eq!(smp::online(), described);
-        for cpu in 0..smp::online() {
+        for (cpu, pc) in CPUS.iter().enumerate().take(smp::online()).skip(1) {
             check!(
-                CPUS[cpu].online.load(Ordering::Acquire) != 0 || cpu == 0,
+                pc.online.load(Ordering::Acquire) != 0,
                 "cpu{cpu} reported in"
             );
         }
@@ -32,7 +32,7 @@ ktest!(
 ktest!(
     fn per_cpu_data_belongs_to_its_cpu() {
         check_eq!(percpu::cpu_id(), 0, "tests run on the boot CPU");
-        for cpu in 1..smp::online() {
+        for (cpu, pc) in CPUS.iter().enumerate().take(smp::online()).skip(1) {
             let (id, apic, self_ptr) = smp::run_on_wait(cpu, WAIT, || {
                 let pc = percpu::current();
                 (
@@ -43,7 +43,7 @@ ktest!(
             })
             .map_err(|e| alloc::format!("run_on_wait(cpu{cpu}): {e:?}"))?;
             check_eq!(id, cpu);
-            check_eq!(self_ptr, core::ptr::from_ref(&CPUS[cpu]) as u64);
+            check_eq!(self_ptr, core::ptr::from_ref(pc) as u64);
             check!(
                 system().platform.cpus.iter().any(|c| c.apic_id == apic),
                 "APIC id {apic} is in the MADT"
