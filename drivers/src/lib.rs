@@ -1,4 +1,20 @@
-//! Guest drivers. The virtio-pci transport, virtio-net and the smoltcp adapter
-//! arrive with the driver-stack issue; this crate holds their place in the
-//! dependency graph (`guest-kernel` → `drivers` → `para-abi`).
+//! Exitless guest drivers, independent of the kernel: they speak to the
+//! platform through `virtio_drivers::Hal` (DMA) and
+//! `virtio_drivers::transport::pci::bus::ConfigurationAccess` (PCI
+//! configuration), which the guest kernel implements.
+//!
+//! - [`msix`]: the MSI-X capability and table (PCI Local Bus 3.0 §6.8.2) and
+//!   MSI messages aimed at a CPU (SDM vol 3 §11.11).
+//! - [`virtio_pci`]: virtio-drivers' modern PCI transport wrapped so that
+//!   every queue gets its own MSI-X vector, programmed and read back.
+//! - [`net`]: virtio-net on that transport with non-blocking TX, pre-posted
+//!   RX buffers, and a smoltcp `phy::Device`.
 #![no_std]
+
+extern crate alloc;
+#[cfg(test)]
+extern crate std;
+
+pub mod msix;
+pub mod net;
+pub mod virtio_pci;
