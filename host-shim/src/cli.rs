@@ -1,0 +1,258 @@
+//! The command line: guests to run, vCPU placement, networking, reports.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+
+use crate::memory;
+use crate::vm::{GuestConfig, MAX_VCPUS};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "host-shim",
+    version,
+    about = "The Exitless VMM: runs one or more PVH guests over KVM with virtio-pci devices.",
+    long_about = "The Exitless VMM: runs one or more PVH guests over KVM, each with a COM1 console \
+(prefixed with the guest's name), ACPI tables, a PCI host bridge (ECAM + 0xCF8/0xCFC) and a \
+virtio-net device on an in-process L2 switch shared by all guests.\n\n\
+Each guest ends on its own (exit hypercall, triple fault, or fatal error); the shim exits when \
+all have ended. Exit status: 0 when every guest exited with status 0, 1 otherwise, 2 for \
+usage errors. SIGINT/SIGTERM stop every guest cleanly.",
+    after_help = "Example:\n  host-shim --guest name=a,kernel=ktest,vcpus=2,mem=256M \\\n            --guest name=b,kernel=ktest,cmdline=\"role=peer\" --stats-json stats.json"
+)]
+pub struct Cli {
+    /// A guest to run; repeat for several. Comma-separated keys:
+    /// name=NAME (default g0, g1, ...), kernel=PATH (required, a PVH ELF),
+    /// vcpus=N (default 1, at most 254), mem=SIZE (default 256M; K/M/G suffixes; at most
+    /// 2816M so that RAM ends below the MMIO hole), cmdline=TEXT (the rest of the argument
+    /// after "cmdline=" — put it last; may contain commas).
+    #[arg(long = "guest", value_name = "SPEC", required = true, value_parser = parse_guest)]
+    pub guests: Vec<GuestConfig>,
+
+    /// vCPU placement: "none" (let the host schedule), "spread" (vCPU k of all guests,
+    /// in order, on host CPU k mod N), or a comma list of host CPUs used round-robin.
+    #[arg(long, value_name = "POLICY", default_value = "spread", value_parser = parse_pin)]
+    pub pin: PinPolicy,
+
+    /// Also connect the switch to this host TAP device (created if missing; needs
+    /// `CAP_NET_ADMIN`). Bring it up and address it on the host yourself.
+    #[arg(long, value_name = "NAME")]
+    pub tap: Option<String>,
+
+    /// Give guests no network device at all.
+    #[arg(long)]
+    pub no_net: bool,
+
+    /// Write per-guest and per-vCPU counters as JSON to FILE at exit.
+    #[arg(long, value_name = "FILE")]
+    pub stats_json: Option<PathBuf>,
+
+    /// Don't print the summary table at exit.
+    #[arg(long)]
+    pub quiet: bool,
+
+    /// Give up and stop all guests after this many seconds (0 = never).
+    #[arg(long, value_name = "SECS", default_value_t = 0)]
+    pub timeout: u64,
+}
+
+/// How vCPU threads are placed on host CPUs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PinPolicy {
+    None,
+    Spread,
+    List(Vec<usize>),
+}
+
+impl PinPolicy {
+    /// The host CPU for the `k`-th vCPU of the whole run, given `ncpus` host CPUs.
+    #[must_use]
+    pub fn cpu_for(&self, k: usize, ncpus: usize) -> Option<usize> {
+        match self {
+            Self::None => None,
+            Self::Spread => Some(k % ncpus.max(1)),
+            Self::List(l) => l.get(k % l.len().max(1)).copied(),
+        }
+    }
+}
+
+fn parse_pin(s: &str) -> Result<PinPolicy, String> {
+    match s {
+        "none" => Ok(PinPolicy::None),
+        "spread" => Ok(PinPolicy::Spread),
+        list => {
+            let cpus: Result<Vec<usize>, _> =
+                list.split(',').map(|c| c.trim().parse::<usize>()).collect();
+            match cpus {
+                Ok(c) if !c.is_empty() => Ok(PinPolicy::List(c)),
+                _ => Err(format!(
+                    "expected none, spread or a CPU list like 0,1; got {list:?}"
+                )),
+            }
+        }
+    }
+}
+
+/// Parses `name=a,kernel=PATH,vcpus=2,mem=256M,cmdline=...`.
+pub fn parse_guest(spec: &str) -> Result<GuestConfig, String> {
+    let mut cfg = GuestConfig {
+        name: String::new(),
+        kernel: PathBuf::new(),
+        vcpus: 1,
+        mem: 256 << 20,
+        cmdline: String::new(),
+    };
+    let mut rest = spec;
+    while !rest.is_empty() {
+        let (key, after) = rest
+            .split_once('=')
+            .ok_or_else(|| format!("expected key=value in {rest:?}"))?;
+        if key == "cmdline" {
+            after.trim_matches('"').clone_into(&mut cfg.cmdline);
+            break;
+        }
+        let (value, next) = after.split_once(',').unwrap_or((after, ""));
+        rest = next;
+        match key {
+            "name" => {
+                if value.is_empty()
+                    || !value
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+                {
+                    return Err(format!(
+                        "guest name {value:?} must be non-empty [A-Za-z0-9_-]"
+                    ));
+                }
+                value.clone_into(&mut cfg.name);
+            }
+            "kernel" => cfg.kernel = PathBuf::from(value),
+            "vcpus" => {
+                cfg.vcpus = value
+                    .parse()
+                    .map_err(|_| format!("vcpus={value:?} is not a number"))?;
+                if cfg.vcpus == 0 || cfg.vcpus > MAX_VCPUS {
+                    return Err(format!("vcpus={value} is outside 1..={MAX_VCPUS}"));
+                }
+            }
+            "mem" => {
+                cfg.mem = memory::parse_size(value)
+                    .ok_or_else(|| format!("mem={value:?} is not a size like 256M"))?;
+                if !(memory::MIN_RAM..=memory::MAX_RAM).contains(&cfg.mem)
+                    || !cfg.mem.is_multiple_of(4096)
+                {
+                    return Err(format!(
+                        "mem={value} must be 4 KiB-aligned and within 4M..=2816M"
+                    ));
+                }
+            }
+            other => {
+                return Err(format!(
+                    "unknown guest key {other:?} (name, kernel, vcpus, mem, cmdline)"
+                ));
+            }
+        }
+    }
+    if cfg.kernel.as_os_str().is_empty() {
+        return Err("kernel=PATH is required".into());
+    }
+    if !cfg.kernel.is_file() {
+        return Err(format!(
+            "kernel {} does not exist or is not a file",
+            cfg.kernel.display()
+        ));
+    }
+    Ok(cfg)
+}
+
+impl Cli {
+    /// Names guests that have none and checks names are unique.
+    pub fn finish(&mut self) -> Result<(), String> {
+        for (i, g) in self.guests.iter_mut().enumerate() {
+            if g.name.is_empty() {
+                g.name = format!("g{i}");
+            }
+        }
+        let mut names: Vec<&str> = self.guests.iter().map(|g| g.name.as_str()).collect();
+        names.sort_unstable();
+        if names.windows(2).any(|w| w[0] == w[1]) {
+            return Err("guest names must be unique".into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn exe() -> String {
+        std::env::current_exe().unwrap().display().to_string()
+    }
+
+    #[test]
+    fn full_spec_parses_with_commas_in_cmdline() {
+        let g = parse_guest(&format!(
+            "name=a,kernel={},vcpus=2,mem=64M,cmdline=a=1,b=2",
+            exe()
+        ))
+        .unwrap();
+        assert_eq!(
+            (g.name.as_str(), g.vcpus, g.mem, g.cmdline.as_str()),
+            ("a", 2, 64 << 20, "a=1,b=2")
+        );
+    }
+
+    #[test]
+    fn bad_specs_are_refused() {
+        let k = exe();
+        assert!(parse_guest("name=a").unwrap_err().contains("kernel"));
+        assert!(
+            parse_guest("kernel=/no/such/file")
+                .unwrap_err()
+                .contains("does not exist")
+        );
+        assert!(parse_guest(&format!("kernel={k},vcpus=0")).is_err());
+        assert!(parse_guest(&format!("kernel={k},mem=4G")).is_err());
+        assert!(
+            parse_guest(&format!("kernel={k},colour=red"))
+                .unwrap_err()
+                .contains("unknown")
+        );
+        assert!(parse_guest(&format!("kernel={k},name=a b")).is_err());
+    }
+
+    #[test]
+    fn pin_policies() {
+        assert_eq!(parse_pin("none").unwrap().cpu_for(3, 2), None);
+        assert_eq!(parse_pin("spread").unwrap().cpu_for(3, 2), Some(1));
+        assert_eq!(parse_pin("1,0").unwrap().cpu_for(0, 2), Some(1));
+        assert_eq!(parse_pin("1,0").unwrap().cpu_for(3, 2), Some(0));
+        assert!(parse_pin("x").is_err());
+    }
+
+    #[test]
+    fn unnamed_guests_get_names_and_duplicates_fail() {
+        let k = exe();
+        let mut c = Cli::try_parse_from([
+            "host-shim",
+            "--guest",
+            &format!("kernel={k}"),
+            "--guest",
+            &format!("kernel={k}"),
+        ])
+        .unwrap();
+        c.finish().unwrap();
+        assert_eq!(c.guests[1].name, "g1");
+        let mut c = Cli::try_parse_from([
+            "host-shim",
+            "--guest",
+            &format!("name=x,kernel={k}"),
+            "--guest",
+            &format!("name=x,kernel={k}"),
+        ])
+        .unwrap();
+        assert!(c.finish().is_err());
+        assert!(Cli::try_parse_from(["host-shim", "--bogus"]).is_err());
+    }
+}

@@ -1,0 +1,15 @@
+//! The Exitless host shim: a VMM on the rust-vmm crates that runs several guests
+//! over KVM with virtio-pci devices (DESIGN §1, issue 3).
+
+pub mod acpi;
+pub mod boot;
+pub mod cli;
+pub mod cpuid;
+pub mod hypercall;
+pub mod memory;
+pub mod platform;
+pub mod run;
+pub mod serial;
+pub mod stats;
+pub mod vcpu;
+pub mod vm;

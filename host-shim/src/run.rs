@@ -1,0 +1,134 @@
+//! Running the guests of one command line to completion.
+
+use std::time::{Duration, Instant};
+
+use kvm_ioctls::Kvm;
+use tracing::{error, info};
+
+use crate::cli::Cli;
+use crate::serial::Sink;
+use crate::stats::{self, Report};
+use crate::vm::{Guest, VmError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("cannot open /dev/kvm: {0}")]
+    Kvm(kvm_ioctls::Error),
+    #[error("guest {name}: {source}")]
+    Guest { name: String, source: VmError },
+    #[error("writing {path}: {source}")]
+    StatsJson {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("blocking signals failed: {0}")]
+    Signals(std::io::Error),
+}
+
+/// SIGINT and SIGTERM, blocked in every thread and taken synchronously by the main loop.
+fn stop_signals() -> libc::sigset_t {
+    // SAFETY: an all-zero sigset_t is a valid argument for sigemptyset to initialise.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid sigset_t; the signal numbers are valid.
+    unsafe {
+        libc::sigemptyset(&raw mut set);
+        libc::sigaddset(&raw mut set, libc::SIGINT);
+        libc::sigaddset(&raw mut set, libc::SIGTERM);
+    }
+    set
+}
+
+fn block_stop_signals() -> std::io::Result<()> {
+    let set = stop_signals();
+    // SAFETY: `set` is initialised; a null old-set pointer is allowed.
+    let rc =
+        unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &raw const set, std::ptr::null_mut()) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::from_raw_os_error(rc))
+    }
+}
+
+/// Waits up to `timeout` for SIGINT/SIGTERM; true when one arrived.
+fn stop_signal_within(timeout: Duration) -> bool {
+    let set = stop_signals();
+    let ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: i64::from(timeout.subsec_nanos()),
+    };
+    // SAFETY: `set` and `ts` are valid; a null siginfo pointer is allowed.
+    let sig = unsafe { libc::sigtimedwait(&raw const set, std::ptr::null_mut(), &raw const ts) };
+    sig > 0
+}
+
+fn host_cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
+}
+
+/// Builds, boots and runs every guest; returns the report once all have ended.
+pub fn run(cli: &Cli, shim_start: Instant) -> Result<Report, RunError> {
+    block_stop_signals().map_err(RunError::Signals)?;
+    let kvm = Kvm::new().map_err(RunError::Kvm)?;
+    let ncpus = host_cpus();
+    let mut guests = Vec::with_capacity(cli.guests.len());
+    let mut k = 0;
+    for cfg in &cli.guests {
+        let err = |source| RunError::Guest {
+            name: cfg.name.clone(),
+            source,
+        };
+        let mut g =
+            Guest::new_bare(&kvm, &cfg.name, cfg.mem, cfg.vcpus, Sink::Stdout).map_err(err)?;
+        g.boot_pvh(cfg, None).map_err(err)?;
+        let pins: Vec<Option<usize>> = (0..cfg.vcpus as usize)
+            .map(|i| cli.pin.cpu_for(k + i, ncpus))
+            .collect();
+        k += cfg.vcpus as usize;
+        guests.push((g, pins));
+    }
+    let mut running = Vec::with_capacity(guests.len());
+    for (mut g, pins) in guests {
+        g.start(&pins).map_err(|source| RunError::Guest {
+            name: g.name.clone(),
+            source,
+        })?;
+        running.push(g);
+    }
+    info!(guests = running.len(), "all guests started");
+
+    let deadline = (cli.timeout > 0).then(|| Instant::now() + Duration::from_secs(cli.timeout));
+    loop {
+        if running.iter().all(Guest::finished) {
+            break;
+        }
+        if stop_signal_within(Duration::from_millis(50)) {
+            info!("stop signal: shutting all guests down");
+            running.iter().for_each(Guest::interrupt);
+        }
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            error!("--timeout {}s reached: stopping all guests", cli.timeout);
+            running.iter().for_each(Guest::interrupt);
+        }
+    }
+    let guests = running.into_iter().map(|g| g.join(shim_start)).collect();
+    let report = Report {
+        guests,
+        shim_max_rss_kib: stats::max_rss_kib(),
+        ..Default::default()
+    };
+    if let Some(path) = &cli.stats_json {
+        let text = serde_json::to_string_pretty(&report).unwrap_or_default();
+        std::fs::write(path, text).map_err(|source| RunError::StatsJson {
+            path: path.display().to_string(),
+            source,
+        })?;
+    }
+    Ok(report)
+}
+
+/// The process exit code for a finished run: 0 when every guest exited with 0.
+#[must_use]
+pub fn exit_code(report: &Report) -> i32 {
+    i32::from(!report.guests.iter().all(|g| g.exit_status == Some(0)))
+}

@@ -1,0 +1,315 @@
+//! One guest: its KVM VM, memory, vCPUs and devices, from creation to report.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use kvm_bindings::{
+    CpuId, KVM_CAP_SPLIT_IRQCHIP, KVM_MAX_CPUID_ENTRIES, Msrs, kvm_enable_cap, kvm_msr_entry,
+};
+use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
+use tracing::info;
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::acpi::{self, EcamInfo};
+use crate::boot;
+use crate::cpuid::{self, CpuidParams};
+use crate::memory::{self, GuestMem};
+use crate::platform::Platform;
+use crate::serial::{LineWriter, Sink, new_uart};
+use crate::stats::{GuestReport, RejectCounters, VcpuReport};
+use crate::vcpu::{self, GuestCtx, Outcome, VcpuShared};
+
+/// IOAPIC pins reserved for the user-space side of the split irqchip (the routes
+/// below this GSI belong to it; MSI routes start here).
+pub const IOAPIC_PINS: u32 = 24;
+/// Most vCPUs per guest: the MADT's Local APIC entries carry 8-bit APIC ids.
+pub const MAX_VCPUS: u32 = 254;
+
+/// `IA32_MISC_ENABLE` and `IA32_MTRR_DEF_TYPE` (SDM vol 4, table 2-2).
+const MSR_IA32_MISC_ENABLE: u32 = 0x1A0;
+const MSR_MTRR_DEF_TYPE: u32 = 0x2FF;
+/// Fast-string operations enabled (SDM vol 4, `IA32_MISC_ENABLE` bit 0).
+const MISC_ENABLE_FAST_STRING: u64 = 1;
+/// MTRRs enabled, default type write-back (SDM vol 3 §11.11.2.1).
+const MTRR_ENABLE_WB: u64 = (1 << 11) | 6;
+
+#[derive(Clone, Debug)]
+pub struct GuestConfig {
+    pub name: String,
+    pub kernel: PathBuf,
+    pub vcpus: u32,
+    pub mem: u64,
+    pub cmdline: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("{what}: {source}")]
+    Kvm {
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
+    #[error(transparent)]
+    Memory(#[from] memory::MemoryError),
+    #[error(transparent)]
+    Boot(#[from] boot::BootError),
+    #[error("vCPU count {0} is outside 1..={MAX_VCPUS}")]
+    BadVcpuCount(u32),
+    #[error("writing to guest memory failed: {0}")]
+    GuestWrite(String),
+    #[error("starting a vCPU thread failed: {0}")]
+    Thread(std::io::Error),
+    #[error("installing the vCPU kick handler failed: {0}")]
+    Signal(std::io::Error),
+}
+
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    move |source| VmError::Kvm { what, source }
+}
+
+/// A guest before and while it runs.
+pub struct Guest {
+    pub name: String,
+    /// The running guest's shared state; `None` until [`Guest::start`].
+    pub ctx: Option<Arc<GuestCtx>>,
+    pub vcpus: Vec<Arc<VcpuShared>>,
+    pub vm: Arc<VmFd>,
+    pub mem: GuestMem,
+    pub rejects: Arc<RejectCounters>,
+    vcpu_fds: Vec<VcpuFd>,
+    threads: Vec<JoinHandle<()>>,
+    started: Option<Instant>,
+    first_output: Arc<OnceLock<Instant>>,
+    /// Set once the platform is shared with running vCPUs; devices can no longer be added.
+    platform: Option<Platform>,
+}
+
+impl Guest {
+    /// Creates the VM, its memory and vCPUs, but loads nothing.
+    pub fn new_bare(
+        kvm: &Kvm,
+        name: &str,
+        mem_size: u64,
+        vcpus: u32,
+        sink: Sink,
+    ) -> Result<Self, VmError> {
+        if vcpus == 0 || vcpus > MAX_VCPUS {
+            return Err(VmError::BadVcpuCount(vcpus));
+        }
+        vcpu::install_kick_handler().map_err(VmError::Signal)?;
+        let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+        // Needed by Intel VMX for real-mode emulation; three pages just below the BIOS.
+        vm.set_tss_address(0xFFFB_D000)
+            .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+        // Split irqchip: in-kernel LAPICs, PIC/IOAPIC in user space (api.rst §7.18).
+        let mut cap = kvm_enable_cap {
+            cap: KVM_CAP_SPLIT_IRQCHIP,
+            ..Default::default()
+        };
+        cap.args[0] = u64::from(IOAPIC_PINS);
+        vm.enable_cap(&cap)
+            .map_err(kvm_err("KVM_ENABLE_CAP(SPLIT_IRQCHIP)"))?;
+
+        let mem = memory::create(name, mem_size)?;
+        memory::register(&vm, &mem)?;
+
+        let mut fds = Vec::with_capacity(vcpus as usize);
+        for i in 0..vcpus {
+            fds.push(
+                vm.create_vcpu(u64::from(i))
+                    .map_err(kvm_err("KVM_CREATE_VCPU"))?,
+            );
+        }
+        let tsc_khz = fds[0].get_tsc_khz().map_err(kvm_err("KVM_GET_TSC_KHZ"))?;
+        let supported = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+        let params = CpuidParams {
+            vcpus,
+            tsc_khz,
+            tsc_deadline: kvm.check_extension(Cap::TscDeadlineTimer),
+        };
+        for (i, fd) in fds.iter().enumerate() {
+            let entries = cpuid::filter(supported.as_slice(), i as u32, params);
+            let cpuid = CpuId::from_entries(&entries).map_err(|_| VmError::Kvm {
+                what: "CPUID table",
+                source: kvm_ioctls::Error::new(libc::E2BIG),
+            })?;
+            fd.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
+            let msrs = Msrs::from_entries(&[
+                kvm_msr_entry {
+                    index: MSR_IA32_MISC_ENABLE,
+                    data: MISC_ENABLE_FAST_STRING,
+                    ..Default::default()
+                },
+                kvm_msr_entry {
+                    index: MSR_MTRR_DEF_TYPE,
+                    data: MTRR_ENABLE_WB,
+                    ..Default::default()
+                },
+            ])
+            .map_err(|_| VmError::Kvm {
+                what: "MSR list",
+                source: kvm_ioctls::Error::new(libc::E2BIG),
+            })?;
+            fd.set_msrs(&msrs).map_err(kvm_err("KVM_SET_MSRS"))?;
+        }
+        info!(
+            guest = name,
+            vcpus,
+            mem_mib = mem_size >> 20,
+            tsc_khz,
+            "VM created"
+        );
+
+        let writer = LineWriter::new(name, sink);
+        let first_output = writer.first_output.clone();
+        let rejects = Arc::new(RejectCounters::default());
+        let platform = Platform::new(name, new_uart(writer), rejects.clone());
+        Ok(Self {
+            name: name.to_owned(),
+            ctx: None,
+            vcpus: (0..vcpus).map(|i| Arc::new(VcpuShared::new(i))).collect(),
+            vm: Arc::new(vm),
+            mem,
+            rejects,
+            vcpu_fds: fds,
+            threads: Vec::new(),
+            started: None,
+            first_output,
+            platform: Some(platform),
+        })
+    }
+
+    /// The platform, for adding devices before the guest starts.
+    pub fn platform_mut(&mut self) -> Option<&mut Platform> {
+        self.platform.as_mut()
+    }
+
+    /// Loads a PVH kernel, its boot information and ACPI tables; sets up the BSP.
+    pub fn boot_pvh(&mut self, cfg: &GuestConfig, ecam: Option<EcamInfo>) -> Result<(), VmError> {
+        let loaded = boot::load_kernel(&self.mem, &cfg.kernel)?;
+        let ids: Vec<u8> = (0..self.vcpu_fds.len()).map(|i| i as u8).collect();
+        let tables = acpi::build(boot::ACPI_BASE, &ids, ecam);
+        self.mem
+            .write_slice(&tables.bytes, GuestAddress(tables.base))
+            .map_err(|e| VmError::GuestWrite(e.to_string()))?;
+        boot::write_start_info(&self.mem, &cfg.cmdline, tables.base)?;
+        let bsp = &self.vcpu_fds[0];
+        let mut sregs = bsp.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
+        boot::pvh_sregs(&mut sregs);
+        bsp.set_sregs(&sregs).map_err(kvm_err("KVM_SET_SREGS"))?;
+        bsp.set_regs(&boot::pvh_regs(loaded.entry))
+            .map_err(kvm_err("KVM_SET_REGS"))?;
+        info!(guest = %cfg.name, entry = format_args!("{:#x}", loaded.entry), end = format_args!("{:#x}", loaded.kernel_end), "kernel loaded");
+        Ok(())
+    }
+
+    /// The boot processor's fd, for tests that set up their own CPU state.
+    #[must_use]
+    pub fn bsp(&self) -> Option<&VcpuFd> {
+        self.vcpu_fds.first()
+    }
+
+    /// Starts one thread per vCPU. `pins[i]`: the host CPU for vCPU i, if pinned.
+    pub fn start(&mut self, pins: &[Option<usize>]) -> Result<(), VmError> {
+        let Some(platform) = self.platform.take() else {
+            return Ok(()); // already started
+        };
+        let ctx = Arc::new(GuestCtx {
+            name: self.name.clone(),
+            platform: Arc::new(platform),
+            stop: AtomicBool::new(false),
+            outcome: Mutex::new(None),
+            vcpus: self.vcpus.clone(),
+        });
+        self.ctx = Some(ctx.clone());
+        self.started = Some(Instant::now());
+        for (i, fd) in std::mem::take(&mut self.vcpu_fds).into_iter().enumerate() {
+            let me = self.vcpus[i].clone();
+            let ctx = ctx.clone();
+            let pin = pins.get(i).copied().flatten();
+            let h = std::thread::Builder::new()
+                .name(format!("{}-vcpu{i}", self.name))
+                .spawn(move || vcpu::run(fd, &me, &ctx, pin))
+                .map_err(VmError::Thread)?;
+            self.threads.push(h);
+        }
+        Ok(())
+    }
+
+    /// True once every vCPU thread has returned.
+    #[must_use]
+    pub fn finished(&self) -> bool {
+        self.threads.iter().all(JoinHandle::is_finished)
+    }
+
+    /// Ends the guest from outside (SIGINT).
+    pub fn interrupt(&self) {
+        if let Some(ctx) = &self.ctx {
+            ctx.end(Outcome::Interrupted);
+        }
+    }
+
+    /// Waits for the vCPU threads and reports.
+    pub fn join(mut self, shim_start: Instant) -> GuestReport {
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        if let Some(ctx) = &self.ctx {
+            ctx.platform.finish();
+        }
+        let outcome = self
+            .outcome()
+            .unwrap_or_else(|| Outcome::Failed("never started".into()));
+        let vcpus = self
+            .vcpus
+            .iter()
+            .map(|v| VcpuReport {
+                index: v.index,
+                host_cpu: v.host_cpu.load(Ordering::Relaxed),
+                exits: v.exits.snapshot(),
+                shim_exits_total: v.exits.total(),
+                kvm: v
+                    .kvm_final
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .iter()
+                    .copied()
+                    .collect(),
+                interrupts_injected: v.injected.load(Ordering::Relaxed),
+            })
+            .collect();
+        GuestReport {
+            name: self.name.clone(),
+            exit_status: match outcome {
+                Outcome::Exited(s) => Some(s),
+                _ => None,
+            },
+            outcome: outcome.to_string(),
+            boot_ms: self
+                .first_output
+                .get()
+                .map(|t| t.duration_since(shim_start).as_secs_f64() * 1e3),
+            run_ms: self
+                .started
+                .map_or(0.0, |s| s.elapsed().as_secs_f64() * 1e3),
+            vcpus,
+            rejected: self.rejects.snapshot(),
+            nics: Vec::new(),
+        }
+    }
+
+    /// The outcome so far.
+    #[must_use]
+    pub fn outcome(&self) -> Option<Outcome> {
+        let ctx = self.ctx.as_ref()?;
+        ctx.outcome
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+}
