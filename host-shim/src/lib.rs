@@ -7,6 +7,7 @@ pub mod cli;
 pub mod cpuid;
 pub mod hypercall;
 pub mod memory;
+pub mod pci;
 pub mod platform;
 pub mod run;
 pub mod serial;

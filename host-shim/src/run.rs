@@ -5,7 +5,12 @@ use std::time::{Duration, Instant};
 use kvm_ioctls::Kvm;
 use tracing::{error, info};
 
+use std::sync::Arc;
+
+use crate::acpi::EcamInfo;
 use crate::cli::Cli;
+use crate::pci::bus::PciBus;
+use crate::pci::ecam;
 use crate::serial::Sink;
 use crate::stats::{self, Report};
 use crate::vm::{Guest, VmError};
@@ -80,7 +85,18 @@ pub fn run(cli: &Cli, shim_start: Instant) -> Result<Report, RunError> {
         };
         let mut g =
             Guest::new_bare(&kvm, &cfg.name, cfg.mem, cfg.vcpus, Sink::Stdout).map_err(err)?;
-        g.boot_pvh(cfg, None).map_err(err)?;
+        let bus = PciBus::new(&cfg.name, g.rejects.clone());
+        let bus = Arc::new(bus);
+        if let Some(p) = g.platform_mut() {
+            p.add_pio(bus.clone());
+            p.add_mmio(bus.clone());
+        }
+        let ecam = EcamInfo {
+            base: ecam::ECAM_BASE,
+            start_bus: 0,
+            end_bus: (ecam::BUSES - 1) as u8,
+        };
+        g.boot_pvh(cfg, Some(ecam)).map_err(err)?;
         let pins: Vec<Option<usize>> = (0..cfg.vcpus as usize)
             .map(|i| cli.pin.cpu_for(k + i, ncpus))
             .collect();
