@@ -1,0 +1,210 @@
+//! UDP ping-pong between two guests. Kernel command line:
+//! - server: `pingpong.role=server ip=10.0.0.1/24 [pingpong.idle_s=60]`
+//! - client: `pingpong.role=client ip=10.0.0.2/24 pingpong.peer=10.0.0.1
+//!   [pingpong.count=1000] [pingpong.size=64] [pingpong.warmup=10]`
+//!
+//! The client prints RTT percentiles (TSC-timed) and packets per second as a
+//! `report:` line and a `pingpong-result:` JSON line, sends a bye, and exits 0
+//! when every ping came back.
+#![cfg_attr(target_os = "none", no_std, no_main)]
+
+#[cfg(target_os = "none")]
+mod guest {
+    extern crate alloc;
+
+    use alloc::vec::Vec;
+    use core::time::Duration;
+    use demos::pingpong::{BYE, PORT, decode, encode, percentile};
+    use guest_kernel::println;
+    use guest_kernel::rt::net::{Net, NetConfig};
+    use guest_kernel::rt::start::system;
+    use guest_kernel::rt::time::Instant;
+    use smoltcp::wire::{IpEndpoint, Ipv4Address};
+
+    guest_kernel::entry!(main);
+
+    const REPLY_TIMEOUT: Duration = Duration::from_millis(500);
+
+    fn main() -> i32 {
+        let c = &system().cmdline;
+        let cfg = match NetConfig::from_cmdline(c) {
+            Ok(cfg) => cfg,
+            Err(e) => {
+                println!("udp-pingpong: {e}");
+                return 2;
+            }
+        };
+        let mut net = match Net::open(0, &cfg) {
+            Ok(n) => n,
+            Err(e) => {
+                println!("udp-pingpong: {e}");
+                return 2;
+            }
+        };
+        match c.get("pingpong.role") {
+            Some("server") => server(
+                &mut net,
+                c.get("pingpong.idle_s")
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or(60),
+            ),
+            Some("client") => {
+                let Some(peer) = c
+                    .get("pingpong.peer")
+                    .and_then(|p| p.parse::<Ipv4Address>().ok())
+                else {
+                    println!("udp-pingpong: the client needs pingpong.peer=IPV4");
+                    return 2;
+                };
+                let num = |k, d: u64| c.get(k).and_then(|s| s.parse().ok()).unwrap_or(d);
+                let size = usize::try_from(num("pingpong.size", 64))
+                    .unwrap_or(64)
+                    .clamp(12, 1472);
+                client(
+                    &mut net,
+                    peer,
+                    num("pingpong.count", 1000),
+                    size,
+                    num("pingpong.warmup", 10),
+                )
+            }
+            _ => {
+                println!("udp-pingpong: give pingpong.role=server or pingpong.role=client");
+                2
+            }
+        }
+    }
+
+    fn server(net: &mut Net, idle_s: u64) -> i32 {
+        let Ok(h) = net.udp_bind(PORT, 64) else {
+            println!("udp-pingpong: cannot bind UDP port {PORT}");
+            return 2;
+        };
+        log::info!("udp-pingpong: server on UDP {PORT}");
+        let mut echoed = 0u64;
+        let mut buf = alloc::vec![0u8; 2048];
+        let mut last = Instant::now();
+        loop {
+            net.poll();
+            while let Ok((n, meta)) = net.udp(h).recv_slice(&mut buf) {
+                last = Instant::now();
+                if &buf[..n] == BYE {
+                    log::info!("udp-pingpong: server echoed {echoed} datagrams; bye received");
+                    println!("report: pingpong server echoed {echoed} datagrams");
+                    return 0;
+                }
+                if net.udp(h).send_slice(&buf[..n], meta.endpoint).is_ok() {
+                    echoed += 1;
+                }
+            }
+            net.poll();
+            if last.elapsed() > Duration::from_secs(idle_s) {
+                println!(
+                    "udp-pingpong: server idle for {idle_s} s after {echoed} datagrams; giving up"
+                );
+                return 1;
+            }
+            net.wait(Instant::now().checked_add(Duration::from_secs(1)));
+        }
+    }
+
+    /// Sends one ping and waits for its echo; the RTT, or `None` on timeout.
+    fn ping(
+        net: &mut Net,
+        h: smoltcp::iface::SocketHandle,
+        to: IpEndpoint,
+        seq: u64,
+        size: usize,
+    ) -> Option<Duration> {
+        let payload = encode(seq, size);
+        let t0 = Instant::now();
+        if net.udp(h).send_slice(&payload, to).is_err() {
+            return None;
+        }
+        let deadline = t0.checked_add(REPLY_TIMEOUT)?;
+        let mut buf = [0u8; 2048];
+        loop {
+            net.poll();
+            while let Ok((n, _)) = net.udp(h).recv_slice(&mut buf) {
+                if decode(&buf[..n]) == Some(seq) {
+                    return Some(t0.elapsed());
+                }
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            net.wait(Some(deadline));
+        }
+    }
+
+    fn client(net: &mut Net, peer: Ipv4Address, count: u64, size: usize, warmup: u64) -> i32 {
+        let Ok(h) = net.udp_bind(PORT + 1, 64) else {
+            println!("udp-pingpong: cannot bind UDP port {}", PORT + 1);
+            return 2;
+        };
+        let to = IpEndpoint::new(peer.into(), PORT);
+        log::info!(
+            "udp-pingpong: client -> {to}, {count} pings of {size} B after {warmup} warm-up pings"
+        );
+        // Warm-up: resolves ARP and lets the server start; not counted.
+        let mut answered = 0;
+        for seq in 0..warmup.max(1) * 20 {
+            if ping(net, h, to, u64::MAX - seq, size).is_some() {
+                answered += 1;
+                if answered >= warmup.max(1) {
+                    break;
+                }
+            }
+        }
+        if answered == 0 {
+            println!("udp-pingpong: no answer from {to} during warm-up");
+            return 1;
+        }
+        let mut rtts: Vec<u64> = Vec::with_capacity(count as usize);
+        let start = Instant::now();
+        for seq in 0..count {
+            if let Some(rtt) = ping(net, h, to, seq, size) {
+                rtts.push(rtt.as_nanos() as u64);
+            }
+        }
+        let elapsed = start.elapsed();
+        for _ in 0..3 {
+            let _ = net.udp(h).send_slice(BYE, to);
+            net.poll();
+            net.wait(Instant::now().checked_add(Duration::from_millis(5)));
+        }
+        let received = rtts.len() as u64;
+        rtts.sort_unstable();
+        let p = |q| percentile(&rtts, q).unwrap_or(0);
+        let pps = if elapsed.as_micros() == 0 {
+            0
+        } else {
+            u128::from(received) * 1_000_000 / elapsed.as_micros()
+        };
+        let stats = net.stats();
+        println!(
+            "report: pingpong {} B: sent {count} received {received} lost {}; rtt p50 {} us p99 {} us min {} us max {} us; {pps} pps",
+            size,
+            count - received,
+            p(50) / 1000,
+            p(99) / 1000,
+            rtts.first().copied().unwrap_or(0) / 1000,
+            rtts.last().copied().unwrap_or(0) / 1000,
+        );
+        println!(
+            "pingpong-result: {{\"packets_sent\": {count}, \"packets_received\": {received}, \"size\": {size}, \"rtt_ns\": {{\"p50\": {}, \"p99\": {}, \"min\": {}, \"max\": {}}}, \"pps\": {pps}, \"rx_dropped\": {}}}",
+            p(50),
+            p(99),
+            rtts.first().copied().unwrap_or(0),
+            rtts.last().copied().unwrap_or(0),
+            stats.rx_dropped_short + stats.rx_dropped_oversize + stats.rx_errors
+        );
+        i32::from(received != count)
+    }
+}
+
+#[cfg(not(target_os = "none"))]
+fn main() {
+    eprintln!("udp-pingpong is a guest image: run it with `cargo xtask run`");
+    std::process::exit(2);
+}

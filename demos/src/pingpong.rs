@@ -1,0 +1,81 @@
+//! The UDP ping-pong protocol and its statistics.
+//!
+//! A ping is `[magic u32][seq u64][padding]`; the server echoes it unchanged.
+//! The client ends the run with a datagram holding [`BYE`], which makes the
+//! server exit.
+
+use alloc::vec::Vec;
+
+pub const PORT: u16 = 7777;
+pub const MAGIC: u32 = 0x5049_4E47; // "PING"
+pub const HEADER_LEN: usize = 12;
+pub const BYE: &[u8] = b"exitless-pingpong-bye";
+
+/// Builds a ping of `size` bytes (at least [`HEADER_LEN`]).
+#[must_use]
+pub fn encode(seq: u64, size: usize) -> Vec<u8> {
+    let mut p = alloc::vec![0u8; size.max(HEADER_LEN)];
+    p[..4].copy_from_slice(&MAGIC.to_le_bytes());
+    p[4..12].copy_from_slice(&seq.to_le_bytes());
+    for (i, b) in p[HEADER_LEN..].iter_mut().enumerate() {
+        *b = (i as u8) ^ (seq as u8);
+    }
+    p
+}
+
+/// The sequence number of a well-formed ping, `None` for anything else.
+#[must_use]
+pub fn decode(p: &[u8]) -> Option<u64> {
+    if p.len() < HEADER_LEN || p[..4] != MAGIC.to_le_bytes() {
+        return None;
+    }
+    let seq = u64::from_le_bytes(p[4..12].try_into().ok()?);
+    let body_ok = p[HEADER_LEN..]
+        .iter()
+        .enumerate()
+        .all(|(i, &b)| b == (i as u8) ^ (seq as u8));
+    body_ok.then_some(seq)
+}
+
+/// The `p`-th percentile (0–100) of sorted samples, nearest-rank method.
+#[must_use]
+pub fn percentile(sorted: &[u64], p: u32) -> Option<u64> {
+    if sorted.is_empty() || p > 100 {
+        return None;
+    }
+    let rank = (u64::from(p) * sorted.len() as u64).div_ceil(100).max(1);
+    sorted.get(rank as usize - 1).copied()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pings_round_trip_and_corruption_is_caught() {
+        let p = encode(42, 64);
+        assert_eq!(p.len(), 64);
+        assert_eq!(decode(&p), Some(42));
+        let mut bad = p.clone();
+        bad[40] ^= 1;
+        assert_eq!(decode(&bad), None, "payload corruption");
+        assert_eq!(decode(&p[..8]), None, "short");
+        assert_eq!(decode(BYE), None);
+        assert_eq!(
+            encode(1, 4).len(),
+            HEADER_LEN,
+            "size is at least the header"
+        );
+    }
+
+    #[test]
+    fn nearest_rank_percentiles() {
+        let s: Vec<u64> = (1..=100).collect();
+        assert_eq!(percentile(&s, 50), Some(50));
+        assert_eq!(percentile(&s, 99), Some(99));
+        assert_eq!(percentile(&s, 100), Some(100));
+        assert_eq!(percentile(&[7], 99), Some(7));
+        assert_eq!(percentile(&[], 50), None);
+        assert_eq!(percentile(&s, 101), None);
+    }
+}

@@ -1,0 +1,375 @@
+//! Networking in the guest: a smoltcp interface on a virtio-net NIC, fed
+//! from ring 3. The NIC's RX vector wakes the stack (interrupt mode) or the
+//! stack busy-polls the used ring (poll mode); a timer at smoltcp's `poll_at`
+//! drives retransmissions and ARP.
+//!
+//! Kernel command line: `ip=10.0.0.2/24`, `gw=10.0.0.1`, `dhcp` (instead of
+//! `ip=`), `net.rx=poll|irq` (default irq), `net.irq_cpu=N` (where the NIC's
+//! interrupts go; default: the CPU that opens it).
+
+use super::start::system;
+use super::time::Instant;
+use super::virtio::{KernelHal, KernelPciAccess, find_net_devices};
+use super::{irq, smp, sys};
+use crate::abi::vector;
+use crate::cmdline::Cmdline;
+use crate::percpu;
+use alloc::vec;
+use alloc::vec::Vec;
+use core::fmt;
+use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use drivers::msix::{ApicId, MsiMessage, MsixError, Vector};
+use drivers::net::{NetDevice, NetStats, RX_QUEUE, RxMode, TX_QUEUE};
+use drivers::virtio_pci::{MsixControl, MsixPciTransport, TransportError, VectorPlan};
+use smoltcp::iface::{Config, Interface, PollResult, SocketHandle, SocketSet};
+use smoltcp::socket::{dhcpv4, tcp, udp};
+use smoltcp::wire::{EthernetAddress, HardwareAddress, IpCidr, Ipv4Address, Ipv4Cidr};
+
+/// NICs this kernel drives at most (two vectors each from `DEVICE_BASE`).
+pub const MAX_NICS: usize = 8;
+
+type Device = NetDevice<KernelHal, MsixPciTransport>;
+
+#[derive(Debug)]
+pub enum NetError {
+    NoDevice(usize),
+    Config(&'static str),
+    Transport(TransportError),
+    Driver(drivers::net::NetError),
+    /// The device answered NO_VECTOR for a queue vector (virtio 1.2 §4.1.5.1.2).
+    VectorRejected {
+        rejected: u16,
+    },
+    NoSuchCpu(usize),
+}
+
+impl fmt::Display for NetError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::NoDevice(i) => write!(f, "no virtio-net device #{i} on the PCI bus"),
+            Self::Config(m) => write!(f, "network configuration: {m}"),
+            Self::Transport(e) => write!(f, "{e}"),
+            Self::Driver(e) => write!(f, "{e}"),
+            Self::VectorRejected { rejected } => {
+                write!(f, "the device rejected {rejected} MSI-X queue vector(s)")
+            }
+            Self::NoSuchCpu(c) => write!(f, "net.irq_cpu={c}: no such CPU online"),
+        }
+    }
+}
+
+/// How to configure a NIC.
+#[derive(Clone, Copy, Debug)]
+pub struct NetConfig {
+    pub address: Option<Ipv4Cidr>,
+    pub gateway: Option<Ipv4Address>,
+    pub dhcp: bool,
+    pub rx_mode: RxMode,
+    /// CPU the NIC's interrupts are sent to.
+    pub irq_cpu: usize,
+}
+
+impl NetConfig {
+    /// Reads `ip=`, `gw=`, `dhcp`, `net.rx=` and `net.irq_cpu=`.
+    pub fn from_cmdline(c: &Cmdline<'_>) -> Result<Self, NetError> {
+        let address = c
+            .get("ip")
+            .map(|s| {
+                s.parse::<Ipv4Cidr>()
+                    .map_err(|()| NetError::Config("ip= wants an IPv4 CIDR like 10.0.0.2/24"))
+            })
+            .transpose()?;
+        let gateway = c
+            .get("gw")
+            .map(|s| {
+                s.parse::<Ipv4Address>()
+                    .map_err(|_| NetError::Config("gw= wants an IPv4 address"))
+            })
+            .transpose()?;
+        let rx_mode = match c.get("net.rx") {
+            None | Some("irq") => RxMode::Interrupt,
+            Some("poll") => RxMode::Poll,
+            Some(_) => return Err(NetError::Config("net.rx= takes poll or irq")),
+        };
+        let irq_cpu = match c.get("net.irq_cpu") {
+            None => percpu::cpu_id(),
+            Some(s) => s
+                .parse()
+                .map_err(|_| NetError::Config("net.irq_cpu= takes a CPU index"))?,
+        };
+        let dhcp = c.flag("dhcp");
+        if address.is_none() && !dhcp {
+            return Err(NetError::Config(
+                "give ip=ADDR/PREFIX or dhcp on the kernel command line",
+            ));
+        }
+        Ok(Self {
+            address,
+            gateway,
+            dhcp,
+            rx_mode,
+            irq_cpu,
+        })
+    }
+}
+
+/// Bumped by a NIC's RX interrupt handler; the stack sleeps until it moves.
+static RX_SIGNAL: [AtomicU64; MAX_NICS] = [const { AtomicU64::new(0) }; MAX_NICS];
+/// The CPU polling each NIC's stack: an interrupt taken elsewhere wakes it.
+static STACK_CPU: [AtomicUsize; MAX_NICS] = [const { AtomicUsize::new(0) }; MAX_NICS];
+
+fn rx_vector(nic: usize) -> u8 {
+    vector::DEVICE_BASE + 2 * nic as u8
+}
+
+fn nic_of(v: u8) -> usize {
+    usize::from((v - vector::DEVICE_BASE) / 2)
+}
+
+/// Runs in upcall context: count, and wake the stack's CPU if that is not us.
+fn on_rx(v: u8) {
+    let nic = nic_of(v);
+    RX_SIGNAL[nic].fetch_add(1, Ordering::Release);
+    let target = STACK_CPU[nic].load(Ordering::Relaxed);
+    if target != percpu::cpu_id() {
+        let _ = smp::send_ipi(target, vector::WAKE);
+    }
+}
+
+/// TX completions are reaped on the send path; their interrupts only count.
+fn on_tx(_: u8) {}
+
+fn now() -> smoltcp::time::Instant {
+    smoltcp::time::Instant::from_micros(
+        i64::try_from(super::time::now_ns() / 1000).unwrap_or(i64::MAX),
+    )
+}
+
+/// One NIC with its smoltcp interface and sockets.
+pub struct Net {
+    index: usize,
+    dev: Device,
+    msix: MsixControl,
+    iface: Interface,
+    pub sockets: SocketSet<'static>,
+    dhcp: Option<SocketHandle>,
+    mode: RxMode,
+}
+
+impl fmt::Debug for Net {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Net")
+            .field("index", &self.index)
+            .field("dev", &self.dev)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Net {
+    /// Opens virtio-net device number `index` (bus order) with `cfg`.
+    pub fn open(index: usize, cfg: &NetConfig) -> Result<Self, NetError> {
+        if index >= MAX_NICS {
+            return Err(NetError::NoDevice(index));
+        }
+        let access = system().pci;
+        let df = *find_net_devices(access)
+            .get(index)
+            .ok_or(NetError::NoDevice(index))?;
+        let apic = smp::apic_id(cfg.irq_cpu).ok_or(NetError::NoSuchCpu(cfg.irq_cpu))?;
+        let rx = rx_vector(index);
+        irq::register(rx, on_rx);
+        irq::register(rx + 1, on_tx);
+        STACK_CPU[index].store(percpu::cpu_id(), Ordering::Relaxed);
+        let msg = |v| {
+            MsiMessage::fixed(ApicId(apic), Vector(v)).map_err(|e| NetError::Transport(e.into()))
+        };
+        let plan = VectorPlan {
+            config: None,
+            queues: vec![msg(rx)?, msg(rx + 1)?],
+        };
+        let (transport, msix) =
+            MsixPciTransport::new::<KernelHal, _>(KernelPciAccess(access), df, plan)
+                .map_err(NetError::Transport)?;
+        let mut dev = NetDevice::new(transport, cfg.rx_mode).map_err(NetError::Driver)?;
+        let status = msix.vector_status();
+        if status.rejected > 0 {
+            return Err(NetError::VectorRejected {
+                rejected: status.rejected,
+            });
+        }
+        let mac = EthernetAddress(dev.mac());
+        let mut iface =
+            Interface::new(Config::new(HardwareAddress::Ethernet(mac)), &mut dev, now());
+        if let Some(addr) = cfg.address {
+            iface.update_ip_addrs(|a| {
+                let _ = a.push(IpCidr::Ipv4(addr));
+            });
+        }
+        if let Some(gw) = cfg.gateway {
+            let _ = iface.routes_mut().add_default_ipv4_route(gw);
+        }
+        let mut sockets = SocketSet::new(Vec::new());
+        let dhcp = cfg.dhcp.then(|| sockets.add(dhcpv4::Socket::new()));
+        log::info!(
+            "net{index}: virtio-net at {:02x}:{:02x}.{} MAC {mac}, {}, RX {:?}, interrupts to cpu{} (vectors {:#x}/{:#x}, {} accepted)",
+            df.bus,
+            df.device,
+            df.function,
+            cfg.address
+                .map_or(alloc::string::String::from("DHCP"), |a| alloc::format!(
+                    "{a}"
+                )),
+            cfg.rx_mode,
+            cfg.irq_cpu,
+            rx,
+            rx + 1,
+            status.accepted
+        );
+        Ok(Self {
+            index,
+            dev,
+            msix,
+            iface,
+            sockets,
+            dhcp,
+            mode: cfg.rx_mode,
+        })
+    }
+
+    /// Runs smoltcp once over whatever arrived; true when anything happened.
+    pub fn poll(&mut self) -> bool {
+        let r = self.iface.poll(now(), &mut self.dev, &mut self.sockets);
+        if let Some(h) = self.dhcp {
+            match self.sockets.get_mut::<dhcpv4::Socket>(h).poll() {
+                Some(dhcpv4::Event::Configured(c)) => {
+                    self.iface.update_ip_addrs(|a| {
+                        a.clear();
+                        let _ = a.push(IpCidr::Ipv4(c.address));
+                    });
+                    if let Some(r) = c.router {
+                        let _ = self.iface.routes_mut().add_default_ipv4_route(r);
+                    }
+                    log::info!(
+                        "net{}: DHCP gave {} (router {:?})",
+                        self.index,
+                        c.address,
+                        c.router
+                    );
+                }
+                Some(dhcpv4::Event::Deconfigured) => {
+                    #[allow(clippy::redundant_closure_for_method_calls)]
+                    // the Vec type is smoltcp-internal
+                    self.iface.update_ip_addrs(|a| a.clear());
+                    log::warn!("net{}: DHCP lease lost", self.index);
+                }
+                None => {}
+            }
+        }
+        r != PollResult::None
+    }
+
+    /// Sleeps until a frame arrives, smoltcp wants polling, or `until` passes.
+    /// Poll mode spins on the used ring instead of sleeping.
+    pub fn wait(&mut self, until: Option<Instant>) {
+        let poll_at = self.iface.poll_at(now(), &self.sockets).map(|t| {
+            let us = u64::try_from(t.total_micros()).unwrap_or(0);
+            Instant(us * super::time::tsc_khz() / 1000)
+        });
+        let wake = match (poll_at, until) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        if self.dev.rx_pending() || wake.is_some_and(|w| Instant::now() >= w) {
+            return;
+        }
+        match self.mode {
+            RxMode::Poll => {
+                while !self.dev.rx_pending() && wake.is_none_or(|w| Instant::now() < w) {
+                    core::hint::spin_loop();
+                }
+            }
+            RxMode::Interrupt => {
+                let signal = &RX_SIGNAL[self.index];
+                let seen = signal.load(Ordering::Acquire);
+                if let Some(w) = wake {
+                    sys::set_timer(w.0);
+                }
+                let dev = &self.dev;
+                irq::wait_until(|| {
+                    signal.load(Ordering::Acquire) != seen
+                        || dev.rx_pending()
+                        || wake.is_some_and(|w| Instant::now() >= w)
+                });
+            }
+        }
+    }
+
+    /// The interface's IPv4 address, once it has one.
+    #[must_use]
+    pub fn ipv4(&self) -> Option<Ipv4Address> {
+        self.iface.ipv4_addr()
+    }
+
+    #[must_use]
+    pub fn stats(&self) -> NetStats {
+        self.dev.stats()
+    }
+
+    /// Points queue `queue` (0 = RX, 1 = TX)'s interrupt at CPU `cpu`.
+    pub fn retarget(&mut self, queue: u16, cpu: usize) -> Result<(), MsixError> {
+        let apic = smp::apic_id(cpu).ok_or(MsixError::NoSuchEntry {
+            entry: queue,
+            table_size: 0,
+        })?;
+        self.msix.retarget(queue, ApicId(apic))
+    }
+
+    /// Where the RX and TX queues interrupt now (APIC ids, read from the table).
+    pub fn irq_destinations(&self) -> Result<(u32, u32), MsixError> {
+        Ok((
+            self.msix.queue_message(RX_QUEUE)?.destination().0,
+            self.msix.queue_message(TX_QUEUE)?.destination().0,
+        ))
+    }
+
+    /// RX vector of this NIC (for per-CPU interrupt counts).
+    #[must_use]
+    pub fn rx_vector(&self) -> u8 {
+        rx_vector(self.index)
+    }
+
+    /// Binds a UDP socket to `port` with `packets` datagrams of buffering each way.
+    pub fn udp_bind(&mut self, port: u16, packets: usize) -> Result<SocketHandle, udp::BindError> {
+        let buf = || {
+            udp::PacketBuffer::new(
+                vec![udp::PacketMetadata::EMPTY; packets],
+                vec![0u8; packets * 1536],
+            )
+        };
+        let mut s = udp::Socket::new(buf(), buf());
+        s.bind(port)?;
+        Ok(self.sockets.add(s))
+    }
+
+    /// A TCP socket listening on `port`.
+    pub fn tcp_listen(
+        &mut self,
+        port: u16,
+        buffer: usize,
+    ) -> Result<SocketHandle, tcp::ListenError> {
+        let mut s = tcp::Socket::new(
+            tcp::SocketBuffer::new(vec![0; buffer]),
+            tcp::SocketBuffer::new(vec![0; buffer]),
+        );
+        s.listen(port)?;
+        Ok(self.sockets.add(s))
+    }
+
+    pub fn udp(&mut self, h: SocketHandle) -> &mut udp::Socket<'static> {
+        self.sockets.get_mut::<udp::Socket>(h)
+    }
+
+    pub fn tcp(&mut self, h: SocketHandle) -> &mut tcp::Socket<'static> {
+        self.sockets.get_mut::<tcp::Socket>(h)
+    }
+}
