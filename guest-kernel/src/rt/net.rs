@@ -256,13 +256,15 @@ impl Net {
                         c.router
                     );
                 }
-                Some(dhcpv4::Event::Deconfigured) => {
+                // smoltcp reports Deconfigured once at start as well; only a
+                // lease that existed is worth a warning.
+                Some(dhcpv4::Event::Deconfigured) if self.iface.ipv4_addr().is_some() => {
                     #[allow(clippy::redundant_closure_for_method_calls)]
                     // the Vec type is smoltcp-internal
                     self.iface.update_ip_addrs(|a| a.clear());
                     log::warn!("net{}: DHCP lease lost", self.index);
                 }
-                None => {}
+                Some(dhcpv4::Event::Deconfigured) | None => {}
             }
         }
         r != PollResult::None

@@ -17,6 +17,8 @@ mod kcalls;
 #[cfg(target_os = "none")]
 mod memory;
 #[cfg(target_os = "none")]
+mod net;
+#[cfg(target_os = "none")]
 mod pci;
 #[cfg(target_os = "none")]
 mod smp;
