@@ -1,1 +1,218 @@
-fn main() {}
+//! `cargo xtask`: builds the guest images and host binaries, boots guests
+//! under QEMU, and runs every test leg.
+
+mod build;
+mod cargo_test;
+mod error;
+mod legs;
+mod logfile;
+mod process;
+mod qemu;
+mod run;
+mod serial;
+mod setup;
+mod sys;
+mod verdict;
+mod workspace;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::error::{Error, Result};
+use crate::qemu::{Accel, Echo, Machine};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "cargo xtask",
+    bin_name = "cargo xtask",
+    about = "Exitless developer tasks: build, boot guests under QEMU, run every test leg"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Build every guest image (x86_64-unknown-none, release) and the host
+    /// binaries; installs the Rust target and QEMU first when missing.
+    Build,
+    /// Boot a guest image under QEMU by hand: streams its serial console,
+    /// keeps it in target/xtask/logs/, and prints the exit status and boot time.
+    Qemu(QemuArgs),
+    /// Run every test leg (host unit tests, in-guest tests under QEMU TCG and
+    /// KVM) and end with `N passed, M failed` over all of them.
+    Test(TestArgs),
+    /// Run the main demo: the host shim with several guests exchanging
+    /// packets (not available yet).
+    Run,
+    /// Run the benchmarks (not available yet).
+    Bench,
+}
+
+#[derive(Debug, Args)]
+struct QemuArgs {
+    /// Accelerator: tcg (emulation) or kvm (needs read-write /dev/kvm).
+    #[arg(long, value_enum, default_value_t = Accel::Tcg)]
+    accel: Accel,
+    /// Number of virtual CPUs.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=64))]
+    smp: u32,
+    /// Guest memory in MiB.
+    #[arg(long, value_name = "MiB", default_value_t = 256, value_parser = clap::value_parser!(u32).range(16..=65536))]
+    mem: u32,
+    /// Machine type: q35 (SeaBIOS, slow under this KVM) or microvm (qboot, fast).
+    #[arg(long, value_enum, default_value_t = Machine::Q35)]
+    machine: Machine,
+    /// A guest image name (built first) or a path to an ELF file (booted as is).
+    #[arg(long, value_name = "NAME|PATH", default_value = "ktest")]
+    image: String,
+    /// Kernel command line passed with -append.
+    #[arg(long, value_name = "CMDLINE", default_value = "")]
+    append: String,
+    /// Wall-clock limit in seconds; QEMU is killed after it.
+    #[arg(long, value_name = "SECS", default_value_t = qemu::DEFAULT_TIMEOUT.as_secs(), value_parser = clap::value_parser!(u64).range(1..))]
+    timeout: u64,
+}
+
+#[derive(Debug, Args)]
+struct TestArgs {
+    /// Run only this leg (repeatable): unit, guest-tcg, guest-kvm.
+    #[arg(long = "leg", value_name = "NAME")]
+    legs: Vec<String>,
+    /// Wall-clock limit in seconds for each QEMU run.
+    #[arg(long, value_name = "SECS", default_value_t = qemu::DEFAULT_TIMEOUT.as_secs(), value_parser = clap::value_parser!(u64).range(1..))]
+    timeout: u64,
+    /// Show all output (every serial line, every cargo test line).
+    #[arg(long, short)]
+    verbose: bool,
+    /// Stop after the first failing leg (by default every leg runs).
+    #[arg(long)]
+    fail_fast: bool,
+    /// List the legs and exit.
+    #[arg(long)]
+    list: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    sys::kill_children_on_signal();
+    let result = match cli.command {
+        Command::Build => build::build_all().map(|()| ExitCode::SUCCESS),
+        Command::Qemu(args) => qemu_by_hand(&args),
+        Command::Test(args) => test(&args),
+        Command::Run => run::run().map(|()| ExitCode::SUCCESS),
+        Command::Bench => run::bench().map(|()| ExitCode::SUCCESS),
+    };
+    result.unwrap_or_else(|e| {
+        eprintln!("error: {e}");
+        ExitCode::from(e.exit_code())
+    })
+}
+
+fn qemu_by_hand(args: &QemuArgs) -> Result<ExitCode> {
+    let image = resolve_image(&args.image)?;
+    let cfg = qemu::Config {
+        accel: args.accel,
+        machine: args.machine,
+        smp: args.smp,
+        mem_mib: args.mem,
+        image,
+        append: args.append.clone(),
+        timeout: Duration::from_secs(args.timeout),
+    };
+    let leg = format!("qemu-{}", args.accel.name());
+    let image_name = cfg
+        .image
+        .file_name()
+        .map_or_else(|| "image".into(), |n| n.to_string_lossy().into_owned());
+    let run = qemu::boot(&cfg, &format!("{leg}-{image_name}"), &Echo::All)?;
+    let serial = run.serial();
+
+    println!(
+        "==== {leg}: {} on {} with {} CPUs",
+        cfg.image.display(),
+        cfg.machine.name(),
+        cfg.smp
+    );
+    for report in &serial.reports {
+        println!("{leg} report: {report}");
+    }
+    match serial.boot {
+        Some((index, tsc_us)) => {
+            let guest = tsc_us.map_or_else(
+                || "no TSC figure on the line".to_owned(),
+                |us| format!("{us} us after entry (TSC)"),
+            );
+            println!(
+                "{leg}: boot time: main reached {:.3} s after QEMU start (wall); guest: {guest}",
+                run.lines[index].at.as_secs_f64()
+            );
+        }
+        None => println!(
+            "{leg}: boot time: unknown, the guest never printed `{}`",
+            serial::BOOT_MARKER
+        ),
+    }
+    if !run.exit.passed() && !run.stderr.trim().is_empty() {
+        println!("{leg}: QEMU stderr:\n{}", run.stderr.trim_end());
+    }
+    println!("{leg}: serial log: {}", run.log.display());
+    println!(
+        "{leg}: guest exit: {} after {:.1} s",
+        run.exit,
+        run.elapsed.as_secs_f64()
+    );
+    Ok(if run.exit.passed() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// A path (contains `/` or names an existing file) is booted as is; a name
+/// is looked up in the image list and built.
+fn resolve_image(image: &str) -> Result<PathBuf> {
+    let path = PathBuf::from(image);
+    if image.contains('/') || path.is_file() {
+        if !path.is_file() {
+            return Err(Error::failed(format!(
+                "guest image {image} does not exist or is not a file"
+            )));
+        }
+        return Ok(path);
+    }
+    build::build_guest(build::find_image(image)?)
+}
+
+fn test(args: &TestArgs) -> Result<ExitCode> {
+    let legs = legs::select(&args.legs)?;
+    if args.list {
+        for leg in legs::LEGS {
+            println!("{:<10} {}", leg.name, leg.about);
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let opts = legs::Options {
+        timeout: Duration::from_secs(args.timeout),
+        verbose: args.verbose,
+    };
+    let mut runner = legs::Runner::default();
+    let mut results = Vec::new();
+    for leg in legs {
+        let result = runner.run(leg, &opts);
+        let failed = !result.outcome.ok();
+        results.push(result);
+        if failed && args.fail_fast {
+            println!("stopping after the first failing leg (--fail-fast)");
+            break;
+        }
+    }
+    for line in legs::summary_lines(&results) {
+        println!("{line}");
+    }
+    Ok(ExitCode::from(legs::exit_code(&results)))
+}

@@ -1,0 +1,435 @@
+//! `cargo xtask test`: the legs, run one after the other, and the summary.
+//!
+//! The leg list is data: add a leg by adding an entry to [`LEGS`] and, for a
+//! new kind of leg, a [`LegKind`] variant and its arm in [`run_leg`].
+//! Extension point for the host shim: a `LegKind::Shim { image, guests }`
+//! leg will build `host-shim` (see `build::HOST_PACKAGES`), run
+//! `target/release/host-shim` with the guest image(s) through
+//! `process::run` under a time limit, and judge the guest's serial output
+//! with the same `verdict::judge_guest` (the exit status then comes from the
+//! shim's exit hypercall instead of isa-debug-exit).
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use crate::build;
+use crate::cargo_test;
+use crate::error::{Error, Result};
+use crate::logfile::LogFile;
+use crate::process::{self, Ending, Stderr};
+use crate::qemu::{self, Accel, Echo, Machine};
+use crate::serial::Summary;
+use crate::setup;
+use crate::verdict::{self, LegOutcome};
+
+/// Wall-clock limit for the host unit tests (they build the workspace first).
+const UNIT_TIMEOUT: Duration = Duration::from_mins(30);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LegKind {
+    /// `cargo test --workspace` on the host.
+    HostUnit,
+    /// A guest test image booted under QEMU.
+    Qemu {
+        image: &'static str,
+        accel: Accel,
+        smp: u32,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Leg {
+    pub name: &'static str,
+    pub about: &'static str,
+    pub kind: LegKind,
+}
+
+pub const LEGS: &[Leg] = &[
+    Leg {
+        name: "unit",
+        about: "host unit tests (cargo test --workspace)",
+        kind: LegKind::HostUnit,
+    },
+    Leg {
+        name: "guest-tcg",
+        about: "in-guest tests, QEMU TCG q35 -smp 2",
+        kind: LegKind::Qemu {
+            image: "ktest",
+            accel: Accel::Tcg,
+            smp: 2,
+        },
+    },
+    Leg {
+        name: "guest-kvm",
+        about: "in-guest tests, QEMU KVM q35 -smp 2",
+        kind: LegKind::Qemu {
+            image: "ktest",
+            accel: Accel::Kvm,
+            smp: 2,
+        },
+    },
+];
+
+/// The legs named (all of them when none is), in the order of [`LEGS`].
+pub fn select(names: &[String]) -> Result<Vec<&'static Leg>> {
+    if let Some(unknown) = names
+        .iter()
+        .find(|name| !LEGS.iter().any(|leg| leg.name == name.as_str()))
+    {
+        let known: Vec<&str> = LEGS.iter().map(|leg| leg.name).collect();
+        return Err(Error::usage(format!(
+            "unknown leg `{unknown}`: the legs are {}",
+            known.join(", ")
+        )));
+    }
+    Ok(LEGS
+        .iter()
+        .filter(|leg| names.is_empty() || names.iter().any(|name| name == leg.name))
+        .collect())
+}
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Limit for each QEMU run.
+    pub timeout: Duration,
+    /// Show every line of output, not just the protocol lines.
+    pub verbose: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LegResult {
+    pub name: &'static str,
+    pub outcome: LegOutcome,
+    pub duration: Duration,
+    /// The guest's `report:` lines.
+    pub reports: Vec<String>,
+    pub log: Option<PathBuf>,
+}
+
+impl LegResult {
+    #[must_use]
+    pub fn line(&self) -> String {
+        format!(
+            "leg {}: {} passed, {} failed ({:.1} s)",
+            self.name,
+            self.outcome.passed,
+            self.outcome.failed,
+            self.duration.as_secs_f64()
+        )
+    }
+}
+
+/// Runs legs in order; guest images are built once and shared.
+#[derive(Default)]
+pub struct Runner {
+    images: HashMap<&'static str, Result<PathBuf, String>>,
+}
+
+impl Runner {
+    pub fn run(&mut self, leg: &'static Leg, opts: &Options) -> LegResult {
+        println!("== leg {}: {}", leg.name, leg.about);
+        let started = Instant::now();
+        let (outcome, reports, log) = match leg.kind {
+            LegKind::HostUnit => run_unit(leg, opts),
+            LegKind::Qemu { image, accel, smp } => self.run_qemu(leg, opts, image, accel, smp),
+        };
+        let result = LegResult {
+            name: leg.name,
+            outcome,
+            duration: started.elapsed(),
+            reports,
+            log,
+        };
+        for problem in &result.outcome.problems {
+            println!("{}: FAILED: {problem}", leg.name);
+        }
+        println!("{}", result.line());
+        result
+    }
+
+    fn image(&mut self, name: &'static str) -> Result<PathBuf, String> {
+        self.images
+            .entry(name)
+            .or_insert_with(|| {
+                let image = build::find_image(name).map_err(|e| e.to_string())?;
+                build::build_guest(image).map_err(|e| e.to_string())
+            })
+            .clone()
+    }
+
+    fn run_qemu(
+        &mut self,
+        leg: &Leg,
+        opts: &Options,
+        image: &'static str,
+        accel: Accel,
+        smp: u32,
+    ) -> (LegOutcome, Vec<String>, Option<PathBuf>) {
+        // Check the machine before spending time on a build it cannot boot.
+        let ready = setup::ensure_qemu()
+            .map_err(|e| e.to_string())
+            .and_then(|_| match accel {
+                Accel::Kvm => setup::check_kvm().map_err(|why| format!("cannot use KVM: {why}")),
+                Accel::Tcg => Ok(()),
+            });
+        let path = match ready.and_then(|()| self.image(image)) {
+            Ok(path) => path,
+            Err(why) => return (LegOutcome::broken(why), Vec::new(), None),
+        };
+        let cfg = qemu::Config {
+            accel,
+            machine: Machine::Q35,
+            smp,
+            mem_mib: 256,
+            image: path,
+            append: String::new(),
+            timeout: opts.timeout,
+        };
+        let echo = if opts.verbose {
+            Echo::All
+        } else {
+            Echo::Protocol {
+                prefix: leg.name.to_owned(),
+            }
+        };
+        let run = match qemu::boot(&cfg, leg.name, &echo) {
+            Ok(run) => run,
+            Err(e) => return (LegOutcome::broken(e.to_string()), Vec::new(), None),
+        };
+        let serial = run.serial();
+        let outcome = verdict::judge_guest(run.exit, &serial);
+        if !outcome.ok() {
+            run.print_post_mortem();
+        }
+        if let Some(wall) = run.boot_wall() {
+            println!(
+                "{}: boot: main reached {:.2} s after QEMU start",
+                leg.name,
+                wall.as_secs_f64()
+            );
+        }
+        (outcome, serial.reports, Some(run.log))
+    }
+}
+
+fn run_unit(leg: &Leg, opts: &Options) -> (LegOutcome, Vec<String>, Option<PathBuf>) {
+    let mut log = match LogFile::create(leg.name) {
+        Ok(log) => log,
+        Err(e) => return (LegOutcome::broken(e.to_string()), Vec::new(), None),
+    };
+    log.line("# xtask: cargo test --workspace");
+    let mut cmd = crate::workspace::cargo();
+    cmd.args(["test", "--workspace"]);
+    let finished = process::run(&mut cmd, UNIT_TIMEOUT, Stderr::Inherit, |line| {
+        log.line(&line.text);
+        let text = line.text.trim();
+        if opts.verbose
+            || text.starts_with("test result:")
+            || (text.starts_with("test ") && text.contains("FAILED"))
+        {
+            println!("{}: {text}", leg.name);
+        }
+    });
+    let path = log.path().to_path_buf();
+    let finished = match finished {
+        Ok(finished) => finished,
+        Err(e) => return (LegOutcome::broken(e.to_string()), Vec::new(), Some(path)),
+    };
+    let totals = cargo_test::sum(finished.lines.iter().map(|l| l.text.as_str()));
+    let outcome = verdict::judge_unit(finished.ending, totals.summary, totals.result_lines);
+    if !outcome.ok() {
+        let tail = process::tail(&finished.lines, qemu::TAIL_LINES);
+        println!(
+            "---- last {} lines of cargo test's output ({}) ----",
+            tail.len(),
+            path.display()
+        );
+        for line in tail {
+            println!("{}", line.text);
+        }
+        println!("---- end ----");
+    }
+    if finished.ending == Ending::TimedOut {
+        println!(
+            "{}: cargo test ran longer than {} s",
+            leg.name,
+            UNIT_TIMEOUT.as_secs()
+        );
+    }
+    (outcome, Vec::new(), Some(path))
+}
+
+/// Counts over all legs.
+#[must_use]
+pub fn total(results: &[LegResult]) -> Summary {
+    results.iter().fold(
+        Summary {
+            passed: 0,
+            failed: 0,
+        },
+        |acc, r| Summary {
+            passed: acc.passed.saturating_add(r.outcome.passed),
+            failed: acc.failed.saturating_add(r.outcome.failed),
+        },
+    )
+}
+
+/// The process exit code for a test run: 0 only if every leg passed.
+#[must_use]
+pub fn exit_code(results: &[LegResult]) -> u8 {
+    u8::from(results.is_empty() || results.iter().any(|r| !r.outcome.ok()))
+}
+
+/// The closing summary; its last line is exactly `N passed, M failed`.
+#[must_use]
+pub fn summary_lines(results: &[LegResult]) -> Vec<String> {
+    let mut lines = vec!["== summary".to_owned()];
+    for result in results {
+        lines.push(result.line());
+        for report in &result.reports {
+            lines.push(format!("  {} report: {report}", result.name));
+        }
+        for problem in &result.outcome.problems {
+            lines.push(format!("  {}: {problem}", result.name));
+        }
+        if let (false, Some(log)) = (result.outcome.ok(), &result.log) {
+            lines.push(format!("  {} log: {}", result.name, log.display()));
+        }
+    }
+    let sum = total(results);
+    lines.push(format!("{} passed, {} failed", sum.passed, sum.failed));
+    lines
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::process::Ending;
+    use crate::serial::SerialLog;
+    use crate::verdict::GuestExit;
+
+    fn guest_result(name: &'static str, exit_code: i32, serial: &str) -> LegResult {
+        let log = SerialLog::parse(serial.lines());
+        let outcome = verdict::judge_guest(GuestExit::from_ending(Ending::Exited(exit_code)), &log);
+        LegResult {
+            name,
+            outcome,
+            duration: Duration::from_secs(3),
+            reports: log.reports,
+            log: None,
+        }
+    }
+
+    const PASSING: &str = "\
+[cpu0 INFO ] boot: main reached 900 us after entry (TSC)
+test heap::vec ... ok
+test smp::ipi ... ok
+report: loop 10^6: ring3 0.7 ms, ring0 1300 ms
+2 passed, 0 failed";
+
+    /// A captured log with one deliberately failing in-guest test, and QEMU
+    /// exit code 3 (guest status 1).
+    const ONE_FAILING: &str = "\
+[cpu0 INFO ] boot: main reached 900 us after entry (TSC)
+test heap::vec ... ok
+test deliberately::fails ... FAILED: ktest.rs:10: 1 + 1 == 3 failed: 2 != 3
+test smp::ipi ... ok
+2 passed, 1 failed";
+
+    #[test]
+    fn a_deliberately_failing_in_guest_test_makes_the_run_fail() {
+        let unit = LegResult {
+            name: "unit",
+            outcome: verdict::judge_unit(
+                Ending::Exited(0),
+                Summary {
+                    passed: 10,
+                    failed: 0,
+                },
+                2,
+            ),
+            duration: Duration::from_secs(1),
+            reports: vec![],
+            log: None,
+        };
+        let good = guest_result("guest-kvm", 1, PASSING);
+        assert_eq!(exit_code(&[unit.clone(), good.clone()]), 0);
+
+        let bad = guest_result("guest-tcg", 3, ONE_FAILING);
+        assert!(!bad.outcome.ok());
+        let results = [unit, bad, good];
+        assert_ne!(exit_code(&results), 0);
+        let lines = summary_lines(&results);
+        assert_eq!(lines.last().unwrap(), "14 passed, 1 failed");
+        assert!(
+            lines.contains(&"leg guest-tcg: 2 passed, 1 failed (3.0 s)".to_owned()),
+            "{lines:#?}"
+        );
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.contains("guest-tcg: guest exit: status 1 (tests failed)")),
+            "{lines:#?}"
+        );
+    }
+
+    #[test]
+    fn a_failed_line_fails_the_run_even_if_the_guest_claims_success() {
+        let lying = guest_result("guest-tcg", 1, ONE_FAILING);
+        assert_ne!(exit_code(&[lying]), 0);
+    }
+
+    #[test]
+    fn a_hung_guest_counts_a_failure_in_the_total() {
+        let hung = LegResult {
+            name: "guest-kvm",
+            outcome: verdict::judge_guest(
+                GuestExit::TimedOut,
+                &SerialLog::parse(["test a ... ok"]),
+            ),
+            duration: Duration::from_mins(2),
+            reports: vec![],
+            log: Some(PathBuf::from("target/xtask/logs/guest-kvm-x.log")),
+        };
+        let lines = summary_lines(&[guest_result("guest-tcg", 1, PASSING), hung.clone()]);
+        assert_eq!(lines.last().unwrap(), "3 passed, 1 failed");
+        assert!(
+            lines
+                .iter()
+                .any(|l| l == "  guest-kvm log: target/xtask/logs/guest-kvm-x.log")
+        );
+        assert_ne!(exit_code(&[hung]), 0);
+    }
+
+    #[test]
+    fn reports_are_shown_per_leg() {
+        let lines = summary_lines(&[guest_result("guest-tcg", 1, PASSING)]);
+        assert!(
+            lines
+                .contains(&"  guest-tcg report: loop 10^6: ring3 0.7 ms, ring0 1300 ms".to_owned()),
+            "{lines:#?}"
+        );
+        assert_eq!(lines.last().unwrap(), "2 passed, 0 failed");
+    }
+
+    #[test]
+    fn nothing_run_is_not_success() {
+        assert_ne!(exit_code(&[]), 0);
+    }
+
+    #[test]
+    fn leg_selection() {
+        let all: Vec<&str> = select(&[]).unwrap().iter().map(|l| l.name).collect();
+        assert_eq!(all, ["unit", "guest-tcg", "guest-kvm"]);
+        let some: Vec<&str> = select(&["guest-kvm".into(), "unit".into()])
+            .unwrap()
+            .iter()
+            .map(|l| l.name)
+            .collect();
+        assert_eq!(some, ["unit", "guest-kvm"]);
+        let err = select(&["guest".into()]).unwrap_err();
+        assert_eq!(err.exit_code(), 2);
+        assert!(err.to_string().contains("unknown leg `guest`"), "{err}");
+    }
+}

@@ -1,0 +1,322 @@
+//! Turning what happened into pass/fail: QEMU's exit code, and a whole
+//! in-guest test run (exit code plus serial log).
+
+use std::fmt;
+
+use crate::process::Ending;
+use crate::serial::{SerialLog, Summary};
+
+/// What the guest's exit means. The guest writes status `s` to
+/// isa-debug-exit and QEMU exits with `2*s + 1`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GuestExit {
+    /// The guest wrote this status to isa-debug-exit.
+    Status(u32),
+    /// QEMU exited 0: a triple fault or reset under `-no-reboot`, or a
+    /// shutdown, never a status the guest reported.
+    QemuZero,
+    /// An even exit code: QEMU itself failed (not the guest).
+    QemuError(i32),
+    Signalled(i32),
+    TimedOut,
+}
+
+impl GuestExit {
+    #[must_use]
+    pub fn from_ending(ending: Ending) -> Self {
+        match ending {
+            Ending::Exited(0) => Self::QemuZero,
+            Ending::Exited(code) if code > 0 && code % 2 == 1 => {
+                Self::Status(code.unsigned_abs() / 2)
+            }
+            Ending::Exited(code) => Self::QemuError(code),
+            Ending::Signalled(signal) => Self::Signalled(signal),
+            Ending::TimedOut => Self::TimedOut,
+        }
+    }
+
+    #[must_use]
+    pub const fn passed(self) -> bool {
+        matches!(self, Self::Status(0))
+    }
+}
+
+impl fmt::Display for GuestExit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            Self::Status(0) => f.write_str("status 0 (all tests passed)"),
+            Self::Status(1) => f.write_str("status 1 (tests failed)"),
+            Self::Status(2) => f.write_str("status 2 (guest panicked)"),
+            Self::Status(3) => f.write_str("status 3 (fatal exception)"),
+            Self::Status(s) => write!(f, "status {s} (not a status the guest defines)"),
+            Self::QemuZero => {
+                f.write_str("QEMU exited 0 without a guest status (triple fault/reset under -no-reboot, or shutdown)")
+            }
+            Self::QemuError(code) => write!(f, "QEMU failed with exit code {code}"),
+            Self::Signalled(signal) => write!(f, "QEMU was killed by signal {signal}"),
+            Self::TimedOut => f.write_str("timed out: QEMU was still running at the time limit and was killed"),
+        }
+    }
+}
+
+/// The result of one leg: counts, and why it failed if it did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LegOutcome {
+    pub passed: u32,
+    pub failed: u32,
+    /// Reasons the leg failed beyond failing tests (crash, timeout, ...).
+    pub problems: Vec<String>,
+}
+
+impl LegOutcome {
+    /// A leg that could not run at all: one failure.
+    pub fn broken(reason: impl Into<String>) -> Self {
+        Self {
+            passed: 0,
+            failed: 1,
+            problems: vec![reason.into()],
+        }
+    }
+
+    #[must_use]
+    pub fn ok(&self) -> bool {
+        self.failed == 0 && self.problems.is_empty()
+    }
+
+    /// A leg with problems counts at least one failure.
+    fn settle(mut self) -> Self {
+        if !self.problems.is_empty() && self.failed == 0 {
+            self.failed = 1;
+        }
+        self
+    }
+}
+
+/// Judges an in-guest test run. It passes only if the guest reported
+/// status 0, the summary line was seen, it agrees with the test lines, and
+/// nothing failed.
+#[must_use]
+pub fn judge_guest(exit: GuestExit, log: &SerialLog) -> LegOutcome {
+    let counted = log.counted();
+    let mut problems = Vec::new();
+    if !exit.passed() {
+        problems.push(format!("guest exit: {exit}"));
+    }
+    let mut failed = counted.failed;
+    match log.summary {
+        None => {
+            problems.push("no summary line `N passed, M failed` on the serial console".to_owned());
+        }
+        Some(summary) if summary != counted => {
+            problems.push(format!(
+                "summary line says {} but the test lines show {}",
+                show(summary),
+                show(counted)
+            ));
+            failed = failed.max(summary.failed);
+        }
+        Some(_) => {}
+    }
+    if exit.passed() && counted.failed > 0 {
+        problems.push("guest exited with status 0 although tests failed".to_owned());
+    }
+    LegOutcome {
+        passed: counted.passed,
+        failed,
+        problems,
+    }
+    .settle()
+}
+
+fn show(s: Summary) -> String {
+    format!("{} passed, {} failed", s.passed, s.failed)
+}
+
+/// Judges the host unit tests from cargo's exit code and summed results.
+#[must_use]
+pub fn judge_unit(ending: Ending, totals: Summary, result_lines: usize) -> LegOutcome {
+    let mut problems = Vec::new();
+    match ending {
+        Ending::Exited(0) => {}
+        Ending::Exited(code) => problems.push(format!("cargo test exited with code {code}")),
+        Ending::Signalled(signal) => {
+            problems.push(format!("cargo test was killed by signal {signal}"));
+        }
+        Ending::TimedOut => problems.push("cargo test timed out and was killed".to_owned()),
+    }
+    if result_lines == 0 {
+        problems.push("cargo test printed no `test result:` line (did it compile?)".to_owned());
+    }
+    LegOutcome {
+        passed: totals.passed,
+        failed: totals.failed,
+        problems,
+    }
+    .settle()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn log(lines: &[&str]) -> SerialLog {
+        SerialLog::parse(lines.iter().copied())
+    }
+
+    #[test]
+    fn qemu_exit_codes() {
+        assert_eq!(
+            GuestExit::from_ending(Ending::Exited(1)),
+            GuestExit::Status(0)
+        );
+        assert_eq!(
+            GuestExit::from_ending(Ending::Exited(3)),
+            GuestExit::Status(1)
+        );
+        assert_eq!(
+            GuestExit::from_ending(Ending::Exited(5)),
+            GuestExit::Status(2)
+        );
+        assert_eq!(
+            GuestExit::from_ending(Ending::Exited(7)),
+            GuestExit::Status(3)
+        );
+        assert_eq!(
+            GuestExit::from_ending(Ending::Exited(0)),
+            GuestExit::QemuZero
+        );
+        assert_eq!(
+            GuestExit::from_ending(Ending::Exited(2)),
+            GuestExit::QemuError(2)
+        );
+        assert_eq!(
+            GuestExit::from_ending(Ending::Exited(-1)),
+            GuestExit::QemuError(-1)
+        );
+        assert_eq!(
+            GuestExit::from_ending(Ending::Signalled(9)),
+            GuestExit::Signalled(9)
+        );
+        assert_eq!(
+            GuestExit::from_ending(Ending::TimedOut),
+            GuestExit::TimedOut
+        );
+        assert!(GuestExit::Status(0).passed());
+        for bad in [
+            GuestExit::Status(1),
+            GuestExit::QemuZero,
+            GuestExit::TimedOut,
+            GuestExit::QemuError(2),
+        ] {
+            assert!(!bad.passed(), "{bad}");
+        }
+        assert!(GuestExit::Status(2).to_string().contains("panicked"));
+        assert!(GuestExit::Status(3).to_string().contains("fatal exception"));
+        assert!(GuestExit::QemuZero.to_string().contains("triple fault"));
+    }
+
+    #[test]
+    fn a_clean_run_passes() {
+        let outcome = judge_guest(
+            GuestExit::Status(0),
+            &log(&["test a ... ok", "test b ... ok", "2 passed, 0 failed"]),
+        );
+        assert_eq!(
+            outcome,
+            LegOutcome {
+                passed: 2,
+                failed: 0,
+                problems: vec![]
+            }
+        );
+        assert!(outcome.ok());
+    }
+
+    #[test]
+    fn a_failing_in_guest_test_fails_the_leg() {
+        let outcome = judge_guest(
+            GuestExit::from_ending(Ending::Exited(3)),
+            &log(&[
+                "test a ... ok",
+                "test b ... FAILED: b.rs:3: 1 != 2",
+                "1 passed, 1 failed",
+            ]),
+        );
+        assert!(!outcome.ok());
+        assert_eq!((outcome.passed, outcome.failed), (1, 1));
+        assert!(
+            outcome.problems[0].contains("tests failed"),
+            "{:?}",
+            outcome.problems
+        );
+    }
+
+    #[test]
+    fn a_missing_summary_fails_even_with_status_0() {
+        let outcome = judge_guest(GuestExit::Status(0), &log(&["test a ... ok"]));
+        assert!(!outcome.ok());
+        assert_eq!(outcome.failed, 1);
+        assert!(outcome.problems[0].contains("no summary line"));
+    }
+
+    #[test]
+    fn a_summary_that_disagrees_with_the_test_lines_fails() {
+        let outcome = judge_guest(
+            GuestExit::Status(0),
+            &log(&["test a ... ok", "2 passed, 0 failed"]),
+        );
+        assert!(!outcome.ok());
+        assert!(outcome.problems[0].contains(
+            "summary line says 2 passed, 0 failed but the test lines show 1 passed, 0 failed"
+        ));
+        let outcome = judge_guest(
+            GuestExit::Status(1),
+            &log(&["test a ... ok", "1 passed, 2 failed"]),
+        );
+        assert_eq!(outcome.failed, 2);
+    }
+
+    #[test]
+    fn status_0_with_failed_tests_still_fails() {
+        let outcome = judge_guest(
+            GuestExit::Status(0),
+            &log(&["test a ... FAILED: x", "0 passed, 1 failed"]),
+        );
+        assert!(!outcome.ok());
+        assert_eq!(outcome.failed, 1);
+    }
+
+    #[test]
+    fn crashes_hangs_and_triple_faults_count_a_failure() {
+        let good_log = log(&["test a ... ok", "1 passed, 0 failed"]);
+        for exit in [
+            GuestExit::Status(2),
+            GuestExit::Status(3),
+            GuestExit::QemuZero,
+            GuestExit::TimedOut,
+            GuestExit::Signalled(9),
+        ] {
+            let outcome = judge_guest(exit, &good_log);
+            assert!(!outcome.ok(), "{exit}");
+            assert_eq!(outcome.failed, 1, "{exit}");
+        }
+        let outcome = judge_guest(GuestExit::TimedOut, &log(&["hanging"]));
+        assert_eq!(outcome.failed, 1);
+        assert_eq!(outcome.problems.len(), 2);
+    }
+
+    #[test]
+    fn unit_judgement() {
+        let s = |passed, failed| Summary { passed, failed };
+        assert!(judge_unit(Ending::Exited(0), s(10, 0), 3).ok());
+        let outcome = judge_unit(Ending::Exited(101), s(9, 1), 3);
+        assert_eq!((outcome.passed, outcome.failed), (9, 1));
+        assert!(!outcome.ok());
+        // Did not compile: no result lines, still at least one failure.
+        let outcome = judge_unit(Ending::Exited(101), s(0, 0), 0);
+        assert_eq!(outcome.failed, 1);
+        assert!(!outcome.ok());
+        assert!(!judge_unit(Ending::Exited(0), s(0, 0), 0).ok());
+        assert!(!judge_unit(Ending::TimedOut, s(5, 0), 1).ok());
+    }
+}
