@@ -5,15 +5,20 @@ use std::time::{Duration, Instant};
 use kvm_ioctls::Kvm;
 use tracing::{error, info};
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use crate::acpi::EcamInfo;
 use crate::cli::Cli;
+use crate::devices::net::Net;
 use crate::pci::bus::PciBus;
 use crate::pci::ecam;
+use crate::pci::irq::KvmMsiRouter;
+use crate::pci::msix::Msix;
+use crate::pci::virtio_pci::{self, VirtioPci};
 use crate::serial::Sink;
 use crate::stats::{self, Report};
-use crate::vm::{Guest, VmError};
+use crate::switch::Switch;
+use crate::vm::{Guest, IOAPIC_PINS, NicInfo, VmError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -71,11 +76,62 @@ fn host_cpus() -> usize {
     std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
 }
 
+/// The MAC of guest `i`: locally administered, unicast (IEEE 802 §8.2.2), "EX" + index.
+#[must_use]
+pub fn guest_mac(i: usize) -> [u8; 6] {
+    [0x02, b'E', b'X', 0, (i >> 8) as u8, i as u8]
+}
+
+/// Gives guest `g` a virtio-net NIC on `switch`, plugged into `bus`.
+fn attach_net(
+    g: &mut Guest,
+    bus: &mut PciBus,
+    switch: &Arc<Switch>,
+    index: usize,
+) -> Result<NicInfo, VmError> {
+    let io = |e: std::io::Error| VmError::Device(e.to_string());
+    let mac = guest_mac(index);
+    let net = Net::new(
+        &format!("{}-net0", g.name),
+        mac,
+        switch.clone(),
+        g.rejects.clone(),
+    )
+    .map_err(io)?;
+    let counters = net.counters.clone();
+    let router = Arc::new(KvmMsiRouter::new(g.vm.clone(), IOAPIC_PINS));
+    // One vector per queue plus one for configuration changes.
+    let msix = Arc::new(Msix::new(3, router).map_err(|e| VmError::Device(e.to_string()))?);
+    let bar = bus
+        .allocate_bar(virtio_pci::BAR_SIZE)
+        .ok_or_else(|| VmError::Device("BAR window full".into()))?;
+    let dev = VirtioPci::new(
+        &format!("{}-net0", g.name),
+        Box::new(net),
+        msix.clone(),
+        g.mem.clone(),
+        Some(g.vm.clone()),
+        bar,
+    )
+    .map_err(io)?;
+    let slot = bus
+        .add(Arc::new(Mutex::new(dev)))
+        .ok_or_else(|| VmError::Device("PCI bus full".into()))?;
+    info!(guest = %g.name, slot, bar = format_args!("{bar:#x}"), "virtio-net attached");
+    Ok(NicInfo {
+        name: format!("{}-net0", g.name),
+        mac,
+        counters,
+        msix,
+    })
+}
+
 /// Builds, boots and runs every guest; returns the report once all have ended.
 pub fn run(cli: &Cli, shim_start: Instant) -> Result<Report, RunError> {
     block_stop_signals().map_err(RunError::Signals)?;
     let kvm = Kvm::new().map_err(RunError::Kvm)?;
     let ncpus = host_cpus();
+    let switch = Arc::new(Switch::default());
     let mut guests = Vec::with_capacity(cli.guests.len());
     let mut k = 0;
     for cfg in &cli.guests {
@@ -85,7 +141,11 @@ pub fn run(cli: &Cli, shim_start: Instant) -> Result<Report, RunError> {
         };
         let mut g =
             Guest::new_bare(&kvm, &cfg.name, cfg.mem, cfg.vcpus, Sink::Stdout).map_err(err)?;
-        let bus = PciBus::new(&cfg.name, g.rejects.clone());
+        let mut bus = PciBus::new(&cfg.name, g.rejects.clone());
+        if !cli.no_net {
+            let nic = attach_net(&mut g, &mut bus, &switch, guests.len()).map_err(err)?;
+            g.nics.push(nic);
+        }
         let bus = Arc::new(bus);
         if let Some(p) = g.platform_mut() {
             p.add_pio(bus.clone());

@@ -62,12 +62,22 @@ pub enum VmError {
     GuestWrite(String),
     #[error("starting a vCPU thread failed: {0}")]
     Thread(std::io::Error),
+    #[error("device setup failed: {0}")]
+    Device(String),
     #[error("installing the vCPU kick handler failed: {0}")]
     Signal(std::io::Error),
 }
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
     move |source| VmError::Kvm { what, source }
+}
+
+/// What the report needs from one NIC.
+pub struct NicInfo {
+    pub name: String,
+    pub mac: [u8; 6],
+    pub counters: Arc<crate::devices::net::NetCounters>,
+    pub msix: Arc<crate::pci::msix::Msix>,
 }
 
 /// A guest before and while it runs.
@@ -83,6 +93,8 @@ pub struct Guest {
     threads: Vec<JoinHandle<()>>,
     started: Option<Instant>,
     first_output: Arc<OnceLock<Instant>>,
+    /// The guest's NICs, for the report.
+    pub nics: Vec<NicInfo>,
     /// Set once the platform is shared with running vCPUs; devices can no longer be added.
     platform: Option<Platform>,
 }
@@ -181,6 +193,7 @@ impl Guest {
             started: None,
             first_output,
             platform: Some(platform),
+            nics: Vec::new(),
         })
     }
 
@@ -299,7 +312,7 @@ impl Guest {
                 .map_or(0.0, |s| s.elapsed().as_secs_f64() * 1e3),
             vcpus,
             rejected: self.rejects.snapshot(),
-            nics: Vec::new(),
+            nics: self.nics.iter().map(nic_report).collect(),
         }
     }
 
@@ -311,5 +324,27 @@ impl Guest {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone()
+    }
+}
+
+fn nic_report(n: &NicInfo) -> crate::stats::NicReport {
+    let c = &n.counters;
+    crate::stats::NicReport {
+        name: n.name.clone(),
+        mac: n
+            .mac
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<Vec<_>>()
+            .join(":"),
+        tx_packets: c.tx_packets.load(Ordering::Relaxed),
+        tx_bytes: c.tx_bytes.load(Ordering::Relaxed),
+        rx_packets: c.rx_packets.load(Ordering::Relaxed),
+        rx_bytes: c.rx_bytes.load(Ordering::Relaxed),
+        queue_notifications: [("rx", 0), ("tx", 1)]
+            .iter()
+            .map(|&(q, i)| (q.to_owned(), c.notifications[i].load(Ordering::Relaxed)))
+            .collect(),
+        interrupts: n.msix.delivered.load(Ordering::Relaxed),
     }
 }

@@ -1,0 +1,3 @@
+//! Device backends behind the virtio-pci transport.
+
+pub mod net;

@@ -1,0 +1,486 @@
+//! virtio-net (virtio 1.2 §5.1) on `virtio-queue`, attached to a switch port.
+//!
+//! Queue 0 receives, queue 1 transmits. Every descriptor chain is guest input:
+//! chains that are too short, too long, point outside RAM or loop are rejected
+//! with a counted reason (virtio-queue bounds the walk and the address checks).
+
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::thread::JoinHandle;
+
+use tracing::{debug, warn};
+use virtio_queue::{Queue, QueueT};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::memory::GuestMem;
+use crate::pci::virtio_pci::{Activation, F_VERSION_1, NO_VECTOR, VirtioDevice};
+use crate::stats::{Reject, RejectCounters};
+use crate::switch::{Port, Switch};
+
+/// Feature bits (virtio 1.2 §5.1.3).
+const F_MAC: u64 = 1 << 5;
+const F_STATUS: u64 = 1 << 16;
+/// `struct virtio_net_hdr` with VERSION_1: 12 bytes (num_buffers included, §5.1.6).
+pub const HDR_LEN: usize = 12;
+/// Largest frame accepted: 64 KiB of payload plus an Ethernet header.
+pub const MAX_FRAME: usize = 65_536 + 14;
+pub const QUEUE_SIZE: u16 = 256;
+const RX: usize = 0;
+const TX: usize = 1;
+
+#[derive(Debug, Default)]
+pub struct NetCounters {
+    pub tx_packets: AtomicU64,
+    pub tx_bytes: AtomicU64,
+    pub rx_packets: AtomicU64,
+    pub rx_bytes: AtomicU64,
+    /// Queue notifications read from the ioeventfd counters, per queue (rx, tx).
+    pub notifications: [AtomicU64; 2],
+}
+
+/// Why a chain was refused.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ChainError {
+    /// virtio-queue refused the chain (address out of RAM, loop, bad index...).
+    Bad,
+    /// Shorter than the header.
+    Short,
+    /// Bigger than [`MAX_FRAME`].
+    TooBig,
+}
+
+impl ChainError {
+    #[must_use]
+    pub fn reason(&self) -> Reject {
+        match self {
+            Self::Bad | Self::Short => Reject::VirtioBadDescriptor,
+            Self::TooBig => Reject::FrameTooBig,
+        }
+    }
+}
+
+/// Takes one frame from a TX chain (header stripped). `Ok(None)`: queue empty.
+pub fn pop_tx(q: &mut Queue, mem: &GuestMem) -> Option<(u16, Result<Vec<u8>, ChainError>)> {
+    let chain = q.pop_descriptor_chain(mem)?;
+    let head = chain.head_index();
+    let res = (|| {
+        let mut r = chain.reader(mem).map_err(|_| ChainError::Bad)?;
+        let n = r.available_bytes();
+        if n < HDR_LEN {
+            return Err(ChainError::Short);
+        }
+        if n - HDR_LEN > MAX_FRAME {
+            return Err(ChainError::TooBig);
+        }
+        let mut buf = vec![0u8; n];
+        r.read_exact(&mut buf).map_err(|_| ChainError::Bad)?;
+        buf.drain(..HDR_LEN);
+        Ok(buf)
+    })();
+    Some((head, res))
+}
+
+/// Writes `frame` into the next RX chain. `None`: no buffer available.
+/// Returns the head and the bytes written (0 when the chain was refused).
+pub fn push_rx(
+    q: &mut Queue,
+    mem: &GuestMem,
+    frame: &[u8],
+) -> Option<(u16, Result<u32, ChainError>)> {
+    let chain = q.pop_descriptor_chain(mem)?;
+    let head = chain.head_index();
+    let res = (|| {
+        let mut w = chain.writer(mem).map_err(|_| ChainError::Bad)?;
+        if w.available_bytes() < HDR_LEN + frame.len() {
+            return Err(ChainError::Short);
+        }
+        let mut hdr = [0u8; HDR_LEN];
+        hdr[10] = 1; // num_buffers = 1 (le16 at offset 10)
+        w.write_all(&hdr).map_err(|_| ChainError::Bad)?;
+        w.write_all(frame).map_err(|_| ChainError::Bad)?;
+        Ok((HDR_LEN + frame.len()) as u32)
+    })();
+    Some((head, res))
+}
+
+pub struct Net {
+    name: String,
+    mac: [u8; 6],
+    switch: Arc<Switch>,
+    port_index: usize,
+    port: Arc<Port>,
+    pub counters: Arc<NetCounters>,
+    rejects: Arc<RejectCounters>,
+    worker: Option<(EventFd, JoinHandle<()>)>,
+}
+
+impl Net {
+    /// A NIC with `mac` on a new port of `switch`.
+    pub fn new(
+        name: &str,
+        mac: [u8; 6],
+        switch: Arc<Switch>,
+        rejects: Arc<RejectCounters>,
+    ) -> std::io::Result<Self> {
+        let (port_index, port) = switch.add_port(name)?;
+        Ok(Self {
+            name: name.to_owned(),
+            mac,
+            switch,
+            port_index,
+            port,
+            counters: Arc::default(),
+            rejects,
+            worker: None,
+        })
+    }
+
+    #[must_use]
+    pub fn mac(&self) -> [u8; 6] {
+        self.mac
+    }
+
+    fn stop_worker(&mut self) {
+        if let Some((stop, h)) = self.worker.take() {
+            let _ = stop.write(1);
+            let _ = h.join();
+        }
+    }
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        self.stop_worker();
+    }
+}
+
+impl VirtioDevice for Net {
+    fn device_type(&self) -> u16 {
+        1
+    }
+    fn class_code(&self) -> u32 {
+        0x02_00_00 // network controller, Ethernet
+    }
+    fn features(&self) -> u64 {
+        F_VERSION_1 | F_MAC | F_STATUS
+    }
+    fn queue_max_sizes(&self) -> Vec<u16> {
+        vec![QUEUE_SIZE, QUEUE_SIZE]
+    }
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        // struct virtio_net_config: mac[6], status le16 (LINK_UP), max_virtqueue_pairs le16 (§5.1.4).
+        let mut cfg = [0u8; 10];
+        cfg[..6].copy_from_slice(&self.mac);
+        cfg[6] = 1;
+        cfg[8] = 1;
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = cfg.get(offset as usize + i).copied().unwrap_or(0);
+        }
+    }
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) -> Option<Reject> {
+        // Without VIRTIO_NET_F_CTRL_MAC_ADDR the configuration is read-only (§5.1.4).
+        Some(Reject::VirtioBadRegister)
+    }
+    fn activate(&mut self, a: Activation) -> Result<(), String> {
+        self.stop_worker();
+        let mut queues = a.queues.into_iter();
+        let (Some(rx), Some(tx)) = (queues.next(), queues.next()) else {
+            return Err("virtio-net needs two queues".into());
+        };
+        let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| e.to_string())?;
+        let w = Worker {
+            name: self.name.clone(),
+            mem: a.mem,
+            rx,
+            tx,
+            vectors: [
+                a.vectors.first().copied().unwrap_or(NO_VECTOR),
+                a.vectors.get(1).copied().unwrap_or(NO_VECTOR),
+            ],
+            msix: a.msix,
+            notify: a.notify,
+            switch: self.switch.clone(),
+            port_index: self.port_index,
+            port: self.port.clone(),
+            counters: self.counters.clone(),
+            rejects: self.rejects.clone(),
+            stop: stop.try_clone().map_err(|e| e.to_string())?,
+        };
+        let h = std::thread::Builder::new()
+            .name(format!("{}-net", self.name))
+            .spawn(move || w.run())
+            .map_err(|e| e.to_string())?;
+        self.worker = Some((stop, h));
+        Ok(())
+    }
+    fn reset(&mut self) {
+        self.stop_worker();
+    }
+}
+
+struct Worker {
+    name: String,
+    mem: GuestMem,
+    rx: Queue,
+    tx: Queue,
+    vectors: [u16; 2],
+    msix: Arc<crate::pci::msix::Msix>,
+    notify: Vec<EventFd>,
+    switch: Arc<Switch>,
+    port_index: usize,
+    port: Arc<Port>,
+    counters: Arc<NetCounters>,
+    rejects: Arc<RejectCounters>,
+    stop: EventFd,
+}
+
+const T_RX: u64 = 0;
+const T_TX: u64 = 1;
+const T_PORT: u64 = 2;
+const T_STOP: u64 = 3;
+
+impl Worker {
+    fn run(mut self) {
+        let Ok(epoll) = Epoll::new() else {
+            warn!(nic = %self.name, "epoll_create failed; NIC stays silent");
+            return;
+        };
+        let add = |fd: i32, t: u64| {
+            let _ = epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, t));
+        };
+        if let (Some(r), Some(t)) = (self.notify.first(), self.notify.get(1)) {
+            add(r.as_raw_fd(), T_RX);
+            add(t.as_raw_fd(), T_TX);
+        }
+        add(self.port.ready.as_raw_fd(), T_PORT);
+        add(self.stop.as_raw_fd(), T_STOP);
+        // Frames may already wait; the driver may have queued TX before we started.
+        self.process_tx();
+        self.process_rx();
+        let mut events = vec![EpollEvent::default(); 8];
+        loop {
+            let n = match epoll.wait(-1, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    warn!(nic = %self.name, "epoll_wait: {e}");
+                    return;
+                }
+            };
+            for ev in &events[..n] {
+                match ev.data() {
+                    T_STOP => return,
+                    T_TX => {
+                        self.count_notify(TX);
+                        self.process_tx();
+                    }
+                    T_RX => {
+                        self.count_notify(RX);
+                        self.process_rx();
+                    }
+                    _ => {
+                        let _ = self.port.ready.read();
+                        self.process_rx();
+                    }
+                }
+            }
+        }
+    }
+
+    fn count_notify(&self, q: usize) {
+        if let Ok(n) = self.notify[q].read() {
+            self.counters.notifications[q].fetch_add(n, Ordering::Relaxed);
+        }
+    }
+
+    fn signal(&mut self, q: usize) {
+        let queue = if q == RX { &mut self.rx } else { &mut self.tx };
+        // Honour VIRTQ_AVAIL_F_NO_INTERRUPT / used_event (virtio 1.2 §2.7.10).
+        if queue.needs_notification(&self.mem).unwrap_or(true) && self.vectors[q] != NO_VECTOR {
+            self.msix.trigger(self.vectors[q]);
+        }
+    }
+
+    fn reject(&self, e: &ChainError, q: &str) {
+        let r = e.reason();
+        self.rejects.bump(r);
+        if self.rejects.count(r) <= 8 {
+            warn!(nic = %self.name, queue = q, reason = r.name(), "rejected descriptor chain: {e:?}");
+        }
+    }
+
+    fn process_tx(&mut self) {
+        let mut used = false;
+        while let Some((head, res)) = pop_tx(&mut self.tx, &self.mem) {
+            match res {
+                Ok(frame) => {
+                    self.counters.tx_packets.fetch_add(1, Ordering::Relaxed);
+                    self.counters
+                        .tx_bytes
+                        .fetch_add(frame.len() as u64, Ordering::Relaxed);
+                    self.switch.send(self.port_index, &frame);
+                }
+                Err(e) => self.reject(&e, "tx"),
+            }
+            if self.tx.add_used(&self.mem, head, 0).is_err() {
+                self.reject(&ChainError::Bad, "tx");
+                break;
+            }
+            used = true;
+        }
+        if used {
+            self.signal(TX);
+        }
+    }
+
+    fn process_rx(&mut self) {
+        let mut used = false;
+        while let Some(frame) = self.port.pop() {
+            match push_rx(&mut self.rx, &self.mem, &frame) {
+                None => {
+                    // No buffer: keep the frame until the driver refills (bounded by the port queue).
+                    self.port.unpop(frame);
+                    debug!(nic = %self.name, "rx ring empty; {} frames wait", self.port.pending());
+                    break;
+                }
+                Some((head, res)) => {
+                    let len = match res {
+                        Ok(n) => {
+                            self.counters.rx_packets.fetch_add(1, Ordering::Relaxed);
+                            self.counters
+                                .rx_bytes
+                                .fetch_add(frame.len() as u64, Ordering::Relaxed);
+                            n
+                        }
+                        Err(e) => {
+                            self.reject(&e, "rx");
+                            0
+                        }
+                    };
+                    if self.rx.add_used(&self.mem, head, len).is_err() {
+                        self.reject(&ChainError::Bad, "rx");
+                        break;
+                    }
+                    used = true;
+                }
+            }
+        }
+        if used {
+            self.signal(RX);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use virtio_queue::desc::{RawDescriptor, split::Descriptor as SplitDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::{Bytes, GuestAddress};
+
+    const VRING_DESC_F_NEXT: u16 = 1;
+    const VRING_DESC_F_WRITE: u16 = 2;
+
+    fn mem() -> GuestMem {
+        crate::memory::create("t", 4 << 20).unwrap()
+    }
+
+    /// A queue whose chains are the given descriptors (flags NEXT set by caller).
+    fn queue_with(m: &GuestMem, descs: &[(u64, u32, u16, u16)]) -> Queue {
+        let mq = MockSplitQueue::new(m, 16);
+        for (i, &(addr, len, flags, next)) in descs.iter().enumerate() {
+            let d = RawDescriptor::from(SplitDescriptor::new(addr, len, flags, next));
+            mq.desc_table().store(i as u16, d).unwrap();
+        }
+        mq.avail().ring().ref_at(0).unwrap().store(0u16);
+        mq.avail().idx().store(1u16);
+        mq.create_queue().unwrap()
+    }
+
+    #[test]
+    fn tx_frame_is_taken_without_its_header() {
+        let m = mem();
+        let mut payload = vec![0u8; HDR_LEN];
+        payload.extend_from_slice(b"frame-bytes-here");
+        m.write_slice(&payload, GuestAddress(0x10_0000)).unwrap();
+        // Header and frame split over two descriptors.
+        let mut q = queue_with(
+            &m,
+            &[
+                (0x10_0000, 5, VRING_DESC_F_NEXT, 1),
+                (0x10_0005, payload.len() as u32 - 5, 0, 0),
+            ],
+        );
+        let (head, frame) = pop_tx(&mut q, &m).unwrap();
+        assert_eq!(head, 0);
+        assert_eq!(frame.unwrap(), b"frame-bytes-here");
+        assert!(pop_tx(&mut q, &m).is_none());
+    }
+
+    #[test]
+    fn hostile_tx_chains_are_refused() {
+        let m = mem();
+        // Out of RAM.
+        let mut q = queue_with(&m, &[(0x7FFF_0000, 64, 0, 0)]);
+        assert_eq!(pop_tx(&mut q, &m).unwrap().1, Err(ChainError::Bad));
+        // Shorter than the header.
+        let mut q = queue_with(&m, &[(0x10_0000, 4, 0, 0)]);
+        assert_eq!(pop_tx(&mut q, &m).unwrap().1, Err(ChainError::Short));
+        // A loop: 0 -> 1 -> 0 ... virtio-queue stops after queue-size descriptors.
+        let mut q = queue_with(
+            &m,
+            &[
+                (0x10_0000, 64, VRING_DESC_F_NEXT, 1),
+                (0x10_0000, 64, VRING_DESC_F_NEXT, 0),
+            ],
+        );
+        let r = pop_tx(&mut q, &m).unwrap().1;
+        assert!(
+            matches!(r, Ok(ref f) if f.len() <= 16 * 64) || r == Err(ChainError::Bad),
+            "{r:?}"
+        );
+        // Too big: 8 descriptors of 16 KiB > MAX_FRAME.
+        let big: Vec<_> = (0..8)
+            .map(|i| {
+                (
+                    0x10_0000,
+                    16 << 10,
+                    if i < 7 { VRING_DESC_F_NEXT } else { 0 },
+                    i + 1,
+                )
+            })
+            .collect();
+        let mut q = queue_with(&m, &big);
+        assert_eq!(pop_tx(&mut q, &m).unwrap().1, Err(ChainError::TooBig));
+        // Next index beyond the table.
+        let mut q = queue_with(&m, &[(0x10_0000, 64, VRING_DESC_F_NEXT, 200)]);
+        let r = pop_tx(&mut q, &m).unwrap().1;
+        assert!(
+            r.is_err() || r.as_ref().is_ok_and(|f| f.len() == 64 - HDR_LEN),
+            "{r:?}"
+        );
+    }
+
+    #[test]
+    fn rx_writes_header_and_frame_or_refuses_small_buffers() {
+        let m = mem();
+        let mut q = queue_with(&m, &[(0x20_0000, 2048, VRING_DESC_F_WRITE, 0)]);
+        let (_, n) = push_rx(&mut q, &m, b"hello").unwrap();
+        assert_eq!(n, Ok((HDR_LEN + 5) as u32));
+        let mut back = [0u8; HDR_LEN + 5];
+        m.read_slice(&mut back, GuestAddress(0x20_0000)).unwrap();
+        assert_eq!(back[10], 1, "num_buffers");
+        assert_eq!(&back[HDR_LEN..], b"hello");
+        let mut q = queue_with(&m, &[(0x20_0000, 8, VRING_DESC_F_WRITE, 0)]);
+        assert_eq!(
+            push_rx(&mut q, &m, b"hello").unwrap().1,
+            Err(ChainError::Short)
+        );
+        // A read-only buffer offered for RX has no writable bytes.
+        let mut q = queue_with(&m, &[(0x20_0000, 2048, 0, 0)]);
+        assert_eq!(push_rx(&mut q, &m, b"x").unwrap().1, Err(ChainError::Short));
+    }
+}
