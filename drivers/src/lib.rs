@@ -15,6 +15,8 @@ extern crate alloc;
 #[cfg(test)]
 extern crate std;
 
+#[cfg(test)]
+mod fake_device;
 pub mod msix;
 pub mod net;
 pub mod virtio_pci;

@@ -340,3 +340,143 @@ impl<H: Hal, T: Transport> phy::Device for NetDevice<H, T> {
         caps
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fake_device::{Device, FakeNet, MAC, TestHal};
+    use std::vec::Vec;
+
+    fn open(mode: RxMode) -> (NetDevice<TestHal, FakeNet>, Device) {
+        let (transport, device) = FakeNet::new();
+        (
+            NetDevice::new(transport, mode).expect("init against the fake device"),
+            device,
+        )
+    }
+
+    fn frame(n: usize, tag: u8) -> Vec<u8> {
+        (0..n).map(|i| (i as u8).wrapping_mul(7) ^ tag).collect()
+    }
+
+    #[test]
+    fn reads_the_mac_and_posts_every_rx_buffer() {
+        let (dev, device) = open(RxMode::Poll);
+        assert_eq!(dev.mac(), MAC);
+        // All QUEUE_SIZE buffers are available to the device.
+        for _ in 0..QUEUE_SIZE {
+            assert!(device.deliver(&frame(60, 0), 60));
+        }
+        assert!(
+            !device.deliver(&frame(60, 0), 60),
+            "no buffer beyond the queue size"
+        );
+    }
+
+    #[test]
+    fn delivers_frames_in_order_and_reposts_buffers() {
+        let (mut dev, device) = open(RxMode::Interrupt);
+        for i in 0..(3 * QUEUE_SIZE) {
+            let f = frame(60 + i % 100, i as u8);
+            assert!(
+                device.deliver(&f, f.len()),
+                "a buffer was re-posted for frame {i}"
+            );
+            assert_eq!(dev.receive().as_deref(), Some(f.as_slice()));
+        }
+        assert_eq!(dev.receive(), None);
+        assert_eq!(dev.stats().rx_packets, 3 * QUEUE_SIZE as u64);
+    }
+
+    #[test]
+    fn short_and_oversized_frames_are_dropped_and_counted() {
+        let (mut dev, device) = open(RxMode::Poll);
+        assert!(device.deliver(&[1, 2, 3, 4, 5], 5));
+        assert!(device.deliver(&frame(1600, 1), 1600));
+        assert!(device.deliver(&frame(100, 2), 100));
+        assert_eq!(
+            dev.receive(),
+            Some(frame(100, 2)),
+            "the good frame after the bad ones"
+        );
+        let s = dev.stats();
+        assert_eq!(
+            (s.rx_dropped_short, s.rx_dropped_oversize, s.rx_packets),
+            (1, 1, 1)
+        );
+        // Every buffer went back: the device can fill the whole ring again.
+        for _ in 0..QUEUE_SIZE {
+            assert!(device.deliver(&frame(60, 3), 60));
+        }
+    }
+
+    #[test]
+    fn a_device_claiming_more_than_the_buffer_is_an_error_not_a_panic() {
+        let (mut dev, device) = open(RxMode::Poll);
+        assert!(device.deliver(&frame(60, 0), BUF_LEN * 4));
+        assert_eq!(dev.receive(), None);
+        assert_eq!(dev.stats().rx_dropped_oversize + dev.stats().rx_errors, 1);
+    }
+
+    #[test]
+    fn full_rx_ring_recovers_once_the_driver_catches_up() {
+        let (mut dev, device) = open(RxMode::Poll);
+        let mut delivered = 0;
+        while device.deliver(&frame(64, delivered as u8), 64) {
+            delivered += 1;
+        }
+        assert_eq!(delivered, QUEUE_SIZE);
+        let mut got = 0;
+        while dev.receive().is_some() {
+            got += 1;
+        }
+        assert_eq!(got, QUEUE_SIZE);
+        assert!(
+            device.deliver(&frame(64, 9), 64),
+            "buffers are available again"
+        );
+    }
+
+    #[test]
+    fn full_tx_ring_is_back_pressure_and_completions_free_it() {
+        let (mut dev, device) = open(RxMode::Poll);
+        let mut queued = 0;
+        loop {
+            match dev.send(&frame(60, queued as u8)) {
+                Ok(()) => queued += 1,
+                Err(e) => {
+                    assert_eq!(e, SendError::Full);
+                    break;
+                }
+            }
+            assert!(
+                queued <= QUEUE_SIZE,
+                "the ring cannot hold more than its size"
+            );
+        }
+        assert!(queued >= QUEUE_SIZE - 1);
+        assert_eq!(dev.stats().tx_ring_full, 1);
+        let sent = device.complete_tx(10);
+        assert_eq!(sent.len(), 10);
+        assert_eq!(
+            sent[0],
+            frame(60, 0),
+            "frames reach the device intact and in order"
+        );
+        for i in 0..10 {
+            dev.send(&frame(60, i)).expect("room after completions");
+        }
+        assert_eq!(dev.stats().tx_completions, 10);
+    }
+
+    #[test]
+    fn bad_tx_lengths_are_refused() {
+        let (mut dev, _device) = open(RxMode::Poll);
+        assert_eq!(dev.send(&[0; 5]), Err(SendError::BadLength(5)));
+        assert_eq!(
+            dev.send(&vec![0; MAX_FRAME_LEN + 1]),
+            Err(SendError::BadLength(MAX_FRAME_LEN + 1))
+        );
+        assert_eq!(dev.stats().tx_errors, 2);
+    }
+}
