@@ -34,11 +34,6 @@ pub struct Cli {
     #[arg(long, value_name = "POLICY", default_value = "spread", value_parser = parse_pin)]
     pub pin: PinPolicy,
 
-    /// Also connect the switch to this host TAP device (created if missing; needs
-    /// `CAP_NET_ADMIN`). Bring it up and address it on the host yourself.
-    #[arg(long, value_name = "NAME")]
-    pub tap: Option<String>,
-
     /// Give guests no network device at all.
     #[arg(long)]
     pub no_net: bool,

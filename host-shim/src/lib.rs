@@ -8,6 +8,8 @@ pub mod cpuid;
 pub mod devices;
 pub mod hypercall;
 pub mod memory;
+#[cfg(test)]
+mod net_e2e_tests;
 pub mod pci;
 pub mod platform;
 pub mod run;

@@ -282,7 +282,7 @@ impl Msix {
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+pub mod tests {
     use super::*;
 
     /// Records routes instead of calling KVM.
