@@ -15,6 +15,9 @@ pub struct GuestImage {
     pub name: &'static str,
     pub package: &'static str,
     pub bin: &'static str,
+    /// Kernel command line it gets under QEMU unless `--append` says
+    /// otherwise (QEMU always gives it a virtio-net NIC on user networking).
+    pub qemu_append: &'static str,
 }
 
 /// Every guest image. Demos add theirs here.
@@ -22,6 +25,9 @@ pub const GUEST_IMAGES: &[GuestImage] = &[GuestImage {
     name: "ktest",
     package: "guest-kernel",
     bin: "ktest",
+    // ktest.dhcp: the MSI-X test also waits for DHCP replies from QEMU's user
+    // network, so RX interrupts are exercised as well as TX completions.
+    qemu_append: "ktest.dhcp",
 }];
 
 /// Host packages built by `cargo xtask build` (release).

@@ -18,7 +18,7 @@ use crate::cargo_test;
 use crate::error::{Error, Result};
 use crate::logfile::LogFile;
 use crate::process::{self, Ending, Stderr};
-use crate::qemu::{self, Accel, Echo, Machine};
+use crate::qemu::{self, Accel, Echo, Machine, Net};
 use crate::serial::Summary;
 use crate::setup;
 use crate::verdict::{self, LegOutcome};
@@ -183,7 +183,11 @@ impl Runner {
             smp,
             mem_mib: 256,
             image: path,
-            append: String::new(),
+            append: build::find_image(image)
+                .map(|i| i.qemu_append.to_owned())
+                .unwrap_or_default(),
+            net: Net::User,
+            hostfwd: Vec::new(),
             timeout: opts.timeout,
         };
         let echo = if opts.verbose {
@@ -221,12 +225,14 @@ fn run_unit(leg: &Leg, opts: &Options) -> (LegOutcome, Vec<String>, Option<PathB
     log.line("# xtask: cargo test --workspace");
     let mut cmd = crate::workspace::cargo();
     cmd.args(["test", "--workspace"]);
-    let finished = process::run(&mut cmd, UNIT_TIMEOUT, Stderr::Inherit, |line| {
+    let finished = process::run(&mut cmd, UNIT_TIMEOUT, Stderr::Merge, |line| {
         log.line(&line.text);
         let text = line.text.trim();
+        let failing_test = text.starts_with("test ") && text.contains("FAILED");
         if opts.verbose
-            || text.starts_with("test result:")
-            || (text.starts_with("test ") && text.contains("FAILED"))
+            || cargo_test::parse_result_line(text).is_some_and(|s| s.passed + s.failed > 0)
+            || failing_test
+            || text.starts_with("error")
         {
             println!("{}: {text}", leg.name);
         }

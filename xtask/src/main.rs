@@ -22,7 +22,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 
 use crate::error::{Error, Result};
-use crate::qemu::{Accel, Echo, Machine};
+use crate::qemu::{Accel, Echo, Machine, Net};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -70,9 +70,17 @@ struct QemuArgs {
     /// A guest image name (built first) or a path to an ELF file (booted as is).
     #[arg(long, value_name = "NAME|PATH", default_value = "ktest")]
     image: String,
-    /// Kernel command line passed with -append.
-    #[arg(long, value_name = "CMDLINE", default_value = "")]
-    append: String,
+    /// Kernel command line passed with -append [default: the image's own,
+    /// e.g. `ktest.dhcp` for ktest; empty for an image given by path].
+    #[arg(long, value_name = "CMDLINE")]
+    append: Option<String>,
+    /// Network: a virtio-net-pci NIC on QEMU user networking, or none.
+    #[arg(long, value_enum, default_value_t = Net::User)]
+    net: Net,
+    /// Forward a host port to the guest (QEMU hostfwd rule, repeatable),
+    /// e.g. `tcp::8080-:80`.
+    #[arg(long, value_name = "RULE")]
+    hostfwd: Vec<String>,
     /// Wall-clock limit in seconds; QEMU is killed after it.
     #[arg(long, value_name = "SECS", default_value_t = qemu::DEFAULT_TIMEOUT.as_secs(), value_parser = clap::value_parser!(u64).range(1..))]
     timeout: u64,
@@ -89,12 +97,22 @@ struct TestArgs {
     /// Show all output (every serial line, every cargo test line).
     #[arg(long, short)]
     verbose: bool,
-    /// Stop after the first failing leg (by default every leg runs).
-    #[arg(long)]
-    fail_fast: bool,
+    #[command(flatten)]
+    on_failure: OnFailure,
     /// List the legs and exit.
     #[arg(long)]
     list: bool,
+}
+
+/// What a failing leg does to the rest of the run.
+#[derive(Debug, Args)]
+struct OnFailure {
+    /// Stop after the first failing leg.
+    #[arg(long, conflicts_with = "keep_going")]
+    fail_fast: bool,
+    /// Run every leg even if one fails (the default; accepted for clarity).
+    #[arg(long)]
+    keep_going: bool,
 }
 
 fn main() -> ExitCode {
@@ -114,14 +132,22 @@ fn main() -> ExitCode {
 }
 
 fn qemu_by_hand(args: &QemuArgs) -> Result<ExitCode> {
-    let image = resolve_image(&args.image)?;
+    let (image, default_append) = resolve_image(&args.image)?;
+    if args.net == Net::None && !args.hostfwd.is_empty() {
+        return Err(Error::usage("--hostfwd needs --net user"));
+    }
     let cfg = qemu::Config {
         accel: args.accel,
         machine: args.machine,
         smp: args.smp,
         mem_mib: args.mem,
         image,
-        append: args.append.clone(),
+        append: args
+            .append
+            .clone()
+            .unwrap_or_else(|| default_append.to_owned()),
+        net: args.net,
+        hostfwd: args.hostfwd.clone(),
         timeout: Duration::from_secs(args.timeout),
     };
     let leg = format!("qemu-{}", args.accel.name());
@@ -174,8 +200,9 @@ fn qemu_by_hand(args: &QemuArgs) -> Result<ExitCode> {
 }
 
 /// A path (contains `/` or names an existing file) is booted as is; a name
-/// is looked up in the image list and built.
-fn resolve_image(image: &str) -> Result<PathBuf> {
+/// is looked up in the image list and built. Returns the image's default
+/// kernel command line too.
+fn resolve_image(image: &str) -> Result<(PathBuf, &'static str)> {
     let path = PathBuf::from(image);
     if image.contains('/') || path.is_file() {
         if !path.is_file() {
@@ -183,9 +210,10 @@ fn resolve_image(image: &str) -> Result<PathBuf> {
                 "guest image {image} does not exist or is not a file"
             )));
         }
-        return Ok(path);
+        return Ok((path, ""));
     }
-    build::build_guest(build::find_image(image)?)
+    let known = build::find_image(image)?;
+    Ok((build::build_guest(known)?, known.qemu_append))
 }
 
 fn test(args: &TestArgs) -> Result<ExitCode> {
@@ -206,7 +234,7 @@ fn test(args: &TestArgs) -> Result<ExitCode> {
         let result = runner.run(leg, &opts);
         let failed = !result.outcome.ok();
         results.push(result);
-        if failed && args.fail_fast {
+        if failed && args.on_failure.fail_fast {
             println!("stopping after the first failing leg (--fail-fast)");
             break;
         }

@@ -2,9 +2,9 @@
 //! stdout to the caller as it arrives (with the time since start), and makes
 //! sure the child and everything it started are gone when we return.
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::{self, BufRead, BufReader, Read};
 use std::os::unix::process::ExitStatusExt;
-use std::process::{Child, ChildStdout, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -32,17 +32,17 @@ pub enum Ending {
 /// What to do with the child's stderr.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stderr {
-    /// Keep it (returned in [`Finished::stderr`]).
+    /// Keep it apart (returned in [`Finished::stderr`]).
     Capture,
-    /// Let it go to our stderr.
-    Inherit,
+    /// Interleave it with stdout, as on a terminal: both become [`Line`]s.
+    Merge,
 }
 
 #[derive(Debug)]
 pub struct Finished {
     pub ending: Ending,
     pub lines: Vec<Line>,
-    /// Captured stderr (empty with [`Stderr::Inherit`]).
+    /// Captured stderr (empty with [`Stderr::Merge`]).
     pub stderr: String,
     pub elapsed: Duration,
 }
@@ -84,30 +84,42 @@ pub fn run(
     mut on_line: impl FnMut(&Line),
 ) -> Result<Finished> {
     let program = cmd.get_program().to_string_lossy().into_owned();
-    cmd.stdin(Stdio::null()).stdout(Stdio::piped());
-    cmd.stderr(match stderr {
-        Stderr::Capture => Stdio::piped(),
-        Stderr::Inherit => Stdio::inherit(),
-    });
+    let pipe_error =
+        |e: io::Error| Error::failed(format!("cannot create a pipe for {program}: {e}"));
+    cmd.stdin(Stdio::null());
+    let merged = match stderr {
+        Stderr::Capture => {
+            cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+            None
+        }
+        Stderr::Merge => {
+            let (read_end, write_end) = io::pipe().map_err(pipe_error)?;
+            cmd.stdout(write_end.try_clone().map_err(pipe_error)?)
+                .stderr(write_end);
+            Some(read_end)
+        }
+    };
     sys::contain(cmd);
 
     let start = Instant::now();
-    let child = cmd
-        .spawn()
-        .map_err(|e| Error::failed(format!("cannot start {program}: {e}")))?;
+    let spawned = cmd.spawn();
+    // The command holds our copies of the merged pipe's write end: drop them,
+    // or the reader would never see end-of-file.
+    cmd.stdout(Stdio::null()).stderr(Stdio::null());
+    let child = spawned.map_err(|e| Error::failed(format!("cannot start {program}: {e}")))?;
     sys::set_child_group(child.id());
     let mut reaper = Reaper {
         child,
         reaped: false,
     };
 
-    let stdout = reaper
-        .child
-        .stdout
-        .take()
-        .ok_or_else(|| Error::failed(format!("no stdout pipe from {program}")))?;
+    let output: Box<dyn Read + Send> = match (merged, reaper.child.stdout.take()) {
+        (Some(read_end), _) => Box::new(read_end),
+        (None, Some(stdout)) => Box::new(stdout),
+        (None, None) => return Err(Error::failed(format!("no stdout pipe from {program}"))),
+    };
     let (line_tx, line_rx) = mpsc::channel();
-    thread::spawn(move || forward_lines(stdout, start, &line_tx));
+    thread::spawn(move || forward_lines(output, start, &line_tx));
     let (err_tx, err_rx) = mpsc::channel();
     if let Some(mut pipe) = reaper.child.stderr.take() {
         thread::spawn(move || {
@@ -172,8 +184,8 @@ pub fn run(
     })
 }
 
-fn forward_lines(stdout: ChildStdout, start: Instant, tx: &mpsc::Sender<Line>) {
-    let mut reader = BufReader::new(stdout);
+fn forward_lines(output: Box<dyn Read + Send>, start: Instant, tx: &mpsc::Sender<Line>) {
+    let mut reader = BufReader::new(output);
     let mut buf = Vec::new();
     loop {
         buf.clear();
@@ -290,6 +302,22 @@ mod tests {
             !process_exists(grandchild),
             "process {grandchild} survived the timeout"
         );
+    }
+
+    #[test]
+    fn merged_stderr_arrives_as_lines_in_order() {
+        let script = "echo out1; echo err1 >&2; sleep 0.1; echo out2";
+        let done = run(
+            &mut sh(script),
+            Duration::from_secs(20),
+            Stderr::Merge,
+            |_| {},
+        )
+        .unwrap();
+        assert_eq!(done.ending, Ending::Exited(0));
+        let texts: Vec<&str> = done.lines.iter().map(|l| l.text.as_str()).collect();
+        assert_eq!(texts, ["out1", "err1", "out2"]);
+        assert_eq!(done.stderr, "");
     }
 
     #[test]

@@ -59,6 +59,15 @@ impl Machine {
     }
 }
 
+/// The guest's network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Net {
+    /// A virtio-net-pci NIC on QEMU user networking (DHCP at 10.0.2.2).
+    User,
+    /// No NIC.
+    None,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
     pub accel: Accel,
@@ -68,6 +77,9 @@ pub struct Config {
     pub image: PathBuf,
     /// Kernel command line (`-append`), omitted when empty.
     pub append: String,
+    pub net: Net,
+    /// QEMU `hostfwd` rules for user networking, e.g. `tcp::8080-:80`.
+    pub hostfwd: Vec<String>,
     pub timeout: Duration,
 }
 
@@ -80,6 +92,7 @@ pub struct Config {
 ///   code `2*s + 1`. microvm keeps an ISA bus, so it works there too.
 /// - microvm needs `pcie=on` for PCI (ECAM only) and `acpi=on` for the MADT
 ///   the guest uses to find its CPUs; `rtc=on` keeps the CMOS clock.
+/// - The NIC is virtio-net-pci (modern on a PCIe slot) on user networking.
 #[must_use]
 pub fn args(cfg: &Config) -> Vec<OsString> {
     let machine = match cfg.machine {
@@ -109,11 +122,24 @@ pub fn args(cfg: &Config) -> Vec<OsString> {
         "stdio",
         "-device",
         "isa-debug-exit,iobase=0xf4,iosize=0x04",
-        "-kernel",
     ]
     .iter()
     .map(OsString::from)
     .collect();
+    if cfg.net == Net::User {
+        let mut netdev = "user,id=net0".to_owned();
+        for rule in &cfg.hostfwd {
+            netdev.push_str(",hostfwd=");
+            netdev.push_str(rule);
+        }
+        args.extend([
+            "-netdev".into(),
+            netdev.into(),
+            "-device".into(),
+            "virtio-net-pci,netdev=net0".into(),
+        ]);
+    }
+    args.push("-kernel".into());
     args.push(cfg.image.clone().into_os_string());
     if !cfg.append.is_empty() {
         args.push("-append".into());
@@ -247,6 +273,8 @@ mod tests {
             mem_mib: 256,
             image: PathBuf::from("/t/ktest"),
             append: append.into(),
+            net: Net::User,
+            hostfwd: vec![],
             timeout: DEFAULT_TIMEOUT,
         }
     }
@@ -264,8 +292,25 @@ mod tests {
         assert_eq!(
             joined(&cfg(Accel::Tcg, Machine::Q35, "log=debug")),
             "-M q35 -m 256M -smp 2 -accel tcg -cpu max -nodefaults -display none -no-reboot -serial stdio \
-             -device isa-debug-exit,iobase=0xf4,iosize=0x04 -kernel /t/ktest -append log=debug"
+             -device isa-debug-exit,iobase=0xf4,iosize=0x04 -netdev user,id=net0 -device virtio-net-pci,netdev=net0 \
+             -kernel /t/ktest -append log=debug"
         );
+    }
+
+    #[test]
+    fn network_options() {
+        let mut with_fwd = cfg(Accel::Tcg, Machine::Q35, "");
+        with_fwd.hostfwd = vec!["tcp::8080-:80".into(), "udp::5555-:7".into()];
+        let line = joined(&with_fwd);
+        assert!(
+            line.contains("-netdev user,id=net0,hostfwd=tcp::8080-:80,hostfwd=udp::5555-:7 -device virtio-net-pci,netdev=net0 -kernel"),
+            "{line}"
+        );
+        let mut no_nic = cfg(Accel::Tcg, Machine::Q35, "");
+        no_nic.net = Net::None;
+        let line = joined(&no_nic);
+        assert!(!line.contains("net"), "{line}");
+        assert!(line.ends_with("iosize=0x04 -kernel /t/ktest"), "{line}");
     }
 
     #[test]
