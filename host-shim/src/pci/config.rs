@@ -152,7 +152,11 @@ impl ConfigSpace {
         for (i, &v) in data.iter().enumerate() {
             let o = off as usize + i;
             let m = self.wmask[o];
-            ro_change |= (v ^ self.bytes[o]) & !m != 0;
+            // The status register's error bits are write-1-to-clear (PCI 3.0
+            // §6.2.3); drivers write it back with the command register in one
+            // dword, so a write of zeros there changes nothing and is no violation.
+            let rw1c_zero = (STATUS as usize..STATUS as usize + 2).contains(&o) && v == 0;
+            ro_change |= (v ^ self.bytes[o]) & !m != 0 && !rw1c_zero;
             self.bytes[o] = (self.bytes[o] & !m) | (v & m);
         }
         // Writing all ones to a BAR to size it is not a read-only violation (PCI 3.0 §6.2.5.1).
@@ -167,6 +171,18 @@ mod tests {
 
     fn cs() -> ConfigSpace {
         ConfigSpace::new(0x1AF4, 0x1041, 0x02_00_00, 1, (0x1AF4, 1))
+    }
+
+    #[test]
+    fn command_and_status_dword_write_is_not_a_violation() {
+        let mut c = cs();
+        // The usual driver write: command = memory | bus master | INTx disable, status = 0.
+        assert_eq!(c.write(COMMAND, &[0x06, 0x04, 0, 0]), None);
+        assert_eq!(c.read16(COMMAND), 0x0406);
+        assert!(
+            c.write(STATUS, &[0xFF, 0xFF]).is_some(),
+            "setting status bits still is"
+        );
     }
 
     #[test]

@@ -240,10 +240,11 @@ impl VirtioPci {
         self.config_vector = NO_VECTOR;
         self.queue_vectors.iter_mut().for_each(|v| *v = NO_VECTOR);
         self.queues.iter_mut().for_each(QueueT::reset);
-        self.msix.reset();
-        let ctl = self.config.read16(self.msix_cap + 2)
-            & !(msix::CONTROL_ENABLE | msix::CONTROL_FUNCTION_MASK);
-        self.config.set16(self.msix_cap + 2, ctl);
+        // The MSI-X capability and table belong to the PCI function, not to the
+        // virtio device: a virtio reset forgets which vector each queue uses
+        // (above) but leaves the table and the enable bit as the driver set
+        // them (virtio 1.2 §4.1.4.3, §4.1.5.1.2). Drivers program MSI-X before
+        // the reset that starts initialisation.
     }
 
     fn set_status(&mut self, v: u8) -> Option<Reject> {
