@@ -10,7 +10,7 @@ use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::config::{COMMAND, COMMAND_MEMORY, ConfigSpace};
-use super::msix::{self, Msix};
+use super::msix::Msix;
 use super::{PciDevice, le_value, put_le};
 use crate::memory::GuestMem;
 use crate::stats::Reject;
