@@ -7,8 +7,12 @@
 //! initialisation sequence, after reset and before DRIVER_OK — writes
 //! `config_msix_vector` and each `queue_msix_vector` and reads them back
 //! (§4.1.5.1.2: a device that cannot allocate a vector answers NO_VECTOR).
-//! Queue notifications still go through the wrapped transport; this is the
-//! seam where doorbells will replace them.
+//!
+//! Queue notification is done here too, as a single 16-bit store to the
+//! queue's notify address cached at `queue_set` (virtio 1.2 §4.1.4.4). The
+//! wrapped transport re-selects the queue and re-reads `queue_notify_off` on
+//! every notification: two extra register accesses, each a full exit to the
+//! VMM. This is also the seam where doorbells will replace notification.
 
 use crate::msix::{self, ApicId, MsiMessage, MsixCapability, MsixError, MsixTable};
 use alloc::sync::Arc;
@@ -31,10 +35,12 @@ mod common {
     pub const CONFIG_MSIX_VECTOR: usize = 0x10;
     pub const QUEUE_SELECT: usize = 0x16;
     pub const QUEUE_MSIX_VECTOR: usize = 0x1A;
+    pub const QUEUE_NOTIFY_OFF: usize = 0x1E;
 }
 
 const PCI_CAP_ID_VNDR: u8 = 0x09;
 const VIRTIO_PCI_CAP_COMMON_CFG: u8 = 1;
+const VIRTIO_PCI_CAP_NOTIFY_CFG: u8 = 2;
 /// PCI command register bit 10: INTx emulation disabled (we use MSI-X only).
 const COMMAND_INTX_DISABLE: u16 = 1 << 10;
 /// The guest identity-maps the low 4 GiB only (para_abi::layout).
@@ -51,6 +57,8 @@ pub enum TransportError {
     },
     /// The common configuration capability is missing or unreadable.
     NoCommonConfig,
+    /// The notification capability is missing or unreadable.
+    NoNotifyConfig,
     /// The plan names more queues than the MSI-X table has entries.
     TooFewVectors {
         needed: usize,
@@ -70,6 +78,7 @@ impl fmt::Display for TransportError {
             Self::NoCommonConfig => {
                 write!(f, "virtio-pci: no usable common configuration capability")
             }
+            Self::NoNotifyConfig => write!(f, "virtio-pci: no usable notification capability"),
             Self::TooFewVectors { needed, table_size } => {
                 write!(
                     f,
@@ -140,22 +149,31 @@ fn find_msix<C: ConfigurationAccess>(
     ))
 }
 
-fn find_common_cfg<C: ConfigurationAccess>(
+/// A virtio vendor capability of type `cfg_type`: (its offset in config
+/// space, the address of its structure, the structure's length).
+fn find_virtio_cap<C: ConfigurationAccess>(
     root: &mut PciRoot<C>,
     cfg: &C,
     df: DeviceFunction,
-) -> Result<u64, TransportError> {
+    cfg_type: u8,
+) -> Option<(u8, u64, u32)> {
     let cap = root
         .capabilities(df)
-        .find(|c| {
-            c.id == PCI_CAP_ID_VNDR && (c.private_header >> 8) as u8 == VIRTIO_PCI_CAP_COMMON_CFG
-        })
-        .ok_or(TransportError::NoCommonConfig)?;
-    // struct virtio_pci_cap: bar at +4, offset at +8 (virtio 1.2 §4.1.4).
+        .find(|c| c.id == PCI_CAP_ID_VNDR && (c.private_header >> 8) as u8 == cfg_type)?;
+    // struct virtio_pci_cap: bar at +4, offset at +8, length at +12 (virtio 1.2 §4.1.4).
     let bar = cfg.read_word(df, cap.offset + 4) as u8;
     let offset = cfg.read_word(df, cap.offset + 8);
-    let base = bar_address(root, df, bar).ok_or(TransportError::NoCommonConfig)?;
-    Ok(base + u64::from(offset))
+    let length = cfg.read_word(df, cap.offset + 12);
+    let base = bar_address(root, df, bar)?;
+    Some((cap.offset, base + u64::from(offset), length))
+}
+
+/// Where queue notifications go: the notify structure and its multiplier.
+#[derive(Clone, Copy, Debug)]
+struct NotifyRegion {
+    base: u64,
+    length: u32,
+    multiplier: u32,
 }
 
 /// A virtio-pci device whose queues interrupt through MSI-X. Hand it to a
@@ -163,6 +181,9 @@ fn find_common_cfg<C: ConfigurationAccess>(
 pub struct MsixPciTransport {
     inner: PciTransport,
     common: *mut u8,
+    notify: NotifyRegion,
+    /// Each queue's notify address once `queue_set` computed it (0: not yet).
+    notify_addr: Vec<u64>,
     queues: u16,
     config_vector: bool,
     status: Arc<SharedStatus>,
@@ -263,13 +284,29 @@ impl MsixPciTransport {
                 address: table_base,
             });
         }
-        let common = find_common_cfg(root, &cfg, df)?;
+        let (_, common, _) = find_virtio_cap(root, &cfg, df, VIRTIO_PCI_CAP_COMMON_CFG)
+            .ok_or(TransportError::NoCommonConfig)?;
         if common + 0x40 > MAPPED_END {
             return Err(TransportError::Unmapped {
                 what: "the virtio common configuration",
                 address: common,
             });
         }
+        let (notify_cap, notify_base, notify_len) =
+            find_virtio_cap(root, &cfg, df, VIRTIO_PCI_CAP_NOTIFY_CFG)
+                .ok_or(TransportError::NoNotifyConfig)?;
+        if notify_base + u64::from(notify_len) > MAPPED_END {
+            return Err(TransportError::Unmapped {
+                what: "the virtio notify structure",
+                address: notify_base,
+            });
+        }
+        // struct virtio_pci_notify_cap: notify_off_multiplier follows the common part (+16).
+        let notify = NotifyRegion {
+            base: notify_base,
+            length: notify_len,
+            multiplier: cfg.read_word(df, notify_cap + 16),
+        };
         let (_, command) = root.get_status_command(df);
         root.set_command(
             df,
@@ -303,6 +340,8 @@ impl MsixPciTransport {
         let transport = Self {
             inner,
             common: common as *mut u8,
+            notify,
+            notify_addr: alloc::vec![0; plan.queues.len().max(2)],
             queues: plan.queues.len() as u16,
             config_vector: plan.config.is_some(),
             status: status.clone(),
@@ -331,6 +370,15 @@ impl MsixPciTransport {
         unsafe { self.common.add(off).cast::<u16>().write_volatile(v) }
     }
 
+    /// The notify address of the selected queue (virtio 1.2 §4.1.4.4:
+    /// `cap.offset + queue_notify_off * notify_off_multiplier`), if it lies
+    /// inside the notify structure.
+    fn selected_notify_addr(&self) -> Option<u64> {
+        let off = u64::from(self.common_read16(common::QUEUE_NOTIFY_OFF))
+            * u64::from(self.notify.multiplier);
+        (off + 2 <= u64::from(self.notify.length)).then_some(self.notify.base + off)
+    }
+
     /// Writes a vector register and reads it back (virtio 1.2 §4.1.5.1.2).
     fn set_vector(&self, reg: usize, entry: u16) -> bool {
         self.common_write16(reg, entry);
@@ -352,7 +400,15 @@ impl Transport for MsixPciTransport {
         self.inner.max_queue_size(queue)
     }
     fn notify(&mut self, queue: u16) {
-        self.inner.notify(queue);
+        match self.notify_addr.get(usize::from(queue)) {
+            // SAFETY: a notify address inside the device's notify structure,
+            // mapped (checked in `new`); virtio 1.2 §4.1.5.2: the driver writes
+            // the queue index there, 16 bits.
+            Some(&addr) if addr != 0 => unsafe {
+                core::ptr::write_volatile(addr as *mut u16, queue);
+            },
+            _ => self.inner.notify(queue),
+        }
     }
     fn get_status(&self) -> DeviceStatus {
         self.inner.get_status()
@@ -386,6 +442,11 @@ impl Transport for MsixPciTransport {
     ) {
         self.inner
             .queue_set(queue, size, descriptors, driver_area, device_area);
+        // The inner transport left `queue` selected.
+        let addr = self.selected_notify_addr();
+        if let Some(slot) = self.notify_addr.get_mut(usize::from(queue)) {
+            *slot = addr.unwrap_or(0);
+        }
         if queue < self.queues {
             self.common_write16(common::QUEUE_SELECT, queue);
             let counter = if self.set_vector(common::QUEUE_MSIX_VECTOR, queue + 1) {
@@ -398,6 +459,9 @@ impl Transport for MsixPciTransport {
     }
     fn queue_unset(&mut self, queue: u16) {
         self.inner.queue_unset(queue);
+        if let Some(slot) = self.notify_addr.get_mut(usize::from(queue)) {
+            *slot = 0;
+        }
     }
     fn queue_used(&mut self, queue: u16) -> bool {
         self.inner.queue_used(queue)
