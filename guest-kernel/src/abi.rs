@@ -87,6 +87,9 @@ pub enum Sys {
     PciWrite = 7,
     /// Run the reference arithmetic loop RDI times in ring 0; returns TSC cycles taken.
     Ring0Loop = 8,
+    /// Pass hypercall RDI (a `para_abi::hypercall::Call` ring 3 may make) with
+    /// argument RSI to the Exitless shim; `NoSys` elsewhere.
+    Hypercall = 9,
 }
 
 impl Sys {
@@ -102,6 +105,7 @@ impl Sys {
             6 => Self::PciRead,
             7 => Self::PciWrite,
             8 => Self::Ring0Loop,
+            9 => Self::Hypercall,
             _ => return None,
         })
     }
@@ -174,11 +178,11 @@ mod tests {
 
     #[test]
     fn sys_numbers_round_trip() {
-        for raw in 0..9 {
+        for raw in 0..10 {
             let sys = Sys::from_raw(raw).expect("defined call");
             assert_eq!(sys as u64, raw);
         }
-        assert_eq!(Sys::from_raw(9), None);
+        assert_eq!(Sys::from_raw(10), None);
         assert_eq!(Sys::from_raw(u64::MAX), None);
     }
 

@@ -16,6 +16,9 @@ pub enum Call {
     /// End this guest with the exit status in RBX (0 = success), the same
     /// semantics as QEMU's isa-debug-exit: the guest's outcome, not the shim's.
     Exit = 1,
+    /// The guest reached its application's main (RBX = microseconds since its
+    /// PVH entry by its own TSC). Lets the VMM report boot time to main.
+    MainReached = 2,
 }
 
 impl Call {
@@ -24,6 +27,7 @@ impl Call {
     pub const fn from_raw(raw: u32) -> Option<Self> {
         match raw {
             1 => Some(Self::Exit),
+            2 => Some(Self::MainReached),
             _ => None,
         }
     }
@@ -47,6 +51,7 @@ mod tests {
     #[test]
     fn call_numbers_decode() {
         assert_eq!(Call::from_raw(1), Some(Call::Exit));
+        assert_eq!(Call::from_raw(2), Some(Call::MainReached));
         assert_eq!(Call::from_raw(0), None);
         assert_eq!(Call::from_raw(u32::MAX), None);
     }

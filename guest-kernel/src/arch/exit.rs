@@ -6,22 +6,30 @@ use super::cpu::outl;
 use core::sync::atomic::Ordering;
 use para_abi::{hypercall, layout};
 
+/// Issues hypercall `call` with `arg` to the Exitless shim (para_abi::hypercall);
+/// returns RAX. Ring 0 only, and only under the shim.
+pub fn hypercall(call: hypercall::Call, arg: u64) -> u64 {
+    let ret: u64;
+    // SAFETY: the shim's hypercall port; RBX carries the argument. RBX is
+    // reserved by the compiler, so it is swapped in and out around the `out`.
+    unsafe {
+        core::arch::asm!(
+            "xchg rbx, {a}",
+            "out dx, eax",
+            "xchg rbx, {a}",
+            a = inout(reg) arg => _,
+            in("dx") hypercall::PORT,
+            inlateout("rax") u64::from(call as u32) => ret,
+            options(nostack),
+        );
+    }
+    ret
+}
+
 /// Ends the guest with `status`. Ring 0 only.
 pub fn exit(status: u64) -> ! {
     if BOOT.under_shim.load(Ordering::Relaxed) != 0 {
-        // SAFETY: the shim's hypercall port; RBX carries the status. RBX is
-        // reserved by the compiler, so it is swapped in and out around the `out`.
-        unsafe {
-            core::arch::asm!(
-                "xchg rbx, {s}",
-                "out dx, eax",
-                "xchg rbx, {s}",
-                s = inout(reg) status => _,
-                in("dx") hypercall::PORT,
-                in("eax") hypercall::Call::Exit as u32,
-                options(nostack),
-            );
-        }
+        hypercall(hypercall::Call::Exit, status);
     }
     // SAFETY: the isa-debug-exit port; harmless where no such device exists.
     unsafe { outl(layout::QEMU_DEBUG_EXIT_PORT, status as u32) };

@@ -48,6 +48,7 @@ pub fn dispatch(f: &mut TrapFrame, pc: &PerCpu) {
             }
             0
         }),
+        Sys::Hypercall => forward_hypercall(f.rdi, f.rsi),
         Sys::Ring0Loop => {
             if f.rdi > RING0_LOOP_MAX {
                 SysError::Invalid as u64
@@ -58,6 +59,18 @@ pub fn dispatch(f: &mut TrapFrame, pc: &PerCpu) {
             }
         }
     };
+}
+
+/// Forwards the hypercalls ring 3 may make; `Exit` goes through `Sys::Exit`.
+fn forward_hypercall(call: u64, arg: u64) -> u64 {
+    use para_abi::hypercall::Call;
+    if BOOT.under_shim.load(Ordering::Relaxed) == 0 {
+        return SysError::NoSys as u64;
+    }
+    match u32::try_from(call).ok().and_then(Call::from_raw) {
+        Some(c @ Call::MainReached) => exit::hypercall(c, arg),
+        _ => SysError::Invalid as u64,
+    }
 }
 
 fn write(ptr: u64, len: u64) -> u64 {

@@ -125,6 +125,8 @@ extern "C" fn exitless_user_bsp() -> ! {
     });
 
     let now = rdtsc();
+    // Under the shim, tell it too (it reports boot time to main); elsewhere NoSys.
+    let _ = sys::hypercall(para_abi::hypercall::Call::MainReached, us(entry, now));
     crate::println!(
         "boot: main reached {} us after entry (TSC): ring 0 {} us, ring 3 bring-up {} us",
         us(entry, now),

@@ -5,7 +5,7 @@
 use crate::abi::{Sys, SysError};
 
 #[inline]
-fn call(n: Sys, a: u64, b: u64, c: u64) -> u64 {
+fn call3(n: Sys, a: u64, b: u64, c: u64) -> u64 {
     let ret: u64;
     // SAFETY: the trap path saves and restores every other register; the call
     // may read memory we pass (write), so no `nomem`.
@@ -21,7 +21,7 @@ fn result(raw: u64) -> Result<u64, SysError> {
 
 /// Writes bytes to the console as one unit.
 pub fn write(bytes: &[u8]) -> Result<usize, SysError> {
-    result(call(
+    result(call3(
         Sys::Write,
         bytes.as_ptr() as u64,
         bytes.len() as u64,
@@ -32,7 +32,7 @@ pub fn write(bytes: &[u8]) -> Result<usize, SysError> {
 
 /// Ends the guest.
 pub fn exit(status: u64) -> ! {
-    call(Sys::Exit, status, 0, 0);
+    call3(Sys::Exit, status, 0, 0);
     unreachable!("the exit kernel call returned");
 }
 
@@ -40,22 +40,28 @@ pub fn exit(status: u64) -> ! {
 /// Use [`super::irq::wait_until`] rather than this directly: it closes the race
 /// between checking a condition and sleeping.
 pub fn halt() {
-    call(Sys::Halt, 0, 0, 0);
+    call3(Sys::Halt, 0, 0, 0);
 }
 
 /// Arms this CPU's timer for TSC value `deadline` (0 disarms).
 pub fn set_timer(deadline: u64) {
-    call(Sys::SetTimer, deadline, 0, 0);
+    call3(Sys::SetTimer, deadline, 0, 0);
 }
 
 /// Sends `vector` to the CPU with APIC id `apic_id`.
 pub fn send_ipi(apic_id: u32, vector: u8) -> Result<(), SysError> {
-    result(call(Sys::SendIpi, u64::from(apic_id), u64::from(vector), 0)).map(|_| ())
+    result(call3(
+        Sys::SendIpi,
+        u64::from(apic_id),
+        u64::from(vector),
+        0,
+    ))
+    .map(|_| ())
 }
 
 /// Starts application processor `cpu`; `again` sends only a further SIPI.
 pub fn start_ap(cpu: usize, apic_id: u32, again: bool) -> Result<(), SysError> {
-    result(call(
+    result(call3(
         Sys::StartAp,
         cpu as u64,
         u64::from(apic_id),
@@ -66,12 +72,12 @@ pub fn start_ap(cpu: usize, apic_id: u32, again: bool) -> Result<(), SysError> {
 
 /// PCI configuration read through ports 0xCF8/0xCFC (ring 0 only does that).
 pub fn pci_read(bdf: u16, offset: u8) -> Result<u32, SysError> {
-    result(call(Sys::PciRead, u64::from(bdf), u64::from(offset), 0)).map(|v| v as u32)
+    result(call3(Sys::PciRead, u64::from(bdf), u64::from(offset), 0)).map(|v| v as u32)
 }
 
 /// PCI configuration write through ports 0xCF8/0xCFC.
 pub fn pci_write(bdf: u16, offset: u8, value: u32) -> Result<(), SysError> {
-    result(call(
+    result(call3(
         Sys::PciWrite,
         u64::from(bdf),
         u64::from(offset),
@@ -89,6 +95,12 @@ pub fn ring0_loop(iterations: u64) -> Result<(u64, u64), SysError> {
             inlateout("rdx") 0u64 => value, options(nostack, nomem));
     }
     result(ret).map(|cycles| (cycles, value))
+}
+
+/// Passes a hypercall to the Exitless shim (only calls ring 3 may make).
+/// `Err(NoSys)` when not running under the shim.
+pub fn hypercall(call: para_abi::hypercall::Call, arg: u64) -> Result<u64, SysError> {
+    result(call3(Sys::Hypercall, u64::from(call as u32), arg, 0))
 }
 
 /// An undefined kernel-call number, for tests of the kernel's rejection path.

@@ -87,3 +87,29 @@ ktest!(
         Ok(())
     }
 );
+
+ktest!(
+    fn hypercalls_reach_the_shim_only_and_exit_is_not_forwarded() {
+        use guest_kernel::arch::BOOT;
+        use para_abi::hypercall::{Call, Status};
+        let under_shim = BOOT.under_shim.load(core::sync::atomic::Ordering::Relaxed) != 0;
+        let main_reached = sys::hypercall(Call::MainReached, 1);
+        let exit = sys::hypercall(Call::Exit, 0);
+        if under_shim {
+            check_eq!(
+                main_reached,
+                Ok(Status::Ok as u64),
+                "the shim accepts MainReached"
+            );
+            check_eq!(
+                exit,
+                Err(SysError::Invalid),
+                "Exit only through the exit kernel call"
+            );
+        } else {
+            check_eq!(main_reached, Err(SysError::NoSys));
+            check_eq!(exit, Err(SysError::NoSys));
+        }
+        Ok(())
+    }
+);
