@@ -1,5 +1,6 @@
 //! UDP ping-pong between two guests. Kernel command line:
-//! - server: `pingpong.role=server ip=10.0.0.1/24 [pingpong.idle_s=60]`
+//! - server: `pingpong.role=server ip=10.0.0.1/24 [pingpong.clients=1] [pingpong.idle_s=60]`
+//!   (exits once every client has said bye)
 //! - client: `pingpong.role=client ip=10.0.0.2/24 pingpong.peer=10.0.0.1
 //!   [pingpong.count=1000] [pingpong.size=64] [pingpong.warmup=10]`
 //!
@@ -44,6 +45,9 @@ mod guest {
         match c.get("pingpong.role") {
             Some("server") => server(
                 &mut net,
+                c.get("pingpong.clients")
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or(1),
                 c.get("pingpong.idle_s")
                     .and_then(|s| s.parse().ok())
                     .unwrap_or(60),
@@ -75,13 +79,14 @@ mod guest {
         }
     }
 
-    fn server(net: &mut Net, idle_s: u64) -> i32 {
+    fn server(net: &mut Net, clients: usize, idle_s: u64) -> i32 {
         let Ok(h) = net.udp_bind(PORT, 64) else {
             println!("udp-pingpong: cannot bind UDP port {PORT}");
             return 2;
         };
-        log::info!("udp-pingpong: server on UDP {PORT}");
+        log::info!("udp-pingpong: server on UDP {PORT} for {clients} client(s)");
         let mut echoed = 0u64;
+        let mut done: Vec<IpEndpoint> = Vec::new();
         let mut buf = alloc::vec![0u8; 2048];
         let mut last = Instant::now();
         loop {
@@ -89,9 +94,21 @@ mod guest {
             while let Ok((n, meta)) = net.udp(h).recv_slice(&mut buf) {
                 last = Instant::now();
                 if &buf[..n] == BYE {
-                    log::info!("udp-pingpong: server echoed {echoed} datagrams; bye received");
-                    println!("report: pingpong server echoed {echoed} datagrams");
-                    return 0;
+                    if !done.contains(&meta.endpoint) {
+                        done.push(meta.endpoint);
+                        log::info!(
+                            "udp-pingpong: bye from {} ({} of {clients})",
+                            meta.endpoint,
+                            done.len()
+                        );
+                    }
+                    if done.len() >= clients {
+                        println!(
+                            "report: pingpong server echoed {echoed} datagrams for {clients} client(s)"
+                        );
+                        return 0;
+                    }
+                    continue;
                 }
                 if net.udp(h).send_slice(&buf[..n], meta.endpoint).is_ok() {
                     echoed += 1;
