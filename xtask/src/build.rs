@@ -21,14 +21,31 @@ pub struct GuestImage {
 }
 
 /// Every guest image. Demos add theirs here.
-pub const GUEST_IMAGES: &[GuestImage] = &[GuestImage {
-    name: "ktest",
-    package: "guest-kernel",
-    bin: "ktest",
-    // ktest.dhcp: the MSI-X test also waits for DHCP replies from QEMU's user
-    // network, so RX interrupts are exercised as well as TX completions.
-    qemu_append: "ktest.dhcp",
-}];
+pub const GUEST_IMAGES: &[GuestImage] = &[
+    GuestImage {
+        name: "ktest",
+        package: "guest-kernel",
+        bin: "ktest",
+        // ktest.dhcp: the MSI-X test also waits for DHCP replies from QEMU's user
+        // network, so RX interrupts are exercised as well as TX completions.
+        qemu_append: "ktest.dhcp",
+    },
+    GuestImage {
+        name: "udp-pingpong",
+        package: "demos",
+        bin: "udp-pingpong",
+        // Alone under QEMU's user network it can only serve: 10.0.2.15 is
+        // the address slirp expects; reach it with --hostfwd udp::PORT-:7777.
+        qemu_append: "pingpong.role=server ip=10.0.2.15/24 gw=10.0.2.2",
+    },
+    GuestImage {
+        name: "tcp-echo",
+        package: "demos",
+        bin: "tcp-echo",
+        // Reach it with --hostfwd tcp::8080-:80 --hostfwd tcp::8007-:7.
+        qemu_append: "ip=10.0.2.15/24 gw=10.0.2.2",
+    },
+];
 
 /// Host packages built by `cargo xtask build` (release).
 pub const HOST_PACKAGES: &[&str] = &["host-shim"];
@@ -142,6 +159,10 @@ mod tests {
         assert!(ktest.path().ends_with("x86_64-unknown-none/release/ktest"));
         let err = find_image("nope").unwrap_err();
         assert_eq!(err.exit_code(), 2);
-        assert!(err.to_string().contains("one of: ktest"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("one of: ktest, udp-pingpong, tcp-echo"),
+            "{err}"
+        );
     }
 }

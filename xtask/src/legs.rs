@@ -2,12 +2,8 @@
 //!
 //! The leg list is data: add a leg by adding an entry to [`LEGS`] and, for a
 //! new kind of leg, a [`LegKind`] variant and its arm in [`run_leg`].
-//! Extension point for the host shim: a `LegKind::Shim { image, guests }`
-//! leg will build `host-shim` (see `build::HOST_PACKAGES`), run
-//! `target/release/host-shim` with the guest image(s) through
-//! `process::run` under a time limit, and judge the guest's serial output
-//! with the same `verdict::judge_guest` (the exit status then comes from the
-//! shim's exit hypercall instead of isa-debug-exit).
+//! Shim legs run `target/release/host-shim` (see `shim.rs`); the guests'
+//! statuses then come from the shim's exit hypercall instead of isa-debug-exit.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -15,12 +11,14 @@ use std::time::{Duration, Instant};
 
 use crate::build;
 use crate::cargo_test;
+use crate::demo;
 use crate::error::{Error, Result};
 use crate::logfile::LogFile;
 use crate::process::{self, Ending, Stderr};
 use crate::qemu::{self, Accel, Echo, Machine, Net};
 use crate::serial::Summary;
 use crate::setup;
+use crate::shim;
 use crate::verdict::{self, LegOutcome};
 
 /// Wall-clock limit for the host unit tests (they build the workspace first).
@@ -36,6 +34,14 @@ pub enum LegKind {
         accel: Accel,
         smp: u32,
     },
+    /// The in-guest tests under the host shim.
+    ShimKtest { vcpus: u32 },
+    /// Two guests exchanging UDP pings through the shim's switch.
+    ShimPingpong,
+    /// Two QEMU/KVM guests exchanging UDP pings over a socket netdev.
+    QemuPingpong,
+    /// Our guests under QEMU's virtio-net-pci, reached by host clients.
+    QemuInterop,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,6 +74,26 @@ pub const LEGS: &[Leg] = &[
             accel: Accel::Kvm,
             smp: 2,
         },
+    },
+    Leg {
+        name: "guest-shim",
+        about: "in-guest tests under the host shim, 2 vCPUs",
+        kind: LegKind::ShimKtest { vcpus: 2 },
+    },
+    Leg {
+        name: "shim-pingpong",
+        about: "two guests exchange 500 UDP pings through the host shim's switch",
+        kind: LegKind::ShimPingpong,
+    },
+    Leg {
+        name: "qemu-pingpong",
+        about: "two QEMU KVM guests exchange 500 UDP pings over a socket netdev",
+        kind: LegKind::QemuPingpong,
+    },
+    Leg {
+        name: "interop",
+        about: "guests on QEMU virtio-net-pci (TCG, user net) reached by host Rust clients (UDP, TCP) and curl (HTTP)",
+        kind: LegKind::QemuInterop,
     },
 ];
 
@@ -133,6 +159,13 @@ impl Runner {
         let (outcome, reports, log) = match leg.kind {
             LegKind::HostUnit => run_unit(leg, opts),
             LegKind::Qemu { image, accel, smp } => self.run_qemu(leg, opts, image, accel, smp),
+            LegKind::ShimKtest { vcpus } => self.run_shim_ktest(leg, opts, vcpus),
+            LegKind::ShimPingpong => run_demo(leg, opts, true),
+            LegKind::QemuPingpong => run_demo(leg, opts, false),
+            LegKind::QemuInterop => match crate::interop::checks(opts.timeout) {
+                Ok(checks) => (verdict::judge_checks(&checks), check_reports(&checks), None),
+                Err(e) => (LegOutcome::broken(e.to_string()), Vec::new(), None),
+            },
         };
         let result = LegResult {
             name: leg.name,
@@ -188,6 +221,8 @@ impl Runner {
                 .unwrap_or_default(),
             net: Net::User,
             hostfwd: Vec::new(),
+            netdev: None,
+            mac: None,
             timeout: opts.timeout,
         };
         let echo = if opts.verbose {
@@ -215,6 +250,125 @@ impl Runner {
         }
         (outcome, serial.reports, Some(run.log))
     }
+}
+
+impl Runner {
+    fn run_shim_ktest(
+        &mut self,
+        leg: &Leg,
+        opts: &Options,
+        vcpus: u32,
+    ) -> (LegOutcome, Vec<String>, Option<PathBuf>) {
+        let prepared = self
+            .image("ktest")
+            .map_err(crate::error::Error::failed)
+            .and_then(|image| Ok((shim::build()?, image)));
+        let (shim_path, image) = match prepared {
+            Ok(p) => p,
+            Err(e) => return (LegOutcome::broken(e.to_string()), Vec::new(), None),
+        };
+        let guest = shim::Guest {
+            name: "ktest".into(),
+            image,
+            vcpus,
+            mem_mib: 256,
+            cmdline: String::new(),
+        };
+        let prefix = leg.name.to_owned();
+        let verbose = opts.verbose;
+        let run = shim::run(&shim_path, &[guest], &[], opts.timeout, leg.name, |line| {
+            let console = line.strip_prefix("ktest| ").unwrap_or(line);
+            if verbose
+                || !matches!(
+                    crate::serial::classify(console),
+                    crate::serial::LineKind::Other
+                )
+            {
+                println!("{prefix}: {}", console.trim());
+            }
+        });
+        let run = match run {
+            Ok(run) => run,
+            Err(e) => return (LegOutcome::broken(e.to_string()), Vec::new(), None),
+        };
+        let serial = run.serial("ktest");
+        let mut outcome = verdict::judge_guest(run.guest_exit("ktest"), &serial);
+        if !outcome.ok() {
+            outcome
+                .problems
+                .push(format!("the shim says: {}", run.guest_outcome("ktest")));
+            run.print_post_mortem();
+        }
+        let mut reports = serial.reports;
+        if let Some(ms) = run
+            .guest_stats("ktest")
+            .and_then(|g| g["boot_to_main_ms"].as_f64())
+        {
+            reports.push(format!(
+                "boot to guest main under the shim: {ms:.1} ms (shim's clock)"
+            ));
+        }
+        (outcome, reports, Some(run.log))
+    }
+}
+
+/// The named checks of a host-side leg, echoed as its report lines.
+fn check_reports(checks: &[(String, bool)]) -> Vec<String> {
+    checks
+        .iter()
+        .map(|(name, ok)| format!("{} {name}", if *ok { "ok:" } else { "FAILED:" }))
+        .collect()
+}
+
+fn run_demo(
+    leg: &Leg,
+    opts: &Options,
+    on_shim: bool,
+) -> (LegOutcome, Vec<String>, Option<PathBuf>) {
+    let demo_opts = demo::Options {
+        count: 500,
+        timeout: opts.timeout,
+        ..demo::Options::default()
+    };
+    let prefix = leg.name.to_owned();
+    let verbose = opts.verbose;
+    let report = if on_shim {
+        demo::on_shim(&demo_opts, leg.name, |line| {
+            if verbose || line.contains("report:") {
+                println!("{prefix}: {line}");
+            }
+        })
+    } else {
+        demo::on_qemu(&demo_opts, leg.name, interop_port())
+    };
+    match report {
+        Ok(r) => {
+            let mut reports = check_reports(&r.checks);
+            reports.extend(r.clients.iter().map(|c| {
+                format!(
+                    "{}: rtt p50 {} us, p99 {} us, {} pps",
+                    c.name,
+                    c.p50_ns / 1000,
+                    c.p99_ns / 1000,
+                    c.pps
+                )
+            }));
+            reports.extend(r.guests.iter().filter_map(|g| {
+                g.exits_per_packet()
+                    .map(|e| format!("{}: {e:.2} KVM exits per packet", g.name))
+            }));
+            let log = (!r.log.as_os_str().is_empty()).then(|| r.log.clone());
+            (verdict::judge_checks(&r.checks), reports, log)
+        }
+        Err(e) => (LegOutcome::broken(e.to_string()), Vec::new(), None),
+    }
+}
+
+/// A free loopback port for QEMU's socket netdev.
+fn interop_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map_or(17_001, |a| a.port())
 }
 
 fn run_unit(leg: &Leg, opts: &Options) -> (LegOutcome, Vec<String>, Option<PathBuf>) {
@@ -427,7 +581,18 @@ test smp::ipi ... ok
     #[test]
     fn leg_selection() {
         let all: Vec<&str> = select(&[]).unwrap().iter().map(|l| l.name).collect();
-        assert_eq!(all, ["unit", "guest-tcg", "guest-kvm"]);
+        assert_eq!(
+            all,
+            [
+                "unit",
+                "guest-tcg",
+                "guest-kvm",
+                "guest-shim",
+                "shim-pingpong",
+                "qemu-pingpong",
+                "interop"
+            ]
+        );
         let some: Vec<&str> = select(&["guest-kvm".into(), "unit".into()])
             .unwrap()
             .iter()

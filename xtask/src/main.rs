@@ -3,7 +3,9 @@
 
 mod build;
 mod cargo_test;
+mod demo;
 mod error;
+mod interop;
 mod legs;
 mod logfile;
 mod process;
@@ -11,6 +13,7 @@ mod qemu;
 mod run;
 mod serial;
 mod setup;
+mod shim;
 mod sys;
 mod verdict;
 mod workspace;
@@ -46,9 +49,9 @@ enum Command {
     /// Run every test leg (host unit tests, in-guest tests under QEMU TCG and
     /// KVM) and end with `N passed, M failed` over all of them.
     Test(TestArgs),
-    /// Run the main demo: the host shim with several guests exchanging
-    /// packets (not available yet).
-    Run,
+    /// The main demo: the host shim runs a UDP ping-pong between guests on
+    /// its switch and prints packets, RTT p50/p99, pps and VM exits per packet.
+    Run(RunArgs),
     /// Run the benchmarks (not available yet).
     Bench,
 }
@@ -87,8 +90,40 @@ struct QemuArgs {
 }
 
 #[derive(Debug, Args)]
+struct RunArgs {
+    /// Guests in all: one server, the rest clients pinging it.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(2..=200))]
+    guests: u32,
+    /// Pings each client sends.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+    count: u64,
+    /// UDP payload bytes per ping (12 to 1472).
+    #[arg(long, value_name = "BYTES", default_value_t = 64)]
+    size: u32,
+    /// vCPUs per guest.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=16))]
+    vcpus: u32,
+    /// RX mode of the guests' NICs: interrupt-driven or busy polling.
+    #[arg(long, value_enum, default_value_t = demo::Rx::Irq)]
+    rx: demo::Rx,
+    /// How guests notify their NIC: the virtio notify register (trap) or
+    /// exitless doorbells (not implemented yet).
+    #[arg(long, value_enum, default_value_t = demo::Notify::Trap)]
+    notify: demo::Notify,
+    /// Also write the results as JSON to FILE.
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
+    /// Wall-clock limit in seconds for the whole run.
+    #[arg(long, value_name = "SECS", default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..))]
+    timeout: u64,
+    /// Show every line the guests and the shim print.
+    #[arg(long, short)]
+    verbose: bool,
+}
+
+#[derive(Debug, Args)]
 struct TestArgs {
-    /// Run only this leg (repeatable): unit, guest-tcg, guest-kvm.
+    /// Run only this leg (repeatable); `--list` shows them.
     #[arg(long = "leg", value_name = "NAME")]
     legs: Vec<String>,
     /// Wall-clock limit in seconds for each QEMU run.
@@ -122,7 +157,18 @@ fn main() -> ExitCode {
         Command::Build => build::build_all().map(|()| ExitCode::SUCCESS),
         Command::Qemu(args) => qemu_by_hand(&args),
         Command::Test(args) => test(&args),
-        Command::Run => run::run().map(|()| ExitCode::SUCCESS),
+        Command::Run(args) => {
+            let opts = demo::Options {
+                guests: args.guests,
+                count: args.count,
+                size: args.size,
+                vcpus: args.vcpus,
+                rx: args.rx,
+                notify: args.notify,
+                timeout: Duration::from_secs(args.timeout),
+            };
+            run::run(&opts, args.json.as_deref(), args.verbose).map(|()| ExitCode::SUCCESS)
+        }
         Command::Bench => run::bench().map(|()| ExitCode::SUCCESS),
     };
     result.unwrap_or_else(|e| {
@@ -148,6 +194,8 @@ fn qemu_by_hand(args: &QemuArgs) -> Result<ExitCode> {
             .unwrap_or_else(|| default_append.to_owned()),
         net: args.net,
         hostfwd: args.hostfwd.clone(),
+        netdev: None,
+        mac: None,
         timeout: Duration::from_secs(args.timeout),
     };
     let leg = format!("qemu-{}", args.accel.name());

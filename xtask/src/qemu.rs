@@ -80,6 +80,12 @@ pub struct Config {
     pub net: Net,
     /// QEMU `hostfwd` rules for user networking, e.g. `tcp::8080-:80`.
     pub hostfwd: Vec<String>,
+    /// A whole `-netdev` value (its id must be `net0`) used instead of `net`,
+    /// e.g. `socket,id=net0,listen=127.0.0.1:17001` to join two guests.
+    pub netdev: Option<String>,
+    /// The NIC's MAC address (QEMU picks 52:54:00:12:34:56 otherwise, the
+    /// same for every guest).
+    pub mac: Option<String>,
     pub timeout: Duration,
 }
 
@@ -126,17 +132,27 @@ pub fn args(cfg: &Config) -> Vec<OsString> {
     .iter()
     .map(OsString::from)
     .collect();
-    if cfg.net == Net::User {
-        let mut netdev = "user,id=net0".to_owned();
-        for rule in &cfg.hostfwd {
-            netdev.push_str(",hostfwd=");
-            netdev.push_str(rule);
+    let netdev = cfg.netdev.clone().or_else(|| {
+        (cfg.net == Net::User).then(|| {
+            let mut netdev = "user,id=net0".to_owned();
+            for rule in &cfg.hostfwd {
+                netdev.push_str(",hostfwd=");
+                netdev.push_str(rule);
+            }
+            netdev
+        })
+    });
+    if let Some(netdev) = netdev {
+        let mut device = "virtio-net-pci,netdev=net0".to_owned();
+        if let Some(mac) = &cfg.mac {
+            device.push_str(",mac=");
+            device.push_str(mac);
         }
         args.extend([
             "-netdev".into(),
             netdev.into(),
             "-device".into(),
-            "virtio-net-pci,netdev=net0".into(),
+            device.into(),
         ]);
     }
     args.push("-kernel".into());
@@ -275,6 +291,8 @@ mod tests {
             append: append.into(),
             net: Net::User,
             hostfwd: vec![],
+            netdev: None,
+            mac: None,
             timeout: DEFAULT_TIMEOUT,
         }
     }
@@ -311,6 +329,19 @@ mod tests {
         let line = joined(&no_nic);
         assert!(!line.contains("net"), "{line}");
         assert!(line.ends_with("iosize=0x04 -kernel /t/ktest"), "{line}");
+    }
+
+    #[test]
+    fn a_raw_netdev_and_mac_replace_user_networking() {
+        let mut c = cfg(Accel::Kvm, Machine::Q35, "");
+        c.netdev = Some("socket,id=net0,listen=127.0.0.1:17001".into());
+        c.mac = Some("52:54:00:00:00:01".into());
+        let line = joined(&c);
+        assert!(
+            line.contains("-netdev socket,id=net0,listen=127.0.0.1:17001 -device virtio-net-pci,netdev=net0,mac=52:54:00:00:00:01 -kernel"),
+            "{line}"
+        );
+        assert!(!line.contains("user,"), "{line}");
     }
 
     #[test]

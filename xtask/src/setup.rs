@@ -57,31 +57,37 @@ fn rustup(args: &[&str]) -> Result<String> {
 
 /// The QEMU binary; installed with apt-get when missing and we are root.
 pub fn ensure_qemu() -> Result<PathBuf> {
-    if let Some(path) = find_on_path(QEMU) {
+    ensure_tool(QEMU, QEMU_PACKAGE)
+}
+
+/// `binary` from PATH; when missing and we are root, Debian's `package` is
+/// installed with apt-get. Otherwise the error names the package.
+pub fn ensure_tool(binary: &str, package: &str) -> Result<PathBuf> {
+    if let Some(path) = find_on_path(binary) {
         return Ok(path);
     }
     if !sys::is_root() {
         return Err(Error::failed(format!(
-            "{QEMU} is not on PATH: install Debian's `{QEMU_PACKAGE}` package (as root: apt-get install -y {QEMU_PACKAGE})"
+            "{binary} is not on PATH: install Debian's `{package}` package (as root: apt-get install -y {package})"
         )));
     }
     if find_on_path("apt-get").is_none() {
         return Err(Error::failed(format!(
-            "{QEMU} is not on PATH and there is no apt-get to install it: install the `{QEMU_PACKAGE}` package (or your system's QEMU for x86_64)"
+            "{binary} is not on PATH and there is no apt-get to install it: install the `{package}` package"
         )));
     }
-    println!("setup: {QEMU} is missing; running `apt-get update`");
-    apt_get(&["update"])?;
-    println!("setup: running `apt-get install -y {QEMU_PACKAGE}`");
-    apt_get(&["install", "-y", QEMU_PACKAGE])?;
-    find_on_path(QEMU).ok_or_else(|| {
+    println!("setup: {binary} is missing; running `apt-get update`");
+    apt_get(&["update"], package)?;
+    println!("setup: running `apt-get install -y {package}`");
+    apt_get(&["install", "-y", package], package)?;
+    find_on_path(binary).ok_or_else(|| {
         Error::failed(format!(
-            "installed `{QEMU_PACKAGE}` but {QEMU} is still not on PATH"
+            "installed `{package}` but {binary} is still not on PATH"
         ))
     })
 }
 
-fn apt_get(args: &[&str]) -> Result<()> {
+fn apt_get(args: &[&str], package: &str) -> Result<()> {
     let status = Command::new("apt-get")
         .args(args)
         .env("DEBIAN_FRONTEND", "noninteractive")
@@ -91,7 +97,7 @@ fn apt_get(args: &[&str]) -> Result<()> {
         Ok(())
     } else {
         Err(Error::failed(format!(
-            "`apt-get {}` failed ({status}); install `{QEMU_PACKAGE}` by hand",
+            "`apt-get {}` failed ({status}); install `{package}` by hand",
             args.join(" ")
         )))
     }

@@ -128,6 +128,22 @@ pub fn judge_guest(exit: GuestExit, log: &SerialLog) -> LegOutcome {
     .settle()
 }
 
+/// Judges a leg made of named host-side checks: each is one test.
+#[must_use]
+pub fn judge_checks(checks: &[(String, bool)]) -> LegOutcome {
+    let passed = checks.iter().filter(|(_, ok)| *ok).count();
+    LegOutcome {
+        passed: u32::try_from(passed).unwrap_or(u32::MAX),
+        failed: u32::try_from(checks.len() - passed).unwrap_or(u32::MAX),
+        problems: checks
+            .iter()
+            .filter(|(_, ok)| !ok)
+            .map(|(name, _)| format!("check failed: {name}"))
+            .collect(),
+    }
+    .settle()
+}
+
 fn show(s: Summary) -> String {
     format!("{} passed, {} failed", s.passed, s.failed)
 }

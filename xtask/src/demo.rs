@@ -1,0 +1,560 @@
+//! The UDP ping-pong demo: one server guest and one or more client guests,
+//! under the host shim (`cargo xtask run`, leg `shim-pingpong`) or as two
+//! QEMU/KVM guests joined by a socket netdev (leg `qemu-pingpong`).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::ValueEnum;
+use serde_json::{Value, json};
+
+use crate::build;
+use crate::error::{Error, Result};
+use crate::qemu::{self, Accel, Echo, Machine, Net};
+use crate::shim::{self, GuestNumbers};
+use crate::verdict::GuestExit;
+
+/// How the guests notify their NIC of new buffers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Notify {
+    /// The virtio notify register (an ioeventfd: an exit KVM handles).
+    Trap,
+    /// Exitless doorbells (mechanism M1). Not implemented yet.
+    Doorbell,
+}
+
+/// How the guests take received frames.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Rx {
+    /// Sleep until the RX interrupt.
+    Irq,
+    /// Busy-poll the used ring.
+    Poll,
+}
+
+impl Rx {
+    const fn cmdline(self) -> &'static str {
+        match self {
+            Self::Irq => "irq",
+            Self::Poll => "poll",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Guests in all: one server and `guests - 1` clients.
+    pub guests: u32,
+    pub count: u64,
+    pub size: u32,
+    pub vcpus: u32,
+    pub rx: Rx,
+    pub notify: Notify,
+    pub timeout: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            guests: 2,
+            count: 1000,
+            size: 64,
+            vcpus: 2,
+            rx: Rx::Irq,
+            notify: Notify::Trap,
+            timeout: Duration::from_mins(2),
+        }
+    }
+}
+
+/// What a client guest printed on its `pingpong-result:` line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientResult {
+    pub name: String,
+    pub sent: u64,
+    pub received: u64,
+    pub p50_ns: u64,
+    pub p99_ns: u64,
+    pub pps: u64,
+}
+
+pub const RESULT_PREFIX: &str = "pingpong-result: ";
+
+/// Parses a client's result line (`None` when there is none or it is malformed).
+#[must_use]
+pub fn parse_result<'a>(
+    name: &str,
+    lines: impl IntoIterator<Item = &'a str>,
+) -> Option<ClientResult> {
+    let json: Value = lines
+        .into_iter()
+        .find_map(|l| l.trim().strip_prefix(RESULT_PREFIX))
+        .and_then(|j| serde_json::from_str(j).ok())?;
+    Some(ClientResult {
+        name: name.to_owned(),
+        sent: json["packets_sent"].as_u64()?,
+        received: json["packets_received"].as_u64()?,
+        p50_ns: json["rtt_ns"]["p50"].as_u64()?,
+        p99_ns: json["rtt_ns"]["p99"].as_u64()?,
+        pps: json["pps"].as_u64()?,
+    })
+}
+
+/// One guest of a finished run.
+#[derive(Debug, Clone)]
+pub struct GuestReport {
+    pub name: String,
+    pub exit: GuestExit,
+    pub numbers: Option<GuestNumbers>,
+}
+
+impl GuestReport {
+    /// Exits per packet through the guest's NIC (sent + received).
+    #[must_use]
+    pub fn exits_per_packet(&self) -> Option<f64> {
+        let n = self.numbers.as_ref()?;
+        let packets = n.tx_packets + n.rx_packets;
+        #[allow(clippy::cast_precision_loss)] // counts far below 2^52
+        (packets > 0).then(|| n.exits as f64 / packets as f64)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Report {
+    pub clients: Vec<ClientResult>,
+    pub guests: Vec<GuestReport>,
+    /// Named checks, for the test legs and the exit code.
+    pub checks: Vec<(String, bool)>,
+    pub log: PathBuf,
+}
+
+impl Report {
+    #[must_use]
+    pub fn ok(&self) -> bool {
+        self.checks.iter().all(|(_, ok)| *ok)
+    }
+}
+
+fn guest_names(opts: &Options) -> Vec<String> {
+    let mut names = vec!["server".to_owned()];
+    names.extend((1..opts.guests).map(|i| format!("client{i}")));
+    names
+}
+
+fn cmdline(opts: &Options, index: u32) -> String {
+    let common = format!("net.rx={}", opts.rx.cmdline());
+    if index == 0 {
+        format!(
+            "pingpong.role=server ip=10.0.0.1/24 pingpong.clients={} {common}",
+            opts.guests - 1
+        )
+    } else {
+        format!(
+            "pingpong.role=client ip=10.0.0.{}/24 pingpong.peer=10.0.0.1 pingpong.count={} pingpong.size={} {common}",
+            index + 1,
+            opts.count,
+            opts.size
+        )
+    }
+}
+
+fn validate(opts: &Options) -> Result<()> {
+    if opts.notify == Notify::Doorbell {
+        return Err(Error::usage(
+            "--notify doorbell needs the exitless doorbell mechanism (M1), which is not implemented yet; use --notify trap",
+        ));
+    }
+    if !(2..=200).contains(&opts.guests) {
+        return Err(Error::usage(
+            "--guests takes 2 to 200 (one server, the rest clients)",
+        ));
+    }
+    if !(12..=1472).contains(&opts.size) {
+        return Err(Error::usage(
+            "--size takes 12 to 1472 bytes (a ping header to a full UDP payload)",
+        ));
+    }
+    Ok(())
+}
+
+/// Runs the demo under the host shim.
+pub fn on_shim(opts: &Options, label: &str, mut echo: impl FnMut(&str)) -> Result<Report> {
+    validate(opts)?;
+    let shim_path = shim::build()?;
+    let image = build::build_guest(build::find_image("udp-pingpong")?)?;
+    let names = guest_names(opts);
+    let guests: Vec<shim::Guest> = names
+        .iter()
+        .zip(0..)
+        .map(|(name, i)| shim::Guest {
+            name: name.clone(),
+            image: image.clone(),
+            vcpus: opts.vcpus,
+            mem_mib: 256,
+            cmdline: cmdline(opts, i),
+        })
+        .collect();
+    let run = shim::run(&shim_path, &guests, &[], opts.timeout, label, &mut echo)?;
+    let mut checks = Vec::new();
+    let mut reports = Vec::new();
+    let mut clients = Vec::new();
+    for name in &names {
+        let exit = run.guest_exit(name);
+        checks.push((
+            format!(
+                "{name} exited with status 0 ({exit}; shim: {})",
+                run.guest_outcome(name)
+            ),
+            exit.passed(),
+        ));
+        let numbers = run.guest_stats(name).map(shim::numbers).transpose();
+        let numbers = match numbers {
+            Ok(n) => n,
+            Err(e) => {
+                checks.push((format!("stats for {name}: {e}"), false));
+                None
+            }
+        };
+        checks.push((
+            format!("{name}: KVM exits were counted"),
+            numbers.as_ref().is_some_and(|n| n.exits > 0),
+        ));
+        if name != "server" {
+            match parse_result(name, shim::guest_lines(&run.lines, name)) {
+                Some(r) => {
+                    checks.push((
+                        format!(
+                            "{name}: all {} pings came back (received {})",
+                            r.sent, r.received
+                        ),
+                        r.sent == r.received && r.sent == opts.count,
+                    ));
+                    clients.push(r);
+                }
+                None => checks.push((format!("{name} printed its {RESULT_PREFIX}line"), false)),
+            }
+        }
+        reports.push(GuestReport {
+            name: name.clone(),
+            exit,
+            numbers,
+        });
+    }
+    if run.ending == crate::process::Ending::TimedOut {
+        checks.push((
+            format!("the run ended within {} s", opts.timeout.as_secs()),
+            false,
+        ));
+    }
+    let report = Report {
+        clients,
+        guests: reports,
+        checks,
+        log: run.log.clone(),
+    };
+    if !report.ok() {
+        run.print_post_mortem();
+    }
+    Ok(report)
+}
+
+/// Runs the demo as two QEMU/KVM guests on a socket netdev (one client).
+pub fn on_qemu(opts: &Options, label: &str, port: u16) -> Result<Report> {
+    validate(opts)?;
+    let image = build::build_guest(build::find_image("udp-pingpong")?)?;
+    let cfg = |index: u32, netdev: String, mac: &str| qemu::Config {
+        accel: Accel::Kvm,
+        machine: Machine::Q35,
+        smp: opts.vcpus,
+        mem_mib: 256,
+        image: image.clone(),
+        append: cmdline(opts, index),
+        net: Net::User,
+        hostfwd: Vec::new(),
+        netdev: Some(netdev),
+        mac: Some(mac.to_owned()),
+        timeout: opts.timeout,
+    };
+    let server_cfg = cfg(
+        0,
+        format!("socket,id=net0,listen=127.0.0.1:{port}"),
+        "52:54:00:00:00:01",
+    );
+    let client_cfg = cfg(
+        1,
+        format!("socket,id=net0,connect=127.0.0.1:{port}"),
+        "52:54:00:00:00:02",
+    );
+    let server_label = format!("{label}-server");
+    let server = std::thread::spawn(move || {
+        qemu::boot(
+            &server_cfg,
+            &server_label,
+            &Echo::Protocol {
+                prefix: "server".into(),
+            },
+        )
+    });
+    // The server's QEMU must be listening before the client's connects.
+    let listening = (0..200).any(|_| {
+        std::thread::sleep(Duration::from_millis(50));
+        port_open(port) && !server.is_finished()
+    });
+    let client = if listening {
+        qemu::boot(
+            &client_cfg,
+            &format!("{label}-client"),
+            &Echo::Protocol {
+                prefix: "client1".into(),
+            },
+        )
+    } else {
+        Err(Error::failed(format!(
+            "the server's QEMU never listened on 127.0.0.1:{port}"
+        )))
+    };
+    let server = server
+        .join()
+        .map_err(|_| Error::failed("the server thread panicked"))?;
+    let mut checks = Vec::new();
+    let mut guests = Vec::new();
+    let mut clients = Vec::new();
+    for (name, run) in [("server", server), ("client1", client)] {
+        match run {
+            Ok(run) => {
+                checks.push((
+                    format!("{name} exited with status 0 ({})", run.exit),
+                    run.exit.passed(),
+                ));
+                if name == "client1" {
+                    match parse_result(name, run.lines.iter().map(|l| l.text.as_str())) {
+                        Some(r) => {
+                            checks.push((
+                                format!(
+                                    "{name}: all {} pings came back (received {})",
+                                    r.sent, r.received
+                                ),
+                                r.sent == r.received && r.sent == opts.count,
+                            ));
+                            clients.push(r);
+                        }
+                        None => {
+                            checks.push((format!("{name} printed its {RESULT_PREFIX}line"), false));
+                        }
+                    }
+                }
+                if !run.exit.passed() {
+                    run.print_post_mortem();
+                }
+                guests.push(GuestReport {
+                    name: name.into(),
+                    exit: run.exit,
+                    numbers: None,
+                });
+            }
+            Err(e) => checks.push((format!("{name} ran: {e}"), false)),
+        }
+    }
+    Ok(Report {
+        clients,
+        guests,
+        checks,
+        log: PathBuf::new(),
+    })
+}
+
+/// True once something accepts TCP connections on the port (QEMU's listener).
+fn port_open(port: u16) -> bool {
+    // QEMU accepts one connection for the socket netdev; probing would use it
+    // up, so only look at whether the port is bound.
+    std::net::TcpListener::bind(("127.0.0.1", port)).is_err()
+}
+
+fn us(ns: u64) -> String {
+    format!("{:.0}", Duration::from_nanos(ns).as_secs_f64() * 1e6)
+}
+
+/// The summary table `cargo xtask run` prints.
+#[must_use]
+pub fn summary(opts: &Options, r: &Report) -> Vec<String> {
+    let mut out = vec![format!(
+        "== pingpong under the host shim: {} guests ({} vCPUs each), {} pings of {} B per client, RX {}, notify {}",
+        opts.guests,
+        opts.vcpus,
+        opts.count,
+        opts.size,
+        opts.rx.cmdline(),
+        match opts.notify {
+            Notify::Trap => "trap",
+            Notify::Doorbell => "doorbell",
+        }
+    )];
+    for c in &r.clients {
+        out.push(format!(
+            "{:<9} sent {} received {} lost {}   rtt p50 {} us  p99 {} us   {} pps",
+            c.name,
+            c.sent,
+            c.received,
+            c.sent.saturating_sub(c.received),
+            us(c.p50_ns),
+            us(c.p99_ns),
+            c.pps
+        ));
+    }
+    out.push(format!(
+        "{:<9} {:<10} {:>11} {:>9} {:>9} {:>6} {:>6} {:>5} {:>7} {:>6} {:>9} {:>6} {:>6}",
+        "guest",
+        "status",
+        "pkts tx/rx",
+        "exits",
+        "exits/pkt",
+        "io",
+        "mmio",
+        "halt",
+        "irq_win",
+        "other",
+        "in_kernel",
+        "notify",
+        "irqs"
+    ));
+    for g in &r.guests {
+        let status = match g.exit {
+            GuestExit::Status(s) => format!("exit {s}"),
+            other => format!("{other}").chars().take(10).collect(),
+        };
+        match &g.numbers {
+            Some(n) => {
+                let reason = |k: &str| n.exits_by_reason.get(k).copied().unwrap_or(0);
+                out.push(format!(
+                    "{:<9} {:<10} {:>11} {:>9} {:>9} {:>6} {:>6} {:>5} {:>7} {:>6} {:>9} {:>6} {:>6}",
+                    g.name,
+                    status,
+                    format!("{}/{}", n.tx_packets, n.rx_packets),
+                    n.exits,
+                    g.exits_per_packet().map_or_else(|| "-".into(), |e| format!("{e:.2}")),
+                    reason("io"),
+                    reason("mmio"),
+                    reason("halt"),
+                    reason("irq_window"),
+                    reason("other"),
+                    reason("in_kernel"),
+                    n.notifications.values().sum::<u64>(),
+                    n.interrupts
+                ));
+            }
+            None => out.push(format!("{:<9} {:<10} (no shim statistics)", g.name, status)),
+        }
+    }
+    out.push("exits: KVM's count for the guest's vCPUs; io/mmio/halt/irq_win/other: exits the shim handled; in_kernel: the rest (KVM handled them, e.g. ioeventfd); exits/pkt: exits / (packets sent + received by the guest's NIC)".to_owned());
+    out
+}
+
+/// The `--json` document (keys per issue 4; more are welcome).
+#[must_use]
+pub fn json(opts: &Options, r: &Report) -> Value {
+    let first = r.clients.first();
+    json!({
+        "demo": "pingpong",
+        "notify": match opts.notify { Notify::Trap => "trap", Notify::Doorbell => "doorbell" },
+        "rx": opts.rx.cmdline(),
+        "size": opts.size,
+        "vcpus": opts.vcpus,
+        "packets_sent": r.clients.iter().map(|c| c.sent).sum::<u64>(),
+        "packets_received": r.clients.iter().map(|c| c.received).sum::<u64>(),
+        "rtt_ns": {"p50": first.map(|c| c.p50_ns), "p99": first.map(|c| c.p99_ns)},
+        "pps": r.clients.iter().map(|c| c.pps).sum::<u64>(),
+        "clients": r.clients.iter().map(|c| json!({"name": c.name, "packets_sent": c.sent, "packets_received": c.received, "rtt_ns": {"p50": c.p50_ns, "p99": c.p99_ns}, "pps": c.pps})).collect::<Vec<_>>(),
+        "guests": r.guests.iter().map(|g| {
+            let n = g.numbers.as_ref();
+            json!({
+                "name": g.name,
+                "exit": g.exit.to_string(),
+                "exits": n.map(|n| n.exits),
+                "exits_by_reason": n.map(|n| n.exits_by_reason.clone()).unwrap_or_default(),
+                "exits_per_packet": g.exits_per_packet(),
+                "notifications": n.map_or_else(|| BTreeMap::from([("trap".to_owned(), 0), ("doorbell".to_owned(), 0)]), |n| n.notifications.clone()),
+                "packets": n.map(|n| json!({"tx": n.tx_packets, "rx": n.rx_packets})),
+                "interrupts": n.map(|n| n.interrupts),
+                "boot_to_main_ms": n.and_then(|n| n.boot_to_main_ms),
+            })
+        }).collect::<Vec<_>>(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn result_lines_parse_and_junk_does_not() {
+        let lines = [
+            "[cpu0 INFO ] hi",
+            "pingpong-result: {\"packets_sent\": 10, \"packets_received\": 9, \"size\": 64, \"rtt_ns\": {\"p50\": 1000, \"p99\": 2000, \"min\": 1, \"max\": 3}, \"pps\": 42, \"rx_dropped\": 0}",
+        ];
+        let r = parse_result("c", lines).unwrap();
+        assert_eq!(
+            (r.sent, r.received, r.p50_ns, r.p99_ns, r.pps),
+            (10, 9, 1000, 2000, 42)
+        );
+        assert_eq!(parse_result("c", ["pingpong-result: {not json"]), None);
+        assert_eq!(parse_result("c", ["report: nothing"]), None);
+    }
+
+    #[test]
+    fn command_lines_give_each_guest_its_role_and_address() {
+        let opts = Options {
+            guests: 3,
+            count: 50,
+            size: 100,
+            ..Options::default()
+        };
+        assert_eq!(guest_names(&opts), ["server", "client1", "client2"]);
+        assert_eq!(
+            cmdline(&opts, 0),
+            "pingpong.role=server ip=10.0.0.1/24 pingpong.clients=2 net.rx=irq"
+        );
+        assert_eq!(
+            cmdline(&opts, 2),
+            "pingpong.role=client ip=10.0.0.3/24 pingpong.peer=10.0.0.1 pingpong.count=50 pingpong.size=100 net.rx=irq"
+        );
+    }
+
+    #[test]
+    fn bad_options_are_usage_errors() {
+        for bad in [
+            Options {
+                notify: Notify::Doorbell,
+                ..Options::default()
+            },
+            Options {
+                guests: 1,
+                ..Options::default()
+            },
+            Options {
+                size: 4,
+                ..Options::default()
+            },
+        ] {
+            assert_eq!(validate(&bad).unwrap_err().exit_code(), 2);
+        }
+    }
+
+    #[test]
+    fn exits_per_packet_counts_both_directions() {
+        let g = GuestReport {
+            name: "a".into(),
+            exit: GuestExit::Status(0),
+            numbers: Some(GuestNumbers {
+                exits: 300,
+                exits_by_reason: BTreeMap::new(),
+                notifications: BTreeMap::new(),
+                tx_packets: 100,
+                rx_packets: 50,
+                interrupts: 0,
+                boot_to_main_ms: None,
+            }),
+        };
+        assert_eq!(g.exits_per_packet(), Some(2.0));
+    }
+}

@@ -1,0 +1,339 @@
+//! Running guests under the host shim: build it, start it with guests under a
+//! time limit, split its console output by guest (each line is prefixed with
+//! `NAME| `), and read its `--stats-json`.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+use crate::logfile::LogFile;
+use crate::process::{self, Ending, Line, Stderr};
+use crate::serial::SerialLog;
+use crate::setup;
+use crate::verdict::GuestExit;
+use crate::workspace;
+
+/// One guest on the shim's command line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Guest {
+    pub name: String,
+    pub image: PathBuf,
+    pub vcpus: u32,
+    pub mem_mib: u32,
+    pub cmdline: String,
+}
+
+impl Guest {
+    /// The `--guest` value (cmdline last: it may contain commas).
+    #[must_use]
+    pub fn spec(&self) -> String {
+        let mut s = format!(
+            "name={},kernel={},vcpus={},mem={}M",
+            self.name,
+            self.image.display(),
+            self.vcpus,
+            self.mem_mib
+        );
+        if !self.cmdline.is_empty() {
+            s.push_str(",cmdline=");
+            s.push_str(&self.cmdline);
+        }
+        s
+    }
+}
+
+#[derive(Debug)]
+pub struct Run {
+    pub ending: Ending,
+    /// Every stdout line of the shim (guest consoles and its summary).
+    pub lines: Vec<Line>,
+    pub stderr: String,
+    pub stats: Option<Value>,
+    pub log: PathBuf,
+    pub elapsed: Duration,
+}
+
+/// Builds the shim (release) and returns its path.
+pub fn build() -> Result<PathBuf> {
+    let status = workspace::cargo()
+        .args(["build", "--release", "-p", "host-shim"])
+        .status()
+        .map_err(|e| Error::failed(format!("cannot run cargo build -p host-shim: {e}")))?;
+    if !status.success() {
+        return Err(Error::failed(format!(
+            "building host-shim failed ({status})"
+        )));
+    }
+    let path = workspace::target_dir().join("release").join("host-shim");
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(Error::failed(format!(
+            "cargo built host-shim but {} is missing",
+            path.display()
+        )))
+    }
+}
+
+/// Runs `shim` with `guests` (and `extra` flags) until it exits or `timeout`.
+/// `echo` sees every stdout line as it arrives.
+pub fn run(
+    shim: &PathBuf,
+    guests: &[Guest],
+    extra: &[String],
+    timeout: Duration,
+    label: &str,
+    mut echo: impl FnMut(&str),
+) -> Result<Run> {
+    setup::check_kvm().map_err(|why| Error::failed(format!("cannot use KVM: {why}")))?;
+    for g in guests {
+        if !g.image.is_file() {
+            return Err(Error::failed(format!(
+                "guest image {} does not exist",
+                g.image.display()
+            )));
+        }
+    }
+    let mut log = LogFile::create(label)?;
+    let stats_path = log.path().with_extension("stats.json");
+    let _ = std::fs::remove_file(&stats_path);
+    let mut cmd = Command::new(shim);
+    for g in guests {
+        cmd.arg("--guest").arg(g.spec());
+    }
+    // The shim's own limit comes first so it can report; ours is the backstop.
+    cmd.arg("--timeout")
+        .arg(timeout.as_secs().max(1).to_string());
+    cmd.arg("--stats-json").arg(&stats_path);
+    cmd.args(extra);
+    cmd.env("NO_COLOR", "1");
+    let shown: Vec<String> = cmd
+        .get_args()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    log.line(&format!("# xtask: {} {}", shim.display(), shown.join(" ")));
+    let finished = process::run(
+        &mut cmd,
+        timeout + Duration::from_secs(15),
+        Stderr::Capture,
+        |line| {
+            log.line(&line.text);
+            echo(&line.text);
+        },
+    )?;
+    for line in finished.stderr.lines() {
+        log.line(&format!("# shim stderr: {line}"));
+    }
+    let stats = std::fs::read_to_string(&stats_path)
+        .ok()
+        .and_then(|s| serde_json::from_str(&s).ok());
+    log.line(&format!(
+        "# xtask: shim ended {:?} after {:.1} s",
+        finished.ending,
+        finished.elapsed.as_secs_f64()
+    ));
+    Ok(Run {
+        ending: finished.ending,
+        lines: finished.lines,
+        stderr: finished.stderr,
+        stats,
+        log: log.path().to_path_buf(),
+        elapsed: finished.elapsed,
+    })
+}
+
+/// The console lines of guest `name`, without the `NAME| ` prefix.
+#[must_use]
+pub fn guest_lines<'a>(lines: &'a [Line], name: &str) -> Vec<&'a str> {
+    let prefix = format!("{name}| ");
+    lines
+        .iter()
+        .filter_map(|l| l.text.strip_prefix(prefix.as_str()))
+        .collect()
+}
+
+impl Run {
+    #[must_use]
+    pub fn serial(&self, name: &str) -> SerialLog {
+        SerialLog::parse(guest_lines(&self.lines, name))
+    }
+
+    /// Guest `name`'s entry in the stats JSON.
+    #[must_use]
+    pub fn guest_stats(&self, name: &str) -> Option<&Value> {
+        self.stats
+            .as_ref()?
+            .get("guests")?
+            .as_array()?
+            .iter()
+            .find(|g| g["name"] == name)
+    }
+
+    /// How guest `name` ended, in the same terms as a QEMU run.
+    #[must_use]
+    pub fn guest_exit(&self, name: &str) -> GuestExit {
+        if self.ending == Ending::TimedOut {
+            return GuestExit::TimedOut;
+        }
+        match self
+            .guest_stats(name)
+            .and_then(|g| g["exit_status"].as_u64())
+        {
+            Some(s) => GuestExit::Status(u32::try_from(s).unwrap_or(u32::MAX)),
+            // No status: the guest faulted, was stopped, or the shim failed.
+            None => match self.ending {
+                Ending::Exited(2) => GuestExit::QemuError(2),
+                Ending::Signalled(sig) => GuestExit::Signalled(sig),
+                _ => GuestExit::QemuZero,
+            },
+        }
+    }
+
+    /// The shim's account of guest `name` when it has no exit status.
+    #[must_use]
+    pub fn guest_outcome(&self, name: &str) -> String {
+        self.guest_stats(name)
+            .and_then(|g| g["outcome"].as_str())
+            .map_or_else(|| "no stats from the shim".to_owned(), str::to_owned)
+    }
+
+    /// Prints the tail of the run's output and the log path.
+    pub fn print_post_mortem(&self) {
+        let tail = process::tail(&self.lines, crate::qemu::TAIL_LINES);
+        println!(
+            "---- host-shim ran {:.1} s; last {} lines of its output ({}) ----",
+            self.elapsed.as_secs_f64(),
+            tail.len(),
+            self.log.display()
+        );
+        for line in tail {
+            println!("{}", line.text);
+        }
+        let err_tail: Vec<&str> = self.stderr.lines().rev().take(10).collect();
+        if !err_tail.is_empty() {
+            println!("---- host-shim stderr (last {} lines) ----", err_tail.len());
+            for l in err_tail.iter().rev() {
+                println!("{l}");
+            }
+        }
+        println!("---- end ----");
+    }
+}
+
+/// Numbers the demo summary needs from one guest's stats entry.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GuestNumbers {
+    pub exits: u64,
+    pub exits_by_reason: BTreeMap<String, u64>,
+    pub notifications: BTreeMap<String, u64>,
+    pub tx_packets: u64,
+    pub rx_packets: u64,
+    pub interrupts: u64,
+    pub boot_to_main_ms: Option<f64>,
+}
+
+/// Reads [`GuestNumbers`] from a guest's stats entry (the schema is in
+/// `host-shim/src/stats.rs`).
+pub fn numbers(guest: &Value) -> Result<GuestNumbers> {
+    let name = guest["name"].as_str().unwrap_or("?");
+    let missing =
+        |what: &str| Error::failed(format!("host-shim stats for guest {name} have no `{what}`"));
+    let map = |v: &Value, what: &str| -> Result<BTreeMap<String, u64>> {
+        v.as_object()
+            .ok_or_else(|| missing(what))?
+            .iter()
+            .map(|(k, v)| {
+                v.as_u64()
+                    .map(|n| (k.clone(), n))
+                    .ok_or_else(|| missing(what))
+            })
+            .collect()
+    };
+    let nics = guest["nics"].as_array().ok_or_else(|| missing("nics"))?;
+    let sum = |key: &str| nics.iter().filter_map(|n| n[key].as_u64()).sum::<u64>();
+    Ok(GuestNumbers {
+        exits: guest["exits"].as_u64().ok_or_else(|| missing("exits"))?,
+        exits_by_reason: map(&guest["exits_by_reason"], "exits_by_reason")?,
+        notifications: map(&guest["notifications"], "notifications")?,
+        tx_packets: sum("tx_packets"),
+        rx_packets: sum("rx_packets"),
+        interrupts: sum("interrupts"),
+        boot_to_main_ms: guest["boot_to_main_ms"].as_f64(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line(text: &str) -> Line {
+        Line {
+            at: Duration::ZERO,
+            text: text.into(),
+        }
+    }
+
+    #[test]
+    fn guest_spec_puts_cmdline_last() {
+        let g = Guest {
+            name: "cli".into(),
+            image: PathBuf::from("/t/udp-pingpong"),
+            vcpus: 2,
+            mem_mib: 256,
+            cmdline: "ip=10.0.0.2/24 pingpong.peer=10.0.0.1".into(),
+        };
+        assert_eq!(
+            g.spec(),
+            "name=cli,kernel=/t/udp-pingpong,vcpus=2,mem=256M,cmdline=ip=10.0.0.2/24 pingpong.peer=10.0.0.1"
+        );
+    }
+
+    #[test]
+    fn console_lines_are_split_by_guest() {
+        let lines = [
+            line("a| test x ... ok"),
+            line("b| test y ... ok"),
+            line("=== summary"),
+            line("a| 1 passed, 0 failed"),
+        ];
+        assert_eq!(
+            guest_lines(&lines, "a"),
+            ["test x ... ok", "1 passed, 0 failed"]
+        );
+        assert_eq!(guest_lines(&lines, "b"), ["test y ... ok"]);
+        assert!(guest_lines(&lines, "ab").is_empty());
+    }
+
+    #[test]
+    fn exits_come_from_the_stats_and_missing_fields_are_errors() {
+        let stats: Value = serde_json::json!({"guests": [
+            {"name": "a", "exit_status": 0, "outcome": "exit status 0", "exits": 100,
+             "exits_by_reason": {"io": 10, "mmio": 5, "halt": 1, "irq_window": 0, "other": 2, "in_kernel": 82},
+             "notifications": {"trap": 40, "doorbell": 0},
+             "nics": [{"tx_packets": 20, "rx_packets": 21, "interrupts": 30}]},
+            {"name": "b", "outcome": "triple fault"}
+        ]});
+        let run = Run {
+            ending: Ending::Exited(1),
+            lines: vec![],
+            stderr: String::new(),
+            stats: Some(stats),
+            log: PathBuf::new(),
+            elapsed: Duration::ZERO,
+        };
+        assert_eq!(run.guest_exit("a"), GuestExit::Status(0));
+        assert_eq!(run.guest_exit("b"), GuestExit::QemuZero);
+        assert_eq!(run.guest_outcome("b"), "triple fault");
+        let n = numbers(run.guest_stats("a").unwrap()).unwrap();
+        assert_eq!(
+            (n.exits, n.tx_packets, n.rx_packets, n.interrupts),
+            (100, 20, 21, 30)
+        );
+        assert_eq!(n.exits_by_reason["in_kernel"], 82);
+        assert!(numbers(run.guest_stats("b").unwrap()).is_err());
+    }
+}
