@@ -529,7 +529,7 @@ test smp::ipi ... ok
         assert!(
             lines
                 .iter()
-                .any(|l| l.contains("guest-tcg: guest exit: status 1 (tests failed)")),
+                .any(|l| l.contains("guest-tcg: guest exit: status 1 (failure: tests failed)")),
             "{lines:#?}"
         );
     }

@@ -44,8 +44,8 @@ impl GuestExit {
 impl fmt::Display for GuestExit {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match *self {
-            Self::Status(0) => f.write_str("status 0 (all tests passed)"),
-            Self::Status(1) => f.write_str("status 1 (tests failed)"),
+            Self::Status(0) => f.write_str("status 0 (success)"),
+            Self::Status(1) => f.write_str("status 1 (failure: tests failed)"),
             Self::Status(2) => f.write_str("status 2 (guest panicked)"),
             Self::Status(3) => f.write_str("status 3 (fatal exception)"),
             Self::Status(s) => write!(f, "status {s} (not a status the guest defines)"),
