@@ -8,6 +8,9 @@ use para_abi::hypercall::{Call, Status};
 pub enum Action {
     /// End this guest with the given status (isa-debug-exit semantics: the guest's outcome).
     Exit(u32),
+    /// The guest's application reached main, `guest_us` µs after its PVH entry by its
+    /// own TSC; record the time and resume with `Status::Ok`.
+    MainReached { guest_us: u64 },
     /// Resume the guest with this value in RAX.
     Return(Status),
 }
@@ -23,6 +26,7 @@ pub fn decode(size: usize, rax: u64, rbx: u64) -> Action {
             Ok(status) => Action::Exit(status),
             Err(_) => Action::Return(Status::BadArgument),
         },
+        Some(Call::MainReached) => Action::MainReached { guest_us: rbx },
         None => Action::Return(Status::UnknownCall),
     }
 }
@@ -37,6 +41,17 @@ mod tests {
         assert_eq!(decode(4, 1, 3), Action::Exit(3));
         // Upper RAX bits are not part of the call number (EAX).
         assert_eq!(decode(4, 0xFFFF_FFFF_0000_0001, 7), Action::Exit(7));
+    }
+
+    #[test]
+    fn main_reached_carries_the_guest_time() {
+        assert_eq!(decode(4, 2, 1234), Action::MainReached { guest_us: 1234 });
+        assert_eq!(
+            decode(4, 2, u64::MAX),
+            Action::MainReached { guest_us: u64::MAX }
+        );
+        // Not a 32-bit out: not a call.
+        assert_eq!(decode(2, 2, 5), Action::Return(Status::BadArgument));
     }
 
     #[test]

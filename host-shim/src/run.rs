@@ -191,6 +191,7 @@ pub fn run(cli: &Cli, shim_start: Instant) -> Result<Report, RunError> {
     let report = Report {
         guests,
         shim_max_rss_kib: stats::max_rss_kib(),
+        switch: switch.counters(),
         ..Default::default()
     };
     if let Some(path) = &cli.stats_json {

@@ -3,12 +3,60 @@
 //!
 //! On this machine's KVM `io_exits` never moves (DESIGN §7), so the shim counts the
 //! exits it handles itself; KVM's `exits` and `insn_emulation` are read alongside.
+//!
+//! # `--stats-json` schema
+//!
+//! ```text
+//! {
+//!   "shim_max_rss_kib": u64,                  // getrusage(2) ru_maxrss of the shim
+//!   "switch": {"forwarded": u64, "flooded": u64, "dropped_queue_full": u64, "runts": u64},
+//!   "tap": {                                  // only with --tap
+//!     "name": str, "rx_packets": u64, "rx_bytes": u64,   // TAP -> switch
+//!     "tx_packets": u64, "tx_bytes": u64,                // switch -> TAP
+//!     "dropped": {"too_short": u64, "too_long": u64, "write_failed": u64}
+//!   },
+//!   "guests": [{
+//!     "name": str,
+//!     "outcome": str,                         // "exit status 0", "triple fault ...", ...
+//!     "exit_status": u32 | null,              // the exit hypercall's status
+//!     "boot_ms": f64 | null,                  // shim start -> first console byte
+//!     "boot_to_main_ms": f64 | null,          // shim start -> MainReached hypercall
+//!     "boot_to_main_from_run_ms": f64 | null, // first KVM_RUN -> MainReached hypercall
+//!     "guest_main_us": u64 | null,            // the guest's own PVH entry -> main (TSC)
+//!     "run_ms": f64,                          // vCPU threads started -> guest ended
+//!     "exits": u64,                           // KVM's `exits`, summed over the vCPUs
+//!     "exits_by_reason": {                    // shim-seen exits by class, plus the rest
+//!       "io": u64,          // port I/O: hypercalls, serial, PCI 0xCF8/0xCFC, legacy
+//!       "mmio": u64,        // MMIO exits to the shim (ECAM, BARs, unmapped)
+//!       "halt": u64, "irq_window": u64,
+//!       "other": u64,       // any other exit the shim saw (signal kicks, shutdown...)
+//!       "in_kernel": u64    // exits - the above: handled by KVM (ioeventfd, LAPIC...)
+//!     },
+//!     "notifications": {"trap": u64, "doorbell": u64},  // queue notifications by path
+//!     "vcpus": [{
+//!       "index": u32, "host_cpu": i32,        // sched_getcpu(3) at the last entry
+//!       "exits": {Exit::name(): u64},         // non-zero shim counters only
+//!       "shim_exits_total": u64,
+//!       "kvm": {KVM_FIELDS name: u64},        // KVM binary stats at the vCPU's end
+//!       "interrupts_injected": u64            // KVM_INTERRUPT injections
+//!     }],
+//!     "rejected": {Reject::name(): u64},      // refused guest input, non-zero only
+//!     "nics": [{
+//!       "name": str, "mac": "02:45:58:00:00:00",
+//!       "tx_packets": u64, "tx_bytes": u64, "rx_packets": u64, "rx_bytes": u64,
+//!       "queue_notifications": {"rx": u64, "tx": u64},
+//!       "interrupts": u64                     // MSI-X messages delivered
+//!     }]
+//!   }]
+//! }
+//! ```
 
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use serde::Serialize;
 
@@ -88,6 +136,51 @@ impl<const N: usize> Counters<N> {
 
 pub type ExitCounters = Counters<{ Exit::ALL.len() }>;
 pub type RejectCounters = Counters<{ Reject::ALL.len() }>;
+
+impl Exit {
+    /// The demo's reason class of this exit (`exits_by_reason` in the JSON), or `None`
+    /// for counters that refine another one (a hypercall is also an `io_out`).
+    #[must_use]
+    pub const fn class(self) -> Option<&'static str> {
+        match self {
+            Self::IoIn | Self::IoOut => Some("io"),
+            Self::MmioRead | Self::MmioWrite => Some("mmio"),
+            Self::Hlt => Some("halt"),
+            Self::IrqWindow => Some("irq_window"),
+            Self::Hypercall => None,
+            Self::Shutdown
+            | Self::Intr
+            | Self::Eagain
+            | Self::SystemEvent
+            | Self::InternalError
+            | Self::Other => Some("other"),
+        }
+    }
+}
+
+/// The classes of `exits_by_reason`, in report order; `in_kernel` is the rest.
+pub const EXIT_CLASSES: [&str; 6] = ["io", "mmio", "halt", "irq_window", "other", "in_kernel"];
+
+/// Folds a guest's per-vCPU shim exit counts (by [`Exit::name`]) into the classes
+/// of [`EXIT_CLASSES`]; `in_kernel` = `kvm_exits` − the shim-seen ones (never below 0:
+/// a kick can return from `KVM_RUN` before the guest ran, which KVM does not count).
+#[must_use]
+pub fn exits_by_reason<'a>(
+    shim: impl IntoIterator<Item = &'a BTreeMap<&'static str, u64>>,
+    kvm_exits: u64,
+) -> BTreeMap<&'static str, u64> {
+    let mut out: BTreeMap<&'static str, u64> = EXIT_CLASSES.iter().map(|&c| (c, 0)).collect();
+    for per_vcpu in shim {
+        for &e in Exit::ALL {
+            if let (Some(class), Some(&n)) = (e.class(), per_vcpu.get(e.name())) {
+                *out.entry(class).or_default() += n;
+            }
+        }
+    }
+    let seen: u64 = out.values().sum();
+    out.insert("in_kernel", kvm_exits.saturating_sub(seen));
+    out
+}
 
 impl ExitCounters {
     pub fn bump(&self, e: Exit) {
@@ -239,18 +332,68 @@ pub struct GuestReport {
     pub name: String,
     pub outcome: String,
     pub exit_status: Option<u32>,
+    /// Shim start → the guest's first console byte, in ms.
     pub boot_ms: Option<f64>,
+    /// Shim start → the guest's `MainReached` hypercall, in ms.
+    pub boot_to_main_ms: Option<f64>,
+    /// The guest's first `KVM_RUN` → its `MainReached` hypercall, in ms.
+    pub boot_to_main_from_run_ms: Option<f64>,
+    /// What the guest said in `MainReached`: µs from its PVH entry by its own TSC.
+    pub guest_main_us: Option<u64>,
     pub run_ms: f64,
+    /// KVM's `exits` summed over the guest's vCPUs for the whole run.
+    pub exits: u64,
+    /// `exits` split by [`EXIT_CLASSES`] (see [`exits_by_reason`]).
+    pub exits_by_reason: BTreeMap<&'static str, u64>,
+    /// The guest's queue notifications by path: `trap` (ioeventfd or MMIO exit),
+    /// `doorbell` (M1; 0 until the shim offers it).
+    pub notifications: BTreeMap<&'static str, u64>,
     pub vcpus: Vec<VcpuReport>,
     pub rejected: BTreeMap<&'static str, u64>,
     pub nics: Vec<NicReport>,
+}
+
+impl GuestReport {
+    /// Fills `exits`, `exits_by_reason` and `notifications` from `vcpus` and `nics`.
+    pub fn derive_totals(&mut self) {
+        self.exits = self
+            .vcpus
+            .iter()
+            .map(|v| v.kvm.get("exits").copied().unwrap_or(0))
+            .sum();
+        self.exits_by_reason = exits_by_reason(self.vcpus.iter().map(|v| &v.exits), self.exits);
+        let trap = self
+            .nics
+            .iter()
+            .flat_map(|n| n.queue_notifications.values())
+            .sum();
+        self.notifications = [("trap", trap), ("doorbell", 0)].into_iter().collect();
+    }
 }
 
 #[derive(Debug, Default, Serialize)]
 pub struct Report {
     pub guests: Vec<GuestReport>,
     pub shim_max_rss_kib: u64,
+    /// The L2 switch's counters (forwarded, flooded, drops...).
     pub switch: BTreeMap<&'static str, u64>,
+    /// The host TAP port, when `--tap` was given.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tap: Option<TapReport>,
+}
+
+/// Frames between the switch and the host TAP device.
+#[derive(Debug, Default, Serialize)]
+pub struct TapReport {
+    pub name: String,
+    /// Frames read from the TAP and sent into the switch.
+    pub rx_packets: u64,
+    pub rx_bytes: u64,
+    /// Frames from the switch written to the TAP.
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+    /// Frames dropped by reason (`too_short`, `too_long`, `write_failed`).
+    pub dropped: BTreeMap<&'static str, u64>,
 }
 
 /// The shim's peak resident set size, from `getrusage` (kilobytes on Linux).
@@ -267,6 +410,16 @@ pub fn max_rss_kib() -> u64 {
     }
 }
 
+/// `k=v k=v ...` for a counter map.
+fn pairs<K: std::fmt::Display, V: std::fmt::Display>(
+    m: impl IntoIterator<Item = (K, V)>,
+) -> String {
+    m.into_iter()
+        .map(|(k, n)| format!("{k}={n}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 impl Report {
     /// The human table printed at exit.
     #[must_use]
@@ -279,13 +432,26 @@ impl Report {
             self.shim_max_rss_kib
         );
         for g in &self.guests {
-            let boot = g
-                .boot_ms
-                .map_or_else(|| "-".into(), |b| format!("{b:.1} ms"));
+            let ms = |v: Option<f64>| v.map_or_else(|| "-".into(), |b| format!("{b:.1} ms"));
             let _ = writeln!(
                 s,
-                "guest {}: {} | boot {} | ran {:.1} ms",
-                g.name, g.outcome, boot, g.run_ms
+                "guest {}: {} | boot to main {} from shim start ({} from first KVM_RUN, \
+                 guest TSC {}) | first console byte {} | ran {:.1} ms",
+                g.name,
+                g.outcome,
+                ms(g.boot_to_main_ms),
+                ms(g.boot_to_main_from_run_ms),
+                ms(g.guest_main_us
+                    .map(|u| Duration::from_micros(u).as_secs_f64() * 1e3)),
+                ms(g.boot_ms),
+                g.run_ms
+            );
+            let _ = writeln!(
+                s,
+                "  kvm exits {}: {} | queue notifications: {}",
+                g.exits,
+                pairs(&g.exits_by_reason),
+                pairs(&g.notifications)
             );
             let _ = writeln!(
                 s,
@@ -293,8 +459,6 @@ impl Report {
                 "vcpu", "cpu", "shim", "kvm exits", "insn_emul", "irqs"
             );
             for v in &g.vcpus {
-                let reasons: Vec<String> =
-                    v.exits.iter().map(|(k, n)| format!("{k}={n}")).collect();
                 let _ = writeln!(
                     s,
                     "  {:<5} {:>5} {:>10} {:>10} {:>12} {:>8}  {}",
@@ -304,7 +468,7 @@ impl Report {
                     v.kvm.get("exits").copied().unwrap_or(0),
                     v.kvm.get("insn_emulation").copied().unwrap_or(0),
                     v.interrupts_injected,
-                    reasons.join(" ")
+                    pairs(&v.exits)
                 );
             }
             for n in &g.nics {
@@ -323,17 +487,23 @@ impl Report {
                 );
             }
             if !g.rejected.is_empty() {
-                let r: Vec<String> = g.rejected.iter().map(|(k, n)| format!("{k}={n}")).collect();
-                let _ = writeln!(s, "  rejected/ignored guest input: {}", r.join(" "));
+                let _ = writeln!(s, "  rejected/ignored guest input: {}", pairs(&g.rejected));
             }
         }
         if !self.switch.is_empty() {
-            let r: Vec<String> = self
-                .switch
-                .iter()
-                .map(|(k, n)| format!("{k}={n}"))
-                .collect();
-            let _ = writeln!(s, "switch: {}", r.join(" "));
+            let _ = writeln!(s, "switch: {}", pairs(&self.switch));
+        }
+        if let Some(t) = &self.tap {
+            let _ = writeln!(
+                s,
+                "tap {}: from host {} pkts/{} B, to host {} pkts/{} B, dropped {}",
+                t.name,
+                t.rx_packets,
+                t.rx_bytes,
+                t.tx_packets,
+                t.tx_bytes,
+                pairs(&t.dropped)
+            );
         }
         s
     }
@@ -391,7 +561,114 @@ mod tests {
             ..Default::default()
         };
         let s = r.summary();
-        assert!(s.contains("guest a: exit 0 | boot 1.5 ms"), "{s}");
+        assert!(s.contains("guest a: exit 0 | boot to main -"), "{s}");
+        assert!(s.contains("first console byte 1.5 ms"), "{s}");
         assert!(s.contains("1234 KiB"));
+    }
+
+    #[test]
+    fn exits_fold_into_classes_and_the_rest_is_in_kernel() {
+        let v0: BTreeMap<&'static str, u64> = [
+            ("io_out", 10),
+            ("hypercall", 4), // part of io_out: not counted twice
+            ("io_in", 1),
+            ("mmio_write", 5),
+            ("hlt", 2),
+            ("irq_window_open", 1),
+            ("intr", 3),
+        ]
+        .into_iter()
+        .collect();
+        let v1: BTreeMap<&'static str, u64> = [("mmio_read", 2)].into_iter().collect();
+        let c = exits_by_reason([&v0, &v1], 100);
+        assert_eq!(
+            c.keys().copied().collect::<Vec<_>>().len(),
+            EXIT_CLASSES.len()
+        );
+        assert_eq!(
+            (c["io"], c["mmio"], c["halt"], c["irq_window"], c["other"]),
+            (11, 7, 2, 1, 3)
+        );
+        assert_eq!(c["in_kernel"], 100 - 24);
+        // KVM counting fewer than the shim saw never goes negative.
+        assert_eq!(exits_by_reason([&v0], 1)["in_kernel"], 0);
+    }
+
+    #[test]
+    fn every_exit_counter_has_a_class_but_hypercall() {
+        for &e in Exit::ALL {
+            assert_eq!(e.class().is_none(), e == Exit::Hypercall, "{e:?}");
+            if let Some(c) = e.class() {
+                assert!(EXIT_CLASSES.contains(&c));
+            }
+        }
+    }
+
+    /// The JSON the demo and xtask read: field names and types (schema in the module doc).
+    #[test]
+    fn json_shape() {
+        let mut g = GuestReport {
+            name: "cli".into(),
+            outcome: "exit status 0".into(),
+            exit_status: Some(0),
+            boot_ms: Some(3.0),
+            boot_to_main_ms: Some(9.5),
+            boot_to_main_from_run_ms: Some(4.0),
+            guest_main_us: Some(3900),
+            vcpus: vec![VcpuReport {
+                exits: [("io_out", 7), ("mmio_write", 3)].into_iter().collect(),
+                kvm: [("exits", 50)].into_iter().collect(),
+                ..Default::default()
+            }],
+            nics: vec![NicReport {
+                name: "cli-net0".into(),
+                tx_packets: 5,
+                rx_packets: 6,
+                queue_notifications: [("rx".into(), 2), ("tx".into(), 5)].into_iter().collect(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        g.derive_totals();
+        let r = Report {
+            guests: vec![g],
+            shim_max_rss_kib: 1,
+            ..Default::default()
+        };
+        let v: serde_json::Value = serde_json::to_value(&r).unwrap();
+        assert!(v.get("tap").is_none(), "no tap key without --tap");
+        let g = &v["guests"][0];
+        assert_eq!(g["exits"], 50);
+        let by = g["exits_by_reason"].as_object().unwrap();
+        let mut keys: Vec<&str> = by.keys().map(String::as_str).collect();
+        keys.sort_unstable();
+        assert_eq!(
+            keys,
+            ["halt", "in_kernel", "io", "irq_window", "mmio", "other"]
+        );
+        assert_eq!((by["io"].as_u64(), by["mmio"].as_u64()), (Some(7), Some(3)));
+        assert_eq!(by["in_kernel"], 40);
+        assert_eq!(
+            g["notifications"],
+            serde_json::json!({"trap": 7, "doorbell": 0})
+        );
+        assert_eq!(g["boot_to_main_ms"], 9.5);
+        assert_eq!(g["boot_to_main_from_run_ms"], 4.0);
+        assert_eq!(g["guest_main_us"], 3900);
+        assert_eq!(g["boot_ms"], 3.0);
+        assert_eq!(g["exit_status"], 0);
+        assert_eq!(g["nics"][0]["tx_packets"], 5);
+        assert_eq!(g["nics"][0]["rx_packets"], 6);
+        assert!(g["vcpus"][0]["kvm"]["exits"].is_u64());
+        let with_tap = Report {
+            tap: Some(TapReport {
+                name: "tap0".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let v = serde_json::to_value(&with_tap).unwrap();
+        assert_eq!(v["tap"]["name"], "tap0");
+        assert!(v["tap"]["rx_packets"].is_u64());
     }
 }

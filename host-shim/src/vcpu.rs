@@ -4,6 +4,7 @@ use std::cell::Cell;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Instant;
 
 use kvm_bindings::{kvm_interrupt, kvm_run};
 use kvm_ioctls::{VcpuExit, VcpuFd};
@@ -128,9 +129,28 @@ pub struct GuestCtx {
     pub stop: AtomicBool,
     pub outcome: Mutex<Option<Outcome>>,
     pub vcpus: Vec<Arc<VcpuShared>>,
+    /// When the boot vCPU first entered `KVM_RUN`.
+    pub first_run: OnceLock<Instant>,
+    /// The first `MainReached` hypercall: when the shim saw it, and the guest's own
+    /// µs since PVH entry (RBX).
+    pub main_reached: OnceLock<(Instant, u64)>,
 }
 
 impl GuestCtx {
+    /// A running guest's shared state, before any vCPU runs.
+    #[must_use]
+    pub fn new(name: &str, platform: Arc<Platform>, vcpus: Vec<Arc<VcpuShared>>) -> Self {
+        Self {
+            name: name.to_owned(),
+            platform,
+            stop: AtomicBool::new(false),
+            outcome: Mutex::new(None),
+            vcpus,
+            first_run: OnceLock::new(),
+            main_reached: OnceLock::new(),
+        }
+    }
+
     /// Records the guest's outcome (the first one wins) and stops every vCPU.
     pub fn end(&self, outcome: Outcome) {
         {
@@ -228,6 +248,9 @@ pub fn run(mut fd: VcpuFd, me: &VcpuShared, guest: &GuestCtx, pin: Option<usize>
         .ok();
     KVM_RUN.with(|c| c.set(std::ptr::from_mut(fd.get_kvm_run())));
 
+    if me.index == 0 {
+        let _ = guest.first_run.set(Instant::now());
+    }
     while !guest.stop.load(Ordering::Acquire) {
         service_pending(&mut fd, me);
         me.host_cpu.store(current_cpu(), Ordering::Relaxed);
@@ -355,6 +378,12 @@ fn hypercall_exit(fd: &VcpuFd, me: &VcpuShared, guest: &GuestCtx, size: usize) -
     };
     match hypercall::decode(size, regs.rax, regs.rbx) {
         Action::Exit(status) => Some(Outcome::Exited(status)),
+        Action::MainReached { guest_us } => {
+            if guest.main_reached.set((Instant::now(), guest_us)).is_ok() {
+                info!(guest = %guest.name, vcpu = me.index, guest_us, "guest reached main");
+            }
+            resume_with(fd, me, &mut regs, Status::Ok)
+        }
         Action::Return(status) => {
             if status != Status::Ok {
                 guest.platform.reject(
@@ -365,12 +394,22 @@ fn hypercall_exit(fd: &VcpuFd, me: &VcpuShared, guest: &GuestCtx, size: usize) -
                     ),
                 );
             }
-            regs.rax = status as u64;
-            if let Err(e) = fd.set_regs(&regs) {
-                error!(vcpu = me.index, "KVM_SET_REGS: {e}");
-                return Some(Outcome::Failed(format!("KVM_SET_REGS: {e}")));
-            }
-            None
+            resume_with(fd, me, &mut regs, status)
         }
     }
+}
+
+/// Puts `status` in RAX for the guest's return from a hypercall.
+fn resume_with(
+    fd: &VcpuFd,
+    me: &VcpuShared,
+    regs: &mut kvm_bindings::kvm_regs,
+    status: Status,
+) -> Option<Outcome> {
+    regs.rax = status as u64;
+    if let Err(e) = fd.set_regs(regs) {
+        error!(vcpu = me.index, "KVM_SET_REGS: {e}");
+        return Some(Outcome::Failed(format!("KVM_SET_REGS: {e}")));
+    }
+    None
 }

@@ -1,8 +1,8 @@
 //! One guest: its KVM VM, memory, vCPUs and devices, from creation to report.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
@@ -232,13 +232,11 @@ impl Guest {
         let Some(platform) = self.platform.take() else {
             return Ok(()); // already started
         };
-        let ctx = Arc::new(GuestCtx {
-            name: self.name.clone(),
-            platform: Arc::new(platform),
-            stop: AtomicBool::new(false),
-            outcome: Mutex::new(None),
-            vcpus: self.vcpus.clone(),
-        });
+        let ctx = Arc::new(GuestCtx::new(
+            &self.name,
+            Arc::new(platform),
+            self.vcpus.clone(),
+        ));
         self.ctx = Some(ctx.clone());
         self.started = Some(Instant::now());
         for (i, fd) in std::mem::take(&mut self.vcpu_fds).into_iter().enumerate() {
@@ -296,24 +294,33 @@ impl Guest {
                 interrupts_injected: v.injected.load(Ordering::Relaxed),
             })
             .collect();
-        GuestReport {
+        let since = |from: Instant, to: Instant| to.duration_since(from).as_secs_f64() * 1e3;
+        let main = self
+            .ctx
+            .as_ref()
+            .and_then(|c| c.main_reached.get().copied());
+        let first_run = self.ctx.as_ref().and_then(|c| c.first_run.get().copied());
+        let mut report = GuestReport {
             name: self.name.clone(),
             exit_status: match outcome {
                 Outcome::Exited(s) => Some(s),
                 _ => None,
             },
             outcome: outcome.to_string(),
-            boot_ms: self
-                .first_output
-                .get()
-                .map(|t| t.duration_since(shim_start).as_secs_f64() * 1e3),
+            boot_ms: self.first_output.get().map(|&t| since(shim_start, t)),
+            boot_to_main_ms: main.map(|(t, _)| since(shim_start, t)),
+            boot_to_main_from_run_ms: main.zip(first_run).map(|((t, _), r)| since(r, t)),
+            guest_main_us: main.map(|(_, us)| us),
             run_ms: self
                 .started
                 .map_or(0.0, |s| s.elapsed().as_secs_f64() * 1e3),
             vcpus,
             rejected: self.rejects.snapshot(),
             nics: self.nics.iter().map(nic_report).collect(),
-        }
+            ..Default::default()
+        };
+        report.derive_totals();
+        report
     }
 
     /// The outcome so far.
