@@ -53,7 +53,7 @@ impl fmt::Display for NetError {
             Self::VectorRejected { rejected } => {
                 write!(f, "the device rejected {rejected} MSI-X queue vector(s)")
             }
-            Self::NoSuchCpu(c) => write!(f, "net.irq_cpu={c}: no such CPU online"),
+            Self::NoSuchCpu(c) => write!(f, "no CPU {c} is online to take the NIC's interrupts"),
         }
     }
 }
@@ -318,12 +318,11 @@ impl Net {
     }
 
     /// Points queue `queue` (0 = RX, 1 = TX)'s interrupt at CPU `cpu`.
-    pub fn retarget(&mut self, queue: u16, cpu: usize) -> Result<(), MsixError> {
-        let apic = smp::apic_id(cpu).ok_or(MsixError::NoSuchEntry {
-            entry: queue,
-            table_size: 0,
-        })?;
-        self.msix.retarget(queue, ApicId(apic))
+    pub fn retarget(&mut self, queue: u16, cpu: usize) -> Result<(), NetError> {
+        let apic = smp::apic_id(cpu).ok_or(NetError::NoSuchCpu(cpu))?;
+        self.msix
+            .retarget(queue, ApicId(apic))
+            .map_err(|e| NetError::Transport(e.into()))
     }
 
     /// Where the RX and TX queues interrupt now (APIC ids, read from the table).
