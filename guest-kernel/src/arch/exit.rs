@@ -8,6 +8,7 @@ use para_abi::{hypercall, layout};
 
 /// Issues hypercall `call` with `arg` to the Exitless shim (para_abi::hypercall);
 /// returns RAX. Ring 0 only, and only under the shim.
+#[must_use]
 pub fn hypercall(call: hypercall::Call, arg: u64) -> u64 {
     let ret: u64;
     // SAFETY: the shim's hypercall port; RBX carries the argument. RBX is
@@ -29,7 +30,8 @@ pub fn hypercall(call: hypercall::Call, arg: u64) -> u64 {
 /// Ends the guest with `status`. Ring 0 only.
 pub fn exit(status: u64) -> ! {
     if BOOT.under_shim.load(Ordering::Relaxed) != 0 {
-        hypercall(hypercall::Call::Exit, status);
+        // Does not return when the shim honours it; if it does, fall through.
+        let _ = hypercall(hypercall::Call::Exit, status);
     }
     // SAFETY: the isa-debug-exit port; harmless where no such device exists.
     unsafe { outl(layout::QEMU_DEBUG_EXIT_PORT, status as u32) };

@@ -46,7 +46,7 @@ ktest!(
         while Instant::now() < deadline && (sent < 20 || (dhcp && net.ipv4().is_none())) {
             net.poll();
             if sent < 20 && net.ipv4().is_some() {
-                let to = IpEndpoint::new(Ipv4Address::new(255, 255, 255, 255).into(), 9);
+                let to = IpEndpoint::new(Ipv4Address::BROADCAST.into(), 9);
                 if net
                     .udp(h)
                     .send_slice(b"exitless msi-x placement probe", to)
@@ -86,7 +86,7 @@ ktest!(
         );
         let tx_cpu0 = irq::count(0, tx);
         for _ in 0..10 {
-            let to = IpEndpoint::new(Ipv4Address::new(255, 255, 255, 255).into(), 9);
+            let to = IpEndpoint::new(Ipv4Address::BROADCAST.into(), 9);
             let _ = net.udp(h).send_slice(b"after retarget", to);
             net.poll();
             net.wait(Instant::now().checked_add(Duration::from_millis(10)));
