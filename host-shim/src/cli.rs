@@ -38,6 +38,17 @@ pub struct Cli {
     #[arg(long)]
     pub no_net: bool,
 
+    /// Also connect the switch to the host TAP device NAME (created through
+    /// /dev/net/tun when missing; needs CAP_NET_ADMIN), so that Linux programs on the
+    /// host can talk to the guests. The shim only moves frames: bring the TAP up and
+    /// address it yourself once it exists, e.g. `ip addr add 10.0.0.254/24 dev NAME &&
+    /// ip link set NAME up`. Frames from the host shorter than an Ethernet header or
+    /// longer than 64 KiB are dropped and counted. A TAP the shim created goes away
+    /// when the shim exits; make it persistent first (`ip tuntap add NAME mode tap`)
+    /// to configure it before the guests start.
+    #[arg(long, value_name = "NAME", conflicts_with = "no_net", value_parser = parse_tap)]
+    pub tap: Option<String>,
+
     /// Write per-guest and per-vCPU counters as JSON to FILE at exit.
     #[arg(long, value_name = "FILE")]
     pub stats_json: Option<PathBuf>,
@@ -69,6 +80,11 @@ impl PinPolicy {
             Self::List(l) => l.get(k % l.len().max(1)).copied(),
         }
     }
+}
+
+fn parse_tap(s: &str) -> Result<String, String> {
+    crate::tap::check_name(s).map_err(|e| e.to_string())?;
+    Ok(s.to_owned())
 }
 
 fn parse_pin(s: &str) -> Result<PinPolicy, String> {
@@ -249,5 +265,16 @@ mod tests {
         .unwrap();
         assert!(c.finish().is_err());
         assert!(Cli::try_parse_from(["host-shim", "--bogus"]).is_err());
+    }
+
+    #[test]
+    fn tap_names_are_checked_and_exclude_no_net() {
+        let g = format!("kernel={}", exe());
+        let c = Cli::try_parse_from(["host-shim", "--guest", &g, "--tap", "tap0"]).unwrap();
+        assert_eq!(c.tap.as_deref(), Some("tap0"));
+        assert!(Cli::try_parse_from(["host-shim", "--guest", &g, "--tap", "a/b"]).is_err());
+        assert!(
+            Cli::try_parse_from(["host-shim", "--guest", &g, "--tap", "t0", "--no-net"]).is_err()
+        );
     }
 }

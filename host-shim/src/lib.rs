@@ -16,5 +16,6 @@ pub mod run;
 pub mod serial;
 pub mod stats;
 pub mod switch;
+pub mod tap;
 pub mod vcpu;
 pub mod vm;

@@ -18,6 +18,7 @@ use crate::pci::virtio_pci::{self, VirtioPci};
 use crate::serial::Sink;
 use crate::stats::{self, Report};
 use crate::switch::Switch;
+use crate::tap::{Tap, TapError};
 use crate::vm::{Guest, IOAPIC_PINS, NicInfo, VmError};
 
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +34,8 @@ pub enum RunError {
     },
     #[error("blocking signals failed: {0}")]
     Signals(std::io::Error),
+    #[error(transparent)]
+    Tap(#[from] TapError),
 }
 
 /// SIGINT and SIGTERM, blocked in every thread and taken synchronously by the main loop.
@@ -132,6 +135,11 @@ pub fn run(cli: &Cli, shim_start: Instant) -> Result<Report, RunError> {
     let kvm = Kvm::new().map_err(RunError::Kvm)?;
     let ncpus = host_cpus();
     let switch = Arc::new(Switch::default());
+    let tap = cli
+        .tap
+        .as_deref()
+        .map(|name| Tap::attach(name, &switch))
+        .transpose()?;
     let mut guests = Vec::with_capacity(cli.guests.len());
     let mut k = 0;
     for cfg in &cli.guests {
@@ -192,7 +200,7 @@ pub fn run(cli: &Cli, shim_start: Instant) -> Result<Report, RunError> {
         guests,
         shim_max_rss_kib: stats::max_rss_kib(),
         switch: switch.counters(),
-        ..Default::default()
+        tap: tap.map(Tap::finish),
     };
     if let Some(path) = &cli.stats_json {
         let text = serde_json::to_string_pretty(&report).unwrap_or_default();

@@ -12,7 +12,7 @@ use vmm_sys_util::eventfd::EventFd;
 /// Frames queued per port before new ones are dropped (and counted).
 pub const PORT_QUEUE: usize = 512;
 /// Smallest frame carrying Ethernet addresses and type.
-const MIN_FRAME: usize = 14;
+pub const MIN_FRAME: usize = 14;
 
 pub type Mac = [u8; 6];
 
