@@ -29,8 +29,11 @@ pub struct Cli {
     #[arg(long = "guest", value_name = "SPEC", required = true, value_parser = parse_guest)]
     pub guests: Vec<GuestConfig>,
 
-    /// vCPU placement: "none" (let the host schedule), "spread" (vCPU k of all guests,
-    /// in order, on host CPU k mod N), or a comma list of host CPUs used round-robin.
+    /// vCPU placement: "none" (let the host schedule), "spread" (round-robin over the
+    /// N host CPUs, every guest's vCPU 0 first, then every guest's vCPU 1, ..., so that
+    /// the guests' boot vCPUs, which do most of the work, get different host CPUs), or a
+    /// comma list of host CPUs used round-robin over the vCPUs in command-line order
+    /// (guest a's vCPUs, then guest b's, ...).
     #[arg(long, value_name = "POLICY", default_value = "spread", value_parser = parse_pin)]
     pub pin: PinPolicy,
 
@@ -71,14 +74,35 @@ pub enum PinPolicy {
 }
 
 impl PinPolicy {
-    /// The host CPU for the `k`-th vCPU of the whole run, given `ncpus` host CPUs.
+    /// The host CPU for each vCPU of each guest (`vcpus[g]` vCPUs in guest `g`), given
+    /// `ncpus` host CPUs.
     #[must_use]
-    pub fn cpu_for(&self, k: usize, ncpus: usize) -> Option<usize> {
+    pub fn placement(&self, vcpus: &[u32], ncpus: usize) -> Vec<Vec<Option<usize>>> {
+        let ncpus = ncpus.max(1);
+        let mut out: Vec<Vec<Option<usize>>> =
+            vcpus.iter().map(|&n| vec![None; n as usize]).collect();
         match self {
-            Self::None => None,
-            Self::Spread => Some(k % ncpus.max(1)),
-            Self::List(l) => l.get(k % l.len().max(1)).copied(),
+            Self::None => {}
+            Self::Spread => {
+                // Rank by (vCPU index, guest index): all boot vCPUs first.
+                let most = vcpus.iter().copied().max().unwrap_or(0) as usize;
+                let mut k = 0;
+                for v in 0..most {
+                    for (g, cpus) in out.iter_mut().enumerate() {
+                        if v < vcpus[g] as usize {
+                            cpus[v] = Some(k % ncpus);
+                            k += 1;
+                        }
+                    }
+                }
+            }
+            Self::List(l) => {
+                for (k, slot) in out.iter_mut().flatten().enumerate() {
+                    *slot = l.get(k % l.len().max(1)).copied();
+                }
+            }
         }
+        out
     }
 }
 
@@ -235,10 +259,26 @@ mod tests {
 
     #[test]
     fn pin_policies() {
-        assert_eq!(parse_pin("none").unwrap().cpu_for(3, 2), None);
-        assert_eq!(parse_pin("spread").unwrap().cpu_for(3, 2), Some(1));
-        assert_eq!(parse_pin("1,0").unwrap().cpu_for(0, 2), Some(1));
-        assert_eq!(parse_pin("1,0").unwrap().cpu_for(3, 2), Some(0));
+        assert_eq!(
+            parse_pin("none").unwrap().placement(&[2, 1], 2),
+            [vec![None, None], vec![None]]
+        );
+        // Two guests of two vCPUs on two CPUs: the boot vCPUs on different CPUs.
+        let s = parse_pin("spread").unwrap();
+        assert_eq!(
+            s.placement(&[2, 2], 2),
+            [vec![Some(0), Some(0)], vec![Some(1), Some(1)]]
+        );
+        assert_eq!(
+            s.placement(&[3, 1], 4),
+            [vec![Some(0), Some(2), Some(3)], vec![Some(1)]]
+        );
+        assert_eq!(s.placement(&[1], 0), [vec![Some(0)]]);
+        let l = parse_pin("1,0").unwrap();
+        assert_eq!(
+            l.placement(&[2, 1], 2),
+            [vec![Some(1), Some(0)], vec![Some(1)]]
+        );
         assert!(parse_pin("x").is_err());
     }
 

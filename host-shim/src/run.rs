@@ -141,7 +141,8 @@ pub fn run(cli: &Cli, shim_start: Instant) -> Result<Report, RunError> {
         .map(|name| Tap::attach(name, &switch))
         .transpose()?;
     let mut guests = Vec::with_capacity(cli.guests.len());
-    let mut k = 0;
+    let counts: Vec<u32> = cli.guests.iter().map(|g| g.vcpus).collect();
+    let mut placement = cli.pin.placement(&counts, ncpus).into_iter();
     for cfg in &cli.guests {
         let err = |source| RunError::Guest {
             name: cfg.name.clone(),
@@ -165,10 +166,7 @@ pub fn run(cli: &Cli, shim_start: Instant) -> Result<Report, RunError> {
             end_bus: (ecam::BUSES - 1) as u8,
         };
         g.boot_pvh(cfg, Some(ecam)).map_err(err)?;
-        let pins: Vec<Option<usize>> = (0..cfg.vcpus as usize)
-            .map(|i| cli.pin.cpu_for(k + i, ncpus))
-            .collect();
-        k += cfg.vcpus as usize;
+        let pins = placement.next().unwrap_or_default();
         guests.push((g, pins));
     }
     let mut running = Vec::with_capacity(guests.len());
