@@ -483,4 +483,59 @@ mod tests {
         let mut q = queue_with(&m, &[(0x20_0000, 2048, 0, 0)]);
         assert_eq!(push_rx(&mut q, &m, b"x").unwrap().1, Err(ChainError::Short));
     }
+
+    #[test]
+    fn hostile_rx_chains_are_refused_and_guest_memory_outside_them_is_untouched() {
+        let m = mem();
+        // Out of RAM.
+        let mut q = queue_with(&m, &[(0x7FFF_0000, 2048, VRING_DESC_F_WRITE, 0)]);
+        assert!(push_rx(&mut q, &m, b"frame").unwrap().1.is_err());
+        // Straddling the end of RAM (4 MiB).
+        let mut q = queue_with(&m, &[((4 << 20) - 8, 2048, VRING_DESC_F_WRITE, 0)]);
+        assert!(push_rx(&mut q, &m, b"frame").unwrap().1.is_err());
+        // A loop of writable descriptors: bounded, never an endless write.
+        let mut q = queue_with(
+            &m,
+            &[
+                (0x20_0000, 4, VRING_DESC_F_WRITE | VRING_DESC_F_NEXT, 1),
+                (0x20_0004, 4, VRING_DESC_F_WRITE | VRING_DESC_F_NEXT, 0),
+            ],
+        );
+        let r = push_rx(&mut q, &m, &[0x55; 200]).unwrap().1;
+        assert!(r.is_err(), "{r:?}");
+        // A zero-length buffer.
+        let mut q = queue_with(&m, &[(0x20_0000, 0, VRING_DESC_F_WRITE, 0)]);
+        assert_eq!(
+            push_rx(&mut q, &m, b"frame").unwrap().1,
+            Err(ChainError::Short)
+        );
+        // Refused chains wrote nothing past the buffers they named.
+        let mut after = [0u8; 16];
+        m.read_slice(&mut after, GuestAddress(0x20_0008)).unwrap();
+        assert_eq!(after, [0; 16]);
+    }
+
+    #[test]
+    fn tx_chains_with_wrong_lengths_are_refused() {
+        let m = mem();
+        // Straddling the end of RAM.
+        let mut q = queue_with(&m, &[((4 << 20) - 8, 64, 0, 0)]);
+        assert!(pop_tx(&mut q, &m).unwrap().1.is_err());
+        // Zero-length descriptors only: no header.
+        let mut q = queue_with(
+            &m,
+            &[(0x10_0000, 0, VRING_DESC_F_NEXT, 1), (0x10_0000, 0, 0, 0)],
+        );
+        assert_eq!(pop_tx(&mut q, &m).unwrap().1, Err(ChainError::Short));
+        // A length near u32::MAX: too big, not an allocation of 4 GiB.
+        let mut q = queue_with(&m, &[(0x10_0000, u32::MAX, 0, 0)]);
+        assert!(pop_tx(&mut q, &m).unwrap().1.is_err());
+        // Exactly a header: an empty frame, which the switch drops as a runt.
+        let mut q = queue_with(&m, &[(0x10_0000, HDR_LEN as u32, 0, 0)]);
+        assert_eq!(pop_tx(&mut q, &m).unwrap().1, Ok(Vec::new()));
+        // Reasons map to their counters.
+        assert_eq!(ChainError::Bad.reason(), Reject::VirtioBadDescriptor);
+        assert_eq!(ChainError::Short.reason(), Reject::VirtioBadDescriptor);
+        assert_eq!(ChainError::TooBig.reason(), Reject::FrameTooBig);
+    }
 }

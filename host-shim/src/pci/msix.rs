@@ -128,7 +128,11 @@ impl Msix {
     /// accesses to MSI-X Table and MSI-X PBA fields, software must use aligned full
     /// DWORD or aligned full QWORD transactions").
     fn access_ok(offset: u64, len: usize, size: u64) -> bool {
-        matches!(len, 4 | 8) && offset.is_multiple_of(len as u64) && offset + len as u64 <= size
+        matches!(len, 4 | 8)
+            && offset.is_multiple_of(len as u64)
+            && offset
+                .checked_add(len as u64)
+                .is_some_and(|end| end <= size)
     }
 
     pub fn table_read(&self, offset: u64, data: &mut [u8]) -> Option<Reject> {
@@ -395,6 +399,54 @@ pub mod tests {
         let mut d = [0u8; 4];
         m.table_read(12, &mut d);
         assert_eq!(u32::from_le_bytes(d), VECTOR_MASKED);
+    }
+
+    /// Every access size and offset a guest can produce (PCI Local Bus 3.0 §6.8.2:
+    /// software uses aligned dword or qword accesses only); nothing else may change an
+    /// entry or install a route.
+    #[test]
+    fn every_odd_size_and_offset_is_refused_without_effect() {
+        let (m, r) = msix(2);
+        let table = 2 * 16;
+        for len in [1usize, 2, 3, 5, 6, 7, 16] {
+            for off in 0..table {
+                assert_eq!(
+                    m.table_write(off, &vec![0xAB; len]),
+                    Some(Reject::MsixBadAccess),
+                    "{len} bytes at {off}"
+                );
+            }
+        }
+        for off in (0..table).filter(|o| o % 4 != 0) {
+            assert_eq!(m.table_write(off, &[0; 4]), Some(Reject::MsixBadAccess));
+        }
+        for off in (0..table).filter(|o| o % 8 != 0) {
+            assert_eq!(m.table_write(off, &[0; 8]), Some(Reject::MsixBadAccess));
+        }
+        // Straddling the end, and far beyond it (no overflow in the bound check).
+        assert_eq!(
+            m.table_write(table - 4, &[0; 8]),
+            Some(Reject::MsixBadAccess)
+        );
+        assert_eq!(
+            m.table_write(u64::MAX - 3, &[0; 4]),
+            Some(Reject::MsixBadAccess)
+        );
+        for len in [1usize, 2, 4, 8] {
+            assert_eq!(m.pba_write(0, &vec![0; len]), Some(Reject::MsixBadAccess));
+        }
+        assert!(r.routes.lock().unwrap().is_empty(), "no route installed");
+        for v in 0..2 {
+            let mut d = [0u8; 4];
+            assert_eq!(m.table_read(v * 16 + 12, &mut d), None);
+            assert_eq!(
+                u32::from_le_bytes(d),
+                VECTOR_MASKED,
+                "vector {v} still masked"
+            );
+            assert_eq!(m.table_read(v * 16 + 8, &mut d), None);
+            assert_eq!(u32::from_le_bytes(d), 0, "vector {v} data untouched");
+        }
     }
 
     #[test]
