@@ -42,6 +42,9 @@ pub enum LegKind {
     QemuPingpong,
     /// Our guests under QEMU's virtio-net-pci, reached by host clients.
     QemuInterop,
+    /// The shim's `--tap` test (host-shim/tests/tap.rs, ignored by default:
+    /// it needs root, `ip` and the tcp-echo image).
+    ShimTap,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -89,6 +92,11 @@ pub const LEGS: &[Leg] = &[
         name: "qemu-pingpong",
         about: "two QEMU KVM guests exchange 500 UDP pings over a socket netdev",
         kind: LegKind::QemuPingpong,
+    },
+    Leg {
+        name: "shim-tap",
+        about: "Linux in a network namespace reaches a tcp-echo guest through the shim's TAP (HTTP + TCP echo)",
+        kind: LegKind::ShimTap,
     },
     Leg {
         name: "interop",
@@ -162,6 +170,7 @@ impl Runner {
             LegKind::ShimKtest { vcpus } => self.run_shim_ktest(leg, opts, vcpus),
             LegKind::ShimPingpong => run_demo(leg, opts, true),
             LegKind::QemuPingpong => run_demo(leg, opts, false),
+            LegKind::ShimTap => self.run_tap(leg, opts),
             LegKind::QemuInterop => match crate::interop::checks(opts.timeout) {
                 Ok(checks) => (verdict::judge_checks(&checks), check_reports(&checks), None),
                 Err(e) => (LegOutcome::broken(e.to_string()), Vec::new(), None),
@@ -253,6 +262,26 @@ impl Runner {
 }
 
 impl Runner {
+    fn run_tap(&mut self, leg: &Leg, opts: &Options) -> (LegOutcome, Vec<String>, Option<PathBuf>) {
+        if let Err(why) = setup::check_kvm() {
+            return (
+                LegOutcome::broken(format!("cannot use KVM: {why}")),
+                Vec::new(),
+                None,
+            );
+        }
+        let image = match self.image("tcp-echo") {
+            Ok(image) => image,
+            Err(e) => return (LegOutcome::broken(e), Vec::new(), None),
+        };
+        run_cargo_test(
+            leg,
+            opts,
+            &["-p", "host-shim", "--test", "tap", "--", "--ignored"],
+            &[("EXITLESS_TCP_ECHO_IMAGE", image.as_path())],
+        )
+    }
+
     fn run_shim_ktest(
         &mut self,
         leg: &Leg,
@@ -372,13 +401,26 @@ fn interop_port() -> u16 {
 }
 
 fn run_unit(leg: &Leg, opts: &Options) -> (LegOutcome, Vec<String>, Option<PathBuf>) {
+    run_cargo_test(leg, opts, &["--workspace"], &[])
+}
+
+/// Runs `cargo test ARGS` with `env` and judges it from its result lines.
+fn run_cargo_test(
+    leg: &Leg,
+    opts: &Options,
+    args: &[&str],
+    env: &[(&str, &std::path::Path)],
+) -> (LegOutcome, Vec<String>, Option<PathBuf>) {
     let mut log = match LogFile::create(leg.name) {
         Ok(log) => log,
         Err(e) => return (LegOutcome::broken(e.to_string()), Vec::new(), None),
     };
-    log.line("# xtask: cargo test --workspace");
+    log.line(&format!("# xtask: cargo test {}", args.join(" ")));
     let mut cmd = crate::workspace::cargo();
-    cmd.args(["test", "--workspace"]);
+    cmd.arg("test").args(args);
+    for (key, value) in env {
+        cmd.env(key, value);
+    }
     let finished = process::run(&mut cmd, UNIT_TIMEOUT, Stderr::Merge, |line| {
         log.line(&line.text);
         let text = line.text.trim();
