@@ -632,6 +632,7 @@ test smp::ipi ... ok
                 "guest-shim",
                 "shim-pingpong",
                 "qemu-pingpong",
+                "shim-tap",
                 "interop"
             ]
         );
