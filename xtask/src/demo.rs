@@ -52,6 +52,9 @@ pub struct Options {
     pub rx: Rx,
     pub notify: Notify,
     pub timeout: Duration,
+    /// Where the clients' NIC interrupts go (`net.irq_cpu`); `None` leaves the
+    /// default (the CPU running the network stack). The placement check sets it.
+    pub client_irq_cpu: Option<u32>,
 }
 
 impl Default for Options {
@@ -64,6 +67,7 @@ impl Default for Options {
             rx: Rx::Irq,
             notify: Notify::Trap,
             timeout: Duration::from_mins(2),
+            client_irq_cpu: None,
         }
     }
 }
@@ -77,6 +81,8 @@ pub struct ClientResult {
     pub p50_ns: u64,
     pub p99_ns: u64,
     pub pps: u64,
+    /// RX interrupts the client took on each of its CPUs.
+    pub rx_irqs_by_cpu: Vec<u64>,
 }
 
 pub const RESULT_PREFIX: &str = "pingpong-result: ";
@@ -98,6 +104,10 @@ pub fn parse_result<'a>(
         p50_ns: json["rtt_ns"]["p50"].as_u64()?,
         p99_ns: json["rtt_ns"]["p99"].as_u64()?,
         pps: json["pps"].as_u64()?,
+        rx_irqs_by_cpu: json["rx_irqs_by_cpu"]
+            .as_array()
+            .map(|a| a.iter().filter_map(Value::as_u64).collect())
+            .unwrap_or_default(),
     })
 }
 
@@ -150,13 +160,32 @@ fn cmdline(opts: &Options, index: u32) -> String {
             opts.guests - 1
         )
     } else {
+        let irq = opts
+            .client_irq_cpu
+            .map_or_else(String::new, |cpu| format!(" net.irq_cpu={cpu}"));
         format!(
-            "pingpong.role=client ip=10.0.0.{}/24 pingpong.peer=10.0.0.1 pingpong.count={} pingpong.size={} {common}",
+            "pingpong.role=client ip=10.0.0.{}/24 pingpong.peer=10.0.0.1 pingpong.count={} pingpong.size={} {common}{irq}",
             index + 1,
             opts.count,
             opts.size
         )
     }
+}
+
+/// Checks that a client's RX interrupts landed only on `cpu`.
+fn placement_check(r: &ClientResult, cpu: u32) -> (String, bool) {
+    let on = |c: usize| r.rx_irqs_by_cpu.get(c).copied().unwrap_or(0);
+    let ok = on(cpu as usize) > 0
+        && (0..r.rx_irqs_by_cpu.len())
+            .filter(|&c| c != cpu as usize)
+            .all(|c| on(c) == 0);
+    (
+        format!(
+            "{}: RX interrupts taken on cpu{cpu} only (per CPU: {:?})",
+            r.name, r.rx_irqs_by_cpu
+        ),
+        ok,
+    )
 }
 
 fn validate(opts: &Options) -> Result<()> {
@@ -230,6 +259,9 @@ pub fn on_shim(opts: &Options, label: &str, mut echo: impl FnMut(&str)) -> Resul
                         ),
                         r.sent == r.received && r.sent == opts.count,
                     ));
+                    if let Some(cpu) = opts.client_irq_cpu {
+                        checks.push(placement_check(&r, cpu));
+                    }
                     clients.push(r);
                 }
                 None => checks.push((format!("{name} printed its {RESULT_PREFIX}line"), false)),
@@ -260,6 +292,7 @@ pub fn on_shim(opts: &Options, label: &str, mut echo: impl FnMut(&str)) -> Resul
 }
 
 /// Runs the demo as two QEMU/KVM guests on a socket netdev (one client).
+#[allow(clippy::too_many_lines)] // one linear script: boot two VMs, then judge both
 pub fn on_qemu(opts: &Options, label: &str, port: u16) -> Result<Report> {
     validate(opts)?;
     let image = build::build_guest(build::find_image("udp-pingpong")?)?;
@@ -337,6 +370,9 @@ pub fn on_qemu(opts: &Options, label: &str, port: u16) -> Result<Report> {
                                 ),
                                 r.sent == r.received && r.sent == opts.count,
                             ));
+                            if let Some(cpu) = opts.client_irq_cpu {
+                                checks.push(placement_check(&r, cpu));
+                            }
                             clients.push(r);
                         }
                         None => {
@@ -518,6 +554,35 @@ mod tests {
             cmdline(&opts, 2),
             "pingpong.role=client ip=10.0.0.3/24 pingpong.peer=10.0.0.1 pingpong.count=50 pingpong.size=100 net.rx=irq"
         );
+        let placed = Options {
+            client_irq_cpu: Some(1),
+            ..opts
+        };
+        assert!(cmdline(&placed, 1).ends_with("net.rx=irq net.irq_cpu=1"));
+        assert!(
+            !cmdline(&placed, 0).contains("irq_cpu"),
+            "the server keeps its default"
+        );
+    }
+
+    #[test]
+    fn placement_needs_interrupts_on_the_chosen_cpu_only() {
+        let r = |v: Vec<u64>| ClientResult {
+            name: "c".into(),
+            sent: 1,
+            received: 1,
+            p50_ns: 1,
+            p99_ns: 1,
+            pps: 1,
+            rx_irqs_by_cpu: v,
+        };
+        assert!(placement_check(&r(vec![0, 500]), 1).1);
+        assert!(
+            !placement_check(&r(vec![3, 500]), 1).1,
+            "one landed on cpu0"
+        );
+        assert!(!placement_check(&r(vec![500, 0]), 1).1, "none on cpu1");
+        assert!(!placement_check(&r(vec![]), 1).1, "nothing reported");
     }
 
     #[test]

@@ -166,6 +166,7 @@ fn main() -> ExitCode {
                 rx: args.rx,
                 notify: args.notify,
                 timeout: Duration::from_secs(args.timeout),
+                client_irq_cpu: None,
             };
             run::run(&opts, args.json.as_deref(), args.verbose).map(|()| ExitCode::SUCCESS)
         }

@@ -191,6 +191,10 @@ mod guest {
             net.wait(Instant::now().checked_add(Duration::from_millis(5)));
         }
         let received = rtts.len() as u64;
+        // RX interrupts per CPU: where the NIC's MSI-X vector actually landed.
+        let rx_irqs: alloc::vec::Vec<alloc::string::String> = (0..guest_kernel::rt::smp::online())
+            .map(|cpu| alloc::format!("{}", guest_kernel::rt::irq::count(cpu, net.rx_vector())))
+            .collect();
         rtts.sort_unstable();
         let p = |q| percentile(&rtts, q).unwrap_or(0);
         let pps = if elapsed.as_micros() == 0 {
@@ -209,12 +213,13 @@ mod guest {
             rtts.last().copied().unwrap_or(0) / 1000,
         );
         println!(
-            "pingpong-result: {{\"packets_sent\": {count}, \"packets_received\": {received}, \"size\": {size}, \"rtt_ns\": {{\"p50\": {}, \"p99\": {}, \"min\": {}, \"max\": {}}}, \"pps\": {pps}, \"rx_dropped\": {}}}",
+            "pingpong-result: {{\"packets_sent\": {count}, \"packets_received\": {received}, \"size\": {size}, \"rtt_ns\": {{\"p50\": {}, \"p99\": {}, \"min\": {}, \"max\": {}}}, \"pps\": {pps}, \"rx_dropped\": {}, \"rx_irqs_by_cpu\": [{}]}}",
             p(50),
             p(99),
             rtts.first().copied().unwrap_or(0),
             rtts.last().copied().unwrap_or(0),
-            stats.rx_dropped_short + stats.rx_dropped_oversize + stats.rx_errors
+            stats.rx_dropped_short + stats.rx_dropped_oversize + stats.rx_errors,
+            rx_irqs.join(", ")
         );
         i32::from(received != count)
     }
