@@ -142,6 +142,9 @@ pub mod status {
     pub const TESTS_FAILED: u64 = 1;
     pub const PANIC: u64 = 2;
     pub const FATAL_EXCEPTION: u64 = 3;
+    /// The application refused its configuration or its devices (a bad
+    /// command line, a NIC without MSI-X, ...) and said why on the console.
+    pub const APP_ERROR: u64 = 4;
 }
 
 /// True when `[ptr, ptr + len)` lies inside memory ring 3 may name to the kernel.

@@ -307,6 +307,7 @@ pub fn on_qemu(opts: &Options, label: &str, port: u16) -> Result<Report> {
         hostfwd: Vec::new(),
         netdev: Some(netdev),
         mac: Some(mac.to_owned()),
+        nic_options: Vec::new(),
         timeout: opts.timeout,
     };
     let server_cfg = cfg(

@@ -49,6 +49,7 @@ fn guest_cfg(
         hostfwd,
         netdev: None,
         mac: None,
+        nic_options: Vec::new(),
         timeout,
     }
 }
@@ -172,6 +173,43 @@ fn curl_page(curl: &std::path::Path, port: u16) -> std::result::Result<String, S
     }
 }
 
+/// A NIC QEMU builds without (enough) MSI-X vectors must be refused at
+/// start-up with a clear message and the application-error status, never a
+/// crash (issue 4, bad input).
+fn msix_refusals(timeout: Duration) -> Result<Vec<(String, bool)>> {
+    let image = build::build_guest(build::find_image("udp-pingpong")?)?;
+    let mut checks = Vec::new();
+    for (option, expect) in [
+        ("vectors=0", "no MSI-X capability"),
+        ("vectors=2", "MSI-X vectors, 3 needed"),
+    ] {
+        let mut cfg = guest_cfg(
+            image.clone(),
+            "pingpong.role=server ip=10.0.2.15/24",
+            Vec::new(),
+            timeout,
+        );
+        cfg.nic_options = vec![option.to_owned()];
+        let run = qemu::boot(
+            &cfg,
+            "interop-msix",
+            &Echo::Protocol {
+                prefix: format!("nic {option}"),
+            },
+        )?;
+        let said = run.lines.iter().any(|l| l.text.contains(expect));
+        let status_ok = run.exit == crate::verdict::GuestExit::Status(4);
+        checks.push((
+            format!("a NIC with {option} is refused at start-up: `{expect}` on the console, status 4 (got {})", run.exit),
+            said && status_ok,
+        ));
+        if !(said && status_ok) {
+            run.print_post_mortem();
+        }
+    }
+    Ok(checks)
+}
+
 /// The interop checks: UDP echo and TCP echo from Rust clients, HTTP from curl.
 pub fn checks(timeout: Duration) -> Result<Vec<(String, bool)>> {
     setup::ensure_qemu()?;
@@ -275,5 +313,6 @@ pub fn checks(timeout: Duration) -> Result<Vec<(String, bool)>> {
     if !run.exit.passed() {
         run.print_post_mortem();
     }
+    checks.extend(msix_refusals(timeout)?);
     Ok(checks)
 }

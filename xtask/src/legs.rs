@@ -232,6 +232,7 @@ impl Runner {
             hostfwd: Vec::new(),
             netdev: None,
             mac: None,
+            nic_options: Vec::new(),
             timeout: opts.timeout,
         };
         let echo = if opts.verbose {

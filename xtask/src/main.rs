@@ -197,6 +197,7 @@ fn qemu_by_hand(args: &QemuArgs) -> Result<ExitCode> {
         hostfwd: args.hostfwd.clone(),
         netdev: None,
         mac: None,
+        nic_options: Vec::new(),
         timeout: Duration::from_secs(args.timeout),
     };
     let leg = format!("qemu-{}", args.accel.name());

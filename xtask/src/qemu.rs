@@ -86,6 +86,8 @@ pub struct Config {
     /// The NIC's MAC address (QEMU picks 52:54:00:12:34:56 otherwise, the
     /// same for every guest).
     pub mac: Option<String>,
+    /// More `virtio-net-pci` properties, e.g. `vectors=0` (no MSI-X).
+    pub nic_options: Vec<String>,
     pub timeout: Duration,
 }
 
@@ -147,6 +149,10 @@ pub fn args(cfg: &Config) -> Vec<OsString> {
         if let Some(mac) = &cfg.mac {
             device.push_str(",mac=");
             device.push_str(mac);
+        }
+        for option in &cfg.nic_options {
+            device.push(',');
+            device.push_str(option);
         }
         args.extend([
             "-netdev".into(),
@@ -293,6 +299,7 @@ mod tests {
             hostfwd: vec![],
             netdev: None,
             mac: None,
+            nic_options: vec![],
             timeout: DEFAULT_TIMEOUT,
         }
     }
@@ -336,9 +343,10 @@ mod tests {
         let mut c = cfg(Accel::Kvm, Machine::Q35, "");
         c.netdev = Some("socket,id=net0,listen=127.0.0.1:17001".into());
         c.mac = Some("52:54:00:00:00:01".into());
+        c.nic_options = vec!["vectors=0".into()];
         let line = joined(&c);
         assert!(
-            line.contains("-netdev socket,id=net0,listen=127.0.0.1:17001 -device virtio-net-pci,netdev=net0,mac=52:54:00:00:00:01 -kernel"),
+            line.contains("-netdev socket,id=net0,listen=127.0.0.1:17001 -device virtio-net-pci,netdev=net0,mac=52:54:00:00:00:01,vectors=0 -kernel"),
             "{line}"
         );
         assert!(!line.contains("user,"), "{line}");

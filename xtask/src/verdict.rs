@@ -48,6 +48,7 @@ impl fmt::Display for GuestExit {
             Self::Status(1) => f.write_str("status 1 (failure: tests failed)"),
             Self::Status(2) => f.write_str("status 2 (guest panicked)"),
             Self::Status(3) => f.write_str("status 3 (fatal exception)"),
+            Self::Status(4) => f.write_str("status 4 (the application refused its configuration or device)"),
             Self::Status(s) => write!(f, "status {s} (not a status the guest defines)"),
             Self::QemuZero => {
                 f.write_str("QEMU exited 0 without a guest status (triple fault/reset under -no-reboot, or shutdown)")

@@ -18,6 +18,9 @@ mod guest {
 
     guest_kernel::entry!(main);
 
+    /// Exit status for a configuration or device the demo cannot use.
+    const APP_ERROR: i32 = guest_kernel::abi::status::APP_ERROR as i32;
+
     const ECHO_PORT: u16 = 7;
     const HTTP_PORT: u16 = 80;
     const BUFFER: usize = 16 * 1024;
@@ -38,14 +41,14 @@ mod guest {
             Ok(cfg) => cfg,
             Err(e) => {
                 println!("tcp-echo: {e}");
-                return 2;
+                return APP_ERROR;
             }
         };
         let mut net = match Net::open(0, &cfg) {
             Ok(n) => n,
             Err(e) => {
                 println!("tcp-echo: {e}");
-                return 2;
+                return APP_ERROR;
             }
         };
         let max_connections: Option<u64> =
@@ -62,7 +65,7 @@ mod guest {
                 }),
                 Err(e) => {
                     println!("tcp-echo: cannot listen on {port}: {e:?}");
-                    return 2;
+                    return APP_ERROR;
                 }
             }
         }

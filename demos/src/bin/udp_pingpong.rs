@@ -24,6 +24,9 @@ mod guest {
 
     guest_kernel::entry!(main);
 
+    /// Exit status for a configuration or device the demo cannot use.
+    const APP_ERROR: i32 = guest_kernel::abi::status::APP_ERROR as i32;
+
     const REPLY_TIMEOUT: Duration = Duration::from_millis(500);
 
     fn main() -> i32 {
@@ -32,14 +35,14 @@ mod guest {
             Ok(cfg) => cfg,
             Err(e) => {
                 println!("udp-pingpong: {e}");
-                return 2;
+                return APP_ERROR;
             }
         };
         let mut net = match Net::open(0, &cfg) {
             Ok(n) => n,
             Err(e) => {
                 println!("udp-pingpong: {e}");
-                return 2;
+                return APP_ERROR;
             }
         };
         match c.get("pingpong.role") {
@@ -58,7 +61,7 @@ mod guest {
                     .and_then(|p| p.parse::<Ipv4Address>().ok())
                 else {
                     println!("udp-pingpong: the client needs pingpong.peer=IPV4");
-                    return 2;
+                    return APP_ERROR;
                 };
                 let num = |k, d: u64| c.get(k).and_then(|s| s.parse().ok()).unwrap_or(d);
                 let size = usize::try_from(num("pingpong.size", 64))
@@ -74,7 +77,7 @@ mod guest {
             }
             _ => {
                 println!("udp-pingpong: give pingpong.role=server or pingpong.role=client");
-                2
+                APP_ERROR
             }
         }
     }
@@ -82,7 +85,7 @@ mod guest {
     fn server(net: &mut Net, clients: usize, idle_s: u64) -> i32 {
         let Ok(h) = net.udp_bind(PORT, 64) else {
             println!("udp-pingpong: cannot bind UDP port {PORT}");
-            return 2;
+            return APP_ERROR;
         };
         log::info!("udp-pingpong: server on UDP {PORT} for {clients} client(s)");
         let mut echoed = 0u64;
@@ -157,7 +160,7 @@ mod guest {
     fn client(net: &mut Net, peer: Ipv4Address, count: u64, size: usize, warmup: u64) -> i32 {
         let Ok(h) = net.udp_bind(PORT + 1, 64) else {
             println!("udp-pingpong: cannot bind UDP port {}", PORT + 1);
-            return 2;
+            return APP_ERROR;
         };
         let to = IpEndpoint::new(peer.into(), PORT);
         log::info!(
