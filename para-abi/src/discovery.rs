@@ -8,6 +8,10 @@
 pub const LEAF_SIGNATURE: u32 = 0x4000_0000;
 /// CPUID leaf whose EAX carries [`features`] bits.
 pub const LEAF_FEATURES: u32 = 0x4000_0001;
+/// CPUID leaf saying where the para region ([`crate::region`]) is: EAX = its
+/// guest-physical address bits 0..32, EBX = bits 32..64, ECX = its size in bytes,
+/// EDX = [`crate::region::VERSION`]. All zero when the shim offers no para region.
+pub const LEAF_PARA_REGION: u32 = 0x4000_0002;
 /// CPUID leaf with timing information, following the convention `VMware` and KVM
 /// guests already know: EAX = TSC frequency in kHz, EBX = LAPIC timer frequency in kHz.
 pub const LEAF_TIMING: u32 = 0x4000_0010;
@@ -39,6 +43,33 @@ pub const fn is_exitless(ebx: u32, ecx: u32, edx: u32) -> bool {
 pub mod features {
     /// The exit hypercall of [`crate::hypercall`] is available.
     pub const EXIT_HYPERCALL: u32 = 1 << 0;
+    /// [`super::LEAF_PARA_REGION`] names a para region.
+    pub const PARA_REGION: u32 = 1 << 1;
+    /// The para region's designation table offers doorbell ranges (M1,
+    /// [`crate::doorbell`]). Implies [`PARA_REGION`].
+    pub const DOORBELLS: u32 = 1 << 2;
+}
+
+/// The (EAX, EBX, ECX, EDX) of [`LEAF_PARA_REGION`] for a region at `gpa` of `size`
+/// bytes.
+#[must_use]
+pub const fn para_region_registers(gpa: u64, size: u32) -> (u32, u32, u32, u32) {
+    (gpa as u32, (gpa >> 32) as u32, size, crate::region::VERSION)
+}
+
+/// Decodes [`LEAF_PARA_REGION`]: `Some((gpa, size, version))`, or `None` when the
+/// size is zero (no region).
+#[must_use]
+pub const fn para_region_from_registers(
+    eax: u32,
+    ebx: u32,
+    ecx: u32,
+    edx: u32,
+) -> Option<(u64, u32, u32)> {
+    if ecx == 0 {
+        return None;
+    }
+    Some(((ebx as u64) << 32 | eax as u64, ecx, edx))
 }
 
 #[cfg(test)]
@@ -54,6 +85,16 @@ mod tests {
         bytes[4..8].copy_from_slice(&c.to_le_bytes());
         bytes[8..].copy_from_slice(&d.to_le_bytes());
         assert_eq!(&bytes, b"ExitlessShim");
+    }
+
+    #[test]
+    fn para_region_leaf_round_trips() {
+        let (a, b, c, d) = para_region_registers(0x1_2345_6000, 0x4_0000);
+        assert_eq!(
+            para_region_from_registers(a, b, c, d),
+            Some((0x1_2345_6000, 0x4_0000, crate::region::VERSION))
+        );
+        assert_eq!(para_region_from_registers(0, 0, 0, 0), None);
     }
 
     #[test]

@@ -5,6 +5,11 @@
 //! sides compile the very same definitions.
 #![no_std]
 
+#[cfg(test)]
+extern crate std;
+
 pub mod discovery;
+pub mod doorbell;
 pub mod hypercall;
 pub mod layout;
+pub mod region;

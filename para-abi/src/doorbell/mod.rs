@@ -1,0 +1,112 @@
+//! M1 — exitless doorbells: events from guest vCPUs to host CPUs through
+//! designated memory ranges (DESIGN.md §3 M1; the mechanism of US 9,256,455,
+//! "Delivery of events from a virtual machine to host CPU using memory monitoring
+//! instructions", in `reference/M1-events-via-monitored-memory.txt`).
+//!
+//! # The parts
+//!
+//! - [`designation`]: what a designated range is (address, length, host CPU,
+//!   source type, protected portion, where its ring lives, the kick address) and
+//!   the seqlocked table entry the shim publishes it in. The table itself sits in
+//!   the para region ([`crate::region`]).
+//! - [`record`]: the 64-bit event record (device, queue, operation, argument,
+//!   sequence tag, check byte) and its total decoder.
+//! - [`ring`]: the multi-producer / single-consumer ring of records, its
+//!   coalescing overflow set and the park/kick handshake.
+//!
+//! # Who writes what
+//!
+//! | word                                 | lives in               | written by          | read by         |
+//! |--------------------------------------|------------------------|---------------------|-----------------|
+//! | `RingStatus::head`                   | protected portion      | host consumer       | guest producers |
+//! | `RingStatus::parked`                 | protected portion      | host consumer       | guest producers |
+//! | `RingHeader::tail`                   | writable portion       | guest producers     | guest producers |
+//! | slots                                | writable portion       | producers; consumer clears | consumer |
+//! | `RingHeader::overflow{,_summary}`    | writable portion       | producers (`fetch_or`); consumer (`swap(0)`) | both |
+//!
+//! The reference text's "protected portion ... not writeable by the VCPU" is where
+//! the host tells the guest about itself: because the guest cannot write `head` or
+//! `parked`, the host never has to trust a value it reads back for its own state —
+//! and it reads neither back anyway: the consumer keeps its position privately.
+//!
+//! # Producing (guest, any vCPU, ring 3 is fine)
+//!
+//! [`Ring::send`](ring::Ring::send): load `tail` and `head`; if `tail - head <
+//! capacity`, claim position `tail` with a `compare_exchange` on `tail` (a locked
+//! `cmpxchg`), then store the record — tagged with the position's low bits — into
+//! slot `tail % capacity` with one atomic 64-bit store. After publishing, a SeqCst
+//! fence, then a load of `parked`: if the monitor is parked the caller issues the
+//! trapping kick (one MMIO write to the range's kick address, an ioeventfd).
+//!
+//! **Overflow, never loss.** If the ring is full — or the producer lost
+//! [`MAX_RESERVE_ATTEMPTS`](ring::MAX_RESERVE_ATTEMPTS) races for a slot, which
+//! keeps `send` wait-free — it sets the event's bit in the overflow set with
+//! `fetch_or`, then the word's bit in the overflow summary. Keys (device < 16,
+//! queue < 16, any op) have a bit of their own; any other key sets its device's bit
+//! ("something on this device"). The consumer drains the set with `swap(0)` after
+//! draining the ring. So a full ring degrades to "these (device, queue, op) — or
+//! this device — have pending work", exactly the level-triggered meaning a queue
+//! notification has anyway; only the advisory argument is lost.
+//!
+//! # Consuming (host monitor thread, one per host CPU)
+//!
+//! [`Consumer::poll`](ring::Consumer::poll) reads the slot of its private
+//! position: zero means nothing yet; a record whose check byte, operation and
+//! sequence tag are right is the event; anything else is a [`Rejection`](ring::Rejection)
+//! with a reason. Either way the slot is cleared and the position advances, and
+//! the new position is published as `head` with Release — after the clear, so
+//! the producer that refills the slot a lap later (it acquires `head` first) writes
+//! after the clear. A guest scribbling on the ring can produce rejections, spurious
+//! events (the host validates device and queue), or stall its own ring; it can
+//! never make the consumer panic, loop or touch memory outside the ring.
+//!
+//! # Parking without lost wake-ups
+//!
+//! The monitor spins on `poll` for a budget, then [`Consumer::park`](ring::Consumer::park):
+//! store `parked = PARKED`; SeqCst fence; re-check the next slot and the overflow
+//! summary; if either is non-zero, clear `parked` and go on, else sleep on the
+//! eventfd. The producer's side is the mirror image: publish (slot store or
+//! summary `fetch_or`); SeqCst fence; load `parked`. This is Dekker's pattern: the
+//! two fences are ordered in the single total order of SeqCst operations, and the
+//! load after the later fence observes the store before the earlier one. So either
+//! the producer sees `PARKED` and kicks, or the consumer's re-check sees the
+//! producer's publication (or both: a spurious kick, which costs an exit and no
+//! event). The re-check looks at only the *next* slot: a producer that claimed it
+//! but has not stored yet will store, fence and see `PARKED` itself, so events
+//! published behind it are covered by its kick. The eventfd remembers a kick that
+//! lands before the monitor actually sleeps.
+//!
+//! # What a guest must do
+//!
+//! Find the para region ([`crate::discovery::LEAF_PARA_REGION`], feature
+//! [`crate::discovery::features::DOORBELLS`]), open it ([`crate::region::Region::open`]),
+//! wait for `writing_allowed`, [`snapshot`](crate::region::Region::snapshot) the
+//! table, build a [`Ring`](ring::Ring) per range it will use (`Ring::from_raw` over
+//! the range's status, header and slots), then per event `send` and, when
+//! `Sent::kick`, write the kick address. Re-snapshot when the generation changes.
+//!
+//! # What the host must do
+//!
+//! Place each range (standard layout: [`Designation::standard`](designation::Designation::standard)),
+//! map its protected portion read-only, zero it, publish it with
+//! [`Region::designate`](crate::region::Region::designate), set `writing_allowed`,
+//! and run one [`Consumer`](ring::Consumer) per ring on the monitor thread of the
+//! range's host CPU: `poll` until `Empty` (bounded batches), `drain_overflow`,
+//! spin, `park`, sleep on the kick eventfd, `unpark`.
+
+pub mod designation;
+pub mod record;
+pub mod ring;
+
+pub use designation::{Designation, DesignationSlot, RingLayout, SourceType};
+pub use record::{Event, Op};
+pub use ring::{Consumer, Park, Pending, Polled, Ring, RingHeader, RingStatus, Sent, Via};
+
+/// The atomics the ring is written against: `core`'s, or loom's when model checking.
+pub(crate) mod sync {
+    #[cfg(loom)]
+    pub(crate) use loom::sync::atomic::{AtomicU32, AtomicU64, Ordering, fence};
+
+    #[cfg(not(loom))]
+    pub(crate) use core::sync::atomic::{AtomicU32, AtomicU64, Ordering, fence};
+}
