@@ -23,6 +23,7 @@
 //! | `RingHeader::tail`                   | writable portion       | guest producers     | guest producers |
 //! | slots                                | writable portion       | producers; consumer clears | consumer |
 //! | `RingHeader::overflow{,_summary}`    | writable portion       | producers (`fetch_or`); consumer (`swap(0)`) | both |
+//! | `RingHeader::kicked`                 | writable portion       | producers (`swap(1)`); consumer clears | producers |
 //!
 //! The reference text's "protected portion ... not writeable by the VCPU" is where
 //! the host tells the guest about itself: because the guest cannot write `head` or
@@ -75,6 +76,14 @@
 //! but has not stored yet will store, fence and see `PARKED` itself, so events
 //! published behind it are covered by its kick. The eventfd remembers a kick that
 //! lands before the monitor actually sleeps.
+//!
+//! **One kick per park.** Producers that see `PARKED` also `swap` a guest-writable
+//! `kicked` word to 1; only the one that found 0 kicks. The consumer clears
+//! `kicked` after waking ([`Consumer::unpark`](ring::Consumer::unpark): clear,
+//! SeqCst fence, then poll). A producer that found `kicked` already set did its
+//! swap before that clear, so its fence precedes the consumer's in the total order
+//! and the consumer's polls see its event. A guest that forges `kicked` only stops
+//! its own kicks.
 //!
 //! # What a guest must do
 //!

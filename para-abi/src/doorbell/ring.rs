@@ -58,6 +58,10 @@ pub struct RingHeader {
     pub overflow_summary: AtomicU64,
     /// The coalescing overflow set (see [`Pending`]).
     pub overflow: [AtomicU64; OVERFLOW_WORDS],
+    /// Non-zero once a producer took on the kick for the current park; the consumer
+    /// clears it in [`Consumer::unpark`]. Producers that find it set skip their
+    /// kick, so a parked monitor costs one exit, not one per event until it runs.
+    pub kicked: AtomicU64,
 }
 
 /// Size in bytes of [`RingStatus`] in shared memory.
@@ -78,6 +82,7 @@ const _: () = {
     assert!(offset_of!(RingHeader, tail) == 0);
     assert!(offset_of!(RingHeader, overflow_summary) == 64);
     assert!(offset_of!(RingHeader, overflow) == 72);
+    assert!(offset_of!(RingHeader, kicked) == 72 + OVERFLOW_WORDS * 8);
     assert!(OVERFLOW_WORDS <= 64);
     assert!(size_of::<AtomicU64>() == SLOT_SIZE);
 };
@@ -108,6 +113,7 @@ impl RingHeader {
             tail: Tail(AtomicU64::new(0)),
             overflow_summary: AtomicU64::new(0),
             overflow: core::array::from_fn(|_| AtomicU64::new(0)),
+            kicked: AtomicU64::new(0),
         }
     }
 }
@@ -155,8 +161,8 @@ pub enum Via {
 pub struct Sent {
     /// The path the event took.
     pub via: Via,
-    /// The monitor was parked after the event was published: issue the trapping
-    /// kick (the range's kick address) to wake it.
+    /// The monitor was parked after the event was published and no other producer
+    /// has taken on the kick: issue the trapping kick (the range's kick address).
     pub kick: bool,
 }
 
@@ -297,19 +303,29 @@ impl<'a> Ring<'a> {
         // order, the other side's later load sees the earlier side's store: either
         // we see PARKED and kick, or the consumer's re-check sees our event.
         fence(Ordering::SeqCst);
-        let kick = self.status.parked.load(Ordering::Relaxed) == PARKED;
+        // Parked: one producer per park takes on the kick (the swap that finds 0).
+        // One that finds it taken may skip: its swap precedes the consumer's clear
+        // of `kicked` in `unpark`, so its fence precedes the consumer's fence there
+        // in the total order, and the consumer's polls after that fence see our
+        // publication.
+        let kick = self.status.parked.load(Ordering::Relaxed) == PARKED
+            && self.header.kicked.swap(1, Ordering::Relaxed) == 0;
         Sent { via, kick }
     }
 
     fn publish(&self, event: Event) -> Via {
         for _ in 0..MAX_RESERVE_ATTEMPTS {
-            let tail = self.header.tail.0.load(Ordering::Relaxed);
             // Acquire pairs with the consumer's Release store of `head`, which it
             // makes after clearing the slots below `head`: the clear of the slot we
             // are about to fill happens before our store to it.
             let head = self.status.head.load(Ordering::Acquire);
-            // `head` only grows, so room seen now stays room. A `head` above `tail`
-            // (impossible unless the status is corrupt) wraps to "full".
+            // `head` first, then `tail`: the consumer reached `head` by acquiring the
+            // records below it, whose producers had advanced `tail` past them, so
+            // this load cannot return a `tail` older than `head` (read the other way
+            // round, a stale `tail` below `head` would look like a full ring — loom
+            // found that one). `head` only grows, so room seen now stays room. A
+            // `head` above `tail` (a corrupt status) wraps to "full".
+            let tail = self.header.tail.0.load(Ordering::Relaxed);
             if tail.wrapping_sub(head) >= self.capacity() {
                 return self.coalesce(event);
             }
@@ -436,6 +452,7 @@ impl Consumer {
             word.store(0, Ordering::Relaxed);
         }
         ring.header.overflow_summary.store(0, Ordering::Relaxed);
+        ring.header.kicked.store(0, Ordering::Relaxed);
         ring.header.tail.0.store(0, Ordering::Relaxed);
         ring.status.parked.store(RUNNING, Ordering::Relaxed);
         self.position = 0;
@@ -540,9 +557,24 @@ impl Consumer {
         }
     }
 
-    /// Publishes that the monitor runs again (after a wake-up). Producers that still
-    /// see [`PARKED`] kick spuriously; that costs an exit, never an event.
+    /// Publishes that the monitor runs again; call it after the sleep returned
+    /// (the kick eventfd was read), then poll. Clears `kicked` so the next park gets
+    /// a kick again. A producer that skipped its kick swapped `kicked` before this
+    /// clear, so its fence precedes ours in the total order and the polls after our
+    /// fence see its event. (Without this fence the event would still not be lost —
+    /// the next [`Self::park`]'s fence orders the same way and its re-check would
+    /// see it — only later; loom confirms both.)
     pub fn unpark(&self, ring: &Ring<'_>) {
         ring.status.parked.store(RUNNING, Ordering::Relaxed);
+        ring.header.kicked.store(0, Ordering::Relaxed);
+        fence(Ordering::SeqCst);
     }
 }
+
+#[cfg(all(test, not(loom)))]
+#[path = "ring_tests.rs"]
+mod tests;
+
+#[cfg(all(test, loom))]
+#[path = "ring_loom.rs"]
+mod loom_tests;
