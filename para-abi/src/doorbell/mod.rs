@@ -90,16 +90,17 @@
 //! Find the para region ([`crate::discovery::LEAF_PARA_REGION`], feature
 //! [`crate::discovery::features::DOORBELLS`]), open it ([`crate::region::Region::open`]),
 //! wait for `writing_allowed`, [`snapshot`](crate::region::Region::snapshot) the
-//! table, build a [`Ring`](ring::Ring) per range it will use (`Ring::from_raw` over
-//! the range's status, header and slots), then per event `send` and, when
+//! table, build a [`Ring`] per range it will use ([`Ring::from_range`](ring::Ring::from_range) over
+//! the range, with the layout [`Designation::ring_layout`](designation::Designation::ring_layout) validated), then per event `send` and, when
 //! `Sent::kick`, write the kick address. Re-snapshot when the generation changes.
 //!
 //! # What the host must do
 //!
 //! Place each range (standard layout: [`Designation::standard`](designation::Designation::standard)),
-//! map its protected portion read-only, zero it, publish it with
+//! map its protected portion read-only, zero the ring
+//! ([`Consumer::reset`](ring::Consumer::reset)), publish it with
 //! [`Region::designate`](crate::region::Region::designate), set `writing_allowed`,
-//! and run one [`Consumer`](ring::Consumer) per ring on the monitor thread of the
+//! and run one [`Consumer`] per ring on the monitor thread of the
 //! range's host CPU: `poll` until `Empty` (bounded batches), `drain_overflow`,
 //! spin, `park`, sleep on the kick eventfd, `unpark`.
 
