@@ -19,6 +19,10 @@ pub enum Call {
     /// The guest reached its application's main (RBX = microseconds since its
     /// PVH entry by its own TSC). Lets the VMM report boot time to main.
     MainReached = 2,
+    /// Snapshot the guest's counters (KVM exits over all its vCPUs, doorbell
+    /// events) under label RBX, so a test can measure what happened between
+    /// two marks. The VMM reports the marks in its statistics.
+    StatsMark = 3,
 }
 
 impl Call {
@@ -28,6 +32,7 @@ impl Call {
         match raw {
             1 => Some(Self::Exit),
             2 => Some(Self::MainReached),
+            3 => Some(Self::StatsMark),
             _ => None,
         }
     }
@@ -52,6 +57,7 @@ mod tests {
     fn call_numbers_decode() {
         assert_eq!(Call::from_raw(1), Some(Call::Exit));
         assert_eq!(Call::from_raw(2), Some(Call::MainReached));
+        assert_eq!(Call::from_raw(3), Some(Call::StatsMark));
         assert_eq!(Call::from_raw(0), None);
         assert_eq!(Call::from_raw(u32::MAX), None);
     }

@@ -21,6 +21,19 @@ pub const LOW_MEMORY_END: u64 = 0x10_0000;
 /// (ECAM, PCI BARs, IOAPIC, LAPIC), mapped uncached by the guest.
 pub const MMIO_HOLE_START: u64 = 0xB000_0000;
 
+/// Where a VMM that offers a para region puts it (guest-physical; cacheable,
+/// user-accessible in the guest's boot page tables; never reported as RAM).
+/// Guest RAM must then end below it.
+pub const PARA_REGION_BASE: u64 = 0xA000_0000;
+/// The most bytes the para region may span (up to [`MMIO_HOLE_START`]).
+pub const PARA_REGION_MAX: u64 = MMIO_HOLE_START - PARA_REGION_BASE;
+
+/// Doorbell kick addresses (trapping MMIO writes bound to ioeventfds) lie in
+/// this page range of the MMIO hole, mapped uncached and user-accessible.
+pub const KICK_BASE: u64 = 0xFE00_0000;
+/// Bytes reserved for kick addresses.
+pub const KICK_SPAN: u64 = 0x10_0000;
+
 /// The top of the 4 GiB range the guest maps at boot.
 pub const IDENTITY_MAP_END: u64 = 0x1_0000_0000;
 

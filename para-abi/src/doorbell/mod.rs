@@ -108,6 +108,15 @@ pub mod designation;
 pub mod record;
 pub mod ring;
 
+/// What `Event::device` names: the PCI device number (bus 0) of the guest's
+/// virtio device the event is for, so guest and VMM agree without a table.
+/// `Event::queue` is the virtqueue index; `Op::Notify` means "new buffers".
+pub mod device {
+    /// A device that only counts what it receives: for tests and benchmarks
+    /// of the doorbell path itself.
+    pub const SINK: u8 = 0xFF;
+}
+
 pub use designation::{Designation, DesignationSlot, RingLayout, SourceType};
 pub use record::{Event, Op};
 pub use ring::{Consumer, Park, Pending, Polled, Ring, RingHeader, RingStatus, Sent, Via};
