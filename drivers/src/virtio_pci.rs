@@ -176,6 +176,13 @@ struct NotifyRegion {
     multiplier: u32,
 }
 
+/// Another way to tell the device about new buffers: exitless doorbells
+/// (mechanism M1). `notify` returns false when the caller must fall back to
+/// the virtio notify register.
+pub trait QueueNotifier: Send {
+    fn notify(&self, device: u8, queue: u16) -> bool;
+}
+
 /// A virtio-pci device whose queues interrupt through MSI-X. Hand it to a
 /// virtio-drivers device driver; keep the [`MsixControl`] returned beside it.
 pub struct MsixPciTransport {
@@ -184,6 +191,10 @@ pub struct MsixPciTransport {
     notify: NotifyRegion,
     /// Each queue's notify address once `queue_set` computed it (0: not yet).
     notify_addr: Vec<u64>,
+    /// When set, notifications go here first (see [`QueueNotifier`]).
+    notifier: Option<alloc::boxed::Box<dyn QueueNotifier>>,
+    /// PCI device number: how doorbell events name this device.
+    device_number: u8,
     queues: u16,
     config_vector: bool,
     status: Arc<SharedStatus>,
@@ -342,6 +353,8 @@ impl MsixPciTransport {
             common: common as *mut u8,
             notify,
             notify_addr: alloc::vec![0; plan.queues.len().max(2)],
+            notifier: None,
+            device_number: df.device,
             queues: plan.queues.len() as u16,
             config_vector: plan.config.is_some(),
             status: status.clone(),
@@ -368,6 +381,12 @@ impl MsixPciTransport {
     fn common_write16(&self, off: usize, v: u16) {
         // SAFETY: as in `common_read16`.
         unsafe { self.common.add(off).cast::<u16>().write_volatile(v) }
+    }
+
+    /// Routes queue notifications through `notifier` (doorbells); the notify
+    /// register stays the fallback.
+    pub fn set_notifier(&mut self, notifier: alloc::boxed::Box<dyn QueueNotifier>) {
+        self.notifier = Some(notifier);
     }
 
     /// The notify address of the selected queue (virtio 1.2 §4.1.4.4:
@@ -400,6 +419,11 @@ impl Transport for MsixPciTransport {
         self.inner.max_queue_size(queue)
     }
     fn notify(&mut self, queue: u16) {
+        if let Some(n) = &self.notifier
+            && n.notify(self.device_number, queue)
+        {
+            return;
+        }
         match self.notify_addr.get(usize::from(queue)) {
             // SAFETY: a notify address inside the device's notify structure,
             // mapped (checked in `new`); virtio 1.2 §4.1.5.2: the driver writes

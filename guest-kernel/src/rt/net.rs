@@ -5,7 +5,9 @@
 //!
 //! Kernel command line: `ip=10.0.0.2/24`, `gw=10.0.0.1`, `dhcp` (instead of
 //! `ip=`), `net.rx=poll|irq` (default irq), `net.irq_cpu=N` (where the NIC's
-//! interrupts go; default: the CPU that opens it).
+//! interrupts go; default: the CPU that opens it), `net.notify=doorbell|trap`
+//! (how the NIC learns of new buffers; default: doorbells when the shim
+//! offers them, the virtio notify register otherwise).
 
 use super::start::system;
 use super::time::Instant;
@@ -41,6 +43,8 @@ pub enum NetError {
         rejected: u16,
     },
     NoSuchCpu(usize),
+    /// Doorbells were asked for and cannot be had.
+    Doorbell(super::doorbell::DoorbellError),
 }
 
 impl fmt::Display for NetError {
@@ -54,6 +58,7 @@ impl fmt::Display for NetError {
                 write!(f, "the device rejected {rejected} MSI-X queue vector(s)")
             }
             Self::NoSuchCpu(c) => write!(f, "no CPU {c} is online to take the NIC's interrupts"),
+            Self::Doorbell(e) => write!(f, "net.notify=doorbell: {e}"),
         }
     }
 }
@@ -67,6 +72,19 @@ pub struct NetConfig {
     pub rx_mode: RxMode,
     /// CPU the NIC's interrupts are sent to.
     pub irq_cpu: usize,
+    /// How queue notifications travel.
+    pub notify: Notify,
+}
+
+/// How the driver tells the device about new buffers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Notify {
+    /// Doorbells when the shim offers them, the notify register otherwise.
+    Auto,
+    /// Exitless doorbells (M1); opening the NIC fails where there are none.
+    Doorbell,
+    /// The virtio notify register (a trap: ioeventfd or MMIO exit).
+    Trap,
 }
 
 impl NetConfig {
@@ -97,6 +115,12 @@ impl NetConfig {
                 .parse()
                 .map_err(|_| NetError::Config("net.irq_cpu= takes a CPU index"))?,
         };
+        let notify = match c.get("net.notify") {
+            None => Notify::Auto,
+            Some("doorbell") => Notify::Doorbell,
+            Some("trap") => Notify::Trap,
+            Some(_) => return Err(NetError::Config("net.notify= takes doorbell or trap")),
+        };
         let dhcp = c.flag("dhcp");
         if address.is_none() && !dhcp {
             return Err(NetError::Config(
@@ -109,6 +133,7 @@ impl NetConfig {
             dhcp,
             rx_mode,
             irq_cpu,
+            notify,
         })
     }
 }
@@ -133,6 +158,27 @@ fn on_rx(v: u8) {
     let target = STACK_CPU[nic].load(Ordering::Relaxed);
     if target != percpu::cpu_id() {
         let _ = smp::send_ipi(target, vector::WAKE);
+    }
+}
+
+/// Queue notifications as doorbell events (device = PCI device number).
+struct DoorbellNotifier;
+
+impl drivers::virtio_pci::QueueNotifier for DoorbellNotifier {
+    fn notify(&self, device: u8, queue: u16) -> bool {
+        match super::doorbell::get() {
+            Ok(d) => {
+                let event = para_abi::doorbell::record::Event {
+                    device,
+                    queue,
+                    op: para_abi::doorbell::record::Op::Notify,
+                    arg: 0,
+                };
+                let _ = d.send(event);
+                true
+            }
+            Err(_) => false,
+        }
     }
 }
 
@@ -187,9 +233,17 @@ impl Net {
             config: None,
             queues: vec![msg(rx)?, msg(rx + 1)?],
         };
-        let (transport, msix) =
+        let (mut transport, msix) =
             MsixPciTransport::new::<KernelHal, _>(KernelPciAccess(access), df, plan)
                 .map_err(NetError::Transport)?;
+        let doorbells = match (cfg.notify, super::doorbell::get()) {
+            (Notify::Trap, _) | (Notify::Auto, Err(_)) => false,
+            (Notify::Doorbell | Notify::Auto, Ok(_)) => true,
+            (Notify::Doorbell, Err(e)) => return Err(NetError::Doorbell(e)),
+        };
+        if doorbells {
+            transport.set_notifier(alloc::boxed::Box::new(DoorbellNotifier));
+        }
         let mut dev = NetDevice::new(transport, cfg.rx_mode).map_err(NetError::Driver)?;
         let status = msix.vector_status();
         if status.rejected > 0 {
@@ -211,7 +265,7 @@ impl Net {
         let mut sockets = SocketSet::new(Vec::new());
         let dhcp = cfg.dhcp.then(|| sockets.add(dhcpv4::Socket::new()));
         log::info!(
-            "net{index}: virtio-net at {:02x}:{:02x}.{} MAC {mac}, {}, RX {:?}, interrupts to cpu{} (vectors {:#x}/{:#x}, {} accepted)",
+            "net{index}: virtio-net at {:02x}:{:02x}.{} MAC {mac}, {}, RX {:?}, interrupts to cpu{} (vectors {:#x}/{:#x}, {} accepted), notify by {}",
             df.bus,
             df.device,
             df.function,
@@ -223,7 +277,8 @@ impl Net {
             cfg.irq_cpu,
             rx,
             rx + 1,
-            status.accepted
+            status.accepted,
+            if doorbells { "doorbell" } else { "trap" }
         );
         Ok(Self {
             index,

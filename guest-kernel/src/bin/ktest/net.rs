@@ -26,6 +26,7 @@ ktest!(
             dhcp,
             rx_mode: drivers::net::RxMode::Interrupt,
             irq_cpu: 1,
+            notify: guest_kernel::rt::net::Notify::Auto,
         };
         let mut net = Net::open(0, &cfg).map_err(|e| alloc::format!("{e}"))?;
         check_eq!(

@@ -1,0 +1,69 @@
+//! Exitless doorbells (M1): where offered, 10,000 events reach the host's
+//! monitor with no exit of their own; where not (QEMU), the manager says so.
+//! The exits between the two stats marks are checked by the xtask leg from
+//! the shim's statistics.
+
+use core::time::Duration;
+use guest_kernel::arch::BOOT;
+use guest_kernel::rt::doorbell::{self, DoorbellError};
+use guest_kernel::rt::sys;
+use guest_kernel::rt::time::Instant;
+use guest_kernel::{check, check_eq, ktest, println};
+use para_abi::doorbell::device::SINK;
+use para_abi::doorbell::record::{Event, Op};
+use para_abi::hypercall::Call;
+
+/// Labels of the stats marks around the burst (the xtask leg reads them).
+pub const MARK_BEFORE: u64 = 1;
+pub const MARK_AFTER: u64 = 2;
+const EVENTS: u32 = 10_000;
+
+ktest!(
+    fn ten_thousand_events_to_the_sink() {
+        let under_shim = BOOT.under_shim.load(core::sync::atomic::Ordering::Relaxed) != 0;
+        let d = match doorbell::get() {
+            Ok(d) => d,
+            Err(e) => {
+                check!(!under_shim, "the shim offers doorbells, yet: {e}");
+                check_eq!(
+                    e,
+                    DoorbellError::Unavailable,
+                    "no para region outside the shim"
+                );
+                return Ok(());
+            }
+        };
+        let (sent0, over0, kicks0) = d.counters();
+        sys::hypercall(Call::StatsMark, MARK_BEFORE).map_err(|e| alloc::format!("mark: {e:?}"))?;
+        let t0 = Instant::now();
+        for i in 0..EVENTS {
+            let _ = d.send(Event {
+                device: SINK,
+                queue: 0,
+                op: Op::Notify,
+                arg: i as u16,
+            });
+        }
+        let sent_in = t0.elapsed();
+        let deadline = Instant::now()
+            .checked_add(Duration::from_secs(5))
+            .ok_or("time")?;
+        while !d.drained() && Instant::now() < deadline {
+            core::hint::spin_loop();
+        }
+        let drained_in = t0.elapsed();
+        check!(d.drained(), "the monitor consumed every event within 5 s");
+        sys::hypercall(Call::StatsMark, MARK_AFTER).map_err(|e| alloc::format!("mark: {e:?}"))?;
+        let (sent, over, kicks) = d.counters();
+        check_eq!(sent - sent0, u64::from(EVENTS));
+        println!(
+            "report: doorbell: {EVENTS} events to the sink in {} us ({} ns/event from ring 3), all consumed after {} us; {} coalesced on overflow, {} trapping kicks",
+            sent_in.as_micros(),
+            sent_in.as_nanos() / u128::from(EVENTS),
+            drained_in.as_micros(),
+            over - over0,
+            kicks - kicks0
+        );
+        Ok(())
+    }
+);

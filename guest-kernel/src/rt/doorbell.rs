@@ -1,0 +1,199 @@
+//! The event source manager (mechanism M1, DESIGN §3): events written into
+//! memory the host watches, instead of a trapping notification.
+//!
+//! At start-up (ring 3) it reads the shim's discovery leaves, opens the para
+//! region, waits for the "writing allowed" notification, takes a consistent
+//! copy of the designation table and keeps the range meant for this guest's
+//! vCPUs. Sending is one locked ring write (`Ring::send`); only when the
+//! host's monitor had parked does it add the trapping kick, an MMIO store to
+//! the range's kick address (an ioeventfd on the host). Under QEMU there is
+//! no para region: it reports [`DoorbellError::Unavailable`] and drivers keep
+//! using virtio's notify register.
+
+use crate::arch::BOOT;
+use core::fmt;
+use core::sync::atomic::{AtomicU64, Ordering};
+use para_abi::discovery::{self, features};
+use para_abi::doorbell::designation::{ANY_SOURCE, Designation, SourceType};
+use para_abi::doorbell::record::Event;
+use para_abi::doorbell::ring::{Ring, Sent, Via};
+use para_abi::region::{Region, TABLE_CAPACITY};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DoorbellError {
+    /// Not under the Exitless shim, or it offers no doorbells.
+    Unavailable,
+    /// The region or the table is not usable (says which).
+    BadRegion(&'static str),
+    /// The shim never allowed writing.
+    NotAllowed,
+    /// No range is designated for this guest's vCPUs.
+    NoDesignation,
+}
+
+impl fmt::Display for DoorbellError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Unavailable => write!(
+                f,
+                "no doorbells here (not under the Exitless shim, or turned off)"
+            ),
+            Self::BadRegion(why) => write!(f, "para region unusable: {why}"),
+            Self::NotAllowed => write!(f, "the shim did not allow writing to the doorbell ranges"),
+            Self::NoDesignation => write!(f, "no doorbell range is designated for guest vCPUs"),
+        }
+    }
+}
+
+/// The range this guest writes its events into.
+pub struct Doorbells {
+    ring: Ring<'static>,
+    kick: *mut u32,
+    designation: Designation,
+    sent: AtomicU64,
+    overflowed: AtomicU64,
+    kicks: AtomicU64,
+}
+
+// SAFETY: the ring is views of atomics in shared memory (safe to use from
+// every CPU at once: that is its purpose); the kick pointer is an MMIO
+// address that is only ever stored to.
+unsafe impl Sync for Doorbells {}
+// SAFETY: as above.
+unsafe impl Send for Doorbells {}
+
+impl fmt::Debug for Doorbells {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Doorbells")
+            .field("designation", &self.designation)
+            .finish_non_exhaustive()
+    }
+}
+
+static DOORBELLS: spin::Once<Result<Doorbells, DoorbellError>> = spin::Once::new();
+
+/// How long to wait for the shim's "writing allowed" notification.
+const ALLOW_WAIT_POLLS: u32 = 1_000_000;
+
+fn open() -> Result<Doorbells, DoorbellError> {
+    if BOOT.under_shim.load(Ordering::Relaxed) == 0 {
+        return Err(DoorbellError::Unavailable);
+    }
+    let f = crate::arch::cpu::cpuid(discovery::LEAF_FEATURES, 0);
+    if f.eax & features::DOORBELLS == 0 || f.eax & features::PARA_REGION == 0 {
+        return Err(DoorbellError::Unavailable);
+    }
+    let leaf = crate::arch::cpu::cpuid(discovery::LEAF_PARA_REGION, 0);
+    let (gpa, size, _) =
+        discovery::para_region_from_registers(leaf.eax, leaf.ebx, leaf.ecx, leaf.edx)
+            .ok_or(DoorbellError::BadRegion("the para region leaf is empty"))?;
+    let size = u64::from(size);
+    let end = gpa
+        .checked_add(size)
+        .ok_or(DoorbellError::BadRegion("region wraps"))?;
+    if gpa < para_abi::layout::PARA_REGION_BASE || end > para_abi::layout::MMIO_HOLE_START {
+        return Err(DoorbellError::BadRegion(
+            "region outside the range the guest maps for it",
+        ));
+    }
+    // SAFETY: the range is identity-mapped for ring 3 (checked above) and the
+    // shim keeps it for the VM's life; `open` validates magic and geometry.
+    let region = unsafe { Region::open(gpa as *const u8, size) }
+        .map_err(|_| DoorbellError::BadRegion("bad header"))?;
+    let mut polls = 0;
+    while !region.writing_allowed() {
+        polls += 1;
+        if polls > ALLOW_WAIT_POLLS {
+            return Err(DoorbellError::NotAllowed);
+        }
+        core::hint::spin_loop();
+    }
+    let mut table = [None; TABLE_CAPACITY];
+    region
+        .snapshot(&mut table, 64)
+        .map_err(|_| DoorbellError::BadRegion("the designation table stays torn"))?;
+    let d = table
+        .iter()
+        .flatten()
+        .find(|d| d.source == SourceType::GuestVcpu && d.source_id == ANY_SOURCE)
+        .copied()
+        .ok_or(DoorbellError::NoDesignation)?;
+    let layout = d
+        .ring_layout()
+        .map_err(|_| DoorbellError::BadRegion("ring layout"))?;
+    let range_end = d
+        .range_gpa
+        .checked_add(d.range_len)
+        .ok_or(DoorbellError::BadRegion("range wraps"))?;
+    if d.range_gpa < gpa || range_end > end {
+        return Err(DoorbellError::BadRegion("range outside the para region"));
+    }
+    let kick_ok = (para_abi::layout::KICK_BASE
+        ..para_abi::layout::KICK_BASE + para_abi::layout::KICK_SPAN - 4)
+        .contains(&d.kick_gpa)
+        && d.kick_gpa % 4 == 0;
+    if !kick_ok {
+        return Err(DoorbellError::BadRegion(
+            "kick address outside the kick window",
+        ));
+    }
+    // SAFETY: the range lies in the para region (checked), mapped for ring 3,
+    // laid out as `layout` says (validated by `ring_layout`).
+    let ring = unsafe { Ring::from_range(d.range_gpa as *const u8, &layout) }
+        .map_err(|_| DoorbellError::BadRegion("ring misaligned"))?;
+    Ok(Doorbells {
+        ring,
+        kick: d.kick_gpa as *mut u32,
+        designation: d,
+        sent: AtomicU64::new(0),
+        overflowed: AtomicU64::new(0),
+        kicks: AtomicU64::new(0),
+    })
+}
+
+/// The doorbells, once set up (the first call sets them up).
+pub fn get() -> Result<&'static Doorbells, DoorbellError> {
+    DOORBELLS.call_once(open).as_ref().map_err(|e| *e)
+}
+
+impl Doorbells {
+    /// Sends `event` to the host; kicks when the monitor was parked.
+    pub fn send(&self, event: Event) -> Sent {
+        let sent = self.ring.send(event);
+        self.sent.fetch_add(1, Ordering::Relaxed);
+        if sent.via == Via::Overflow {
+            self.overflowed.fetch_add(1, Ordering::Relaxed);
+        }
+        if sent.kick {
+            self.kicks.fetch_add(1, Ordering::Relaxed);
+            // SAFETY: the designated kick address (checked to lie in the kick
+            // window, mapped uncached for ring 3); the store is the whole protocol.
+            unsafe { core::ptr::write_volatile(self.kick, 1) };
+        }
+        sent
+    }
+
+    /// True when the host has consumed everything sent so far (ring and overflow set).
+    #[must_use]
+    pub fn drained(&self) -> bool {
+        let tail = self.ring.header().tail.0.load(Ordering::Acquire);
+        let head = self.ring.status().head.load(Ordering::Acquire);
+        head >= tail && self.ring.header().overflow_summary.load(Ordering::Acquire) == 0
+    }
+
+    /// (events sent, of which coalesced on overflow, trapping kicks issued).
+    #[must_use]
+    pub fn counters(&self) -> (u64, u64, u64) {
+        (
+            self.sent.load(Ordering::Relaxed),
+            self.overflowed.load(Ordering::Relaxed),
+            self.kicks.load(Ordering::Relaxed),
+        )
+    }
+
+    /// The host CPU whose monitor consumes this guest's events.
+    #[must_use]
+    pub fn host_cpu(&self) -> u32 {
+        self.designation.host_cpu
+    }
+}
