@@ -329,6 +329,22 @@ impl Runner {
                 .push(format!("the shim says: {}", run.guest_outcome("ktest")));
             run.print_post_mortem();
         }
+        // The doorbell burst ran (the shim offered doorbells): judge it from the marks.
+        if serial.reports.iter().any(|r| r.starts_with("doorbell:")) {
+            for (name, ok) in shim::doorbell_burst_checks(run.guest_stats("ktest")) {
+                if ok {
+                    outcome.passed += 1;
+                } else {
+                    outcome.failed += 1;
+                    outcome.problems.push(format!("check failed: {name}"));
+                }
+                println!(
+                    "{}: {} {name}",
+                    leg.name,
+                    if ok { "ok:" } else { "FAILED:" }
+                );
+            }
+        }
         let mut reports = serial.reports;
         if let Some(ms) = run
             .guest_stats("ktest")

@@ -106,9 +106,10 @@ struct RunArgs {
     /// RX mode of the guests' NICs: interrupt-driven or busy polling.
     #[arg(long, value_enum, default_value_t = demo::Rx::Irq)]
     rx: demo::Rx,
-    /// How guests notify their NIC: the virtio notify register (trap) or
-    /// exitless doorbells (not implemented yet).
-    #[arg(long, value_enum, default_value_t = demo::Notify::Trap)]
+    /// How guests notify their NIC: exitless doorbells when the shim offers
+    /// them (auto), the virtio notify register (trap), or doorbells (fails
+    /// when not offered). The summary and JSON say which path was taken.
+    #[arg(long, value_enum, default_value_t = demo::Notify::Auto)]
     notify: demo::Notify,
     /// Also write the results as JSON to FILE.
     #[arg(long, value_name = "FILE")]

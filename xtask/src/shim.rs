@@ -224,6 +224,53 @@ impl Run {
     }
 }
 
+/// The most KVM exits the 10,000-event doorbell burst may cost in all
+/// (issue 5: "at most a handful"): the closing mark's own exit, a possible
+/// kick if the monitor had parked, a timer tick.
+pub const DOORBELL_BURST_EXIT_LIMIT: u64 = 20;
+/// Events in ktest's doorbell burst (`doorbell::ten_thousand_events_to_the_sink`).
+pub const DOORBELL_BURST_EVENTS: u64 = 10_000;
+
+/// Checks on ktest's doorbell burst from the shim's stats marks 1 and 2.
+#[must_use]
+pub fn doorbell_burst_checks(guest: Option<&Value>) -> Vec<(String, bool)> {
+    let mark = |label: u64| {
+        guest?
+            .get("marks")?
+            .as_array()?
+            .iter()
+            .find(|m| m["label"].as_u64() == Some(label))
+            .cloned()
+    };
+    let (Some(before), Some(after)) = (mark(1), mark(2)) else {
+        return vec![(
+            "the shim recorded stats marks 1 and 2 around the doorbell burst".to_owned(),
+            false,
+        )];
+    };
+    let delta = |key: &str| {
+        after[key]
+            .as_u64()
+            .unwrap_or(0)
+            .saturating_sub(before[key].as_u64().unwrap_or(u64::MAX))
+    };
+    let (sink, exits) = (delta("sink_events"), delta("exits"));
+    vec![
+        (
+            format!(
+                "doorbell burst: the monitor consumed {sink} of {DOORBELL_BURST_EVENTS} sink events exactly once"
+            ),
+            sink == DOORBELL_BURST_EVENTS,
+        ),
+        (
+            format!(
+                "doorbell burst: {exits} KVM exits for {DOORBELL_BURST_EVENTS} events (at most {DOORBELL_BURST_EXIT_LIMIT})"
+            ),
+            exits <= DOORBELL_BURST_EXIT_LIMIT,
+        ),
+    ]
+}
+
 /// Numbers the demo summary needs from one guest's stats entry.
 #[derive(Debug, Clone, PartialEq)]
 pub struct GuestNumbers {
@@ -306,6 +353,34 @@ mod tests {
         );
         assert_eq!(guest_lines(&lines, "b"), ["test y ... ok"]);
         assert!(guest_lines(&lines, "ab").is_empty());
+    }
+
+    #[test]
+    fn doorbell_burst_is_judged_from_the_marks() {
+        let g = |sink2: u64, exits2: u64| {
+            serde_json::json!({"marks": [
+                {"label": 1, "exits": 1000, "doorbell_events": 0, "sink_events": 5},
+                {"label": 2, "exits": exits2, "doorbell_events": 0, "sink_events": sink2}
+            ]})
+        };
+        assert!(
+            doorbell_burst_checks(Some(&g(10_005, 1003)))
+                .iter()
+                .all(|(_, ok)| *ok)
+        );
+        assert!(
+            !doorbell_burst_checks(Some(&g(10_004, 1003)))[0].1,
+            "one event lost"
+        );
+        assert!(
+            !doorbell_burst_checks(Some(&g(10_005, 1500)))[1].1,
+            "too many exits"
+        );
+        assert!(
+            !doorbell_burst_checks(Some(&serde_json::json!({})))[0].1,
+            "no marks"
+        );
+        assert!(!doorbell_burst_checks(None)[0].1);
     }
 
     #[test]
