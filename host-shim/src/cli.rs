@@ -24,7 +24,7 @@ pub struct Cli {
     /// A guest to run; repeat for several. Comma-separated keys:
     /// name=NAME (default g0, g1, ...), kernel=PATH (required, a PVH ELF),
     /// vcpus=N (default 1, at most 254), mem=SIZE (default 256M; K/M/G suffixes; at most
-    /// 2816M so that RAM ends below the MMIO hole), cmdline=TEXT (the rest of the argument
+    /// 2560M so that RAM ends below the para region at 0xA0000000 and the MMIO hole), cmdline=TEXT (the rest of the argument
     /// after "cmdline=" — put it last; may contain commas).
     #[arg(long = "guest", value_name = "SPEC", required = true, value_parser = parse_guest)]
     pub guests: Vec<GuestConfig>,
@@ -59,6 +59,18 @@ pub struct Cli {
     /// Don't print the summary table at exit.
     #[arg(long)]
     pub quiet: bool,
+
+    /// Exitless doorbells (M1): "on" offers every guest a para region with a
+    /// doorbell ring consumed by a host monitor thread (CPUID 0x40000001 bits
+    /// PARA_REGION and DOORBELLS); "off" offers neither (leaf 0x40000002 reads zero).
+    #[arg(long, value_name = "on|off", default_value = "on", action = clap::ArgAction::Set, value_parser = parse_on_off)]
+    pub doorbells: bool,
+
+    /// How long a doorbell monitor spins (pause loop) on empty rings before it
+    /// parks and sleeps until a trapping kick, in microseconds. Spinning costs a
+    /// host CPU; the default (50) keeps an idle 2-core machine idle. 0 = park at once.
+    #[arg(long, value_name = "N", default_value_t = crate::doorbell::monitor::DEFAULT_SPIN_US)]
+    pub doorbell_spin_us: u64,
 
     /// Give up and stop all guests after this many seconds (0 = never).
     #[arg(long, value_name = "SECS", default_value_t = 0)]
@@ -103,6 +115,14 @@ impl PinPolicy {
             }
         }
         out
+    }
+}
+
+fn parse_on_off(s: &str) -> Result<bool, String> {
+    match s {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        other => Err(format!("expected on or off, got {other:?}")),
     }
 }
 
@@ -177,7 +197,8 @@ pub fn parse_guest(spec: &str) -> Result<GuestConfig, String> {
                     || !cfg.mem.is_multiple_of(4096)
                 {
                     return Err(format!(
-                        "mem={value} must be 4 KiB-aligned and within 4M..=2816M"
+                        "mem={value} must be 4 KiB-aligned and within 4M..=2560M \
+                         (guest RAM must end below the para region at 0xA0000000)"
                     ));
                 }
             }
@@ -305,6 +326,30 @@ mod tests {
         .unwrap();
         assert!(c.finish().is_err());
         assert!(Cli::try_parse_from(["host-shim", "--bogus"]).is_err());
+    }
+
+    #[test]
+    fn doorbell_flags() {
+        let g = format!("kernel={}", exe());
+        let c = Cli::try_parse_from(["host-shim", "--guest", &g]).unwrap();
+        assert!(c.doorbells);
+        assert_eq!(c.doorbell_spin_us, 50);
+        let c = Cli::try_parse_from([
+            "host-shim",
+            "--guest",
+            &g,
+            "--doorbells",
+            "off",
+            "--doorbell-spin-us",
+            "0",
+        ])
+        .unwrap();
+        assert!(!c.doorbells);
+        assert_eq!(c.doorbell_spin_us, 0);
+        assert!(Cli::try_parse_from(["host-shim", "--guest", &g, "--doorbells", "maybe"]).is_err());
+        let e = parse_guest(&format!("{g},mem=2816M")).unwrap_err();
+        assert!(e.contains("para region"), "{e}");
+        assert!(parse_guest(&format!("{g},mem=2560M")).is_ok());
     }
 
     #[test]

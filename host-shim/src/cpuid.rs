@@ -26,6 +26,8 @@ pub struct CpuidParams {
     pub tsc_khz: u32,
     /// KVM can emulate the TSC-deadline timer (`KVM_CAP_TSC_DEADLINE_TIMER`).
     pub tsc_deadline: bool,
+    /// The para region offered with doorbells (M1): guest-physical base and size.
+    pub para_region: Option<(u64, u32)>,
 }
 
 /// Number of bits needed to give each of `n` items a distinct id.
@@ -106,11 +108,19 @@ pub fn filter(
         0,
         [discovery::MAX_LEAF, b, c, d],
     ));
+    let (feat, region) = match p.para_region {
+        Some((gpa, size)) => (
+            features::EXIT_HYPERCALL | features::PARA_REGION | features::DOORBELLS,
+            discovery::para_region_registers(gpa, size),
+        ),
+        None => (features::EXIT_HYPERCALL, (0, 0, 0, 0)),
+    };
+    out.push(entry(discovery::LEAF_FEATURES, 0, 0, [feat, 0, 0, 0]));
     out.push(entry(
-        discovery::LEAF_FEATURES,
+        discovery::LEAF_PARA_REGION,
         0,
         0,
-        [features::EXIT_HYPERCALL, 0, 0, 0],
+        [region.0, region.1, region.2, region.3],
     ));
     out.push(entry(
         discovery::LEAF_TIMING,
@@ -152,6 +162,7 @@ mod tests {
         vcpus: 3,
         tsc_khz: 2_500_000,
         tsc_deadline: true,
+        para_region: None,
     };
 
     #[test]
@@ -182,6 +193,33 @@ mod tests {
         assert_eq!(find(&v, 0x4000_0001, 0).eax, features::EXIT_HYPERCALL);
         let t = find(&v, 0x4000_0010, 0);
         assert_eq!((t.eax, t.ebx), (2_500_000, LAPIC_TIMER_KHZ));
+    }
+
+    #[test]
+    fn para_region_leaf_follows_the_doorbells() {
+        let v = filter(&kvm_like(), 0, P);
+        let r = find(&v, discovery::LEAF_PARA_REGION, 0);
+        assert_eq!((r.eax, r.ebx, r.ecx, r.edx), (0, 0, 0, 0));
+        assert_eq!(
+            find(&v, discovery::LEAF_FEATURES, 0).eax & features::DOORBELLS,
+            0
+        );
+        let on = CpuidParams {
+            para_region: Some((0xA000_0000, 0x7000)),
+            ..P
+        };
+        let v = filter(&kvm_like(), 1, on);
+        let f = find(&v, discovery::LEAF_FEATURES, 0).eax;
+        assert_eq!(
+            f,
+            features::EXIT_HYPERCALL | features::PARA_REGION | features::DOORBELLS
+        );
+        let r = find(&v, discovery::LEAF_PARA_REGION, 0);
+        assert_eq!(
+            discovery::para_region_from_registers(r.eax, r.ebx, r.ecx, r.edx),
+            Some((0xA000_0000, 0x7000, para_abi::region::VERSION))
+        );
+        const { assert!(discovery::LEAF_PARA_REGION <= discovery::MAX_LEAF) };
     }
 
     #[test]

@@ -11,6 +11,8 @@ pub enum Action {
     /// The guest's application reached main, `guest_us` µs after its PVH entry by its
     /// own TSC; record the time and resume with `Status::Ok`.
     MainReached { guest_us: u64 },
+    /// Snapshot the guest's counters under `label` (RBX); resume with `Status::Ok`.
+    StatsMark { label: u64 },
     /// Resume the guest with this value in RAX.
     Return(Status),
 }
@@ -27,6 +29,7 @@ pub fn decode(size: usize, rax: u64, rbx: u64) -> Action {
             Err(_) => Action::Return(Status::BadArgument),
         },
         Some(Call::MainReached) => Action::MainReached { guest_us: rbx },
+        Some(Call::StatsMark) => Action::StatsMark { label: rbx },
         None => Action::Return(Status::UnknownCall),
     }
 }
@@ -52,6 +55,12 @@ mod tests {
         );
         // Not a 32-bit out: not a call.
         assert_eq!(decode(2, 2, 5), Action::Return(Status::BadArgument));
+    }
+
+    #[test]
+    fn stats_mark_carries_its_label() {
+        assert_eq!(decode(4, 3, 2), Action::StatsMark { label: 2 });
+        assert_eq!(decode(2, 3, 2), Action::Return(Status::BadArgument));
     }
 
     #[test]

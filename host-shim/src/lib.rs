@@ -6,6 +6,7 @@ pub mod boot;
 pub mod cli;
 pub mod cpuid;
 pub mod devices;
+pub mod doorbell;
 pub mod hypercall;
 pub mod memory;
 #[cfg(test)]

@@ -9,7 +9,7 @@ use std::os::fd::FromRawFd;
 
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
-use para_abi::layout::{KERNEL_LOAD, MMIO_HOLE_START};
+use para_abi::layout::{KERNEL_LOAD, PARA_REGION_BASE};
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
 
 /// Guest memory as the rest of the shim sees it.
@@ -17,12 +17,15 @@ pub type GuestMem = GuestMemoryMmap<()>;
 
 /// The smallest RAM we accept: the kernel loads at 1 MiB and needs room above it.
 pub const MIN_RAM: u64 = 4 << 20;
-/// The largest RAM we accept: it must end below the MMIO hole (para-abi layout).
-pub const MAX_RAM: u64 = MMIO_HOLE_START;
+/// The largest RAM we accept: it must end below the para region (para-abi layout:
+/// the region sits at `PARA_REGION_BASE`, just below the MMIO hole), 2560 MiB.
+pub const MAX_RAM: u64 = PARA_REGION_BASE;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
-    #[error("guest RAM size {0:#x} is outside [{MIN_RAM:#x}, {MAX_RAM:#x}] or not 4 KiB aligned")]
+    #[error(
+        "guest RAM size {0:#x} is outside [{MIN_RAM:#x}, {MAX_RAM:#x}] (RAM must end below the para region) or not 4 KiB aligned"
+    )]
     BadSize(u64),
     #[error("memfd_create failed: {0}")]
     Memfd(std::io::Error),

@@ -1,5 +1,6 @@
 //! Running the guests of one command line to completion.
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use kvm_ioctls::Kvm;
@@ -10,6 +11,9 @@ use std::sync::{Arc, Mutex};
 use crate::acpi::EcamInfo;
 use crate::cli::Cli;
 use crate::devices::net::Net;
+use crate::doorbell::manager::{ManagerError, Plan, Request, plan};
+use crate::doorbell::monitor::{Monitors, RingTask};
+use crate::doorbell::{GuestDoorbells, Target};
 use crate::pci::bus::PciBus;
 use crate::pci::ecam;
 use crate::pci::irq::KvmMsiRouter;
@@ -20,6 +24,8 @@ use crate::stats::{self, Report};
 use crate::switch::Switch;
 use crate::tap::{Tap, TapError};
 use crate::vm::{Guest, IOAPIC_PINS, NicInfo, VmError};
+use para_abi::doorbell::SourceType;
+use para_abi::doorbell::designation::ANY_SOURCE;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -36,6 +42,8 @@ pub enum RunError {
     Signals(std::io::Error),
     #[error(transparent)]
     Tap(#[from] TapError),
+    #[error("starting the doorbell monitors failed: {0}")]
+    Monitors(std::io::Error),
 }
 
 /// SIGINT and SIGTERM, blocked in every thread and taken synchronously by the main loop.
@@ -117,6 +125,7 @@ fn attach_net(
         bar,
     )
     .map_err(io)?;
+    let doorbell_fds = dev.doorbell_fds();
     let slot = bus
         .add(Arc::new(Mutex::new(dev)))
         .ok_or_else(|| VmError::Device("PCI bus full".into()))?;
@@ -126,7 +135,57 @@ fn attach_net(
         mac,
         counters,
         msix,
+        pci_device: slot,
+        doorbell_fds,
     })
+}
+
+/// The host CPU whose monitor serves a guest whose boot vCPU runs on `vcpu0`: the
+/// next CPU, so that the monitor does not share a CPU with the guest's busiest
+/// vCPU (the last CPU when unpinned).
+#[must_use]
+pub fn monitor_cpu(vcpu0: Option<usize>, ncpus: usize) -> usize {
+    let n = ncpus.max(1);
+    vcpu0.map_or(n - 1, |c| (c + 1) % n)
+}
+
+/// The guest's one designation: any of its vCPUs to the monitor on `cpu`.
+fn doorbell_plan(cpu: usize) -> Result<Plan, ManagerError> {
+    plan(&[Request {
+        source: SourceType::GuestVcpu,
+        source_id: ANY_SOURCE,
+        host_cpu: cpu as u32,
+    }])
+}
+
+/// Connects guest `g`'s doorbell events to its NICs and hands its rings to the
+/// monitors of the CPUs its designations name.
+fn wire_doorbells(
+    g: &mut Guest,
+    per_cpu: &mut BTreeMap<usize, Vec<RingTask>>,
+    name: &str,
+) -> std::io::Result<()> {
+    let targets = g
+        .nics
+        .iter()
+        .map(|n| Target {
+            device: n.pci_device,
+            queues: n
+                .doorbell_fds
+                .iter()
+                .filter_map(|f| f.try_clone().ok())
+                .collect(),
+        })
+        .collect();
+    let doorbells = Arc::new(GuestDoorbells::new(name, targets));
+    g.attach_doorbells(doorbells.clone());
+    if let Some(region) = &g.para {
+        for (i, d) in region.plan.designations.iter().enumerate() {
+            let task = RingTask::new(region.clone(), i, doorbells.clone())?;
+            per_cpu.entry(d.host_cpu as usize).or_default().push(task);
+        }
+    }
+    Ok(())
 }
 
 /// Builds, boots and runs every guest; returns the report once all have ended.
@@ -143,13 +202,21 @@ pub fn run(cli: &Cli, shim_start: Instant) -> Result<Report, RunError> {
     let mut guests = Vec::with_capacity(cli.guests.len());
     let counts: Vec<u32> = cli.guests.iter().map(|g| g.vcpus).collect();
     let mut placement = cli.pin.placement(&counts, ncpus).into_iter();
+    let mut per_cpu: BTreeMap<usize, Vec<RingTask>> = BTreeMap::new();
     for cfg in &cli.guests {
         let err = |source| RunError::Guest {
             name: cfg.name.clone(),
             source,
         };
+        let pins: Vec<Option<usize>> = placement.next().unwrap_or_default();
+        let cpu = monitor_cpu(pins.first().copied().flatten(), ncpus);
+        let para = if cli.doorbells {
+            Some(doorbell_plan(cpu).map_err(|e| err(e.into()))?)
+        } else {
+            None
+        };
         let mut g =
-            Guest::new_bare(&kvm, &cfg.name, cfg.mem, cfg.vcpus, Sink::Stdout).map_err(err)?;
+            Guest::new(&kvm, &cfg.name, cfg.mem, cfg.vcpus, Sink::Stdout, para).map_err(err)?;
         let mut bus = PciBus::new(&cfg.name, g.rejects.clone());
         if !cli.no_net {
             let nic = attach_net(&mut g, &mut bus, &switch, guests.len()).map_err(err)?;
@@ -160,15 +227,20 @@ pub fn run(cli: &Cli, shim_start: Instant) -> Result<Report, RunError> {
             p.add_pio(bus.clone());
             p.add_mmio(bus.clone());
         }
+        wire_doorbells(&mut g, &mut per_cpu, &cfg.name).map_err(RunError::Monitors)?;
         let ecam = EcamInfo {
             base: ecam::ECAM_BASE,
             start_bus: 0,
             end_bus: (ecam::BUSES - 1) as u8,
         };
         g.boot_pvh(cfg, Some(ecam)).map_err(err)?;
-        let pins = placement.next().unwrap_or_default();
         guests.push((g, pins));
     }
+    let monitors = Monitors::start(
+        per_cpu.into_iter().collect(),
+        Duration::from_micros(cli.doorbell_spin_us),
+    )
+    .map_err(RunError::Monitors)?;
     let mut running = Vec::with_capacity(guests.len());
     for (mut g, pins) in guests {
         g.start(&pins).map_err(|source| RunError::Guest {
@@ -193,6 +265,8 @@ pub fn run(cli: &Cli, shim_start: Instant) -> Result<Report, RunError> {
             running.iter().for_each(Guest::interrupt);
         }
     }
+    // The monitors' last pass and kick counts land before the guests report.
+    monitors.shutdown();
     let guests = running.into_iter().map(|g| g.join(shim_start)).collect();
     let report = Report {
         guests,

@@ -32,7 +32,26 @@
 //!       "other": u64,       // any other exit the shim saw (signal kicks, shutdown...)
 //!       "in_kernel": u64    // exits - the above: handled by KVM (ioeventfd, LAPIC...)
 //!     },
-//!     "notifications": {"trap": u64, "doorbell": u64},  // queue notifications by path
+//!     "notifications": {"trap": u64, "doorbell": u64},  // queue notifications by path:
+//!                                             // trap = notify writes (ioeventfd/MMIO);
+//!                                             // doorbell = doorbell.events + overflow
+//!                                             // entries that rang a real queue
+//!     "doorbell": {                           // M1 (all 0 with --doorbells off)
+//!       "offered": bool,                      // the guest was offered a para region
+//!       "events": u64,          // ring records run on a real device queue
+//!       "sink_events": u64,     // ring records for device 0xFF (counted, dropped)
+//!       "fallback_kicks": u64,  // trapping kicks (kick eventfd counts)
+//!       "overflow_drained": u64,// overflow-set entries drained (each >= 1 event)
+//!       "rejected": {reason: u64},  // bad_check, unknown_op, wrong_sequence,
+//!                               // unknown_device, unknown_queue, unsupported_op,
+//!                               // bad_kick; non-zero only
+//!       "protected_writes": u64 // guest writes to read-only para pages (MMIO exits)
+//!     },
+//!     "marks": [{                             // StatsMark hypercalls, in order
+//!       "label": u64,                         // the guest's RBX
+//!       "exits": u64,                         // KVM `exits` over all vCPUs then
+//!       "doorbell_events": u64, "sink_events": u64  // doorbell counters then
+//!     }],
 //!     "vcpus": [{
 //!       "index": u32, "host_cpu": i32,        // sched_getcpu(3) at the last entry
 //!       "exits": {Exit::name(): u64},         // non-zero shim counters only
@@ -327,6 +346,31 @@ pub struct NicReport {
     pub interrupts: u64,
 }
 
+/// One `StatsMark` hypercall: the guest's counters at that moment.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct MarkReport {
+    pub label: u64,
+    /// KVM's `exits` summed over the guest's vCPUs.
+    pub exits: u64,
+    pub doorbell_events: u64,
+    pub sink_events: u64,
+}
+
+/// A guest's doorbell counters (M1) at its end.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct DoorbellReport {
+    pub offered: bool,
+    pub events: u64,
+    pub sink_events: u64,
+    pub fallback_kicks: u64,
+    pub overflow_drained: u64,
+    /// Overflow entries that rang a real queue (part of `notifications.doorbell`).
+    #[serde(skip)]
+    pub overflow_notified: u64,
+    pub rejected: BTreeMap<&'static str, u64>,
+    pub protected_writes: u64,
+}
+
 #[derive(Debug, Default, Serialize)]
 pub struct GuestReport {
     pub name: String,
@@ -351,6 +395,10 @@ pub struct GuestReport {
     pub vcpus: Vec<VcpuReport>,
     pub rejected: BTreeMap<&'static str, u64>,
     pub nics: Vec<NicReport>,
+    /// Doorbell counters (M1).
+    pub doorbell: DoorbellReport,
+    /// `StatsMark` snapshots, in order.
+    pub marks: Vec<MarkReport>,
 }
 
 impl GuestReport {
@@ -367,7 +415,10 @@ impl GuestReport {
             .iter()
             .flat_map(|n| n.queue_notifications.values())
             .sum();
-        self.notifications = [("trap", trap), ("doorbell", 0)].into_iter().collect();
+        let doorbell = self.doorbell.events + self.doorbell.overflow_notified;
+        self.notifications = [("trap", trap), ("doorbell", doorbell)]
+            .into_iter()
+            .collect();
     }
 }
 
@@ -469,6 +520,21 @@ impl Report {
                     v.kvm.get("insn_emulation").copied().unwrap_or(0),
                     v.interrupts_injected,
                     pairs(&v.exits)
+                );
+            }
+            if g.doorbell.offered {
+                let d = &g.doorbell;
+                let _ = writeln!(
+                    s,
+                    "  doorbell: events {} sink {} fallback kicks {} overflow drained {} \
+                     protected writes {} rejected {{{}}} | marks {}",
+                    d.events,
+                    d.sink_events,
+                    d.fallback_kicks,
+                    d.overflow_drained,
+                    d.protected_writes,
+                    pairs(&d.rejected),
+                    g.marks.len()
                 );
             }
             for n in &g.nics {
@@ -629,6 +695,20 @@ mod tests {
             }],
             ..Default::default()
         };
+        g.doorbell = DoorbellReport {
+            offered: true,
+            events: 4,
+            sink_events: 10,
+            overflow_notified: 1,
+            rejected: [("bad_check", 2)].into_iter().collect(),
+            ..Default::default()
+        };
+        g.marks = vec![MarkReport {
+            label: 1,
+            exits: 9,
+            doorbell_events: 0,
+            sink_events: 3,
+        }];
         g.derive_totals();
         let r = Report {
             guests: vec![g],
@@ -650,8 +730,19 @@ mod tests {
         assert_eq!(by["in_kernel"], 40);
         assert_eq!(
             g["notifications"],
-            serde_json::json!({"trap": 7, "doorbell": 0})
+            serde_json::json!({"trap": 7, "doorbell": 5})
         );
+        assert_eq!(
+            g["doorbell"],
+            serde_json::json!({"offered": true, "events": 4, "sink_events": 10,
+                "fallback_kicks": 0, "overflow_drained": 0,
+                "rejected": {"bad_check": 2}, "protected_writes": 0})
+        );
+        assert_eq!(
+            g["marks"],
+            serde_json::json!([{"label": 1, "exits": 9, "doorbell_events": 0, "sink_events": 3}])
+        );
+        assert!(r.summary().contains("doorbell: events 4 sink 10"));
         assert_eq!(g["boot_to_main_ms"], 9.5);
         assert_eq!(g["boot_to_main_from_run_ms"], 4.0);
         assert_eq!(g["guest_main_us"], 3900);

@@ -11,9 +11,10 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use para_abi::hypercall::{PORT as HYPERCALL_PORT, Status};
 use tracing::{debug, error, info, warn};
 
+use crate::doorbell::GuestDoorbells;
 use crate::hypercall::{self, Action};
 use crate::platform::Platform;
-use crate::stats::{Exit, ExitCounters, KvmStats, Reject};
+use crate::stats::{Exit, ExitCounters, KvmStats, MarkReport, Reject};
 
 vmm_sys_util::ioctl_iow_nr!(KVM_INTERRUPT, kvm_bindings::KVMIO, 0x86, kvm_interrupt);
 
@@ -56,6 +57,9 @@ pub struct VcpuShared {
     thread: OnceLock<libc::pthread_t>,
     /// KVM stats read when the vCPU thread ends (name, value).
     pub kvm_final: Mutex<Vec<(&'static str, u64)>>,
+    /// This vCPU's KVM binary statistics, opened at creation; any thread may read
+    /// them (a stats mark sums `exits` over all vCPUs of the guest).
+    pub kvm_stats: OnceLock<KvmStats>,
 }
 
 impl VcpuShared {
@@ -134,6 +138,10 @@ pub struct GuestCtx {
     /// The first `MainReached` hypercall: when the shim saw it, and the guest's own
     /// µs since PVH entry (RBX).
     pub main_reached: OnceLock<(Instant, u64)>,
+    /// The guest's doorbell side (M1), when the shim offers doorbells.
+    pub doorbells: OnceLock<Arc<GuestDoorbells>>,
+    /// `StatsMark` hypercalls in the order they came.
+    pub marks: Mutex<Vec<MarkReport>>,
 }
 
 impl GuestCtx {
@@ -148,7 +156,39 @@ impl GuestCtx {
             vcpus,
             first_run: OnceLock::new(),
             main_reached: OnceLock::new(),
+            doorbells: OnceLock::new(),
+            marks: Mutex::new(Vec::new()),
         }
+    }
+
+    /// KVM's `exits` summed over every vCPU of the guest, now.
+    #[must_use]
+    pub fn kvm_exits(&self) -> u64 {
+        self.vcpus
+            .iter()
+            .filter_map(|v| v.kvm_stats.get()?.read("exits"))
+            .sum()
+    }
+
+    /// Records a `StatsMark`: the guest's exits and doorbell counters now.
+    pub fn mark(&self, label: u64) -> MarkReport {
+        let exits = self.kvm_exits();
+        let db = self
+            .doorbells
+            .get()
+            .map(|d| d.snapshot())
+            .unwrap_or_default();
+        let m = MarkReport {
+            label,
+            exits,
+            doorbell_events: db.events,
+            sink_events: db.sink_events,
+        };
+        self.marks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(m.clone());
+        m
     }
 
     /// Records the guest's outcome (the first one wins) and stops every vCPU.
@@ -243,9 +283,7 @@ pub fn run(mut fd: VcpuFd, me: &VcpuShared, guest: &GuestCtx, pin: Option<usize>
     {
         warn!(guest = %guest.name, vcpu = me.index, cpu, "pinning failed: {e}");
     }
-    let stats = KvmStats::open(&fd)
-        .map_err(|e| warn!(vcpu = me.index, "no KVM stats: {e}"))
-        .ok();
+    let stats = me.kvm_stats.get();
     KVM_RUN.with(|c| c.set(std::ptr::from_mut(fd.get_kvm_run())));
 
     if me.index == 0 {
@@ -378,6 +416,11 @@ fn hypercall_exit(fd: &VcpuFd, me: &VcpuShared, guest: &GuestCtx, size: usize) -
     };
     match hypercall::decode(size, regs.rax, regs.rbx) {
         Action::Exit(status) => Some(Outcome::Exited(status)),
+        Action::StatsMark { label } => {
+            let m = guest.mark(label);
+            debug!(guest = %guest.name, label, exits = m.exits, sink = m.sink_events, "stats mark");
+            resume_with(fd, me, &mut regs, Status::Ok)
+        }
         Action::MainReached { guest_us } => {
             if guest.main_reached.set((Instant::now(), guest_us)).is_ok() {
                 info!(guest = %guest.name, vcpu = me.index, guest_us, "guest reached main");

@@ -16,10 +16,12 @@ use vm_memory::{Bytes, GuestAddress};
 use crate::acpi::{self, EcamInfo};
 use crate::boot;
 use crate::cpuid::{self, CpuidParams};
+use crate::doorbell::manager::{ManagerError, Plan};
+use crate::doorbell::{GuestDoorbells, ParaMmio, ParaRegion};
 use crate::memory::{self, GuestMem};
 use crate::platform::Platform;
 use crate::serial::{LineWriter, Sink, new_uart};
-use crate::stats::{GuestReport, RejectCounters, VcpuReport};
+use crate::stats::{DoorbellReport, GuestReport, KvmStats, RejectCounters, VcpuReport};
 use crate::vcpu::{self, GuestCtx, Outcome, VcpuShared};
 
 /// IOAPIC pins reserved for the user-space side of the split irqchip (the routes
@@ -66,6 +68,10 @@ pub enum VmError {
     Device(String),
     #[error("installing the vCPU kick handler failed: {0}")]
     Signal(std::io::Error),
+    #[error("doorbells: {0}")]
+    Doorbells(#[from] ManagerError),
+    #[error("doorbells need KVM_CAP_READONLY_MEM, which this KVM lacks (use --doorbells off)")]
+    NoReadonlyMem,
 }
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
@@ -78,6 +84,10 @@ pub struct NicInfo {
     pub mac: [u8; 6],
     pub counters: Arc<crate::devices::net::NetCounters>,
     pub msix: Arc<crate::pci::msix::Msix>,
+    /// PCI device number on bus 0 (what doorbell events name).
+    pub pci_device: u8,
+    /// Per queue: the eventfd a doorbell notification rings.
+    pub doorbell_fds: Vec<vmm_sys_util::eventfd::EventFd>,
 }
 
 /// A guest before and while it runs.
@@ -97,16 +107,34 @@ pub struct Guest {
     pub nics: Vec<NicInfo>,
     /// Set once the platform is shared with running vCPUs; devices can no longer be added.
     platform: Option<Platform>,
+    /// The para region (M1), when doorbells are offered.
+    pub para: Option<Arc<ParaRegion>>,
+    /// What the guest's doorbell events do, and their counters (M1).
+    pub doorbells: Option<Arc<GuestDoorbells>>,
 }
 
 impl Guest {
-    /// Creates the VM, its memory and vCPUs, but loads nothing.
+    /// Creates the VM, its memory and vCPUs, but loads nothing; no para region.
     pub fn new_bare(
         kvm: &Kvm,
         name: &str,
         mem_size: u64,
         vcpus: u32,
         sink: Sink,
+    ) -> Result<Self, VmError> {
+        Self::new(kvm, name, mem_size, vcpus, sink, None)
+    }
+
+    /// As [`Guest::new_bare`], and with `para` the para region of M1 is mapped
+    /// (read-only where the plan says), its kicks bound to ioeventfds, and CPUID
+    /// tells the guest where it is.
+    pub fn new(
+        kvm: &Kvm,
+        name: &str,
+        mem_size: u64,
+        vcpus: u32,
+        sink: Sink,
+        para: Option<Plan>,
     ) -> Result<Self, VmError> {
         if vcpus == 0 || vcpus > MAX_VCPUS {
             return Err(VmError::BadVcpuCount(vcpus));
@@ -127,6 +155,9 @@ impl Guest {
 
         let mem = memory::create(name, mem_size)?;
         memory::register(&vm, &mem)?;
+        let para = para
+            .map(|plan| map_para(kvm, &vm, &mem, plan))
+            .transpose()?;
 
         let mut fds = Vec::with_capacity(vcpus as usize);
         for i in 0..vcpus {
@@ -143,6 +174,7 @@ impl Guest {
             vcpus,
             tsc_khz,
             tsc_deadline: kvm.check_extension(Cap::TscDeadlineTimer),
+            para_region: para.as_ref().map(|p| (p.plan.base, p.plan.size as u32)),
         };
         for (i, fd) in fds.iter().enumerate() {
             let entries = cpuid::filter(supported.as_slice(), i as u32, params);
@@ -181,10 +213,20 @@ impl Guest {
         let first_output = writer.first_output.clone();
         let rejects = Arc::new(RejectCounters::default());
         let platform = Platform::new(name, new_uart(writer), rejects.clone());
+        let shared: Vec<Arc<VcpuShared>> =
+            (0..vcpus).map(|i| Arc::new(VcpuShared::new(i))).collect();
+        for (v, fd) in shared.iter().zip(&fds) {
+            match KvmStats::open(fd) {
+                Ok(s) => {
+                    let _ = v.kvm_stats.set(s);
+                }
+                Err(e) => tracing::warn!(guest = name, vcpu = v.index, "no KVM stats: {e}"),
+            }
+        }
         Ok(Self {
             name: name.to_owned(),
             ctx: None,
-            vcpus: (0..vcpus).map(|i| Arc::new(VcpuShared::new(i))).collect(),
+            vcpus: shared,
             vm: Arc::new(vm),
             mem,
             rejects,
@@ -194,6 +236,8 @@ impl Guest {
             first_output,
             platform: Some(platform),
             nics: Vec::new(),
+            para,
+            doorbells: None,
         })
     }
 
@@ -221,6 +265,18 @@ impl Guest {
         Ok(())
     }
 
+    /// Connects the guest's doorbell events to `doorbells` and routes exiting
+    /// writes to the para region (read-only pages, odd-sized kicks) to it.
+    pub fn attach_doorbells(&mut self, doorbells: Arc<GuestDoorbells>) {
+        if let (Some(region), Some(p)) = (self.para.clone(), self.platform.as_mut()) {
+            p.add_mmio(Arc::new(ParaMmio {
+                region,
+                guest: doorbells.clone(),
+            }));
+        }
+        self.doorbells = Some(doorbells);
+    }
+
     /// The boot processor's fd, for tests that set up their own CPU state.
     #[must_use]
     pub fn bsp(&self) -> Option<&VcpuFd> {
@@ -237,6 +293,9 @@ impl Guest {
             Arc::new(platform),
             self.vcpus.clone(),
         ));
+        if let Some(d) = &self.doorbells {
+            let _ = ctx.doorbells.set(d.clone());
+        }
         self.ctx = Some(ctx.clone());
         self.started = Some(Instant::now());
         for (i, fd) in std::mem::take(&mut self.vcpu_fds).into_iter().enumerate() {
@@ -317,10 +376,34 @@ impl Guest {
             vcpus,
             rejected: self.rejects.snapshot(),
             nics: self.nics.iter().map(nic_report).collect(),
+            doorbell: self.doorbell_report(),
+            marks: self.ctx.as_ref().map_or_else(Vec::new, |c| {
+                c.marks
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .clone()
+            }),
             ..Default::default()
         };
         report.derive_totals();
         report
+    }
+
+    fn doorbell_report(&self) -> DoorbellReport {
+        let Some(d) = &self.doorbells else {
+            return DoorbellReport::default();
+        };
+        let s = d.snapshot();
+        DoorbellReport {
+            offered: self.para.is_some(),
+            events: s.events,
+            sink_events: s.sink_events,
+            fallback_kicks: s.fallback_kicks,
+            overflow_drained: s.overflow_drained,
+            overflow_notified: s.overflow_notified,
+            rejected: s.rejected,
+            protected_writes: s.protected_writes,
+        }
     }
 
     /// The outcome so far.
@@ -332,6 +415,17 @@ impl Guest {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone()
     }
+}
+
+/// Builds the para region of `plan` and maps it into `vm` after guest RAM's slots.
+fn map_para(kvm: &Kvm, vm: &VmFd, mem: &GuestMem, plan: Plan) -> Result<Arc<ParaRegion>, VmError> {
+    if !kvm.check_extension(Cap::ReadonlyMem) {
+        return Err(VmError::NoReadonlyMem);
+    }
+    let region = ParaRegion::new(plan)?;
+    // Guest RAM uses slots from 0, one per region (memory::register).
+    region.register(vm, vm_memory::GuestMemoryBackend::num_regions(mem) as u32)?;
+    Ok(Arc::new(region))
 }
 
 fn nic_report(n: &NicInfo) -> crate::stats::NicReport {

@@ -202,6 +202,7 @@ impl VirtioDevice for Net {
             ],
             msix: a.msix,
             notify: a.notify,
+            doorbell: a.doorbell,
             switch: self.switch.clone(),
             port_index: self.port_index,
             port: self.port.clone(),
@@ -229,6 +230,7 @@ struct Worker {
     vectors: [u16; 2],
     msix: Arc<crate::pci::msix::Msix>,
     notify: Vec<EventFd>,
+    doorbell: Vec<EventFd>,
     switch: Arc<Switch>,
     port_index: usize,
     port: Arc<Port>,
@@ -241,6 +243,8 @@ const T_RX: u64 = 0;
 const T_TX: u64 = 1;
 const T_PORT: u64 = 2;
 const T_STOP: u64 = 3;
+const T_DOORBELL_RX: u64 = 4;
+const T_DOORBELL_TX: u64 = 5;
 
 impl Worker {
     fn run(mut self) {
@@ -254,6 +258,10 @@ impl Worker {
         if let (Some(r), Some(t)) = (self.notify.first(), self.notify.get(1)) {
             add(r.as_raw_fd(), T_RX);
             add(t.as_raw_fd(), T_TX);
+        }
+        if let (Some(r), Some(t)) = (self.doorbell.first(), self.doorbell.get(1)) {
+            add(r.as_raw_fd(), T_DOORBELL_RX);
+            add(t.as_raw_fd(), T_DOORBELL_TX);
         }
         add(self.port.ready.as_raw_fd(), T_PORT);
         add(self.stop.as_raw_fd(), T_STOP);
@@ -279,6 +287,15 @@ impl Worker {
                     }
                     T_RX => {
                         self.count_notify(RX);
+                        self.process_rx();
+                    }
+                    // Doorbell notifications (M1): counted by the monitor.
+                    T_DOORBELL_TX => {
+                        let _ = self.doorbell[TX].read();
+                        self.process_tx();
+                    }
+                    T_DOORBELL_RX => {
+                        let _ = self.doorbell[RX].read();
                         self.process_rx();
                     }
                     _ => {

@@ -57,6 +57,9 @@ pub struct Activation {
     pub queues: Vec<Queue>,
     /// Per queue: the eventfd the guest's notify writes signal.
     pub notify: Vec<EventFd>,
+    /// Per queue: the eventfd the doorbell monitor signals for the same queue
+    /// (M1); the same meaning as `notify`, counted apart.
+    pub doorbell: Vec<EventFd>,
     /// Per queue: the MSI-X vector for used-buffer notifications.
     pub vectors: Vec<u16>,
     pub msix: Arc<Msix>,
@@ -88,6 +91,7 @@ pub struct VirtioPci {
     mem: GuestMem,
     vm: Option<Arc<VmFd>>,
     notify: Vec<EventFd>,
+    doorbell: Vec<EventFd>,
     /// BAR address the ioeventfds are registered at.
     registered_bar: Option<u64>,
     device_feature_select: u32,
@@ -171,6 +175,10 @@ impl VirtioPci {
             .iter()
             .map(|_| EventFd::new(libc::EFD_NONBLOCK))
             .collect::<std::io::Result<Vec<_>>>()?;
+        let doorbell = max
+            .iter()
+            .map(|_| EventFd::new(libc::EFD_NONBLOCK))
+            .collect::<std::io::Result<Vec<_>>>()?;
         let mut me = Self {
             name: name.to_owned(),
             config,
@@ -180,6 +188,7 @@ impl VirtioPci {
             mem,
             vm,
             notify,
+            doorbell,
             registered_bar: None,
             device_feature_select: 0,
             driver_feature_select: 0,
@@ -200,6 +209,15 @@ impl VirtioPci {
     #[must_use]
     pub fn notify_fds(&self) -> Vec<EventFd> {
         self.notify
+            .iter()
+            .filter_map(|e| e.try_clone().ok())
+            .collect()
+    }
+
+    /// Clones of the per-queue doorbell eventfds (what the M1 monitor rings).
+    #[must_use]
+    pub fn doorbell_fds(&self) -> Vec<EventFd> {
+        self.doorbell
             .iter()
             .filter_map(|e| e.try_clone().ok())
             .collect()
@@ -300,6 +318,7 @@ impl VirtioPci {
                 return Some(Reject::VirtioBadQueue);
             },
             notify: self.notify_fds(),
+            doorbell: self.doorbell_fds(),
             vectors: self.queue_vectors.clone(),
             msix: self.msix.clone(),
             features: self.driver_features,
