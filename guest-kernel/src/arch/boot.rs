@@ -219,15 +219,11 @@ exitless_idt_ptr:
 // jump into the 64-bit code segment. About twenty instructions.
 core::arch::global_asm!(
     r#"
-    .section .boot, "awx"
-    .code32
-    .global exitless_pvh_start
-exitless_pvh_start:
-    rdtsc
-    movl %eax, exitless_tsc_at_entry
-    movl %edx, exitless_tsc_at_entry + 4
-    movl %ebx, %esi
-    lgdt exitless_gdt_ptr
+    // From 32-bit protected mode to long mode on the boot page tables (SDM vol 3
+    // §9.8.5): CR4.PAE, CR3, EFER.LME, then CR0.PG (with PE and WP). The caller
+    // far-jumps into a 64-bit code segment next. Used by the boot CPU and by
+    // the AP trampoline, which must carry its own copy below 1 MiB.
+    .macro long_mode_on
     movl %cr4, %eax
     orl $0x20, %eax
     movl %eax, %cr4
@@ -240,6 +236,18 @@ exitless_pvh_start:
     movl %cr0, %eax
     orl $0x80010001, %eax
     movl %eax, %cr0
+    .endm
+
+    .section .boot, "awx"
+    .code32
+    .global exitless_pvh_start
+exitless_pvh_start:
+    rdtsc
+    movl %eax, exitless_tsc_at_entry
+    movl %edx, exitless_tsc_at_entry + 4
+    movl %ebx, %esi
+    lgdt exitless_gdt_ptr
+    long_mode_on
     ljmp $0x08, $1f
     .code64
 1:
@@ -276,18 +284,7 @@ ap_prot:
     movw %ax, %ds
     movw %ax, %es
     movw %ax, %ss
-    movl %cr4, %eax
-    orl $0x20, %eax
-    movl %eax, %cr4
-    movl $exitless_boot_pml4, %eax
-    movl %eax, %cr3
-    movl $0xC0000080, %ecx
-    rdmsr
-    orl $0x100, %eax
-    wrmsr
-    movl %cr0, %eax
-    orl $0x80010000, %eax
-    movl %eax, %cr0
+    long_mode_on
     ljmp $0x18, $exitless_ap_long_mode
     .balign 8
 ap_gdt:
