@@ -198,6 +198,32 @@ fn cmdline(opts: &Options, index: u32) -> String {
     }
 }
 
+/// The checks on one client's result line (every ping back; interrupt
+/// placement when asked for); keeps the result for the summary.
+fn judge_client(
+    opts: &Options,
+    name: &str,
+    result: Option<ClientResult>,
+    checks: &mut Vec<(String, bool)>,
+    clients: &mut Vec<ClientResult>,
+) {
+    let Some(r) = result else {
+        checks.push((format!("{name} printed its {RESULT_PREFIX}line"), false));
+        return;
+    };
+    checks.push((
+        format!(
+            "{name}: all {} pings came back (received {})",
+            r.sent, r.received
+        ),
+        r.sent == r.received && r.sent == opts.count,
+    ));
+    if let Some(cpu) = opts.client_irq_cpu {
+        checks.push(placement_check(&r, cpu));
+    }
+    clients.push(r);
+}
+
 /// Checks that a client's RX interrupts landed only on `cpu`.
 fn placement_check(r: &ClientResult, cpu: u32) -> (String, bool) {
     let on = |c: usize| r.rx_irqs_by_cpu.get(c).copied().unwrap_or(0);
@@ -271,22 +297,8 @@ pub fn on_shim(opts: &Options, label: &str, mut echo: impl FnMut(&str)) -> Resul
             numbers.as_ref().is_some_and(|n| n.exits > 0),
         ));
         if name != "server" {
-            match parse_result(name, shim::guest_lines(&run.lines, name)) {
-                Some(r) => {
-                    checks.push((
-                        format!(
-                            "{name}: all {} pings came back (received {})",
-                            r.sent, r.received
-                        ),
-                        r.sent == r.received && r.sent == opts.count,
-                    ));
-                    if let Some(cpu) = opts.client_irq_cpu {
-                        checks.push(placement_check(&r, cpu));
-                    }
-                    clients.push(r);
-                }
-                None => checks.push((format!("{name} printed its {RESULT_PREFIX}line"), false)),
-            }
+            let result = parse_result(name, shim::guest_lines(&run.lines, name));
+            judge_client(opts, name, result, &mut checks, &mut clients);
         }
         reports.push(GuestReport {
             name: name.clone(),
@@ -402,24 +414,8 @@ pub fn on_qemu(opts: &Options, label: &str, port: u16) -> Result<Report> {
                     run.exit.passed(),
                 ));
                 if name == "client1" {
-                    match parse_result(name, run.lines.iter().map(|l| l.text.as_str())) {
-                        Some(r) => {
-                            checks.push((
-                                format!(
-                                    "{name}: all {} pings came back (received {})",
-                                    r.sent, r.received
-                                ),
-                                r.sent == r.received && r.sent == opts.count,
-                            ));
-                            if let Some(cpu) = opts.client_irq_cpu {
-                                checks.push(placement_check(&r, cpu));
-                            }
-                            clients.push(r);
-                        }
-                        None => {
-                            checks.push((format!("{name} printed its {RESULT_PREFIX}line"), false));
-                        }
-                    }
+                    let result = parse_result(name, run.lines.iter().map(|l| l.text.as_str()));
+                    judge_client(opts, name, result, &mut checks, &mut clients);
                 }
                 if !run.exit.passed() {
                     run.print_post_mortem();

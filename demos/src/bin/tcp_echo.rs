@@ -10,7 +10,7 @@ mod guest {
     use core::time::Duration;
     use demos::http;
     use guest_kernel::println;
-    use guest_kernel::rt::net::{Net, NetConfig};
+    use guest_kernel::rt::net::Net;
     use guest_kernel::rt::start::system;
     use guest_kernel::rt::time::Instant;
     use smoltcp::iface::SocketHandle;
@@ -37,14 +37,7 @@ mod guest {
 
     fn main() -> i32 {
         let c = &system().cmdline;
-        let cfg = match NetConfig::from_cmdline(c) {
-            Ok(cfg) => cfg,
-            Err(e) => {
-                println!("tcp-echo: {e}");
-                return APP_ERROR;
-            }
-        };
-        let mut net = match Net::open(0, &cfg) {
+        let mut net = match Net::from_cmdline(0) {
             Ok(n) => n,
             Err(e) => {
                 println!("tcp-echo: {e}");

@@ -17,7 +17,7 @@ mod guest {
     use core::time::Duration;
     use demos::pingpong::{BYE, PORT, decode, encode, percentile};
     use guest_kernel::println;
-    use guest_kernel::rt::net::{Net, NetConfig};
+    use guest_kernel::rt::net::Net;
     use guest_kernel::rt::start::system;
     use guest_kernel::rt::time::Instant;
     use smoltcp::wire::{IpEndpoint, Ipv4Address};
@@ -31,14 +31,7 @@ mod guest {
 
     fn main() -> i32 {
         let c = &system().cmdline;
-        let cfg = match NetConfig::from_cmdline(c) {
-            Ok(cfg) => cfg,
-            Err(e) => {
-                println!("udp-pingpong: {e}");
-                return APP_ERROR;
-            }
-        };
-        let mut net = match Net::open(0, &cfg) {
+        let mut net = match Net::from_cmdline(0) {
             Ok(n) => n,
             Err(e) => {
                 println!("udp-pingpong: {e}");

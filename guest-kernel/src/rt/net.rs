@@ -291,6 +291,11 @@ impl Net {
         })
     }
 
+    /// Opens NIC `index` configured by the kernel command line (see the module docs).
+    pub fn from_cmdline(index: usize) -> Result<Self, NetError> {
+        Self::open(index, &NetConfig::from_cmdline(&system().cmdline)?)
+    }
+
     /// Runs smoltcp once over whatever arrived; true when anything happened.
     pub fn poll(&mut self) -> bool {
         let r = self.iface.poll(now(), &mut self.dev, &mut self.sockets);
