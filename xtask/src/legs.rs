@@ -42,6 +42,8 @@ pub enum LegKind {
     QemuPingpong,
     /// Our guests under QEMU's virtio-net-pci, reached by host clients.
     QemuInterop,
+    /// The ping-pong under the shim with trap and with doorbell notification.
+    ShimDoorbell,
     /// The shim's `--tap` test (host-shim/tests/tap.rs, ignored by default:
     /// it needs root, `ip` and the tcp-echo image).
     ShimTap,
@@ -87,6 +89,11 @@ pub const LEGS: &[Leg] = &[
         name: "shim-pingpong",
         about: "two guests exchange 500 UDP pings through the host shim's switch; the client's RX interrupts must land on its CPU 1",
         kind: LegKind::ShimPingpong,
+    },
+    Leg {
+        name: "shim-doorbell",
+        about: "ping-pong under the shim with --notify trap, then doorbell: all packets delivered both ways, no trapping notifications with doorbells; exits per packet reported",
+        kind: LegKind::ShimDoorbell,
     },
     Leg {
         name: "qemu-pingpong",
@@ -171,6 +178,7 @@ impl Runner {
             LegKind::ShimPingpong => run_demo(leg, opts, true),
             LegKind::QemuPingpong => run_demo(leg, opts, false),
             LegKind::ShimTap => self.run_tap(leg, opts),
+            LegKind::ShimDoorbell => run_notify_comparison(leg, opts),
             LegKind::QemuInterop => match crate::interop::checks(opts.timeout) {
                 Ok(checks) => (verdict::judge_checks(&checks), check_reports(&checks), None),
                 Err(e) => (LegOutcome::broken(e.to_string()), Vec::new(), None),
@@ -413,6 +421,90 @@ fn run_demo(
     }
 }
 
+/// The doorbell mechanism's comparison (issue 5): the same run with the notify
+/// register and with doorbells, guest by guest. Asserted: every packet
+/// arrives both ways and doorbells replace the trapping notifications. Exits
+/// per packet are reported, not asserted: on this 2-core host they do not yet
+/// drop (see the issue 5 note), and a threshold that fails is no test.
+fn run_notify_comparison(leg: &Leg, opts: &Options) -> (LegOutcome, Vec<String>, Option<PathBuf>) {
+    let run = |notify| {
+        let o = demo::Options {
+            count: 1000,
+            timeout: opts.timeout,
+            notify,
+            ..demo::Options::default()
+        };
+        demo::on_shim(
+            &o,
+            &format!("{}-{notify:?}", leg.name).to_lowercase(),
+            |_| {},
+        )
+    };
+    let (trap, doorbell) = match (run(demo::Notify::Trap), run(demo::Notify::Doorbell)) {
+        (Ok(t), Ok(d)) => (t, d),
+        (Err(e), _) | (_, Err(e)) => return (LegOutcome::broken(e.to_string()), Vec::new(), None),
+    };
+    let mut checks: Vec<(String, bool)> = trap
+        .checks
+        .iter()
+        .map(|(n, ok)| (format!("trap run: {n}"), *ok))
+        .collect();
+    checks.extend(
+        doorbell
+            .checks
+            .iter()
+            .map(|(n, ok)| (format!("doorbell run: {n}"), *ok)),
+    );
+    let mut reports = Vec::new();
+    for (t, d) in trap.guests.iter().zip(&doorbell.guests) {
+        let (Some(te), Some(de), Some(tn), Some(dn)) = (
+            t.exits_per_packet(),
+            d.exits_per_packet(),
+            &t.numbers,
+            &d.numbers,
+        ) else {
+            checks.push((format!("{}: exit counts from both runs", t.name), false));
+            continue;
+        };
+        #[allow(clippy::cast_precision_loss)] // packet counts far below 2^52
+        let per_packet = |n: &crate::shim::GuestNumbers, key: &str| {
+            n.notifications.get(key).copied().unwrap_or(0) as f64
+                / (n.tx_packets + n.rx_packets).max(1) as f64
+        };
+        let (trap_traps, door_traps) = (per_packet(tn, "trap"), per_packet(dn, "trap"));
+        reports.push(format!(
+            "{}: exits/packet {te:.2} (trap) -> {de:.2} (doorbell); trapping notifications/packet {trap_traps:.3} -> {door_traps:.3}",
+            t.name
+        ));
+        checks.push((
+            format!(
+                "{}: trap run notifies through the register ({trap_traps:.2}/packet)",
+                t.name
+            ),
+            trap_traps >= 0.5,
+        ));
+        checks.push((
+            format!(
+                "{}: doorbell run has near-zero trapping notifications ({door_traps:.3}/packet)",
+                t.name
+            ),
+            door_traps < 0.05,
+        ));
+    }
+    for (label, r) in [("trap", &trap), ("doorbell", &doorbell)] {
+        for c in &r.clients {
+            reports.push(format!(
+                "{label}: {} rtt p50 {} us, p99 {} us, {} pps",
+                c.name,
+                c.p50_ns / 1000,
+                c.p99_ns / 1000,
+                c.pps
+            ));
+        }
+    }
+    (verdict::judge_checks(&checks), reports, Some(doorbell.log))
+}
+
 /// A free loopback port for QEMU's socket netdev.
 fn interop_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -651,6 +743,7 @@ test smp::ipi ... ok
                 "guest-kvm",
                 "guest-shim",
                 "shim-pingpong",
+                "shim-doorbell",
                 "qemu-pingpong",
                 "shim-tap",
                 "interop"
