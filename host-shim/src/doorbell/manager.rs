@@ -16,8 +16,6 @@
 //! address of designation `i` is `KICK_BASE + i * KICK_STRIDE`, an MMIO address
 //! without memslot bound to an ioeventfd.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-
 use kvm_bindings::{KVM_MEM_READONLY, kvm_userspace_memory_region};
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use para_abi::doorbell::designation::DesignationError;
@@ -208,8 +206,6 @@ pub struct ParaRegion {
     pub plan: Plan,
     /// Per designation: the eventfd its kick address signals.
     pub kicks: Vec<EventFd>,
-    /// Guest writes to the region's read-only pages (MMIO exits), for the report.
-    pub protected_writes: AtomicU64,
 }
 
 impl ParaRegion {
@@ -224,12 +220,7 @@ impl ParaRegion {
             .map(|_| EventFd::new(libc::EFD_NONBLOCK))
             .collect::<std::io::Result<Vec<_>>>()
             .map_err(ManagerError::EventFd)?;
-        let me = Self {
-            mem,
-            plan,
-            kicks,
-            protected_writes: AtomicU64::new(0),
-        };
+        let me = Self { mem, plan, kicks };
         let region = me.control();
         region.init(me.plan.size, 0);
         for i in 0..me.plan.designations.len() {
@@ -308,11 +299,6 @@ impl ParaRegion {
             .iter()
             .position(|d| d.kick_gpa == addr)?;
         self.kicks.get(i)
-    }
-
-    /// Counts a rejected guest write to a read-only page of the region.
-    pub fn protected_write(&self) {
-        self.protected_writes.fetch_add(1, Ordering::Relaxed);
     }
 }
 

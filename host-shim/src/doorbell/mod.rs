@@ -271,7 +271,6 @@ impl MmioDevice for ParaMmio {
 
     fn mmio_write(&self, addr: u64, data: &[u8]) -> bool {
         if self.region.contains(addr) {
-            self.region.protected_write();
             bump(&self.guest.counters.protected_writes);
             if get(&self.guest.counters.protected_writes) <= LOG_LIMIT {
                 warn!(guest = %self.guest.name, "write of {} bytes to read-only para region page {addr:#x} refused", data.len());
@@ -350,6 +349,45 @@ mod tests {
         assert_eq!(s.rejected["bad_check"], 1);
         assert_eq!(s.rejected["wrong_sequence"], 1);
         assert!(fds.iter().all(|f| f.read().is_err()), "nothing was rung");
+    }
+
+    #[test]
+    fn exiting_writes_are_refused_or_kick() {
+        use crate::doorbell::manager::{Request, plan};
+        use para_abi::doorbell::SourceType;
+        use para_abi::doorbell::designation::ANY_SOURCE;
+        let region = Arc::new(
+            ParaRegion::new(
+                plan(&[Request {
+                    source: SourceType::GuestVcpu,
+                    source_id: ANY_SOURCE,
+                    host_cpu: 0,
+                }])
+                .unwrap(),
+            )
+            .unwrap(),
+        );
+        let (g, _) = nic();
+        let m = ParaMmio {
+            region: region.clone(),
+            guest: Arc::new(g),
+        };
+        let base = region.plan.base;
+        // Header page and the protected status page: refused, counted, unchanged.
+        assert!(m.mmio_write(base, &[0; 8]));
+        assert!(m.mmio_write(region.plan.designations[0].range_gpa, &[0xFF; 8]));
+        assert!(region.control().check().is_ok());
+        // A 1-byte kick (the ioeventfd only matches 4 bytes) still wakes the monitor.
+        assert!(m.mmio_write(KICK_BASE, &[1]));
+        assert_eq!(region.kicks[0].read().unwrap(), 1);
+        assert!(m.mmio_write(KICK_BASE + 0x100, &[1, 0, 0, 0]));
+        let mut d = [0xAA; 4];
+        assert!(m.mmio_read(KICK_BASE, &mut d));
+        assert_eq!(d, [0; 4]);
+        assert!(!m.mmio_write(0xFEB0_0000, &[0]), "outside: not ours");
+        let s = m.guest.snapshot();
+        assert_eq!(s.protected_writes, 2);
+        assert_eq!(s.rejected["bad_kick"], 1);
     }
 
     #[test]
