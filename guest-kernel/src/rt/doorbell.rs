@@ -191,6 +191,12 @@ impl Doorbells {
         )
     }
 
+    /// Slots in the ring (events beyond what the host has consumed coalesce).
+    #[must_use]
+    pub fn capacity(&self) -> u64 {
+        self.ring.capacity()
+    }
+
     /// The host CPU whose monitor consumes this guest's events.
     #[must_use]
     pub fn host_cpu(&self) -> u32 {
