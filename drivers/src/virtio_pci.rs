@@ -239,6 +239,13 @@ impl MsixControl {
         }
     }
 
+    /// Masks (or unmasks) queue `queue`'s vector: while masked the device only
+    /// sets the pending bit (PCI 3.0 §6.8.3.4), so no interrupt is taken; an
+    /// unmask delivers what is pending.
+    pub fn set_queue_masked(&mut self, queue: u16, masked: bool) -> Result<(), MsixError> {
+        self.table.set_masked(queue + 1, masked)
+    }
+
     /// Where queue `queue`'s interrupts go now (read from the table).
     pub fn queue_message(&self, queue: u16) -> Result<MsiMessage, MsixError> {
         self.table.message(queue + 1)

@@ -7,7 +7,9 @@
 //! `ip=`), `net.rx=poll|irq` (default irq), `net.irq_cpu=N` (where the NIC's
 //! interrupts go; default: the CPU that opens it), `net.notify=doorbell|trap`
 //! (how the NIC learns of new buffers; default: doorbells when the shim
-//! offers them, the virtio notify register otherwise).
+//! offers them, the virtio notify register otherwise), `net.tx_irq=on`
+//! (take TX-completion interrupts; off by default: completions are reaped on
+//! the send path, so the TX vector stays masked and costs no interrupt).
 
 use super::start::system;
 use super::time::Instant;
@@ -74,6 +76,8 @@ pub struct NetConfig {
     pub irq_cpu: usize,
     /// How queue notifications travel.
     pub notify: Notify,
+    /// Take TX-completion interrupts (the TX vector is masked otherwise).
+    pub tx_irq: bool,
 }
 
 /// How the driver tells the device about new buffers.
@@ -121,6 +125,7 @@ impl NetConfig {
             Some("trap") => Notify::Trap,
             Some(_) => return Err(NetError::Config("net.notify= takes doorbell or trap")),
         };
+        let tx_irq = c.flag("net.tx_irq");
         let dhcp = c.flag("dhcp");
         if address.is_none() && !dhcp {
             return Err(NetError::Config(
@@ -134,6 +139,7 @@ impl NetConfig {
             rx_mode,
             irq_cpu,
             notify,
+            tx_irq,
         })
     }
 }
@@ -233,7 +239,7 @@ impl Net {
             config: None,
             queues: vec![msg(rx)?, msg(rx + 1)?],
         };
-        let (mut transport, msix) =
+        let (mut transport, mut msix) =
             MsixPciTransport::new::<KernelHal, _>(KernelPciAccess(access), df, plan)
                 .map_err(NetError::Transport)?;
         let doorbells = match (cfg.notify, super::doorbell::get()) {
@@ -245,6 +251,10 @@ impl Net {
             transport.set_notifier(alloc::boxed::Box::new(DoorbellNotifier));
         }
         let mut dev = NetDevice::new(transport, cfg.rx_mode).map_err(NetError::Driver)?;
+        if !cfg.tx_irq {
+            msix.set_queue_masked(TX_QUEUE, true)
+                .map_err(|e| NetError::Transport(e.into()))?;
+        }
         let status = msix.vector_status();
         if status.rejected > 0 {
             return Err(NetError::VectorRejected {

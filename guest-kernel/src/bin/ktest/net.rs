@@ -27,6 +27,8 @@ ktest!(
             rx_mode: drivers::net::RxMode::Interrupt,
             irq_cpu: 1,
             notify: guest_kernel::rt::net::Notify::Auto,
+            // This test watches TX-completion interrupts move between CPUs.
+            tx_irq: true,
         };
         let mut net = Net::open(0, &cfg).map_err(|e| alloc::format!("{e}"))?;
         check_eq!(
