@@ -302,6 +302,19 @@ impl ParaRegion {
     }
 }
 
+/// A region with one range for any guest vCPU, monitored on host CPU 0.
+#[cfg(test)]
+pub(crate) fn test_region() -> std::sync::Arc<ParaRegion> {
+    let request = Request {
+        source: SourceType::GuestVcpu,
+        source_id: para_abi::doorbell::designation::ANY_SOURCE,
+        host_cpu: 0,
+    };
+    std::sync::Arc::new(
+        ParaRegion::new(plan(&[request]).expect("one range plans")).expect("region maps"),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -353,20 +353,7 @@ mod tests {
 
     #[test]
     fn exiting_writes_are_refused_or_kick() {
-        use crate::doorbell::manager::{Request, plan};
-        use para_abi::doorbell::SourceType;
-        use para_abi::doorbell::designation::ANY_SOURCE;
-        let region = Arc::new(
-            ParaRegion::new(
-                plan(&[Request {
-                    source: SourceType::GuestVcpu,
-                    source_id: ANY_SOURCE,
-                    host_cpu: 0,
-                }])
-                .unwrap(),
-            )
-            .unwrap(),
-        );
+        let region = crate::doorbell::manager::test_region();
         let (g, _) = nic();
         let m = ParaMmio {
             region: region.clone(),

@@ -241,24 +241,12 @@ fn spin_only(tasks: &mut [RingTask], stop: &AtomicBool) {
 mod tests {
     use super::*;
     use crate::doorbell::Target;
-    use crate::doorbell::manager::{Request, plan};
-    use para_abi::doorbell::designation::ANY_SOURCE;
     use para_abi::doorbell::device::SINK;
     use para_abi::doorbell::ring::{PARKED, RUNNING};
-    use para_abi::doorbell::{Event, Op, SourceType, Via};
+    use para_abi::doorbell::{Event, Op, Via};
 
     fn setup() -> (Arc<ParaRegion>, Arc<GuestDoorbells>, Vec<EventFd>) {
-        let region = Arc::new(
-            ParaRegion::new(
-                plan(&[Request {
-                    source: SourceType::GuestVcpu,
-                    source_id: ANY_SOURCE,
-                    host_cpu: 0,
-                }])
-                .unwrap(),
-            )
-            .unwrap(),
-        );
+        let region = crate::doorbell::manager::test_region();
         let fds: Vec<EventFd> = (0..2)
             .map(|_| EventFd::new(libc::EFD_NONBLOCK).unwrap())
             .collect();
