@@ -6,5 +6,9 @@ extern crate alloc;
 #[cfg(test)]
 extern crate std;
 
+/// Exit status of a demo that refuses its configuration or device (it says
+/// why on the console first).
+pub const APP_ERROR: i32 = guest_kernel::abi::status::APP_ERROR as i32;
+
 pub mod http;
 pub mod pingpong;

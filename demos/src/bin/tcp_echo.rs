@@ -18,8 +18,7 @@ mod guest {
 
     guest_kernel::entry!(main);
 
-    /// Exit status for a configuration or device the demo cannot use.
-    const APP_ERROR: i32 = guest_kernel::abi::status::APP_ERROR as i32;
+    use demos::APP_ERROR;
 
     const ECHO_PORT: u16 = 7;
     const HTTP_PORT: u16 = 80;

@@ -24,8 +24,7 @@ mod guest {
 
     guest_kernel::entry!(main);
 
-    /// Exit status for a configuration or device the demo cannot use.
-    const APP_ERROR: i32 = guest_kernel::abi::status::APP_ERROR as i32;
+    use demos::APP_ERROR;
 
     const REPLY_TIMEOUT: Duration = Duration::from_millis(500);
 
