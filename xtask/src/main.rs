@@ -1,6 +1,7 @@
 //! `cargo xtask`: builds the guest images and host binaries, boots guests
 //! under QEMU, and runs every test leg.
 
+mod bench;
 mod build;
 mod cargo_test;
 mod demo;
@@ -52,8 +53,10 @@ enum Command {
     /// The main demo: the host shim runs a UDP ping-pong between guests on
     /// its switch and prints packets, RTT p50/p99, pps and VM exits per packet.
     Run(RunArgs),
-    /// Run the benchmarks (not available yet).
-    Bench,
+    /// Run the benchmark suites (all, or those named), write
+    /// `target/bench/SUITE.json`, and regenerate docs/benchmarks.md, its plots and
+    /// the README's headline ratios.
+    Bench(BenchArgs),
 }
 
 #[derive(Debug, Args)]
@@ -123,6 +126,25 @@ struct RunArgs {
 }
 
 #[derive(Debug, Args)]
+struct BenchArgs {
+    /// Suites to run (default: all, in report order). `--list` shows them.
+    #[arg(value_name = "SUITE")]
+    suites: Vec<String>,
+    /// Rounds per suite; every round measures each scenario once, interleaved.
+    #[arg(long, default_value_t = bench::DEFAULT_REPEATS, value_parser = clap::value_parser!(u32).range(1..=100))]
+    repeats: u32,
+    /// Only regenerate docs/benchmarks.md from the results in target/bench/.
+    #[arg(long, conflicts_with_all = ["suites", "no_report"])]
+    report: bool,
+    /// Run the suites but leave docs/benchmarks.md as it is.
+    #[arg(long)]
+    no_report: bool,
+    /// List the suites and exit.
+    #[arg(long)]
+    list: bool,
+}
+
+#[derive(Debug, Args)]
 struct TestArgs {
     /// Run only this leg (repeatable); `--list` shows them.
     #[arg(long = "leg", value_name = "NAME")]
@@ -171,7 +193,22 @@ fn main() -> ExitCode {
             };
             run::run(&opts, args.json.as_deref(), args.verbose).map(|()| ExitCode::SUCCESS)
         }
-        Command::Bench => run::bench().map(|()| ExitCode::SUCCESS),
+        Command::Bench(args) => {
+            if args.list {
+                for name in bench::suite_names() {
+                    println!("{name}");
+                }
+                Ok(ExitCode::SUCCESS)
+            } else {
+                bench::run(&bench::Options {
+                    suites: args.suites,
+                    repeats: args.repeats,
+                    report_only: args.report,
+                    no_report: args.no_report,
+                })
+                .map(|()| ExitCode::SUCCESS)
+            }
+        }
     };
     result.unwrap_or_else(|e| {
         eprintln!("error: {e}");

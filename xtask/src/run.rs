@@ -1,6 +1,6 @@
 //! `cargo xtask run`: the project's main job — the host shim running a UDP
 //! ping-pong between guests, with a summary of packets, round-trip times and
-//! VM exits per packet. `cargo xtask bench` is not implemented yet.
+//! VM exits per packet.
 
 use std::path::Path;
 
@@ -48,10 +48,4 @@ pub fn run(opts: &demo::Options, json: Option<&Path>, verbose: bool) -> Result<(
             failed.join("; ")
         )))
     }
-}
-
-pub fn bench() -> Result<()> {
-    Err(Error::failed(
-        "cargo xtask bench is not implemented yet: the benchmark suites come with the paravirtual mechanisms",
-    ))
 }
