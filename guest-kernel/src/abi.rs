@@ -55,6 +55,10 @@ pub mod vector {
     pub const WAKE: u8 = 0x31;
     /// Free for tests and benchmarks to bounce between CPUs.
     pub const TEST_IPI: u8 = 0x32;
+    /// M3 upcalls from the shim (`KVM_INTERRUPT` through LINT0 `ExtINT`).
+    pub const UPCALL: u8 = 0x33;
+    /// M1 designation / writing notifications.
+    pub const DOORBELL_NOTIFY: u8 = 0x34;
     /// First vector handed to device drivers.
     pub const DEVICE_BASE: u8 = 0x40;
     /// Kernel calls (a DPL-3 gate).
@@ -90,6 +94,8 @@ pub enum Sys {
     /// Pass hypercall RDI (a `para_abi::hypercall::Call` ring 3 may make) with
     /// argument RSI to the Exitless shim; `NoSys` elsewhere.
     Hypercall = 9,
+    // Numbers reserved per mechanism: 10–13 M4 (control registers), 14–17 M3
+    // (upcalls), 18–21 M5 (VM queues), 22–25 M2 (hints).
 }
 
 impl Sys {

@@ -20,7 +20,7 @@ const FLAG_INDEXED: u32 = 1;
 pub const LAPIC_TIMER_KHZ: u32 = 1_000_000;
 
 /// What the filter needs to know about the VM.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct CpuidParams {
     pub vcpus: u32,
     pub tsc_khz: u32,
@@ -28,6 +28,18 @@ pub struct CpuidParams {
     pub tsc_deadline: bool,
     /// The para region offered with doorbells (M1): guest-physical base and size.
     pub para_region: Option<(u64, u32)>,
+    /// Further mechanisms offered (M2–M5): feature bits OR-ed into
+    /// [`discovery::LEAF_FEATURES`], and the hypervisor leaves that describe them.
+    pub offers: Vec<Offer>,
+}
+
+/// One paravirtual mechanism the shim offers: its feature bit and its CPUID leaf
+/// (EAX, EBX, ECX, EDX), by [`Guest::offer`](crate::vm::Guest::offer).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Offer {
+    pub feature: u32,
+    pub leaf: u32,
+    pub regs: [u32; 4],
 }
 
 /// Number of bits needed to give each of `n` items a distinct id.
@@ -57,7 +69,7 @@ fn entry(function: u32, index: u32, flags: u32, regs: [u32; 4]) -> kvm_cpuid_ent
 pub fn filter(
     supported: &[kvm_cpuid_entry2],
     apic_id: u32,
-    p: CpuidParams,
+    p: &CpuidParams,
 ) -> Vec<kvm_cpuid_entry2> {
     let mut out = Vec::with_capacity(supported.len() + 4);
     for e in supported {
@@ -115,6 +127,10 @@ pub fn filter(
         ),
         None => (features::EXIT_HYPERCALL, (0, 0, 0, 0)),
     };
+    let feat = p.offers.iter().fold(feat, |f, o| f | o.feature);
+    for o in &p.offers {
+        out.push(entry(o.leaf, 0, 0, o.regs));
+    }
     out.push(entry(discovery::LEAF_FEATURES, 0, 0, [feat, 0, 0, 0]));
     out.push(entry(
         discovery::LEAF_PARA_REGION,
@@ -163,11 +179,12 @@ mod tests {
         tsc_khz: 2_500_000,
         tsc_deadline: true,
         para_region: None,
+        offers: Vec::new(),
     };
 
     #[test]
     fn apic_ids_and_topology_per_vcpu() {
-        let v = filter(&kvm_like(), 2, P);
+        let v = filter(&kvm_like(), 2, &P);
         let l1 = find(&v, 1, 0);
         assert_eq!(l1.ebx >> 24, 2);
         assert_eq!((l1.ebx >> 16) & 0xFF, 3);
@@ -185,7 +202,7 @@ mod tests {
 
     #[test]
     fn hypervisor_range_is_ours_only() {
-        let v = filter(&kvm_like(), 0, P);
+        let v = filter(&kvm_like(), 0, &P);
         let sig = find(&v, 0x4000_0000, 0);
         assert_eq!(sig.eax, discovery::MAX_LEAF);
         assert!(discovery::is_exitless(sig.ebx, sig.ecx, sig.edx));
@@ -197,7 +214,7 @@ mod tests {
 
     #[test]
     fn para_region_leaf_follows_the_doorbells() {
-        let v = filter(&kvm_like(), 0, P);
+        let v = filter(&kvm_like(), 0, &P);
         let r = find(&v, discovery::LEAF_PARA_REGION, 0);
         assert_eq!((r.eax, r.ebx, r.ecx, r.edx), (0, 0, 0, 0));
         assert_eq!(
@@ -208,7 +225,7 @@ mod tests {
             para_region: Some((0xA000_0000, 0x7000)),
             ..P
         };
-        let v = filter(&kvm_like(), 1, on);
+        let v = filter(&kvm_like(), 1, &on);
         let f = find(&v, discovery::LEAF_FEATURES, 0).eax;
         assert_eq!(
             f,
@@ -223,13 +240,32 @@ mod tests {
     }
 
     #[test]
+    fn offers_add_feature_bits_and_leaves() {
+        let p = CpuidParams {
+            offers: vec![Offer {
+                feature: features::SHADOW_FLAGS,
+                leaf: discovery::LEAF_CTRL,
+                regs: [0xA801_0000, 0, 0x1000, 1],
+            }],
+            ..P
+        };
+        let v = filter(&kvm_like(), 0, &p);
+        assert_eq!(
+            find(&v, discovery::LEAF_FEATURES, 0).eax,
+            features::EXIT_HYPERCALL | features::SHADOW_FLAGS
+        );
+        let l = find(&v, discovery::LEAF_CTRL, 0);
+        assert_eq!((l.eax, l.ecx, l.edx), (0xA801_0000, 0x1000, 1));
+    }
+
+    #[test]
     fn no_tsc_deadline_when_kvm_lacks_it() {
         let mut src = kvm_like();
         src[1].ecx |= LEAF1_ECX_TSC_DEADLINE;
         let v = filter(
             &src,
             0,
-            CpuidParams {
+            &CpuidParams {
                 tsc_deadline: false,
                 ..P
             },

@@ -66,6 +66,21 @@ pub fn create(name: &str, size: u64) -> Result<GuestMem, MemoryError> {
     GuestMemoryMmap::from_regions(vec![region]).map_err(|e| MemoryError::Map(e.to_string()))
 }
 
+/// KVM memslot numbers. RAM takes slots from 0, the para region (M1) follows it;
+/// each later mechanism has its own fixed range so they can be added in any order.
+pub mod slot {
+    /// M2 hint page.
+    pub const HINTS: u32 = 100;
+    /// M3 upcall mailboxes.
+    pub const UPCALLS: u32 = 101;
+    /// M4 control blocks: 102–105.
+    pub const CTRL_FIRST: u32 = 102;
+    pub const CTRL_LAST: u32 = 105;
+    /// M5 VM queues: 110–199.
+    pub const VMQ_FIRST: u32 = 110;
+    pub const VMQ_LAST: u32 = 199;
+}
+
 /// Registers every region of `mem` with KVM, slot numbers from 0.
 pub fn register(vm: &VmFd, mem: &GuestMem) -> Result<(), MemoryError> {
     use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};

@@ -111,6 +111,24 @@ pub struct Guest {
     pub para: Option<Arc<ParaRegion>>,
     /// What the guest's doorbell events do, and their counters (M1).
     pub doorbells: Option<Arc<GuestDoorbells>>,
+    /// What KVM supports and what the shim offers, to rebuild CPUID on [`Guest::offer`].
+    cpuid_supported: CpuId,
+    cpuid_params: CpuidParams,
+}
+
+/// Sets vCPU `apic_id`'s CPUID from what KVM supports filtered by `params`.
+fn set_cpuid(
+    fd: &VcpuFd,
+    supported: &[kvm_bindings::kvm_cpuid_entry2],
+    apic_id: u32,
+    params: &CpuidParams,
+) -> Result<(), VmError> {
+    let entries = cpuid::filter(supported, apic_id, params);
+    let cpuid = CpuId::from_entries(&entries).map_err(|_| VmError::Kvm {
+        what: "CPUID table",
+        source: kvm_ioctls::Error::new(libc::E2BIG),
+    })?;
+    fd.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))
 }
 
 impl Guest {
@@ -175,14 +193,10 @@ impl Guest {
             tsc_khz,
             tsc_deadline: kvm.check_extension(Cap::TscDeadlineTimer),
             para_region: para.as_ref().map(|p| (p.plan.base, p.plan.size as u32)),
+            offers: Vec::new(),
         };
         for (i, fd) in fds.iter().enumerate() {
-            let entries = cpuid::filter(supported.as_slice(), i as u32, params);
-            let cpuid = CpuId::from_entries(&entries).map_err(|_| VmError::Kvm {
-                what: "CPUID table",
-                source: kvm_ioctls::Error::new(libc::E2BIG),
-            })?;
-            fd.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
+            set_cpuid(fd, supported.as_slice(), i as u32, &params)?;
             let msrs = Msrs::from_entries(&[
                 kvm_msr_entry {
                     index: MSR_IA32_MISC_ENABLE,
@@ -238,7 +252,31 @@ impl Guest {
             nics: Vec::new(),
             para,
             doorbells: None,
+            cpuid_supported: supported,
+            cpuid_params: params,
         })
+    }
+
+    /// Offers a further paravirtual mechanism (M2–M5) to the guest: ORs `feature`
+    /// into the features leaf and answers `leaf` with `regs`, on every vCPU. Only
+    /// before [`Guest::start`] (KVM takes CPUID changes before the first run).
+    pub fn offer(&mut self, offer: cpuid::Offer) -> Result<(), VmError> {
+        if self.started.is_some() {
+            return Err(VmError::Device(
+                "mechanisms can only be offered before the guest starts".into(),
+            ));
+        }
+        self.cpuid_params.offers.retain(|o| o.leaf != offer.leaf);
+        self.cpuid_params.offers.push(offer);
+        for (i, fd) in self.vcpu_fds.iter().enumerate() {
+            set_cpuid(
+                fd,
+                self.cpuid_supported.as_slice(),
+                i as u32,
+                &self.cpuid_params,
+            )?;
+        }
+        Ok(())
     }
 
     /// The platform, for adding devices before the guest starts.

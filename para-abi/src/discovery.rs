@@ -12,6 +12,17 @@ pub const LEAF_FEATURES: u32 = 0x4000_0001;
 /// guest-physical address bits 0..32, EBX = bits 32..64, ECX = its size in bytes,
 /// EDX = [`crate::region::VERSION`]. All zero when the shim offers no para region.
 pub const LEAF_PARA_REGION: u32 = 0x4000_0002;
+/// CPUID leaves of the mechanisms after M1, each answered only when its feature
+/// bit is set: EAX = guest-physical address bits 0..32, EBX = bits 32..64, ECX =
+/// size in bytes, EDX = the mechanism's layout version. Addresses are those of
+/// [`crate::layout::area`].
+pub const LEAF_HINTS: u32 = 0x4000_0003;
+/// M3 upcall mailboxes (see [`LEAF_HINTS`] for the register convention).
+pub const LEAF_UPCALLS: u32 = 0x4000_0004;
+/// M4 control blocks (see [`LEAF_HINTS`]).
+pub const LEAF_CTRL: u32 = 0x4000_0005;
+/// M5 VM queues (see [`LEAF_HINTS`]).
+pub const LEAF_VMQ: u32 = 0x4000_0006;
 /// CPUID leaf with timing information, following the convention `VMware` and KVM
 /// guests already know: EAX = TSC frequency in kHz, EBX = LAPIC timer frequency in kHz.
 pub const LEAF_TIMING: u32 = 0x4000_0010;
@@ -48,6 +59,29 @@ pub mod features {
     /// The para region's designation table offers doorbell ranges (M1,
     /// [`crate::doorbell`]). Implies [`PARA_REGION`].
     pub const DOORBELLS: u32 = 1 << 2;
+    /// M2 interrupt-vCPU hints ([`super::LEAF_HINTS`]).
+    pub const HINTS: u32 = 1 << 3;
+    /// M3 upcalls delivered at the open interrupt window ([`super::LEAF_UPCALLS`]).
+    pub const UPCALLS: u32 = 1 << 4;
+    /// M4 shadowed control flags ([`super::LEAF_CTRL`]).
+    pub const SHADOW_FLAGS: u32 = 1 << 5;
+    /// M5 VM queues ([`super::LEAF_VMQ`]).
+    pub const VM_QUEUES: u32 = 1 << 6;
+}
+
+/// The (EAX, EBX, ECX, EDX) of a mechanism leaf ([`LEAF_HINTS`]...).
+#[must_use]
+pub const fn area_registers(gpa: u64, size: u32, version: u32) -> [u32; 4] {
+    [gpa as u32, (gpa >> 32) as u32, size, version]
+}
+
+/// Decodes a mechanism leaf: `Some((gpa, size, version))`, `None` when size is 0.
+#[must_use]
+pub const fn area_from_registers(r: [u32; 4]) -> Option<(u64, u32, u32)> {
+    if r[2] == 0 {
+        return None;
+    }
+    Some(((r[1] as u64) << 32 | r[0] as u64, r[2], r[3]))
 }
 
 /// The (EAX, EBX, ECX, EDX) of [`LEAF_PARA_REGION`] for a region at `gpa` of `size`

@@ -23,6 +23,9 @@ pub enum Call {
     /// events) under label RBX, so a test can measure what happened between
     /// two marks. The VMM reports the marks in its statistics.
     StatsMark = 3,
+    // Numbers reserved per mechanism so that they can grow independently:
+    // 4–7 M4 (control flags), 8–11 M3 (upcalls), 12–19 M5 (VM queues),
+    // 20–23 M1 (doorbells), 24–27 M2 (hints).
 }
 
 impl Call {

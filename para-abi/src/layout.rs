@@ -25,8 +25,34 @@ pub const MMIO_HOLE_START: u64 = 0xB000_0000;
 /// user-accessible in the guest's boot page tables; never reported as RAM).
 /// Guest RAM must then end below it.
 pub const PARA_REGION_BASE: u64 = 0xA000_0000;
-/// The most bytes the para region may span (up to [`MMIO_HOLE_START`]).
-pub const PARA_REGION_MAX: u64 = MMIO_HOLE_START - PARA_REGION_BASE;
+/// The most bytes the para region (M1's header, table and doorbell ranges) may
+/// span; the fixed mechanism areas below follow it.
+pub const PARA_REGION_MAX: u64 = 0x0800_0000;
+
+/// Fixed guest-physical areas of the other mechanisms, each offered by its own
+/// feature bit and CPUID leaf ([`crate::discovery`]) and mapped by the shim as its
+/// own memslot(s). Cacheable and user-accessible in the guest's boot page tables
+/// like the para region; never reported as RAM.
+pub mod area {
+    use super::{MMIO_HOLE_START, PARA_REGION_BASE, PARA_REGION_MAX};
+
+    /// M2 interrupt-vCPU hints: one page of per-device-queue hint records.
+    pub const HINTS: u64 = PARA_REGION_BASE + PARA_REGION_MAX;
+    pub const HINTS_SIZE: u64 = 0x1000;
+    /// M3 upcalls: one page of per-vCPU upcall mailboxes.
+    pub const UPCALLS: u64 = HINTS + 0x1_0000;
+    pub const UPCALLS_SIZE: u64 = 0x1000;
+    /// M4 shadowed control flags: per-vCPU control blocks (64 KiB window).
+    pub const CTRL: u64 = UPCALLS + 0x1_0000;
+    pub const CTRL_SIZE: u64 = 0x1_0000;
+    /// M5 VM queues: inbox, outbox, directory and the receive window (the rest of
+    /// the window below the MMIO hole, from a 16 MiB boundary).
+    pub const VMQ: u64 = PARA_REGION_BASE + PARA_REGION_MAX + 0x0100_0000;
+    pub const VMQ_SIZE: u64 = MMIO_HOLE_START - VMQ;
+
+    const _: () = assert!(CTRL + CTRL_SIZE <= VMQ);
+    const _: () = assert!(VMQ % 0x20_0000 == 0, "2 MiB pages can be remapped there");
+}
 
 /// Doorbell kick addresses (trapping MMIO writes bound to ioeventfds) lie in
 /// this page range of the MMIO hole, mapped uncached and user-accessible.

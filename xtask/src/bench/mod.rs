@@ -218,7 +218,9 @@ pub fn run(opts: &Options) -> Result<()> {
     }
     let mut suites = all_suites();
     if suites.is_empty() {
-        return Err(Error::failed("no benchmark suites are built into this xtask"));
+        return Err(Error::failed(
+            "no benchmark suites are built into this xtask",
+        ));
     }
     if !opts.suites.is_empty() {
         for want in &opts.suites {

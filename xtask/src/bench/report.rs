@@ -14,7 +14,14 @@ use crate::workspace;
 
 /// Suites in report order; any other results file follows alphabetically.
 const ORDER: [&str; 8] = [
-    "pingpong", "boot", "footprint", "notify", "hints", "upcall", "ctrl", "vmq",
+    "pingpong",
+    "boot",
+    "footprint",
+    "notify",
+    "hints",
+    "upcall",
+    "ctrl",
+    "vmq",
 ];
 
 const README_START: &str = "<!-- bench:headline:start -->";
@@ -25,7 +32,10 @@ fn str_of<'a>(v: &'a Value, key: &str) -> &'a str {
 }
 
 fn items(v: &Value, key: &str) -> Vec<Value> {
-    v.get(key).and_then(Value::as_array).cloned().unwrap_or_default()
+    v.get(key)
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default()
 }
 
 fn cell(s: Option<Summary>) -> String {
@@ -61,7 +71,12 @@ fn value_table(doc: &Value) -> Vec<String> {
             let _ = write!(
                 row,
                 " {} |",
-                cell(summary_at(doc, "summary", str_of(&s, "id"), str_of(m, "id")))
+                cell(summary_at(
+                    doc,
+                    "summary",
+                    str_of(&s, "id"),
+                    str_of(m, "id")
+                ))
             );
         }
         out.push(row);

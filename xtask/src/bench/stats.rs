@@ -43,7 +43,11 @@ impl Summary {
 
 /// The `p`th percentile (0–100) of sorted values, by linear interpolation
 /// between closest ranks (the median of an even set is the mean of the middle two).
-#[allow(clippy::cast_precision_loss, clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+#[allow(
+    clippy::cast_precision_loss,
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss
+)]
 pub fn percentile_sorted(v: &[f64], p: f64) -> f64 {
     if v.is_empty() {
         return f64::NAN;
@@ -56,7 +60,11 @@ pub fn percentile_sorted(v: &[f64], p: f64) -> f64 {
 
 /// At most `max` values, evenly spaced in sorted order (keeps a CDF's shape while
 /// bounding the JSON's size).
-#[allow(clippy::cast_precision_loss, clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+#[allow(
+    clippy::cast_precision_loss,
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss
+)]
 pub fn thin(values: &[f64], max: usize) -> Vec<f64> {
     let mut v = values.to_vec();
     v.sort_by(f64::total_cmp);
