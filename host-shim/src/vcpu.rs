@@ -126,6 +126,13 @@ pub fn install_kick_handler() -> std::io::Result<()> {
     r.map_err(std::io::Error::from_raw_os_error)
 }
 
+/// Work the shim does for a vCPU at each of its exits, whatever the cause: M4
+/// applies shadowed control flags there, M5 delivers lazily sent messages there.
+/// Runs on the vCPU's own thread, between `KVM_RUN`s, so it may use `fd`.
+pub trait ExitHook: Send + Sync {
+    fn after_exit(&self, fd: &VcpuFd, vcpu: &VcpuShared, guest: &GuestCtx);
+}
+
 /// What a vCPU thread needs from its guest.
 pub struct GuestCtx {
     pub name: String,
@@ -142,6 +149,8 @@ pub struct GuestCtx {
     pub doorbells: OnceLock<Arc<GuestDoorbells>>,
     /// `StatsMark` hypercalls in the order they came.
     pub marks: Mutex<Vec<MarkReport>>,
+    /// Run after every exit of every vCPU ([`ExitHook`]); fixed before the start.
+    pub exit_hooks: Vec<Arc<dyn ExitHook>>,
 }
 
 impl GuestCtx {
@@ -158,6 +167,7 @@ impl GuestCtx {
             main_reached: OnceLock::new(),
             doorbells: OnceLock::new(),
             marks: Mutex::new(Vec::new()),
+            exit_hooks: Vec::new(),
         }
     }
 
@@ -292,7 +302,7 @@ pub fn run(mut fd: VcpuFd, me: &VcpuShared, guest: &GuestCtx, pin: Option<usize>
     while !guest.stop.load(Ordering::Acquire) {
         service_pending(&mut fd, me);
         me.host_cpu.store(current_cpu(), Ordering::Relaxed);
-        match fd.run() {
+        let exited = match fd.run() {
             Ok(exit) => {
                 if let Some(end) = handle_exit(exit, me, guest) {
                     let end = match end {
@@ -303,17 +313,30 @@ pub fn run(mut fd: VcpuFd, me: &VcpuShared, guest: &GuestCtx, pin: Option<usize>
                         guest.end(o);
                     }
                 }
+                true
             }
             Err(e) if e.errno() == libc::EINTR => {
                 me.exits.bump(Exit::Intr);
                 fd.set_kvm_immediate_exit(0);
+                true
             }
             // An AP's first KVM_RUN after INIT returns EAGAIN once (DESIGN §7).
-            Err(e) if e.errno() == libc::EAGAIN => me.exits.bump(Exit::Eagain),
-            Err(e) => guest.end(Outcome::Failed(format!(
-                "KVM_RUN on vCPU {}: {e}",
-                me.index
-            ))),
+            Err(e) if e.errno() == libc::EAGAIN => {
+                me.exits.bump(Exit::Eagain);
+                false
+            }
+            Err(e) => {
+                guest.end(Outcome::Failed(format!(
+                    "KVM_RUN on vCPU {}: {e}",
+                    me.index
+                )));
+                false
+            }
+        };
+        if exited {
+            for h in &guest.exit_hooks {
+                h.after_exit(&fd, me, guest);
+            }
         }
     }
 

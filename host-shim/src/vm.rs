@@ -114,6 +114,8 @@ pub struct Guest {
     /// What KVM supports and what the shim offers, to rebuild CPUID on [`Guest::offer`].
     cpuid_supported: CpuId,
     cpuid_params: CpuidParams,
+    /// Handed to the vCPU threads at start.
+    exit_hooks: Vec<Arc<dyn vcpu::ExitHook>>,
 }
 
 /// Sets vCPU `apic_id`'s CPUID from what KVM supports filtered by `params`.
@@ -254,6 +256,7 @@ impl Guest {
             doorbells: None,
             cpuid_supported: supported,
             cpuid_params: params,
+            exit_hooks: Vec::new(),
         })
     }
 
@@ -315,6 +318,11 @@ impl Guest {
         self.doorbells = Some(doorbells);
     }
 
+    /// Runs `hook` after every exit of every vCPU (before [`Guest::start`]).
+    pub fn add_exit_hook(&mut self, hook: Arc<dyn vcpu::ExitHook>) {
+        self.exit_hooks.push(hook);
+    }
+
     /// The boot processor's fd, for tests that set up their own CPU state.
     #[must_use]
     pub fn bsp(&self) -> Option<&VcpuFd> {
@@ -326,11 +334,9 @@ impl Guest {
         let Some(platform) = self.platform.take() else {
             return Ok(()); // already started
         };
-        let ctx = Arc::new(GuestCtx::new(
-            &self.name,
-            Arc::new(platform),
-            self.vcpus.clone(),
-        ));
+        let mut ctx = GuestCtx::new(&self.name, Arc::new(platform), self.vcpus.clone());
+        ctx.exit_hooks = std::mem::take(&mut self.exit_hooks);
+        let ctx = Arc::new(ctx);
         if let Some(d) = &self.doorbells {
             let _ = ctx.doorbells.set(d.clone());
         }

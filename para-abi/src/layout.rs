@@ -51,7 +51,10 @@ pub mod area {
     pub const VMQ_SIZE: u64 = MMIO_HOLE_START - VMQ;
 
     const _: () = assert!(CTRL + CTRL_SIZE <= VMQ);
-    const _: () = assert!(VMQ % 0x20_0000 == 0, "2 MiB pages can be remapped there");
+    const _: () = assert!(
+        VMQ.is_multiple_of(0x20_0000),
+        "2 MiB pages can be remapped there"
+    );
 }
 
 /// Doorbell kick addresses (trapping MMIO writes bound to ioeventfds) lie in

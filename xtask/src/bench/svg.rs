@@ -43,6 +43,7 @@ fn nice_ceiling(x: f64) -> f64 {
 }
 
 /// One bar per row: (label, median, min, max).
+#[allow(clippy::cast_precision_loss)]
 pub fn bars(title: &str, unit: &str, rows: &[(String, f64, f64, f64)]) -> String {
     let left = 230.0;
     let right = 80.0;

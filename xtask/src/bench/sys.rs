@@ -46,8 +46,7 @@ fn kvm_backend() -> String {
 pub fn machine() -> Value {
     let cores = std::thread::available_parallelism().map_or(0, std::num::NonZero::get);
     let vmx = std::fs::read_to_string("/proc/cpuinfo")
-        .map(|t| t.contains(" vmx") || t.contains(" svm"))
-        .unwrap_or(false);
+        .is_ok_and(|t| t.contains(" vmx") || t.contains(" svm"));
     json!({
         "cpu": first_line_with("/proc/cpuinfo", "model name").unwrap_or_else(|| "unknown".into()),
         "cores": cores,
