@@ -81,6 +81,11 @@ pub struct Options {
     /// Where the clients' NIC interrupts go (`net.irq_cpu`); `None` leaves the
     /// default (the CPU running the network stack). The placement check sets it.
     pub client_irq_cpu: Option<u32>,
+    /// Appended to every guest's command line (benchmarks: `pingpong.linger_ms`...).
+    pub extra_cmdline: String,
+    /// QEMU only: give each VM a QMP socket `DIR/NAME.sock` (benchmarks read
+    /// KVM statistics through it).
+    pub qmp_dir: Option<PathBuf>,
 }
 
 impl Default for Options {
@@ -94,12 +99,14 @@ impl Default for Options {
             notify: Notify::Auto,
             timeout: Duration::from_mins(2),
             client_irq_cpu: None,
+            extra_cmdline: String::new(),
+            qmp_dir: None,
         }
     }
 }
 
 /// What a client guest printed on its `pingpong-result:` line.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ClientResult {
     pub name: String,
     pub sent: u64,
@@ -109,7 +116,12 @@ pub struct ClientResult {
     pub pps: u64,
     /// RX interrupts the client took on each of its CPUs.
     pub rx_irqs_by_cpu: Vec<u64>,
+    /// RTT at every 5th percentile (µs), when the client printed them
+    /// (`pingpong.quantiles=1`).
+    pub quantiles_us: Vec<f64>,
 }
+
+pub const QUANTILES_PREFIX: &str = "pingpong-quantiles-us: ";
 
 pub const RESULT_PREFIX: &str = "pingpong-result: ";
 
@@ -119,10 +131,16 @@ pub fn parse_result<'a>(
     name: &str,
     lines: impl IntoIterator<Item = &'a str>,
 ) -> Option<ClientResult> {
+    let lines: Vec<&str> = lines.into_iter().collect();
     let json: Value = lines
-        .into_iter()
+        .iter()
         .find_map(|l| l.trim().strip_prefix(RESULT_PREFIX))
         .and_then(|j| serde_json::from_str(j).ok())?;
+    let quantiles_us = lines
+        .iter()
+        .find_map(|l| l.trim().strip_prefix(QUANTILES_PREFIX))
+        .and_then(|j| serde_json::from_str::<Vec<f64>>(j).ok())
+        .unwrap_or_default();
     Some(ClientResult {
         name: name.to_owned(),
         sent: json["packets_sent"].as_u64()?,
@@ -134,6 +152,7 @@ pub fn parse_result<'a>(
             .as_array()
             .map(|a| a.iter().filter_map(Value::as_u64).collect())
             .unwrap_or_default(),
+        quantiles_us,
     })
 }
 
@@ -179,7 +198,11 @@ fn guest_names(opts: &Options) -> Vec<String> {
 }
 
 fn cmdline(opts: &Options, index: u32) -> String {
-    let common = format!("net.rx={}{}", opts.rx.cmdline(), opts.notify.cmdline());
+    let mut common = format!("net.rx={}{}", opts.rx.cmdline(), opts.notify.cmdline());
+    if !opts.extra_cmdline.is_empty() {
+        common.push(' ');
+        common.push_str(&opts.extra_cmdline);
+    }
     if index == 0 {
         format!(
             "pingpong.role=server ip=10.0.0.1/24 pingpong.clients={} {common}",
@@ -348,6 +371,14 @@ pub fn on_shim(opts: &Options, label: &str, mut echo: impl FnMut(&str)) -> Resul
 pub fn on_qemu(opts: &Options, label: &str, port: u16) -> Result<Report> {
     validate(opts)?;
     let image = build::build_guest(build::find_image("udp-pingpong")?)?;
+    let qmp = |name: &str| {
+        opts.qmp_dir.as_ref().map_or_else(Vec::new, |dir| {
+            vec![
+                "-qmp".to_owned(),
+                format!("unix:{},server=on,wait=off", dir.join(format!("{name}.sock")).display()),
+            ]
+        })
+    };
     let cfg = |index: u32, netdev: String, mac: &str| qemu::Config {
         accel: Accel::Kvm,
         machine: Machine::Q35,
@@ -360,6 +391,7 @@ pub fn on_qemu(opts: &Options, label: &str, port: u16) -> Result<Report> {
         netdev: Some(netdev),
         mac: Some(mac.to_owned()),
         nic_options: Vec::new(),
+        extra_args: qmp(if index == 0 { "server" } else { "client1" }),
         timeout: opts.timeout,
     };
     let server_cfg = cfg(
@@ -609,6 +641,7 @@ mod tests {
             p99_ns: 1,
             pps: 1,
             rx_irqs_by_cpu: v,
+            quantiles_us: Vec::new(),
         };
         assert!(placement_check(&r(vec![0, 500]), 1).1);
         assert!(

@@ -50,6 +50,7 @@ fn guest_cfg(
         netdev: None,
         mac: None,
         nic_options: Vec::new(),
+        extra_args: Vec::new(),
         timeout,
     }
 }

@@ -241,6 +241,7 @@ impl Runner {
             netdev: None,
             mac: None,
             nic_options: Vec::new(),
+            extra_args: Vec::new(),
             timeout: opts.timeout,
         };
         let echo = if opts.verbose {

@@ -190,6 +190,7 @@ fn main() -> ExitCode {
                 notify: args.notify,
                 timeout: Duration::from_secs(args.timeout),
                 client_irq_cpu: None,
+                ..demo::Options::default()
             };
             run::run(&opts, args.json.as_deref(), args.verbose).map(|()| ExitCode::SUCCESS)
         }
@@ -236,6 +237,7 @@ fn qemu_by_hand(args: &QemuArgs) -> Result<ExitCode> {
         netdev: None,
         mac: None,
         nic_options: Vec::new(),
+        extra_args: Vec::new(),
         timeout: Duration::from_secs(args.timeout),
     };
     let leg = format!("qemu-{}", args.accel.name());

@@ -88,6 +88,9 @@ pub struct Config {
     pub mac: Option<String>,
     /// More `virtio-net-pci` properties, e.g. `vectors=0` (no MSI-X).
     pub nic_options: Vec<String>,
+    /// More QEMU arguments, appended last (e.g. `-qmp unix:PATH,server=on,wait=off`
+    /// for a benchmark that reads KVM statistics).
+    pub extra_args: Vec<String>,
     pub timeout: Duration,
 }
 
@@ -167,6 +170,7 @@ pub fn args(cfg: &Config) -> Vec<OsString> {
         args.push("-append".into());
         args.push(cfg.append.clone().into());
     }
+    args.extend(cfg.extra_args.iter().map(OsString::from));
     args
 }
 
@@ -300,6 +304,7 @@ mod tests {
             netdev: None,
             mac: None,
             nic_options: vec![],
+            extra_args: vec![],
             timeout: DEFAULT_TIMEOUT,
         }
     }

@@ -283,6 +283,8 @@ pub struct GuestNumbers {
     pub rx_packets: u64,
     pub interrupts: u64,
     pub boot_to_main_ms: Option<f64>,
+    /// KVM's binary statistics summed over the guest's vCPUs.
+    pub kvm: BTreeMap<String, u64>,
 }
 
 /// Reads [`GuestNumbers`] from a guest's stats entry (the schema is in
@@ -312,7 +314,21 @@ pub fn numbers(guest: &Value) -> Result<GuestNumbers> {
         rx_packets: sum("rx_packets"),
         interrupts: sum("interrupts"),
         boot_to_main_ms: guest["boot_to_main_ms"].as_f64(),
+        kvm: kvm_sums(guest),
     })
+}
+
+/// `vcpus[].kvm` summed by counter name.
+fn kvm_sums(guest: &Value) -> BTreeMap<String, u64> {
+    let mut out = BTreeMap::new();
+    for v in guest["vcpus"].as_array().into_iter().flatten() {
+        for (k, x) in v["kvm"].as_object().into_iter().flatten() {
+            if let Some(x) = x.as_u64() {
+                *out.entry(k.clone()).or_insert(0) += x;
+            }
+        }
+    }
+    out
 }
 
 #[cfg(test)]

@@ -7,6 +7,10 @@
 //! The client prints RTT percentiles (TSC-timed) and packets per second as a
 //! `report:` line and a `pingpong-result:` JSON line, sends a bye, and exits 0
 //! when every ping came back.
+//! - client: `pingpong.quantiles=1` also prints RTT every 5th percentile (µs) on a
+//!   `pingpong-quantiles-us:` line.
+//! - both: `pingpong.linger_ms=N` stays up (halted) N ms before exiting, so a
+//!   benchmark can read the VMM's counters for the whole run.
 #![cfg_attr(target_os = "none", no_std, no_main)]
 
 #[cfg(target_os = "none")]
@@ -37,7 +41,7 @@ mod guest {
                 return APP_ERROR;
             }
         };
-        match c.get("pingpong.role") {
+        let status = match c.get("pingpong.role") {
             Some("server") => server(
                 &mut net,
                 c.get("pingpong.clients")
@@ -71,7 +75,13 @@ mod guest {
                 println!("udp-pingpong: give pingpong.role=server or pingpong.role=client");
                 APP_ERROR
             }
+        };
+        // A VMM's counters vanish with the VM: lingering (halted) lets a
+        // benchmark read them after the last packet, e.g. QEMU's KVM stats over QMP.
+        if let Some(ms) = c.get("pingpong.linger_ms").and_then(|s| s.parse().ok()) {
+            guest_kernel::rt::time::sleep(Duration::from_millis(ms));
         }
+        status
     }
 
     fn server(net: &mut Net, clients: usize, idle_s: u64) -> i32 {
@@ -216,6 +226,14 @@ mod guest {
             stats.rx_dropped_short + stats.rx_dropped_oversize + stats.rx_errors,
             rx_irqs.join(", ")
         );
+        // Every 5th percentile for distribution plots, only when asked: each
+        // console byte is an exit under a VMM, and exits per packet are measured.
+        if system().cmdline.get("pingpong.quantiles") == Some("1") {
+            let q: alloc::vec::Vec<alloc::string::String> = (1..=19)
+                .map(|i| alloc::format!("{}", p(i * 5) / 1000))
+                .collect();
+            println!("pingpong-quantiles-us: [{}]", q.join(","));
+        }
         i32::from(received != count)
     }
 }

@@ -13,7 +13,8 @@
 //! Results go to `target/bench/<suite>.json`; `report` turns every such file into
 //! `docs/benchmarks.md` with its plots under `docs/bench/`.
 
-#![allow(dead_code)] // until the suites land: the lead registers them in all_suites()
+mod pingpong;
+mod probe;
 mod report;
 mod stats;
 mod svg;
@@ -184,7 +185,7 @@ pub trait Suite {
 
 /// Every suite, in the order `cargo xtask bench` runs them.
 fn all_suites() -> Vec<Box<dyn Suite>> {
-    Vec::new()
+    vec![Box::new(pingpong::Pingpong::new())]
 }
 
 /// The suite names, for `--help` and errors.
