@@ -375,7 +375,10 @@ pub fn on_qemu(opts: &Options, label: &str, port: u16) -> Result<Report> {
         opts.qmp_dir.as_ref().map_or_else(Vec::new, |dir| {
             vec![
                 "-qmp".to_owned(),
-                format!("unix:{},server=on,wait=off", dir.join(format!("{name}.sock")).display()),
+                format!(
+                    "unix:{},server=on,wait=off",
+                    dir.join(format!("{name}.sock")).display()
+                ),
             ]
         })
     };

@@ -181,6 +181,8 @@ pub enum Echo {
     All,
     /// Only protocol lines (tests, summary, reports, boot), prefixed.
     Protocol { prefix: String },
+    /// Nothing (the log file still has every line).
+    Quiet,
 }
 
 #[derive(Debug)]
@@ -279,6 +281,7 @@ pub fn boot(cfg: &Config, label: &str, echo: &Echo) -> Result<Run> {
 fn show(echo: &Echo, text: &str) {
     match echo {
         Echo::All => println!("{text}"),
+        Echo::Quiet => {}
         Echo::Protocol { prefix } => {
             if !matches!(serial::classify(text), LineKind::Other) {
                 println!("{prefix}: {}", text.trim());

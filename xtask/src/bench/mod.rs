@@ -13,6 +13,7 @@
 //! Results go to `target/bench/<suite>.json`; `report` turns every such file into
 //! `docs/benchmarks.md` with its plots under `docs/bench/`.
 
+mod boot;
 mod pingpong;
 mod probe;
 mod report;
@@ -57,8 +58,6 @@ impl Scenario {
 pub enum Better {
     Lower,
     Higher,
-    /// A count or a property, not a score.
-    Neither,
 }
 
 impl Better {
@@ -66,7 +65,6 @@ impl Better {
         match self {
             Self::Lower => "lower",
             Self::Higher => "higher",
-            Self::Neither => "neither",
         }
     }
 }
@@ -185,7 +183,7 @@ pub trait Suite {
 
 /// Every suite, in the order `cargo xtask bench` runs them.
 fn all_suites() -> Vec<Box<dyn Suite>> {
-    vec![Box::new(pingpong::Pingpong::new())]
+    vec![Box::new(pingpong::Pingpong::new()), Box::new(boot::Boot)]
 }
 
 /// The suite names, for `--help` and errors.

@@ -58,7 +58,11 @@ impl Pingpong {
         let mut opts = Self::options(Notify::Trap);
         opts.qmp_dir = Some(dir);
         // A fresh port each round: a socket netdev port can linger in TIME_WAIT.
-        self.port = if self.port >= 17_499 { 17_400 } else { self.port + 1 };
+        self.port = if self.port >= 17_499 {
+            17_400
+        } else {
+            self.port + 1
+        };
         let probe = Probe::start(&["qemu-system-x86"], socks);
         let report = demo::on_qemu(&opts, "bench-pingpong-qemu", self.port);
         let seen = probe.finish();

@@ -145,7 +145,9 @@ fn vm_hwm_kib(status: &str) -> Option<u64> {
 /// vCPUs' KVM statistics (QEMU ≥ 7.1), summed over vCPUs.
 fn qmp_kvm_stats(path: &Path) -> Option<BTreeMap<String, u64>> {
     let stream = UnixStream::connect(path).ok()?;
-    stream.set_read_timeout(Some(Duration::from_millis(500))).ok()?;
+    stream
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .ok()?;
     let mut w = stream.try_clone().ok()?;
     let mut r = BufReader::new(stream);
     let mut greeting = String::new();
@@ -198,7 +200,10 @@ mod tests {
         let line = "4242 (qemu-system-x86) S 100 4242 100 0 -1 4194560 1 0 0 0 250 50 0 0 20 0 3 0";
         let s = parse_stat(line, 100, &["qemu-system-x86"]).unwrap();
         assert!((s.cpu_s - 300.0 / clock_ticks()).abs() < 1e-9);
-        assert!(parse_stat(line, 101, &["qemu-system-x86"]).is_none(), "not our child");
+        assert!(
+            parse_stat(line, 101, &["qemu-system-x86"]).is_none(),
+            "not our child"
+        );
         assert!(parse_stat(line, 100, &["host-shim"]).is_none());
         let odd = "7 (a) b) R 100 7 7 0 -1 0 0 0 0 0 1 2 0 0 20 0 1 0";
         assert!(parse_stat(odd, 100, &["a) b"]).is_some());

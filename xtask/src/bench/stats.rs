@@ -90,6 +90,8 @@ pub fn fmt_num(x: f64) -> String {
         format!("{x:.2}")
     } else if a >= 0.01 {
         format!("{x:.3}")
+    } else if a >= 0.001 {
+        format!("{x:.4}")
     } else {
         format!("{x:.2e}")
     }
