@@ -13,7 +13,7 @@ use crate::{build, shim};
 
 /// A filter no test matches: ktest reaches main, runs nothing and exits 0.
 const APPEND: &str = "ktest.filter=-boot-only-";
-const TIMEOUT: Duration = Duration::from_secs(60);
+const TIMEOUT: Duration = Duration::from_mins(1);
 
 pub struct Boot;
 
