@@ -684,6 +684,7 @@ mod tests {
                 rx_packets: 50,
                 interrupts: 0,
                 boot_to_main_ms: None,
+                kvm: BTreeMap::new(),
             }),
         };
         assert_eq!(g.exits_per_packet(), Some(2.0));
