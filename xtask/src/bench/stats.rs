@@ -98,6 +98,7 @@ pub fn fmt_num(x: f64) -> String {
 }
 
 #[cfg(test)]
+#[allow(clippy::float_cmp)] // exact values by construction
 mod tests {
     use super::*;
 

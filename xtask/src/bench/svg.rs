@@ -201,6 +201,7 @@ pub fn cdf(title: &str, unit: &str, series: &[(String, Vec<f64>)]) -> String {
 }
 
 #[cfg(test)]
+#[allow(clippy::float_cmp)] // exact values by construction
 mod tests {
     use super::*;
 
