@@ -119,6 +119,10 @@ impl Suite for Boot {
         Some("q35")
     }
 
+    fn headline(&self) -> Vec<&'static str> {
+        vec!["wall_ms"]
+    }
+
     fn prepare(&mut self) -> Result<()> {
         crate::setup::ensure_tool("qemu-system-x86_64", "qemu-system-x86")?;
         shim::build()?;

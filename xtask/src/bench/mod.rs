@@ -164,6 +164,11 @@ pub trait Suite {
     fn baseline(&self) -> Option<&'static str> {
         None
     }
+    /// Metrics whose ratios to the baseline the report's headline (and the
+    /// README) quote; default: the first three.
+    fn headline(&self) -> Vec<&'static str> {
+        self.metrics().iter().take(3).map(|m| m.id).collect()
+    }
     /// Plots for the report; default: one bar chart per metric.
     fn plots(&self) -> Vec<Plot> {
         self.metrics()
@@ -447,6 +452,7 @@ fn aggregate(
         "round_errors": errors,
         "machine": sys::machine(),
         "baseline": baseline,
+        "headline": suite.headline(),
         "scenarios": scenarios.iter().map(|s| json!({"id": s.id, "label": s.label})).collect::<Vec<_>>(),
         "metrics": metrics.iter().map(|m| json!({"id": m.id, "label": m.label, "unit": m.unit, "better": m.better.name()})).collect::<Vec<_>>(),
         "rounds": rounds.iter().map(|r| json!(r.values)).collect::<Vec<_>>(),

@@ -195,6 +195,10 @@ impl Suite for Pingpong {
         Some("qemu")
     }
 
+    fn headline(&self) -> Vec<&'static str> {
+        vec!["rtt_p50_us", "pps", "exits_per_packet", "cpu_s_per_100k"]
+    }
+
     fn plots(&self) -> Vec<Plot> {
         vec![
             Plot::Cdf {

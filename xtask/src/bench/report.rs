@@ -245,8 +245,8 @@ fn load_results() -> Result<Vec<Value>> {
     Ok(docs)
 }
 
-/// Headline lines: every ratio row of every suite whose metric is marked
-/// better-lower or better-higher, for the metrics a suite lists first.
+/// Headline lines: the ratios to the baseline of the metrics each suite names
+/// as its headline.
 fn headline(docs: &[Value]) -> Vec<String> {
     let mut out = Vec::new();
     for doc in docs {
@@ -259,10 +259,14 @@ fn headline(docs: &[Value]) -> Vec<String> {
                 .find(|s| str_of(s, "id") == id)
                 .map_or_else(|| id.to_owned(), |s| str_of(s, "label").to_owned())
         };
-        for m in items(doc, "metrics").iter().take(3) {
-            if str_of(m, "better") == "neither" {
-                continue;
-            }
+        let wanted: Vec<String> = items(doc, "headline")
+            .iter()
+            .filter_map(|v| v.as_str().map(str::to_owned))
+            .collect();
+        for m in items(doc, "metrics")
+            .iter()
+            .filter(|m| wanted.iter().any(|w| w == str_of(m, "id")))
+        {
             for s in &scen {
                 let id = str_of(s, "id");
                 if let Some(r) = summary_at(doc, "ratios", id, str_of(m, "id")) {
@@ -398,7 +402,7 @@ mod tests {
 
     fn doc() -> Value {
         json!({
-            "suite": "x", "baseline": "a", "rounds_ok": 2,
+            "suite": "x", "baseline": "a", "rounds_ok": 2, "headline": ["t"],
             "scenarios": [{"id": "a", "label": "A"}, {"id": "b", "label": "B"}],
             "metrics": [{"id": "t", "label": "time", "unit": "µs", "better": "lower"}],
             "summary": {"a": {"t": {"median": 2.0, "min": 1.0, "max": 3.0, "n": 2}},

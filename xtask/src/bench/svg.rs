@@ -167,7 +167,9 @@ pub fn cdf(title: &str, unit: &str, series: &[(String, Vec<f64>)]) -> String {
             continue;
         }
         let colour = PALETTE[i % PALETTE.len()];
-        let n = v.len() as f64;
+        // Plotting position (k+1)/(n+1): right for raw samples and for evenly
+        // spaced quantiles alike (19 quantiles p5..p95 land on 0.05..0.95).
+        let n = v.len() as f64 + 1.0;
         let mut d = String::new();
         for (k, x) in v.iter().enumerate() {
             let p = (k + 1) as f64 / n;
