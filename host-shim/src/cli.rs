@@ -72,6 +72,12 @@ pub struct Cli {
     #[arg(long, value_name = "N", default_value_t = crate::doorbell::monitor::DEFAULT_SPIN_US)]
     pub doorbell_spin_us: u64,
 
+    /// Serve the notification benchmark (`cargo xtask bench notify`): an MMIO
+    /// exit address, an ioeventfd address and a doorbell device that each time
+    /// and acknowledge a guest's notifications (needs --doorbells on).
+    #[arg(long)]
+    pub notify_bench: bool,
+
     /// Give up and stop all guests after this many seconds (0 = never).
     #[arg(long, value_name = "SECS", default_value_t = 0)]
     pub timeout: u64,
@@ -334,6 +340,7 @@ mod tests {
         let c = Cli::try_parse_from(["host-shim", "--guest", &g]).unwrap();
         assert!(c.doorbells);
         assert_eq!(c.doorbell_spin_us, 50);
+        assert!(!c.notify_bench);
         let c = Cli::try_parse_from([
             "host-shim",
             "--guest",
@@ -342,8 +349,10 @@ mod tests {
             "off",
             "--doorbell-spin-us",
             "0",
+            "--notify-bench",
         ])
         .unwrap();
+        assert!(c.notify_bench);
         assert!(!c.doorbells);
         assert_eq!(c.doorbell_spin_us, 0);
         assert!(Cli::try_parse_from(["host-shim", "--guest", &g, "--doorbells", "maybe"]).is_err());

@@ -369,6 +369,9 @@ pub struct DoorbellReport {
     pub overflow_notified: u64,
     pub rejected: BTreeMap<&'static str, u64>,
     pub protected_writes: u64,
+    /// The notification benchmark's figures (`--notify-bench` only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub notify_bench: Option<crate::doorbell::bench::BenchReport>,
 }
 
 #[derive(Debug, Default, Serialize)]

@@ -444,6 +444,20 @@ fn hypercall_exit(fd: &VcpuFd, me: &VcpuShared, guest: &GuestCtx, size: usize) -
             debug!(guest = %guest.name, label, exits = m.exits, sink = m.sink_events, "stats mark");
             resume_with(fd, me, &mut regs, Status::Ok)
         }
+        Action::NotifyBench { mailbox } => {
+            let status = guest
+                .doorbells
+                .get()
+                .and_then(|d| d.bench.get())
+                .map_or(Status::UnknownCall, |b| b.setup(fd, mailbox));
+            if status != Status::Ok {
+                guest.platform.reject(
+                    Reject::UnknownHypercall,
+                    format_args!("notify bench set-up at {mailbox:#x} -> {status:?}"),
+                );
+            }
+            resume_with(fd, me, &mut regs, status)
+        }
         Action::MainReached { guest_us } => {
             if guest.main_reached.set((Instant::now(), guest_us)).is_ok() {
                 info!(guest = %guest.name, vcpu = me.index, guest_us, "guest reached main");
