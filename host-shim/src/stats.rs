@@ -354,6 +354,9 @@ pub struct MarkReport {
     pub exits: u64,
     pub doorbell_events: u64,
     pub sink_events: u64,
+    /// Wall-clock time of the mark, ms since the Unix epoch: orders marks of
+    /// different guests of one run.
+    pub unix_ms: u64,
 }
 
 /// A guest's doorbell counters (M1) at its end.
@@ -711,6 +714,7 @@ mod tests {
             exits: 9,
             doorbell_events: 0,
             sink_events: 3,
+            unix_ms: 1,
         }];
         g.derive_totals();
         let r = Report {

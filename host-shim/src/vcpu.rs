@@ -193,6 +193,9 @@ impl GuestCtx {
             exits,
             doorbell_events: db.events,
             sink_events: db.sink_events,
+            unix_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
         };
         self.marks
             .lock()

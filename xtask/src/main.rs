@@ -6,6 +6,7 @@ mod build;
 mod cargo_test;
 mod demo;
 mod error;
+mod flood;
 mod interop;
 mod legs;
 mod logfile;

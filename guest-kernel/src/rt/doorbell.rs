@@ -48,6 +48,8 @@ impl fmt::Display for DoorbellError {
 /// The range this guest writes its events into.
 pub struct Doorbells {
     ring: Ring<'static>,
+    /// The ring's slots (for [`Doorbells::send_raw`]).
+    slots: *const AtomicU64,
     kick: *mut u32,
     designation: Designation,
     sent: AtomicU64,
@@ -141,8 +143,10 @@ fn open() -> Result<Doorbells, DoorbellError> {
     // laid out as `layout` says (validated by `ring_layout`).
     let ring = unsafe { Ring::from_range(d.range_gpa as *const u8, &layout) }
         .map_err(|_| DoorbellError::BadRegion("ring misaligned"))?;
+    let slots = (d.range_gpa + layout.slots_offset) as *const AtomicU64;
     Ok(Doorbells {
         ring,
+        slots,
         kick: d.kick_gpa as *mut u32,
         designation: d,
         sent: AtomicU64::new(0),
@@ -171,6 +175,33 @@ impl Doorbells {
             unsafe { core::ptr::write_volatile(self.kick, 1) };
         }
         sent
+    }
+
+    /// Reserves the next ring position the way `Ring::send` does and stores
+    /// `word(position)` there, whatever it is: how the shim's bad-input tests
+    /// play a buggy or hostile producer (garbage, torn or misplaced records).
+    /// False, and nothing written, when the ring is full.
+    pub fn send_raw(&self, word: impl Fn(u64) -> u64) -> bool {
+        let head = self.ring.status().head.load(Ordering::Acquire);
+        let tail = &self.ring.header().tail.0;
+        let pos = tail.load(Ordering::Relaxed);
+        if pos.wrapping_sub(head) >= self.capacity()
+            || tail
+                .compare_exchange(
+                    pos,
+                    pos.wrapping_add(1),
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                )
+                .is_err()
+        {
+            return false;
+        }
+        let index = (pos & (self.capacity() - 1)) as usize;
+        // SAFETY: `slots` is the ring's slot array (validated by `ring_layout` at
+        // open), `index` < capacity, and position `pos` is ours alone.
+        unsafe { (*self.slots.add(index)).store(word(pos), Ordering::Release) };
+        true
     }
 
     /// True when the host has consumed everything sent so far (ring and overflow set).

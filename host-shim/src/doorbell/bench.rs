@@ -156,7 +156,7 @@ impl NotifyBench {
             let guest = msrs.as_slice()[0].data;
             let bracket = h1.wrapping_sub(h0);
             let mid = h0 + bracket / 2;
-            let offset = guest.wrapping_sub(mid) as i64;
+            let offset = guest.wrapping_sub(mid).cast_signed();
             if best.is_none_or(|(b, _)| bracket < b) {
                 best = Some((bracket, offset));
             }
@@ -167,13 +167,10 @@ impl NotifyBench {
         };
         self.tsc_offset.store(offset, Ordering::Relaxed);
         self.offset_error.store(bracket / 2, Ordering::Relaxed);
-        if self
-            .mailbox
-            .set(Mailbox {
-                words: host.cast::<AtomicU64>().cast_const(),
-            })
-            .is_err()
-        {
+        // Page-aligned guest-physical page of a page-aligned mapping.
+        #[allow(clippy::cast_ptr_alignment)]
+        let words = host.cast::<AtomicU64>().cast_const();
+        if self.mailbox.set(Mailbox { words }).is_err() {
             warn!(guest = %self.name, "notify bench: a second mailbox refused");
             return Status::BadArgument;
         }
@@ -191,10 +188,10 @@ impl NotifyBench {
         let seq = mb.word(SEQ).load(Ordering::Acquire);
         let sent = mb.word(SEND_TSC).load(Ordering::Acquire);
         // Hostile values only make a wrong sample: the index is clamped.
-        let p = mb.word(PATH).load(Ordering::Acquire).min(4) as usize;
+        let p = usize::try_from(mb.word(PATH).load(Ordering::Acquire).min(4)).unwrap_or(0);
         let offset = self.tsc_offset.load(Ordering::Relaxed);
-        let sent_host = sent.wrapping_sub(offset as u64);
-        let latency = now.wrapping_sub(sent_host) as i64;
+        let sent_host = sent.wrapping_sub(offset.cast_unsigned());
+        let latency = now.wrapping_sub(sent_host).cast_signed();
         self.observed[p].fetch_add(1, Ordering::Relaxed);
         if p as u64 != path::WARMUP {
             let mut s = self.samples.lock().unwrap_or_else(PoisonError::into_inner);
@@ -207,6 +204,7 @@ impl NotifyBench {
 
     /// The figures, converted with the guest's TSC rate.
     #[must_use]
+    #[allow(clippy::cast_precision_loss)] // cycle counts far below 2^52
     pub fn report(&self) -> BenchReport {
         let mut r = BenchReport {
             tsc_offset: self.tsc_offset.load(Ordering::Relaxed),
