@@ -747,7 +747,7 @@ mod tests {
         );
         assert_eq!(
             g["marks"],
-            serde_json::json!([{"label": 1, "exits": 9, "doorbell_events": 0, "sink_events": 3}])
+            serde_json::json!([{"label": 1, "exits": 9, "doorbell_events": 0, "sink_events": 3, "unix_ms": 1}])
         );
         assert!(r.summary().contains("doorbell: events 4 sink 10"));
         assert_eq!(g["boot_to_main_ms"], 9.5);
