@@ -79,6 +79,12 @@ pub struct Cli {
     #[arg(long)]
     pub notify_bench: bool,
 
+    /// Give every guest a spare doorbell range on the next host CPU's monitor and
+    /// let it ask (hypercall 21) to be moved there at run time: tests run-time
+    /// re-designation and its notification (needs --doorbells on).
+    #[arg(long)]
+    pub doorbell_redesignate: bool,
+
     /// Give up and stop all guests after this many seconds (0 = never).
     #[arg(long, value_name = "SECS", default_value_t = 0)]
     pub timeout: u64,

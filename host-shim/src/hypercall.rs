@@ -15,6 +15,8 @@ pub enum Action {
     StatsMark { label: u64 },
     /// Set up the notification benchmark with the mailbox at guest-physical RBX (M1).
     NotifyBench { mailbox: u64 },
+    /// Swap the guest's doorbell range for its spare and notify it (M1 test).
+    DoorbellRedesignate,
     /// Resume the guest with this value in RAX.
     Return(Status),
 }
@@ -33,6 +35,7 @@ pub fn decode(size: usize, rax: u64, rbx: u64) -> Action {
         Some(Call::MainReached) => Action::MainReached { guest_us: rbx },
         Some(Call::StatsMark) => Action::StatsMark { label: rbx },
         Some(Call::NotifyBench) => Action::NotifyBench { mailbox: rbx },
+        Some(Call::DoorbellRedesignate) => Action::DoorbellRedesignate,
         None => Action::Return(Status::UnknownCall),
     }
 }

@@ -150,7 +150,11 @@ pub fn monitor_cpu(vcpu0: Option<usize>, ncpus: usize) -> usize {
 }
 
 /// The guest's one designation: any of its vCPUs to the monitor on `cpu`.
-fn doorbell_plan(cpu: usize) -> Result<Plan, ManagerError> {
+/// With `spare`, also a spare range on that CPU (`--doorbell-redesignate`).
+fn doorbell_plan(cpu: usize, spare: Option<usize>) -> Result<Plan, ManagerError> {
+    if let Some(s) = spare {
+        return plan(&crate::doorbell::redesignate::requests(cpu, s));
+    }
     plan(&[Request {
         source: SourceType::GuestVcpu,
         source_id: ANY_SOURCE,
@@ -211,7 +215,8 @@ pub fn run(cli: &Cli, shim_start: Instant) -> Result<Report, RunError> {
         let pins: Vec<Option<usize>> = placement.next().unwrap_or_default();
         let cpu = monitor_cpu(pins.first().copied().flatten(), ncpus);
         let para = if cli.doorbells {
-            Some(doorbell_plan(cpu).map_err(|e| err(e.into()))?)
+            let spare = cli.doorbell_redesignate.then_some((cpu + 1) % ncpus.max(1));
+            Some(doorbell_plan(cpu, spare).map_err(|e| err(e.into()))?)
         } else {
             None
         };
@@ -228,6 +233,14 @@ pub fn run(cli: &Cli, shim_start: Instant) -> Result<Report, RunError> {
             p.add_mmio(bus.clone());
         }
         wire_doorbells(&mut g, &mut per_cpu, &cfg.name).map_err(RunError::Monitors)?;
+        if let (true, Some(d), Some(r)) = (cli.doorbell_redesignate, &g.doorbells, &g.para) {
+            let _ = d
+                .redesignation
+                .set(crate::doorbell::redesignate::Redesignation::new(
+                    r.clone(),
+                    Some((g.vm.clone(), cfg.vcpus)),
+                ));
+        }
         if cli.notify_bench {
             crate::doorbell::bench::attach(&g).map_err(RunError::Monitors)?;
         }

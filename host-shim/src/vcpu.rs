@@ -461,6 +461,14 @@ fn hypercall_exit(fd: &VcpuFd, me: &VcpuShared, guest: &GuestCtx, size: usize) -
             }
             resume_with(fd, me, &mut regs, status)
         }
+        Action::DoorbellRedesignate => {
+            let status = guest
+                .doorbells
+                .get()
+                .and_then(|d| d.redesignation.get())
+                .map_or(Status::UnknownCall, |r| r.swap(&guest.name));
+            resume_with(fd, me, &mut regs, status)
+        }
         Action::MainReached { guest_us } => {
             if guest.main_reached.set((Instant::now(), guest_us)).is_ok() {
                 info!(guest = %guest.name, vcpu = me.index, guest_us, "guest reached main");

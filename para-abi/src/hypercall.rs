@@ -29,6 +29,11 @@ pub enum Call {
     /// vCPU and from then on answers each benchmark notification through the
     /// mailbox; refused (`UnknownCall`) otherwise.
     NotifyBench = 20,
+    /// M1 test: move this guest's vCPU doorbell range to the spare range of
+    /// another host CPU's monitor (shim `--doorbell-redesignate`), bump the
+    /// table generation and raise the region's notify vector; refused
+    /// (`UnknownCall`) otherwise.
+    DoorbellRedesignate = 21,
     // Numbers reserved per mechanism so that they can grow independently:
     // 4–7 M4 (control flags), 8–11 M3 (upcalls), 12–19 M5 (VM queues),
     // 20–23 M1 (doorbells), 24–27 M2 (hints).
@@ -43,6 +48,7 @@ impl Call {
             2 => Some(Self::MainReached),
             3 => Some(Self::StatsMark),
             20 => Some(Self::NotifyBench),
+            21 => Some(Self::DoorbellRedesignate),
             _ => None,
         }
     }

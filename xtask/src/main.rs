@@ -12,6 +12,7 @@ mod legs;
 mod logfile;
 mod process;
 mod qemu;
+mod redesignate;
 mod run;
 mod serial;
 mod setup;

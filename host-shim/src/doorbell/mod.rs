@@ -10,6 +10,7 @@
 pub mod bench;
 pub mod manager;
 pub mod monitor;
+pub mod redesignate;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -141,6 +142,8 @@ pub struct GuestDoorbells {
     logged: AtomicU64,
     /// The notification benchmark's observer (`--notify-bench` only).
     pub bench: std::sync::OnceLock<Arc<bench::NotifyBench>>,
+    /// Run-time re-designation (`--doorbell-redesignate` only).
+    pub redesignation: std::sync::OnceLock<redesignate::Redesignation>,
 }
 
 /// How many rejections per guest are logged (the counts go on).
@@ -155,6 +158,7 @@ impl GuestDoorbells {
             targets,
             logged: AtomicU64::new(0),
             bench: std::sync::OnceLock::new(),
+            redesignation: std::sync::OnceLock::new(),
         }
     }
 

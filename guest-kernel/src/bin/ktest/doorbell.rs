@@ -193,3 +193,114 @@ ktest!(
         Ok(())
     }
 );
+
+/// Stats marks around the re-designation test's events (the shim-redesignate
+/// leg counts the sink events between them).
+pub const MARK_MOVE_BEFORE: u64 = 0x300;
+pub const MARK_MOVE_AFTER: u64 = 0x301;
+/// Sink events sent before and after the move.
+const MOVE_EVENTS: u32 = 2000;
+
+ktest!(
+    fn doorbell_redesignation_keeps_every_event() {
+        let d = match doorbell::get() {
+            Ok(d) => d,
+            Err(e) => {
+                check_eq!(
+                    e,
+                    DoorbellError::Unavailable,
+                    "no doorbells outside the shim"
+                );
+                return Ok(());
+            }
+        };
+        let (lanes, moves0, _) = d.designation_counters();
+        let cpu0 = d.host_cpu();
+        let was = guest_kernel::rt::irq::disable();
+        guest_kernel::rt::irq::enable();
+        sys::hypercall(Call::StatsMark, MARK_MOVE_BEFORE)
+            .map_err(|e| alloc::format!("mark: {e:?}"))?;
+        let send = |n: u32| -> Result<(), alloc::string::String> {
+            for i in 0..n {
+                let _ = d.send(Event {
+                    device: SINK,
+                    queue: 1,
+                    op: Op::Notify,
+                    arg: i as u16,
+                });
+                if i % 256 == 255 {
+                    let deadline = Instant::now()
+                        .checked_add(Duration::from_secs(5))
+                        .ok_or("time")?;
+                    while !d.drained() && Instant::now() < deadline {
+                        core::hint::spin_loop();
+                    }
+                }
+            }
+            Ok(())
+        };
+        send(MOVE_EVENTS)?;
+        let r = sys::hypercall(Call::DoorbellRedesignate, 0);
+        if !matches!(r, Ok(0)) {
+            // The shim offers no spare range (no --doorbell-redesignate).
+            guest_kernel::rt::irq::restore(was);
+            check_eq!(lanes, 1, "one range unless the shim offers a spare");
+            sys::hypercall(Call::StatsMark, MARK_MOVE_AFTER)
+                .map_err(|e| alloc::format!("mark: {e:?}"))?;
+            return Ok(());
+        }
+        check!(
+            lanes >= 2,
+            "the shim moved us although it offered no spare range"
+        );
+        // Events keep flowing while the notification is on its way.
+        let notified = Instant::now()
+            .checked_add(Duration::from_secs(2))
+            .ok_or("time")?;
+        let mut during = 0u32;
+        while d.designation_counters().1 == moves0 && Instant::now() < notified {
+            let _ = d.send(Event {
+                device: SINK,
+                queue: 2,
+                op: Op::Notify,
+                arg: 0,
+            });
+            during += 1;
+            if during % 256 == 0 {
+                while !d.drained() && Instant::now() < notified {
+                    core::hint::spin_loop();
+                }
+            }
+        }
+        check!(
+            d.designation_counters().1 > moves0,
+            "the designation notification moved us to the new range within 2 s (vector {:#x} taken {} times, {} unhandled interrupts, {:?})",
+            guest_kernel::abi::vector::DOORBELL_NOTIFY,
+            guest_kernel::rt::irq::count(0, guest_kernel::abi::vector::DOORBELL_NOTIFY),
+            guest_kernel::rt::irq::unhandled(),
+            d.designation_counters()
+        );
+        let cpu1 = d.host_cpu();
+        check!(
+            cpu1 != cpu0,
+            "the new range belongs to another host CPU's monitor"
+        );
+        send(MOVE_EVENTS)?;
+        let deadline = Instant::now()
+            .checked_add(Duration::from_secs(5))
+            .ok_or("time")?;
+        while !d.drained() && Instant::now() < deadline {
+            core::hint::spin_loop();
+        }
+        check!(d.drained(), "both ranges drained");
+        sys::hypercall(Call::StatsMark, MARK_MOVE_AFTER)
+            .map_err(|e| alloc::format!("mark: {e:?}"))?;
+        guest_kernel::rt::irq::restore(was);
+        let notes = guest_kernel::rt::irq::count(0, guest_kernel::abi::vector::DOORBELL_NOTIFY);
+        println!(
+            "report: doorbell re-designation: monitor cpu {cpu0} -> {cpu1}, {} events sent ({during} while the notification was on its way), {notes} notification(s) on cpu 0",
+            2 * MOVE_EVENTS + during
+        );
+        Ok(())
+    }
+);
