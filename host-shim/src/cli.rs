@@ -73,6 +73,13 @@ pub struct Cli {
     #[arg(long, value_name = "N", default_value_t = crate::doorbell::monitor::DEFAULT_SPIN_US)]
     pub doorbell_spin_us: u64,
 
+    /// The most an adaptive monitor spins, in microseconds: the budget starts at
+    /// --doorbell-spin-us, doubles while events keep arriving within it (or
+    /// kicks come soon after parking) and falls back once the guests are idle.
+    /// Equal to (or below) --doorbell-spin-us: a fixed budget.
+    #[arg(long, value_name = "N", default_value_t = crate::doorbell::monitor::DEFAULT_SPIN_MAX_US)]
+    pub doorbell_spin_max_us: u64,
+
     /// Serve the notification benchmark (`cargo xtask bench notify`): an MMIO
     /// exit address, an ioeventfd address and a doorbell device that each time
     /// and acknowledge a guest's notifications (needs --doorbells on).

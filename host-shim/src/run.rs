@@ -254,7 +254,10 @@ pub fn run(cli: &Cli, shim_start: Instant) -> Result<Report, RunError> {
     }
     let monitors = Monitors::start(
         per_cpu.into_iter().collect(),
-        Duration::from_micros(cli.doorbell_spin_us),
+        crate::doorbell::monitor::SpinBudget::new(
+            Duration::from_micros(cli.doorbell_spin_us),
+            Duration::from_micros(cli.doorbell_spin_max_us),
+        ),
     )
     .map_err(RunError::Monitors)?;
     let mut running = Vec::with_capacity(guests.len());

@@ -46,7 +46,7 @@ impl Suite for Notify {
     fn about(&self) -> String {
         format!(
             "One shim run of the ktest image (`ktest.filter=notify_bench notify.bench={NOTIFICATIONS}`, \
-             shim `--no-net --notify-bench --doorbell-spin-us {SPIN_US}`, 1 vCPU) notifies the host from \
+             shim `--no-net --notify-bench --doorbell-spin-us {SPIN_US} --doorbell-spin-max-us {SPIN_US}`, 1 vCPU) notifies the host from \
              ring 3 {NOTIFICATIONS} times per path, one at a time (the host acknowledges each in a \
              mailbox before the next): (a) a 4-byte MMIO write that exits to the shim's user space, \
              (b) one bound to an ioeventfd that KVM signals, (c) a doorbell event to a monitor that \
@@ -123,6 +123,9 @@ impl Suite for Notify {
             "--no-net",
             "--notify-bench",
             "--doorbell-spin-us",
+            &SPIN_US.to_string(),
+            // A fixed budget: an adaptive one would learn to out-wait (d)'s pauses.
+            "--doorbell-spin-max-us",
             &SPIN_US.to_string(),
             "--quiet",
         ]
