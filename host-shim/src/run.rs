@@ -192,6 +192,23 @@ fn wire_doorbells(
     Ok(())
 }
 
+/// The doorbell test facilities the command line asks for (re-designation,
+/// the notification benchmark), after guest `g`'s doorbells are wired.
+fn doorbell_tests(cli: &Cli, g: &Guest, vcpus: u32) -> std::io::Result<()> {
+    if let (true, Some(d), Some(r)) = (cli.doorbell_redesignate, &g.doorbells, &g.para) {
+        let _ = d
+            .redesignation
+            .set(crate::doorbell::redesignate::Redesignation::new(
+                r.clone(),
+                Some((g.vm.clone(), vcpus)),
+            ));
+    }
+    if cli.notify_bench {
+        crate::doorbell::bench::attach(g)?;
+    }
+    Ok(())
+}
+
 /// Builds, boots and runs every guest; returns the report once all have ended.
 pub fn run(cli: &Cli, shim_start: Instant) -> Result<Report, RunError> {
     block_stop_signals().map_err(RunError::Signals)?;
@@ -233,17 +250,7 @@ pub fn run(cli: &Cli, shim_start: Instant) -> Result<Report, RunError> {
             p.add_mmio(bus.clone());
         }
         wire_doorbells(&mut g, &mut per_cpu, &cfg.name).map_err(RunError::Monitors)?;
-        if let (true, Some(d), Some(r)) = (cli.doorbell_redesignate, &g.doorbells, &g.para) {
-            let _ = d
-                .redesignation
-                .set(crate::doorbell::redesignate::Redesignation::new(
-                    r.clone(),
-                    Some((g.vm.clone(), cfg.vcpus)),
-                ));
-        }
-        if cli.notify_bench {
-            crate::doorbell::bench::attach(&g).map_err(RunError::Monitors)?;
-        }
+        doorbell_tests(cli, &g, cfg.vcpus).map_err(RunError::Monitors)?;
         let ecam = EcamInfo {
             base: ecam::ECAM_BASE,
             start_bus: 0,

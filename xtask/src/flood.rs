@@ -20,8 +20,11 @@ pub const FLOOD_MS: u64 = 2000;
 /// inside the flood.
 pub const BURST_AFTER_MS: u64 = 300;
 
-/// Runs both guests once; returns the checks, report lines and the log.
-pub fn run(timeout: Duration) -> Result<(Vec<(String, bool)>, Vec<String>, PathBuf)> {
+/// What a check-based leg run gives back: its checks, report lines and log.
+pub type LegRun = (Vec<(String, bool)>, Vec<String>, PathBuf);
+
+/// Runs both guests once.
+pub fn run(timeout: Duration) -> Result<LegRun> {
     let image = build::build_guest(build::find_image("ktest")?)?;
     let shim_path = shim::build()?;
     let guests = [

@@ -6,7 +6,6 @@
 //! sends more. Every event sent between stats marks 0x300 and 0x301 must be
 //! consumed exactly once.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use serde_json::Value;
@@ -14,8 +13,8 @@ use serde_json::Value;
 use crate::error::Result;
 use crate::{build, shim};
 
-/// Runs the guest once; returns the checks, report lines and the log.
-pub fn run(timeout: Duration) -> Result<(Vec<(String, bool)>, Vec<String>, PathBuf)> {
+/// Runs the guest once.
+pub fn run(timeout: Duration) -> Result<crate::flood::LegRun> {
     let image = build::build_guest(build::find_image("ktest")?)?;
     let shim_path = shim::build()?;
     let guest = shim::Guest {

@@ -177,7 +177,7 @@ fn lane(d: &Designation, gpa: u64, end: u64) -> Result<Lane, DoorbellError> {
     let kick_ok = (para_abi::layout::KICK_BASE
         ..para_abi::layout::KICK_BASE + para_abi::layout::KICK_SPAN - 4)
         .contains(&d.kick_gpa)
-        && d.kick_gpa % 4 == 0;
+        && d.kick_gpa.is_multiple_of(4);
     if !kick_ok {
         return Err(DoorbellError::BadRegion(
             "kick address outside the kick window",

@@ -266,7 +266,7 @@ ktest!(
                 arg: 0,
             });
             during += 1;
-            if during % 256 == 0 {
+            if during.is_multiple_of(256) {
                 while !d.drained() && Instant::now() < notified {
                     core::hint::spin_loop();
                 }

@@ -43,9 +43,11 @@ impl Mailbox {
         if p.is_null() {
             return Err("no memory for the mailbox");
         }
+        #[allow(clippy::cast_ptr_alignment)] // allocated page-aligned above
+        let words = p.cast::<[AtomicU64; WORDS]>();
         // SAFETY: page-aligned, zeroed, WORDS * 8 <= 4096 bytes, never freed;
         // AtomicU64 has the layout of u64 and zero is a valid value.
-        Ok(Self(unsafe { &*p.cast::<[AtomicU64; WORDS]>() }))
+        Ok(Self(unsafe { &*words }))
     }
 
     fn gpa(&self) -> u64 {
