@@ -20,6 +20,7 @@ all have ended. Exit status: 0 when every guest exited with status 0, 1 otherwis
 usage errors. SIGINT/SIGTERM stop every guest cleanly.",
     after_help = "Example:\n  host-shim --guest name=a,kernel=ktest,vcpus=2,mem=256M \\\n            --guest name=b,kernel=ktest,cmdline=\"role=peer\" --stats-json stats.json"
 )]
+#[allow(clippy::struct_excessive_bools)] // independent switches, not a state machine
 pub struct Cli {
     /// A guest to run; repeat for several. Comma-separated keys:
     /// name=NAME (default g0, g1, ...), kernel=PATH (required, a PVH ELF),
@@ -71,6 +72,25 @@ pub struct Cli {
     /// host CPU; the default (50) keeps an idle 2-core machine idle. 0 = park at once.
     #[arg(long, value_name = "N", default_value_t = crate::doorbell::monitor::DEFAULT_SPIN_US)]
     pub doorbell_spin_us: u64,
+
+    /// The most an adaptive monitor spins, in microseconds: the budget starts at
+    /// --doorbell-spin-us, doubles while events keep arriving within it (or
+    /// kicks come soon after parking) and falls back once the guests are idle.
+    /// Equal to (or below) --doorbell-spin-us: a fixed budget.
+    #[arg(long, value_name = "N", default_value_t = crate::doorbell::monitor::DEFAULT_SPIN_MAX_US)]
+    pub doorbell_spin_max_us: u64,
+
+    /// Serve the notification benchmark (`cargo xtask bench notify`): an MMIO
+    /// exit address, an ioeventfd address and a doorbell device that each time
+    /// and acknowledge a guest's notifications (needs --doorbells on).
+    #[arg(long)]
+    pub notify_bench: bool,
+
+    /// Give every guest a spare doorbell range on the next host CPU's monitor and
+    /// let it ask (hypercall 21) to be moved there at run time: tests run-time
+    /// re-designation and its notification (needs --doorbells on).
+    #[arg(long)]
+    pub doorbell_redesignate: bool,
 
     /// Give up and stop all guests after this many seconds (0 = never).
     #[arg(long, value_name = "SECS", default_value_t = 0)]
@@ -334,6 +354,7 @@ mod tests {
         let c = Cli::try_parse_from(["host-shim", "--guest", &g]).unwrap();
         assert!(c.doorbells);
         assert_eq!(c.doorbell_spin_us, 50);
+        assert!(!c.notify_bench);
         let c = Cli::try_parse_from([
             "host-shim",
             "--guest",
@@ -342,8 +363,10 @@ mod tests {
             "off",
             "--doorbell-spin-us",
             "0",
+            "--notify-bench",
         ])
         .unwrap();
+        assert!(c.notify_bench);
         assert!(!c.doorbells);
         assert_eq!(c.doorbell_spin_us, 0);
         assert!(Cli::try_parse_from(["host-shim", "--guest", &g, "--doorbells", "maybe"]).is_err());

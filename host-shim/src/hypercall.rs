@@ -13,6 +13,10 @@ pub enum Action {
     MainReached { guest_us: u64 },
     /// Snapshot the guest's counters under `label` (RBX); resume with `Status::Ok`.
     StatsMark { label: u64 },
+    /// Set up the notification benchmark with the mailbox at guest-physical RBX (M1).
+    NotifyBench { mailbox: u64 },
+    /// Swap the guest's doorbell range for its spare and notify it (M1 test).
+    DoorbellRedesignate,
     /// Resume the guest with this value in RAX.
     Return(Status),
 }
@@ -30,6 +34,8 @@ pub fn decode(size: usize, rax: u64, rbx: u64) -> Action {
         },
         Some(Call::MainReached) => Action::MainReached { guest_us: rbx },
         Some(Call::StatsMark) => Action::StatsMark { label: rbx },
+        Some(Call::NotifyBench) => Action::NotifyBench { mailbox: rbx },
+        Some(Call::DoorbellRedesignate) => Action::DoorbellRedesignate,
         None => Action::Return(Status::UnknownCall),
     }
 }
@@ -61,6 +67,10 @@ mod tests {
     fn stats_mark_carries_its_label() {
         assert_eq!(decode(4, 3, 2), Action::StatsMark { label: 2 });
         assert_eq!(decode(2, 3, 2), Action::Return(Status::BadArgument));
+        assert_eq!(
+            decode(4, 20, 0x5000),
+            Action::NotifyBench { mailbox: 0x5000 }
+        );
     }
 
     #[test]

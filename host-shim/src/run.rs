@@ -150,7 +150,11 @@ pub fn monitor_cpu(vcpu0: Option<usize>, ncpus: usize) -> usize {
 }
 
 /// The guest's one designation: any of its vCPUs to the monitor on `cpu`.
-fn doorbell_plan(cpu: usize) -> Result<Plan, ManagerError> {
+/// With `spare`, also a spare range on that CPU (`--doorbell-redesignate`).
+fn doorbell_plan(cpu: usize, spare: Option<usize>) -> Result<Plan, ManagerError> {
+    if let Some(s) = spare {
+        return plan(&crate::doorbell::redesignate::requests(cpu, s));
+    }
     plan(&[Request {
         source: SourceType::GuestVcpu,
         source_id: ANY_SOURCE,
@@ -188,6 +192,23 @@ fn wire_doorbells(
     Ok(())
 }
 
+/// The doorbell test facilities the command line asks for (re-designation,
+/// the notification benchmark), after guest `g`'s doorbells are wired.
+fn doorbell_tests(cli: &Cli, g: &Guest, vcpus: u32) -> std::io::Result<()> {
+    if let (true, Some(d), Some(r)) = (cli.doorbell_redesignate, &g.doorbells, &g.para) {
+        let _ = d
+            .redesignation
+            .set(crate::doorbell::redesignate::Redesignation::new(
+                r.clone(),
+                Some((g.vm.clone(), vcpus)),
+            ));
+    }
+    if cli.notify_bench {
+        crate::doorbell::bench::attach(g)?;
+    }
+    Ok(())
+}
+
 /// Builds, boots and runs every guest; returns the report once all have ended.
 pub fn run(cli: &Cli, shim_start: Instant) -> Result<Report, RunError> {
     block_stop_signals().map_err(RunError::Signals)?;
@@ -211,7 +232,8 @@ pub fn run(cli: &Cli, shim_start: Instant) -> Result<Report, RunError> {
         let pins: Vec<Option<usize>> = placement.next().unwrap_or_default();
         let cpu = monitor_cpu(pins.first().copied().flatten(), ncpus);
         let para = if cli.doorbells {
-            Some(doorbell_plan(cpu).map_err(|e| err(e.into()))?)
+            let spare = cli.doorbell_redesignate.then_some((cpu + 1) % ncpus.max(1));
+            Some(doorbell_plan(cpu, spare).map_err(|e| err(e.into()))?)
         } else {
             None
         };
@@ -228,6 +250,7 @@ pub fn run(cli: &Cli, shim_start: Instant) -> Result<Report, RunError> {
             p.add_mmio(bus.clone());
         }
         wire_doorbells(&mut g, &mut per_cpu, &cfg.name).map_err(RunError::Monitors)?;
+        doorbell_tests(cli, &g, cfg.vcpus).map_err(RunError::Monitors)?;
         let ecam = EcamInfo {
             base: ecam::ECAM_BASE,
             start_bus: 0,
@@ -238,7 +261,10 @@ pub fn run(cli: &Cli, shim_start: Instant) -> Result<Report, RunError> {
     }
     let monitors = Monitors::start(
         per_cpu.into_iter().collect(),
-        Duration::from_micros(cli.doorbell_spin_us),
+        crate::doorbell::monitor::SpinBudget::new(
+            Duration::from_micros(cli.doorbell_spin_us),
+            Duration::from_micros(cli.doorbell_spin_max_us),
+        ),
     )
     .map_err(RunError::Monitors)?;
     let mut running = Vec::with_capacity(guests.len());

@@ -354,6 +354,9 @@ pub struct MarkReport {
     pub exits: u64,
     pub doorbell_events: u64,
     pub sink_events: u64,
+    /// Wall-clock time of the mark, ms since the Unix epoch: orders marks of
+    /// different guests of one run.
+    pub unix_ms: u64,
 }
 
 /// A guest's doorbell counters (M1) at its end.
@@ -369,6 +372,9 @@ pub struct DoorbellReport {
     pub overflow_notified: u64,
     pub rejected: BTreeMap<&'static str, u64>,
     pub protected_writes: u64,
+    /// The notification benchmark's figures (`--notify-bench` only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub notify_bench: Option<crate::doorbell::bench::BenchReport>,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -708,6 +714,7 @@ mod tests {
             exits: 9,
             doorbell_events: 0,
             sink_events: 3,
+            unix_ms: 1,
         }];
         g.derive_totals();
         let r = Report {
@@ -740,7 +747,7 @@ mod tests {
         );
         assert_eq!(
             g["marks"],
-            serde_json::json!([{"label": 1, "exits": 9, "doorbell_events": 0, "sink_events": 3}])
+            serde_json::json!([{"label": 1, "exits": 9, "doorbell_events": 0, "sink_events": 3, "unix_ms": 1}])
         );
         assert!(r.summary().contains("doorbell: events 4 sink 10"));
         assert_eq!(g["boot_to_main_ms"], 9.5);

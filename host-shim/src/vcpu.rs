@@ -193,6 +193,9 @@ impl GuestCtx {
             exits,
             doorbell_events: db.events,
             sink_events: db.sink_events,
+            unix_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
         };
         self.marks
             .lock()
@@ -443,6 +446,28 @@ fn hypercall_exit(fd: &VcpuFd, me: &VcpuShared, guest: &GuestCtx, size: usize) -
             let m = guest.mark(label);
             debug!(guest = %guest.name, label, exits = m.exits, sink = m.sink_events, "stats mark");
             resume_with(fd, me, &mut regs, Status::Ok)
+        }
+        Action::NotifyBench { mailbox } => {
+            let status = guest
+                .doorbells
+                .get()
+                .and_then(|d| d.bench.get())
+                .map_or(Status::UnknownCall, |b| b.setup(fd, mailbox));
+            if status != Status::Ok {
+                guest.platform.reject(
+                    Reject::UnknownHypercall,
+                    format_args!("notify bench set-up at {mailbox:#x} -> {status:?}"),
+                );
+            }
+            resume_with(fd, me, &mut regs, status)
+        }
+        Action::DoorbellRedesignate => {
+            let status = guest
+                .doorbells
+                .get()
+                .and_then(|d| d.redesignation.get())
+                .map_or(Status::UnknownCall, |r| r.swap(&guest.name));
+            resume_with(fd, me, &mut regs, status)
         }
         Action::MainReached { guest_us } => {
             if guest.main_reached.set((Instant::now(), guest_us)).is_ok() {

@@ -447,6 +447,7 @@ impl Guest {
             overflow_notified: s.overflow_notified,
             rejected: s.rejected,
             protected_writes: s.protected_writes,
+            notify_bench: d.bench.get().map(|b| b.report()),
         }
     }
 

@@ -23,6 +23,17 @@ pub enum Call {
     /// events) under label RBX, so a test can measure what happened between
     /// two marks. The VMM reports the marks in its statistics.
     StatsMark = 3,
+    /// M1 benchmark (`cargo xtask bench notify`): RBX = the guest-physical
+    /// address of a page-aligned mailbox ([`crate::doorbell::bench`]). The shim,
+    /// when started with `--notify-bench`, measures KVM's TSC offset for this
+    /// vCPU and from then on answers each benchmark notification through the
+    /// mailbox; refused (`UnknownCall`) otherwise.
+    NotifyBench = 20,
+    /// M1 test: move this guest's vCPU doorbell range to the spare range of
+    /// another host CPU's monitor (shim `--doorbell-redesignate`), bump the
+    /// table generation and raise the region's notify vector; refused
+    /// (`UnknownCall`) otherwise.
+    DoorbellRedesignate = 21,
     // Numbers reserved per mechanism so that they can grow independently:
     // 4–7 M4 (control flags), 8–11 M3 (upcalls), 12–19 M5 (VM queues),
     // 20–23 M1 (doorbells), 24–27 M2 (hints).
@@ -36,6 +47,8 @@ impl Call {
             1 => Some(Self::Exit),
             2 => Some(Self::MainReached),
             3 => Some(Self::StatsMark),
+            20 => Some(Self::NotifyBench),
+            21 => Some(Self::DoorbellRedesignate),
             _ => None,
         }
     }
@@ -61,6 +74,7 @@ mod tests {
         assert_eq!(Call::from_raw(1), Some(Call::Exit));
         assert_eq!(Call::from_raw(2), Some(Call::MainReached));
         assert_eq!(Call::from_raw(3), Some(Call::StatsMark));
+        assert_eq!(Call::from_raw(20), Some(Call::NotifyBench));
         assert_eq!(Call::from_raw(0), None);
         assert_eq!(Call::from_raw(u32::MAX), None);
     }

@@ -44,6 +44,10 @@ pub enum LegKind {
     QemuInterop,
     /// The ping-pong under the shim with trap and with doorbell notification.
     ShimDoorbell,
+    /// One guest floods its doorbell ring with garbage while another's burst flows.
+    ShimFlood,
+    /// A guest's doorbell range moved to another monitor at run time.
+    ShimRedesignate,
     /// The shim's `--tap` test (host-shim/tests/tap.rs, ignored by default:
     /// it needs root, `ip` and the tcp-echo image).
     ShimTap,
@@ -94,6 +98,16 @@ pub const LEGS: &[Leg] = &[
         name: "shim-doorbell",
         about: "ping-pong under the shim with --notify trap, then doorbell: all packets delivered both ways, no trapping notifications with doorbells; exits per packet reported",
         kind: LegKind::ShimDoorbell,
+    },
+    Leg {
+        name: "shim-flood",
+        about: "one guest floods its doorbell ring with garbage while another sends its 10,000-event burst to the same monitor: garbage counted and rejected, no event of the other lost",
+        kind: LegKind::ShimFlood,
+    },
+    Leg {
+        name: "shim-redesignate",
+        about: "the shim moves a guest's doorbell range to another host CPU's monitor at run time and notifies it (vector 0x34): every event across the move consumed exactly once",
+        kind: LegKind::ShimRedesignate,
     },
     Leg {
         name: "qemu-pingpong",
@@ -179,6 +193,22 @@ impl Runner {
             LegKind::QemuPingpong => run_demo(leg, opts, false),
             LegKind::ShimTap => self.run_tap(leg, opts),
             LegKind::ShimDoorbell => run_notify_comparison(leg, opts),
+            LegKind::ShimRedesignate => match crate::redesignate::run(opts.timeout) {
+                Ok((checks, mut reports, log)) => {
+                    let outcome = verdict::judge_checks(&checks);
+                    reports.extend(check_reports(&checks));
+                    (outcome, reports, Some(log))
+                }
+                Err(e) => (LegOutcome::broken(e.to_string()), Vec::new(), None),
+            },
+            LegKind::ShimFlood => match crate::flood::run(opts.timeout) {
+                Ok((checks, mut reports, log)) => {
+                    let outcome = verdict::judge_checks(&checks);
+                    reports.extend(check_reports(&checks));
+                    (outcome, reports, Some(log))
+                }
+                Err(e) => (LegOutcome::broken(e.to_string()), Vec::new(), None),
+            },
             LegKind::QemuInterop => match crate::interop::checks(opts.timeout) {
                 Ok(checks) => (verdict::judge_checks(&checks), check_reports(&checks), None),
                 Err(e) => (LegOutcome::broken(e.to_string()), Vec::new(), None),
@@ -745,6 +775,8 @@ test smp::ipi ... ok
                 "guest-shim",
                 "shim-pingpong",
                 "shim-doorbell",
+                "shim-flood",
+                "shim-redesignate",
                 "qemu-pingpong",
                 "shim-tap",
                 "interop"

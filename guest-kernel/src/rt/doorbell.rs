@@ -10,9 +10,10 @@
 //! no para region: it reports [`DoorbellError::Unavailable`] and drivers keep
 //! using virtio's notify register.
 
+use crate::abi::vector;
 use crate::arch::BOOT;
 use core::fmt;
-use core::sync::atomic::{AtomicU64, Ordering};
+use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use para_abi::discovery::{self, features};
 use para_abi::doorbell::designation::{ANY_SOURCE, Designation, SourceType};
 use para_abi::doorbell::record::Event;
@@ -45,14 +46,34 @@ impl fmt::Display for DoorbellError {
     }
 }
 
-/// The range this guest writes its events into.
-pub struct Doorbells {
+/// One vCPU range the guest may write into.
+struct Lane {
     ring: Ring<'static>,
+    /// The ring's slots (for [`Doorbells::send_raw`]).
+    slots: *const AtomicU64,
     kick: *mut u32,
     designation: Designation,
+}
+
+/// Most vCPU ranges the manager keeps (the active one and spares it may be
+/// moved to at run time).
+const MAX_LANES: usize = 4;
+
+/// The ranges this guest writes its events into.
+pub struct Doorbells {
+    region: Region<'static>,
+    lanes: alloc::vec::Vec<Lane>,
+    /// The lane designated for "any vCPU" now.
+    current: AtomicUsize,
+    /// The table generation `current` was chosen under.
+    generation: AtomicU64,
     sent: AtomicU64,
     overflowed: AtomicU64,
     kicks: AtomicU64,
+    /// Designation notifications that moved us to another range.
+    moves: AtomicU64,
+    /// Notifications whose table named no range we know (we stay put).
+    stale: AtomicU64,
 }
 
 // SAFETY: the ring is views of atomics in shared memory (safe to use from
@@ -65,7 +86,7 @@ unsafe impl Send for Doorbells {}
 impl fmt::Debug for Doorbells {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Doorbells")
-            .field("designation", &self.designation)
+            .field("designation", &self.lane().designation)
             .finish_non_exhaustive()
     }
 }
@@ -112,12 +133,37 @@ fn open() -> Result<Doorbells, DoorbellError> {
     region
         .snapshot(&mut table, 64)
         .map_err(|_| DoorbellError::BadRegion("the designation table stays torn"))?;
-    let d = table
+    let generation = region
+        .snapshot(&mut table, 64)
+        .map_err(|_| DoorbellError::BadRegion("the designation table stays torn"))?;
+    let mut lanes = alloc::vec::Vec::with_capacity(MAX_LANES);
+    for d in table
         .iter()
         .flatten()
-        .find(|d| d.source == SourceType::GuestVcpu && d.source_id == ANY_SOURCE)
-        .copied()
-        .ok_or(DoorbellError::NoDesignation)?;
+        .filter(|d| d.source == SourceType::GuestVcpu)
+        .take(MAX_LANES)
+    {
+        lanes.push(lane(d, gpa, end)?);
+    }
+    let current = current_lane(&table, &lanes).ok_or(DoorbellError::NoDesignation)?;
+    if region.header.notify_vector.load(Ordering::Relaxed) == u32::from(vector::DOORBELL_NOTIFY) {
+        crate::rt::irq::register(vector::DOORBELL_NOTIFY, on_designation_notify);
+    }
+    Ok(Doorbells {
+        region,
+        lanes,
+        current: AtomicUsize::new(current),
+        generation: AtomicU64::new(generation),
+        sent: AtomicU64::new(0),
+        overflowed: AtomicU64::new(0),
+        kicks: AtomicU64::new(0),
+        moves: AtomicU64::new(0),
+        stale: AtomicU64::new(0),
+    })
+}
+
+/// Checks designation `d` against the para region `[gpa, end)` and opens its ring.
+fn lane(d: &Designation, gpa: u64, end: u64) -> Result<Lane, DoorbellError> {
     let layout = d
         .ring_layout()
         .map_err(|_| DoorbellError::BadRegion("ring layout"))?;
@@ -131,7 +177,7 @@ fn open() -> Result<Doorbells, DoorbellError> {
     let kick_ok = (para_abi::layout::KICK_BASE
         ..para_abi::layout::KICK_BASE + para_abi::layout::KICK_SPAN - 4)
         .contains(&d.kick_gpa)
-        && d.kick_gpa % 4 == 0;
+        && d.kick_gpa.is_multiple_of(4);
     if !kick_ok {
         return Err(DoorbellError::BadRegion(
             "kick address outside the kick window",
@@ -141,14 +187,31 @@ fn open() -> Result<Doorbells, DoorbellError> {
     // laid out as `layout` says (validated by `ring_layout`).
     let ring = unsafe { Ring::from_range(d.range_gpa as *const u8, &layout) }
         .map_err(|_| DoorbellError::BadRegion("ring misaligned"))?;
-    Ok(Doorbells {
+    Ok(Lane {
         ring,
+        slots: (d.range_gpa + layout.slots_offset) as *const AtomicU64,
         kick: d.kick_gpa as *mut u32,
-        designation: d,
-        sent: AtomicU64::new(0),
-        overflowed: AtomicU64::new(0),
-        kicks: AtomicU64::new(0),
+        designation: *d,
     })
+}
+
+/// The lane the table designates for "any vCPU".
+fn current_lane(table: &[Option<Designation>], lanes: &[Lane]) -> Option<usize> {
+    let d = table
+        .iter()
+        .flatten()
+        .find(|d| d.source == SourceType::GuestVcpu && d.source_id == ANY_SOURCE)?;
+    lanes
+        .iter()
+        .position(|l| l.designation.range_gpa == d.range_gpa)
+}
+
+/// The designation notification (vector `DOORBELL_NOTIFY`, ring 3 upcall):
+/// the host changed the table.
+fn on_designation_notify(_vector: u8) {
+    if let Some(Ok(d)) = DOORBELLS.get() {
+        d.refresh();
+    }
 }
 
 /// The doorbells, once set up (the first call sets them up).
@@ -159,7 +222,8 @@ pub fn get() -> Result<&'static Doorbells, DoorbellError> {
 impl Doorbells {
     /// Sends `event` to the host; kicks when the monitor was parked.
     pub fn send(&self, event: Event) -> Sent {
-        let sent = self.ring.send(event);
+        let lane = self.lane();
+        let sent = lane.ring.send(event);
         self.sent.fetch_add(1, Ordering::Relaxed);
         if sent.via == Via::Overflow {
             self.overflowed.fetch_add(1, Ordering::Relaxed);
@@ -168,17 +232,47 @@ impl Doorbells {
             self.kicks.fetch_add(1, Ordering::Relaxed);
             // SAFETY: the designated kick address (checked to lie in the kick
             // window, mapped uncached for ring 3); the store is the whole protocol.
-            unsafe { core::ptr::write_volatile(self.kick, 1) };
+            unsafe { core::ptr::write_volatile(lane.kick, 1) };
         }
         sent
+    }
+
+    /// Reserves the next ring position the way `Ring::send` does and stores
+    /// `word(position)` there, whatever it is: how the shim's bad-input tests
+    /// play a buggy or hostile producer (garbage, torn or misplaced records).
+    /// False, and nothing written, when the ring is full.
+    pub fn send_raw(&self, word: impl Fn(u64) -> u64) -> bool {
+        let lane = self.lane();
+        let head = lane.ring.status().head.load(Ordering::Acquire);
+        let tail = &lane.ring.header().tail.0;
+        let pos = tail.load(Ordering::Relaxed);
+        if pos.wrapping_sub(head) >= self.capacity()
+            || tail
+                .compare_exchange(
+                    pos,
+                    pos.wrapping_add(1),
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                )
+                .is_err()
+        {
+            return false;
+        }
+        let index = (pos & (self.capacity() - 1)) as usize;
+        // SAFETY: `slots` is the ring's slot array (validated by `ring_layout` at
+        // open), `index` < capacity, and position `pos` is ours alone.
+        unsafe { (*lane.slots.add(index)).store(word(pos), Ordering::Release) };
+        true
     }
 
     /// True when the host has consumed everything sent so far (ring and overflow set).
     #[must_use]
     pub fn drained(&self) -> bool {
-        let tail = self.ring.header().tail.0.load(Ordering::Acquire);
-        let head = self.ring.status().head.load(Ordering::Acquire);
-        head >= tail && self.ring.header().overflow_summary.load(Ordering::Acquire) == 0
+        self.lanes.iter().all(|l| {
+            let tail = l.ring.header().tail.0.load(Ordering::Acquire);
+            let head = l.ring.status().head.load(Ordering::Acquire);
+            head >= tail && l.ring.header().overflow_summary.load(Ordering::Acquire) == 0
+        })
     }
 
     /// (events sent, of which coalesced on overflow, trapping kicks issued).
@@ -194,12 +288,54 @@ impl Doorbells {
     /// Slots in the ring (events beyond what the host has consumed coalesce).
     #[must_use]
     pub fn capacity(&self) -> u64 {
-        self.ring.capacity()
+        self.lane().ring.capacity()
     }
 
     /// The host CPU whose monitor consumes this guest's events.
     #[must_use]
     pub fn host_cpu(&self) -> u32 {
-        self.designation.host_cpu
+        self.lane().designation.host_cpu
+    }
+
+    fn lane(&self) -> &Lane {
+        let i = self.current.load(Ordering::Acquire);
+        &self.lanes[i.min(self.lanes.len() - 1)]
+    }
+
+    /// Re-reads the designation table (after a designation notification) and
+    /// moves to the range now designated for "any vCPU". Events already in the
+    /// old range stay there: the host keeps consuming it.
+    pub fn refresh(&self) {
+        let generation = self.region.generation();
+        if generation == self.generation.load(Ordering::Acquire) {
+            return;
+        }
+        let mut table = [None; TABLE_CAPACITY];
+        let Ok(generation) = self.region.snapshot(&mut table, 64) else {
+            self.stale.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        match current_lane(&table, &self.lanes) {
+            Some(i) => {
+                if self.current.swap(i, Ordering::AcqRel) != i {
+                    self.moves.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            None => {
+                self.stale.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.generation.store(generation, Ordering::Release);
+    }
+
+    /// (ranges the table designated for this guest's vCPUs at start-up, moves
+    /// to another range after a notification, notifications naming no known range).
+    #[must_use]
+    pub fn designation_counters(&self) -> (usize, u64, u64) {
+        (
+            self.lanes.len(),
+            self.moves.load(Ordering::Relaxed),
+            self.stale.load(Ordering::Relaxed),
+        )
     }
 }

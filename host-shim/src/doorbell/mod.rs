@@ -7,14 +7,16 @@
 //!   per-guest counters, and the MMIO handler for guest writes that exit (the
 //!   read-only pages, kicks of the wrong size).
 
+pub mod bench;
 pub mod manager;
 pub mod monitor;
+pub mod redesignate;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use para_abi::doorbell::device::SINK;
+use para_abi::doorbell::device::{BENCH, SINK};
 use para_abi::doorbell::ring::{Pending, RejectReason};
 use para_abi::doorbell::{Event, Op};
 use para_abi::layout::{KICK_BASE, KICK_SPAN};
@@ -138,6 +140,10 @@ pub struct GuestDoorbells {
     pub counters: Counters,
     targets: Vec<Target>,
     logged: AtomicU64,
+    /// The notification benchmark's observer (`--notify-bench` only).
+    pub bench: std::sync::OnceLock<Arc<bench::NotifyBench>>,
+    /// Run-time re-designation (`--doorbell-redesignate` only).
+    pub redesignation: std::sync::OnceLock<redesignate::Redesignation>,
 }
 
 /// How many rejections per guest are logged (the counts go on).
@@ -151,6 +157,8 @@ impl GuestDoorbells {
             counters: Counters::default(),
             targets,
             logged: AtomicU64::new(0),
+            bench: std::sync::OnceLock::new(),
+            redesignation: std::sync::OnceLock::new(),
         }
     }
 
@@ -190,6 +198,8 @@ impl GuestDoorbells {
     pub fn event(&self, e: Event) {
         if e.device == SINK {
             bump(&self.counters.sink_events);
+        } else if let (BENCH, Some(b)) = (e.device, self.bench.get()) {
+            b.observe();
         } else if self.notify(e.device, e.queue, e.op) {
             bump(&self.counters.events);
         }
@@ -278,6 +288,10 @@ impl MmioDevice for ParaMmio {
             return true;
         }
         if (KICK_BASE..KICK_BASE + KICK_SPAN).contains(&addr) {
+            if let (para_abi::doorbell::bench::EXIT_GPA, Some(b)) = (addr, self.guest.bench.get()) {
+                b.observe();
+                return true;
+            }
             match self.region.kick_at(addr) {
                 Some(e) => {
                     let _ = e.write(1);

@@ -28,6 +28,8 @@ pub const BATCH: usize = 256;
 /// catch back-to-back notifications of a busy guest, short enough that an idle
 /// monitor costs a 2-core machine ~nothing (it sleeps after 50 µs of silence).
 pub const DEFAULT_SPIN_US: u64 = 50;
+/// Default ceiling of the adaptive spin budget, in µs (`--doorbell-spin-max-us`).
+pub const DEFAULT_SPIN_MAX_US: u64 = 1000;
 /// Longest sleep before the monitor re-checks its stop flag.
 const SLEEP_TIMEOUT_MS: i32 = 100;
 const STOP_TOKEN: u64 = u64::MAX;
@@ -122,6 +124,60 @@ fn park_all(tasks: &[RingTask]) -> bool {
     true
 }
 
+/// The adaptive spin budget: between `min` (`--doorbell-spin-us`) and `max`
+/// (`--doorbell-spin-max-us`). It doubles when spinning paid off (an event came
+/// while spinning) or when parking did not (a kick woke the monitor sooner than
+/// `max` after it parked: it would have caught that event spinning), and drops
+/// back to `min` after a sleep longer than `max` (the guests went quiet). So an
+/// idle host spins `min` per wake-up at most once per sleep timeout, and a busy
+/// guest keeps its monitor spinning up to `max` between events.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SpinBudget {
+    min: Duration,
+    max: Duration,
+    now: Duration,
+}
+
+impl SpinBudget {
+    #[must_use]
+    pub fn new(min: Duration, max: Duration) -> Self {
+        Self {
+            min,
+            max: max.max(min),
+            now: min,
+        }
+    }
+
+    #[must_use]
+    pub const fn current(&self) -> Duration {
+        self.now
+    }
+
+    fn grow(&mut self) {
+        self.now = self
+            .now
+            .saturating_mul(2)
+            .max(Duration::from_micros(1))
+            .min(self.max);
+    }
+
+    /// Work arrived after `spun` of spinning (zero: the ring was never empty).
+    pub fn work_after(&mut self, spun: Duration) {
+        if !spun.is_zero() {
+            self.grow();
+        }
+    }
+
+    /// The monitor woke after sleeping `slept` (by a kick or the timeout).
+    pub fn woke_after(&mut self, slept: Duration) {
+        if slept < self.max {
+            self.grow();
+        } else {
+            self.now = self.min;
+        }
+    }
+}
+
 /// The running monitors.
 pub struct Monitors {
     stop: Arc<AtomicBool>,
@@ -131,7 +187,7 @@ pub struct Monitors {
 
 impl Monitors {
     /// Starts one thread per `(cpu, tasks)`, pinned to `cpu`.
-    pub fn start(per_cpu: Vec<(usize, Vec<RingTask>)>, spin: Duration) -> std::io::Result<Self> {
+    pub fn start(per_cpu: Vec<(usize, Vec<RingTask>)>, spin: SpinBudget) -> std::io::Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
         let wake = EventFd::new(libc::EFD_NONBLOCK)?;
         let mut me = Self {
@@ -161,7 +217,13 @@ impl Monitors {
     }
 }
 
-fn run(cpu: usize, mut tasks: Vec<RingTask>, spin: Duration, stop: &AtomicBool, wake: &EventFd) {
+fn run(
+    cpu: usize,
+    mut tasks: Vec<RingTask>,
+    mut spin: SpinBudget,
+    stop: &AtomicBool,
+    wake: &EventFd,
+) {
     if let Err(e) = crate::vcpu::pin_current_thread(cpu) {
         warn!(cpu, "pinning the doorbell monitor failed: {e}");
     }
@@ -195,18 +257,21 @@ fn run(cpu: usize, mut tasks: Vec<RingTask>, spin: Duration, stop: &AtomicBool, 
     info!(
         cpu,
         rings = tasks.len(),
-        spin_us = spin.as_micros() as u64,
+        spin_us = spin.min.as_micros() as u64,
+        spin_max_us = spin.max.as_micros() as u64,
         "doorbell monitor running"
     );
     let mut events = vec![EpollEvent::default(); tasks.len() + 1];
     let mut idle_since: Option<Instant> = None;
     while !stop.load(Ordering::Acquire) {
         if serve_all(&mut tasks, BATCH) > 0 {
-            idle_since = None;
+            if let Some(since) = idle_since.take() {
+                spin.work_after(since.elapsed());
+            }
             continue;
         }
         let since = *idle_since.get_or_insert_with(Instant::now);
-        if since.elapsed() < spin {
+        if since.elapsed() < spin.current() {
             core::hint::spin_loop();
             continue;
         }
@@ -214,11 +279,13 @@ fn run(cpu: usize, mut tasks: Vec<RingTask>, spin: Duration, stop: &AtomicBool, 
         if !park_all(&tasks) {
             continue;
         }
+        let parked = Instant::now();
         match epoll.wait(SLEEP_TIMEOUT_MS, &mut events) {
             Ok(_) => {}
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) => warn!(cpu, "epoll_wait: {e}"),
         }
+        spin.woke_after(parked.elapsed());
         tasks.iter().for_each(RingTask::count_kicks);
         tasks.iter().for_each(RingTask::unpark);
     }
@@ -349,10 +416,35 @@ mod tests {
     }
 
     #[test]
+    fn spin_budget_grows_when_busy_and_resets_when_idle() {
+        let us = Duration::from_micros;
+        let mut b = SpinBudget::new(us(50), us(400));
+        b.work_after(Duration::ZERO);
+        assert_eq!(b.current(), us(50), "never idle: nothing learnt");
+        b.work_after(us(10));
+        assert_eq!(b.current(), us(100));
+        b.woke_after(us(200)); // a kick soon after parking
+        assert_eq!(b.current(), us(200));
+        b.work_after(us(150));
+        b.work_after(us(150));
+        assert_eq!(b.current(), us(400), "capped at max");
+        b.woke_after(Duration::from_millis(100)); // the sleep timed out: idle
+        assert_eq!(b.current(), us(50));
+        // max below min: a fixed budget.
+        let mut f = SpinBudget::new(us(50), us(10));
+        f.work_after(us(5));
+        assert_eq!(f.current(), us(50));
+    }
+
+    #[test]
     fn a_monitor_thread_consumes_and_stops() {
         let (region, guest, _fds) = setup();
         let task = RingTask::new(region.clone(), 0, guest.clone()).unwrap();
-        let m = Monitors::start(vec![(0, vec![task])], Duration::from_micros(50)).unwrap();
+        let m = Monitors::start(
+            vec![(0, vec![task])],
+            SpinBudget::new(Duration::from_micros(50), Duration::from_micros(500)),
+        )
+        .unwrap();
         let ring = region.ring(0).unwrap();
         for i in 0..10_000u32 {
             let sent = ring.send(Event {

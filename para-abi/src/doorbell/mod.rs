@@ -104,6 +104,7 @@
 //! range's host CPU: `poll` until `Empty` (bounded batches), `drain_overflow`,
 //! spin, `park`, sleep on the kick eventfd, `unpark`.
 
+pub mod bench;
 pub mod designation;
 pub mod record;
 pub mod ring;
@@ -115,6 +116,9 @@ pub mod device {
     /// A device that only counts what it receives: for tests and benchmarks
     /// of the doorbell path itself.
     pub const SINK: u8 = 0xFF;
+    /// The notification benchmark's observer (shim `--notify-bench` only;
+    /// rejected as an unknown device otherwise).
+    pub const BENCH: u8 = 0xFE;
 }
 
 pub use designation::{Designation, DesignationSlot, RingLayout, SourceType};

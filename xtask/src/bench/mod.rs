@@ -14,6 +14,7 @@
 //! `docs/benchmarks.md` with its plots under `docs/bench/`.
 
 mod boot;
+mod notify;
 mod pingpong;
 mod probe;
 mod report;
@@ -188,7 +189,11 @@ pub trait Suite {
 
 /// Every suite, in the order `cargo xtask bench` runs them.
 fn all_suites() -> Vec<Box<dyn Suite>> {
-    vec![Box::new(pingpong::Pingpong::new()), Box::new(boot::Boot)]
+    vec![
+        Box::new(pingpong::Pingpong::new()),
+        Box::new(boot::Boot),
+        Box::new(notify::Notify::default()),
+    ]
 }
 
 /// The suite names, for `--help` and errors.

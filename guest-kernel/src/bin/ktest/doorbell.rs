@@ -36,6 +36,14 @@ ktest!(
             }
         };
         check!(offered, "doorbells work although nobody offered them");
+        // The shim-flood leg starts the burst once the other guest floods.
+        if let Some(ms) = guest_kernel::rt::start::system()
+            .cmdline
+            .get("doorbell.burst_after_ms")
+            .and_then(|v| v.parse::<u64>().ok())
+        {
+            guest_kernel::rt::time::sleep(Duration::from_millis(ms));
+        }
         let (sent0, over0, kicks0) = d.counters();
         sys::hypercall(Call::StatsMark, MARK_BEFORE).map_err(|e| alloc::format!("mark: {e:?}"))?;
         // Batches of half the ring, each drained before the next: a full ring
@@ -85,6 +93,213 @@ ktest!(
             drained_in.as_micros(),
             over - over0,
             kicks - kicks0
+        );
+        Ok(())
+    }
+);
+
+/// Stats marks around the flood (the shim-flood leg reads them).
+pub const MARK_FLOOD_BEFORE: u64 = 0x200;
+pub const MARK_FLOOD_AFTER: u64 = 0x201;
+/// A device number no guest has (PCI device numbers on bus 0 are below 32).
+const NO_DEVICE: u8 = 0x7E;
+
+/// A record body with an undefined operation (9) but a valid check byte.
+fn unknown_op_word(position: u64) -> u64 {
+    use para_abi::doorbell::record::{SEQUENCE_MASK, check_byte};
+    let body = u64::from(SINK) | (9 << 24) | ((position & SEQUENCE_MASK) << 44);
+    body | (u64::from(check_byte(body)) << 56)
+}
+
+ktest!(
+    fn doorbell_flood_of_garbage_is_survived() {
+        // Bad input (issue 5): garbage words, torn and misplaced records,
+        // undefined operations, unknown devices and a ring kept full. The host
+        // must count and reject them and keep consuming; the shim-flood leg
+        // runs this for `doorbell.flood_ms` next to another guest's burst.
+        let flood_ms = guest_kernel::rt::start::system()
+            .cmdline
+            .get("doorbell.flood_ms")
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(2);
+        let d = match doorbell::get() {
+            Ok(d) => d,
+            Err(e) => {
+                check_eq!(
+                    e,
+                    DoorbellError::Unavailable,
+                    "no doorbells outside the shim"
+                );
+                return Ok(());
+            }
+        };
+        sys::hypercall(Call::StatsMark, MARK_FLOOD_BEFORE)
+            .map_err(|e| alloc::format!("mark: {e:?}"))?;
+        let deadline = Instant::now()
+            .checked_add(Duration::from_millis(flood_ms))
+            .ok_or("time")?;
+        let mut x: u64 = 0x2545_F491_4F6C_DD1D;
+        let mut rounds = 0u64;
+        let (mut raw, mut full) = (0u64, 0u64);
+        while Instant::now() < deadline {
+            for k in 0..64u32 {
+                // xorshift64: garbage that almost never passes the check byte.
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let garbage = x;
+                let ok = match k % 5 {
+                    0 => d.send_raw(|_| garbage),
+                    // Torn: a valid record for this slot with one half replaced.
+                    1 => d.send_raw(|p| {
+                        Event::new(SINK, 0, Op::Notify).encode(p) ^ (garbage & 0xFFFF_FFFF)
+                    }),
+                    // Misplaced: well-formed, but for another ring position.
+                    2 => d.send_raw(|p| Event::new(SINK, 0, Op::Notify).encode(p + 7)),
+                    3 => d.send_raw(unknown_op_word),
+                    _ => {
+                        let _ = d.send(Event::new(NO_DEVICE, (garbage & 0xF) as u16, Op::Notify));
+                        continue;
+                    }
+                };
+                if ok {
+                    raw += 1;
+                } else {
+                    full += 1;
+                }
+            }
+            rounds += 1;
+        }
+        sys::hypercall(Call::StatsMark, MARK_FLOOD_AFTER)
+            .map_err(|e| alloc::format!("mark: {e:?}"))?;
+        // One well-formed event wakes a parked monitor for the raw words.
+        let _ = d.send(Event::new(NO_DEVICE, 0, Op::Notify));
+        let wait = Instant::now()
+            .checked_add(Duration::from_secs(5))
+            .ok_or("time")?;
+        while !d.drained() && Instant::now() < wait {
+            core::hint::spin_loop();
+        }
+        check!(
+            d.drained(),
+            "the monitor consumed the whole flood within 5 s"
+        );
+        check!(raw > 0, "some garbage reached the ring");
+        println!(
+            "report: doorbell flood: {flood_ms} ms, {} records ({raw} raw garbage, {full} refused by a full ring), {} sends to an unknown device",
+            rounds * 64,
+            rounds * 64 / 5
+        );
+        Ok(())
+    }
+);
+
+/// Stats marks around the re-designation test's events (the shim-redesignate
+/// leg counts the sink events between them).
+pub const MARK_MOVE_BEFORE: u64 = 0x300;
+pub const MARK_MOVE_AFTER: u64 = 0x301;
+/// Sink events sent before and after the move.
+const MOVE_EVENTS: u32 = 2000;
+
+ktest!(
+    fn doorbell_redesignation_keeps_every_event() {
+        let d = match doorbell::get() {
+            Ok(d) => d,
+            Err(e) => {
+                check_eq!(
+                    e,
+                    DoorbellError::Unavailable,
+                    "no doorbells outside the shim"
+                );
+                return Ok(());
+            }
+        };
+        let (lanes, moves0, _) = d.designation_counters();
+        let cpu0 = d.host_cpu();
+        let was = guest_kernel::rt::irq::disable();
+        guest_kernel::rt::irq::enable();
+        sys::hypercall(Call::StatsMark, MARK_MOVE_BEFORE)
+            .map_err(|e| alloc::format!("mark: {e:?}"))?;
+        let send = |n: u32| -> Result<(), alloc::string::String> {
+            for i in 0..n {
+                let _ = d.send(Event {
+                    device: SINK,
+                    queue: 1,
+                    op: Op::Notify,
+                    arg: i as u16,
+                });
+                if i % 256 == 255 {
+                    let deadline = Instant::now()
+                        .checked_add(Duration::from_secs(5))
+                        .ok_or("time")?;
+                    while !d.drained() && Instant::now() < deadline {
+                        core::hint::spin_loop();
+                    }
+                }
+            }
+            Ok(())
+        };
+        send(MOVE_EVENTS)?;
+        let r = sys::hypercall(Call::DoorbellRedesignate, 0);
+        if !matches!(r, Ok(0)) {
+            // The shim offers no spare range (no --doorbell-redesignate).
+            guest_kernel::rt::irq::restore(was);
+            check_eq!(lanes, 1, "one range unless the shim offers a spare");
+            sys::hypercall(Call::StatsMark, MARK_MOVE_AFTER)
+                .map_err(|e| alloc::format!("mark: {e:?}"))?;
+            return Ok(());
+        }
+        check!(
+            lanes >= 2,
+            "the shim moved us although it offered no spare range"
+        );
+        // Events keep flowing while the notification is on its way.
+        let notified = Instant::now()
+            .checked_add(Duration::from_secs(2))
+            .ok_or("time")?;
+        let mut during = 0u32;
+        while d.designation_counters().1 == moves0 && Instant::now() < notified {
+            let _ = d.send(Event {
+                device: SINK,
+                queue: 2,
+                op: Op::Notify,
+                arg: 0,
+            });
+            during += 1;
+            if during.is_multiple_of(256) {
+                while !d.drained() && Instant::now() < notified {
+                    core::hint::spin_loop();
+                }
+            }
+        }
+        check!(
+            d.designation_counters().1 > moves0,
+            "the designation notification moved us to the new range within 2 s (vector {:#x} taken {} times, {} unhandled interrupts, {:?})",
+            guest_kernel::abi::vector::DOORBELL_NOTIFY,
+            guest_kernel::rt::irq::count(0, guest_kernel::abi::vector::DOORBELL_NOTIFY),
+            guest_kernel::rt::irq::unhandled(),
+            d.designation_counters()
+        );
+        let cpu1 = d.host_cpu();
+        check!(
+            cpu1 != cpu0,
+            "the new range belongs to another host CPU's monitor"
+        );
+        send(MOVE_EVENTS)?;
+        let deadline = Instant::now()
+            .checked_add(Duration::from_secs(5))
+            .ok_or("time")?;
+        while !d.drained() && Instant::now() < deadline {
+            core::hint::spin_loop();
+        }
+        check!(d.drained(), "both ranges drained");
+        sys::hypercall(Call::StatsMark, MARK_MOVE_AFTER)
+            .map_err(|e| alloc::format!("mark: {e:?}"))?;
+        guest_kernel::rt::irq::restore(was);
+        let notes = guest_kernel::rt::irq::count(0, guest_kernel::abi::vector::DOORBELL_NOTIFY);
+        println!(
+            "report: doorbell re-designation: monitor cpu {cpu0} -> {cpu1}, {} events sent ({during} while the notification was on its way), {notes} notification(s) on cpu 0",
+            2 * MOVE_EVENTS + during
         );
         Ok(())
     }

@@ -21,6 +21,8 @@ mod memory;
 #[cfg(target_os = "none")]
 mod net;
 #[cfg(target_os = "none")]
+mod notify_bench;
+#[cfg(target_os = "none")]
 mod pci;
 #[cfg(target_os = "none")]
 mod smp;

@@ -1,0 +1,108 @@
+//! The `shim-redesignate` leg (issue 5 items 2 and 4): ktest's
+//! `doorbell_redesignation_keeps_every_event` under the shim with
+//! `--doorbell-redesignate`: the guest sends sink events, asks the shim
+//! (hypercall 21) to move its range to the spare range of another host CPU's
+//! monitor, is told by the designation notification (vector 0x34), moves, and
+//! sends more. Every event sent between stats marks 0x300 and 0x301 must be
+//! consumed exactly once.
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::error::Result;
+use crate::{build, shim};
+
+/// Runs the guest once.
+pub fn run(timeout: Duration) -> Result<crate::flood::LegRun> {
+    let image = build::build_guest(build::find_image("ktest")?)?;
+    let shim_path = shim::build()?;
+    let guest = shim::Guest {
+        name: "ktest".into(),
+        image,
+        vcpus: 2,
+        mem_mib: 128,
+        cmdline: "ktest.filter=redesignation".into(),
+    };
+    let extra: Vec<String> = ["--no-net", "--doorbell-redesignate", "--quiet"]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect();
+    let run = shim::run(
+        &shim_path,
+        &[guest],
+        &extra,
+        timeout,
+        "shim-redesignate",
+        |_| {},
+    )?;
+    let reports: Vec<String> = run
+        .lines
+        .iter()
+        .filter_map(|l| l.text.split_once("report: ").map(|(_, r)| r.to_owned()))
+        .collect();
+    let sent = reports.iter().find_map(|r| events_sent(r));
+    let checks = checks(run.guest_stats("ktest"), sent);
+    Ok((checks, reports, run.log))
+}
+
+/// The count in the guest's "re-designation: ..., N events sent" report.
+fn events_sent(report: &str) -> Option<u64> {
+    let rest = report.strip_prefix("doorbell re-designation: ")?;
+    let before = rest.split(" events sent").next()?;
+    before.rsplit(' ').next()?.parse().ok()
+}
+
+fn checks(g: Option<&Value>, sent: Option<u64>) -> Vec<(String, bool)> {
+    let Some(g) = g else {
+        return vec![("the shim reported the guest".to_owned(), false)];
+    };
+    let mut c = vec![(
+        "the guest's test passed (exit status 0)".to_owned(),
+        g["exit_status"].as_u64() == Some(0),
+    )];
+    let Some(sent) = sent else {
+        c.push((
+            "the guest reported how many events it sent".to_owned(),
+            false,
+        ));
+        return c;
+    };
+    let mark = |label: u64| {
+        g["marks"]
+            .as_array()?
+            .iter()
+            .find(|m| m["label"].as_u64() == Some(label))?["sink_events"]
+            .as_u64()
+    };
+    let consumed = mark(0x301)
+        .zip(mark(0x300))
+        .map(|(a, b)| a.saturating_sub(b));
+    c.push((
+        format!("every event across the move consumed exactly once ({consumed:?} of {sent})"),
+        consumed == Some(sent),
+    ));
+    let rejected = &g["doorbell"]["rejected"];
+    c.push((
+        format!("nothing rejected ({rejected})"),
+        rejected.as_object().is_some_and(serde_json::Map::is_empty),
+    ));
+    c
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn counts_must_match() {
+        let r = "doorbell re-designation: monitor cpu 1 -> 0, 4000 events sent (0 while the notification was on its way), 1 notification(s) on cpu 0";
+        assert_eq!(events_sent(r), Some(4000));
+        let g = json!({"exit_status": 0, "doorbell": {"rejected": {}},
+            "marks": [{"label": 0x300, "sink_events": 10}, {"label": 0x301, "sink_events": 4010}]});
+        assert!(checks(Some(&g), Some(4000)).iter().all(|(_, ok)| *ok));
+        assert!(!checks(Some(&g), Some(4001)).iter().all(|(_, ok)| *ok));
+        assert!(!checks(Some(&g), None).iter().all(|(_, ok)| *ok));
+    }
+}
