@@ -13,6 +13,9 @@ pub enum Action {
     MainReached { guest_us: u64 },
     /// Snapshot the guest's counters under `label` (RBX); resume with `Status::Ok`.
     StatsMark { label: u64 },
+    /// An M3 upcall request (`UpcallPing`, `UpcallStorm`) with its RBX, for
+    /// [`crate::pending`].
+    Upcall { call: Call, arg: u64 },
     /// Resume the guest with this value in RAX.
     Return(Status),
 }
@@ -30,6 +33,7 @@ pub fn decode(size: usize, rax: u64, rbx: u64) -> Action {
         },
         Some(Call::MainReached) => Action::MainReached { guest_us: rbx },
         Some(Call::StatsMark) => Action::StatsMark { label: rbx },
+        Some(call @ (Call::UpcallPing | Call::UpcallStorm)) => Action::Upcall { call, arg: rbx },
         None => Action::Return(Status::UnknownCall),
     }
 }
@@ -61,6 +65,18 @@ mod tests {
     fn stats_mark_carries_its_label() {
         assert_eq!(decode(4, 3, 2), Action::StatsMark { label: 2 });
         assert_eq!(decode(2, 3, 2), Action::Return(Status::BadArgument));
+    }
+
+    #[test]
+    fn upcall_requests_carry_their_argument() {
+        assert_eq!(
+            decode(4, 8, 3),
+            Action::Upcall {
+                call: Call::UpcallPing,
+                arg: 3
+            }
+        );
+        assert_eq!(decode(2, 9, 3), Action::Return(Status::BadArgument));
     }
 
     #[test]

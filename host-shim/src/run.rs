@@ -228,6 +228,9 @@ pub fn run(cli: &Cli, shim_start: Instant) -> Result<Report, RunError> {
             p.add_mmio(bus.clone());
         }
         wire_doorbells(&mut g, &mut per_cpu, &cfg.name).map_err(RunError::Monitors)?;
+        if cli.upcalls != crate::pending::Delivery::Off {
+            g.offer_upcalls(cli.upcalls).map_err(err)?;
+        }
         let ecam = EcamInfo {
             base: ecam::ECAM_BASE,
             start_bus: 0,

@@ -23,6 +23,12 @@ pub enum Call {
     /// events) under label RBX, so a test can measure what happened between
     /// two marks. The VMM reports the marks in its statistics.
     StatsMark = 3,
+    /// M3: post RBX (1..=`upcall::PING_MAX`) ping upcalls to the calling vCPU now;
+    /// they arrive when its interrupt window opens.
+    UpcallPing = 8,
+    /// M3: post `count` pings to the calling vCPU, one every `interval_us` µs,
+    /// from a shim thread (RBX = `upcall::storm_arg(count, interval_us)`).
+    UpcallStorm = 9,
     // Numbers reserved per mechanism so that they can grow independently:
     // 4–7 M4 (control flags), 8–11 M3 (upcalls), 12–19 M5 (VM queues),
     // 20–23 M1 (doorbells), 24–27 M2 (hints).
@@ -36,6 +42,8 @@ impl Call {
             1 => Some(Self::Exit),
             2 => Some(Self::MainReached),
             3 => Some(Self::StatsMark),
+            8 => Some(Self::UpcallPing),
+            9 => Some(Self::UpcallStorm),
             _ => None,
         }
     }
@@ -61,6 +69,8 @@ mod tests {
         assert_eq!(Call::from_raw(1), Some(Call::Exit));
         assert_eq!(Call::from_raw(2), Some(Call::MainReached));
         assert_eq!(Call::from_raw(3), Some(Call::StatsMark));
+        assert_eq!(Call::from_raw(8), Some(Call::UpcallPing));
+        assert_eq!(Call::from_raw(9), Some(Call::UpcallStorm));
         assert_eq!(Call::from_raw(0), None);
         assert_eq!(Call::from_raw(u32::MAX), None);
     }
