@@ -82,9 +82,10 @@ pub enum Delivery {
     /// Arm `request_interrupt_window` and inject at `KVM_EXIT_IRQ_WINDOW_OPEN`.
     #[default]
     Window,
-    /// The naive comparison: no window request; the upcall waits for whatever
-    /// exit comes next (a hypercall, a halt, the guest's timer, another post's
-    /// kick) and IF is polled there, until it is found set.
+    /// The naive comparison: no window request; a poller thread kicks a vCPU
+    /// with a waiting upcall every [`POLL_INTERVAL`] (signal + `immediate_exit`),
+    /// and IF is looked at again at each of those exits (or any other), until
+    /// it is found set.
     Poll,
     /// No upcalls offered (the CLI's `--upcalls off`).
     Off,
@@ -158,6 +159,7 @@ struct Counters {
     irq_window_exits: AtomicU64,
     poll_reentries: AtomicU64,
     inject_busy: AtomicU64,
+    kicks_saved: AtomicU64,
     stop_deferrals: AtomicU64,
     rejected: [AtomicU64; Rejected::ALL.len()],
     latency_open: Latency,
@@ -185,6 +187,8 @@ pub struct UpcallReport {
     pub poll_reentries: u64,
     /// `KVM_INTERRUPT` refused because an interrupt was still queued (retried).
     pub inject_busy: u64,
+    /// Posts that needed no kick: the vCPU already waited for its window.
+    pub kicks_saved: u64,
     /// Times a vCPU stop waited for its interrupt window (scheduling use).
     pub stop_deferrals: u64,
     pub latency_open: LatencyReport,
@@ -227,6 +231,9 @@ pub enum UpcallError {
     #[error("{0} vCPUs, the mailbox area holds {max}", max = upcall::MAX_VCPUS)]
     TooManyVcpus(usize),
 }
+
+/// How often the polling path kicks a vCPU whose upcall waits for IF.
+pub const POLL_INTERVAL: Duration = Duration::from_micros(20);
 
 /// How long a stop waits at most for a vCPU's interrupt window.
 const STOP_DEFER_LIMIT: Duration = Duration::from_millis(20);
@@ -329,7 +336,15 @@ impl GuestUpcalls {
         );
         s.requested[class as usize].fetch_add(n, Ordering::AcqRel);
         self.counters.requested[class as usize].fetch_add(n, Ordering::Relaxed);
-        s.pending.store(true, Ordering::Release);
+        // Dekker with `service_vcpu` (SeqCst on both sides): either the vCPU
+        // thread sees `pending`, or this sees `armed` clear and kicks.
+        s.pending.store(true, Ordering::SeqCst);
+        if self.delivery == Delivery::Window && s.armed.load(Ordering::SeqCst) {
+            // The vCPU runs with the window request armed: its window-open exit
+            // will publish this post too, so a kick would only add an exit.
+            self.counters.kicks_saved.fetch_add(1, Ordering::Relaxed);
+            return true;
+        }
         kick();
         true
     }
@@ -355,9 +370,12 @@ impl GuestUpcalls {
                 .irq_window_exits
                 .fetch_add(1, Ordering::Relaxed);
         }
-        if !s.pending.load(Ordering::Acquire) {
-            s.armed.store(false, Ordering::Relaxed);
-            return false;
+        if !s.pending.load(Ordering::SeqCst) {
+            s.armed.store(false, Ordering::SeqCst);
+            // A post that saw `armed` still set did not kick: take it now.
+            if !s.pending.load(Ordering::SeqCst) {
+                return false;
+            }
         }
         let open = run.ready_for_interrupt_injection != 0 && run.if_flag != 0;
         if !open || other_queued {
@@ -380,8 +398,8 @@ impl GuestUpcalls {
         }
         if !new {
             // A post raced with the previous publication and is already out.
-            s.armed.store(false, Ordering::Relaxed);
-            return false;
+            s.armed.store(false, Ordering::SeqCst);
+            return s.pending.load(Ordering::SeqCst) && self.wait(s);
         }
         match crate::vcpu::inject(fd, VECTOR) {
             Ok(()) => {
@@ -406,9 +424,9 @@ impl GuestUpcalls {
                         self.counters.latency_open.add(w);
                     }
                 }
-                s.armed.store(false, Ordering::Relaxed);
+                s.armed.store(false, Ordering::SeqCst);
                 // A post that raced with the publication set `pending` again.
-                s.pending.load(Ordering::Acquire) && self.wait(s)
+                s.pending.load(Ordering::SeqCst) && self.wait(s)
             }
             Err(e) => {
                 self.counters.inject_busy.fetch_add(1, Ordering::Relaxed);
@@ -430,7 +448,7 @@ impl GuestUpcalls {
     fn wait(&self, s: &VcpuState) -> bool {
         match self.delivery {
             Delivery::Window => {
-                s.armed.store(true, Ordering::Relaxed);
+                s.armed.store(true, Ordering::SeqCst);
                 true
             }
             Delivery::Poll | Delivery::Off => {
@@ -538,6 +556,38 @@ impl GuestUpcalls {
         }
     }
 
+    /// Polling path only: starts the thread that kicks vCPUs whose upcalls wait
+    /// for IF. `vcpus` are the guest's, by index.
+    pub fn start_poller(
+        self: &Arc<Self>,
+        vcpus: Vec<Arc<crate::vcpu::VcpuShared>>,
+    ) -> std::io::Result<()> {
+        if self.delivery != Delivery::Poll {
+            return Ok(());
+        }
+        let me = self.clone();
+        std::thread::Builder::new()
+            .name(format!("{}-upcall-poll", self.name))
+            .spawn(move || {
+                loop {
+                    {
+                        let closed = me.closed.lock().unwrap_or_else(PoisonError::into_inner);
+                        if *closed {
+                            return;
+                        }
+                        for (s, v) in me.vcpus.iter().zip(&vcpus) {
+                            if s.polled.load(Ordering::Relaxed) && s.pending.load(Ordering::Acquire)
+                            {
+                                v.kick();
+                            }
+                        }
+                    }
+                    std::thread::sleep(POLL_INTERVAL);
+                }
+            })
+            .map(|_| ())
+    }
+
     /// The guest is ending: storms stop posting and kicking (call before the
     /// vCPU threads are joined).
     pub fn close(&self) {
@@ -591,6 +641,7 @@ impl GuestUpcalls {
             irq_window_exits: c.irq_window_exits.load(Ordering::Relaxed),
             poll_reentries: c.poll_reentries.load(Ordering::Relaxed),
             inject_busy: c.inject_busy.load(Ordering::Relaxed),
+            kicks_saved: c.kicks_saved.load(Ordering::Relaxed),
             stop_deferrals: c.stop_deferrals.load(Ordering::Relaxed),
             latency_open: c.latency_open.report(),
             latency_deferred: c.latency_deferred.report(),
@@ -607,7 +658,7 @@ impl GuestUpcalls {
         let sum = |m: &BTreeMap<&str, u64>| m.values().sum::<u64>();
         format!(
             "  upcalls ({:?}): requested {} delivered {} | injected now {} after window {} \
-             after poll {} | irq-window exits {} poll re-entries {} | stop deferrals {} | \
+             after poll {} | irq-window exits {} poll re-entries {} kicks saved {} | stop deferrals {} | \
              latency open {} ns deferred {} ns (mean)",
             r.delivery,
             sum(&r.requested),
@@ -617,6 +668,7 @@ impl GuestUpcalls {
             r.injected_after_poll,
             r.irq_window_exits,
             r.poll_reentries,
+            r.kicks_saved,
             r.stop_deferrals,
             r.latency_open.mean_ns,
             r.latency_deferred.mean_ns

@@ -15,6 +15,10 @@ use guest_kernel::rt::{irq, sys};
 use guest_kernel::{check, check_eq, ktest, println};
 use para_abi::hypercall::Call;
 
+/// Labels of the stats marks around the storm (the bench reads them).
+pub const MARK_STORM_BEFORE: u64 = 0x3301;
+pub const MARK_STORM_AFTER: u64 = 0x3302;
+
 /// Pings the shim posts in the storm test, one every `STORM_INTERVAL_US`.
 const STORM_PINGS: u32 = 4000;
 const STORM_INTERVAL_US: u32 = 100;
@@ -103,11 +107,11 @@ fn masked_ping(mov_ss: bool) -> guest_kernel::ktest::TestResult {
     irq::restore(irq::disable());
     check_eq!(PINGS.load(Ordering::Acquire), 1, "no duplicate");
     println!(
-        "report: upcall masked {} ms{}: landed {landed}; sti -> kernel return {} cycles, sti -> handler {:?}",
+        "report: upcall masked {} ms{}: landed {landed}; sti -> kernel return {} us, sti -> handler {} us",
         masked.as_millis(),
         if mov_ss { " (sti; mov ss)" } else { "" },
-        returned - sti_tsc,
-        cycles_to_duration(at - sti_tsc)
+        cycles_to_duration(returned - sti_tsc).as_micros(),
+        cycles_to_duration(at - sti_tsc).as_micros()
     );
     Ok(())
 }
@@ -137,6 +141,8 @@ ktest!(
         let taken0 = upcall::taken(cpu, Class::Ping);
         let (irqs0, empty0) = upcall::interrupts();
         let arg = para_abi::upcall::storm_arg(STORM_PINGS, STORM_INTERVAL_US);
+        sys::hypercall(Call::StatsMark, MARK_STORM_BEFORE)
+            .map_err(|e| alloc::format!("mark: {e:?}"))?;
         sys::hypercall(Call::UpcallStorm, arg).map_err(|e| alloc::format!("storm: {e:?}"))?;
         let t0 = Instant::now();
         let limit = t0.checked_add(Duration::from_secs(30)).ok_or("overflow")?;
@@ -164,6 +170,8 @@ ktest!(
         while Instant::now().0 < settle.0 {
             irq::restore(irq::disable());
         }
+        sys::hypercall(Call::StatsMark, MARK_STORM_AFTER)
+            .map_err(|e| alloc::format!("mark: {e:?}"))?;
         let (irqs, empty) = upcall::interrupts();
         check_eq!(
             PINGS.load(Ordering::Acquire),
@@ -179,10 +187,10 @@ ktest!(
             "a handler run per interrupt at most"
         );
         println!(
-            "report: upcall storm {STORM_PINGS} pings every {STORM_INTERVAL_US} us: {:?}, \
+            "report: upcall storm {STORM_PINGS} pings every {STORM_INTERVAL_US} us: {} ms, \
              {} interrupts ({} empty), {} handler runs, {ring0_masked} ring-0 and \
              {ring3_masked} ring-3 masked phases",
-            took,
+            took.as_millis(),
             irqs - irqs0,
             empty - empty0,
             CALLS.load(Ordering::Relaxed)
