@@ -145,6 +145,9 @@ struct VcpuState {
     stop_deferred_since_ns: AtomicU64,
     /// A stop waits for this vCPU's window: keep the request armed.
     stop_wait: AtomicBool,
+    /// The vCPU thread has left its run loop (set under `GuestUpcalls::closed`):
+    /// nobody may kick it any more.
+    gone: AtomicBool,
     /// The polling path found the window closed since the last injection.
     polled: AtomicBool,
 }
@@ -214,6 +217,8 @@ pub struct GuestUpcalls {
     epoch: Instant,
     counters: Counters,
     closed: Mutex<bool>,
+    /// The guest's vCPUs, for the poller and the stop watchdog ([`Self::start`]).
+    handles: std::sync::OnceLock<Vec<Arc<crate::vcpu::VcpuShared>>>,
 }
 
 // SAFETY: `page` is a process-lifetime shared mapping accessed only through atomics.
@@ -297,6 +302,7 @@ impl GuestUpcalls {
             epoch: Instant::now(),
             counters: Counters::default(),
             closed: Mutex::new(false),
+            handles: std::sync::OnceLock::new(),
         };
         Ok((Arc::new(me), offer))
     }
@@ -556,12 +562,13 @@ impl GuestUpcalls {
         }
     }
 
-    /// Polling path only: starts the thread that kicks vCPUs whose upcalls wait
-    /// for IF. `vcpus` are the guest's, by index.
-    pub fn start_poller(
+    /// At the guest's start: keeps its vCPUs (by index) for kicks and, on the
+    /// polling path, starts the thread that kicks vCPUs whose upcalls wait for IF.
+    pub fn start(
         self: &Arc<Self>,
         vcpus: Vec<Arc<crate::vcpu::VcpuShared>>,
     ) -> std::io::Result<()> {
+        let _ = self.handles.set(vcpus.clone());
         if self.delivery != Delivery::Poll {
             return Ok(());
         }
@@ -590,8 +597,50 @@ impl GuestUpcalls {
 
     /// The guest is ending: storms stop posting and kicking (call before the
     /// vCPU threads are joined).
-    pub fn close(&self) {
-        *self.closed.lock().unwrap_or_else(PoisonError::into_inner) = true;
+    /// Also bounds the stop deferral: a vCPU that waits for its window inside
+    /// `KVM_RUN` (spinning or halted with IF = 0) gets no exit by itself, so a
+    /// watchdog kicks it once [`STOP_DEFER_LIMIT`] has passed.
+    pub fn close(self: &Arc<Self>) {
+        {
+            let mut closed = self.closed.lock().unwrap_or_else(PoisonError::into_inner);
+            if *closed {
+                return;
+            }
+            *closed = true;
+        }
+        if self.delivery != Delivery::Window {
+            return;
+        }
+        let me = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("{}-upcall-stop", self.name))
+            .spawn(move || {
+                std::thread::sleep(STOP_DEFER_LIMIT + Duration::from_millis(2));
+                let Some(handles) = me.handles.get() else {
+                    return;
+                };
+                // Held across the kicks: a vCPU marks itself gone under this lock
+                // before its thread ends, so every vCPU kicked here is alive.
+                let _closed = me.closed.lock().unwrap_or_else(PoisonError::into_inner);
+                for (s, v) in me.vcpus.iter().zip(handles) {
+                    if !s.gone.load(Ordering::Relaxed)
+                        && s.stop_deferred_since_ns.load(Ordering::Relaxed) != 0
+                    {
+                        v.kick();
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            warn!(guest = %self.name, "upcall stop watchdog: {e}");
+        }
+    }
+
+    /// vCPU `vcpu`'s thread leaves its run loop: no more kicks for it.
+    pub fn vcpu_gone(&self, vcpu: u32) {
+        let _closed = self.closed.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(s) = self.vcpus.get(vcpu as usize) {
+            s.gone.store(true, Ordering::Relaxed);
+        }
     }
 
     /// The report, with deliveries read back from the guest's acknowledgements.

@@ -369,6 +369,9 @@ pub fn run(mut fd: VcpuFd, me: &VcpuShared, guest: &GuestCtx, pin: Option<usize>
         }
     }
 
+    if let Some(u) = guest.upcalls.get() {
+        u.vcpu_gone(me.index);
+    }
     KVM_RUN.with(|c| c.set(std::ptr::null_mut()));
     if let Some(s) = stats {
         let vals = crate::stats::KVM_FIELDS

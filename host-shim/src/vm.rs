@@ -355,8 +355,7 @@ impl Guest {
         }
         if let Some(u) = &self.upcalls {
             let _ = ctx.upcalls.set(u.clone());
-            u.start_poller(self.vcpus.clone())
-                .map_err(VmError::Thread)?;
+            u.start(self.vcpus.clone()).map_err(VmError::Thread)?;
         }
         self.ctx = Some(ctx.clone());
         self.started = Some(Instant::now());
