@@ -391,6 +391,33 @@ mod tests {
     }
 
     #[test]
+    fn upcall_counters_must_add_up() {
+        let g = serde_json::json!({"upcalls": {
+            "requested": {"ping": 4002, "vmq_arrival": 0},
+            "delivered": {"ping": 4002, "vmq_arrival": 0},
+            "injected_after_window": 10, "irq_window_exits": 12,
+            "rejected": {"bad_count": 0}
+        }});
+        assert!(upcall_checks(Some(&g)).iter().all(|(_, ok)| *ok));
+        let mut lost = g.clone();
+        lost["upcalls"]["delivered"]["ping"] = serde_json::json!(4001);
+        let failed: Vec<_> = upcall_checks(Some(&lost))
+            .into_iter()
+            .filter(|(_, ok)| !ok)
+            .collect();
+        assert_eq!(failed.len(), 2, "{failed:?}");
+        let mut rejected = g.clone();
+        rejected["upcalls"]["rejected"]["bad_count"] = serde_json::json!(1);
+        assert!(!upcall_checks(Some(&rejected)).iter().all(|(_, ok)| *ok));
+        assert!(
+            !upcall_checks(Some(&serde_json::json!({})))
+                .iter()
+                .all(|(_, ok)| *ok)
+        );
+        assert!(!upcall_checks(None)[0].1);
+    }
+
+    #[test]
     fn doorbell_burst_is_judged_from_the_marks() {
         let g = |sink2: u64, exits2: u64| {
             serde_json::json!({"marks": [
