@@ -370,6 +370,9 @@ impl GuestUpcalls {
     fn service_vcpu(&self, fd: &mut VcpuFd, vcpu: u32, s: &VcpuState, other_queued: bool) -> bool {
         let run = fd.get_kvm_run();
         let window_exit = run.exit_reason == KVM_EXIT_IRQ_WINDOW_OPEN;
+        // A KVM_RUN refused at once for `immediate_exit` leaves exit_reason as it
+        // was: clear it so that one window exit is never counted twice.
+        run.exit_reason = kvm_bindings::KVM_EXIT_UNKNOWN;
         let armed = s.armed.load(Ordering::Relaxed);
         if window_exit && armed {
             self.counters
