@@ -94,6 +94,14 @@ pub enum Sys {
     /// Pass hypercall RDI (a `para_abi::hypercall::Call` ring 3 may make) with
     /// argument RSI to the Exitless shim; `NoSys` elsewhere.
     Hypercall = 9,
+    /// M3: program this CPU's LAPIC LINT0 for `ExtINT`, so that the shim's
+    /// `KVM_INTERRUPT` upcalls reach it (SDM vol 3 §11.5.1).
+    UpcallLint0 = 14,
+    /// M3 tests: in ring 0 with IF = 0, post RDX ping upcalls to the shim (0 =
+    /// none), spin RDI TSC cycles, then `sti` (RSI = 0) or `sti; mov ss` (RSI = 1)
+    /// and spin with IF = 1 for R10 further cycles before `cli` again. Returns the
+    /// TSC at `sti`; RDX = [`upcall_probe`] bits.
+    UpcallMaskedSpin = 15,
     // Numbers reserved per mechanism: 10–13 M4 (control registers), 14–17 M3
     // (upcalls), 18–21 M5 (VM queues), 22–25 M2 (hints).
 }
@@ -112,9 +120,29 @@ impl Sys {
             7 => Self::PciWrite,
             8 => Self::Ring0Loop,
             9 => Self::Hypercall,
+            14 => Self::UpcallLint0,
+            15 => Self::UpcallMaskedSpin,
             _ => return None,
         })
     }
+}
+
+/// What [`Sys::UpcallMaskedSpin`] saw of the upcall vector's pending bit.
+pub mod upcall_probe {
+    /// Already pending when the call began (the caller had not drained it).
+    pub const AT_ENTRY: u64 = 1 << 0;
+    /// Pending at the end of the masked spin, before `sti`.
+    pub const WHILE_MASKED: u64 = 1 << 1;
+    /// Pending as read by the instruction in the interrupt shadow.
+    pub const IN_SHADOW: u64 = 1 << 2;
+    /// Pending as read by the first instruction after the shadow.
+    pub const AFTER_SHADOW: u64 = 1 << 3;
+    /// The ping hypercall was refused (or not under the shim).
+    pub const PING_FAILED: u64 = 1 << 4;
+    /// Pending during a further spin with IF = 1 after the shadow (before `cli`).
+    pub const LATER: u64 = 1 << 5;
+    /// Pending only after the final `cli` (IF = 1 was never seen by the VMM).
+    pub const AFTER_CLI: u64 = 1 << 6;
 }
 
 /// Kernel-call error results, returned in RAX as these (huge) values.
@@ -192,6 +220,10 @@ mod tests {
             assert_eq!(sys as u64, raw);
         }
         assert_eq!(Sys::from_raw(10), None);
+        for raw in [14, 15] {
+            assert_eq!(Sys::from_raw(raw).map(|s| s as u64), Some(raw));
+        }
+        assert_eq!(Sys::from_raw(16), None);
         assert_eq!(Sys::from_raw(u64::MAX), None);
     }
 

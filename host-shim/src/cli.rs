@@ -91,6 +91,13 @@ pub struct Cli {
     /// re-designation and its notification (needs --doorbells on).
     #[arg(long)]
     pub doorbell_redesignate: bool,
+    /// M3 upcalls: "window" offers every guest per-vCPU upcall mailboxes (CPUID
+    /// 0x40000001 bit UPCALLS, leaf 0x40000004) and injects the shim's upcalls
+    /// when the guest's interrupt window opens (KVM's interrupt-window exit);
+    /// "poll" offers the same but, as a naive comparison, looks at IF again only
+    /// at the vCPU's next exit of any cause; "off" offers nothing.
+    #[arg(long, value_name = "window|poll|off", default_value = "window")]
+    pub upcalls: crate::pending::Delivery,
 
     /// Give up and stop all guests after this many seconds (0 = never).
     #[arg(long, value_name = "SECS", default_value_t = 0)]
@@ -373,6 +380,19 @@ mod tests {
         let e = parse_guest(&format!("{g},mem=2816M")).unwrap_err();
         assert!(e.contains("para region"), "{e}");
         assert!(parse_guest(&format!("{g},mem=2560M")).is_ok());
+    }
+
+    #[test]
+    fn upcall_flag() {
+        use crate::pending::Delivery;
+        let g = format!("kernel={}", exe());
+        let c = Cli::try_parse_from(["host-shim", "--guest", &g]).unwrap();
+        assert_eq!(c.upcalls, Delivery::Window);
+        for (text, d) in [("poll", Delivery::Poll), ("off", Delivery::Off)] {
+            let c = Cli::try_parse_from(["host-shim", "--guest", &g, "--upcalls", text]).unwrap();
+            assert_eq!(c.upcalls, d);
+        }
+        assert!(Cli::try_parse_from(["host-shim", "--guest", &g, "--upcalls", "on"]).is_err());
     }
 
     #[test]

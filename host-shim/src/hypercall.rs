@@ -17,6 +17,9 @@ pub enum Action {
     NotifyBench { mailbox: u64 },
     /// Swap the guest's doorbell range for its spare and notify it (M1 test).
     DoorbellRedesignate,
+    /// An M3 upcall request (`UpcallPing`, `UpcallStorm`) with its RBX, for
+    /// [`crate::pending`].
+    Upcall { call: Call, arg: u64 },
     /// Resume the guest with this value in RAX.
     Return(Status),
 }
@@ -36,6 +39,7 @@ pub fn decode(size: usize, rax: u64, rbx: u64) -> Action {
         Some(Call::StatsMark) => Action::StatsMark { label: rbx },
         Some(Call::NotifyBench) => Action::NotifyBench { mailbox: rbx },
         Some(Call::DoorbellRedesignate) => Action::DoorbellRedesignate,
+        Some(call @ (Call::UpcallPing | Call::UpcallStorm)) => Action::Upcall { call, arg: rbx },
         None => Action::Return(Status::UnknownCall),
     }
 }
@@ -71,6 +75,18 @@ mod tests {
             decode(4, 20, 0x5000),
             Action::NotifyBench { mailbox: 0x5000 }
         );
+    }
+
+    #[test]
+    fn upcall_requests_carry_their_argument() {
+        assert_eq!(
+            decode(4, 8, 3),
+            Action::Upcall {
+                call: Call::UpcallPing,
+                arg: 3
+            }
+        );
+        assert_eq!(decode(2, 9, 3), Action::Return(Status::BadArgument));
     }
 
     #[test]

@@ -12,6 +12,7 @@ pub mod memory;
 #[cfg(test)]
 mod net_e2e_tests;
 pub mod pci;
+pub mod pending;
 pub mod platform;
 pub mod run;
 pub mod serial;

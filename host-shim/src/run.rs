@@ -251,6 +251,9 @@ pub fn run(cli: &Cli, shim_start: Instant) -> Result<Report, RunError> {
         }
         wire_doorbells(&mut g, &mut per_cpu, &cfg.name).map_err(RunError::Monitors)?;
         doorbell_tests(cli, &g, cfg.vcpus).map_err(RunError::Monitors)?;
+        if cli.upcalls != crate::pending::Delivery::Off {
+            g.offer_upcalls(cli.upcalls).map_err(err)?;
+        }
         let ecam = EcamInfo {
             base: ecam::ECAM_BASE,
             start_bus: 0,

@@ -405,6 +405,9 @@ pub struct GuestReport {
     pub doorbell: DoorbellReport,
     /// `StatsMark` snapshots, in order.
     pub marks: Vec<MarkReport>,
+    /// M3 upcall counters (`crate::pending`), when offered.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upcalls: Option<crate::pending::UpcallReport>,
 }
 
 impl GuestReport {
@@ -542,6 +545,9 @@ impl Report {
                     pairs(&d.rejected),
                     g.marks.len()
                 );
+            }
+            if let Some(u) = &g.upcalls {
+                let _ = writeln!(s, "{}", crate::pending::GuestUpcalls::summary_line(u));
             }
             for n in &g.nics {
                 let notes: u64 = n.queue_notifications.values().sum();

@@ -151,6 +151,8 @@ pub struct GuestCtx {
     pub marks: Mutex<Vec<MarkReport>>,
     /// Run after every exit of every vCPU ([`ExitHook`]); fixed before the start.
     pub exit_hooks: Vec<Arc<dyn ExitHook>>,
+    /// M3 upcalls (the pending event module), when the shim offers them.
+    pub upcalls: OnceLock<Arc<crate::pending::GuestUpcalls>>,
 }
 
 impl GuestCtx {
@@ -168,7 +170,18 @@ impl GuestCtx {
             doorbells: OnceLock::new(),
             marks: Mutex::new(Vec::new()),
             exit_hooks: Vec::new(),
+            upcalls: OnceLock::new(),
         }
+    }
+
+    /// Posts one upcall of `class` to vCPU `vcpu` (M3): it is injected when that
+    /// vCPU's interrupt window is open, exactly once. False when the guest has no
+    /// upcalls offered or no such vCPU.
+    pub fn post_upcall(&self, vcpu: u32, class: crate::pending::UpcallClass) -> bool {
+        let (Some(u), Some(v)) = (self.upcalls.get(), self.vcpus.get(vcpu as usize)) else {
+            return false;
+        };
+        u.post(vcpu, class, 1, || v.kick())
     }
 
     /// KVM's `exits` summed over every vCPU of the guest, now.
@@ -217,6 +230,9 @@ impl GuestCtx {
             }
         }
         self.stop.store(true, Ordering::Release);
+        if let Some(u) = self.upcalls.get() {
+            u.close();
+        }
         for v in &self.vcpus {
             v.kick();
         }
@@ -247,7 +263,7 @@ pub fn pin_current_thread(cpu: usize) -> std::io::Result<()> {
 
 /// Injects `vector` with `KVM_INTERRUPT` (api.rst §4.16; with the split irqchip it is
 /// accepted while the LAPIC takes `ExtINT`). Err(EEXIST) when one is still pending.
-fn inject(fd: &VcpuFd, vector: u8) -> std::io::Result<()> {
+pub(crate) fn inject(fd: &VcpuFd, vector: u8) -> std::io::Result<()> {
     let irq = kvm_interrupt {
         irq: u32::from(vector),
     };
@@ -262,7 +278,20 @@ fn inject(fd: &VcpuFd, vector: u8) -> std::io::Result<()> {
 
 /// Injects a pending interrupt when the guest can take one, else asks KVM for an
 /// interrupt-window exit (`KVM_EXIT_IRQ_WINDOW_OPEN`).
-fn service_pending(fd: &mut VcpuFd, me: &VcpuShared) {
+fn service_pending(fd: &mut VcpuFd, me: &VcpuShared, guest: &GuestCtx) {
+    let injected_before = me.injected.load(Ordering::Relaxed);
+    service_queue(fd, me);
+    if let Some(u) = guest.upcalls.get() {
+        // KVM holds one injected interrupt at a time: the plain queue goes first.
+        let busy = me.has_pending.load(Ordering::Acquire)
+            || me.injected.load(Ordering::Relaxed) != injected_before;
+        if u.service(fd, me.index, busy) {
+            fd.get_kvm_run().request_interrupt_window = 1;
+        }
+    }
+}
+
+fn service_queue(fd: &mut VcpuFd, me: &VcpuShared) {
     if !me.has_pending.load(Ordering::Acquire) {
         fd.get_kvm_run().request_interrupt_window = 0;
         return;
@@ -302,8 +331,8 @@ pub fn run(mut fd: VcpuFd, me: &VcpuShared, guest: &GuestCtx, pin: Option<usize>
     if me.index == 0 {
         let _ = guest.first_run.set(Instant::now());
     }
-    while !guest.stop.load(Ordering::Acquire) {
-        service_pending(&mut fd, me);
+    while !guest.stop.load(Ordering::Acquire) || defer_stop(&mut fd, me, guest) {
+        service_pending(&mut fd, me, guest);
         me.host_cpu.store(current_cpu(), Ordering::Relaxed);
         let exited = match fd.run() {
             Ok(exit) => {
@@ -343,6 +372,9 @@ pub fn run(mut fd: VcpuFd, me: &VcpuShared, guest: &GuestCtx, pin: Option<usize>
         }
     }
 
+    if let Some(u) = guest.upcalls.get() {
+        u.vcpu_gone(me.index);
+    }
     KVM_RUN.with(|c| c.set(std::ptr::null_mut()));
     if let Some(s) = stats {
         let vals = crate::stats::KVM_FIELDS
@@ -353,6 +385,22 @@ pub fn run(mut fd: VcpuFd, me: &VcpuShared, guest: &GuestCtx, pin: Option<usize>
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = vals;
     }
+}
+
+/// M3 scheduling use: a vCPU stopped from outside (the guest did not end
+/// itself) is not stopped while its interrupt window is closed.
+fn defer_stop(fd: &mut VcpuFd, me: &VcpuShared, guest: &GuestCtx) -> bool {
+    let Some(u) = guest.upcalls.get() else {
+        return false;
+    };
+    let from_outside = matches!(
+        *guest
+            .outcome
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner),
+        Some(Outcome::Interrupted)
+    );
+    from_outside && u.defer_stop(fd, me.index)
 }
 
 /// Exits that need the vCPU fd after the exit's borrow of it ends.
@@ -474,6 +522,13 @@ fn hypercall_exit(fd: &VcpuFd, me: &VcpuShared, guest: &GuestCtx, size: usize) -
                 info!(guest = %guest.name, vcpu = me.index, guest_us, "guest reached main");
             }
             resume_with(fd, me, &mut regs, Status::Ok)
+        }
+        Action::Upcall { call, arg } => {
+            let status = match (guest.upcalls.get(), guest.vcpus.get(me.index as usize)) {
+                (Some(u), Some(v)) => u.hypercall(call, arg, me.index, v.clone()),
+                _ => Status::UnknownCall,
+            };
+            resume_with(fd, me, &mut regs, status)
         }
         Action::Return(status) => {
             if status != Status::Ok {

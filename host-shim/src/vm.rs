@@ -116,6 +116,8 @@ pub struct Guest {
     cpuid_params: CpuidParams,
     /// Handed to the vCPU threads at start.
     exit_hooks: Vec<Arc<dyn vcpu::ExitHook>>,
+    /// M3 upcalls, when offered ([`Guest::offer_upcalls`]).
+    pub upcalls: Option<Arc<crate::pending::GuestUpcalls>>,
 }
 
 /// Sets vCPU `apic_id`'s CPUID from what KVM supports filtered by `params`.
@@ -257,6 +259,7 @@ impl Guest {
             cpuid_supported: supported,
             cpuid_params: params,
             exit_hooks: Vec::new(),
+            upcalls: None,
         })
     }
 
@@ -318,6 +321,16 @@ impl Guest {
         self.doorbells = Some(doorbells);
     }
 
+    /// Maps the M3 upcall mailboxes and offers them (before [`Guest::start`]).
+    pub fn offer_upcalls(&mut self, delivery: crate::pending::Delivery) -> Result<(), VmError> {
+        let (u, offer) =
+            crate::pending::GuestUpcalls::new(&self.name, &self.vm, self.vcpus.len(), delivery)
+                .map_err(|e| VmError::Device(e.to_string()))?;
+        self.offer(offer)?;
+        self.upcalls = Some(u);
+        Ok(())
+    }
+
     /// Runs `hook` after every exit of every vCPU (before [`Guest::start`]).
     pub fn add_exit_hook(&mut self, hook: Arc<dyn vcpu::ExitHook>) {
         self.exit_hooks.push(hook);
@@ -339,6 +352,10 @@ impl Guest {
         let ctx = Arc::new(ctx);
         if let Some(d) = &self.doorbells {
             let _ = ctx.doorbells.set(d.clone());
+        }
+        if let Some(u) = &self.upcalls {
+            let _ = ctx.upcalls.set(u.clone());
+            u.start(self.vcpus.clone()).map_err(VmError::Thread)?;
         }
         self.ctx = Some(ctx.clone());
         self.started = Some(Instant::now());
@@ -421,6 +438,7 @@ impl Guest {
             rejected: self.rejects.snapshot(),
             nics: self.nics.iter().map(nic_report).collect(),
             doorbell: self.doorbell_report(),
+            upcalls: self.upcalls.as_ref().map(|u| u.report()),
             marks: self.ctx.as_ref().map_or_else(Vec::new, |c| {
                 c.marks
                     .lock()

@@ -34,6 +34,12 @@ pub enum Call {
     /// table generation and raise the region's notify vector; refused
     /// (`UnknownCall`) otherwise.
     DoorbellRedesignate = 21,
+    /// M3: post RBX (1..=`upcall::PING_MAX`) ping upcalls to the calling vCPU now;
+    /// they arrive when its interrupt window opens.
+    UpcallPing = 8,
+    /// M3: post `count` pings to the calling vCPU, one every `interval_us` µs,
+    /// from a shim thread (RBX = `upcall::storm_arg(count, interval_us)`).
+    UpcallStorm = 9,
     // Numbers reserved per mechanism so that they can grow independently:
     // 4–7 M4 (control flags), 8–11 M3 (upcalls), 12–19 M5 (VM queues),
     // 20–23 M1 (doorbells), 24–27 M2 (hints).
@@ -49,6 +55,8 @@ impl Call {
             3 => Some(Self::StatsMark),
             20 => Some(Self::NotifyBench),
             21 => Some(Self::DoorbellRedesignate),
+            8 => Some(Self::UpcallPing),
+            9 => Some(Self::UpcallStorm),
             _ => None,
         }
     }
@@ -75,6 +83,8 @@ mod tests {
         assert_eq!(Call::from_raw(2), Some(Call::MainReached));
         assert_eq!(Call::from_raw(3), Some(Call::StatsMark));
         assert_eq!(Call::from_raw(20), Some(Call::NotifyBench));
+        assert_eq!(Call::from_raw(8), Some(Call::UpcallPing));
+        assert_eq!(Call::from_raw(9), Some(Call::UpcallStorm));
         assert_eq!(Call::from_raw(0), None);
         assert_eq!(Call::from_raw(u32::MAX), None);
     }

@@ -384,6 +384,22 @@ impl Runner {
                 );
             }
         }
+        // The upcall tests ran where offered (M3): judge the shim's counters.
+        if serial.reports.iter().any(|r| r.starts_with("upcall storm")) {
+            for (name, ok) in shim::upcall_checks(run.guest_stats("ktest")) {
+                if ok {
+                    outcome.passed += 1;
+                } else {
+                    outcome.failed += 1;
+                    outcome.problems.push(format!("check failed: {name}"));
+                }
+                println!(
+                    "{}: {} {name}",
+                    leg.name,
+                    if ok { "ok:" } else { "FAILED:" }
+                );
+            }
+        }
         let mut reports = serial.reports;
         if let Some(ms) = run
             .guest_stats("ktest")

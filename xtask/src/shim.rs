@@ -273,6 +273,39 @@ pub fn doorbell_burst_checks(guest: Option<&Value>) -> Vec<(String, bool)> {
     ]
 }
 
+/// The ktest upcall tests ran (M3, issue 7): the shim's counters must add up —
+/// every ping it was asked for acknowledged by the guest exactly once, the
+/// masked tests' pings injected at an interrupt-window exit, nothing rejected.
+#[must_use]
+pub fn upcall_checks(guest: Option<&Value>) -> Vec<(String, bool)> {
+    let Some(u) = guest.map(|g| &g["upcalls"]).filter(|u| u.is_object()) else {
+        return vec![("the shim reports upcall counters".to_owned(), false)];
+    };
+    let n = |v: &Value| v.as_u64().unwrap_or(0);
+    let sum = |v: &Value| v.as_object().map_or(0, |m| m.values().map(n).sum::<u64>());
+    let (req, del) = (n(&u["requested"]["ping"]), n(&u["delivered"]["ping"]));
+    let (all_req, all_del) = (sum(&u["requested"]), sum(&u["delivered"]));
+    let (window, exits) = (n(&u["injected_after_window"]), n(&u["irq_window_exits"]));
+    let rejected = sum(&u["rejected"]);
+    vec![
+        (
+            format!("upcalls: {del} of {req} pings acknowledged by the guest (shim's count)"),
+            req > 0 && req == del,
+        ),
+        (
+            format!("upcalls: {all_del} delivered of {all_req} requested over all classes"),
+            all_req == all_del,
+        ),
+        (
+            format!(
+                "upcalls: {window} injected at an open window after {exits} irq-window exits (at least 2, the masked tests)"
+            ),
+            window >= 2 && exits >= 2,
+        ),
+        (format!("upcalls: {rejected} rejected"), rejected == 0),
+    ]
+}
+
 /// Numbers the demo summary needs from one guest's stats entry.
 #[derive(Debug, Clone, PartialEq)]
 pub struct GuestNumbers {
@@ -371,6 +404,33 @@ mod tests {
         );
         assert_eq!(guest_lines(&lines, "b"), ["test y ... ok"]);
         assert!(guest_lines(&lines, "ab").is_empty());
+    }
+
+    #[test]
+    fn upcall_counters_must_add_up() {
+        let g = serde_json::json!({"upcalls": {
+            "requested": {"ping": 4002, "vmq_arrival": 0},
+            "delivered": {"ping": 4002, "vmq_arrival": 0},
+            "injected_after_window": 10, "irq_window_exits": 12,
+            "rejected": {"bad_count": 0}
+        }});
+        assert!(upcall_checks(Some(&g)).iter().all(|(_, ok)| *ok));
+        let mut lost = g.clone();
+        lost["upcalls"]["delivered"]["ping"] = serde_json::json!(4001);
+        let failed: Vec<_> = upcall_checks(Some(&lost))
+            .into_iter()
+            .filter(|(_, ok)| !ok)
+            .collect();
+        assert_eq!(failed.len(), 2, "{failed:?}");
+        let mut rejected = g.clone();
+        rejected["upcalls"]["rejected"]["bad_count"] = serde_json::json!(1);
+        assert!(!upcall_checks(Some(&rejected)).iter().all(|(_, ok)| *ok));
+        assert!(
+            !upcall_checks(Some(&serde_json::json!({})))
+                .iter()
+                .all(|(_, ok)| *ok)
+        );
+        assert!(!upcall_checks(None)[0].1);
     }
 
     #[test]

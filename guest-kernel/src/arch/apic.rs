@@ -87,6 +87,17 @@ pub unsafe fn init_local() -> u32 {
     }
 }
 
+/// Unmasks LINT0 with delivery mode `ExtINT` (0b111, SDM vol 3 §11.5.1), so that
+/// an interrupt the VMM injects as if from an external controller (KVM's
+/// `KVM_INTERRUPT` with a split irqchip) is accepted.
+///
+/// # Safety
+/// Ring 0, after [`init_local`].
+pub unsafe fn lint0_extint() {
+    // SAFETY: an LVT write; the vector field is ignored for ExtINT.
+    unsafe { write(reg::LVT_LINT0, 0b111 << 8) }
+}
+
 /// Programs the timer LVT for the chosen mode, unmasked, on the timer vector.
 ///
 /// # Safety

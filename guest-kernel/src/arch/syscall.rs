@@ -49,6 +49,12 @@ pub fn dispatch(f: &mut TrapFrame, pc: &PerCpu) {
             0
         }),
         Sys::Hypercall => forward_hypercall(f.rdi, f.rsi),
+        Sys::UpcallLint0 => {
+            // SAFETY: this CPU's APIC was set up at bring-up.
+            unsafe { apic::lint0_extint() };
+            0
+        }
+        Sys::UpcallMaskedSpin => upcall_masked_spin(f, pc),
         Sys::Ring0Loop => {
             if f.rdi > RING0_LOOP_MAX {
                 SysError::Invalid as u64
@@ -72,10 +78,110 @@ fn forward_hypercall(call: u64, arg: u64) -> u64 {
             c @ (Call::MainReached
             | Call::StatsMark
             | Call::NotifyBench
-            | Call::DoorbellRedesignate),
+            | Call::DoorbellRedesignate
+            | Call::UpcallPing
+            | Call::UpcallStorm),
         ) => exit::hypercall(c, arg),
         _ => SysError::Invalid as u64,
     }
+}
+
+/// Longest masked spin one `UpcallMaskedSpin` may ask for (TSC cycles; about a
+/// second at 4 GHz): a CPU with IF = 0 takes nothing, not even its timer.
+pub const MASKED_SPIN_MAX: u64 = 1 << 32;
+
+/// `Sys::UpcallMaskedSpin`. Entered through an interrupt gate, so IF is already 0.
+/// The ping hypercall exits with IF = 0: the shim must hold the upcall until the
+/// `sti` below, and its interrupt must not land inside the shadow of `sti` (or of
+/// the `mov ss` after it, SDM vol 3 §6.8.3). The pending bit of the upcall vector
+/// is read inside the shadow and right after it.
+fn upcall_masked_spin(f: &mut TrapFrame, pc: &PerCpu) -> u64 {
+    use crate::abi::upcall_probe as probe;
+    let (cycles, mode, pings, open) = (f.rdi, f.rsi, f.rdx, f.r10);
+    if cycles > MASKED_SPIN_MAX
+        || open > MASKED_SPIN_MAX
+        || mode > 1
+        || pings > para_abi::upcall::PING_MAX
+    {
+        return SysError::Invalid as u64;
+    }
+    let word = &pc.pending[usize::from(vector::UPCALL / 64)];
+    let bit = 1u64 << (vector::UPCALL % 64);
+    let mut seen = 0;
+    if word.load(Ordering::Acquire) & bit != 0 {
+        seen |= probe::AT_ENTRY;
+    }
+    if pings > 0
+        && (BOOT.under_shim.load(Ordering::Relaxed) == 0
+            || exit::hypercall(para_abi::hypercall::Call::UpcallPing, pings) != 0)
+    {
+        seen |= probe::PING_FAILED;
+    }
+    let deadline = rdtsc().saturating_add(cycles);
+    while rdtsc() < deadline {}
+    if word.load(Ordering::Acquire) & bit != 0 {
+        seen |= probe::WHILE_MASKED;
+    }
+    let addr = word.as_ptr();
+    let (sti_tsc, in_shadow, after): (u64, u64, u64);
+    // SAFETY: reads of this CPU's pending word after an `sti` (the `cli` follows
+    // below); RAX/RDX are clobbered by rdtsc, RCX by the selector.
+    unsafe {
+        if mode == 0 {
+            core::arch::asm!(
+                "rdtsc",
+                "shl rdx, 32",
+                "or rax, rdx",
+                "sti",
+                "mov {s}, [{a}]",
+                "mov {t}, [{a}]",
+                a = in(reg) addr,
+                s = out(reg) in_shadow,
+                t = out(reg) after,
+                out("rax") sti_tsc,
+                out("rdx") _,
+                options(nostack),
+            );
+        } else {
+            core::arch::asm!(
+                "mov cx, ss",
+                "rdtsc",
+                "shl rdx, 32",
+                "or rax, rdx",
+                "sti",
+                "mov ss, cx",
+                "mov {s}, [{a}]",
+                "mov {t}, [{a}]",
+                a = in(reg) addr,
+                s = out(reg) in_shadow,
+                t = out(reg) after,
+                out("rax") sti_tsc,
+                out("rdx") _,
+                out("rcx") _,
+                options(nostack),
+            );
+        }
+    }
+    if in_shadow & bit != 0 {
+        seen |= probe::IN_SHADOW;
+    }
+    if after & bit != 0 {
+        seen |= probe::AFTER_SHADOW;
+    }
+    let open_until = rdtsc().saturating_add(open);
+    while rdtsc() < open_until {
+        if word.load(Ordering::Acquire) & bit != 0 {
+            seen |= probe::LATER;
+            break;
+        }
+    }
+    // SAFETY: back to IF = 0, as the trap path returns with.
+    unsafe { core::arch::asm!("cli", options(nostack, nomem)) };
+    if seen & (probe::AFTER_SHADOW | probe::LATER) == 0 && word.load(Ordering::Acquire) & bit != 0 {
+        seen |= probe::AFTER_CLI;
+    }
+    f.rdx = seen;
+    sti_tsc
 }
 
 fn write(ptr: u64, len: u64) -> u64 {

@@ -16,4 +16,5 @@ pub mod smp;
 pub mod start;
 pub mod sys;
 pub mod time;
+pub mod upcall;
 pub mod virtio;

@@ -103,6 +103,29 @@ pub fn hypercall(call: para_abi::hypercall::Call, arg: u64) -> Result<u64, SysEr
     result(call3(Sys::Hypercall, u64::from(call as u32), arg, 0))
 }
 
+/// Programs this CPU's LINT0 for `ExtINT` (M3 upcalls).
+pub fn upcall_lint0() -> Result<(), SysError> {
+    result(call3(Sys::UpcallLint0, 0, 0, 0)).map(|_| ())
+}
+
+/// M3 tests: masked spin in ring 0 (see `Sys::UpcallMaskedSpin`). Returns
+/// (TSC at `sti`, `abi::upcall_probe` bits).
+/// `open`: further cycles with IF = 1 before the kernel masks again.
+pub fn upcall_masked_spin(
+    cycles: u64,
+    mov_ss: bool,
+    pings: u64,
+    open: u64,
+) -> Result<(u64, u64), SysError> {
+    let (ret, seen): (u64, u64);
+    // SAFETY: as `call3`; the kernel returns the probe bits in RDX.
+    unsafe {
+        core::arch::asm!("int 0x80", inlateout("rax") Sys::UpcallMaskedSpin as u64 => ret, in("rdi") cycles,
+            in("rsi") u64::from(mov_ss), inlateout("rdx") pings => seen, in("r10") open, options(nostack));
+    }
+    result(ret).map(|tsc| (tsc, seen))
+}
+
 /// An undefined kernel-call number, for tests of the kernel's rejection path.
 #[must_use]
 pub fn raw_call(number: u64, a: u64, b: u64) -> u64 {

@@ -21,6 +21,7 @@ mod report;
 mod stats;
 mod svg;
 mod sys;
+mod upcall;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -193,6 +194,7 @@ fn all_suites() -> Vec<Box<dyn Suite>> {
         Box::new(pingpong::Pingpong::new()),
         Box::new(boot::Boot),
         Box::new(notify::Notify::default()),
+        Box::new(upcall::UpcallSuite::default()),
     ]
 }
 

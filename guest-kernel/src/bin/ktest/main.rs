@@ -28,6 +28,8 @@ mod pci;
 mod smp;
 #[cfg(target_os = "none")]
 mod time;
+#[cfg(target_os = "none")]
+mod upcall;
 
 #[cfg(target_os = "none")]
 mod guest {

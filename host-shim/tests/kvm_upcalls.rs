@@ -1,0 +1,130 @@
+//! M3 against the real /dev/kvm: an upcall posted while the guest runs with IF=0
+//! waits for the interrupt-window exit and is injected once; one posted while IF=1
+//! is injected at once. Fails (not skips) without /dev/kvm.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use host_shim::pending::{Delivery, GuestUpcalls, UpcallClass};
+use host_shim::platform::PioDevice;
+use host_shim::serial::Sink;
+use host_shim::vcpu::VcpuShared;
+use host_shim::vm::Guest;
+use kvm_ioctls::Kvm;
+use vm_memory::{Bytes, GuestAddress};
+
+fn wait_until(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !done() {
+        assert!(t.elapsed() < limit, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Posts a ping at ports 0x511 (guest has IF=0) and 0x514 (IF=1); records the
+/// handler's 0x512 and the end marker 0x513.
+struct Poster {
+    seen: Mutex<Vec<u16>>,
+    upcalls: Arc<GuestUpcalls>,
+    bsp: Arc<VcpuShared>,
+    done: AtomicBool,
+}
+
+impl PioDevice for Poster {
+    fn pio_read(&self, _: u16, _: &mut [u8]) -> bool {
+        false
+    }
+    fn pio_write(&self, port: u16, _: &[u8]) -> bool {
+        if !(0x511..=0x514).contains(&port) {
+            return false;
+        }
+        self.seen.lock().unwrap().push(port);
+        match port {
+            0x511 | 0x514 => {
+                assert!(
+                    self.upcalls
+                        .post(0, UpcallClass::Ping, 1, || self.bsp.kick())
+                );
+            }
+            0x513 => self.done.store(true, Ordering::SeqCst),
+            _ => {}
+        }
+        true
+    }
+}
+
+#[test]
+fn upcall_waits_for_the_window_when_masked_and_goes_at_once_when_open() {
+    let kvm = Kvm::new().expect("these tests need /dev/kvm");
+    let mut g = Guest::new_bare(&kvm, "up", 16 << 20, 1, Sink::Buffer(Arc::default())).unwrap();
+    g.offer_upcalls(Delivery::Window).unwrap();
+    let upcalls = g.upcalls.clone().unwrap();
+    // Real mode: the IVT sends the upcall vector (0x33) to 0000:2000.
+    g.mem
+        .write_obj(
+            0x0000_2000u32,
+            GuestAddress(u64::from(para_abi::upcall::VECTOR) * 4),
+        )
+        .unwrap();
+    #[rustfmt::skip]
+    let main: &[u8] = &[
+        0xfa,             // cli
+        0xba, 0x11, 0x05, // mov dx, 0x511   -> posted with IF=0
+        0xee,             // out dx, al
+        0xfb,             // sti
+        0xf4,             // hlt             (window opens; handler writes 0x512)
+        0xba, 0x14, 0x05, // mov dx, 0x514   -> posted with IF=1: injected at
+        0xee,             // out dx, al         the re-entry, the handler writes 0x512
+        0xba, 0x13, 0x05, // mov dx, 0x513
+        0xee,             // out dx, al
+        0xfa, 0xf4, 0xeb, 0xfd, // cli; hlt; jmp hlt
+    ];
+    let handler: &[u8] = &[0xba, 0x12, 0x05, 0xee, 0xcf]; // mov dx, 0x512; out dx, al; iret
+    g.mem.write_slice(main, GuestAddress(0x1000)).unwrap();
+    g.mem.write_slice(handler, GuestAddress(0x2000)).unwrap();
+    let bsp = g.bsp().unwrap();
+    let mut sregs = bsp.get_sregs().unwrap();
+    sregs.cs.base = 0;
+    sregs.cs.selector = 0;
+    bsp.set_sregs(&sregs).unwrap();
+    let mut regs = bsp.get_regs().unwrap();
+    regs.rip = 0x1000;
+    regs.rsp = 0x7000;
+    regs.rflags = 2;
+    bsp.set_regs(&regs).unwrap();
+
+    let poster = Arc::new(Poster {
+        seen: Mutex::default(),
+        upcalls: upcalls.clone(),
+        bsp: g.vcpus[0].clone(),
+        done: AtomicBool::new(false),
+    });
+    g.platform_mut().unwrap().add_pio(poster.clone());
+    g.start(&[None]).unwrap();
+    wait_until(
+        "the guest's last port write",
+        Duration::from_secs(20),
+        || poster.done.load(Ordering::SeqCst),
+    );
+    g.interrupt();
+    wait_until("vCPU stop", Duration::from_secs(5), || g.finished());
+    let r = g.join(Instant::now());
+    // Each handler run came after its post and before the next step: delivered in
+    // the window, once each.
+    assert_eq!(
+        *poster.seen.lock().unwrap(),
+        vec![0x511, 0x512, 0x514, 0x512, 0x513]
+    );
+    let u = r.upcalls.expect("upcall report");
+    assert_eq!(u.requested.get("ping"), Some(&2));
+    assert_eq!(u.injected_after_window, 1, "{u:?}");
+    assert_eq!(u.injected_immediately, 1, "{u:?}");
+    assert!(u.irq_window_exits >= 1, "{u:?}");
+    // The real-mode guest cannot reach the mailbox to acknowledge: none delivered.
+    assert_eq!(u.delivered.get("ping"), Some(&0));
+    assert!(u.rejected.values().all(|&n| n == 0), "{u:?}");
+    // The stop found the guest in its final `cli; hlt`: a closed window to wait
+    // for, and the watchdog ended the wait (the vCPU did stop, above).
+    assert_eq!(u.stop_deferrals, 1, "{u:?}");
+}
