@@ -72,6 +72,26 @@ pub struct Cli {
     #[arg(long, value_name = "N", default_value_t = crate::doorbell::monitor::DEFAULT_SPIN_US)]
     pub doorbell_spin_us: u64,
 
+    /// Interrupt-vCPU hints (M2): "on" offers every guest a read-only hints page
+    /// (CPUID 0x40000001 bit HINTS, leaf 0x40000003) where the NIC's I/O thread
+    /// names the guest's vCPUs that share its host CPU; "off" offers none.
+    #[arg(long, value_name = "on|off", default_value = "on", action = clap::ArgAction::Set, value_parser = parse_on_off)]
+    pub hints: bool,
+
+    /// Pin every NIC's I/O thread (the worker that fills the RX ring and raises
+    /// its interrupt) to host CPU N; unpinned by default.
+    #[arg(long, value_name = "N")]
+    pub io_cpu: Option<usize>,
+
+    /// Move the I/O threads to host CPU `--io-cpu-move-to` this many ms after the
+    /// guests start (for tests and benchmarks of the hints).
+    #[arg(long, value_name = "MS", requires = "io_cpu_move_to")]
+    pub io_cpu_move_after_ms: Option<u64>,
+
+    /// Where `--io-cpu-move-after-ms` moves the I/O threads.
+    #[arg(long, value_name = "N", requires = "io_cpu_move_after_ms")]
+    pub io_cpu_move_to: Option<usize>,
+
     /// Give up and stop all guests after this many seconds (0 = never).
     #[arg(long, value_name = "SECS", default_value_t = 0)]
     pub timeout: u64,
