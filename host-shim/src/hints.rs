@@ -96,6 +96,10 @@ pub struct IoPlacement {
     want: AtomicI32,
     /// Times the I/O thread changed its affinity.
     pub moves: AtomicU64,
+    /// Move to `.1` once the guest's queues have raised `.0` interrupts (a
+    /// run-time move that does not depend on timing, for tests).
+    move_after_irqs: Option<(u64, usize)>,
+    irqs: AtomicU64,
 }
 
 impl IoPlacement {
@@ -104,6 +108,28 @@ impl IoPlacement {
         Self {
             want: AtomicI32::new(cpu.map_or(-1, |c| c as i32)),
             moves: AtomicU64::new(0),
+            move_after_irqs: None,
+            irqs: AtomicU64::new(0),
+        }
+    }
+
+    /// As [`IoPlacement::new`], moving to `to` after `irqs` interrupts.
+    #[must_use]
+    pub fn with_move_after_irqs(cpu: Option<usize>, irqs: u64, to: usize) -> Self {
+        Self {
+            move_after_irqs: Some((irqs, to)),
+            ..Self::new(cpu)
+        }
+    }
+
+    /// One more interrupt raised by the guest's I/O thread.
+    fn count_irq(&self) {
+        let n = self.irqs.fetch_add(1, Ordering::Relaxed) + 1;
+        if let Some((after, to)) = self.move_after_irqs
+            && n == after
+        {
+            info!(cpu = to, irqs = n, "moving the I/O thread");
+            self.move_to(to);
         }
     }
 
@@ -349,6 +375,7 @@ impl QueueHinter {
                 self.stats.deferred.fetch_add(1, Ordering::Relaxed);
             }
         }
+        self.guest.io.count_irq();
         if let Some(d) = dest {
             if let Some(c) = self.stats.irqs_by_apic.get(d as usize) {
                 c.fetch_add(1, Ordering::Relaxed);

@@ -218,7 +218,7 @@ pub fn run(cli: &Cli, shim_start: Instant) -> Result<Report, RunError> {
     let counts: Vec<u32> = cli.guests.iter().map(|g| g.vcpus).collect();
     let mut placement = cli.pin.placement(&counts, ncpus).into_iter();
     let mut per_cpu: BTreeMap<usize, Vec<RingTask>> = BTreeMap::new();
-    let io_placement = Arc::new(crate::hints::IoPlacement::new(cli.io_cpu));
+    let mut io_placements = Vec::new();
     for cfg in &cli.guests {
         let err = |source| RunError::Guest {
             name: cfg.name.clone(),
@@ -234,7 +234,14 @@ pub fn run(cli: &Cli, shim_start: Instant) -> Result<Report, RunError> {
         let mut g =
             Guest::new(&kvm, &cfg.name, cfg.mem, cfg.vcpus, Sink::Stdout, para).map_err(err)?;
         if cli.hints {
-            offer_hints(&mut g, &io_placement).map_err(err)?;
+            let io = Arc::new(match (cli.io_cpu_move_after_irqs, cli.io_cpu_move_to) {
+                (Some(n), Some(to)) => {
+                    crate::hints::IoPlacement::with_move_after_irqs(cli.io_cpu, n, to)
+                }
+                _ => crate::hints::IoPlacement::new(cli.io_cpu),
+            });
+            offer_hints(&mut g, &io).map_err(err)?;
+            io_placements.push(io);
         }
         let mut bus = PciBus::new(&cfg.name, g.rejects.clone());
         if !cli.no_net {
@@ -270,7 +277,7 @@ pub fn run(cli: &Cli, shim_start: Instant) -> Result<Report, RunError> {
     }
     info!(guests = running.len(), "all guests started");
     if let (Some(ms), Some(cpu)) = (cli.io_cpu_move_after_ms, cli.io_cpu_move_to) {
-        crate::hints::schedule_move(vec![io_placement.clone()], Duration::from_millis(ms), cpu);
+        crate::hints::schedule_move(io_placements, Duration::from_millis(ms), cpu);
     }
 
     let deadline = (cli.timeout > 0).then(|| Instant::now() + Duration::from_secs(cli.timeout));
