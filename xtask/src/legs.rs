@@ -44,6 +44,8 @@ pub enum LegKind {
     QemuInterop,
     /// The ping-pong under the shim with trap and with doorbell notification.
     ShimDoorbell,
+    /// Interrupt-vCPU hints (M2): on, off, and an I/O thread moved at run time.
+    ShimHints,
     /// The shim's `--tap` test (host-shim/tests/tap.rs, ignored by default:
     /// it needs root, `ip` and the tcp-echo image).
     ShimTap,
@@ -94,6 +96,11 @@ pub const LEGS: &[Leg] = &[
         name: "shim-doorbell",
         about: "ping-pong under the shim with --notify trap, then doorbell: all packets delivered both ways, no trapping notifications with doorbells; exits per packet reported",
         kind: LegKind::ShimDoorbell,
+    },
+    Leg {
+        name: "shim-hints",
+        about: "ping-pong with the NIC I/O thread pinned to host CPU 1: with hints the client's RX interrupts move to its vCPU 1 after the first, with hints=off they stay on vCPU 0, and moving the I/O thread to host CPU 0 brings them back",
+        kind: LegKind::ShimHints,
     },
     Leg {
         name: "qemu-pingpong",
@@ -179,6 +186,10 @@ impl Runner {
             LegKind::QemuPingpong => run_demo(leg, opts, false),
             LegKind::ShimTap => self.run_tap(leg, opts),
             LegKind::ShimDoorbell => run_notify_comparison(leg, opts),
+            LegKind::ShimHints => match crate::hints::leg_checks(opts.timeout, |_| {}) {
+                Ok(checks) => (verdict::judge_checks(&checks), check_reports(&checks), None),
+                Err(e) => (LegOutcome::broken(e.to_string()), Vec::new(), None),
+            },
             LegKind::QemuInterop => match crate::interop::checks(opts.timeout) {
                 Ok(checks) => (verdict::judge_checks(&checks), check_reports(&checks), None),
                 Err(e) => (LegOutcome::broken(e.to_string()), Vec::new(), None),
@@ -744,6 +755,7 @@ test smp::ipi ... ok
                 "guest-shim",
                 "shim-pingpong",
                 "shim-doorbell",
+                "shim-hints",
                 "qemu-pingpong",
                 "shim-tap",
                 "interop"

@@ -6,6 +6,7 @@ mod build;
 mod cargo_test;
 mod demo;
 mod error;
+mod hints;
 mod interop;
 mod legs;
 mod logfile;
