@@ -20,6 +20,7 @@ all have ended. Exit status: 0 when every guest exited with status 0, 1 otherwis
 usage errors. SIGINT/SIGTERM stop every guest cleanly.",
     after_help = "Example:\n  host-shim --guest name=a,kernel=ktest,vcpus=2,mem=256M \\\n            --guest name=b,kernel=ktest,cmdline=\"role=peer\" --stats-json stats.json"
 )]
+#[allow(clippy::struct_excessive_bools)] // on/off switches, one per mechanism
 pub struct Cli {
     /// A guest to run; repeat for several. Comma-separated keys:
     /// name=NAME (default g0, g1, ...), kernel=PATH (required, a PVH ELF),

@@ -106,7 +106,7 @@ impl IoPlacement {
     #[must_use]
     pub fn new(cpu: Option<usize>) -> Self {
         Self {
-            want: AtomicI32::new(cpu.map_or(-1, |c| c as i32)),
+            want: AtomicI32::new(cpu.and_then(|c| i32::try_from(c).ok()).unwrap_or(-1)),
             moves: AtomicU64::new(0),
             move_after_irqs: None,
             irqs: AtomicU64::new(0),
@@ -135,7 +135,8 @@ impl IoPlacement {
 
     /// Asks the I/O thread to move to `cpu`; it does so at its next event.
     pub fn move_to(&self, cpu: usize) {
-        self.want.store(cpu as i32, Ordering::Release);
+        self.want
+            .store(i32::try_from(cpu).unwrap_or(-1), Ordering::Release);
     }
 
     #[must_use]
@@ -316,7 +317,7 @@ impl GuestHints {
         HintsReport {
             hints_sent: queues.iter().map(|q| q.hints_sent).sum(),
             hints_honoured: queues.iter().map(|q| q.hints_honoured).sum(),
-            io_cpu: self.io.wanted().map(|c| c as i32),
+            io_cpu: self.io.wanted().and_then(|c| i32::try_from(c).ok()),
             io_moves: self.io.moves.load(Ordering::Relaxed),
             queues,
         }
@@ -393,7 +394,8 @@ impl QueueHinter {
 
     fn publish(&mut self, cpu: i32, here: ApicSet, now: Instant) {
         let hints = self.guest.page.hints();
-        self.generation = hints.records[self.record].publish(self.key, cpu.max(0) as u32, &here);
+        self.generation =
+            hints.records[self.record].publish(self.key, u32::try_from(cpu).unwrap_or(0), &here);
         self.last = Some((cpu, here));
         self.last_sent = Some(now);
         self.stats.sent.fetch_add(1, Ordering::Relaxed);

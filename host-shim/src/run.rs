@@ -14,6 +14,7 @@ use crate::devices::net::Net;
 use crate::doorbell::manager::{ManagerError, Plan, Request, plan};
 use crate::doorbell::monitor::{Monitors, RingTask};
 use crate::doorbell::{GuestDoorbells, Target};
+use crate::hints::IoPlacement;
 use crate::pci::bus::PciBus;
 use crate::pci::ecam;
 use crate::pci::irq::KvmMsiRouter;
@@ -145,14 +146,18 @@ fn attach_net(
     })
 }
 
-/// Offers guest `g` the M2 hints page; its I/O threads follow `io`.
-fn offer_hints(g: &mut Guest, io: &Arc<crate::hints::IoPlacement>) -> Result<(), VmError> {
+/// Offers guest `g` the M2 hints page; returns where its I/O threads are to run.
+fn offer_hints(g: &mut Guest, cli: &Cli) -> Result<Arc<IoPlacement>, VmError> {
+    let io = Arc::new(match (cli.io_cpu_move_after_irqs, cli.io_cpu_move_to) {
+        (Some(n), Some(to)) => IoPlacement::with_move_after_irqs(cli.io_cpu, n, to),
+        _ => IoPlacement::new(cli.io_cpu),
+    });
     let dev = |e: crate::hints::HintsError| VmError::Device(e.to_string());
     let h = crate::hints::GuestHints::new(&g.name, g.vcpus.clone(), io.clone()).map_err(dev)?;
     h.register(&g.vm).map_err(dev)?;
     g.offer(crate::hints::GuestHints::offer())?;
     g.hints = Some(Arc::new(h));
-    Ok(())
+    Ok(io)
 }
 
 /// The host CPU whose monitor serves a guest whose boot vCPU runs on `vcpu0`: the
@@ -234,14 +239,7 @@ pub fn run(cli: &Cli, shim_start: Instant) -> Result<Report, RunError> {
         let mut g =
             Guest::new(&kvm, &cfg.name, cfg.mem, cfg.vcpus, Sink::Stdout, para).map_err(err)?;
         if cli.hints {
-            let io = Arc::new(match (cli.io_cpu_move_after_irqs, cli.io_cpu_move_to) {
-                (Some(n), Some(to)) => {
-                    crate::hints::IoPlacement::with_move_after_irqs(cli.io_cpu, n, to)
-                }
-                _ => crate::hints::IoPlacement::new(cli.io_cpu),
-            });
-            offer_hints(&mut g, &io).map_err(err)?;
-            io_placements.push(io);
+            io_placements.push(offer_hints(&mut g, cli).map_err(err)?);
         }
         let mut bus = PciBus::new(&cfg.name, g.rejects.clone());
         if !cli.no_net {

@@ -218,7 +218,7 @@ pub struct Hints<'a> {
     pub records: &'a [HintRecord; CAPACITY],
 }
 
-impl<'a> Hints<'a> {
+impl Hints<'_> {
     /// Views of a hints page without checking it (the host, which then calls
     /// [`Hints::init`]).
     ///
@@ -226,6 +226,7 @@ impl<'a> Hints<'a> {
     /// `base` is 8-byte aligned, points at [`PAGE_BYTES`] bytes that stay mapped
     /// for `'a`, and is only accessed atomically by everyone.
     #[must_use]
+    #[allow(clippy::cast_ptr_alignment)] // the alignment is the caller's promise
     pub unsafe fn from_ptr(base: *const u8) -> Self {
         // SAFETY: per the contract; both types are plain atomics, valid for any bits.
         unsafe {
@@ -321,21 +322,14 @@ mod tests {
     fn open_checks_the_header() {
         let p = page();
         // SAFETY: as above.
-        assert_eq!(
-            unsafe { Hints::open(p.0.as_ptr()) }.err(),
-            Some(PageError::BadMagic(0))
-        );
+        let open = || unsafe { Hints::open(p.0.as_ptr()) }.err();
+        assert_eq!(open(), Some(PageError::BadMagic(0)));
         // SAFETY: as above.
         let h = unsafe { Hints::from_ptr(p.0.as_ptr()) };
         h.init();
-        // SAFETY: as above.
-        assert!(unsafe { Hints::open(p.0.as_ptr()) }.is_ok());
+        assert_eq!(open(), None);
         h.header.record_size.store(32, Ordering::Relaxed);
-        // SAFETY: as above.
-        assert_eq!(
-            unsafe { Hints::open(p.0.as_ptr()) }.err(),
-            Some(PageError::BadGeometry)
-        );
+        assert_eq!(open(), Some(PageError::BadGeometry));
     }
 
     #[test]
@@ -352,44 +346,44 @@ mod tests {
     /// record the writer publishes has mask = {host_cpu}, so a mixed copy shows.
     #[test]
     fn concurrent_reads_see_whole_records_or_torn() {
+        const PUBLISHES: u32 = 50_000;
         let p: Arc<Page> = Arc::from(page());
-        let stop = Arc::new(AtomicBool::new(false));
+        let done = Arc::new(AtomicBool::new(false));
         let writer = {
-            let (p, stop) = (p.clone(), stop.clone());
+            let (p, done) = (p.clone(), done.clone());
             std::thread::spawn(move || {
                 // SAFETY: as above; `p` lives as long as the thread.
                 let h = unsafe { Hints::from_ptr(p.0.as_ptr()) };
-                let mut i = 0u32;
-                while !stop.load(Ordering::Relaxed) {
+                for i in 0..PUBLISHES {
                     let cpu = i % 200;
                     h.records[0].publish(key(1, 0), cpu, &set(&[cpu]));
-                    i += 1;
                 }
+                done.store(true, Ordering::Release);
             })
         };
         // SAFETY: as above.
         let h = unsafe { Hints::from_ptr(p.0.as_ptr()) };
-        let (mut whole, mut torn) = (0u32, 0u32);
         let mut last = 0;
-        for _ in 0..200_000 {
+        let check = |hint: Hint, last: &mut u32| {
+            assert_eq!(
+                hint.apics,
+                set(&[hint.host_cpu]),
+                "torn copy taken as whole"
+            );
+            assert!(hint.generation >= *last, "generation went backwards");
+            *last = hint.generation;
+        };
+        while !done.load(Ordering::Acquire) {
             match h.records[0].read() {
-                Ok(hint) => {
-                    assert_eq!(
-                        hint.apics,
-                        set(&[hint.host_cpu]),
-                        "torn copy taken as whole"
-                    );
-                    assert!(hint.generation >= last, "generation went backwards");
-                    last = hint.generation;
-                    whole += 1;
-                }
-                Err(ReadError::Torn | ReadError::Empty) => torn += 1,
+                Ok(hint) => check(hint, &mut last),
+                Err(ReadError::Torn | ReadError::Empty) => {}
                 Err(ReadError::Inconsistent) => panic!("count and mask disagree"),
             }
         }
-        stop.store(true, Ordering::Relaxed);
         writer.join().unwrap();
-        assert!(whole > 0, "no whole read in 200000 ({torn} torn)");
+        let hint = h.records[0].read().expect("whole once the writer is done");
+        check(hint, &mut last);
+        assert_eq!(hint.generation, 2 * PUBLISHES);
     }
 
     proptest! {

@@ -5,7 +5,7 @@
 //! hint counters from its stats JSON. Used by the `shim-hints` leg and
 //! `cargo xtask bench hints`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde_json::Value;
@@ -96,8 +96,8 @@ pub fn prepare() -> Result<(PathBuf, PathBuf)> {
 
 /// Runs the ping-pong once with `setup`.
 pub fn run(
-    shim_path: &PathBuf,
-    image: &PathBuf,
+    shim_path: &Path,
+    image: &Path,
     setup: &Setup,
     label: &str,
     echo: impl FnMut(&str),
@@ -106,7 +106,7 @@ pub fn run(
         .iter()
         .map(|&(name, server)| shim::Guest {
             name: name.to_owned(),
-            image: image.clone(),
+            image: image.to_path_buf(),
             vcpus: 2,
             mem_mib: 256,
             cmdline: cmdline(server, setup),
@@ -126,7 +126,14 @@ pub fn run(
             to.to_string(),
         ]);
     }
-    let run = shim::run(shim_path, &guests, &extra, setup.timeout, label, echo)?;
+    let run = shim::run(
+        &shim_path.to_path_buf(),
+        &guests,
+        &extra,
+        setup.timeout,
+        label,
+        echo,
+    )?;
     let lines = shim::guest_lines(&run.lines, CLIENT);
     let guest_hints = lines
         .iter()

@@ -145,13 +145,12 @@ impl Follower {
     /// `current`: the CPU to retarget the entry to, when a new hint names one of
     /// ours that is not `current`. Each generation is decided once.
     pub fn check(&mut self, hints: &Hints<'_>, current: u32) -> Option<usize> {
-        let i = match self.record {
-            Some(i) => i,
-            None => {
-                let i = hints.find(self.key)?;
-                self.record = Some(i);
-                i
-            }
+        let i = if let Some(i) = self.record {
+            i
+        } else {
+            let i = hints.find(self.key)?;
+            self.record = Some(i);
+            i
         };
         let hint = match hints.records[i].read() {
             Ok(h) => h,

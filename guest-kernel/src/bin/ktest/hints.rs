@@ -40,11 +40,8 @@ struct Page([u8; PAGE_BYTES]);
 
 ktest!(
     fn follower_acts_once_per_generation_and_ignores_bad_hints() {
-        let cpu = if smp::online() >= 2 { 1 } else { 0 };
-        let (a0, a1) = (
-            smp::apic_id(0).unwrap_or(0),
-            smp::apic_id(cpu).unwrap_or(0),
-        );
+        let cpu = usize::from(smp::online() >= 2);
+        let (a0, a1) = (smp::apic_id(0).unwrap_or(0), smp::apic_id(cpu).unwrap_or(0));
         let page = Box::new(Page([0; PAGE_BYTES]));
         // SAFETY: page-sized, aligned, outlives the views, accessed atomically.
         let h = unsafe { Hints::from_ptr(page.0.as_ptr()) };
@@ -60,7 +57,11 @@ ktest!(
         h.records[3].publish(key(5, 0), 1, &set(a1));
         let want = if a1 == a0 { None } else { Some(cpu) };
         check_eq!(f.check(&h, a0), want, "a new hint moves the entry");
-        check_eq!(f.check(&h, a0), None, "the same generation is not acted on twice");
+        check_eq!(
+            f.check(&h, a0),
+            None,
+            "the same generation is not acted on twice"
+        );
         // A vCPU this guest does not have: ignored, default placement kept.
         h.records[3].publish(key(5, 0), 1, &set(250));
         check_eq!(f.check(&h, a0), None);
