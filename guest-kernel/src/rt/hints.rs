@@ -141,10 +141,15 @@ impl Follower {
         }
     }
 
-    /// Called after the queue's interrupt, whose entry now targets APIC id
-    /// `current`: the CPU to retarget the entry to, when a new hint names one of
-    /// ours that is not `current`. Each generation is decided once.
-    pub fn check(&mut self, hints: &Hints<'_>, current: u32) -> Option<usize> {
+    /// Called after the queue's interrupt: the CPU to retarget the entry to, when
+    /// a new hint names one of ours that is not where the entry points now
+    /// (`current`, asked only then: reading the MSI-X table costs exits). Each
+    /// generation is decided once.
+    pub fn check(
+        &mut self,
+        hints: &Hints<'_>,
+        current: impl FnOnce() -> Option<u32>,
+    ) -> Option<usize> {
         let i = if let Some(i) = self.record {
             i
         } else {
@@ -165,7 +170,7 @@ impl Follower {
         }
         self.generation = hint.generation;
         SEEN.fetch_add(1, Ordering::Relaxed);
-        if hint.apics.contains(current) {
+        if current().is_some_and(|c| hint.apics.contains(c)) {
             ALREADY.fetch_add(1, Ordering::Relaxed);
             return None;
         }

@@ -416,16 +416,11 @@ impl Net {
         let (Some(f), Ok(h)) = (self.hints.as_mut(), super::hints::get()) else {
             return;
         };
-        let Ok(current) = self.msix.queue_message(RX_QUEUE) else {
-            return;
-        };
-        if let Some(cpu) = f.check(&h, current.destination().0) {
+        let msix = &self.msix;
+        let current = || msix.queue_message(RX_QUEUE).ok().map(|m| m.destination().0);
+        if let Some(cpu) = f.check(&h, current) {
             match self.retarget(RX_QUEUE, cpu) {
-                Ok(()) => log::info!(
-                    "net{}: RX interrupts to cpu{cpu} (hint; were on APIC id {})",
-                    self.index,
-                    current.destination().0
-                ),
+                Ok(()) => log::info!("net{}: RX interrupts to cpu{cpu} (hint)", self.index),
                 Err(e) => log::warn!("net{}: following the hint to cpu{cpu}: {e}", self.index),
             }
         }

@@ -17,10 +17,10 @@ pub struct Hints {
     built: Option<(PathBuf, PathBuf)>,
 }
 
-fn setup(on: bool) -> Setup {
+fn setup(scenario: &str) -> Setup {
     Setup {
-        hints: on,
-        io_cpu: 1,
+        hints: scenario != "off",
+        io_cpu: if scenario == "on_io0" { 0 } else { 1 },
         move_after_irqs: None,
         count: PINGS,
         timeout: Duration::from_mins(2),
@@ -47,8 +47,9 @@ fn record(r: &mut RoundResult, id: &str, o: &Outcome) -> Result<()> {
     r.set(id, "rtt_p99_us", c.p99_ns as f64 / 1e3);
     r.set(id, "pps", c.pps as f64);
     let total = o.irqs_total() as f64;
-    // vCPU 1 shares host CPU 1 with the I/O thread.
-    r.set(id, "colocated_pct", 100.0 * o.irqs_on(1) as f64 / total);
+    // The vCPU with the I/O thread's number shares its host CPU (`--pin 0,1`).
+    let io = if id == "on_io0" { 0 } else { 1 };
+    r.set(id, "colocated_pct", 100.0 * o.irqs_on(io) as f64 / total);
     // on_rx wakes the stack's vCPU (0) with an IPI for every RX interrupt taken
     // elsewhere; KVM's binary stats have no IPI counter, so this is the guest's.
     r.set(id, "wake_ipis_per_packet", o.irqs_on(1) as f64 / total);
@@ -68,8 +69,10 @@ impl Suite for Hints {
              `--pin 0,1` (vCPU n on host CPU n) and `--io-cpu 1` (both NIC I/O threads on \
              host CPU 1), so the default RX interrupt placement (vCPU 0, host CPU 0) is not \
              co-located with the thread that raises the interrupts. `off`: guests booted \
-             with `hints=off`; `on`: they follow the shim's hint to vCPU 1. Co-located = RX \
-             interrupts the client took on vCPU 1 (guest per-CPU counters); wake IPIs = \
+             with `hints=off`; `on`: they follow the shim's hint to vCPU 1; `on_io0` (control): \
+             I/O threads on host CPU 0, where the hint names vCPU 0, the default. Co-located = RX \
+             interrupts the client took on the vCPU sharing the I/O thread's host CPU (guest \
+             per-CPU counters); wake IPIs = \
              guest IPIs to the stack's vCPU (one per RX interrupt taken elsewhere; KVM has \
              no IPI statistic); exits per packet = client KVM exits / (sent + received)."
         )
@@ -79,6 +82,7 @@ impl Suite for Hints {
         vec![
             Scenario::new("off", "hints=off (default placement)"),
             Scenario::new("on", "hints on"),
+            Scenario::new("on_io0", "hints on, I/O thread on host CPU 0 (control)"),
         ]
     }
 
@@ -127,7 +131,7 @@ impl Suite for Hints {
             let o = hints::run(
                 &shim_path,
                 &image,
-                &setup(s.id == "on"),
+                &setup(s.id),
                 &format!("bench-hints-{}-{round}", s.id),
                 |_| {},
             )?;
