@@ -11,7 +11,6 @@
 //! switch and fills the RX ring: it is the thread whose CPU the RX event comes from.
 //! `--io-cpu` pins it; [`IoPlacement::move_to`] moves it while the guest runs.
 
-use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -477,16 +476,30 @@ impl DeviceHints {
     }
 }
 
-/// Summary line parts, for `stats.rs`'s table.
+/// The guest's line in the shim's summary table.
 #[must_use]
-pub fn summary(r: &HintsReport) -> BTreeMap<&'static str, u64> {
-    [
-        ("hints_sent", r.hints_sent),
-        ("hints_honoured", r.hints_honoured),
-        ("io_moves", r.io_moves),
-    ]
-    .into_iter()
-    .collect()
+pub fn summary(r: &HintsReport) -> String {
+    use std::fmt::Write;
+    let mut s = format!(
+        "hints: sent {} honoured {} | I/O thread cpu {} moves {}",
+        r.hints_sent,
+        r.hints_honoured,
+        r.io_cpu.map_or_else(|| "-".into(), |c| c.to_string()),
+        r.io_moves
+    );
+    for q in &r.queues {
+        let _ = write!(
+            s,
+            " | dev {} q {}: irqs by vcpu {:?}, co-located {}, last hint cpu {} -> vcpus {:?}",
+            q.device,
+            q.queue,
+            q.irqs_by_vcpu,
+            q.irqs_colocated,
+            q.last_host_cpu.unwrap_or(-1),
+            q.last_vcpus
+        );
+    }
+    s
 }
 
 #[cfg(test)]
@@ -533,6 +546,7 @@ mod tests {
             );
             assert_eq!(r.queues[0].irqs_by_vcpu, vec![2, 1]);
             assert_eq!(r.queues[0].irqs_colocated, 1);
+            assert!(summary(&r).contains("sent 1 honoured 1"), "{}", summary(&r));
         }
     }
 

@@ -543,6 +543,9 @@ impl Report {
                     g.marks.len()
                 );
             }
+            if let Some(h) = &g.hints {
+                let _ = writeln!(s, "  {}", crate::hints::summary(h));
+            }
             for n in &g.nics {
                 let notes: u64 = n.queue_notifications.values().sum();
                 let _ = writeln!(
