@@ -129,27 +129,33 @@ pub struct Follower {
     key: u32,
     record: Option<usize>,
     generation: u32,
+    /// Where the queue's entry points (APIC id), as the driver last set it: kept
+    /// here because reading the MSI-X table back costs exits.
+    current: u32,
 }
 
 impl Follower {
+    /// Follows queue `queue` of PCI device `device`, whose entry targets APIC id
+    /// `current`.
     #[must_use]
-    pub const fn new(device: u8, queue: u16) -> Self {
+    pub const fn new(device: u8, queue: u16, current: u32) -> Self {
         Self {
             key: key(device, queue),
             record: None,
             generation: 0,
+            current,
         }
     }
 
+    /// The driver pointed the entry at APIC id `apic` (on a hint or otherwise).
+    pub fn set_current(&mut self, apic: u32) {
+        self.current = apic;
+    }
+
     /// Called after the queue's interrupt: the CPU to retarget the entry to, when
-    /// a new hint names one of ours that is not where the entry points now
-    /// (`current`, asked only then: reading the MSI-X table costs exits). Each
-    /// generation is decided once.
-    pub fn check(
-        &mut self,
-        hints: &Hints<'_>,
-        current: impl FnOnce() -> Option<u32>,
-    ) -> Option<usize> {
+    /// a new hint names one of ours that is not where the entry points now. Each
+    /// generation is decided once. Plain memory reads only: no exit.
+    pub fn check(&mut self, hints: &Hints<'_>) -> Option<usize> {
         let i = if let Some(i) = self.record {
             i
         } else {
@@ -170,7 +176,7 @@ impl Follower {
         }
         self.generation = hint.generation;
         SEEN.fetch_add(1, Ordering::Relaxed);
-        if current().is_some_and(|c| hint.apics.contains(c)) {
+        if hint.apics.contains(self.current) {
             ALREADY.fetch_add(1, Ordering::Relaxed);
             return None;
         }

@@ -310,7 +310,7 @@ impl Net {
                     log::info!("net{index}: net.irq_cpu= given; interrupt hints not followed");
                     None
                 }
-                Ok(_) => Some(super::hints::Follower::new(df.device, RX_QUEUE)),
+                Ok(_) => Some(super::hints::Follower::new(df.device, RX_QUEUE, apic)),
                 Err(e) => {
                     log::info!("net{index}: default interrupt placement: {e}");
                     None
@@ -416,9 +416,7 @@ impl Net {
         let (Some(f), Ok(h)) = (self.hints.as_mut(), super::hints::get()) else {
             return;
         };
-        let msix = &self.msix;
-        let current = || msix.queue_message(RX_QUEUE).ok().map(|m| m.destination().0);
-        if let Some(cpu) = f.check(&h, current) {
+        if let Some(cpu) = f.check(&h) {
             match self.retarget(RX_QUEUE, cpu) {
                 Ok(()) => log::info!("net{}: RX interrupts to cpu{cpu} (hint)", self.index),
                 Err(e) => log::warn!("net{}: following the hint to cpu{cpu}: {e}", self.index),
@@ -431,7 +429,13 @@ impl Net {
         let apic = smp::apic_id(cpu).ok_or(NetError::NoSuchCpu(cpu))?;
         self.msix
             .retarget(queue, ApicId(apic))
-            .map_err(|e| NetError::Transport(e.into()))
+            .map_err(|e| NetError::Transport(e.into()))?;
+        if queue == RX_QUEUE
+            && let Some(f) = &mut self.hints
+        {
+            f.set_current(apic);
+        }
+        Ok(())
     }
 
     /// Where the RX and TX queues interrupt now (APIC ids, read from the table).
