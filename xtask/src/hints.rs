@@ -25,6 +25,9 @@ pub struct Setup {
     pub hints: bool,
     /// `--io-cpu`.
     pub io_cpu: usize,
+    /// `net.irq_cpu=` for both guests (then `hints=on` when `hints`, so that
+    /// the hint may override this initial placement).
+    pub irq_cpu: Option<u32>,
     /// `--io-cpu-move-after-irqs N --io-cpu-move-to CPU`.
     pub move_after_irqs: Option<(u64, usize)>,
     pub count: u64,
@@ -76,7 +79,12 @@ impl Outcome {
 }
 
 fn cmdline(role_server: bool, s: &Setup) -> String {
-    let hints = if s.hints { "" } else { " hints=off" };
+    let hints = match (s.hints, s.irq_cpu) {
+        (false, None) => " hints=off".to_owned(),
+        (false, Some(c)) => format!(" hints=off net.irq_cpu={c}"),
+        (true, None) => String::new(),
+        (true, Some(c)) => format!(" hints=on net.irq_cpu={c}"),
+    };
     if role_server {
         format!("pingpong.role=server ip=10.0.0.1/24 pingpong.clients=1{hints}")
     } else {
@@ -165,6 +173,7 @@ pub fn leg_checks(timeout: Duration, mut echo: impl FnMut(&str)) -> Result<Vec<(
     let base = Setup {
         hints: true,
         io_cpu: 1,
+        irq_cpu: None,
         move_after_irqs: None,
         count: 300,
         timeout,

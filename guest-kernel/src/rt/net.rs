@@ -10,8 +10,9 @@
 //! offers them, the virtio notify register otherwise), `net.tx_irq=on`
 //! (take TX-completion interrupts; off by default: completions are reaped on
 //! the send path, so the TX vector stays masked and costs no interrupt),
-//! `hints=off` (do not follow the shim's interrupt-vCPU hints, M2; they are
-//! followed by default where offered, unless `net.irq_cpu=` is given).
+//! `hints=off|on` (interrupt-vCPU hints, M2: where offered they are followed
+//! by default unless `net.irq_cpu=` is given; `on` follows them even then,
+//! `off` never).
 
 use super::start::system;
 use super::time::Instant;
@@ -304,9 +305,13 @@ impl Net {
             sockets,
             dhcp,
             mode: cfg.rx_mode,
-            // An explicit net.irq_cpu= is a placement asked for: hints do not move it.
+            // An explicit net.irq_cpu= is a placement asked for: hints do not
+            // move it, unless hints=on says they should.
             hints: match super::hints::get() {
-                Ok(_) if system().cmdline.get("net.irq_cpu").is_some() => {
+                Ok(_)
+                    if system().cmdline.get("net.irq_cpu").is_some()
+                        && system().cmdline.get("hints") != Some("on") =>
+                {
                     log::info!("net{index}: net.irq_cpu= given; interrupt hints not followed");
                     None
                 }

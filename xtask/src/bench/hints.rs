@@ -17,10 +17,21 @@ pub struct Hints {
     built: Option<(PathBuf, PathBuf)>,
 }
 
+/// The host CPU of the I/O threads, which is also the number of the vCPU that
+/// shares it (`--pin 0,1`).
+fn io_cpu(scenario: &str) -> usize {
+    match scenario {
+        "on_io0" | "irq1_off" | "irq1_on" => 0,
+        _ => 1,
+    }
+}
+
 fn setup(scenario: &str) -> Setup {
+    let irq1 = scenario.starts_with("irq1");
     Setup {
-        hints: scenario != "off",
-        io_cpu: if scenario == "on_io0" { 0 } else { 1 },
+        hints: !scenario.ends_with("off"),
+        io_cpu: io_cpu(scenario),
+        irq_cpu: irq1.then_some(1),
         move_after_irqs: None,
         count: PINGS,
         timeout: Duration::from_mins(2),
@@ -48,11 +59,15 @@ fn record(r: &mut RoundResult, id: &str, o: &Outcome) -> Result<()> {
     r.set(id, "pps", c.pps as f64);
     let total = o.irqs_total() as f64;
     // The vCPU with the I/O thread's number shares its host CPU (`--pin 0,1`).
-    let io = if id == "on_io0" { 0 } else { 1 };
+    let io = io_cpu(id);
     r.set(id, "colocated_pct", 100.0 * o.irqs_on(io) as f64 / total);
     // on_rx wakes the stack's vCPU (0) with an IPI for every RX interrupt taken
     // elsewhere; KVM's binary stats have no IPI counter, so this is the guest's.
-    r.set(id, "wake_ipis_per_packet", o.irqs_on(1) as f64 / total);
+    r.set(
+        id,
+        "wake_ipis_per_packet",
+        (total - o.irqs_on(0) as f64) / total,
+    );
     let packets = (2 * c.received) as f64;
     r.set(id, "exits_per_packet", o.client_exits as f64 / packets);
     Ok(())
@@ -70,7 +85,10 @@ impl Suite for Hints {
              host CPU 1), so the default RX interrupt placement (vCPU 0, host CPU 0) is not \
              co-located with the thread that raises the interrupts. `off`: guests booted \
              with `hints=off`; `on`: they follow the shim's hint to vCPU 1; `on_io0` (control): \
-             I/O threads on host CPU 0, where the hint names vCPU 0, the default. Co-located = RX \
+             I/O threads on host CPU 0, where the hint names vCPU 0, the default; `irq1_off` / \
+             `irq1_on`: I/O threads on host CPU 0 and the NIC interrupts first placed on \
+             vCPU 1 (`net.irq_cpu=1`), away from both the stack and the I/O thread; with \
+             `hints=on` the hint moves them to vCPU 0. Co-located = RX \
              interrupts the client took on the vCPU sharing the I/O thread's host CPU (guest \
              per-CPU counters); wake IPIs = \
              guest IPIs to the stack's vCPU (one per RX interrupt taken elsewhere; KVM has \
@@ -83,6 +101,14 @@ impl Suite for Hints {
             Scenario::new("off", "hints=off (default placement)"),
             Scenario::new("on", "hints on"),
             Scenario::new("on_io0", "hints on, I/O thread on host CPU 0 (control)"),
+            Scenario::new(
+                "irq1_off",
+                "I/O thread on host CPU 0, interrupts placed on vCPU 1, hints=off",
+            ),
+            Scenario::new(
+                "irq1_on",
+                "I/O thread on host CPU 0, interrupts placed on vCPU 1, hints=on",
+            ),
         ]
     }
 
