@@ -172,6 +172,10 @@ pub struct GuestHints {
     vcpus: Vec<Arc<VcpuShared>>,
     queues: Mutex<Vec<Arc<QueueStats>>>,
     pub io: Arc<IoPlacement>,
+    /// The page is mapped into the guest (`--hints on`). Without it the I/O
+    /// threads are still placed and their interrupts counted, but nothing is
+    /// published.
+    offered: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for GuestHints {
@@ -196,6 +200,7 @@ impl GuestHints {
             vcpus,
             queues: Mutex::default(),
             io,
+            offered: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -214,7 +219,9 @@ impl GuestHints {
         unsafe { vm.set_user_memory_region(desc) }.map_err(|source| HintsError::Slot {
             slot: slot::HINTS,
             source,
-        })
+        })?;
+        self.offered.store(true, Ordering::Release);
+        Ok(())
     }
 
     /// The CPUID offer telling the guest where the page is.
@@ -314,6 +321,7 @@ impl GuestHints {
             })
             .collect();
         HintsReport {
+            offered: self.offered.load(Ordering::Relaxed),
             hints_sent: queues.iter().map(|q| q.hints_sent).sum(),
             hints_honoured: queues.iter().map(|q| q.hints_honoured).sum(),
             io_cpu: self.io.wanted().and_then(|c| i32::try_from(c).ok()),
@@ -365,7 +373,7 @@ impl QueueHinter {
         let here = self.guest.vcpus_on(cpu);
         let now = Instant::now();
         let changed = self.last != Some((cpu, here));
-        if changed {
+        if changed && self.guest.offered.load(Ordering::Acquire) {
             let due = self
                 .last_sent
                 .is_none_or(|t| now.duration_since(t) >= MIN_HINT_INTERVAL);
@@ -432,6 +440,9 @@ pub struct QueueReport {
 /// The `hints` key of a guest's stats.
 #[derive(Debug, Default, Serialize)]
 pub struct HintsReport {
+    /// The hints page was offered (`--hints on`); otherwise only the counters
+    /// of where interrupts went are kept.
+    pub offered: bool,
     pub hints_sent: u64,
     pub hints_honoured: u64,
     pub io_cpu: Option<i32>,
@@ -481,7 +492,8 @@ impl DeviceHints {
 pub fn summary(r: &HintsReport) -> String {
     use std::fmt::Write;
     let mut s = format!(
-        "hints: sent {} honoured {} | I/O thread cpu {} moves {}",
+        "hints{}: sent {} honoured {} | I/O thread cpu {} moves {}",
+        if r.offered { "" } else { " (not offered)" },
         r.hints_sent,
         r.hints_honoured,
         r.io_cpu.map_or_else(|| "-".into(), |c| c.to_string()),
@@ -517,7 +529,27 @@ mod tests {
                 Arc::new(v)
             })
             .collect();
-        Arc::new(GuestHints::new("t", vcpus, Arc::new(IoPlacement::new(None))).unwrap())
+        let g = GuestHints::new("t", vcpus, Arc::new(IoPlacement::new(None))).unwrap();
+        g.offered.store(true, Ordering::Relaxed);
+        Arc::new(g)
+    }
+
+    #[test]
+    fn without_the_offer_nothing_is_published_but_interrupts_are_counted() {
+        let g = guest(&[here()]);
+        g.offered.store(false, Ordering::Relaxed);
+        let mut h = g.queue(1, 0).unwrap();
+        h.before_interrupt(Some(0));
+        assert_eq!(
+            g.page.hints().records[0].read(),
+            Err(para_abi::hints::ReadError::Empty)
+        );
+        let r = g.report();
+        assert!(!r.offered);
+        assert_eq!(
+            (r.hints_sent, r.queues[0].irqs_by_vcpu.clone()),
+            (0, vec![1])
+        );
     }
 
     fn here() -> i32 {

@@ -146,7 +146,8 @@ fn attach_net(
     })
 }
 
-/// Offers guest `g` the M2 hints page; returns where its I/O threads are to run.
+/// Places guest `g`'s I/O threads and counts their interrupts, and with
+/// `--hints on` offers it the M2 hints page; returns the threads' placement.
 fn offer_hints(g: &mut Guest, cli: &Cli) -> Result<Arc<IoPlacement>, VmError> {
     let io = Arc::new(match (cli.io_cpu_move_after_irqs, cli.io_cpu_move_to) {
         (Some(n), Some(to)) => IoPlacement::with_move_after_irqs(cli.io_cpu, n, to),
@@ -154,8 +155,10 @@ fn offer_hints(g: &mut Guest, cli: &Cli) -> Result<Arc<IoPlacement>, VmError> {
     });
     let dev = |e: crate::hints::HintsError| VmError::Device(e.to_string());
     let h = crate::hints::GuestHints::new(&g.name, g.vcpus.clone(), io.clone()).map_err(dev)?;
-    h.register(&g.vm).map_err(dev)?;
-    g.offer(crate::hints::GuestHints::offer())?;
+    if cli.hints {
+        h.register(&g.vm).map_err(dev)?;
+        g.offer(crate::hints::GuestHints::offer())?;
+    }
     g.hints = Some(Arc::new(h));
     Ok(io)
 }
@@ -238,9 +241,7 @@ pub fn run(cli: &Cli, shim_start: Instant) -> Result<Report, RunError> {
         };
         let mut g =
             Guest::new(&kvm, &cfg.name, cfg.mem, cfg.vcpus, Sink::Stdout, para).map_err(err)?;
-        if cli.hints {
-            io_placements.push(offer_hints(&mut g, cli).map_err(err)?);
-        }
+        io_placements.push(offer_hints(&mut g, cli).map_err(err)?);
         let mut bus = PciBus::new(&cfg.name, g.rejects.clone());
         if !cli.no_net {
             let nic = attach_net(&mut g, &mut bus, &switch, guests.len()).map_err(err)?;
