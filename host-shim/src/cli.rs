@@ -99,6 +99,31 @@ pub struct Cli {
     #[arg(long, value_name = "window|poll|off", default_value = "window")]
     pub upcalls: crate::pending::Delivery,
 
+    /// Interrupt-vCPU hints (M2): "on" offers every guest a read-only hints page
+    /// (CPUID 0x40000001 bit HINTS, leaf 0x40000003) where the NIC's I/O thread
+    /// names the guest's vCPUs that share its host CPU; "off" offers none.
+    #[arg(long, value_name = "on|off", default_value = "on", action = clap::ArgAction::Set, value_parser = parse_on_off)]
+    pub hints: bool,
+
+    /// Pin every NIC's I/O thread (the worker that fills the RX ring and raises
+    /// its interrupt) to host CPU N; unpinned by default.
+    #[arg(long, value_name = "N")]
+    pub io_cpu: Option<usize>,
+
+    /// Move the I/O threads to host CPU `--io-cpu-move-to` this many ms after the
+    /// guests start (for tests and benchmarks of the hints).
+    #[arg(long, value_name = "MS", requires = "io_cpu_move_to")]
+    pub io_cpu_move_after_ms: Option<u64>,
+
+    /// Move each guest's I/O thread to `--io-cpu-move-to` once it has raised
+    /// this many interrupts (a move at a fixed point of the run, for tests).
+    #[arg(long, value_name = "N", requires = "io_cpu_move_to")]
+    pub io_cpu_move_after_irqs: Option<u64>,
+
+    /// Where `--io-cpu-move-after-ms` / `--io-cpu-move-after-irqs` move the I/O threads.
+    #[arg(long, value_name = "N")]
+    pub io_cpu_move_to: Option<usize>,
+
     /// Give up and stop all guests after this many seconds (0 = never).
     #[arg(long, value_name = "SECS", default_value_t = 0)]
     pub timeout: u64,
@@ -353,6 +378,38 @@ mod tests {
         .unwrap();
         assert!(c.finish().is_err());
         assert!(Cli::try_parse_from(["host-shim", "--bogus"]).is_err());
+    }
+
+    #[test]
+    fn hint_flags() {
+        let g = format!("kernel={}", exe());
+        let c = Cli::try_parse_from(["host-shim", "--guest", &g]).unwrap();
+        assert!(c.hints);
+        assert_eq!(c.io_cpu, None);
+        let c = Cli::try_parse_from([
+            "host-shim",
+            "--guest",
+            &g,
+            "--hints",
+            "off",
+            "--io-cpu",
+            "1",
+            "--io-cpu-move-after-irqs",
+            "500",
+            "--io-cpu-move-to",
+            "0",
+        ])
+        .unwrap();
+        assert!(!c.hints);
+        assert_eq!(
+            (c.io_cpu, c.io_cpu_move_after_irqs, c.io_cpu_move_to),
+            (Some(1), Some(500), Some(0))
+        );
+        // A move needs a destination.
+        assert!(
+            Cli::try_parse_from(["host-shim", "--guest", &g, "--io-cpu-move-after-ms", "5"])
+                .is_err()
+        );
     }
 
     #[test]

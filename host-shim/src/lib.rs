@@ -7,6 +7,7 @@ pub mod cli;
 pub mod cpuid;
 pub mod devices;
 pub mod doorbell;
+pub mod hints;
 pub mod hypercall;
 pub mod memory;
 #[cfg(test)]

@@ -14,6 +14,7 @@ use crate::devices::net::Net;
 use crate::doorbell::manager::{ManagerError, Plan, Request, plan};
 use crate::doorbell::monitor::{Monitors, RingTask};
 use crate::doorbell::{GuestDoorbells, Target};
+use crate::hints::IoPlacement;
 use crate::pci::bus::PciBus;
 use crate::pci::ecam;
 use crate::pci::irq::KvmMsiRouter;
@@ -102,13 +103,15 @@ fn attach_net(
 ) -> Result<NicInfo, VmError> {
     let io = |e: std::io::Error| VmError::Device(e.to_string());
     let mac = guest_mac(index);
-    let net = Net::new(
+    let mut net = Net::new(
         &format!("{}-net0", g.name),
         mac,
         switch.clone(),
         g.rejects.clone(),
     )
     .map_err(io)?;
+    let device_hints = g.hints.clone().map(crate::hints::DeviceHints::new);
+    net.hints.clone_from(&device_hints);
     let counters = net.counters.clone();
     let router = Arc::new(KvmMsiRouter::new(g.vm.clone(), IOAPIC_PINS));
     // One vector per queue plus one for configuration changes.
@@ -129,6 +132,9 @@ fn attach_net(
     let slot = bus
         .add(Arc::new(Mutex::new(dev)))
         .ok_or_else(|| VmError::Device("PCI bus full".into()))?;
+    if let Some(h) = &device_hints {
+        let _ = h.device.set(slot);
+    }
     info!(guest = %g.name, slot, bar = format_args!("{bar:#x}"), "virtio-net attached");
     Ok(NicInfo {
         name: format!("{}-net0", g.name),
@@ -138,6 +144,23 @@ fn attach_net(
         pci_device: slot,
         doorbell_fds,
     })
+}
+
+/// Places guest `g`'s I/O threads and counts their interrupts, and with
+/// `--hints on` offers it the M2 hints page; returns the threads' placement.
+fn offer_hints(g: &mut Guest, cli: &Cli) -> Result<Arc<IoPlacement>, VmError> {
+    let io = Arc::new(match (cli.io_cpu_move_after_irqs, cli.io_cpu_move_to) {
+        (Some(n), Some(to)) => IoPlacement::with_move_after_irqs(cli.io_cpu, n, to),
+        _ => IoPlacement::new(cli.io_cpu),
+    });
+    let dev = |e: crate::hints::HintsError| VmError::Device(e.to_string());
+    let h = crate::hints::GuestHints::new(&g.name, g.vcpus.clone(), io.clone()).map_err(dev)?;
+    if cli.hints {
+        h.register(&g.vm).map_err(dev)?;
+        g.offer(crate::hints::GuestHints::offer())?;
+    }
+    g.hints = Some(Arc::new(h));
+    Ok(io)
 }
 
 /// The host CPU whose monitor serves a guest whose boot vCPU runs on `vcpu0`: the
@@ -224,6 +247,7 @@ pub fn run(cli: &Cli, shim_start: Instant) -> Result<Report, RunError> {
     let counts: Vec<u32> = cli.guests.iter().map(|g| g.vcpus).collect();
     let mut placement = cli.pin.placement(&counts, ncpus).into_iter();
     let mut per_cpu: BTreeMap<usize, Vec<RingTask>> = BTreeMap::new();
+    let mut io_placements = Vec::new();
     for cfg in &cli.guests {
         let err = |source| RunError::Guest {
             name: cfg.name.clone(),
@@ -239,6 +263,7 @@ pub fn run(cli: &Cli, shim_start: Instant) -> Result<Report, RunError> {
         };
         let mut g =
             Guest::new(&kvm, &cfg.name, cfg.mem, cfg.vcpus, Sink::Stdout, para).map_err(err)?;
+        io_placements.push(offer_hints(&mut g, cli).map_err(err)?);
         let mut bus = PciBus::new(&cfg.name, g.rejects.clone());
         if !cli.no_net {
             let nic = attach_net(&mut g, &mut bus, &switch, guests.len()).map_err(err)?;
@@ -279,6 +304,9 @@ pub fn run(cli: &Cli, shim_start: Instant) -> Result<Report, RunError> {
         running.push(g);
     }
     info!(guests = running.len(), "all guests started");
+    if let (Some(ms), Some(cpu)) = (cli.io_cpu_move_after_ms, cli.io_cpu_move_to) {
+        crate::hints::schedule_move(io_placements, Duration::from_millis(ms), cpu);
+    }
 
     let deadline = (cli.timeout > 0).then(|| Instant::now() + Duration::from_secs(cli.timeout));
     loop {

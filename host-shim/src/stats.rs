@@ -344,6 +344,9 @@ pub struct NicReport {
     pub rx_bytes: u64,
     pub queue_notifications: BTreeMap<String, u64>,
     pub interrupts: u64,
+    /// MSI-X route changes applied, and those put off by the rate limit.
+    pub msix_route_changes: u64,
+    pub msix_route_changes_deferred: u64,
 }
 
 /// One `StatsMark` hypercall: the guest's counters at that moment.
@@ -403,6 +406,9 @@ pub struct GuestReport {
     pub nics: Vec<NicReport>,
     /// Doorbell counters (M1).
     pub doorbell: DoorbellReport,
+    /// Interrupt-vCPU hint counters (M2), when offered.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hints: Option<crate::hints::HintsReport>,
     /// `StatsMark` snapshots, in order.
     pub marks: Vec<MarkReport>,
     /// M3 upcall counters (`crate::pending`), when offered.
@@ -548,6 +554,9 @@ impl Report {
             }
             if let Some(u) = &g.upcalls {
                 let _ = writeln!(s, "{}", crate::pending::GuestUpcalls::summary_line(u));
+            }
+            if let Some(h) = &g.hints {
+                let _ = writeln!(s, "  {}", crate::hints::summary(h));
             }
             for n in &g.nics {
                 let notes: u64 = n.queue_notifications.values().sum();

@@ -111,6 +111,8 @@ pub struct Guest {
     pub para: Option<Arc<ParaRegion>>,
     /// What the guest's doorbell events do, and their counters (M1).
     pub doorbells: Option<Arc<GuestDoorbells>>,
+    /// M2 interrupt-vCPU hints, when offered.
+    pub hints: Option<Arc<crate::hints::GuestHints>>,
     /// What KVM supports and what the shim offers, to rebuild CPUID on [`Guest::offer`].
     cpuid_supported: CpuId,
     cpuid_params: CpuidParams,
@@ -256,6 +258,7 @@ impl Guest {
             nics: Vec::new(),
             para,
             doorbells: None,
+            hints: None,
             cpuid_supported: supported,
             cpuid_params: params,
             exit_hooks: Vec::new(),
@@ -439,6 +442,7 @@ impl Guest {
             nics: self.nics.iter().map(nic_report).collect(),
             doorbell: self.doorbell_report(),
             upcalls: self.upcalls.as_ref().map(|u| u.report()),
+            hints: self.hints.as_ref().map(|h| h.report()),
             marks: self.ctx.as_ref().map_or_else(Vec::new, |c| {
                 c.marks
                     .lock()
@@ -510,5 +514,7 @@ fn nic_report(n: &NicInfo) -> crate::stats::NicReport {
             .map(|&(q, i)| (q.to_owned(), c.notifications[i].load(Ordering::Relaxed)))
             .collect(),
         interrupts: n.msix.delivered.load(Ordering::Relaxed),
+        msix_route_changes: n.msix.route_changes.load(Ordering::Relaxed),
+        msix_route_changes_deferred: n.msix.route_changes_deferred.load(Ordering::Relaxed),
     }
 }

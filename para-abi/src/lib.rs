@@ -10,6 +10,7 @@ extern crate std;
 
 pub mod discovery;
 pub mod doorbell;
+pub mod hints;
 pub mod hypercall;
 pub mod layout;
 pub mod region;

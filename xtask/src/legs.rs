@@ -48,6 +48,8 @@ pub enum LegKind {
     ShimFlood,
     /// A guest's doorbell range moved to another monitor at run time.
     ShimRedesignate,
+    /// Interrupt-vCPU hints (M2): on, off, and an I/O thread moved at run time.
+    ShimHints,
     /// The shim's `--tap` test (host-shim/tests/tap.rs, ignored by default:
     /// it needs root, `ip` and the tcp-echo image).
     ShimTap,
@@ -108,6 +110,11 @@ pub const LEGS: &[Leg] = &[
         name: "shim-redesignate",
         about: "the shim moves a guest's doorbell range to another host CPU's monitor at run time and notifies it (vector 0x34): every event across the move consumed exactly once",
         kind: LegKind::ShimRedesignate,
+    },
+    Leg {
+        name: "shim-hints",
+        about: "ping-pong with the NIC I/O thread pinned to host CPU 1: with hints the client's RX interrupts move to its vCPU 1 after the first, with hints=off they stay on vCPU 0, and moving the I/O thread to host CPU 0 brings them back",
+        kind: LegKind::ShimHints,
     },
     Leg {
         name: "qemu-pingpong",
@@ -207,6 +214,10 @@ impl Runner {
                     reports.extend(check_reports(&checks));
                     (outcome, reports, Some(log))
                 }
+                Err(e) => (LegOutcome::broken(e.to_string()), Vec::new(), None),
+            },
+            LegKind::ShimHints => match crate::hints::leg_checks(opts.timeout, |_| {}) {
+                Ok(checks) => (verdict::judge_checks(&checks), check_reports(&checks), None),
                 Err(e) => (LegOutcome::broken(e.to_string()), Vec::new(), None),
             },
             LegKind::QemuInterop => match crate::interop::checks(opts.timeout) {
@@ -793,6 +804,7 @@ test smp::ipi ... ok
                 "shim-doorbell",
                 "shim-flood",
                 "shim-redesignate",
+                "shim-hints",
                 "qemu-pingpong",
                 "shim-tap",
                 "interop"

@@ -7,6 +7,7 @@ mod cargo_test;
 mod demo;
 mod error;
 mod flood;
+mod hints;
 mod interop;
 mod legs;
 mod logfile;

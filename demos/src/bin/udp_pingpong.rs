@@ -208,6 +208,7 @@ mod guest {
             u128::from(received) * 1_000_000 / elapsed.as_micros()
         };
         let stats = net.stats();
+        let h = guest_kernel::rt::hints::decisions();
         println!(
             "report: pingpong {} B: sent {count} received {received} lost {}; rtt p50 {} us p99 {} us min {} us max {} us; {pps} pps",
             size,
@@ -218,13 +219,19 @@ mod guest {
             rtts.last().copied().unwrap_or(0) / 1000,
         );
         println!(
-            "pingpong-result: {{\"packets_sent\": {count}, \"packets_received\": {received}, \"size\": {size}, \"rtt_ns\": {{\"p50\": {}, \"p99\": {}, \"min\": {}, \"max\": {}}}, \"pps\": {pps}, \"rx_dropped\": {}, \"rx_irqs_by_cpu\": [{}]}}",
+            "pingpong-result: {{\"packets_sent\": {count}, \"packets_received\": {received}, \"size\": {size}, \"rtt_ns\": {{\"p50\": {}, \"p99\": {}, \"min\": {}, \"max\": {}}}, \"pps\": {pps}, \"rx_dropped\": {}, \"rx_irqs_by_cpu\": [{}], \"hints\": {{\"state\": \"{}\", \"seen\": {}, \"retargeted\": {}, \"already\": {}, \"ignored\": {}, \"torn\": {}}}}}",
             p(50),
             p(99),
             rtts.first().copied().unwrap_or(0),
             rtts.last().copied().unwrap_or(0),
             stats.rx_dropped_short + stats.rx_dropped_oversize + stats.rx_errors,
-            rx_irqs.join(", ")
+            rx_irqs.join(", "),
+            guest_kernel::rt::hints::state(),
+            h.seen,
+            h.retargeted,
+            h.already,
+            h.ignored,
+            h.torn
         );
         // Every 5th percentile for distribution plots, only when asked: each
         // console byte is an exit under a VMM, and exits per packet are measured.

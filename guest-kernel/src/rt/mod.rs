@@ -6,6 +6,7 @@
 pub mod console;
 pub mod doorbell;
 pub mod fault;
+pub mod hints;
 pub mod irq;
 pub mod ktest_runner;
 pub mod net;

@@ -9,7 +9,10 @@
 //! (how the NIC learns of new buffers; default: doorbells when the shim
 //! offers them, the virtio notify register otherwise), `net.tx_irq=on`
 //! (take TX-completion interrupts; off by default: completions are reaped on
-//! the send path, so the TX vector stays masked and costs no interrupt).
+//! the send path, so the TX vector stays masked and costs no interrupt),
+//! `hints=off|on` (interrupt-vCPU hints, M2: where offered they are followed
+//! by default unless `net.irq_cpu=` is given; `on` follows them even then,
+//! `off` never).
 
 use super::start::system;
 use super::time::Instant;
@@ -206,6 +209,10 @@ pub struct Net {
     pub sockets: SocketSet<'static>,
     dhcp: Option<SocketHandle>,
     mode: RxMode,
+    /// Follows the shim's interrupt-vCPU hints for the RX queue (M2).
+    hints: Option<super::hints::Follower>,
+    /// `RX_SIGNAL` when the hints were last checked: they are checked after interrupts.
+    hint_signal: u64,
 }
 
 impl fmt::Debug for Net {
@@ -298,6 +305,23 @@ impl Net {
             sockets,
             dhcp,
             mode: cfg.rx_mode,
+            // An explicit net.irq_cpu= is a placement asked for: hints do not
+            // move it, unless hints=on says they should.
+            hints: match super::hints::get() {
+                Ok(_)
+                    if system().cmdline.get("net.irq_cpu").is_some()
+                        && system().cmdline.get("hints") != Some("on") =>
+                {
+                    log::info!("net{index}: net.irq_cpu= given; interrupt hints not followed");
+                    None
+                }
+                Ok(_) => Some(super::hints::Follower::new(df.device, RX_QUEUE, apic)),
+                Err(e) => {
+                    log::info!("net{index}: default interrupt placement: {e}");
+                    None
+                }
+            },
+            hint_signal: 0,
         })
     }
 
@@ -308,6 +332,11 @@ impl Net {
 
     /// Runs smoltcp once over whatever arrived; true when anything happened.
     pub fn poll(&mut self) -> bool {
+        let signal = RX_SIGNAL[self.index].load(Ordering::Acquire);
+        if signal != self.hint_signal {
+            self.hint_signal = signal;
+            self.follow_hints();
+        }
         let r = self.iface.poll(now(), &mut self.dev, &mut self.sockets);
         if let Some(h) = self.dhcp {
             match self.sockets.get_mut::<dhcpv4::Socket>(h).poll() {
@@ -387,12 +416,31 @@ impl Net {
         self.dev.stats()
     }
 
+    /// After an RX interrupt: moves the RX vector to the vCPU a new hint names.
+    fn follow_hints(&mut self) {
+        let (Some(f), Ok(h)) = (self.hints.as_mut(), super::hints::get()) else {
+            return;
+        };
+        if let Some(cpu) = f.check(&h) {
+            match self.retarget(RX_QUEUE, cpu) {
+                Ok(()) => log::info!("net{}: RX interrupts to cpu{cpu} (hint)", self.index),
+                Err(e) => log::warn!("net{}: following the hint to cpu{cpu}: {e}", self.index),
+            }
+        }
+    }
+
     /// Points queue `queue` (0 = RX, 1 = TX)'s interrupt at CPU `cpu`.
     pub fn retarget(&mut self, queue: u16, cpu: usize) -> Result<(), NetError> {
         let apic = smp::apic_id(cpu).ok_or(NetError::NoSuchCpu(cpu))?;
         self.msix
             .retarget(queue, ApicId(apic))
-            .map_err(|e| NetError::Transport(e.into()))
+            .map_err(|e| NetError::Transport(e.into()))?;
+        if queue == RX_QUEUE
+            && let Some(f) = &mut self.hints
+        {
+            f.set_current(apic);
+        }
+        Ok(())
     }
 
     /// Where the RX and TX queues interrupt now (APIC ids, read from the table).

@@ -115,6 +115,8 @@ pub struct Net {
     pub counters: Arc<NetCounters>,
     rejects: Arc<RejectCounters>,
     worker: Option<(EventFd, JoinHandle<()>)>,
+    /// M2 interrupt-vCPU hints for this NIC's queues, when offered.
+    pub hints: Option<Arc<crate::hints::DeviceHints>>,
 }
 
 impl Net {
@@ -135,6 +137,7 @@ impl Net {
             counters: Arc::default(),
             rejects,
             worker: None,
+            hints: None,
         })
     }
 
@@ -209,6 +212,9 @@ impl VirtioDevice for Net {
             counters: self.counters.clone(),
             rejects: self.rejects.clone(),
             stop: stop.try_clone().map_err(|e| e.to_string())?,
+            // Only RX: TX completions are reaped on the send path (the guest masks
+            // the TX vector), so a TX hint would steer nothing.
+            hints: [self.hints.as_ref().and_then(|h| h.queue(RX as u16)), None],
         };
         let h = std::thread::Builder::new()
             .name(format!("{}-net", self.name))
@@ -237,6 +243,7 @@ struct Worker {
     counters: Arc<NetCounters>,
     rejects: Arc<RejectCounters>,
     stop: EventFd,
+    hints: [Option<crate::hints::QueueHinter>; 2],
 }
 
 const T_RX: u64 = 0;
@@ -265,6 +272,7 @@ impl Worker {
         }
         add(self.port.ready.as_raw_fd(), T_PORT);
         add(self.stop.as_raw_fd(), T_STOP);
+        self.follow_io_placement();
         // Frames may already wait; the driver may have queued TX before we started.
         self.process_tx();
         self.process_rx();
@@ -278,6 +286,7 @@ impl Worker {
                     return;
                 }
             };
+            self.follow_io_placement();
             for ev in &events[..n] {
                 match ev.data() {
                     T_STOP => return,
@@ -307,6 +316,13 @@ impl Worker {
         }
     }
 
+    /// Moves this thread where `--io-cpu` (or a run-time move) says (M2).
+    fn follow_io_placement(&mut self) {
+        if let Some(h) = &mut self.hints[RX] {
+            h.follow_placement();
+        }
+    }
+
     fn count_notify(&self, q: usize) {
         if let Ok(n) = self.notify[q].read() {
             self.counters.notifications[q].fetch_add(n, Ordering::Relaxed);
@@ -317,6 +333,9 @@ impl Worker {
         let queue = if q == RX { &mut self.rx } else { &mut self.tx };
         // Honour VIRTQ_AVAIL_F_NO_INTERRUPT / used_event (virtio 1.2 §2.7.10).
         if queue.needs_notification(&self.mem).unwrap_or(true) && self.vectors[q] != NO_VECTOR {
+            if let Some(h) = &mut self.hints[q] {
+                h.before_interrupt(self.msix.destination(self.vectors[q]));
+            }
             self.msix.trigger(self.vectors[q]);
         }
     }

@@ -22,6 +22,12 @@ pub const CONTROL_FUNCTION_MASK: u16 = 1 << 14;
 /// x86 MSI addresses lie in 0xFEEx_xxxx (SDM vol 3 §11.11.1).
 const MSI_ADDRESS_MASK: u64 = 0xFFF0_0000;
 const MSI_ADDRESS_BASE: u64 = 0xFEE0_0000;
+/// Route changes (each a `KVM_SET_GSI_ROUTING` of the whole VM) a function may make
+/// in a burst, and how often one more is allowed: a guest rewriting its table in a
+/// loop gets its changes applied late (at its next interrupt or write once the
+/// budget refills), not a host CPU spent re-routing.
+pub const ROUTE_BURST: u32 = 32;
+pub const ROUTE_REFILL: std::time::Duration = std::time::Duration::from_millis(1);
 
 #[derive(Clone, Copy, Debug, Default)]
 struct Entry {
@@ -49,6 +55,28 @@ struct State {
     routed: Vec<Option<MsiMessage>>,
     enabled: bool,
     function_mask: bool,
+    /// Entries whose message changed but whose route waits for budget.
+    stale: Vec<bool>,
+    route_tokens: u32,
+    refilled: std::time::Instant,
+}
+
+impl State {
+    /// Takes one route change from the budget, refilling it by elapsed time.
+    fn take_route_token(&mut self) -> bool {
+        let now = std::time::Instant::now();
+        let gained = now.duration_since(self.refilled).as_nanos() / ROUTE_REFILL.as_nanos();
+        if gained > 0 {
+            self.route_tokens =
+                (u128::from(self.route_tokens) + gained).min(u128::from(ROUTE_BURST)) as u32;
+            self.refilled = now;
+        }
+        if self.route_tokens == 0 {
+            return false;
+        }
+        self.route_tokens -= 1;
+        true
+    }
 }
 
 /// One function's MSI-X vectors.
@@ -60,6 +88,10 @@ pub struct Msix {
     pub delivered: AtomicU64,
     /// Interrupts held back by a mask (their pending bit set).
     pub held: AtomicU64,
+    /// Route changes applied after the guest reprogrammed an entry's message.
+    pub route_changes: AtomicU64,
+    /// Route changes put off because the guest exceeded [`ROUTE_BURST`].
+    pub route_changes_deferred: AtomicU64,
 }
 
 impl std::fmt::Debug for Msix {
@@ -88,11 +120,16 @@ impl Msix {
                 routed: vec![None; n],
                 enabled: false,
                 function_mask: false,
+                stale: vec![false; n],
+                route_tokens: ROUTE_BURST,
+                refilled: std::time::Instant::now(),
             }),
             vectors,
             router,
             delivered: AtomicU64::new(0),
             held: AtomicU64::new(0),
+            route_changes: AtomicU64::new(0),
+            route_changes_deferred: AtomicU64::new(0),
         })
     }
 
@@ -183,8 +220,18 @@ impl Msix {
     fn sync_route(&self, s: &mut State, idx: usize) -> Option<Reject> {
         let msg = s.entries[idx].message();
         if s.routed[idx] == Some(msg) || (msg.address == 0 && msg.data == 0) {
+            s.stale[idx] = false;
             return None;
         }
+        if !s.take_route_token() {
+            if !s.stale[idx] {
+                self.route_changes_deferred.fetch_add(1, Ordering::Relaxed);
+            }
+            s.stale[idx] = true;
+            return None;
+        }
+        s.stale[idx] = false;
+        self.route_changes.fetch_add(1, Ordering::Relaxed);
         if msg.address & MSI_ADDRESS_MASK != MSI_ADDRESS_BASE {
             // Not an interrupt message on x86: never route it (it would be a DMA write).
             if s.routed[idx].take().is_some() {
@@ -260,6 +307,9 @@ impl Msix {
         if v >= s.entries.len() || !s.enabled {
             return false;
         }
+        if s.stale[v] {
+            let _ = self.sync_route(&mut s, v);
+        }
         if Self::deliverable(&s, v) {
             drop(s);
             self.fire(v);
@@ -268,6 +318,15 @@ impl Msix {
             self.held.fetch_add(1, Ordering::Relaxed);
         }
         true
+    }
+
+    /// The destination APIC id of vector `v`'s current route (SDM vol 3
+    /// §11.11.1: address bits 19:12), `None` while it has none.
+    #[must_use]
+    pub fn destination(&self, v: u16) -> Option<u32> {
+        let s = self.lock();
+        let msg = s.routed.get(usize::from(v)).copied().flatten()?;
+        Some(((msg.address >> 12) & 0xFF) as u32)
     }
 
     /// Back to reset state (device reset): all masked, nothing pending, disabled.
@@ -280,6 +339,7 @@ impl Msix {
             }
         });
         s.pending.iter_mut().for_each(|p| *p = false);
+        s.stale.iter_mut().for_each(|p| *p = false);
         s.enabled = false;
         s.function_mask = false;
     }
@@ -322,6 +382,28 @@ pub mod tests {
 
     fn irqfd_count(m: &Msix, v: usize) -> u64 {
         m.vectors[v].1.read().unwrap_or(0)
+    }
+
+    #[test]
+    fn a_guest_rewriting_its_table_in_a_loop_is_rate_limited_not_lost() {
+        let (m, r) = msix(1);
+        m.set_control(CONTROL_ENABLE);
+        for i in 0..1000u32 {
+            program(&m, 0, 0xFEE0_0000 | ((i % 2) << 12), 0x40);
+        }
+        let routes = r.routes.lock().unwrap().len();
+        assert!(
+            routes <= ROUTE_BURST as usize + 100,
+            "{routes} route updates for 1000 rewrites"
+        );
+        assert!(m.route_changes_deferred.load(Ordering::Relaxed) > 0);
+        // The last message still takes effect: at the next interrupt once budget is back.
+        program(&m, 0, 0xFEE0_1000, 0x41);
+        std::thread::sleep(ROUTE_REFILL * 2);
+        let _ = m.trigger(0);
+        let last = r.routes.lock().unwrap().last().copied().unwrap();
+        assert_eq!(last.1.map(|msg| msg.data), Some(0x41));
+        assert_eq!(m.destination(0), Some(1));
     }
 
     #[test]

@@ -14,6 +14,7 @@
 //! `docs/benchmarks.md` with its plots under `docs/bench/`.
 
 mod boot;
+mod hints;
 mod notify;
 mod pingpong;
 mod probe;
@@ -60,6 +61,8 @@ impl Scenario {
 pub enum Better {
     Lower,
     Higher,
+    /// A count or a property, not a score.
+    Neither,
 }
 
 impl Better {
@@ -67,6 +70,7 @@ impl Better {
         match self {
             Self::Lower => "lower",
             Self::Higher => "higher",
+            Self::Neither => "neither",
         }
     }
 }
@@ -194,6 +198,7 @@ fn all_suites() -> Vec<Box<dyn Suite>> {
         Box::new(pingpong::Pingpong::new()),
         Box::new(boot::Boot),
         Box::new(notify::Notify::default()),
+        Box::new(hints::Hints::default()),
         Box::new(upcall::UpcallSuite::default()),
     ]
 }

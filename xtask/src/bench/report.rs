@@ -266,6 +266,7 @@ fn headline(docs: &[Value]) -> Vec<String> {
         for m in items(doc, "metrics")
             .iter()
             .filter(|m| wanted.iter().any(|w| w == str_of(m, "id")))
+            .filter(|m| str_of(m, "better") != "neither")
         {
             for s in &scen {
                 let id = str_of(s, "id");

@@ -13,6 +13,8 @@ mod doorbell;
 #[cfg(target_os = "none")]
 mod faults;
 #[cfg(target_os = "none")]
+mod hints;
+#[cfg(target_os = "none")]
 mod interrupts;
 #[cfg(target_os = "none")]
 mod kcalls;

@@ -1,0 +1,269 @@
+//! Interrupt-vCPU hints (M2) on the ping-pong: one server and one client, two
+//! vCPUs each, pinned `--pin 0,1` (each guest's vCPU n on host CPU n), the NIC
+//! I/O threads pinned by `--io-cpu`. The client's own per-CPU RX interrupt
+//! counts and hint decisions come from its `pingpong-result:` line; the shim's
+//! hint counters from its stats JSON. Used by the `shim-hints` leg and
+//! `cargo xtask bench hints`.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::build;
+use crate::demo::{ClientResult, RESULT_PREFIX, parse_result};
+use crate::error::{Error, Result};
+use crate::shim;
+
+pub const SERVER: &str = "server";
+pub const CLIENT: &str = "client1";
+
+/// One run's set-up.
+#[derive(Debug, Clone)]
+pub struct Setup {
+    /// `hints=off` on both guests' command lines when false.
+    pub hints: bool,
+    /// `--io-cpu`.
+    pub io_cpu: usize,
+    /// `net.irq_cpu=` for both guests (then `hints=on` when `hints`, so that
+    /// the hint may override this initial placement).
+    pub irq_cpu: Option<u32>,
+    /// `--io-cpu-move-after-irqs N --io-cpu-move-to CPU`.
+    pub move_after_irqs: Option<(u64, usize)>,
+    pub count: u64,
+    pub timeout: Duration,
+}
+
+/// What one run gave.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub client: Option<ClientResult>,
+    /// The client's `hints` object from its result line.
+    pub guest_hints: Value,
+    /// The shim's `hints` key for the client.
+    pub shim_hints: Value,
+    /// Both guests exited with status 0.
+    pub exited_ok: bool,
+    /// KVM `exits` of the client over the run.
+    pub client_exits: u64,
+    pub log: PathBuf,
+}
+
+impl Outcome {
+    /// RX interrupts the client took on `cpu`.
+    #[must_use]
+    pub fn irqs_on(&self, cpu: usize) -> u64 {
+        self.client
+            .as_ref()
+            .and_then(|c| c.rx_irqs_by_cpu.get(cpu).copied())
+            .unwrap_or(0)
+    }
+
+    #[must_use]
+    pub fn irqs_total(&self) -> u64 {
+        self.client
+            .as_ref()
+            .map_or(0, |c| c.rx_irqs_by_cpu.iter().sum())
+    }
+
+    #[must_use]
+    pub fn guest(&self, key: &str) -> u64 {
+        self.guest_hints[key].as_u64().unwrap_or(0)
+    }
+
+    /// The shim's RX-queue record for the client's NIC.
+    #[must_use]
+    pub fn shim_rx(&self) -> &Value {
+        &self.shim_hints["queues"][0]
+    }
+}
+
+fn cmdline(role_server: bool, s: &Setup) -> String {
+    let hints = match (s.hints, s.irq_cpu) {
+        (false, None) => " hints=off".to_owned(),
+        (false, Some(c)) => format!(" hints=off net.irq_cpu={c}"),
+        (true, None) => String::new(),
+        (true, Some(c)) => format!(" hints=on net.irq_cpu={c}"),
+    };
+    if role_server {
+        format!("pingpong.role=server ip=10.0.0.1/24 pingpong.clients=1{hints}")
+    } else {
+        format!(
+            "pingpong.role=client ip=10.0.0.2/24 pingpong.peer=10.0.0.1 pingpong.count={} pingpong.size=64{hints}",
+            s.count
+        )
+    }
+}
+
+/// Builds the shim and the ping-pong image (once per process is enough).
+pub fn prepare() -> Result<(PathBuf, PathBuf)> {
+    let shim_path = shim::build()?;
+    let image = build::build_guest(build::find_image("udp-pingpong")?)?;
+    Ok((shim_path, image))
+}
+
+/// Runs the ping-pong once with `setup`.
+pub fn run(
+    shim_path: &Path,
+    image: &Path,
+    setup: &Setup,
+    label: &str,
+    echo: impl FnMut(&str),
+) -> Result<Outcome> {
+    let guests: Vec<shim::Guest> = [(SERVER, true), (CLIENT, false)]
+        .iter()
+        .map(|&(name, server)| shim::Guest {
+            name: name.to_owned(),
+            image: image.to_path_buf(),
+            vcpus: 2,
+            mem_mib: 256,
+            cmdline: cmdline(server, setup),
+        })
+        .collect();
+    let mut extra: Vec<String> = vec![
+        "--pin".into(),
+        "0,1".into(),
+        "--io-cpu".into(),
+        setup.io_cpu.to_string(),
+    ];
+    if let Some((n, to)) = setup.move_after_irqs {
+        extra.extend([
+            "--io-cpu-move-after-irqs".into(),
+            n.to_string(),
+            "--io-cpu-move-to".into(),
+            to.to_string(),
+        ]);
+    }
+    let run = shim::run(
+        &shim_path.to_path_buf(),
+        &guests,
+        &extra,
+        setup.timeout,
+        label,
+        echo,
+    )?;
+    let lines = shim::guest_lines(&run.lines, CLIENT);
+    let guest_hints = lines
+        .iter()
+        .find_map(|l| l.trim().strip_prefix(RESULT_PREFIX))
+        .and_then(|j| serde_json::from_str::<Value>(j).ok())
+        .map_or(Value::Null, |v| v["hints"].clone());
+    let client = parse_result(CLIENT, lines);
+    let stats = run.guest_stats(CLIENT).ok_or_else(|| {
+        Error::failed(format!(
+            "no shim stats for {CLIENT} (log {})",
+            run.log.display()
+        ))
+    })?;
+    Ok(Outcome {
+        client,
+        guest_hints,
+        shim_hints: stats["hints"].clone(),
+        exited_ok: [SERVER, CLIENT].iter().all(|n| run.guest_exit(n).passed()),
+        client_exits: stats["exits"].as_u64().unwrap_or(0),
+        log: run.log.clone(),
+    })
+}
+
+/// The `shim-hints` leg: hints on (I/O thread on host CPU 1: interrupts move
+/// to vCPU 1 after the first), hints off (they stay on vCPU 0), and a run-time
+/// move of the I/O thread to host CPU 0 (a new hint; they come back to vCPU 0).
+pub fn leg_checks(timeout: Duration, mut echo: impl FnMut(&str)) -> Result<Vec<(String, bool)>> {
+    let (shim_path, image) = prepare()?;
+    let base = Setup {
+        hints: true,
+        io_cpu: 1,
+        irq_cpu: None,
+        move_after_irqs: None,
+        count: 300,
+        timeout,
+    };
+    let mut checks = Vec::new();
+    let common = |o: &Outcome, what: &str, checks: &mut Vec<(String, bool)>| {
+        let c = o.client.as_ref();
+        checks.push((
+            format!(
+                "{what}: both guests exited 0 and all {} pings came back (log {})",
+                base.count,
+                o.log.display()
+            ),
+            o.exited_ok && c.is_some_and(|c| c.received == base.count),
+        ));
+    };
+
+    let on = run(&shim_path, &image, &base, "shim-hints-on", &mut echo)?;
+    common(&on, "hints on", &mut checks);
+    // The first interrupt goes where the driver put it (vCPU 0) and carries
+    // the hint; the driver retargets before it sends the next frame, so at most
+    // the frames already in flight (ARP reply and first echo) land on vCPU 0.
+    checks.push((
+        format!(
+            "hints on: RX interrupts follow the hint to vCPU 1 after the first (per CPU {:?}; guest {})",
+            on.client.as_ref().map(|c| c.rx_irqs_by_cpu.clone()),
+            on.guest_hints
+        ),
+        on.irqs_on(0) <= 2 && on.irqs_on(1) >= base.count && on.guest("retargeted") == 1,
+    ));
+    checks.push((
+        format!(
+            "hints on: the shim sent a hint naming vCPU 1 and saw it honoured ({})",
+            on.shim_rx()
+        ),
+        on.shim_rx()["hints_sent"].as_u64() == Some(1)
+            && on.shim_rx()["hints_honoured"].as_u64() == Some(1)
+            && on.shim_rx()["last_vcpus"] == serde_json::json!([1]),
+    ));
+
+    let off = run(
+        &shim_path,
+        &image,
+        &Setup {
+            hints: false,
+            ..base.clone()
+        },
+        "shim-hints-off",
+        &mut echo,
+    )?;
+    common(&off, "hints=off", &mut checks);
+    checks.push((
+        format!(
+            "hints=off: RX interrupts stay on vCPU 0 (per CPU {:?}; guest {})",
+            off.client.as_ref().map(|c| c.rx_irqs_by_cpu.clone()),
+            off.guest_hints
+        ),
+        off.irqs_on(1) == 0
+            && off.irqs_on(0) >= base.count
+            && off.guest_hints["state"] == "off"
+            && off.guest("retargeted") == 0,
+    ));
+
+    let moved = run(
+        &shim_path,
+        &image,
+        &Setup {
+            move_after_irqs: Some((150, 0)),
+            ..base.clone()
+        },
+        "shim-hints-move",
+        &mut echo,
+    )?;
+    common(&moved, "I/O thread moved", &mut checks);
+    checks.push((
+        format!(
+            "I/O thread moved to host CPU 0 after 150 interrupts: a second hint names vCPU 0 ({})",
+            moved.shim_rx()
+        ),
+        moved.shim_rx()["hints_sent"].as_u64() == Some(2)
+            && moved.shim_rx()["last_vcpus"] == serde_json::json!([0])
+            && moved.shim_hints["io_moves"].as_u64() == Some(2),
+    ));
+    checks.push((
+        format!(
+            "I/O thread moved: the interrupts followed, to vCPU 1 then back to vCPU 0 (per CPU {:?}; guest {})",
+            moved.client.as_ref().map(|c| c.rx_irqs_by_cpu.clone()),
+            moved.guest_hints
+        ),
+        moved.guest("retargeted") == 2 && moved.irqs_on(1) >= 100 && moved.irqs_on(0) >= 100,
+    ));
+    Ok(checks)
+}
