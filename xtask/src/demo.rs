@@ -83,6 +83,8 @@ pub struct Options {
     pub client_irq_cpu: Option<u32>,
     /// Appended to every guest's command line (benchmarks: `pingpong.linger_ms`...).
     pub extra_cmdline: String,
+    /// Shim only: more host-shim flags (benchmarks: `--doorbell-spin-max-us`...).
+    pub shim_args: Vec<String>,
     /// QEMU only: give each VM a QMP socket `DIR/NAME.sock` (benchmarks read
     /// KVM statistics through it).
     pub qmp_dir: Option<PathBuf>,
@@ -100,6 +102,7 @@ impl Default for Options {
             timeout: Duration::from_mins(2),
             client_irq_cpu: None,
             extra_cmdline: String::new(),
+            shim_args: Vec::new(),
             qmp_dir: None,
         }
     }
@@ -294,7 +297,14 @@ pub fn on_shim(opts: &Options, label: &str, mut echo: impl FnMut(&str)) -> Resul
             cmdline: cmdline(opts, i),
         })
         .collect();
-    let run = shim::run(&shim_path, &guests, &[], opts.timeout, label, &mut echo)?;
+    let run = shim::run(
+        &shim_path,
+        &guests,
+        &opts.shim_args,
+        opts.timeout,
+        label,
+        &mut echo,
+    )?;
     let mut checks = Vec::new();
     let mut reports = Vec::new();
     let mut clients = Vec::new();
