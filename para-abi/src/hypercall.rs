@@ -23,6 +23,16 @@ pub enum Call {
     /// events) under label RBX, so a test can measure what happened between
     /// two marks. The VMM reports the marks in its statistics.
     StatsMark = 3,
+    /// M4: write control flag (RBX = [`crate::ctrl::encode_write`]) that is
+    /// neither owned nor shadowed.
+    CtrlWrite = 4,
+    /// M4: read a trapping control flag (RBX = flag id); RAX = 0 or 1.
+    CtrlRead = 5,
+    /// M4: ask the shim to change this vCPU's masks (RBX = [`crate::ctrl::Masks::encode`]);
+    /// applied at this exit. For tests and benchmarks.
+    CtrlSetMasks = 6,
+    /// M4: a counter ([`crate::ctrl::query`], RBX) in RAX.
+    CtrlQuery = 7,
     // Numbers reserved per mechanism so that they can grow independently:
     // 4–7 M4 (control flags), 8–11 M3 (upcalls), 12–19 M5 (VM queues),
     // 20–23 M1 (doorbells), 24–27 M2 (hints).
@@ -36,6 +46,10 @@ impl Call {
             1 => Some(Self::Exit),
             2 => Some(Self::MainReached),
             3 => Some(Self::StatsMark),
+            4 => Some(Self::CtrlWrite),
+            5 => Some(Self::CtrlRead),
+            6 => Some(Self::CtrlSetMasks),
+            7 => Some(Self::CtrlQuery),
             _ => None,
         }
     }
