@@ -15,6 +15,8 @@ pub enum Action {
     StatsMark { label: u64 },
     /// Resume the guest with this value in RAX.
     Return(Status),
+    /// An M4 control-flag call (`crate::ctrl`), argument RBX.
+    Ctrl { call: Call, arg: u64 },
 }
 
 /// Decodes one hypercall. `size` is the `out` operand size; only 32-bit outs are calls.
@@ -30,6 +32,9 @@ pub fn decode(size: usize, rax: u64, rbx: u64) -> Action {
         },
         Some(Call::MainReached) => Action::MainReached { guest_us: rbx },
         Some(Call::StatsMark) => Action::StatsMark { label: rbx },
+        Some(call @ (Call::CtrlWrite | Call::CtrlRead | Call::CtrlSetMasks | Call::CtrlQuery)) => {
+            Action::Ctrl { call, arg: rbx }
+        }
         None => Action::Return(Status::UnknownCall),
     }
 }
@@ -61,6 +66,18 @@ mod tests {
     fn stats_mark_carries_its_label() {
         assert_eq!(decode(4, 3, 2), Action::StatsMark { label: 2 });
         assert_eq!(decode(2, 3, 2), Action::Return(Status::BadArgument));
+    }
+
+    #[test]
+    fn ctrl_calls_carry_their_argument() {
+        assert_eq!(
+            decode(4, 4, 0x101),
+            Action::Ctrl {
+                call: Call::CtrlWrite,
+                arg: 0x101
+            }
+        );
+        assert_eq!(decode(1, 7, 0), Action::Return(Status::BadArgument));
     }
 
     #[test]

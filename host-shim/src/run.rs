@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use kvm_ioctls::Kvm;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use std::sync::{Arc, Mutex};
 
@@ -102,13 +102,16 @@ fn attach_net(
 ) -> Result<NicInfo, VmError> {
     let io = |e: std::io::Error| VmError::Device(e.to_string());
     let mac = guest_mac(index);
-    let net = Net::new(
+    let mut net = Net::new(
         &format!("{}-net0", g.name),
         mac,
         switch.clone(),
         g.rejects.clone(),
     )
     .map_err(io)?;
+    if let Some(c) = g.ctrl.clone() {
+        net.quiet = Some(Arc::new(move |q| c.nic0_quiet(q)));
+    }
     let counters = net.counters.clone();
     let router = Arc::new(KvmMsiRouter::new(g.vm.clone(), IOAPIC_PINS));
     // One vector per queue plus one for configuration changes.
@@ -217,6 +220,12 @@ pub fn run(cli: &Cli, shim_start: Instant) -> Result<Report, RunError> {
         };
         let mut g =
             Guest::new(&kvm, &cfg.name, cfg.mem, cfg.vcpus, Sink::Stdout, para).map_err(err)?;
+        if cli.shadow_flags {
+            match crate::ctrl::attach(&kvm, &mut g) {
+                Ok(c) => g.ctrl = Some(c),
+                Err(e) => warn!(guest = %cfg.name, "shadowed control flags not offered: {e}"),
+            }
+        }
         let mut bus = PciBus::new(&cfg.name, g.rejects.clone());
         if !cli.no_net {
             let nic = attach_net(&mut g, &mut bus, &switch, guests.len()).map_err(err)?;

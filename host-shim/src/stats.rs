@@ -399,6 +399,8 @@ pub struct GuestReport {
     pub doorbell: DoorbellReport,
     /// `StatsMark` snapshots, in order.
     pub marks: Vec<MarkReport>,
+    /// Shadowed control flags (M4).
+    pub ctrl: crate::ctrl::CtrlReport,
 }
 
 impl GuestReport {
@@ -535,6 +537,21 @@ impl Report {
                     d.protected_writes,
                     pairs(&d.rejected),
                     g.marks.len()
+                );
+            }
+            if g.ctrl.offered {
+                let c = &g.ctrl;
+                let _ = writeln!(
+                    s,
+                    "  ctrl: shadow changes {} hypercall writes {} owned writes {} applied at exit {} \
+                     mask changes {} msis suppressed {} rejected {{{}}}",
+                    c.shadow_changes,
+                    c.hypercall_writes,
+                    c.owned_writes_reported,
+                    c.applied_at_exit,
+                    c.mask_changes,
+                    c.msis_suppressed,
+                    pairs(&c.rejected)
                 );
             }
             for n in &g.nics {

@@ -151,6 +151,8 @@ pub struct GuestCtx {
     pub marks: Mutex<Vec<MarkReport>>,
     /// Run after every exit of every vCPU ([`ExitHook`]); fixed before the start.
     pub exit_hooks: Vec<Arc<dyn ExitHook>>,
+    /// The guest's control blocks (M4), when the shim offers shadowed flags.
+    pub ctrl: OnceLock<Arc<crate::ctrl::GuestCtrl>>,
 }
 
 impl GuestCtx {
@@ -168,6 +170,7 @@ impl GuestCtx {
             doorbells: OnceLock::new(),
             marks: Mutex::new(Vec::new()),
             exit_hooks: Vec::new(),
+            ctrl: OnceLock::new(),
         }
     }
 
@@ -449,6 +452,14 @@ fn hypercall_exit(fd: &VcpuFd, me: &VcpuShared, guest: &GuestCtx, size: usize) -
                 info!(guest = %guest.name, vcpu = me.index, guest_us, "guest reached main");
             }
             resume_with(fd, me, &mut regs, Status::Ok)
+        }
+        Action::Ctrl { call, arg } => {
+            regs.rax = guest.ctrl.get().map_or(Status::UnknownCall as u64, |c| {
+                c.hypercall(fd, me, guest, call, arg)
+            });
+            fd.set_regs(&regs)
+                .err()
+                .map(|e| Outcome::Failed(format!("KVM_SET_REGS: {e}")))
         }
         Action::Return(status) => {
             if status != Status::Ok {

@@ -116,6 +116,8 @@ pub struct Guest {
     cpuid_params: CpuidParams,
     /// Handed to the vCPU threads at start.
     exit_hooks: Vec<Arc<dyn vcpu::ExitHook>>,
+    /// M4 control blocks, when offered (`crate::ctrl::attach`).
+    pub ctrl: Option<Arc<crate::ctrl::GuestCtrl>>,
 }
 
 /// Sets vCPU `apic_id`'s CPUID from what KVM supports filtered by `params`.
@@ -257,6 +259,7 @@ impl Guest {
             cpuid_supported: supported,
             cpuid_params: params,
             exit_hooks: Vec::new(),
+            ctrl: None,
         })
     }
 
@@ -340,6 +343,9 @@ impl Guest {
         if let Some(d) = &self.doorbells {
             let _ = ctx.doorbells.set(d.clone());
         }
+        if let Some(c) = &self.ctrl {
+            let _ = ctx.ctrl.set(c.clone());
+        }
         self.ctx = Some(ctx.clone());
         self.started = Some(Instant::now());
         for (i, fd) in std::mem::take(&mut self.vcpu_fds).into_iter().enumerate() {
@@ -421,6 +427,7 @@ impl Guest {
             rejected: self.rejects.snapshot(),
             nics: self.nics.iter().map(nic_report).collect(),
             doorbell: self.doorbell_report(),
+            ctrl: self.ctrl.as_ref().map(|c| c.report()).unwrap_or_default(),
             marks: self.ctx.as_ref().map_or_else(Vec::new, |c| {
                 c.marks
                     .lock()
