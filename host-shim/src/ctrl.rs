@@ -207,6 +207,31 @@ pub struct CtrlReport {
     pub rejected: BTreeMap<&'static str, u64>,
 }
 
+impl CtrlReport {
+    /// The summary table's line, when offered.
+    #[must_use]
+    pub fn summary_line(&self) -> Option<String> {
+        let rejected: Vec<String> = self
+            .rejected
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        self.offered.then(|| {
+            format!(
+                "  ctrl: shadow changes {} hypercall writes {} owned writes {} applied at exit {} \
+                 mask changes {} msis suppressed {} rejected {{{}}}\n",
+                self.shadow_changes,
+                self.hypercall_writes,
+                self.owned_writes_reported,
+                self.applied_at_exit,
+                self.mask_changes,
+                self.msis_suppressed,
+                rejected.join(" ")
+            )
+        })
+    }
+}
+
 impl GuestCtrl {
     /// Control blocks for `vcpus` vCPUs with [`DEFAULT_MASKS`].
     pub fn new(name: &str, vcpus: u32) -> Result<Self, CtrlError> {
@@ -474,26 +499,24 @@ impl GuestCtrl {
                     Status::BadArgument as u64
                 }
             },
-            Call::CtrlRead => match Flag::from_id(arg) {
-                Some(f) => {
-                    self.counters
-                        .hypercall_reads
-                        .fetch_add(1, Ordering::Relaxed);
-                    let vals = if f.is_hardware() {
-                        Self::cr0_flags(fd).unwrap_or(0)
-                    } else {
-                        v.values.load(Ordering::Relaxed)
-                    };
-                    u64::from(vals & f.bit() != 0)
-                }
-                None => {
+            Call::CtrlRead => {
+                let Some(f) = Flag::from_id(arg) else {
                     self.reject(
                         Rejected::UnknownFlag,
                         format_args!("CtrlRead {arg:#x} from vCPU {vcpu}"),
                     );
-                    Status::BadArgument as u64
-                }
-            },
+                    return Status::BadArgument as u64;
+                };
+                self.counters
+                    .hypercall_reads
+                    .fetch_add(1, Ordering::Relaxed);
+                let vals = if f.is_hardware() {
+                    Self::cr0_flags(fd).unwrap_or(0)
+                } else {
+                    v.values.load(Ordering::Relaxed)
+                };
+                u64::from(vals & f.bit() != 0)
+            }
             Call::CtrlSetMasks => match Masks::decode(arg) {
                 Ok(m) => {
                     let _ = self.request_masks(vcpu, m);

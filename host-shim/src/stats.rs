@@ -539,20 +539,8 @@ impl Report {
                     g.marks.len()
                 );
             }
-            if g.ctrl.offered {
-                let c = &g.ctrl;
-                let _ = writeln!(
-                    s,
-                    "  ctrl: shadow changes {} hypercall writes {} owned writes {} applied at exit {} \
-                     mask changes {} msis suppressed {} rejected {{{}}}",
-                    c.shadow_changes,
-                    c.hypercall_writes,
-                    c.owned_writes_reported,
-                    c.applied_at_exit,
-                    c.mask_changes,
-                    c.msis_suppressed,
-                    pairs(&c.rejected)
-                );
+            if let Some(line) = g.ctrl.summary_line() {
+                s.push_str(&line);
             }
             for n in &g.nics {
                 let notes: u64 = n.queue_notifications.values().sum();
