@@ -94,6 +94,11 @@ pub enum Sys {
     /// Pass hypercall RDI (a `para_abi::hypercall::Call` ring 3 may make) with
     /// argument RSI to the Exitless shim; `NoSys` elsewhere.
     Hypercall = 9,
+    /// M4: read CR0; returns it.
+    Cr0Read = 10,
+    /// M4: set the CR0 bits in mask RDI (only MP and TS may be named) to those
+    /// of RSI; returns the new CR0 (`Invalid` for other bits).
+    Cr0Write = 11,
     // Numbers reserved per mechanism: 10–13 M4 (control registers), 14–17 M3
     // (upcalls), 18–21 M5 (VM queues), 22–25 M2 (hints).
 }
@@ -112,6 +117,8 @@ impl Sys {
             7 => Self::PciWrite,
             8 => Self::Ring0Loop,
             9 => Self::Hypercall,
+            10 => Self::Cr0Read,
+            11 => Self::Cr0Write,
             _ => return None,
         })
     }
@@ -191,7 +198,9 @@ mod tests {
             let sys = Sys::from_raw(raw).expect("defined call");
             assert_eq!(sys as u64, raw);
         }
-        assert_eq!(Sys::from_raw(10), None);
+        assert_eq!(Sys::from_raw(10), Some(Sys::Cr0Read));
+        assert_eq!(Sys::from_raw(11), Some(Sys::Cr0Write));
+        assert_eq!(Sys::from_raw(12), None);
         assert_eq!(Sys::from_raw(u64::MAX), None);
     }
 

@@ -4,6 +4,7 @@
 //! privilege goes through [`sys`].
 
 pub mod console;
+pub mod ctrl;
 pub mod doorbell;
 pub mod fault;
 pub mod irq;
