@@ -55,9 +55,25 @@ pub static RETRIES: AtomicU64 = AtomicU64::new(0);
 /// Seqlock attempts before a writer gives up on the masks and traps.
 const TRIES: u32 = 64;
 
-/// The control area's base, when the shim offers it.
+/// [`area`]'s answer once known: 0 unknown, 1 none, else the base.
+static AREA: AtomicU64 = AtomicU64::new(0);
+
+/// The control area's base, when the shim offers it. Discovered once: CPUID
+/// exits, and writes must not.
 #[must_use]
 pub fn area() -> Option<u64> {
+    match AREA.load(Ordering::Relaxed) {
+        0 => {
+            let a = discover();
+            AREA.store(a.unwrap_or(1), Ordering::Relaxed);
+            a
+        }
+        1 => None,
+        base => Some(base),
+    }
+}
+
+fn discover() -> Option<u64> {
     if BOOT.under_shim.load(Ordering::Relaxed) == 0 {
         return None;
     }
@@ -124,12 +140,14 @@ fn cr0_write(flag: Flag, value: bool) -> Result<(), CtrlError> {
         .map_err(CtrlError::Sys)
 }
 
+/// A hypercall through the kernel, its RAX read raw: the shim's statuses share
+/// values with kernel-call errors (`UnknownCall` = `NoSys`, `BadArgument` = `Fault`).
 fn hypercall(call: Call, arg: u64) -> Result<u64, CtrlError> {
-    let r = sys::hypercall(call, arg).map_err(CtrlError::Sys)?;
+    let r = sys::raw_call(crate::abi::Sys::Hypercall as u64, call as u64, arg);
     if r == Status::BadArgument as u64 || r == Status::UnknownCall as u64 {
         return Err(CtrlError::Refused(r));
     }
-    Ok(r)
+    SysError::from_result(r).map_or(Ok(r), |e| Err(CtrlError::Sys(e)))
 }
 
 /// Sets `flag` to `value`; returns the path the write took.

@@ -259,11 +259,12 @@ ktest!(
         use para_abi::hypercall::Call;
         let masks = e(ctrl::current_masks())?;
         let r0 = q(query::REJECTS)?;
-        let refused = |call, arg| {
-            matches!(
-                guest_kernel::rt::sys::hypercall(call, arg),
-                Ok(s) if s == para_abi::hypercall::Status::BadArgument as u64
-            )
+        let refused = |call: Call, arg| {
+            guest_kernel::rt::sys::raw_call(
+                guest_kernel::abi::Sys::Hypercall as u64,
+                call as u64,
+                arg,
+            ) == para_abi::hypercall::Status::BadArgument as u64
         };
         check!(refused(Call::CtrlWrite, 0x3F), "unknown flag id");
         check!(refused(Call::CtrlWrite, 1 << 20), "value out of range");
