@@ -342,3 +342,86 @@ ktest!(
         Ok(())
     }
 );
+
+/// Writes per path in [`write_paths_compared`]; ring 0 is emulated here, so
+/// the kernel-call paths get fewer.
+const BENCH_SHADOW: u64 = 100_000;
+const BENCH_SLOW: u64 = 100;
+
+/// Times `n` writes of CR0.MP alternating from its current value and counts the
+/// exits they cause (under the shim); returns (rule, ns per write, exits).
+fn time_writes(n: u64) -> Result<(Rule, u64, Option<u64>), alloc::string::String> {
+    let mp0 = e(ctrl::read_flag(Flag::Cr0Mp))?;
+    let x0 = ctrl::query(query::KVM_EXITS).ok();
+    let t0 = rdtsc();
+    let mut rule = Rule::Owned;
+    for i in 0..n {
+        // Even n: ends on the value it started with.
+        rule = e(ctrl::write_flag(Flag::Cr0Mp, (i % 2 == 0) != mp0))?;
+    }
+    let cycles = rdtsc() - t0;
+    let x1 = ctrl::query(query::KVM_EXITS).ok();
+    let ns = guest_kernel::rt::time::cycles_to_duration(cycles).as_nanos() / u128::from(n);
+    Ok((
+        rule,
+        u64::try_from(ns).unwrap_or(u64::MAX),
+        x0.zip(x1).map(|(a, b)| b - a),
+    ))
+}
+
+ktest!(
+    fn write_paths_compared() {
+        let paths: &[(&str, Masks, u64)] = if ctrl::available() {
+            &[
+                (
+                    "owned",
+                    Masks {
+                        owned: Flag::Cr0Mp.bit(),
+                        shadowed: 0,
+                    },
+                    BENCH_SLOW,
+                ),
+                (
+                    "shadowed",
+                    Masks {
+                        owned: 0,
+                        shadowed: Flag::Cr0Mp.bit(),
+                    },
+                    BENCH_SHADOW,
+                ),
+                ("trapping", Masks::default(), BENCH_SLOW),
+            ]
+        } else {
+            &[("owned", Masks::default(), BENCH_SLOW)]
+        };
+        let saved = ctrl::current_masks().ok();
+        let base = empty_window().ok();
+        for &(name, masks, n) in paths {
+            if ctrl::available() {
+                e(ctrl::set_masks(masks))?;
+            }
+            let (rule, ns, exits) = time_writes(n)?;
+            let want = match name {
+                "owned" => Rule::Owned,
+                "shadowed" => Rule::Shadowed,
+                _ => Rule::Trap,
+            };
+            check_eq!(rule, want, "{name} writes took their path");
+            if let (Some(x), Some(b)) = (exits, base) {
+                let own = x.saturating_sub(b);
+                match rule {
+                    Rule::Shadowed => check!(own <= SLACK, "{n} shadowed writes: {own} exits"),
+                    Rule::Trap => check!(own >= n, "{n} trapping writes: {own} exits"),
+                    Rule::Owned => {}
+                }
+                println!("report: ctrl-bench path={name} writes={n} ns_per_write={ns} exits={own}");
+            } else {
+                println!("report: ctrl-bench path={name} writes={n} ns_per_write={ns}");
+            }
+        }
+        if let Some(m) = saved {
+            e(ctrl::set_masks(m))?;
+        }
+        Ok(())
+    }
+);
