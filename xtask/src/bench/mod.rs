@@ -14,6 +14,7 @@
 //! `docs/benchmarks.md` with its plots under `docs/bench/`.
 
 #![allow(dead_code)] // until the suites land: the lead registers them in all_suites()
+mod ctrl;
 mod report;
 mod stats;
 mod svg;
@@ -184,7 +185,7 @@ pub trait Suite {
 
 /// Every suite, in the order `cargo xtask bench` runs them.
 fn all_suites() -> Vec<Box<dyn Suite>> {
-    Vec::new()
+    vec![Box::new(ctrl::Ctrl::new())]
 }
 
 /// The suite names, for `--help` and errors.
