@@ -240,12 +240,14 @@ pub fn query(selector: u64) -> Result<u64, CtrlError> {
 }
 
 /// This vCPU's shadow word, raw (tests and benchmarks).
+#[must_use]
 pub fn shadow_word() -> Option<&'static AtomicU64> {
     area().map(|b| shadow(b, vcpu()))
 }
 
 /// The mask word of this vCPU, raw: the shim maps it read-only, so a store
 /// exits and is refused (tests of that).
+#[must_use]
 pub fn mask_word_addr() -> Option<u64> {
     area().map(|b| ctrl::mask_record(b, vcpu()) + ctrl::mask::OWNED)
 }

@@ -18,6 +18,7 @@ use guest_kernel::rt::net::{Net, NetConfig};
 use guest_kernel::rt::time::Instant;
 use guest_kernel::{check, check_eq, ktest, println};
 use para_abi::ctrl::{CR0_MP, Flag, Masks, Rule, query};
+use para_abi::hypercall::Call;
 use smoltcp::wire::{IpEndpoint, Ipv4Address};
 
 const TOGGLES: u64 = 100_000;
@@ -256,7 +257,6 @@ ktest!(
         if !ctrl::available() {
             return Ok(());
         }
-        use para_abi::hypercall::Call;
         let masks = e(ctrl::current_masks())?;
         let r0 = q(query::REJECTS)?;
         let refused = |call: Call, arg| {
