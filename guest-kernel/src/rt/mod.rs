@@ -16,5 +16,6 @@ pub mod platform;
 pub mod smp;
 pub mod start;
 pub mod sys;
+pub mod task;
 pub mod time;
 pub mod virtio;

@@ -425,3 +425,80 @@ ktest!(
         Ok(())
     }
 );
+
+const FPU_MAIN: i64 = 0x0A0A_0A0A_0A0A;
+const FPU_TASK: i64 = 0x0B0B_0B0B_0B0B;
+
+/// Loads `v` onto the x87 stack.
+fn x87_push(v: i64) {
+    // SAFETY: reads 8 bytes from a live local; x87 state only.
+    unsafe { core::arch::asm!("fild qword ptr [{}]", in(reg) &raw const v, options(nostack)) };
+}
+
+/// Pops the x87 stack top as an integer.
+fn x87_pop() -> i64 {
+    let mut v = 0i64;
+    // SAFETY: writes 8 bytes into a live local; x87 state only.
+    unsafe { core::arch::asm!("fistp qword ptr [{}]", in(reg) &raw mut v, options(nostack)) };
+    v
+}
+
+extern "C" fn fpu_task(out: u64) {
+    x87_push(FPU_TASK);
+    guest_kernel::rt::task::yield_now();
+    // SAFETY: `out` points at the test's live i64 (it waits for this task).
+    unsafe { (out as *mut i64).write(x87_pop()) };
+}
+
+ktest!(
+    fn lazy_fpu_task_switch_keeps_each_tasks_x87_state() {
+        // SAFETY: a clean x87 state for this test (TS is clear outside task pairs).
+        unsafe { core::arch::asm!("fninit", options(nostack, nomem)) };
+        x87_push(FPU_MAIN);
+        let mut task_out = 0i64;
+        let mut main_out = 0i64;
+        let (switches, faults) =
+            guest_kernel::rt::task::run_pair(fpu_task, &raw mut task_out as u64, |n| {
+                if n == 1 {
+                    // The task left its value on *its* x87 stack: ours comes back.
+                    main_out = x87_pop();
+                }
+            });
+        check_eq!(
+            main_out,
+            FPU_MAIN,
+            "the caller's x87 register survived the task"
+        );
+        check_eq!(
+            task_out,
+            FPU_TASK,
+            "the task's x87 register survived the caller"
+        );
+        check_eq!(
+            switches,
+            4,
+            "to the task, back, to the task, back when it ended"
+        );
+        let lazy = guest_kernel::rt::task::ts_enforced();
+        // Lazy: one #NM per first x87 use after a switch. Where the CPU does not
+        // enforce TS (this host's KVM backend), the switch is eager: no #NM.
+        check_eq!(faults, if lazy { 3 } else { 0 });
+        check_eq!(
+            guest_kernel::rt::task::STRAY_NM.load(core::sync::atomic::Ordering::Relaxed),
+            0
+        );
+        check!(
+            e(ctrl::cr0())? & para_abi::ctrl::CR0_TS == 0,
+            "TS clear after the pair"
+        );
+        println!(
+            "report: ctrl: task switch: {switches} switches, {faults} #NM faults, x87 state swapped {}",
+            if lazy {
+                "lazily on first use (CR0.TS)"
+            } else {
+                "eagerly: this CPU does not raise #NM for CR0.TS"
+            }
+        );
+        Ok(())
+    }
+);
