@@ -184,7 +184,12 @@ fn wire_doorbells(
     g.attach_doorbells(doorbells.clone());
     if let Some(region) = &g.para {
         for (i, d) in region.plan.designations.iter().enumerate() {
-            let task = RingTask::new(region.clone(), i, doorbells.clone())?;
+            let mut task = RingTask::new(region.clone(), i, doorbells.clone())?;
+            if let Some(c) = g.ctrl.clone() {
+                task.keep_polling = Some(Arc::new(move || {
+                    c.flag_set_anywhere(para_abi::ctrl::Flag::PollDoorbells)
+                }));
+            }
             per_cpu.entry(d.host_cpu as usize).or_default().push(task);
         }
     }

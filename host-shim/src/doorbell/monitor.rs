@@ -40,6 +40,9 @@ pub struct RingTask {
     pub guest: Arc<GuestDoorbells>,
     pub kick: EventFd,
     consumer: Consumer,
+    /// The guest asks the monitor to keep polling instead of parking (M4 flag
+    /// "keep polling my doorbell range", `crate::ctrl`).
+    pub keep_polling: Option<Arc<dyn Fn() -> bool + Send + Sync>>,
 }
 
 impl RingTask {
@@ -61,6 +64,7 @@ impl RingTask {
             guest,
             kick,
             consumer: Consumer::new(),
+            keep_polling: None,
         })
     }
 
@@ -207,6 +211,13 @@ fn run(cpu: usize, mut tasks: Vec<RingTask>, spin: Duration, stop: &AtomicBool, 
         }
         let since = *idle_since.get_or_insert_with(Instant::now);
         if since.elapsed() < spin {
+            core::hint::spin_loop();
+            continue;
+        }
+        if tasks
+            .iter()
+            .any(|t| t.keep_polling.as_ref().is_some_and(|f| f()))
+        {
             core::hint::spin_loop();
             continue;
         }

@@ -502,3 +502,76 @@ ktest!(
         Ok(())
     }
 );
+
+/// Busy-waits `us` microseconds (ring 3, no exit).
+fn spin_us(us: u64) {
+    let until = Instant::now().checked_add(Duration::from_micros(us));
+    while until.is_some_and(|t| Instant::now() < t) {
+        core::hint::spin_loop();
+    }
+}
+
+ktest!(
+    fn poll_flag_keeps_the_doorbell_monitor_awake() {
+        use guest_kernel::rt::doorbell;
+        use para_abi::doorbell::device::SINK;
+        use para_abi::doorbell::record::{Event, Op};
+        if !ctrl::available() {
+            return Ok(());
+        }
+        let Ok(d) = doorbell::get() else {
+            return Ok(()); // the shim was started without doorbells
+        };
+        let send = |arg: u16| -> Result<u64, alloc::string::String> {
+            let (_, _, k0) = d.counters();
+            let _ = d.send(Event {
+                device: SINK,
+                queue: 0,
+                op: Op::Notify,
+                arg,
+            });
+            let deadline = Instant::now()
+                .checked_add(Duration::from_secs(5))
+                .ok_or("time")?;
+            while !d.drained() && Instant::now() < deadline {
+                core::hint::spin_loop();
+            }
+            check!(d.drained(), "the monitor took the event");
+            Ok(d.counters().2 - k0)
+        };
+        let saved = e(ctrl::current_masks())?;
+        e(ctrl::set_masks(Masks {
+            owned: 0,
+            shadowed: Flag::PollDoorbells.bit(),
+        }))?;
+        e(ctrl::write_flag(Flag::PollDoorbells, true))?;
+        // Wakes the monitor if it had parked; from then on it stays awake.
+        send(1)?;
+        let mut kicks_polling = 0;
+        for i in 0..5 {
+            spin_us(5_000); // 100x the default spin budget
+            kicks_polling += send(2 + i)?;
+        }
+        e(ctrl::write_flag(Flag::PollDoorbells, false))?;
+        send(10)?;
+        let mut kicks_parked = 0;
+        for i in 0..5 {
+            spin_us(5_000);
+            kicks_parked += send(11 + i)?;
+        }
+        e(ctrl::set_masks(saved))?;
+        check_eq!(
+            kicks_polling,
+            0,
+            "polling requested: the monitor never parked"
+        );
+        check!(
+            kicks_parked >= 1,
+            "without the request the monitor parks ({kicks_parked} kicks)"
+        );
+        println!(
+            "report: ctrl: doorbell events after 5 ms idle: {kicks_polling} trapping kicks of 5 with the poll flag, {kicks_parked} of 5 without"
+        );
+        Ok(())
+    }
+);
