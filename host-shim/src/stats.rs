@@ -47,6 +47,12 @@
 //!                               // bad_kick; non-zero only
 //!       "protected_writes": u64 // guest writes to read-only para pages (MMIO exits)
 //!     },
+//!     "ctrl": {                               // M4 (crate::ctrl::CtrlReport)
+//!       "offered": bool, "shadow_changes": u64, "hypercall_writes": u64,
+//!       "hypercall_reads": u64, "owned_writes_reported": u64,
+//!       "applied_at_exit": u64, "mask_changes": u64, "msis_suppressed": u64,
+//!       "traced_exits": u64, "rejected": {reason: u64}  // non-zero only
+//!     },
 //!     "marks": [{                             // StatsMark hypercalls, in order
 //!       "label": u64,                         // the guest's RBX
 //!       "exits": u64,                         // KVM `exits` over all vCPUs then
