@@ -371,7 +371,7 @@ impl GuestCtrl {
     }
 
     /// Writes the hardware flags in `bits` (values from the shim's view) into CR0.
-    fn apply_cr0(&self, fd: &VcpuFd, vcpu: u32, bits: u64) {
+    fn apply_cr0(&self, cpu: &dyn Cr0, vcpu: u32, bits: u64) {
         if bits == 0 {
             return;
         }
@@ -379,34 +379,33 @@ impl GuestCtrl {
             .vcpus
             .get(vcpu as usize)
             .map_or(0, |v| v.values.load(Ordering::Relaxed));
-        match fd.get_sregs() {
-            Ok(mut s) => {
-                for f in [Flag::Cr0Mp, Flag::Cr0Ts] {
-                    if bits & f.bit() != 0
-                        && let Some(b) = f.cr0_bit()
-                    {
-                        s.cr0 = if vals & f.bit() != 0 {
-                            s.cr0 | b
-                        } else {
-                            s.cr0 & !b
-                        };
-                    }
-                }
-                if let Err(e) = fd.set_sregs(&s) {
-                    warn!(guest = %self.name, vcpu, "ctrl: KVM_SET_SREGS: {e}");
-                    return;
-                }
-                self.counters
-                    .applied_at_exit
-                    .fetch_add(u64::from(bits.count_ones()), Ordering::Relaxed);
+        let Some(mut cr0) = cpu.cr0() else {
+            warn!(guest = %self.name, vcpu, "ctrl: cannot read CR0");
+            return;
+        };
+        for f in [Flag::Cr0Mp, Flag::Cr0Ts] {
+            if bits & f.bit() != 0
+                && let Some(b) = f.cr0_bit()
+            {
+                cr0 = if vals & f.bit() != 0 {
+                    cr0 | b
+                } else {
+                    cr0 & !b
+                };
             }
-            Err(e) => warn!(guest = %self.name, vcpu, "ctrl: KVM_GET_SREGS: {e}"),
+        }
+        if cpu.set_cr0(cr0) {
+            self.counters
+                .applied_at_exit
+                .fetch_add(u64::from(bits.count_ones()), Ordering::Relaxed);
+        } else {
+            warn!(guest = %self.name, vcpu, "ctrl: cannot write CR0");
         }
     }
 
     /// The real CR0 bits of the hardware flags, as flag bits.
-    fn cr0_flags(fd: &VcpuFd) -> Option<u64> {
-        let cr0 = fd.get_sregs().ok()?.cr0;
+    fn cr0_flags(cpu: &dyn Cr0) -> Option<u64> {
+        let cr0 = cpu.cr0()?;
         Some(
             [Flag::Cr0Mp, Flag::Cr0Ts]
                 .iter()
@@ -417,7 +416,7 @@ impl GuestCtrl {
 
     /// Publishes a pending mask change. Flags that become shadowed get their
     /// current value in the shadow word first, so guest reads stay right.
-    fn publish_pending(&self, fd: &VcpuFd, vcpu: u32) {
+    fn publish_pending(&self, cpu: &dyn Cr0, vcpu: u32) {
         let Some(v) = self.vcpus.get(vcpu as usize) else {
             return;
         };
@@ -433,7 +432,7 @@ impl GuestCtrl {
             return;
         };
         let mut vals = v.values.load(Ordering::Relaxed);
-        if let Some(hw) = Self::cr0_flags(fd) {
+        if let Some(hw) = Self::cr0_flags(cpu) {
             // Owned hardware flags change behind the shim's back: refresh them.
             vals = (vals & !HARDWARE) | hw;
             v.values.store(vals, Ordering::Release);
@@ -447,7 +446,7 @@ impl GuestCtrl {
     }
 
     /// Sets `flag` to `value` on the trapping path.
-    fn trap_write(&self, fd: &VcpuFd, vcpu: u32, flag: Flag, value: bool) {
+    fn trap_write(&self, cpu: &dyn Cr0, vcpu: u32, flag: Flag, value: bool) {
         let Some(v) = self.vcpus.get(vcpu as usize) else {
             return;
         };
@@ -460,7 +459,7 @@ impl GuestCtrl {
         word.store(w, Ordering::Release);
         v.last_shadow.store(w, Ordering::Relaxed);
         if flag.is_hardware() {
-            self.apply_cr0(fd, vcpu, flag.bit());
+            self.apply_cr0(cpu, vcpu, flag.bit());
         }
         v.hypercall_writes.fetch_add(1, Ordering::Relaxed);
         self.counters
@@ -478,16 +477,28 @@ impl GuestCtrl {
         arg: u64,
     ) -> u64 {
         let vcpu = me.index;
-        let Some(v) = self.vcpus.get(vcpu as usize) else {
-            return Status::BadArgument as u64;
-        };
         // Earlier shadow writes come first, in program order.
         let hw = self.consume_shadow(vcpu);
         self.apply_cr0(fd, vcpu, hw);
+        self.hypercall_on(fd, guest, vcpu, call, arg)
+    }
+
+    /// [`Self::hypercall`] after the shadow was consumed; `cpu` is the vCPU's CR0.
+    fn hypercall_on(
+        &self,
+        cpu: &dyn Cr0,
+        guest: &GuestCtx,
+        vcpu: u32,
+        call: Call,
+        arg: u64,
+    ) -> u64 {
+        let Some(v) = self.vcpus.get(vcpu as usize) else {
+            return Status::BadArgument as u64;
+        };
         match call {
             Call::CtrlWrite => match ctrl::decode_write(arg) {
                 Ok((flag, value)) => {
-                    self.trap_write(fd, vcpu, flag, value);
+                    self.trap_write(cpu, vcpu, flag, value);
                     Status::Ok as u64
                 }
                 Err(e) => {
@@ -511,7 +522,7 @@ impl GuestCtrl {
                     .hypercall_reads
                     .fetch_add(1, Ordering::Relaxed);
                 let vals = if f.is_hardware() {
-                    Self::cr0_flags(fd).unwrap_or(0)
+                    Self::cr0_flags(cpu).unwrap_or(0)
                 } else {
                     v.values.load(Ordering::Relaxed)
                 };
@@ -613,12 +624,41 @@ impl GuestCtrl {
     }
 }
 
+impl GuestCtrl {
+    /// The per-exit work: take the shadow, then publish a pending mask change.
+    fn at_exit(&self, cpu: &dyn Cr0, vcpu: u32) {
+        let hw = self.consume_shadow(vcpu);
+        self.apply_cr0(cpu, vcpu, hw);
+        self.publish_pending(cpu, vcpu);
+    }
+}
+
+/// A vCPU's CR0 as the shim reaches it (`KVM_GET/SET_SREGS`; a fake in tests).
+pub trait Cr0 {
+    fn cr0(&self) -> Option<u64>;
+    /// True when written.
+    fn set_cr0(&self, cr0: u64) -> bool;
+}
+
+impl Cr0 for VcpuFd {
+    fn cr0(&self) -> Option<u64> {
+        self.get_sregs().ok().map(|s| s.cr0)
+    }
+
+    fn set_cr0(&self, cr0: u64) -> bool {
+        // KVM api.rst §4.14: the whole special-register set is written back.
+        let Ok(mut s) = self.get_sregs() else {
+            return false;
+        };
+        s.cr0 = cr0;
+        self.set_sregs(&s).is_ok()
+    }
+}
+
 impl ExitHook for GuestCtrl {
     fn after_exit(&self, fd: &VcpuFd, vcpu: &VcpuShared, _guest: &GuestCtx) {
         let i = vcpu.index;
-        let hw = self.consume_shadow(i);
-        self.apply_cr0(fd, i, hw);
-        self.publish_pending(fd, i);
+        self.at_exit(fd, i);
         if self
             .vcpus
             .get(i as usize)
@@ -767,4 +807,138 @@ mod tests {
         assert!(!c.vcpus[0].has_pending.load(Ordering::Relaxed));
         assert!(GuestCtrl::new("t", ctrl::MAX_VCPUS + 1).is_err());
     }
+
+    /// A vCPU's CR0 for the model: what `mov cr0` and `KVM_SET_SREGS` change.
+    struct FakeCpu(std::cell::Cell<u64>);
+
+    impl Cr0 for FakeCpu {
+        fn cr0(&self) -> Option<u64> {
+            Some(self.0.get())
+        }
+        fn set_cr0(&self, cr0: u64) -> bool {
+            self.0.set(cr0);
+            true
+        }
+    }
+
+    /// The guest's write protocol (`para_abi::ctrl::write`, the very code the
+    /// guest runs) against the real `GuestCtrl`, with vCPU exits — where the
+    /// shim takes the shadow and publishes mask changes — injected before any
+    /// step the schedule names.
+    struct Model<'a> {
+        ctrl: &'a GuestCtrl,
+        cpu: &'a FakeCpu,
+        schedule: &'a [bool],
+        step: usize,
+        changes: Vec<Masks>,
+    }
+
+    impl Model<'_> {
+        fn maybe_exit(&mut self) {
+            let exit = self.schedule.get(self.step).copied().unwrap_or(false);
+            self.step += 1;
+            if exit {
+                if let Some(m) = self.changes.pop() {
+                    self.ctrl.request_masks(0, m).unwrap();
+                }
+                self.ctrl.at_exit(self.cpu, 0);
+            }
+        }
+    }
+
+    impl ctrl::Port for Model<'_> {
+        type Error = ();
+        fn mask_load(&mut self, offset: u64) -> u64 {
+            self.maybe_exit();
+            self.ctrl
+                .mem
+                .u64_at(ctrl::mask_record(0, 0) + offset)
+                .load(Ordering::Acquire)
+        }
+        fn shadow_set(&mut self, flag: Flag, value: bool) {
+            self.maybe_exit();
+            let w = self.ctrl.shadow_word(0);
+            if value {
+                w.fetch_or(flag.bit(), Ordering::Release);
+            } else {
+                w.fetch_and(!flag.bit(), Ordering::Release);
+            }
+        }
+        fn owned_write(&mut self, flag: Flag, value: bool) -> Result<(), ()> {
+            self.maybe_exit();
+            let b = flag.cr0_bit().ok_or(())?;
+            let c = self.cpu.0.get();
+            self.cpu.0.set(if value { c | b } else { c & !b });
+            Ok(())
+        }
+        fn trap_write(&mut self, flag: Flag, value: bool) -> Result<(), ()> {
+            self.maybe_exit();
+            // The hypercall exit: shadow first, then the write, then the hook.
+            let hw = self.ctrl.consume_shadow(0);
+            self.ctrl.apply_cr0(self.cpu, 0, hw);
+            self.ctrl.trap_write(self.cpu, 0, flag, value);
+            self.ctrl.at_exit(self.cpu, 0);
+            Ok(())
+        }
+    }
+
+    /// What the guest would read for `f` now (`rt::ctrl::read_flag`'s rule).
+    fn guest_reads(c: &GuestCtrl, cpu: &FakeCpu, f: Flag) -> bool {
+        let sh = c.vcpus[0].shadowed.load(Ordering::Relaxed);
+        if sh & f.bit() != 0 {
+            c.shadow_word(0).load(Ordering::Relaxed) & f.bit() != 0
+        } else if let Some(b) = f.cr0_bit() {
+            cpu.0.get() & b != 0
+        } else {
+            c.vcpus[0].values.load(Ordering::Relaxed) & f.bit() != 0
+        }
+    }
+
+    /// What is in effect for `f` after an exit: CR0 for hardware flags, the
+    /// shim's value for virtual ones.
+    fn in_effect(c: &GuestCtrl, cpu: &FakeCpu, f: Flag) -> bool {
+        match f.cr0_bit() {
+            Some(b) => cpu.0.get() & b != 0,
+            None => c.vcpus[0].values.load(Ordering::Relaxed) & f.bit() != 0,
+        }
+    }
+
+    fn masks_strategy() -> impl proptest::strategy::Strategy<Value = Masks> {
+        use proptest::prelude::*;
+        (0u64..4, 0u64..64).prop_map(|(owned, shadowed)| Masks {
+            owned,
+            shadowed: shadowed & !owned,
+        })
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn no_write_is_lost_whatever_the_exits_and_mask_changes(
+            writes in proptest::collection::vec((0u64..6, proptest::bool::ANY), 1..40),
+            schedule in proptest::collection::vec(proptest::bool::ANY, 0..400),
+            changes in proptest::collection::vec(masks_strategy(), 0..20),
+        ) {
+            let c = GuestCtrl::new("model", 1).unwrap();
+            let cpu = FakeCpu(std::cell::Cell::new(0x8000_0011));
+            let mut m = Model { ctrl: &c, cpu: &cpu, schedule: &schedule, step: 0, changes };
+            let mut last = [None; 6];
+            for &(id, v) in &writes {
+                let f = Flag::from_id(id).unwrap();
+                let rule = ctrl::write(&mut m, f, v).unwrap();
+                last[id as usize] = Some(v);
+                // Right after a write, the guest reads back what it wrote.
+                proptest::prop_assert_eq!(guest_reads(&c, &cpu, f), v, "{:?} by {:?}", f, rule);
+            }
+            c.at_exit(&cpu, 0);
+            for (id, v) in last.iter().enumerate() {
+                let Some(v) = *v else { continue };
+                let f = Flag::from_id(id as u64).unwrap();
+                proptest::prop_assert_eq!(in_effect(&c, &cpu, f), v, "{:?} after the next exit", f);
+                proptest::prop_assert_eq!(guest_reads(&c, &cpu, f), v);
+            }
+            proptest::prop_assert_eq!(cpu.0.get() & !(CR0_BITS), 0x8000_0011 & !CR0_BITS, "no other CR0 bit");
+        }
+    }
+
+    const CR0_BITS: u64 = ctrl::CR0_MP | ctrl::CR0_TS;
 }

@@ -276,6 +276,53 @@ pub fn read_masks(mut read: impl FnMut(u64) -> u64, tries: u32) -> Option<(u32, 
     None
 }
 
+/// What the guest's write protocol ([`write`]) needs from its surroundings.
+pub trait Port {
+    type Error;
+    /// The u64 at `offset` of this vCPU's mask record (the u32 version is the
+    /// low half at [`mask::VERSION`]).
+    fn mask_load(&mut self, offset: u64) -> u64;
+    /// Sets `flag` in this vCPU's shadow word (one locked RMW).
+    fn shadow_set(&mut self, flag: Flag, value: bool);
+    /// Writes the real register.
+    fn owned_write(&mut self, flag: Flag, value: bool) -> Result<(), Self::Error>;
+    /// The `CtrlWrite` hypercall.
+    fn trap_write(&mut self, flag: Flag, value: bool) -> Result<(), Self::Error>;
+    /// The masks changed under a write, which is now redone.
+    fn retried(&mut self) {}
+}
+
+/// Seqlock attempts before a writer gives up on the masks and traps.
+pub const MASK_TRIES: u32 = 64;
+
+/// Sets `flag` to `value` by the rule of the current masks; returns the path.
+///
+/// The shim changes masks only at an exit of this vCPU, after taking its shadow.
+/// So: read the masks, write, re-read the version; if it moved, an exit came in
+/// between and the (idempotent) write is redone under the new rule. A trapped
+/// write is applied by the shim whatever the masks say and needs no re-check.
+pub fn write<P: Port>(p: &mut P, flag: Flag, value: bool) -> Result<Rule, P::Error> {
+    loop {
+        let Some((ver, m)) = read_masks(|off| p.mask_load(off), MASK_TRIES) else {
+            p.trap_write(flag, value)?;
+            return Ok(Rule::Trap);
+        };
+        let rule = write_rule(m.owned, m.shadowed, flag);
+        match rule {
+            Rule::Owned => p.owned_write(flag, value)?,
+            Rule::Shadowed => p.shadow_set(flag, value),
+            Rule::Trap => {
+                p.trap_write(flag, value)?;
+                return Ok(Rule::Trap);
+            }
+        }
+        if p.mask_load(mask::VERSION) as u32 == ver {
+            return Ok(rule);
+        }
+        p.retried();
+    }
+}
+
 /// The shadow word with `flag` set to `value`.
 #[must_use]
 pub const fn with_flag(word: u64, flag: Flag, value: bool) -> u64 {

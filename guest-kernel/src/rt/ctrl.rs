@@ -52,9 +52,6 @@ pub static TRAP_WRITES: AtomicU64 = AtomicU64::new(0);
 /// Writes redone because the masks changed under them.
 pub static RETRIES: AtomicU64 = AtomicU64::new(0);
 
-/// Seqlock attempts before a writer gives up on the masks and traps.
-const TRIES: u32 = 64;
-
 /// [`area`]'s answer once known: 0 unknown, 1 none, else the base.
 static AREA: AtomicU64 = AtomicU64::new(0);
 
@@ -103,23 +100,9 @@ fn u64_at(gpa: u64) -> &'static AtomicU64 {
 }
 
 fn masks(base: u64, cpu: u32) -> Option<(u32, Masks)> {
-    let rec = ctrl::mask_record(base, cpu);
-    ctrl::read_masks(
-        |off| {
-            if off == ctrl::mask::VERSION {
-                // SAFETY: as `u64_at`; the version is a u32 at the record's start.
-                u64::from(unsafe { &*(rec as *const AtomicU32) }.load(Ordering::Acquire))
-            } else {
-                u64_at(rec + off).load(Ordering::Acquire)
-            }
-        },
-        TRIES,
-    )
-}
-
-fn version(base: u64, cpu: u32) -> u32 {
-    // SAFETY: as in `masks`.
-    unsafe { &*(ctrl::mask_record(base, cpu) as *const AtomicU32) }.load(Ordering::Acquire)
+    use ctrl::Port;
+    let mut b = Block { base, cpu };
+    ctrl::read_masks(|off| b.mask_load(off), ctrl::MASK_TRIES)
 }
 
 fn shadow(base: u64, cpu: u32) -> &'static AtomicU64 {
@@ -160,40 +143,55 @@ pub fn write_flag(flag: Flag, value: bool) -> Result<Rule, CtrlError> {
     write_with(base, vcpu(), flag, value)
 }
 
-fn write_with(base: u64, cpu: u32, flag: Flag, value: bool) -> Result<Rule, CtrlError> {
-    loop {
-        let Some((ver, m)) = masks(base, cpu) else {
-            // The shim kept the seqlock odd: trapping is always right.
-            return trap(flag, value);
-        };
-        let rule = ctrl::write_rule(m.owned, m.shadowed, flag);
-        match rule {
-            Rule::Owned => {
-                cr0_write(flag, value)?;
-                u64_at(ctrl::shadow_record(base, cpu) + ctrl::shadow::OWNED_WRITES)
-                    .fetch_add(1, Ordering::Relaxed);
-                OWNED_WRITES.fetch_add(1, Ordering::Relaxed);
-            }
-            Rule::Shadowed => {
-                // Locked RMW: an upcall on this CPU may write another flag meanwhile.
-                let w = shadow(base, cpu);
-                if value {
-                    w.fetch_or(flag.bit(), Ordering::Release);
-                } else {
-                    w.fetch_and(!flag.bit(), Ordering::Release);
-                }
-                SHADOW_WRITES.fetch_add(1, Ordering::Relaxed);
-            }
-            // The shim applies a trapped write whatever the masks say: done.
-            Rule::Trap => return trap(flag, value),
+/// This vCPU's control block as [`ctrl::write`] reaches it.
+struct Block {
+    base: u64,
+    cpu: u32,
+}
+
+impl ctrl::Port for Block {
+    type Error = CtrlError;
+
+    fn mask_load(&mut self, offset: u64) -> u64 {
+        let rec = ctrl::mask_record(self.base, self.cpu);
+        if offset == ctrl::mask::VERSION {
+            // SAFETY: as `u64_at`; the version is a u32 at the record's start.
+            u64::from(unsafe { &*(rec as *const AtomicU32) }.load(Ordering::Acquire))
+        } else {
+            u64_at(rec + offset).load(Ordering::Acquire)
         }
-        // Masks change only at an exit of this vCPU, after the shim consumed the
-        // shadow; if one happened since we read them, redo under the new rule.
-        if version(base, cpu) == ver {
-            return Ok(rule);
+    }
+
+    fn shadow_set(&mut self, flag: Flag, value: bool) {
+        // Locked RMW: an upcall on this CPU may write another flag meanwhile.
+        let w = shadow(self.base, self.cpu);
+        if value {
+            w.fetch_or(flag.bit(), Ordering::Release);
+        } else {
+            w.fetch_and(!flag.bit(), Ordering::Release);
         }
+        SHADOW_WRITES.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn owned_write(&mut self, flag: Flag, value: bool) -> Result<(), CtrlError> {
+        cr0_write(flag, value)?;
+        u64_at(ctrl::shadow_record(self.base, self.cpu) + ctrl::shadow::OWNED_WRITES)
+            .fetch_add(1, Ordering::Relaxed);
+        OWNED_WRITES.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn trap_write(&mut self, flag: Flag, value: bool) -> Result<(), CtrlError> {
+        trap(flag, value).map(|_| ())
+    }
+
+    fn retried(&mut self) {
         RETRIES.fetch_add(1, Ordering::Relaxed);
     }
+}
+
+fn write_with(base: u64, cpu: u32, flag: Flag, value: bool) -> Result<Rule, CtrlError> {
+    ctrl::write(&mut Block { base, cpu }, flag, value)
 }
 
 fn trap(flag: Flag, value: bool) -> Result<Rule, CtrlError> {
