@@ -453,13 +453,19 @@ fn hypercall_exit(fd: &VcpuFd, me: &VcpuShared, guest: &GuestCtx, size: usize) -
             }
             resume_with(fd, me, &mut regs, Status::Ok)
         }
-        Action::Ctrl { call, arg } => {
-            regs.rax = guest.ctrl.get().map_or(Status::UnknownCall as u64, |c| {
-                c.hypercall(fd, me, guest, call, arg)
-            });
+        Action::Ctrl { call, arg } if let Some(c) = guest.ctrl.get() => {
+            regs.rax = c.hypercall(fd, me, guest, call, arg);
             fd.set_regs(&regs)
                 .err()
                 .map(|e| Outcome::Failed(format!("KVM_SET_REGS: {e}")))
+        }
+        // M4 not offered to this guest: an unknown call like any other.
+        Action::Ctrl { .. } => {
+            guest.platform.reject(
+                Reject::UnknownHypercall,
+                format_args!("hypercall eax={:#x} (M4 not offered)", regs.rax),
+            );
+            resume_with(fd, me, &mut regs, Status::UnknownCall)
         }
         Action::Return(status) => {
             if status != Status::Ok {
