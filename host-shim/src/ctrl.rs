@@ -556,6 +556,7 @@ impl GuestCtrl {
                 ctrl::query::SUPPRESSED_MSIS => {
                     self.counters.msis_suppressed.load(Ordering::Relaxed)
                 }
+                ctrl::query::TRACED_EXITS => self.counters.traced_exits.load(Ordering::Relaxed),
                 _ => Status::BadArgument as u64,
             },
             _ => Status::UnknownCall as u64,

@@ -251,6 +251,8 @@ pub mod query {
     pub const REJECTS: u64 = 4;
     /// MSIs withheld because a queue's quiet flag was set (whole guest).
     pub const SUPPRESSED_MSIS: u64 = 5;
+    /// Exits the shim traced because the trace flag was set (whole guest).
+    pub const TRACED_EXITS: u64 = 6;
 }
 
 /// Reads a mask record consistently: `read(offset)` loads the u64 at an offset

@@ -575,3 +575,30 @@ ktest!(
         Ok(())
     }
 );
+
+ktest!(
+    fn trace_flag_traces_exits_while_set() {
+        if !ctrl::available() {
+            return Ok(());
+        }
+        let saved = e(ctrl::current_masks())?;
+        // Trace traps: the shim learns of it at once.
+        e(ctrl::set_masks(Masks::default()))?;
+        check_eq!(e(ctrl::write_flag(Flag::Trace, true))?, Rule::Trap);
+        let t0 = q(query::TRACED_EXITS)?;
+        for _ in 0..5 {
+            q(query::KVM_EXITS)?;
+        }
+        let t1 = q(query::TRACED_EXITS)?;
+        check_eq!(e(ctrl::write_flag(Flag::Trace, false))?, Rule::Trap);
+        let t2 = q(query::TRACED_EXITS)?;
+        for _ in 0..5 {
+            q(query::KVM_EXITS)?;
+        }
+        let t3 = q(query::TRACED_EXITS)?;
+        e(ctrl::set_masks(saved))?;
+        check!(t1 - t0 >= 5, "five exits while set: {} traced", t1 - t0);
+        check_eq!(t3, t2, "none traced once cleared");
+        Ok(())
+    }
+);
