@@ -102,6 +102,11 @@ pub enum Sys {
     /// and spin with IF = 1 for R10 further cycles before `cli` again. Returns the
     /// TSC at `sti`; RDX = [`upcall_probe`] bits.
     UpcallMaskedSpin = 15,
+    /// M4: read CR0; returns it.
+    Cr0Read = 10,
+    /// M4: set the CR0 bits in mask RDI (only MP and TS may be named) to those
+    /// of RSI; returns the new CR0 (`Invalid` for other bits).
+    Cr0Write = 11,
     // Numbers reserved per mechanism: 10–13 M4 (control registers), 14–17 M3
     // (upcalls), 18–21 M5 (VM queues), 22–25 M2 (hints).
 }
@@ -122,6 +127,8 @@ impl Sys {
             9 => Self::Hypercall,
             14 => Self::UpcallLint0,
             15 => Self::UpcallMaskedSpin,
+            10 => Self::Cr0Read,
+            11 => Self::Cr0Write,
             _ => return None,
         })
     }
@@ -219,7 +226,9 @@ mod tests {
             let sys = Sys::from_raw(raw).expect("defined call");
             assert_eq!(sys as u64, raw);
         }
-        assert_eq!(Sys::from_raw(10), None);
+        assert_eq!(Sys::from_raw(10), Some(Sys::Cr0Read));
+        assert_eq!(Sys::from_raw(11), Some(Sys::Cr0Write));
+        assert_eq!(Sys::from_raw(12), None);
         for raw in [14, 15] {
             assert_eq!(Sys::from_raw(raw).map(|s| s as u64), Some(raw));
         }

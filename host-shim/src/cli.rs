@@ -124,6 +124,11 @@ pub struct Cli {
     #[arg(long, value_name = "N")]
     pub io_cpu_move_to: Option<usize>,
 
+    /// Shadowed control flags (M4): "on" maps every guest's control blocks
+    /// (CPUID 0x40000001 bit SHADOW_FLAGS, leaf 0x40000005); "off" offers none.
+    #[arg(long, value_name = "on|off", default_value = "on", action = clap::ArgAction::Set, value_parser = parse_on_off)]
+    pub shadow_flags: bool,
+
     /// Give up and stop all guests after this many seconds (0 = never).
     #[arg(long, value_name = "SECS", default_value_t = 0)]
     pub timeout: u64,

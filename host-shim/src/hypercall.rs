@@ -22,6 +22,8 @@ pub enum Action {
     Upcall { call: Call, arg: u64 },
     /// Resume the guest with this value in RAX.
     Return(Status),
+    /// An M4 control-flag call (`crate::ctrl`), argument RBX.
+    Ctrl { call: Call, arg: u64 },
 }
 
 /// Decodes one hypercall. `size` is the `out` operand size; only 32-bit outs are calls.
@@ -40,6 +42,9 @@ pub fn decode(size: usize, rax: u64, rbx: u64) -> Action {
         Some(Call::NotifyBench) => Action::NotifyBench { mailbox: rbx },
         Some(Call::DoorbellRedesignate) => Action::DoorbellRedesignate,
         Some(call @ (Call::UpcallPing | Call::UpcallStorm)) => Action::Upcall { call, arg: rbx },
+        Some(call @ (Call::CtrlWrite | Call::CtrlRead | Call::CtrlSetMasks | Call::CtrlQuery)) => {
+            Action::Ctrl { call, arg: rbx }
+        }
         None => Action::Return(Status::UnknownCall),
     }
 }
@@ -87,6 +92,18 @@ mod tests {
             }
         );
         assert_eq!(decode(2, 9, 3), Action::Return(Status::BadArgument));
+    }
+
+    #[test]
+    fn ctrl_calls_carry_their_argument() {
+        assert_eq!(
+            decode(4, 4, 0x101),
+            Action::Ctrl {
+                call: Call::CtrlWrite,
+                arg: 0x101
+            }
+        );
+        assert_eq!(decode(1, 7, 0), Action::Return(Status::BadArgument));
     }
 
     #[test]

@@ -5,6 +5,7 @@ pub mod acpi;
 pub mod boot;
 pub mod cli;
 pub mod cpuid;
+pub mod ctrl;
 pub mod devices;
 pub mod doorbell;
 pub mod hints;

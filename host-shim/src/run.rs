@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use kvm_ioctls::Kvm;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use std::sync::{Arc, Mutex};
 
@@ -112,6 +112,9 @@ fn attach_net(
     .map_err(io)?;
     let device_hints = g.hints.clone().map(crate::hints::DeviceHints::new);
     net.hints.clone_from(&device_hints);
+    if let Some(c) = g.ctrl.clone() {
+        net.quiet = Some(Arc::new(move |q| c.nic0_quiet(q)));
+    }
     let counters = net.counters.clone();
     let router = Arc::new(KvmMsiRouter::new(g.vm.clone(), IOAPIC_PINS));
     // One vector per queue plus one for configuration changes.
@@ -208,7 +211,12 @@ fn wire_doorbells(
     g.attach_doorbells(doorbells.clone());
     if let Some(region) = &g.para {
         for (i, d) in region.plan.designations.iter().enumerate() {
-            let task = RingTask::new(region.clone(), i, doorbells.clone())?;
+            let mut task = RingTask::new(region.clone(), i, doorbells.clone())?;
+            if let Some(c) = g.ctrl.clone() {
+                task.keep_polling = Some(Arc::new(move || {
+                    c.flag_set_anywhere(para_abi::ctrl::Flag::PollDoorbells)
+                }));
+            }
             per_cpu.entry(d.host_cpu as usize).or_default().push(task);
         }
     }
@@ -264,6 +272,12 @@ pub fn run(cli: &Cli, shim_start: Instant) -> Result<Report, RunError> {
         let mut g =
             Guest::new(&kvm, &cfg.name, cfg.mem, cfg.vcpus, Sink::Stdout, para).map_err(err)?;
         io_placements.push(offer_hints(&mut g, cli).map_err(err)?);
+        if cli.shadow_flags {
+            match crate::ctrl::attach(&kvm, &mut g) {
+                Ok(c) => g.ctrl = Some(c),
+                Err(e) => warn!(guest = %cfg.name, "shadowed control flags not offered: {e}"),
+            }
+        }
         let mut bus = PciBus::new(&cfg.name, g.rejects.clone());
         if !cli.no_net {
             let nic = attach_net(&mut g, &mut bus, &switch, guests.len()).map_err(err)?;

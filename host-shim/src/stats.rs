@@ -47,6 +47,12 @@
 //!                               // bad_kick; non-zero only
 //!       "protected_writes": u64 // guest writes to read-only para pages (MMIO exits)
 //!     },
+//!     "ctrl": {                               // M4 (crate::ctrl::CtrlReport)
+//!       "offered": bool, "shadow_changes": u64, "hypercall_writes": u64,
+//!       "hypercall_reads": u64, "owned_writes_reported": u64,
+//!       "applied_at_exit": u64, "mask_changes": u64, "msis_suppressed": u64,
+//!       "traced_exits": u64, "rejected": {reason: u64}  // non-zero only
+//!     },
 //!     "marks": [{                             // StatsMark hypercalls, in order
 //!       "label": u64,                         // the guest's RBX
 //!       "exits": u64,                         // KVM `exits` over all vCPUs then
@@ -414,6 +420,8 @@ pub struct GuestReport {
     /// M3 upcall counters (`crate::pending`), when offered.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub upcalls: Option<crate::pending::UpcallReport>,
+    /// Shadowed control flags (M4).
+    pub ctrl: crate::ctrl::CtrlReport,
 }
 
 impl GuestReport {
@@ -557,6 +565,9 @@ impl Report {
             }
             if let Some(h) = &g.hints {
                 let _ = writeln!(s, "  {}", crate::hints::summary(h));
+            }
+            if let Some(line) = g.ctrl.summary_line() {
+                s.push_str(&line);
             }
             for n in &g.nics {
                 let notes: u64 = n.queue_notifications.values().sum();

@@ -153,6 +153,8 @@ pub struct GuestCtx {
     pub exit_hooks: Vec<Arc<dyn ExitHook>>,
     /// M3 upcalls (the pending event module), when the shim offers them.
     pub upcalls: OnceLock<Arc<crate::pending::GuestUpcalls>>,
+    /// The guest's control blocks (M4), when the shim offers shadowed flags.
+    pub ctrl: OnceLock<Arc<crate::ctrl::GuestCtrl>>,
 }
 
 impl GuestCtx {
@@ -171,6 +173,7 @@ impl GuestCtx {
             marks: Mutex::new(Vec::new()),
             exit_hooks: Vec::new(),
             upcalls: OnceLock::new(),
+            ctrl: OnceLock::new(),
         }
     }
 
@@ -529,6 +532,20 @@ fn hypercall_exit(fd: &VcpuFd, me: &VcpuShared, guest: &GuestCtx, size: usize) -
                 _ => Status::UnknownCall,
             };
             resume_with(fd, me, &mut regs, status)
+        }
+        Action::Ctrl { call, arg } if let Some(c) = guest.ctrl.get() => {
+            regs.rax = c.hypercall(fd, me, guest, call, arg);
+            fd.set_regs(&regs)
+                .err()
+                .map(|e| Outcome::Failed(format!("KVM_SET_REGS: {e}")))
+        }
+        // M4 not offered to this guest: an unknown call like any other.
+        Action::Ctrl { .. } => {
+            guest.platform.reject(
+                Reject::UnknownHypercall,
+                format_args!("hypercall eax={:#x} (M4 not offered)", regs.rax),
+            );
+            resume_with(fd, me, &mut regs, Status::UnknownCall)
         }
         Action::Return(status) => {
             if status != Status::Ok {

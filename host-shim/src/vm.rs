@@ -120,6 +120,8 @@ pub struct Guest {
     exit_hooks: Vec<Arc<dyn vcpu::ExitHook>>,
     /// M3 upcalls, when offered ([`Guest::offer_upcalls`]).
     pub upcalls: Option<Arc<crate::pending::GuestUpcalls>>,
+    /// M4 control blocks, when offered (`crate::ctrl::attach`).
+    pub ctrl: Option<Arc<crate::ctrl::GuestCtrl>>,
 }
 
 /// Sets vCPU `apic_id`'s CPUID from what KVM supports filtered by `params`.
@@ -263,6 +265,7 @@ impl Guest {
             cpuid_params: params,
             exit_hooks: Vec::new(),
             upcalls: None,
+            ctrl: None,
         })
     }
 
@@ -360,6 +363,9 @@ impl Guest {
             let _ = ctx.upcalls.set(u.clone());
             u.start(self.vcpus.clone()).map_err(VmError::Thread)?;
         }
+        if let Some(c) = &self.ctrl {
+            let _ = ctx.ctrl.set(c.clone());
+        }
         self.ctx = Some(ctx.clone());
         self.started = Some(Instant::now());
         for (i, fd) in std::mem::take(&mut self.vcpu_fds).into_iter().enumerate() {
@@ -443,6 +449,7 @@ impl Guest {
             doorbell: self.doorbell_report(),
             upcalls: self.upcalls.as_ref().map(|u| u.report()),
             hints: self.hints.as_ref().map(|h| h.report()),
+            ctrl: self.ctrl.as_ref().map(|c| c.report()).unwrap_or_default(),
             marks: self.ctx.as_ref().map_or_else(Vec::new, |c| {
                 c.marks
                     .lock()

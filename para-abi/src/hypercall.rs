@@ -40,6 +40,16 @@ pub enum Call {
     /// M3: post `count` pings to the calling vCPU, one every `interval_us` µs,
     /// from a shim thread (RBX = `upcall::storm_arg(count, interval_us)`).
     UpcallStorm = 9,
+    /// M4: write control flag (RBX = [`crate::ctrl::encode_write`]) that is
+    /// neither owned nor shadowed.
+    CtrlWrite = 4,
+    /// M4: read a trapping control flag (RBX = flag id); RAX = 0 or 1.
+    CtrlRead = 5,
+    /// M4: ask the shim to change this vCPU's masks (RBX = [`crate::ctrl::Masks::encode`]);
+    /// applied at this exit. For tests and benchmarks.
+    CtrlSetMasks = 6,
+    /// M4: a counter ([`crate::ctrl::query`], RBX) in RAX.
+    CtrlQuery = 7,
     // Numbers reserved per mechanism so that they can grow independently:
     // 4–7 M4 (control flags), 8–11 M3 (upcalls), 12–19 M5 (VM queues),
     // 20–23 M1 (doorbells), 24–27 M2 (hints).
@@ -57,6 +67,10 @@ impl Call {
             21 => Some(Self::DoorbellRedesignate),
             8 => Some(Self::UpcallPing),
             9 => Some(Self::UpcallStorm),
+            4 => Some(Self::CtrlWrite),
+            5 => Some(Self::CtrlRead),
+            6 => Some(Self::CtrlSetMasks),
+            7 => Some(Self::CtrlQuery),
             _ => None,
         }
     }

@@ -8,6 +8,7 @@
 #[cfg(test)]
 extern crate std;
 
+pub mod ctrl;
 pub mod discovery;
 pub mod doorbell;
 pub mod hints;

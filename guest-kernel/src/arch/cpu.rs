@@ -107,6 +107,16 @@ pub fn cr2() -> u64 {
     v
 }
 
+/// CR0 (SDM vol 3 §2.5). Ring 0 only.
+#[inline]
+#[must_use]
+pub fn cr0() -> u64 {
+    let v: u64;
+    // SAFETY: ring 0 only (kernel calls); no side effects.
+    unsafe { asm!("mov {}, cr0", out(reg) v, options(nostack, nomem, preserves_flags)) }
+    v
+}
+
 pub mod msr {
     pub const APIC_BASE: u32 = 0x1B;
     pub const TSC_DEADLINE: u32 = 0x6E0;

@@ -55,6 +55,8 @@ pub fn dispatch(f: &mut TrapFrame, pc: &PerCpu) {
             0
         }
         Sys::UpcallMaskedSpin => upcall_masked_spin(f, pc),
+        Sys::Cr0Read => super::cpu::cr0(),
+        Sys::Cr0Write => cr0_write(f.rdi, f.rsi),
         Sys::Ring0Loop => {
             if f.rdi > RING0_LOOP_MAX {
                 SysError::Invalid as u64
@@ -80,7 +82,11 @@ fn forward_hypercall(call: u64, arg: u64) -> u64 {
             | Call::NotifyBench
             | Call::DoorbellRedesignate
             | Call::UpcallPing
-            | Call::UpcallStorm),
+            | Call::UpcallStorm
+            | Call::CtrlWrite
+            | Call::CtrlRead
+            | Call::CtrlSetMasks
+            | Call::CtrlQuery),
         ) => exit::hypercall(c, arg),
         _ => SysError::Invalid as u64,
     }
@@ -182,6 +188,21 @@ fn upcall_masked_spin(f: &mut TrapFrame, pc: &PerCpu) -> u64 {
     }
     f.rdx = seen;
     sti_tsc
+}
+
+/// M4 owned control flags: ring 3 names only CR0.MP and CR0.TS (SDM vol 3
+/// §2.5); every other CR0 bit stays the kernel's. Few instructions: ring 0 is
+/// emulated here.
+fn cr0_write(mask: u64, values: u64) -> u64 {
+    use para_abi::ctrl::{CR0_MP, CR0_TS};
+    if mask & !(CR0_MP | CR0_TS) != 0 {
+        return SysError::Invalid as u64;
+    }
+    let cr0 = (super::cpu::cr0() & !mask) | (values & mask);
+    // SAFETY: only MP/TS change: neither affects paging, protection or caching;
+    // TS makes the next x87/SSE instruction raise #NM, which the caller asked for.
+    unsafe { core::arch::asm!("mov cr0, {}", in(reg) cr0, options(nostack, nomem)) };
+    cr0
 }
 
 fn write(ptr: u64, len: u64) -> u64 {

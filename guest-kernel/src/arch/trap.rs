@@ -76,9 +76,31 @@ extern "C" fn exitless_trap(f: &mut TrapFrame) {
     } else if f.vector == 6 && f.from_user() && is_int80_at(f.rip) {
         f.rip += 2;
         syscall::dispatch(f, percpu_from_kstack());
-    } else {
+    } else if !(f.vector == 7 && f.from_user() && nm_to_ring3(f)) {
         exception(f);
     }
+}
+
+unsafe extern "C" {
+    /// Ring 3's #NM entry (`rt::task`).
+    fn exitless_nm_landing();
+}
+
+/// #NM from ring 3 (CR0.TS set by a lazy-FPU task switch, M4): clear TS and
+/// let ring 3 swap x87 state at `exitless_nm_landing`, returning to the faulting
+/// instruction. A handful of instructions: ring 0 is emulated here.
+fn nm_to_ring3(f: &mut TrapFrame) -> bool {
+    let sp = f.rsp.wrapping_sub(8);
+    if !is_user_range(sp, 8) {
+        return false;
+    }
+    // SAFETY: clearing TS only stops #NM; the landing saves the state it guards.
+    unsafe { core::arch::asm!("clts", options(nostack, nomem)) };
+    // SAFETY: the range check keeps the write inside ring 3's mapped memory.
+    unsafe { (sp as *mut u64).write_unaligned(f.rip) };
+    f.rsp = sp;
+    f.rip = exitless_nm_landing as *const () as u64;
+    true
 }
 
 fn exception(f: &mut TrapFrame) {

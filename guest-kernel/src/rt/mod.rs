@@ -4,6 +4,7 @@
 //! privilege goes through [`sys`].
 
 pub mod console;
+pub mod ctrl;
 pub mod doorbell;
 pub mod fault;
 pub mod hints;
@@ -16,6 +17,7 @@ pub mod platform;
 pub mod smp;
 pub mod start;
 pub mod sys;
+pub mod task;
 pub mod time;
 pub mod upcall;
 pub mod virtio;

@@ -126,6 +126,17 @@ pub fn upcall_masked_spin(
     result(ret).map(|tsc| (tsc, seen))
 }
 
+/// CR0 (M4).
+pub fn cr0_read() -> Result<u64, SysError> {
+    result(call3(Sys::Cr0Read, 0, 0, 0))
+}
+
+/// Sets the CR0 bits in `mask` (MP and TS only) to those of `values` (M4);
+/// returns the new CR0.
+pub fn cr0_write(mask: u64, values: u64) -> Result<u64, SysError> {
+    result(call3(Sys::Cr0Write, mask, values, 0))
+}
+
 /// An undefined kernel-call number, for tests of the kernel's rejection path.
 #[must_use]
 pub fn raw_call(number: u64, a: u64, b: u64) -> u64 {

@@ -117,7 +117,12 @@ pub struct Net {
     worker: Option<(EventFd, JoinHandle<()>)>,
     /// M2 interrupt-vCPU hints for this NIC's queues, when offered.
     pub hints: Option<Arc<crate::hints::DeviceHints>>,
+    /// Asked before a queue's MSI (queue 0 RX, 1 TX): true withholds it (M4 quiet flags).
+    pub quiet: Option<QuietGate>,
 }
+
+/// See [`Net::quiet`].
+pub type QuietGate = Arc<dyn Fn(usize) -> bool + Send + Sync>;
 
 impl Net {
     /// A NIC with `mac` on a new port of `switch`.
@@ -138,6 +143,7 @@ impl Net {
             rejects,
             worker: None,
             hints: None,
+            quiet: None,
         })
     }
 
@@ -215,6 +221,7 @@ impl VirtioDevice for Net {
             // Only RX: TX completions are reaped on the send path (the guest masks
             // the TX vector), so a TX hint would steer nothing.
             hints: [self.hints.as_ref().and_then(|h| h.queue(RX as u16)), None],
+            quiet: self.quiet.clone(),
         };
         let h = std::thread::Builder::new()
             .name(format!("{}-net", self.name))
@@ -244,6 +251,7 @@ struct Worker {
     rejects: Arc<RejectCounters>,
     stop: EventFd,
     hints: [Option<crate::hints::QueueHinter>; 2],
+    quiet: Option<QuietGate>,
 }
 
 const T_RX: u64 = 0;
@@ -332,7 +340,11 @@ impl Worker {
     fn signal(&mut self, q: usize) {
         let queue = if q == RX { &mut self.rx } else { &mut self.tx };
         // Honour VIRTQ_AVAIL_F_NO_INTERRUPT / used_event (virtio 1.2 §2.7.10).
-        if queue.needs_notification(&self.mem).unwrap_or(true) && self.vectors[q] != NO_VECTOR {
+        if queue.needs_notification(&self.mem).unwrap_or(true)
+            && self.vectors[q] != NO_VECTOR
+            && !self.quiet.as_ref().is_some_and(|quiet| quiet(q))
+        {
+            // M2: the hint goes out before the interrupt it describes.
             if let Some(h) = &mut self.hints[q] {
                 h.before_interrupt(self.msix.destination(self.vectors[q]));
             }

@@ -42,6 +42,9 @@ pub struct RingTask {
     pub guest: Arc<GuestDoorbells>,
     pub kick: EventFd,
     consumer: Consumer,
+    /// The guest asks the monitor to keep polling instead of parking (M4 flag
+    /// "keep polling my doorbell range", `crate::ctrl`).
+    pub keep_polling: Option<Arc<dyn Fn() -> bool + Send + Sync>>,
 }
 
 impl RingTask {
@@ -63,6 +66,7 @@ impl RingTask {
             guest,
             kick,
             consumer: Consumer::new(),
+            keep_polling: None,
         })
     }
 
@@ -272,6 +276,13 @@ fn run(
         }
         let since = *idle_since.get_or_insert_with(Instant::now);
         if since.elapsed() < spin.current() {
+            core::hint::spin_loop();
+            continue;
+        }
+        if tasks
+            .iter()
+            .any(|t| t.keep_polling.as_ref().is_some_and(|f| f()))
+        {
             core::hint::spin_loop();
             continue;
         }

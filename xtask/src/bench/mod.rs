@@ -14,6 +14,7 @@
 //! `docs/benchmarks.md` with its plots under `docs/bench/`.
 
 mod boot;
+mod ctrl;
 mod hints;
 mod notify;
 mod pingpong;
@@ -200,6 +201,7 @@ fn all_suites() -> Vec<Box<dyn Suite>> {
         Box::new(notify::Notify::default()),
         Box::new(hints::Hints::default()),
         Box::new(upcall::UpcallSuite::default()),
+        Box::new(ctrl::Ctrl::new()),
     ]
 }
 

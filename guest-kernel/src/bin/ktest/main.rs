@@ -9,6 +9,8 @@ extern crate alloc;
 #[cfg(target_os = "none")]
 mod bench;
 #[cfg(target_os = "none")]
+mod ctrl;
+#[cfg(target_os = "none")]
 mod doorbell;
 #[cfg(target_os = "none")]
 mod faults;
