@@ -157,6 +157,8 @@ struct QueueStats {
     /// Changes of the host CPU or vCPU set that came sooner than
     /// [`MIN_HINT_INTERVAL`] and were published later.
     deferred: AtomicU64,
+    /// Hints announced to the guest by an M3 `HintUpdate` upcall.
+    announced: AtomicU64,
     /// Interrupts raised per destination APIC id (from the MSI-X address).
     irqs_by_apic: Vec<AtomicU64>,
     /// Interrupts whose destination ran on the I/O thread's CPU when raised.
@@ -176,6 +178,9 @@ pub struct GuestHints {
     /// threads are still placed and their interrupts counted, but nothing is
     /// published.
     offered: std::sync::atomic::AtomicBool,
+    /// M3 upcalls, when the guest is offered them: each new hint is also
+    /// announced by a `HintUpdate` upcall.
+    upcalls: std::sync::OnceLock<Arc<crate::pending::GuestUpcalls>>,
 }
 
 impl std::fmt::Debug for GuestHints {
@@ -201,7 +206,13 @@ impl GuestHints {
             queues: Mutex::default(),
             io,
             offered: std::sync::atomic::AtomicBool::new(false),
+            upcalls: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Announces every later hint with an M3 `HintUpdate` upcall too.
+    pub fn set_upcalls(&self, upcalls: Arc<crate::pending::GuestUpcalls>) {
+        let _ = self.upcalls.set(upcalls);
     }
 
     /// Maps the page into `vm`, read-only (KVM api.rst §4.35 `KVM_MEM_READONLY`):
@@ -254,6 +265,7 @@ impl GuestHints {
                     sent: AtomicU64::new(0),
                     honoured: AtomicU64::new(0),
                     deferred: AtomicU64::new(0),
+                    announced: AtomicU64::new(0),
                     irqs_by_apic: (0..self.vcpus.len()).map(|_| AtomicU64::new(0)).collect(),
                     irqs_colocated: AtomicU64::new(0),
                     last: Mutex::new(None),
@@ -309,6 +321,7 @@ impl GuestHints {
                     hints_sent: q.sent.load(Ordering::Relaxed),
                     hints_honoured: q.honoured.load(Ordering::Relaxed),
                     hints_deferred: q.deferred.load(Ordering::Relaxed),
+                    hints_announced: q.announced.load(Ordering::Relaxed),
                     irqs_by_vcpu: q
                         .irqs_by_apic
                         .iter()
@@ -379,6 +392,7 @@ impl QueueHinter {
                 .is_none_or(|t| now.duration_since(t) >= MIN_HINT_INTERVAL);
             if due {
                 self.publish(cpu, here, now);
+                self.announce(dest);
             } else {
                 self.stats.deferred.fetch_add(1, Ordering::Relaxed);
             }
@@ -396,6 +410,19 @@ impl QueueHinter {
                 self.honoured_generation = self.generation;
                 self.stats.honoured.fetch_add(1, Ordering::Relaxed);
             }
+        }
+    }
+
+    /// Tells the guest about the new hint with a `HintUpdate` upcall (M3) to the
+    /// vCPU that takes this queue's interrupt (`dest`), or the lowest vCPU that
+    /// takes upcalls. Without upcalls the guest still sees the hint at its next
+    /// interrupt from this queue.
+    fn announce(&self, dest: Option<u32>) {
+        if let Some(u) = self.guest.upcalls.get()
+            && u.post_to_guest(dest, crate::pending::UpcallClass::HintUpdate)
+                .is_some()
+        {
+            self.stats.announced.fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -430,6 +457,8 @@ pub struct QueueReport {
     pub hints_sent: u64,
     pub hints_honoured: u64,
     pub hints_deferred: u64,
+    /// Hints also announced by an M3 `HintUpdate` upcall.
+    pub hints_announced: u64,
     /// Interrupts raised per destination vCPU (index = APIC id).
     pub irqs_by_vcpu: Vec<u64>,
     pub irqs_colocated: u64,
