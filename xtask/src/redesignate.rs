@@ -2,8 +2,8 @@
 //! `doorbell_redesignation_keeps_every_event` under the shim with
 //! `--doorbell-redesignate`: the guest sends sink events, asks the shim
 //! (hypercall 21) to move its range to the spare range of another host CPU's
-//! monitor, is told by the designation notification (vector 0x34), moves, and
-//! sends more. Every event sent between stats marks 0x300 and 0x301 must be
+//! monitor, is told by the designation notification (an M3 Redesignation
+//! upcall, or vector 0x34 without upcalls), moves, and sends more. Every event sent between stats marks 0x300 and 0x301 must be
 //! consumed exactly once.
 
 use std::time::Duration;
@@ -87,7 +87,29 @@ fn checks(g: Option<&Value>, sent: Option<u64>) -> Vec<(String, bool)> {
         format!("nothing rejected ({rejected})"),
         rejected.as_object().is_some_and(serde_json::Map::is_empty),
     ));
+    c.push(upcall_check(&g["upcalls"]));
     c
+}
+
+/// With M3 upcalls offered (the shim's default) the one re-designation is
+/// announced by a Redesignation upcall, which the guest acknowledges; without
+/// them, by the MSI only (no upcall requested).
+fn upcall_check(u: &Value) -> (String, bool) {
+    let n = |k: &str| u[k]["redesignation"].as_u64();
+    let (req, del) = (n("requested"), n("delivered"));
+    if u["offered"].as_bool() == Some(true) {
+        (
+            format!(
+                "upcalls on: the re-designation upcall was requested and delivered once ({req:?}/{del:?})"
+            ),
+            req == Some(1) && del == Some(1),
+        )
+    } else {
+        (
+            format!("upcalls off: no re-designation upcall ({req:?})"),
+            req.unwrap_or(0) == 0,
+        )
+    }
 }
 
 #[cfg(test)]
@@ -99,8 +121,15 @@ mod tests {
     fn counts_must_match() {
         let r = "doorbell re-designation: monitor cpu 1 -> 0, 4000 events sent (0 while the notification was on its way), 1 notification(s) on cpu 0";
         assert_eq!(events_sent(r), Some(4000));
-        let g = json!({"exit_status": 0, "doorbell": {"rejected": {}},
-            "marks": [{"label": 0x300, "sink_events": 10}, {"label": 0x301, "sink_events": 4010}]});
+        let mut g = json!({"exit_status": 0, "doorbell": {"rejected": {}},
+            "marks": [{"label": 0x300, "sink_events": 10}, {"label": 0x301, "sink_events": 4010}],
+            "upcalls": {"offered": true, "requested": {"redesignation": 1}, "delivered": {"redesignation": 1}}});
+        assert!(checks(Some(&g), Some(4000)).iter().all(|(_, ok)| *ok));
+        // An upcall requested but never acknowledged fails the leg.
+        g["upcalls"]["delivered"]["redesignation"] = json!(0);
+        assert!(!checks(Some(&g), Some(4000)).iter().all(|(_, ok)| *ok));
+        // Without upcalls the MSI announces it: nothing must be requested.
+        g["upcalls"] = json!({"offered": false});
         assert!(checks(Some(&g), Some(4000)).iter().all(|(_, ok)| *ok));
         assert!(!checks(Some(&g), Some(4001)).iter().all(|(_, ok)| *ok));
         assert!(!checks(Some(&g), None).iter().all(|(_, ok)| *ok));
