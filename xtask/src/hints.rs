@@ -88,15 +88,16 @@ impl Outcome {
 }
 
 /// Every hint the shim published was also announced by an M3 `HintUpdate`
-/// upcall, which the guest acknowledged.
+/// upcall, which the guest acknowledged and handed to its NIC's hint follower.
 fn hint_upcall_check(o: &Outcome, what: &str, hints: u64) -> (String, bool) {
     let (req, del) = o.hint_upcalls();
     let announced = o.shim_rx()["hints_announced"].as_u64().unwrap_or(0);
+    let handled = o.guest("upcalls");
     (
         format!(
-            "{what}: each of the {hints} hint(s) announced by a HintUpdate upcall ({announced} announced, {req} requested, {del} delivered)"
+            "{what}: each of the {hints} hint(s) announced by a HintUpdate upcall ({announced} announced, {req} requested, {del} delivered, {handled} handled by the guest)"
         ),
-        announced == hints && req == hints && del == hints,
+        announced == hints && req == hints && del == hints && handled == hints,
     )
 }
 
