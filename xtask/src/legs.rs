@@ -108,7 +108,7 @@ pub const LEGS: &[Leg] = &[
     },
     Leg {
         name: "shim-redesignate",
-        about: "the shim moves a guest's doorbell range to another host CPU's monitor at run time and notifies it (vector 0x34): every event across the move consumed exactly once",
+        about: "the shim moves a guest's doorbell range to another host CPU's monitor at run time and notifies it (an M3 Redesignation upcall; again with --upcalls off: vector 0x34): every event across the move consumed exactly once",
         kind: LegKind::ShimRedesignate,
     },
     Leg {

@@ -13,8 +13,27 @@ use serde_json::Value;
 use crate::error::Result;
 use crate::{build, shim};
 
-/// Runs the guest once.
+/// Runs the guest twice: with M3 upcalls (the shim's default; the
+/// re-designation is announced by a Redesignation upcall) and with
+/// `--upcalls off` (the MSI fallback on vector 0x34).
 pub fn run(timeout: Duration) -> Result<crate::flood::LegRun> {
+    let (mut checks, mut reports, log) = run_once(timeout, true)?;
+    let (off_checks, off_reports, _) = run_once(timeout, false)?;
+    checks.extend(
+        off_checks
+            .into_iter()
+            .map(|(what, ok)| (format!("--upcalls off: {what}"), ok)),
+    );
+    reports.extend(
+        off_reports
+            .into_iter()
+            .map(|r| format!("--upcalls off: {r}")),
+    );
+    Ok((checks, reports, log))
+}
+
+/// Runs the guest once, with or without upcalls.
+fn run_once(timeout: Duration, upcalls: bool) -> Result<crate::flood::LegRun> {
     let image = build::build_guest(build::find_image("ktest")?)?;
     let shim_path = shim::build()?;
     let guest = shim::Guest {
@@ -24,16 +43,23 @@ pub fn run(timeout: Duration) -> Result<crate::flood::LegRun> {
         mem_mib: 128,
         cmdline: "ktest.filter=redesignation".into(),
     };
-    let extra: Vec<String> = ["--no-net", "--doorbell-redesignate", "--quiet"]
+    let mut extra: Vec<String> = ["--no-net", "--doorbell-redesignate", "--quiet"]
         .iter()
         .map(|s| (*s).to_owned())
         .collect();
+    if !upcalls {
+        extra.extend(["--upcalls".to_owned(), "off".to_owned()]);
+    }
     let run = shim::run(
         &shim_path,
         &[guest],
         &extra,
         timeout,
-        "shim-redesignate",
+        if upcalls {
+            "shim-redesignate"
+        } else {
+            "shim-redesignate-msi"
+        },
         |_| {},
     )?;
     let reports: Vec<String> = run
@@ -42,8 +68,33 @@ pub fn run(timeout: Duration) -> Result<crate::flood::LegRun> {
         .filter_map(|l| l.text.split_once("report: ").map(|(_, r)| r.to_owned()))
         .collect();
     let sent = reports.iter().find_map(|r| events_sent(r));
-    let checks = checks(run.guest_stats("ktest"), sent);
+    let mut checks = checks(run.guest_stats("ktest"), sent);
+    // Which notification the guest saw: the upcall, or the MSI without upcalls.
+    let seen = reports.iter().find_map(|r| notifications(r));
+    checks.push((
+        format!(
+            "the guest was notified by {} ((MSIs, upcalls) on cpu 0: {seen:?})",
+            if upcalls {
+                "the upcall, not the MSI"
+            } else {
+                "the MSI"
+            }
+        ),
+        seen == Some(if upcalls { (0, 1) } else { (1, 0) }),
+    ));
     Ok((checks, reports, run.log))
+}
+
+/// (MSI notifications, re-designation upcalls) on cpu 0 from the guest's report.
+fn notifications(report: &str) -> Option<(u64, u64)> {
+    let rest = report.strip_prefix("doorbell re-designation: ")?;
+    let num_before = |marker: &str| -> Option<u64> {
+        rest.split_once(marker)?.0.rsplit(' ').next()?.parse().ok()
+    };
+    Some((
+        num_before(" notification(s) on cpu 0")?,
+        num_before(" re-designation upcall(s)")?,
+    ))
 }
 
 /// The count in the guest's "re-designation: ..., N events sent" report.
@@ -119,8 +170,13 @@ mod tests {
 
     #[test]
     fn counts_must_match() {
-        let r = "doorbell re-designation: monitor cpu 1 -> 0, 4000 events sent (0 while the notification was on its way), 1 notification(s) on cpu 0";
+        let r = "doorbell re-designation: monitor cpu 1 -> 0, 4000 events sent (0 while the notification was on its way), 1 notification(s) on cpu 0, 0 re-designation upcall(s) on cpu 0";
         assert_eq!(events_sent(r), Some(4000));
+        assert_eq!(notifications(r), Some((1, 0)));
+        assert_eq!(
+            notifications("doorbell re-designation: 1 notification(s) on cpu 0"),
+            None
+        );
         let mut g = json!({"exit_status": 0, "doorbell": {"rejected": {}},
             "marks": [{"label": 0x300, "sink_events": 10}, {"label": 0x301, "sink_events": 4010}],
             "upcalls": {"offered": true, "requested": {"redesignation": 1}, "delivered": {"redesignation": 1}}});
