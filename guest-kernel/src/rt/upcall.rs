@@ -129,6 +129,12 @@ pub fn enabled_here() -> bool {
     ENABLED_CPUS.load(Ordering::Acquire) & (1 << percpu::cpu_id()) != 0
 }
 
+/// True when CPU `cpu` takes upcalls.
+#[must_use]
+pub fn enabled_on(cpu: usize) -> bool {
+    cpu < 32 && ENABLED_CPUS.load(Ordering::Acquire) & (1 << cpu) != 0
+}
+
 /// Installs `handler` for `class` (replacing any). Upcalls of a class with no
 /// handler are still acknowledged and counted.
 pub fn register_upcall(class: Class, handler: UpcallHandler) {
