@@ -23,6 +23,9 @@ pub enum Call {
     /// events) under label RBX, so a test can measure what happened between
     /// two marks. The VMM reports the marks in its statistics.
     StatsMark = 3,
+    /// M5: deliver this guest's outbox now, before it resumes (the immediate
+    /// policy, and the lazy policy's way out when its outbox is full).
+    VmqFlush = 12,
     // Numbers reserved per mechanism so that they can grow independently:
     // 4–7 M4 (control flags), 8–11 M3 (upcalls), 12–19 M5 (VM queues),
     // 20–23 M1 (doorbells), 24–27 M2 (hints).
@@ -36,6 +39,7 @@ impl Call {
             1 => Some(Self::Exit),
             2 => Some(Self::MainReached),
             3 => Some(Self::StatsMark),
+            12 => Some(Self::VmqFlush),
             _ => None,
         }
     }
@@ -61,6 +65,7 @@ mod tests {
         assert_eq!(Call::from_raw(1), Some(Call::Exit));
         assert_eq!(Call::from_raw(2), Some(Call::MainReached));
         assert_eq!(Call::from_raw(3), Some(Call::StatsMark));
+        assert_eq!(Call::from_raw(12), Some(Call::VmqFlush));
         assert_eq!(Call::from_raw(0), None);
         assert_eq!(Call::from_raw(u32::MAX), None);
     }

@@ -13,3 +13,4 @@ pub mod doorbell;
 pub mod hypercall;
 pub mod layout;
 pub mod region;
+pub mod vmq;
