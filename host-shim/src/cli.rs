@@ -20,6 +20,7 @@ all have ended. Exit status: 0 when every guest exited with status 0, 1 otherwis
 usage errors. SIGINT/SIGTERM stop every guest cleanly.",
     after_help = "Example:\n  host-shim --guest name=a,kernel=ktest,vcpus=2,mem=256M \\\n            --guest name=b,kernel=ktest,cmdline=\"role=peer\" --stats-json stats.json"
 )]
+#[allow(clippy::struct_excessive_bools, reason = "command-line switches")]
 pub struct Cli {
     /// A guest to run; repeat for several. Comma-separated keys:
     /// name=NAME (default g0, g1, ...), kernel=PATH (required, a PVH ELF),
@@ -71,6 +72,12 @@ pub struct Cli {
     /// host CPU; the default (50) keeps an idle 2-core machine idle. 0 = park at once.
     #[arg(long, value_name = "N", default_value_t = crate::doorbell::monitor::DEFAULT_SPIN_US)]
     pub doorbell_spin_us: u64,
+
+    /// VM queues (M5): "on" gives every guest a VM-queue area (inbox, outbox,
+    /// directory of all guests by name, receive window) and offers it (CPUID
+    /// 0x40000001 bit VM_QUEUES, leaf 0x40000006).
+    #[arg(long, value_name = "on|off", default_value = "off", action = clap::ArgAction::Set, value_parser = parse_on_off)]
+    pub vmq: bool,
 
     /// Give up and stop all guests after this many seconds (0 = never).
     #[arg(long, value_name = "SECS", default_value_t = 0)]

@@ -30,6 +30,9 @@ pub fn decode(size: usize, rax: u64, rbx: u64) -> Action {
         },
         Some(Call::MainReached) => Action::MainReached { guest_us: rbx },
         Some(Call::StatsMark) => Action::StatsMark { label: rbx },
+        // The exit is the point: the VM-queue exit hook drains the outbox
+        // before the guest resumes (host-shim vmq).
+        Some(Call::VmqFlush) => Action::Return(Status::Ok),
         None => Action::Return(Status::UnknownCall),
     }
 }
@@ -61,6 +64,11 @@ mod tests {
     fn stats_mark_carries_its_label() {
         assert_eq!(decode(4, 3, 2), Action::StatsMark { label: 2 });
         assert_eq!(decode(2, 3, 2), Action::Return(Status::BadArgument));
+    }
+
+    #[test]
+    fn vmq_flush_resumes_ok() {
+        assert_eq!(decode(4, 12, 0), Action::Return(Status::Ok));
     }
 
     #[test]

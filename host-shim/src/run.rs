@@ -44,6 +44,8 @@ pub enum RunError {
     Tap(#[from] TapError),
     #[error("starting the doorbell monitors failed: {0}")]
     Monitors(std::io::Error),
+    #[error("VM queues: {0}")]
+    Vmq(#[from] crate::vmq::AttachError),
 }
 
 /// SIGINT and SIGTERM, blocked in every thread and taken synchronously by the main loop.
@@ -203,6 +205,8 @@ pub fn run(cli: &Cli, shim_start: Instant) -> Result<Report, RunError> {
     let counts: Vec<u32> = cli.guests.iter().map(|g| g.vcpus).collect();
     let mut placement = cli.pin.placement(&counts, ncpus).into_iter();
     let mut per_cpu: BTreeMap<usize, Vec<RingTask>> = BTreeMap::new();
+    let vmq_manager = Arc::new(crate::vmq::manager::Manager::new());
+    let mut vmq_counters = Vec::new();
     for cfg in &cli.guests {
         let err = |source| RunError::Guest {
             name: cfg.name.clone(),
@@ -228,6 +232,9 @@ pub fn run(cli: &Cli, shim_start: Instant) -> Result<Report, RunError> {
             p.add_mmio(bus.clone());
         }
         wire_doorbells(&mut g, &mut per_cpu, &cfg.name).map_err(RunError::Monitors)?;
+        if cli.vmq {
+            vmq_counters.push(crate::vmq::attach(&mut g, &vmq_manager)?);
+        }
         let ecam = EcamInfo {
             base: ecam::ECAM_BASE,
             start_bus: 0,
@@ -267,7 +274,8 @@ pub fn run(cli: &Cli, shim_start: Instant) -> Result<Report, RunError> {
     }
     // The monitors' last pass and kick counts land before the guests report.
     monitors.shutdown();
-    let guests = running.into_iter().map(|g| g.join(shim_start)).collect();
+    let mut guests: Vec<_> = running.into_iter().map(|g| g.join(shim_start)).collect();
+    crate::vmq::fill_reports(&mut guests, &vmq_counters);
     let report = Report {
         guests,
         shim_max_rss_kib: stats::max_rss_kib(),

@@ -399,6 +399,9 @@ pub struct GuestReport {
     pub doorbell: DoorbellReport,
     /// `StatsMark` snapshots, in order.
     pub marks: Vec<MarkReport>,
+    /// VM-queue counters (M5), when the shim offers VM queues.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vmq: Option<crate::vmq::manager::VmqReport>,
 }
 
 impl GuestReport {
