@@ -378,10 +378,22 @@ impl Manager {
             warn!(guest = %src.name, produced, consumed, "VM-queue outbox counter out of range");
             return out;
         }
+        // Destinations found full in this drain: later messages to them are
+        // refused too, so that a sender resending from its first refusal keeps
+        // its stream in order.
+        let mut full: Vec<u32> = Vec::new();
         while consumed != produced {
             let off = vmq::OUTBOX + vmq::entry_offset(consumed);
             let m = Message::decode(&inner.eps[id as usize].read_entry(off));
-            let status = match deliver(inner, id, &m) {
+            let result = if full.contains(&m.dest) {
+                Err(SendStatus::QueueFull)
+            } else {
+                deliver(inner, id, &m)
+            };
+            if result == Err(SendStatus::QueueFull) && !full.contains(&m.dest) {
+                full.push(m.dest);
+            }
+            let status = match result {
                 Ok(()) => {
                     out.delivered += 1;
                     SendStatus::Delivered

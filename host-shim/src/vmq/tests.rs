@@ -388,6 +388,13 @@ fn a_full_inbox_refuses_and_recovers() {
     assert_eq!(snd.status(k), SendStatus::QueueFull);
     assert_eq!(snd.counters.err_queue_full.load(Ordering::Relaxed), 1);
     assert_eq!(rcv.inbox_len(), RING_ENTRIES);
+    // A full destination does not hold up messages to others.
+    let other = TestGuest::new(&mgr, "other");
+    let k1 = snd.post(msg(rcv.id, 0, SRC, 64));
+    let k2 = snd.post(msg(other.id, 0, SRC, 64));
+    mgr.drain(snd.id);
+    assert_eq!(snd.status(k1), SendStatus::QueueFull);
+    assert_eq!(snd.status(k2), SendStatus::Delivered);
     rcv.consume(1);
     let k = snd.post(msg(rcv.id, 0, SRC, 64));
     mgr.drain(snd.id);
