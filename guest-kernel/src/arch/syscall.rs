@@ -68,7 +68,7 @@ fn forward_hypercall(call: u64, arg: u64) -> u64 {
         return SysError::NoSys as u64;
     }
     match u32::try_from(call).ok().and_then(Call::from_raw) {
-        Some(c @ (Call::MainReached | Call::StatsMark)) => exit::hypercall(c, arg),
+        Some(c @ (Call::MainReached | Call::StatsMark | Call::VmqFlush)) => exit::hypercall(c, arg),
         _ => SysError::Invalid as u64,
     }
 }

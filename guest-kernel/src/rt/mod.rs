@@ -17,3 +17,4 @@ pub mod start;
 pub mod sys;
 pub mod time;
 pub mod virtio;
+pub mod vmq;
