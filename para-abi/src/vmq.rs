@@ -189,8 +189,8 @@ impl SendStatus {
 /// An outbox entry: a message the guest sends.
 ///
 /// Bytes: 0..4 destination id, 4 policy, 5 transfer, 6 huge (1 = 2 MiB pages),
-/// 7 status, 8..12 length, 12..16 reserved, 16..24 guest-physical address,
-/// 24..32 tag (opaque, handed to the receiver).
+/// 7 status, 8..12 length, 12 flags ([`Message::HOLD`]), 13..16 reserved,
+/// 16..24 guest-physical address, 24..32 tag (opaque, handed to the receiver).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Message {
     pub dest: u32,
@@ -199,11 +199,17 @@ pub struct Message {
     pub huge: bool,
     pub status: u8,
     pub len: u32,
+    pub flags: u8,
     pub addr: u64,
     pub tag: u64,
 }
 
 impl Message {
+    /// When the destination is full, leave this message (and the rest of the
+    /// outbox) for a later exit instead of refusing it with `QueueFull`:
+    /// back-pressure that keeps a stream in order.
+    pub const HOLD: u8 = 1;
+
     #[must_use]
     pub fn encode(&self) -> [u8; ENTRY_SIZE] {
         let mut b = [0u8; ENTRY_SIZE];
@@ -213,6 +219,7 @@ impl Message {
         b[6] = u8::from(self.huge);
         b[7] = self.status;
         b[8..12].copy_from_slice(&self.len.to_le_bytes());
+        b[12] = self.flags;
         b[16..24].copy_from_slice(&self.addr.to_le_bytes());
         b[24..32].copy_from_slice(&self.tag.to_le_bytes());
         b
@@ -228,6 +235,7 @@ impl Message {
             huge: b[6] != 0,
             status: b[7],
             len: u32::from_le_bytes([b[8], b[9], b[10], b[11]]),
+            flags: b[12],
             addr: u64::from_le_bytes([b[16], b[17], b[18], b[19], b[20], b[21], b[22], b[23]]),
             tag: u64::from_le_bytes([b[24], b[25], b[26], b[27], b[28], b[29], b[30], b[31]]),
         }
@@ -413,8 +421,8 @@ mod tests {
     proptest! {
         #[test]
         fn messages_round_trip(dest: u32, policy: u8, transfer: u8, huge: bool, status: u8,
-                               len: u32, addr: u64, tag: u64) {
-            let m = Message { dest, policy, transfer, huge, status, len, addr, tag };
+                               len: u32, flags: u8, addr: u64, tag: u64) {
+            let m = Message { dest, policy, transfer, huge, status, len, flags, addr, tag };
             prop_assert_eq!(Message::decode(&m.encode()), m);
         }
 
@@ -477,6 +485,7 @@ mod tests {
             huge: false,
             status: 0,
             len: 4096,
+            flags: 0,
             addr: 0x20_0000,
             tag: 0,
         };

@@ -38,6 +38,8 @@ pub struct VmqCounters {
     /// Drains that found at least one message (flush hypercalls are counted
     /// with the shim's exits by reason, `hypercall`).
     pub drains: AtomicU64,
+    /// Drains stopped at a full destination by a [`Message::HOLD`] message.
+    pub held: AtomicU64,
     /// Arrival interrupts sent to this guest (inbox empty → non-empty).
     pub notifications: AtomicU64,
     pub err_outside_ram: AtomicU64,
@@ -63,6 +65,7 @@ pub struct VmqReport {
     pub bytes_received: u64,
     pub remap_mmaps: u64,
     pub drains: u64,
+    pub held: u64,
     pub notifications: u64,
     pub errors: std::collections::BTreeMap<&'static str, u64>,
     pub bad_ring: u64,
@@ -96,6 +99,7 @@ impl VmqCounters {
             bytes_received: g(&self.bytes_received),
             remap_mmaps: g(&self.remap_mmaps),
             drains: g(&self.drains),
+            held: g(&self.held),
             notifications: g(&self.notifications),
             errors: [
                 ("outside_ram", g(&self.err_outside_ram)),
@@ -390,6 +394,11 @@ impl Manager {
             } else {
                 deliver(inner, id, &m)
             };
+            if result == Err(SendStatus::QueueFull) && m.flags & Message::HOLD != 0 {
+                // Back-pressure: this and everything after it wait for a later exit.
+                counters.held.fetch_add(1, Ordering::Relaxed);
+                break;
+            }
             if result == Err(SendStatus::QueueFull) && !full.contains(&m.dest) {
                 full.push(m.dest);
             }

@@ -144,6 +144,7 @@ fn msg(dest: u32, transfer: u8, addr: u64, len: u32) -> Message {
         huge: false,
         status: 0,
         len,
+        flags: 0,
         addr,
         tag: 0x7a9,
     }
@@ -399,6 +400,29 @@ fn a_full_inbox_refuses_and_recovers() {
     let k = snd.post(msg(rcv.id, 0, SRC, 64));
     mgr.drain(snd.id);
     assert_eq!(snd.status(k), SendStatus::Delivered);
+    // HOLD: a full destination leaves the message pending for a later exit.
+    let held = Message {
+        flags: Message::HOLD,
+        ..msg(rcv.id, 0, SRC, 64)
+    };
+    let k1 = snd.post(held);
+    let k2 = snd.post(msg(other.id, 0, SRC, 64));
+    assert_eq!(mgr.drain(snd.id), Drained::default());
+    assert_eq!(
+        (snd.status(k1), snd.status(k2)),
+        (SendStatus::Pending, SendStatus::Pending)
+    );
+    assert!(Manager::outbox_pending(snd.area));
+    assert_eq!(snd.counters.held.load(Ordering::Relaxed), 1);
+    rcv.consume(1);
+    assert_eq!(
+        mgr.drain(snd.id),
+        Drained {
+            delivered: 2,
+            failed: 0
+        }
+    );
+    assert_eq!(snd.status(k1), SendStatus::Delivered);
 }
 
 #[test]
