@@ -225,12 +225,18 @@ impl Vmq {
     /// The oldest arrival, without consuming it.
     #[must_use]
     pub fn peek(&self) -> Option<Arrival> {
-        if self.is_empty() {
+        self.peek_at(0)
+    }
+
+    /// The `k`-th oldest arrival, without consuming anything.
+    #[must_use]
+    pub fn peek_at(&self, k: u32) -> Option<Arrival> {
+        if k >= self.len() {
             return None;
         }
         let c = self.ctr(vmq::INBOX + RING_CONSUMED).load(Ordering::Relaxed);
         let mut b = [0u8; ENTRY_SIZE];
-        self.read(vmq::INBOX + vmq::entry_offset(c), &mut b);
+        self.read(vmq::INBOX + vmq::entry_offset(c.wrapping_add(k)), &mut b);
         Some(Arrival::decode(&b))
     }
 
@@ -246,6 +252,13 @@ impl Vmq {
         // SAFETY: inside the receive window (checked), mapped for ring 3; the
         // shim does not touch an arrival's pages until we consume it.
         Some(unsafe { core::slice::from_raw_parts(a.addr as *const u8, a.len as usize) })
+    }
+
+    /// Where arrival `a`'s bytes are, for writing them in place (the guest
+    /// owns them until it consumes the arrival); `None` outside the window.
+    #[must_use]
+    pub fn bytes_ptr(&self, a: &Arrival) -> Option<(*mut u8, usize)> {
+        self.bytes(a).map(|s| (s.as_ptr().cast_mut(), s.len()))
     }
 
     /// Hands the oldest arrival's pages back to the shim.
