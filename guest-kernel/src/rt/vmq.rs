@@ -277,6 +277,12 @@ impl Vmq {
         if self.posted() != self.done() {
             self.flush();
         }
-        irq::wait_until(|| !self.is_empty());
+        // Pairs with the shim's fence between storing `produced` and loading
+        // `consumed`: our last `consumed` store is visible before we read
+        // `produced`, so one of us sees the other and no wake-up is lost.
+        irq::wait_until(|| {
+            core::sync::atomic::fence(Ordering::SeqCst);
+            !self.is_empty()
+        });
     }
 }

@@ -26,6 +26,7 @@ const WINDOW_PAGES: usize = (vmq::WINDOW_SIZE / PAGE) as usize;
 /// under `vmq`.
 #[derive(Debug, Default)]
 pub struct VmqCounters {
+    /// Messages delivered, by the policy they asked for.
     pub sent_immediate: AtomicU64,
     pub sent_lazy: AtomicU64,
     pub delivered_copy: AtomicU64,
@@ -475,13 +476,11 @@ fn deliver(inner: &mut Inner, from: u32, m: &Message) -> Result<(), SendStatus> 
     let (policy, transfer) = m.check()?;
     let src = &inner.eps[from as usize];
     let counters = src.counters.clone();
-    match policy {
-        Policy::Immediate => counters.sent_immediate.fetch_add(1, Ordering::Relaxed),
-        Policy::Lazy => counters.sent_lazy.fetch_add(1, Ordering::Relaxed),
-        // The doorbell path is not offered yet: say so rather than deliver it
-        // under another policy.
-        Policy::Doorbell => return Err(SendStatus::BadDescriptor),
-    };
+    // The doorbell path is not offered yet: say so rather than deliver it
+    // under another policy.
+    if policy == Policy::Doorbell {
+        return Err(SendStatus::BadDescriptor);
+    }
     if m.dest == from {
         return Err(SendStatus::BadDescriptor);
     }
@@ -568,11 +567,20 @@ fn deliver(inner: &mut Inner, from: u32, m: &Message) -> Result<(), SendStatus> 
     dst.inbox_produced = index.wrapping_add(1);
     dst.u32_at(vmq::INBOX + RING_PRODUCED)
         .store(dst.inbox_produced, Ordering::Release);
+    // Store `produced`, then load `consumed`, while the guest stores `consumed`
+    // and then loads `produced` before it halts: without a full fence on both
+    // sides each may see the other's old value (x86 store buffering, SDM vol 3
+    // §9.2.3.4) and the guest sleeps on a non-empty inbox.
+    std::sync::atomic::fence(Ordering::SeqCst);
+    let now_consumed = dst
+        .u32_at(vmq::INBOX + RING_CONSUMED)
+        .load(Ordering::Acquire);
+    let was_empty = occupied == 0 || now_consumed == index;
     dst.counters.received.fetch_add(1, Ordering::Relaxed);
     dst.counters
         .bytes_received
         .fetch_add(u64::from(m.len), Ordering::Relaxed);
-    if occupied == 0 {
+    if was_empty {
         notify_arrival(dst);
     }
     Ok(())
