@@ -548,6 +548,11 @@ fn deliver(inner: &mut Inner, from: u32, m: &Message) -> Result<(), SendStatus> 
     counters
         .bytes_sent
         .fetch_add(u64::from(m.len), Ordering::Relaxed);
+    match policy {
+        Policy::Lazy => &counters.sent_lazy,
+        _ => &counters.sent_immediate,
+    }
+    .fetch_add(1, Ordering::Relaxed);
 
     let dst = &mut inner.eps[to];
     let index = dst.inbox_produced;
