@@ -18,6 +18,7 @@ mod report;
 mod stats;
 mod svg;
 mod sys;
+mod vmq;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -184,7 +185,7 @@ pub trait Suite {
 
 /// Every suite, in the order `cargo xtask bench` runs them.
 fn all_suites() -> Vec<Box<dyn Suite>> {
-    Vec::new()
+    vec![Box::new(vmq::Vmq)]
 }
 
 /// The suite names, for `--help` and errors.
