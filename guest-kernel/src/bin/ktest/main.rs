@@ -26,6 +26,8 @@ mod pci;
 mod smp;
 #[cfg(target_os = "none")]
 mod time;
+#[cfg(target_os = "none")]
+mod vmq;
 
 #[cfg(target_os = "none")]
 mod guest {
