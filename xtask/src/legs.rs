@@ -477,7 +477,7 @@ fn run_pipelines(leg: &Leg, opts: &Options) -> (LegOutcome, Vec<String>, Option<
                 ));
             }
             reports.push(format!(
-                "report: pipeline {tag}: {:.1} MiB/s, transform {} sends, {} flushes, {} exits",
+                "pipeline {tag}: {:.1} MiB/s, transform {} sends, {} flushes, {} exits",
                 r.mib_per_s, t.sends, t.flushes, t.exits
             ));
         }
