@@ -99,7 +99,7 @@ pub const LEGS: &[Leg] = &[
     },
     Leg {
         name: "shim-pipeline",
-        about: "three guests move 64 MiB read → transform → write over VM queues, immediate/copy, immediate/remap and lazy/copy: every byte verified; lazy sends far outnumber flush exits",
+        about: "three guests move 64 MiB read → transform → write over VM queues under immediate and lazy, copy and remap: every byte verified; under lazy the transform sends ≥ 8 × its flush exits",
         kind: LegKind::ShimPipeline,
     },
     Leg {
