@@ -78,8 +78,10 @@ pub struct GuestFigures {
     pub exits: u64,
     /// Messages this guest sent (delivered).
     pub sends: u64,
-    /// Its flush hypercalls (the exits it made on purpose).
+    /// Its flush hypercalls (the exits it made on purpose), as it reports them.
     pub flushes: u64,
+    /// Hypercall exits the shim counted for it (flushes + main-reached + exit).
+    pub hypercall_exits: u64,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -164,6 +166,11 @@ pub fn on_shim(o: &Options, label: &str, mut echo: impl FnMut(&str)) -> Result<O
                 v["sent_immediate"].as_u64().unwrap_or(0) + v["sent_lazy"].as_u64().unwrap_or(0)
             }),
             flushes: field(sender, "flushes").unwrap_or(0),
+            hypercall_exits: stats.and_then(|g| g["vcpus"].as_array()).map_or(0, |v| {
+                v.iter()
+                    .filter_map(|c| c["exits"]["hypercall"].as_u64())
+                    .sum()
+            }),
         };
         if name == "read" {
             out.bytes_sent = vmq.and_then(|v| v["bytes_sent"].as_u64()).unwrap_or(0);
@@ -206,6 +213,7 @@ pub fn json(o: &Options, r: &Outcome) -> Value {
         "mib_per_s": r.mib_per_s,
         "guests": r.guests.iter().map(|g| json!({
             "name": g.name, "exits": g.exits, "sends": g.sends, "flushes": g.flushes,
+            "hypercall_exits": g.hypercall_exits,
         })).collect::<Vec<_>>(),
     })
 }

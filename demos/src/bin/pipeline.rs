@@ -135,11 +135,7 @@ mod guest {
     /// Waits (flushing: the shim only acts at an exit) until slot `index` is
     /// done; its status must be Delivered.
     fn settle(q: &Vmq, index: u32) -> Result<(), &'static str> {
-        while !is_done(q, index) {
-            q.flush();
-            core::hint::spin_loop();
-        }
-        match q.status(index) {
+        match q.settle(index) {
             SendStatus::Delivered => Ok(()),
             _ => Err("a message was refused"),
         }

@@ -11,9 +11,10 @@
 
 use crate::abi::vector;
 use crate::arch::BOOT;
-use crate::rt::{irq, sys};
+use crate::rt::{irq, sys, time};
 use core::fmt;
 use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use core::time::Duration;
 use para_abi::discovery::{self, features};
 use para_abi::hypercall::Call;
 use para_abi::layout::area;
@@ -51,6 +52,11 @@ pub struct Vmq {
     /// Flush hypercalls made (each one exit).
     pub flushes: AtomicU64,
 }
+
+/// How long a sender held back by a full destination sleeps between flushes:
+/// long enough for the receiver to make room, short next to a halt's ~140 µs
+/// wake-up here (DESIGN §7).
+pub const BACKOFF: Duration = Duration::from_micros(50);
 
 static VMQ: spin::Once<Result<Vmq, VmqError>> = spin::Once::new();
 
@@ -198,6 +204,7 @@ impl Vmq {
     /// Posts `m`, flushing first when the outbox is full, and flushing after it
     /// under [`Policy::Immediate`] (the status is then final on return).
     pub fn send(&self, m: &Message) -> u32 {
+        let mut flushed = false;
         loop {
             if let Some(i) = self.post(m) {
                 if m.policy == Policy::Immediate as u8 {
@@ -205,8 +212,33 @@ impl Vmq {
                 }
                 return i;
             }
+            if flushed {
+                // Still full after a flush: a destination is holding messages
+                // back (`Message::HOLD`). Sleep rather than exit again at once.
+                time::sleep(BACKOFF);
+            }
             self.flush();
+            flushed = true;
         }
+    }
+
+    /// Flushes until outbox slot `index` has been acted on, sleeping
+    /// [`BACKOFF`] between flushes that did not get it through.
+    pub fn settle(&self, index: u32) -> SendStatus {
+        let mut flushed = false;
+        while self
+            .done()
+            .wrapping_sub(index.wrapping_add(1))
+            .cast_signed()
+            < 0
+        {
+            if flushed {
+                time::sleep(BACKOFF);
+            }
+            self.flush();
+            flushed = true;
+        }
+        self.status(index)
     }
 
     /// Arrivals waiting in the inbox (a plain read, no exit).
