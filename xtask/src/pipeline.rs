@@ -82,6 +82,9 @@ pub struct GuestFigures {
     pub flushes: u64,
     /// Hypercall exits the shim counted for it (flushes + main-reached + exit).
     pub hypercall_exits: u64,
+    /// Drains the shim stopped at a full destination (`Message::HOLD`): exits
+    /// that moved nothing because the receiver lagged.
+    pub held: u64,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -213,7 +216,7 @@ pub fn json(o: &Options, r: &Outcome) -> Value {
         "mib_per_s": r.mib_per_s,
         "guests": r.guests.iter().map(|g| json!({
             "name": g.name, "exits": g.exits, "sends": g.sends, "flushes": g.flushes,
-            "hypercall_exits": g.hypercall_exits,
+            "hypercall_exits": g.hypercall_exits, "held": g.held,
         })).collect::<Vec<_>>(),
     })
 }

@@ -185,6 +185,7 @@ mod guest {
         // Outbox slot of each forwarded, not yet consumed arrival, oldest first.
         let mut inflight: alloc::collections::VecDeque<u32> = alloc::collections::VecDeque::new();
         let (mut forwarded, mut consumed) = (0u64, 0u64);
+        let mut backoff = vmq::Backoff::default();
         while consumed < n {
             // Arrivals whose forward is done go back to the shim, in order.
             while let Some(&i) = inflight.front() {
@@ -197,6 +198,7 @@ mod guest {
                 q.consume();
                 inflight.pop_front();
                 consumed += 1;
+                backoff.reset();
             }
             let k = inflight.len() as u32;
             if let Some(a) = q.peek_at(k) {
@@ -213,7 +215,10 @@ mod guest {
                 inflight.push_back(post(q, &message(cfg, a.addr, a.len, a.tag)));
                 forwarded += 1;
             } else if !inflight.is_empty() {
-                // Nothing new: make the exit that moves what waits.
+                // Nothing new: make the exit that moves what waits; if the
+                // last one did not get it through, the writer is holding it
+                // back, so sleep before trying again.
+                backoff.pause();
                 q.flush();
             } else if consumed < n {
                 q.wait();

@@ -53,10 +53,36 @@ pub struct Vmq {
     pub flushes: AtomicU64,
 }
 
-/// How long a sender held back by a full destination sleeps between flushes:
-/// long enough for the receiver to make room, short next to a halt's ~140 µs
-/// wake-up here (DESIGN §7).
+/// How long a sender held back by a full destination first sleeps between
+/// flushes; each futile flush doubles it up to [`BACKOFF_MAX`]. A flush is an
+/// exit (~30 µs here): a receiver that lags should not cost one per poll.
 pub const BACKOFF: Duration = Duration::from_micros(50);
+pub const BACKOFF_MAX: Duration = Duration::from_millis(1);
+
+/// Exponential back-off between flushes that did not get a message through.
+#[derive(Debug, Default)]
+pub struct Backoff {
+    next: Option<Duration>,
+}
+
+impl Backoff {
+    /// Sleeps (not on the first call after a reset), then lengthens the next sleep.
+    pub fn pause(&mut self) {
+        if let Some(d) = self.next {
+            time::sleep(d);
+            self.next = Some((d * 2).min(BACKOFF_MAX));
+        } else {
+            self.next = Some(BACKOFF);
+        }
+    }
+
+    /// Progress was made: the next pause sleeps the shortest time. (Not
+    /// none: a receiver that just made room for one message is usually still
+    /// nearly full, and an immediate flush would mostly bounce.)
+    pub fn reset(&mut self) {
+        self.next = Some(BACKOFF);
+    }
+}
 
 static VMQ: spin::Once<Result<Vmq, VmqError>> = spin::Once::new();
 
@@ -204,7 +230,7 @@ impl Vmq {
     /// Posts `m`, flushing first when the outbox is full, and flushing after it
     /// under [`Policy::Immediate`] (the status is then final on return).
     pub fn send(&self, m: &Message) -> u32 {
-        let mut flushed = false;
+        let mut backoff = Backoff::default();
         loop {
             if let Some(i) = self.post(m) {
                 if m.policy == Policy::Immediate as u8 {
@@ -212,31 +238,25 @@ impl Vmq {
                 }
                 return i;
             }
-            if flushed {
-                // Still full after a flush: a destination is holding messages
-                // back (`Message::HOLD`). Sleep rather than exit again at once.
-                time::sleep(BACKOFF);
-            }
+            // Still full after a flush: a destination is holding messages
+            // back (`Message::HOLD`); sleep rather than exit again at once.
+            backoff.pause();
             self.flush();
-            flushed = true;
         }
     }
 
-    /// Flushes until outbox slot `index` has been acted on, sleeping
-    /// [`BACKOFF`] between flushes that did not get it through.
+    /// Flushes until outbox slot `index` has been acted on, backing off
+    /// between flushes that did not get it through.
     pub fn settle(&self, index: u32) -> SendStatus {
-        let mut flushed = false;
+        let mut backoff = Backoff::default();
         while self
             .done()
             .wrapping_sub(index.wrapping_add(1))
             .cast_signed()
             < 0
         {
-            if flushed {
-                time::sleep(BACKOFF);
-            }
+            backoff.pause();
             self.flush();
-            flushed = true;
         }
         self.status(index)
     }
