@@ -174,6 +174,7 @@ pub fn on_shim(o: &Options, label: &str, mut echo: impl FnMut(&str)) -> Result<O
                     .filter_map(|c| c["exits"]["hypercall"].as_u64())
                     .sum()
             }),
+            held: vmq.and_then(|v| v["held"].as_u64()).unwrap_or(0),
         };
         if name == "read" {
             out.bytes_sent = vmq.and_then(|v| v["bytes_sent"].as_u64()).unwrap_or(0);
