@@ -40,6 +40,8 @@ pub enum RemapError {
     },
     #[error("punching a hole in a page file: {0}")]
     Punch(std::io::Error),
+    #[error("host page {0:#x} is in no VM-queue mapping")]
+    Unmapped(usize),
 }
 
 const PAGE: u64 = 4096;
@@ -107,12 +109,17 @@ impl Backings {
     /// number of `mmap` calls made (runs of file-contiguous pages share one).
     pub fn exchange(&mut self, src: usize, dst: usize, pages: usize) -> Result<u64, RemapError> {
         let step = PAGE as usize;
-        let src_pages: Vec<FilePage> = (0..pages)
-            .map(|i| self.backing(src + i * step).expect("src inside a mapping"))
-            .collect();
-        let dst_pages: Vec<FilePage> = (0..pages)
-            .map(|i| self.backing(dst + i * step).expect("dst inside a mapping"))
-            .collect();
+        let lookup = |base: usize| -> Result<Vec<FilePage>, RemapError> {
+            (0..pages)
+                .map(|i| {
+                    let a = base + i * step;
+                    self.backing(a).ok_or(RemapError::Unmapped(a))
+                })
+                .collect()
+        };
+        // Checked by the manager already; refused here too rather than trusted.
+        let src_pages = lookup(src)?;
+        let dst_pages = lookup(dst)?;
         let mut calls = self.map_runs(dst, &src_pages)?;
         // The destination no longer shows its old pages; zero them before the
         // sender sees them, so no earlier arrival's bytes reach it.
