@@ -166,8 +166,9 @@ fn wire_doorbells(
     g: &mut Guest,
     per_cpu: &mut BTreeMap<usize, Vec<RingTask>>,
     name: &str,
+    extra: Vec<Target>,
 ) -> std::io::Result<()> {
-    let targets = g
+    let mut targets: Vec<Target> = g
         .nics
         .iter()
         .map(|n| Target {
@@ -179,6 +180,7 @@ fn wire_doorbells(
                 .collect(),
         })
         .collect();
+    targets.extend(extra);
     let doorbells = Arc::new(GuestDoorbells::new(name, targets));
     g.attach_doorbells(doorbells.clone());
     if let Some(region) = &g.para {
@@ -205,8 +207,7 @@ pub fn run(cli: &Cli, shim_start: Instant) -> Result<Report, RunError> {
     let counts: Vec<u32> = cli.guests.iter().map(|g| g.vcpus).collect();
     let mut placement = cli.pin.placement(&counts, ncpus).into_iter();
     let mut per_cpu: BTreeMap<usize, Vec<RingTask>> = BTreeMap::new();
-    let vmq_manager = Arc::new(crate::vmq::manager::Manager::new());
-    let mut vmq_counters = Vec::new();
+    let mut vmq = crate::vmq::Setup::default();
     for cfg in &cli.guests {
         let err = |source| RunError::Guest {
             name: cfg.name.clone(),
@@ -231,10 +232,12 @@ pub fn run(cli: &Cli, shim_start: Instant) -> Result<Report, RunError> {
             p.add_pio(bus.clone());
             p.add_mmio(bus.clone());
         }
-        wire_doorbells(&mut g, &mut per_cpu, &cfg.name).map_err(RunError::Monitors)?;
-        if cli.vmq {
-            vmq_counters.push(crate::vmq::attach(&mut g, &vmq_manager)?);
-        }
+        let extra = if cli.vmq {
+            vmq.attach(&mut g, cli.doorbells)?
+        } else {
+            Vec::new()
+        };
+        wire_doorbells(&mut g, &mut per_cpu, &cfg.name, extra).map_err(RunError::Monitors)?;
         let ecam = EcamInfo {
             base: ecam::ECAM_BASE,
             start_bus: 0,
@@ -275,7 +278,7 @@ pub fn run(cli: &Cli, shim_start: Instant) -> Result<Report, RunError> {
     // The monitors' last pass and kick counts land before the guests report.
     monitors.shutdown();
     let mut guests: Vec<_> = running.into_iter().map(|g| g.join(shim_start)).collect();
-    crate::vmq::fill_reports(&mut guests, &vmq_counters);
+    vmq.finish(&mut guests);
     let report = Report {
         guests,
         shim_max_rss_kib: stats::max_rss_kib(),

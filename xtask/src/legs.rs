@@ -99,7 +99,7 @@ pub const LEGS: &[Leg] = &[
     },
     Leg {
         name: "shim-pipeline",
-        about: "three guests move 64 MiB read → transform → write over VM queues under immediate and lazy, copy and remap: every byte verified; under lazy the transform sends ≥ 8 × its flush exits",
+        about: "three guests move 64 MiB read → transform → write over VM queues under immediate and lazy (copy and remap) and doorbell (copy): every byte verified; under lazy and doorbell the transform's sends ≥ 8 × its own hypercall exits",
         kind: LegKind::ShimPipeline,
     },
     Leg {
@@ -446,6 +446,7 @@ fn run_pipelines(leg: &Leg, opts: &Options) -> (LegOutcome, Vec<String>, Option<
         (Policy::Immediate, Transfer::Remap),
         (Policy::Lazy, Transfer::Copy),
         (Policy::Lazy, Transfer::Remap),
+        (Policy::Doorbell, Transfer::Copy),
     ] {
         let o = pipeline::Options {
             policy,
@@ -467,7 +468,8 @@ fn run_pipelines(leg: &Leg, opts: &Options) -> (LegOutcome, Vec<String>, Option<
         };
         checks.extend(r.checks.iter().map(|(n, ok)| (format!("{tag}: {n}"), *ok)));
         if let Some(t) = r.guests.iter().find(|g| g.name == "transform") {
-            if policy == Policy::Lazy {
+            if policy != Policy::Immediate {
+                // Lazy and doorbell sends make no exit of their own.
                 // The shim's own counts, not the guest's word. Exits that
                 // bounced off a full writer (`held`) are the receiver's lag,
                 // not the send's, and vary with scheduling (reported, not

@@ -19,6 +19,8 @@ pub enum Policy {
     Immediate,
     /// Messages wait in the outbox until the sender's next exit.
     Lazy,
+    /// An M1 doorbell event has the shim's monitor thread deliver them.
+    Doorbell,
 }
 
 /// How the shim moves the bytes.
@@ -35,6 +37,7 @@ impl Policy {
         match self {
             Self::Immediate => "immediate",
             Self::Lazy => "lazy",
+            Self::Doorbell => "doorbell",
         }
     }
 }

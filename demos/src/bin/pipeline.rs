@@ -3,7 +3,7 @@
 //! forwards the pages, *write* checks every byte arrived in order and reports.
 //! Kernel command line (every role):
 //! `pipeline.role=read|transform|write [pipeline.next=NAME] [pipeline.mib=64]
-//!  [pipeline.msg=65536] [pipeline.policy=immediate|lazy] [pipeline.transfer=copy|remap]`
+//!  [pipeline.msg=65536] [pipeline.policy=immediate|lazy|doorbell] [pipeline.transfer=copy|remap]`
 //!
 //! The writer prints `pipeline-result: {json}` with the bytes verified and
 //! MiB/s (TSC-timed from its first arrival to its last); every role prints a
@@ -71,6 +71,7 @@ mod guest {
         let cfg = Cfg {
             policy: match c.get("pipeline.policy") {
                 Some("lazy") => Policy::Lazy,
+                Some("doorbell") => Policy::Doorbell,
                 _ => Policy::Immediate,
             },
             transfer: match c.get("pipeline.transfer") {

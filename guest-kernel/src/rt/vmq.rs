@@ -221,20 +221,38 @@ impl Vmq {
         Some(p)
     }
 
+    /// Tells the shim through an M1 doorbell event that doorbell-policy
+    /// messages wait: its monitor thread has a worker drain the outbox, with
+    /// no exit of ours (unless the monitor is parked and needs a kick).
+    /// Without doorbells, a flush does the same with an exit.
+    pub fn ring(&self) {
+        use para_abi::doorbell::{Event, Op, device};
+        match super::doorbell::get() {
+            Ok(d) => {
+                // `Doorbells::send` has already kicked a parked monitor.
+                let _ = d.send(Event::new(device::VMQ, 0, Op::Notify));
+            }
+            Err(_) => self.flush(),
+        }
+    }
+
     /// Makes the exit that delivers the outbox now (one hypercall).
     pub fn flush(&self) {
         self.flushes.fetch_add(1, Ordering::Relaxed);
         let _ = sys::hypercall(Call::VmqFlush, 0);
     }
 
-    /// Posts `m`, flushing first when the outbox is full, and flushing after it
-    /// under [`Policy::Immediate`] (the status is then final on return).
+    /// Posts `m`, flushing first when the outbox is full; then flushes under
+    /// [`Policy::Immediate`] (the status is final on return) or rings the
+    /// doorbell under [`Policy::Doorbell`].
     pub fn send(&self, m: &Message) -> u32 {
         let mut backoff = Backoff::default();
         loop {
             if let Some(i) = self.post(m) {
                 if m.policy == Policy::Immediate as u8 {
                     self.flush();
+                } else if m.policy == Policy::Doorbell as u8 {
+                    self.ring();
                 }
                 return i;
             }

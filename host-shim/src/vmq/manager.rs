@@ -29,6 +29,7 @@ pub struct VmqCounters {
     /// Messages delivered, by the policy they asked for.
     pub sent_immediate: AtomicU64,
     pub sent_lazy: AtomicU64,
+    pub sent_doorbell: AtomicU64,
     pub delivered_copy: AtomicU64,
     pub delivered_remap: AtomicU64,
     pub bytes_sent: AtomicU64,
@@ -59,6 +60,7 @@ pub struct VmqReport {
     pub id: u32,
     pub sent_immediate: u64,
     pub sent_lazy: u64,
+    pub sent_doorbell: u64,
     pub delivered_copy: u64,
     pub delivered_remap: u64,
     pub bytes_sent: u64,
@@ -93,6 +95,7 @@ impl VmqCounters {
             id,
             sent_immediate: g(&self.sent_immediate),
             sent_lazy: g(&self.sent_lazy),
+            sent_doorbell: g(&self.sent_doorbell),
             delivered_copy: g(&self.delivered_copy),
             delivered_remap: g(&self.delivered_remap),
             bytes_sent: g(&self.bytes_sent),
@@ -476,11 +479,7 @@ fn deliver(inner: &mut Inner, from: u32, m: &Message) -> Result<(), SendStatus> 
     let (policy, transfer) = m.check()?;
     let src = &inner.eps[from as usize];
     let counters = src.counters.clone();
-    // The doorbell path is not offered yet: say so rather than deliver it
-    // under another policy.
-    if policy == Policy::Doorbell {
-        return Err(SendStatus::BadDescriptor);
-    }
+
     if m.dest == from {
         return Err(SendStatus::BadDescriptor);
     }
@@ -549,8 +548,9 @@ fn deliver(inner: &mut Inner, from: u32, m: &Message) -> Result<(), SendStatus> 
         .bytes_sent
         .fetch_add(u64::from(m.len), Ordering::Relaxed);
     match policy {
+        Policy::Immediate => &counters.sent_immediate,
         Policy::Lazy => &counters.sent_lazy,
-        _ => &counters.sent_immediate,
+        Policy::Doorbell => &counters.sent_doorbell,
     }
     .fetch_add(1, Ordering::Relaxed);
 

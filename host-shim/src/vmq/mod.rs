@@ -40,6 +40,8 @@ pub enum AttachError {
     Manager(#[from] manager::VmqError),
     #[error(transparent)]
     Offer(#[from] VmError),
+    #[error("VM-queue doorbell worker: {0}")]
+    Worker(std::io::Error),
 }
 
 /// A guest's VM-queue area, host side: a memfd mapping of `vmq::AREA_SIZE` bytes.
@@ -170,10 +172,98 @@ pub fn attach(g: &mut Guest, manager: &Arc<Manager>) -> Result<Arc<VmqCounters>,
     Ok(counters)
 }
 
-/// Puts each guest's VM-queue counters into its report. `counters[i]` belongs to
-/// manager id `i`, which is the guest's position when every guest has VM queues.
-pub fn fill_reports(reports: &mut [crate::stats::GuestReport], counters: &[Arc<VmqCounters>]) {
-    for (i, (r, c)) in reports.iter_mut().zip(counters).enumerate() {
-        r.vmq = Some(c.report(i as u32));
+/// Every guest's VM-queue wiring for one shim run.
+#[derive(Default)]
+pub struct Setup {
+    pub manager: Arc<Manager>,
+    counters: Vec<Arc<VmqCounters>>,
+    workers: Vec<DoorbellWorker>,
+}
+
+impl Setup {
+    /// Attaches guest `g`; with `doorbells`, also returns the doorbell target
+    /// for its outbox (the doorbell policy), for `GuestDoorbells`.
+    pub fn attach(
+        &mut self,
+        g: &mut Guest,
+        doorbells: bool,
+    ) -> Result<Vec<crate::doorbell::Target>, AttachError> {
+        self.counters.push(attach(g, &self.manager)?);
+        if !doorbells {
+            return Ok(Vec::new());
+        }
+        let (target, worker) =
+            doorbell_target(&self.manager, self.counters.len() - 1).map_err(AttachError::Worker)?;
+        self.workers.push(worker);
+        Ok(vec![target])
     }
+
+    /// Stops the doorbell workers and puts each guest's counters into its
+    /// report. Ids are positions: every guest has VM queues or none does.
+    pub fn finish(self, reports: &mut [crate::stats::GuestReport]) {
+        drop(self.workers);
+        for (i, (r, c)) in reports.iter_mut().zip(&self.counters).enumerate() {
+            r.vmq = Some(c.report(i as u32));
+        }
+    }
+}
+
+/// The doorbell policy's host half: the guest's doorbell events for device
+/// `para_abi::doorbell::device::VMQ` make the M1 monitor thread write this
+/// eventfd (a `doorbell::Target`); a worker thread waits on it and drains the
+/// guest's outbox. No vCPU exit is involved.
+pub struct DoorbellWorker {
+    pub fd: vmm_sys_util::eventfd::EventFd,
+    thread: Option<std::thread::JoinHandle<()>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl DoorbellWorker {
+    /// Starts the worker for manager id `id`.
+    pub fn start(manager: Arc<Manager>, id: u32) -> std::io::Result<Self> {
+        let fd = vmm_sys_util::eventfd::EventFd::new(libc::EFD_CLOEXEC)?;
+        let waiter = fd.try_clone()?;
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopping = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("vmq-doorbell-{id}"))
+            .spawn(move || {
+                // Each read returns after one or more writes (eventfd(2)).
+                while waiter.read().is_ok() {
+                    if stopping.load(std::sync::atomic::Ordering::Acquire) {
+                        break;
+                    }
+                    manager.drain(id);
+                }
+            })?;
+        Ok(Self {
+            fd,
+            thread: Some(thread),
+            stop,
+        })
+    }
+}
+
+impl Drop for DoorbellWorker {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Release);
+        let _ = self.fd.write(1);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The doorbell target for guest `index`'s VM-queue outbox and the worker behind it.
+pub fn doorbell_target(
+    manager: &Arc<Manager>,
+    index: usize,
+) -> std::io::Result<(crate::doorbell::Target, DoorbellWorker)> {
+    let id = u32::try_from(index).map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+    let worker = DoorbellWorker::start(manager.clone(), id)?;
+    let target = crate::doorbell::Target {
+        device: para_abi::doorbell::device::VMQ,
+        queues: vec![worker.fd.try_clone()?],
+    };
+    Ok((target, worker))
 }

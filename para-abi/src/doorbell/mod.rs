@@ -115,6 +115,9 @@ pub mod device {
     /// A device that only counts what it receives: for tests and benchmarks
     /// of the doorbell path itself.
     pub const SINK: u8 = 0xFF;
+    /// The guest's VM-queue outbox (M5, `crate::vmq`): `Op::Notify` on queue 0
+    /// means "messages with the doorbell policy are waiting".
+    pub const VMQ: u8 = 0xFE;
 }
 
 pub use designation::{Designation, DesignationSlot, RingLayout, SourceType};

@@ -27,6 +27,12 @@ const SCENARIOS: &[(&str, Policy, Transfer, u32)] = &[
     ("lazy-copy-4k", Policy::Lazy, Transfer::Copy, 4 << 10),
     ("lazy-remap-4k", Policy::Lazy, Transfer::Remap, 4 << 10),
     (
+        "doorbell-copy-4k",
+        Policy::Doorbell,
+        Transfer::Copy,
+        4 << 10,
+    ),
+    (
         "immediate-copy-64k",
         Policy::Immediate,
         Transfer::Copy,
@@ -41,6 +47,18 @@ const SCENARIOS: &[(&str, Policy, Transfer, u32)] = &[
     ("lazy-copy-64k", Policy::Lazy, Transfer::Copy, 64 << 10),
     ("lazy-remap-64k", Policy::Lazy, Transfer::Remap, 64 << 10),
     (
+        "doorbell-copy-64k",
+        Policy::Doorbell,
+        Transfer::Copy,
+        64 << 10,
+    ),
+    (
+        "doorbell-remap-64k",
+        Policy::Doorbell,
+        Transfer::Remap,
+        64 << 10,
+    ),
+    (
         "immediate-copy-2m",
         Policy::Immediate,
         Transfer::Copy,
@@ -54,6 +72,18 @@ const SCENARIOS: &[(&str, Policy, Transfer, u32)] = &[
     ),
     ("lazy-copy-2m", Policy::Lazy, Transfer::Copy, 2 << 20),
     ("lazy-remap-2m", Policy::Lazy, Transfer::Remap, 2 << 20),
+    (
+        "doorbell-copy-2m",
+        Policy::Doorbell,
+        Transfer::Copy,
+        2 << 20,
+    ),
+    (
+        "doorbell-remap-2m",
+        Policy::Doorbell,
+        Transfer::Remap,
+        2 << 20,
+    ),
 ];
 
 #[derive(Default)]
@@ -71,7 +101,9 @@ impl Suite for Vmq {
              XORs each message in place in its receive window and forwards the same \
              pages. Immediate: every send is followed by a flush hypercall; lazy: \
              messages wait in the outbox for the sender's next exit (a flush only \
-             when the outbox is full or the guest would otherwise idle). Copy: the \
+             when the outbox is full or the guest would otherwise idle); doorbell: \
+             an M1 doorbell event per send, the shim's monitor thread has a worker \
+             drain the outbox. Copy: the \
              shim copies into the receiver's window; remap: the shim exchanges the \
              pages with mmap(MAP_FIXED). MiB/s is the writer's (TSC, first to last \
              arrival); exits/message is KVM's exits of all three guests over the \
