@@ -88,6 +88,8 @@ pub struct GuestFigures {
     /// Drains the shim stopped at a full destination (`Message::HOLD`): exits
     /// that moved nothing because the receiver lagged.
     pub held: u64,
+    /// Trapping doorbell kicks (M1 monitor parked): ioeventfd exits.
+    pub kicks: u64,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -169,7 +171,10 @@ pub fn on_shim(o: &Options, label: &str, mut echo: impl FnMut(&str)) -> Result<O
             name: name.to_string(),
             exits: stats.and_then(|g| g["exits"].as_u64()).unwrap_or(0),
             sends: vmq.map_or(0, |v| {
-                v["sent_immediate"].as_u64().unwrap_or(0) + v["sent_lazy"].as_u64().unwrap_or(0)
+                ["sent_immediate", "sent_lazy", "sent_doorbell"]
+                    .iter()
+                    .filter_map(|k| v[*k].as_u64())
+                    .sum::<u64>()
             }),
             flushes: field(sender, "flushes").unwrap_or(0),
             hypercall_exits: stats.and_then(|g| g["vcpus"].as_array()).map_or(0, |v| {
@@ -178,6 +183,9 @@ pub fn on_shim(o: &Options, label: &str, mut echo: impl FnMut(&str)) -> Result<O
                     .sum()
             }),
             held: vmq.and_then(|v| v["held"].as_u64()).unwrap_or(0),
+            kicks: stats
+                .and_then(|g| g["doorbell"]["fallback_kicks"].as_u64())
+                .unwrap_or(0),
         };
         if name == "read" {
             out.bytes_sent = vmq.and_then(|v| v["bytes_sent"].as_u64()).unwrap_or(0);
@@ -220,7 +228,7 @@ pub fn json(o: &Options, r: &Outcome) -> Value {
         "mib_per_s": r.mib_per_s,
         "guests": r.guests.iter().map(|g| json!({
             "name": g.name, "exits": g.exits, "sends": g.sends, "flushes": g.flushes,
-            "hypercall_exits": g.hypercall_exits, "held": g.held,
+            "hypercall_exits": g.hypercall_exits, "held": g.held, "doorbell_kicks": g.kicks,
         })).collect::<Vec<_>>(),
     })
 }
