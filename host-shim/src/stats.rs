@@ -422,6 +422,9 @@ pub struct GuestReport {
     pub upcalls: Option<crate::pending::UpcallReport>,
     /// Shadowed control flags (M4).
     pub ctrl: crate::ctrl::CtrlReport,
+    /// VM-queue counters (M5), when the shim offers VM queues.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vmq: Option<crate::vmq::manager::VmqReport>,
 }
 
 impl GuestReport {
