@@ -293,6 +293,10 @@ pub fn run(cli: &Cli, shim_start: Instant) -> Result<Report, RunError> {
             p.add_pio(bus.clone());
             p.add_mmio(bus.clone());
         }
+        // Upcalls first: VM-queue arrivals are delivered through them when offered.
+        if cli.upcalls != crate::pending::Delivery::Off {
+            g.offer_upcalls(cli.upcalls).map_err(err)?;
+        }
         let extra = if cli.vmq {
             vmq.attach(&mut g, cli.doorbells)?
         } else {
@@ -300,9 +304,6 @@ pub fn run(cli: &Cli, shim_start: Instant) -> Result<Report, RunError> {
         };
         wire_doorbells(&mut g, &mut per_cpu, &cfg.name, extra).map_err(RunError::Monitors)?;
         doorbell_tests(cli, &g, cfg.vcpus).map_err(RunError::Monitors)?;
-        if cli.upcalls != crate::pending::Delivery::Off {
-            g.offer_upcalls(cli.upcalls).map_err(err)?;
-        }
         let ecam = EcamInfo {
             base: ecam::ECAM_BASE,
             start_bus: 0,

@@ -200,6 +200,18 @@ pub fn on_shim(o: &Options, label: &str, mut echo: impl FnMut(&str)) -> Result<O
         out.bytes_verified = result["bytes_verified"].as_u64().unwrap_or(0);
         out.mib_per_s = result["mib_per_s"].as_f64().unwrap_or(0.0);
     }
+    // Arrivals reach the receivers as M3 upcalls (issue 7), each exactly once.
+    for name in ["transform", "write"] {
+        let u = run.guest_stats(name).map(|g| &g["upcalls"]);
+        let count = |k: &str| u.and_then(|u| u[k]["vmq_arrival"].as_u64()).unwrap_or(0);
+        let (req, del) = (count("requested"), count("delivered"));
+        out.checks.push((
+            format!(
+                "{name}: VM-queue arrivals came as upcalls, each delivered once ({del} of {req})"
+            ),
+            req > 0 && del == req,
+        ));
+    }
     let total = o.mib << 20;
     out.checks.push((
         format!("read sent {total} bytes (shim: {})", out.bytes_sent),

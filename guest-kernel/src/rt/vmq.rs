@@ -90,6 +90,10 @@ fn on_arrival(_: u8) {
     // The wake-up is the point; `wait` re-reads the inbox.
 }
 
+fn on_arrival_upcall(_: super::upcall::Class, _: u32) {
+    // As `on_arrival`: the upcall woke us; `wait` re-reads the inbox.
+}
+
 /// Opens the area once (ring 3); every later call returns the same result.
 pub fn open() -> Result<&'static Vmq, VmqError> {
     VMQ.call_once(open_area).as_ref().map_err(|e| *e)
@@ -120,6 +124,12 @@ fn open_area() -> Result<Vmq, VmqError> {
         return Err(VmqError::BadArea("header"));
     }
     irq::register(vector::VMQ_ARRIVAL, on_arrival);
+    // Where the shim offers M3 upcalls it notifies arrivals as a `VmqArrival`
+    // upcall to vCPU 0 (injected when its interrupt window opens) instead of
+    // the MSI; the wake-up is what matters, so both paths end in `wait`.
+    if super::upcall::init().is_ok() {
+        super::upcall::register_upcall(super::upcall::Class::VmqArrival, on_arrival_upcall);
+    }
     Ok(Vmq {
         my_id: h.my_id,
         ..q

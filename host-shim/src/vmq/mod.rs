@@ -118,6 +118,21 @@ fn msi_notify(vm: Arc<VmFd>, vector: u8) -> Notify {
     })
 }
 
+/// Notifies arrivals as an M3 `VmqArrival` upcall to vCPU 0: injected when its
+/// interrupt window opens (issue 7: VM-queue arrivals use this path by default).
+/// Falls back to the MSI when the post is refused.
+fn upcall_notify(
+    upcalls: Arc<crate::pending::GuestUpcalls>,
+    bsp: Arc<VcpuShared>,
+    fallback: Notify,
+) -> Notify {
+    Box::new(move || {
+        if !upcalls.post(0, crate::pending::UpcallClass::VmqArrival, 1, || bsp.kick()) {
+            fallback();
+        }
+    })
+}
+
 /// Delivers a guest's outbox at each exit of its vCPUs and notices its end.
 pub struct VmqHook {
     pub manager: Arc<Manager>,
@@ -156,8 +171,12 @@ pub fn attach(g: &mut Guest, manager: &Arc<Manager>) -> Result<Arc<VmqCounters>,
     unsafe { g.vm.set_user_memory_region(desc) }.map_err(AttachError::Slot)?;
     let base = area.base();
     let mem = endpoint_memory(&g.mem, area)?;
-    let (id, counters) =
-        manager.add(&g.name, mem, msi_notify(g.vm.clone(), vmq::ARRIVAL_VECTOR))?;
+    let msi = msi_notify(g.vm.clone(), vmq::ARRIVAL_VECTOR);
+    let notify = match (g.upcalls.clone(), g.vcpus.first()) {
+        (Some(u), Some(bsp)) => upcall_notify(u, bsp.clone(), msi),
+        _ => msi,
+    };
+    let (id, counters) = manager.add(&g.name, mem, notify)?;
     g.offer(Offer {
         feature: features::VM_QUEUES,
         leaf: LEAF_VMQ,
