@@ -364,17 +364,27 @@ impl Runner {
         };
         let prefix = leg.name.to_owned();
         let verbose = opts.verbose;
-        let run = shim::run(&shim_path, &[guest], &[], opts.timeout, leg.name, |line| {
-            let console = line.strip_prefix("ktest| ").unwrap_or(line);
-            if verbose
-                || !matches!(
-                    crate::serial::classify(console),
-                    crate::serial::LineKind::Other
-                )
-            {
-                println!("{prefix}: {}", console.trim());
-            }
-        });
+        // Every mechanism on, VM queues included (off by default in the shim),
+        // so that the in-guest tests exercise each one, not its absence.
+        let extra = ["--vmq".to_owned(), "on".to_owned()];
+        let run = shim::run(
+            &shim_path,
+            &[guest],
+            &extra,
+            opts.timeout,
+            leg.name,
+            |line| {
+                let console = line.strip_prefix("ktest| ").unwrap_or(line);
+                if verbose
+                    || !matches!(
+                        crate::serial::classify(console),
+                        crate::serial::LineKind::Other
+                    )
+                {
+                    println!("{prefix}: {}", console.trim());
+                }
+            },
+        );
         let run = match run {
             Ok(run) => run,
             Err(e) => return (LegOutcome::broken(e.to_string()), Vec::new(), None),
