@@ -245,6 +245,7 @@ fn doorbell_tests(cli: &Cli, g: &Guest, vcpus: u32) -> std::io::Result<()> {
 }
 
 /// Builds, boots and runs every guest; returns the report once all have ended.
+#[allow(clippy::too_many_lines)] // one linear set-up: each guest, then each mechanism it is offered
 pub fn run(cli: &Cli, shim_start: Instant) -> Result<Report, RunError> {
     block_stop_signals().map_err(RunError::Signals)?;
     let kvm = Kvm::new().map_err(RunError::Kvm)?;
