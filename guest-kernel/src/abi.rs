@@ -59,6 +59,8 @@ pub mod vector {
     pub const UPCALL: u8 = 0x33;
     /// M1 designation / writing notifications.
     pub const DOORBELL_NOTIFY: u8 = 0x34;
+    /// M5 VM-queue arrivals (inbox empty → non-empty; `para_abi::vmq::ARRIVAL_VECTOR`).
+    pub const VMQ_ARRIVAL: u8 = para_abi::vmq::ARRIVAL_VECTOR;
     /// First vector handed to device drivers.
     pub const DEVICE_BASE: u8 = 0x40;
     /// Kernel calls (a DPL-3 gate).

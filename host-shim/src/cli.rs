@@ -129,6 +129,12 @@ pub struct Cli {
     #[arg(long, value_name = "on|off", default_value = "on", action = clap::ArgAction::Set, value_parser = parse_on_off)]
     pub shadow_flags: bool,
 
+    /// VM queues (M5): "on" gives every guest a VM-queue area (inbox, outbox,
+    /// directory of all guests by name, receive window) and offers it (CPUID
+    /// 0x40000001 bit VM_QUEUES, leaf 0x40000006).
+    #[arg(long, value_name = "on|off", default_value = "off", action = clap::ArgAction::Set, value_parser = parse_on_off)]
+    pub vmq: bool,
+
     /// Give up and stop all guests after this many seconds (0 = never).
     #[arg(long, value_name = "SECS", default_value_t = 0)]
     pub timeout: u64,

@@ -23,3 +23,4 @@ pub mod switch;
 pub mod tap;
 pub mod vcpu;
 pub mod vm;
+pub mod vmq;

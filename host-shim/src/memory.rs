@@ -38,7 +38,7 @@ pub enum MemoryError {
 }
 
 /// Creates a memfd named after the guest and sizes it.
-fn memfd(name: &str, size: u64) -> Result<File, MemoryError> {
+pub(crate) fn memfd(name: &str, size: u64) -> Result<File, MemoryError> {
     let cname = std::ffi::CString::new(format!("exitless-{name}"))
         .unwrap_or_else(|_| c"exitless-guest".to_owned());
     // SAFETY: `cname` is a valid NUL-terminated string; the flags are valid constants.

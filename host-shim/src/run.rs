@@ -45,6 +45,8 @@ pub enum RunError {
     Tap(#[from] TapError),
     #[error("starting the doorbell monitors failed: {0}")]
     Monitors(std::io::Error),
+    #[error("VM queues: {0}")]
+    Vmq(#[from] crate::vmq::AttachError),
 }
 
 /// SIGINT and SIGTERM, blocked in every thread and taken synchronously by the main loop.
@@ -194,8 +196,9 @@ fn wire_doorbells(
     g: &mut Guest,
     per_cpu: &mut BTreeMap<usize, Vec<RingTask>>,
     name: &str,
+    extra: Vec<Target>,
 ) -> std::io::Result<()> {
-    let targets = g
+    let mut targets: Vec<Target> = g
         .nics
         .iter()
         .map(|n| Target {
@@ -207,6 +210,7 @@ fn wire_doorbells(
                 .collect(),
         })
         .collect();
+    targets.extend(extra);
     let doorbells = Arc::new(GuestDoorbells::new(name, targets));
     g.attach_doorbells(doorbells.clone());
     if let Some(region) = &g.para {
@@ -241,6 +245,7 @@ fn doorbell_tests(cli: &Cli, g: &Guest, vcpus: u32) -> std::io::Result<()> {
 }
 
 /// Builds, boots and runs every guest; returns the report once all have ended.
+#[allow(clippy::too_many_lines)] // one linear set-up: each guest, then each mechanism it is offered
 pub fn run(cli: &Cli, shim_start: Instant) -> Result<Report, RunError> {
     block_stop_signals().map_err(RunError::Signals)?;
     let kvm = Kvm::new().map_err(RunError::Kvm)?;
@@ -256,6 +261,7 @@ pub fn run(cli: &Cli, shim_start: Instant) -> Result<Report, RunError> {
     let mut placement = cli.pin.placement(&counts, ncpus).into_iter();
     let mut per_cpu: BTreeMap<usize, Vec<RingTask>> = BTreeMap::new();
     let mut io_placements = Vec::new();
+    let mut vmq = crate::vmq::Setup::default();
     for cfg in &cli.guests {
         let err = |source| RunError::Guest {
             name: cfg.name.clone(),
@@ -288,11 +294,17 @@ pub fn run(cli: &Cli, shim_start: Instant) -> Result<Report, RunError> {
             p.add_pio(bus.clone());
             p.add_mmio(bus.clone());
         }
-        wire_doorbells(&mut g, &mut per_cpu, &cfg.name).map_err(RunError::Monitors)?;
-        doorbell_tests(cli, &g, cfg.vcpus).map_err(RunError::Monitors)?;
+        // Upcalls first: VM-queue arrivals are delivered through them when offered.
         if cli.upcalls != crate::pending::Delivery::Off {
             g.offer_upcalls(cli.upcalls).map_err(err)?;
         }
+        let extra = if cli.vmq {
+            vmq.attach(&mut g, cli.doorbells)?
+        } else {
+            Vec::new()
+        };
+        wire_doorbells(&mut g, &mut per_cpu, &cfg.name, extra).map_err(RunError::Monitors)?;
+        doorbell_tests(cli, &g, cfg.vcpus).map_err(RunError::Monitors)?;
         let ecam = EcamInfo {
             base: ecam::ECAM_BASE,
             start_bus: 0,
@@ -338,7 +350,8 @@ pub fn run(cli: &Cli, shim_start: Instant) -> Result<Report, RunError> {
     }
     // The monitors' last pass and kick counts land before the guests report.
     monitors.shutdown();
-    let guests = running.into_iter().map(|g| g.join(shim_start)).collect();
+    let mut guests: Vec<_> = running.into_iter().map(|g| g.join(shim_start)).collect();
+    vmq.finish(&mut guests);
     let report = Report {
         guests,
         shim_max_rss_kib: stats::max_rss_kib(),

@@ -422,6 +422,9 @@ pub struct GuestReport {
     pub upcalls: Option<crate::pending::UpcallReport>,
     /// Shadowed control flags (M4).
     pub ctrl: crate::ctrl::CtrlReport,
+    /// VM-queue counters (M5), when the shim offers VM queues.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vmq: Option<crate::vmq::manager::VmqReport>,
 }
 
 impl GuestReport {
@@ -497,6 +500,7 @@ fn pairs<K: std::fmt::Display, V: std::fmt::Display>(
 impl Report {
     /// The human table printed at exit.
     #[must_use]
+    #[allow(clippy::too_many_lines)] // one line per counter group, in print order
     pub fn summary(&self) -> String {
         use std::fmt::Write;
         let mut s = String::new();

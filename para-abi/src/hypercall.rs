@@ -54,6 +54,9 @@ pub enum Call {
     CtrlSetMasks = 6,
     /// M4: a counter ([`crate::ctrl::query`], RBX) in RAX.
     CtrlQuery = 7,
+    /// M5: deliver this guest's outbox now, before it resumes (the immediate
+    /// policy, and the lazy policy's way out when its outbox is full).
+    VmqFlush = 12,
     // Numbers reserved per mechanism so that they can grow independently:
     // 4–7 M4 (control flags), 8–11 M3 (upcalls), 12–19 M5 (VM queues),
     // 20–23 M1 (doorbells), 24–27 M2 (hints).
@@ -76,6 +79,7 @@ impl Call {
             5 => Some(Self::CtrlRead),
             6 => Some(Self::CtrlSetMasks),
             7 => Some(Self::CtrlQuery),
+            12 => Some(Self::VmqFlush),
             _ => None,
         }
     }
@@ -105,6 +109,7 @@ mod tests {
         assert_eq!(Call::from_raw(8), Some(Call::UpcallPing));
         assert_eq!(Call::from_raw(9), Some(Call::UpcallStorm));
         assert_eq!(Call::from_raw(10), Some(Call::UpcallEnable));
+        assert_eq!(Call::from_raw(12), Some(Call::VmqFlush));
         assert_eq!(Call::from_raw(0), None);
         assert_eq!(Call::from_raw(u32::MAX), None);
     }

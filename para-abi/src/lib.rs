@@ -16,3 +16,4 @@ pub mod hypercall;
 pub mod layout;
 pub mod region;
 pub mod upcall;
+pub mod vmq;

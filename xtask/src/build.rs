@@ -45,6 +45,13 @@ pub const GUEST_IMAGES: &[GuestImage] = &[
         // Reach it with --hostfwd tcp::8080-:80 --hostfwd tcp::8007-:7.
         qemu_append: "ip=10.0.2.15/24 gw=10.0.2.2",
     },
+    GuestImage {
+        name: "pipeline",
+        package: "demos",
+        bin: "pipeline",
+        // Needs the shim's VM queues; under QEMU it says so and exits.
+        qemu_append: "pipeline.role=write",
+    },
 ];
 
 /// Host packages built by `cargo xtask build` (release).

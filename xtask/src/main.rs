@@ -11,6 +11,7 @@ mod hints;
 mod interop;
 mod legs;
 mod logfile;
+mod pipeline;
 mod process;
 mod qemu;
 mod redesignate;
@@ -95,8 +96,30 @@ struct QemuArgs {
     timeout: u64,
 }
 
+/// The demos `cargo xtask run` runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum DemoKind {
+    Pingpong,
+    Pipeline,
+}
+
 #[derive(Debug, Args)]
 struct RunArgs {
+    /// Which demo: the UDP ping-pong, or the three-guest VM-queue pipeline (M5).
+    #[arg(long, value_enum, default_value_t = DemoKind::Pingpong)]
+    demo: DemoKind,
+    /// Pipeline: when the shim delivers messages.
+    #[arg(long, value_enum, default_value_t = pipeline::Policy::Immediate)]
+    policy: pipeline::Policy,
+    /// Pipeline: copy the bytes or remap the pages.
+    #[arg(long, value_enum, default_value_t = pipeline::Transfer::Copy)]
+    transfer: pipeline::Transfer,
+    /// Pipeline: MiB to move through the three guests.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    mib: u64,
+    /// Pipeline: bytes per message (a power of two, 4096 to 2097152).
+    #[arg(long, value_name = "BYTES", default_value_t = 65536)]
+    msg: u32,
     /// Guests in all: one server, the rest clients pinging it.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(2..=200))]
     guests: u32,
@@ -183,6 +206,16 @@ fn main() -> ExitCode {
         Command::Build => build::build_all().map(|()| ExitCode::SUCCESS),
         Command::Qemu(args) => qemu_by_hand(&args),
         Command::Test(args) => test(&args),
+        Command::Run(args) if args.demo == DemoKind::Pipeline => {
+            let opts = pipeline::Options {
+                policy: args.policy,
+                transfer: args.transfer,
+                mib: args.mib,
+                msg: args.msg,
+                timeout: Duration::from_secs(args.timeout),
+            };
+            pipeline::run(&opts, args.json.as_deref(), args.verbose).map(|()| ExitCode::SUCCESS)
+        }
         Command::Run(args) => {
             let opts = demo::Options {
                 guests: args.guests,

@@ -90,7 +90,8 @@ fn forward_hypercall(call: u64, arg: u64) -> u64 {
             | Call::CtrlWrite
             | Call::CtrlRead
             | Call::CtrlSetMasks
-            | Call::CtrlQuery),
+            | Call::CtrlQuery
+            | Call::VmqFlush),
         ) => exit::hypercall(c, arg),
         _ => SysError::Invalid as u64,
     }

@@ -21,3 +21,4 @@ pub mod task;
 pub mod time;
 pub mod upcall;
 pub mod virtio;
+pub mod vmq;

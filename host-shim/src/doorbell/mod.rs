@@ -11,6 +11,7 @@ pub mod bench;
 pub mod manager;
 pub mod monitor;
 pub mod redesignate;
+pub mod waitpkg;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

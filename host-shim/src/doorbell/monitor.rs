@@ -276,7 +276,7 @@ fn run(
         }
         let since = *idle_since.get_or_insert_with(Instant::now);
         if since.elapsed() < spin.current() {
-            core::hint::spin_loop();
+            wait_a_little(&tasks);
             continue;
         }
         if tasks
@@ -303,6 +303,22 @@ fn run(
     // Last words: whatever is still in the rings, and the kicks not yet counted.
     serve_all(&mut tasks, usize::MAX);
     tasks.iter().for_each(RingTask::count_kicks);
+}
+
+/// One step of the spin: with WAITPKG and a single ring, UMWAIT on the line its
+/// producers write (a few µs at most); else a `pause`.
+fn wait_a_little(tasks: &[RingTask]) {
+    if let [only] = tasks
+        && super::waitpkg::available()
+        && let Some(ring) = only.region.ring(only.index)
+    {
+        let tail = std::ptr::from_ref(&ring.header().tail).cast::<u8>();
+        // SAFETY: WAITPKG is present (checked); `tail` points into the ring's
+        // mapping, which the region keeps for the monitor's life.
+        unsafe { super::waitpkg::wait_for_write(tail) };
+    } else {
+        core::hint::spin_loop();
+    }
 }
 
 /// Without epoll: serve and yield the CPU between passes (degraded but live).

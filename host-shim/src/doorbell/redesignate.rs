@@ -170,7 +170,7 @@ mod tests {
         assert_eq!(r.by_upcall(), 0);
         let mut after = [None; TABLE_CAPACITY];
         c.snapshot(&mut after, 4).unwrap();
-        assert!(c.generation() > g0 && c.generation() % 2 == 0);
+        assert!(c.generation() > g0 && c.generation().is_multiple_of(2));
         let (gpa0, _) = any(&before).unwrap();
         let (gpa1, cpu1) = any(&after).unwrap();
         assert_ne!(gpa0, gpa1);

@@ -119,6 +119,9 @@ pub mod device {
     /// The notification benchmark's observer (shim `--notify-bench` only;
     /// rejected as an unknown device otherwise).
     pub const BENCH: u8 = 0xFE;
+    /// The guest's VM-queue outbox (M5, `crate::vmq`): `Op::Notify` on queue 0
+    /// means "messages with the doorbell policy are waiting".
+    pub const VMQ: u8 = 0xFD;
 }
 
 pub use designation::{Designation, DesignationSlot, RingLayout, SourceType};

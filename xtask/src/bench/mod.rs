@@ -24,6 +24,7 @@ mod stats;
 mod svg;
 mod sys;
 mod upcall;
+mod vmq;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -202,6 +203,7 @@ fn all_suites() -> Vec<Box<dyn Suite>> {
         Box::new(hints::Hints::default()),
         Box::new(upcall::UpcallSuite::default()),
         Box::new(ctrl::Ctrl::new()),
+        Box::new(vmq::Vmq),
     ]
 }
 

@@ -34,6 +34,8 @@ mod smp;
 mod time;
 #[cfg(target_os = "none")]
 mod upcall;
+#[cfg(target_os = "none")]
+mod vmq;
 
 #[cfg(target_os = "none")]
 mod guest {

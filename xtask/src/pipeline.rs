@@ -1,0 +1,316 @@
+//! The VM-queue pipeline demo (M5): three guests `read` → `transform` →
+//! `write` joined by VM queues under the shim (`cargo xtask run --demo
+//! pipeline`, leg `shim-pipeline`, bench suite `vmq`).
+
+use std::path::Path;
+use std::time::Duration;
+
+use clap::ValueEnum;
+use serde_json::{Value, json};
+
+use crate::build;
+use crate::error::{Error, Result};
+use crate::shim;
+
+/// When the shim delivers a message (`para_abi::vmq::Policy`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Policy {
+    /// Each send is followed by a flush hypercall: delivered before the guest resumes.
+    Immediate,
+    /// Messages wait in the outbox until the sender's next exit.
+    Lazy,
+    /// An M1 doorbell event has the shim's monitor thread deliver them.
+    Doorbell,
+}
+
+/// How the shim moves the bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Transfer {
+    Copy,
+    /// Page exchange with `mmap(MAP_FIXED)`.
+    Remap,
+}
+
+impl Policy {
+    #[must_use]
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Immediate => "immediate",
+            Self::Lazy => "lazy",
+            Self::Doorbell => "doorbell",
+        }
+    }
+}
+
+impl Transfer {
+    #[must_use]
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Copy => "copy",
+            Self::Remap => "remap",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub policy: Policy,
+    pub transfer: Transfer,
+    pub mib: u64,
+    /// Bytes per message (a power of two, 4 KiB to 2 MiB).
+    pub msg: u32,
+    pub timeout: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            policy: Policy::Immediate,
+            transfer: Transfer::Copy,
+            mib: 64,
+            msg: 64 << 10,
+            timeout: Duration::from_mins(3),
+        }
+    }
+}
+
+/// One guest's share of a run.
+#[derive(Debug, Clone, Default)]
+pub struct GuestFigures {
+    pub name: String,
+    pub exits: u64,
+    /// Messages this guest sent (delivered).
+    pub sends: u64,
+    /// Its flush hypercalls (the exits it made on purpose), as it reports them.
+    pub flushes: u64,
+    /// Hypercall exits the shim counted for it (flushes + main-reached + exit).
+    pub hypercall_exits: u64,
+    /// Drains the shim stopped at a full destination (`Message::HOLD`): exits
+    /// that moved nothing because the receiver lagged.
+    pub held: u64,
+    /// Trapping doorbell kicks (M1 monitor parked): ioeventfd exits.
+    pub kicks: u64,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Outcome {
+    pub bytes_sent: u64,
+    pub bytes_verified: u64,
+    pub mib_per_s: f64,
+    pub guests: Vec<GuestFigures>,
+    pub checks: Vec<(String, bool)>,
+    pub log: std::path::PathBuf,
+}
+
+const NAMES: [&str; 3] = ["read", "transform", "write"];
+
+fn cmdline(o: &Options, role: usize) -> String {
+    let next = NAMES
+        .get(role + 1)
+        .map_or(String::new(), |n| format!(" pipeline.next={n}"));
+    format!(
+        "pipeline.role={}{next} pipeline.mib={} pipeline.msg={} pipeline.policy={} pipeline.transfer={}",
+        NAMES[role],
+        o.mib,
+        o.msg,
+        o.policy.name(),
+        o.transfer.name()
+    )
+}
+
+/// A `key=N` number in a guest's `pipeline-sender:` line.
+fn field(line: &str, key: &str) -> Option<u64> {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key)?.strip_prefix('=')?.parse().ok())
+}
+
+/// Runs the three guests once and judges the run.
+pub fn on_shim(o: &Options, label: &str, mut echo: impl FnMut(&str)) -> Result<Outcome> {
+    if !(4096..=(2 << 20)).contains(&o.msg) || !o.msg.is_power_of_two() {
+        return Err(Error::usage(
+            "--msg must be a power of two from 4096 to 2097152".to_string(),
+        ));
+    }
+    let shim_path = shim::build()?;
+    let image = build::build_guest(build::find_image("pipeline")?)?;
+    let guests: Vec<shim::Guest> = (0..NAMES.len())
+        .map(|i| shim::Guest {
+            name: NAMES[i].to_string(),
+            image: image.clone(),
+            vcpus: 1,
+            mem_mib: 256,
+            cmdline: cmdline(o, i),
+        })
+        .collect();
+    let extra = [
+        "--vmq".to_string(),
+        "on".to_string(),
+        "--no-net".to_string(),
+    ];
+    let run = shim::run(&shim_path, &guests, &extra, o.timeout, label, &mut echo)?;
+    let mut out = Outcome {
+        log: run.log.clone(),
+        ..Outcome::default()
+    };
+    for name in NAMES {
+        let exit = run.guest_exit(name);
+        out.checks.push((
+            format!(
+                "{name} exited with status 0 ({exit}; shim: {})",
+                run.guest_outcome(name)
+            ),
+            exit.passed(),
+        ));
+        let stats = run.guest_stats(name);
+        let vmq = stats.map(|g| &g["vmq"]);
+        let sender = shim::guest_lines(&run.lines, name)
+            .into_iter()
+            .find(|l| l.starts_with("pipeline-sender:"))
+            .unwrap_or_default();
+        let g = GuestFigures {
+            name: name.to_string(),
+            exits: stats.and_then(|g| g["exits"].as_u64()).unwrap_or(0),
+            sends: vmq.map_or(0, |v| {
+                ["sent_immediate", "sent_lazy", "sent_doorbell"]
+                    .iter()
+                    .filter_map(|k| v[*k].as_u64())
+                    .sum::<u64>()
+            }),
+            flushes: field(sender, "flushes").unwrap_or(0),
+            hypercall_exits: stats.and_then(|g| g["vcpus"].as_array()).map_or(0, |v| {
+                v.iter()
+                    .filter_map(|c| c["exits"]["hypercall"].as_u64())
+                    .sum()
+            }),
+            held: vmq.and_then(|v| v["held"].as_u64()).unwrap_or(0),
+            kicks: stats
+                .and_then(|g| g["doorbell"]["fallback_kicks"].as_u64())
+                .unwrap_or(0),
+        };
+        if name == "read" {
+            out.bytes_sent = vmq.and_then(|v| v["bytes_sent"].as_u64()).unwrap_or(0);
+        }
+        out.guests.push(g);
+    }
+    if let Some(result) = shim::guest_lines(&run.lines, "write")
+        .into_iter()
+        .find_map(|l| l.strip_prefix("pipeline-result: "))
+        .and_then(|j| serde_json::from_str::<Value>(j).ok())
+    {
+        out.bytes_verified = result["bytes_verified"].as_u64().unwrap_or(0);
+        out.mib_per_s = result["mib_per_s"].as_f64().unwrap_or(0.0);
+    }
+    // Arrivals reach the receivers as M3 upcalls (issue 7), each exactly once.
+    for name in ["transform", "write"] {
+        let u = run.guest_stats(name).map(|g| &g["upcalls"]);
+        let count = |k: &str| u.and_then(|u| u[k]["vmq_arrival"].as_u64()).unwrap_or(0);
+        let (req, del) = (count("requested"), count("delivered"));
+        out.checks.push((
+            format!(
+                "{name}: VM-queue arrivals came as upcalls, each delivered once ({del} of {req})"
+            ),
+            req > 0 && del == req,
+        ));
+    }
+    let total = o.mib << 20;
+    out.checks.push((
+        format!("read sent {total} bytes (shim: {})", out.bytes_sent),
+        out.bytes_sent == total,
+    ));
+    out.checks.push((
+        format!(
+            "write verified every byte in order ({} of {total})",
+            out.bytes_verified
+        ),
+        out.bytes_verified == total,
+    ));
+    Ok(out)
+}
+
+/// The `--json` document.
+#[must_use]
+pub fn json(o: &Options, r: &Outcome) -> Value {
+    json!({
+        "demo": "pipeline",
+        "policy": o.policy.name(),
+        "transfer": o.transfer.name(),
+        "message_bytes": o.msg,
+        "bytes_sent": r.bytes_sent,
+        "bytes_verified": r.bytes_verified,
+        "mib_per_s": r.mib_per_s,
+        "guests": r.guests.iter().map(|g| json!({
+            "name": g.name, "exits": g.exits, "sends": g.sends, "flushes": g.flushes,
+            "hypercall_exits": g.hypercall_exits, "held": g.held, "doorbell_kicks": g.kicks,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// `cargo xtask run --demo pipeline`.
+pub fn run(o: &Options, json_path: Option<&Path>, verbose: bool) -> Result<()> {
+    println!(
+        "cargo xtask run --demo pipeline: {} MiB read → transform → write, policy {}, transfer {}, {} B messages",
+        o.mib,
+        o.policy.name(),
+        o.transfer.name(),
+        o.msg
+    );
+    let r = on_shim(o, "run-pipeline", |line| {
+        if verbose || line.contains("pipeline") || line.contains("report:") {
+            println!("{line}");
+        }
+    })?;
+    println!(
+        "pipeline: {} of {} bytes verified, {:.1} MiB/s",
+        r.bytes_verified, r.bytes_sent, r.mib_per_s
+    );
+    for g in &r.guests {
+        println!(
+            "  {:<9} exits {:>7}  sends {:>6}  flush hypercalls {:>6}",
+            g.name, g.exits, g.sends, g.flushes
+        );
+    }
+    if let Some(path) = json_path {
+        let text =
+            serde_json::to_string_pretty(&json(o, &r)).map_err(|e| Error::failed(e.to_string()))?;
+        std::fs::write(path, text + "\n")
+            .map_err(|e| Error::failed(format!("cannot write {}: {e}", path.display())))?;
+        println!("results written to {}", path.display());
+    }
+    println!("full log: {}", r.log.display());
+    let failed: Vec<&str> = r
+        .checks
+        .iter()
+        .filter(|(_, ok)| !ok)
+        .map(|(n, _)| n.as_str())
+        .collect();
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::failed(format!(
+            "the pipeline did not complete: {}",
+            failed.join("; ")
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roles_chain_by_name() {
+        let o = Options::default();
+        assert!(cmdline(&o, 0).contains("pipeline.role=read pipeline.next=transform"));
+        assert!(cmdline(&o, 1).contains("pipeline.next=write"));
+        assert!(!cmdline(&o, 2).contains("pipeline.next"));
+        assert!(cmdline(&o, 2).contains("pipeline.policy=immediate pipeline.transfer=copy"));
+    }
+
+    #[test]
+    fn sender_fields_parse() {
+        let l = "pipeline-sender: role=read sends=1024 flushes=319";
+        assert_eq!(field(l, "flushes"), Some(319));
+        assert_eq!(field(l, "sends"), Some(1024));
+        assert_eq!(field(l, "nope"), None);
+    }
+}
