@@ -172,10 +172,10 @@ pub trait Suite {
     fn baseline(&self) -> Option<&'static str> {
         None
     }
-    /// Metrics whose ratios to the baseline the report's headline (and the
-    /// README) quote; default: the first three.
-    fn headline(&self) -> Vec<&'static str> {
-        self.metrics().iter().take(3).map(|m| m.id).collect()
+    /// (scenario, metric) pairs whose ratio to the baseline the report's
+    /// headline (and the README) quote; default: none.
+    fn headline(&self) -> Vec<(&'static str, &'static str)> {
+        Vec::new()
     }
     /// Plots for the report; default: one bar chart per metric.
     fn plots(&self) -> Vec<Plot> {
@@ -468,7 +468,7 @@ fn aggregate(
         "round_errors": errors,
         "machine": sys::machine(),
         "baseline": baseline,
-        "headline": suite.headline(),
+        "headline": suite.headline().iter().map(|(s, m)| json!({"scenario": s, "metric": m})).collect::<Vec<_>>(),
         "scenarios": scenarios.iter().map(|s| json!({"id": s.id, "label": s.label})).collect::<Vec<_>>(),
         "metrics": metrics.iter().map(|m| json!({"id": m.id, "label": m.label, "unit": m.unit, "better": m.better.name()})).collect::<Vec<_>>(),
         "rounds": rounds.iter().map(|r| json!(r.values)).collect::<Vec<_>>(),

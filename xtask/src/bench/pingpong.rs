@@ -197,8 +197,16 @@ impl Suite for Pingpong {
         Some("qemu")
     }
 
-    fn headline(&self) -> Vec<&'static str> {
-        vec!["rtt_p50_us", "pps", "exits_per_packet", "cpu_s_per_100k"]
+    fn headline(&self) -> Vec<(&'static str, &'static str)> {
+        vec![
+            ("trap", "rtt_p50_us"),
+            ("trap", "pps"),
+            ("doorbell50", "pps"),
+            ("trap", "exits_per_packet"),
+            ("doorbell", "exits_per_packet"),
+            ("trap", "cpu_s_per_100k"),
+            ("trap", "rss_mib_per_guest"),
+        ]
     }
 
     fn plots(&self) -> Vec<Plot> {
