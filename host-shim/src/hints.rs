@@ -24,7 +24,7 @@ use serde::Serialize;
 use tracing::{info, warn};
 
 use crate::cpuid::Offer;
-use crate::memory::slot;
+use crate::memory::{SharedMapping, slot};
 use crate::vcpu::VcpuShared;
 
 /// A queue's hint is republished at most this often: a thread the host bounces
@@ -44,48 +44,20 @@ pub enum HintsError {
 
 /// One page of host memory, mapped read-only into the guest at `area::HINTS`.
 struct Page {
-    ptr: *mut u8,
+    mem: SharedMapping,
 }
-
-// SAFETY: the mapping is owned by this value and only accessed through para-abi's
-// atomic record types, so sharing the pointer between threads is sound.
-unsafe impl Send for Page {}
-// SAFETY: as above.
-unsafe impl Sync for Page {}
 
 impl Page {
     fn new() -> std::io::Result<Self> {
-        // SAFETY: a fresh anonymous mapping; no existing memory is affected.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                PAGE_BYTES,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(Self { ptr: ptr.cast() })
+        Ok(Self {
+            mem: SharedMapping::new(PAGE_BYTES)?,
+        })
     }
 
     fn hints(&self) -> Hints<'_> {
         // SAFETY: page aligned, PAGE_BYTES long, alive as long as `&self`, and only
         // accessed atomically (the guest reads it through a read-only slot).
-        unsafe { Hints::from_ptr(self.ptr) }
-    }
-}
-
-impl Drop for Page {
-    fn drop(&mut self) {
-        // SAFETY: exactly what mmap returned; the VM that mapped it is gone (the
-        // guest owns both and drops the VM's memory slots with the VM fd first).
-        unsafe {
-            libc::munmap(self.ptr.cast(), PAGE_BYTES);
-        }
+        unsafe { Hints::from_ptr(self.mem.as_ptr()) }
     }
 }
 
@@ -223,7 +195,7 @@ impl GuestHints {
             flags: KVM_MEM_READONLY,
             guest_phys_addr: area::HINTS,
             memory_size: PAGE_BYTES as u64,
-            userspace_addr: self.page.ptr as u64,
+            userspace_addr: self.page.mem.as_ptr() as u64,
         };
         // SAFETY: the host range is `self.page`, which the guest keeps alive for as
         // long as its VM fd.
