@@ -340,9 +340,7 @@ fn run_suite(suite: &mut dyn Suite, repeats: u32) -> Result<PathBuf> {
     let doc = aggregate(suite, &scenarios, &metrics, &rounds, &errors, repeats);
     print_table(&doc);
     let path = results_dir()?.join(format!("{name}.json"));
-    let text = serde_json::to_string_pretty(&doc).map_err(|e| Error::failed(e.to_string()))?;
-    std::fs::write(&path, text + "\n")
-        .map_err(|e| Error::failed(format!("cannot write {}: {e}", path.display())))?;
+    workspace::write_json(&path, &doc)?;
     println!(
         "bench {name}: done in {:.0} s",
         started.elapsed().as_secs_f64()

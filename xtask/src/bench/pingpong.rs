@@ -99,18 +99,7 @@ fn record(
     kvm: &[BTreeMap<String, u64>],
     seen: &Seen,
 ) -> Result<()> {
-    if !report.ok() {
-        let failed: Vec<&str> = report
-            .checks
-            .iter()
-            .filter(|(_, ok)| !ok)
-            .map(|(n, _)| n.as_str())
-            .collect();
-        return Err(Error::failed(format!(
-            "{id}: the ping-pong failed: {}",
-            failed.join("; ")
-        )));
-    }
+    crate::verdict::require_all(&format!("{id}: the ping-pong failed"), &report.checks)?;
     let Some(c) = report.clients.first() else {
         return Err(Error::failed(format!("{id}: no client result")));
     };
