@@ -6,13 +6,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+mod common;
+
 use host_shim::pending::{Delivery, GuestUpcalls, UpcallClass};
 use host_shim::platform::PioDevice;
 use host_shim::serial::Sink;
 use host_shim::vcpu::VcpuShared;
 use host_shim::vm::Guest;
 use kvm_ioctls::Kvm;
-use vm_memory::{Bytes, GuestAddress};
 
 fn wait_until(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
     let t = Instant::now();
@@ -60,13 +61,6 @@ fn upcall_waits_for_the_window_when_masked_and_goes_at_once_when_open() {
     let mut g = Guest::new_bare(&kvm, "up", 16 << 20, 1, Sink::Buffer(Arc::default())).unwrap();
     g.offer_upcalls(Delivery::Window).unwrap();
     let upcalls = g.upcalls.clone().unwrap();
-    // Real mode: the IVT sends the upcall vector (0x33) to 0000:2000.
-    g.mem
-        .write_obj(
-            0x0000_2000u32,
-            GuestAddress(u64::from(para_abi::upcall::VECTOR) * 4),
-        )
-        .unwrap();
     #[rustfmt::skip]
     let main: &[u8] = &[
         0xfa,             // cli
@@ -81,18 +75,8 @@ fn upcall_waits_for_the_window_when_masked_and_goes_at_once_when_open() {
         0xfa, 0xf4, 0xeb, 0xfd, // cli; hlt; jmp hlt
     ];
     let handler: &[u8] = &[0xba, 0x12, 0x05, 0xee, 0xcf]; // mov dx, 0x512; out dx, al; iret
-    g.mem.write_slice(main, GuestAddress(0x1000)).unwrap();
-    g.mem.write_slice(handler, GuestAddress(0x2000)).unwrap();
-    let bsp = g.bsp().unwrap();
-    let mut sregs = bsp.get_sregs().unwrap();
-    sregs.cs.base = 0;
-    sregs.cs.selector = 0;
-    bsp.set_sregs(&sregs).unwrap();
-    let mut regs = bsp.get_regs().unwrap();
-    regs.rip = 0x1000;
-    regs.rsp = 0x7000;
-    regs.rflags = 2;
-    bsp.set_regs(&regs).unwrap();
+    // Real mode: the IVT sends vector para_abi::upcall::VECTOR to the handler at 0000:2000.
+    common::real_mode_program(&g, para_abi::upcall::VECTOR, main, handler);
 
     let poster = Arc::new(Poster {
         seen: Mutex::default(),

@@ -6,12 +6,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+mod common;
+
 use host_shim::platform::PioDevice;
 use host_shim::serial::Sink;
 use host_shim::vcpu::{Outcome, VcpuShared};
 use host_shim::vm::{Guest, GuestConfig};
 use kvm_ioctls::Kvm;
-use vm_memory::{Bytes, GuestAddress};
 
 fn kvm() -> Kvm {
     Kvm::new().unwrap_or_else(|e| {
@@ -140,10 +141,6 @@ impl PioDevice for Probe {
 #[test]
 fn kvm_interrupt_waits_for_the_interrupt_window() {
     let mut g = Guest::new_bare(&kvm(), "irq", 16 << 20, 1, Sink::Buffer(Arc::default())).unwrap();
-    // Real mode: the IVT at 0 sends vector 0x40 to 0000:2000.
-    g.mem
-        .write_obj(0x0000_2000u32, GuestAddress(0x40 * 4))
-        .unwrap();
     #[rustfmt::skip]
     let main: &[u8] = &[
         0xfa,             // cli
@@ -156,18 +153,8 @@ fn kvm_interrupt_waits_for_the_interrupt_window() {
         0xf4, 0xeb, 0xfd, // hlt; jmp hlt
     ];
     let handler: &[u8] = &[0xba, 0x12, 0x05, 0xee, 0xcf]; // mov dx, 0x512; out dx, al; iret
-    g.mem.write_slice(main, GuestAddress(0x1000)).unwrap();
-    g.mem.write_slice(handler, GuestAddress(0x2000)).unwrap();
-    let bsp = g.bsp().unwrap();
-    let mut sregs = bsp.get_sregs().unwrap();
-    sregs.cs.base = 0;
-    sregs.cs.selector = 0;
-    bsp.set_sregs(&sregs).unwrap();
-    let mut regs = bsp.get_regs().unwrap();
-    regs.rip = 0x1000;
-    regs.rsp = 0x7000;
-    regs.rflags = 2;
-    bsp.set_regs(&regs).unwrap();
+    // Real mode: the IVT sends vector 0x40 to the handler at 0000:2000.
+    common::real_mode_program(&g, 0x40, main, handler);
 
     let probe = Arc::new(Probe {
         seen: Mutex::default(),
