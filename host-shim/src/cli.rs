@@ -91,6 +91,14 @@ pub struct Cli {
     /// re-designation and its notification (needs --doorbells on).
     #[arg(long)]
     pub doorbell_redesignate: bool,
+    /// Give every vCPU thread a time slice of MS milliseconds (1–1000): at its
+    /// end the vCPU yields its host CPU, but never while the guest has interrupts
+    /// masked — then the yield waits for the interrupt window (M3's window state
+    /// informing scheduling; counted as preempt_deferred). Meant for more vCPUs
+    /// than host CPUs; off by default.
+    #[arg(long, value_name = "MS", value_parser = clap::value_parser!(u64).range(crate::quantum::MIN_MS..=crate::quantum::MAX_MS))]
+    pub vcpu_quantum: Option<u64>,
+
     /// M3 upcalls: "window" offers every guest per-vCPU upcall mailboxes (CPUID
     /// 0x40000001 bit UPCALLS, leaf 0x40000004) and injects the shim's upcalls
     /// when the guest's interrupt window opens (KVM's interrupt-window exit);

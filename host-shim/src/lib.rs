@@ -16,6 +16,7 @@ mod net_e2e_tests;
 pub mod pci;
 pub mod pending;
 pub mod platform;
+pub mod quantum;
 pub mod run;
 pub mod serial;
 pub mod stats;

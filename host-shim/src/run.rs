@@ -47,6 +47,8 @@ pub enum RunError {
     Monitors(std::io::Error),
     #[error("VM queues: {0}")]
     Vmq(#[from] crate::vmq::AttachError),
+    #[error("starting the --vcpu-quantum ticker failed: {0}")]
+    Quantum(std::io::Error),
 }
 
 /// SIGINT and SIGTERM, blocked in every thread and taken synchronously by the main loop.
@@ -330,6 +332,23 @@ pub fn run(cli: &Cli, shim_start: Instant) -> Result<Report, RunError> {
         running.push(g);
     }
     info!(guests = running.len(), "all guests started");
+    let ticker = match cli.vcpu_quantum {
+        Some(ms) => {
+            let vcpus: Vec<_> = running.iter().flat_map(|g| g.vcpus.clone()).collect();
+            if vcpus.len() <= ncpus {
+                warn!(
+                    vcpus = vcpus.len(),
+                    host_cpus = ncpus,
+                    "--vcpu-quantum with no more vCPUs than host CPUs: the slices only cost exits"
+                );
+            }
+            Some(
+                crate::quantum::Ticker::start(Duration::from_millis(ms), vcpus)
+                    .map_err(RunError::Quantum)?,
+            )
+        }
+        None => None,
+    };
     if let (Some(ms), Some(cpu)) = (cli.io_cpu_move_after_ms, cli.io_cpu_move_to) {
         crate::hints::schedule_move(io_placements, Duration::from_millis(ms), cpu);
     }
@@ -347,6 +366,9 @@ pub fn run(cli: &Cli, shim_start: Instant) -> Result<Report, RunError> {
             error!("--timeout {}s reached: stopping all guests", cli.timeout);
             running.iter().for_each(Guest::interrupt);
         }
+    }
+    if let Some(t) = ticker {
+        t.stop();
     }
     // The monitors' last pass and kick counts land before the guests report.
     monitors.shutdown();

@@ -63,7 +63,8 @@
 //!       "exits": {Exit::name(): u64},         // non-zero shim counters only
 //!       "shim_exits_total": u64,
 //!       "kvm": {KVM_FIELDS name: u64},        // KVM binary stats at the vCPU's end
-//!       "interrupts_injected": u64            // KVM_INTERRUPT injections
+//!       "interrupts_injected": u64,           // KVM_INTERRUPT injections
+//!       "preempted": u64, "preempt_deferred": u64  // --vcpu-quantum yields, deferrals
 //!     }],
 //!     "rejected": {Reject::name(): u64},      // refused guest input, non-zero only
 //!     "nics": [{
@@ -338,6 +339,9 @@ pub struct VcpuReport {
     pub shim_exits_total: u64,
     pub kvm: BTreeMap<&'static str, u64>,
     pub interrupts_injected: u64,
+    /// `--vcpu-quantum`: yields taken, and those put off while IF was 0.
+    pub preempted: u64,
+    pub preempt_deferred: u64,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -547,6 +551,15 @@ impl Report {
                     v.kvm.get("insn_emulation").copied().unwrap_or(0),
                     v.interrupts_injected,
                     pairs(&v.exits)
+                );
+            }
+            let (yields, deferred): (u64, u64) = g.vcpus.iter().fold((0, 0), |(a, b), v| {
+                (a + v.preempted, b + v.preempt_deferred)
+            });
+            if yields + deferred > 0 {
+                let _ = writeln!(
+                    s,
+                    "  vcpu quantum: {yields} yields, {deferred} put off until the interrupt window opened"
                 );
             }
             if g.doorbell.offered {

@@ -60,6 +60,13 @@ pub struct VcpuShared {
     /// This vCPU's KVM binary statistics, opened at creation; any thread may read
     /// them (a stats mark sums `exits` over all vCPUs of the guest).
     pub kvm_stats: OnceLock<KvmStats>,
+    /// `--vcpu-quantum`: a slice ended; yield at the next exit with the window open.
+    pub yield_requested: AtomicBool,
+    /// The current yield request found the window closed (counted once).
+    pub yield_waiting: AtomicBool,
+    /// Yields taken, and yield requests deferred because the window was closed.
+    pub preempted: AtomicU64,
+    pub preempt_deferred: AtomicU64,
 }
 
 impl VcpuShared {
@@ -80,6 +87,13 @@ impl VcpuShared {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .push_back(vector);
         self.has_pending.store(true, Ordering::Release);
+        self.kick();
+    }
+
+    /// Asks the vCPU to give up its host CPU at its next exit with the interrupt
+    /// window open (`crate::quantum`), and kicks it so that an exit comes.
+    pub fn request_yield(&self) {
+        self.yield_requested.store(true, Ordering::Release);
         self.kick();
     }
 
@@ -334,8 +348,12 @@ pub fn run(mut fd: VcpuFd, me: &VcpuShared, guest: &GuestCtx, pin: Option<usize>
     if me.index == 0 {
         let _ = guest.first_run.set(Instant::now());
     }
+    let mut yield_wait = false;
     while !guest.stop.load(Ordering::Acquire) || defer_stop(&mut fd, me, guest) {
         service_pending(&mut fd, me, guest);
+        if yield_wait {
+            fd.get_kvm_run().request_interrupt_window = 1;
+        }
         me.host_cpu.store(current_cpu(), Ordering::Relaxed);
         let exited = match fd.run() {
             Ok(exit) => {
@@ -372,6 +390,8 @@ pub fn run(mut fd: VcpuFd, me: &VcpuShared, guest: &GuestCtx, pin: Option<usize>
             for h in &guest.exit_hooks {
                 h.after_exit(&fd, me, guest);
             }
+            let takes_upcalls = guest.upcalls.get().is_some_and(|u| u.takes(me.index));
+            yield_wait = crate::quantum::at_exit(&mut fd, me, takes_upcalls);
         }
     }
 

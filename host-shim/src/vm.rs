@@ -424,6 +424,8 @@ impl Guest {
                     .copied()
                     .collect(),
                 interrupts_injected: v.injected.load(Ordering::Relaxed),
+                preempted: v.preempted.load(Ordering::Relaxed),
+                preempt_deferred: v.preempt_deferred.load(Ordering::Relaxed),
             })
             .collect();
         let since = |from: Instant, to: Instant| to.duration_since(from).as_secs_f64() * 1e3;
