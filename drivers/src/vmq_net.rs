@@ -102,6 +102,10 @@ impl<L: FrameLink> VmqNet<L> {
         &self.link
     }
 
+    pub fn link_mut(&mut self) -> &mut L {
+        &mut self.link
+    }
+
     /// The next frame fit for smoltcp; bad arrivals on the way are dropped
     /// and counted (taking them keeps the queue moving).
     pub fn receive(&mut self) -> Option<Vec<u8>> {
