@@ -261,3 +261,94 @@ fn guest_checks(policy: &str, count: u64, f: &GuestFigures, checks: &mut Vec<(St
         )),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn stats(sent: u64, received: u64, hypercalls: u64, gone: u64, full: u64) -> Value {
+        json!({
+            "exits": 5000,
+            "vcpus": [{"exits": {"hypercall": hypercalls, "intr": 9}}],
+            "doorbell": {"fallback_kicks": 3},
+            "nics": [],
+            "vmq": {"sent_lazy": sent, "sent_immediate": 0, "sent_doorbell": 0,
+                    "received": received,
+                    "errors": {"vm_exited": gone, "queue_full": full, "outside_ram": 0}},
+        })
+    }
+
+    fn failed(policy: &str, f: &GuestFigures) -> Vec<String> {
+        let mut c = Vec::new();
+        guest_checks(policy, 1000, f, &mut c);
+        c.into_iter()
+            .filter(|(_, ok)| !ok)
+            .map(|(n, _)| n)
+            .collect()
+    }
+
+    #[test]
+    fn figures_come_from_the_shims_vmq_counters() {
+        let f = figures("client1", Some(&stats(1012, 1011, 1016, 2, 0)));
+        assert_eq!((f.sends, f.received, f.hypercall_exits), (1012, 1011, 1016));
+        assert_eq!(
+            (f.errors, f.vm_exited, f.kicks, f.virtio_packets),
+            (0, 2, 3, 0)
+        );
+        assert!((f.exits_per_frame() - 5000.0 / 2023.0).abs() < 1e-9);
+        assert_eq!(
+            figures("x", None),
+            GuestFigures {
+                name: "x".into(),
+                ..GuestFigures::default()
+            }
+        );
+    }
+
+    #[test]
+    fn the_checks_catch_refusals_missing_frames_and_extra_exits() {
+        let ok = figures("client1", Some(&stats(1012, 1011, 1014, 2, 0)));
+        assert!(failed("lazy", &ok).is_empty(), "{:?}", failed("lazy", &ok));
+        assert!(failed("immediate", &ok).is_empty());
+        // Doorbell delivery must not flush per frame.
+        assert_eq!(failed("doorbell", &ok).len(), 1);
+        let quiet = figures("client1", Some(&stats(1012, 1011, 3, 0, 0)));
+        assert!(failed("doorbell", &quiet).is_empty());
+        assert_eq!(failed("immediate", &quiet).len(), 1);
+        // A dropped frame, a server seeing its peer gone, too few frames.
+        assert_eq!(
+            failed(
+                "lazy",
+                &figures("client1", Some(&stats(1012, 1011, 1014, 0, 1)))
+            )
+            .len(),
+            1
+        );
+        assert_eq!(
+            failed(
+                "lazy",
+                &figures("server", Some(&stats(1011, 1012, 1013, 1, 0)))
+            )
+            .len(),
+            1
+        );
+        assert_eq!(
+            failed(
+                "lazy",
+                &figures("server", Some(&stats(999, 1012, 999, 0, 0)))
+            )
+            .len(),
+            1
+        );
+        // Lazy making more flushes than frames.
+        assert_eq!(
+            failed(
+                "lazy",
+                &figures("server", Some(&stats(1011, 1012, 2000, 0, 0)))
+            )
+            .len(),
+            1
+        );
+    }
+}

@@ -14,6 +14,10 @@
 //! halts), so a burst costs one exit; `immediate` flushes per frame;
 //! `doorbell` rings an M1 event per frame (no exit where the shim's monitor
 //! is spinning).
+//!
+//! The link assumes it is the guest's only VM-queue user: it takes every
+//! arrival as a frame (whoever sent it; smoltcp filters by address) and
+//! tallies every outbox status as a frame's.
 
 use super::vmq::{self, Policy, Transfer, Vmq, VmqError};
 use alloc::alloc::{Layout, alloc_zeroed};
