@@ -27,7 +27,7 @@ use serde::Serialize;
 use tracing::{debug, info, warn};
 
 use crate::cpuid::Offer;
-use crate::memory::slot;
+use crate::memory::{SharedMapping, slot};
 use crate::platform::MmioDevice;
 use crate::vcpu::{ExitHook, GuestCtx, VcpuShared};
 
@@ -93,34 +93,20 @@ impl Rejected {
 
 /// Two pages of anonymous shared memory behind the area, zero filled.
 struct Mapping {
-    ptr: *mut u8,
+    mem: SharedMapping,
 }
-
-// SAFETY: plain memory owned by this value; every access after construction goes
-// through atomics (the guest writes it concurrently), so sharing is sound.
-unsafe impl Send for Mapping {}
-// SAFETY: as above.
-unsafe impl Sync for Mapping {}
 
 const MAP_LEN: usize = ctrl::AREA_BYTES as usize;
 
 impl Mapping {
     fn new() -> std::io::Result<Self> {
-        // SAFETY: a fresh anonymous mapping; no existing memory is affected.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                MAP_LEN,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(Self { ptr: ptr.cast() })
+        Ok(Self {
+            mem: SharedMapping::new(MAP_LEN)?,
+        })
+    }
+
+    fn ptr(&self) -> *mut u8 {
+        self.mem.as_ptr()
     }
 
     /// The u64 at `offset` (8-byte aligned, inside the mapping).
@@ -130,7 +116,7 @@ impl Mapping {
         // the memory lives as long as `self`; AtomicU64 has u64's layout.
         #[allow(clippy::cast_ptr_alignment)]
         unsafe {
-            &*self.ptr.add(offset as usize).cast::<AtomicU64>()
+            &*self.ptr().add(offset as usize).cast::<AtomicU64>()
         }
     }
 
@@ -139,16 +125,7 @@ impl Mapping {
         // SAFETY: as `u64_at`.
         #[allow(clippy::cast_ptr_alignment)]
         unsafe {
-            &*self.ptr.add(offset as usize).cast::<AtomicU32>()
-        }
-    }
-}
-
-impl Drop for Mapping {
-    fn drop(&mut self) {
-        // SAFETY: exactly what mmap returned; borrows are tied to `&self`.
-        unsafe {
-            libc::munmap(self.ptr.cast(), MAP_LEN);
+            &*self.ptr().add(offset as usize).cast::<AtomicU32>()
         }
     }
 }
@@ -261,7 +238,7 @@ impl GuestCtrl {
                 flags,
                 guest_phys_addr: area::CTRL + offset,
                 memory_size: ctrl::PAGE,
-                userspace_addr: self.mem.ptr as u64 + offset,
+                userspace_addr: self.mem.ptr() as u64 + offset,
             };
             // SAFETY: the host page lies in `self.mem`, which the guest keeps alive
             // (Arc in `Guest` and `GuestCtx`) for as long as the VM fd.

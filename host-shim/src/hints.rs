@@ -24,7 +24,7 @@ use serde::Serialize;
 use tracing::{info, warn};
 
 use crate::cpuid::Offer;
-use crate::memory::slot;
+use crate::memory::{SharedMapping, slot};
 use crate::vcpu::VcpuShared;
 
 /// A queue's hint is republished at most this often: a thread the host bounces
@@ -44,48 +44,20 @@ pub enum HintsError {
 
 /// One page of host memory, mapped read-only into the guest at `area::HINTS`.
 struct Page {
-    ptr: *mut u8,
+    mem: SharedMapping,
 }
-
-// SAFETY: the mapping is owned by this value and only accessed through para-abi's
-// atomic record types, so sharing the pointer between threads is sound.
-unsafe impl Send for Page {}
-// SAFETY: as above.
-unsafe impl Sync for Page {}
 
 impl Page {
     fn new() -> std::io::Result<Self> {
-        // SAFETY: a fresh anonymous mapping; no existing memory is affected.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                PAGE_BYTES,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(Self { ptr: ptr.cast() })
+        Ok(Self {
+            mem: SharedMapping::new(PAGE_BYTES)?,
+        })
     }
 
     fn hints(&self) -> Hints<'_> {
         // SAFETY: page aligned, PAGE_BYTES long, alive as long as `&self`, and only
         // accessed atomically (the guest reads it through a read-only slot).
-        unsafe { Hints::from_ptr(self.ptr) }
-    }
-}
-
-impl Drop for Page {
-    fn drop(&mut self) {
-        // SAFETY: exactly what mmap returned; the VM that mapped it is gone (the
-        // guest owns both and drops the VM's memory slots with the VM fd first).
-        unsafe {
-            libc::munmap(self.ptr.cast(), PAGE_BYTES);
-        }
+        unsafe { Hints::from_ptr(self.mem.as_ptr()) }
     }
 }
 
@@ -157,6 +129,8 @@ struct QueueStats {
     /// Changes of the host CPU or vCPU set that came sooner than
     /// [`MIN_HINT_INTERVAL`] and were published later.
     deferred: AtomicU64,
+    /// Hints announced to the guest by an M3 `HintUpdate` upcall.
+    announced: AtomicU64,
     /// Interrupts raised per destination APIC id (from the MSI-X address).
     irqs_by_apic: Vec<AtomicU64>,
     /// Interrupts whose destination ran on the I/O thread's CPU when raised.
@@ -176,6 +150,9 @@ pub struct GuestHints {
     /// threads are still placed and their interrupts counted, but nothing is
     /// published.
     offered: std::sync::atomic::AtomicBool,
+    /// M3 upcalls, when the guest is offered them: each new hint is also
+    /// announced by a `HintUpdate` upcall.
+    upcalls: std::sync::OnceLock<Arc<crate::pending::GuestUpcalls>>,
 }
 
 impl std::fmt::Debug for GuestHints {
@@ -201,7 +178,13 @@ impl GuestHints {
             queues: Mutex::default(),
             io,
             offered: std::sync::atomic::AtomicBool::new(false),
+            upcalls: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Announces every later hint with an M3 `HintUpdate` upcall too.
+    pub fn set_upcalls(&self, upcalls: Arc<crate::pending::GuestUpcalls>) {
+        let _ = self.upcalls.set(upcalls);
     }
 
     /// Maps the page into `vm`, read-only (KVM api.rst §4.35 `KVM_MEM_READONLY`):
@@ -212,7 +195,7 @@ impl GuestHints {
             flags: KVM_MEM_READONLY,
             guest_phys_addr: area::HINTS,
             memory_size: PAGE_BYTES as u64,
-            userspace_addr: self.page.ptr as u64,
+            userspace_addr: self.page.mem.as_ptr() as u64,
         };
         // SAFETY: the host range is `self.page`, which the guest keeps alive for as
         // long as its VM fd.
@@ -254,6 +237,7 @@ impl GuestHints {
                     sent: AtomicU64::new(0),
                     honoured: AtomicU64::new(0),
                     deferred: AtomicU64::new(0),
+                    announced: AtomicU64::new(0),
                     irqs_by_apic: (0..self.vcpus.len()).map(|_| AtomicU64::new(0)).collect(),
                     irqs_colocated: AtomicU64::new(0),
                     last: Mutex::new(None),
@@ -309,6 +293,7 @@ impl GuestHints {
                     hints_sent: q.sent.load(Ordering::Relaxed),
                     hints_honoured: q.honoured.load(Ordering::Relaxed),
                     hints_deferred: q.deferred.load(Ordering::Relaxed),
+                    hints_announced: q.announced.load(Ordering::Relaxed),
                     irqs_by_vcpu: q
                         .irqs_by_apic
                         .iter()
@@ -379,6 +364,7 @@ impl QueueHinter {
                 .is_none_or(|t| now.duration_since(t) >= MIN_HINT_INTERVAL);
             if due {
                 self.publish(cpu, here, now);
+                self.announce(dest);
             } else {
                 self.stats.deferred.fetch_add(1, Ordering::Relaxed);
             }
@@ -396,6 +382,19 @@ impl QueueHinter {
                 self.honoured_generation = self.generation;
                 self.stats.honoured.fetch_add(1, Ordering::Relaxed);
             }
+        }
+    }
+
+    /// Tells the guest about the new hint with a `HintUpdate` upcall (M3) to the
+    /// vCPU that takes this queue's interrupt (`dest`), or the lowest vCPU that
+    /// takes upcalls. Without upcalls the guest still sees the hint at its next
+    /// interrupt from this queue.
+    fn announce(&self, dest: Option<u32>) {
+        if let Some(u) = self.guest.upcalls.get()
+            && u.post_to_guest(dest, crate::pending::UpcallClass::HintUpdate)
+                .is_some()
+        {
+            self.stats.announced.fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -430,6 +429,8 @@ pub struct QueueReport {
     pub hints_sent: u64,
     pub hints_honoured: u64,
     pub hints_deferred: u64,
+    /// Hints also announced by an M3 `HintUpdate` upcall.
+    pub hints_announced: u64,
     /// Interrupts raised per destination vCPU (index = APIC id).
     pub irqs_by_vcpu: Vec<u64>,
     pub irqs_colocated: u64,

@@ -17,7 +17,7 @@ pub enum Action {
     NotifyBench { mailbox: u64 },
     /// Swap the guest's doorbell range for its spare and notify it (M1 test).
     DoorbellRedesignate,
-    /// An M3 upcall request (`UpcallPing`, `UpcallStorm`) with its RBX, for
+    /// An M3 upcall request (`UpcallPing`, `UpcallStorm`, `UpcallEnable`) with its RBX, for
     /// [`crate::pending`].
     Upcall { call: Call, arg: u64 },
     /// Resume the guest with this value in RAX.
@@ -41,7 +41,9 @@ pub fn decode(size: usize, rax: u64, rbx: u64) -> Action {
         Some(Call::StatsMark) => Action::StatsMark { label: rbx },
         Some(Call::NotifyBench) => Action::NotifyBench { mailbox: rbx },
         Some(Call::DoorbellRedesignate) => Action::DoorbellRedesignate,
-        Some(call @ (Call::UpcallPing | Call::UpcallStorm)) => Action::Upcall { call, arg: rbx },
+        Some(call @ (Call::UpcallPing | Call::UpcallStorm | Call::UpcallEnable)) => {
+            Action::Upcall { call, arg: rbx }
+        }
         Some(call @ (Call::CtrlWrite | Call::CtrlRead | Call::CtrlSetMasks | Call::CtrlQuery)) => {
             Action::Ctrl { call, arg: rbx }
         }
@@ -95,6 +97,13 @@ mod tests {
             }
         );
         assert_eq!(decode(2, 9, 3), Action::Return(Status::BadArgument));
+        assert_eq!(
+            decode(4, 10, 0),
+            Action::Upcall {
+                call: Call::UpcallEnable,
+                arg: 0
+            }
+        );
     }
 
     #[test]

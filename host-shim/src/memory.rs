@@ -66,6 +66,71 @@ pub fn create(name: &str, size: u64) -> Result<GuestMem, MemoryError> {
     GuestMemoryMmap::from_regions(vec![region]).map_err(|e| MemoryError::Map(e.to_string()))
 }
 
+/// Host memory the shim shares with a guest through a memslot of its own (the
+/// para region, the hint page, the control blocks): an anonymous `MAP_SHARED`
+/// read-write mapping, unmapped on drop. Its users reach it only through
+/// para-abi's atomic types, because the guest writes it concurrently.
+pub struct SharedMapping {
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: plain memory owned by this value; every access after construction goes
+// through atomics (see the type's documentation), so sharing it is sound.
+unsafe impl Send for SharedMapping {}
+// SAFETY: as above.
+unsafe impl Sync for SharedMapping {}
+
+impl SharedMapping {
+    /// `len` bytes, zeroed, page aligned.
+    pub fn new(len: usize) -> std::io::Result<Self> {
+        // SAFETY: a fresh anonymous mapping; no existing memory is affected.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(Self {
+            ptr: ptr.cast(),
+            len,
+        })
+    }
+
+    /// The first byte (page aligned).
+    #[must_use]
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.ptr
+    }
+
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl Drop for SharedMapping {
+    fn drop(&mut self) {
+        // SAFETY: `ptr`/`len` are exactly what mmap returned; borrows of the memory
+        // are tied to `&self` (or to owners that drop the VM's memslot first).
+        unsafe {
+            libc::munmap(self.ptr.cast(), self.len);
+        }
+    }
+}
+
 /// KVM memslot numbers. RAM takes slots from 0, the para region (M1) follows it;
 /// each later mechanism has its own fixed range so they can be added in any order.
 pub mod slot {

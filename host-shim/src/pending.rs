@@ -150,6 +150,9 @@ struct VcpuState {
     gone: AtomicBool,
     /// The polling path found the window closed since the last injection.
     polled: AtomicBool,
+    /// The guest said (`UpcallEnable`) that this vCPU's LINT0 takes `ExtINT`:
+    /// guest-wide classes may go here ([`GuestUpcalls::post_to_guest`]).
+    takes: AtomicBool,
 }
 
 /// Counters over all of a guest's vCPUs.
@@ -542,8 +545,45 @@ impl GuestUpcalls {
                 }
                 Status::Ok
             }
+            Call::UpcallEnable => {
+                self.vcpus[vcpu as usize]
+                    .takes
+                    .store(true, Ordering::Release);
+                debug!(guest = %self.name, vcpu, "upcalls enabled");
+                Status::Ok
+            }
             _ => Status::UnknownCall,
         }
+    }
+
+    /// True when vCPU `vcpu` has enabled upcalls and still runs.
+    #[must_use]
+    pub fn takes(&self, vcpu: u32) -> bool {
+        self.vcpus
+            .get(vcpu as usize)
+            .is_some_and(|s| s.takes.load(Ordering::Acquire) && !s.gone.load(Ordering::Relaxed))
+    }
+
+    /// Posts one upcall of a guest-wide `class` (a doorbell re-designation, a
+    /// hint update): to `preferred` when that vCPU takes upcalls, else to the
+    /// lowest one that does. `None`, and nothing posted, when no vCPU has
+    /// enabled upcalls (yet), the guest has not started or is ending: the
+    /// caller then falls back to its own notification, if it has one.
+    pub fn post_to_guest(&self, preferred: Option<u32>, class: UpcallClass) -> Option<u32> {
+        if self.delivery == Delivery::Off {
+            return None;
+        }
+        // Held across the kick, as in `storm`: no kick reaches a joined vCPU thread.
+        let closed = self.closed.lock().unwrap_or_else(PoisonError::into_inner);
+        if *closed {
+            return None;
+        }
+        let handles = self.handles.get()?;
+        let vcpu = preferred
+            .filter(|&v| self.takes(v))
+            .or_else(|| (0..self.vcpus.len() as u32).find(|&v| self.takes(v)))?;
+        let h = handles.get(vcpu as usize)?;
+        self.post(vcpu, class, 1, || h.kick()).then_some(vcpu)
     }
 
     fn storm(&self, vcpu: u32, count: u32, interval_us: u32, kick: &crate::vcpu::VcpuShared) {
@@ -708,13 +748,25 @@ impl GuestUpcalls {
     #[must_use]
     pub fn summary_line(r: &UpcallReport) -> String {
         let sum = |m: &BTreeMap<&str, u64>| m.values().sum::<u64>();
+        // The classes in use, as class requested/delivered.
+        let classes: Vec<String> = r
+            .requested
+            .iter()
+            .filter(|(c, n)| **n != 0 || r.delivered.get(*c).copied().unwrap_or(0) != 0)
+            .map(|(c, n)| format!("{c} {n}/{}", r.delivered.get(c).copied().unwrap_or(0)))
+            .collect();
         format!(
-            "  upcalls ({:?}): requested {} delivered {} | injected now {} after window {} \
+            "  upcalls ({:?}): requested {} delivered {} ({}) | injected now {} after window {} \
              after poll {} | irq-window exits {} poll re-entries {} kicks saved {} | stop deferrals {} | \
              latency open {} ns deferred {} ns (mean)",
             r.delivery,
             sum(&r.requested),
             sum(&r.delivered),
+            if classes.is_empty() {
+                "none".to_owned()
+            } else {
+                classes.join(", ")
+            },
             r.injected_immediately,
             r.injected_after_window,
             r.injected_after_poll,
@@ -725,5 +777,30 @@ impl GuestUpcalls {
             r.latency_open.mean_ns,
             r.latency_deferred.mean_ns
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn summary_names_the_classes_in_use() {
+        let mut r = UpcallReport::default();
+        for c in UpcallClass::ALL {
+            r.requested.insert(c.name(), 0);
+            r.delivered.insert(c.name(), 0);
+        }
+        assert!(GuestUpcalls::summary_line(&r).contains("(none)"));
+        r.requested.insert("redesignation", 2);
+        r.delivered.insert("redesignation", 1);
+        r.requested.insert("hint_update", 3);
+        r.delivered.insert("hint_update", 3);
+        let line = GuestUpcalls::summary_line(&r);
+        assert!(
+            line.contains("requested 5 delivered 4 (hint_update 3/3, redesignation 2/1)"),
+            "{line}"
+        );
+        assert!(!line.contains("ping"), "{line}");
     }
 }

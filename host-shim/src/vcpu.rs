@@ -517,7 +517,14 @@ fn hypercall_exit(fd: &VcpuFd, me: &VcpuShared, guest: &GuestCtx, size: usize) -
                 .doorbells
                 .get()
                 .and_then(|d| d.redesignation.get())
-                .map_or(Status::UnknownCall, |r| r.swap(&guest.name));
+                .map_or(Status::UnknownCall, |r| {
+                    r.swap(&guest.name, || {
+                        guest.upcalls.get().is_some_and(|u| {
+                            u.post_to_guest(None, crate::pending::UpcallClass::Redesignation)
+                                .is_some()
+                        })
+                    })
+                });
             resume_with(fd, me, &mut regs, status)
         }
         Action::MainReached { guest_us } => {

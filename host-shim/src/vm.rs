@@ -333,6 +333,9 @@ impl Guest {
             crate::pending::GuestUpcalls::new(&self.name, &self.vm, self.vcpus.len(), delivery)
                 .map_err(|e| VmError::Device(e.to_string()))?;
         self.offer(offer)?;
+        if let Some(h) = &self.hints {
+            h.set_upcalls(u.clone());
+        }
         self.upcalls = Some(u);
         Ok(())
     }

@@ -40,6 +40,10 @@ pub enum Call {
     /// M3: post `count` pings to the calling vCPU, one every `interval_us` µs,
     /// from a shim thread (RBX = `upcall::storm_arg(count, interval_us)`).
     UpcallStorm = 9,
+    /// M3: the calling vCPU's LAPIC now takes `ExtINT` on LINT0, so the shim may
+    /// send it the guest-wide upcall classes (re-designations, hint updates).
+    /// The guest kernel issues it when it programs LINT0. RBX is ignored.
+    UpcallEnable = 10,
     /// M4: write control flag (RBX = [`crate::ctrl::encode_write`]) that is
     /// neither owned nor shadowed.
     CtrlWrite = 4,
@@ -70,6 +74,7 @@ impl Call {
             21 => Some(Self::DoorbellRedesignate),
             8 => Some(Self::UpcallPing),
             9 => Some(Self::UpcallStorm),
+            10 => Some(Self::UpcallEnable),
             4 => Some(Self::CtrlWrite),
             5 => Some(Self::CtrlRead),
             6 => Some(Self::CtrlSetMasks),
@@ -103,6 +108,7 @@ mod tests {
         assert_eq!(Call::from_raw(20), Some(Call::NotifyBench));
         assert_eq!(Call::from_raw(8), Some(Call::UpcallPing));
         assert_eq!(Call::from_raw(9), Some(Call::UpcallStorm));
+        assert_eq!(Call::from_raw(10), Some(Call::UpcallEnable));
         assert_eq!(Call::from_raw(12), Some(Call::VmqFlush));
         assert_eq!(Call::from_raw(0), None);
         assert_eq!(Call::from_raw(u32::MAX), None);

@@ -42,6 +42,8 @@ pub struct Outcome {
     pub guest_hints: Value,
     /// The shim's `hints` key for the client.
     pub shim_hints: Value,
+    /// The shim's `upcalls` key for the client (M3).
+    pub shim_upcalls: Value,
     /// Both guests exited with status 0.
     pub exited_ok: bool,
     /// KVM `exits` of the client over the run.
@@ -76,6 +78,27 @@ impl Outcome {
     pub fn shim_rx(&self) -> &Value {
         &self.shim_hints["queues"][0]
     }
+
+    /// `hint_update` upcalls (requested, delivered) per the shim.
+    #[must_use]
+    pub fn hint_upcalls(&self) -> (u64, u64) {
+        let n = |k: &str| self.shim_upcalls[k]["hint_update"].as_u64().unwrap_or(0);
+        (n("requested"), n("delivered"))
+    }
+}
+
+/// Every hint the shim published was also announced by an M3 `HintUpdate`
+/// upcall, which the guest acknowledged and handed to its NIC's hint follower.
+fn hint_upcall_check(o: &Outcome, what: &str, hints: u64) -> (String, bool) {
+    let (req, del) = o.hint_upcalls();
+    let announced = o.shim_rx()["hints_announced"].as_u64().unwrap_or(0);
+    let handled = o.guest("upcalls");
+    (
+        format!(
+            "{what}: each of the {hints} hint(s) announced by a HintUpdate upcall ({announced} announced, {req} requested, {del} delivered, {handled} handled by the guest)"
+        ),
+        announced == hints && req == hints && del == hints && handled == hints,
+    )
 }
 
 fn cmdline(role_server: bool, s: &Setup) -> String {
@@ -159,6 +182,7 @@ pub fn run(
         client,
         guest_hints,
         shim_hints: stats["hints"].clone(),
+        shim_upcalls: stats["upcalls"].clone(),
         exited_ok: [SERVER, CLIENT].iter().all(|n| run.guest_exit(n).passed()),
         client_exits: stats["exits"].as_u64().unwrap_or(0),
         log: run.log.clone(),
@@ -213,6 +237,7 @@ pub fn leg_checks(timeout: Duration, mut echo: impl FnMut(&str)) -> Result<Vec<(
             && on.shim_rx()["hints_honoured"].as_u64() == Some(1)
             && on.shim_rx()["last_vcpus"] == serde_json::json!([1]),
     ));
+    checks.push(hint_upcall_check(&on, "hints on", 1));
 
     let off = run(
         &shim_path,
@@ -265,5 +290,6 @@ pub fn leg_checks(timeout: Duration, mut echo: impl FnMut(&str)) -> Result<Vec<(
         ),
         moved.guest("retargeted") == 2 && moved.irqs_on(1) >= 100 && moved.irqs_on(0) >= 100,
     ));
+    checks.push(hint_upcall_check(&moved, "I/O thread moved", 2));
     Ok(checks)
 }

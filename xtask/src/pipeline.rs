@@ -270,27 +270,11 @@ pub fn run(o: &Options, json_path: Option<&Path>, verbose: bool) -> Result<()> {
         );
     }
     if let Some(path) = json_path {
-        let text =
-            serde_json::to_string_pretty(&json(o, &r)).map_err(|e| Error::failed(e.to_string()))?;
-        std::fs::write(path, text + "\n")
-            .map_err(|e| Error::failed(format!("cannot write {}: {e}", path.display())))?;
+        crate::workspace::write_json(path, &json(o, &r))?;
         println!("results written to {}", path.display());
     }
     println!("full log: {}", r.log.display());
-    let failed: Vec<&str> = r
-        .checks
-        .iter()
-        .filter(|(_, ok)| !ok)
-        .map(|(n, _)| n.as_str())
-        .collect();
-    if failed.is_empty() {
-        Ok(())
-    } else {
-        Err(Error::failed(format!(
-            "the pipeline did not complete: {}",
-            failed.join("; ")
-        )))
-    }
+    crate::verdict::require_all("the pipeline did not complete", &r.checks)
 }
 
 #[cfg(test)]

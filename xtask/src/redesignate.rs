@@ -2,8 +2,8 @@
 //! `doorbell_redesignation_keeps_every_event` under the shim with
 //! `--doorbell-redesignate`: the guest sends sink events, asks the shim
 //! (hypercall 21) to move its range to the spare range of another host CPU's
-//! monitor, is told by the designation notification (vector 0x34), moves, and
-//! sends more. Every event sent between stats marks 0x300 and 0x301 must be
+//! monitor, is told by the designation notification (an M3 Redesignation
+//! upcall, or vector 0x34 without upcalls), moves, and sends more. Every event sent between stats marks 0x300 and 0x301 must be
 //! consumed exactly once.
 
 use std::time::Duration;
@@ -13,8 +13,27 @@ use serde_json::Value;
 use crate::error::Result;
 use crate::{build, shim};
 
-/// Runs the guest once.
+/// Runs the guest twice: with M3 upcalls (the shim's default; the
+/// re-designation is announced by a Redesignation upcall) and with
+/// `--upcalls off` (the MSI fallback on vector 0x34).
 pub fn run(timeout: Duration) -> Result<crate::flood::LegRun> {
+    let (mut checks, mut reports, log) = run_once(timeout, true)?;
+    let (off_checks, off_reports, _) = run_once(timeout, false)?;
+    checks.extend(
+        off_checks
+            .into_iter()
+            .map(|(what, ok)| (format!("--upcalls off: {what}"), ok)),
+    );
+    reports.extend(
+        off_reports
+            .into_iter()
+            .map(|r| format!("--upcalls off: {r}")),
+    );
+    Ok((checks, reports, log))
+}
+
+/// Runs the guest once, with or without upcalls.
+fn run_once(timeout: Duration, upcalls: bool) -> Result<crate::flood::LegRun> {
     let image = build::build_guest(build::find_image("ktest")?)?;
     let shim_path = shim::build()?;
     let guest = shim::Guest {
@@ -24,16 +43,23 @@ pub fn run(timeout: Duration) -> Result<crate::flood::LegRun> {
         mem_mib: 128,
         cmdline: "ktest.filter=redesignation".into(),
     };
-    let extra: Vec<String> = ["--no-net", "--doorbell-redesignate", "--quiet"]
+    let mut extra: Vec<String> = ["--no-net", "--doorbell-redesignate", "--quiet"]
         .iter()
         .map(|s| (*s).to_owned())
         .collect();
+    if !upcalls {
+        extra.extend(["--upcalls".to_owned(), "off".to_owned()]);
+    }
     let run = shim::run(
         &shim_path,
         &[guest],
         &extra,
         timeout,
-        "shim-redesignate",
+        if upcalls {
+            "shim-redesignate"
+        } else {
+            "shim-redesignate-msi"
+        },
         |_| {},
     )?;
     let reports: Vec<String> = run
@@ -42,8 +68,33 @@ pub fn run(timeout: Duration) -> Result<crate::flood::LegRun> {
         .filter_map(|l| l.text.split_once("report: ").map(|(_, r)| r.to_owned()))
         .collect();
     let sent = reports.iter().find_map(|r| events_sent(r));
-    let checks = checks(run.guest_stats("ktest"), sent);
+    let mut checks = checks(run.guest_stats("ktest"), sent);
+    // Which notification the guest saw: the upcall, or the MSI without upcalls.
+    let seen = reports.iter().find_map(|r| notifications(r));
+    checks.push((
+        format!(
+            "the guest was notified by {} ((MSIs, upcalls) on cpu 0: {seen:?})",
+            if upcalls {
+                "the upcall, not the MSI"
+            } else {
+                "the MSI"
+            }
+        ),
+        seen == Some(if upcalls { (0, 1) } else { (1, 0) }),
+    ));
     Ok((checks, reports, run.log))
+}
+
+/// (MSI notifications, re-designation upcalls) on cpu 0 from the guest's report.
+fn notifications(report: &str) -> Option<(u64, u64)> {
+    let rest = report.strip_prefix("doorbell re-designation: ")?;
+    let num_before = |marker: &str| -> Option<u64> {
+        rest.split_once(marker)?.0.rsplit(' ').next()?.parse().ok()
+    };
+    Some((
+        num_before(" notification(s) on cpu 0")?,
+        num_before(" re-designation upcall(s)")?,
+    ))
 }
 
 /// The count in the guest's "re-designation: ..., N events sent" report.
@@ -87,7 +138,29 @@ fn checks(g: Option<&Value>, sent: Option<u64>) -> Vec<(String, bool)> {
         format!("nothing rejected ({rejected})"),
         rejected.as_object().is_some_and(serde_json::Map::is_empty),
     ));
+    c.push(upcall_check(&g["upcalls"]));
     c
+}
+
+/// With M3 upcalls offered (the shim's default) the one re-designation is
+/// announced by a Redesignation upcall, which the guest acknowledges; without
+/// them, by the MSI only (no upcall requested).
+fn upcall_check(u: &Value) -> (String, bool) {
+    let n = |k: &str| u[k]["redesignation"].as_u64();
+    let (req, del) = (n("requested"), n("delivered"));
+    if u["offered"].as_bool() == Some(true) {
+        (
+            format!(
+                "upcalls on: the re-designation upcall was requested and delivered once ({req:?}/{del:?})"
+            ),
+            req == Some(1) && del == Some(1),
+        )
+    } else {
+        (
+            format!("upcalls off: no re-designation upcall ({req:?})"),
+            req.unwrap_or(0) == 0,
+        )
+    }
 }
 
 #[cfg(test)]
@@ -97,10 +170,22 @@ mod tests {
 
     #[test]
     fn counts_must_match() {
-        let r = "doorbell re-designation: monitor cpu 1 -> 0, 4000 events sent (0 while the notification was on its way), 1 notification(s) on cpu 0";
+        let r = "doorbell re-designation: monitor cpu 1 -> 0, 4000 events sent (0 while the notification was on its way), 1 notification(s) on cpu 0, 0 re-designation upcall(s) on cpu 0";
         assert_eq!(events_sent(r), Some(4000));
-        let g = json!({"exit_status": 0, "doorbell": {"rejected": {}},
-            "marks": [{"label": 0x300, "sink_events": 10}, {"label": 0x301, "sink_events": 4010}]});
+        assert_eq!(notifications(r), Some((1, 0)));
+        assert_eq!(
+            notifications("doorbell re-designation: 1 notification(s) on cpu 0"),
+            None
+        );
+        let mut g = json!({"exit_status": 0, "doorbell": {"rejected": {}},
+            "marks": [{"label": 0x300, "sink_events": 10}, {"label": 0x301, "sink_events": 4010}],
+            "upcalls": {"offered": true, "requested": {"redesignation": 1}, "delivered": {"redesignation": 1}}});
+        assert!(checks(Some(&g), Some(4000)).iter().all(|(_, ok)| *ok));
+        // An upcall requested but never acknowledged fails the leg.
+        g["upcalls"]["delivered"]["redesignation"] = json!(0);
+        assert!(!checks(Some(&g), Some(4000)).iter().all(|(_, ok)| *ok));
+        // Without upcalls the MSI announces it: nothing must be requested.
+        g["upcalls"] = json!({"offered": false});
         assert!(checks(Some(&g), Some(4000)).iter().all(|(_, ok)| *ok));
         assert!(!checks(Some(&g), Some(4001)).iter().all(|(_, ok)| *ok));
         assert!(!checks(Some(&g), None).iter().all(|(_, ok)| *ok));

@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use crate::demo;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::setup;
 
 pub fn run(opts: &demo::Options, json: Option<&Path>, verbose: bool) -> Result<()> {
@@ -27,25 +27,9 @@ pub fn run(opts: &demo::Options, json: Option<&Path>, verbose: bool) -> Result<(
         println!("{line}");
     }
     if let Some(path) = json {
-        let text = serde_json::to_string_pretty(&demo::json(opts, &report))
-            .map_err(|e| Error::failed(e.to_string()))?;
-        std::fs::write(path, text + "\n")
-            .map_err(|e| Error::failed(format!("cannot write {}: {e}", path.display())))?;
+        crate::workspace::write_json(path, &demo::json(opts, &report))?;
         println!("results written to {}", path.display());
     }
     println!("full log: {}", report.log.display());
-    let failed: Vec<&str> = report
-        .checks
-        .iter()
-        .filter(|(_, ok)| !ok)
-        .map(|(n, _)| n.as_str())
-        .collect();
-    if failed.is_empty() {
-        Ok(())
-    } else {
-        Err(Error::failed(format!(
-            "the demo did not complete: {}",
-            failed.join("; ")
-        )))
-    }
+    crate::verdict::require_all("the demo did not complete", &report.checks)
 }

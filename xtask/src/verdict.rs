@@ -129,6 +129,29 @@ pub fn judge_guest(exit: GuestExit, log: &SerialLog) -> LegOutcome {
     .settle()
 }
 
+/// The names of the failed checks.
+#[must_use]
+pub fn failed_checks(checks: &[(String, bool)]) -> Vec<&str> {
+    checks
+        .iter()
+        .filter(|(_, ok)| !ok)
+        .map(|(name, _)| name.as_str())
+        .collect()
+}
+
+/// `Ok` when every check passed, else an error naming `what` and the failures.
+pub fn require_all(what: &str, checks: &[(String, bool)]) -> crate::error::Result<()> {
+    let failed = failed_checks(checks);
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(crate::error::Error::failed(format!(
+            "{what}: {}",
+            failed.join("; ")
+        )))
+    }
+}
+
 /// Judges a leg made of named host-side checks: each is one test.
 #[must_use]
 pub fn judge_checks(checks: &[(String, bool)]) -> LegOutcome {
@@ -136,10 +159,9 @@ pub fn judge_checks(checks: &[(String, bool)]) -> LegOutcome {
     LegOutcome {
         passed: u32::try_from(passed).unwrap_or(u32::MAX),
         failed: u32::try_from(checks.len() - passed).unwrap_or(u32::MAX),
-        problems: checks
+        problems: failed_checks(checks)
             .iter()
-            .filter(|(_, ok)| !ok)
-            .map(|(name, _)| format!("check failed: {name}"))
+            .map(|name| format!("check failed: {name}"))
             .collect(),
     }
     .settle()

@@ -52,6 +52,13 @@ pub fn new_log_path(label: &str) -> Result<PathBuf> {
     Ok(logs_dir()?.join(format!("{label}-{stamp}.log")))
 }
 
+/// Writes `value` as pretty JSON (with a final newline) to `path`.
+pub fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
+    let text = serde_json::to_string_pretty(value).map_err(|e| Error::failed(e.to_string()))?;
+    std::fs::write(path, text + "\n")
+        .map_err(|e| Error::failed(format!("cannot write {}: {e}", path.display())))
+}
+
 /// The `cargo` that runs us (cargo sets `CARGO` for `cargo run`), started in
 /// the workspace root.
 #[must_use]

@@ -219,7 +219,7 @@ mod guest {
             rtts.last().copied().unwrap_or(0) / 1000,
         );
         println!(
-            "pingpong-result: {{\"packets_sent\": {count}, \"packets_received\": {received}, \"size\": {size}, \"rtt_ns\": {{\"p50\": {}, \"p99\": {}, \"min\": {}, \"max\": {}}}, \"pps\": {pps}, \"rx_dropped\": {}, \"rx_irqs_by_cpu\": [{}], \"hints\": {{\"state\": \"{}\", \"seen\": {}, \"retargeted\": {}, \"already\": {}, \"ignored\": {}, \"torn\": {}}}}}",
+            "pingpong-result: {{\"packets_sent\": {count}, \"packets_received\": {received}, \"size\": {size}, \"rtt_ns\": {{\"p50\": {}, \"p99\": {}, \"min\": {}, \"max\": {}}}, \"pps\": {pps}, \"rx_dropped\": {}, \"rx_irqs_by_cpu\": [{}], \"hints\": {{\"state\": \"{}\", \"seen\": {}, \"retargeted\": {}, \"already\": {}, \"ignored\": {}, \"torn\": {}, \"upcalls\": {}}}}}",
             p(50),
             p(99),
             rtts.first().copied().unwrap_or(0),
@@ -231,7 +231,8 @@ mod guest {
             h.retargeted,
             h.already,
             h.ignored,
-            h.torn
+            h.torn,
+            guest_kernel::rt::net::hint_upcalls()
         );
         // Every 5th percentile for distribution plots, only when asked: each
         // console byte is an exit under a VMM, and exits per packet are measured.

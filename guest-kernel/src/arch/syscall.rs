@@ -52,6 +52,10 @@ pub fn dispatch(f: &mut TrapFrame, pc: &PerCpu) {
         Sys::UpcallLint0 => {
             // SAFETY: this CPU's APIC was set up at bring-up.
             unsafe { apic::lint0_extint() };
+            // Tell the shim this vCPU now takes ExtINT, so that it may post the
+            // guest-wide upcall classes here. Only a guest offered upcalls gets here
+            // (rt::upcall::init checks first); an older shim answers UnknownCall.
+            let _ = exit::hypercall(para_abi::hypercall::Call::UpcallEnable, 0);
             0
         }
         Sys::UpcallMaskedSpin => upcall_masked_spin(f, pc),

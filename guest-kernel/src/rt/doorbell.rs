@@ -149,6 +149,11 @@ fn open() -> Result<Doorbells, DoorbellError> {
     if region.header.notify_vector.load(Ordering::Relaxed) == u32::from(vector::DOORBELL_NOTIFY) {
         crate::rt::irq::register(vector::DOORBELL_NOTIFY, on_designation_notify);
     }
+    // A shim that can deliver M3 upcalls announces re-designations that way.
+    crate::rt::upcall::register_upcall(
+        crate::rt::upcall::Class::Redesignation,
+        on_redesignation_upcall,
+    );
     Ok(Doorbells {
         region,
         lanes,
@@ -212,6 +217,12 @@ fn on_designation_notify(_vector: u8) {
     if let Some(Ok(d)) = DOORBELLS.get() {
         d.refresh();
     }
+}
+
+/// The designation notification as an M3 upcall (the shim prefers it to the
+/// vector when this guest takes upcalls).
+fn on_redesignation_upcall(_: crate::rt::upcall::Class, _: u32) {
+    on_designation_notify(vector::DOORBELL_NOTIFY);
 }
 
 /// The doorbells, once set up (the first call sets them up).

@@ -181,6 +181,57 @@ fn on_rx(v: u8) {
     }
 }
 
+/// Bumped by the M3 `HintUpdate` upcall: the shim published a new hint.
+static HINT_UPCALLS: AtomicU64 = AtomicU64::new(0);
+/// NICs (bit per index) whose RX queue follows hints.
+static HINT_NICS: AtomicUsize = AtomicUsize::new(0);
+
+/// Runs in upcall context: the shim announced a new hint, so the stacks that
+/// follow hints look at it now rather than at their queue's next interrupt.
+fn on_hint_update(_: super::upcall::Class, n: u32) {
+    HINT_UPCALLS.fetch_add(u64::from(n), Ordering::Release);
+    let (me, nics) = (percpu::cpu_id(), HINT_NICS.load(Ordering::Acquire));
+    let mut woken = 0u64;
+    for nic in (0..MAX_NICS).filter(|i| nics & (1 << i) != 0) {
+        let target = STACK_CPU[nic].load(Ordering::Relaxed);
+        if target != me && target < 64 && woken & (1 << target) == 0 {
+            woken |= 1 << target;
+            let _ = smp::send_ipi(target, vector::WAKE);
+        }
+    }
+}
+
+/// The RX queue's hint follower for NIC `index` (PCI device `device`, RX
+/// interrupts at APIC id `apic`), unless hints are off or not offered.
+fn hint_follower(index: usize, device: u8, apic: u32) -> Option<super::hints::Follower> {
+    match super::hints::get() {
+        // An explicit net.irq_cpu= is a placement asked for: hints do not
+        // move it, unless hints=on says they should.
+        Ok(_)
+            if system().cmdline.get("net.irq_cpu").is_some()
+                && system().cmdline.get("hints") != Some("on") =>
+        {
+            log::info!("net{index}: net.irq_cpu= given; interrupt hints not followed");
+            None
+        }
+        Ok(_) => {
+            HINT_NICS.fetch_or(1 << index, Ordering::AcqRel);
+            super::upcall::register_upcall(super::upcall::Class::HintUpdate, on_hint_update);
+            Some(super::hints::Follower::new(device, RX_QUEUE, apic))
+        }
+        Err(e) => {
+            log::info!("net{index}: default interrupt placement: {e}");
+            None
+        }
+    }
+}
+
+/// `HintUpdate` upcalls taken so far (the shim announcing new hints).
+#[must_use]
+pub fn hint_upcalls() -> u64 {
+    HINT_UPCALLS.load(Ordering::Acquire)
+}
+
 /// Queue notifications as doorbell events (device = PCI device number).
 struct DoorbellNotifier;
 
@@ -254,6 +305,9 @@ pub struct Net {
     hints: Option<super::hints::Follower>,
     /// `RX_SIGNAL` when the hints were last checked: they are checked after interrupts.
     hint_signal: u64,
+    /// `HINT_UPCALLS` when the hints were last checked: and after the shim's
+    /// `HintUpdate` upcalls (M3).
+    hint_upcalls: u64,
 }
 
 impl fmt::Debug for Net {
@@ -348,23 +402,9 @@ impl Net {
             sockets,
             dhcp,
             mode: cfg.rx_mode,
-            // An explicit net.irq_cpu= is a placement asked for: hints do not
-            // move it, unless hints=on says they should.
-            hints: match super::hints::get() {
-                Ok(_)
-                    if system().cmdline.get("net.irq_cpu").is_some()
-                        && system().cmdline.get("hints") != Some("on") =>
-                {
-                    log::info!("net{index}: net.irq_cpu= given; interrupt hints not followed");
-                    None
-                }
-                Ok(_) => Some(super::hints::Follower::new(df.device, RX_QUEUE, apic)),
-                Err(e) => {
-                    log::info!("net{index}: default interrupt placement: {e}");
-                    None
-                }
-            },
+            hints: hint_follower(index, df.device, apic),
             hint_signal: 0,
+            hint_upcalls: 0,
         })
     }
 
@@ -433,14 +473,17 @@ impl Net {
             mode: cfg.rx_mode,
             hints: None,
             hint_signal: 0,
+            hint_upcalls: 0,
         })
     }
 
     /// Runs smoltcp once over whatever arrived; true when anything happened.
     pub fn poll(&mut self) -> bool {
         let signal = RX_SIGNAL[self.index].load(Ordering::Acquire);
-        if signal != self.hint_signal {
+        let upcalls = HINT_UPCALLS.load(Ordering::Acquire);
+        if signal != self.hint_signal || upcalls != self.hint_upcalls {
             self.hint_signal = signal;
+            self.hint_upcalls = upcalls;
             self.follow_hints();
         }
         let r = match &mut self.nic {
@@ -510,12 +553,14 @@ impl Net {
             RxMode::Interrupt => {
                 let signal = &RX_SIGNAL[self.index];
                 let seen = signal.load(Ordering::Acquire);
+                let hints_seen = self.hint_upcalls;
                 if let Some(w) = wake {
                     sys::set_timer(w.0);
                 }
                 let nic = &self.nic;
                 irq::wait_until(|| {
                     signal.load(Ordering::Acquire) != seen
+                        || HINT_UPCALLS.load(Ordering::Acquire) != hints_seen
                         || nic.rx_pending()
                         || wake.is_some_and(|w| Instant::now() >= w)
                 });
@@ -546,7 +591,8 @@ impl Net {
         }
     }
 
-    /// After an RX interrupt: moves the RX vector to the vCPU a new hint names.
+    /// After an RX interrupt or a `HintUpdate` upcall: moves the RX vector to the
+    /// vCPU a new hint names (the follower decides each generation once).
     fn follow_hints(&mut self) {
         let (Some(f), Ok(h)) = (self.hints.as_mut(), super::hints::get()) else {
             return;

@@ -75,6 +75,11 @@ extern "C" fn exitless_user_bsp() -> ! {
         sys::exit(status::PANIC)
     });
     let cpus = smp::start_aps(&platform.cpus);
+    // M3: the shim's upcalls (re-designations, hint updates...) on every CPU.
+    match super::upcall::bring_up() {
+        Ok(n) => log::info!("exitless: upcalls taken on {n} of {cpus} CPU(s)"),
+        Err(e) => log::info!("exitless: {e}"),
+    }
     let pci = platform.ecam.map_or(pci::Access::Ports, pci::Access::Ecam);
 
     let khz = time::tsc_khz();

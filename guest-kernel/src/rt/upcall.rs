@@ -9,8 +9,11 @@
 //! not interrupts, carry the events: an interrupt that finds nothing new is
 //! counted as empty, and nothing is lost or run twice.
 //!
-//! Under QEMU (or with `--upcalls off`) the feature bit is absent and
-//! [`init`] reports [`UpcallError::Unavailable`].
+//! Bring-up ([`super::start`]) calls [`bring_up`], which runs [`init`] on
+//! every online CPU when the shim offers upcalls; [`init`] may be called
+//! again (the tests do): it only re-does the same set-up. Under QEMU (or with
+//! `--upcalls off`) the feature bit is absent and [`init`] reports
+//! [`UpcallError::Unavailable`].
 
 use crate::abi::{MAX_CPUS, vector};
 use crate::arch::BOOT;
@@ -89,7 +92,9 @@ fn check_area() -> Result<(), UpcallError> {
 }
 
 /// Makes this CPU take upcalls: checks the shim's offer, installs the vector
-/// handler, routes LINT0 as `ExtINT`. Call on each CPU that should take them.
+/// handler, routes LINT0 as `ExtINT` (the kernel then tells the shim, which
+/// from then on may send this CPU the guest-wide classes). Call on each CPU
+/// that should take them; calling it again is harmless.
 pub fn init() -> Result<(), UpcallError> {
     check_area()?;
     let apic_id = percpu::current().apic_id.load(Ordering::Relaxed);
@@ -102,10 +107,32 @@ pub fn init() -> Result<(), UpcallError> {
     Ok(())
 }
 
+/// At bring-up: makes every online CPU take upcalls when the shim offers
+/// them. Returns how many CPUs do; a CPU that fails is logged and left out
+/// (the shim then sends it nothing but the pings it asks for itself).
+pub fn bring_up() -> Result<usize, UpcallError> {
+    check_area()?;
+    let mut taking = 0;
+    for cpu in 0..super::smp::online() {
+        match super::smp::run_on_wait(cpu, core::time::Duration::from_millis(500), init) {
+            Ok(Ok(())) => taking += 1,
+            Ok(Err(e)) => log::warn!("cpu{cpu}: takes no upcalls: {e}"),
+            Err(e) => log::warn!("cpu{cpu}: upcall set-up did not run: {e:?}"),
+        }
+    }
+    Ok(taking)
+}
+
 /// True when this CPU takes upcalls.
 #[must_use]
 pub fn enabled_here() -> bool {
     ENABLED_CPUS.load(Ordering::Acquire) & (1 << percpu::cpu_id()) != 0
+}
+
+/// True when CPU `cpu` takes upcalls.
+#[must_use]
+pub fn enabled_on(cpu: usize) -> bool {
+    cpu < 32 && ENABLED_CPUS.load(Ordering::Acquire) & (1 << cpu) != 0
 }
 
 /// Installs `handler` for `class` (replacing any). Upcalls of a class with no

@@ -25,6 +25,8 @@ use para_abi::layout::{KICK_BASE, KICK_SPAN, PARA_REGION_BASE, PARA_REGION_MAX};
 use para_abi::region::{CONTROL_SIZE, Region, TABLE_CAPACITY};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::memory::SharedMapping;
+
 /// Slots per ring: the most the protocol allows, so that a burst from ring 3
 /// fills the ring before it coalesces (2048 × 8 B = 16 KiB).
 pub const RING_CAPACITY: u32 = MAX_CAPACITY;
@@ -154,55 +156,9 @@ fn merge(pieces: &[SlotSpec]) -> Vec<SlotSpec> {
     out
 }
 
-/// Anonymous shared host memory behind the region, page aligned, zero filled.
-struct Mapping {
-    ptr: *mut u8,
-    len: usize,
-}
-
-// SAFETY: the mapping is plain memory owned by this value; every access to it goes
-// through para-abi's atomic types (or happens before the guest and the monitors
-// run), so sharing the pointer between threads is sound.
-unsafe impl Send for Mapping {}
-// SAFETY: as above.
-unsafe impl Sync for Mapping {}
-
-impl Mapping {
-    fn new(len: usize) -> std::io::Result<Self> {
-        // SAFETY: a fresh anonymous mapping; no existing memory is affected.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(Self {
-            ptr: ptr.cast(),
-            len,
-        })
-    }
-}
-
-impl Drop for Mapping {
-    fn drop(&mut self) {
-        // SAFETY: `ptr`/`len` are exactly what mmap returned; nothing borrows the
-        // memory any more (borrows are tied to `&ParaRegion`, which is being dropped).
-        unsafe {
-            libc::munmap(self.ptr.cast(), self.len);
-        }
-    }
-}
-
 /// The region of one guest: host memory, the published table, the kick eventfds.
 pub struct ParaRegion {
-    mem: Mapping,
+    mem: SharedMapping,
     pub plan: Plan,
     /// Per designation: the eventfd its kick address signals.
     pub kicks: Vec<EventFd>,
@@ -213,7 +169,7 @@ impl ParaRegion {
     /// designations and the writing notification. The guest runs nothing yet.
     pub fn new(plan: Plan) -> Result<Self, ManagerError> {
         let len = usize::try_from(plan.size).map_err(|_| ManagerError::TooBig(plan.size))?;
-        let mem = Mapping::new(len).map_err(ManagerError::Map)?;
+        let mem = SharedMapping::new(len).map_err(ManagerError::Map)?;
         let kicks = plan
             .designations
             .iter()
@@ -239,7 +195,7 @@ impl ParaRegion {
         // SAFETY: the mapping is page aligned and at least CONTROL_SIZE bytes (the
         // plan always has the control page), lives as long as `&self`, and is only
         // accessed atomically.
-        unsafe { Region::from_raw(self.mem.ptr) }
+        unsafe { Region::from_raw(self.mem.as_ptr()) }
     }
 
     /// The ring of designation `i`, `None` past the last one.
@@ -248,13 +204,13 @@ impl ParaRegion {
         let d = self.plan.designations.get(i)?;
         let layout = d.ring_layout().ok()?;
         let offset = usize::try_from(d.range_gpa.checked_sub(self.plan.base)?).ok()?;
-        if offset.checked_add(usize::try_from(d.range_len).ok()?)? > self.mem.len {
+        if offset.checked_add(usize::try_from(d.range_len).ok()?)? > self.mem.len() {
             return None;
         }
         // SAFETY: the range lies inside the mapping (checked above), which lives as
         // long as the returned ring borrows `self`; the layout is validated; the ring
         // words are only accessed atomically (here and by the guest's locked stores).
-        unsafe { Ring::from_range(self.mem.ptr.add(offset), &layout) }.ok()
+        unsafe { Ring::from_range(self.mem.as_ptr().add(offset), &layout) }.ok()
     }
 
     /// Maps the region into the VM (slots from `first_slot`, read-only where the
@@ -267,7 +223,7 @@ impl ParaRegion {
                 flags: if s.readonly { KVM_MEM_READONLY } else { 0 },
                 guest_phys_addr: self.plan.base + s.offset,
                 memory_size: s.len,
-                userspace_addr: self.mem.ptr as u64 + s.offset,
+                userspace_addr: self.mem.as_ptr() as u64 + s.offset,
             };
             // SAFETY: the host range lies in `self.mem` (the plan's slots cover
             // exactly the region), which the guest keeps alive for as long as the VM.

@@ -10,7 +10,10 @@
 //! raised on every vCPU as a fixed, edge-triggered MSI through KVM_SIGNAL_MSI
 //! (KVM api.rst §4.71; message format SDM vol 3 §11.11.1–2), so it needs no
 //! LINT0/ExtINT set-up in the guest; the guest re-reads the table and moves to the new
-//! range. Both rings stay served by their monitors, so an event written into
+//! range. When the guest takes M3 upcalls, the notification is an
+//! `UpcallClass::Redesignation` upcall instead (delivered at an open interrupt
+//! window, exactly once, `crate::pending`); the MSI remains the fallback for a
+//! guest without them. Both rings stay served by their monitors, so an event written into
 //! the old ring before the guest noticed is still consumed: none is lost.
 
 use std::sync::{Arc, Mutex, PoisonError};
@@ -54,6 +57,8 @@ pub struct Redesignation {
     table: Mutex<Vec<Designation>>,
     /// Where the notification goes: the VM and its vCPU count (APIC ids 0..n).
     vm: Option<(Arc<VmFd>, u32)>,
+    /// Re-designations announced by an M3 upcall rather than the MSI.
+    upcalls: std::sync::atomic::AtomicU64,
 }
 
 impl Redesignation {
@@ -69,12 +74,15 @@ impl Redesignation {
             region,
             table: Mutex::new(table),
             vm,
+            upcalls: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
-    /// Swaps the guest's active and spare vCPU ranges and notifies every vCPU;
-    /// returns the status for the guest.
-    pub fn swap(&self, guest: &str) -> Status {
+    /// Swaps the guest's active and spare vCPU ranges and notifies the guest:
+    /// through `upcall` (which posts a Redesignation upcall and says whether it
+    /// could), or else by the notify MSI on every vCPU. Returns the status for
+    /// the guest.
+    pub fn swap(&self, guest: &str, upcall: impl FnOnce() -> bool) -> Status {
         let mut t = self.table.lock().unwrap_or_else(PoisonError::into_inner);
         let active = t
             .iter()
@@ -95,8 +103,19 @@ impl Redesignation {
             to_cpu = t[s].host_cpu,
             "doorbell range re-designated"
         );
-        self.notify(guest);
+        if upcall() {
+            self.upcalls
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        } else {
+            self.notify(guest);
+        }
         Status::Ok
+    }
+
+    /// Re-designations announced by an M3 upcall (the rest used the MSI).
+    #[must_use]
+    pub fn by_upcall(&self) -> u64 {
+        self.upcalls.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn notify(&self, guest: &str) {
@@ -147,7 +166,8 @@ mod tests {
                 .map(|d| (d.range_gpa, d.host_cpu))
         };
         assert_eq!(any(&before).unwrap().1, 1);
-        assert_eq!(r.swap("t"), Status::Ok);
+        assert_eq!(r.swap("t", || false), Status::Ok);
+        assert_eq!(r.by_upcall(), 0);
         let mut after = [None; TABLE_CAPACITY];
         c.snapshot(&mut after, 4).unwrap();
         assert!(c.generation() > g0 && c.generation().is_multiple_of(2));
@@ -155,8 +175,9 @@ mod tests {
         let (gpa1, cpu1) = any(&after).unwrap();
         assert_ne!(gpa0, gpa1);
         assert_eq!(cpu1, 0);
-        // And back.
-        assert_eq!(r.swap("t"), Status::Ok);
+        // And back, announced by an upcall this time.
+        assert_eq!(r.swap("t", || true), Status::Ok);
+        assert_eq!(r.by_upcall(), 1);
         let mut again = [None; TABLE_CAPACITY];
         c.snapshot(&mut again, 4).unwrap();
         assert_eq!(any(&again), any(&before));

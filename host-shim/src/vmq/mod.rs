@@ -118,16 +118,16 @@ fn msi_notify(vm: Arc<VmFd>, vector: u8) -> Notify {
     })
 }
 
-/// Notifies arrivals as an M3 `VmqArrival` upcall to vCPU 0: injected when its
-/// interrupt window opens (issue 7: VM-queue arrivals use this path by default).
-/// Falls back to the MSI when the post is refused.
-fn upcall_notify(
-    upcalls: Arc<crate::pending::GuestUpcalls>,
-    bsp: Arc<VcpuShared>,
-    fallback: Notify,
-) -> Notify {
+/// Notifies arrivals as an M3 `VmqArrival` upcall to vCPU 0 (the one the guest
+/// waits on), injected when its interrupt window opens (issue 7: VM-queue
+/// arrivals use this path by default). Falls back to the MSI while no vCPU
+/// has enabled upcalls (early boot) or when the guest is ending.
+fn upcall_notify(upcalls: Arc<crate::pending::GuestUpcalls>, fallback: Notify) -> Notify {
     Box::new(move || {
-        if !upcalls.post(0, crate::pending::UpcallClass::VmqArrival, 1, || bsp.kick()) {
+        if upcalls
+            .post_to_guest(Some(0), crate::pending::UpcallClass::VmqArrival)
+            .is_none()
+        {
             fallback();
         }
     })
@@ -172,9 +172,9 @@ pub fn attach(g: &mut Guest, manager: &Arc<Manager>) -> Result<Arc<VmqCounters>,
     let base = area.base();
     let mem = endpoint_memory(&g.mem, area)?;
     let msi = msi_notify(g.vm.clone(), vmq::ARRIVAL_VECTOR);
-    let notify = match (g.upcalls.clone(), g.vcpus.first()) {
-        (Some(u), Some(bsp)) => upcall_notify(u, bsp.clone(), msi),
-        _ => msi,
+    let notify = match g.upcalls.clone() {
+        Some(u) => upcall_notify(u, msi),
+        None => msi,
     };
     let (id, counters) = manager.add(&g.name, mem, notify)?;
     g.offer(Offer {

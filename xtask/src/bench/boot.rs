@@ -119,8 +119,8 @@ impl Suite for Boot {
         Some("q35")
     }
 
-    fn headline(&self) -> Vec<&'static str> {
-        vec!["wall_ms"]
+    fn headline(&self) -> Vec<(&'static str, &'static str)> {
+        vec![("shim", "wall_ms"), ("microvm", "wall_ms")]
     }
 
     fn prepare(&mut self) -> Result<()> {

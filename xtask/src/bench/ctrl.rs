@@ -74,6 +74,13 @@ impl Suite for Ctrl {
         Some("owned")
     }
 
+    fn headline(&self) -> Vec<(&'static str, &'static str)> {
+        vec![
+            ("shadowed", "ns_per_write"),
+            ("shadowed", "exits_per_write"),
+        ]
+    }
+
     fn prepare(&mut self) -> Result<()> {
         let image = build::build_guest(build::find_image("ktest")?)?;
         self.prepared = Some((shim::build()?, image));

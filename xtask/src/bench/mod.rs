@@ -172,10 +172,10 @@ pub trait Suite {
     fn baseline(&self) -> Option<&'static str> {
         None
     }
-    /// Metrics whose ratios to the baseline the report's headline (and the
-    /// README) quote; default: the first three.
-    fn headline(&self) -> Vec<&'static str> {
-        self.metrics().iter().take(3).map(|m| m.id).collect()
+    /// (scenario, metric) pairs whose ratio to the baseline the report's
+    /// headline (and the README) quote; default: none.
+    fn headline(&self) -> Vec<(&'static str, &'static str)> {
+        Vec::new()
     }
     /// Plots for the report; default: one bar chart per metric.
     fn plots(&self) -> Vec<Plot> {
@@ -340,9 +340,7 @@ fn run_suite(suite: &mut dyn Suite, repeats: u32) -> Result<PathBuf> {
     let doc = aggregate(suite, &scenarios, &metrics, &rounds, &errors, repeats);
     print_table(&doc);
     let path = results_dir()?.join(format!("{name}.json"));
-    let text = serde_json::to_string_pretty(&doc).map_err(|e| Error::failed(e.to_string()))?;
-    std::fs::write(&path, text + "\n")
-        .map_err(|e| Error::failed(format!("cannot write {}: {e}", path.display())))?;
+    workspace::write_json(&path, &doc)?;
     println!(
         "bench {name}: done in {:.0} s",
         started.elapsed().as_secs_f64()
@@ -468,7 +466,7 @@ fn aggregate(
         "round_errors": errors,
         "machine": sys::machine(),
         "baseline": baseline,
-        "headline": suite.headline(),
+        "headline": suite.headline().iter().map(|(s, m)| json!({"scenario": s, "metric": m})).collect::<Vec<_>>(),
         "scenarios": scenarios.iter().map(|s| json!({"id": s.id, "label": s.label})).collect::<Vec<_>>(),
         "metrics": metrics.iter().map(|m| json!({"id": m.id, "label": m.label, "unit": m.unit, "better": m.better.name()})).collect::<Vec<_>>(),
         "rounds": rounds.iter().map(|r| json!(r.values)).collect::<Vec<_>>(),

@@ -86,6 +86,14 @@ impl Suite for Notify {
         Some("mmio_exit")
     }
 
+    fn headline(&self) -> Vec<(&'static str, &'static str)> {
+        vec![
+            ("doorbell_spin", "guest_ns"),
+            ("doorbell_spin", "latency_p50_us"),
+            ("doorbell_spin", "exits_per_notification"),
+        ]
+    }
+
     fn plots(&self) -> Vec<Plot> {
         let mut p: Vec<Plot> = self
             .metrics()

@@ -99,18 +99,7 @@ fn record(
     kvm: &[BTreeMap<String, u64>],
     seen: &Seen,
 ) -> Result<()> {
-    if !report.ok() {
-        let failed: Vec<&str> = report
-            .checks
-            .iter()
-            .filter(|(_, ok)| !ok)
-            .map(|(n, _)| n.as_str())
-            .collect();
-        return Err(Error::failed(format!(
-            "{id}: the ping-pong failed: {}",
-            failed.join("; ")
-        )));
-    }
+    crate::verdict::require_all(&format!("{id}: the ping-pong failed"), &report.checks)?;
     let Some(c) = report.clients.first() else {
         return Err(Error::failed(format!("{id}: no client result")));
     };
@@ -197,8 +186,16 @@ impl Suite for Pingpong {
         Some("qemu")
     }
 
-    fn headline(&self) -> Vec<&'static str> {
-        vec!["rtt_p50_us", "pps", "exits_per_packet", "cpu_s_per_100k"]
+    fn headline(&self) -> Vec<(&'static str, &'static str)> {
+        vec![
+            ("trap", "rtt_p50_us"),
+            ("trap", "pps"),
+            ("doorbell50", "pps"),
+            ("trap", "exits_per_packet"),
+            ("doorbell", "exits_per_packet"),
+            ("trap", "cpu_s_per_100k"),
+            ("trap", "rss_mib_per_guest"),
+        ]
     }
 
     fn plots(&self) -> Vec<Plot> {

@@ -245,8 +245,8 @@ fn load_results() -> Result<Vec<Value>> {
     Ok(docs)
 }
 
-/// Headline lines: the ratios to the baseline of the metrics each suite names
-/// as its headline.
+/// Headline lines: the ratios to the baseline of the (scenario, metric) pairs
+/// each suite names as its headline.
 fn headline(docs: &[Value]) -> Vec<String> {
     let mut out = Vec::new();
     for doc in docs {
@@ -259,29 +259,23 @@ fn headline(docs: &[Value]) -> Vec<String> {
                 .find(|s| str_of(s, "id") == id)
                 .map_or_else(|| id.to_owned(), |s| str_of(s, "label").to_owned())
         };
-        let wanted: Vec<String> = items(doc, "headline")
-            .iter()
-            .filter_map(|v| v.as_str().map(str::to_owned))
-            .collect();
-        for m in items(doc, "metrics")
-            .iter()
-            .filter(|m| wanted.iter().any(|w| w == str_of(m, "id")))
-            .filter(|m| str_of(m, "better") != "neither")
-        {
-            for s in &scen {
-                let id = str_of(s, "id");
-                if let Some(r) = summary_at(doc, "ratios", id, str_of(m, "id")) {
-                    out.push(format!(
-                        "- `{}` {}: {} / {} = **{}×** (median of per-round ratios, {}–{})",
-                        str_of(doc, "suite"),
-                        str_of(m, "label"),
-                        label(id),
-                        label(base),
-                        fmt_num(r.median),
-                        fmt_num(r.min),
-                        fmt_num(r.max)
-                    ));
-                }
+        let metrics = items(doc, "metrics");
+        for pair in items(doc, "headline") {
+            let (id, metric) = (str_of(&pair, "scenario"), str_of(&pair, "metric"));
+            let Some(m) = metrics.iter().find(|m| str_of(m, "id") == metric) else {
+                continue;
+            };
+            if let Some(r) = summary_at(doc, "ratios", id, metric) {
+                out.push(format!(
+                    "- `{}` {}: {} / {} = **{}×** (median of per-round ratios, {}–{})",
+                    str_of(doc, "suite"),
+                    str_of(m, "label"),
+                    label(id),
+                    label(base),
+                    fmt_num(r.median),
+                    fmt_num(r.min),
+                    fmt_num(r.max)
+                ));
             }
         }
     }
@@ -403,7 +397,8 @@ mod tests {
 
     fn doc() -> Value {
         json!({
-            "suite": "x", "baseline": "a", "rounds_ok": 2, "headline": ["t"],
+            "suite": "x", "baseline": "a", "rounds_ok": 2,
+            "headline": [{"scenario": "b", "metric": "t"}],
             "scenarios": [{"id": "a", "label": "A"}, {"id": "b", "label": "B"}],
             "metrics": [{"id": "t", "label": "time", "unit": "µs", "better": "lower"}],
             "summary": {"a": {"t": {"median": 2.0, "min": 1.0, "max": 3.0, "n": 2}},

@@ -205,6 +205,13 @@ impl Suite for UpcallSuite {
         Some("poll")
     }
 
+    fn headline(&self) -> Vec<(&'static str, &'static str)> {
+        vec![
+            ("window", "deferred_latency_us"),
+            ("window", "upcall_exits_per_upcall"),
+        ]
+    }
+
     fn prepare(&mut self) -> Result<()> {
         let image = crate::build::build_guest(crate::build::find_image("ktest")?)?;
         self.shim = Some(shim::build()?);

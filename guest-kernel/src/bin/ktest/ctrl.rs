@@ -23,9 +23,11 @@ use smoltcp::wire::{IpEndpoint, Ipv4Address};
 
 const TOGGLES: u64 = 100_000;
 const TRAPS: u64 = 200;
-/// Exits a window may gain over an empty one without being the writes' own
-/// (a timer tick or an interrupt that happened to land in it).
-const SLACK: u64 = 4;
+/// Exits a window may gain over an empty one without being the writes' own:
+/// the host's timer ticks and IPIs exit the vCPU too (KVM counts them), more
+/// on a loaded 2-core host (5 seen in a 2 ms window). The same bound as the
+/// 10,000-event doorbell test; trapping writes make one exit each (≥ 200).
+const SLACK: u64 = 32;
 
 fn q(sel: u64) -> Result<u64, alloc::string::String> {
     ctrl::query(sel).map_err(|e| format!("query {sel}: {e}"))

@@ -297,8 +297,10 @@ ktest!(
             .map_err(|e| alloc::format!("mark: {e:?}"))?;
         guest_kernel::rt::irq::restore(was);
         let notes = guest_kernel::rt::irq::count(0, guest_kernel::abi::vector::DOORBELL_NOTIFY);
+        let ups =
+            guest_kernel::rt::upcall::taken(0, guest_kernel::rt::upcall::Class::Redesignation);
         println!(
-            "report: doorbell re-designation: monitor cpu {cpu0} -> {cpu1}, {} events sent ({during} while the notification was on its way), {notes} notification(s) on cpu 0",
+            "report: doorbell re-designation: monitor cpu {cpu0} -> {cpu1}, {} events sent ({during} while the notification was on its way), {notes} notification(s) on cpu 0, {ups} re-designation upcall(s) on cpu 0",
             2 * MOVE_EVENTS + during
         );
         Ok(())

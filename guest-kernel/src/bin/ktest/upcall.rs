@@ -208,3 +208,49 @@ ktest!(
         Ok(())
     }
 );
+
+ktest!(
+    fn upcalls_are_taken_on_every_cpu_from_bring_up() {
+        let cpus = guest_kernel::rt::smp::online();
+        if !upcall::offered() {
+            for cpu in 0..cpus {
+                check!(
+                    !upcall::enabled_on(cpu),
+                    "cpu{cpu} takes upcalls under QEMU"
+                );
+            }
+            return Ok(());
+        }
+        for cpu in 0..cpus {
+            check!(
+                upcall::enabled_on(cpu),
+                "bring-up left cpu{cpu} without upcalls"
+            );
+        }
+        // Set up again on the last CPU, as a test would: harmless. Then a ping
+        // that CPU asks for arrives there.
+        let last = cpus - 1;
+        let before = upcall::taken(last, Class::Ping);
+        let r = guest_kernel::rt::smp::run_on_wait(last, Duration::from_secs(1), || {
+            upcall::init()
+                .map_err(|e| alloc::format!("init again: {e}"))
+                .and_then(|()| {
+                    sys::hypercall(Call::UpcallPing, 1).map_err(|e| alloc::format!("ping: {e:?}"))
+                })
+        })
+        .map_err(|e| alloc::format!("run_on cpu{last}: {e:?}"))?;
+        check!(r.is_ok(), "on cpu{last}: {r:?}");
+        let deadline = Instant::now()
+            .checked_add(Duration::from_secs(1))
+            .ok_or("overflow")?;
+        while upcall::taken(last, Class::Ping) == before && Instant::now().0 < deadline.0 {
+            core::hint::spin_loop();
+        }
+        check_eq!(
+            upcall::taken(last, Class::Ping) - before,
+            1,
+            "the ping arrived on cpu{last}, once"
+        );
+        Ok(())
+    }
+);
