@@ -16,6 +16,10 @@ use crate::shim;
 /// `net.vmq_policy=` values the leg runs.
 pub const POLICIES: [&str; 3] = ["lazy", "immediate", "doorbell"];
 
+/// Slack for a guest's hypercalls that are not flushes (boot, upcall
+/// enabling, exit): twice the 4 one vCPU makes now.
+const OTHER_HYPERCALLS: u64 = 8;
+
 /// One guest's numbers from the shim's stats.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct GuestFigures {
@@ -243,14 +247,18 @@ fn guest_checks(policy: &str, count: u64, f: &GuestFigures, checks: &mut Vec<(St
             f.hypercall_exits >= f.sends,
         )),
         // At most one flush per stack poll that sent: never more than one
-        // per frame (+ the boot and exit hypercalls).
-        "lazy" => checks.push((
-            format!(
-                "{name}: lazy: hypercall exits {} ≤ sends {} + 4",
-                f.hypercall_exits, f.sends
-            ),
-            f.hypercall_exits <= f.sends + 4,
-        )),
+        // per frame posted (refused ones included), plus the guest's few
+        // other hypercalls (main reached, upcall enable, exit: 4 seen).
+        "lazy" => {
+            let posted = f.sends + f.errors + f.vm_exited;
+            checks.push((
+                format!(
+                    "{name}: lazy: hypercall exits {} ≤ frames posted {posted} + {OTHER_HYPERCALLS}",
+                    f.hypercall_exits
+                ),
+                f.hypercall_exits <= posted + OTHER_HYPERCALLS,
+            ));
+        }
         // The shim's monitor delivers: no flush exits at all.
         _ => checks.push((
             format!(
