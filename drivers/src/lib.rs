@@ -9,6 +9,8 @@
 //!   every queue gets its own MSI-X vector, programmed and read back.
 //! - [`net`]: virtio-net on that transport with non-blocking TX, pre-posted
 //!   RX buffers, and a smoltcp `phy::Device`.
+//! - [`vmq_net`]: a second NIC type, Ethernet frames over VM queues (M5),
+//!   a smoltcp `phy::Device` over a link the guest kernel provides.
 #![no_std]
 
 extern crate alloc;
@@ -20,3 +22,4 @@ mod fake_device;
 pub mod msix;
 pub mod net;
 pub mod virtio_pci;
+pub mod vmq_net;

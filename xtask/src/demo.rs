@@ -200,7 +200,8 @@ fn guest_names(opts: &Options) -> Vec<String> {
     names
 }
 
-fn cmdline(opts: &Options, index: u32) -> String {
+/// Guest `index`'s command line (0 is the server).
+pub(crate) fn cmdline(opts: &Options, index: u32) -> String {
     let mut common = format!("net.rx={}{}", opts.rx.cmdline(), opts.notify.cmdline());
     if !opts.extra_cmdline.is_empty() {
         common.push(' ');

@@ -52,6 +52,8 @@ pub enum LegKind {
     ShimHints,
     /// The VM-queue pipeline under each policy (M5).
     ShimPipeline,
+    /// udp-pingpong over the VM-queue NIC (M5, `net.dev=vmq`).
+    ShimVmqNet,
     /// The shim's `--tap` test (host-shim/tests/tap.rs, ignored by default:
     /// it needs root, `ip` and the tcp-echo image).
     ShimTap,
@@ -122,6 +124,11 @@ pub const LEGS: &[Leg] = &[
         name: "shim-pipeline",
         about: "three guests move 64 MiB read → transform → write over VM queues under immediate and lazy (copy and remap) and doorbell (copy): every byte verified; under lazy and doorbell the transform's sends ≥ 8 × its own hypercall exits",
         kind: LegKind::ShimPipeline,
+    },
+    Leg {
+        name: "shim-vmqnet",
+        about: "udp-pingpong, unchanged, over the VM-queue NIC (net.dev=vmq, no virtio-net) under lazy, immediate and doorbell delivery: every ping back, every frame a VM-queue message",
+        kind: LegKind::ShimVmqNet,
     },
     Leg {
         name: "qemu-pingpong",
@@ -228,6 +235,7 @@ impl Runner {
                 Err(e) => (LegOutcome::broken(e.to_string()), Vec::new(), None),
             },
             LegKind::ShimPipeline => run_pipelines(leg, opts),
+            LegKind::ShimVmqNet => run_vmqnet(leg, opts),
             LegKind::QemuInterop => match crate::interop::checks(opts.timeout) {
                 Ok(checks) => (verdict::judge_checks(&checks), check_reports(&checks), None),
                 Err(e) => (LegOutcome::broken(e.to_string()), Vec::new(), None),
@@ -495,6 +503,36 @@ fn run_demo(
 /// drop (see the issue 5 note), and a threshold that fails is no test.
 /// The pipeline once per (policy, transfer); lazy must send without exits of
 /// its own: the transform's sends must outnumber its hypercall exits 8:1.
+fn run_vmqnet(leg: &Leg, opts: &Options) -> (LegOutcome, Vec<String>, Option<PathBuf>) {
+    let mut checks = Vec::new();
+    let mut reports = Vec::new();
+    let mut log = None;
+    for policy in crate::vmqnet::POLICIES {
+        let count = 1000;
+        let r = match crate::vmqnet::on_shim(
+            policy,
+            count,
+            opts.timeout,
+            &format!("{}-{policy}", leg.name),
+            |_| {},
+        ) {
+            Ok(r) => r,
+            Err(e) => {
+                checks.push((format!("{policy}: {e}"), false));
+                continue;
+            }
+        };
+        checks.extend(
+            r.checks
+                .iter()
+                .map(|(n, ok)| (format!("{policy}: {n}"), *ok)),
+        );
+        reports.extend(r.report_line(policy));
+        log = Some(r.log);
+    }
+    (verdict::judge_checks(&checks), reports, log)
+}
+
 fn run_pipelines(leg: &Leg, opts: &Options) -> (LegOutcome, Vec<String>, Option<PathBuf>) {
     use crate::pipeline::{self, Policy, Transfer};
     let mut checks = Vec::new();
@@ -895,6 +933,7 @@ test smp::ipi ... ok
                 "shim-redesignate",
                 "shim-hints",
                 "shim-pipeline",
+                "shim-vmqnet",
                 "qemu-pingpong",
                 "shim-tap",
                 "interop"

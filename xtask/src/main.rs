@@ -21,6 +21,7 @@ mod setup;
 mod shim;
 mod sys;
 mod verdict;
+mod vmqnet;
 mod workspace;
 
 use std::path::PathBuf;

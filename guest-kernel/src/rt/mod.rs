@@ -22,3 +22,4 @@ pub mod time;
 pub mod upcall;
 pub mod virtio;
 pub mod vmq;
+pub mod vmq_link;

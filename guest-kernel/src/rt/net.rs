@@ -13,6 +13,13 @@
 //! `hints=off|on` (interrupt-vCPU hints, M2: where offered they are followed
 //! by default unless `net.irq_cpu=` is given; `on` follows them even then,
 //! `off` never).
+//!
+//! A second NIC type (M5): `net.dev=vmq net.vmq_peer=NAME` carries the
+//! Ethernet frames over VM queues to the guest the shim calls NAME
+//! (`drivers::vmq_net` over `rt::vmq_link`) instead of a virtio-net device;
+//! every frame, broadcasts included, goes to that one peer. `net.vmq_policy=
+//! lazy|immediate|doorbell` (default lazy: one flush exit per stack poll
+//! that sent anything). `net.dev=virtio` is the default.
 
 use super::start::system;
 use super::time::Instant;
@@ -28,6 +35,7 @@ use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use drivers::msix::{ApicId, MsiMessage, MsixError, Vector};
 use drivers::net::{NetDevice, NetStats, RX_QUEUE, RxMode, TX_QUEUE};
 use drivers::virtio_pci::{MsixControl, MsixPciTransport, TransportError, VectorPlan};
+use drivers::vmq_net::VmqNet;
 use smoltcp::iface::{Config, Interface, PollResult, SocketHandle, SocketSet};
 use smoltcp::socket::{dhcpv4, tcp, udp};
 use smoltcp::wire::{EthernetAddress, HardwareAddress, IpCidr, Ipv4Address, Ipv4Cidr};
@@ -50,6 +58,8 @@ pub enum NetError {
     NoSuchCpu(usize),
     /// Doorbells were asked for and cannot be had.
     Doorbell(super::doorbell::DoorbellError),
+    /// `net.dev=vmq`: the VM-queue link could not be opened.
+    Vmq(super::vmq_link::LinkOpenError),
 }
 
 impl fmt::Display for NetError {
@@ -64,6 +74,7 @@ impl fmt::Display for NetError {
             }
             Self::NoSuchCpu(c) => write!(f, "no CPU {c} is online to take the NIC's interrupts"),
             Self::Doorbell(e) => write!(f, "net.notify=doorbell: {e}"),
+            Self::Vmq(e) => write!(f, "net.dev=vmq: {e}"),
         }
     }
 }
@@ -251,11 +262,41 @@ fn now() -> smoltcp::time::Instant {
     )
 }
 
+/// The device under the interface: which NIC type.
+// One per NIC, never moved after `open`: boxing the large variant would only
+// add an indirection on every poll.
+#[allow(clippy::large_enum_variant)]
+enum Nic {
+    Virtio { dev: Device, msix: MsixControl },
+    Vmq(VmqNet<super::vmq_link::VmqLink>),
+}
+
+impl Nic {
+    fn rx_pending(&self) -> bool {
+        match self {
+            Self::Virtio { dev, .. } => dev.rx_pending(),
+            Self::Vmq(d) => {
+                // Pairs with the shim's fence between storing the inbox's
+                // `produced` and loading `consumed` (see `Vmq::wait`): no
+                // lost wake-up before a halt.
+                core::sync::atomic::fence(Ordering::SeqCst);
+                d.rx_pending()
+            }
+        }
+    }
+
+    fn msix(&self) -> Option<&MsixControl> {
+        match self {
+            Self::Virtio { msix, .. } => Some(msix),
+            Self::Vmq(_) => None,
+        }
+    }
+}
+
 /// One NIC with its smoltcp interface and sockets.
 pub struct Net {
     index: usize,
-    dev: Device,
-    msix: MsixControl,
+    nic: Nic,
     iface: Interface,
     pub sockets: SocketSet<'static>,
     dhcp: Option<SocketHandle>,
@@ -271,10 +312,13 @@ pub struct Net {
 
 impl fmt::Debug for Net {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Net")
-            .field("index", &self.index)
-            .field("dev", &self.dev)
-            .finish_non_exhaustive()
+        let mut d = f.debug_struct("Net");
+        d.field("index", &self.index);
+        match &self.nic {
+            Nic::Virtio { dev, .. } => d.field("dev", dev),
+            Nic::Vmq(v) => d.field("dev", v),
+        };
+        d.finish_non_exhaustive()
     }
 }
 
@@ -353,8 +397,7 @@ impl Net {
         );
         Ok(Self {
             index,
-            dev,
-            msix,
+            nic: Nic::Virtio { dev, msix },
             iface,
             sockets,
             dhcp,
@@ -367,7 +410,71 @@ impl Net {
 
     /// Opens NIC `index` configured by the kernel command line (see the module docs).
     pub fn from_cmdline(index: usize) -> Result<Self, NetError> {
-        Self::open(index, &NetConfig::from_cmdline(&system().cmdline)?)
+        let c = &system().cmdline;
+        let cfg = NetConfig::from_cmdline(c)?;
+        match c.get("net.dev") {
+            None | Some("virtio") => Self::open(index, &cfg),
+            Some("vmq") if index == 0 => {
+                let peer = c.get("net.vmq_peer").ok_or(NetError::Config(
+                    "net.dev=vmq needs net.vmq_peer=NAME of the other guest",
+                ))?;
+                let policy = match c.get("net.vmq_policy") {
+                    None => super::vmq_link::LinkPolicy::Lazy,
+                    Some(p) => super::vmq_link::LinkPolicy::parse(p).ok_or(NetError::Config(
+                        "net.vmq_policy= takes lazy, immediate or doorbell",
+                    ))?,
+                };
+                Self::open_vmq(peer, policy, &cfg)
+            }
+            Some("vmq") => Err(NetError::NoDevice(index)),
+            Some(_) => Err(NetError::Config("net.dev= takes virtio or vmq")),
+        }
+    }
+
+    /// Opens the VM-queue NIC (there is one, index 0) to the guest called `peer`.
+    /// `cfg`'s addresses, DHCP and RX mode apply; its interrupt placement and
+    /// notification path do not (arrivals interrupt vCPU 0; sends are messages).
+    pub fn open_vmq(
+        peer: &str,
+        policy: super::vmq_link::LinkPolicy,
+        cfg: &NetConfig,
+    ) -> Result<Self, NetError> {
+        let link = super::vmq_link::VmqLink::open(peer, policy).map_err(NetError::Vmq)?;
+        let (me, peer_id) = (link.my_id(), link.peer());
+        let mut dev = VmqNet::new(link, drivers::vmq_net::mac_for(me));
+        let mac = EthernetAddress(dev.mac());
+        let mut iface =
+            Interface::new(Config::new(HardwareAddress::Ethernet(mac)), &mut dev, now());
+        if let Some(addr) = cfg.address {
+            iface.update_ip_addrs(|a| {
+                let _ = a.push(IpCidr::Ipv4(addr));
+            });
+        }
+        if let Some(gw) = cfg.gateway {
+            let _ = iface.routes_mut().add_default_ipv4_route(gw);
+        }
+        let mut sockets = SocketSet::new(Vec::new());
+        let dhcp = cfg.dhcp.then(|| sockets.add(dhcpv4::Socket::new()));
+        STACK_CPU[0].store(percpu::cpu_id(), Ordering::Relaxed);
+        log::info!(
+            "net0: VM-queue NIC, guest {me} -> {peer} (id {peer_id}), MAC {mac}, {}, RX {:?}, {policy:?} delivery",
+            cfg.address
+                .map_or(alloc::string::String::from("DHCP"), |a| alloc::format!(
+                    "{a}"
+                )),
+            cfg.rx_mode,
+        );
+        Ok(Self {
+            index: 0,
+            nic: Nic::Vmq(dev),
+            iface,
+            sockets,
+            dhcp,
+            mode: cfg.rx_mode,
+            hints: None,
+            hint_signal: 0,
+            hint_upcalls: 0,
+        })
     }
 
     /// Runs smoltcp once over whatever arrived; true when anything happened.
@@ -379,7 +486,15 @@ impl Net {
             self.hint_upcalls = upcalls;
             self.follow_hints();
         }
-        let r = self.iface.poll(now(), &mut self.dev, &mut self.sockets);
+        let r = match &mut self.nic {
+            Nic::Virtio { dev, .. } => self.iface.poll(now(), dev, &mut self.sockets),
+            Nic::Vmq(dev) => {
+                let r = self.iface.poll(now(), dev, &mut self.sockets);
+                // What this poll sent leaves in one exit (lazy links).
+                dev.flush();
+                r
+            }
+        };
         if let Some(h) = self.dhcp {
             match self.sockets.get_mut::<dhcpv4::Socket>(h).poll() {
                 Some(dhcpv4::Event::Configured(c)) => {
@@ -422,12 +537,16 @@ impl Net {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
-        if self.dev.rx_pending() || wake.is_some_and(|w| Instant::now() >= w) {
+        if self.nic.rx_pending() || wake.is_some_and(|w| Instant::now() >= w) {
             return;
+        }
+        if let Nic::Vmq(dev) = &mut self.nic {
+            // A halt is no exit the shim sees: lazily posted frames go now.
+            dev.flush();
         }
         match self.mode {
             RxMode::Poll => {
-                while !self.dev.rx_pending() && wake.is_none_or(|w| Instant::now() < w) {
+                while !self.nic.rx_pending() && wake.is_none_or(|w| Instant::now() < w) {
                     core::hint::spin_loop();
                 }
             }
@@ -438,11 +557,11 @@ impl Net {
                 if let Some(w) = wake {
                     sys::set_timer(w.0);
                 }
-                let dev = &self.dev;
+                let nic = &self.nic;
                 irq::wait_until(|| {
                     signal.load(Ordering::Acquire) != seen
                         || HINT_UPCALLS.load(Ordering::Acquire) != hints_seen
-                        || dev.rx_pending()
+                        || nic.rx_pending()
                         || wake.is_some_and(|w| Instant::now() >= w)
                 });
             }
@@ -457,7 +576,19 @@ impl Net {
 
     #[must_use]
     pub fn stats(&self) -> NetStats {
-        self.dev.stats()
+        match &self.nic {
+            Nic::Virtio { dev, .. } => dev.stats(),
+            Nic::Vmq(d) => d.stats(),
+        }
+    }
+
+    /// The VM-queue link's outcomes (`None` for virtio-net): frames the shim
+    /// delivered or refused, and this guest's flush exits.
+    pub fn vmq_link_stats(&mut self) -> Option<(super::vmq_link::LinkStats, u64)> {
+        match &mut self.nic {
+            Nic::Virtio { .. } => None,
+            Nic::Vmq(d) => Some((d.link_mut().stats(), d.link().flushes())),
+        }
     }
 
     /// After an RX interrupt or a `HintUpdate` upcall: moves the RX vector to the
@@ -477,8 +608,10 @@ impl Net {
     /// Points queue `queue` (0 = RX, 1 = TX)'s interrupt at CPU `cpu`.
     pub fn retarget(&mut self, queue: u16, cpu: usize) -> Result<(), NetError> {
         let apic = smp::apic_id(cpu).ok_or(NetError::NoSuchCpu(cpu))?;
-        self.msix
-            .retarget(queue, ApicId(apic))
+        let Nic::Virtio { msix, .. } = &mut self.nic else {
+            return Err(NetError::Config("a VM-queue NIC has no MSI-X vectors"));
+        };
+        msix.retarget(queue, ApicId(apic))
             .map_err(|e| NetError::Transport(e.into()))?;
         if queue == RX_QUEUE
             && let Some(f) = &mut self.hints
@@ -490,16 +623,20 @@ impl Net {
 
     /// Where the RX and TX queues interrupt now (APIC ids, read from the table).
     pub fn irq_destinations(&self) -> Result<(u32, u32), MsixError> {
+        let msix = self.nic.msix().ok_or(MsixError::NoCapability)?;
         Ok((
-            self.msix.queue_message(RX_QUEUE)?.destination().0,
-            self.msix.queue_message(TX_QUEUE)?.destination().0,
+            msix.queue_message(RX_QUEUE)?.destination().0,
+            msix.queue_message(TX_QUEUE)?.destination().0,
         ))
     }
 
     /// RX vector of this NIC (for per-CPU interrupt counts).
     #[must_use]
     pub fn rx_vector(&self) -> u8 {
-        rx_vector(self.index)
+        match self.nic {
+            Nic::Virtio { .. } => rx_vector(self.index),
+            Nic::Vmq(_) => vector::VMQ_ARRIVAL,
+        }
     }
 
     /// Binds a UDP socket to `port` with `packets` datagrams of buffering each way.

@@ -36,6 +36,8 @@ mod time;
 mod upcall;
 #[cfg(target_os = "none")]
 mod vmq;
+#[cfg(target_os = "none")]
+mod vmq_net;
 
 #[cfg(target_os = "none")]
 mod guest {
