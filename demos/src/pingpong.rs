@@ -9,6 +9,13 @@ use alloc::vec::Vec;
 pub const PORT: u16 = 7777;
 pub const MAGIC: u32 = 0x5049_4E47; // "PING"
 pub const HEADER_LEN: usize = 12;
+/// Labels of the `StatsMark` hypercalls around the steady state (the shim
+/// snapshots the guest's KVM exits at each): the client marks the start and the
+/// end of its timed pings, the server its first datagram and the last bye.
+/// Exits between them, per packet, leave out boot and teardown.
+pub const MARK_BEGIN: u64 = 0x7070_0001;
+pub const MARK_END: u64 = 0x7070_0002;
+
 pub const BYE: &[u8] = b"exitless-pingpong-bye";
 
 /// Builds a ping of `size` bytes (at least [`HEADER_LEN`]).

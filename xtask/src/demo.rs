@@ -165,6 +165,40 @@ pub struct GuestReport {
     pub name: String,
     pub exit: GuestExit,
     pub numbers: Option<GuestNumbers>,
+    /// KVM exits per packet between the guest's steady-state marks (the
+    /// client's timed pings; the server's first datagram to the last bye): the
+    /// data path without boot and teardown. Shim runs only.
+    pub steady_exits_per_packet: Option<f64>,
+}
+
+/// Labels of the demo's `StatsMark`s (`demos::pingpong::MARK_BEGIN`/`MARK_END`).
+const MARK_BEGIN: u64 = 0x7070_0001;
+const MARK_END: u64 = 0x7070_0002;
+
+/// Exits between the guest's steady-state marks divided by `packets`.
+#[allow(clippy::cast_precision_loss)] // counts far below 2^52
+fn steady_exits_per_packet(stats: Option<&Value>, packets: u64) -> Option<f64> {
+    let marks = stats?["marks"].as_array()?;
+    let at = |label: u64| {
+        marks
+            .iter()
+            .find(|m| m["label"].as_u64() == Some(label))
+            .and_then(|m| m["exits"].as_u64())
+    };
+    let (a, b) = (at(MARK_BEGIN)?, at(MARK_END)?);
+    (packets > 0 && b >= a).then(|| (b - a) as f64 / packets as f64)
+}
+
+/// The datagrams the server says it echoed (its `report:` line).
+fn server_echoed<'a>(lines: impl IntoIterator<Item = &'a str>) -> Option<u64> {
+    lines.into_iter().find_map(|l| {
+        l.trim()
+            .strip_prefix("report: pingpong server echoed ")?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    })
 }
 
 impl GuestReport {
@@ -330,14 +364,21 @@ pub fn on_shim(opts: &Options, label: &str, mut echo: impl FnMut(&str)) -> Resul
             format!("{name}: KVM exits were counted"),
             numbers.as_ref().is_some_and(|n| n.exits > 0),
         ));
-        if name != "server" {
+        // Every ping is two packets for either guest: out and back.
+        let steady_packets = if name == "server" {
+            server_echoed(shim::guest_lines(&run.lines, name)).map(|n| 2 * n)
+        } else {
             let result = parse_result(name, shim::guest_lines(&run.lines, name));
+            let packets = result.as_ref().map(|r| r.sent + r.received);
             judge_client(opts, name, result, &mut checks, &mut clients);
-        }
+            packets
+        };
         reports.push(GuestReport {
             name: name.clone(),
             exit,
             numbers,
+            steady_exits_per_packet: steady_packets
+                .and_then(|p| steady_exits_per_packet(run.guest_stats(name), p)),
         });
     }
     // The path asked for is the path taken (the shim counts both).
@@ -470,6 +511,7 @@ pub fn on_qemu(opts: &Options, label: &str, port: u16) -> Result<Report> {
                     name: name.into(),
                     exit: run.exit,
                     numbers: None,
+                    steady_exits_per_packet: None,
                 });
             }
             Err(e) => checks.push((format!("{name} ran: {e}"), false)),
@@ -519,12 +561,13 @@ pub fn summary(opts: &Options, r: &Report) -> Vec<String> {
         ));
     }
     out.push(format!(
-        "{:<9} {:<10} {:>11} {:>9} {:>9} {:>6} {:>6} {:>5} {:>7} {:>6} {:>9} {:>6} {:>6}",
+        "{:<9} {:<10} {:>11} {:>9} {:>9} {:>6} {:>6} {:>6} {:>5} {:>7} {:>6} {:>9} {:>6} {:>6}",
         "guest",
         "status",
         "pkts tx/rx",
         "exits",
         "exits/pkt",
+        "steady",
         "io",
         "mmio",
         "halt",
@@ -543,12 +586,14 @@ pub fn summary(opts: &Options, r: &Report) -> Vec<String> {
             Some(n) => {
                 let reason = |k: &str| n.exits_by_reason.get(k).copied().unwrap_or(0);
                 out.push(format!(
-                    "{:<9} {:<10} {:>11} {:>9} {:>9} {:>6} {:>6} {:>5} {:>7} {:>6} {:>9} {:>6} {:>6}",
+                    "{:<9} {:<10} {:>11} {:>9} {:>9} {:>6} {:>6} {:>6} {:>5} {:>7} {:>6} {:>9} {:>6} {:>6}",
                     g.name,
                     status,
                     format!("{}/{}", n.tx_packets, n.rx_packets),
                     n.exits,
                     g.exits_per_packet().map_or_else(|| "-".into(), |e| format!("{e:.2}")),
+                    g.steady_exits_per_packet
+                        .map_or_else(|| "-".into(), |e| format!("{e:.2}")),
                     reason("io"),
                     reason("mmio"),
                     reason("halt"),
@@ -562,7 +607,7 @@ pub fn summary(opts: &Options, r: &Report) -> Vec<String> {
             None => out.push(format!("{:<9} {:<10} (no shim statistics)", g.name, status)),
         }
     }
-    out.push("exits: KVM's count for the guest's vCPUs; io/mmio/halt/irq_win/other: exits the shim handled; in_kernel: the rest (KVM handled them, e.g. ioeventfd); exits/pkt: exits / (packets sent + received by the guest's NIC)".to_owned());
+    out.push("exits: KVM's count for the guest's vCPUs; io/mmio/halt/irq_win/other: exits the shim handled; in_kernel: the rest (KVM handled them, e.g. ioeventfd); exits/pkt: exits / (packets sent + received by the guest's NIC); steady: the same between the guest's marks around the pings (no boot, no teardown)".to_owned());
     out
 }
 
@@ -589,6 +634,7 @@ pub fn json(opts: &Options, r: &Report) -> Value {
                 "exits": n.map(|n| n.exits),
                 "exits_by_reason": n.map(|n| n.exits_by_reason.clone()).unwrap_or_default(),
                 "exits_per_packet": g.exits_per_packet(),
+                "steady_exits_per_packet": g.steady_exits_per_packet,
                 "notifications": n.map_or_else(|| BTreeMap::from([("trap".to_owned(), 0), ("doorbell".to_owned(), 0)]), |n| n.notifications.clone()),
                 "packets": n.map(|n| json!({"tx": n.tx_packets, "rx": n.rx_packets})),
                 "interrupts": n.map(|n| n.interrupts),
@@ -646,6 +692,27 @@ mod tests {
     }
 
     #[test]
+    fn steady_state_uses_the_marks() {
+        let stats = serde_json::json!({"marks": [
+            {"label": MARK_BEGIN, "exits": 100},
+            {"label": 7, "exits": 150},
+            {"label": MARK_END, "exits": 400}
+        ]});
+        assert_eq!(steady_exits_per_packet(Some(&stats), 100), Some(3.0));
+        assert_eq!(steady_exits_per_packet(Some(&stats), 0), None);
+        let one = serde_json::json!({"marks": [{"label": MARK_BEGIN, "exits": 1}]});
+        assert_eq!(steady_exits_per_packet(Some(&one), 10), None);
+        assert_eq!(
+            server_echoed([
+                "x",
+                "report: pingpong server echoed 1010 datagrams for 1 client(s)"
+            ]),
+            Some(1010)
+        );
+        assert_eq!(server_echoed(["report: other"]), None);
+    }
+
+    #[test]
     fn placement_needs_interrupts_on_the_chosen_cpu_only() {
         let r = |v: Vec<u64>| ClientResult {
             name: "c".into(),
@@ -687,6 +754,7 @@ mod tests {
         let g = GuestReport {
             name: "a".into(),
             exit: GuestExit::Status(0),
+            steady_exits_per_packet: Some(2.5),
             numbers: Some(GuestNumbers {
                 exits: 300,
                 exits_by_reason: BTreeMap::new(),

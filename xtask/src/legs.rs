@@ -661,6 +661,17 @@ fn run_notify_comparison(leg: &Leg, opts: &Options) -> (LegOutcome, Vec<String>,
             "{}: exits/packet {te:.2} (trap) -> {de:.2} (doorbell); trapping notifications/packet {trap_traps:.3} -> {door_traps:.3}",
             t.name
         ));
+        match (t.steady_exits_per_packet, d.steady_exits_per_packet) {
+            (Some(ts), Some(ds)) => reports.push(format!(
+                "{}: steady-state exits/packet {ts:.2} (trap) -> {ds:.2} (doorbell): drop {:.2}",
+                t.name,
+                ts - ds
+            )),
+            _ => checks.push((
+                format!("{}: steady-state marks from both runs", t.name),
+                false,
+            )),
+        }
         checks.push((
             format!(
                 "{}: trap run notifies through the register ({trap_traps:.2}/packet)",
