@@ -19,7 +19,7 @@ use std::time::Duration;
 use kvm_ioctls::VcpuFd;
 use tracing::warn;
 
-use crate::vcpu::VcpuShared;
+use crate::vcpu::{GuestCtx, VcpuShared};
 
 /// The shortest and longest quantum `--vcpu-quantum` accepts, in ms.
 pub const MIN_MS: u64 = 1;
@@ -71,11 +71,13 @@ fn window_open(fd: &mut VcpuFd, takes_upcalls: bool) -> bool {
 
 /// At an exit of `me`: yields the host CPU if a slice ended and the window is
 /// open, else defers (counted once per request). Returns whether the
-/// interrupt-window request must be armed for the deferred yield.
-pub fn at_exit(fd: &mut VcpuFd, me: &VcpuShared, takes_upcalls: bool) -> bool {
+/// interrupt-window request must be armed for the deferred yield. Runs at every
+/// exit, so without a pending request it is one load.
+pub fn at_exit(fd: &mut VcpuFd, me: &VcpuShared, guest: &GuestCtx) -> bool {
     if !me.yield_requested.load(Ordering::Acquire) {
         return false;
     }
+    let takes_upcalls = guest.upcalls.get().is_some_and(|u| u.takes(me.index));
     if window_open(fd, takes_upcalls) {
         me.yield_requested.store(false, Ordering::Release);
         me.yield_waiting.store(false, Ordering::Relaxed);

@@ -390,8 +390,7 @@ pub fn run(mut fd: VcpuFd, me: &VcpuShared, guest: &GuestCtx, pin: Option<usize>
             for h in &guest.exit_hooks {
                 h.after_exit(&fd, me, guest);
             }
-            let takes_upcalls = guest.upcalls.get().is_some_and(|u| u.takes(me.index));
-            yield_wait = crate::quantum::at_exit(&mut fd, me, takes_upcalls);
+            yield_wait = crate::quantum::at_exit(&mut fd, me, guest);
         }
     }
 
