@@ -256,6 +256,27 @@ impl drivers::virtio_pci::QueueNotifier for DoorbellNotifier {
 /// TX completions are reaped on the send path; their interrupts only count.
 fn on_tx(_: u8) {}
 
+/// The smoltcp interface over `dev` with `cfg`'s static address, default route
+/// and DHCP client: the same for every NIC type.
+fn stack<D: smoltcp::phy::Device>(
+    mac: EthernetAddress,
+    dev: &mut D,
+    cfg: &NetConfig,
+) -> (Interface, SocketSet<'static>, Option<SocketHandle>) {
+    let mut iface = Interface::new(Config::new(HardwareAddress::Ethernet(mac)), dev, now());
+    if let Some(addr) = cfg.address {
+        iface.update_ip_addrs(|a| {
+            let _ = a.push(IpCidr::Ipv4(addr));
+        });
+    }
+    if let Some(gw) = cfg.gateway {
+        let _ = iface.routes_mut().add_default_ipv4_route(gw);
+    }
+    let mut sockets = SocketSet::new(Vec::new());
+    let dhcp = cfg.dhcp.then(|| sockets.add(dhcpv4::Socket::new()));
+    (iface, sockets, dhcp)
+}
+
 fn now() -> smoltcp::time::Instant {
     smoltcp::time::Instant::from_micros(
         i64::try_from(super::time::now_ns() / 1000).unwrap_or(i64::MAX),
@@ -367,18 +388,7 @@ impl Net {
             });
         }
         let mac = EthernetAddress(dev.mac());
-        let mut iface =
-            Interface::new(Config::new(HardwareAddress::Ethernet(mac)), &mut dev, now());
-        if let Some(addr) = cfg.address {
-            iface.update_ip_addrs(|a| {
-                let _ = a.push(IpCidr::Ipv4(addr));
-            });
-        }
-        if let Some(gw) = cfg.gateway {
-            let _ = iface.routes_mut().add_default_ipv4_route(gw);
-        }
-        let mut sockets = SocketSet::new(Vec::new());
-        let dhcp = cfg.dhcp.then(|| sockets.add(dhcpv4::Socket::new()));
+        let (iface, sockets, dhcp) = stack(mac, &mut dev, cfg);
         log::info!(
             "net{index}: virtio-net at {:02x}:{:02x}.{} MAC {mac}, {}, RX {:?}, interrupts to cpu{} (vectors {:#x}/{:#x}, {} accepted), notify by {}",
             df.bus,
@@ -443,18 +453,7 @@ impl Net {
         let (me, peer_id) = (link.my_id(), link.peer());
         let mut dev = VmqNet::new(link, drivers::vmq_net::mac_for(me));
         let mac = EthernetAddress(dev.mac());
-        let mut iface =
-            Interface::new(Config::new(HardwareAddress::Ethernet(mac)), &mut dev, now());
-        if let Some(addr) = cfg.address {
-            iface.update_ip_addrs(|a| {
-                let _ = a.push(IpCidr::Ipv4(addr));
-            });
-        }
-        if let Some(gw) = cfg.gateway {
-            let _ = iface.routes_mut().add_default_ipv4_route(gw);
-        }
-        let mut sockets = SocketSet::new(Vec::new());
-        let dhcp = cfg.dhcp.then(|| sockets.add(dhcpv4::Socket::new()));
+        let (iface, sockets, dhcp) = stack(mac, &mut dev, cfg);
         STACK_CPU[0].store(percpu::cpu_id(), Ordering::Relaxed);
         log::info!(
             "net0: VM-queue NIC, guest {me} -> {peer} (id {peer_id}), MAC {mac}, {}, RX {:?}, {policy:?} delivery",
