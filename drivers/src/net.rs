@@ -281,7 +281,7 @@ impl<H: Hal, T: Transport> NetDevice<H, T> {
 }
 
 /// A received frame handed to smoltcp.
-pub struct RxFrame(Vec<u8>);
+pub struct RxFrame(pub(crate) Vec<u8>);
 
 impl phy::RxToken for RxFrame {
     fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {

@@ -18,6 +18,9 @@ use alloc::vec;
 use alloc::vec::Vec;
 use smoltcp::phy::{self, DeviceCapabilities, Medium};
 
+// The same owned-frame RX token as the virtio-net device.
+use crate::net::RxFrame;
+
 pub use crate::net::{ETH_HEADER_LEN, MAX_FRAME_LEN, NetStats};
 
 /// Why a link did not take a frame.
@@ -147,15 +150,6 @@ impl<L: FrameLink> VmqNet<L> {
             Err(LinkError::Refused) => self.stats.tx_errors += 1,
         }
         r
-    }
-}
-
-/// A received frame handed to smoltcp.
-pub struct RxFrame(Vec<u8>);
-
-impl phy::RxToken for RxFrame {
-    fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
-        f(&self.0)
     }
 }
 
