@@ -344,14 +344,8 @@ pub fn on_shim(opts: &Options, label: &str, mut echo: impl FnMut(&str)) -> Resul
     let mut reports = Vec::new();
     let mut clients = Vec::new();
     for name in &names {
+        checks.push(run.exit_check(name));
         let exit = run.guest_exit(name);
-        checks.push((
-            format!(
-                "{name} exited with status 0 ({exit}; shim: {})",
-                run.guest_outcome(name)
-            ),
-            exit.passed(),
-        ));
         let numbers = run.guest_stats(name).map(shim::numbers).transpose();
         let numbers = match numbers {
             Ok(n) => n,

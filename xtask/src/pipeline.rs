@@ -153,14 +153,7 @@ pub fn on_shim(o: &Options, label: &str, mut echo: impl FnMut(&str)) -> Result<O
         ..Outcome::default()
     };
     for name in NAMES {
-        let exit = run.guest_exit(name);
-        out.checks.push((
-            format!(
-                "{name} exited with status 0 ({exit}; shim: {})",
-                run.guest_outcome(name)
-            ),
-            exit.passed(),
-        ));
+        out.checks.push(run.exit_check(name));
         let stats = run.guest_stats(name);
         let vmq = stats.map(|g| &g["vmq"]);
         let sender = shim::guest_lines(&run.lines, name)

@@ -201,6 +201,20 @@ impl Run {
             .map_or_else(|| "no stats from the shim".to_owned(), str::to_owned)
     }
 
+    /// The check every shim demo makes of each guest: it exited with status 0
+    /// (named with what the guest and the shim say otherwise).
+    #[must_use]
+    pub fn exit_check(&self, name: &str) -> (String, bool) {
+        let exit = self.guest_exit(name);
+        (
+            format!(
+                "{name} exited with status 0 ({exit}; shim: {})",
+                self.guest_outcome(name)
+            ),
+            exit.passed(),
+        )
+    }
+
     /// Prints the tail of the run's output and the log path.
     pub fn print_post_mortem(&self) {
         let tail = process::tail(&self.lines, crate::qemu::TAIL_LINES);

@@ -163,14 +163,7 @@ pub fn on_shim(
         ..Outcome::default()
     };
     for name in names {
-        let exit = run.guest_exit(name);
-        out.checks.push((
-            format!(
-                "{name} exited with status 0 ({exit}; shim: {})",
-                run.guest_outcome(name)
-            ),
-            exit.passed(),
-        ));
+        out.checks.push(run.exit_check(name));
         let f = figures(name, run.guest_stats(name));
         guest_checks(policy, count, &f, &mut out.checks);
         out.guests.push(f);
