@@ -18,6 +18,18 @@ pub const MARK_BEFORE: u64 = 1;
 pub const MARK_AFTER: u64 = 2;
 const EVENTS: u32 = 10_000;
 
+/// Spins until the monitor has consumed everything `d` sent, for at most 5 s
+/// (the caller checks `drained` to say which stage did not finish).
+fn wait_drained(d: &doorbell::Doorbells) -> Result<(), &'static str> {
+    let deadline = Instant::now()
+        .checked_add(Duration::from_secs(5))
+        .ok_or("time")?;
+    while !d.drained() && Instant::now() < deadline {
+        core::hint::spin_loop();
+    }
+    Ok(())
+}
+
 ktest!(
     fn ten_thousand_events_to_the_sink() {
         let under_shim = BOOT.under_shim.load(core::sync::atomic::Ordering::Relaxed) != 0;
@@ -65,12 +77,7 @@ ktest!(
             }
             busy += tb.elapsed();
             sent_so_far += n;
-            let deadline = Instant::now()
-                .checked_add(Duration::from_secs(5))
-                .ok_or("time")?;
-            while !d.drained() && Instant::now() < deadline {
-                core::hint::spin_loop();
-            }
+            wait_drained(d)?;
             check!(
                 d.drained(),
                 "the monitor consumed a batch of {n} within 5 s"
@@ -174,12 +181,7 @@ ktest!(
             .map_err(|e| alloc::format!("mark: {e:?}"))?;
         // One well-formed event wakes a parked monitor for the raw words.
         let _ = d.send(Event::new(NO_DEVICE, 0, Op::Notify));
-        let wait = Instant::now()
-            .checked_add(Duration::from_secs(5))
-            .ok_or("time")?;
-        while !d.drained() && Instant::now() < wait {
-            core::hint::spin_loop();
-        }
+        wait_drained(d)?;
         check!(
             d.drained(),
             "the monitor consumed the whole flood within 5 s"
@@ -229,12 +231,7 @@ ktest!(
                     arg: i as u16,
                 });
                 if i % 256 == 255 {
-                    let deadline = Instant::now()
-                        .checked_add(Duration::from_secs(5))
-                        .ok_or("time")?;
-                    while !d.drained() && Instant::now() < deadline {
-                        core::hint::spin_loop();
-                    }
+                    wait_drained(d)?;
                 }
             }
             Ok(())
@@ -286,12 +283,7 @@ ktest!(
             "the new range belongs to another host CPU's monitor"
         );
         send(MOVE_EVENTS)?;
-        let deadline = Instant::now()
-            .checked_add(Duration::from_secs(5))
-            .ok_or("time")?;
-        while !d.drained() && Instant::now() < deadline {
-            core::hint::spin_loop();
-        }
+        wait_drained(d)?;
         check!(d.drained(), "both ranges drained");
         sys::hypercall(Call::StatsMark, MARK_MOVE_AFTER)
             .map_err(|e| alloc::format!("mark: {e:?}"))?;
