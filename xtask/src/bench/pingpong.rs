@@ -9,7 +9,7 @@ use super::probe::{Probe, Seen};
 use super::{Better, Metric, Plot, RoundResult, Scenario, Suite};
 use crate::demo::{self, Notify, Report};
 use crate::error::{Error, Result};
-use crate::{build, shim, workspace};
+use crate::{build, shim};
 
 /// Pings per round: enough that boot is a small share of the CPU and exit
 /// totals, few enough that a round takes seconds.
@@ -222,7 +222,6 @@ impl Suite for Pingpong {
         crate::setup::ensure_tool("qemu-system-x86_64", "qemu-system-x86")?;
         shim::build()?;
         build::build_guest(build::find_image("udp-pingpong")?)?;
-        let _ = workspace::target_dir();
         Ok(())
     }
 
