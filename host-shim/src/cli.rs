@@ -80,6 +80,22 @@ pub struct Cli {
     #[arg(long, value_name = "N", default_value_t = crate::doorbell::monitor::DEFAULT_SPIN_MAX_US)]
     pub doorbell_spin_max_us: u64,
 
+    /// The host priority a doorbell monitor spins at. "idle": SCHED_IDLE, so it
+    /// spins only on CPU time nothing else wants and a waking vCPU thread
+    /// preempts it at once; a watch thread raises a monitor starved for 1 ms back
+    /// to normal until it parks. "normal": spin at normal priority, sharing the
+    /// CPU with the vCPU threads. Monitors always park at normal priority.
+    #[arg(long, value_name = "idle|normal", default_value = "idle", value_parser = crate::doorbell::idle_spin::SpinClass::parse)]
+    pub doorbell_spin_class: crate::doorbell::idle_spin::SpinClass,
+
+    /// Cap KVM's halt polling for every guest at NS nanoseconds
+    /// (KVM_CAP_HALT_POLL): how long a vCPU thread that ran HLT spins in the
+    /// host kernel for an interrupt before it sleeps; 0 turns it off. Unset: the
+    /// host's default (/sys/module/kvm/parameters/halt_poll_ns). The stats JSON
+    /// counts attempted and successful polls per vCPU.
+    #[arg(long, value_name = "NS")]
+    pub halt_poll_ns: Option<u32>,
+
     /// Serve the notification benchmark (`cargo xtask bench notify`): an MMIO
     /// exit address, an ioeventfd address and a doorbell device that each time
     /// and acknowledge a guest's notifications (needs --doorbells on).
@@ -433,10 +449,13 @@ mod tests {
 
     #[test]
     fn doorbell_flags() {
+        use crate::doorbell::idle_spin::SpinClass;
         let g = format!("kernel={}", exe());
         let c = Cli::try_parse_from(["host-shim", "--guest", &g]).unwrap();
         assert!(c.doorbells);
         assert_eq!(c.doorbell_spin_us, 50);
+        assert_eq!(c.doorbell_spin_class, SpinClass::Idle);
+        assert_eq!(c.halt_poll_ns, None);
         assert!(!c.notify_bench);
         let c = Cli::try_parse_from([
             "host-shim",
@@ -447,8 +466,18 @@ mod tests {
             "--doorbell-spin-us",
             "0",
             "--notify-bench",
+            "--doorbell-spin-class",
+            "normal",
+            "--halt-poll-ns",
+            "200000",
         ])
         .unwrap();
+        assert_eq!(c.doorbell_spin_class, SpinClass::Normal);
+        assert_eq!(c.halt_poll_ns, Some(200_000));
+        assert!(
+            Cli::try_parse_from(["host-shim", "--guest", &g, "--doorbell-spin-class", "rt"])
+                .is_err()
+        );
         assert!(c.notify_bench);
         assert!(!c.doorbells);
         assert_eq!(c.doorbell_spin_us, 0);

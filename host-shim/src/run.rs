@@ -279,6 +279,9 @@ pub fn run(cli: &Cli, shim_start: Instant) -> Result<Report, RunError> {
         };
         let mut g =
             Guest::new(&kvm, &cfg.name, cfg.mem, cfg.vcpus, Sink::Stdout, para).map_err(err)?;
+        if let Some(ns) = cli.halt_poll_ns {
+            g.set_halt_poll_ns(ns);
+        }
         io_placements.push(offer_hints(&mut g, cli).map_err(err)?);
         if cli.shadow_flags {
             match crate::ctrl::attach(&kvm, &mut g) {
@@ -321,6 +324,7 @@ pub fn run(cli: &Cli, shim_start: Instant) -> Result<Report, RunError> {
             Duration::from_micros(cli.doorbell_spin_us),
             Duration::from_micros(cli.doorbell_spin_max_us),
         ),
+        cli.doorbell_spin_class,
     )
     .map_err(RunError::Monitors)?;
     let mut running = Vec::with_capacity(guests.len());
@@ -371,7 +375,7 @@ pub fn run(cli: &Cli, shim_start: Instant) -> Result<Report, RunError> {
         t.stop();
     }
     // The monitors' last pass and kick counts land before the guests report.
-    monitors.shutdown();
+    let monitors = monitors.shutdown();
     let mut guests: Vec<_> = running.into_iter().map(|g| g.join(shim_start)).collect();
     vmq.finish(&mut guests);
     let report = Report {
@@ -379,6 +383,7 @@ pub fn run(cli: &Cli, shim_start: Instant) -> Result<Report, RunError> {
         shim_max_rss_kib: stats::max_rss_kib(),
         switch: switch.counters(),
         tap: tap.map(Tap::finish),
+        monitors,
     };
     if let Some(path) = &cli.stats_json {
         let text = serde_json::to_string_pretty(&report).unwrap_or_default();

@@ -15,6 +15,13 @@
 //!     "tx_packets": u64, "tx_bytes": u64,                // switch -> TAP
 //!     "dropped": {"too_short": u64, "too_long": u64, "write_failed": u64}
 //!   },
+//!   "monitors": [{                            // M1 monitor threads, one per host CPU
+//!     "cpu": u32, "rings": u32,
+//!     "spin_class": "idle" | "normal",        // --doorbell-spin-class (as applied)
+//!     "idle_spins": u64,                      // spins begun at SCHED_IDLE
+//!     "starved_boosts": u64,                  // raised by the watch after 1 ms starved
+//!     "parks": u64                            // sleeps until a kick (or the timeout)
+//!   }],
 //!   "guests": [{
 //!     "name": str,
 //!     "outcome": str,                         // "exit status 0", "triple fault ...", ...
@@ -329,6 +336,8 @@ pub const KVM_FIELDS: &[&str] = &[
     "halt_exits",
     "irq_injections",
     "signal_exits",
+    "halt_attempted_poll",
+    "halt_successful_poll",
 ];
 
 #[derive(Debug, Default, Serialize)]
@@ -461,6 +470,8 @@ pub struct Report {
     /// The host TAP port, when `--tap` was given.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tap: Option<TapReport>,
+    /// The doorbell monitors, one per host CPU that has rings.
+    pub monitors: Vec<crate::doorbell::monitor::MonitorReport>,
 }
 
 /// Frames between the switch and the host TAP device.

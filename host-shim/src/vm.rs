@@ -140,6 +140,19 @@ fn set_cpuid(
 }
 
 impl Guest {
+    /// Caps KVM's halt polling for this VM at `ns` (api.rst, "KVM_CAP_HALT_POLL");
+    /// logs and goes on when the kernel lacks the capability.
+    pub fn set_halt_poll_ns(&self, ns: u32) {
+        let mut cap = kvm_enable_cap {
+            cap: kvm_bindings::KVM_CAP_HALT_POLL,
+            ..Default::default()
+        };
+        cap.args[0] = u64::from(ns);
+        if let Err(e) = self.vm.enable_cap(&cap) {
+            tracing::warn!(guest = %self.name, "KVM_CAP_HALT_POLL refused ({e}): the host's default halt polling stays");
+        }
+    }
+
     /// Creates the VM, its memory and vCPUs, but loads nothing; no para region.
     pub fn new_bare(
         kvm: &Kvm,

@@ -8,6 +8,7 @@
 //!   read-only pages, kicks of the wrong size).
 
 pub mod bench;
+pub mod idle_spin;
 pub mod manager;
 pub mod monitor;
 pub mod redesignate;

@@ -20,6 +20,7 @@ use tracing::{info, warn};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::idle_spin::{self, Priority, Shared, SpinClass, Watch, WatchShared};
 use super::{GuestDoorbells, ParaRegion};
 
 /// Most records taken from one ring before the monitor looks at the next.
@@ -182,51 +183,117 @@ impl SpinBudget {
     }
 }
 
+/// One monitor's figures for the stats JSON (`monitors`).
+#[derive(Debug, Default, serde::Serialize)]
+pub struct MonitorReport {
+    pub cpu: usize,
+    pub rings: usize,
+    /// The priority it spun at: "idle" or "normal" (`--doorbell-spin-class`).
+    pub spin_class: &'static str,
+    /// Spins started at idle priority.
+    pub idle_spins: u64,
+    /// Times it was starved at idle priority and raised by the watch.
+    pub starved_boosts: u64,
+    /// Times it parked (slept until a kick or the timeout).
+    pub parks: u64,
+}
+
 /// The running monitors.
 pub struct Monitors {
     stop: Arc<AtomicBool>,
     wake: EventFd,
     threads: Vec<JoinHandle<()>>,
+    shared: Vec<(usize, usize, Arc<Shared>)>,
+    class: SpinClass,
+    watch: Option<Watch>,
 }
 
 impl Monitors {
-    /// Starts one thread per `(cpu, tasks)`, pinned to `cpu`.
-    pub fn start(per_cpu: Vec<(usize, Vec<RingTask>)>, spin: SpinBudget) -> std::io::Result<Self> {
-        let stop = Arc::new(AtomicBool::new(false));
-        let wake = EventFd::new(libc::EFD_NONBLOCK)?;
-        let mut me = Self {
-            stop,
-            wake,
-            threads: Vec::new(),
+    /// Starts one thread per `(cpu, tasks)`, pinned to `cpu`, spinning at `class`.
+    pub fn start(
+        per_cpu: Vec<(usize, Vec<RingTask>)>,
+        spin: SpinBudget,
+        class: SpinClass,
+    ) -> std::io::Result<Self> {
+        let class = if class == SpinClass::Idle && !idle_spin::can_leave_idle() {
+            warn!(
+                "monitors spin at normal priority: leaving SCHED_IDLE needs CAP_SYS_NICE or \
+                 RLIMIT_NICE 20 (--doorbell-spin-class normal silences this)"
+            );
+            SpinClass::Normal
+        } else {
+            class
         };
-        for (cpu, tasks) in per_cpu {
+        let shared: Vec<(usize, usize, Arc<Shared>)> = per_cpu
+            .iter()
+            .map(|(cpu, t)| (*cpu, t.len(), Arc::new(Shared::default())))
+            .collect();
+        let watch = if class == SpinClass::Idle && !per_cpu.is_empty() {
+            Some(Watch::start(
+                shared.iter().map(|(_, _, s)| s.clone()).collect(),
+            )?)
+        } else {
+            None
+        };
+        let watch_shared = watch
+            .as_ref()
+            .map_or_else(|| Arc::new(WatchShared::default()), Watch::shared);
+        let mut me = Self {
+            stop: Arc::new(AtomicBool::new(false)),
+            wake: EventFd::new(libc::EFD_NONBLOCK)?,
+            threads: Vec::new(),
+            shared,
+            class,
+            watch,
+        };
+        for ((cpu, tasks), (_, _, sh)) in per_cpu.into_iter().zip(&me.shared) {
             let stop = me.stop.clone();
             let wake = me.wake.try_clone()?;
+            let (sh, ws) = (sh.clone(), watch_shared.clone());
             let h = std::thread::Builder::new()
                 .name(format!("monitor-cpu{cpu}"))
-                .spawn(move || run(cpu, tasks, spin, &stop, &wake))?;
+                .spawn(move || {
+                    let prio = Priority::new(class, sh.clone(), ws);
+                    run(cpu, tasks, spin, &stop, &wake, prio, &sh);
+                })?;
             me.threads.push(h);
         }
         Ok(me)
     }
 
-    /// Stops and joins every monitor (after the guests ended).
-    pub fn shutdown(mut self) {
+    /// Stops and joins every monitor (after the guests ended); their figures.
+    #[must_use]
+    pub fn shutdown(mut self) -> Vec<MonitorReport> {
         self.stop.store(true, Ordering::Release);
         // A counter write never blocks below u64::MAX - 1; every monitor sees it.
         let _ = self.wake.write(1);
         for h in self.threads.drain(..) {
             let _ = h.join();
         }
+        drop(self.watch.take());
+        self.shared
+            .iter()
+            .map(|(cpu, rings, s)| MonitorReport {
+                cpu: *cpu,
+                rings: *rings,
+                spin_class: self.class.name(),
+                idle_spins: s.idle_spins.load(Ordering::Relaxed),
+                starved_boosts: s.starved_boosts.load(Ordering::Relaxed),
+                parks: s.parks.load(Ordering::Relaxed),
+            })
+            .collect()
     }
 }
 
+#[allow(clippy::too_many_arguments)] // the thread's whole state, handed over once
 fn run(
     cpu: usize,
     mut tasks: Vec<RingTask>,
     mut spin: SpinBudget,
     stop: &AtomicBool,
     wake: &EventFd,
+    mut prio: Priority,
+    shared: &Shared,
 ) {
     if let Err(e) = crate::vcpu::pin_current_thread(cpu) {
         warn!(cpu, "pinning the doorbell monitor failed: {e}");
@@ -268,12 +335,14 @@ fn run(
     let mut events = vec![EpollEvent::default(); tasks.len() + 1];
     let mut idle_since: Option<Instant> = None;
     while !stop.load(Ordering::Acquire) {
+        shared.beat();
         if serve_all(&mut tasks, BATCH) > 0 {
             if let Some(since) = idle_since.take() {
                 spin.work_after(since.elapsed());
             }
             continue;
         }
+        prio.spinning();
         let since = *idle_since.get_or_insert_with(Instant::now);
         if since.elapsed() < spin.current() {
             wait_a_little(&tasks);
@@ -287,9 +356,13 @@ fn run(
             continue;
         }
         idle_since = None;
+        // Normal priority before parking: an idle-priority thread woken by a kick
+        // would wait for its CPU to fall idle.
+        prio.parking();
         if !park_all(&tasks) {
             continue;
         }
+        shared.parks.fetch_add(1, Ordering::Relaxed);
         let parked = Instant::now();
         match epoll.wait(SLEEP_TIMEOUT_MS, &mut events) {
             Ok(_) => {}
@@ -465,11 +538,18 @@ mod tests {
 
     #[test]
     fn a_monitor_thread_consumes_and_stops() {
+        for class in [SpinClass::Idle, SpinClass::Normal] {
+            consumes_and_stops(class);
+        }
+    }
+
+    fn consumes_and_stops(class: SpinClass) {
         let (region, guest, _fds) = setup();
         let task = RingTask::new(region.clone(), 0, guest.clone()).unwrap();
         let m = Monitors::start(
             vec![(0, vec![task])],
             SpinBudget::new(Duration::from_micros(50), Duration::from_micros(500)),
+            class,
         )
         .unwrap();
         let ring = region.ring(0).unwrap();
@@ -496,8 +576,17 @@ mod tests {
         {
             std::thread::sleep(Duration::from_millis(1));
         }
-        m.shutdown();
+        let report = m.shutdown();
         let s = guest.snapshot();
-        assert_eq!(s.sink_events, 10_000, "{s:?}");
+        assert_eq!(s.sink_events, 10_000, "{class:?}: {s:?}");
+        assert_eq!(report.len(), 1);
+        assert_eq!((report[0].cpu, report[0].rings), (0, 1));
+        if class == SpinClass::Normal || !idle_spin::can_leave_idle() {
+            assert_eq!(report[0].spin_class, "normal");
+            assert_eq!(report[0].idle_spins, 0);
+        } else {
+            assert_eq!(report[0].spin_class, "idle");
+            assert!(report[0].idle_spins > 0, "{report:?}");
+        }
     }
 }
