@@ -154,6 +154,16 @@ impl Priority {
         }
     }
 
+    /// One pass of the monitor's loop (the watch's sign of life).
+    pub fn beat(&self) {
+        self.shared.beat();
+    }
+
+    /// The monitor parked.
+    pub fn parked(&self) {
+        self.shared.parks.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// The rings went empty: spin at idle priority (no-op when already there).
     pub fn spinning(&mut self) {
         if self.class != SpinClass::Idle || self.idle {

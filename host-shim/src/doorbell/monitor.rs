@@ -253,8 +253,8 @@ impl Monitors {
             let h = std::thread::Builder::new()
                 .name(format!("monitor-cpu{cpu}"))
                 .spawn(move || {
-                    let prio = Priority::new(class, sh.clone(), ws);
-                    run(cpu, tasks, spin, &stop, &wake, prio, &sh);
+                    let prio = Priority::new(class, sh, ws);
+                    run(cpu, tasks, spin, &stop, &wake, prio);
                 })?;
             me.threads.push(h);
         }
@@ -285,7 +285,6 @@ impl Monitors {
     }
 }
 
-#[allow(clippy::too_many_arguments)] // the thread's whole state, handed over once
 fn run(
     cpu: usize,
     mut tasks: Vec<RingTask>,
@@ -293,7 +292,6 @@ fn run(
     stop: &AtomicBool,
     wake: &EventFd,
     mut prio: Priority,
-    shared: &Shared,
 ) {
     if let Err(e) = crate::vcpu::pin_current_thread(cpu) {
         warn!(cpu, "pinning the doorbell monitor failed: {e}");
@@ -335,7 +333,7 @@ fn run(
     let mut events = vec![EpollEvent::default(); tasks.len() + 1];
     let mut idle_since: Option<Instant> = None;
     while !stop.load(Ordering::Acquire) {
-        shared.beat();
+        prio.beat();
         if serve_all(&mut tasks, BATCH) > 0 {
             if let Some(since) = idle_since.take() {
                 spin.work_after(since.elapsed());
@@ -362,7 +360,7 @@ fn run(
         if !park_all(&tasks) {
             continue;
         }
-        shared.parks.fetch_add(1, Ordering::Relaxed);
+        prio.parked();
         let parked = Instant::now();
         match epoll.wait(SLEEP_TIMEOUT_MS, &mut events) {
             Ok(_) => {}
@@ -373,6 +371,9 @@ fn run(
         tasks.iter().for_each(RingTask::count_kicks);
         tasks.iter().for_each(RingTask::unpark);
     }
+    // Out of the watch's sight before the thread ends: a frozen heartbeat at
+    // idle priority would look starved.
+    prio.parking();
     // Last words: whatever is still in the rings, and the kicks not yet counted.
     serve_all(&mut tasks, usize::MAX);
     tasks.iter().for_each(RingTask::count_kicks);
