@@ -338,6 +338,11 @@ pub const KVM_FIELDS: &[&str] = &[
     "signal_exits",
     "halt_attempted_poll",
     "halt_successful_poll",
+    // On this platform's KVM most exits are instructions its emulator gives
+    // up on (`iretq`, `int 0x80` at CPL 3 as #UD; DESIGN §7), and trapping
+    // MMIO writes are page faults it takes.
+    "insn_emulation_fail",
+    "pf_taken",
 ];
 
 #[derive(Debug, Default, Serialize)]

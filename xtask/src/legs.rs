@@ -406,11 +406,19 @@ impl Runner {
             run.print_post_mortem();
         }
         // Host-side checks on the shim's counters for the tests that ran where
-        // the mechanism was offered: the doorbell burst (M1), the upcalls (M3).
+        // the mechanism was offered: the doorbell burst (M1), the upcalls (M3), and
+        // the exits a timed sleep costs.
         let stats = run.guest_stats("ktest");
         let mut host_checks = Vec::new();
         if serial.reports.iter().any(|r| r.starts_with("doorbell:")) {
             host_checks.extend(shim::doorbell_burst_checks(stats));
+        }
+        if serial
+            .reports
+            .iter()
+            .any(|r| r.starts_with("timed sleeps:"))
+        {
+            host_checks.extend(shim::timed_sleep_checks(stats));
         }
         if serial.reports.iter().any(|r| r.starts_with("upcall storm")) {
             host_checks.extend(shim::upcall_checks(stats));

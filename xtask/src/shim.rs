@@ -287,6 +287,44 @@ pub fn doorbell_burst_checks(guest: Option<&Value>) -> Vec<(String, bool)> {
     ]
 }
 
+/// Sleeps in ktest's `time::timed_sleeps_wake_on_the_timer`, between stats
+/// marks 0x400 and 0x401.
+pub const TIMED_SLEEPS: u64 = 200;
+/// Exits one timed sleep may cost: the halt kernel call, which also arms the
+/// timer, measured 3.02 per sleep (2026-11-21, leg guest-shim). A `SetTimer`
+/// call before a plain halt call measured 5.02: that is what this catches.
+pub const EXITS_PER_SLEEP: u64 = 3;
+/// On top: the closing mark's hypercall and host preemption of the vCPU
+/// thread while it runs emulated ring-0 code.
+pub const TIMED_SLEEPS_SLACK: u64 = 32;
+
+/// Checks on ktest's timed sleeps from the shim's stats marks 0x400 and 0x401.
+#[must_use]
+pub fn timed_sleep_checks(guest: Option<&Value>) -> Vec<(String, bool)> {
+    let exits_at = |label: u64| {
+        guest?
+            .get("marks")?
+            .as_array()?
+            .iter()
+            .find(|m| m["label"].as_u64() == Some(label))?["exits"]
+            .as_u64()
+    };
+    let (Some(before), Some(after)) = (exits_at(0x400), exits_at(0x401)) else {
+        return vec![(
+            "the shim recorded stats marks 0x400 and 0x401 around the timed sleeps".to_owned(),
+            false,
+        )];
+    };
+    let exits = after.saturating_sub(before);
+    let limit = EXITS_PER_SLEEP * TIMED_SLEEPS + TIMED_SLEEPS_SLACK;
+    vec![(
+        format!(
+            "timed sleeps: {exits} KVM exits for {TIMED_SLEEPS} sleeps (at most {limit}: {EXITS_PER_SLEEP} each + {TIMED_SLEEPS_SLACK})"
+        ),
+        exits <= limit,
+    )]
+}
+
 /// The ktest upcall tests ran (M3, issue 7): the shim's counters must add up —
 /// every ping it was asked for acknowledged by the guest exactly once, the
 /// masked tests' pings injected at an interrupt-window exit, nothing rejected.
@@ -445,6 +483,23 @@ mod tests {
                 .all(|(_, ok)| *ok)
         );
         assert!(!upcall_checks(None)[0].1);
+    }
+
+    #[test]
+    fn timed_sleeps_are_judged_from_the_marks() {
+        let g = |exits2: u64| {
+            serde_json::json!({"marks": [
+                {"label": 0x400, "exits": 100},
+                {"label": 0x401, "exits": exits2}
+            ]})
+        };
+        assert!(timed_sleep_checks(Some(&g(100 + 3 * TIMED_SLEEPS)))[0].1);
+        assert!(
+            !timed_sleep_checks(Some(&g(100 + 5 * TIMED_SLEEPS)))[0].1,
+            "a separate timer call per sleep"
+        );
+        assert!(!timed_sleep_checks(Some(&serde_json::json!({"marks": []})))[0].1);
+        assert!(!timed_sleep_checks(None)[0].1);
     }
 
     #[test]

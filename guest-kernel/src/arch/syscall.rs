@@ -29,7 +29,7 @@ pub fn dispatch(f: &mut TrapFrame, pc: &PerCpu) {
     f.rax = match call {
         Sys::Write => write(f.rdi, f.rsi),
         Sys::Exit => exit::exit(f.rdi),
-        Sys::Halt => halt(pc),
+        Sys::Halt => halt(f.rdi, pc),
         Sys::SetTimer => set_timer(f.rdi),
         Sys::SendIpi => send_ipi(f.rdi, f.rsi),
         Sys::StartAp => start_ap(f.rdi, f.rsi, f.rdx),
@@ -227,7 +227,13 @@ fn write(ptr: u64, len: u64) -> u64 {
 /// Sleeps until an interrupt is pending. Entered with IF = 0 (interrupt gate):
 /// the check and `sti; hlt` cannot miss a wake-up, because `sti` holds off
 /// interrupts until after the next instruction (SDM vol 2B, STI).
-fn halt(pc: &PerCpu) -> u64 {
+fn halt(deadline: u64, pc: &PerCpu) -> u64 {
+    if deadline != 0 {
+        if deadline <= rdtsc() {
+            return 0;
+        }
+        set_timer(deadline);
+    }
     if !pc.any_pending() {
         // SAFETY: waits for the next interrupt, then masks again.
         unsafe { core::arch::asm!("sti", "hlt", "cli", options(nostack, nomem)) };

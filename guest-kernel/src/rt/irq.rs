@@ -5,6 +5,7 @@
 //! code, with delivery masked. They must not take locks the interrupted code
 //! might hold (the heap's included): record, count, wake — and return.
 
+use super::time::Instant;
 use crate::abi::MAX_CPUS;
 use crate::percpu::{self, PerCpu};
 use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -118,14 +119,20 @@ pub fn without<R>(f: impl FnOnce() -> R) -> R {
 /// Sleeps (halting the CPU) until `cond` holds. Race-free: `cond` is checked
 /// with delivery masked, and the halt call returns at once if an interrupt
 /// became pending after the check, so a wake-up is never slept through.
-pub fn wait_until(mut cond: impl FnMut() -> bool) {
+pub fn wait_until(cond: impl FnMut() -> bool) {
+    wait_until_or(None, cond);
+}
+
+/// [`wait_until`], also returning once `deadline` passes: each halt arms this
+/// CPU's timer for it in the same kernel call.
+pub fn wait_until_or(deadline: Option<Instant>, mut cond: impl FnMut() -> bool) {
     loop {
         let was = disable();
-        if cond() {
+        if cond() || deadline.is_some_and(|d| Instant::now() >= d) {
             restore(was);
             return;
         }
-        super::sys::halt();
+        super::sys::halt_until(deadline.map_or(0, |d| d.0));
         restore(was);
     }
 }

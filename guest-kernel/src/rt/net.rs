@@ -24,7 +24,7 @@
 use super::start::system;
 use super::time::Instant;
 use super::virtio::{KernelHal, KernelPciAccess, find_net_devices};
-use super::{irq, smp, sys};
+use super::{irq, smp};
 use crate::abi::vector;
 use crate::cmdline::Cmdline;
 use crate::percpu;
@@ -553,15 +553,11 @@ impl Net {
                 let signal = &RX_SIGNAL[self.index];
                 let seen = signal.load(Ordering::Acquire);
                 let hints_seen = self.hint_upcalls;
-                if let Some(w) = wake {
-                    sys::set_timer(w.0);
-                }
                 let nic = &self.nic;
-                irq::wait_until(|| {
+                irq::wait_until_or(wake, || {
                     signal.load(Ordering::Acquire) != seen
                         || HINT_UPCALLS.load(Ordering::Acquire) != hints_seen
                         || nic.rx_pending()
-                        || wake.is_some_and(|w| Instant::now() >= w)
                 });
             }
         }

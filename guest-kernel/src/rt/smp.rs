@@ -156,8 +156,7 @@ pub fn run_on_wait<R: Send + 'static>(
     let deadline = Instant::now()
         .checked_add(timeout)
         .unwrap_or(Instant(u64::MAX));
-    sys::set_timer(deadline.0);
-    irq::wait_until(|| done.load(Ordering::Acquire) || Instant::now() >= deadline);
+    irq::wait_until_or(Some(deadline), || done.load(Ordering::Acquire));
     sys::set_timer(0);
     slot.lock().take().ok_or(SmpError::Timeout)
 }

@@ -43,6 +43,13 @@ pub fn halt() {
     call3(Sys::Halt, 0, 0, 0);
 }
 
+/// [`halt`], first arming this CPU's timer for TSC value `deadline` in the same
+/// kernel call (one call's two exits fewer than [`set_timer`] then [`halt`]).
+/// Returns at once when `deadline` has passed. Use [`super::irq::wait_until_or`].
+pub fn halt_until(deadline: u64) {
+    call3(Sys::Halt, deadline, 0, 0);
+}
+
 /// Arms this CPU's timer for TSC value `deadline` (0 disarms).
 pub fn set_timer(deadline: u64) {
     call3(Sys::SetTimer, deadline, 0, 0);

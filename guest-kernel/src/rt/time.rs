@@ -62,10 +62,7 @@ pub fn sleep_until(deadline: Instant) {
     let timer = crate::abi::vector::TIMER;
     while Instant::now() < deadline {
         let seen = super::irq::count(cpu, timer);
-        super::sys::set_timer(deadline.0);
-        super::irq::wait_until(|| {
-            Instant::now() >= deadline || super::irq::count(cpu, timer) != seen
-        });
+        super::irq::wait_until_or(Some(deadline), || super::irq::count(cpu, timer) != seen);
     }
 }
 

@@ -50,3 +50,61 @@ ktest!(
         Ok(())
     }
 );
+
+/// Labels of the stats marks around [`timed_sleeps_wake_on_the_timer`]'s sleeps
+/// (the guest-shim leg reads the exits between them).
+pub const MARK_SLEEPS_BEFORE: u64 = 0x400;
+pub const MARK_SLEEPS_AFTER: u64 = 0x401;
+/// How many sleeps the test takes (`xtask/src/shim.rs` `TIMED_SLEEPS`).
+pub const SLEEPS: u64 = 200;
+
+ktest!(
+    fn timed_sleeps_wake_on_the_timer() {
+        use guest_kernel::rt::{irq, sys};
+        use para_abi::hypercall::Call;
+        let cpu = guest_kernel::percpu::cpu_id();
+        let timer = guest_kernel::abi::vector::TIMER;
+        let step = Duration::from_micros(200);
+        // A stats mark is a hypercall: only the shim answers it.
+        let mark = |label| sys::hypercall(Call::StatsMark, label).is_ok();
+        let fired0 = irq::count(cpu, timer);
+        let marked = mark(MARK_SLEEPS_BEFORE);
+        let t = Instant::now();
+        for _ in 0..SLEEPS {
+            let deadline = Instant::now().checked_add(step).ok_or("time")?;
+            irq::wait_until_or(Some(deadline), || false);
+            check!(Instant::now() >= deadline, "a timed sleep returned early");
+        }
+        let took = t.elapsed();
+        if marked {
+            check!(mark(MARK_SLEEPS_AFTER), "the closing stats mark");
+        }
+        let fired = irq::count(cpu, timer) - fired0;
+        check!(
+            fired >= SLEEPS,
+            "{SLEEPS} sleeps, but the timer fired only {fired} times"
+        );
+        println!(
+            "report: timed sleeps: {SLEEPS} of {} us took {} us in all, timer fired {fired} times",
+            step.as_micros(),
+            took.as_micros()
+        );
+        Ok(())
+    }
+);
+
+ktest!(
+    fn a_sleep_past_its_deadline_does_not_halt() {
+        use guest_kernel::rt::{irq, sys};
+        sys::set_timer(0);
+        let was = irq::disable();
+        let past = Instant::now().0.saturating_sub(1);
+        sys::halt_until(past);
+        // Only an interrupt ends a halt, and with delivery masked it would
+        // still be pending here.
+        let pending = guest_kernel::percpu::current().any_pending();
+        irq::restore(was);
+        check!(!pending, "the call halted until an interrupt came");
+        Ok(())
+    }
+);
