@@ -81,8 +81,9 @@ pub enum Sys {
     Exit = 1,
     /// Sleep until an interrupt is pending on this CPU; returns at once if one already is.
     /// RDI = a TSC deadline to arm this CPU's timer for first (0 leaves the timer
-    /// as it is); a deadline already passed returns at once. One call instead of
-    /// `SetTimer` + `Halt` saves a kernel call's two exits per sleep.
+    /// as it is); a deadline already passed fires the timer at once, so the call
+    /// returns. One call instead of `SetTimer` + `Halt` saves a kernel call's
+    /// two exits per sleep.
     Halt = 2,
     /// Arm this CPU's timer for TSC value RDI (0 disarms).
     SetTimer = 3,

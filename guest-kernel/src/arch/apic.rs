@@ -33,6 +33,12 @@ const ICR_DELIVERY_PENDING: u32 = 1 << 12;
 const ICR_INIT_ASSERT: u32 = (0b101 << 8) | (1 << 14);
 const ICR_STARTUP: u32 = (0b110 << 8) | (1 << 14);
 
+/// 1 when the timer runs in TSC-deadline mode. Read by the halt call's fast
+/// path (hence the fixed name), which arms the timer only in that mode.
+#[unsafe(export_name = "exitless_tsc_deadline_mode")]
+#[unsafe(link_section = ".kdata")]
+static TSC_DEADLINE_MODE: AtomicU8 = AtomicU8::new(0);
+
 #[must_use]
 pub fn x2apic() -> bool {
     X2APIC_MODE.load(Ordering::Relaxed) != 0
@@ -107,6 +113,7 @@ pub unsafe fn setup_timer(tsc_deadline: bool) {
     unsafe {
         if tsc_deadline {
             write(reg::LVT_TIMER, LVT_TSC_DEADLINE | u32::from(vector::TIMER));
+            TSC_DEADLINE_MODE.store(1, Ordering::Relaxed);
         } else {
             write(reg::TIMER_DIVIDE, 0b1011);
             write(reg::LVT_TIMER, u32::from(vector::TIMER));

@@ -45,7 +45,8 @@ pub fn halt() {
 
 /// [`halt`], first arming this CPU's timer for TSC value `deadline` in the same
 /// kernel call (one call's two exits fewer than [`set_timer`] then [`halt`]).
-/// Returns at once when `deadline` has passed. Use [`super::irq::wait_until_or`].
+/// A `deadline` already passed fires the timer at once, so the call returns.
+/// Use [`super::irq::wait_until_or`].
 pub fn halt_until(deadline: u64) {
     call3(Sys::Halt, deadline, 0, 0);
 }
