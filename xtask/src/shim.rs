@@ -247,18 +247,19 @@ pub const DOORBELL_BURST_EXIT_LIMIT: u64 = 32;
 /// Events in ktest's doorbell burst (`doorbell::ten_thousand_events_to_the_sink`).
 pub const DOORBELL_BURST_EVENTS: u64 = 10_000;
 
+/// The guest's stats mark with `label` (the `StatsMark` hypercall's argument).
+fn stats_mark(guest: Option<&Value>, label: u64) -> Option<&Value> {
+    guest?
+        .get("marks")?
+        .as_array()?
+        .iter()
+        .find(|m| m["label"].as_u64() == Some(label))
+}
+
 /// Checks on ktest's doorbell burst from the shim's stats marks 1 and 2.
 #[must_use]
 pub fn doorbell_burst_checks(guest: Option<&Value>) -> Vec<(String, bool)> {
-    let mark = |label: u64| {
-        guest?
-            .get("marks")?
-            .as_array()?
-            .iter()
-            .find(|m| m["label"].as_u64() == Some(label))
-            .cloned()
-    };
-    let (Some(before), Some(after)) = (mark(1), mark(2)) else {
+    let (Some(before), Some(after)) = (stats_mark(guest, 1), stats_mark(guest, 2)) else {
         return vec![(
             "the shim recorded stats marks 1 and 2 around the doorbell burst".to_owned(),
             false,
@@ -301,14 +302,7 @@ pub const TIMED_SLEEPS_SLACK: u64 = 32;
 /// Checks on ktest's timed sleeps from the shim's stats marks 0x400 and 0x401.
 #[must_use]
 pub fn timed_sleep_checks(guest: Option<&Value>) -> Vec<(String, bool)> {
-    let exits_at = |label: u64| {
-        guest?
-            .get("marks")?
-            .as_array()?
-            .iter()
-            .find(|m| m["label"].as_u64() == Some(label))?["exits"]
-            .as_u64()
-    };
+    let exits_at = |label: u64| stats_mark(guest, label)?["exits"].as_u64();
     let (Some(before), Some(after)) = (exits_at(0x400), exits_at(0x401)) else {
         return vec![(
             "the shim recorded stats marks 0x400 and 0x401 around the timed sleeps".to_owned(),
