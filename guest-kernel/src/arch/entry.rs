@@ -197,7 +197,7 @@ exitless_trap_common:
 
     // The kernel-call vector and #UD come here first (on this platform's KVM
     // `int 0x80` at CPL 3 arrives as #UD; DESIGN §7). The halt call, the one
-    // ring 3 makes per sleep, is run here in about 45 instructions instead of
+    // ring 3 makes per sleep, is run here in 47 instructions instead of
     // the trap path's 150 or so: ring 0 is emulated at ~1 µs an instruction,
     // and the vCPU keeps its host CPU (and the device threads waiting for it)
     // all that time. Anything else, and a halt call with a deadline when the

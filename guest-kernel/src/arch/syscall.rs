@@ -224,11 +224,12 @@ fn write(ptr: u64, len: u64) -> u64 {
     len
 }
 
-/// Sleeps until an interrupt is pending. Entered with IF = 0 (interrupt gate):
-/// the check and `sti; hlt` cannot miss a wake-up, because `sti` holds off
-/// interrupts until after the next instruction (SDM vol 2B, STI).
 /// The halt call when `entry::exitless_kcall_entry` did not run it itself
-/// (the timer in one-shot mode), with the same meaning.
+/// (a deadline with the timer in one-shot mode), with the same meaning: arm
+/// the timer for `deadline` unless 0, then sleep until an interrupt is
+/// pending. Entered with IF = 0 (interrupt gate): the check and `sti; hlt`
+/// cannot miss a wake-up, because `sti` holds off interrupts until after the
+/// next instruction (SDM vol 2B, STI).
 fn halt(deadline: u64, pc: &PerCpu) -> u64 {
     if deadline != 0 {
         set_timer(deadline);
