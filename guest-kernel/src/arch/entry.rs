@@ -197,10 +197,10 @@ exitless_trap_common:
 
     // The kernel-call vector and #UD come here first (on this platform's KVM
     // `int 0x80` at CPL 3 arrives as #UD; DESIGN §7). The halt call, the one
-    // ring 3 makes per sleep, is run here in 47 instructions instead of
-    // the trap path's 150 or so: ring 0 is emulated at ~1 µs an instruction,
-    // and the vCPU keeps its host CPU (and the device threads waiting for it)
-    // all that time. Anything else, and a halt call with a deadline when the
+    // ring 3 makes per sleep, is run here in 47 instructions instead of the
+    // trap path's ~130 (KVM's emulated instructions per ping fell by 83): ring
+    // 0 is emulated at ~1 µs an instruction, and the vCPU keeps its host CPU
+    // (and the device threads waiting for it) all that time. Anything else, and a halt call with a deadline when the
     // timer is not in TSC-deadline mode, takes the trap path unchanged.
     // Stack on entry: vector, error code, then the CPU's frame.
     .global exitless_kcall_entry
