@@ -9,6 +9,7 @@
 extern crate std;
 
 pub mod ctrl;
+pub mod direct;
 pub mod discovery;
 pub mod doorbell;
 pub mod hints;
