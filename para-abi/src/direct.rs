@@ -12,6 +12,11 @@
 //! | 0               | [`Ctrl`]: `produced`, `consumed`, `sleep` (own lines)   |
 //! | [`SLOTS_AT`]    | slot *i*: length (u32) at +0, frame bytes at +[`SLOT_DATA_AT`] |
 //!
+//! A guest sees its channel to the guest with VM-queue id *p* at
+//! [`channel`]`(p)`: its own endpoint, then the peer's, inside
+//! [`crate::layout::area::DIRECT`]; the VM-queue directory flags the peers
+//! that have one ([`crate::vmq::DirRecord::DIRECT`]).
+//!
 //! One direction of the pair, A → B, uses A's slots and `A.produced` (written
 //! by A) and `B.consumed` (written by B): the sender owns its producer index
 //! and its frames, the receiver owns its consumer index. Each side therefore
@@ -56,6 +61,25 @@ pub const SLOTS_AT: usize = 0x1000;
 /// Bytes of one endpoint.
 pub const ENDPOINT_SIZE: usize = SLOTS_AT + SLOTS as usize * SLOT_SIZE;
 
+/// Bytes between the two endpoints of a channel in a guest's view.
+pub const ENDPOINT_STRIDE: u64 = (ENDPOINT_SIZE as u64).next_multiple_of(0x1_0000);
+/// Bytes of one channel in a guest's view: its own endpoint, then the peer's.
+pub const CHANNEL_STRIDE: u64 = 2 * ENDPOINT_STRIDE;
+
+/// Where a guest sees its channel to the guest with VM-queue id `peer`:
+/// `(own endpoint, writable; the peer's endpoint, read-only)`, or `None` for
+/// an id beyond the directory.
+#[must_use]
+pub const fn channel(peer: u32) -> Option<(u64, u64)> {
+    if peer as usize >= crate::vmq::DIR_ENTRIES {
+        return None;
+    }
+    let own = crate::layout::area::DIRECT + peer as u64 * CHANNEL_STRIDE;
+    Some((own, own + ENDPOINT_STRIDE))
+}
+
+const _: () =
+    assert!(CHANNEL_STRIDE * crate::vmq::DIR_ENTRIES as u64 <= crate::layout::area::DIRECT_SIZE);
 const _: () = assert!(SLOTS.is_power_of_two());
 const _: () = assert!(ENDPOINT_SIZE.is_multiple_of(0x1000));
 const _: () = assert!(SLOT_DATA >= 1514);

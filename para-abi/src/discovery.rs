@@ -23,6 +23,8 @@ pub const LEAF_UPCALLS: u32 = 0x4000_0004;
 pub const LEAF_CTRL: u32 = 0x4000_0005;
 /// M5 VM queues (see [`LEAF_HINTS`]).
 pub const LEAF_VMQ: u32 = 0x4000_0006;
+/// Direct channels between guests ([`crate::direct`]; see [`LEAF_HINTS`]).
+pub const LEAF_DIRECT: u32 = 0x4000_0007;
 /// CPUID leaf with timing information, following the convention `VMware` and KVM
 /// guests already know: EAX = TSC frequency in kHz, EBX = LAPIC timer frequency in kHz.
 pub const LEAF_TIMING: u32 = 0x4000_0010;
@@ -67,6 +69,9 @@ pub mod features {
     pub const SHADOW_FLAGS: u32 = 1 << 5;
     /// M5 VM queues ([`super::LEAF_VMQ`]).
     pub const VM_QUEUES: u32 = 1 << 6;
+    /// Direct channels to other guests ([`super::LEAF_DIRECT`]); implies
+    /// [`VM_QUEUES`], whose directory says which peers have one.
+    pub const DIRECT_CHANNELS: u32 = 1 << 7;
 }
 
 /// The (EAX, EBX, ECX, EDX) of a mechanism leaf ([`LEAF_HINTS`]...).

@@ -50,7 +50,14 @@ pub mod area {
     pub const VMQ: u64 = PARA_REGION_BASE + PARA_REGION_MAX + 0x0100_0000;
     pub const VMQ_SIZE: u64 = MMIO_HOLE_START - VMQ;
 
+    /// Direct channels between guests: one channel per peer, after the
+    /// VM-queue area's receive window (36 MiB: 32 peers of 1.125 MiB).
+    pub const DIRECT: u64 = VMQ + 0x0440_0000;
+    pub const DIRECT_SIZE: u64 = 0x0240_0000;
+
     const _: () = assert!(CTRL + CTRL_SIZE <= VMQ);
+    const _: () = assert!(DIRECT + DIRECT_SIZE <= MMIO_HOLE_START);
+    const _: () = assert!(DIRECT.is_multiple_of(0x20_0000));
     const _: () = assert!(
         VMQ.is_multiple_of(0x20_0000),
         "2 MiB pages can be remapped there"

@@ -40,6 +40,7 @@ pub const WINDOW_SIZE: u64 = 64 << 20;
 pub const AREA_SIZE: u64 = WINDOW + WINDOW_SIZE;
 
 const _: () = assert!(AREA_SIZE <= crate::layout::area::VMQ_SIZE);
+const _: () = assert!(crate::layout::area::VMQ + AREA_SIZE <= crate::layout::area::DIRECT);
 const _: () = assert!(WINDOW.is_multiple_of(HUGE_PAGE));
 
 /// Small and huge page sizes a message may be remapped at.
@@ -367,6 +368,9 @@ pub struct DirRecord {
 impl DirRecord {
     /// The guest is running (cleared when it exits).
     pub const ALIVE: u32 = 1;
+    /// A direct channel joins the reader of the directory and this guest
+    /// ([`crate::direct::channel`]).
+    pub const DIRECT: u32 = 2;
 
     /// A record for `name`, truncated to [`NAME_LEN`] bytes.
     #[must_use]
