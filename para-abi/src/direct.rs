@@ -45,6 +45,10 @@ use core::sync::atomic::{AtomicU32, Ordering, fence};
 #[cfg(loom)]
 use loom::sync::atomic::{AtomicU32, Ordering, fence};
 
+/// The doorbell device number (M1 event records) of a wake-up request: queue
+/// = the VM-queue id of the guest to wake.
+pub const DOORBELL_DEVICE: u8 = 0xFC;
+
 /// Layout version the VMM announces for direct channels.
 pub const VERSION: u32 = 1;
 
@@ -349,6 +353,14 @@ impl<'a, S: Slots> Receiver<'a, S> {
     #[must_use]
     pub fn stats(&self) -> RecvStats {
         self.stats
+    }
+
+    /// True when the peer's producer index differs from mine: a frame is
+    /// waiting, or the index is impossible and [`Self::recv`] will say so.
+    /// A plain read, for wait loops.
+    #[must_use]
+    pub fn waiting(&self) -> bool {
+        self.peer.produced.0.load(Ordering::Acquire) != self.mine.consumed.0.load(Ordering::Relaxed)
     }
 
     /// Frames waiting, validated. An impossible producer index is repaired

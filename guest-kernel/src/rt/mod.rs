@@ -5,6 +5,7 @@
 
 pub mod console;
 pub mod ctrl;
+pub mod direct_link;
 pub mod doorbell;
 pub mod fault;
 pub mod hints;
