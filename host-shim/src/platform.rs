@@ -10,8 +10,9 @@ use std::sync::{Arc, Mutex};
 use para_abi::layout::SERIAL_PORT;
 use tracing::warn;
 
-use crate::serial::{self, Uart};
-use crate::stats::{Reject, RejectCounters};
+use crate::counters::{Reject, RejectCounters};
+use crate::devices::serial::{self, Uart};
+use crate::sync::lock;
 
 /// A device reachable through guest-physical MMIO.
 pub trait MmioDevice: Send + Sync {
@@ -75,9 +76,7 @@ impl Platform {
     }
 
     fn uart(&self) -> std::sync::MutexGuard<'_, Uart> {
-        self.uart
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        lock(&self.uart)
     }
 
     pub fn pio_read(&self, port: u16, data: &mut [u8]) {
@@ -163,7 +162,7 @@ impl Platform {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::serial::{LineWriter, Sink, new_uart};
+    use crate::devices::serial::{LineWriter, Sink, new_uart};
 
     fn platform() -> (Platform, Arc<Mutex<Vec<String>>>) {
         let buf = Arc::new(Mutex::new(Vec::new()));

@@ -15,10 +15,10 @@ use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::memory::GuestMem;
+use crate::counters::{Reject, RejectCounters};
+use crate::devices::switch::{Port, Switch};
+use crate::kvm::memory::GuestMem;
 use crate::pci::virtio_pci::{Activation, F_VERSION_1, NO_VECTOR, VirtioDevice};
-use crate::stats::{Reject, RejectCounters};
-use crate::switch::{Port, Switch};
 
 /// Feature bits (virtio 1.2 §5.1.3).
 const F_MAC: u64 = 1 << 5;
@@ -116,7 +116,7 @@ pub struct Net {
     rejects: Arc<RejectCounters>,
     worker: Option<(EventFd, JoinHandle<()>)>,
     /// M2 interrupt-vCPU hints for this NIC's queues, when offered.
-    pub hints: Option<Arc<crate::hints::DeviceHints>>,
+    pub hints: Option<Arc<crate::mech::hints::DeviceHints>>,
     /// Asked before a queue's MSI (queue 0 RX, 1 TX): true withholds it (M4 quiet flags).
     pub quiet: Option<QuietGate>,
 }
@@ -250,7 +250,7 @@ struct Worker {
     counters: Arc<NetCounters>,
     rejects: Arc<RejectCounters>,
     stop: EventFd,
-    hints: [Option<crate::hints::QueueHinter>; 2],
+    hints: [Option<crate::mech::hints::QueueHinter>; 2],
     quiet: Option<QuietGate>,
 }
 
@@ -433,7 +433,7 @@ mod tests {
     const VRING_DESC_F_WRITE: u16 = 2;
 
     fn mem() -> GuestMem {
-        crate::memory::create("t", 4 << 20).unwrap()
+        crate::kvm::memory::create("t", 4 << 20).unwrap()
     }
 
     /// A queue whose chains are the given descriptors (flags NEXT set by caller).

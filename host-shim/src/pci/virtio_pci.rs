@@ -12,8 +12,8 @@ use vmm_sys_util::eventfd::EventFd;
 use super::config::{COMMAND, COMMAND_MEMORY, ConfigSpace};
 use super::msix::Msix;
 use super::{PciDevice, le_value, put_le};
-use crate::memory::GuestMem;
-use crate::stats::Reject;
+use crate::counters::Reject;
+use crate::kvm::memory::GuestMem;
 
 /// The virtio PCI vendor id and the modern device id base (virtio 1.2 §4.1.2.1).
 pub const VIRTIO_VENDOR: u16 = 0x1AF4;

@@ -1,5 +1,5 @@
-//! M2 interrupt-vCPU hints, host half (DESIGN §3 M2; reference text US9411624
-//! claim 1): the I/O thread of a device queue, about to raise the queue's MSI,
+//! M2 interrupt-vCPU hints, host half (`para_abi::hints`; reference text
+//! US9411624 claim 1): the I/O thread of a device queue, about to raise the queue's MSI,
 //! looks up which of the VM's vCPUs run on the host CPU it runs on itself and,
 //! the first time the queue signals and whenever that answer changes, publishes
 //! them in the queue's hint record before the interrupt goes out. The guest may
@@ -20,12 +20,18 @@ use kvm_ioctls::VmFd;
 use para_abi::discovery::{LEAF_HINTS, area_registers, features};
 use para_abi::hints::{ApicSet, CAPACITY, Hints, PAGE_BYTES, key};
 use para_abi::layout::area;
-use serde::Serialize;
 use tracing::{info, warn};
 
-use crate::cpuid::Offer;
-use crate::memory::{SharedMapping, slot};
-use crate::vcpu::VcpuShared;
+pub use report::{HintsReport, QueueReport};
+
+use crate::kvm::cpuid::Offer;
+use crate::kvm::memory::{SharedMapping, slot};
+use crate::mech::{Mechanism, UpcallClass, Upcaller};
+use crate::report::GuestReport;
+use crate::sync::lock;
+use crate::vcpu::handle::{VcpuShared, pin_current_thread};
+
+pub mod report;
 
 /// A queue's hint is republished at most this often: a thread the host bounces
 /// between CPUs must not make the guest rewrite its MSI-X table per packet.
@@ -152,7 +158,7 @@ pub struct GuestHints {
     offered: std::sync::atomic::AtomicBool,
     /// M3 upcalls, when the guest is offered them: each new hint is also
     /// announced by a `HintUpdate` upcall.
-    upcalls: std::sync::OnceLock<Arc<crate::pending::GuestUpcalls>>,
+    upcalls: std::sync::OnceLock<Upcaller>,
 }
 
 impl std::fmt::Debug for GuestHints {
@@ -183,7 +189,7 @@ impl GuestHints {
     }
 
     /// Announces every later hint with an M3 `HintUpdate` upcall too.
-    pub fn set_upcalls(&self, upcalls: Arc<crate::pending::GuestUpcalls>) {
+    pub fn set_upcaller(&self, upcalls: Upcaller) {
         let _ = self.upcalls.set(upcalls);
     }
 
@@ -209,7 +215,7 @@ impl GuestHints {
 
     /// The CPUID offer telling the guest where the page is.
     #[must_use]
-    pub fn offer() -> Offer {
+    pub fn cpuid_offer() -> Offer {
         Offer {
             feature: features::HINTS,
             leaf: LEAF_HINTS,
@@ -221,10 +227,7 @@ impl GuestHints {
     /// queue's I/O thread. `None` when the page is full.
     pub fn queue(self: &Arc<Self>, device: u8, queue: u16) -> Option<QueueHinter> {
         let k = key(device, queue);
-        let mut qs = self
-            .queues
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut qs = lock(&self.queues);
         let record = match qs
             .iter()
             .position(|q| q.device == device && q.queue == queue)
@@ -275,18 +278,11 @@ impl GuestHints {
 
     #[must_use]
     pub fn report(&self) -> HintsReport {
-        let qs = self
-            .queues
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let qs = lock(&self.queues);
         let queues: Vec<QueueReport> = qs
             .iter()
             .map(|q| {
-                let last = q
-                    .last
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .clone();
+                let last = lock(&q.last).clone();
                 QueueReport {
                     device: q.device,
                     queue: q.queue,
@@ -339,7 +335,7 @@ impl QueueHinter {
         }
         self.applied_io_cpu = want;
         if let Some(cpu) = want {
-            match crate::vcpu::pin_current_thread(cpu) {
+            match pin_current_thread(cpu) {
                 Ok(()) => {
                     self.guest.io.moves.fetch_add(1, Ordering::Relaxed);
                     info!(guest = %self.guest.name, cpu, "I/O thread pinned");
@@ -391,8 +387,7 @@ impl QueueHinter {
     /// interrupt from this queue.
     fn announce(&self, dest: Option<u32>) {
         if let Some(u) = self.guest.upcalls.get()
-            && u.post_to_guest(dest, crate::pending::UpcallClass::HintUpdate)
-                .is_some()
+            && u(dest, UpcallClass::HintUpdate).is_some()
         {
             self.stats.announced.fetch_add(1, Ordering::Relaxed);
         }
@@ -414,41 +409,8 @@ impl QueueHinter {
             generation = self.generation,
             "interrupt hint"
         );
-        *self
-            .stats
-            .last
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some((cpu, ids));
+        *lock(&self.stats.last) = Some((cpu, ids));
     }
-}
-
-#[derive(Debug, Default, Serialize)]
-pub struct QueueReport {
-    pub device: u8,
-    pub queue: u16,
-    pub hints_sent: u64,
-    pub hints_honoured: u64,
-    pub hints_deferred: u64,
-    /// Hints also announced by an M3 `HintUpdate` upcall.
-    pub hints_announced: u64,
-    /// Interrupts raised per destination vCPU (index = APIC id).
-    pub irqs_by_vcpu: Vec<u64>,
-    pub irqs_colocated: u64,
-    pub last_host_cpu: Option<i32>,
-    pub last_vcpus: Vec<u32>,
-}
-
-/// The `hints` key of a guest's stats.
-#[derive(Debug, Default, Serialize)]
-pub struct HintsReport {
-    /// The hints page was offered (`--hints on`); otherwise only the counters
-    /// of where interrupts went are kept.
-    pub offered: bool,
-    pub hints_sent: u64,
-    pub hints_honoured: u64,
-    pub io_cpu: Option<i32>,
-    pub io_moves: u64,
-    pub queues: Vec<QueueReport>,
 }
 
 /// After `after`, asks every guest's I/O thread to move to `cpu` (a run-time move
@@ -488,31 +450,20 @@ impl DeviceHints {
     }
 }
 
-/// The guest's line in the shim's summary table.
-#[must_use]
-pub fn summary(r: &HintsReport) -> String {
-    use std::fmt::Write;
-    let mut s = format!(
-        "hints{}: sent {} honoured {} | I/O thread cpu {} moves {}",
-        if r.offered { "" } else { " (not offered)" },
-        r.hints_sent,
-        r.hints_honoured,
-        r.io_cpu.map_or_else(|| "-".into(), |c| c.to_string()),
-        r.io_moves
-    );
-    for q in &r.queues {
-        let _ = write!(
-            s,
-            " | dev {} q {}: irqs by vcpu {:?}, co-located {}, last hint cpu {} -> vcpus {:?}",
-            q.device,
-            q.queue,
-            q.irqs_by_vcpu,
-            q.irqs_colocated,
-            q.last_host_cpu.unwrap_or(-1),
-            q.last_vcpus
-        );
+impl Mechanism for GuestHints {
+    fn name(&self) -> &'static str {
+        "hints"
     }
-    s
+
+    /// Offered only once the page is mapped (`--hints on`); without it the
+    /// I/O threads are still placed and their interrupts counted.
+    fn offer(&self) -> Option<Offer> {
+        self.offered.load(Ordering::Acquire).then(Self::cpuid_offer)
+    }
+
+    fn report(&self, r: &mut GuestReport) {
+        r.hints = Some(GuestHints::report(self));
+    }
 }
 
 #[cfg(test)]
@@ -579,7 +530,7 @@ mod tests {
             );
             assert_eq!(r.queues[0].irqs_by_vcpu, vec![2, 1]);
             assert_eq!(r.queues[0].irqs_colocated, 1);
-            assert!(summary(&r).contains("sent 1 honoured 1"), "{}", summary(&r));
+            assert!(r.summary().contains("sent 1 honoured 1"), "{}", r.summary());
         }
     }
 

@@ -8,7 +8,7 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 
 use para_abi::layout::area;
 use para_abi::vmq::{
@@ -18,6 +18,7 @@ use para_abi::vmq::{
 use tracing::warn;
 
 use super::pages::{Backings, Mapping, RemapError};
+use crate::sync::lock;
 
 const PAGE: u64 = vmq::PAGE;
 const WINDOW_PAGES: usize = (vmq::WINDOW_SIZE / PAGE) as usize;
@@ -292,7 +293,7 @@ impl Manager {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+        lock(&self.inner)
     }
 
     /// Adds a guest; its id is its position. Rewrites every guest's directory.

@@ -1,6 +1,5 @@
 //! `--vcpu-quantum`: time slices for vCPU threads when more vCPUs than host CPUs
-//! run (issue 7 item 4; DESIGN §3 M3: "the same window state can inform
-//! scheduling").
+//! run; M3's window state informs the scheduling.
 //!
 //! Every quantum a ticker asks each running vCPU to give up its host CPU and
 //! kicks it. The vCPU's thread honours the request at its next exit (the kick
@@ -19,7 +18,8 @@ use std::time::Duration;
 use kvm_ioctls::VcpuFd;
 use tracing::warn;
 
-use crate::vcpu::{GuestCtx, VcpuShared};
+use crate::mech::{ExitCtx, Mechanism};
+use crate::vcpu::handle::VcpuShared;
 
 /// The shortest and longest quantum `--vcpu-quantum` accepts, in ms.
 pub const MIN_MS: u64 = 1;
@@ -73,11 +73,11 @@ fn window_open(fd: &mut VcpuFd, takes_upcalls: bool) -> bool {
 /// open, else defers (counted once per request). Returns whether the
 /// interrupt-window request must be armed for the deferred yield. Runs at every
 /// exit, so without a pending request it is one load.
-pub fn at_exit(fd: &mut VcpuFd, me: &VcpuShared, guest: &GuestCtx) -> bool {
+fn at_exit(fd: &mut VcpuFd, me: &VcpuShared, takes_upcalls: impl FnOnce() -> bool) -> bool {
     if !me.yield_requested.load(Ordering::Acquire) {
         return false;
     }
-    let takes_upcalls = guest.upcalls.get().is_some_and(|u| u.takes(me.index));
+    let takes_upcalls = takes_upcalls();
     if window_open(fd, takes_upcalls) {
         me.yield_requested.store(false, Ordering::Release);
         me.yield_waiting.store(false, Ordering::Relaxed);
@@ -92,4 +92,21 @@ pub fn at_exit(fd: &mut VcpuFd, me: &VcpuShared, guest: &GuestCtx) -> bool {
     // Without upcalls the LAPIC may refuse ExtINT, so KVM would never report the
     // window open: wait for an exit with IF = 1 instead of arming the request.
     takes_upcalls
+}
+
+/// The quantum as a guest's mechanism: the yield at an exit. Nothing is
+/// offered to the guest; the [`Ticker`] asks for the yields.
+pub struct Quantum;
+
+impl Mechanism for Quantum {
+    fn name(&self) -> &'static str {
+        "quantum"
+    }
+
+    fn after_exit(&self, cx: &mut ExitCtx<'_>) -> bool {
+        let (vcpu, mechs) = (cx.vcpu, cx.mechs);
+        at_exit(cx.fd, vcpu, || {
+            mechs.iter().any(|m| m.takes_upcalls(vcpu.index))
+        })
+    }
 }

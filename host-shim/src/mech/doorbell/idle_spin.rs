@@ -323,7 +323,7 @@ mod tests {
         let stop = Arc::new(AtomicBool::new(false));
         let (mm, st) = (m.clone(), stop.clone());
         let spinner = std::thread::spawn(move || {
-            crate::vcpu::pin_current_thread(0).unwrap();
+            crate::vcpu::handle::pin_current_thread(0).unwrap();
             let mut p = Priority::new(SpinClass::Idle, mm, ws);
             p.spinning();
             while !st.load(Ordering::Relaxed) {
@@ -337,7 +337,7 @@ mod tests {
         }
         let st = stop.clone();
         let hog = std::thread::spawn(move || {
-            crate::vcpu::pin_current_thread(0).unwrap();
+            crate::vcpu::handle::pin_current_thread(0).unwrap();
             let t = std::time::Instant::now();
             while !st.load(Ordering::Relaxed) && t.elapsed() < Duration::from_secs(5) {
                 core::hint::spin_loop();

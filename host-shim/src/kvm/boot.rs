@@ -16,7 +16,7 @@ use linux_loader::loader::elf::{Elf, PvhBootCapability};
 use para_abi::layout::{AP_TRAMPOLINE, KERNEL_LOAD, LOW_MEMORY_END};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
-use crate::memory::GuestMem;
+use crate::kvm::memory::GuestMem;
 
 /// `hvm_start_info` lives here (below 1 MiB, away from the AP trampoline page).
 pub const START_INFO: u64 = 0x6000;
@@ -223,7 +223,7 @@ mod tests {
 
     #[test]
     fn start_info_round_trips() {
-        let mem = crate::memory::create("t", 8 << 20).unwrap();
+        let mem = crate::kvm::memory::create("t", 8 << 20).unwrap();
         write_start_info(&mem, "hello world", 0xE_0000).unwrap();
         let info: hvm_start_info = mem.read_obj(GuestAddress(START_INFO)).unwrap();
         assert_eq!(info.magic, HVM_START_MAGIC);
@@ -239,7 +239,7 @@ mod tests {
 
     #[test]
     fn overlong_cmdline_is_refused() {
-        let mem = crate::memory::create("t", 8 << 20).unwrap();
+        let mem = crate::kvm::memory::create("t", 8 << 20).unwrap();
         let long = "x".repeat(CMDLINE_MAX);
         assert!(matches!(
             write_start_info(&mem, &long, 0),
@@ -255,7 +255,7 @@ mod tests {
             b"not an elf at all, just bytes......................................",
         )
         .unwrap();
-        let mem = crate::memory::create("t", 8 << 20).unwrap();
+        let mem = crate::kvm::memory::create("t", 8 << 20).unwrap();
         assert!(matches!(load_kernel(&mem, &dir), Err(BootError::Load(_))));
         let _ = std::fs::remove_file(&dir);
         assert!(matches!(

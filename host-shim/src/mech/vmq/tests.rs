@@ -12,7 +12,7 @@ use vm_memory::{Bytes, GuestAddress};
 
 use super::manager::{Drained, Manager, VmqCounters};
 use super::{Area, endpoint_memory};
-use crate::memory::{self, GuestMem};
+use crate::kvm::memory::{self, GuestMem};
 
 const RAM: u64 = 8 << 20;
 

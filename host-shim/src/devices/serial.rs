@@ -5,6 +5,7 @@ use std::io::Write;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
+use crate::sync::lock;
 use vm_superio::{Serial, Trigger};
 
 /// The UART has eight registers (16550 data sheet, "Register summary").
@@ -62,10 +63,7 @@ impl LineWriter {
                 let mut out = std::io::stdout().lock();
                 let _ = writeln!(out, "{}| {}", self.name, text);
             }
-            Sink::Buffer(b) => b
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .push(text),
+            Sink::Buffer(b) => lock(b).push(text),
         }
     }
 

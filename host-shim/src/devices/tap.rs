@@ -23,9 +23,10 @@ use tracing::{info, warn};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::counters::LOG_LIMIT;
 use crate::devices::net::MAX_FRAME;
-use crate::stats::TapReport;
-use crate::switch::{MIN_FRAME, Port, Switch};
+use crate::devices::switch::{MIN_FRAME, Port, Switch};
+use crate::report::TapReport;
 
 /// `IFNAMSIZ` (Linux `include/uapi/linux/if.h`): interface names are at most 15 bytes.
 const IFNAMSIZ: usize = 16;
@@ -245,9 +246,6 @@ struct Forwarder {
 const T_TAP: u64 = 0;
 const T_PORT: u64 = 1;
 const T_STOP: u64 = 2;
-/// How many drops of one kind are logged before going quiet (the count goes on).
-const LOG_LIMIT: u64 = 8;
-
 impl Forwarder {
     fn run(mut self) {
         let epoll = match Epoll::new() {

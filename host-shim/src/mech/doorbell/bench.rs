@@ -13,7 +13,7 @@
 
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use kvm_bindings::{Msrs, kvm_msr_entry};
@@ -28,7 +28,8 @@ use tracing::{info, warn};
 use vm_memory::{GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::memory::GuestMem;
+use crate::kvm::memory::GuestMem;
+use crate::sync::lock;
 
 /// IA32_TIME_STAMP_COUNTER (SDM vol 4, table 2-2).
 const MSR_IA32_TSC: u32 = 0x10;
@@ -194,7 +195,7 @@ impl NotifyBench {
         let latency = now.wrapping_sub(sent_host).cast_signed();
         self.observed[p].fetch_add(1, Ordering::Relaxed);
         if p as u64 != path::WARMUP {
-            let mut s = self.samples.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut s = lock(&self.samples);
             if s[p].len() < MAX_SAMPLES {
                 s[p].push(latency);
             }
@@ -220,7 +221,7 @@ impl NotifyBench {
             return r;
         }
         let ns = |cycles: f64| cycles * 1e6 / r.tsc_khz as f64;
-        let s = self.samples.lock().unwrap_or_else(PoisonError::into_inner);
+        let s = lock(&self.samples);
         for p in path::ALL {
             let count = mb.word(count_word(p)).load(Ordering::Relaxed);
             let cycles = mb.word(cycles_word(p)).load(Ordering::Relaxed);
@@ -266,17 +267,4 @@ fn ioevent_loop(fd: &EventFd, bench: &std::sync::Weak<NotifyBench>) {
             std::thread::sleep(Duration::from_millis(1));
         }
     }
-}
-
-/// Starts the benchmark observer for guest `g` (after its doorbells are wired).
-pub fn attach(g: &crate::vm::Guest) -> std::io::Result<()> {
-    let Some(d) = &g.doorbells else {
-        return Err(std::io::Error::other("--notify-bench needs --doorbells on"));
-    };
-    if g.para.is_none() {
-        return Err(std::io::Error::other("--notify-bench needs --doorbells on"));
-    }
-    let b = NotifyBench::start(&g.name, g.mem.clone(), &g.vm)?;
-    let _ = d.bench.set(b);
-    Ok(())
 }

@@ -1,8 +1,8 @@
-//! M3, the pending event module: the shim's own events to a guest ("upcalls")
-//! are injected as an external interrupt exactly when the vCPU can take one
-//! (DESIGN §3 M3).
+//! M3's delivery, the pending event module: the shim's own events to a guest
+//! ("upcalls") are injected as an external interrupt exactly when the vCPU can
+//! take one.
 //!
-//! Per vCPU and per [`Class`], a pending indicator: the number of upcalls
+//! Per vCPU and per [`UpcallClass`], a pending indicator: the number of upcalls
 //! requested and the number published so far. On the vCPU's own thread, before
 //! every `KVM_RUN` ([`GuestUpcalls::service`]):
 //!
@@ -25,81 +25,37 @@
 //! [`para_abi::upcall`]); the shim only ever raises `posted`, and reads
 //! `acked` back (never trusting it) for the report.
 
-use std::collections::BTreeMap;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use kvm_bindings::{KVM_EXIT_IRQ_WINDOW_OPEN, kvm_userspace_memory_region};
 use kvm_ioctls::{VcpuFd, VmFd};
 use para_abi::discovery::{self, features};
-use para_abi::hypercall::{Call, Status};
 use para_abi::layout::area;
-use para_abi::upcall::{self, CLASSES, PING_MAX, STORM_MAX, VECTOR};
-use serde::Serialize;
+use para_abi::upcall::{self, CLASSES, Class as UpcallClass, VECTOR};
 use tracing::{debug, warn};
 
-pub use para_abi::upcall::Class as UpcallClass;
+use super::report::{Delivery, LatencyReport, UpcallReport};
+use crate::counters::Tally;
+use crate::kvm::cpuid::Offer;
+use crate::kvm::memory::slot;
+use crate::reasons;
+use crate::sync::lock;
+use crate::vcpu::handle::{VcpuShared, inject};
 
-use crate::cpuid::Offer;
-use crate::memory::slot;
-
-/// Why the module refused something the guest asked or wrote (`upcalls.rejected`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Rejected {
-    /// A ping or storm count of 0 or beyond the limits of [`para_abi::upcall`].
-    BadCount,
-    /// A storm interval beyond one second.
-    BadInterval,
-    /// A vCPU index past the mailbox area.
-    NoMailbox,
-    /// The guest acknowledged more than was posted.
-    AckAhead,
-}
-
-impl Rejected {
-    const ALL: [Self; 4] = [
-        Self::BadCount,
-        Self::BadInterval,
-        Self::NoMailbox,
-        Self::AckAhead,
-    ];
-    const fn name(self) -> &'static str {
-        match self {
-            Self::BadCount => "bad_count",
-            Self::BadInterval => "bad_interval",
-            Self::NoMailbox => "no_mailbox",
-            Self::AckAhead => "ack_ahead",
-        }
-    }
-}
-
-/// How a pending upcall waits for a closed window.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Delivery {
-    /// Arm `request_interrupt_window` and inject at `KVM_EXIT_IRQ_WINDOW_OPEN`.
-    #[default]
-    Window,
-    /// The naive comparison: no window request; a poller thread kicks a vCPU
-    /// with a waiting upcall every [`POLL_INTERVAL`] (signal + `immediate_exit`),
-    /// and IF is looked at again at each of those exits (or any other), until
-    /// it is found set.
-    Poll,
-    /// No upcalls offered (the CLI's `--upcalls off`).
-    Off,
-}
-
-impl std::str::FromStr for Delivery {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "window" => Ok(Self::Window),
-            "poll" => Ok(Self::Poll),
-            "off" => Ok(Self::Off),
-            _ => Err(format!("unknown upcall delivery {s:?} (window|poll|off)")),
-        }
+reasons! {
+    /// Why the module refused something the guest asked or wrote (`upcalls.rejected`).
+    pub Rejected {
+        /// A ping or storm count of 0 or beyond the limits of [`para_abi::upcall`].
+        BadCount => "bad_count",
+        /// A storm interval beyond one second.
+        BadInterval => "bad_interval",
+        /// A vCPU index past the mailbox area.
+        NoMailbox => "no_mailbox",
+        /// The guest acknowledged more than was posted.
+        AckAhead => "ack_ahead",
     }
 }
 
@@ -130,13 +86,13 @@ impl Latency {
 
 /// One vCPU's pending indicators.
 #[derive(Debug, Default)]
-struct VcpuState {
+pub(super) struct VcpuState {
     /// Upcalls requested per class (only raised, by any thread).
     requested: [AtomicU64; CLASSES],
     /// Upcalls published in the mailbox per class (the vCPU thread only).
     published: [AtomicU64; CLASSES],
     /// Something is requested and not yet published.
-    pending: AtomicBool,
+    pub(super) pending: AtomicBool,
     /// The window request is armed on behalf of upcalls.
     armed: AtomicBool,
     /// ns since the module's epoch of the oldest unpublished post (0 = none).
@@ -149,7 +105,7 @@ struct VcpuState {
     /// nobody may kick it any more.
     gone: AtomicBool,
     /// The polling path found the window closed since the last injection.
-    polled: AtomicBool,
+    pub(super) polled: AtomicBool,
     /// The guest said (`UpcallEnable`) that this vCPU's LINT0 takes `ExtINT`:
     /// guest-wide classes may go here ([`GuestUpcalls::post_to_guest`]).
     takes: AtomicBool,
@@ -167,61 +123,24 @@ struct Counters {
     inject_busy: AtomicU64,
     kicks_saved: AtomicU64,
     stop_deferrals: AtomicU64,
-    rejected: [AtomicU64; Rejected::ALL.len()],
+    rejected: Tally<Rejected>,
     latency_open: Latency,
     latency_deferred: Latency,
 }
 
-/// `upcalls` in the stats JSON.
-#[derive(Clone, Debug, Default, Serialize)]
-pub struct UpcallReport {
-    pub offered: bool,
-    pub delivery: Delivery,
-    /// Upcalls posted, per class name.
-    pub requested: BTreeMap<&'static str, u64>,
-    /// Upcalls the guest acknowledged (read back from its mailboxes), per class.
-    pub delivered: BTreeMap<&'static str, u64>,
-    /// Injections while the window was open at the post.
-    pub injected_immediately: u64,
-    /// Injections at an interrupt-window exit (or after, when another exit came first).
-    pub injected_after_window: u64,
-    /// Injections of the polling path after the window was found closed.
-    pub injected_after_poll: u64,
-    /// `KVM_EXIT_IRQ_WINDOW_OPEN` exits taken while upcalls waited.
-    pub irq_window_exits: u64,
-    /// Polling path: entries with `immediate_exit` because IF was clear.
-    pub poll_reentries: u64,
-    /// `KVM_INTERRUPT` refused because an interrupt was still queued (retried).
-    pub inject_busy: u64,
-    /// Posts that needed no kick: the vCPU already waited for its window.
-    pub kicks_saved: u64,
-    /// Times a vCPU stop waited for its interrupt window (scheduling use).
-    pub stop_deferrals: u64,
-    pub latency_open: LatencyReport,
-    pub latency_deferred: LatencyReport,
-    pub rejected: BTreeMap<&'static str, u64>,
-}
-
-#[derive(Clone, Debug, Default, Serialize)]
-pub struct LatencyReport {
-    pub count: u64,
-    pub mean_ns: u64,
-    pub max_ns: u64,
-}
-
 /// A guest's upcall mailboxes and pending indicators.
 pub struct GuestUpcalls {
-    name: String,
+    pub(super) name: String,
     /// The mailbox page, mapped shared and never unmapped (KVM keeps a memslot on it
     /// for as long as the VM lives, which may outlast this value).
     page: NonNull<AtomicU32>,
-    vcpus: Vec<VcpuState>,
-    delivery: Delivery,
+    pub(super) vcpus: Vec<VcpuState>,
+    pub(super) delivery: Delivery,
     epoch: Instant,
     counters: Counters,
     closed: Mutex<bool>,
-    /// The guest's vCPUs, for the poller and the stop watchdog ([`Self::start`]).
-    handles: std::sync::OnceLock<Vec<Arc<crate::vcpu::VcpuShared>>>,
+    /// The guest's vCPUs, for the poller and the stop watchdog ([`Self::set_vcpus`]).
+    handles: OnceLock<Vec<Arc<VcpuShared>>>,
 }
 
 // SAFETY: `page` is a process-lifetime shared mapping accessed only through atomics.
@@ -245,18 +164,15 @@ pub const POLL_INTERVAL: Duration = Duration::from_micros(20);
 
 /// How long a stop waits at most for a vCPU's interrupt window.
 const STOP_DEFER_LIMIT: Duration = Duration::from_millis(20);
-/// Storms post at most this often (µs between posts may be 0 = back to back).
-const STORM_INTERVAL_MAX_US: u32 = 1_000_000;
 
 impl GuestUpcalls {
-    /// Maps the mailbox page at [`area::UPCALLS`] as memslot [`slot::UPCALLS`] of `vm`
-    /// and returns the module with the CPUID offer that advertises it.
+    /// Maps the mailbox page at [`area::UPCALLS`] as memslot [`slot::UPCALLS`] of `vm`.
     pub fn new(
         name: &str,
         vm: &VmFd,
         vcpus: usize,
         delivery: Delivery,
-    ) -> Result<(Arc<Self>, Offer), UpcallError> {
+    ) -> Result<Arc<Self>, UpcallError> {
         if vcpus as u64 > upcall::MAX_VCPUS {
             return Err(UpcallError::TooManyVcpus(vcpus));
         }
@@ -288,15 +204,6 @@ impl GuestUpcalls {
         };
         // SAFETY: the range is a mapping this module owns and never unmaps.
         unsafe { vm.set_user_memory_region(desc) }.map_err(UpcallError::Slot)?;
-        let offer = Offer {
-            feature: features::UPCALLS,
-            leaf: discovery::LEAF_UPCALLS,
-            regs: discovery::area_registers(
-                area::UPCALLS,
-                area::UPCALLS_SIZE as u32,
-                upcall::VERSION,
-            ),
-        };
         let me = Self {
             name: name.to_owned(),
             page,
@@ -305,9 +212,56 @@ impl GuestUpcalls {
             epoch: Instant::now(),
             counters: Counters::default(),
             closed: Mutex::new(false),
-            handles: std::sync::OnceLock::new(),
+            handles: OnceLock::new(),
         };
-        Ok((Arc::new(me), offer))
+        Ok(Arc::new(me))
+    }
+
+    /// The CPUID offer that advertises the mailboxes.
+    #[must_use]
+    pub fn cpuid_offer() -> Offer {
+        Offer {
+            feature: features::UPCALLS,
+            leaf: discovery::LEAF_UPCALLS,
+            regs: discovery::area_registers(
+                area::UPCALLS,
+                area::UPCALLS_SIZE as u32,
+                upcall::VERSION,
+            ),
+        }
+    }
+
+    /// How the guest's upcalls wait for a closed window.
+    #[must_use]
+    pub fn delivery(&self) -> Delivery {
+        self.delivery
+    }
+
+    /// The number of vCPUs with a mailbox.
+    #[must_use]
+    pub fn vcpu_count(&self) -> usize {
+        self.vcpus.len()
+    }
+
+    /// The guest-ending lock: `true` once [`Self::close`] ran. Held across a
+    /// kick, it keeps the kicked vCPU thread alive (a vCPU marks itself gone
+    /// under it before its thread ends).
+    pub(super) fn closed(&self) -> MutexGuard<'_, bool> {
+        lock(&self.closed)
+    }
+
+    /// At the guest's start: its vCPUs (by index) for kicks.
+    pub fn set_vcpus(&self, vcpus: Vec<Arc<VcpuShared>>) {
+        let _ = self.handles.set(vcpus);
+    }
+
+    /// The guest says (`UpcallEnable`) that vCPU `vcpu`'s LINT0 takes `ExtINT`:
+    /// guest-wide classes may go there.
+    pub fn enable(&self, vcpu: u32) {
+        if let Some(s) = self.vcpus.get(vcpu as usize) {
+            s.takes.store(true, Ordering::Release);
+            debug!(guest = %self.name, vcpu, "upcalls enabled");
+        }
     }
 
     fn word(&self, offset: u64) -> &AtomicU32 {
@@ -324,11 +278,10 @@ impl GuestUpcalls {
             .max(1)
     }
 
-    fn reject(&self, r: Rejected, what: std::fmt::Arguments<'_>) {
-        let n = self.counters.rejected[r as usize].fetch_add(1, Ordering::Relaxed);
-        if n < 8 {
-            warn!(guest = %self.name, reason = r.name(), "upcalls: rejected {what}");
-        }
+    pub(super) fn reject(&self, r: Rejected, what: std::fmt::Arguments<'_>) {
+        self.counters
+            .rejected
+            .reject(r, &self.name, "upcalls", what);
     }
 
     /// Posts `n` upcalls of `class` to vCPU `vcpu` and kicks it; false (and
@@ -360,17 +313,15 @@ impl GuestUpcalls {
 
     /// The pending-event check before a `KVM_RUN` of vCPU `vcpu` (see the module
     /// comment). Returns whether the window request must stay armed for upcalls.
-    /// `other_queued`: the shim's plain interrupt queue injected or still holds
-    /// an interrupt, which then goes first.
-    pub fn service(&self, fd: &mut VcpuFd, vcpu: u32, other_queued: bool) -> bool {
+    pub fn service(&self, fd: &mut VcpuFd, vcpu: u32) -> bool {
         let Some(s) = self.vcpus.get(vcpu as usize) else {
             return false;
         };
         let stop_wait = s.stop_wait.swap(false, Ordering::Relaxed);
-        self.service_vcpu(fd, vcpu, s, other_queued) || stop_wait
+        self.service_vcpu(fd, vcpu, s) || stop_wait
     }
 
-    fn service_vcpu(&self, fd: &mut VcpuFd, vcpu: u32, s: &VcpuState, other_queued: bool) -> bool {
+    fn service_vcpu(&self, fd: &mut VcpuFd, vcpu: u32, s: &VcpuState) -> bool {
         let run = fd.get_kvm_run();
         let window_exit = run.exit_reason == KVM_EXIT_IRQ_WINDOW_OPEN;
         // A KVM_RUN refused at once for `immediate_exit` leaves exit_reason as it
@@ -390,7 +341,7 @@ impl GuestUpcalls {
             }
         }
         let open = run.ready_for_interrupt_injection != 0 && run.if_flag != 0;
-        if !open || other_queued {
+        if !open {
             return self.wait(s);
         }
         // Publish before injecting, so that the handler the vector runs finds them.
@@ -413,7 +364,7 @@ impl GuestUpcalls {
             s.armed.store(false, Ordering::SeqCst);
             return s.pending.load(Ordering::SeqCst) && self.wait(s);
         }
-        match crate::vcpu::inject(fd, VECTOR) {
+        match inject(fd, VECTOR) {
             Ok(()) => {
                 // 0: the post that started the wait raced with an earlier publication.
                 let waited = (since != 0).then(|| self.now_ns().saturating_sub(since));
@@ -501,61 +452,6 @@ impl GuestUpcalls {
         true
     }
 
-    /// A hypercall of this module from vCPU `vcpu`.
-    pub fn hypercall(
-        self: &Arc<Self>,
-        call: Call,
-        arg: u64,
-        vcpu: u32,
-        kick: Arc<crate::vcpu::VcpuShared>,
-    ) -> Status {
-        if vcpu as usize >= self.vcpus.len() {
-            self.reject(Rejected::NoMailbox, format_args!("vCPU {vcpu}"));
-            return Status::BadArgument;
-        }
-        match call {
-            Call::UpcallPing => {
-                if arg == 0 || arg > PING_MAX {
-                    self.reject(Rejected::BadCount, format_args!("ping count {arg}"));
-                    return Status::BadArgument;
-                }
-                self.post(vcpu, UpcallClass::Ping, arg, || kick.kick());
-                Status::Ok
-            }
-            Call::UpcallStorm => {
-                let (count, interval_us) = upcall::storm_from_arg(arg);
-                if count == 0 || u64::from(count) > STORM_MAX {
-                    self.reject(Rejected::BadCount, format_args!("storm count {count}"));
-                    return Status::BadArgument;
-                }
-                if interval_us > STORM_INTERVAL_MAX_US {
-                    self.reject(
-                        Rejected::BadInterval,
-                        format_args!("storm interval {interval_us} µs"),
-                    );
-                    return Status::BadArgument;
-                }
-                let me = self.clone();
-                let spawned = std::thread::Builder::new()
-                    .name(format!("{}-storm", self.name))
-                    .spawn(move || me.storm(vcpu, count, interval_us, &kick));
-                if let Err(e) = spawned {
-                    warn!(guest = %self.name, "upcall storm thread: {e}");
-                    return Status::BadArgument;
-                }
-                Status::Ok
-            }
-            Call::UpcallEnable => {
-                self.vcpus[vcpu as usize]
-                    .takes
-                    .store(true, Ordering::Release);
-                debug!(guest = %self.name, vcpu, "upcalls enabled");
-                Status::Ok
-            }
-            _ => Status::UnknownCall,
-        }
-    }
-
     /// True when vCPU `vcpu` has enabled upcalls and still runs.
     #[must_use]
     pub fn takes(&self, vcpu: u32) -> bool {
@@ -574,7 +470,7 @@ impl GuestUpcalls {
             return None;
         }
         // Held across the kick, as in `storm`: no kick reaches a joined vCPU thread.
-        let closed = self.closed.lock().unwrap_or_else(PoisonError::into_inner);
+        let closed = self.closed();
         if *closed {
             return None;
         }
@@ -586,58 +482,6 @@ impl GuestUpcalls {
         self.post(vcpu, class, 1, || h.kick()).then_some(vcpu)
     }
 
-    fn storm(&self, vcpu: u32, count: u32, interval_us: u32, kick: &crate::vcpu::VcpuShared) {
-        let start = Instant::now();
-        let step = Duration::from_micros(u64::from(interval_us));
-        for i in 0..count {
-            let due = start + step * i;
-            let now = Instant::now();
-            if due > now {
-                std::thread::sleep(due - now);
-            }
-            // Held across the kick: once `close` returns, no storm kicks a vCPU
-            // thread that may have been joined.
-            let closed = self.closed.lock().unwrap_or_else(PoisonError::into_inner);
-            if *closed {
-                return;
-            }
-            self.post(vcpu, UpcallClass::Ping, 1, || kick.kick());
-        }
-    }
-
-    /// At the guest's start: keeps its vCPUs (by index) for kicks and, on the
-    /// polling path, starts the thread that kicks vCPUs whose upcalls wait for IF.
-    pub fn start(
-        self: &Arc<Self>,
-        vcpus: Vec<Arc<crate::vcpu::VcpuShared>>,
-    ) -> std::io::Result<()> {
-        let _ = self.handles.set(vcpus.clone());
-        if self.delivery != Delivery::Poll {
-            return Ok(());
-        }
-        let me = self.clone();
-        std::thread::Builder::new()
-            .name(format!("{}-upcall-poll", self.name))
-            .spawn(move || {
-                loop {
-                    {
-                        let closed = me.closed.lock().unwrap_or_else(PoisonError::into_inner);
-                        if *closed {
-                            return;
-                        }
-                        for (s, v) in me.vcpus.iter().zip(&vcpus) {
-                            if s.polled.load(Ordering::Relaxed) && s.pending.load(Ordering::Acquire)
-                            {
-                                v.kick();
-                            }
-                        }
-                    }
-                    std::thread::sleep(POLL_INTERVAL);
-                }
-            })
-            .map(|_| ())
-    }
-
     /// The guest is ending: storms stop posting and kicking (call before the
     /// vCPU threads are joined).
     /// Also bounds the stop deferral: a vCPU that waits for its window inside
@@ -645,7 +489,7 @@ impl GuestUpcalls {
     /// watchdog kicks it once [`STOP_DEFER_LIMIT`] has passed.
     pub fn close(self: &Arc<Self>) {
         {
-            let mut closed = self.closed.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut closed = self.closed();
             if *closed {
                 return;
             }
@@ -664,7 +508,7 @@ impl GuestUpcalls {
                 };
                 // Held across the kicks: a vCPU marks itself gone under this lock
                 // before its thread ends, so every vCPU kicked here is alive.
-                let _closed = me.closed.lock().unwrap_or_else(PoisonError::into_inner);
+                let _closed = me.closed();
                 for (s, v) in me.vcpus.iter().zip(handles) {
                     if !s.gone.load(Ordering::Relaxed)
                         && s.stop_deferred_since_ns.load(Ordering::Relaxed) != 0
@@ -680,7 +524,7 @@ impl GuestUpcalls {
 
     /// vCPU `vcpu`'s thread leaves its run loop: no more kicks for it.
     pub fn vcpu_gone(&self, vcpu: u32) {
-        let _closed = self.closed.lock().unwrap_or_else(PoisonError::into_inner);
+        let _closed = self.closed();
         if let Some(s) = self.vcpus.get(vcpu as usize) {
             s.gone.store(true, Ordering::Relaxed);
         }
@@ -737,70 +581,7 @@ impl GuestUpcalls {
             stop_deferrals: c.stop_deferrals.load(Ordering::Relaxed),
             latency_open: c.latency_open.report(),
             latency_deferred: c.latency_deferred.report(),
-            rejected: Rejected::ALL
-                .iter()
-                .map(|r| (r.name(), c.rejected[*r as usize].load(Ordering::Relaxed)))
-                .collect(),
+            rejected: c.rejected.all(),
         }
-    }
-
-    /// One line for the shim's summary.
-    #[must_use]
-    pub fn summary_line(r: &UpcallReport) -> String {
-        let sum = |m: &BTreeMap<&str, u64>| m.values().sum::<u64>();
-        // The classes in use, as class requested/delivered.
-        let classes: Vec<String> = r
-            .requested
-            .iter()
-            .filter(|(c, n)| **n != 0 || r.delivered.get(*c).copied().unwrap_or(0) != 0)
-            .map(|(c, n)| format!("{c} {n}/{}", r.delivered.get(c).copied().unwrap_or(0)))
-            .collect();
-        format!(
-            "  upcalls ({:?}): requested {} delivered {} ({}) | injected now {} after window {} \
-             after poll {} | irq-window exits {} poll re-entries {} kicks saved {} | stop deferrals {} | \
-             latency open {} ns deferred {} ns (mean)",
-            r.delivery,
-            sum(&r.requested),
-            sum(&r.delivered),
-            if classes.is_empty() {
-                "none".to_owned()
-            } else {
-                classes.join(", ")
-            },
-            r.injected_immediately,
-            r.injected_after_window,
-            r.injected_after_poll,
-            r.irq_window_exits,
-            r.poll_reentries,
-            r.kicks_saved,
-            r.stop_deferrals,
-            r.latency_open.mean_ns,
-            r.latency_deferred.mean_ns
-        )
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn summary_names_the_classes_in_use() {
-        let mut r = UpcallReport::default();
-        for c in UpcallClass::ALL {
-            r.requested.insert(c.name(), 0);
-            r.delivered.insert(c.name(), 0);
-        }
-        assert!(GuestUpcalls::summary_line(&r).contains("(none)"));
-        r.requested.insert("redesignation", 2);
-        r.delivered.insert("redesignation", 1);
-        r.requested.insert("hint_update", 3);
-        r.delivered.insert("hint_update", 3);
-        let line = GuestUpcalls::summary_line(&r);
-        assert!(
-            line.contains("requested 5 delivered 4 (hint_update 3/3, redesignation 2/1)"),
-            "{line}"
-        );
-        assert!(!line.contains("ping"), "{line}");
     }
 }

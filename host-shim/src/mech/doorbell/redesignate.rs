@@ -12,11 +12,11 @@
 //! LINT0/ExtINT set-up in the guest; the guest re-reads the table and moves to the new
 //! range. When the guest takes M3 upcalls, the notification is an
 //! `UpcallClass::Redesignation` upcall instead (delivered at an open interrupt
-//! window, exactly once, `crate::pending`); the MSI remains the fallback for a
+//! window, exactly once, M3); the MSI remains the fallback for a
 //! guest without them. Both rings stay served by their monitors, so an event written into
 //! the old ring before the guest noticed is still consumed: none is lost.
 
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 
 use kvm_bindings::kvm_msi;
 use kvm_ioctls::VmFd;
@@ -25,8 +25,8 @@ use para_abi::doorbell::{Designation, SourceType};
 use para_abi::hypercall::Status;
 use tracing::{info, warn};
 
-use super::ParaRegion;
-use super::manager::Request;
+use super::manager::{ParaRegion, Request};
+use crate::sync::lock;
 
 /// The source id of the spare (not yet used) and retired designations.
 pub const SPARE_SOURCE: u32 = 0xFFFF_FFFE;
@@ -83,7 +83,7 @@ impl Redesignation {
     /// could), or else by the notify MSI on every vCPU. Returns the status for
     /// the guest.
     pub fn swap(&self, guest: &str, upcall: impl FnOnce() -> bool) -> Status {
-        let mut t = self.table.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut t = lock(&self.table);
         let active = t
             .iter()
             .position(|d| d.source == SourceType::GuestVcpu && d.source_id == ANY_SOURCE);
@@ -142,7 +142,7 @@ impl Redesignation {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::doorbell::manager::plan;
+    use crate::mech::doorbell::manager::plan;
     use para_abi::region::TABLE_CAPACITY;
 
     #[test]

@@ -1,9 +1,10 @@
 //! M5 VM queues, host half: each guest's VM-queue area (header, directory,
 //! inbox, outbox, receive window; `para_abi::vmq`) as its own memslot, the
-//! [`manager::Manager`] that moves messages, and the exit hook that delivers.
+//! [`manager::Manager`] that moves messages, and [`Vmq`], M5 as a guest's
+//! mechanism, whose exit hook delivers.
 //!
-//! Delivery points: every exit of the sender's vCPUs runs [`VmqHook`], which
-//! drains the outbox when it is non-empty. The immediate policy makes that exit
+//! Delivery points: every exit of the sender's vCPUs runs [`Vmq`]'s exit hook,
+//! which drains the outbox when it is non-empty. The immediate policy makes that exit
 //! itself (`VmqFlush` hypercall); the lazy policy waits for whatever exit comes.
 
 pub mod manager;
@@ -14,17 +15,19 @@ mod tests;
 use std::sync::Arc;
 
 use kvm_bindings::{kvm_msi, kvm_userspace_memory_region};
-use kvm_ioctls::{VcpuFd, VmFd};
+use kvm_ioctls::VmFd;
 use para_abi::discovery::{LEAF_VMQ, area_registers, features};
+use para_abi::hypercall::{Call, Status};
 use para_abi::layout::{LAPIC_BASE, area};
 use para_abi::vmq;
 use tracing::warn;
 use vm_memory::{FileOffset, GuestMemoryBackend, GuestMemoryRegion, MmapRegion};
 
-use crate::cpuid::Offer;
-use crate::memory::{self, GuestMem};
-use crate::vcpu::{ExitHook, GuestCtx, VcpuShared};
-use crate::vm::{Guest, VmError};
+use crate::kvm::cpuid::Offer;
+use crate::kvm::memory::{self, GuestMem};
+use crate::mech::doorbell::Target;
+use crate::mech::{CallCtx, ExitCtx, Mechanism, UpcallClass, Upcaller};
+use crate::report::GuestReport;
 use manager::{EndpointMemory, Manager, Notify, VmqCounters};
 use pages::Mapping;
 
@@ -38,8 +41,6 @@ pub enum AttachError {
     Slot(kvm_ioctls::Error),
     #[error(transparent)]
     Manager(#[from] manager::VmqError),
-    #[error(transparent)]
-    Offer(#[from] VmError),
     #[error("VM-queue doorbell worker: {0}")]
     Worker(std::io::Error),
 }
@@ -119,22 +120,20 @@ fn msi_notify(vm: Arc<VmFd>, vector: u8) -> Notify {
 }
 
 /// Notifies arrivals as an M3 `VmqArrival` upcall to vCPU 0 (the one the guest
-/// waits on), injected when its interrupt window opens (issue 7: VM-queue
-/// arrivals use this path by default). Falls back to the MSI while no vCPU
-/// has enabled upcalls (early boot) or when the guest is ending.
-fn upcall_notify(upcalls: Arc<crate::pending::GuestUpcalls>, fallback: Notify) -> Notify {
+/// waits on), injected when its interrupt window opens (VM-queue arrivals use
+/// this path by default). Falls back to the MSI while no vCPU has enabled
+/// upcalls (early boot) or when the guest is ending.
+fn upcall_notify(upcall: Upcaller, fallback: Notify) -> Notify {
     Box::new(move || {
-        if upcalls
-            .post_to_guest(Some(0), crate::pending::UpcallClass::VmqArrival)
-            .is_none()
-        {
+        if upcall(Some(0), UpcallClass::VmqArrival).is_none() {
             fallback();
         }
     })
 }
 
-/// Delivers a guest's outbox at each exit of its vCPUs and notices its end.
-pub struct VmqHook {
+/// M5 as a guest's mechanism: delivers the guest's outbox at each exit of its
+/// vCPUs and notices its end.
+pub struct Vmq {
     pub manager: Arc<Manager>,
     pub id: u32,
     /// The guest's area, to peek at the outbox counters without the lock.
@@ -142,88 +141,116 @@ pub struct VmqHook {
     pub counters: Arc<VmqCounters>,
 }
 
-impl ExitHook for VmqHook {
-    fn after_exit(&self, _fd: &VcpuFd, _vcpu: &VcpuShared, guest: &GuestCtx) {
-        if guest.stop.load(std::sync::atomic::Ordering::Acquire) {
-            self.manager.mark_exited(self.id);
-            return;
-        }
-        if Manager::outbox_pending(self.area_base) {
-            self.manager.drain(self.id);
-        }
+/// `VmqFlush`: the exit is the point, the hook drains before the guest resumes.
+const CALLS: &[Call] = &[Call::VmqFlush];
+
+impl Vmq {
+    /// Gives guest `name` (VM `vm`, RAM `ram`) a VM-queue area (memslot
+    /// `VMQ_FIRST` at `area::VMQ`) and joins it to `manager`. Arrivals are
+    /// announced through `upcall` when the guest has upcalls, else by MSI.
+    pub fn new(
+        name: &str,
+        vm: &Arc<VmFd>,
+        ram: &GuestMem,
+        manager: &Arc<Manager>,
+        upcall: Option<Upcaller>,
+    ) -> Result<Self, AttachError> {
+        let area = Area::new(name)?;
+        let desc = kvm_userspace_memory_region {
+            slot: memory::slot::VMQ_FIRST,
+            flags: 0,
+            guest_phys_addr: area::VMQ,
+            memory_size: vmq::AREA_SIZE,
+            userspace_addr: area.base() as u64,
+        };
+        // SAFETY: the area's mapping is owned by the manager's endpoint (moved there
+        // below) and lives as long as the manager, which the guest's mechanism keeps
+        // alive for as long as the VM runs.
+        unsafe { vm.set_user_memory_region(desc) }.map_err(AttachError::Slot)?;
+        let base = area.base();
+        let mem = endpoint_memory(ram, area)?;
+        let msi = msi_notify(vm.clone(), vmq::ARRIVAL_VECTOR);
+        let notify = match upcall {
+            Some(u) => upcall_notify(u, msi),
+            None => msi,
+        };
+        let (id, counters) = manager.add(name, mem, notify)?;
+        Ok(Self {
+            manager: manager.clone(),
+            id,
+            area_base: base,
+            counters,
+        })
     }
 }
 
-/// Gives guest `g` a VM-queue area (memslot `VMQ_FIRST` at `area::VMQ`), offers
-/// it (feature `VM_QUEUES`, leaf `LEAF_VMQ`) and joins it to `manager`.
-pub fn attach(g: &mut Guest, manager: &Arc<Manager>) -> Result<Arc<VmqCounters>, AttachError> {
-    let area = Area::new(&g.name)?;
-    let desc = kvm_userspace_memory_region {
-        slot: memory::slot::VMQ_FIRST,
-        flags: 0,
-        guest_phys_addr: area::VMQ,
-        memory_size: vmq::AREA_SIZE,
-        userspace_addr: area.base() as u64,
-    };
-    // SAFETY: the area's mapping is owned by the manager's endpoint (moved there
-    // below) and lives as long as the manager, which the guest's exit hook keeps
-    // alive for as long as the VM runs.
-    unsafe { g.vm.set_user_memory_region(desc) }.map_err(AttachError::Slot)?;
-    let base = area.base();
-    let mem = endpoint_memory(&g.mem, area)?;
-    let msi = msi_notify(g.vm.clone(), vmq::ARRIVAL_VECTOR);
-    let notify = match g.upcalls.clone() {
-        Some(u) => upcall_notify(u, msi),
-        None => msi,
-    };
-    let (id, counters) = manager.add(&g.name, mem, notify)?;
-    g.offer(Offer {
-        feature: features::VM_QUEUES,
-        leaf: LEAF_VMQ,
-        regs: area_registers(area::VMQ, vmq::AREA_SIZE as u32, vmq::VERSION),
-    })?;
-    g.add_exit_hook(Arc::new(VmqHook {
-        manager: manager.clone(),
-        id,
-        area_base: base,
-        counters: counters.clone(),
-    }));
-    Ok(counters)
+impl Mechanism for Vmq {
+    fn name(&self) -> &'static str {
+        "vmq"
+    }
+
+    fn offer(&self) -> Option<Offer> {
+        Some(Offer {
+            feature: features::VM_QUEUES,
+            leaf: LEAF_VMQ,
+            regs: area_registers(area::VMQ, vmq::AREA_SIZE as u32, vmq::VERSION),
+        })
+    }
+
+    fn calls(&self) -> &'static [Call] {
+        CALLS
+    }
+
+    fn hypercall(&self, _cx: &CallCtx<'_>, _call: Call, _arg: u64) -> u64 {
+        Status::Ok as u64
+    }
+
+    fn after_exit(&self, cx: &mut ExitCtx<'_>) -> bool {
+        if cx.stopping {
+            self.manager.mark_exited(self.id);
+        } else if Manager::outbox_pending(self.area_base) {
+            self.manager.drain(self.id);
+        }
+        false
+    }
+
+    fn report(&self, r: &mut GuestReport) {
+        r.vmq = Some(self.counters.report(self.id));
+    }
 }
 
-/// Every guest's VM-queue wiring for one shim run.
+/// Every guest's VM-queue wiring for one shim run: one manager, and the
+/// doorbell workers of the guests' outboxes.
 #[derive(Default)]
 pub struct Setup {
     pub manager: Arc<Manager>,
-    counters: Vec<Arc<VmqCounters>>,
     workers: Vec<DoorbellWorker>,
 }
 
 impl Setup {
-    /// Attaches guest `g`; with `doorbells`, also returns the doorbell target
-    /// for its outbox (the doorbell policy), for `GuestDoorbells`.
+    /// Joins guest `name` to the run's manager; with `doorbells`, also returns
+    /// the doorbell target for its outbox (the doorbell policy), for its
+    /// doorbells.
     pub fn attach(
         &mut self,
-        g: &mut Guest,
+        name: &str,
+        vm: &Arc<VmFd>,
+        ram: &GuestMem,
+        upcall: Option<Upcaller>,
         doorbells: bool,
-    ) -> Result<Vec<crate::doorbell::Target>, AttachError> {
-        self.counters.push(attach(g, &self.manager)?);
+    ) -> Result<(Arc<Vmq>, Vec<Target>), AttachError> {
+        let q = Arc::new(Vmq::new(name, vm, ram, &self.manager, upcall)?);
         if !doorbells {
-            return Ok(Vec::new());
+            return Ok((q, Vec::new()));
         }
-        let (target, worker) =
-            doorbell_target(&self.manager, self.counters.len() - 1).map_err(AttachError::Worker)?;
+        let (target, worker) = doorbell_target(&self.manager, q.id).map_err(AttachError::Worker)?;
         self.workers.push(worker);
-        Ok(vec![target])
+        Ok((q, vec![target]))
     }
 
-    /// Stops the doorbell workers and puts each guest's counters into its
-    /// report. Ids are positions: every guest has VM queues or none does.
-    pub fn finish(self, reports: &mut [crate::stats::GuestReport]) {
+    /// Stops the doorbell workers (once the guests have ended).
+    pub fn finish(self) {
         drop(self.workers);
-        for (i, (r, c)) in reports.iter_mut().zip(&self.counters).enumerate() {
-            r.vmq = Some(c.report(i as u32));
-        }
     }
 }
 
@@ -273,14 +300,13 @@ impl Drop for DoorbellWorker {
     }
 }
 
-/// The doorbell target for guest `index`'s VM-queue outbox and the worker behind it.
+/// The doorbell target for manager id `id`'s VM-queue outbox and the worker behind it.
 pub fn doorbell_target(
     manager: &Arc<Manager>,
-    index: usize,
-) -> std::io::Result<(crate::doorbell::Target, DoorbellWorker)> {
-    let id = u32::try_from(index).map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+    id: u32,
+) -> std::io::Result<(Target, DoorbellWorker)> {
     let worker = DoorbellWorker::start(manager.clone(), id)?;
-    let target = crate::doorbell::Target {
+    let target = Target {
         device: para_abi::doorbell::device::VMQ,
         queues: vec![worker.fd.try_clone()?],
     };

@@ -25,7 +25,7 @@ use para_abi::layout::{KICK_BASE, KICK_SPAN, PARA_REGION_BASE, PARA_REGION_MAX};
 use para_abi::region::{CONTROL_SIZE, Region, TABLE_CAPACITY};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::memory::SharedMapping;
+use crate::kvm::memory::SharedMapping;
 
 /// Slots per ring: the most the protocol allows, so that a burst from ring 3
 /// fills the ring before it coalesces (2048 × 8 B = 16 KiB).

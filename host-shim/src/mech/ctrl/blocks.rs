@@ -1,9 +1,10 @@
-//! M4 shadowed control flags, host half (DESIGN §3 M4; `para_abi::ctrl`).
+//! M4's control blocks: the mask and shadow pages of every vCPU, and what the
+//! shim does with them at an exit (contract in `para_abi::ctrl`).
 //!
 //! The shim owns every vCPU's masks. It maps the mask page read-only
 //! (`KVM_MEM_READONLY`, KVM api.rst §4.35: a guest store is an MMIO exit, refused
 //! and counted here) and the shadow page writable. At each exit of a vCPU
-//! ([`ExitHook`]) it reads that vCPU's shadow word, applies changed hardware flags
+//! ([`GuestCtrl::at_exit`]) it reads that vCPU's shadow word, applies changed hardware flags
 //! to CR0 (`KVM_GET/SET_SREGS`) and records the virtual ones; then it publishes
 //! mask changes that were asked for. Mask changes happen only there, on the
 //! vCPU's own thread while the vCPU is out of the guest, after the shadow was
@@ -12,24 +13,22 @@
 //! Virtual flags act on the shim without waiting for an exit: the NIC's worker
 //! reads a shadowed quiet flag live from the shadow page before it raises an MSI.
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 use kvm_bindings::{KVM_MEM_READONLY, kvm_userspace_memory_region};
 use kvm_ioctls::{VcpuFd, VmFd};
-use para_abi::ctrl::{self, Flag, HARDWARE, KNOWN, MaskError, Masks, WriteError};
+use para_abi::ctrl::{self, Flag, HARDWARE, KNOWN, MaskError, Masks};
 use para_abi::discovery::{self, features};
-use para_abi::hypercall::{Call, Status};
 use para_abi::layout::area;
-use serde::Serialize;
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
-use crate::cpuid::Offer;
-use crate::memory::{SharedMapping, slot};
-use crate::platform::MmioDevice;
-use crate::vcpu::{ExitHook, GuestCtx, VcpuShared};
+use super::report::CtrlReport;
+use crate::counters::Tally;
+use crate::kvm::cpuid::Offer;
+use crate::kvm::memory::{SharedMapping, slot};
+use crate::reasons;
+use crate::sync::lock;
 
 /// The masks every vCPU starts with. CR0.TS is owned: a lazy-FPU switch needs a
 /// TS set to take effect before the next task's first FPU instruction, which a
@@ -43,9 +42,6 @@ pub const DEFAULT_MASKS: Masks = Masks {
         | Flag::Nic0TxQuiet.bit()
         | Flag::PollDoorbells.bit(),
 };
-
-/// Log at most this many lines per reject reason.
-const LOG_LIMIT: u64 = 8;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CtrlError {
@@ -62,32 +58,14 @@ pub enum CtrlError {
     NoReadonlyMem,
 }
 
-/// Why guest input to M4 was refused.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Rejected {
-    MaskPageWrite,
-    BadMasks,
-    UnknownFlag,
-    BadValue,
-    StrayShadowBits,
-}
-
-impl Rejected {
-    const ALL: [Self; 5] = [
-        Self::MaskPageWrite,
-        Self::BadMasks,
-        Self::UnknownFlag,
-        Self::BadValue,
-        Self::StrayShadowBits,
-    ];
-    const fn name(self) -> &'static str {
-        match self {
-            Self::MaskPageWrite => "mask_page_write",
-            Self::BadMasks => "bad_masks",
-            Self::UnknownFlag => "unknown_flag",
-            Self::BadValue => "bad_value",
-            Self::StrayShadowBits => "stray_shadow_bits",
-        }
+reasons! {
+    /// Why guest input to M4 was refused (`ctrl.rejected`).
+    pub(super) Rejected {
+        MaskPageWrite => "mask_page_write",
+        BadMasks => "bad_masks",
+        UnknownFlag => "unknown_flag",
+        BadValue => "bad_value",
+        StrayShadowBits => "stray_shadow_bits",
     }
 }
 
@@ -132,81 +110,37 @@ impl Mapping {
 
 /// The shim's view of one vCPU's flags.
 #[derive(Default)]
-struct VcpuCtrl {
+pub(super) struct VcpuCtrl {
     /// Flag values as the shim holds them (bits per [`Flag`]).
-    values: AtomicU64,
+    pub(super) values: AtomicU64,
     owned: AtomicU64,
     shadowed: AtomicU64,
     /// The shadow word as last consumed or written by the shim.
     last_shadow: AtomicU64,
     pending: Mutex<Option<Masks>>,
     has_pending: AtomicBool,
-    hypercall_writes: AtomicU64,
-    shadow_changes: AtomicU64,
+    pub(super) hypercall_writes: AtomicU64,
+    pub(super) shadow_changes: AtomicU64,
 }
 
 #[derive(Default)]
-struct Counters {
-    shadow_changes: AtomicU64,
-    hypercall_writes: AtomicU64,
-    hypercall_reads: AtomicU64,
-    applied_at_exit: AtomicU64,
-    mask_changes: AtomicU64,
-    msis_suppressed: AtomicU64,
-    traced_exits: AtomicU64,
-    rejected: [AtomicU64; Rejected::ALL.len()],
+pub(super) struct Counters {
+    pub(super) shadow_changes: AtomicU64,
+    pub(super) hypercall_writes: AtomicU64,
+    pub(super) hypercall_reads: AtomicU64,
+    pub(super) applied_at_exit: AtomicU64,
+    pub(super) mask_changes: AtomicU64,
+    pub(super) msis_suppressed: AtomicU64,
+    pub(super) traced_exits: AtomicU64,
+    pub(super) rejected: Tally<Rejected>,
 }
 
 /// One guest's control blocks.
 pub struct GuestCtrl {
-    name: String,
+    pub(super) name: String,
     mem: Mapping,
-    vcpus: Vec<VcpuCtrl>,
-    counters: Counters,
-}
-
-/// M4 counters in the stats JSON (`"ctrl"`).
-#[derive(Clone, Debug, Default, Serialize)]
-pub struct CtrlReport {
-    pub offered: bool,
-    /// Flag changes the shim saw in shadow words at exits.
-    pub shadow_changes: u64,
-    /// Trapping writes (`CtrlWrite`).
-    pub hypercall_writes: u64,
-    pub hypercall_reads: u64,
-    /// Real-register (owned) writes, as the guest reports them in its shadow records.
-    pub owned_writes_reported: u64,
-    /// Hardware flags the shim wrote into CR0 at an exit.
-    pub applied_at_exit: u64,
-    pub mask_changes: u64,
-    pub msis_suppressed: u64,
-    pub traced_exits: u64,
-    pub rejected: BTreeMap<&'static str, u64>,
-}
-
-impl CtrlReport {
-    /// The summary table's line, when offered.
-    #[must_use]
-    pub fn summary_line(&self) -> Option<String> {
-        let rejected: Vec<String> = self
-            .rejected
-            .iter()
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect();
-        self.offered.then(|| {
-            format!(
-                "  ctrl: shadow changes {} hypercall writes {} owned writes {} applied at exit {} \
-                 mask changes {} msis suppressed {} rejected {{{}}}\n",
-                self.shadow_changes,
-                self.hypercall_writes,
-                self.owned_writes_reported,
-                self.applied_at_exit,
-                self.mask_changes,
-                self.msis_suppressed,
-                rejected.join(" ")
-            )
-        })
-    }
+    pub(super) vcpus: Vec<VcpuCtrl>,
+    pub(super) counters: Counters,
 }
 
 impl GuestCtrl {
@@ -250,7 +184,7 @@ impl GuestCtrl {
 
     /// The CPUID offer that tells the guest where the area is.
     #[must_use]
-    pub fn offer() -> Offer {
+    pub fn cpuid_offer() -> Offer {
         Offer {
             feature: features::SHADOW_FLAGS,
             leaf: discovery::LEAF_CTRL,
@@ -267,11 +201,8 @@ impl GuestCtrl {
             .u64_at(ctrl::shadow_record(0, vcpu) + ctrl::shadow::VALUES)
     }
 
-    fn reject(&self, r: Rejected, what: std::fmt::Arguments<'_>) {
-        let n = self.counters.rejected[r as usize].fetch_add(1, Ordering::Relaxed);
-        if n < LOG_LIMIT {
-            warn!(guest = %self.name, reason = r.name(), "ctrl: rejected {what}");
-        }
+    pub(super) fn reject(&self, r: Rejected, what: std::fmt::Arguments<'_>) {
+        self.counters.rejected.reject(r, &self.name, "ctrl", what);
     }
 
     /// Writes masks under the seqlock (odd version while writing). Only on the
@@ -299,16 +230,14 @@ impl GuestCtrl {
         let Some(v) = self.vcpus.get(vcpu as usize) else {
             return Ok(());
         };
-        *v.pending
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(m);
+        *lock(&v.pending) = Some(m);
         v.has_pending.store(true, Ordering::Release);
         Ok(())
     }
 
     /// Reads `vcpu`'s shadow word and takes over what changed in shadowed flags.
     /// Returns the hardware bits that changed (to apply to CR0).
-    fn consume_shadow(&self, vcpu: u32) -> u64 {
+    pub(super) fn consume_shadow(&self, vcpu: u32) -> u64 {
         let Some(v) = self.vcpus.get(vcpu as usize) else {
             return 0;
         };
@@ -348,7 +277,7 @@ impl GuestCtrl {
     }
 
     /// Writes the hardware flags in `bits` (values from the shim's view) into CR0.
-    fn apply_cr0(&self, cpu: &dyn Cr0, vcpu: u32, bits: u64) {
+    pub(super) fn apply_cr0(&self, cpu: &dyn Cr0, vcpu: u32, bits: u64) {
         if bits == 0 {
             return;
         }
@@ -381,7 +310,7 @@ impl GuestCtrl {
     }
 
     /// The real CR0 bits of the hardware flags, as flag bits.
-    fn cr0_flags(cpu: &dyn Cr0) -> Option<u64> {
+    pub(super) fn cr0_flags(cpu: &dyn Cr0) -> Option<u64> {
         let cr0 = cpu.cr0()?;
         Some(
             [Flag::Cr0Mp, Flag::Cr0Ts]
@@ -400,12 +329,7 @@ impl GuestCtrl {
         if !v.has_pending.swap(false, Ordering::AcqRel) {
             return;
         }
-        let Some(m) = v
-            .pending
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .take()
-        else {
+        let Some(m) = lock(&v.pending).take() else {
             return;
         };
         let mut vals = v.values.load(Ordering::Relaxed);
@@ -423,7 +347,7 @@ impl GuestCtrl {
     }
 
     /// Sets `flag` to `value` on the trapping path.
-    fn trap_write(&self, cpu: &dyn Cr0, vcpu: u32, flag: Flag, value: bool) {
+    pub(super) fn trap_write(&self, cpu: &dyn Cr0, vcpu: u32, flag: Flag, value: bool) {
         let Some(v) = self.vcpus.get(vcpu as usize) else {
             return;
         };
@@ -442,102 +366,6 @@ impl GuestCtrl {
         self.counters
             .hypercall_writes
             .fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// Answers an M4 hypercall from `vcpu`; the value goes to RAX.
-    pub fn hypercall(
-        &self,
-        fd: &VcpuFd,
-        me: &VcpuShared,
-        guest: &GuestCtx,
-        call: Call,
-        arg: u64,
-    ) -> u64 {
-        let vcpu = me.index;
-        // Earlier shadow writes come first, in program order.
-        let hw = self.consume_shadow(vcpu);
-        self.apply_cr0(fd, vcpu, hw);
-        self.hypercall_on(fd, guest, vcpu, call, arg)
-    }
-
-    /// [`Self::hypercall`] after the shadow was consumed; `cpu` is the vCPU's CR0.
-    fn hypercall_on(
-        &self,
-        cpu: &dyn Cr0,
-        guest: &GuestCtx,
-        vcpu: u32,
-        call: Call,
-        arg: u64,
-    ) -> u64 {
-        let Some(v) = self.vcpus.get(vcpu as usize) else {
-            return Status::BadArgument as u64;
-        };
-        match call {
-            Call::CtrlWrite => match ctrl::decode_write(arg) {
-                Ok((flag, value)) => {
-                    self.trap_write(cpu, vcpu, flag, value);
-                    Status::Ok as u64
-                }
-                Err(e) => {
-                    let r = match e {
-                        WriteError::UnknownFlag => Rejected::UnknownFlag,
-                        WriteError::BadValue => Rejected::BadValue,
-                    };
-                    self.reject(r, format_args!("CtrlWrite {arg:#x} from vCPU {vcpu}"));
-                    Status::BadArgument as u64
-                }
-            },
-            Call::CtrlRead => {
-                let Some(f) = Flag::from_id(arg) else {
-                    self.reject(
-                        Rejected::UnknownFlag,
-                        format_args!("CtrlRead {arg:#x} from vCPU {vcpu}"),
-                    );
-                    return Status::BadArgument as u64;
-                };
-                self.counters
-                    .hypercall_reads
-                    .fetch_add(1, Ordering::Relaxed);
-                let vals = if f.is_hardware() {
-                    Self::cr0_flags(cpu).unwrap_or(0)
-                } else {
-                    v.values.load(Ordering::Relaxed)
-                };
-                u64::from(vals & f.bit() != 0)
-            }
-            Call::CtrlSetMasks => match Masks::decode(arg) {
-                Ok(m) => {
-                    let _ = self.request_masks(vcpu, m);
-                    // Published by the exit hook after this call, like any change.
-                    Status::Ok as u64
-                }
-                Err(e) => {
-                    self.reject(
-                        Rejected::BadMasks,
-                        format_args!("CtrlSetMasks {arg:#x} from vCPU {vcpu}: {e:?}"),
-                    );
-                    Status::BadArgument as u64
-                }
-            },
-            Call::CtrlQuery => match arg {
-                ctrl::query::KVM_EXITS => guest.kvm_exits(),
-                ctrl::query::HOST_VALUES => v.values.load(Ordering::Relaxed),
-                ctrl::query::HYPERCALL_WRITES => v.hypercall_writes.load(Ordering::Relaxed),
-                ctrl::query::SHADOW_CHANGES => v.shadow_changes.load(Ordering::Relaxed),
-                ctrl::query::REJECTS => self
-                    .counters
-                    .rejected
-                    .iter()
-                    .map(|c| c.load(Ordering::Relaxed))
-                    .sum(),
-                ctrl::query::SUPPRESSED_MSIS => {
-                    self.counters.msis_suppressed.load(Ordering::Relaxed)
-                }
-                ctrl::query::TRACED_EXITS => self.counters.traced_exits.load(Ordering::Relaxed),
-                _ => Status::BadArgument as u64,
-            },
-            _ => Status::UnknownCall as u64,
-        }
     }
 
     /// True when any vCPU has `flag` set, read live from the shadow where the
@@ -593,18 +421,14 @@ impl GuestCtrl {
             mask_changes: ld(&c.mask_changes),
             msis_suppressed: ld(&c.msis_suppressed),
             traced_exits: ld(&c.traced_exits),
-            rejected: Rejected::ALL
-                .iter()
-                .map(|r| (r.name(), ld(&c.rejected[*r as usize])))
-                .filter(|&(_, n)| n > 0)
-                .collect(),
+            rejected: c.rejected.snapshot(),
         }
     }
 }
 
 impl GuestCtrl {
     /// The per-exit work: take the shadow, then publish a pending mask change.
-    fn at_exit(&self, cpu: &dyn Cr0, vcpu: u32) {
+    pub(super) fn at_exit(&self, cpu: &dyn Cr0, vcpu: u32) {
         let hw = self.consume_shadow(vcpu);
         self.apply_cr0(cpu, vcpu, hw);
         self.publish_pending(cpu, vcpu);
@@ -631,63 +455,6 @@ impl Cr0 for VcpuFd {
         s.cr0 = cr0;
         self.set_sregs(&s).is_ok()
     }
-}
-
-impl ExitHook for GuestCtrl {
-    fn after_exit(&self, fd: &VcpuFd, vcpu: &VcpuShared, _guest: &GuestCtx) {
-        let i = vcpu.index;
-        self.at_exit(fd, i);
-        if self
-            .vcpus
-            .get(i as usize)
-            .is_some_and(|v| v.values.load(Ordering::Relaxed) & Flag::Trace.bit() != 0)
-        {
-            let n = self.counters.traced_exits.fetch_add(1, Ordering::Relaxed);
-            if n < 1000 {
-                info!(guest = %self.name, vcpu = i, exits = vcpu.exits.total(), "ctrl trace: exit");
-            }
-        }
-    }
-}
-
-/// Exiting guest writes to the read-only mask page: refused and counted.
-pub struct MaskPageMmio(pub Arc<GuestCtrl>);
-
-impl MmioDevice for MaskPageMmio {
-    fn mmio_read(&self, _addr: u64, _data: &mut [u8]) -> bool {
-        false // the page is readable memory; reads never exit
-    }
-
-    fn mmio_write(&self, addr: u64, data: &[u8]) -> bool {
-        let page = area::CTRL + ctrl::MASK_PAGE;
-        if !(page..page + ctrl::PAGE).contains(&addr) {
-            return false;
-        }
-        self.0.reject(
-            Rejected::MaskPageWrite,
-            format_args!("write of {} bytes at {addr:#x}", data.len()),
-        );
-        true
-    }
-}
-
-/// Sets up M4 for a guest before it starts: maps the area, offers it in CPUID,
-/// hooks the exits and the read-only page. `None` when KVM cannot map read-only.
-pub fn attach(
-    kvm: &kvm_ioctls::Kvm,
-    g: &mut crate::vm::Guest,
-) -> Result<Arc<GuestCtrl>, Box<dyn std::error::Error + Send + Sync>> {
-    if !kvm.check_extension(kvm_ioctls::Cap::ReadonlyMem) {
-        return Err(Box::new(CtrlError::NoReadonlyMem));
-    }
-    let c = Arc::new(GuestCtrl::new(&g.name, g.vcpus.len() as u32)?);
-    c.register(&g.vm)?;
-    g.offer(GuestCtrl::offer())?;
-    g.add_exit_hook(c.clone());
-    if let Some(p) = g.platform_mut() {
-        p.add_mmio(Arc::new(MaskPageMmio(c.clone())));
-    }
-    Ok(c)
 }
 
 #[cfg(test)]

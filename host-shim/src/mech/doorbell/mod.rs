@@ -1,77 +1,67 @@
-//! M1 on the host: exitless doorbells (DESIGN §3 M1, issue 5 items 2, 3, 6).
+//! M1 on the host: exitless doorbells (`para_abi::doorbell`, `para_abi::region`).
 //!
 //! - [`manager`]: the memory instruction manager — the para region, designations,
 //!   read-only/writable memslots, kick addresses.
-//! - [`monitor`]: one thread per host CPU consuming the rings designated to it.
+//! - [`monitor`] (with [`idle_spin`] and [`waitpkg`]): one thread per host CPU
+//!   consuming the rings designated to it.
+//! - [`redesignate`] and [`bench`]: run-time re-designation and the notification
+//!   benchmark, for tests and measurements.
+//! - [`report`]: M1's part of the stats JSON.
 //! - here: what an event *means* for one guest ([`GuestDoorbells::event`]), the
-//!   per-guest counters, and the MMIO handler for guest writes that exit (the
-//!   read-only pages, kicks of the wrong size).
+//!   per-guest counters, the MMIO handler for guest writes that exit (the
+//!   read-only pages, kicks of the wrong size), and [`Doorbells`], M1 as a
+//!   guest's [`Mechanism`].
 
 pub mod bench;
 pub mod idle_spin;
 pub mod manager;
 pub mod monitor;
 pub mod redesignate;
+pub mod report;
 pub mod waitpkg;
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 
+use para_abi::discovery::{self, features};
 use para_abi::doorbell::device::{BENCH, SINK};
 use para_abi::doorbell::ring::{Pending, RejectReason};
 use para_abi::doorbell::{Event, Op};
+use para_abi::hypercall::{Call, Status};
 use para_abi::layout::{KICK_BASE, KICK_SPAN};
 use tracing::warn;
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::counters::{LOG_LIMIT, MarkReport, Reject, Tally};
+use crate::kvm::cpuid::Offer;
+use crate::mech::{CallCtx, Mechanism, UpcallClass, Upcaller};
 use crate::platform::MmioDevice;
+use crate::reasons;
+use crate::report::GuestReport;
+use manager::ParaRegion;
+use report::DoorbellReport;
 
-pub use manager::ParaRegion;
-
-/// Why the host refused a doorbell record or write (the `doorbell.rejected` keys).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Rejected {
-    /// Check byte wrong: garbage or a torn (non-atomic) write.
-    BadCheck,
-    /// Operation field undefined.
-    UnknownOp,
-    /// A record written for another ring position.
-    WrongSequence,
-    /// No device with that PCI device number.
-    UnknownDevice,
-    /// The device has no such queue.
-    UnknownQueue,
-    /// An operation the device does not take (`Custom` on a NIC).
-    UnsupportedOp,
-    /// A write in the kick window that is not a kick address.
-    BadKick,
+reasons! {
+    /// Why the host refused a doorbell record or write (the `doorbell.rejected` keys).
+    pub Rejected {
+        /// Check byte wrong: garbage or a torn (non-atomic) write.
+        BadCheck => "bad_check",
+        /// Operation field undefined.
+        UnknownOp => "unknown_op",
+        /// A record written for another ring position.
+        WrongSequence => "wrong_sequence",
+        /// No device with that PCI device number.
+        UnknownDevice => "unknown_device",
+        /// The device has no such queue.
+        UnknownQueue => "unknown_queue",
+        /// An operation the device does not take (`Custom` on a NIC).
+        UnsupportedOp => "unsupported_op",
+        /// A write in the kick window that is not a kick address.
+        BadKick => "bad_kick",
+    }
 }
 
 impl Rejected {
-    pub const ALL: [Rejected; 7] = [
-        Self::BadCheck,
-        Self::UnknownOp,
-        Self::WrongSequence,
-        Self::UnknownDevice,
-        Self::UnknownQueue,
-        Self::UnsupportedOp,
-        Self::BadKick,
-    ];
-
-    #[must_use]
-    pub const fn name(self) -> &'static str {
-        match self {
-            Self::BadCheck => "bad_check",
-            Self::UnknownOp => "unknown_op",
-            Self::WrongSequence => "wrong_sequence",
-            Self::UnknownDevice => "unknown_device",
-            Self::UnknownQueue => "unknown_queue",
-            Self::UnsupportedOp => "unsupported_op",
-            Self::BadKick => "bad_kick",
-        }
-    }
-
     #[must_use]
     pub const fn from_ring(r: RejectReason) -> Self {
         match r {
@@ -97,27 +87,13 @@ pub struct Counters {
     pub fallback_kicks: AtomicU64,
     /// Guest writes to read-only pages of the para region.
     pub protected_writes: AtomicU64,
-    rejected: [AtomicU64; Rejected::ALL.len()],
+    pub rejected: Tally<Rejected>,
 }
 
 impl Counters {
-    pub fn reject(&self, r: Rejected) {
-        self.rejected[r as usize].fetch_add(1, Ordering::Relaxed);
-    }
-
     #[must_use]
     pub fn rejected(&self, r: Rejected) -> u64 {
-        self.rejected[r as usize].load(Ordering::Relaxed)
-    }
-
-    /// Non-zero rejection counts by name.
-    #[must_use]
-    pub fn rejected_map(&self) -> BTreeMap<&'static str, u64> {
-        Rejected::ALL
-            .iter()
-            .map(|&r| (r.name(), self.rejected(r)))
-            .filter(|&(_, n)| n > 0)
-            .collect()
+        self.rejected.count(r)
     }
 }
 
@@ -141,15 +117,11 @@ pub struct GuestDoorbells {
     pub name: String,
     pub counters: Counters,
     targets: Vec<Target>,
-    logged: AtomicU64,
     /// The notification benchmark's observer (`--notify-bench` only).
-    pub bench: std::sync::OnceLock<Arc<bench::NotifyBench>>,
+    pub bench: OnceLock<Arc<bench::NotifyBench>>,
     /// Run-time re-designation (`--doorbell-redesignate` only).
-    pub redesignation: std::sync::OnceLock<redesignate::Redesignation>,
+    pub redesignation: OnceLock<redesignate::Redesignation>,
 }
-
-/// How many rejections per guest are logged (the counts go on).
-const LOG_LIMIT: u64 = 8;
 
 impl GuestDoorbells {
     #[must_use]
@@ -158,17 +130,15 @@ impl GuestDoorbells {
             name: name.to_owned(),
             counters: Counters::default(),
             targets,
-            logged: AtomicU64::new(0),
-            bench: std::sync::OnceLock::new(),
-            redesignation: std::sync::OnceLock::new(),
+            bench: OnceLock::new(),
+            redesignation: OnceLock::new(),
         }
     }
 
     fn reject(&self, r: Rejected, what: std::fmt::Arguments<'_>) {
-        self.counters.reject(r);
-        if self.logged.fetch_add(1, Ordering::Relaxed) < LOG_LIMIT {
-            warn!(guest = %self.name, reason = r.name(), "rejected doorbell input: {what}");
-        }
+        self.counters
+            .rejected
+            .reject(r, &self.name, "doorbell input", what);
     }
 
     /// Rings the queue; false (and counted) when the guest named nothing real.
@@ -246,7 +216,7 @@ impl GuestDoorbells {
             overflow_drained: get(&c.overflow_drained),
             overflow_notified: get(&c.overflow_notified),
             protected_writes: get(&c.protected_writes),
-            rejected: c.rejected_map(),
+            rejected: c.rejected.snapshot(),
         }
     }
 }
@@ -260,7 +230,7 @@ pub struct Snapshot {
     pub overflow_drained: u64,
     pub overflow_notified: u64,
     pub protected_writes: u64,
-    pub rejected: BTreeMap<&'static str, u64>,
+    pub rejected: std::collections::BTreeMap<&'static str, u64>,
 }
 
 /// Guest writes that exit into the para region or the kick window: writes to the
@@ -305,6 +275,117 @@ impl MmioDevice for ParaMmio {
             return true;
         }
         false
+    }
+}
+
+/// M1 as a guest's mechanism: its doorbell side, and the para region when the
+/// guest is offered one (`--doorbells on`).
+pub struct Doorbells {
+    pub guest: Arc<GuestDoorbells>,
+    pub para: Option<Arc<ParaRegion>>,
+    /// How a re-designation is announced (M3), when the guest takes upcalls.
+    upcaller: Option<Upcaller>,
+}
+
+/// The calls of the test facilities (the benchmark's set-up, re-designation).
+const CALLS: &[Call] = &[Call::NotifyBench, Call::DoorbellRedesignate];
+
+impl Doorbells {
+    #[must_use]
+    pub fn new(
+        guest: Arc<GuestDoorbells>,
+        para: Option<Arc<ParaRegion>>,
+        upcaller: Option<Upcaller>,
+    ) -> Self {
+        Self {
+            guest,
+            para,
+            upcaller,
+        }
+    }
+}
+
+impl Mechanism for Doorbells {
+    fn name(&self) -> &'static str {
+        "doorbells"
+    }
+
+    /// The para region's place, with the features it brings.
+    fn offer(&self) -> Option<Offer> {
+        let region = self.para.as_ref()?;
+        let (eax, ebx, ecx, edx) =
+            discovery::para_region_registers(region.plan.base, region.plan.size as u32);
+        Some(Offer {
+            feature: features::PARA_REGION | features::DOORBELLS,
+            leaf: discovery::LEAF_PARA_REGION,
+            regs: [eax, ebx, ecx, edx],
+        })
+    }
+
+    fn mmio(self: Arc<Self>) -> Option<Arc<dyn MmioDevice>> {
+        let region = self.para.clone()?;
+        Some(Arc::new(ParaMmio {
+            region,
+            guest: self.guest.clone(),
+        }))
+    }
+
+    fn calls(&self) -> &'static [Call] {
+        CALLS
+    }
+
+    fn hypercall(&self, cx: &CallCtx<'_>, call: Call, arg: u64) -> u64 {
+        let status = match call {
+            Call::NotifyBench => {
+                let status = self
+                    .guest
+                    .bench
+                    .get()
+                    .map_or(Status::UnknownCall, |b| b.setup(cx.fd, arg));
+                if status != Status::Ok {
+                    cx.platform.reject(
+                        Reject::UnknownHypercall,
+                        format_args!("notify bench set-up at {arg:#x} -> {status:?}"),
+                    );
+                }
+                status
+            }
+            Call::DoorbellRedesignate => {
+                self.guest
+                    .redesignation
+                    .get()
+                    .map_or(Status::UnknownCall, |r| {
+                        r.swap(&self.guest.name, || {
+                            self.upcaller
+                                .as_ref()
+                                .is_some_and(|u| u(None, UpcallClass::Redesignation).is_some())
+                        })
+                    })
+            }
+            _ => Status::UnknownCall,
+        };
+        status as u64
+    }
+
+    fn mark(&self, m: &mut MarkReport) {
+        let s = self.guest.snapshot();
+        m.doorbell_events = s.events;
+        m.sink_events = s.sink_events;
+    }
+
+    fn report(&self, r: &mut GuestReport) {
+        let s = self.guest.snapshot();
+        r.doorbell = DoorbellReport {
+            offered: self.para.is_some(),
+            events: s.events,
+            sink_events: s.sink_events,
+            fallback_kicks: s.fallback_kicks,
+            overflow_drained: s.overflow_drained,
+            overflow_notified: s.overflow_notified,
+            rejected: s.rejected,
+            protected_writes: s.protected_writes,
+            notify_bench: self.guest.bench.get().map(|b| b.report()),
+        };
     }
 }
 
@@ -369,7 +450,7 @@ mod tests {
 
     #[test]
     fn exiting_writes_are_refused_or_kick() {
-        let region = crate::doorbell::manager::test_region();
+        let region = crate::mech::doorbell::manager::test_region();
         let (g, _) = nic();
         let m = ParaMmio {
             region: region.clone(),

@@ -20,8 +20,10 @@ use tracing::{info, warn};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::GuestDoorbells;
 use super::idle_spin::{self, Priority, Shared, SpinClass, Watch, WatchShared};
-use super::{GuestDoorbells, ParaRegion};
+use super::manager::ParaRegion;
+use super::report::MonitorReport;
 
 /// Most records taken from one ring before the monitor looks at the next.
 pub const BATCH: usize = 256;
@@ -44,7 +46,7 @@ pub struct RingTask {
     pub kick: EventFd,
     consumer: Consumer,
     /// The guest asks the monitor to keep polling instead of parking (M4 flag
-    /// "keep polling my doorbell range", `crate::ctrl`).
+    /// "keep polling my doorbell range", M4).
     pub keep_polling: Option<Arc<dyn Fn() -> bool + Send + Sync>>,
 }
 
@@ -183,21 +185,6 @@ impl SpinBudget {
     }
 }
 
-/// One monitor's figures for the stats JSON (`monitors`).
-#[derive(Debug, Default, serde::Serialize)]
-pub struct MonitorReport {
-    pub cpu: usize,
-    pub rings: usize,
-    /// The priority it spun at: "idle" or "normal" (`--doorbell-spin-class`).
-    pub spin_class: &'static str,
-    /// Spins started at idle priority.
-    pub idle_spins: u64,
-    /// Times it was starved at idle priority and raised by the watch.
-    pub starved_boosts: u64,
-    /// Times it parked (slept until a kick or the timeout).
-    pub parks: u64,
-}
-
 /// The running monitors.
 pub struct Monitors {
     stop: Arc<AtomicBool>,
@@ -293,7 +280,7 @@ fn run(
     wake: &EventFd,
     mut prio: Priority,
 ) {
-    if let Err(e) = crate::vcpu::pin_current_thread(cpu) {
+    if let Err(e) = crate::vcpu::handle::pin_current_thread(cpu) {
         warn!(cpu, "pinning the doorbell monitor failed: {e}");
     }
     let epoll = match Epoll::new() {
@@ -408,13 +395,13 @@ fn spin_only(tasks: &mut [RingTask], stop: &AtomicBool) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::doorbell::Target;
+    use crate::mech::doorbell::Target;
     use para_abi::doorbell::device::SINK;
     use para_abi::doorbell::ring::{PARKED, RUNNING};
     use para_abi::doorbell::{Event, Op, Via};
 
     fn setup() -> (Arc<ParaRegion>, Arc<GuestDoorbells>, Vec<EventFd>) {
-        let region = crate::doorbell::manager::test_region();
+        let region = crate::mech::doorbell::manager::test_region();
         let fds: Vec<EventFd> = (0..2)
             .map(|_| EventFd::new(libc::EFD_NONBLOCK).unwrap())
             .collect();

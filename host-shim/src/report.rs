@@ -1,8 +1,10 @@
-//! Counters: the exits the shim sees by reason, the inputs it rejected, and KVM's own
-//! binary statistics (`KVM_GET_STATS_FD`, Linux `Documentation/virt/kvm/api.rst` §4.133).
+//! The run's report: per guest and per vCPU, and the human summary printed at exit.
+//! The top of the crate's report types: each mechanism's own part of a guest's
+//! report is declared in that mechanism's `report.rs` and filled through
+//! [`Mechanism::report`](crate::mech::Mechanism::report).
 //!
-//! On this machine's KVM `io_exits` never moves (DESIGN §7), so the shim counts the
-//! exits it handles itself; KVM's `exits` and `insn_emulation` are read alongside.
+//! On this machine's KVM `io_exits` never moves, so the shim counts the exits it
+//! handles itself; KVM's `exits` and `insn_emulation` are read alongside.
 //!
 //! # `--stats-json` schema
 //!
@@ -54,7 +56,7 @@
 //!                               // bad_kick; non-zero only
 //!       "protected_writes": u64 // guest writes to read-only para pages (MMIO exits)
 //!     },
-//!     "ctrl": {                               // M4 (crate::ctrl::CtrlReport)
+//!     "ctrl": {                               // M4 (mech::ctrl::report::CtrlReport)
 //!       "offered": bool, "shadow_changes": u64, "hypercall_writes": u64,
 //!       "hypercall_reads": u64, "owned_writes_reported": u64,
 //!       "applied_at_exit": u64, "mask_changes": u64, "msis_suppressed": u64,
@@ -85,111 +87,16 @@
 //! ```
 
 use std::collections::BTreeMap;
-use std::fs::File;
-use std::os::fd::{AsRawFd, FromRawFd};
-use std::os::unix::fs::FileExt;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use serde::Serialize;
 
-macro_rules! counter_enum {
-    ($(#[$m:meta])* $name:ident { $($(#[$vm:meta])* $v:ident => $s:literal,)* }) => {
-        $(#[$m])*
-        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-        pub enum $name { $($(#[$vm])* $v,)* }
-        impl $name {
-            pub const ALL: &[$name] = &[$($name::$v,)*];
-            #[must_use]
-            pub const fn name(self) -> &'static str { match self { $($name::$v => $s,)* } }
-        }
-    };
-}
-
-counter_enum! {
-    /// Why a vCPU came back to the shim.
-    Exit {
-        IoIn => "io_in",
-        IoOut => "io_out",
-        MmioRead => "mmio_read",
-        MmioWrite => "mmio_write",
-        Hypercall => "hypercall",
-        IrqWindow => "irq_window_open",
-        Hlt => "hlt",
-        Shutdown => "shutdown",
-        Intr => "intr",
-        Eagain => "eagain",
-        SystemEvent => "system_event",
-        InternalError => "internal_error",
-        Other => "other",
-    }
-}
-
-counter_enum! {
-    /// Guest inputs the shim refused or ignored (DESIGN §6: every one counted).
-    Reject {
-        UnknownHypercall => "unknown_hypercall",
-        UnknownPort => "unknown_port",
-        UnmappedMmio => "unmapped_mmio",
-        LegacyPic => "legacy_pic_access",
-        LegacyPit => "legacy_pit_access",
-        PciConfigReadOnly => "pci_config_ro_write",
-        PciConfigBadAccess => "pci_config_bad_access",
-        BarRelocation => "pci_bar_relocation",
-        MsixBadAccess => "msix_bad_access",
-        VirtioBadRegister => "virtio_bad_register",
-        VirtioBadQueue => "virtio_bad_queue_config",
-        VirtioBadDescriptor => "virtio_bad_descriptor",
-        VirtioNoRxBuffer => "virtio_rx_dropped_no_buffer",
-        FrameTooBig => "frame_too_big",
-    }
-}
-
-/// A fixed set of named atomic counters.
-#[derive(Debug)]
-pub struct Counters<const N: usize>([AtomicU64; N]);
-
-impl<const N: usize> Default for Counters<N> {
-    fn default() -> Self {
-        Self(std::array::from_fn(|_| AtomicU64::new(0)))
-    }
-}
-
-impl<const N: usize> Counters<N> {
-    pub fn add(&self, i: usize, n: u64) {
-        if let Some(c) = self.0.get(i) {
-            c.fetch_add(n, Ordering::Relaxed);
-        }
-    }
-    #[must_use]
-    pub fn get(&self, i: usize) -> u64 {
-        self.0.get(i).map_or(0, |c| c.load(Ordering::Relaxed))
-    }
-}
-
-pub type ExitCounters = Counters<{ Exit::ALL.len() }>;
-pub type RejectCounters = Counters<{ Reject::ALL.len() }>;
-
-impl Exit {
-    /// The demo's reason class of this exit (`exits_by_reason` in the JSON), or `None`
-    /// for counters that refine another one (a hypercall is also an `io_out`).
-    #[must_use]
-    pub const fn class(self) -> Option<&'static str> {
-        match self {
-            Self::IoIn | Self::IoOut => Some("io"),
-            Self::MmioRead | Self::MmioWrite => Some("mmio"),
-            Self::Hlt => Some("halt"),
-            Self::IrqWindow => Some("irq_window"),
-            Self::Hypercall => None,
-            Self::Shutdown
-            | Self::Intr
-            | Self::Eagain
-            | Self::SystemEvent
-            | Self::InternalError
-            | Self::Other => Some("other"),
-        }
-    }
-}
+use crate::counters::{Exit, MarkReport};
+use crate::mech::ctrl::report::CtrlReport;
+use crate::mech::doorbell::report::{DoorbellReport, MonitorReport};
+use crate::mech::hints::report::HintsReport;
+use crate::mech::upcalls::report::UpcallReport;
+use crate::mech::vmq::manager::VmqReport;
 
 /// The classes of `exits_by_reason`, in report order; `in_kernel` is the rest.
 pub const EXIT_CLASSES: [&str; 6] = ["io", "mmio", "halt", "irq_window", "other", "in_kernel"];
@@ -214,136 +121,6 @@ pub fn exits_by_reason<'a>(
     out.insert("in_kernel", kvm_exits.saturating_sub(seen));
     out
 }
-
-impl ExitCounters {
-    pub fn bump(&self, e: Exit) {
-        self.add(e as usize, 1);
-    }
-    #[must_use]
-    pub fn snapshot(&self) -> BTreeMap<&'static str, u64> {
-        Exit::ALL
-            .iter()
-            .map(|&e| (e.name(), self.get(e as usize)))
-            .filter(|(_, v)| *v > 0)
-            .collect()
-    }
-    #[must_use]
-    pub fn total(&self) -> u64 {
-        Exit::ALL.iter().map(|&e| self.get(e as usize)).sum()
-    }
-}
-
-impl RejectCounters {
-    pub fn bump(&self, r: Reject) {
-        self.add(r as usize, 1);
-    }
-    #[must_use]
-    pub fn count(&self, r: Reject) -> u64 {
-        self.get(r as usize)
-    }
-    #[must_use]
-    pub fn snapshot(&self) -> BTreeMap<&'static str, u64> {
-        Reject::ALL
-            .iter()
-            .map(|&r| (r.name(), self.get(r as usize)))
-            .filter(|(_, v)| *v > 0)
-            .collect()
-    }
-}
-
-vmm_sys_util::ioctl_io_nr!(KVM_GET_STATS_FD, kvm_bindings::KVMIO, 0xce);
-
-/// One vCPU's KVM binary statistics file.
-#[derive(Debug)]
-pub struct KvmStats {
-    file: File,
-    /// (name, byte offset of the value in the file) for the 64-bit counters we know.
-    fields: Vec<(String, u64)>,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum StatsError {
-    #[error("KVM_GET_STATS_FD failed: {0}")]
-    Ioctl(std::io::Error),
-    #[error("reading the KVM stats file failed: {0}")]
-    Read(std::io::Error),
-    #[error("KVM stats header is malformed")]
-    Malformed,
-}
-
-/// `struct kvm_stats_header` is six u32 (api.rst "`KVM_GET_STATS_FD`").
-fn u32_at(b: &[u8], off: usize) -> Option<u32> {
-    Some(u32::from_le_bytes(b.get(off..off + 4)?.try_into().ok()?))
-}
-
-impl KvmStats {
-    /// Opens the statistics of the vCPU behind `fd` (a KVM vCPU file descriptor).
-    pub fn open(fd: &impl AsRawFd) -> Result<Self, StatsError> {
-        // SAFETY: KVM_GET_STATS_FD takes no argument and returns a new fd or -1.
-        let raw = unsafe { vmm_sys_util::ioctl::ioctl(&fd.as_raw_fd(), KVM_GET_STATS_FD()) };
-        if raw < 0 {
-            return Err(StatsError::Ioctl(std::io::Error::last_os_error()));
-        }
-        // SAFETY: `raw` is a fresh fd that nothing else owns.
-        let file = unsafe { File::from_raw_fd(raw) };
-        let mut hdr = [0u8; 24];
-        file.read_exact_at(&mut hdr, 0).map_err(StatsError::Read)?;
-        let (name_size, num_desc, desc_off, data_off) = (
-            u32_at(&hdr, 4).ok_or(StatsError::Malformed)? as usize,
-            u32_at(&hdr, 8).ok_or(StatsError::Malformed)? as usize,
-            u32_at(&hdr, 16).ok_or(StatsError::Malformed)? as u64,
-            u32_at(&hdr, 20).ok_or(StatsError::Malformed)? as u64,
-        );
-        if num_desc > 4096 || name_size > 4096 {
-            return Err(StatsError::Malformed);
-        }
-        // struct kvm_stats_desc: flags u32, exponent s16, size u16, offset u32, bucket_size u32, name[].
-        let desc_len = 16 + name_size;
-        let mut descs = vec![0u8; desc_len * num_desc];
-        file.read_exact_at(&mut descs, desc_off)
-            .map_err(StatsError::Read)?;
-        let fields = descs
-            .chunks_exact(desc_len)
-            .filter_map(|d| {
-                let offset = u32_at(d, 8)?;
-                let name = d[16..].split(|&b| b == 0).next()?;
-                Some((
-                    String::from_utf8_lossy(name).into_owned(),
-                    data_off + u64::from(offset),
-                ))
-            })
-            .collect();
-        Ok(Self { file, fields })
-    }
-
-    /// Reads the current value of the named statistic (the first u64 of it).
-    #[must_use]
-    pub fn read(&self, name: &str) -> Option<u64> {
-        let (_, off) = self.fields.iter().find(|(n, _)| n == name)?;
-        let mut b = [0u8; 8];
-        self.file.read_exact_at(&mut b, *off).ok()?;
-        Some(u64::from_le_bytes(b))
-    }
-}
-
-/// The KVM statistics the report carries.
-pub const KVM_FIELDS: &[&str] = &[
-    "exits",
-    "insn_emulation",
-    "io_exits",
-    "mmio_exits",
-    "irq_window_exits",
-    "halt_exits",
-    "irq_injections",
-    "signal_exits",
-    "halt_attempted_poll",
-    "halt_successful_poll",
-    // On this platform's KVM most exits are instructions its emulator gives
-    // up on (`iretq`, `int 0x80` at CPL 3 as #UD; DESIGN §7), and trapping
-    // MMIO writes are page faults it takes.
-    "insn_emulation_fail",
-    "pf_taken",
-];
 
 #[derive(Debug, Default, Serialize)]
 pub struct VcpuReport {
@@ -371,37 +148,6 @@ pub struct NicReport {
     /// MSI-X route changes applied, and those put off by the rate limit.
     pub msix_route_changes: u64,
     pub msix_route_changes_deferred: u64,
-}
-
-/// One `StatsMark` hypercall: the guest's counters at that moment.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
-pub struct MarkReport {
-    pub label: u64,
-    /// KVM's `exits` summed over the guest's vCPUs.
-    pub exits: u64,
-    pub doorbell_events: u64,
-    pub sink_events: u64,
-    /// Wall-clock time of the mark, ms since the Unix epoch: orders marks of
-    /// different guests of one run.
-    pub unix_ms: u64,
-}
-
-/// A guest's doorbell counters (M1) at its end.
-#[derive(Clone, Debug, Default, Serialize)]
-pub struct DoorbellReport {
-    pub offered: bool,
-    pub events: u64,
-    pub sink_events: u64,
-    pub fallback_kicks: u64,
-    pub overflow_drained: u64,
-    /// Overflow entries that rang a real queue (part of `notifications.doorbell`).
-    #[serde(skip)]
-    pub overflow_notified: u64,
-    pub rejected: BTreeMap<&'static str, u64>,
-    pub protected_writes: u64,
-    /// The notification benchmark's figures (`--notify-bench` only).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub notify_bench: Option<crate::doorbell::bench::BenchReport>,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -432,17 +178,17 @@ pub struct GuestReport {
     pub doorbell: DoorbellReport,
     /// Interrupt-vCPU hint counters (M2), when offered.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub hints: Option<crate::hints::HintsReport>,
+    pub hints: Option<HintsReport>,
     /// `StatsMark` snapshots, in order.
     pub marks: Vec<MarkReport>,
-    /// M3 upcall counters (`crate::pending`), when offered.
+    /// M3 upcall counters, when offered.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub upcalls: Option<crate::pending::UpcallReport>,
+    pub upcalls: Option<UpcallReport>,
     /// Shadowed control flags (M4).
-    pub ctrl: crate::ctrl::CtrlReport,
+    pub ctrl: CtrlReport,
     /// VM-queue counters (M5), when the shim offers VM queues.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub vmq: Option<crate::vmq::manager::VmqReport>,
+    pub vmq: Option<VmqReport>,
 }
 
 impl GuestReport {
@@ -476,7 +222,7 @@ pub struct Report {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tap: Option<TapReport>,
     /// The doorbell monitors, one per host CPU that has rings.
-    pub monitors: Vec<crate::doorbell::monitor::MonitorReport>,
+    pub monitors: Vec<MonitorReport>,
 }
 
 /// Frames between the switch and the host TAP device.
@@ -594,10 +340,10 @@ impl Report {
                 );
             }
             if let Some(u) = &g.upcalls {
-                let _ = writeln!(s, "{}", crate::pending::GuestUpcalls::summary_line(u));
+                let _ = writeln!(s, "{}", u.summary_line());
             }
             if let Some(h) = &g.hints {
-                let _ = writeln!(s, "  {}", crate::hints::summary(h));
+                let _ = writeln!(s, "  {}", h.summary());
             }
             if let Some(line) = g.ctrl.summary_line() {
                 s.push_str(&line);
@@ -643,36 +389,6 @@ impl Report {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn counters_count_and_snapshot_skips_zero() {
-        let c = ExitCounters::default();
-        c.bump(Exit::IoOut);
-        c.bump(Exit::IoOut);
-        c.bump(Exit::Hlt);
-        assert_eq!(c.total(), 3);
-        let s = c.snapshot();
-        assert_eq!(s.get("io_out"), Some(&2));
-        assert_eq!(s.get("hlt"), Some(&1));
-        assert!(!s.contains_key("mmio_read"));
-        let r = RejectCounters::default();
-        r.bump(Reject::UnknownHypercall);
-        assert_eq!(r.count(Reject::UnknownHypercall), 1);
-        assert_eq!(r.count(Reject::UnmappedMmio), 0);
-    }
-
-    #[test]
-    fn names_are_unique() {
-        let mut n: Vec<_> = Exit::ALL
-            .iter()
-            .map(|e| e.name())
-            .chain(Reject::ALL.iter().map(|r| r.name()))
-            .collect();
-        let len = n.len();
-        n.sort_unstable();
-        n.dedup();
-        assert_eq!(n.len(), len);
-    }
 
     #[test]
     fn rss_is_known() {

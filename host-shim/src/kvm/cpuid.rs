@@ -26,15 +26,13 @@ pub struct CpuidParams {
     pub tsc_khz: u32,
     /// KVM can emulate the TSC-deadline timer (`KVM_CAP_TSC_DEADLINE_TIMER`).
     pub tsc_deadline: bool,
-    /// The para region offered with doorbells (M1): guest-physical base and size.
-    pub para_region: Option<(u64, u32)>,
-    /// Further mechanisms offered (M2–M5): feature bits OR-ed into
-    /// [`discovery::LEAF_FEATURES`], and the hypervisor leaves that describe them.
+    /// The mechanisms offered: feature bits OR-ed into [`discovery::LEAF_FEATURES`],
+    /// and the hypervisor leaves that describe them.
     pub offers: Vec<Offer>,
 }
 
-/// One paravirtual mechanism the shim offers: its feature bit and its CPUID leaf
-/// (EAX, EBX, ECX, EDX), by [`Guest::offer`](crate::vm::Guest::offer).
+/// One paravirtual mechanism the shim offers: its feature bits and its CPUID leaf
+/// (EAX, EBX, ECX, EDX), given by the mechanism when it is attached.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Offer {
     pub feature: u32,
@@ -120,24 +118,23 @@ pub fn filter(
         0,
         [discovery::MAX_LEAF, b, c, d],
     ));
-    let (feat, region) = match p.para_region {
-        Some((gpa, size)) => (
-            features::EXIT_HYPERCALL | features::PARA_REGION | features::DOORBELLS,
-            discovery::para_region_registers(gpa, size),
-        ),
-        None => (features::EXIT_HYPERCALL, (0, 0, 0, 0)),
-    };
-    let feat = p.offers.iter().fold(feat, |f, o| f | o.feature);
+    let feat = p
+        .offers
+        .iter()
+        .fold(features::EXIT_HYPERCALL, |f, o| f | o.feature);
     for o in &p.offers {
         out.push(entry(o.leaf, 0, 0, o.regs));
     }
     out.push(entry(discovery::LEAF_FEATURES, 0, 0, [feat, 0, 0, 0]));
-    out.push(entry(
-        discovery::LEAF_PARA_REGION,
-        0,
-        0,
-        [region.0, region.1, region.2, region.3],
-    ));
+    // The para region's leaf reads zero without doorbells: the guest is told
+    // there is none rather than left to guess from an absent leaf.
+    if !p
+        .offers
+        .iter()
+        .any(|o| o.leaf == discovery::LEAF_PARA_REGION)
+    {
+        out.push(entry(discovery::LEAF_PARA_REGION, 0, 0, [0; 4]));
+    }
     out.push(entry(
         discovery::LEAF_TIMING,
         0,
@@ -178,7 +175,6 @@ mod tests {
         vcpus: 3,
         tsc_khz: 2_500_000,
         tsc_deadline: true,
-        para_region: None,
         offers: Vec::new(),
     };
 
@@ -221,8 +217,13 @@ mod tests {
             find(&v, discovery::LEAF_FEATURES, 0).eax & features::DOORBELLS,
             0
         );
+        let (eax, ebx, ecx, edx) = discovery::para_region_registers(0xA000_0000, 0x7000);
         let on = CpuidParams {
-            para_region: Some((0xA000_0000, 0x7000)),
+            offers: vec![Offer {
+                feature: features::PARA_REGION | features::DOORBELLS,
+                leaf: discovery::LEAF_PARA_REGION,
+                regs: [eax, ebx, ecx, edx],
+            }],
             ..P
         };
         let v = filter(&kvm_like(), 1, &on);
@@ -230,6 +231,12 @@ mod tests {
         assert_eq!(
             f,
             features::EXIT_HYPERCALL | features::PARA_REGION | features::DOORBELLS
+        );
+        assert_eq!(
+            v.iter()
+                .filter(|e| e.function == discovery::LEAF_PARA_REGION)
+                .count(),
+            1
         );
         let r = find(&v, discovery::LEAF_PARA_REGION, 0);
         assert_eq!(
