@@ -5,8 +5,6 @@
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
-use tracing::warn;
-
 use super::config::ConfigSpace;
 use super::ecam::{self, ConfigAddress};
 use super::{PciDevice, le_value};
@@ -18,8 +16,6 @@ use crate::sync::lock;
 pub const BAR_WINDOW: (u64, u64) = (0xC000_0000, 0xFEC0_0000);
 const CONFIG_ADDRESS: u16 = 0xCF8;
 const CONFIG_DATA: u16 = 0xCFC;
-/// Rejects of one kind logged before going quiet.
-const LOG_LIMIT: u64 = 8;
 
 /// The host bridge: ids and class 06/00/00 only (PCI 3.0 appendix D).
 struct HostBridge(ConfigSpace);
@@ -93,10 +89,7 @@ impl PciBus {
     }
 
     fn reject(&self, r: Reject, what: std::fmt::Arguments<'_>) {
-        self.rejects.bump(r);
-        if self.rejects.count(r) <= LOG_LIMIT {
-            warn!(guest = %self.name, reason = r.name(), "rejected PCI access: {what}");
-        }
+        self.rejects.reject(r, &self.name, "PCI access", what);
     }
 
     fn slot(&self, a: ConfigAddress) -> Option<&SharedDevice> {
