@@ -1,6 +1,6 @@
 //! `--vcpu-quantum` on real KVM: a slice that ends while the guest has
 //! interrupts masked is not taken there; the vCPU yields at its first exit with
-//! IF = 1 (issue 7 item 4). Needs /dev/kvm.
+//! IF = 1. Needs /dev/kvm.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};

@@ -1,6 +1,6 @@
 //! Guest RAM: one memfd-backed region starting at guest-physical 0.
 //!
-//! memfd, not anonymous memory, because later mechanisms (M5, DESIGN §3) replace
+//! memfd, not anonymous memory, because later mechanisms (M5, VM queues) replace
 //! single guest pages with pages of another file by `mmap(MAP_FIXED)`; vm-memory maps
 //! a file region `MAP_SHARED`, which keeps such remaps coherent for the guest.
 

@@ -1,4 +1,4 @@
-//! The memory instruction manager (DESIGN §3 M1, issue 5 item 2): where the para
+//! The memory instruction manager of M1 (`para_abi::region`): where the para
 //! region and each designated range lie, which parts the guest may write, the kick
 //! addresses, and the host memory behind it all.
 //!

@@ -1,4 +1,4 @@
-//! Monitor threads (issue 5 item 3): one per host CPU in use, pinned there,
+//! M1 monitor threads: one per host CPU in use, pinned there,
 //! consuming every ring designated to that CPU, of every guest.
 //!
 //! The loop: serve each ring in turn — at most [`BATCH`] records, then its overflow

@@ -1,4 +1,4 @@
-//! Run-time re-designation (issue 5 items 2 and 4; `--doorbell-redesignate`).
+//! Run-time re-designation of M1 doorbell ranges (`--doorbell-redesignate`).
 //!
 //! With the flag every guest gets a second vCPU ring, designated to the monitor
 //! of another host CPU under a reserved source id ([`SPARE_SOURCE`]) that the
@@ -6,7 +6,7 @@
 //! hypercall (21) swaps the two: the spare becomes the range for "any vCPU" and
 //! the old one is retired. The table is rewritten under one odd/even bump of its
 //! generation (the seqlock the guest snapshots under) and the designation
-//! notification vector (`notify_vector` in the region header, DESIGN §3 M1) is
+//! notification vector (`notify_vector` in the region header, `para_abi::region`) is
 //! raised on every vCPU as a fixed, edge-triggered MSI through KVM_SIGNAL_MSI
 //! (KVM api.rst §4.71; message format SDM vol 3 §11.11.1–2), so it needs no
 //! LINT0/ExtINT set-up in the guest; the guest re-reads the table and moves to the new

@@ -1,6 +1,6 @@
 //! User-mode monitor/wait (WAITPKG: `UMONITOR`, `UMWAIT`; SDM vol 2B), the
 //! closest user space gets to "a host CPU executing a memory-monitoring
-//! instruction" (DESIGN §3 M1): instead of spinning with `pause`, the monitor
+//! instruction" (what M1 asks of its monitors): instead of spinning with `pause`, the monitor
 //! arms the cache line a guest's producers write (`RingHeader::tail`) and waits
 //! for a store to it, or a short TSC deadline, in the C0.1 state.
 //!

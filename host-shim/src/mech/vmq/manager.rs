@@ -593,7 +593,7 @@ fn deliver(inner: &mut Inner, from: u32, m: &Message) -> Result<(), SendStatus> 
 }
 
 /// Tells the destination that its inbox went from empty to non-empty. The one
-/// seam where M3 upcalls replace the MSI path (DESIGN §3, M5 "notification").
+/// seam where M3 upcalls replace the MSI path.
 fn notify_arrival(dst: &Endpoint) {
     dst.counters.notifications.fetch_add(1, Ordering::Relaxed);
     (dst.notify)();
