@@ -13,8 +13,8 @@ pub enum Action {
     MainReached { guest_us: u64 },
     /// Snapshot the guest's counters under `label` (RBX); resume with `Status::Ok`.
     StatsMark { label: u64 },
-    /// A call of one mechanism (M1 benchmark and re-designation, M3, M4, M5),
-    /// for the mechanism of the guest that claims it.
+    /// Any other known call: a mechanism's (M1 benchmark and re-designation, M3,
+    /// M4, M5...), for the mechanism of the guest that claims it.
     Mechanism { call: Call, arg: u64 },
     /// Resume the guest with this value in RAX.
     Return(Status),
@@ -33,18 +33,9 @@ pub fn decode(size: usize, rax: u64, rbx: u64) -> Action {
         },
         Some(Call::MainReached) => Action::MainReached { guest_us: rbx },
         Some(Call::StatsMark) => Action::StatsMark { label: rbx },
-        Some(
-            call @ (Call::NotifyBench
-            | Call::DoorbellRedesignate
-            | Call::UpcallPing
-            | Call::UpcallStorm
-            | Call::UpcallEnable
-            | Call::CtrlWrite
-            | Call::CtrlRead
-            | Call::CtrlSetMasks
-            | Call::CtrlQuery
-            | Call::VmqFlush),
-        ) => Action::Mechanism { call, arg: rbx },
+        // Every other call belongs to a mechanism; the guest's mechanisms say
+        // which (`Mechanism::calls`).
+        Some(call) => Action::Mechanism { call, arg: rbx },
         None => Action::Return(Status::UnknownCall),
     }
 }

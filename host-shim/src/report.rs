@@ -189,6 +189,13 @@ pub struct GuestReport {
     /// VM-queue counters (M5), when the shim offers VM queues.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub vmq: Option<VmqReport>,
+    /// Mechanisms without a field of their own above: each one's part of the
+    /// JSON under its key, beside the others' (empty for M1–M5).
+    #[serde(flatten)]
+    pub other: BTreeMap<&'static str, serde_json::Value>,
+    /// Those mechanisms' lines in the summary.
+    #[serde(skip)]
+    pub other_summary: Vec<String>,
 }
 
 impl GuestReport {
@@ -347,6 +354,9 @@ impl Report {
             }
             if let Some(line) = g.ctrl.summary_line() {
                 s.push_str(&line);
+            }
+            for line in &g.other_summary {
+                let _ = writeln!(s, "  {line}");
             }
             for n in &g.nics {
                 let notes: u64 = n.queue_notifications.values().sum();
@@ -543,5 +553,26 @@ mod tests {
         let v = serde_json::to_value(&with_tap).unwrap();
         assert_eq!(v["tap"]["name"], "tap0");
         assert!(v["tap"]["rx_packets"].is_u64());
+    }
+
+    #[test]
+    fn other_mechanisms_report_under_their_key() {
+        // A mechanism without a field of its own: its key beside the others.
+        let mut g = GuestReport::default();
+        g.other
+            .insert("sixth", serde_json::json!({"offered": true}));
+        g.other_summary.push("sixth: offered".into());
+        let v = serde_json::to_value(&g).unwrap();
+        assert_eq!(v["sixth"]["offered"], true);
+        assert!(v.get("other").is_none() && v.get("other_summary").is_none());
+        let r = Report {
+            guests: vec![g],
+            ..Default::default()
+        };
+        assert!(
+            r.summary().contains("\n  sixth: offered\n"),
+            "{}",
+            r.summary()
+        );
     }
 }
