@@ -106,10 +106,16 @@ impl<R: Reason> Tally<R> {
             .collect()
     }
 
+    /// Counts one `r`; true for the first [`LOG_LIMIT`] of its reason, which
+    /// the caller logs in its own words.
+    pub fn bump_to_log(&self, r: R) -> bool {
+        self.counted(r) < LOG_LIMIT
+    }
+
     /// Counts a refused guest input and logs the first [`LOG_LIMIT`] of its reason
     /// as "`what_for`: rejected `what`".
     pub fn reject(&self, r: R, guest: &str, what_for: &str, what: std::fmt::Arguments<'_>) {
-        if self.counted(r) < LOG_LIMIT {
+        if self.bump_to_log(r) {
             warn!(guest, reason = r.name(), "{what_for}: rejected {what}");
         }
     }

@@ -10,7 +10,6 @@
 //! One thread moves frames both ways. Frames from the TAP are host input: runts and
 //! oversized frames are dropped and counted, never forwarded.
 
-use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
@@ -23,9 +22,10 @@ use tracing::{info, warn};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::counters::LOG_LIMIT;
+use crate::counters::Tally;
 use crate::devices::net::MAX_FRAME;
 use crate::devices::switch::{MIN_FRAME, Port, Switch};
+use crate::reasons;
 use crate::report::TapReport;
 
 /// `IFNAMSIZ` (Linux `include/uapi/linux/if.h`): interface names are at most 15 bytes.
@@ -81,23 +81,12 @@ pub fn check_name(name: &str) -> Result<(), TapError> {
     }
 }
 
-/// Why a frame from the TAP was dropped.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum TapDrop {
-    TooShort,
-    TooLong,
-    WriteFailed,
-}
-
-impl TapDrop {
-    pub const ALL: [Self; 3] = [Self::TooShort, Self::TooLong, Self::WriteFailed];
-    #[must_use]
-    pub const fn name(self) -> &'static str {
-        match self {
-            Self::TooShort => "too_short",
-            Self::TooLong => "too_long",
-            Self::WriteFailed => "write_failed",
-        }
+reasons! {
+    /// Why a frame from the TAP was dropped (`tap.dropped`).
+    pub TapDrop {
+        TooShort => "too_short",
+        TooLong => "too_long",
+        WriteFailed => "write_failed",
     }
 }
 
@@ -120,17 +109,7 @@ pub struct TapCounters {
     pub rx_bytes: AtomicU64,
     pub tx_packets: AtomicU64,
     pub tx_bytes: AtomicU64,
-    dropped: [AtomicU64; 3],
-}
-
-impl TapCounters {
-    pub fn drop_frame(&self, why: TapDrop) -> u64 {
-        self.dropped[why as usize].fetch_add(1, Ordering::Relaxed) + 1
-    }
-    #[must_use]
-    pub fn dropped(&self, why: TapDrop) -> u64 {
-        self.dropped[why as usize].load(Ordering::Relaxed)
-    }
+    pub dropped: Tally<TapDrop>,
 }
 
 /// Opens (creating if missing) the TAP device `name`, non-blocking.
@@ -212,10 +191,7 @@ impl Tap {
             rx_bytes: c.rx_bytes.load(Ordering::Relaxed),
             tx_packets: c.tx_packets.load(Ordering::Relaxed),
             tx_bytes: c.tx_bytes.load(Ordering::Relaxed),
-            dropped: TapDrop::ALL
-                .iter()
-                .map(|&d| (d.name(), c.dropped(d)))
-                .collect::<BTreeMap<_, _>>(),
+            dropped: c.dropped.all(),
         }
     }
 
@@ -290,7 +266,7 @@ impl Forwarder {
     }
 
     fn dropped(&self, why: TapDrop, len: usize) {
-        if self.counters.drop_frame(why) <= LOG_LIMIT {
+        if self.counters.dropped.bump_to_log(why) {
             warn!(tap = %self.name, reason = why.name(), len, "dropped a TAP frame");
         }
     }
@@ -383,14 +359,14 @@ mod tests {
     #[test]
     fn drops_are_counted_by_reason() {
         let c = TapCounters::default();
-        assert_eq!(c.drop_frame(TapDrop::TooLong), 1);
-        assert_eq!(c.drop_frame(TapDrop::TooLong), 2);
-        c.drop_frame(TapDrop::TooShort);
+        assert!(c.dropped.bump_to_log(TapDrop::TooLong));
+        c.dropped.bump(TapDrop::TooLong);
+        c.dropped.bump(TapDrop::TooShort);
         assert_eq!(
             (
-                c.dropped(TapDrop::TooShort),
-                c.dropped(TapDrop::TooLong),
-                c.dropped(TapDrop::WriteFailed)
+                c.dropped.count(TapDrop::TooShort),
+                c.dropped.count(TapDrop::TooLong),
+                c.dropped.count(TapDrop::WriteFailed)
             ),
             (1, 2, 0)
         );

@@ -317,13 +317,13 @@ fn hypercall_exit(fd: &VcpuFd, me: &VcpuShared, guest: &GuestCtx, size: usize) -
         Action::StatsMark { label } => {
             let m = guest.mark(label);
             debug!(guest = %guest.name, label, exits = m.exits, sink = m.sink_events, "stats mark");
-            resume_with(fd, me, &mut regs, Status::Ok)
+            resume_with(fd, me, &mut regs, Status::Ok as u64)
         }
         Action::MainReached { guest_us } => {
             if guest.main_reached.set((Instant::now(), guest_us)).is_ok() {
                 info!(guest = %guest.name, vcpu = me.index, guest_us, "guest reached main");
             }
-            resume_with(fd, me, &mut regs, Status::Ok)
+            resume_with(fd, me, &mut regs, Status::Ok as u64)
         }
         Action::Mechanism { call, arg } => {
             if let (Some(m), Some(v)) = (guest.claimant(call), guest.vcpus.get(me.index as usize)) {
@@ -333,11 +333,8 @@ fn hypercall_exit(fd: &VcpuFd, me: &VcpuShared, guest: &GuestCtx, size: usize) -
                     platform: &guest.platform,
                     kvm_exits: &|| guest.kvm_exits(),
                 };
-                regs.rax = m.hypercall(&cx, call, arg);
-                return fd
-                    .set_regs(&regs)
-                    .err()
-                    .map(|e| Outcome::Failed(format!("KVM_SET_REGS: {e}")));
+                let rax = m.hypercall(&cx, call, arg);
+                return resume_with(fd, me, &mut regs, rax);
             }
             let status = hypercall::unoffered(call);
             if hypercall::unoffered_is_counted(call) {
@@ -349,7 +346,7 @@ fn hypercall_exit(fd: &VcpuFd, me: &VcpuShared, guest: &GuestCtx, size: usize) -
                     ),
                 );
             }
-            resume_with(fd, me, &mut regs, status)
+            resume_with(fd, me, &mut regs, status as u64)
         }
         Action::Return(status) => {
             if status != Status::Ok {
@@ -361,19 +358,20 @@ fn hypercall_exit(fd: &VcpuFd, me: &VcpuShared, guest: &GuestCtx, size: usize) -
                     ),
                 );
             }
-            resume_with(fd, me, &mut regs, status)
+            resume_with(fd, me, &mut regs, status as u64)
         }
     }
 }
 
-/// Puts `status` in RAX for the guest's return from a hypercall.
+/// Puts `rax` (a `Status`, or a mechanism's value) in RAX for the guest's
+/// return from a hypercall.
 fn resume_with(
     fd: &VcpuFd,
     me: &VcpuShared,
     regs: &mut kvm_bindings::kvm_regs,
-    status: Status,
+    rax: u64,
 ) -> Option<Outcome> {
-    regs.rax = status as u64;
+    regs.rax = rax;
     if let Err(e) = fd.set_regs(regs) {
         error!(vcpu = me.index, "KVM_SET_REGS: {e}");
         return Some(Outcome::Failed(format!("KVM_SET_REGS: {e}")));

@@ -11,6 +11,8 @@
 //! switch and fills the RX ring: it is the thread whose CPU the RX event comes from.
 //! `--io-cpu` pins it; [`IoPlacement::move_to`] moves it while the guest runs.
 
+pub mod report;
+
 use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -30,8 +32,6 @@ use crate::mech::{Mechanism, UpcallClass, Upcaller};
 use crate::report::GuestReport;
 use crate::sync::lock;
 use crate::vcpu::handle::{VcpuShared, pin_current_thread};
-
-pub mod report;
 
 /// A queue's hint is republished at most this often: a thread the host bounces
 /// between CPUs must not make the guest rewrite its MSI-X table per packet.
