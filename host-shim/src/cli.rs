@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::Parser;
 
-use crate::memory;
+use crate::kvm::memory;
 use crate::vm::{GuestConfig, MAX_VCPUS};
 
 #[derive(Debug, Parser)]
@@ -70,14 +70,14 @@ pub struct Cli {
     /// How long a doorbell monitor spins (pause loop) on empty rings before it
     /// parks and sleeps until a trapping kick, in microseconds. Spinning costs a
     /// host CPU; the default (50) keeps an idle 2-core machine idle. 0 = park at once.
-    #[arg(long, value_name = "N", default_value_t = crate::doorbell::monitor::DEFAULT_SPIN_US)]
+    #[arg(long, value_name = "N", default_value_t = crate::mech::doorbell::monitor::DEFAULT_SPIN_US)]
     pub doorbell_spin_us: u64,
 
     /// The most an adaptive monitor spins, in microseconds: the budget starts at
     /// --doorbell-spin-us, doubles while events keep arriving within it (or
     /// kicks come soon after parking) and falls back once the guests are idle.
     /// Equal to (or below) --doorbell-spin-us: a fixed budget.
-    #[arg(long, value_name = "N", default_value_t = crate::doorbell::monitor::DEFAULT_SPIN_MAX_US)]
+    #[arg(long, value_name = "N", default_value_t = crate::mech::doorbell::monitor::DEFAULT_SPIN_MAX_US)]
     pub doorbell_spin_max_us: u64,
 
     /// The host priority a doorbell monitor spins at. "idle": SCHED_IDLE, so it
@@ -85,8 +85,8 @@ pub struct Cli {
     /// preempts it at once; a watch thread raises a monitor starved for 1 ms back
     /// to normal until it parks. "normal": spin at normal priority, sharing the
     /// CPU with the vCPU threads. Monitors always park at normal priority.
-    #[arg(long, value_name = "idle|normal", default_value = "idle", value_parser = crate::doorbell::idle_spin::SpinClass::parse)]
-    pub doorbell_spin_class: crate::doorbell::idle_spin::SpinClass,
+    #[arg(long, value_name = "idle|normal", default_value = "idle", value_parser = crate::mech::doorbell::idle_spin::SpinClass::parse)]
+    pub doorbell_spin_class: crate::mech::doorbell::idle_spin::SpinClass,
 
     /// Cap KVM's halt polling for every guest at NS nanoseconds
     /// (KVM_CAP_HALT_POLL): how long a vCPU thread that ran HLT spins in the
@@ -112,7 +112,7 @@ pub struct Cli {
     /// masked — then the yield waits for the interrupt window (M3's window state
     /// informing scheduling; counted as preempt_deferred). Meant for more vCPUs
     /// than host CPUs; off by default.
-    #[arg(long, value_name = "MS", value_parser = clap::value_parser!(u64).range(crate::quantum::MIN_MS..=crate::quantum::MAX_MS))]
+    #[arg(long, value_name = "MS", value_parser = clap::value_parser!(u64).range(crate::mech::quantum::MIN_MS..=crate::mech::quantum::MAX_MS))]
     pub vcpu_quantum: Option<u64>,
 
     /// M3 upcalls: "window" offers every guest per-vCPU upcall mailboxes (CPUID
@@ -121,7 +121,7 @@ pub struct Cli {
     /// "poll" offers the same but, as a naive comparison, looks at IF again only
     /// at the vCPU's next exit of any cause; "off" offers nothing.
     #[arg(long, value_name = "window|poll|off", default_value = "window")]
-    pub upcalls: crate::pending::Delivery,
+    pub upcalls: crate::mech::upcalls::Delivery,
 
     /// Interrupt-vCPU hints (M2): "on" offers every guest a read-only hints page
     /// (CPUID 0x40000001 bit HINTS, leaf 0x40000003) where the NIC's I/O thread
@@ -214,7 +214,7 @@ fn parse_on_off(s: &str) -> Result<bool, String> {
 }
 
 fn parse_tap(s: &str) -> Result<String, String> {
-    crate::tap::check_name(s).map_err(|e| e.to_string())?;
+    crate::devices::tap::check_name(s).map_err(|e| e.to_string())?;
     Ok(s.to_owned())
 }
 
@@ -449,7 +449,7 @@ mod tests {
 
     #[test]
     fn doorbell_flags() {
-        use crate::doorbell::idle_spin::SpinClass;
+        use crate::mech::doorbell::idle_spin::SpinClass;
         let g = format!("kernel={}", exe());
         let c = Cli::try_parse_from(["host-shim", "--guest", &g]).unwrap();
         assert!(c.doorbells);
@@ -489,7 +489,7 @@ mod tests {
 
     #[test]
     fn upcall_flag() {
-        use crate::pending::Delivery;
+        use crate::mech::upcalls::Delivery;
         let g = format!("kernel={}", exe());
         let c = Cli::try_parse_from(["host-shim", "--guest", &g]).unwrap();
         assert_eq!(c.upcalls, Delivery::Window);

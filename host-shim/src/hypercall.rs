@@ -13,17 +13,11 @@ pub enum Action {
     MainReached { guest_us: u64 },
     /// Snapshot the guest's counters under `label` (RBX); resume with `Status::Ok`.
     StatsMark { label: u64 },
-    /// Set up the notification benchmark with the mailbox at guest-physical RBX (M1).
-    NotifyBench { mailbox: u64 },
-    /// Swap the guest's doorbell range for its spare and notify it (M1 test).
-    DoorbellRedesignate,
-    /// An M3 upcall request (`UpcallPing`, `UpcallStorm`, `UpcallEnable`) with its RBX, for
-    /// [`crate::pending`].
-    Upcall { call: Call, arg: u64 },
+    /// Any other known call: a mechanism's (M1 benchmark and re-designation, M3,
+    /// M4, M5...), for the mechanism of the guest that claims it.
+    Mechanism { call: Call, arg: u64 },
     /// Resume the guest with this value in RAX.
     Return(Status),
-    /// An M4 control-flag call (`crate::ctrl`), argument RBX.
-    Ctrl { call: Call, arg: u64 },
 }
 
 /// Decodes one hypercall. `size` is the `out` operand size; only 32-bit outs are calls.
@@ -39,19 +33,34 @@ pub fn decode(size: usize, rax: u64, rbx: u64) -> Action {
         },
         Some(Call::MainReached) => Action::MainReached { guest_us: rbx },
         Some(Call::StatsMark) => Action::StatsMark { label: rbx },
-        Some(Call::NotifyBench) => Action::NotifyBench { mailbox: rbx },
-        Some(Call::DoorbellRedesignate) => Action::DoorbellRedesignate,
-        Some(call @ (Call::UpcallPing | Call::UpcallStorm | Call::UpcallEnable)) => {
-            Action::Upcall { call, arg: rbx }
-        }
-        Some(call @ (Call::CtrlWrite | Call::CtrlRead | Call::CtrlSetMasks | Call::CtrlQuery)) => {
-            Action::Ctrl { call, arg: rbx }
-        }
-        // The exit is the point: the VM-queue exit hook drains the outbox
-        // before the guest resumes (host-shim vmq).
-        Some(Call::VmqFlush) => Action::Return(Status::Ok),
+        // Every other call belongs to a mechanism; the guest's mechanisms say
+        // which (`Mechanism::calls`).
+        Some(call) => Action::Mechanism { call, arg: rbx },
         None => Action::Return(Status::UnknownCall),
     }
+}
+
+/// The answer to a mechanism's call when the guest was not offered that
+/// mechanism: a VM-queue flush is only an exit, so it succeeds anyway; every
+/// other call is unknown.
+#[must_use]
+pub const fn unoffered(call: Call) -> Status {
+    match call {
+        Call::VmqFlush => Status::Ok,
+        _ => Status::UnknownCall,
+    }
+}
+
+/// Whether a call of a mechanism the guest was not offered counts as an
+/// `unknown_hypercall` reject: a guest that asks for the benchmark or a
+/// control flag without the offer is wrong; one that tries upcalls or a
+/// re-designation learns from the status that they are absent.
+#[must_use]
+pub const fn unoffered_is_counted(call: Call) -> bool {
+    matches!(
+        call,
+        Call::NotifyBench | Call::CtrlWrite | Call::CtrlRead | Call::CtrlSetMasks | Call::CtrlQuery
+    )
 }
 
 #[cfg(test)]
@@ -83,7 +92,10 @@ mod tests {
         assert_eq!(decode(2, 3, 2), Action::Return(Status::BadArgument));
         assert_eq!(
             decode(4, 20, 0x5000),
-            Action::NotifyBench { mailbox: 0x5000 }
+            Action::Mechanism {
+                call: Call::NotifyBench,
+                arg: 0x5000
+            }
         );
     }
 
@@ -91,7 +103,7 @@ mod tests {
     fn upcall_requests_carry_their_argument() {
         assert_eq!(
             decode(4, 8, 3),
-            Action::Upcall {
+            Action::Mechanism {
                 call: Call::UpcallPing,
                 arg: 3
             }
@@ -99,7 +111,7 @@ mod tests {
         assert_eq!(decode(2, 9, 3), Action::Return(Status::BadArgument));
         assert_eq!(
             decode(4, 10, 0),
-            Action::Upcall {
+            Action::Mechanism {
                 call: Call::UpcallEnable,
                 arg: 0
             }
@@ -110,7 +122,7 @@ mod tests {
     fn ctrl_calls_carry_their_argument() {
         assert_eq!(
             decode(4, 4, 0x101),
-            Action::Ctrl {
+            Action::Mechanism {
                 call: Call::CtrlWrite,
                 arg: 0x101
             }
@@ -119,8 +131,19 @@ mod tests {
     }
 
     #[test]
-    fn vmq_flush_resumes_ok() {
-        assert_eq!(decode(4, 12, 0), Action::Return(Status::Ok));
+    fn vmq_flush_resumes_ok_even_unoffered() {
+        assert_eq!(
+            decode(4, 12, 0),
+            Action::Mechanism {
+                call: Call::VmqFlush,
+                arg: 0
+            }
+        );
+        assert_eq!(unoffered(Call::VmqFlush), Status::Ok);
+        assert!(!unoffered_is_counted(Call::VmqFlush));
+        assert_eq!(unoffered(Call::CtrlRead), Status::UnknownCall);
+        assert!(unoffered_is_counted(Call::CtrlRead));
+        assert!(!unoffered_is_counted(Call::UpcallPing));
     }
 
     #[test]

@@ -1,27 +1,25 @@
 //! The Exitless host shim: a VMM on the rust-vmm crates that runs several guests
-//! over KVM with virtio-pci devices (DESIGN §1, issue 3).
+//! over KVM with virtio-pci devices, and offers them the paravirtual mechanisms
+//! of `para_abi` (`mech`).
+//!
+//! The modules, from the leaves up: [`counters`], [`sync`], [`kvm`],
+//! [`vcpu::handle`], [`devices`], [`pci`], [`platform`], [`hypercall`], the
+//! mechanisms ([`mech`], each behind [`mech::Mechanism`]), [`report`], the run
+//! loop ([`vcpu::exit`]), [`vm`], [`assemble`], [`run`] and [`cli`].
 
-pub mod acpi;
-pub mod boot;
+pub mod assemble;
 pub mod cli;
-pub mod cpuid;
-pub mod ctrl;
+pub mod counters;
 pub mod devices;
-pub mod doorbell;
-pub mod hints;
 pub mod hypercall;
-pub mod memory;
+pub mod kvm;
+pub mod mech;
 #[cfg(test)]
 mod net_e2e_tests;
 pub mod pci;
-pub mod pending;
 pub mod platform;
-pub mod quantum;
+pub mod report;
 pub mod run;
-pub mod serial;
-pub mod stats;
-pub mod switch;
-pub mod tap;
+pub mod sync;
 pub mod vcpu;
 pub mod vm;
-pub mod vmq;

@@ -7,8 +7,10 @@ use std::time::{Duration, Instant};
 
 use vm_memory::{Bytes, GuestAddress};
 
+use crate::counters::{Reject, RejectCounters};
 use crate::devices::net::{HDR_LEN, Net};
-use crate::memory::GuestMem;
+use crate::devices::switch::Switch;
+use crate::kvm::memory::GuestMem;
 use crate::pci::PciDevice;
 use crate::pci::msix::tests::FakeRouter;
 use crate::pci::msix::{CONTROL_ENABLE, Msix};
@@ -16,8 +18,6 @@ use crate::pci::virtio_pci::{
     F_VERSION_1, MSIX_TABLE, NOTIFY, NOTIFY_MULTIPLIER, S_ACKNOWLEDGE, S_DRIVER, S_DRIVER_OK,
     S_FEATURES_OK, VirtioPci,
 };
-use crate::stats::{Reject, RejectCounters};
-use crate::switch::Switch;
 
 const QSIZE: u64 = 16;
 
@@ -130,8 +130,8 @@ fn nic(
 #[test]
 fn a_frame_crosses_the_switch_between_two_nics() {
     let sw = Arc::new(Switch::default());
-    let mem_a = crate::memory::create("a", 8 << 20).unwrap();
-    let mem_b = crate::memory::create("b", 8 << 20).unwrap();
+    let mem_a = crate::kvm::memory::create("a", 8 << 20).unwrap();
+    let mem_b = crate::kvm::memory::create("b", 8 << 20).unwrap();
     let (mut a, msix_a, ca) = nic("a", [2, 0, 0, 0, 0, 0xA], &sw, &mem_a);
     let (mut b, msix_b, cb) = nic("b", [2, 0, 0, 0, 0, 0xB], &sw, &mem_b);
     bring_up(&mut a, &msix_a, 0x10_0000);
@@ -185,7 +185,7 @@ fn a_frame_crosses_the_switch_between_two_nics() {
 #[test]
 fn hostile_transport_writes_are_refused() {
     let sw = Arc::new(Switch::default());
-    let mem = crate::memory::create("h", 8 << 20).unwrap();
+    let mem = crate::kvm::memory::create("h", 8 << 20).unwrap();
     let (mut d, _msix, _) = nic("h", [2, 0, 0, 0, 0, 1], &sw, &mem);
     // Features the device never offered: FEATURES_OK stays clear.
     w32(&mut d, 0x08, 0);

@@ -4,14 +4,13 @@
 //! hostile: unknown ports and unmapped MMIO are counted, logged (rate-limited) and
 //! answered like an empty bus (reads all ones), never fatal.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use para_abi::layout::SERIAL_PORT;
-use tracing::warn;
 
-use crate::serial::{self, Uart};
-use crate::stats::{Reject, RejectCounters};
+use crate::counters::{Reject, RejectCounters};
+use crate::devices::serial::{self, Uart};
+use crate::sync::lock;
 
 /// A device reachable through guest-physical MMIO.
 pub trait MmioDevice: Send + Sync {
@@ -31,8 +30,6 @@ pub trait PioDevice: Send + Sync {
 const PIC_PORTS: [u16; 4] = [0x20, 0x21, 0xA0, 0xA1];
 /// 8254 PIT channels and control, and the PC/AT "port B" speaker/gate register.
 const PIT_PORTS: [u16; 5] = [0x40, 0x41, 0x42, 0x43, 0x61];
-/// How many rejects of one kind are logged before going quiet (the count goes on).
-const LOG_LIMIT: u64 = 8;
 
 pub struct Platform {
     pub name: String,
@@ -40,7 +37,6 @@ pub struct Platform {
     pub rejects: Arc<RejectCounters>,
     mmio: Vec<Arc<dyn MmioDevice>>,
     pio: Vec<Arc<dyn PioDevice>>,
-    logged: AtomicU64,
 }
 
 impl Platform {
@@ -52,7 +48,6 @@ impl Platform {
             rejects,
             mmio: Vec::new(),
             pio: Vec::new(),
-            logged: AtomicU64::new(0),
         }
     }
 
@@ -64,20 +59,13 @@ impl Platform {
         self.pio.push(d);
     }
 
-    /// Counts a rejected access and logs the first few.
+    /// Counts a rejected access and logs the first few of its reason.
     pub fn reject(&self, r: Reject, what: std::fmt::Arguments<'_>) {
-        self.rejects.bump(r);
-        if self.logged.fetch_add(1, Ordering::Relaxed) < LOG_LIMIT * Reject::ALL.len() as u64
-            && self.rejects.count(r) <= LOG_LIMIT
-        {
-            warn!(guest = %self.name, reason = r.name(), "rejected guest access: {what}");
-        }
+        self.rejects.reject(r, &self.name, "guest access", what);
     }
 
     fn uart(&self) -> std::sync::MutexGuard<'_, Uart> {
-        self.uart
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        lock(&self.uart)
     }
 
     pub fn pio_read(&self, port: u16, data: &mut [u8]) {
@@ -163,7 +151,7 @@ impl Platform {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::serial::{LineWriter, Sink, new_uart};
+    use crate::devices::serial::{LineWriter, Sink, new_uart};
 
     fn platform() -> (Platform, Arc<Mutex<Vec<String>>>) {
         let buf = Arc::new(Mutex::new(Vec::new()));

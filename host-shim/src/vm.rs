@@ -13,16 +13,21 @@ use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use tracing::info;
 use vm_memory::{Bytes, GuestAddress};
 
-use crate::acpi::{self, EcamInfo};
-use crate::boot;
-use crate::cpuid::{self, CpuidParams};
-use crate::doorbell::manager::{ManagerError, Plan};
-use crate::doorbell::{GuestDoorbells, ParaMmio, ParaRegion};
-use crate::memory::{self, GuestMem};
+use crate::counters::RejectCounters;
+use crate::devices::net::NetCounters;
+use crate::devices::serial::{LineWriter, Sink, new_uart};
+use crate::kvm::acpi::{self, EcamInfo};
+use crate::kvm::boot;
+use crate::kvm::cpuid::{self, CpuidParams};
+use crate::kvm::memory::{self, GuestMem};
+use crate::kvm::stats::KvmStats;
+use crate::mech::Mechanism;
+use crate::pci::msix::Msix;
 use crate::platform::Platform;
-use crate::serial::{LineWriter, Sink, new_uart};
-use crate::stats::{DoorbellReport, GuestReport, KvmStats, RejectCounters, VcpuReport};
-use crate::vcpu::{self, GuestCtx, Outcome, VcpuShared};
+use crate::report::{GuestReport, NicReport, VcpuReport};
+use crate::sync::lock;
+use crate::vcpu::handle::{self, VcpuShared};
+use crate::vcpu::{GuestCtx, Outcome};
 
 /// IOAPIC pins reserved for the user-space side of the split irqchip (the routes
 /// below this GSI belong to it; MSI routes start here).
@@ -68,10 +73,8 @@ pub enum VmError {
     Device(String),
     #[error("installing the vCPU kick handler failed: {0}")]
     Signal(std::io::Error),
-    #[error("doorbells: {0}")]
-    Doorbells(#[from] ManagerError),
-    #[error("doorbells need KVM_CAP_READONLY_MEM, which this KVM lacks (use --doorbells off)")]
-    NoReadonlyMem,
+    #[error("{0}")]
+    Mechanism(String),
 }
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
@@ -82,8 +85,8 @@ fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
 pub struct NicInfo {
     pub name: String,
     pub mac: [u8; 6],
-    pub counters: Arc<crate::devices::net::NetCounters>,
-    pub msix: Arc<crate::pci::msix::Msix>,
+    pub counters: Arc<NetCounters>,
+    pub msix: Arc<Msix>,
     /// PCI device number on bus 0 (what doorbell events name).
     pub pci_device: u8,
     /// Per queue: the eventfd a doorbell notification rings.
@@ -107,21 +110,11 @@ pub struct Guest {
     pub nics: Vec<NicInfo>,
     /// Set once the platform is shared with running vCPUs; devices can no longer be added.
     platform: Option<Platform>,
-    /// The para region (M1), when doorbells are offered.
-    pub para: Option<Arc<ParaRegion>>,
-    /// What the guest's doorbell events do, and their counters (M1).
-    pub doorbells: Option<Arc<GuestDoorbells>>,
-    /// M2 interrupt-vCPU hints, when offered.
-    pub hints: Option<Arc<crate::hints::GuestHints>>,
-    /// What KVM supports and what the shim offers, to rebuild CPUID on [`Guest::offer`].
+    /// What KVM supports and what the shim offers, to rebuild CPUID on [`Guest::attach`].
     cpuid_supported: CpuId,
     cpuid_params: CpuidParams,
-    /// Handed to the vCPU threads at start.
-    exit_hooks: Vec<Arc<dyn vcpu::ExitHook>>,
-    /// M3 upcalls, when offered ([`Guest::offer_upcalls`]).
-    pub upcalls: Option<Arc<crate::pending::GuestUpcalls>>,
-    /// M4 control blocks, when offered (`crate::ctrl::attach`).
-    pub ctrl: Option<Arc<crate::ctrl::GuestCtrl>>,
+    /// The mechanisms attached ([`Guest::attach`]), handed to the vCPU threads at start.
+    mechs: Vec<Arc<dyn Mechanism>>,
 }
 
 /// Sets vCPU `apic_id`'s CPUID from what KVM supports filtered by `params`.
@@ -153,32 +146,19 @@ impl Guest {
         }
     }
 
-    /// Creates the VM, its memory and vCPUs, but loads nothing; no para region.
-    pub fn new_bare(
-        kvm: &Kvm,
-        name: &str,
-        mem_size: u64,
-        vcpus: u32,
-        sink: Sink,
-    ) -> Result<Self, VmError> {
-        Self::new(kvm, name, mem_size, vcpus, sink, None)
-    }
-
-    /// As [`Guest::new_bare`], and with `para` the para region of M1 is mapped
-    /// (read-only where the plan says), its kicks bound to ioeventfds, and CPUID
-    /// tells the guest where it is.
+    /// Creates the VM, its memory and vCPUs, but loads nothing and offers no
+    /// mechanism ([`Guest::attach`] does).
     pub fn new(
         kvm: &Kvm,
         name: &str,
         mem_size: u64,
         vcpus: u32,
         sink: Sink,
-        para: Option<Plan>,
     ) -> Result<Self, VmError> {
         if vcpus == 0 || vcpus > MAX_VCPUS {
             return Err(VmError::BadVcpuCount(vcpus));
         }
-        vcpu::install_kick_handler().map_err(VmError::Signal)?;
+        handle::install_kick_handler().map_err(VmError::Signal)?;
         let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
         // Needed by Intel VMX for real-mode emulation; three pages just below the BIOS.
         vm.set_tss_address(0xFFFB_D000)
@@ -194,9 +174,6 @@ impl Guest {
 
         let mem = memory::create(name, mem_size)?;
         memory::register(&vm, &mem)?;
-        let para = para
-            .map(|plan| map_para(kvm, &vm, &mem, plan))
-            .transpose()?;
 
         let mut fds = Vec::with_capacity(vcpus as usize);
         for i in 0..vcpus {
@@ -213,7 +190,6 @@ impl Guest {
             vcpus,
             tsc_khz,
             tsc_deadline: kvm.check_extension(Cap::TscDeadlineTimer),
-            para_region: para.as_ref().map(|p| (p.plan.base, p.plan.size as u32)),
             offers: Vec::new(),
         };
         for (i, fd) in fds.iter().enumerate() {
@@ -271,26 +247,36 @@ impl Guest {
             first_output,
             platform: Some(platform),
             nics: Vec::new(),
-            para,
-            doorbells: None,
-            hints: None,
             cpuid_supported: supported,
             cpuid_params: params,
-            exit_hooks: Vec::new(),
-            upcalls: None,
-            ctrl: None,
+            mechs: Vec::new(),
         })
     }
 
-    /// Offers a further paravirtual mechanism (M2–M5) to the guest: ORs `feature`
-    /// into the features leaf and answers `leaf` with `regs`, on every vCPU. Only
-    /// before [`Guest::start`] (KVM takes CPUID changes before the first run).
-    pub fn offer(&mut self, offer: cpuid::Offer) -> Result<(), VmError> {
-        if self.started.is_some() {
-            return Err(VmError::Device(
-                "mechanisms can only be offered before the guest starts".into(),
-            ));
+    /// Attaches a paravirtual mechanism, the one way every mechanism reaches a
+    /// guest: offers it in CPUID (its feature bits OR-ed into the features leaf,
+    /// its leaf answered, on every vCPU), routes its exiting MMIO to it, and
+    /// hands it to the vCPU loop. Only before [`Guest::start`] (KVM takes CPUID
+    /// changes before the first run).
+    pub fn attach(&mut self, mech: Arc<dyn Mechanism>) -> Result<(), VmError> {
+        if self.started.is_some() || self.platform.is_none() {
+            return Err(VmError::Mechanism(format!(
+                "{}: mechanisms can only be attached before the guest starts",
+                mech.name()
+            )));
         }
+        if let Some(offer) = mech.offer() {
+            self.offer(offer)?;
+        }
+        if let (Some(dev), Some(p)) = (mech.clone().mmio(), self.platform.as_mut()) {
+            p.add_mmio(dev);
+        }
+        self.mechs.push(mech);
+        Ok(())
+    }
+
+    /// Rebuilds every vCPU's CPUID with `offer` added.
+    fn offer(&mut self, offer: cpuid::Offer) -> Result<(), VmError> {
         self.cpuid_params.offers.retain(|o| o.leaf != offer.leaf);
         self.cpuid_params.offers.push(offer);
         for (i, fd) in self.vcpu_fds.iter().enumerate() {
@@ -328,36 +314,6 @@ impl Guest {
         Ok(())
     }
 
-    /// Connects the guest's doorbell events to `doorbells` and routes exiting
-    /// writes to the para region (read-only pages, odd-sized kicks) to it.
-    pub fn attach_doorbells(&mut self, doorbells: Arc<GuestDoorbells>) {
-        if let (Some(region), Some(p)) = (self.para.clone(), self.platform.as_mut()) {
-            p.add_mmio(Arc::new(ParaMmio {
-                region,
-                guest: doorbells.clone(),
-            }));
-        }
-        self.doorbells = Some(doorbells);
-    }
-
-    /// Maps the M3 upcall mailboxes and offers them (before [`Guest::start`]).
-    pub fn offer_upcalls(&mut self, delivery: crate::pending::Delivery) -> Result<(), VmError> {
-        let (u, offer) =
-            crate::pending::GuestUpcalls::new(&self.name, &self.vm, self.vcpus.len(), delivery)
-                .map_err(|e| VmError::Device(e.to_string()))?;
-        self.offer(offer)?;
-        if let Some(h) = &self.hints {
-            h.set_upcalls(u.clone());
-        }
-        self.upcalls = Some(u);
-        Ok(())
-    }
-
-    /// Runs `hook` after every exit of every vCPU (before [`Guest::start`]).
-    pub fn add_exit_hook(&mut self, hook: Arc<dyn vcpu::ExitHook>) {
-        self.exit_hooks.push(hook);
-    }
-
     /// The boot processor's fd, for tests that set up their own CPU state.
     #[must_use]
     pub fn bsp(&self) -> Option<&VcpuFd> {
@@ -369,19 +325,15 @@ impl Guest {
         let Some(platform) = self.platform.take() else {
             return Ok(()); // already started
         };
-        let mut ctx = GuestCtx::new(&self.name, Arc::new(platform), self.vcpus.clone());
-        ctx.exit_hooks = std::mem::take(&mut self.exit_hooks);
-        let ctx = Arc::new(ctx);
-        if let Some(d) = &self.doorbells {
-            let _ = ctx.doorbells.set(d.clone());
+        for m in &self.mechs {
+            m.start(&self.vcpus).map_err(VmError::Thread)?;
         }
-        if let Some(u) = &self.upcalls {
-            let _ = ctx.upcalls.set(u.clone());
-            u.start(self.vcpus.clone()).map_err(VmError::Thread)?;
-        }
-        if let Some(c) = &self.ctrl {
-            let _ = ctx.ctrl.set(c.clone());
-        }
+        let ctx = Arc::new(GuestCtx::new(
+            &self.name,
+            Arc::new(platform),
+            self.vcpus.clone(),
+            self.mechs.clone(),
+        ));
         self.ctx = Some(ctx.clone());
         self.started = Some(Instant::now());
         for (i, fd) in std::mem::take(&mut self.vcpu_fds).into_iter().enumerate() {
@@ -390,7 +342,7 @@ impl Guest {
             let pin = pins.get(i).copied().flatten();
             let h = std::thread::Builder::new()
                 .name(format!("{}-vcpu{i}", self.name))
-                .spawn(move || vcpu::run(fd, &me, &ctx, pin))
+                .spawn(move || crate::vcpu::exit::run(fd, &me, &ctx, pin))
                 .map_err(VmError::Thread)?;
             self.threads.push(h);
         }
@@ -429,13 +381,7 @@ impl Guest {
                 host_cpu: v.host_cpu.load(Ordering::Relaxed),
                 exits: v.exits.snapshot(),
                 shim_exits_total: v.exits.total(),
-                kvm: v
-                    .kvm_final
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .iter()
-                    .copied()
-                    .collect(),
+                kvm: lock(&v.kvm_final).iter().copied().collect(),
                 interrupts_injected: v.injected.load(Ordering::Relaxed),
                 preempted: v.preempted.load(Ordering::Relaxed),
                 preempt_deferred: v.preempt_deferred.load(Ordering::Relaxed),
@@ -464,65 +410,30 @@ impl Guest {
             vcpus,
             rejected: self.rejects.snapshot(),
             nics: self.nics.iter().map(nic_report).collect(),
-            doorbell: self.doorbell_report(),
-            upcalls: self.upcalls.as_ref().map(|u| u.report()),
-            hints: self.hints.as_ref().map(|h| h.report()),
-            ctrl: self.ctrl.as_ref().map(|c| c.report()).unwrap_or_default(),
-            marks: self.ctx.as_ref().map_or_else(Vec::new, |c| {
-                c.marks
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .clone()
-            }),
+            marks: self
+                .ctx
+                .as_ref()
+                .map_or_else(Vec::new, |c| lock(&c.marks).clone()),
             ..Default::default()
         };
+        for m in &self.mechs {
+            m.report(&mut report);
+        }
         report.derive_totals();
         report
-    }
-
-    fn doorbell_report(&self) -> DoorbellReport {
-        let Some(d) = &self.doorbells else {
-            return DoorbellReport::default();
-        };
-        let s = d.snapshot();
-        DoorbellReport {
-            offered: self.para.is_some(),
-            events: s.events,
-            sink_events: s.sink_events,
-            fallback_kicks: s.fallback_kicks,
-            overflow_drained: s.overflow_drained,
-            overflow_notified: s.overflow_notified,
-            rejected: s.rejected,
-            protected_writes: s.protected_writes,
-            notify_bench: d.bench.get().map(|b| b.report()),
-        }
     }
 
     /// The outcome so far.
     #[must_use]
     pub fn outcome(&self) -> Option<Outcome> {
         let ctx = self.ctx.as_ref()?;
-        ctx.outcome
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
+        lock(&ctx.outcome).clone()
     }
 }
 
-/// Builds the para region of `plan` and maps it into `vm` after guest RAM's slots.
-fn map_para(kvm: &Kvm, vm: &VmFd, mem: &GuestMem, plan: Plan) -> Result<Arc<ParaRegion>, VmError> {
-    if !kvm.check_extension(Cap::ReadonlyMem) {
-        return Err(VmError::NoReadonlyMem);
-    }
-    let region = ParaRegion::new(plan)?;
-    // Guest RAM uses slots from 0, one per region (memory::register).
-    region.register(vm, vm_memory::GuestMemoryBackend::num_regions(mem) as u32)?;
-    Ok(Arc::new(region))
-}
-
-fn nic_report(n: &NicInfo) -> crate::stats::NicReport {
+fn nic_report(n: &NicInfo) -> NicReport {
     let c = &n.counters;
-    crate::stats::NicReport {
+    NicReport {
         name: n.name.clone(),
         mac: n
             .mac

@@ -1,6 +1,6 @@
 //! `--vcpu-quantum` on real KVM: a slice that ends while the guest has
 //! interrupts masked is not taken there; the vCPU yields at its first exit with
-//! IF = 1 (issue 7 item 4). Needs /dev/kvm.
+//! IF = 1. Needs /dev/kvm.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -8,8 +8,9 @@ use std::time::{Duration, Instant};
 
 mod common;
 
+use host_shim::devices::serial::Sink;
+use host_shim::mech::quantum::Quantum;
 use host_shim::platform::PioDevice;
-use host_shim::serial::Sink;
 use host_shim::vcpu::VcpuShared;
 use host_shim::vm::Guest;
 use kvm_ioctls::Kvm;
@@ -56,8 +57,7 @@ impl PioDevice for Probe {
 #[test]
 fn a_slice_ending_under_cli_waits_for_sti() {
     let kvm = Kvm::new().unwrap_or_else(|e| panic!("this test needs /dev/kvm: {e}"));
-    let mut g =
-        Guest::new_bare(&kvm, "quantum", 16 << 20, 1, Sink::Buffer(Arc::default())).unwrap();
+    let mut g = Guest::new(&kvm, "quantum", 16 << 20, 1, Sink::Buffer(Arc::default())).unwrap();
     #[rustfmt::skip]
     let main: &[u8] = &[
         0xfa,             // cli
@@ -78,6 +78,7 @@ fn a_slice_ending_under_cli_waits_for_sti() {
         done: AtomicBool::new(false),
     });
     g.platform_mut().unwrap().add_pio(probe.clone());
+    g.attach(Arc::new(Quantum)).unwrap();
     g.start(&[None]).unwrap();
     wait_until("the last port write", Duration::from_secs(20), || {
         probe.done.load(Ordering::SeqCst)

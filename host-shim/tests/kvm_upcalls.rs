@@ -8,9 +8,10 @@ use std::time::{Duration, Instant};
 
 mod common;
 
-use host_shim::pending::{Delivery, GuestUpcalls, UpcallClass};
+use host_shim::devices::serial::Sink;
+use host_shim::mech::UpcallClass;
+use host_shim::mech::upcalls::{Delivery, GuestUpcalls};
 use host_shim::platform::PioDevice;
-use host_shim::serial::Sink;
 use host_shim::vcpu::VcpuShared;
 use host_shim::vm::Guest;
 use kvm_ioctls::Kvm;
@@ -58,9 +59,8 @@ impl PioDevice for Poster {
 #[test]
 fn upcall_waits_for_the_window_when_masked_and_goes_at_once_when_open() {
     let kvm = Kvm::new().expect("these tests need /dev/kvm");
-    let mut g = Guest::new_bare(&kvm, "up", 16 << 20, 1, Sink::Buffer(Arc::default())).unwrap();
-    g.offer_upcalls(Delivery::Window).unwrap();
-    let upcalls = g.upcalls.clone().unwrap();
+    let mut g = Guest::new(&kvm, "up", 16 << 20, 1, Sink::Buffer(Arc::default())).unwrap();
+    let upcalls = host_shim::assemble::upcalls(&mut g, Delivery::Window).unwrap();
     #[rustfmt::skip]
     let main: &[u8] = &[
         0xfa,             // cli

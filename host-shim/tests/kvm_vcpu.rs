@@ -1,16 +1,13 @@
-//! Tests against the real /dev/kvm: PVH entry, the exit hypercall, `KVM_INTERRUPT`
-//! injection and interrupt-window exits. They fail (not skip) without /dev/kvm.
+//! Tests against the real /dev/kvm: PVH entry and the exit hypercall
+//! (`KVM_INTERRUPT` injection in the interrupt window is M3's, in
+//! `kvm_upcalls.rs`). They fail (not skip) without /dev/kvm.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-mod common;
-
-use host_shim::platform::PioDevice;
-use host_shim::serial::Sink;
-use host_shim::vcpu::{Outcome, VcpuShared};
+use host_shim::devices::serial::Sink;
+use host_shim::vcpu::Outcome;
 use host_shim::vm::{Guest, GuestConfig};
 use kvm_ioctls::Kvm;
 
@@ -99,8 +96,7 @@ fn pvh_guest_prints_and_exits_through_the_hypercall() {
         mem: 16 << 20,
         cmdline: "x".into(),
     };
-    let mut g =
-        Guest::new_bare(&kvm(), &cfg.name, cfg.mem, 1, Sink::Buffer(lines.clone())).unwrap();
+    let mut g = Guest::new(&kvm(), &cfg.name, cfg.mem, 1, Sink::Buffer(lines.clone())).unwrap();
     g.boot_pvh(&cfg, None).unwrap();
     g.start(&[None]).unwrap();
     wait_until("guest exit", Duration::from_secs(20), || g.finished());
@@ -110,75 +106,4 @@ fn pvh_guest_prints_and_exits_through_the_hypercall() {
     let report = g.join(Instant::now());
     assert_eq!(report.rejected.get("unknown_hypercall"), Some(&1));
     assert_eq!(report.vcpus[0].exits.get("hypercall"), Some(&2));
-}
-
-/// Records the test ports the real-mode guest writes, and queues the interrupt at
-/// the first one (while the guest runs with IF=0).
-struct Probe {
-    seen: Mutex<Vec<u16>>,
-    bsp: Arc<VcpuShared>,
-    done: AtomicBool,
-}
-
-impl PioDevice for Probe {
-    fn pio_read(&self, _: u16, _: &mut [u8]) -> bool {
-        false
-    }
-    fn pio_write(&self, port: u16, _: &[u8]) -> bool {
-        if !(0x511..=0x513).contains(&port) {
-            return false;
-        }
-        self.seen.lock().unwrap().push(port);
-        match port {
-            0x511 => self.bsp.queue_interrupt(0x40),
-            0x513 => self.done.store(true, Ordering::SeqCst),
-            _ => {}
-        }
-        true
-    }
-}
-
-#[test]
-fn kvm_interrupt_waits_for_the_interrupt_window() {
-    let mut g = Guest::new_bare(&kvm(), "irq", 16 << 20, 1, Sink::Buffer(Arc::default())).unwrap();
-    #[rustfmt::skip]
-    let main: &[u8] = &[
-        0xfa,             // cli
-        0xba, 0x11, 0x05, // mov dx, 0x511   -> the shim queues vector 0x40 now
-        0xee,             // out dx, al
-        0xfb,             // sti             -> window opens after the next instruction
-        0xf4,             // hlt             (this KVM checks the window at batch ends)
-        0xba, 0x13, 0x05, // mov dx, 0x513
-        0xee,             // out dx, al
-        0xf4, 0xeb, 0xfd, // hlt; jmp hlt
-    ];
-    let handler: &[u8] = &[0xba, 0x12, 0x05, 0xee, 0xcf]; // mov dx, 0x512; out dx, al; iret
-    // Real mode: the IVT sends vector 0x40 to the handler at 0000:2000.
-    common::real_mode_program(&g, 0x40, main, handler);
-
-    let probe = Arc::new(Probe {
-        seen: Mutex::default(),
-        bsp: g.vcpus[0].clone(),
-        done: AtomicBool::new(false),
-    });
-    g.platform_mut().unwrap().add_pio(probe.clone());
-    g.start(&[None]).unwrap();
-    wait_until(
-        "the guest's last port write",
-        Duration::from_secs(20),
-        || probe.done.load(Ordering::SeqCst),
-    );
-    g.interrupt();
-    wait_until("vCPU stop", Duration::from_secs(5), || g.finished());
-    let r = g.join(Instant::now());
-    let v = &r.vcpus[0];
-    // The handler ran after `sti` and before the final write: delivered in the window,
-    // never while IF was clear (the queueing happened under `cli`).
-    assert_eq!(*probe.seen.lock().unwrap(), vec![0x511, 0x512, 0x513]);
-    assert_eq!(v.interrupts_injected, 1);
-    assert!(
-        v.exits.get("irq_window_open").copied().unwrap_or(0) >= 1,
-        "no interrupt-window exit: {:?}",
-        v.exits
-    );
 }

@@ -11,20 +11,21 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
 
 use tracing::{debug, warn};
+use virtio_bindings::{virtio_ids, virtio_net};
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::memory::GuestMem;
+use crate::counters::{Reject, RejectCounters};
+use crate::devices::switch::{Port, Switch};
+use crate::kvm::memory::GuestMem;
 use crate::pci::virtio_pci::{Activation, F_VERSION_1, NO_VECTOR, VirtioDevice};
-use crate::stats::{Reject, RejectCounters};
-use crate::switch::{Port, Switch};
 
-/// Feature bits (virtio 1.2 §5.1.3).
-const F_MAC: u64 = 1 << 5;
-const F_STATUS: u64 = 1 << 16;
+/// Feature bits (virtio 1.2 §5.1.3) as masks.
+const F_MAC: u64 = 1 << virtio_net::VIRTIO_NET_F_MAC;
+const F_STATUS: u64 = 1 << virtio_net::VIRTIO_NET_F_STATUS;
 /// `struct virtio_net_hdr` with VERSION_1: 12 bytes (num_buffers included, §5.1.6).
-pub const HDR_LEN: usize = 12;
+pub const HDR_LEN: usize = std::mem::size_of::<virtio_net::virtio_net_hdr_v1>();
 /// Largest frame accepted: 64 KiB of payload plus an Ethernet header.
 pub const MAX_FRAME: usize = 65_536 + 14;
 pub const QUEUE_SIZE: u16 = 256;
@@ -116,7 +117,7 @@ pub struct Net {
     rejects: Arc<RejectCounters>,
     worker: Option<(EventFd, JoinHandle<()>)>,
     /// M2 interrupt-vCPU hints for this NIC's queues, when offered.
-    pub hints: Option<Arc<crate::hints::DeviceHints>>,
+    pub hints: Option<Arc<crate::mech::hints::DeviceHints>>,
     /// Asked before a queue's MSI (queue 0 RX, 1 TX): true withholds it (M4 quiet flags).
     pub quiet: Option<QuietGate>,
 }
@@ -168,7 +169,7 @@ impl Drop for Net {
 
 impl VirtioDevice for Net {
     fn device_type(&self) -> u16 {
-        1
+        virtio_ids::VIRTIO_ID_NET as u16
     }
     fn class_code(&self) -> u32 {
         0x02_00_00 // network controller, Ethernet
@@ -183,7 +184,7 @@ impl VirtioDevice for Net {
         // struct virtio_net_config: mac[6], status le16 (LINK_UP), max_virtqueue_pairs le16 (§5.1.4).
         let mut cfg = [0u8; 10];
         cfg[..6].copy_from_slice(&self.mac);
-        cfg[6] = 1;
+        cfg[6] = virtio_net::VIRTIO_NET_S_LINK_UP as u8;
         cfg[8] = 1;
         for (i, b) in data.iter_mut().enumerate() {
             *b = cfg.get(offset as usize + i).copied().unwrap_or(0);
@@ -250,7 +251,7 @@ struct Worker {
     counters: Arc<NetCounters>,
     rejects: Arc<RejectCounters>,
     stop: EventFd,
-    hints: [Option<crate::hints::QueueHinter>; 2],
+    hints: [Option<crate::mech::hints::QueueHinter>; 2],
     quiet: Option<QuietGate>,
 }
 
@@ -429,11 +430,11 @@ mod tests {
     use virtio_queue::mock::MockSplitQueue;
     use vm_memory::{Bytes, GuestAddress};
 
-    const VRING_DESC_F_NEXT: u16 = 1;
-    const VRING_DESC_F_WRITE: u16 = 2;
+    const VRING_DESC_F_NEXT: u16 = virtio_bindings::virtio_ring::VRING_DESC_F_NEXT as u16;
+    const VRING_DESC_F_WRITE: u16 = virtio_bindings::virtio_ring::VRING_DESC_F_WRITE as u16;
 
     fn mem() -> GuestMem {
-        crate::memory::create("t", 4 << 20).unwrap()
+        crate::kvm::memory::create("t", 4 << 20).unwrap()
     }
 
     /// A queue whose chains are the given descriptors (flags NEXT set by caller).

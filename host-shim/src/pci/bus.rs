@@ -5,20 +5,17 @@
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
-use tracing::warn;
-
 use super::config::ConfigSpace;
 use super::ecam::{self, ConfigAddress};
 use super::{PciDevice, le_value};
+use crate::counters::{Reject, RejectCounters};
 use crate::platform::{MmioDevice, PioDevice};
-use crate::stats::{Reject, RejectCounters};
+use crate::sync::lock;
 
 /// BARs are assigned from here up (above the ECAM window, below the IOAPIC).
 pub const BAR_WINDOW: (u64, u64) = (0xC000_0000, 0xFEC0_0000);
 const CONFIG_ADDRESS: u16 = 0xCF8;
 const CONFIG_DATA: u16 = 0xCFC;
-/// Rejects of one kind logged before going quiet.
-const LOG_LIMIT: u64 = 8;
 
 /// The host bridge: ids and class 06/00/00 only (PCI 3.0 appendix D).
 struct HostBridge(ConfigSpace);
@@ -75,10 +72,7 @@ impl PciBus {
 
     /// Reserves a naturally aligned BAR range of `size` bytes.
     pub fn allocate_bar(&self, size: u64) -> Option<u64> {
-        let mut next = self
-            .next_bar
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut next = lock(&self.next_bar);
         let base = next.next_multiple_of(size);
         (base + size <= BAR_WINDOW.1).then(|| {
             *next = base + size;
@@ -95,10 +89,7 @@ impl PciBus {
     }
 
     fn reject(&self, r: Reject, what: std::fmt::Arguments<'_>) {
-        self.rejects.bump(r);
-        if self.rejects.count(r) <= LOG_LIMIT {
-            warn!(guest = %self.name, reason = r.name(), "rejected PCI access: {what}");
-        }
+        self.rejects.reject(r, &self.name, "PCI access", what);
     }
 
     fn slot(&self, a: ConfigAddress) -> Option<&SharedDevice> {
@@ -119,10 +110,7 @@ impl PciBus {
             return;
         }
         match self.slot(a) {
-            Some(d) => d
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .config_read(a.offset, data),
+            Some(d) => lock(d).config_read(a.offset, data),
             None => data.fill(0xFF),
         }
     }
@@ -136,10 +124,7 @@ impl PciBus {
             return;
         }
         let Some(d) = self.slot(a) else { return };
-        let r = d
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .config_write(a.offset, data);
+        let r = lock(d).config_write(a.offset, data);
         if let Some(r) = r {
             self.reject(r, format_args!("config write {data:x?} at {a:?}"));
         }
@@ -148,10 +133,7 @@ impl PciBus {
     /// The device and BAR index whose range holds `addr`, with the offset in it.
     fn bar_at(&self, addr: u64) -> Option<(&SharedDevice, usize, u64)> {
         self.slots.iter().skip(1).find_map(|d| {
-            let bars = d
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .bars();
+            let bars = lock(d).bars();
             bars.iter().enumerate().find_map(|(i, &(base, size))| {
                 (base != 0 && (base..base + size).contains(&addr)).then(|| (d, i, addr - base))
             })
@@ -209,11 +191,7 @@ impl MmioDevice for PciBus {
         let Some((d, bar, off)) = self.bar_at(addr) else {
             return false;
         };
-        if let Some(r) = d
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .bar_read(bar, off, data)
-        {
+        if let Some(r) = lock(d).bar_read(bar, off, data) {
             self.reject(
                 r,
                 format_args!("BAR read of {} bytes at {addr:#x}", data.len()),
@@ -230,11 +208,7 @@ impl MmioDevice for PciBus {
         let Some((d, bar, off)) = self.bar_at(addr) else {
             return false;
         };
-        if let Some(r) = d
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .bar_write(bar, off, data)
-        {
+        if let Some(r) = lock(d).bar_write(bar, off, data) {
             self.reject(r, format_args!("BAR write {data:x?} at {addr:#x}"));
         }
         true

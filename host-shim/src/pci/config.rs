@@ -4,7 +4,7 @@
 //! value whatever the guest writes, and such writes are reported to the caller.
 
 use super::ecam::access_ok;
-use crate::stats::Reject;
+use crate::counters::Reject;
 
 pub const VENDOR_ID: u16 = 0x00;
 pub const COMMAND: u16 = 0x04;

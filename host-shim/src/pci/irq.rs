@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
+use crate::sync::lock;
 use kvm_bindings::{KVM_IRQ_ROUTING_MSI, KvmIrqRouting, kvm_irq_routing_entry};
 use kvm_ioctls::VmFd;
 use vmm_sys_util::eventfd::EventFd;
@@ -69,10 +70,7 @@ impl MsiRouter for KvmMsiRouter {
     }
 
     fn set_route(&self, gsi: u32, msg: Option<MsiMessage>) -> Result<(), IrqError> {
-        let mut routes = self
-            .routes
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut routes = lock(&self.routes);
         match msg {
             Some(m) => routes.insert(gsi, m),
             None => routes.remove(&gsi),

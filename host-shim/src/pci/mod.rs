@@ -8,7 +8,7 @@ pub mod irq;
 pub mod msix;
 pub mod virtio_pci;
 
-use crate::stats::Reject;
+use crate::counters::Reject;
 
 /// A PCI function on the bus.
 pub trait PciDevice: Send {

@@ -10,7 +10,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::irq::{IrqError, MsiMessage, MsiRouter};
 use super::{le_value, put_le};
-use crate::stats::Reject;
+use crate::counters::Reject;
+use crate::sync::lock;
 
 /// Bytes per table entry: address low, address high, data, vector control (§6.8.2.6–9).
 pub const ENTRY_SIZE: u64 = 16;
@@ -156,9 +157,7 @@ impl Msix {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        lock(&self.state)
     }
 
     /// Table and PBA accesses must be aligned DWORDs or QWORDs (§6.8.2: "For all

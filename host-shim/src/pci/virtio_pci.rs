@@ -6,27 +6,30 @@ use std::sync::Arc;
 
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use tracing::{info, warn};
+use virtio_bindings::virtio_config;
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::config::{COMMAND, COMMAND_MEMORY, ConfigSpace};
 use super::msix::Msix;
 use super::{PciDevice, le_value, put_le};
-use crate::memory::GuestMem;
-use crate::stats::Reject;
+
+use crate::counters::Reject;
+use crate::kvm::memory::GuestMem;
 
 /// The virtio PCI vendor id and the modern device id base (virtio 1.2 §4.1.2.1).
 pub const VIRTIO_VENDOR: u16 = 0x1AF4;
 const MODERN_DEVICE_BASE: u16 = 0x1040;
-/// VIRTIO_F_VERSION_1 (virtio 1.2 §6).
-pub const F_VERSION_1: u64 = 1 << 32;
-/// Device status bits (virtio 1.2 §2.1).
-pub const S_ACKNOWLEDGE: u8 = 1;
-pub const S_DRIVER: u8 = 2;
-pub const S_DRIVER_OK: u8 = 4;
-pub const S_FEATURES_OK: u8 = 8;
-pub const S_FAILED: u8 = 0x80;
-/// "No vector" (virtio 1.2 §4.1.4.3).
+/// VIRTIO_F_VERSION_1 (virtio 1.2 §6) as a feature mask.
+pub const F_VERSION_1: u64 = 1 << virtio_config::VIRTIO_F_VERSION_1;
+/// Device status bits (virtio 1.2 §2.1), one byte in the common configuration.
+pub const S_ACKNOWLEDGE: u8 = virtio_config::VIRTIO_CONFIG_S_ACKNOWLEDGE as u8;
+pub const S_DRIVER: u8 = virtio_config::VIRTIO_CONFIG_S_DRIVER as u8;
+pub const S_DRIVER_OK: u8 = virtio_config::VIRTIO_CONFIG_S_DRIVER_OK as u8;
+pub const S_FEATURES_OK: u8 = virtio_config::VIRTIO_CONFIG_S_FEATURES_OK as u8;
+pub const S_FAILED: u8 = virtio_config::VIRTIO_CONFIG_S_FAILED as u8;
+/// "No vector" (virtio 1.2 §4.1.4.3; the transport's constants are not in
+/// `virtio-bindings`, which covers the device-independent headers only).
 pub const NO_VECTOR: u16 = 0xFFFF;
 
 /// BAR 0 layout.

@@ -1,0 +1,234 @@
+//! Counters every part of the shim shares: why a vCPU came back ([`Exit`]), which
+//! guest inputs were refused ([`Reject`] and each mechanism's own reasons), the one
+//! way to declare such a set of reasons ([`reasons!`]), the one logging limit for
+//! refusals ([`LOG_LIMIT`]) and the `StatsMark` record ([`MarkReport`]).
+//!
+//! A leaf: it names no other module of the crate, so devices, PCI, mechanisms and
+//! the run loop can all count into it.
+
+use std::collections::BTreeMap;
+use std::marker::PhantomData;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde::Serialize;
+use tracing::warn;
+
+/// How many refusals of one reason are logged before the log goes quiet for that
+/// reason (the count goes on).
+pub const LOG_LIMIT: u64 = 8;
+
+/// A closed set of named reasons, each with its own counter; declared with
+/// [`reasons!`].
+pub trait Reason: Copy + 'static {
+    /// Every reason, in report order.
+    const ALL: &'static [Self];
+    /// The key of this reason in the stats JSON.
+    fn name(self) -> &'static str;
+    /// The position of this reason in [`Reason::ALL`].
+    fn index(self) -> usize;
+}
+
+/// Declares a fieldless enum of counted reasons: `ALL`, `name()` and [`Reason`].
+#[macro_export]
+macro_rules! reasons {
+    ($(#[$m:meta])* $vis:vis $name:ident { $($(#[$vm:meta])* $v:ident => $s:literal,)* }) => {
+        $(#[$m])*
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        $vis enum $name { $($(#[$vm])* $v,)* }
+        impl $name {
+            pub const ALL: &[$name] = &[$($name::$v,)*];
+            #[must_use]
+            pub const fn name(self) -> &'static str { match self { $($name::$v => $s,)* } }
+        }
+        impl $crate::counters::Reason for $name {
+            const ALL: &'static [Self] = $name::ALL;
+            fn name(self) -> &'static str { $name::name(self) }
+            fn index(self) -> usize { self as usize }
+        }
+    };
+}
+
+/// One atomic counter per reason of `R`.
+#[derive(Debug)]
+pub struct Tally<R: Reason> {
+    counts: Box<[AtomicU64]>,
+    reasons: PhantomData<R>,
+}
+
+impl<R: Reason> Default for Tally<R> {
+    fn default() -> Self {
+        Self {
+            counts: R::ALL.iter().map(|_| AtomicU64::new(0)).collect(),
+            reasons: PhantomData,
+        }
+    }
+}
+
+impl<R: Reason> Tally<R> {
+    /// Counts one `r`.
+    pub fn bump(&self, r: R) {
+        self.counted(r);
+    }
+
+    /// Counts one `r`; returns the count before it.
+    fn counted(&self, r: R) -> u64 {
+        self.counts
+            .get(r.index())
+            .map_or(0, |c| c.fetch_add(1, Ordering::Relaxed))
+    }
+
+    #[must_use]
+    pub fn count(&self, r: R) -> u64 {
+        self.counts
+            .get(r.index())
+            .map_or(0, |c| c.load(Ordering::Relaxed))
+    }
+
+    /// The sum over every reason.
+    #[must_use]
+    pub fn total(&self) -> u64 {
+        self.counts.iter().map(|c| c.load(Ordering::Relaxed)).sum()
+    }
+
+    /// Every reason by name, zeros included.
+    #[must_use]
+    pub fn all(&self) -> BTreeMap<&'static str, u64> {
+        R::ALL.iter().map(|&r| (r.name(), self.count(r))).collect()
+    }
+
+    /// The non-zero counts by name.
+    #[must_use]
+    pub fn snapshot(&self) -> BTreeMap<&'static str, u64> {
+        R::ALL
+            .iter()
+            .map(|&r| (r.name(), self.count(r)))
+            .filter(|&(_, n)| n > 0)
+            .collect()
+    }
+
+    /// Counts one `r`; true for the first [`LOG_LIMIT`] of its reason, which
+    /// the caller logs in its own words.
+    pub fn bump_to_log(&self, r: R) -> bool {
+        self.counted(r) < LOG_LIMIT
+    }
+
+    /// Counts a refused guest input and logs the first [`LOG_LIMIT`] of its reason
+    /// as "`what_for`: rejected `what`".
+    pub fn reject(&self, r: R, guest: &str, what_for: &str, what: std::fmt::Arguments<'_>) {
+        if self.bump_to_log(r) {
+            warn!(guest, reason = r.name(), "{what_for}: rejected {what}");
+        }
+    }
+}
+
+reasons! {
+    /// Why a vCPU came back to the shim.
+    pub Exit {
+        IoIn => "io_in",
+        IoOut => "io_out",
+        MmioRead => "mmio_read",
+        MmioWrite => "mmio_write",
+        Hypercall => "hypercall",
+        IrqWindow => "irq_window_open",
+        Hlt => "hlt",
+        Shutdown => "shutdown",
+        Intr => "intr",
+        Eagain => "eagain",
+        SystemEvent => "system_event",
+        InternalError => "internal_error",
+        Other => "other",
+    }
+}
+
+reasons! {
+    /// Guest inputs the shim refused or ignored: every one is counted.
+    pub Reject {
+        UnknownHypercall => "unknown_hypercall",
+        UnknownPort => "unknown_port",
+        UnmappedMmio => "unmapped_mmio",
+        LegacyPic => "legacy_pic_access",
+        LegacyPit => "legacy_pit_access",
+        PciConfigReadOnly => "pci_config_ro_write",
+        PciConfigBadAccess => "pci_config_bad_access",
+        BarRelocation => "pci_bar_relocation",
+        MsixBadAccess => "msix_bad_access",
+        VirtioBadRegister => "virtio_bad_register",
+        VirtioBadQueue => "virtio_bad_queue_config",
+        VirtioBadDescriptor => "virtio_bad_descriptor",
+        VirtioNoRxBuffer => "virtio_rx_dropped_no_buffer",
+        FrameTooBig => "frame_too_big",
+    }
+}
+
+pub type ExitCounters = Tally<Exit>;
+pub type RejectCounters = Tally<Reject>;
+
+impl Exit {
+    /// The demo's reason class of this exit (`exits_by_reason` in the JSON), or `None`
+    /// for counters that refine another one (a hypercall is also an `io_out`).
+    #[must_use]
+    pub const fn class(self) -> Option<&'static str> {
+        match self {
+            Self::IoIn | Self::IoOut => Some("io"),
+            Self::MmioRead | Self::MmioWrite => Some("mmio"),
+            Self::Hlt => Some("halt"),
+            Self::IrqWindow => Some("irq_window"),
+            Self::Hypercall => None,
+            Self::Shutdown
+            | Self::Intr
+            | Self::Eagain
+            | Self::SystemEvent
+            | Self::InternalError
+            | Self::Other => Some("other"),
+        }
+    }
+}
+
+/// One `StatsMark` hypercall: the guest's counters at that moment.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct MarkReport {
+    pub label: u64,
+    /// KVM's `exits` summed over the guest's vCPUs.
+    pub exits: u64,
+    pub doorbell_events: u64,
+    pub sink_events: u64,
+    /// Wall-clock time of the mark, ms since the Unix epoch: orders marks of
+    /// different guests of one run.
+    pub unix_ms: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_count_and_snapshot_skips_zero() {
+        let c = ExitCounters::default();
+        c.bump(Exit::IoOut);
+        c.bump(Exit::IoOut);
+        c.bump(Exit::Hlt);
+        assert_eq!(c.total(), 3);
+        let s = c.snapshot();
+        assert_eq!(s.get("io_out"), Some(&2));
+        assert_eq!(s.get("hlt"), Some(&1));
+        assert!(!s.contains_key("mmio_read"));
+        let r = RejectCounters::default();
+        r.bump(Reject::UnknownHypercall);
+        assert_eq!(r.count(Reject::UnknownHypercall), 1);
+        assert_eq!(r.count(Reject::UnmappedMmio), 0);
+        assert_eq!(r.all().len(), Reject::ALL.len());
+    }
+
+    #[test]
+    fn names_are_unique() {
+        let mut n: Vec<_> = Exit::ALL
+            .iter()
+            .map(|e| e.name())
+            .chain(Reject::ALL.iter().map(|r| r.name()))
+            .collect();
+        let len = n.len();
+        n.sort_unstable();
+        n.dedup();
+        assert_eq!(n.len(), len);
+    }
+}

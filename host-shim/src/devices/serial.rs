@@ -1,0 +1,130 @@
+//! The COM1 console: a vm-superio 16550 whose output is split into lines, each
+//! printed with the guest's name in front.
+
+use std::io::Write;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Instant;
+
+use crate::sync::lock;
+use vm_superio::{Serial, Trigger};
+
+/// The UART has eight registers (16550 data sheet, "Register summary").
+pub const PORT_COUNT: u16 = 8;
+/// Longest line kept before it is flushed anyway: a guest without newlines must
+/// not make the shim buffer without bound.
+const MAX_LINE: usize = 4096;
+
+/// The guest polls LSR; the shim raises no serial interrupt.
+#[derive(Debug, Default)]
+pub struct NoInterrupt;
+
+impl Trigger for NoInterrupt {
+    type E = std::convert::Infallible;
+    fn trigger(&self) -> Result<(), Self::E> {
+        Ok(())
+    }
+}
+
+/// Where finished lines go: the shim's stdout, or a buffer a test inspects.
+#[derive(Clone, Debug)]
+pub enum Sink {
+    Stdout,
+    Buffer(Arc<Mutex<Vec<String>>>),
+}
+
+/// Collects bytes into lines and emits `name| line`.
+#[derive(Debug)]
+pub struct LineWriter {
+    name: String,
+    line: Vec<u8>,
+    sink: Sink,
+    /// When the guest first wrote to its console: the boot-time mark.
+    pub first_output: Arc<OnceLock<Instant>>,
+}
+
+impl LineWriter {
+    #[must_use]
+    pub fn new(name: &str, sink: Sink) -> Self {
+        Self {
+            name: name.to_owned(),
+            line: Vec::new(),
+            sink,
+            first_output: Arc::default(),
+        }
+    }
+
+    fn emit(&mut self) {
+        let text = String::from_utf8_lossy(&self.line)
+            .trim_end_matches('\r')
+            .to_owned();
+        self.line.clear();
+        match &self.sink {
+            Sink::Stdout => {
+                let mut out = std::io::stdout().lock();
+                let _ = writeln!(out, "{}| {}", self.name, text);
+            }
+            Sink::Buffer(b) => lock(b).push(text),
+        }
+    }
+
+    /// Emits a partial last line (at guest end).
+    pub fn finish(&mut self) {
+        if !self.line.is_empty() {
+            self.emit();
+        }
+    }
+}
+
+impl Write for LineWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let _ = self.first_output.set(Instant::now());
+        for &b in buf {
+            if b == b'\n' || self.line.len() >= MAX_LINE {
+                self.emit();
+                if b == b'\n' {
+                    continue;
+                }
+            }
+            self.line.push(b);
+        }
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+pub type Uart = Serial<NoInterrupt, vm_superio::serial::NoEvents, LineWriter>;
+
+#[must_use]
+pub fn new_uart(writer: LineWriter) -> Uart {
+    Serial::new(NoInterrupt, writer)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_are_split_and_prefixed_by_caller() {
+        let buf = Arc::new(Mutex::new(Vec::new()));
+        let mut uart = new_uart(LineWriter::new("g", Sink::Buffer(buf.clone())));
+        // LSR (offset 5) says the transmitter is empty (THRE, bit 5) before writing.
+        assert_ne!(uart.read(5) & 0x20, 0);
+        for &b in b"hello\r\nwor" {
+            uart.write(0, b).unwrap();
+        }
+        assert_eq!(*buf.lock().unwrap(), vec!["hello".to_owned()]);
+        uart.writer_mut().finish();
+        assert_eq!(buf.lock().unwrap()[1], "wor");
+        assert!(uart.writer().first_output.get().is_some());
+    }
+
+    #[test]
+    fn endless_line_is_flushed_in_pieces() {
+        let buf = Arc::new(Mutex::new(Vec::new()));
+        let mut w = LineWriter::new("g", Sink::Buffer(buf.clone()));
+        w.write_all(&vec![b'a'; MAX_LINE * 2 + 1]).unwrap();
+        assert_eq!(buf.lock().unwrap().len(), 2);
+    }
+}

@@ -1,0 +1,266 @@
+//! Loading a PVH guest image and building its boot information.
+//!
+//! The PVH boot ABI (Xen `docs/misc/pvh.pandoc`): the VMM enters the image's
+//! `XEN_ELFNOTE_PHYS32_ENTRY` in 32-bit protected mode with paging off, flat
+//! segments, and EBX holding the guest-physical address of `hvm_start_info`.
+
+use std::fs::File;
+use std::path::Path;
+
+use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs};
+use linux_loader::configurator::pvh::PvhBootConfigurator;
+use linux_loader::configurator::{BootConfigurator, BootParams};
+use linux_loader::loader::KernelLoader;
+use linux_loader::loader::elf::start_info::{hvm_memmap_table_entry, hvm_start_info};
+use linux_loader::loader::elf::{Elf, PvhBootCapability};
+use para_abi::layout::{AP_TRAMPOLINE, KERNEL_LOAD, LOW_MEMORY_END};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+
+use crate::kvm::memory::GuestMem;
+
+/// `hvm_start_info` lives here (below 1 MiB, away from the AP trampoline page).
+pub const START_INFO: u64 = 0x6000;
+/// The E820-style memory map follows the start info in the same page.
+pub const MEMMAP: u64 = 0x6100;
+/// The command line gets a page of its own.
+pub const CMDLINE: u64 = 0x7000;
+/// Longest command line, including the terminating NUL.
+pub const CMDLINE_MAX: usize = 4096;
+/// ACPI tables: the legacy BIOS read-only area, as PC firmware uses it.
+pub const ACPI_BASE: u64 = 0xE_0000;
+/// The end of conventional memory (640 KiB).
+const LOW_RAM_END: u64 = 0xA_0000;
+
+/// `XEN_HVM_START_MAGIC_VALUE` (Xen `public/arch-x86/hvm/start_info.h`).
+const HVM_START_MAGIC: u32 = 0x336e_c578;
+/// E820 entry types (ACPI 6.5 §15.1, "Address Range Types").
+const E820_RAM: u32 = 1;
+const E820_RESERVED: u32 = 2;
+
+// Our boot structures must not overlap the page the guest copies its AP code to.
+const _: () = assert!(START_INFO + 0x1000 <= AP_TRAMPOLINE || START_INFO >= AP_TRAMPOLINE + 0x1000);
+const _: () = assert!(CMDLINE + 0x1000 <= AP_TRAMPOLINE);
+const _: () = assert!(ACPI_BASE < LOW_MEMORY_END && ACPI_BASE >= LOW_RAM_END);
+
+#[derive(Debug, thiserror::Error)]
+pub enum BootError {
+    #[error("cannot open kernel image {path}: {source}")]
+    Open {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("kernel image is not a loadable ELF64 for this guest: {0}")]
+    Load(linux_loader::loader::Error),
+    #[error("kernel image has no PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY)")]
+    NoPvhEntry,
+    #[error("kernel image loads at {0:#x}, below the 1 MiB the layout contract allows")]
+    LoadsTooLow(u64),
+    #[error("kernel image ends at {end:#x}, beyond guest RAM ({ram:#x})")]
+    TooBig { end: u64, ram: u64 },
+    #[error("command line is {0} bytes; at most {max} fit", max = CMDLINE_MAX - 1)]
+    CmdlineTooLong(usize),
+    #[error("writing boot information failed: {0}")]
+    Write(String),
+}
+
+/// What the vCPU setup needs to know after loading.
+#[derive(Clone, Copy, Debug)]
+pub struct Loaded {
+    pub entry: u64,
+    pub kernel_end: u64,
+}
+
+/// Loads the ELF image at `path` into `mem` at its physical addresses.
+pub fn load_kernel(mem: &GuestMem, path: &Path) -> Result<Loaded, BootError> {
+    let mut file = File::open(path).map_err(|source| BootError::Open {
+        path: path.display().to_string(),
+        source,
+    })?;
+    let res = Elf::load(mem, None, &mut file, Some(GuestAddress(KERNEL_LOAD)))
+        .map_err(BootError::Load)?;
+    let PvhBootCapability::PvhEntryPresent(entry) = res.pvh_boot_cap else {
+        return Err(BootError::NoPvhEntry);
+    };
+    if entry.0 < KERNEL_LOAD {
+        return Err(BootError::LoadsTooLow(entry.0));
+    }
+    let ram = mem.last_addr().0 + 1;
+    if res.kernel_end > ram {
+        return Err(BootError::TooBig {
+            end: res.kernel_end,
+            ram,
+        });
+    }
+    Ok(Loaded {
+        entry: entry.0,
+        kernel_end: res.kernel_end,
+    })
+}
+
+/// The memory map the guest gets: RAM below 640 KiB, the BIOS area (ACPI tables)
+/// reserved, RAM from 1 MiB to the end of guest memory.
+#[must_use]
+pub fn memory_map(ram_size: u64) -> Vec<hvm_memmap_table_entry> {
+    let entry = |addr, size, type_| hvm_memmap_table_entry {
+        addr,
+        size,
+        type_,
+        reserved: 0,
+    };
+    vec![
+        entry(0, LOW_RAM_END, E820_RAM),
+        entry(ACPI_BASE, LOW_MEMORY_END - ACPI_BASE, E820_RESERVED),
+        entry(LOW_MEMORY_END, ram_size - LOW_MEMORY_END, E820_RAM),
+    ]
+}
+
+/// Writes the command line, memory map and `hvm_start_info` into guest memory.
+pub fn write_start_info(mem: &GuestMem, cmdline: &str, rsdp: u64) -> Result<(), BootError> {
+    if cmdline.len() >= CMDLINE_MAX {
+        return Err(BootError::CmdlineTooLong(cmdline.len()));
+    }
+    let mut bytes = cmdline.as_bytes().to_vec();
+    bytes.push(0);
+    mem.write_slice(&bytes, GuestAddress(CMDLINE))
+        .map_err(|e| BootError::Write(e.to_string()))?;
+
+    let ram_size = mem.last_addr().0 + 1;
+    let map = memory_map(ram_size);
+    let info = hvm_start_info {
+        magic: HVM_START_MAGIC,
+        version: 1,
+        cmdline_paddr: CMDLINE,
+        rsdp_paddr: rsdp,
+        memmap_paddr: MEMMAP,
+        memmap_entries: map.len() as u32,
+        ..Default::default()
+    };
+    let mut params = BootParams::new(&info, GuestAddress(START_INFO));
+    params.set_sections(&map, GuestAddress(MEMMAP));
+    PvhBootConfigurator::write_bootparams::<GuestMem>(&params, mem)
+        .map_err(|e| BootError::Write(e.to_string()))
+}
+
+/// A flat 4 GiB segment (SDM vol 3 §3.4.5).
+fn flat_segment(selector: u16, type_: u8) -> kvm_segment {
+    kvm_segment {
+        base: 0,
+        limit: 0xFFFF_FFFF,
+        selector,
+        type_,
+        present: 1,
+        dpl: 0,
+        db: 1,
+        s: 1,
+        l: 0,
+        g: 1,
+        avl: 0,
+        unusable: 0,
+        padding: 0,
+    }
+}
+
+/// The boot processor's registers at the PVH entry.
+#[must_use]
+pub fn pvh_regs(entry: u64) -> kvm_regs {
+    kvm_regs {
+        rip: entry,
+        rbx: START_INFO,
+        // Bit 1 of RFLAGS is reserved and always 1 (SDM vol 1 §3.4.3).
+        rflags: 0x2,
+        ..Default::default()
+    }
+}
+
+/// Adjusts `sregs` to the PVH entry state: protected mode, paging off, flat segments.
+pub fn pvh_sregs(sregs: &mut kvm_sregs) {
+    sregs.cs = flat_segment(0x08, 0xB); // execute/read, accessed
+    let data = flat_segment(0x10, 0x3); // read/write, accessed
+    sregs.ds = data;
+    sregs.es = data;
+    sregs.fs = data;
+    sregs.gs = data;
+    sregs.ss = data;
+    // A busy 32-bit TSS (SDM vol 3 §7.2.2); the guest loads its own before use.
+    sregs.tr = kvm_segment {
+        limit: 0x67,
+        selector: 0x18,
+        type_: 0xB,
+        s: 0,
+        db: 0,
+        g: 0,
+        ..flat_segment(0x18, 0xB)
+    };
+    // CR0.PE | CR0.ET; paging, caches and FPU state as after reset otherwise.
+    sregs.cr0 = 0x11;
+    sregs.cr3 = 0;
+    sregs.cr4 = 0;
+    sregs.efer = 0;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_map_reports_low_and_high_ram() {
+        let map = memory_map(256 << 20);
+        assert_eq!(map.len(), 3);
+        assert_eq!(
+            (map[0].addr, map[0].size, map[0].type_),
+            (0, 0xA_0000, E820_RAM)
+        );
+        assert_eq!(map[1].type_, E820_RESERVED);
+        assert_eq!(
+            (map[2].addr, map[2].addr + map[2].size),
+            (0x10_0000, 256 << 20)
+        );
+        // The trampoline page is plain RAM.
+        assert!(
+            map[0].addr <= AP_TRAMPOLINE && AP_TRAMPOLINE + 0x1000 <= map[0].addr + map[0].size
+        );
+    }
+
+    #[test]
+    fn start_info_round_trips() {
+        let mem = crate::kvm::memory::create("t", 8 << 20).unwrap();
+        write_start_info(&mem, "hello world", 0xE_0000).unwrap();
+        let info: hvm_start_info = mem.read_obj(GuestAddress(START_INFO)).unwrap();
+        assert_eq!(info.magic, HVM_START_MAGIC);
+        assert_eq!(info.version, 1);
+        assert_eq!(info.rsdp_paddr, 0xE_0000);
+        assert_eq!(info.memmap_entries, 3);
+        let last: hvm_memmap_table_entry = mem.read_obj(GuestAddress(MEMMAP + 2 * 24)).unwrap();
+        assert_eq!(last.addr + last.size, 8 << 20);
+        let mut buf = [0u8; 12];
+        mem.read_slice(&mut buf, GuestAddress(CMDLINE)).unwrap();
+        assert_eq!(&buf, b"hello world\0");
+    }
+
+    #[test]
+    fn overlong_cmdline_is_refused() {
+        let mem = crate::kvm::memory::create("t", 8 << 20).unwrap();
+        let long = "x".repeat(CMDLINE_MAX);
+        assert!(matches!(
+            write_start_info(&mem, &long, 0),
+            Err(BootError::CmdlineTooLong(_))
+        ));
+    }
+
+    #[test]
+    fn garbage_image_is_refused() {
+        let dir = std::env::temp_dir().join(format!("shim-boot-{}", std::process::id()));
+        std::fs::write(
+            &dir,
+            b"not an elf at all, just bytes......................................",
+        )
+        .unwrap();
+        let mem = crate::kvm::memory::create("t", 8 << 20).unwrap();
+        assert!(matches!(load_kernel(&mem, &dir), Err(BootError::Load(_))));
+        let _ = std::fs::remove_file(&dir);
+        assert!(matches!(
+            load_kernel(&mem, Path::new("/nonexistent/k")),
+            Err(BootError::Open { .. })
+        ));
+    }
+}

@@ -1,0 +1,604 @@
+//! The VM queue manager: moves messages from a sender's outbox into the
+//! destination's inbox and receive window, by copy or by page exchange.
+//!
+//! Everything in the rings is guest-written and hostile: the manager keeps its
+//! own copies of the counters it produces (inbox `produced`, outbox `consumed`),
+//! checks every descriptor ([`Message::check`], then ownership of every page it
+//! names) and answers each with a [`SendStatus`] in the outbox entry.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use para_abi::layout::area;
+use para_abi::vmq::{
+    self, Arrival, DirRecord, ENTRY_SIZE, Header, Message, Policy, RING_CONSUMED, RING_ENTRIES,
+    RING_PRODUCED, SendStatus, Transfer,
+};
+use tracing::warn;
+
+use super::pages::{Backings, Mapping, RemapError};
+use crate::sync::lock;
+
+const PAGE: u64 = vmq::PAGE;
+const WINDOW_PAGES: usize = (vmq::WINDOW_SIZE / PAGE) as usize;
+
+/// Per-guest VM-queue counters (sender and receiver side), in the stats JSON
+/// under `vmq`.
+#[derive(Debug, Default)]
+pub struct VmqCounters {
+    /// Messages delivered, by the policy they asked for.
+    pub sent_immediate: AtomicU64,
+    pub sent_lazy: AtomicU64,
+    pub sent_doorbell: AtomicU64,
+    pub delivered_copy: AtomicU64,
+    pub delivered_remap: AtomicU64,
+    pub bytes_sent: AtomicU64,
+    pub received: AtomicU64,
+    pub bytes_received: AtomicU64,
+    /// `mmap(MAP_FIXED)` calls made for this guest's remapped sends.
+    pub remap_mmaps: AtomicU64,
+    /// Drains that found at least one message (flush hypercalls are counted
+    /// with the shim's exits by reason, `hypercall`).
+    pub drains: AtomicU64,
+    /// Drains stopped at a full destination by a [`Message::HOLD`] message.
+    pub held: AtomicU64,
+    /// Arrival interrupts sent to this guest (inbox empty → non-empty).
+    pub notifications: AtomicU64,
+    pub err_outside_ram: AtomicU64,
+    pub err_not_owned: AtomicU64,
+    pub err_no_such_vm: AtomicU64,
+    pub err_queue_full: AtomicU64,
+    pub err_vm_exited: AtomicU64,
+    pub err_bad_descriptor: AtomicU64,
+    /// Ring counters that made no sense (consumer ahead of producer...).
+    pub bad_ring: AtomicU64,
+}
+
+/// [`VmqCounters`] as serialised.
+#[derive(Clone, Debug, Default, serde::Serialize, PartialEq, Eq)]
+pub struct VmqReport {
+    pub id: u32,
+    pub sent_immediate: u64,
+    pub sent_lazy: u64,
+    pub sent_doorbell: u64,
+    pub delivered_copy: u64,
+    pub delivered_remap: u64,
+    pub bytes_sent: u64,
+    pub received: u64,
+    pub bytes_received: u64,
+    pub remap_mmaps: u64,
+    pub drains: u64,
+    pub held: u64,
+    pub notifications: u64,
+    pub errors: std::collections::BTreeMap<&'static str, u64>,
+    pub bad_ring: u64,
+}
+
+impl VmqCounters {
+    fn error(&self, s: SendStatus) -> &AtomicU64 {
+        match s {
+            SendStatus::OutsideRam => &self.err_outside_ram,
+            SendStatus::NotOwned => &self.err_not_owned,
+            SendStatus::NoSuchVm => &self.err_no_such_vm,
+            SendStatus::QueueFull => &self.err_queue_full,
+            SendStatus::VmExited => &self.err_vm_exited,
+            SendStatus::BadDescriptor | SendStatus::Pending | SendStatus::Delivered => {
+                &self.err_bad_descriptor
+            }
+        }
+    }
+
+    #[must_use]
+    pub fn report(&self, id: u32) -> VmqReport {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        VmqReport {
+            id,
+            sent_immediate: g(&self.sent_immediate),
+            sent_lazy: g(&self.sent_lazy),
+            sent_doorbell: g(&self.sent_doorbell),
+            delivered_copy: g(&self.delivered_copy),
+            delivered_remap: g(&self.delivered_remap),
+            bytes_sent: g(&self.bytes_sent),
+            received: g(&self.received),
+            bytes_received: g(&self.bytes_received),
+            remap_mmaps: g(&self.remap_mmaps),
+            drains: g(&self.drains),
+            held: g(&self.held),
+            notifications: g(&self.notifications),
+            errors: [
+                ("outside_ram", g(&self.err_outside_ram)),
+                ("not_owned", g(&self.err_not_owned)),
+                ("no_such_vm", g(&self.err_no_such_vm)),
+                ("queue_full", g(&self.err_queue_full)),
+                ("vm_exited", g(&self.err_vm_exited)),
+                ("bad_descriptor", g(&self.err_bad_descriptor)),
+            ]
+            .into_iter()
+            .collect(),
+            bad_ring: g(&self.bad_ring),
+        }
+    }
+}
+
+/// One guest's memory as the manager reaches it: host addresses of its RAM
+/// (guest-physical 0..`ram_len`) and of its VM-queue area (at [`area::VMQ`]).
+/// `keep` owns the mappings so they outlive the manager's use of them.
+pub struct EndpointMemory {
+    pub ram: Mapping,
+    pub area: Mapping,
+    pub ram_file: Arc<std::fs::File>,
+    pub area_file: Arc<std::fs::File>,
+    pub keep: Box<dyn std::any::Any + Send + Sync>,
+}
+
+/// What the manager calls to tell a guest that its inbox went empty → non-empty.
+pub type Notify = Box<dyn Fn() + Send + Sync>;
+
+/// An arrival still in the destination's inbox, holding window pages.
+struct Live {
+    index: u32,
+    first: usize,
+    pages: usize,
+}
+
+struct Endpoint {
+    name: String,
+    ram_base: usize,
+    ram_len: u64,
+    area_base: usize,
+    _keep: Box<dyn std::any::Any + Send + Sync>,
+    alive: bool,
+    window_used: Vec<bool>,
+    cursor: usize,
+    live: VecDeque<Live>,
+    inbox_produced: u32,
+    outbox_consumed: u32,
+    notify: Notify,
+    counters: Arc<VmqCounters>,
+}
+
+impl Endpoint {
+    fn u32_at(&self, off: u64) -> &AtomicU32 {
+        // SAFETY: `off` is a 4-aligned offset inside the first page of the area
+        // (ring counters), which `_keep` keeps mapped for `self`'s lifetime; an
+        // AtomicU32 has the size and alignment of u32 and the guest only ever
+        // writes it with aligned stores.
+        unsafe { &*((self.area_base + off as usize) as *const AtomicU32) }
+    }
+
+    fn read_entry(&self, off: u64) -> [u8; ENTRY_SIZE] {
+        let mut b = [0u8; ENTRY_SIZE];
+        for (i, v) in b.iter_mut().enumerate() {
+            // SAFETY: `off..off+ENTRY_SIZE` is inside the mapped area (ring
+            // entries); volatile because the guest may write it concurrently.
+            *v = unsafe {
+                std::ptr::read_volatile((self.area_base + off as usize + i) as *const u8)
+            };
+        }
+        b
+    }
+
+    fn write_bytes(&self, off: u64, bytes: &[u8]) {
+        for (i, &v) in bytes.iter().enumerate() {
+            // SAFETY: as in `read_entry`: inside the mapped area.
+            unsafe {
+                std::ptr::write_volatile((self.area_base + off as usize + i) as *mut u8, v);
+            }
+        }
+    }
+
+    /// Gives back the window pages of arrivals the guest has consumed.
+    /// Returns the inbox occupancy, or `None` when the guest's counter is bogus.
+    fn reap(&mut self) -> Option<u32> {
+        let consumed = self
+            .u32_at(vmq::INBOX + RING_CONSUMED)
+            .load(Ordering::Acquire);
+        let Some(n) = vmq::occupancy(self.inbox_produced, consumed) else {
+            self.counters.bad_ring.fetch_add(1, Ordering::Relaxed);
+            return None;
+        };
+        while let Some(l) = self.live.front() {
+            // `l.index` is before `consumed` in wrapping order.
+            if consumed.wrapping_sub(l.index).cast_signed() <= 0 {
+                break;
+            }
+            for u in &mut self.window_used[l.first..l.first + l.pages] {
+                *u = false;
+            }
+            self.live.pop_front();
+        }
+        Some(n)
+    }
+
+    /// First-fit from a rotating cursor: `pages` free window pages starting at
+    /// a multiple of `align` pages.
+    fn alloc(&mut self, pages: usize, align: usize) -> Option<usize> {
+        let slots = WINDOW_PAGES / align;
+        let start = self.cursor / align;
+        for k in 0..slots {
+            let first = ((start + k) % slots) * align;
+            if first + pages <= WINDOW_PAGES
+                && self.window_used[first..first + pages].iter().all(|u| !u)
+            {
+                for u in &mut self.window_used[first..first + pages] {
+                    *u = true;
+                }
+                self.cursor = (first + pages) % WINDOW_PAGES;
+                return Some(first);
+            }
+        }
+        None
+    }
+
+    fn write_directory(&self, dir: &[DirRecord], my_id: u32) {
+        let h = Header {
+            magic: vmq::MAGIC,
+            version: vmq::VERSION,
+            my_id,
+            dir_len: dir.len() as u32,
+            window: area::VMQ + vmq::WINDOW,
+            window_size: vmq::WINDOW_SIZE,
+        };
+        self.write_bytes(vmq::HEADER, &h.encode());
+        for (i, r) in dir.iter().enumerate() {
+            self.write_bytes(
+                vmq::DIRECTORY + (i * vmq::DIR_RECORD_SIZE) as u64,
+                &r.encode(),
+            );
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmqError {
+    #[error("at most {} guests can use VM queues", vmq::DIR_ENTRIES)]
+    TooMany,
+    #[error("a VM-queue mapping is not page aligned")]
+    Unaligned,
+}
+
+/// What one drain did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Drained {
+    pub delivered: u32,
+    pub failed: u32,
+}
+
+struct Inner {
+    eps: Vec<Endpoint>,
+    backings: Backings,
+}
+
+/// The VM queue manager shared by every guest's vCPU threads.
+pub struct Manager {
+    inner: Mutex<Inner>,
+}
+
+impl Default for Manager {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Manager {
+    #[must_use]
+    pub fn new() -> Self {
+        Self {
+            inner: Mutex::new(Inner {
+                eps: Vec::new(),
+                backings: Backings::default(),
+            }),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        lock(&self.inner)
+    }
+
+    /// Adds a guest; its id is its position. Rewrites every guest's directory.
+    pub fn add(
+        &self,
+        name: &str,
+        mem: EndpointMemory,
+        notify: Notify,
+    ) -> Result<(u32, Arc<VmqCounters>), VmqError> {
+        let mut inner = self.lock();
+        if inner.eps.len() >= vmq::DIR_ENTRIES {
+            return Err(VmqError::TooMany);
+        }
+        if !(mem.ram.base as u64).is_multiple_of(PAGE)
+            || !(mem.area.base as u64).is_multiple_of(PAGE)
+        {
+            return Err(VmqError::Unaligned);
+        }
+        let rf = inner.backings.add_file(mem.ram_file);
+        let af = inner.backings.add_file(mem.area_file);
+        inner.backings.add_mapping(Mapping {
+            file: rf,
+            ..mem.ram
+        });
+        inner.backings.add_mapping(Mapping {
+            file: af,
+            ..mem.area
+        });
+        let counters = Arc::new(VmqCounters::default());
+        let id = inner.eps.len() as u32;
+        inner.eps.push(Endpoint {
+            name: name.to_owned(),
+            ram_base: mem.ram.base,
+            ram_len: mem.ram.len,
+            area_base: mem.area.base,
+            _keep: mem.keep,
+            alive: true,
+            window_used: vec![false; WINDOW_PAGES],
+            cursor: 0,
+            live: VecDeque::new(),
+            inbox_produced: 0,
+            outbox_consumed: 0,
+            notify,
+            counters: counters.clone(),
+        });
+        publish_directory(&inner.eps);
+        Ok((id, counters))
+    }
+
+    /// The destination can no longer receive; senders get `VmExited`.
+    pub fn mark_exited(&self, id: u32) {
+        let mut inner = self.lock();
+        if let Some(e) = inner.eps.get_mut(id as usize)
+            && e.alive
+        {
+            e.alive = false;
+            publish_directory(&inner.eps);
+        }
+    }
+
+    /// The outbox's guest-written `produced` differs from what the manager last
+    /// consumed: there is something to deliver. Cheap enough for every exit.
+    #[must_use]
+    pub fn outbox_pending(area_base: usize) -> bool {
+        // SAFETY: the caller passes the base of a VM-queue area it keeps mapped;
+        // the counters are aligned u32s in its first page.
+        let (p, c) = unsafe {
+            (
+                &*((area_base + (vmq::OUTBOX + RING_PRODUCED) as usize) as *const AtomicU32),
+                &*((area_base + (vmq::OUTBOX + RING_CONSUMED) as usize) as *const AtomicU32),
+            )
+        };
+        p.load(Ordering::Relaxed) != c.load(Ordering::Relaxed)
+    }
+
+    /// Delivers everything in guest `id`'s outbox.
+    pub fn drain(&self, id: u32) -> Drained {
+        let mut inner = self.lock();
+        let inner = &mut *inner;
+        let mut out = Drained::default();
+        let Some(src) = inner.eps.get(id as usize) else {
+            return out;
+        };
+        let counters = src.counters.clone();
+        let produced = src
+            .u32_at(vmq::OUTBOX + RING_PRODUCED)
+            .load(Ordering::Acquire);
+        let mut consumed = src.outbox_consumed;
+        if vmq::occupancy(produced, consumed).is_none() {
+            counters.bad_ring.fetch_add(1, Ordering::Relaxed);
+            warn!(guest = %src.name, produced, consumed, "VM-queue outbox counter out of range");
+            return out;
+        }
+        // Destinations found full in this drain: later messages to them are
+        // refused too, so that a sender resending from its first refusal keeps
+        // its stream in order.
+        let mut full: Vec<u32> = Vec::new();
+        while consumed != produced {
+            let off = vmq::OUTBOX + vmq::entry_offset(consumed);
+            let m = Message::decode(&inner.eps[id as usize].read_entry(off));
+            let result = if full.contains(&m.dest) {
+                Err(SendStatus::QueueFull)
+            } else {
+                deliver(inner, id, &m)
+            };
+            if result == Err(SendStatus::QueueFull) && m.flags & Message::HOLD != 0 {
+                // Back-pressure: this and everything after it wait for a later exit.
+                counters.held.fetch_add(1, Ordering::Relaxed);
+                break;
+            }
+            if result == Err(SendStatus::QueueFull) && !full.contains(&m.dest) {
+                full.push(m.dest);
+            }
+            let status = match result {
+                Ok(()) => {
+                    out.delivered += 1;
+                    SendStatus::Delivered
+                }
+                Err(s) => {
+                    out.failed += 1;
+                    counters.error(s).fetch_add(1, Ordering::Relaxed);
+                    warn!(guest = %inner.eps[id as usize].name, dest = m.dest, addr = m.addr, len = m.len, "VM-queue send refused: {s:?}");
+                    s
+                }
+            };
+            let src = &inner.eps[id as usize];
+            src.write_bytes(off + 7, &[status as u8]);
+            consumed = consumed.wrapping_add(1);
+            src.u32_at(vmq::OUTBOX + RING_CONSUMED)
+                .store(consumed, Ordering::Release);
+        }
+        inner.eps[id as usize].outbox_consumed = consumed;
+        if out.delivered + out.failed > 0 {
+            counters.drains.fetch_add(1, Ordering::Relaxed);
+        }
+        out
+    }
+
+    /// Pages currently exchanged away from their home (tests, reports).
+    #[must_use]
+    pub fn moved_pages(&self) -> usize {
+        self.lock().backings.moved_pages()
+    }
+}
+
+fn publish_directory(eps: &[Endpoint]) {
+    let dir: Vec<DirRecord> = eps
+        .iter()
+        .enumerate()
+        .map(|(i, e)| {
+            DirRecord::new(
+                i as u32,
+                &e.name,
+                if e.alive { DirRecord::ALIVE } else { 0 },
+            )
+        })
+        .collect();
+    for (i, e) in eps.iter().enumerate() {
+        e.write_directory(&dir, i as u32);
+    }
+}
+
+/// Where the sender's range lives: host address, and window pages if it names
+/// its own receive window.
+fn source_range(src: &Endpoint, addr: u64, span: u64) -> Result<usize, SendStatus> {
+    let end = addr.checked_add(span).ok_or(SendStatus::OutsideRam)?;
+    if end <= src.ram_len {
+        return Ok(src.ram_base + addr as usize);
+    }
+    let w = area::VMQ + vmq::WINDOW;
+    if addr >= w && end <= w + vmq::WINDOW_SIZE {
+        let first = ((addr - w) / PAGE) as usize;
+        let last = ((end - w).div_ceil(PAGE)) as usize;
+        // Only pages of arrivals the guest has not yet handed back are its own.
+        if src.window_used[first..last].iter().all(|&u| u) {
+            return Ok(src.area_base + (addr - area::VMQ) as usize);
+        }
+        return Err(SendStatus::NotOwned);
+    }
+    Err(SendStatus::OutsideRam)
+}
+
+fn deliver(inner: &mut Inner, from: u32, m: &Message) -> Result<(), SendStatus> {
+    let (policy, transfer) = m.check()?;
+    let src = &inner.eps[from as usize];
+    let counters = src.counters.clone();
+
+    if m.dest == from {
+        return Err(SendStatus::BadDescriptor);
+    }
+    let to = m.dest as usize;
+    if to >= inner.eps.len() {
+        return Err(SendStatus::NoSuchVm);
+    }
+    if !inner.eps[to].alive {
+        return Err(SendStatus::VmExited);
+    }
+    let span = match transfer {
+        Transfer::Copy => u64::from(m.len),
+        Transfer::Remap => m.footprint(),
+    };
+    // The sender's own window pages are its only while their arrivals are
+    // unconsumed: catch up with its inbox before judging a forward.
+    let src = &mut inner.eps[from as usize];
+    src.reap();
+    let src_host = source_range(src, m.addr, span)?;
+
+    let dst = &mut inner.eps[to];
+    let Some(occupied) = dst.reap() else {
+        return Err(SendStatus::QueueFull);
+    };
+    if occupied >= RING_ENTRIES {
+        return Err(SendStatus::QueueFull);
+    }
+    let pages = (m.footprint() / PAGE) as usize;
+    let align = (m.page_size() / PAGE) as usize;
+    let first = dst.alloc(pages, align).ok_or(SendStatus::QueueFull)?;
+    let dst_off = vmq::WINDOW + first as u64 * PAGE;
+    let dst_host = dst.area_base + dst_off as usize;
+
+    match transfer {
+        Transfer::Copy => {
+            // SAFETY: `src_host..+len` was checked to lie in the sender's RAM or
+            // its own live window pages; `dst_host..+footprint` is in the
+            // destination's window, just allocated. Different guests' mappings
+            // never overlap. The guests may write concurrently: they get what
+            // they raced for, the shim only moves bytes.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    src_host as *const u8,
+                    dst_host as *mut u8,
+                    m.len as usize,
+                );
+            }
+            counters.delivered_copy.fetch_add(1, Ordering::Relaxed);
+        }
+        Transfer::Remap => match inner.backings.exchange(src_host, dst_host, pages) {
+            Ok(calls) => {
+                counters.remap_mmaps.fetch_add(calls, Ordering::Relaxed);
+                counters.delivered_remap.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => {
+                report_remap_failure(&e);
+                let dst = &mut inner.eps[to];
+                for u in &mut dst.window_used[first..first + pages] {
+                    *u = false;
+                }
+                return Err(SendStatus::QueueFull);
+            }
+        },
+    }
+    counters
+        .bytes_sent
+        .fetch_add(u64::from(m.len), Ordering::Relaxed);
+    match policy {
+        Policy::Immediate => &counters.sent_immediate,
+        Policy::Lazy => &counters.sent_lazy,
+        Policy::Doorbell => &counters.sent_doorbell,
+    }
+    .fetch_add(1, Ordering::Relaxed);
+
+    let dst = &mut inner.eps[to];
+    let index = dst.inbox_produced;
+    let a = Arrival {
+        source: from,
+        transfer: transfer as u8,
+        len: m.len,
+        addr: area::VMQ + dst_off,
+        tag: m.tag,
+    };
+    dst.write_bytes(vmq::INBOX + vmq::entry_offset(index), &a.encode());
+    dst.live.push_back(Live {
+        index,
+        first,
+        pages,
+    });
+    dst.inbox_produced = index.wrapping_add(1);
+    dst.u32_at(vmq::INBOX + RING_PRODUCED)
+        .store(dst.inbox_produced, Ordering::Release);
+    // Store `produced`, then load `consumed`, while the guest stores `consumed`
+    // and then loads `produced` before it halts: without a full fence on both
+    // sides each may see the other's old value (x86 store buffering, SDM vol 3
+    // §9.2.3.4) and the guest sleeps on a non-empty inbox.
+    std::sync::atomic::fence(Ordering::SeqCst);
+    let now_consumed = dst
+        .u32_at(vmq::INBOX + RING_CONSUMED)
+        .load(Ordering::Acquire);
+    let was_empty = occupied == 0 || now_consumed == index;
+    dst.counters.received.fetch_add(1, Ordering::Relaxed);
+    dst.counters
+        .bytes_received
+        .fetch_add(u64::from(m.len), Ordering::Relaxed);
+    if was_empty {
+        notify_arrival(dst);
+    }
+    Ok(())
+}
+
+/// Tells the destination that its inbox went from empty to non-empty. The one
+/// seam where M3 upcalls replace the MSI path.
+fn notify_arrival(dst: &Endpoint) {
+    dst.counters.notifications.fetch_add(1, Ordering::Relaxed);
+    (dst.notify)();
+}
+
+fn report_remap_failure(e: &RemapError) {
+    warn!("VM-queue remap failed, message refused: {e}");
+}
