@@ -23,3 +23,4 @@ pub mod upcall;
 pub mod virtio;
 pub mod vmq;
 pub mod vmq_link;
+pub mod wait;

@@ -554,7 +554,7 @@ impl Net {
                 let seen = signal.load(Ordering::Acquire);
                 let hints_seen = self.hint_upcalls;
                 let nic = &self.nic;
-                irq::wait_until_or(wake, || {
+                super::wait::wait_until_or(wake, || {
                     signal.load(Ordering::Acquire) != seen
                         || HINT_UPCALLS.load(Ordering::Acquire) != hints_seen
                         || nic.rx_pending()

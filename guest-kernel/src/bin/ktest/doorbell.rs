@@ -71,7 +71,7 @@ ktest!(
             .get("doorbell.burst_after_ms")
             .and_then(|v| v.parse::<u64>().ok())
         {
-            guest_kernel::rt::time::sleep(Duration::from_millis(ms));
+            guest_kernel::rt::wait::sleep(Duration::from_millis(ms));
         }
         let (sent0, over0, kicks0) = d.counters();
         sys::hypercall(Call::StatsMark, MARK_BEFORE).map_err(|e| alloc::format!("mark: {e:?}"))?;
