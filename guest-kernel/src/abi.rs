@@ -211,8 +211,8 @@ pub const fn is_user_range(ptr: u64, len: u64) -> bool {
     }
 }
 
-/// The reference arithmetic loop timed in both rings (issue 2: the data plane
-/// runs natively here, the core does not). A xorshift keeps the compiler from
+/// The reference arithmetic loop timed in both rings (the data plane runs
+/// natively on this platform's KVM, the emulated core does not). A xorshift keeps the compiler from
 /// folding it; both rings call this very function, so they run identical code.
 #[inline(never)]
 #[must_use]

@@ -45,7 +45,7 @@ pub fn kstack_top(cpu: usize) -> u64 {
 
 // PVH entry note (Xen public `elfnote.h`: XEN_ELFNOTE_PHYS32_ENTRY = 18). QEMU 7.2
 // reads the descriptor of an ELF64 note as 8 bytes, hence `.quad` in a note
-// aligned to 4 (DESIGN §7).
+// aligned to 4.
 core::arch::global_asm!(
     r#"
     .section .note.Xen, "a", @note

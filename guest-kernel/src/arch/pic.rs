@@ -1,5 +1,5 @@
 //! The legacy 8259 PICs: remapped away from the exception vectors, then masked.
-//! `SeaBIOS` leaves the master's timer unmasked on vector 8 (DESIGN §7); a
+//! `SeaBIOS` leaves the master's timer unmasked on vector 8; a
 //! spurious IRQ 7 could still arrive even when masked, so the remap matters.
 
 use crate::abi::vector::PIC_BASE;

@@ -1,4 +1,4 @@
-//! Kernel calls: the few privileged services ring 3 asks for (DESIGN §2a).
+//! Kernel calls: the few privileged services ring 3 asks for.
 //! Every argument comes from ring 3 and is checked before use.
 
 use super::cpu::rdtsc;

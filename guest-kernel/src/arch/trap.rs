@@ -59,7 +59,7 @@ fn percpu_from_kstack() -> &'static PerCpu {
 }
 
 /// True when the two bytes at a ring-3 RIP are `int 0x80` (CD 80). On this
-/// platform's KVM an `int n` at CPL 3 arrives as #UD instead (DESIGN §7).
+/// platform's KVM an `int n` at CPL 3 arrives as #UD instead.
 fn is_int80_at(rip: u64) -> bool {
     if !is_user_range(rip, 2) {
         return false;

@@ -1,6 +1,6 @@
 //! Kernel-call wrappers. `int 0x80` goes through the DPL-3 gate where the CPU
 //! delivers it, and arrives as #UD on this platform's KVM, where ring 0
-//! recognises the CD 80 bytes and runs the same call (DESIGN §7).
+//! recognises the CD 80 bytes and runs the same call.
 
 use crate::abi::{Sys, SysError};
 

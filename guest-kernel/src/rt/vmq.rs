@@ -1,4 +1,4 @@
-//! VM queues (mechanism M5, DESIGN §3): send byte ranges to other guests by
+//! VM queues (mechanism M5): send byte ranges to other guests by
 //! name, receive theirs, all in ring 3.
 //!
 //! The shim's VM-queue area (`para_abi::vmq`) holds this guest's outbox (we
