@@ -1,4 +1,9 @@
 //! The local APIC, in xAPIC (MMIO) or x2APIC (MSR) mode (SDM vol 3 ch. 11).
+//!
+//! What kernel calls and bring-up use is `#[inline]`: ring 0 is emulated
+//! instruction by instruction here, and without the attribute whether these
+//! few-instruction helpers are inlined into other modules depends on how the
+//! compiler happens to split the crate into code units.
 
 use super::cpu::msr;
 use crate::abi::vector;
@@ -40,6 +45,7 @@ const ICR_STARTUP: u32 = (0b110 << 8) | (1 << 14);
 #[unsafe(link_section = ".kdata")]
 static TSC_DEADLINE_MODE: AtomicU8 = AtomicU8::new(0);
 
+#[inline]
 #[must_use]
 pub fn x2apic() -> bool {
     X2APIC_MODE.load(Ordering::Relaxed) != 0
@@ -103,6 +109,7 @@ pub unsafe fn init_local() -> u32 {
 ///
 /// # Safety
 /// Ring 0, after [`init_local`].
+#[inline]
 pub unsafe fn lint0_extint() {
     // SAFETY: an LVT write; the vector field is ignored for ExtINT.
     unsafe { write(reg::LVT_LINT0, 0b111 << 8) }
@@ -130,6 +137,7 @@ pub unsafe fn setup_timer(tsc_deadline: bool) {
 ///
 /// # Safety
 /// Ring 0, after [`setup_timer`] in one-shot mode.
+#[inline]
 pub unsafe fn arm_oneshot(ticks: u32) {
     // SAFETY: writing the initial count starts (or, with 0, stops) the timer.
     unsafe { write(reg::TIMER_INITIAL, ticks) }
@@ -139,6 +147,7 @@ pub unsafe fn arm_oneshot(ticks: u32) {
 ///
 /// # Safety
 /// Ring 0, after [`setup_timer`] in TSC-deadline mode.
+#[inline]
 pub unsafe fn arm_deadline(tsc: u64) {
     // SAFETY: IA32_TSC_DEADLINE exists when CPUID.1:ECX[24] is set (SDM vol 3 §11.5.4.1).
     unsafe { msr::tsc_deadline().write(tsc) }
@@ -171,6 +180,7 @@ pub unsafe fn stop_free_running() -> u32 {
     }
 }
 
+#[inline]
 unsafe fn send_icr(dest: u32, low: u32) {
     // SAFETY: ICR writes (SDM vol 3 §11.6.1; x2APIC §11.12.9: one 64-bit MSR write).
     unsafe {
@@ -190,6 +200,7 @@ unsafe fn send_icr(dest: u32, low: u32) {
 ///
 /// # Safety
 /// Ring 0; `vector` must be one the receiver handles (≥ 32).
+#[inline]
 pub unsafe fn send_ipi(dest: u32, vector: u8) {
     // SAFETY: fixed delivery, physical destination.
     unsafe { send_icr(dest, u32::from(vector)) }

@@ -9,6 +9,7 @@ use x86_64::instructions::{hlt, interrupts};
 
 /// Issues hypercall `call` with `arg` to the Exitless shim (para_abi::hypercall);
 /// returns RAX. Ring 0 only, and only under the shim.
+#[inline]
 #[must_use]
 pub fn hypercall(call: hypercall::Call, arg: u64) -> u64 {
     let ret: u64;
