@@ -9,6 +9,7 @@ use para_abi::discovery;
 use x86_64::instructions::tables::{lidt, load_tss};
 use x86_64::instructions::{hlt, interrupts};
 use x86_64::registers::model_specific::GsBase;
+use x86_64::registers::rflags::RFlags;
 use x86_64::registers::segmentation::SegmentSelector;
 
 /// TSC at the very first instruction (written by the 32-bit entry code).
@@ -48,6 +49,10 @@ unsafe fn cpu_init(cpu: usize) {
     }
 }
 
+/// RFLAGS in ring 3: interrupts enabled; bit 1 is reserved and always set
+/// (SDM vol 1 §3.4.3).
+const USER_RFLAGS: u64 = RFlags::INTERRUPT_FLAG.bits() | (1 << 1);
+
 /// Enters ring 3 at `rip` with stack `rsp`, interrupts enabled, `arg` in RDI.
 unsafe fn enter_user(rip: u64, rsp: u64, arg: u64) -> ! {
     // SAFETY: builds an interrupt-return frame for CPL 3 (SDM vol 3 §6.14.3);
@@ -56,10 +61,11 @@ unsafe fn enter_user(rip: u64, rsp: u64, arg: u64) -> ! {
         core::arch::asm!(
             "push {ss}",
             "push {rsp}",
-            "push 0x202",
+            "push {rflags}",
             "push {cs}",
             "push {rip}",
             "iretq",
+            rflags = const USER_RFLAGS,
             ss = const selector::USER_DATA as u64,
             cs = const selector::USER_CODE as u64,
             rsp = in(reg) rsp,

@@ -194,8 +194,8 @@ fn upcall_masked_spin(f: &mut TrapFrame, pc: &PerCpu) -> u64 {
             break;
         }
     }
-    // SAFETY: back to IF = 0, as the trap path returns with.
-    unsafe { core::arch::asm!("cli", options(nostack, nomem)) };
+    // Back to IF = 0, as the trap path returns with.
+    interrupts::disable();
     if seen & (probe::AFTER_SHADOW | probe::LATER) == 0 && word.load(Ordering::Acquire) & bit != 0 {
         seen |= probe::AFTER_CLI;
     }
