@@ -1,4 +1,4 @@
-//! A second NIC type: Ethernet frames carried over VM queues (M5, DESIGN §3),
+//! A second NIC type: Ethernet frames carried over VM queues (M5),
 //! as a smoltcp `phy::Device`, so the same stack runs over it unchanged.
 //!
 //! The queue itself belongs to the guest kernel (which depends on this

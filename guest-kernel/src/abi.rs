@@ -24,7 +24,8 @@ pub const TSS_STRIDE: u64 = 128;
 // holds a 64-bit TSS (104 bytes, SDM vol 3 §8.7).
 const _: () = assert!(KTSS_BASE >= KSTUBS_BASE + 256 * 16);
 const _: () = assert!(TSS_STRIDE * MAX_CPUS as u64 <= 0x1000);
-const _: () = assert!(TSS_STRIDE >= 104);
+const _: () =
+    assert!(TSS_STRIDE as usize >= size_of::<x86_64::structures::tss::TaskStateSegment>());
 
 /// Lowest address ring 3 may hand to the kernel (its image starts here; below
 /// lie the kernel-private megabyte and firmware areas).
@@ -32,16 +33,23 @@ pub const USER_MIN: u64 = 0x20_0000;
 /// Ring-3 buffers must end at or below this address (the start of the MMIO hole).
 pub const USER_END: u64 = para_abi::layout::MMIO_HOLE_START;
 
-/// Segment selectors of the kernel's GDT.
+/// Segment selectors of the kernel's GDT (its entries in this order: null,
+/// kernel code, kernel data, user data, user code, then the TSSes). User data
+/// precedes user code as SYSRET would need; nothing here uses SYSRET, but the
+/// order costs nothing.
 pub mod selector {
-    pub const KERNEL_CODE: u16 = 0x08;
-    pub const KERNEL_DATA: u16 = 0x10;
+    use x86_64::PrivilegeLevel::{Ring0, Ring3};
+    use x86_64::registers::segmentation::SegmentSelector;
+
+    pub const KERNEL_CODE: u16 = SegmentSelector::new(1, Ring0).0;
+    pub const KERNEL_DATA: u16 = SegmentSelector::new(2, Ring0).0;
     /// User data, RPL 3.
-    pub const USER_DATA: u16 = 0x1B;
+    pub const USER_DATA: u16 = SegmentSelector::new(3, Ring3).0;
     /// User 64-bit code, RPL 3.
-    pub const USER_CODE: u16 = 0x23;
-    /// TSS of CPU 0; CPU `n` uses `TSS0 + 16 * n` (64-bit TSS descriptors are 16 bytes).
-    pub const TSS0: u16 = 0x28;
+    pub const USER_CODE: u16 = SegmentSelector::new(4, Ring3).0;
+    /// TSS of CPU 0; CPU `n` uses `TSS0 + 16 * n` (64-bit TSS descriptors are
+    /// 16 bytes: two GDT entries each).
+    pub const TSS0: u16 = SegmentSelector::new(5, Ring0).0;
 }
 
 /// Interrupt vectors the kernel assigns (SDM vol 3 §6.2: 0–31 are exceptions).
@@ -203,8 +211,8 @@ pub const fn is_user_range(ptr: u64, len: u64) -> bool {
     }
 }
 
-/// The reference arithmetic loop timed in both rings (issue 2: the data plane
-/// runs natively here, the core does not). A xorshift keeps the compiler from
+/// The reference arithmetic loop timed in both rings (the data plane runs
+/// natively on this platform's KVM, the emulated core does not). A xorshift keeps the compiler from
 /// folding it; both rings call this very function, so they run identical code.
 #[inline(never)]
 #[must_use]

@@ -1,6 +1,6 @@
 //! The Exitless guest kernel: a small privileged core and a user-mode data plane.
 //!
-//! The split follows DESIGN §2a. Ring 0 (`arch`) does only what needs privilege:
+//! Ring 0 (`arch`) does only what needs privilege:
 //! boot, descriptor tables, the local APIC, exception and interrupt entry, AP
 //! start-up and a handful of kernel calls. Everything else — memory bookkeeping,
 //! ACPI and PCI discovery, interrupt handlers, the test runner, applications —

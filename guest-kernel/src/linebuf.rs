@@ -1,24 +1,20 @@
 //! A fixed-size line buffer for formatting without a heap (ring 0 has none,
 //! and ring-3 interrupt handlers must not allocate).
 
-/// A fixed buffer to format a line into before writing it in one go.
-pub struct LineBuf<const N: usize> {
-    buf: [u8; N],
-    len: usize,
-}
+/// A fixed buffer to format a line into before writing it in one go. Bytes
+/// rather than a `heapless::String`: a line cut at the capacity keeps every
+/// byte that fits, even if that splits a character.
+pub struct LineBuf<const N: usize>(heapless::Vec<u8, N>);
 
 impl<const N: usize> LineBuf<N> {
     #[must_use]
     pub const fn new() -> Self {
-        Self {
-            buf: [0; N],
-            len: 0,
-        }
+        Self(heapless::Vec::new())
     }
 
     #[must_use]
     pub fn as_bytes(&self) -> &[u8] {
-        &self.buf[..self.len]
+        &self.0
     }
 }
 
@@ -31,10 +27,11 @@ impl<const N: usize> Default for LineBuf<N> {
 impl<const N: usize> core::fmt::Write for LineBuf<N> {
     /// Truncates instead of failing: a clipped log line beats a lost one.
     fn write_str(&mut self, s: &str) -> core::fmt::Result {
-        let n = s.len().min(N - self.len);
-        self.buf[self.len..self.len + n].copy_from_slice(&s.as_bytes()[..n]);
-        self.len += n;
-        Ok(())
+        let n = s.len().min(N - self.0.len());
+        // Cannot fail: `n` bytes fit by construction.
+        self.0
+            .extend_from_slice(&s.as_bytes()[..n])
+            .map_err(|_| core::fmt::Error)
     }
 }
 

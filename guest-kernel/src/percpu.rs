@@ -31,7 +31,7 @@ pub struct PerCpu {
     /// `v` of the 256-bit string. Ring 0 sets bits; ring 3 swaps words to zero.
     pub pending: [AtomicU64; 4],
     /// The virtual interrupt flag: 1 lets ring 0 divert into the upcall entry,
-    /// 0 makes it only record the vector (DESIGN §2a).
+    /// 0 makes it only record the vector.
     pub vif: AtomicU32,
     /// Set by the CPU itself once it runs in ring 3.
     pub online: AtomicU32,

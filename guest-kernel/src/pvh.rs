@@ -73,91 +73,42 @@ impl PhysRange {
     }
 }
 
+/// RAM entries [`usable_ranges`] sorts at most (the rest count as dropped).
+const MAX_RAM_ENTRIES: usize = 64;
+
 /// The page-aligned parts of the RAM entries that fall inside `[lo, hi)`, in
 /// address order, with overlaps merged. At most `N` ranges are kept (later ones
-/// are dropped and counted in the second return value).
+/// are dropped and counted in the second return value). Fixed capacity: the
+/// kernel has no heap yet when it needs this.
 #[must_use]
 pub fn usable_ranges<const N: usize>(
     entries: &[MemmapEntry],
     lo: u64,
     hi: u64,
-) -> (heapless_ranges::Ranges<N>, usize) {
-    let mut out = heapless_ranges::Ranges::<N>::new();
+) -> (heapless::Vec<PhysRange, N>, usize) {
+    let mut out = heapless::Vec::<PhysRange, N>::new();
     let mut dropped = 0;
-    let mut clipped: [PhysRange; 64] = [PhysRange { start: 0, end: 0 }; 64];
-    let mut n = 0;
+    let mut clipped = heapless::Vec::<PhysRange, MAX_RAM_ENTRIES>::new();
     for e in entries.iter().filter(|e| e.kind == E820_RAM) {
         let start = e.addr.max(lo).saturating_add(0xFFF) & !0xFFF;
         let end = e.addr.saturating_add(e.size).min(hi) & !0xFFF;
-        if end > start {
-            if n < clipped.len() {
-                clipped[n] = PhysRange { start, end };
-                n += 1;
-            } else {
-                dropped += 1;
-            }
+        if end > start && clipped.push(PhysRange { start, end }).is_err() {
+            dropped += 1;
         }
     }
-    let clipped = &mut clipped[..n];
     clipped.sort_unstable_by_key(|r| r.start);
-    for r in clipped.iter() {
+    for r in &clipped {
         if let Some(last) = out.last_mut()
             && r.start <= last.end
         {
             last.end = last.end.max(r.end);
             continue;
         }
-        if !out.push(*r) {
+        if out.push(*r).is_err() {
             dropped += 1;
         }
     }
     (out, dropped)
-}
-
-/// A fixed-capacity list of ranges (the kernel has no heap yet when it needs it).
-pub mod heapless_ranges {
-    use super::PhysRange;
-
-    #[derive(Clone, Copy, Debug)]
-    pub struct Ranges<const N: usize> {
-        items: [PhysRange; N],
-        len: usize,
-    }
-
-    impl<const N: usize> Ranges<N> {
-        #[must_use]
-        pub const fn new() -> Self {
-            Self {
-                items: [PhysRange { start: 0, end: 0 }; N],
-                len: 0,
-            }
-        }
-
-        /// Appends; false when full.
-        pub fn push(&mut self, r: PhysRange) -> bool {
-            if self.len == N {
-                return false;
-            }
-            self.items[self.len] = r;
-            self.len += 1;
-            true
-        }
-
-        pub fn last_mut(&mut self) -> Option<&mut PhysRange> {
-            self.items[..self.len].last_mut()
-        }
-
-        #[must_use]
-        pub fn as_slice(&self) -> &[PhysRange] {
-            &self.items[..self.len]
-        }
-    }
-
-    impl<const N: usize> Default for Ranges<N> {
-        fn default() -> Self {
-            Self::new()
-        }
-    }
 }
 
 #[cfg(test)]

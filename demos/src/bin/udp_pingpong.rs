@@ -84,7 +84,7 @@ mod guest {
         // A VMM's counters vanish with the VM: lingering (halted) lets a
         // benchmark read them after the last packet, e.g. QEMU's KVM stats over QMP.
         if let Some(ms) = c.get("pingpong.linger_ms").and_then(|s| s.parse().ok()) {
-            guest_kernel::rt::time::sleep(Duration::from_millis(ms));
+            guest_kernel::rt::wait::sleep(Duration::from_millis(ms));
         }
         status
     }

@@ -1,9 +1,15 @@
 //! The local APIC, in xAPIC (MMIO) or x2APIC (MSR) mode (SDM vol 3 ch. 11).
+//!
+//! What kernel calls and bring-up use is `#[inline]`: ring 0 is emulated
+//! instruction by instruction here, and without the attribute whether these
+//! few-instruction helpers are inlined into other modules depends on how the
+//! compiler happens to split the crate into code units.
 
-use super::cpu::{rdmsr, wrmsr};
+use super::cpu::msr;
 use crate::abi::vector;
 use core::sync::atomic::{AtomicU8, Ordering};
 use para_abi::layout::LAPIC_BASE;
+use x86_64::registers::model_specific::{ApicBase, ApicBaseFlags};
 
 /// 1 in x2APIC mode. Read by the interrupt path's EOI (hence the fixed name).
 /// Kernel-private memory: ring 3 must not be able to flip the EOI method.
@@ -39,6 +45,7 @@ const ICR_STARTUP: u32 = (0b110 << 8) | (1 << 14);
 #[unsafe(link_section = ".kdata")]
 static TSC_DEADLINE_MODE: AtomicU8 = AtomicU8::new(0);
 
+#[inline]
 #[must_use]
 pub fn x2apic() -> bool {
     X2APIC_MODE.load(Ordering::Relaxed) != 0
@@ -49,20 +56,22 @@ pub fn set_mode(x2: bool) {
     X2APIC_MODE.store(u8::from(x2), Ordering::Relaxed);
 }
 
+#[inline]
 unsafe fn read(r: u32) -> u32 {
     if x2apic() {
         // SAFETY: x2APIC mode is enabled, so the MSR exists.
-        unsafe { rdmsr(0x800 + (r >> 4)) as u32 }
+        unsafe { msr::x2apic(r).read() as u32 }
     } else {
         // SAFETY: the xAPIC page is identity-mapped (supervisor, uncached).
         unsafe { core::ptr::read_volatile((LAPIC_BASE + u64::from(r)) as *const u32) }
     }
 }
 
+#[inline]
 unsafe fn write(r: u32, v: u32) {
     if x2apic() {
         // SAFETY: x2APIC mode is enabled, so the MSR exists.
-        unsafe { wrmsr(0x800 + (r >> 4), u64::from(v)) }
+        unsafe { msr::x2apic(r).write(u64::from(v)) }
     } else {
         // SAFETY: the xAPIC page is identity-mapped (supervisor, uncached).
         unsafe { core::ptr::write_volatile((LAPIC_BASE + u64::from(r)) as *mut u32, v) }
@@ -79,8 +88,9 @@ pub unsafe fn init_local() -> u32 {
     // IA32_APIC_BASE and SVR), §11.12.1 (x2APIC enable: EN then EXTD).
     unsafe {
         if x2apic() {
-            let base = rdmsr(super::cpu::msr::APIC_BASE);
-            wrmsr(super::cpu::msr::APIC_BASE, base | (1 << 11) | (1 << 10));
+            let mut base = ApicBase::MSR;
+            let enable = ApicBaseFlags::LAPIC_ENABLE.union(ApicBaseFlags::X2APIC_ENABLE);
+            base.write(base.read() | enable.bits());
         }
         write(reg::TPR, 0);
         write(reg::SVR, 0x100 | u32::from(vector::SPURIOUS));
@@ -99,6 +109,7 @@ pub unsafe fn init_local() -> u32 {
 ///
 /// # Safety
 /// Ring 0, after [`init_local`].
+#[inline]
 pub unsafe fn lint0_extint() {
     // SAFETY: an LVT write; the vector field is ignored for ExtINT.
     unsafe { write(reg::LVT_LINT0, 0b111 << 8) }
@@ -108,6 +119,7 @@ pub unsafe fn lint0_extint() {
 ///
 /// # Safety
 /// Ring 0, after [`init_local`].
+#[inline]
 pub unsafe fn setup_timer(tsc_deadline: bool) {
     // SAFETY: LVT timer and divide configuration writes (SDM vol 3 §11.5.4).
     unsafe {
@@ -125,6 +137,7 @@ pub unsafe fn setup_timer(tsc_deadline: bool) {
 ///
 /// # Safety
 /// Ring 0, after [`setup_timer`] in one-shot mode.
+#[inline]
 pub unsafe fn arm_oneshot(ticks: u32) {
     // SAFETY: writing the initial count starts (or, with 0, stops) the timer.
     unsafe { write(reg::TIMER_INITIAL, ticks) }
@@ -134,9 +147,10 @@ pub unsafe fn arm_oneshot(ticks: u32) {
 ///
 /// # Safety
 /// Ring 0, after [`setup_timer`] in TSC-deadline mode.
+#[inline]
 pub unsafe fn arm_deadline(tsc: u64) {
     // SAFETY: IA32_TSC_DEADLINE exists when CPUID.1:ECX[24] is set (SDM vol 3 §11.5.4.1).
-    unsafe { wrmsr(super::cpu::msr::TSC_DEADLINE, tsc) }
+    unsafe { msr::tsc_deadline().write(tsc) }
 }
 
 /// Starts the one-shot timer from its maximum count, masked, for calibration.
@@ -166,11 +180,12 @@ pub unsafe fn stop_free_running() -> u32 {
     }
 }
 
+#[inline]
 unsafe fn send_icr(dest: u32, low: u32) {
     // SAFETY: ICR writes (SDM vol 3 §11.6.1; x2APIC §11.12.9: one 64-bit MSR write).
     unsafe {
         if x2apic() {
-            wrmsr(0x830, (u64::from(dest) << 32) | u64::from(low));
+            msr::x2apic(reg::ICR_LOW).write((u64::from(dest) << 32) | u64::from(low));
         } else {
             while read(reg::ICR_LOW) & ICR_DELIVERY_PENDING != 0 {
                 core::hint::spin_loop();
@@ -185,6 +200,7 @@ unsafe fn send_icr(dest: u32, low: u32) {
 ///
 /// # Safety
 /// Ring 0; `vector` must be one the receiver handles (≥ 32).
+#[inline]
 pub unsafe fn send_ipi(dest: u32, vector: u8) {
     // SAFETY: fixed delivery, physical destination.
     unsafe { send_icr(dest, u32::from(vector)) }

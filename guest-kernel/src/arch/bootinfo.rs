@@ -12,6 +12,9 @@ pub const MAX_MEMMAP: usize = 128;
 pub const MAX_CMDLINE: usize = 2047;
 
 /// The copy. Written by ring 0 before ring 3 first runs; read-only afterwards.
+/// Plain arrays with a length rather than `heapless` vectors: the copy loops
+/// run in ring 0, where a capacity check per pushed byte is one more emulated
+/// instruction each.
 #[repr(C)]
 pub struct BootBlob {
     pub start_info: StartInfo,

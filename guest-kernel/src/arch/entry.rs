@@ -196,7 +196,7 @@ exitless_trap_common:
     iretq
 
     // The kernel-call vector and #UD come here first (on this platform's KVM
-    // `int 0x80` at CPL 3 arrives as #UD; DESIGN §7). The halt call, the one
+    // `int 0x80` at CPL 3 arrives as #UD). The halt call, the one
     // ring 3 makes per sleep, is run here in 47 instructions instead of the
     // trap path's ~130 (KVM's emulated instructions per ping fell by 83): ring
     // 0 is emulated at ~1 µs an instruction, and the vCPU keeps its host CPU

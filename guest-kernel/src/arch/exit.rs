@@ -2,12 +2,14 @@
 //! isa-debug-exit (which makes QEMU exit with `status * 2 + 1`).
 
 use super::BOOT;
-use super::cpu::outl;
 use core::sync::atomic::Ordering;
 use para_abi::{hypercall, layout};
+use x86_64::instructions::port::PortWriteOnly;
+use x86_64::instructions::{hlt, interrupts};
 
 /// Issues hypercall `call` with `arg` to the Exitless shim (para_abi::hypercall);
 /// returns RAX. Ring 0 only, and only under the shim.
+#[inline]
 #[must_use]
 pub fn hypercall(call: hypercall::Call, arg: u64) -> u64 {
     let ret: u64;
@@ -34,9 +36,10 @@ pub fn exit(status: u64) -> ! {
         let _ = hypercall(hypercall::Call::Exit, status);
     }
     // SAFETY: the isa-debug-exit port; harmless where no such device exists.
-    unsafe { outl(layout::QEMU_DEBUG_EXIT_PORT, status as u32) };
+    unsafe { PortWriteOnly::<u32>::new(layout::QEMU_DEBUG_EXIT_PORT).write(status as u32) };
+    // Nothing left to do: stop this CPU.
     loop {
-        // SAFETY: nothing left to do: stop this CPU.
-        unsafe { core::arch::asm!("cli", "hlt", options(nostack, nomem)) };
+        interrupts::disable();
+        hlt();
     }
 }

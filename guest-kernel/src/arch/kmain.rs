@@ -1,11 +1,16 @@
 //! Ring-0 bring-up of each CPU, then the drop into ring 3.
 
-use super::cpu::{cpuid, msr, rdtsc, wrmsr};
+use super::cpu::{cpuid, rdtsc};
 use super::{BOOT, apic, boot, bootinfo, pic, serial, time};
 use crate::abi::{USER_STACK_SIZE, is_user_range, selector};
 use crate::percpu::CPUS;
 use core::sync::atomic::{AtomicU64, Ordering};
 use para_abi::discovery;
+use x86_64::instructions::tables::{lidt, load_tss};
+use x86_64::instructions::{hlt, interrupts};
+use x86_64::registers::model_specific::GsBase;
+use x86_64::registers::rflags::RFlags;
+use x86_64::registers::segmentation::SegmentSelector;
 
 /// TSC at the very first instruction (written by the 32-bit entry code).
 #[unsafe(export_name = "exitless_tsc_at_entry")]
@@ -34,14 +39,19 @@ unsafe fn cpu_init(cpu: usize) {
     // selector is this CPU's; the top quadword of its kernel stack is reserved
     // for the per-CPU pointer (TSS.RSP0 points 16 bytes below the top).
     unsafe {
-        core::arch::asm!("lidt [{}]", in(reg) core::ptr::addr_of!(boot::exitless_idt_ptr), options(nostack, readonly));
-        core::arch::asm!("ltr {0:x}", in(reg) selector::TSS0 + 16 * cpu as u16, options(nostack, nomem));
+        lidt(&*core::ptr::addr_of!(boot::exitless_idt_ptr));
+        load_tss(SegmentSelector(selector::TSS0 + 16 * cpu as u16));
         core::ptr::write((boot::kstack_top(cpu) - 8) as *mut u64, addr);
-        wrmsr(msr::GS_BASE, addr);
+        let mut gs_base = GsBase::MSR;
+        gs_base.write(addr);
         let apic_id = apic::init_local();
         pc.apic_id.store(apic_id, Ordering::Relaxed);
     }
 }
+
+/// RFLAGS in ring 3: interrupts enabled; bit 1 is reserved and always set
+/// (SDM vol 1 §3.4.3).
+const USER_RFLAGS: u64 = RFlags::INTERRUPT_FLAG.bits() | (1 << 1);
 
 /// Enters ring 3 at `rip` with stack `rsp`, interrupts enabled, `arg` in RDI.
 unsafe fn enter_user(rip: u64, rsp: u64, arg: u64) -> ! {
@@ -51,10 +61,11 @@ unsafe fn enter_user(rip: u64, rsp: u64, arg: u64) -> ! {
         core::arch::asm!(
             "push {ss}",
             "push {rsp}",
-            "push 0x202",
+            "push {rflags}",
             "push {cs}",
             "push {rip}",
             "iretq",
+            rflags = const USER_RFLAGS,
             ss = const selector::USER_DATA as u64,
             cs = const selector::USER_CODE as u64,
             rsp = in(reg) rsp,
@@ -119,9 +130,10 @@ extern "C" fn exitless_kmain_ap(cpu: u32) -> ! {
     let rsp = CPUS[cpu].user_stack_top.load(Ordering::Acquire);
     if !rsp.is_multiple_of(16) || !is_user_range(rsp - 64, 64) {
         serial::write(b"AP start-up: ring 3 gave no usable stack; parking this CPU\n");
+        // Park the CPU for good.
         loop {
-            // SAFETY: park the CPU for good.
-            unsafe { core::arch::asm!("cli", "hlt", options(nostack, nomem)) };
+            interrupts::disable();
+            hlt();
         }
     }
     // SAFETY: ring-3 AP entry and the stack ring 3 prepared for this CPU.

@@ -1,4 +1,4 @@
-//! The ring-0 core for `x86_64` (DESIGN §2a): boot, descriptor tables, interrupt
+//! The ring-0 core for `x86_64`: boot, descriptor tables, interrupt
 //! and exception entry, the local APIC, time calibration, AP start-up and the
 //! kernel calls. Everything here runs emulated on this platform's KVM, so each
 //! path is kept to as few instructions as it can be.

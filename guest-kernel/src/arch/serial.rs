@@ -4,9 +4,9 @@
 //! bursts: once LSR.THRE reports the transmit FIFO empty, 16 bytes may be
 //! written without checking again (16550A datasheet, FIFO mode).
 
-use super::cpu::{inb, outb};
 use core::sync::atomic::{AtomicBool, Ordering};
 use para_abi::layout::SERIAL_PORT as BASE;
+use x86_64::instructions::port::{Port, PortReadOnly, PortWriteOnly};
 
 pub use crate::linebuf::LineBuf;
 
@@ -26,20 +26,26 @@ static LOCK: AtomicBool = AtomicBool::new(false);
 /// # Safety
 /// Ring 0, once, before any output.
 pub unsafe fn init() {
-    // SAFETY: programs the UART: no interrupts, 115200 8N1, FIFOs on and cleared.
+    let (mut ier, mut lcr) = (Port::<u8>::new(IER), Port::<u8>::new(LCR));
+    // SAFETY: programs the UART: no interrupts, 115200 8N1 (divisor latch 1
+    // while LCR.DLAB is set, THR then being the divisor's low byte), FIFOs on
+    // and cleared.
     unsafe {
-        outb(IER, 0x00);
-        outb(LCR, 0x80);
-        outb(THR, 0x01);
-        outb(IER, 0x00);
-        outb(LCR, 0x03);
-        outb(FCR, 0xC7);
-        outb(MCR, 0x03);
+        ier.write(0x00);
+        lcr.write(0x80);
+        PortWriteOnly::<u8>::new(THR).write(0x01);
+        ier.write(0x00);
+        lcr.write(0x03);
+        PortWriteOnly::<u8>::new(FCR).write(0xC7);
+        PortWriteOnly::<u8>::new(MCR).write(0x03);
     }
 }
 
 /// Writes `bytes` as one unit (no other CPU's output interleaves).
 /// Ring 0 only, with interrupts disabled (every ring-0 path runs so).
+/// Inlined so that the write kernel call does not pay a call and its register
+/// shuffling on top of the emulated port accesses.
+#[inline]
 pub fn write(bytes: &[u8]) {
     while LOCK
         .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
@@ -47,14 +53,15 @@ pub fn write(bytes: &[u8]) {
     {
         core::hint::spin_loop();
     }
+    let (mut lsr, mut thr) = (PortReadOnly::<u8>::new(LSR), PortWriteOnly::<u8>::new(THR));
     for chunk in bytes.chunks(FIFO_DEPTH) {
         // SAFETY: LSR reads and THR writes only move console bytes.
         unsafe {
-            while inb(LSR) & LSR_THRE == 0 {
+            while lsr.read() & LSR_THRE == 0 {
                 core::hint::spin_loop();
             }
             for &b in chunk {
-                outb(THR, b);
+                thr.write(b);
             }
         }
     }

@@ -1,13 +1,21 @@
-//! Kernel calls: the few privileged services ring 3 asks for (DESIGN §2a).
+//! Kernel calls: the few privileged services ring 3 asks for.
 //! Every argument comes from ring 3 and is checked before use.
 
-use super::cpu::{inl, outl, rdtsc};
+use super::cpu::rdtsc;
 use super::entry::TrapFrame;
 use super::{BOOT, apic, boot, exit, serial};
 use crate::abi::{MAX_CPUS, Sys, SysError, arith_loop, is_user_range, vector};
 use crate::percpu::PerCpu;
 use core::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use para_abi::layout::AP_TRAMPOLINE;
+use x86_64::instructions::interrupts;
+use x86_64::instructions::port::{Port, PortWriteOnly};
+use x86_64::registers::control::{Cr0, Cr0Flags};
+
+/// PCI configuration mechanism #1: the address and data ports (PCI Local Bus
+/// 3.0 §3.2.2.3.2).
+const PCI_CONFIG_ADDRESS: u16 = 0xCF8;
+const PCI_CONFIG_DATA: u16 = 0xCFC;
 
 /// The CPU index an application processor reads while it starts (one at a time).
 #[unsafe(export_name = "exitless_ap_boot_cpu")]
@@ -36,15 +44,15 @@ pub fn dispatch(f: &mut TrapFrame, pc: &PerCpu) {
         Sys::PciRead => pci_address(f.rdi, f.rsi).map_or(SysError::Invalid as u64, |a| {
             // SAFETY: configuration mechanism #1 (PCI Local Bus 3.0 §3.2.2.3.2).
             unsafe {
-                outl(0xCF8, a);
-                u64::from(inl(0xCFC))
+                PortWriteOnly::<u32>::new(PCI_CONFIG_ADDRESS).write(a);
+                u64::from(Port::<u32>::new(PCI_CONFIG_DATA).read())
             }
         }),
         Sys::PciWrite => pci_address(f.rdi, f.rsi).map_or(SysError::Invalid as u64, |a| {
             // SAFETY: as above; ring 3 owns PCI configuration in this design.
             unsafe {
-                outl(0xCF8, a);
-                outl(0xCFC, f.rdx as u32);
+                PortWriteOnly::<u32>::new(PCI_CONFIG_ADDRESS).write(a);
+                Port::<u32>::new(PCI_CONFIG_DATA).write(f.rdx as u32);
             }
             0
         }),
@@ -59,7 +67,7 @@ pub fn dispatch(f: &mut TrapFrame, pc: &PerCpu) {
             0
         }
         Sys::UpcallMaskedSpin => upcall_masked_spin(f, pc),
-        Sys::Cr0Read => super::cpu::cr0(),
+        Sys::Cr0Read => Cr0::read_raw(),
         Sys::Cr0Write => cr0_write(f.rdi, f.rsi),
         Sys::Ring0Loop => {
             if f.rdi > RING0_LOOP_MAX {
@@ -186,8 +194,8 @@ fn upcall_masked_spin(f: &mut TrapFrame, pc: &PerCpu) -> u64 {
             break;
         }
     }
-    // SAFETY: back to IF = 0, as the trap path returns with.
-    unsafe { core::arch::asm!("cli", options(nostack, nomem)) };
+    // Back to IF = 0, as the trap path returns with.
+    interrupts::disable();
     if seen & (probe::AFTER_SHADOW | probe::LATER) == 0 && word.load(Ordering::Acquire) & bit != 0 {
         seen |= probe::AFTER_CLI;
     }
@@ -203,12 +211,16 @@ fn cr0_write(mask: u64, values: u64) -> u64 {
     if mask & !(CR0_MP | CR0_TS) != 0 {
         return SysError::Invalid as u64;
     }
-    let cr0 = (super::cpu::cr0() & !mask) | (values & mask);
+    let cr0 = (Cr0::read_raw() & !mask) | (values & mask);
     // SAFETY: only MP/TS change: neither affects paging, protection or caching;
     // TS makes the next x87/SSE instruction raise #NM, which the caller asked for.
-    unsafe { core::arch::asm!("mov cr0, {}", in(reg) cr0, options(nostack, nomem)) };
+    unsafe { Cr0::write_raw(cr0) };
     cr0
 }
+
+// The ABI names the two CR0 bits ring 3 may own by their architectural values.
+const _: () = assert!(para_abi::ctrl::CR0_MP == Cr0Flags::MONITOR_COPROCESSOR.bits());
+const _: () = assert!(para_abi::ctrl::CR0_TS == Cr0Flags::TASK_SWITCHED.bits());
 
 fn write(ptr: u64, len: u64) -> u64 {
     if len == 0 {
@@ -235,8 +247,9 @@ fn halt(deadline: u64, pc: &PerCpu) -> u64 {
         set_timer(deadline);
     }
     if !pc.any_pending() {
-        // SAFETY: waits for the next interrupt, then masks again.
-        unsafe { core::arch::asm!("sti", "hlt", "cli", options(nostack, nomem)) };
+        // Waits for the next interrupt, then masks again.
+        interrupts::enable_and_hlt();
+        interrupts::disable();
     }
     0
 }

@@ -7,8 +7,9 @@
 //! channel 2's gate needs the PC speaker port, which not every machine has.
 
 use super::apic;
-use super::cpu::{cpuid, inb, outb, rdtsc};
+use super::cpu::{cpuid, rdtsc};
 use para_abi::discovery;
+use x86_64::instructions::port::{Port, PortWriteOnly};
 
 /// Where the TSC frequency came from.
 #[repr(u8)]
@@ -44,6 +45,10 @@ impl Source {
 }
 
 const PIT_HZ: u64 = 1_193_182;
+/// The PIT's mode/command register (write-only).
+const PIT_COMMAND: u16 = 0x43;
+/// Channel 0's data port.
+const PIT_CHANNEL0: u16 = 0x40;
 /// 10 ms of PIT ticks.
 const PIT_WINDOW: u64 = PIT_HZ / 100;
 /// Give up on a PIT that does not count (no PIT at all reads back a constant).
@@ -76,22 +81,24 @@ pub unsafe fn calibrate(max_hv_leaf: u32, need_apic_timer: bool) -> (u64, u64, S
 }
 
 unsafe fn pit_read() -> u16 {
+    let mut channel0 = Port::<u8>::new(PIT_CHANNEL0);
     // SAFETY: latch channel 0, read low then high byte.
     unsafe {
-        outb(0x43, 0x00);
-        let lo = inb(0x40);
-        let hi = inb(0x40);
+        PortWriteOnly::<u8>::new(PIT_COMMAND).write(0x00);
+        let lo = channel0.read();
+        let hi = channel0.read();
         u16::from_le_bytes([lo, hi])
     }
 }
 
 unsafe fn measure_with_pit(apic_timer: bool) -> Option<(u64, u64)> {
+    let mut channel0 = Port::<u8>::new(PIT_CHANNEL0);
     // SAFETY: channel 0, lobyte/hibyte, mode 2, reload 65536; its IRQ is masked
     // at the PIC and IOAPIC, so this only makes it count.
     unsafe {
-        outb(0x43, 0x34);
-        outb(0x40, 0);
-        outb(0x40, 0);
+        PortWriteOnly::<u8>::new(PIT_COMMAND).write(0x34);
+        channel0.write(0);
+        channel0.write(0);
     }
     // SAFETY: as above; ring 0 with the APIC enabled.
     let mut prev = unsafe { pit_read() };

@@ -1,6 +1,5 @@
 //! The Rust half of the trap path: kernel calls and exceptions.
 
-use super::cpu::cr2;
 use super::entry::{TrapFrame, exitless_fault_landing};
 use super::serial::{LineBuf, write};
 use super::{exit, syscall};
@@ -8,6 +7,7 @@ use crate::abi::{KSTACK_SIZE, is_user_range, status, vector};
 use crate::percpu::PerCpu;
 use core::fmt::Write as _;
 use core::sync::atomic::Ordering;
+use x86_64::registers::control::Cr2;
 
 const NAMES: [&str; 32] = [
     "#DE divide error",
@@ -59,7 +59,7 @@ fn percpu_from_kstack() -> &'static PerCpu {
 }
 
 /// True when the two bytes at a ring-3 RIP are `int 0x80` (CD 80). On this
-/// platform's KVM an `int n` at CPL 3 arrives as #UD instead (DESIGN §7).
+/// platform's KVM an `int n` at CPL 3 arrives as #UD instead.
 fn is_int80_at(rip: u64) -> bool {
     if !is_user_range(rip, 2) {
         return false;
@@ -105,7 +105,7 @@ fn nm_to_ring3(f: &mut TrapFrame) -> bool {
 
 fn exception(f: &mut TrapFrame) {
     let v = f.vector as usize;
-    let fault_addr = if v == 14 { cr2() } else { 0 };
+    let fault_addr = if v == 14 { Cr2::read_raw() } else { 0 };
     let on_ist = matches!(v, 2 | 8 | 18);
     let recover = if f.from_user() && !on_ist {
         let pc = percpu_from_kstack();

@@ -1,5 +1,5 @@
 //! The frame allocator over the boot memory map, and the heap on top of it.
-//! Both are ring-3 bookkeeping (DESIGN §2a); the memory is user-accessible.
+//! Both are ring-3 bookkeeping; the memory is user-accessible.
 
 use super::FRAME_SIZE;
 use super::frames::{FrameAllocator, bitmap_words};

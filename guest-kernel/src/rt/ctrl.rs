@@ -1,4 +1,4 @@
-//! M4 shadowed control flags, guest half (DESIGN §3 M4; `para_abi::ctrl`).
+//! M4 shadowed control flags, guest half (`para_abi::ctrl`).
 //!
 //! [`write_flag`] follows the masks the shim publishes for this vCPU: an owned
 //! flag goes to the real register (CR0 through a kernel call), a shadowed one is

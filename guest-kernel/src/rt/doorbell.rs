@@ -1,4 +1,4 @@
-//! The event source manager (mechanism M1, DESIGN §3): events written into
+//! The event source manager (mechanism M1): events written into
 //! memory the host watches, instead of a trapping notification.
 //!
 //! At start-up (ring 3) it reads the shim's discovery leaves, opens the para

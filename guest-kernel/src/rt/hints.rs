@@ -1,4 +1,4 @@
-//! Interrupt-vCPU hints (mechanism M2, DESIGN §3), guest half: the shim names,
+//! Interrupt-vCPU hints (mechanism M2), guest half: the shim names,
 //! per device queue, the vCPUs that share a host CPU with the thread producing
 //! the queue's events; a driver that follows the hint points the queue's MSI-X
 //! entry at one of them, so the interrupt is taken where the event came from.

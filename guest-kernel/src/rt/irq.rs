@@ -1,11 +1,13 @@
 //! Interrupt handling in ring 3: the vector-dispatch table, the upcall
-//! dispatcher ring 0 diverts into, and the virtual interrupt flag (DESIGN §2a).
+//! dispatcher ring 0 diverts into, and the virtual interrupt flag. Ring 3
+//! never executes `cli`/`sti`: it masks delivery with that per-CPU flag in
+//! memory, and ring 0's interrupt stub only diverts into the upcall entry
+//! while the flag is set. Sleeping until something happens is [`super::wait`].
 //!
 //! Handlers run like Unix signal handlers: at any point of the interrupted
 //! code, with delivery masked. They must not take locks the interrupted code
 //! might hold (the heap's included): record, count, wake — and return.
 
-use super::time::Instant;
 use crate::abi::MAX_CPUS;
 use crate::percpu::{self, PerCpu};
 use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -114,25 +116,4 @@ pub fn without<R>(f: impl FnOnce() -> R) -> R {
     let r = f();
     restore(was);
     r
-}
-
-/// Sleeps (halting the CPU) until `cond` holds. Race-free: `cond` is checked
-/// with delivery masked, and the halt call returns at once if an interrupt
-/// became pending after the check, so a wake-up is never slept through.
-pub fn wait_until(cond: impl FnMut() -> bool) {
-    wait_until_or(None, cond);
-}
-
-/// [`wait_until`], also returning once `deadline` passes: each halt arms this
-/// CPU's timer for it in the same kernel call.
-pub fn wait_until_or(deadline: Option<Instant>, mut cond: impl FnMut() -> bool) {
-    loop {
-        let was = disable();
-        if cond() || deadline.is_some_and(|d| Instant::now() >= d) {
-            restore(was);
-            return;
-        }
-        super::sys::halt_until(deadline.map_or(0, |d| d.0));
-        restore(was);
-    }
 }

@@ -1,4 +1,4 @@
-//! The ring-3 runtime (DESIGN §2a): unprivileged bring-up (heap, ACPI, PCI,
+//! The ring-3 runtime: unprivileged bring-up (heap, ACPI, PCI,
 //! SMP), interrupt handlers run as upcalls, logging, time, and the pieces
 //! applications use. Nothing here executes a privileged instruction; what needs
 //! privilege goes through [`sys`].
@@ -24,3 +24,4 @@ pub mod upcall;
 pub mod virtio;
 pub mod vmq;
 pub mod vmq_link;
+pub mod wait;

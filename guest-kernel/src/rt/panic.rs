@@ -3,13 +3,16 @@
 //! Either way an uncaught panic ends the guest with `status::PANIC`.
 
 use crate::abi::status;
-use crate::arch::{cpu, exit, serial};
+use crate::arch::{exit, serial};
 use crate::linebuf::LineBuf;
 use core::fmt::Write;
+use x86_64::PrivilegeLevel;
+use x86_64::instructions::segmentation::{CS, Segment};
 
 #[panic_handler]
 fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
-    if cpu::cpl() == 0 {
+    // The current privilege level is CS's RPL (SDM vol 3 §5.5).
+    if CS::get_reg().rpl() == PrivilegeLevel::Ring0 {
         let mut line = LineBuf::<512>::new();
         let _ = writeln!(line, "KERNEL PANIC (ring 0): {info}");
         serial::write(line.as_bytes());

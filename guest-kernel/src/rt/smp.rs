@@ -3,7 +3,7 @@
 
 use super::platform::Cpu;
 use super::time::{Instant, duration_to_cycles};
-use super::{irq, sys};
+use super::{irq, sys, wait};
 use crate::abi::{MAX_CPUS, USER_STACK_SIZE, vector};
 use crate::percpu::{self, CPU_COUNT, CPUS};
 use alloc::boxed::Box;
@@ -92,7 +92,7 @@ extern "C" fn exitless_user_ap(cpu: u64) -> ! {
     CPUS[cpu].online.store(1, Ordering::Release);
     irq::enable();
     loop {
-        irq::wait_until(|| !MAILBOX[cpu].lock().is_empty());
+        wait::wait_until(|| !MAILBOX[cpu].lock().is_empty());
         loop {
             let job = MAILBOX[cpu].lock().pop_front();
             match job {
@@ -156,7 +156,7 @@ pub fn run_on_wait<R: Send + 'static>(
     let deadline = Instant::now()
         .checked_add(timeout)
         .unwrap_or(Instant(u64::MAX));
-    irq::wait_until_or(Some(deadline), || done.load(Ordering::Acquire));
+    wait::wait_until_or(Some(deadline), || done.load(Ordering::Acquire));
     sys::set_timer(0);
     slot.lock().take().ok_or(SmpError::Timeout)
 }

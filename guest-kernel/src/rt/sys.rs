@@ -1,6 +1,6 @@
 //! Kernel-call wrappers. `int 0x80` goes through the DPL-3 gate where the CPU
 //! delivers it, and arrives as #UD on this platform's KVM, where ring 0
-//! recognises the CD 80 bytes and runs the same call (DESIGN §7).
+//! recognises the CD 80 bytes and runs the same call.
 
 use crate::abi::{Sys, SysError};
 
@@ -37,7 +37,7 @@ pub fn exit(status: u64) -> ! {
 }
 
 /// Sleeps until an interrupt is pending on this CPU (returns at once if one is).
-/// Use [`super::irq::wait_until`] rather than this directly: it closes the race
+/// Use [`super::wait::wait_until`] rather than this directly: it closes the race
 /// between checking a condition and sleeping.
 pub fn halt() {
     call3(Sys::Halt, 0, 0, 0);
@@ -46,7 +46,7 @@ pub fn halt() {
 /// [`halt`], first arming this CPU's timer for TSC value `deadline` in the same
 /// kernel call (one call's two exits fewer than [`set_timer`] then [`halt`]).
 /// A `deadline` already passed fires the timer at once, so the call returns.
-/// Use [`super::irq::wait_until_or`].
+/// Use [`super::wait::wait_until_or`].
 pub fn halt_until(deadline: u64) {
     call3(Sys::Halt, deadline, 0, 0);
 }

@@ -1,5 +1,6 @@
 //! Time from ring 3: the TSC (not trapped here, ~25 ns to read) converted with
-//! the frequency ring 0 found at boot, and sleeping on the per-CPU timer.
+//! the frequency ring 0 found at boot. Sleeping on the per-CPU timer is
+//! [`super::wait::sleep`].
 
 use crate::arch::{BOOT, cpu::rdtsc};
 use core::sync::atomic::Ordering;
@@ -53,21 +54,4 @@ pub fn cycles_to_duration(cycles: u64) -> Duration {
 pub fn duration_to_cycles(d: Duration) -> u64 {
     let c = d.as_nanos() * u128::from(tsc_khz()) / 1_000_000;
     u64::try_from(c).unwrap_or(u64::MAX)
-}
-
-/// Halts until `deadline`, waking on this CPU's timer. Re-arms when the timer
-/// fires early (the one-shot APIC timer counts in its own, calibrated, clock).
-pub fn sleep_until(deadline: Instant) {
-    let cpu = crate::percpu::cpu_id();
-    let timer = crate::abi::vector::TIMER;
-    while Instant::now() < deadline {
-        let seen = super::irq::count(cpu, timer);
-        super::irq::wait_until_or(Some(deadline), || super::irq::count(cpu, timer) != seen);
-    }
-}
-
-/// Halts for at least `d`.
-pub fn sleep(d: Duration) {
-    let deadline = Instant::now().checked_add(d).unwrap_or(Instant(u64::MAX));
-    sleep_until(deadline);
 }

@@ -1,4 +1,4 @@
-//! M3 upcalls in ring 3 (DESIGN §3 M3): the shim's own events to this guest,
+//! M3 upcalls in ring 3: the shim's own events to this guest,
 //! injected on [`vector::UPCALL`] only when a vCPU's interrupt window is open.
 //!
 //! The vector says only "look at your mailbox". The mailbox of this CPU (slot =

@@ -1,4 +1,4 @@
-//! VM queues (mechanism M5, DESIGN §3): send byte ranges to other guests by
+//! VM queues (mechanism M5): send byte ranges to other guests by
 //! name, receive theirs, all in ring 3.
 //!
 //! The shim's VM-queue area (`para_abi::vmq`) holds this guest's outbox (we
@@ -11,7 +11,7 @@
 
 use crate::abi::vector;
 use crate::arch::BOOT;
-use crate::rt::{irq, sys, time};
+use crate::rt::{irq, sys, wait};
 use core::fmt;
 use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use core::time::Duration;
@@ -69,7 +69,7 @@ impl Backoff {
     /// Sleeps (not on the first call after a reset), then lengthens the next sleep.
     pub fn pause(&mut self) {
         if let Some(d) = self.next {
-            time::sleep(d);
+            wait::sleep(d);
             self.next = Some((d * 2).min(BACKOFF_MAX));
         } else {
             self.next = Some(BACKOFF);
@@ -360,7 +360,7 @@ impl Vmq {
         // Pairs with the shim's fence between storing `produced` and loading
         // `consumed`: our last `consumed` store is visible before we read
         // `produced`, so one of us sees the other and no wake-up is lost.
-        irq::wait_until(|| {
+        wait::wait_until(|| {
             core::sync::atomic::fence(Ordering::SeqCst);
             !self.is_empty()
         });

@@ -1,6 +1,6 @@
-//! The notification benchmark's contract (`cargo xtask bench notify`, issue 5
-//! item 7): one guest notifies the host through four paths and the host
-//! timestamps each observation against the guest's send time.
+//! The notification benchmark's contract (`cargo xtask bench notify`): one
+//! guest notifies the host through four paths and the host timestamps each
+//! observation against the guest's send time.
 //!
 //! The guest owns a page-aligned mailbox page in its RAM and names it with the
 //! `NotifyBench` hypercall. Per notification the guest stores the path tag, a

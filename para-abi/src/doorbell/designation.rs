@@ -22,7 +22,8 @@
 
 use core::sync::atomic::{AtomicU32, AtomicU64, Ordering, fence};
 
-use super::ring::{HEADER_SIZE, MAX_CAPACITY, SLOT_SIZE, STATUS_SIZE};
+pub use super::geometry::RingLayout;
+use super::geometry::{HEADER_SIZE, MAX_CAPACITY, SLOT_SIZE, STATUS_SIZE};
 
 /// Page size ranges and protected portions are aligned to (a memslot granule).
 pub const PAGE_SIZE: u64 = 4096;
@@ -80,20 +81,6 @@ pub struct Designation {
     pub ring_capacity: u32,
     /// Guest-physical address of the trapping kick (a 4-byte MMIO write, any value).
     pub kick_gpa: u64,
-}
-
-/// Where a ring's parts lie, relative to the start of its range. Obtained only
-/// through [`Designation::ring_layout`], so its offsets are validated.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct RingLayout {
-    /// Offset of the [`RingStatus`](super::ring::RingStatus).
-    pub status_offset: u64,
-    /// Offset of the [`RingHeader`](super::ring::RingHeader).
-    pub header_offset: u64,
-    /// Offset of slot 0.
-    pub slots_offset: u64,
-    /// Number of slots.
-    pub capacity: u32,
 }
 
 /// Why a designation is unusable.

@@ -1,7 +1,7 @@
 //! M1 — exitless doorbells: events from guest vCPUs to host CPUs through
-//! designated memory ranges (DESIGN.md §3 M1; the mechanism of US 9,256,455,
-//! "Delivery of events from a virtual machine to host CPU using memory monitoring
-//! instructions", in `reference/M1-events-via-monitored-memory.txt`).
+//! designated memory ranges (the mechanism of US 9,256,455, "Delivery of
+//! events from a virtual machine to host CPU using memory monitoring
+//! instructions").
 //!
 //! # The parts
 //!
@@ -11,6 +11,8 @@
 //!   the para region ([`crate::region`]).
 //! - [`record`]: the 64-bit event record (device, queue, operation, argument,
 //!   sequence tag, check byte) and its total decoder.
+//! - [`geometry`]: the sizes of a ring's parts and the validated
+//!   [`RingLayout`] a designation yields (a leaf both of the others use).
 //! - [`ring`]: the multi-producer / single-consumer ring of records, its
 //!   coalescing overflow set and the park/kick handshake.
 //!
@@ -106,8 +108,10 @@
 
 pub mod bench;
 pub mod designation;
+pub mod geometry;
 pub mod record;
 pub mod ring;
+mod sync;
 
 /// What `Event::device` names: the PCI device number (bus 0) of the guest's
 /// virtio device the event is for, so guest and VMM agree without a table.
@@ -124,15 +128,7 @@ pub mod device {
     pub const VMQ: u8 = 0xFD;
 }
 
-pub use designation::{Designation, DesignationSlot, RingLayout, SourceType};
+pub use designation::{Designation, DesignationSlot, SourceType};
+pub use geometry::RingLayout;
 pub use record::{Event, Op};
 pub use ring::{Consumer, Park, Pending, Polled, Ring, RingHeader, RingStatus, Sent, Via};
-
-/// The atomics the ring is written against: `core`'s, or loom's when model checking.
-pub(crate) mod sync {
-    #[cfg(loom)]
-    pub(crate) use loom::sync::atomic::{AtomicU32, AtomicU64, Ordering, fence};
-
-    #[cfg(not(loom))]
-    pub(crate) use core::sync::atomic::{AtomicU32, AtomicU64, Ordering, fence};
-}

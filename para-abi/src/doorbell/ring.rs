@@ -4,13 +4,10 @@
 //! argument; this file is the code that implements it.
 
 #[cfg(not(loom))]
-use super::designation::RingLayout;
+use super::geometry::RingLayout;
+pub use super::geometry::{HEADER_SIZE, MAX_CAPACITY, SLOT_SIZE, STATUS_SIZE};
 use super::record::{self, Event, Op, RecordError};
 use super::sync::{AtomicU32, AtomicU64, Ordering, fence};
-
-/// The largest ring capacity: the record's sequence tag must tell a position from
-/// the one a lap earlier, so capacity stays below `2^SEQUENCE_BITS`.
-pub const MAX_CAPACITY: u32 = 1 << (record::SEQUENCE_BITS - 1);
 
 /// How many times a producer retries reserving a slot against other producers
 /// before it coalesces its event instead. Keeps [`Ring::send`] wait-free: a vCPU
@@ -63,13 +60,6 @@ pub struct RingHeader {
     /// kick, so a parked monitor costs one exit, not one per event until it runs.
     pub kicked: AtomicU64,
 }
-
-/// Size in bytes of [`RingStatus`] in shared memory.
-pub const STATUS_SIZE: usize = 64;
-/// Size in bytes of [`RingHeader`] in shared memory.
-pub const HEADER_SIZE: usize = 256;
-/// Size in bytes of one slot.
-pub const SLOT_SIZE: usize = 8;
 
 #[cfg(not(loom))]
 const _: () = {

@@ -1,4 +1,4 @@
-//! The reference loop timed in both rings (issue 2): shows that ring 3 runs
+//! The reference loop timed in both rings: shows that ring 3 runs
 //! natively while ring 0 does not on this platform's KVM.
 
 use guest_kernel::abi::arith_loop;

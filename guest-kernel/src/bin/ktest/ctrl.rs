@@ -1,4 +1,4 @@
-//! M4 shadowed control flags (issue 8). Under the shim: shadowed writes cause
+//! M4 shadowed control flags. Under the shim: shadowed writes cause
 //! no exits and the shim sees the last one at the next exit, trapping writes
 //! exit once each, mask changes lose no write, the NIC's quiet flag withholds
 //! MSIs, garbage is refused and counted. Under QEMU: the hardware flags take

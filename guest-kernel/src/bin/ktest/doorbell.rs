@@ -71,7 +71,7 @@ ktest!(
             .get("doorbell.burst_after_ms")
             .and_then(|v| v.parse::<u64>().ok())
         {
-            guest_kernel::rt::time::sleep(Duration::from_millis(ms));
+            guest_kernel::rt::wait::sleep(Duration::from_millis(ms));
         }
         let (sent0, over0, kicks0) = d.counters();
         sys::hypercall(Call::StatsMark, MARK_BEFORE).map_err(|e| alloc::format!("mark: {e:?}"))?;
@@ -137,7 +137,7 @@ fn unknown_op_word(position: u64) -> u64 {
 
 ktest!(
     fn doorbell_flood_of_garbage_is_survived() {
-        // Bad input (issue 5): garbage words, torn and misplaced records,
+        // Bad input: garbage words, torn and misplaced records,
         // undefined operations, unknown devices and a ring kept full. The host
         // must count and reject them and keep consuming; the shim-flood leg
         // runs this for `doorbell.flood_ms` next to another guest's burst.

@@ -6,7 +6,7 @@ use guest_kernel::abi::vector;
 use guest_kernel::arch::cpu::rdtsc;
 use guest_kernel::percpu;
 use guest_kernel::rt::time::{Instant, duration_to_cycles};
-use guest_kernel::rt::{irq, sys};
+use guest_kernel::rt::{irq, sys, wait};
 use guest_kernel::{check, check_eq, ktest};
 
 static FIRED: AtomicU32 = AtomicU32::new(0);
@@ -112,7 +112,7 @@ ktest!(
             .checked_add(Duration::from_millis(5))
             .ok_or("overflow")?;
         sys::set_timer(deadline.0);
-        irq::wait_until(|| FIRED.load(Ordering::Acquire) != 0);
+        wait::wait_until(|| FIRED.load(Ordering::Acquire) != 0);
         check_eq!(FIRED.load(Ordering::Relaxed), 1);
         let slack = duration_to_cycles(Duration::from_micros(100));
         check!(

@@ -1,4 +1,4 @@
-//! The NIC: MSI-X vectors accepted and placed where asked (issue 4, item 7).
+//! The NIC: MSI-X vectors accepted and placed where asked.
 //! Needs a virtio-net device; with `ktest.dhcp` on the command line (a DHCP
 //! server on the link, as QEMU user networking has) it also receives.
 

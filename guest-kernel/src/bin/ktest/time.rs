@@ -2,7 +2,8 @@
 
 use core::time::Duration;
 use guest_kernel::arch::BOOT;
-use guest_kernel::rt::time::{Instant, sleep, tsc_khz};
+use guest_kernel::rt::time::{Instant, tsc_khz};
+use guest_kernel::rt::wait::sleep;
 use guest_kernel::{check, ktest, println};
 
 /// Generous: these machines are shared and (under TCG) emulated. The point is
@@ -60,7 +61,7 @@ pub const SLEEPS: u64 = 200;
 
 ktest!(
     fn timed_sleeps_wake_on_the_timer() {
-        use guest_kernel::rt::{irq, sys};
+        use guest_kernel::rt::{irq, sys, wait};
         use para_abi::hypercall::Call;
         let cpu = guest_kernel::percpu::cpu_id();
         let timer = guest_kernel::abi::vector::TIMER;
@@ -72,7 +73,7 @@ ktest!(
         let t = Instant::now();
         for _ in 0..SLEEPS {
             let deadline = Instant::now().checked_add(step).ok_or("time")?;
-            irq::wait_until_or(Some(deadline), || false);
+            wait::wait_until_or(Some(deadline), || false);
             check!(Instant::now() >= deadline, "a timed sleep returned early");
         }
         let took = t.elapsed();

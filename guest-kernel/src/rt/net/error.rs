@@ -1,0 +1,40 @@
+//! Why a NIC could not be opened or driven.
+
+use crate::rt::doorbell::DoorbellError;
+use crate::rt::vmq_link::LinkOpenError;
+use core::fmt;
+use drivers::virtio_pci::TransportError;
+
+#[derive(Debug)]
+pub enum NetError {
+    NoDevice(usize),
+    Config(&'static str),
+    Transport(TransportError),
+    Driver(drivers::net::NetError),
+    /// The device answered NO_VECTOR for a queue vector (virtio 1.2 §4.1.5.1.2).
+    VectorRejected {
+        rejected: u16,
+    },
+    NoSuchCpu(usize),
+    /// Doorbells were asked for and cannot be had.
+    Doorbell(DoorbellError),
+    /// `net.dev=vmq`: the VM-queue link could not be opened.
+    Vmq(LinkOpenError),
+}
+
+impl fmt::Display for NetError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::NoDevice(i) => write!(f, "no virtio-net device #{i} on the PCI bus"),
+            Self::Config(m) => write!(f, "network configuration: {m}"),
+            Self::Transport(e) => write!(f, "{e}"),
+            Self::Driver(e) => write!(f, "{e}"),
+            Self::VectorRejected { rejected } => {
+                write!(f, "the device rejected {rejected} MSI-X queue vector(s)")
+            }
+            Self::NoSuchCpu(c) => write!(f, "no CPU {c} is online to take the NIC's interrupts"),
+            Self::Doorbell(e) => write!(f, "net.notify=doorbell: {e}"),
+            Self::Vmq(e) => write!(f, "net.dev=vmq: {e}"),
+        }
+    }
+}

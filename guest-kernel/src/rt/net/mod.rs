@@ -1,0 +1,319 @@
+//! Networking in the guest: a smoltcp interface on a NIC, fed from ring 3.
+//! The NIC's RX vector wakes the stack (interrupt mode) or the stack
+//! busy-polls the used ring (poll mode); a timer at smoltcp's `poll_at`
+//! drives retransmissions and ARP.
+//!
+//! Kernel command line: `ip=10.0.0.2/24`, `gw=10.0.0.1`, `dhcp` (instead of
+//! `ip=`), `net.rx=poll|irq` (default irq), `net.irq_cpu=N` (where the NIC's
+//! interrupts go; default: the CPU that opens it), `net.notify=doorbell|trap`
+//! (how the NIC learns of new buffers; default: doorbells when the shim
+//! offers them, the virtio notify register otherwise), `net.tx_irq=on`
+//! (take TX-completion interrupts; off by default: completions are reaped on
+//! the send path, so the TX vector stays masked and costs no interrupt),
+//! `hints=off|on` (interrupt-vCPU hints, M2: where offered they are followed
+//! by default unless `net.irq_cpu=` is given; `on` follows them even then,
+//! `off` never).
+//!
+//! A second NIC type (M5): `net.dev=vmq net.vmq_peer=NAME` carries the
+//! Ethernet frames over VM queues to the guest the shim calls NAME
+//! (`drivers::vmq_net` over `rt::vmq_link`) instead of a virtio-net device;
+//! every frame, broadcasts included, goes to that one peer. `net.vmq_policy=
+//! lazy|immediate|doorbell` (default lazy: one flush exit per stack poll
+//! that sent anything). `net.dev=virtio` is the default.
+//!
+//! # The parts
+//!
+//! - `config`: the command line's network keys ([`NetConfig`], [`Notify`]).
+//! - `error`: [`NetError`].
+//! - `wake`: the RX and `HintUpdate` handlers, the counters a sleeping stack
+//!   waits on, and the RX queue's hint follower.
+//! - `nic`: the [`Nic`](nic::Nic) trait and its two NICs, virtio-net and
+//!   VM queues.
+//! - `stack`: the smoltcp interface, sockets and DHCP lease, NIC-independent.
+//! - this file: [`Net`], which ties one NIC to its stack: polling, sleeping,
+//!   following hints, sockets.
+
+mod config;
+mod error;
+mod nic;
+mod stack;
+mod wake;
+
+pub use config::{NetConfig, Notify};
+pub use error::NetError;
+pub use wake::{MAX_NICS, hint_upcalls};
+
+use crate::rt::hints::{self, Follower};
+use crate::rt::start::system;
+use crate::rt::time::{self, Instant};
+use crate::rt::vmq_link::{LinkPolicy, LinkStats};
+use crate::rt::{smp, wait};
+use alloc::boxed::Box;
+use alloc::vec;
+use config::NicChoice;
+use core::fmt;
+use drivers::msix::{ApicId, MsixError};
+use drivers::net::{NetStats, RX_QUEUE, RxMode, TX_QUEUE};
+use nic::{Nic, VirtioNic};
+use smoltcp::iface::{Interface, PollResult, SocketHandle, SocketSet};
+use smoltcp::socket::{tcp, udp};
+use smoltcp::wire::Ipv4Address;
+use stack::now;
+
+/// One NIC with its smoltcp interface and sockets.
+pub struct Net {
+    index: usize,
+    nic: Box<dyn Nic>,
+    iface: Interface,
+    pub sockets: SocketSet<'static>,
+    dhcp: Option<SocketHandle>,
+    mode: RxMode,
+    /// Follows the shim's interrupt-vCPU hints for the RX queue (M2).
+    hints: Option<Follower>,
+    /// RX interrupts when the hints were last checked: they are checked after interrupts.
+    hint_signal: u64,
+    /// `HintUpdate` upcalls when the hints were last checked: and after the
+    /// shim's `HintUpdate` upcalls (M3).
+    hint_upcalls: u64,
+}
+
+impl fmt::Debug for Net {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Net")
+            .field("index", &self.index)
+            .field("dev", &self.nic)
+            .finish_non_exhaustive()
+    }
+}
+
+fn describe_address(cfg: &NetConfig) -> alloc::string::String {
+    cfg.address
+        .map_or(alloc::string::String::from("DHCP"), |a| {
+            alloc::format!("{a}")
+        })
+}
+
+impl Net {
+    /// Opens virtio-net device number `index` (bus order) with `cfg`.
+    pub fn open(index: usize, cfg: &NetConfig) -> Result<Self, NetError> {
+        if index >= MAX_NICS {
+            return Err(NetError::NoDevice(index));
+        }
+        let opened = VirtioNic::open(index, cfg)?;
+        let mut nic: Box<dyn Nic> = Box::new(opened.nic);
+        let (iface, sockets, dhcp) = stack::build(nic.as_mut(), cfg);
+        let rx = nic.rx_vector();
+        log::info!(
+            "net{index}: virtio-net at {:02x}:{:02x}.{} MAC {}, {}, RX {:?}, interrupts to cpu{} (vectors {:#x}/{:#x}, {} accepted), notify by {}",
+            opened.bus,
+            opened.device,
+            opened.function,
+            nic.mac(),
+            describe_address(cfg),
+            cfg.rx_mode,
+            cfg.irq_cpu,
+            rx,
+            rx + 1,
+            opened.accepted,
+            if opened.doorbells { "doorbell" } else { "trap" }
+        );
+        Ok(Self {
+            index,
+            nic,
+            iface,
+            sockets,
+            dhcp,
+            mode: cfg.rx_mode,
+            hints: wake::hint_follower(index, opened.device, opened.apic),
+            hint_signal: 0,
+            hint_upcalls: 0,
+        })
+    }
+
+    /// Opens NIC `index` configured by the kernel command line (see the module docs).
+    pub fn from_cmdline(index: usize) -> Result<Self, NetError> {
+        let c = &system().cmdline;
+        let cfg = NetConfig::from_cmdline(c)?;
+        match NicChoice::from_cmdline(c, index)? {
+            NicChoice::Virtio => Self::open(index, &cfg),
+            NicChoice::Vmq { peer, policy } => Self::open_vmq(peer, policy, &cfg),
+        }
+    }
+
+    /// Opens the VM-queue NIC (there is one, index 0) to the guest called `peer`.
+    /// `cfg`'s addresses, DHCP and RX mode apply; its interrupt placement and
+    /// notification path do not (arrivals interrupt vCPU 0; sends are messages).
+    pub fn open_vmq(peer: &str, policy: LinkPolicy, cfg: &NetConfig) -> Result<Self, NetError> {
+        let dev = nic::open_vmq(peer, policy)?;
+        let (me, peer_id) = (dev.link().my_id(), dev.link().peer());
+        let mut nic: Box<dyn Nic> = Box::new(dev);
+        let (iface, sockets, dhcp) = stack::build(nic.as_mut(), cfg);
+        wake::set_stack_cpu(0);
+        log::info!(
+            "net0: VM-queue NIC, guest {me} -> {peer} (id {peer_id}), MAC {}, {}, RX {:?}, {policy:?} delivery",
+            nic.mac(),
+            describe_address(cfg),
+            cfg.rx_mode,
+        );
+        Ok(Self {
+            index: 0,
+            nic,
+            iface,
+            sockets,
+            dhcp,
+            mode: cfg.rx_mode,
+            hints: None,
+            hint_signal: 0,
+            hint_upcalls: 0,
+        })
+    }
+
+    /// Runs smoltcp once over whatever arrived; true when anything happened.
+    pub fn poll(&mut self) -> bool {
+        let signal = wake::rx_signals(self.index);
+        let upcalls = wake::hint_upcalls();
+        if signal != self.hint_signal || upcalls != self.hint_upcalls {
+            self.hint_signal = signal;
+            self.hint_upcalls = upcalls;
+            self.follow_hints();
+        }
+        let r = self.nic.poll(&mut self.iface, now(), &mut self.sockets);
+        if let Some(h) = self.dhcp {
+            stack::follow_dhcp(self.index, &mut self.iface, &mut self.sockets, h);
+        }
+        r != PollResult::None
+    }
+
+    /// Sleeps until a frame arrives, smoltcp wants polling, or `until` passes.
+    /// Poll mode spins on the used ring instead of sleeping.
+    pub fn wait(&mut self, until: Option<Instant>) {
+        let poll_at = self.iface.poll_at(now(), &self.sockets).map(|t| {
+            let us = u64::try_from(t.total_micros()).unwrap_or(0);
+            Instant(us * time::tsc_khz() / 1000)
+        });
+        let wake = match (poll_at, until) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        if self.nic.rx_pending() || wake.is_some_and(|w| Instant::now() >= w) {
+            return;
+        }
+        // A halt is no exit the shim sees: lazily posted frames go now.
+        self.nic.flush();
+        match self.mode {
+            RxMode::Poll => {
+                while !self.nic.rx_pending() && wake.is_none_or(|w| Instant::now() < w) {
+                    core::hint::spin_loop();
+                }
+            }
+            RxMode::Interrupt => {
+                let index = self.index;
+                let seen = wake::rx_signals(index);
+                let hints_seen = self.hint_upcalls;
+                let nic = &self.nic;
+                wait::wait_until_or(wake, || {
+                    wake::rx_signals(index) != seen
+                        || wake::hint_upcalls() != hints_seen
+                        || nic.rx_pending()
+                });
+            }
+        }
+    }
+
+    /// The interface's IPv4 address, once it has one.
+    #[must_use]
+    pub fn ipv4(&self) -> Option<Ipv4Address> {
+        self.iface.ipv4_addr()
+    }
+
+    #[must_use]
+    pub fn stats(&self) -> NetStats {
+        self.nic.stats()
+    }
+
+    /// The VM-queue link's outcomes (`None` for virtio-net): frames the shim
+    /// delivered or refused, and this guest's flush exits.
+    pub fn vmq_link_stats(&mut self) -> Option<(LinkStats, u64)> {
+        self.nic.vmq_link_stats()
+    }
+
+    /// After an RX interrupt or a `HintUpdate` upcall: moves the RX vector to the
+    /// vCPU a new hint names (the follower decides each generation once).
+    fn follow_hints(&mut self) {
+        let (Some(f), Ok(h)) = (self.hints.as_mut(), hints::get()) else {
+            return;
+        };
+        if let Some(cpu) = f.check(&h) {
+            match self.retarget(RX_QUEUE, cpu) {
+                Ok(()) => log::info!("net{}: RX interrupts to cpu{cpu} (hint)", self.index),
+                Err(e) => log::warn!("net{}: following the hint to cpu{cpu}: {e}", self.index),
+            }
+        }
+    }
+
+    /// Points queue `queue` (0 = RX, 1 = TX)'s interrupt at CPU `cpu`.
+    pub fn retarget(&mut self, queue: u16, cpu: usize) -> Result<(), NetError> {
+        let apic = smp::apic_id(cpu).ok_or(NetError::NoSuchCpu(cpu))?;
+        let Some(msix) = self.nic.msix_mut() else {
+            return Err(NetError::Config("a VM-queue NIC has no MSI-X vectors"));
+        };
+        msix.retarget(queue, ApicId(apic))
+            .map_err(|e| NetError::Transport(e.into()))?;
+        if queue == RX_QUEUE
+            && let Some(f) = &mut self.hints
+        {
+            f.set_current(apic);
+        }
+        Ok(())
+    }
+
+    /// Where the RX and TX queues interrupt now (APIC ids, read from the table).
+    pub fn irq_destinations(&self) -> Result<(u32, u32), MsixError> {
+        let msix = self.nic.msix().ok_or(MsixError::NoCapability)?;
+        Ok((
+            msix.queue_message(RX_QUEUE)?.destination().0,
+            msix.queue_message(TX_QUEUE)?.destination().0,
+        ))
+    }
+
+    /// RX vector of this NIC (for per-CPU interrupt counts).
+    #[must_use]
+    pub fn rx_vector(&self) -> u8 {
+        self.nic.rx_vector()
+    }
+
+    /// Binds a UDP socket to `port` with `packets` datagrams of buffering each way.
+    pub fn udp_bind(&mut self, port: u16, packets: usize) -> Result<SocketHandle, udp::BindError> {
+        let buf = || {
+            udp::PacketBuffer::new(
+                vec![udp::PacketMetadata::EMPTY; packets],
+                vec![0u8; packets * 1536],
+            )
+        };
+        let mut s = udp::Socket::new(buf(), buf());
+        s.bind(port)?;
+        Ok(self.sockets.add(s))
+    }
+
+    /// A TCP socket listening on `port`.
+    pub fn tcp_listen(
+        &mut self,
+        port: u16,
+        buffer: usize,
+    ) -> Result<SocketHandle, tcp::ListenError> {
+        let mut s = tcp::Socket::new(
+            tcp::SocketBuffer::new(vec![0; buffer]),
+            tcp::SocketBuffer::new(vec![0; buffer]),
+        );
+        s.listen(port)?;
+        Ok(self.sockets.add(s))
+    }
+
+    pub fn udp(&mut self, h: SocketHandle) -> &mut udp::Socket<'static> {
+        self.sockets.get_mut::<udp::Socket>(h)
+    }
+
+    pub fn tcp(&mut self, h: SocketHandle) -> &mut tcp::Socket<'static> {
+        self.sockets.get_mut::<tcp::Socket>(h)
+    }
+}

@@ -1,0 +1,258 @@
+//! The NICs under a stack, behind one trait: a virtio-net device on the PCI
+//! bus with its MSI-X vectors, or VM queues to one peer guest (M5). The stack
+//! (`Net`) sees only [`Nic`]; what differs between the two — where frames
+//! come from, what a lazy link must flush, whether there is an interrupt to
+//! move — stays here.
+
+use super::config::{NetConfig, Notify};
+use super::error::NetError;
+use super::wake;
+use crate::abi::vector;
+use crate::rt::start::system;
+use crate::rt::virtio::{KernelHal, KernelPciAccess, find_net_devices};
+use crate::rt::vmq_link::{LinkPolicy, LinkStats, VmqLink};
+use crate::rt::{doorbell, smp};
+use alloc::boxed::Box;
+use alloc::vec;
+use core::fmt;
+use core::sync::atomic::Ordering;
+use drivers::msix::{ApicId, MsiMessage, Vector};
+use drivers::net::{NetDevice, NetStats, TX_QUEUE};
+use drivers::virtio_pci::{MsixControl, MsixPciTransport, QueueNotifier, VectorPlan};
+use drivers::vmq_net::VmqNet;
+use para_abi::doorbell::record::{Event, Op};
+use smoltcp::iface::{Config, Interface, PollResult, SocketSet};
+use smoltcp::time::Instant;
+use smoltcp::wire::EthernetAddress;
+
+/// What a stack needs from the device under it.
+pub trait Nic: fmt::Debug {
+    /// The device's MAC address.
+    fn mac(&self) -> EthernetAddress;
+    /// A smoltcp interface over this device.
+    fn interface(&mut self, config: Config, now: Instant) -> Interface;
+    /// Runs `iface` once over whatever arrived and sends what it produces.
+    fn poll(
+        &mut self,
+        iface: &mut Interface,
+        now: Instant,
+        sockets: &mut SocketSet<'static>,
+    ) -> PollResult;
+    /// A received frame is waiting.
+    fn rx_pending(&self) -> bool;
+    /// Hands frames queued but not yet delivered to the VMM; called before
+    /// the stack halts, which is no exit a VMM sees.
+    fn flush(&mut self) {}
+    fn stats(&self) -> NetStats;
+    /// The vector whose per-CPU counts are this NIC's RX interrupts.
+    fn rx_vector(&self) -> u8;
+    /// The MSI-X table, for NICs with interrupts of their own.
+    fn msix(&self) -> Option<&MsixControl> {
+        None
+    }
+    fn msix_mut(&mut self) -> Option<&mut MsixControl> {
+        None
+    }
+    /// The VM-queue link's outcomes and flush exits, for a VM-queue NIC.
+    fn vmq_link_stats(&mut self) -> Option<(LinkStats, u64)> {
+        None
+    }
+}
+
+type Device = NetDevice<KernelHal, MsixPciTransport>;
+
+/// A virtio-net device with the MSI-X table of its PCI function.
+pub struct VirtioNic {
+    dev: Device,
+    msix: MsixControl,
+    rx_vector: u8,
+}
+
+/// What opening a virtio-net NIC found, for its log line and hint follower.
+pub struct VirtioOpened {
+    pub nic: VirtioNic,
+    pub bus: u8,
+    pub device: u8,
+    pub function: u8,
+    /// APIC id the queue interrupts go to.
+    pub apic: u32,
+    /// Queue vectors the device accepted.
+    pub accepted: u16,
+    /// Queue notifications travel as doorbell events.
+    pub doorbells: bool,
+}
+
+/// Queue notifications as doorbell events (device = PCI device number).
+struct DoorbellNotifier;
+
+impl QueueNotifier for DoorbellNotifier {
+    fn notify(&self, device: u8, queue: u16) -> bool {
+        match doorbell::get() {
+            Ok(d) => {
+                let event = Event {
+                    device,
+                    queue,
+                    op: Op::Notify,
+                    arg: 0,
+                };
+                let _ = d.send(event);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+}
+
+impl VirtioNic {
+    /// Opens virtio-net device number `index` (bus order) with `cfg`: its
+    /// queue interrupts go to `cfg.irq_cpu`, RX and TX on two vectors.
+    pub fn open(index: usize, cfg: &NetConfig) -> Result<VirtioOpened, NetError> {
+        let access = system().pci;
+        let df = *find_net_devices(access)
+            .get(index)
+            .ok_or(NetError::NoDevice(index))?;
+        let apic = smp::apic_id(cfg.irq_cpu).ok_or(NetError::NoSuchCpu(cfg.irq_cpu))?;
+        let rx = wake::attach_virtio(index);
+        let msg = |v| {
+            MsiMessage::fixed(ApicId(apic), Vector(v)).map_err(|e| NetError::Transport(e.into()))
+        };
+        let plan = VectorPlan {
+            config: None,
+            queues: vec![msg(rx)?, msg(rx + 1)?],
+        };
+        let (mut transport, mut msix) =
+            MsixPciTransport::new::<KernelHal, _>(KernelPciAccess(access), df, plan)
+                .map_err(NetError::Transport)?;
+        let doorbells = match (cfg.notify, doorbell::get()) {
+            (Notify::Trap, _) | (Notify::Auto, Err(_)) => false,
+            (Notify::Doorbell | Notify::Auto, Ok(_)) => true,
+            (Notify::Doorbell, Err(e)) => return Err(NetError::Doorbell(e)),
+        };
+        if doorbells {
+            transport.set_notifier(Box::new(DoorbellNotifier));
+        }
+        let dev = NetDevice::new(transport, cfg.rx_mode).map_err(NetError::Driver)?;
+        if !cfg.tx_irq {
+            msix.set_queue_masked(TX_QUEUE, true)
+                .map_err(|e| NetError::Transport(e.into()))?;
+        }
+        let status = msix.vector_status();
+        if status.rejected > 0 {
+            return Err(NetError::VectorRejected {
+                rejected: status.rejected,
+            });
+        }
+        Ok(VirtioOpened {
+            nic: Self {
+                dev,
+                msix,
+                rx_vector: rx,
+            },
+            bus: df.bus,
+            device: df.device,
+            function: df.function,
+            apic,
+            accepted: status.accepted,
+            doorbells,
+        })
+    }
+}
+
+impl fmt::Debug for VirtioNic {
+    /// The device alone: the MSI-X table has nothing to say in a log line.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.dev, f)
+    }
+}
+
+impl Nic for VirtioNic {
+    fn mac(&self) -> EthernetAddress {
+        EthernetAddress(self.dev.mac())
+    }
+
+    fn interface(&mut self, config: Config, now: Instant) -> Interface {
+        Interface::new(config, &mut self.dev, now)
+    }
+
+    fn poll(
+        &mut self,
+        iface: &mut Interface,
+        now: Instant,
+        sockets: &mut SocketSet<'static>,
+    ) -> PollResult {
+        iface.poll(now, &mut self.dev, sockets)
+    }
+
+    fn rx_pending(&self) -> bool {
+        self.dev.rx_pending()
+    }
+
+    fn stats(&self) -> NetStats {
+        self.dev.stats()
+    }
+
+    fn rx_vector(&self) -> u8 {
+        self.rx_vector
+    }
+
+    fn msix(&self) -> Option<&MsixControl> {
+        Some(&self.msix)
+    }
+
+    fn msix_mut(&mut self) -> Option<&mut MsixControl> {
+        Some(&mut self.msix)
+    }
+}
+
+/// Opens the VM-queue NIC to the guest called `peer`.
+pub fn open_vmq(peer: &str, policy: LinkPolicy) -> Result<VmqNet<VmqLink>, NetError> {
+    let link = VmqLink::open(peer, policy).map_err(NetError::Vmq)?;
+    let me = link.my_id();
+    Ok(VmqNet::new(link, drivers::vmq_net::mac_for(me)))
+}
+
+impl Nic for VmqNet<VmqLink> {
+    fn mac(&self) -> EthernetAddress {
+        EthernetAddress(VmqNet::mac(self))
+    }
+
+    fn interface(&mut self, config: Config, now: Instant) -> Interface {
+        Interface::new(config, self, now)
+    }
+
+    fn poll(
+        &mut self,
+        iface: &mut Interface,
+        now: Instant,
+        sockets: &mut SocketSet<'static>,
+    ) -> PollResult {
+        let r = iface.poll(now, self, sockets);
+        // What this poll sent leaves in one exit (lazy links).
+        VmqNet::flush(self);
+        r
+    }
+
+    fn rx_pending(&self) -> bool {
+        // Pairs with the shim's fence between storing the inbox's `produced`
+        // and loading `consumed` (see `Vmq::wait`): no lost wake-up before a
+        // halt.
+        core::sync::atomic::fence(Ordering::SeqCst);
+        VmqNet::rx_pending(self)
+    }
+
+    fn flush(&mut self) {
+        VmqNet::flush(self);
+    }
+
+    fn stats(&self) -> NetStats {
+        VmqNet::stats(self)
+    }
+
+    fn rx_vector(&self) -> u8 {
+        vector::VMQ_ARRIVAL
+    }
+
+    fn vmq_link_stats(&mut self) -> Option<(LinkStats, u64)> {
+        Some((self.link_mut().stats(), self.link().flushes()))
+    }
+}
