@@ -117,35 +117,12 @@ fn strip_comments_and_literals(src: &str) -> String {
             out.push(b' ');
             i += 1;
         } else if c == b'\'' {
-            // A char literal ('a', '\n', '\u{1F}') or a lifetime ('a): only
-            // the former closes with a quote within a few bytes.
-            let close = if b.get(i + 1) == Some(&b'\\') {
-                // The escaped character itself may be a quote: search after it.
-                b[i + 3..]
-                    .iter()
-                    .take(10)
-                    .position(|&x| x == b'\'')
-                    .map(|p| i + 3 + p)
-            } else if b.get(i + 2) == Some(&b'\'') {
-                Some(i + 2)
+            if let Some(end) = char_literal_end(b, i) {
+                out.resize(out.len() + (end + 1 - i), b' ');
+                i = end + 1;
             } else {
-                // Multi-byte UTF-8 char literal.
-                b[i + 1..]
-                    .iter()
-                    .take(5)
-                    .position(|&x| x == b'\'')
-                    .filter(|&p| p > 1 && b[i + 1] >= 0x80)
-                    .map(|p| i + 1 + p)
-            };
-            match close {
-                Some(end) => {
-                    out.resize(out.len() + (end + 1 - i), b' ');
-                    i = end + 1;
-                }
-                None => {
-                    out.push(c);
-                    i += 1;
-                }
+                out.push(c);
+                i += 1;
             }
         } else {
             out.push(c);
@@ -153,6 +130,29 @@ fn strip_comments_and_literals(src: &str) -> String {
         }
     }
     String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Where the char literal opening at `b[i]` (a quote) closes: 'a', '\n',
+/// '\u{1F}' close within a few bytes; a lifetime ('a) does not close.
+fn char_literal_end(b: &[u8], i: usize) -> Option<usize> {
+    if b.get(i + 1) == Some(&b'\\') {
+        // The escaped character itself may be a quote: search after it.
+        b.get(i + 3..)?
+            .iter()
+            .take(10)
+            .position(|&x| x == b'\'')
+            .map(|p| i + 3 + p)
+    } else if b.get(i + 2) == Some(&b'\'') {
+        Some(i + 2)
+    } else {
+        // A multi-byte UTF-8 char literal.
+        b.get(i + 1..)?
+            .iter()
+            .take(5)
+            .position(|&x| x == b'\'')
+            .filter(|&p| p > 1 && b[i + 1] >= 0x80)
+            .map(|p| i + 1 + p)
+    }
 }
 
 fn prev_is_ident(b: &[u8], i: usize) -> bool {
@@ -290,10 +290,10 @@ fn matching(b: &[u8], open: usize, o: u8, c: u8) -> usize {
 fn child_decls(toks: &[Tok]) -> Vec<String> {
     let mut out = Vec::new();
     for w in toks.windows(3) {
-        if let [Tok::Ident(m), Tok::Ident(name), Tok::Semi] = w {
-            if m == "mod" {
-                out.push(name.clone());
-            }
+        if let [Tok::Ident(m), Tok::Ident(name), Tok::Semi] = w
+            && m == "mod"
+        {
+            out.push(name.clone());
         }
     }
     out
@@ -357,7 +357,7 @@ fn parse_use(toks: &[Tok], mut i: usize, prefix: &[String], out: &mut Vec<Vec<St
                 path.push(s.clone());
                 i += 1;
             }
-            Tok::PathSep | Tok::Star => i += 1,
+            Tok::PathSep | Tok::Star | Tok::Other => i += 1,
             Tok::Open => {
                 i += 1;
                 loop {
@@ -380,7 +380,6 @@ fn parse_use(toks: &[Tok], mut i: usize, prefix: &[String], out: &mut Vec<Vec<St
                 }
                 return i;
             }
-            Tok::Other => i += 1,
         }
     }
     i
@@ -527,7 +526,7 @@ fn circles(graph: &[BTreeSet<usize>]) -> Vec<Vec<usize>> {
         s.next += 1;
         s.stack.push(v);
         s.on[v] = true;
-        for &w in s.g[v].clone().iter() {
+        for &w in &s.g[v].clone() {
             match s.index[w] {
                 None => {
                     visit(s, w);
