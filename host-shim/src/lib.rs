@@ -10,6 +10,7 @@ pub mod devices;
 pub mod doorbell;
 pub mod hints;
 pub mod hypercall;
+pub mod loglimit;
 pub mod memory;
 #[cfg(test)]
 mod net_e2e_tests;

@@ -1,13 +1,21 @@
 //! An in-process L2 learning switch between the guests' NICs (and an optional TAP).
 //!
-//! Learning per IEEE 802.1D §7.8: the source MAC of every frame is bound to its
-//! ingress port; frames to a known unicast MAC go to that port, all others flood.
+//! Learning per IEEE 802.1D §7.8, with one restriction: the switch sits between
+//! hostile guests, so a guest must not be able to take another's address. Each
+//! guest NIC's port is bound to the MAC the shim gave that NIC: the binding is in
+//! the table from the start (frames to it never flood), frames from the port with
+//! any other source are dropped and counted, and traffic never moves a bound MAC.
+//! Only an open port (the TAP, which carries the host's many addresses) learns
+//! its sources, and it may not claim a bound MAC either.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use tracing::warn;
 use vmm_sys_util::eventfd::EventFd;
+
+use crate::loglimit::LogLimit;
 
 /// Frames queued per port before new ones are dropped (and counted).
 pub const PORT_QUEUE: usize = 512;
@@ -19,9 +27,13 @@ pub type Mac = [u8; 6];
 /// One switch port's inbox; its owner waits on `ready`.
 pub struct Port {
     pub name: String,
+    /// The one source MAC a guest NIC's port may send from; `None` for an open port.
+    pub mac: Option<Mac>,
     inbox: Mutex<VecDeque<Vec<u8>>>,
     pub ready: EventFd,
     pub dropped: AtomicU64,
+    /// Frames from this port refused for their source MAC.
+    pub forged: AtomicU64,
 }
 
 impl Port {
@@ -50,31 +62,99 @@ impl Port {
     }
 }
 
+/// Where a MAC lives, and whether traffic may move it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Entry {
+    port: usize,
+    /// Set from a NIC's configuration, never from traffic.
+    bound: bool,
+}
+
 #[derive(Default)]
 pub struct Switch {
     ports: Mutex<Vec<Arc<Port>>>,
-    table: Mutex<HashMap<Mac, usize>>,
+    table: Mutex<HashMap<Mac, Entry>>,
     pub forwarded: AtomicU64,
     pub flooded: AtomicU64,
     pub dropped: AtomicU64,
     pub runts: AtomicU64,
+    /// Frames dropped because their source MAC was not their port's to use: a
+    /// guest sending from anything but its NIC's MAC, or the TAP claiming a
+    /// guest's MAC.
+    pub forged: AtomicU64,
+    log: LogLimit,
+}
+
+fn fmt_mac(m: Mac) -> String {
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 impl Switch {
-    /// Adds a port; returns its index and handle.
+    /// Adds an open port (the TAP): it learns the source MACs it carries, except
+    /// those bound to a guest NIC. Returns its index and handle.
     pub fn add_port(&self, name: &str) -> std::io::Result<(usize, Arc<Port>)> {
+        self.add(name, None)
+    }
+
+    /// Adds the port of a guest NIC whose (shim-assigned) MAC is `mac`: the
+    /// port sends from `mac` only, and frames to `mac` go to it alone. Refuses a
+    /// MAC that is multicast or bound to another port already.
+    pub fn add_nic_port(&self, name: &str, mac: Mac) -> std::io::Result<(usize, Arc<Port>)> {
+        if mac[0] & 1 != 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("NIC {name}: MAC {} is multicast", fmt_mac(mac)),
+            ));
+        }
+        self.add(name, Some(mac))
+    }
+
+    fn add(&self, name: &str, mac: Option<Mac>) -> std::io::Result<(usize, Arc<Port>)> {
         let port = Arc::new(Port {
             name: name.to_owned(),
+            mac,
             inbox: Mutex::default(),
             ready: EventFd::new(libc::EFD_NONBLOCK)?,
             dropped: AtomicU64::new(0),
+            forged: AtomicU64::new(0),
         });
         let mut ports = self
             .ports
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let index = ports.len();
+        if let Some(mac) = mac {
+            let mut table = self.table();
+            if let Some(e) = table.get(&mac).filter(|e| e.bound) {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::AlreadyExists,
+                    format!(
+                        "NIC {name}: MAC {} is already bound to port {}",
+                        fmt_mac(mac),
+                        e.port
+                    ),
+                ));
+            }
+            // Replaces anything the TAP may have learned for it before the NIC existed.
+            table.insert(
+                mac,
+                Entry {
+                    port: index,
+                    bound: true,
+                },
+            );
+        }
         ports.push(port.clone());
-        Ok((ports.len() - 1, port))
+        Ok((index, port))
+    }
+
+    fn table(&self) -> std::sync::MutexGuard<'_, HashMap<Mac, Entry>> {
+        self.table
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn deliver(&self, port: &Port, frame: Vec<u8>) {
@@ -92,6 +172,20 @@ impl Switch {
         let _ = port.ready.write(1);
     }
 
+    /// Counts and (rate-limited) logs a frame dropped for its source MAC.
+    fn refuse_source(&self, port: &Port, src: Mac, why: &str) {
+        port.forged.fetch_add(1, Ordering::Relaxed);
+        self.forged.fetch_add(1, Ordering::Relaxed);
+        if let Some(suppressed) = self.log.allow() {
+            warn!(
+                port = %port.name,
+                source = %fmt_mac(src),
+                suppressed,
+                "switch dropped a frame: {why}"
+            );
+        }
+    }
+
     /// Forwards `frame` that arrived on port `from`.
     pub fn send(&self, from: usize, frame: &[u8]) {
         if frame.len() < MIN_FRAME {
@@ -100,26 +194,44 @@ impl Switch {
         }
         let dst: Mac = frame[0..6].try_into().unwrap_or([0xFF; 6]);
         let src: Mac = frame[6..12].try_into().unwrap_or([0; 6]);
-        // Learn unicast sources only (a multicast source is invalid, 802.3 §3.2.3).
-        if src[0] & 1 == 0 {
-            self.table
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .insert(src, from);
-        }
         let ports = self
             .ports
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone();
+        let Some(ingress) = ports.get(from) else {
+            return;
+        };
+        match ingress.mac {
+            Some(own) if src != own => {
+                self.refuse_source(ingress, src, "source MAC is not the NIC's own");
+                return;
+            }
+            // An open port learns unicast sources only (a multicast source is
+            // invalid, 802.3 §3.2.3), and never a MAC bound to a NIC.
+            None if src[0] & 1 == 0 => {
+                let mut table = self.table();
+                match table.get(&src) {
+                    Some(e) if e.bound => {
+                        drop(table);
+                        self.refuse_source(ingress, src, "source MAC belongs to a guest NIC");
+                        return;
+                    }
+                    _ => {
+                        table.insert(
+                            src,
+                            Entry {
+                                port: from,
+                                bound: false,
+                            },
+                        );
+                    }
+                }
+            }
+            Some(_) | None => {}
+        }
         let known = (dst[0] & 1 == 0)
-            .then(|| {
-                self.table
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .get(&dst)
-                    .copied()
-            })
+            .then(|| self.table().get(&dst).map(|e| e.port))
             .flatten();
         match known {
             Some(to) if to == from => {} // the destination is behind the ingress port
@@ -147,6 +259,7 @@ impl Switch {
             ("flooded", self.flooded.load(Ordering::Relaxed)),
             ("dropped_queue_full", self.dropped.load(Ordering::Relaxed)),
             ("runts", self.runts.load(Ordering::Relaxed)),
+            ("dropped_forged_source", self.forged.load(Ordering::Relaxed)),
         ]
         .into_iter()
         .collect()
@@ -194,6 +307,104 @@ mod tests {
         assert_eq!((pa.pending(), pb.pending()), (1, 0));
         s.send(0, &frame([3, 0, 0, 0, 0, 1], A));
         assert_eq!(pb.pending(), 1, "multicast destination floods");
+    }
+
+    const C: Mac = [2, 0, 0, 0, 0, 0xC];
+    const HOST: Mac = [2, 0, 0, 0, 0, 0x11];
+
+    fn forged(s: &Switch) -> u64 {
+        s.forged.load(Ordering::Relaxed)
+    }
+
+    /// Client `A`, server `B`, a third guest `C` that attacks.
+    fn three_nics(s: &Switch) -> [Arc<Port>; 3] {
+        [A, B, C].map(|m| s.add_nic_port(&format!("{m:?}"), m).unwrap().1)
+    }
+
+    #[test]
+    fn a_nic_sends_only_from_its_own_mac() {
+        let s = Switch::default();
+        let [pa, pb, pc] = three_nics(&s);
+        for src in [B, A, [3, 0, 0, 0, 0, 0xC], [0; 6], HOST] {
+            s.send(2, &frame(BCAST, src));
+            s.send(2, &frame(A, src));
+        }
+        assert_eq!((pa.pending(), pb.pending(), pc.pending()), (0, 0, 0));
+        assert_eq!(forged(&s), 10);
+        assert_eq!(pc.forged.load(Ordering::Relaxed), 10);
+        assert_eq!(s.counters()["dropped_forged_source"], 10);
+        // Its own frames still flow.
+        s.send(2, &frame(A, C));
+        s.send(2, &frame(BCAST, C));
+        assert_eq!((pa.pending(), pb.pending(), pc.pending()), (2, 1, 0));
+        assert_eq!(forged(&s), 10);
+    }
+
+    #[test]
+    fn a_forged_source_does_not_divert_the_victims_traffic() {
+        let s = Switch::default();
+        let [pa, pb, pc] = three_nics(&s);
+        // C poses as the server, then as the client.
+        s.send(2, &frame(A, B));
+        s.send(2, &frame(B, A));
+        assert_eq!(forged(&s), 2);
+        // The client's ping and the server's answer still reach only their target.
+        s.send(0, &frame(B, A));
+        s.send(1, &frame(A, B));
+        assert_eq!((pa.pending(), pb.pending(), pc.pending()), (1, 1, 0));
+        assert_eq!(pb.pop().unwrap(), frame(B, A));
+        assert_eq!(pa.pop().unwrap(), frame(A, B));
+        assert_eq!(s.flooded.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn frames_to_a_nic_never_flood_even_before_it_speaks() {
+        let s = Switch::default();
+        let [pa, pb, pc] = three_nics(&s);
+        s.send(0, &frame(B, A));
+        assert_eq!((pa.pending(), pb.pending(), pc.pending()), (0, 1, 0));
+        assert_eq!(s.forwarded.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn the_tap_learns_host_macs_but_cannot_claim_a_nics() {
+        let s = Switch::default();
+        // The TAP comes first (as in the shim) and even speaks for B before B's
+        // NIC exists: the NIC's binding still wins.
+        let (tap, pt) = s.add_port("tap").unwrap();
+        s.send(tap, &frame(BCAST, B));
+        let [pa, pb, pc] = three_nics(&s); // ports 1, 2, 3
+        assert_eq!(s.table().get(&B).map(|e| e.port), Some(2));
+        // Host addresses are learned from the TAP.
+        s.send(tap, &frame(A, HOST));
+        assert_eq!(pa.pop().unwrap(), frame(A, HOST));
+        s.send(1, &frame(HOST, A));
+        assert_eq!(pt.pop().unwrap(), frame(HOST, A));
+        assert_eq!((pb.pending(), pc.pending()), (0, 0));
+        // A frame from the TAP claiming B is dropped, and B's traffic stays B's.
+        s.send(tap, &frame(BCAST, B));
+        s.send(tap, &frame(A, B));
+        assert_eq!(forged(&s), 2);
+        assert_eq!(pt.forged.load(Ordering::Relaxed), 2);
+        assert_eq!(pa.pending(), 0);
+        s.send(1, &frame(B, A));
+        assert_eq!((pb.pending(), pt.pending(), pc.pending()), (1, 0, 0));
+        // And no guest can take a host address the TAP carries.
+        s.send(3, &frame(A, HOST));
+        assert_eq!(forged(&s), 3);
+        s.send(1, &frame(HOST, A));
+        assert_eq!((pt.pending(), pc.pending()), (1, 0));
+    }
+
+    #[test]
+    fn a_mac_binds_to_one_nic_only() {
+        let s = Switch::default();
+        s.add_nic_port("a", A).unwrap();
+        assert_eq!(
+            s.add_nic_port("a2", A).err().map(|e| e.kind()),
+            Some(std::io::ErrorKind::AlreadyExists)
+        );
+        assert!(s.add_nic_port("m", [3, 0, 0, 0, 0, 1]).is_err());
     }
 
     #[test]
