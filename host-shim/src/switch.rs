@@ -6,11 +6,14 @@
 //! the table from the start (frames to it never flood), frames from the port with
 //! any other source are dropped and counted, and traffic never moves a bound MAC.
 //! Only an open port (the TAP, which carries the host's many addresses) learns
-//! its sources, and it may not claim a bound MAC either.
+//! its sources, and it may not claim a bound MAC either. Learned entries are
+//! bounded ([`LEARNED_MAX`], least recently seen evicted first) and age out
+//! ([`AGEING`]), so a flood of made-up source MACs costs a fixed amount of memory.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use tracing::warn;
 use vmm_sys_util::eventfd::EventFd;
@@ -21,6 +24,12 @@ use crate::loglimit::LogLimit;
 pub const PORT_QUEUE: usize = 512;
 /// Smallest frame carrying Ethernet addresses and type.
 pub const MIN_FRAME: usize = 14;
+/// Learned (not bound) MACs the table holds at most; at the cap the least
+/// recently seen eighth is evicted at once, so a flood pays for one pass per
+/// `LEARNED_MAX / 8` new MACs.
+pub const LEARNED_MAX: usize = 1024;
+/// A learned MAC not seen for this long is forgotten (802.1D's default ageing time).
+pub const AGEING: Duration = Duration::from_mins(5);
 
 pub type Mac = [u8; 6];
 
@@ -66,14 +75,99 @@ impl Port {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Entry {
     port: usize,
-    /// Set from a NIC's configuration, never from traffic.
-    bound: bool,
+    /// When a frame last came from it; `None` for a MAC bound to a NIC (set from
+    /// the NIC's configuration, never from traffic, never aged).
+    seen: Option<Instant>,
+}
+
+impl Entry {
+    fn bound(&self) -> bool {
+        self.seen.is_none()
+    }
+
+    fn aged(&self, now: Instant) -> bool {
+        self.seen
+            .is_some_and(|t| now.saturating_duration_since(t) >= AGEING)
+    }
+}
+
+#[derive(Default)]
+struct Table {
+    map: HashMap<Mac, Entry>,
+    learned: usize,
+}
+
+impl Table {
+    fn get(&self, mac: Mac) -> Option<&Entry> {
+        self.map.get(&mac)
+    }
+
+    fn bind(&mut self, mac: Mac, port: usize) {
+        let old = self.map.insert(mac, Entry { port, seen: None });
+        if old.is_some_and(|e| !e.bound()) {
+            self.learned -= 1;
+        }
+    }
+
+    /// Learns (or refreshes) `mac` behind `port`; returns (evicted, aged out).
+    fn learn(&mut self, mac: Mac, port: usize, now: Instant) -> (u64, u64) {
+        let mut dropped = (0, 0);
+        if !self.map.contains_key(&mac) {
+            if self.learned >= LEARNED_MAX {
+                dropped = self.make_room(now);
+            }
+            self.learned += 1;
+        }
+        self.map.insert(
+            mac,
+            Entry {
+                port,
+                seen: Some(now),
+            },
+        );
+        dropped
+    }
+
+    /// Forgets aged entries, and if that is not enough, the least recently seen
+    /// eighth of the learned ones. Returns (evicted, aged out).
+    fn make_room(&mut self, now: Instant) -> (u64, u64) {
+        let before = self.map.len();
+        self.map.retain(|_, e| !e.aged(now));
+        let aged = before - self.map.len();
+        self.learned -= aged;
+        if self.learned < LEARNED_MAX {
+            return (0, aged as u64);
+        }
+        let mut seen: Vec<Instant> = self.map.values().filter_map(|e| e.seen).collect();
+        let k = LEARNED_MAX / 8;
+        let (_, &mut cut, _) = seen.select_nth_unstable(k - 1);
+        let mut evicted = 0;
+        self.map.retain(|_, e| {
+            let go = e.seen.is_some_and(|t| t <= cut) && evicted < k;
+            evicted += usize::from(go);
+            !go
+        });
+        self.learned -= evicted;
+        (evicted as u64, aged as u64)
+    }
+
+    /// The port behind `mac`, forgetting it if it aged out; returns (port, aged).
+    fn lookup(&mut self, mac: Mac, now: Instant) -> (Option<usize>, bool) {
+        match self.map.get(&mac) {
+            Some(e) if e.aged(now) => {
+                self.map.remove(&mac);
+                self.learned -= 1;
+                (None, true)
+            }
+            e => (e.map(|e| e.port), false),
+        }
+    }
 }
 
 #[derive(Default)]
 pub struct Switch {
     ports: Mutex<Vec<Arc<Port>>>,
-    table: Mutex<HashMap<Mac, Entry>>,
+    table: Mutex<Table>,
     pub forwarded: AtomicU64,
     pub flooded: AtomicU64,
     pub dropped: AtomicU64,
@@ -82,6 +176,9 @@ pub struct Switch {
     /// guest sending from anything but its NIC's MAC, or the TAP claiming a
     /// guest's MAC.
     pub forged: AtomicU64,
+    /// Learned MACs evicted at the cap, and forgotten after [`AGEING`].
+    pub evicted: AtomicU64,
+    pub aged_out: AtomicU64,
     log: LogLimit,
 }
 
@@ -128,7 +225,7 @@ impl Switch {
         let index = ports.len();
         if let Some(mac) = mac {
             let mut table = self.table();
-            if let Some(e) = table.get(&mac).filter(|e| e.bound) {
+            if let Some(e) = table.get(mac).filter(|e| e.bound()) {
                 return Err(std::io::Error::new(
                     std::io::ErrorKind::AlreadyExists,
                     format!(
@@ -139,19 +236,13 @@ impl Switch {
                 ));
             }
             // Replaces anything the TAP may have learned for it before the NIC existed.
-            table.insert(
-                mac,
-                Entry {
-                    port: index,
-                    bound: true,
-                },
-            );
+            table.bind(mac, index);
         }
         ports.push(port.clone());
         Ok((index, port))
     }
 
-    fn table(&self) -> std::sync::MutexGuard<'_, HashMap<Mac, Entry>> {
+    fn table(&self) -> std::sync::MutexGuard<'_, Table> {
         self.table
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -188,6 +279,10 @@ impl Switch {
 
     /// Forwards `frame` that arrived on port `from`.
     pub fn send(&self, from: usize, frame: &[u8]) {
+        self.send_at(from, frame, Instant::now());
+    }
+
+    fn send_at(&self, from: usize, frame: &[u8], now: Instant) {
         if frame.len() < MIN_FRAME {
             self.runts.fetch_add(1, Ordering::Relaxed);
             return;
@@ -211,28 +306,25 @@ impl Switch {
             // invalid, 802.3 §3.2.3), and never a MAC bound to a NIC.
             None if src[0] & 1 == 0 => {
                 let mut table = self.table();
-                match table.get(&src) {
-                    Some(e) if e.bound => {
-                        drop(table);
-                        self.refuse_source(ingress, src, "source MAC belongs to a guest NIC");
-                        return;
-                    }
-                    _ => {
-                        table.insert(
-                            src,
-                            Entry {
-                                port: from,
-                                bound: false,
-                            },
-                        );
-                    }
+                if table.get(src).is_some_and(Entry::bound) {
+                    drop(table);
+                    self.refuse_source(ingress, src, "source MAC belongs to a guest NIC");
+                    return;
                 }
+                let (evicted, aged) = table.learn(src, from, now);
+                drop(table);
+                self.evicted.fetch_add(evicted, Ordering::Relaxed);
+                self.aged_out.fetch_add(aged, Ordering::Relaxed);
             }
             Some(_) | None => {}
         }
-        let known = (dst[0] & 1 == 0)
-            .then(|| self.table().get(&dst).map(|e| e.port))
-            .flatten();
+        let known = if dst[0] & 1 == 0 {
+            let (port, aged) = self.table().lookup(dst, now);
+            self.aged_out.fetch_add(u64::from(aged), Ordering::Relaxed);
+            port
+        } else {
+            None
+        };
         match known {
             Some(to) if to == from => {} // the destination is behind the ingress port
             Some(to) => {
@@ -260,6 +352,8 @@ impl Switch {
             ("dropped_queue_full", self.dropped.load(Ordering::Relaxed)),
             ("runts", self.runts.load(Ordering::Relaxed)),
             ("dropped_forged_source", self.forged.load(Ordering::Relaxed)),
+            ("mac_evicted", self.evicted.load(Ordering::Relaxed)),
+            ("mac_aged_out", self.aged_out.load(Ordering::Relaxed)),
         ]
         .into_iter()
         .collect()
@@ -374,7 +468,7 @@ mod tests {
         let (tap, pt) = s.add_port("tap").unwrap();
         s.send(tap, &frame(BCAST, B));
         let [pa, pb, pc] = three_nics(&s); // ports 1, 2, 3
-        assert_eq!(s.table().get(&B).map(|e| e.port), Some(2));
+        assert_eq!(s.table().get(B).map(|e| e.port), Some(2));
         // Host addresses are learned from the TAP.
         s.send(tap, &frame(A, HOST));
         assert_eq!(pa.pop().unwrap(), frame(A, HOST));
@@ -394,6 +488,60 @@ mod tests {
         assert_eq!(forged(&s), 3);
         s.send(1, &frame(HOST, A));
         assert_eq!((pt.pending(), pc.pending()), (1, 0));
+    }
+
+    #[test]
+    fn a_flood_of_source_macs_from_the_tap_stays_bounded() {
+        let s = Switch::default();
+        let (tap, pt) = s.add_port("tap").unwrap();
+        let (_, pa) = s.add_nic_port("a", A).unwrap();
+        let mut t = Instant::now();
+        for i in 0..10 * LEARNED_MAX as u32 {
+            t += Duration::from_micros(1);
+            let mut mac = [2, 0x77, 0, 0, 0, 0];
+            mac[2..].copy_from_slice(&i.to_be_bytes());
+            s.send_at(tap, &frame(BCAST, mac), t);
+            // One host keeps talking: it is never the least recently seen.
+            s.send_at(tap, &frame(BCAST, HOST), t);
+        }
+        let table = s.table();
+        assert!(table.learned <= LEARNED_MAX && table.learned >= LEARNED_MAX * 7 / 8);
+        assert_eq!(table.learned, table.map.len() - 1, "plus A's binding");
+        drop(table);
+        let evicted = s.evicted.load(Ordering::Relaxed);
+        assert_eq!(evicted as usize + s.table().learned, 10 * LEARNED_MAX + 1);
+        assert_eq!(s.counters()["mac_evicted"], evicted);
+        // The binding and the busy host survived.
+        while pa.pop().is_some() {}
+        while pt.pop().is_some() {}
+        s.send_at(tap, &frame(A, HOST), t);
+        s.send_at(1, &frame(HOST, A), t);
+        assert_eq!((pa.pending(), pt.pending()), (1, 1));
+        assert_eq!(s.flooded.load(Ordering::Relaxed), 20 * LEARNED_MAX as u64);
+    }
+
+    #[test]
+    fn learned_macs_age_out_and_bound_ones_do_not() {
+        let s = Switch::default();
+        let (tap, pt) = s.add_port("tap").unwrap();
+        let [pa, pb, pc] = three_nics(&s); // ports 1, 2, 3
+        let t0 = Instant::now();
+        s.send_at(tap, &frame(A, HOST), t0);
+        assert_eq!(pa.pop().unwrap(), frame(A, HOST));
+        s.send_at(
+            1,
+            &frame(HOST, A),
+            t0 + AGEING.saturating_sub(Duration::from_secs(1)),
+        );
+        assert_eq!((pt.pending(), pb.pending(), pc.pending()), (1, 0, 0));
+        // Silent for longer than the ageing time: forgotten, so frames flood.
+        s.send_at(1, &frame(HOST, A), t0 + AGEING);
+        assert_eq!((pt.pending(), pb.pending(), pc.pending()), (2, 1, 1));
+        assert_eq!(s.counters()["mac_aged_out"], 1);
+        assert_eq!(s.table().learned, 0);
+        // A NIC's MAC never ages, even if it never speaks.
+        s.send_at(1, &frame(B, A), t0 + AGEING * 10);
+        assert_eq!((pb.pending(), pc.pending()), (2, 1));
     }
 
     #[test]
