@@ -256,36 +256,51 @@ impl Backings {
         self.pool.len()
     }
 
-    /// Whether the host mapping splits between the page at `a` and the next one
-    /// when `at` says which file page each address shows.
-    fn splits_after(&self, addr: usize, at: &dyn Fn(usize) -> Option<FilePage>) -> bool {
-        let next = addr + PAGE as usize;
-        let mapping = self.mapping_of(addr);
-        if mapping.is_none() || mapping != self.mapping_of(next) {
-            return false;
-        }
-        match (at(addr), at(next)) {
-            (Some(here), Some(after)) => {
-                !(here.file == after.file && here.offset + PAGE == after.offset)
-            }
-            _ => false,
-        }
-    }
-
-    /// The split positions an exchange over `ranges` (base, pages) can change.
-    fn positions(ranges: &[(usize, usize)]) -> Vec<usize> {
+    /// The split positions (host address of the page before the split) whose
+    /// state changes when the pages at `base` go from `before` to `after`, each
+    /// with its new state. `base..` lies inside one mapping; only the two edge
+    /// positions look outside the range.
+    fn split_changes(
+        &self,
+        base: usize,
+        before: &[FilePage],
+        after: &[FilePage],
+        out: &mut Vec<(usize, bool)>,
+    ) {
         let step = PAGE as usize;
-        let mut v: Vec<usize> = ranges
-            .iter()
-            .flat_map(|&(base, n)| {
-                base.checked_sub(step)
-                    .into_iter()
-                    .chain((0..n).map(move |i| base + i * step))
-            })
-            .collect();
-        v.sort_unstable();
-        v.dedup();
-        v
+        let n = before.len();
+        if n == 0 {
+            return;
+        }
+        let home = self.mapping_of(base);
+        let outside = |addr: Option<usize>| {
+            addr.filter(|&x| self.mapping_of(x) == home)
+                .and_then(|x| self.backing(x))
+        };
+        let left = outside(base.checked_sub(step));
+        let right = outside(Some(base + n * step));
+        let mut push = |pos: usize, was: bool, now: bool| {
+            if was != now {
+                out.push((pos, now));
+            }
+        };
+        if let Some(l) = left {
+            push(base - step, splits(l, before[0]), splits(l, after[0]));
+        }
+        for i in 0..n - 1 {
+            push(
+                base + i * step,
+                splits(before[i], before[i + 1]),
+                splits(after[i], after[i + 1]),
+            );
+        }
+        if let Some(r) = right {
+            push(
+                base + (n - 1) * step,
+                splits(before[n - 1], r),
+                splits(after[n - 1], r),
+            );
+        }
     }
 
     /// Exchanges `pages` 4 KiB pages at host `src` (the sender's) with those at
@@ -312,6 +327,12 @@ impl Backings {
         // Checked by the manager already; refused here too rather than trusted.
         let src_pages = lookup(src)?;
         let dst_pages = lookup(dst)?;
+        for base in [src, dst] {
+            let last = base + (pages.max(1) - 1) * step;
+            if self.mapping_of(base) != self.mapping_of(last) {
+                return Err(RemapError::Unmapped(last));
+            }
+        }
         let filled = self.fill_pool();
         if self.pool.len() < pages {
             return Err(filled.err().unwrap_or_else(|| {
@@ -322,7 +343,10 @@ impl Backings {
             }));
         }
         let zero: Vec<FilePage> = self.pool.iter().take(pages).copied().collect();
-        self.check_limit(src, dst, &src_pages, &zero, sender)?;
+        let mut planned = Vec::new();
+        self.split_changes(src, &src_pages, &zero, &mut planned);
+        self.split_changes(dst, &dst_pages, &src_pages, &mut planned);
+        self.check_limit(&planned, sender)?;
         self.pool.drain(..pages);
 
         let mut at_src = src_pages.clone();
@@ -333,25 +357,22 @@ impl Backings {
             .and_then(|()| self.place(dst, &mut at_dst, &src_pages, &mut calls));
         if let Err(e) = done {
             self.undo(src, dst, &src_pages, &dst_pages, &mut at_src, &mut at_dst);
-            self.settle(
-                src,
-                dst,
-                &at_src,
-                &at_dst,
-                &[&zero, &src_pages, &dst_pages],
-                sender,
-            );
+            // Whatever the undo achieved is what the guests see now.
+            let mut actual = Vec::new();
+            self.split_changes(src, &src_pages, &at_src, &mut actual);
+            self.split_changes(dst, &dst_pages, &at_dst, &mut actual);
+            let mapped: HashSet<FilePage> = at_src.iter().chain(&at_dst).copied().collect();
+            let loose: Vec<FilePage> = [&zero, &src_pages, &dst_pages]
+                .into_iter()
+                .flatten()
+                .filter(|p| !mapped.contains(p))
+                .copied()
+                .collect();
+            self.settle(src, dst, &at_src, &at_dst, loose, &actual, sender);
             return Err(e);
         }
         // The slot's old pages are mapped nowhere now; `settle` zeroes them into the pool.
-        self.settle(
-            src,
-            dst,
-            &at_src,
-            &at_dst,
-            &[&zero, &src_pages, &dst_pages],
-            sender,
-        );
+        self.settle(src, dst, &at_src, &at_dst, dst_pages, &planned, sender);
         Ok(calls)
     }
 
@@ -378,44 +399,24 @@ impl Backings {
         }
     }
 
-    /// Refuses an exchange that would take `sender` over its fragment share, or
-    /// all senders over theirs together, before anything is mapped.
-    fn check_limit(
-        &self,
-        src: usize,
-        dst: usize,
-        src_pages: &[FilePage],
-        zero: &[FilePage],
-        sender: usize,
-    ) -> Result<(), RemapError> {
-        let n = src_pages.len();
-        let inside = |base: usize, a: usize| a >= base && a < base + n * PAGE as usize;
-        let after = |a: usize| {
-            if inside(src, a) {
-                Some(zero[(a - src) / PAGE as usize])
-            } else if inside(dst, a) {
-                Some(src_pages[(a - dst) / PAGE as usize])
-            } else {
-                self.backing(a)
-            }
-        };
+    /// Refuses an exchange whose split `changes` would take `sender` over its
+    /// fragment share, or all senders over theirs together, before anything is
+    /// mapped.
+    fn check_limit(&self, changes: &[(usize, bool)], sender: usize) -> Result<(), RemapError> {
         let (mut added, mut removed_own, mut removed) = (0, 0, 0);
-        for a in Self::positions(&[(src, n), (dst, n)]) {
-            let now = self.splits.get(&a);
-            match (now, self.splits_after(a, &after)) {
-                (None, true) => added += 1,
-                (Some(&owner), false) => {
-                    removed += 1;
-                    if owner == sender {
-                        removed_own += 1;
-                    }
+        for &(pos, now) in changes {
+            if now {
+                added += 1;
+            } else {
+                removed += 1;
+                if self.splits.get(&pos) == Some(&sender) {
+                    removed_own += 1;
                 }
-                _ => {}
             }
         }
         let own = self.charged.get(&sender).copied().unwrap_or(0);
-        let would = own + added - removed_own;
-        let total = self.splits.len() + added - removed;
+        let would = (own + added).saturating_sub(removed_own);
+        let total = (self.splits.len() + added).saturating_sub(removed);
         if added > removed_own && would > self.limits.per_sender {
             return Err(RemapError::Limit {
                 would,
@@ -455,16 +456,18 @@ impl Backings {
         Ok(())
     }
 
-    /// Records what is mapped now at `src` and `dst`, zeroes every involved page
-    /// mapped nowhere into the pool, and recounts the fragments around both
-    /// ranges, charging new ones to `sender`.
+    /// Records what is mapped now at `src` and `dst`, zeroes the `loose` pages
+    /// (involved, mapped nowhere now) into the pool, and applies the split
+    /// `changes`, charging new splits to `sender`.
+    #[allow(clippy::too_many_arguments)] // one exchange's whole outcome
     fn settle(
         &mut self,
         src: usize,
         dst: usize,
         at_src: &[FilePage],
         at_dst: &[FilePage],
-        involved: &[&[FilePage]],
+        loose: Vec<FilePage>,
+        changes: &[(usize, bool)],
         sender: usize,
     ) {
         let step = PAGE as usize;
@@ -472,31 +475,19 @@ impl Backings {
             self.set(src + i * step, s);
             self.set(dst + i * step, d);
         }
-        let mapped: HashSet<FilePage> = at_src.iter().chain(at_dst).copied().collect();
-        let loose: Vec<FilePage> = involved
-            .iter()
-            .flat_map(|v| v.iter())
-            .filter(|p| !mapped.contains(p))
-            .copied()
-            .collect();
         // Even pool pages that were mapped and taken back again: the sender may
         // have written them meanwhile.
         self.dirty.extend(loose);
         let _ = self.fill_pool();
-        for a in Self::positions(&[(src, at_src.len()), (dst, at_dst.len())]) {
-            let split = self.splits_after(a, &|x| self.backing(x));
-            match (self.splits.get(&a).copied(), split) {
-                (None, true) => {
-                    self.splits.insert(a, sender);
+        for &(pos, now) in changes {
+            if now {
+                if self.splits.insert(pos, sender).is_none() {
                     *self.charged.entry(sender).or_default() += 1;
                 }
-                (Some(owner), false) => {
-                    self.splits.remove(&a);
-                    if let Some(c) = self.charged.get_mut(&owner) {
-                        *c = c.saturating_sub(1);
-                    }
-                }
-                _ => {}
+            } else if let Some(owner) = self.splits.remove(&pos)
+                && let Some(c) = self.charged.get_mut(&owner)
+            {
+                *c = c.saturating_sub(1);
             }
         }
     }
@@ -535,21 +526,38 @@ impl Backings {
         first_err.map_or(Ok(()), Err)
     }
 
-    /// Every file page the ledger knows is at one place only: at most one guest
-    /// page, or the pool, or waiting to be zeroed (tests).
+    /// Every file page the ledger knows is at one place only (at most one
+    /// guest page, or the pool, or waiting to be zeroed), and the split count is
+    /// what a recount from scratch finds (tests).
     #[must_use]
     pub fn consistent(&self) -> bool {
+        let step = PAGE as usize;
         let mut seen = HashSet::new();
         let shown = self
             .mappings
             .iter()
             .flat_map(|m| (0..m.len / PAGE).map(move |k| m.base + (k * PAGE) as usize));
-        shown
+        let unique = shown
             .filter_map(|a| self.backing(a))
             .chain(self.pool.iter().copied())
             .chain(self.dirty.iter().copied())
-            .all(|p| seen.insert(p))
+            .all(|p| seen.insert(p));
+        let recount = self.mappings.iter().all(|m| {
+            (1..m.len / PAGE).all(|k| {
+                let a = m.base + (k - 1) as usize * step;
+                match (self.backing(a), self.backing(a + step)) {
+                    (Some(p), Some(q)) => splits(p, q) == self.splits.contains_key(&a),
+                    _ => false,
+                }
+            })
+        });
+        unique && recount && self.charged.values().sum::<usize>() == self.splits.len()
     }
+}
+
+/// Whether a page showing `here` followed by one showing `next` needs two VMAs.
+fn splits(here: FilePage, next: FilePage) -> bool {
+    !(here.file == next.file && here.offset + PAGE == next.offset)
 }
 
 /// Splits `pages` into (first index, count) runs of one file at consecutive offsets.

@@ -290,6 +290,7 @@ fn huge_pages_remap_on_2mib_boundaries() {
         2,
         "one run each way"
     );
+    assert!(mgr.with_backings(|b| b.consistent()));
 }
 
 #[test]
@@ -312,6 +313,7 @@ fn a_receiver_forwards_what_it_holds_but_not_what_it_gave_back() {
     mgr.drain(rcv.id);
     assert_eq!(rcv.status(j), SendStatus::NotOwned);
     assert_eq!(rcv.counters.err_not_owned.load(Ordering::Relaxed), 1);
+    assert!(mgr.with_backings(|b| b.consistent()));
 }
 
 #[test]
@@ -725,6 +727,7 @@ fn streaming_from_one_buffer_keeps_the_mappings_whole() {
     }
     let (total, own) = mgr.with_backings(|b| b.fragments(snd.id as usize));
     assert!(total <= 8 && own == total, "{total} fragments");
+    assert!(mgr.with_backings(|b| b.consistent()));
     assert_ledger_matches_kernel(&mgr, &snd);
     assert_ledger_matches_kernel(&mgr, &rcv);
 }
