@@ -464,9 +464,15 @@ impl Manager {
             } else {
                 deliver(inner, id, &m, &self.logs)
             };
-            let queue_full = result == Err(Refusal::Status(SendStatus::QueueFull));
+            // A refused remap answers `QueueFull` too, and is held or keeps the
+            // stream in order the same way.
+            let queue_full = result.is_err_and(|r| r.status() == SendStatus::QueueFull);
             if queue_full && m.flags & Message::HOLD != 0 {
-                // Back-pressure: this and everything after it wait for a later exit.
+                // Back-pressure: this and everything after it wait for a later
+                // exit. A remap refusal is still counted under its reason.
+                if let Err(r @ (Refusal::RemapLimit | Refusal::RemapFailed)) = result {
+                    counters.refusal(r).fetch_add(1, Ordering::Relaxed);
+                }
                 counters.held.fetch_add(1, Ordering::Relaxed);
                 break;
             }

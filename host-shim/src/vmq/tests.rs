@@ -811,3 +811,35 @@ fn the_fragment_share_comes_from_vm_max_map_count_and_the_guest_count() {
         (max / 4) as u64
     );
 }
+
+#[test]
+fn a_refused_remap_is_held_like_a_full_queue_and_keeps_the_stream_in_order() {
+    let mgr = Manager::new();
+    let snd = TestGuest::new(&mgr, "a");
+    let rcv = TestGuest::new(&mgr, "b");
+    mgr.with_backings(|b| b.set_sys(Faulty::maps(&[1])));
+    // Without HOLD: refused, and a later message to the same receiver in the
+    // same drain is refused too, so a resend from the first refusal keeps order.
+    let k1 = snd.post(msg(rcv.id, 1, SRC, 4096));
+    let k2 = snd.post(msg(rcv.id, 0, SRC, 64));
+    mgr.drain(snd.id);
+    assert_eq!(
+        (snd.status(k1), snd.status(k2)),
+        (SendStatus::QueueFull, SendStatus::QueueFull)
+    );
+    assert_eq!(rcv.inbox_len(), 0);
+    // With HOLD: it waits for a later exit, counted under its reason.
+    mgr.with_backings(|b| b.set_sys(Faulty::maps(&[1])));
+    let k = snd.post(Message {
+        flags: Message::HOLD,
+        ..msg(rcv.id, 1, SRC, 4096)
+    });
+    assert_eq!(mgr.drain(snd.id), Drained::default());
+    assert_eq!(snd.status(k), SendStatus::Pending);
+    assert_eq!(snd.counters.err_remap_failed.load(Ordering::Relaxed), 2);
+    assert_eq!(snd.counters.held.load(Ordering::Relaxed), 1);
+    mgr.with_backings(|b| b.set_sys(Box::new(Kernel)));
+    assert_eq!(mgr.drain(snd.id).delivered, 1);
+    assert_eq!(snd.status(k), SendStatus::Delivered);
+    assert!(mgr.with_backings(|b| b.consistent()));
+}
