@@ -843,3 +843,43 @@ fn a_refused_remap_is_held_like_a_full_queue_and_keeps_the_stream_in_order() {
     assert_eq!(snd.status(k), SendStatus::Delivered);
     assert!(mgr.with_backings(|b| b.consistent()));
 }
+
+#[test]
+fn a_scattering_sender_meets_its_share_long_before_the_kernel_limit() {
+    // The attack that once made mmap fail with ENOMEM: single pages from all
+    // over the sender's RAM in random order, each leaving splits in both
+    // guests' mappings. Under the real bound (three guests: a third of half of
+    // vm.max_map_count each) it is refused by reason, never by the kernel.
+    // A fixed order would not do: the pool hands pages back in send order, so
+    // a repeated pattern coalesces by itself.
+    let mgr = Manager::new();
+    let snd = TestGuest::new(&mgr, "a");
+    let rcv = TestGuest::new(&mgr, "b");
+    let _third = TestGuest::new(&mgr, "c");
+    let limits = mgr.with_backings(|b| b.limits);
+    let mut sent = 0u64;
+    let mut x = 0x9E37_79B9_7F4A_7C15u64;
+    loop {
+        // xorshift64: a different order every round, so nothing coalesces.
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let page = 256 + x % 1792;
+        let k = snd.post(msg(rcv.id, 1, page * 4096, 4096));
+        mgr.drain(snd.id);
+        if snd.status(k) != SendStatus::Delivered {
+            break;
+        }
+        rcv.consume(1);
+        sent += 1;
+        assert!(sent < 40_000, "never refused");
+    }
+    assert_eq!(snd.counters.err_remap_limit.load(Ordering::Relaxed), 1);
+    assert_eq!(snd.counters.err_remap_failed.load(Ordering::Relaxed), 0);
+    let (total, own) = mgr.with_backings(|b| b.fragments(snd.id as usize));
+    assert!(own <= limits.per_sender && own + 8 > limits.per_sender);
+    assert!(total <= limits.total);
+    assert_ledger_matches_kernel(&mgr, &snd);
+    assert_ledger_matches_kernel(&mgr, &rcv);
+    assert!(mgr.with_backings(|b| b.consistent()));
+}
