@@ -13,6 +13,7 @@ pub mod counters;
 pub mod devices;
 pub mod hypercall;
 pub mod kvm;
+pub mod loglimit;
 pub mod mech;
 #[cfg(test)]
 mod net_e2e_tests;

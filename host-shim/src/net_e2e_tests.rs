@@ -244,3 +244,62 @@ fn hostile_transport_writes_are_refused() {
         "DEVICE_NEEDS_RESET/FAILED shown"
     );
 }
+
+/// Writes an Ethernet frame (after the virtio-net header) at `buf` and sends it
+/// on TX; waits for the device to hand the buffer back.
+fn transmit(d: &mut VirtioPci, mem: &GuestMem, dst: [u8; 6], src: [u8; 6], body: &[u8]) {
+    let mut pkt = vec![0u8; HDR_LEN];
+    pkt.extend_from_slice(&dst);
+    pkt.extend_from_slice(&src);
+    pkt.extend_from_slice(&[0x88, 0xB5]);
+    pkt.extend_from_slice(body);
+    mem.write_slice(&pkt, GuestAddress(0x30_0000)).unwrap();
+    post(d, mem, 0x10_0000, 1, 0x30_0000, pkt.len() as u32, false);
+    let t = Instant::now();
+    while used_idx(mem, 0x10_0000, 1) != 1 {
+        assert!(t.elapsed() < Duration::from_secs(5), "TX never completed");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+#[test]
+fn a_guest_cannot_send_as_another_guest() {
+    let sw = Arc::new(Switch::default());
+    let (client, server, thief) = (
+        [2, 0, 0, 0, 0, 0xA],
+        [2, 0, 0, 0, 0, 0xB],
+        [2, 0, 0, 0, 0, 0xC],
+    );
+    let mem: Vec<GuestMem> = ["a", "b", "c"]
+        .iter()
+        .map(|n| crate::kvm::memory::create(n, 8 << 20).unwrap())
+        .collect();
+    let (mut a, msix_a, ca) = nic("a", client, &sw, &mem[0]);
+    let (mut b, msix_b, _) = nic("b", server, &sw, &mem[1]);
+    let (mut c, msix_c, cc) = nic("c", thief, &sw, &mem[2]);
+    bring_up(&mut a, &msix_a, 0x10_0000);
+    bring_up(&mut b, &msix_b, 0x10_0000);
+    bring_up(&mut c, &msix_c, 0x10_0000);
+    post(&mut a, &mem[0], 0x10_0000, 0, 0x40_0000, 2048, true);
+    // The thief answers the client as the server: its NIC takes the frame
+    // (the guest cannot tell), the switch drops and counts it.
+    transmit(&mut c, &mem[2], client, server, b"i am the server");
+    assert_eq!(cc.tx_packets.load(std::sync::atomic::Ordering::Relaxed), 1);
+    assert_eq!(sw.counters()["dropped_forged_source"], 1);
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(used_idx(&mem[0], 0x10_0000, 0), 0, "the forgery arrived");
+    // The real server's frame gets through, and is what the client reads.
+    transmit(&mut b, &mem[1], client, server, b"the real server");
+    let t = Instant::now();
+    while used_idx(&mem[0], 0x10_0000, 0) != 1 {
+        assert!(t.elapsed() < Duration::from_secs(5), "frame never arrived");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let mut got = vec![0u8; HDR_LEN + 14 + 15];
+    mem[0]
+        .read_slice(&mut got, GuestAddress(0x40_0000))
+        .unwrap();
+    assert_eq!(&got[HDR_LEN + 14..], b"the real server");
+    assert_eq!(ca.rx_packets.load(std::sync::atomic::Ordering::Relaxed), 1);
+    assert_eq!(sw.counters()["dropped_forged_source"], 1);
+}

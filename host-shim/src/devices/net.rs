@@ -126,14 +126,15 @@ pub struct Net {
 pub type QuietGate = Arc<dyn Fn(usize) -> bool + Send + Sync>;
 
 impl Net {
-    /// A NIC with `mac` on a new port of `switch`.
+    /// A NIC with `mac` on a new port of `switch`, bound to `mac`: the switch
+    /// drops frames it sends from any other source MAC.
     pub fn new(
         name: &str,
         mac: [u8; 6],
         switch: Arc<Switch>,
         rejects: Arc<RejectCounters>,
     ) -> std::io::Result<Self> {
-        let (port_index, port) = switch.add_port(name)?;
+        let (port_index, port) = switch.add_nic_port(name, mac)?;
         Ok(Self {
             name: name.to_owned(),
             mac,

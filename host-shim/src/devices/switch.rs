@@ -1,87 +1,242 @@
 //! An in-process L2 learning switch between the guests' NICs (and an optional TAP).
 //!
-//! Learning per IEEE 802.1D §7.8: the source MAC of every frame is bound to its
-//! ingress port; frames to a known unicast MAC go to that port, all others flood.
+//! Learning per IEEE 802.1D §7.8, with one restriction: the switch sits between
+//! hostile guests, so a guest must not be able to take another's address. Each
+//! guest NIC's port is bound to the MAC the shim gave that NIC: the binding is in
+//! the table from the start (frames to it never flood), frames from the port with
+//! any other source are dropped and counted, and traffic never moves a bound MAC.
+//! Only an open port (the TAP, which carries the host's many addresses) learns
+//! its sources, and it may not claim a bound MAC either. Learned entries are
+//! bounded ([`LEARNED_MAX`], least recently seen evicted first) and age out
+//! ([`AGEING`]), so a flood of made-up source MACs costs a fixed amount of memory.
 
+use crate::sync::lock;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
+use tracing::warn;
 use vmm_sys_util::eventfd::EventFd;
+
+use crate::loglimit::LogLimit;
 
 /// Frames queued per port before new ones are dropped (and counted).
 pub const PORT_QUEUE: usize = 512;
 /// Smallest frame carrying Ethernet addresses and type.
 pub const MIN_FRAME: usize = 14;
+/// Learned (not bound) MACs the table holds at most; at the cap the least
+/// recently seen eighth is evicted at once, so a flood pays for one pass per
+/// `LEARNED_MAX / 8` new MACs.
+pub const LEARNED_MAX: usize = 1024;
+/// A learned MAC not seen for this long is forgotten (802.1D's default ageing time).
+pub const AGEING: Duration = Duration::from_mins(5);
 
 pub type Mac = [u8; 6];
 
 /// One switch port's inbox; its owner waits on `ready`.
 pub struct Port {
     pub name: String,
+    /// The one source MAC a guest NIC's port may send from; `None` for an open port.
+    pub mac: Option<Mac>,
     inbox: Mutex<VecDeque<Vec<u8>>>,
     pub ready: EventFd,
     pub dropped: AtomicU64,
+    /// Frames from this port refused for their source MAC.
+    pub forged: AtomicU64,
 }
 
 impl Port {
     /// Takes the next frame for this port.
     pub fn pop(&self) -> Option<Vec<u8>> {
-        self.inbox
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .pop_front()
+        lock(&self.inbox).pop_front()
     }
 
     /// Puts a frame back at the head (the NIC had no buffer for it).
     pub fn unpop(&self, frame: Vec<u8>) {
-        self.inbox
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .push_front(frame);
+        lock(&self.inbox).push_front(frame);
     }
 
     #[must_use]
     pub fn pending(&self) -> usize {
-        self.inbox
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .len()
+        lock(&self.inbox).len()
+    }
+}
+
+/// Where a MAC lives, and whether traffic may move it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Entry {
+    port: usize,
+    /// When a frame last came from it; `None` for a MAC bound to a NIC (set from
+    /// the NIC's configuration, never from traffic, never aged).
+    seen: Option<Instant>,
+}
+
+impl Entry {
+    fn bound(&self) -> bool {
+        self.seen.is_none()
+    }
+
+    fn aged(&self, now: Instant) -> bool {
+        self.seen
+            .is_some_and(|t| now.saturating_duration_since(t) >= AGEING)
+    }
+}
+
+#[derive(Default)]
+struct Table {
+    map: HashMap<Mac, Entry>,
+    learned: usize,
+}
+
+impl Table {
+    fn get(&self, mac: Mac) -> Option<&Entry> {
+        self.map.get(&mac)
+    }
+
+    fn bind(&mut self, mac: Mac, port: usize) {
+        let old = self.map.insert(mac, Entry { port, seen: None });
+        if old.is_some_and(|e| !e.bound()) {
+            self.learned -= 1;
+        }
+    }
+
+    /// Learns (or refreshes) `mac` behind `port`; returns (evicted, aged out).
+    fn learn(&mut self, mac: Mac, port: usize, now: Instant) -> (u64, u64) {
+        let mut dropped = (0, 0);
+        if !self.map.contains_key(&mac) {
+            if self.learned >= LEARNED_MAX {
+                dropped = self.make_room(now);
+            }
+            self.learned += 1;
+        }
+        self.map.insert(
+            mac,
+            Entry {
+                port,
+                seen: Some(now),
+            },
+        );
+        dropped
+    }
+
+    /// Forgets aged entries, and if that is not enough, the least recently seen
+    /// eighth of the learned ones. Returns (evicted, aged out).
+    fn make_room(&mut self, now: Instant) -> (u64, u64) {
+        let before = self.map.len();
+        self.map.retain(|_, e| !e.aged(now));
+        let aged = before - self.map.len();
+        self.learned -= aged;
+        if self.learned < LEARNED_MAX {
+            return (0, aged as u64);
+        }
+        let mut seen: Vec<Instant> = self.map.values().filter_map(|e| e.seen).collect();
+        let k = LEARNED_MAX / 8;
+        let (_, &mut cut, _) = seen.select_nth_unstable(k - 1);
+        let mut evicted = 0;
+        self.map.retain(|_, e| {
+            let go = e.seen.is_some_and(|t| t <= cut) && evicted < k;
+            evicted += usize::from(go);
+            !go
+        });
+        self.learned -= evicted;
+        (evicted as u64, aged as u64)
+    }
+
+    /// The port behind `mac`, forgetting it if it aged out; returns (port, aged).
+    fn lookup(&mut self, mac: Mac, now: Instant) -> (Option<usize>, bool) {
+        match self.map.get(&mac) {
+            Some(e) if e.aged(now) => {
+                self.map.remove(&mac);
+                self.learned -= 1;
+                (None, true)
+            }
+            e => (e.map(|e| e.port), false),
+        }
     }
 }
 
 #[derive(Default)]
 pub struct Switch {
     ports: Mutex<Vec<Arc<Port>>>,
-    table: Mutex<HashMap<Mac, usize>>,
+    table: Mutex<Table>,
     pub forwarded: AtomicU64,
     pub flooded: AtomicU64,
     pub dropped: AtomicU64,
     pub runts: AtomicU64,
+    /// Frames dropped because their source MAC was not their port's to use: a
+    /// guest sending from anything but its NIC's MAC, or the TAP claiming a
+    /// guest's MAC.
+    pub forged: AtomicU64,
+    /// Learned MACs evicted at the cap, and forgotten after [`AGEING`].
+    pub evicted: AtomicU64,
+    pub aged_out: AtomicU64,
+    log: LogLimit,
+}
+
+fn fmt_mac(m: Mac) -> String {
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 impl Switch {
-    /// Adds a port; returns its index and handle.
+    /// Adds an open port (the TAP): it learns the source MACs it carries, except
+    /// those bound to a guest NIC. Returns its index and handle.
     pub fn add_port(&self, name: &str) -> std::io::Result<(usize, Arc<Port>)> {
+        self.add(name, None)
+    }
+
+    /// Adds the port of a guest NIC whose (shim-assigned) MAC is `mac`: the
+    /// port sends from `mac` only, and frames to `mac` go to it alone. Refuses a
+    /// MAC that is multicast or bound to another port already.
+    pub fn add_nic_port(&self, name: &str, mac: Mac) -> std::io::Result<(usize, Arc<Port>)> {
+        if mac[0] & 1 != 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("NIC {name}: MAC {} is multicast", fmt_mac(mac)),
+            ));
+        }
+        self.add(name, Some(mac))
+    }
+
+    fn add(&self, name: &str, mac: Option<Mac>) -> std::io::Result<(usize, Arc<Port>)> {
         let port = Arc::new(Port {
             name: name.to_owned(),
+            mac,
             inbox: Mutex::default(),
             ready: EventFd::new(libc::EFD_NONBLOCK)?,
             dropped: AtomicU64::new(0),
+            forged: AtomicU64::new(0),
         });
-        let mut ports = self
-            .ports
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut ports = lock(&self.ports);
+        let index = ports.len();
+        if let Some(mac) = mac {
+            let mut table = self.table();
+            if let Some(e) = table.get(mac).filter(|e| e.bound()) {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::AlreadyExists,
+                    format!(
+                        "NIC {name}: MAC {} is already bound to port {}",
+                        fmt_mac(mac),
+                        e.port
+                    ),
+                ));
+            }
+            // Replaces anything the TAP may have learned for it before the NIC existed.
+            table.bind(mac, index);
+        }
         ports.push(port.clone());
-        Ok((ports.len() - 1, port))
+        Ok((index, port))
+    }
+
+    fn table(&self) -> std::sync::MutexGuard<'_, Table> {
+        lock(&self.table)
     }
 
     fn deliver(&self, port: &Port, frame: Vec<u8>) {
-        let mut q = port
-            .inbox
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut q = lock(&port.inbox);
         if q.len() >= PORT_QUEUE {
             port.dropped.fetch_add(1, Ordering::Relaxed);
             self.dropped.fetch_add(1, Ordering::Relaxed);
@@ -92,35 +247,64 @@ impl Switch {
         let _ = port.ready.write(1);
     }
 
+    /// Counts and (rate-limited) logs a frame dropped for its source MAC.
+    fn refuse_source(&self, port: &Port, src: Mac, why: &str) {
+        port.forged.fetch_add(1, Ordering::Relaxed);
+        self.forged.fetch_add(1, Ordering::Relaxed);
+        if let Some(suppressed) = self.log.allow() {
+            warn!(
+                port = %port.name,
+                source = %fmt_mac(src),
+                suppressed,
+                "switch dropped a frame: {why}"
+            );
+        }
+    }
+
     /// Forwards `frame` that arrived on port `from`.
     pub fn send(&self, from: usize, frame: &[u8]) {
+        self.send_at(from, frame, Instant::now());
+    }
+
+    fn send_at(&self, from: usize, frame: &[u8], now: Instant) {
         if frame.len() < MIN_FRAME {
             self.runts.fetch_add(1, Ordering::Relaxed);
             return;
         }
         let dst: Mac = frame[0..6].try_into().unwrap_or([0xFF; 6]);
         let src: Mac = frame[6..12].try_into().unwrap_or([0; 6]);
-        // Learn unicast sources only (a multicast source is invalid, 802.3 §3.2.3).
-        if src[0] & 1 == 0 {
-            self.table
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .insert(src, from);
+        let ports = lock(&self.ports).clone();
+        let Some(ingress) = ports.get(from) else {
+            return;
+        };
+        match ingress.mac {
+            Some(own) if src != own => {
+                self.refuse_source(ingress, src, "source MAC is not the NIC's own");
+                return;
+            }
+            // An open port learns unicast sources only (a multicast source is
+            // invalid, 802.3 §3.2.3), and never a MAC bound to a NIC.
+            None if src[0] & 1 == 0 => {
+                let mut table = self.table();
+                if table.get(src).is_some_and(Entry::bound) {
+                    drop(table);
+                    self.refuse_source(ingress, src, "source MAC belongs to a guest NIC");
+                    return;
+                }
+                let (evicted, aged) = table.learn(src, from, now);
+                drop(table);
+                self.evicted.fetch_add(evicted, Ordering::Relaxed);
+                self.aged_out.fetch_add(aged, Ordering::Relaxed);
+            }
+            Some(_) | None => {}
         }
-        let ports = self
-            .ports
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone();
-        let known = (dst[0] & 1 == 0)
-            .then(|| {
-                self.table
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .get(&dst)
-                    .copied()
-            })
-            .flatten();
+        let known = if dst[0] & 1 == 0 {
+            let (port, aged) = self.table().lookup(dst, now);
+            self.aged_out.fetch_add(u64::from(aged), Ordering::Relaxed);
+            port
+        } else {
+            None
+        };
         match known {
             Some(to) if to == from => {} // the destination is behind the ingress port
             Some(to) => {
@@ -147,6 +331,9 @@ impl Switch {
             ("flooded", self.flooded.load(Ordering::Relaxed)),
             ("dropped_queue_full", self.dropped.load(Ordering::Relaxed)),
             ("runts", self.runts.load(Ordering::Relaxed)),
+            ("dropped_forged_source", self.forged.load(Ordering::Relaxed)),
+            ("mac_evicted", self.evicted.load(Ordering::Relaxed)),
+            ("mac_aged_out", self.aged_out.load(Ordering::Relaxed)),
         ]
         .into_iter()
         .collect()
@@ -194,6 +381,158 @@ mod tests {
         assert_eq!((pa.pending(), pb.pending()), (1, 0));
         s.send(0, &frame([3, 0, 0, 0, 0, 1], A));
         assert_eq!(pb.pending(), 1, "multicast destination floods");
+    }
+
+    const C: Mac = [2, 0, 0, 0, 0, 0xC];
+    const HOST: Mac = [2, 0, 0, 0, 0, 0x11];
+
+    fn forged(s: &Switch) -> u64 {
+        s.forged.load(Ordering::Relaxed)
+    }
+
+    /// Client `A`, server `B`, a third guest `C` that attacks.
+    fn three_nics(s: &Switch) -> [Arc<Port>; 3] {
+        [A, B, C].map(|m| s.add_nic_port(&format!("{m:?}"), m).unwrap().1)
+    }
+
+    #[test]
+    fn a_nic_sends_only_from_its_own_mac() {
+        let s = Switch::default();
+        let [pa, pb, pc] = three_nics(&s);
+        for src in [B, A, [3, 0, 0, 0, 0, 0xC], [0; 6], HOST] {
+            s.send(2, &frame(BCAST, src));
+            s.send(2, &frame(A, src));
+        }
+        assert_eq!((pa.pending(), pb.pending(), pc.pending()), (0, 0, 0));
+        assert_eq!(forged(&s), 10);
+        assert_eq!(pc.forged.load(Ordering::Relaxed), 10);
+        assert_eq!(s.counters()["dropped_forged_source"], 10);
+        // Its own frames still flow.
+        s.send(2, &frame(A, C));
+        s.send(2, &frame(BCAST, C));
+        assert_eq!((pa.pending(), pb.pending(), pc.pending()), (2, 1, 0));
+        assert_eq!(forged(&s), 10);
+    }
+
+    #[test]
+    fn a_forged_source_does_not_divert_the_victims_traffic() {
+        let s = Switch::default();
+        let [pa, pb, pc] = three_nics(&s);
+        // C poses as the server, then as the client.
+        s.send(2, &frame(A, B));
+        s.send(2, &frame(B, A));
+        assert_eq!(forged(&s), 2);
+        // The client's ping and the server's answer still reach only their target.
+        s.send(0, &frame(B, A));
+        s.send(1, &frame(A, B));
+        assert_eq!((pa.pending(), pb.pending(), pc.pending()), (1, 1, 0));
+        assert_eq!(pb.pop().unwrap(), frame(B, A));
+        assert_eq!(pa.pop().unwrap(), frame(A, B));
+        assert_eq!(s.flooded.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn frames_to_a_nic_never_flood_even_before_it_speaks() {
+        let s = Switch::default();
+        let [pa, pb, pc] = three_nics(&s);
+        s.send(0, &frame(B, A));
+        assert_eq!((pa.pending(), pb.pending(), pc.pending()), (0, 1, 0));
+        assert_eq!(s.forwarded.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn the_tap_learns_host_macs_but_cannot_claim_a_nics() {
+        let s = Switch::default();
+        // The TAP comes first (as in the shim) and even speaks for B before B's
+        // NIC exists: the NIC's binding still wins.
+        let (tap, pt) = s.add_port("tap").unwrap();
+        s.send(tap, &frame(BCAST, B));
+        let [pa, pb, pc] = three_nics(&s); // ports 1, 2, 3
+        assert_eq!(s.table().get(B).map(|e| e.port), Some(2));
+        // Host addresses are learned from the TAP.
+        s.send(tap, &frame(A, HOST));
+        assert_eq!(pa.pop().unwrap(), frame(A, HOST));
+        s.send(1, &frame(HOST, A));
+        assert_eq!(pt.pop().unwrap(), frame(HOST, A));
+        assert_eq!((pb.pending(), pc.pending()), (0, 0));
+        // A frame from the TAP claiming B is dropped, and B's traffic stays B's.
+        s.send(tap, &frame(BCAST, B));
+        s.send(tap, &frame(A, B));
+        assert_eq!(forged(&s), 2);
+        assert_eq!(pt.forged.load(Ordering::Relaxed), 2);
+        assert_eq!(pa.pending(), 0);
+        s.send(1, &frame(B, A));
+        assert_eq!((pb.pending(), pt.pending(), pc.pending()), (1, 0, 0));
+        // And no guest can take a host address the TAP carries.
+        s.send(3, &frame(A, HOST));
+        assert_eq!(forged(&s), 3);
+        s.send(1, &frame(HOST, A));
+        assert_eq!((pt.pending(), pc.pending()), (1, 0));
+    }
+
+    #[test]
+    fn a_flood_of_source_macs_from_the_tap_stays_bounded() {
+        let s = Switch::default();
+        let (tap, pt) = s.add_port("tap").unwrap();
+        let (_, pa) = s.add_nic_port("a", A).unwrap();
+        let mut t = Instant::now();
+        for i in 0..10 * LEARNED_MAX as u32 {
+            t += Duration::from_micros(1);
+            let mut mac = [2, 0x77, 0, 0, 0, 0];
+            mac[2..].copy_from_slice(&i.to_be_bytes());
+            s.send_at(tap, &frame(BCAST, mac), t);
+            // One host keeps talking: it is never the least recently seen.
+            s.send_at(tap, &frame(BCAST, HOST), t);
+        }
+        let table = s.table();
+        assert!(table.learned <= LEARNED_MAX && table.learned >= LEARNED_MAX * 7 / 8);
+        assert_eq!(table.learned, table.map.len() - 1, "plus A's binding");
+        drop(table);
+        let evicted = s.evicted.load(Ordering::Relaxed);
+        assert_eq!(evicted as usize + s.table().learned, 10 * LEARNED_MAX + 1);
+        assert_eq!(s.counters()["mac_evicted"], evicted);
+        // The binding and the busy host survived.
+        while pa.pop().is_some() {}
+        while pt.pop().is_some() {}
+        s.send_at(tap, &frame(A, HOST), t);
+        s.send_at(1, &frame(HOST, A), t);
+        assert_eq!((pa.pending(), pt.pending()), (1, 1));
+        assert_eq!(s.flooded.load(Ordering::Relaxed), 20 * LEARNED_MAX as u64);
+    }
+
+    #[test]
+    fn learned_macs_age_out_and_bound_ones_do_not() {
+        let s = Switch::default();
+        let (tap, pt) = s.add_port("tap").unwrap();
+        let [pa, pb, pc] = three_nics(&s); // ports 1, 2, 3
+        let t0 = Instant::now();
+        s.send_at(tap, &frame(A, HOST), t0);
+        assert_eq!(pa.pop().unwrap(), frame(A, HOST));
+        s.send_at(
+            1,
+            &frame(HOST, A),
+            t0 + AGEING.saturating_sub(Duration::from_secs(1)),
+        );
+        assert_eq!((pt.pending(), pb.pending(), pc.pending()), (1, 0, 0));
+        // Silent for longer than the ageing time: forgotten, so frames flood.
+        s.send_at(1, &frame(HOST, A), t0 + AGEING);
+        assert_eq!((pt.pending(), pb.pending(), pc.pending()), (2, 1, 1));
+        assert_eq!(s.counters()["mac_aged_out"], 1);
+        assert_eq!(s.table().learned, 0);
+        // A NIC's MAC never ages, even if it never speaks.
+        s.send_at(1, &frame(B, A), t0 + AGEING * 10);
+        assert_eq!((pb.pending(), pc.pending()), (2, 1));
+    }
+
+    #[test]
+    fn a_mac_binds_to_one_nic_only() {
+        let s = Switch::default();
+        s.add_nic_port("a", A).unwrap();
+        assert_eq!(
+            s.add_nic_port("a2", A).err().map(|e| e.kind()),
+            Some(std::io::ErrorKind::AlreadyExists)
+        );
+        assert!(s.add_nic_port("m", [3, 0, 0, 0, 0, 1]).is_err());
     }
 
     #[test]

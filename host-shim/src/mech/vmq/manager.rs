@@ -17,7 +17,8 @@ use para_abi::vmq::{
 };
 use tracing::warn;
 
-use super::pages::{Backings, Mapping, RemapError};
+use super::pages::{Backings, Limits, Mapping};
+use crate::loglimit::LogLimit;
 use crate::sync::lock;
 
 const PAGE: u64 = vmq::PAGE;
@@ -51,8 +52,16 @@ pub struct VmqCounters {
     pub err_queue_full: AtomicU64,
     pub err_vm_exited: AtomicU64,
     pub err_bad_descriptor: AtomicU64,
+    /// Remaps refused because they would split the shim's mappings beyond this
+    /// sender's share of `vm.max_map_count` (nothing was mapped).
+    pub err_remap_limit: AtomicU64,
+    /// Remaps whose `mmap` or hole punch failed; undone, so refused.
+    pub err_remap_failed: AtomicU64,
     /// Ring counters that made no sense (consumer ahead of producer...).
     pub bad_ring: AtomicU64,
+    /// Host mapping fragments this guest's remaps hold now, and its bound.
+    pub remap_fragments: AtomicU64,
+    pub remap_fragment_limit: AtomicU64,
 }
 
 /// [`VmqCounters`] as serialised.
@@ -73,9 +82,43 @@ pub struct VmqReport {
     pub notifications: u64,
     pub errors: std::collections::BTreeMap<&'static str, u64>,
     pub bad_ring: u64,
+    pub remap_fragments: u64,
+    pub remap_fragment_limit: u64,
+}
+
+/// Why a message was refused: its status, or a remap refused for a reason of
+/// its own (the sender sees `QueueFull` for those: it may resend, or copy).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Refusal {
+    Status(SendStatus),
+    RemapLimit,
+    RemapFailed,
+}
+
+impl From<SendStatus> for Refusal {
+    fn from(s: SendStatus) -> Self {
+        Self::Status(s)
+    }
+}
+
+impl Refusal {
+    fn status(self) -> SendStatus {
+        match self {
+            Self::Status(s) => s,
+            Self::RemapLimit | Self::RemapFailed => SendStatus::QueueFull,
+        }
+    }
 }
 
 impl VmqCounters {
+    fn refusal(&self, r: Refusal) -> &AtomicU64 {
+        match r {
+            Refusal::Status(s) => self.error(s),
+            Refusal::RemapLimit => &self.err_remap_limit,
+            Refusal::RemapFailed => &self.err_remap_failed,
+        }
+    }
+
     fn error(&self, s: SendStatus) -> &AtomicU64 {
         match s {
             SendStatus::OutsideRam => &self.err_outside_ram,
@@ -113,10 +156,14 @@ impl VmqCounters {
                 ("queue_full", g(&self.err_queue_full)),
                 ("vm_exited", g(&self.err_vm_exited)),
                 ("bad_descriptor", g(&self.err_bad_descriptor)),
+                ("remap_limit", g(&self.err_remap_limit)),
+                ("remap_failed", g(&self.err_remap_failed)),
             ]
             .into_iter()
             .collect(),
             bad_ring: g(&self.bad_ring),
+            remap_fragments: g(&self.remap_fragments),
+            remap_fragment_limit: g(&self.remap_fragment_limit),
         }
     }
 }
@@ -270,9 +317,17 @@ struct Inner {
     backings: Backings,
 }
 
+/// Log lines guests can trigger, each through its own rate limit.
+#[derive(Default)]
+struct Logs {
+    refused: LogLimit,
+    bad_outbox: LogLimit,
+}
+
 /// The VM queue manager shared by every guest's vCPU threads.
 pub struct Manager {
     inner: Mutex<Inner>,
+    logs: Logs,
 }
 
 impl Default for Manager {
@@ -289,6 +344,7 @@ impl Manager {
                 eps: Vec::new(),
                 backings: Backings::default(),
             }),
+            logs: Logs::default(),
         }
     }
 
@@ -324,6 +380,14 @@ impl Manager {
         });
         let counters = Arc::new(VmqCounters::default());
         let id = inner.eps.len() as u32;
+        // Every sender's share of the mapping budget shrinks as guests join
+        // (they all join before any runs).
+        let limits = Limits::new(inner.backings.limits.max_map_count, inner.eps.len() + 1);
+        inner.backings.limits = limits;
+        for c in inner.eps.iter().map(|e| &e.counters).chain([&counters]) {
+            c.remap_fragment_limit
+                .store(limits.per_sender as u64, Ordering::Relaxed);
+        }
         inner.eps.push(Endpoint {
             name: name.to_owned(),
             ram_base: mem.ram.base,
@@ -384,7 +448,9 @@ impl Manager {
         let mut consumed = src.outbox_consumed;
         if vmq::occupancy(produced, consumed).is_none() {
             counters.bad_ring.fetch_add(1, Ordering::Relaxed);
-            warn!(guest = %src.name, produced, consumed, "VM-queue outbox counter out of range");
+            if let Some(suppressed) = self.logs.bad_outbox.allow() {
+                warn!(guest = %src.name, produced, consumed, suppressed, "VM-queue outbox counter out of range");
+            }
             return out;
         }
         // Destinations found full in this drain: later messages to them are
@@ -395,16 +461,23 @@ impl Manager {
             let off = vmq::OUTBOX + vmq::entry_offset(consumed);
             let m = Message::decode(&inner.eps[id as usize].read_entry(off));
             let result = if full.contains(&m.dest) {
-                Err(SendStatus::QueueFull)
+                Err(Refusal::Status(SendStatus::QueueFull))
             } else {
-                deliver(inner, id, &m)
+                deliver(inner, id, &m, &self.logs)
             };
-            if result == Err(SendStatus::QueueFull) && m.flags & Message::HOLD != 0 {
-                // Back-pressure: this and everything after it wait for a later exit.
+            // A refused remap answers `QueueFull` too, and is held or keeps the
+            // stream in order the same way.
+            let queue_full = result.is_err_and(|r| r.status() == SendStatus::QueueFull);
+            if queue_full && m.flags & Message::HOLD != 0 {
+                // Back-pressure: this and everything after it wait for a later
+                // exit. A remap refusal is still counted under its reason.
+                if let Err(r @ (Refusal::RemapLimit | Refusal::RemapFailed)) = result {
+                    counters.refusal(r).fetch_add(1, Ordering::Relaxed);
+                }
                 counters.held.fetch_add(1, Ordering::Relaxed);
                 break;
             }
-            if result == Err(SendStatus::QueueFull) && !full.contains(&m.dest) {
+            if queue_full && !full.contains(&m.dest) {
                 full.push(m.dest);
             }
             let status = match result {
@@ -412,11 +485,13 @@ impl Manager {
                     out.delivered += 1;
                     SendStatus::Delivered
                 }
-                Err(s) => {
+                Err(r) => {
                     out.failed += 1;
-                    counters.error(s).fetch_add(1, Ordering::Relaxed);
-                    warn!(guest = %inner.eps[id as usize].name, dest = m.dest, addr = m.addr, len = m.len, "VM-queue send refused: {s:?}");
-                    s
+                    counters.refusal(r).fetch_add(1, Ordering::Relaxed);
+                    if let Some(suppressed) = self.logs.refused.allow() {
+                        warn!(guest = %inner.eps[id as usize].name, dest = m.dest, addr = m.addr, len = m.len, suppressed, "VM-queue send refused: {r:?}");
+                    }
+                    r.status()
                 }
             };
             let src = &inner.eps[id as usize];
@@ -436,6 +511,12 @@ impl Manager {
     #[must_use]
     pub fn moved_pages(&self) -> usize {
         self.lock().backings.moved_pages()
+    }
+
+    /// Runs `f` on the remap ledger (tests: fault injection, limits, checks).
+    #[cfg(test)]
+    pub(crate) fn with_backings<R>(&self, f: impl FnOnce(&mut Backings) -> R) -> R {
+        f(&mut self.lock().backings)
     }
 }
 
@@ -476,20 +557,20 @@ fn source_range(src: &Endpoint, addr: u64, span: u64) -> Result<usize, SendStatu
     Err(SendStatus::OutsideRam)
 }
 
-fn deliver(inner: &mut Inner, from: u32, m: &Message) -> Result<(), SendStatus> {
+fn deliver(inner: &mut Inner, from: u32, m: &Message, logs: &Logs) -> Result<(), Refusal> {
     let (policy, transfer) = m.check()?;
     let src = &inner.eps[from as usize];
     let counters = src.counters.clone();
 
     if m.dest == from {
-        return Err(SendStatus::BadDescriptor);
+        return Err(SendStatus::BadDescriptor.into());
     }
     let to = m.dest as usize;
     if to >= inner.eps.len() {
-        return Err(SendStatus::NoSuchVm);
+        return Err(SendStatus::NoSuchVm.into());
     }
     if !inner.eps[to].alive {
-        return Err(SendStatus::VmExited);
+        return Err(SendStatus::VmExited.into());
     }
     let span = match transfer {
         Transfer::Copy => u64::from(m.len),
@@ -503,10 +584,10 @@ fn deliver(inner: &mut Inner, from: u32, m: &Message) -> Result<(), SendStatus> 
 
     let dst = &mut inner.eps[to];
     let Some(occupied) = dst.reap() else {
-        return Err(SendStatus::QueueFull);
+        return Err(SendStatus::QueueFull.into());
     };
     if occupied >= RING_ENTRIES {
-        return Err(SendStatus::QueueFull);
+        return Err(SendStatus::QueueFull.into());
     }
     let pages = (m.footprint() / PAGE) as usize;
     let align = (m.page_size() / PAGE) as usize;
@@ -530,20 +611,15 @@ fn deliver(inner: &mut Inner, from: u32, m: &Message) -> Result<(), SendStatus> 
             }
             counters.delivered_copy.fetch_add(1, Ordering::Relaxed);
         }
-        Transfer::Remap => match inner.backings.exchange(src_host, dst_host, pages) {
-            Ok(calls) => {
-                counters.remap_mmaps.fetch_add(calls, Ordering::Relaxed);
-                counters.delivered_remap.fetch_add(1, Ordering::Relaxed);
-            }
-            Err(e) => {
-                report_remap_failure(&e);
-                let dst = &mut inner.eps[to];
-                for u in &mut dst.window_used[first..first + pages] {
-                    *u = false;
-                }
-                return Err(SendStatus::QueueFull);
-            }
-        },
+        Transfer::Remap => {
+            let pages = Pages {
+                src: src_host,
+                dst: dst_host,
+                first,
+                count: pages,
+            };
+            remap(inner, from, to, &pages, logs)?;
+        }
     }
     counters
         .bytes_sent
@@ -592,13 +668,51 @@ fn deliver(inner: &mut Inner, from: u32, m: &Message) -> Result<(), SendStatus> 
     Ok(())
 }
 
+/// Where a remapped message goes: host addresses, and the window pages
+/// (`first`, `count`) allocated for it at the destination.
+struct Pages {
+    src: usize,
+    dst: usize,
+    first: usize,
+    count: usize,
+}
+
+/// Exchanges the sender's pages into the destination's window slot; on refusal
+/// (the exchange undid itself, the slot shows its old pages) frees the slot.
+fn remap(inner: &mut Inner, from: u32, to: usize, p: &Pages, logs: &Logs) -> Result<(), Refusal> {
+    let counters = inner.eps[from as usize].counters.clone();
+    let done = inner
+        .backings
+        .exchange(p.src, p.dst, p.count, from as usize);
+    let (_, held) = inner.backings.fragments(from as usize);
+    counters
+        .remap_fragments
+        .store(held as u64, Ordering::Relaxed);
+    match done {
+        Ok(calls) => {
+            counters.remap_mmaps.fetch_add(calls, Ordering::Relaxed);
+            counters.delivered_remap.fetch_add(1, Ordering::Relaxed);
+            Ok(())
+        }
+        Err(e) => {
+            if let Some(suppressed) = logs.refused.allow() {
+                warn!(guest = %inner.eps[from as usize].name, dest = to, suppressed, "VM-queue remap refused: {e}");
+            }
+            for u in &mut inner.eps[to].window_used[p.first..p.first + p.count] {
+                *u = false;
+            }
+            Err(if e.is_limit() {
+                Refusal::RemapLimit
+            } else {
+                Refusal::RemapFailed
+            })
+        }
+    }
+}
+
 /// Tells the destination that its inbox went from empty to non-empty. The one
 /// seam where M3 upcalls replace the MSI path.
 fn notify_arrival(dst: &Endpoint) {
     dst.counters.notifications.fetch_add(1, Ordering::Relaxed);
     (dst.notify)();
-}
-
-fn report_remap_failure(e: &RemapError) {
-    warn!("VM-queue remap failed, message refused: {e}");
 }

@@ -11,6 +11,7 @@ use para_abi::vmq::{
 use vm_memory::{Bytes, GuestAddress};
 
 use super::manager::{Drained, Manager, VmqCounters};
+use super::pages::{Kernel, Limits, Sys};
 use super::{Area, endpoint_memory};
 use crate::kvm::memory::{self, GuestMem};
 
@@ -289,6 +290,7 @@ fn huge_pages_remap_on_2mib_boundaries() {
         2,
         "one run each way"
     );
+    assert!(mgr.with_backings(|b| b.consistent()));
 }
 
 #[test]
@@ -311,6 +313,7 @@ fn a_receiver_forwards_what_it_holds_but_not_what_it_gave_back() {
     mgr.drain(rcv.id);
     assert_eq!(rcv.status(j), SendStatus::NotOwned);
     assert_eq!(rcv.counters.err_not_owned.load(Ordering::Relaxed), 1);
+    assert!(mgr.with_backings(|b| b.consistent()));
 }
 
 #[test]
@@ -491,4 +494,392 @@ fn the_doorbell_worker_drains_when_its_eventfd_is_written() {
     assert_eq!(snd.counters.sent_doorbell.load(Ordering::Relaxed), 1);
     assert_eq!(rcv.read(rcv.peek(0).addr, 4096), snd.read(SRC, 4096));
     drop(worker);
+}
+
+/// The real system calls, except the ones a test makes fail: `maps` lists the
+/// `mmap` calls (counted from 0) that fail with ENOMEM, as at
+/// `vm.max_map_count`, without doing anything; `punches` the same for punches.
+struct Faulty {
+    maps: Vec<usize>,
+    punches: Vec<usize>,
+    seen: (usize, usize),
+}
+
+impl Faulty {
+    fn maps(maps: &[usize]) -> Box<dyn Sys> {
+        Box::new(Self {
+            maps: maps.to_vec(),
+            punches: Vec::new(),
+            seen: (0, 0),
+        })
+    }
+}
+
+impl Sys for Faulty {
+    fn map(
+        &mut self,
+        addr: usize,
+        len: u64,
+        file: &std::fs::File,
+        offset: u64,
+    ) -> std::io::Result<()> {
+        self.seen.0 += 1;
+        if self.maps.contains(&(self.seen.0 - 1)) {
+            return Err(std::io::Error::from_raw_os_error(libc::ENOMEM));
+        }
+        Kernel.map(addr, len, file, offset)
+    }
+    fn punch(&mut self, file: &std::fs::File, offset: u64, len: u64) -> std::io::Result<()> {
+        self.seen.1 += 1;
+        if self.punches.contains(&(self.seen.1 - 1)) {
+            return Err(std::io::Error::from_raw_os_error(libc::EIO));
+        }
+        Kernel.punch(file, offset, len)
+    }
+}
+
+/// Guest-physical address of receive-window page `page`.
+fn window(page: u64) -> u64 {
+    area::VMQ + vmq::WINDOW + page * 4096
+}
+
+impl TestGuest {
+    fn write_window(&self, page: u64, bytes: &[u8]) {
+        // SAFETY: inside the mapped area's window.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                bytes.as_ptr(),
+                (self.area + (vmq::WINDOW + page * 4096) as usize) as *mut u8,
+                bytes.len(),
+            );
+        }
+    }
+
+    fn ram_base(&self) -> usize {
+        vm_memory::GuestMemoryBackend::get_host_address(&self.ram, GuestAddress(0)).unwrap()
+            as usize
+    }
+}
+
+/// Sender and receiver for a two-page remap whose steps fail as `sys` says:
+/// the receiver's window slot (pages 0 and 1, where the first arrival lands)
+/// and the sender's range hold known bytes beforehand.
+fn failed_remap(sys: Box<dyn Sys>) -> (Manager, TestGuest, TestGuest, Vec<u8>, Vec<u8>) {
+    let mgr = Manager::new();
+    let snd = TestGuest::new(&mgr, "a");
+    let rcv = TestGuest::new(&mgr, "b");
+    snd.fill(SRC, 8192, 0x21);
+    let mine = snd.read(SRC, 8192);
+    let old: Vec<u8> = (0..8192u32).map(|i| (i % 251) as u8 ^ 0xC3).collect();
+    rcv.write_window(0, &old);
+    mgr.with_backings(|b| b.set_sys(sys));
+    let k = snd.post(msg(rcv.id, 1, SRC, 8192));
+    assert_eq!(
+        mgr.drain(snd.id),
+        Drained {
+            delivered: 0,
+            failed: 1
+        }
+    );
+    assert_eq!(snd.status(k), SendStatus::QueueFull);
+    (mgr, snd, rcv, mine, old)
+}
+
+/// Nothing of a refused exchange is visible: each guest reads its own bytes,
+/// writes by one do not reach the other, and the ledger is whole.
+fn assert_untouched(mgr: &Manager, snd: &TestGuest, rcv: &TestGuest, old: &[u8]) {
+    assert_eq!(rcv.inbox_len(), 0, "no arrival announced");
+    assert_eq!(rcv.read(window(0), 8192), old, "the slot keeps its bytes");
+    snd.fill(SRC, 8192, 0x77);
+    assert_eq!(
+        rcv.read(window(0), 8192),
+        old,
+        "the sender's page is not the slot's"
+    );
+    rcv.write_window(0, &[0xEE; 8192]);
+    assert_ne!(
+        snd.read(SRC, 8192),
+        vec![0xEE; 8192],
+        "the slot is not the sender's page"
+    );
+    assert!(
+        mgr.with_backings(|b| b.consistent()),
+        "a file page at two places"
+    );
+    assert_eq!(snd.counters.err_remap_failed.load(Ordering::Relaxed), 1);
+    assert_eq!(snd.counters.err_queue_full.load(Ordering::Relaxed), 0);
+    assert_eq!(rcv.counters.received.load(Ordering::Relaxed), 0);
+}
+
+#[test]
+fn a_remap_whose_first_mmap_fails_changes_nothing() {
+    // mmap 0: pool pages over the sender's range.
+    let (mgr, snd, rcv, mine, old) = failed_remap(Faulty::maps(&[0]));
+    assert_eq!(snd.read(SRC, 8192), mine, "the sender keeps its pages");
+    assert_eq!(mgr.moved_pages(), 0);
+    assert_untouched(&mgr, &snd, &rcv, &old);
+}
+
+#[test]
+fn a_remap_whose_second_mmap_fails_is_undone() {
+    // mmap 1: the sender's pages over the slot; mmap 2 puts the sender's pages back.
+    let (mgr, snd, rcv, mine, old) = failed_remap(Faulty::maps(&[1]));
+    assert_eq!(snd.read(SRC, 8192), mine, "the sender keeps its pages");
+    assert_eq!(mgr.moved_pages(), 0);
+    assert_eq!(mgr.with_backings(|b| b.fragments(snd.id as usize)), (0, 0));
+    assert_untouched(&mgr, &snd, &rcv, &old);
+    // The slot was freed and nothing is out of place: the same message goes
+    // through once mmap works again.
+    mgr.with_backings(|b| b.set_sys(Box::new(Kernel)));
+    snd.fill(SRC, 8192, 0x21);
+    let k = snd.post(msg(rcv.id, 1, SRC, 8192));
+    mgr.drain(snd.id);
+    assert_eq!(snd.status(k), SendStatus::Delivered);
+    assert_eq!(rcv.read(rcv.peek(0).addr, 8192), mine);
+    assert_eq!(snd.read(SRC, 8192), vec![0; 8192]);
+}
+
+#[test]
+fn a_remap_whose_undo_fails_too_shares_no_page() {
+    // The slot mmap fails, then so does putting the sender's pages back: the
+    // sender is left with zeroed pages (its message lost, and refused), never
+    // with a page the receiver shows.
+    let (mgr, snd, rcv, _, old) = failed_remap(Faulty::maps(&[1, 2]));
+    assert_eq!(snd.read(SRC, 8192), vec![0; 8192]);
+    assert_untouched(&mgr, &snd, &rcv, &old);
+}
+
+#[test]
+fn a_failed_punch_keeps_the_pages_out_of_the_pool_until_it_works() {
+    let mgr = Manager::new();
+    let snd = TestGuest::new(&mgr, "a");
+    let rcv = TestGuest::new(&mgr, "b");
+    rcv.write_window(0, &[0x5A; 8192]);
+    mgr.with_backings(|b| {
+        b.set_sys(Box::new(Faulty {
+            maps: Vec::new(),
+            punches: vec![0],
+            seen: (0, 0),
+        }));
+    });
+    snd.fill(SRC, 8192, 3);
+    let k = snd.post(msg(rcv.id, 1, SRC, 8192));
+    mgr.drain(snd.id);
+    // Both mappings were made: the exchange stands. The slot's old pages are
+    // mapped nowhere and wait, unzeroed, outside the pool.
+    assert_eq!(snd.status(k), SendStatus::Delivered);
+    assert_eq!(mgr.with_backings(|b| b.pool_pages()), 512 - 2);
+    assert!(mgr.with_backings(|b| b.consistent()));
+    // The next exchange zeroes them first; what the sender receives is zero.
+    for i in 0..300u64 {
+        let at = SRC + 0x10_0000 + (i % 4) * 8192;
+        snd.post(msg(rcv.id, 1, at, 8192));
+        mgr.drain(snd.id);
+        rcv.consume(1);
+        assert_eq!(snd.read(at, 8192), vec![0; 8192], "send {i}");
+    }
+    assert_eq!(mgr.with_backings(|b| b.pool_pages()), 512);
+    assert!(mgr.with_backings(|b| b.consistent()));
+}
+
+/// Host mappings (VMAs) inside `base..base+len`, as the kernel lists them.
+fn vmas_in(base: usize, len: usize) -> usize {
+    std::fs::read_to_string("/proc/self/maps")
+        .unwrap()
+        .lines()
+        .filter_map(|l| {
+            let (range, _) = l.split_once(' ')?;
+            let (a, b) = range.split_once('-')?;
+            Some((
+                usize::from_str_radix(a, 16).ok()?,
+                usize::from_str_radix(b, 16).ok()?,
+            ))
+        })
+        .filter(|&(a, b)| a >= base && b <= base + len)
+        .count()
+}
+
+fn assert_ledger_matches_kernel(mgr: &Manager, g: &TestGuest) {
+    for (base, len) in [
+        (g.ram_base(), RAM as usize),
+        (g.area, vmq::AREA_SIZE as usize),
+    ] {
+        assert_eq!(
+            vmas_in(base, len),
+            1 + mgr.with_backings(|b| b.fragments_in(base, len)),
+            "VMAs at {base:#x}"
+        );
+    }
+}
+
+#[test]
+fn streaming_from_one_buffer_keeps_the_mappings_whole() {
+    // The ping-pong and pipeline pattern: the same buffer again and again. Pages
+    // handed out and in follow each other in their files, so the kernel merges
+    // them and the VMA count stays flat.
+    let mgr = Manager::new();
+    let snd = TestGuest::new(&mgr, "a");
+    let rcv = TestGuest::new(&mgr, "b");
+    for _ in 0..2000 {
+        snd.post(msg(rcv.id, 1, SRC, 8192));
+        assert_eq!(mgr.drain(snd.id).delivered, 1);
+        rcv.consume(1);
+    }
+    let (total, own) = mgr.with_backings(|b| b.fragments(snd.id as usize));
+    assert!(total <= 8 && own == total, "{total} fragments");
+    assert!(mgr.with_backings(|b| b.consistent()));
+    assert_ledger_matches_kernel(&mgr, &snd);
+    assert_ledger_matches_kernel(&mgr, &rcv);
+}
+
+#[test]
+fn remaps_beyond_the_senders_fragment_share_are_refused_before_anything_moves() {
+    let mgr = Manager::new();
+    let snd = TestGuest::new(&mgr, "a");
+    let rcv = TestGuest::new(&mgr, "b");
+    let third = TestGuest::new(&mgr, "c");
+    let limits = Limits {
+        max_map_count: 600,
+        total: 300,
+        per_sender: 100,
+    };
+    mgr.with_backings(|b| b.limits = limits);
+    // Every other page of a range: each exchange splits both guests' mappings.
+    let mut sent = 0u64;
+    let refused = loop {
+        let at = SRC + sent * 8192;
+        snd.fill(at, 4096, sent as u8);
+        let k = snd.post(msg(rcv.id, 1, at, 4096));
+        mgr.drain(snd.id);
+        if snd.status(k) != SendStatus::Delivered {
+            break (k, at);
+        }
+        rcv.consume(1);
+        sent += 1;
+        assert!(sent < 1000, "never refused");
+    };
+    assert_eq!(snd.status(refused.0), SendStatus::QueueFull);
+    assert_eq!(snd.counters.err_remap_limit.load(Ordering::Relaxed), 1);
+    assert_eq!(snd.counters.err_remap_failed.load(Ordering::Relaxed), 0);
+    let own = snd.counters.remap_fragments.load(Ordering::Relaxed);
+    assert!(own <= 100 && own > 90, "{own} fragments held");
+    assert_eq!(
+        mgr.with_backings(|b| b.fragments(snd.id as usize)).1 as u64,
+        own
+    );
+    // Refused before anything moved: the page is still the sender's own.
+    assert_eq!(snd.read(refused.1, 4096), {
+        let t = TestGuest::new(&Manager::new(), "t");
+        t.fill(0, 4096, sent as u8);
+        t.read(0, 4096)
+    });
+    assert!(mgr.with_backings(|b| b.consistent()));
+    assert_ledger_matches_kernel(&mgr, &snd);
+    assert_ledger_matches_kernel(&mgr, &rcv);
+    // The bound is the sender's: another guest still remaps to the same receiver.
+    third.fill(SRC, 4096, 9);
+    let k = third.post(msg(rcv.id, 1, SRC, 4096));
+    mgr.drain(third.id);
+    assert_eq!(third.status(k), SendStatus::Delivered);
+    // And the sender itself may still copy.
+    let k = snd.post(msg(rcv.id, 0, SRC, 4096));
+    mgr.drain(snd.id);
+    assert_eq!(snd.status(k), SendStatus::Delivered);
+    assert_eq!(
+        snd.counters.report(snd.id).errors["remap_limit"],
+        1,
+        "in the stats JSON under its own reason"
+    );
+}
+
+#[test]
+fn the_fragment_share_comes_from_vm_max_map_count_and_the_guest_count() {
+    let mgr = Manager::new();
+    let a = TestGuest::new(&mgr, "a");
+    let _b = TestGuest::new(&mgr, "b");
+    let max = Limits::system_max_map_count();
+    assert_eq!(
+        mgr.with_backings(|b| b.limits),
+        Limits {
+            max_map_count: max,
+            total: max / 2,
+            per_sender: max / 4
+        }
+    );
+    assert_eq!(
+        a.counters.report(a.id).remap_fragment_limit,
+        (max / 4) as u64
+    );
+}
+
+#[test]
+fn a_refused_remap_is_held_like_a_full_queue_and_keeps_the_stream_in_order() {
+    let mgr = Manager::new();
+    let snd = TestGuest::new(&mgr, "a");
+    let rcv = TestGuest::new(&mgr, "b");
+    mgr.with_backings(|b| b.set_sys(Faulty::maps(&[1])));
+    // Without HOLD: refused, and a later message to the same receiver in the
+    // same drain is refused too, so a resend from the first refusal keeps order.
+    let k1 = snd.post(msg(rcv.id, 1, SRC, 4096));
+    let k2 = snd.post(msg(rcv.id, 0, SRC, 64));
+    mgr.drain(snd.id);
+    assert_eq!(
+        (snd.status(k1), snd.status(k2)),
+        (SendStatus::QueueFull, SendStatus::QueueFull)
+    );
+    assert_eq!(rcv.inbox_len(), 0);
+    // With HOLD: it waits for a later exit, counted under its reason.
+    mgr.with_backings(|b| b.set_sys(Faulty::maps(&[1])));
+    let k = snd.post(Message {
+        flags: Message::HOLD,
+        ..msg(rcv.id, 1, SRC, 4096)
+    });
+    assert_eq!(mgr.drain(snd.id), Drained::default());
+    assert_eq!(snd.status(k), SendStatus::Pending);
+    assert_eq!(snd.counters.err_remap_failed.load(Ordering::Relaxed), 2);
+    assert_eq!(snd.counters.held.load(Ordering::Relaxed), 1);
+    mgr.with_backings(|b| b.set_sys(Box::new(Kernel)));
+    assert_eq!(mgr.drain(snd.id).delivered, 1);
+    assert_eq!(snd.status(k), SendStatus::Delivered);
+    assert!(mgr.with_backings(|b| b.consistent()));
+}
+
+#[test]
+fn a_scattering_sender_meets_its_share_long_before_the_kernel_limit() {
+    // The attack that once made mmap fail with ENOMEM: single pages from all
+    // over the sender's RAM in random order, each leaving splits in both
+    // guests' mappings. Under the real bound (three guests: a third of half of
+    // vm.max_map_count each) it is refused by reason, never by the kernel.
+    // A fixed order would not do: the pool hands pages back in send order, so
+    // a repeated pattern coalesces by itself.
+    let mgr = Manager::new();
+    let snd = TestGuest::new(&mgr, "a");
+    let rcv = TestGuest::new(&mgr, "b");
+    let _third = TestGuest::new(&mgr, "c");
+    let limits = mgr.with_backings(|b| b.limits);
+    let mut sent = 0u64;
+    let mut x = 0x9E37_79B9_7F4A_7C15u64;
+    loop {
+        // xorshift64: a different order every round, so nothing coalesces.
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let page = 256 + x % 1792;
+        let k = snd.post(msg(rcv.id, 1, page * 4096, 4096));
+        mgr.drain(snd.id);
+        if snd.status(k) != SendStatus::Delivered {
+            break;
+        }
+        rcv.consume(1);
+        sent += 1;
+        assert!(sent < 40_000, "never refused");
+    }
+    assert_eq!(snd.counters.err_remap_limit.load(Ordering::Relaxed), 1);
+    assert_eq!(snd.counters.err_remap_failed.load(Ordering::Relaxed), 0);
+    let (total, own) = mgr.with_backings(|b| b.fragments(snd.id as usize));
+    assert!(own <= limits.per_sender && own + 8 > limits.per_sender);
+    assert!(total <= limits.total);
+    assert_ledger_matches_kernel(&mgr, &snd);
+    assert_ledger_matches_kernel(&mgr, &rcv);
+    assert!(mgr.with_backings(|b| b.consistent()));
 }
