@@ -2,27 +2,12 @@
 //! under QEMU, and runs every test leg.
 
 mod bench;
-mod build;
-mod cargo_test;
-mod demo;
 mod error;
-mod flood;
-mod hints;
-mod interop;
-mod legs;
-mod logfile;
-mod pipeline;
-mod process;
-mod qemu;
-mod redesignate;
+mod infra;
 mod run;
-mod serial;
-mod setup;
-mod shim;
-mod sys;
-mod verdict;
-mod vmqnet;
-mod workspace;
+mod scenario;
+mod test;
+mod vmm;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -31,7 +16,10 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 
 use crate::error::{Error, Result};
-use crate::qemu::{Accel, Echo, Machine, Net};
+use crate::infra::{build, serial, sys};
+use crate::scenario::{pingpong, pipeline};
+use crate::test::legs;
+use crate::vmm::qemu::{self, Accel, Echo, Machine, Net};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -134,13 +122,13 @@ struct RunArgs {
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=16))]
     vcpus: u32,
     /// RX mode of the guests' NICs: interrupt-driven or busy polling.
-    #[arg(long, value_enum, default_value_t = demo::Rx::Irq)]
-    rx: demo::Rx,
+    #[arg(long, value_enum, default_value_t = pingpong::Rx::Irq)]
+    rx: pingpong::Rx,
     /// How guests notify their NIC: exitless doorbells when the shim offers
     /// them (auto), the virtio notify register (trap), or doorbells (fails
     /// when not offered). The summary and JSON say which path was taken.
-    #[arg(long, value_enum, default_value_t = demo::Notify::Auto)]
-    notify: demo::Notify,
+    #[arg(long, value_enum, default_value_t = pingpong::Notify::Auto)]
+    notify: pingpong::Notify,
     /// Also write the results as JSON to FILE.
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
@@ -215,10 +203,11 @@ fn main() -> ExitCode {
                 msg: args.msg,
                 timeout: Duration::from_secs(args.timeout),
             };
-            pipeline::run(&opts, args.json.as_deref(), args.verbose).map(|()| ExitCode::SUCCESS)
+            run::pipeline::run(&opts, args.json.as_deref(), args.verbose)
+                .map(|()| ExitCode::SUCCESS)
         }
         Command::Run(args) => {
-            let opts = demo::Options {
+            let opts = pingpong::Options {
                 guests: args.guests,
                 count: args.count,
                 size: args.size,
@@ -227,9 +216,10 @@ fn main() -> ExitCode {
                 notify: args.notify,
                 timeout: Duration::from_secs(args.timeout),
                 client_irq_cpu: None,
-                ..demo::Options::default()
+                ..pingpong::Options::default()
             };
-            run::run(&opts, args.json.as_deref(), args.verbose).map(|()| ExitCode::SUCCESS)
+            run::pingpong::run(&opts, args.json.as_deref(), args.verbose)
+                .map(|()| ExitCode::SUCCESS)
         }
         Command::Bench(args) => {
             if args.list {

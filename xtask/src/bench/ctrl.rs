@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use super::{Better, Metric, RoundResult, Scenario, Suite};
 use crate::error::{Error, Result};
-use crate::{build, shim};
+use crate::{infra::build, vmm::shim};
 
 pub struct Ctrl {
     prepared: Option<(PathBuf, PathBuf)>,

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use super::{Better, Metric, RoundResult, Scenario, Suite};
 use crate::error::{Error, Result};
-use crate::hints::{self, Outcome, Setup};
+use crate::scenario::hints::{self, Outcome, Setup};
 
 const PINGS: u64 = 1000;
 

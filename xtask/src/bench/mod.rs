@@ -33,7 +33,7 @@ use std::time::Instant;
 use serde_json::{Value, json};
 
 use crate::error::{Error, Result};
-use crate::workspace;
+use crate::infra::workspace;
 
 pub use report::write_report;
 
@@ -254,7 +254,7 @@ pub fn run(opts: &Options) -> Result<()> {
         }
         suites.retain(|s| opts.suites.iter().any(|w| w == s.name()));
     }
-    crate::setup::ensure_guest_target()?;
+    crate::infra::setup::ensure_guest_target()?;
     let started = Instant::now();
     let mut failed = Vec::new();
     for suite in &mut suites {

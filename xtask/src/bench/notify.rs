@@ -16,7 +16,7 @@ use serde_json::Value;
 
 use super::{Better, Metric, Plot, RoundResult, Scenario, Suite};
 use crate::error::{Error, Result};
-use crate::{build, shim};
+use crate::{infra::build, vmm::shim};
 
 /// Notifications per path and round (the parked path sends a quarter of these,
 /// each after a pause).

@@ -10,7 +10,7 @@ use serde_json::Value;
 use super::stats::{Summary, fmt_num};
 use super::{results_dir, svg};
 use crate::error::{Error, Result};
-use crate::workspace;
+use crate::infra::workspace;
 
 /// Suites in report order; any other results file follows alphabetically.
 const ORDER: [&str; 8] = [

@@ -11,7 +11,7 @@ use serde_json::Value;
 
 use super::{Better, Metric, RoundResult, Scenario, Suite};
 use crate::error::{Error, Result};
-use crate::shim;
+use crate::vmm::shim;
 
 /// The storm's size and the labels of the marks around it (ktest `upcall.rs`).
 const STORM_PINGS: f64 = 4000.0;
@@ -54,7 +54,7 @@ impl UpcallSuite {
         let failed = serial
             .tests
             .iter()
-            .filter(|t| t.outcome != crate::serial::Outcome::Ok)
+            .filter(|t| t.outcome != crate::infra::serial::Outcome::Ok)
             .count();
         if failed > 0 || serial.tests.len() != 3 {
             return Err(Error::failed(format!(
@@ -213,7 +213,7 @@ impl Suite for UpcallSuite {
     }
 
     fn prepare(&mut self) -> Result<()> {
-        let image = crate::build::build_guest(crate::build::find_image("ktest")?)?;
+        let image = crate::infra::build::build_guest(crate::infra::build::find_image("ktest")?)?;
         self.shim = Some(shim::build()?);
         self.image = Some(image);
         Ok(())

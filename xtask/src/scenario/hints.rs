@@ -10,10 +10,10 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::build;
-use crate::demo::{ClientResult, RESULT_PREFIX, parse_result};
 use crate::error::{Error, Result};
-use crate::shim;
+use crate::infra::build;
+use crate::scenario::pingpong::{ClientResult, RESULT_PREFIX, parse_result};
+use crate::vmm::shim;
 
 pub const SERVER: &str = "server";
 pub const CLIENT: &str = "client1";

@@ -12,7 +12,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::error::Result;
-use crate::{build, shim};
+use crate::{infra::build, vmm::shim};
 
 /// How long the flooder floods.
 pub const FLOOD_MS: u64 = 2000;

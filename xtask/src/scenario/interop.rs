@@ -13,10 +13,10 @@ use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::build;
 use crate::error::Result;
-use crate::qemu::{self, Accel, Echo, Machine, Net};
-use crate::setup;
+use crate::infra::build;
+use crate::infra::setup;
+use crate::vmm::qemu::{self, Accel, Echo, Machine, Net};
 
 /// The datagram that ends the UDP server (see `demos/src/pingpong.rs`).
 const BYE: &[u8] = b"exitless-pingpong-bye";
@@ -199,7 +199,7 @@ fn msix_refusals(timeout: Duration) -> Result<Vec<(String, bool)>> {
             },
         )?;
         let said = run.lines.iter().any(|l| l.text.contains(expect));
-        let status_ok = run.exit == crate::verdict::GuestExit::Status(4);
+        let status_ok = run.exit == crate::vmm::exit::GuestExit::Status(4);
         checks.push((
             format!("a NIC with {option} is refused at start-up: `{expect}` on the console, status 4 (got {})", run.exit),
             said && status_ok,

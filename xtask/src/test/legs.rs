@@ -9,17 +9,17 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use crate::build;
-use crate::cargo_test;
-use crate::demo;
 use crate::error::{Error, Result};
-use crate::logfile::LogFile;
-use crate::process::{self, Ending, Stderr};
-use crate::qemu::{self, Accel, Echo, Machine, Net};
-use crate::serial::Summary;
-use crate::setup;
-use crate::shim;
-use crate::verdict::{self, LegOutcome};
+use crate::infra::build;
+use crate::infra::cargo_test;
+use crate::infra::logfile::LogFile;
+use crate::infra::process::{self, Ending, Stderr};
+use crate::infra::serial::Summary;
+use crate::infra::setup;
+use crate::scenario::pingpong;
+use crate::test::verdict::{self, LegOutcome};
+use crate::vmm::qemu::{self, Accel, Echo, Machine, Net};
+use crate::vmm::shim;
 
 /// Wall-clock limit for the host unit tests (they build the workspace first).
 const UNIT_TIMEOUT: Duration = Duration::from_mins(30);
@@ -214,7 +214,7 @@ impl Runner {
             LegKind::QemuPingpong => run_demo(leg, opts, false),
             LegKind::ShimTap => self.run_tap(leg, opts),
             LegKind::ShimDoorbell => run_notify_comparison(leg, opts),
-            LegKind::ShimRedesignate => match crate::redesignate::run(opts.timeout) {
+            LegKind::ShimRedesignate => match crate::scenario::redesignate::run(opts.timeout) {
                 Ok((checks, mut reports, log)) => {
                     let outcome = verdict::judge_checks(&checks);
                     reports.extend(check_reports(&checks));
@@ -222,7 +222,7 @@ impl Runner {
                 }
                 Err(e) => (LegOutcome::broken(e.to_string()), Vec::new(), None),
             },
-            LegKind::ShimFlood => match crate::flood::run(opts.timeout) {
+            LegKind::ShimFlood => match crate::scenario::flood::run(opts.timeout) {
                 Ok((checks, mut reports, log)) => {
                     let outcome = verdict::judge_checks(&checks);
                     reports.extend(check_reports(&checks));
@@ -230,13 +230,13 @@ impl Runner {
                 }
                 Err(e) => (LegOutcome::broken(e.to_string()), Vec::new(), None),
             },
-            LegKind::ShimHints => match crate::hints::leg_checks(opts.timeout, |_| {}) {
+            LegKind::ShimHints => match crate::scenario::hints::leg_checks(opts.timeout, |_| {}) {
                 Ok(checks) => (verdict::judge_checks(&checks), check_reports(&checks), None),
                 Err(e) => (LegOutcome::broken(e.to_string()), Vec::new(), None),
             },
             LegKind::ShimPipeline => run_pipelines(leg, opts),
             LegKind::ShimVmqNet => run_vmqnet(leg, opts),
-            LegKind::QemuInterop => match crate::interop::checks(opts.timeout) {
+            LegKind::QemuInterop => match crate::scenario::interop::checks(opts.timeout) {
                 Ok(checks) => (verdict::judge_checks(&checks), check_reports(&checks), None),
                 Err(e) => (LegOutcome::broken(e.to_string()), Vec::new(), None),
             },
@@ -385,8 +385,8 @@ impl Runner {
                 let console = line.strip_prefix("ktest| ").unwrap_or(line);
                 if verbose
                     || !matches!(
-                        crate::serial::classify(console),
-                        crate::serial::LineKind::Other
+                        crate::infra::serial::classify(console),
+                        crate::infra::serial::LineKind::Other
                     )
                 {
                     println!("{prefix}: {}", console.trim());
@@ -464,22 +464,22 @@ fn run_demo(
 ) -> (LegOutcome, Vec<String>, Option<PathBuf>) {
     // The client's NIC interrupts go to its CPU 1 (issue 4, item 7): the run
     // also checks that its RX interrupts were all taken there.
-    let demo_opts = demo::Options {
+    let demo_opts = pingpong::Options {
         count: 500,
         timeout: opts.timeout,
         client_irq_cpu: Some(1),
-        ..demo::Options::default()
+        ..pingpong::Options::default()
     };
     let prefix = leg.name.to_owned();
     let verbose = opts.verbose;
     let report = if on_shim {
-        demo::on_shim(&demo_opts, leg.name, |line| {
+        pingpong::on_shim(&demo_opts, leg.name, |line| {
             if verbose || line.contains("report:") {
                 println!("{prefix}: {line}");
             }
         })
     } else {
-        demo::on_qemu(&demo_opts, leg.name, interop_port())
+        pingpong::on_qemu(&demo_opts, leg.name, interop_port())
     };
     match report {
         Ok(r) => {
@@ -515,9 +515,9 @@ fn run_vmqnet(leg: &Leg, opts: &Options) -> (LegOutcome, Vec<String>, Option<Pat
     let mut checks = Vec::new();
     let mut reports = Vec::new();
     let mut log = None;
-    for policy in crate::vmqnet::POLICIES {
+    for policy in crate::scenario::vmqnet::POLICIES {
         let count = 1000;
-        let r = match crate::vmqnet::on_shim(
+        let r = match crate::scenario::vmqnet::on_shim(
             policy,
             count,
             opts.timeout,
@@ -542,7 +542,7 @@ fn run_vmqnet(leg: &Leg, opts: &Options) -> (LegOutcome, Vec<String>, Option<Pat
 }
 
 fn run_pipelines(leg: &Leg, opts: &Options) -> (LegOutcome, Vec<String>, Option<PathBuf>) {
-    use crate::pipeline::{self, Policy, Transfer};
+    use crate::scenario::pipeline::{self, Policy, Transfer};
     let mut checks = Vec::new();
     let mut reports = Vec::new();
     let mut log = None;
@@ -654,8 +654,8 @@ fn judge_drops(steady: BTreeMap<String, (Vec<f64>, Vec<f64>)>, checks: &mut Vec<
 /// line, and the steady exits per packet kept for [`judge_drops`].
 fn compare_guests(
     round: usize,
-    trap: &demo::Report,
-    doorbell: &demo::Report,
+    trap: &pingpong::Report,
+    doorbell: &pingpong::Report,
     checks: &mut Vec<(String, bool)>,
     reports: &mut Vec<String>,
     steady: &mut BTreeMap<String, (Vec<f64>, Vec<f64>)>,
@@ -669,7 +669,7 @@ fn compare_guests(
             continue;
         };
         #[allow(clippy::cast_precision_loss)] // packet counts far below 2^52
-        let per_packet = |n: &crate::shim::GuestNumbers, key: &str| {
+        let per_packet = |n: &crate::vmm::shim::GuestNumbers, key: &str| {
             n.notifications.get(key).copied().unwrap_or(0) as f64
                 / (n.tx_packets + n.rx_packets).max(1) as f64
         };
@@ -717,13 +717,13 @@ fn compare_guests(
 
 fn run_notify_comparison(leg: &Leg, opts: &Options) -> (LegOutcome, Vec<String>, Option<PathBuf>) {
     let run = |notify, round: usize| {
-        let o = demo::Options {
+        let o = pingpong::Options {
             count: 1000,
             timeout: opts.timeout,
             notify,
-            ..demo::Options::default()
+            ..pingpong::Options::default()
         };
-        demo::on_shim(
+        pingpong::on_shim(
             &o,
             &format!("{}-{notify:?}-{round}", leg.name).to_lowercase(),
             |_| {},
@@ -736,8 +736,8 @@ fn run_notify_comparison(leg: &Leg, opts: &Options) -> (LegOutcome, Vec<String>,
     let mut log = None;
     for round in 0..NOTIFY_PAIRS {
         let (trap, doorbell) = match (
-            run(demo::Notify::Trap, round),
-            run(demo::Notify::Doorbell, round),
+            run(pingpong::Notify::Trap, round),
+            run(pingpong::Notify::Doorbell, round),
         ) {
             (Ok(t), Ok(d)) => (t, d),
             (Err(e), _) | (_, Err(e)) => {
@@ -805,7 +805,7 @@ fn run_cargo_test(
         Err(e) => return (LegOutcome::broken(e.to_string()), Vec::new(), None),
     };
     log.line(&format!("# xtask: cargo test {}", args.join(" ")));
-    let mut cmd = crate::workspace::cargo();
+    let mut cmd = crate::infra::workspace::cargo();
     cmd.arg("test").args(args);
     for (key, value) in env {
         cmd.env(key, value);
@@ -896,9 +896,9 @@ pub fn summary_lines(results: &[LegResult]) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::process::Ending;
-    use crate::serial::SerialLog;
-    use crate::verdict::GuestExit;
+    use crate::infra::process::Ending;
+    use crate::infra::serial::SerialLog;
+    use crate::vmm::exit::GuestExit;
 
     fn guest_result(name: &'static str, exit_code: i32, serial: &str) -> LegResult {
         let log = SerialLog::parse(serial.lines());

@@ -11,12 +11,12 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::error::Result;
-use crate::{build, shim};
+use crate::{infra::build, vmm::shim};
 
 /// Runs the guest twice: with M3 upcalls (the shim's default; the
 /// re-designation is announced by a Redesignation upcall) and with
 /// `--upcalls off` (the MSI fallback on vector 0x34).
-pub fn run(timeout: Duration) -> Result<crate::flood::LegRun> {
+pub fn run(timeout: Duration) -> Result<crate::scenario::flood::LegRun> {
     let (mut checks, mut reports, log) = run_once(timeout, true)?;
     let (off_checks, off_reports, _) = run_once(timeout, false)?;
     checks.extend(
@@ -33,7 +33,7 @@ pub fn run(timeout: Duration) -> Result<crate::flood::LegRun> {
 }
 
 /// Runs the guest once, with or without upcalls.
-fn run_once(timeout: Duration, upcalls: bool) -> Result<crate::flood::LegRun> {
+fn run_once(timeout: Duration, upcalls: bool) -> Result<crate::scenario::flood::LegRun> {
     let image = build::build_guest(build::find_image("ktest")?)?;
     let shim_path = shim::build()?;
     let guest = shim::Guest {

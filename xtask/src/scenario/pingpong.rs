@@ -2,18 +2,17 @@
 //! under the host shim (`cargo xtask run`, leg `shim-pingpong`) or as two
 //! QEMU/KVM guests joined by a socket netdev (leg `qemu-pingpong`).
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::ValueEnum;
-use serde_json::{Value, json};
+use serde_json::Value;
 
-use crate::build;
 use crate::error::{Error, Result};
-use crate::qemu::{self, Accel, Echo, Machine, Net};
-use crate::shim::{self, GuestNumbers};
-use crate::verdict::GuestExit;
+use crate::infra::build;
+use crate::vmm::exit::GuestExit;
+use crate::vmm::qemu::{self, Accel, Echo, Machine, Net};
+use crate::vmm::shim::{self, GuestNumbers};
 
 /// How the guests notify their NIC of new buffers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -38,18 +37,6 @@ impl Notify {
     }
 }
 
-/// The path the guests' notifications took, from the shim's counters.
-#[must_use]
-pub fn notify_path_used(r: &Report) -> &'static str {
-    let doorbell: u64 = r
-        .guests
-        .iter()
-        .filter_map(|g| g.numbers.as_ref())
-        .map(|n| n.notifications.get("doorbell").copied().unwrap_or(0))
-        .sum();
-    if doorbell > 0 { "doorbell" } else { "trap" }
-}
-
 /// How the guests take received frames.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Rx {
@@ -60,7 +47,9 @@ pub enum Rx {
 }
 
 impl Rx {
-    const fn cmdline(self) -> &'static str {
+    /// The guests' `net.rx=` word.
+    #[must_use]
+    pub const fn cmdline(self) -> &'static str {
         match self {
             Self::Irq => "irq",
             Self::Poll => "poll",
@@ -394,7 +383,7 @@ pub fn on_shim(opts: &Options, label: &str, mut echo: impl FnMut(&str)) -> Resul
             Notify::Auto => {}
         }
     }
-    if run.ending == crate::process::Ending::TimedOut {
+    if run.ending == crate::infra::process::Ending::TimedOut {
         checks.push((
             format!("the run ended within {} s", opts.timeout.as_secs()),
             false,
@@ -526,120 +515,10 @@ fn port_open(port: u16) -> bool {
     std::net::TcpListener::bind(("127.0.0.1", port)).is_err()
 }
 
-fn us(ns: u64) -> String {
-    format!("{:.0}", Duration::from_nanos(ns).as_secs_f64() * 1e6)
-}
-
-/// The summary table `cargo xtask run` prints.
-#[must_use]
-pub fn summary(opts: &Options, r: &Report) -> Vec<String> {
-    let mut out = vec![format!(
-        "== pingpong under the host shim: {} guests ({} vCPUs each), {} pings of {} B per client, RX {}, notify {}",
-        opts.guests,
-        opts.vcpus,
-        opts.count,
-        opts.size,
-        opts.rx.cmdline(),
-        notify_path_used(r)
-    )];
-    for c in &r.clients {
-        out.push(format!(
-            "{:<9} sent {} received {} lost {}   rtt p50 {} us  p99 {} us   {} pps",
-            c.name,
-            c.sent,
-            c.received,
-            c.sent.saturating_sub(c.received),
-            us(c.p50_ns),
-            us(c.p99_ns),
-            c.pps
-        ));
-    }
-    out.push(format!(
-        "{:<9} {:<10} {:>11} {:>9} {:>9} {:>6} {:>6} {:>6} {:>5} {:>7} {:>6} {:>9} {:>6} {:>6}",
-        "guest",
-        "status",
-        "pkts tx/rx",
-        "exits",
-        "exits/pkt",
-        "steady",
-        "io",
-        "mmio",
-        "halt",
-        "irq_win",
-        "other",
-        "in_kernel",
-        "notify",
-        "irqs"
-    ));
-    for g in &r.guests {
-        let status = match g.exit {
-            GuestExit::Status(s) => format!("exit {s}"),
-            other => format!("{other}").chars().take(10).collect(),
-        };
-        match &g.numbers {
-            Some(n) => {
-                let reason = |k: &str| n.exits_by_reason.get(k).copied().unwrap_or(0);
-                out.push(format!(
-                    "{:<9} {:<10} {:>11} {:>9} {:>9} {:>6} {:>6} {:>6} {:>5} {:>7} {:>6} {:>9} {:>6} {:>6}",
-                    g.name,
-                    status,
-                    format!("{}/{}", n.tx_packets, n.rx_packets),
-                    n.exits,
-                    g.exits_per_packet().map_or_else(|| "-".into(), |e| format!("{e:.2}")),
-                    g.steady_exits_per_packet
-                        .map_or_else(|| "-".into(), |e| format!("{e:.2}")),
-                    reason("io"),
-                    reason("mmio"),
-                    reason("halt"),
-                    reason("irq_window"),
-                    reason("other"),
-                    reason("in_kernel"),
-                    n.notifications.values().sum::<u64>(),
-                    n.interrupts
-                ));
-            }
-            None => out.push(format!("{:<9} {:<10} (no shim statistics)", g.name, status)),
-        }
-    }
-    out.push("exits: KVM's count for the guest's vCPUs; io/mmio/halt/irq_win/other: exits the shim handled; in_kernel: the rest (KVM handled them, e.g. ioeventfd); exits/pkt: exits / (packets sent + received by the guest's NIC); steady: the same between the guest's marks around the pings (no boot, no teardown)".to_owned());
-    out
-}
-
-/// The `--json` document (keys per issue 4; more are welcome).
-#[must_use]
-pub fn json(opts: &Options, r: &Report) -> Value {
-    let first = r.clients.first();
-    json!({
-        "demo": "pingpong",
-        "notify": notify_path_used(r),
-        "rx": opts.rx.cmdline(),
-        "size": opts.size,
-        "vcpus": opts.vcpus,
-        "packets_sent": r.clients.iter().map(|c| c.sent).sum::<u64>(),
-        "packets_received": r.clients.iter().map(|c| c.received).sum::<u64>(),
-        "rtt_ns": {"p50": first.map(|c| c.p50_ns), "p99": first.map(|c| c.p99_ns)},
-        "pps": r.clients.iter().map(|c| c.pps).sum::<u64>(),
-        "clients": r.clients.iter().map(|c| json!({"name": c.name, "packets_sent": c.sent, "packets_received": c.received, "rtt_ns": {"p50": c.p50_ns, "p99": c.p99_ns}, "pps": c.pps})).collect::<Vec<_>>(),
-        "guests": r.guests.iter().map(|g| {
-            let n = g.numbers.as_ref();
-            json!({
-                "name": g.name,
-                "exit": g.exit.to_string(),
-                "exits": n.map(|n| n.exits),
-                "exits_by_reason": n.map(|n| n.exits_by_reason.clone()).unwrap_or_default(),
-                "exits_per_packet": g.exits_per_packet(),
-                "steady_exits_per_packet": g.steady_exits_per_packet,
-                "notifications": n.map_or_else(|| BTreeMap::from([("trap".to_owned(), 0), ("doorbell".to_owned(), 0)]), |n| n.notifications.clone()),
-                "packets": n.map(|n| json!({"tx": n.tx_packets, "rx": n.rx_packets})),
-                "interrupts": n.map(|n| n.interrupts),
-                "boot_to_main_ms": n.and_then(|n| n.boot_to_main_ms),
-            })
-        }).collect::<Vec<_>>(),
-    })
-}
-
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use super::*;
 
     #[test]

@@ -8,10 +8,10 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::build;
-use crate::demo;
 use crate::error::Result;
-use crate::shim;
+use crate::infra::build;
+use crate::scenario::pingpong;
+use crate::vmm::shim;
 
 /// `net.vmq_policy=` values the leg runs.
 pub const POLICIES: [&str; 3] = ["lazy", "immediate", "doorbell"];
@@ -53,7 +53,7 @@ impl GuestFigures {
 #[derive(Debug, Default)]
 pub struct Outcome {
     pub checks: Vec<(String, bool)>,
-    pub client: Option<demo::ClientResult>,
+    pub client: Option<pingpong::ClientResult>,
     pub guests: Vec<GuestFigures>,
     pub log: PathBuf,
 }
@@ -131,12 +131,12 @@ pub fn on_shim(
     label: &str,
     mut echo: impl FnMut(&str),
 ) -> Result<Outcome> {
-    let opts = demo::Options {
+    let opts = pingpong::Options {
         guests: 2,
         count,
         vcpus: 1,
         timeout,
-        ..demo::Options::default()
+        ..pingpong::Options::default()
     };
     let shim_path = shim::build()?;
     let image = build::build_guest(build::find_image("udp-pingpong")?)?;
@@ -151,7 +151,7 @@ pub fn on_shim(
             mem_mib: 256,
             cmdline: format!(
                 "{} net.dev=vmq net.vmq_peer={} net.vmq_policy={policy}",
-                demo::cmdline(&opts, i),
+                pingpong::cmdline(&opts, i),
                 names[1 - i as usize]
             ),
         })
@@ -168,7 +168,7 @@ pub fn on_shim(
         guest_checks(policy, count, &f, &mut out.checks);
         out.guests.push(f);
     }
-    let client = demo::parse_result("client1", shim::guest_lines(&run.lines, "client1"));
+    let client = pingpong::parse_result("client1", shim::guest_lines(&run.lines, "client1"));
     match &client {
         Some(r) => out.checks.push((
             format!(
@@ -178,12 +178,12 @@ pub fn on_shim(
             r.sent == count && r.received == count,
         )),
         None => out.checks.push((
-            format!("client1 printed its {}line", demo::RESULT_PREFIX),
+            format!("client1 printed its {}line", pingpong::RESULT_PREFIX),
             false,
         )),
     }
     out.client = client;
-    if run.ending == crate::process::Ending::TimedOut {
+    if run.ending == crate::infra::process::Ending::TimedOut {
         out.checks.push((
             format!("the run ended within {} s", timeout.as_secs()),
             false,

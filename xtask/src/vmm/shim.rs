@@ -10,12 +10,12 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::error::{Error, Result};
-use crate::logfile::LogFile;
-use crate::process::{self, Ending, Line, Stderr};
-use crate::serial::SerialLog;
-use crate::setup;
-use crate::verdict::GuestExit;
-use crate::workspace;
+use crate::infra::logfile::LogFile;
+use crate::infra::process::{self, Ending, Line, Stderr};
+use crate::infra::serial::SerialLog;
+use crate::infra::setup;
+use crate::infra::workspace;
+use crate::vmm::exit::GuestExit;
 
 /// One guest on the shim's command line.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -217,7 +217,7 @@ impl Run {
 
     /// Prints the tail of the run's output and the log path.
     pub fn print_post_mortem(&self) {
-        let tail = process::tail(&self.lines, crate::qemu::TAIL_LINES);
+        let tail = process::tail(&self.lines, crate::vmm::qemu::TAIL_LINES);
         println!(
             "---- host-shim ran {:.1} s; last {} lines of its output ({}) ----",
             self.elapsed.as_secs_f64(),
