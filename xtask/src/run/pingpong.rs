@@ -2,7 +2,6 @@
 //! ping-pong between guests, with a summary of packets, round-trip times and
 //! VM exits per packet.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
@@ -46,7 +45,7 @@ pub fn notify_path_used(r: &Report) -> &'static str {
         .guests
         .iter()
         .filter_map(|g| g.numbers.as_ref())
-        .map(|n| n.notifications.get("doorbell").copied().unwrap_or(0))
+        .map(|n| n.notifications.doorbell)
         .sum();
     if doorbell > 0 { "doorbell" } else { "trap" }
 }
@@ -103,7 +102,7 @@ pub fn summary(opts: &Options, r: &Report) -> Vec<String> {
         };
         match &g.numbers {
             Some(n) => {
-                let reason = |k: &str| n.exits_by_reason.get(k).copied().unwrap_or(0);
+                let reason = n.exits_by_reason;
                 out.push(format!(
                     "{:<9} {:<10} {:>11} {:>9} {:>9} {:>6} {:>6} {:>6} {:>5} {:>7} {:>6} {:>9} {:>6} {:>6}",
                     g.name,
@@ -113,13 +112,13 @@ pub fn summary(opts: &Options, r: &Report) -> Vec<String> {
                     g.exits_per_packet().map_or_else(|| "-".into(), |e| format!("{e:.2}")),
                     g.steady_exits_per_packet
                         .map_or_else(|| "-".into(), |e| format!("{e:.2}")),
-                    reason("io"),
-                    reason("mmio"),
-                    reason("halt"),
-                    reason("irq_window"),
-                    reason("other"),
-                    reason("in_kernel"),
-                    n.notifications.values().sum::<u64>(),
+                    reason.io,
+                    reason.mmio,
+                    reason.halt,
+                    reason.irq_window,
+                    reason.other,
+                    reason.in_kernel,
+                    n.notifications.total(),
                     n.interrupts
                 ));
             }
@@ -151,10 +150,10 @@ pub fn json(opts: &Options, r: &Report) -> Value {
                 "name": g.name,
                 "exit": g.exit.to_string(),
                 "exits": n.map(|n| n.exits),
-                "exits_by_reason": n.map(|n| n.exits_by_reason.clone()).unwrap_or_default(),
+                "exits_by_reason": n.map_or_else(|| json!({}), |n| json!(n.exits_by_reason)),
                 "exits_per_packet": g.exits_per_packet(),
                 "steady_exits_per_packet": g.steady_exits_per_packet,
-                "notifications": n.map_or_else(|| BTreeMap::from([("trap".to_owned(), 0), ("doorbell".to_owned(), 0)]), |n| n.notifications.clone()),
+                "notifications": n.map(|n| n.notifications).unwrap_or_default(),
                 "packets": n.map(|n| json!({"tx": n.tx_packets, "rx": n.rx_packets})),
                 "interrupts": n.map(|n| n.interrupts),
                 "boot_to_main_ms": n.and_then(|n| n.boot_to_main_ms),

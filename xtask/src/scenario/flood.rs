@@ -9,9 +9,8 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use serde_json::Value;
-
 use crate::error::Result;
+use crate::vmm::stats::GuestStats;
 use crate::{infra::build, vmm::shim};
 
 /// How long the flooder floods.
@@ -63,18 +62,25 @@ pub fn run(timeout: Duration) -> Result<LegRun> {
     if let Some(f) = flood {
         reports.push(format!(
             "flooder: rejected {}, overflow entries drained {}",
-            f["doorbell"]["rejected"], f["doorbell"]["overflow_drained"]
+            json_text(&f.doorbell.rejected),
+            f.doorbell.overflow_drained
         ));
     }
     Ok((checks, reports, run.log))
 }
 
-fn rejected(g: &Value, reason: &str) -> u64 {
-    g["doorbell"]["rejected"][reason].as_u64().unwrap_or(0)
+/// `value` as compact JSON, the way the shim's stats show it.
+fn json_text(value: &impl serde::Serialize) -> String {
+    serde_json::to_string(value).unwrap_or_default()
+}
+
+/// Records of `g` the shim refused for `reason` (it lists non-zero reasons only).
+fn rejected(g: &GuestStats, reason: &str) -> u64 {
+    g.doorbell.rejected.get(reason).copied().unwrap_or(0)
 }
 
 /// The checks on the two guests' stats entries.
-fn checks(flood: Option<&Value>, victim: Option<&Value>) -> Vec<(String, bool)> {
+fn checks(flood: Option<&GuestStats>, victim: Option<&GuestStats>) -> Vec<(String, bool)> {
     let (Some(f), Some(v)) = (flood, victim) else {
         return vec![("the shim reported both guests".to_owned(), false)];
     };
@@ -82,7 +88,7 @@ fn checks(flood: Option<&Value>, victim: Option<&Value>) -> Vec<(String, bool)> 
     for (name, g) in [("flood", f), ("victim", v)] {
         c.push((
             format!("{name}: its test passed (exit status 0)"),
-            g["exit_status"].as_u64() == Some(0),
+            g.exit_status == Some(0),
         ));
     }
     for reason in [
@@ -94,20 +100,15 @@ fn checks(flood: Option<&Value>, victim: Option<&Value>) -> Vec<(String, bool)> 
         let n = rejected(f, reason);
         c.push((format!("flood: garbage rejected as {reason} ({n})"), n > 0));
     }
-    let vr = &v["doorbell"]["rejected"];
+    let vr = &v.doorbell.rejected;
     c.push((
-        format!("victim: nothing of its own rejected ({vr})"),
-        vr.as_object().is_some_and(serde_json::Map::is_empty),
+        format!("victim: nothing of its own rejected ({})", json_text(vr)),
+        vr.is_empty(),
     ));
     // Both ran at once: the victim's burst (marks 1, 2) lies between the
     // flooder's marks around its flood (shim wall clock).
-    let at = |g: &Value, label: u64| {
-        g["marks"]
-            .as_array()?
-            .iter()
-            .find(|m| m["label"].as_u64() == Some(label))?["unix_ms"]
-            .as_f64()
-    };
+    #[allow(clippy::cast_precision_loss)] // ms since 1970: far below 2^52
+    let at = |g: &GuestStats, label: u64| Some(g.mark(label)?.unix_ms as f64);
     let inside = match (at(f, 0x200), at(v, 1), at(v, 2), at(f, 0x201)) {
         (Some(f0), Some(v0), Some(v1), Some(f1)) => {
             c.push((
@@ -132,26 +133,37 @@ fn checks(flood: Option<&Value>, victim: Option<&Value>) -> Vec<(String, bool)> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use crate::vmm::stats::{self, mark};
+
+    fn guest(marks: Vec<stats::Mark>, rejected: &[(&str, u64)]) -> GuestStats {
+        let mut g = stats::sample("ktest");
+        g.exit_status = Some(0);
+        g.marks = marks;
+        g.doorbell.rejected = rejected.iter().map(|&(k, n)| (k.to_owned(), n)).collect();
+        g
+    }
 
     #[test]
     fn a_victim_with_rejections_or_a_clean_flooder_fails() {
-        let flood = json!({"exit_status": 0,
-            "marks": [{"label": 0x200, "unix_ms": 100.0}, {"label": 0x201, "unix_ms": 2100.0}],
-            "doorbell": {"rejected": {"bad_check": 5, "wrong_sequence": 2, "unknown_op": 1, "unknown_device": 9}}});
-        let victim = json!({"exit_status": 0,
-            "marks": [{"label": 1, "unix_ms": 400.0}, {"label": 2, "unix_ms": 430.0}],
-            "doorbell": {"rejected": {}}});
+        let flood = guest(
+            vec![mark(0x200, 0, 0, 100), mark(0x201, 0, 0, 2100)],
+            &[
+                ("bad_check", 5),
+                ("wrong_sequence", 2),
+                ("unknown_op", 1),
+                ("unknown_device", 9),
+            ],
+        );
+        let victim = guest(vec![mark(1, 0, 0, 400), mark(2, 0, 0, 430)], &[]);
         let all_ok = |c: &[(String, bool)]| c.iter().all(|(_, ok)| *ok);
         assert!(all_ok(&checks(Some(&flood), Some(&victim))));
         let mut v2 = victim.clone();
-        v2["doorbell"]["rejected"] = json!({"bad_check": 1});
+        v2.doorbell.rejected.insert("bad_check".into(), 1);
         assert!(!all_ok(&checks(Some(&flood), Some(&v2))));
-        let mut f2 = flood.clone();
-        f2["doorbell"]["rejected"] = json!({"bad_check": 5});
+        let f2 = guest(flood.marks.clone(), &[("bad_check", 5)]);
         assert!(!all_ok(&checks(Some(&f2), Some(&victim))));
         let mut late = victim.clone();
-        late["marks"][1]["unix_ms"] = json!(2500.0);
+        late.marks[1].unix_ms = 2500;
         assert!(!all_ok(&checks(Some(&flood), Some(&late))));
         assert!(!all_ok(&checks(None, Some(&victim))));
     }

@@ -8,12 +8,11 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde_json::Value;
-
 use crate::error::{Error, Result};
 use crate::infra::build;
-use crate::scenario::pingpong::{ClientResult, RESULT_PREFIX, parse_result};
+use crate::scenario::pingpong::{ClientResult, GuestHints, parse_result};
 use crate::vmm::shim;
+use crate::vmm::stats::{HintsStats, QueueHints, UpcallStats};
 
 pub const SERVER: &str = "server";
 pub const CLIENT: &str = "client1";
@@ -38,12 +37,10 @@ pub struct Setup {
 #[derive(Debug, Clone)]
 pub struct Outcome {
     pub client: Option<ClientResult>,
-    /// The client's `hints` object from its result line.
-    pub guest_hints: Value,
     /// The shim's `hints` key for the client.
-    pub shim_hints: Value,
+    pub shim_hints: Option<HintsStats>,
     /// The shim's `upcalls` key for the client (M3).
-    pub shim_upcalls: Value,
+    pub shim_upcalls: Option<UpcallStats>,
     /// Both guests exited with status 0.
     pub exited_ok: bool,
     /// KVM `exits` of the client over the run.
@@ -68,31 +65,56 @@ impl Outcome {
             .map_or(0, |c| c.rx_irqs_by_cpu.iter().sum())
     }
 
+    /// The client's `hints` object from its result line.
     #[must_use]
-    pub fn guest(&self, key: &str) -> u64 {
-        self.guest_hints[key].as_u64().unwrap_or(0)
+    pub fn guest_hints(&self) -> Option<&GuestHints> {
+        self.client.as_ref().map(|c| &c.hints)
+    }
+
+    /// [`Self::guest_hints`] as JSON, for check names.
+    #[must_use]
+    pub fn guest_hints_text(&self) -> String {
+        json_text(&self.guest_hints())
+    }
+
+    /// Interrupts the client's hint follower moved.
+    #[must_use]
+    pub fn retargeted(&self) -> u64 {
+        self.guest_hints().map_or(0, |h| h.retargeted)
     }
 
     /// The shim's RX-queue record for the client's NIC.
     #[must_use]
-    pub fn shim_rx(&self) -> &Value {
-        &self.shim_hints["queues"][0]
+    pub fn shim_rx(&self) -> Option<&QueueHints> {
+        self.shim_hints.as_ref()?.queues.first()
+    }
+
+    /// [`Self::shim_rx`] as JSON, for check names.
+    #[must_use]
+    pub fn shim_rx_text(&self) -> String {
+        json_text(&self.shim_rx())
     }
 
     /// `hint_update` upcalls (requested, delivered) per the shim.
     #[must_use]
     pub fn hint_upcalls(&self) -> (u64, u64) {
-        let n = |k: &str| self.shim_upcalls[k]["hint_update"].as_u64().unwrap_or(0);
-        (n("requested"), n("delivered"))
+        self.shim_upcalls.as_ref().map_or((0, 0), |u| {
+            (u.requested.hint_update, u.delivered.hint_update)
+        })
     }
+}
+
+/// `value` as compact JSON (`null` for `None`).
+fn json_text(value: &impl serde::Serialize) -> String {
+    serde_json::to_string(value).unwrap_or_default()
 }
 
 /// Every hint the shim published was also announced by an M3 `HintUpdate`
 /// upcall, which the guest acknowledged and handed to its NIC's hint follower.
 fn hint_upcall_check(o: &Outcome, what: &str, hints: u64) -> (String, bool) {
     let (req, del) = o.hint_upcalls();
-    let announced = o.shim_rx()["hints_announced"].as_u64().unwrap_or(0);
-    let handled = o.guest("upcalls");
+    let announced = o.shim_rx().map_or(0, |q| q.hints_announced);
+    let handled = o.guest_hints().map_or(0, |h| h.upcalls);
     (
         format!(
             "{what}: each of the {hints} hint(s) announced by a HintUpdate upcall ({announced} announced, {req} requested, {del} delivered, {handled} handled by the guest)"
@@ -166,11 +188,6 @@ pub fn run(
         echo,
     )?;
     let lines = shim::guest_lines(&run.lines, CLIENT);
-    let guest_hints = lines
-        .iter()
-        .find_map(|l| l.trim().strip_prefix(RESULT_PREFIX))
-        .and_then(|j| serde_json::from_str::<Value>(j).ok())
-        .map_or(Value::Null, |v| v["hints"].clone());
     let client = parse_result(CLIENT, lines);
     let stats = run.guest_stats(CLIENT).ok_or_else(|| {
         Error::failed(format!(
@@ -180,11 +197,10 @@ pub fn run(
     })?;
     Ok(Outcome {
         client,
-        guest_hints,
-        shim_hints: stats["hints"].clone(),
-        shim_upcalls: stats["upcalls"].clone(),
+        shim_hints: stats.hints.clone(),
+        shim_upcalls: stats.upcalls.clone(),
         exited_ok: [SERVER, CLIENT].iter().all(|n| run.guest_exit(n).passed()),
-        client_exits: stats["exits"].as_u64().unwrap_or(0),
+        client_exits: stats.exits,
         log: run.log.clone(),
     })
 }
@@ -224,18 +240,17 @@ pub fn leg_checks(timeout: Duration, mut echo: impl FnMut(&str)) -> Result<Vec<(
         format!(
             "hints on: RX interrupts follow the hint to vCPU 1 after the first (per CPU {:?}; guest {})",
             on.client.as_ref().map(|c| c.rx_irqs_by_cpu.clone()),
-            on.guest_hints
+            on.guest_hints_text()
         ),
-        on.irqs_on(0) <= 2 && on.irqs_on(1) >= base.count && on.guest("retargeted") == 1,
+        on.irqs_on(0) <= 2 && on.irqs_on(1) >= base.count && on.retargeted() == 1,
     ));
     checks.push((
         format!(
             "hints on: the shim sent a hint naming vCPU 1 and saw it honoured ({})",
-            on.shim_rx()
+            on.shim_rx_text()
         ),
-        on.shim_rx()["hints_sent"].as_u64() == Some(1)
-            && on.shim_rx()["hints_honoured"].as_u64() == Some(1)
-            && on.shim_rx()["last_vcpus"] == serde_json::json!([1]),
+        on.shim_rx()
+            .is_some_and(|q| q.hints_sent == 1 && q.hints_honoured == 1 && q.last_vcpus == [1]),
     ));
     checks.push(hint_upcall_check(&on, "hints on", 1));
 
@@ -254,12 +269,12 @@ pub fn leg_checks(timeout: Duration, mut echo: impl FnMut(&str)) -> Result<Vec<(
         format!(
             "hints=off: RX interrupts stay on vCPU 0 (per CPU {:?}; guest {})",
             off.client.as_ref().map(|c| c.rx_irqs_by_cpu.clone()),
-            off.guest_hints
+            off.guest_hints_text()
         ),
         off.irqs_on(1) == 0
             && off.irqs_on(0) >= base.count
-            && off.guest_hints["state"] == "off"
-            && off.guest("retargeted") == 0,
+            && off.guest_hints().is_some_and(|h| h.state == "off")
+            && off.retargeted() == 0,
     ));
 
     let moved = run(
@@ -276,19 +291,20 @@ pub fn leg_checks(timeout: Duration, mut echo: impl FnMut(&str)) -> Result<Vec<(
     checks.push((
         format!(
             "I/O thread moved to host CPU 0 after 150 interrupts: a second hint names vCPU 0 ({})",
-            moved.shim_rx()
+            moved.shim_rx_text()
         ),
-        moved.shim_rx()["hints_sent"].as_u64() == Some(2)
-            && moved.shim_rx()["last_vcpus"] == serde_json::json!([0])
-            && moved.shim_hints["io_moves"].as_u64() == Some(2),
+        moved
+            .shim_rx()
+            .is_some_and(|q| q.hints_sent == 2 && q.last_vcpus == [0])
+            && moved.shim_hints.as_ref().is_some_and(|h| h.io_moves == 2),
     ));
     checks.push((
         format!(
             "I/O thread moved: the interrupts followed, to vCPU 1 then back to vCPU 0 (per CPU {:?}; guest {})",
             moved.client.as_ref().map(|c| c.rx_irqs_by_cpu.clone()),
-            moved.guest_hints
+            moved.guest_hints_text()
         ),
-        moved.guest("retargeted") == 2 && moved.irqs_on(1) >= 100 && moved.irqs_on(0) >= 100,
+        moved.retargeted() == 2 && moved.irqs_on(1) >= 100 && moved.irqs_on(0) >= 100,
     ));
     checks.push(hint_upcall_check(&moved, "I/O thread moved", 2));
     Ok(checks)

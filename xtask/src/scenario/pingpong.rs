@@ -6,13 +6,14 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::ValueEnum;
-use serde_json::Value;
+use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::infra::build;
 use crate::vmm::exit::GuestExit;
 use crate::vmm::qemu::{self, Accel, Echo, Machine, Net};
 use crate::vmm::shim::{self, GuestNumbers};
+use crate::vmm::stats::GuestStats;
 
 /// How the guests notify their NIC of new buffers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -111,20 +112,57 @@ pub struct ClientResult {
     /// RTT at every 5th percentile (µs), when the client printed them
     /// (`pingpong.quantiles=1`).
     pub quantiles_us: Vec<f64>,
+    /// The client's interrupt-vCPU hint decisions.
+    pub hints: GuestHints,
+}
+
+/// The JSON of a client's `pingpong-result:` line
+/// (`demos/src/bin/udp_pingpong.rs`), the keys xtask reads; others are ignored.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct ResultLine {
+    pub packets_sent: u64,
+    pub packets_received: u64,
+    pub rtt_ns: RttLine,
+    pub pps: u64,
+    pub rx_irqs_by_cpu: Vec<u64>,
+    pub hints: GuestHints,
+}
+
+/// `rtt_ns` of a result line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub struct RttLine {
+    pub p50: u64,
+    pub p99: u64,
+}
+
+/// `hints` of a result line: what the guest's hint follower decided. Fields in
+/// key order, because the checks print the object as JSON.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+pub struct GuestHints {
+    pub already: u64,
+    pub ignored: u64,
+    pub retargeted: u64,
+    pub seen: u64,
+    /// `on`, `off`...
+    pub state: String,
+    pub torn: u64,
+    /// `HintUpdate` upcalls the guest handled.
+    pub upcalls: u64,
 }
 
 pub const QUANTILES_PREFIX: &str = "pingpong-quantiles-us: ";
 
 pub const RESULT_PREFIX: &str = "pingpong-result: ";
 
-/// Parses a client's result line (`None` when there is none or it is malformed).
+/// Parses a client's result line (`None` when there is none or it is
+/// malformed: a key missing or renamed in the guest counts as malformed).
 #[must_use]
 pub fn parse_result<'a>(
     name: &str,
     lines: impl IntoIterator<Item = &'a str>,
 ) -> Option<ClientResult> {
     let lines: Vec<&str> = lines.into_iter().collect();
-    let json: Value = lines
+    let line: ResultLine = lines
         .iter()
         .find_map(|l| l.trim().strip_prefix(RESULT_PREFIX))
         .and_then(|j| serde_json::from_str(j).ok())?;
@@ -135,16 +173,14 @@ pub fn parse_result<'a>(
         .unwrap_or_default();
     Some(ClientResult {
         name: name.to_owned(),
-        sent: json["packets_sent"].as_u64()?,
-        received: json["packets_received"].as_u64()?,
-        p50_ns: json["rtt_ns"]["p50"].as_u64()?,
-        p99_ns: json["rtt_ns"]["p99"].as_u64()?,
-        pps: json["pps"].as_u64()?,
-        rx_irqs_by_cpu: json["rx_irqs_by_cpu"]
-            .as_array()
-            .map(|a| a.iter().filter_map(Value::as_u64).collect())
-            .unwrap_or_default(),
+        sent: line.packets_sent,
+        received: line.packets_received,
+        p50_ns: line.rtt_ns.p50,
+        p99_ns: line.rtt_ns.p99,
+        pps: line.pps,
+        rx_irqs_by_cpu: line.rx_irqs_by_cpu,
         quantiles_us,
+        hints: line.hints,
     })
 }
 
@@ -166,14 +202,8 @@ const MARK_END: u64 = 0x7070_0002;
 
 /// Exits between the guest's steady-state marks divided by `packets`.
 #[allow(clippy::cast_precision_loss)] // counts far below 2^52
-fn steady_exits_per_packet(stats: Option<&Value>, packets: u64) -> Option<f64> {
-    let marks = stats?["marks"].as_array()?;
-    let at = |label: u64| {
-        marks
-            .iter()
-            .find(|m| m["label"].as_u64() == Some(label))
-            .and_then(|m| m["exits"].as_u64())
-    };
+fn steady_exits_per_packet(stats: Option<&GuestStats>, packets: u64) -> Option<f64> {
+    let at = |label: u64| Some(stats?.mark(label)?.exits);
     let (a, b) = (at(MARK_BEGIN)?, at(MARK_END)?);
     (packets > 0 && b >= a).then(|| (b - a) as f64 / packets as f64)
 }
@@ -335,14 +365,7 @@ pub fn on_shim(opts: &Options, label: &str, mut echo: impl FnMut(&str)) -> Resul
     for name in &names {
         checks.push(run.exit_check(name));
         let exit = run.guest_exit(name);
-        let numbers = run.guest_stats(name).map(shim::numbers).transpose();
-        let numbers = match numbers {
-            Ok(n) => n,
-            Err(e) => {
-                checks.push((format!("stats for {name}: {e}"), false));
-                None
-            }
-        };
+        let numbers = run.guest_stats(name).map(GuestNumbers::of);
         checks.push((
             format!("{name}: KVM exits were counted"),
             numbers.as_ref().is_some_and(|n| n.exits > 0),
@@ -367,7 +390,7 @@ pub fn on_shim(opts: &Options, label: &str, mut echo: impl FnMut(&str)) -> Resul
     // The path asked for is the path taken (the shim counts both).
     for g in &reports {
         let Some(n) = &g.numbers else { continue };
-        let doorbell = n.notifications.get("doorbell").copied().unwrap_or(0);
+        let doorbell = n.notifications.doorbell;
         match opts.notify {
             Notify::Doorbell => checks.push((
                 format!("{}: notifications went by doorbell ({doorbell})", g.name),
@@ -520,20 +543,46 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
+    use crate::vmm::stats::{self, ExitsByReason, Notifications};
+
+    /// A client's result line as udp-pingpong prints it.
+    const SAMPLE: &str = include_str!("../../tests/fixtures/pingpong-result.txt");
 
     #[test]
     fn result_lines_parse_and_junk_does_not() {
-        let lines = [
-            "[cpu0 INFO ] hi",
-            "pingpong-result: {\"packets_sent\": 10, \"packets_received\": 9, \"size\": 64, \"rtt_ns\": {\"p50\": 1000, \"p99\": 2000, \"min\": 1, \"max\": 3}, \"pps\": 42, \"rx_dropped\": 0}",
-        ];
+        let lines = ["[cpu0 INFO ] hi", SAMPLE.trim()];
         let r = parse_result("c", lines).unwrap();
         assert_eq!(
             (r.sent, r.received, r.p50_ns, r.p99_ns, r.pps),
-            (10, 9, 1000, 2000, 42)
+            (1000, 1000, 269_639, 336_278, 3611)
         );
+        assert_eq!(r.rx_irqs_by_cpu, [1011, 0]);
+        assert_eq!((r.hints.state.as_str(), r.hints.upcalls), ("on", 1));
         assert_eq!(parse_result("c", ["pingpong-result: {not json"]), None);
         assert_eq!(parse_result("c", ["report: nothing"]), None);
+    }
+
+    #[test]
+    fn a_renamed_key_in_the_result_line_is_an_error_naming_it() {
+        let json = SAMPLE.trim().strip_prefix(RESULT_PREFIX).unwrap();
+        for key in [
+            "packets_received",
+            "p99",
+            "pps",
+            "rx_irqs_by_cpu",
+            "retargeted",
+        ] {
+            let quoted = format!("\"{key}\":");
+            assert!(json.contains(&quoted), "{key}");
+            let renamed = json.replace(&quoted, &format!("\"{key}_renamed\":"));
+            let err = serde_json::from_str::<ResultLine>(&renamed).unwrap_err();
+            assert!(
+                err.to_string().contains(&format!("missing field `{key}`")),
+                "{key}: {err}"
+            );
+            let line = format!("{RESULT_PREFIX}{renamed}");
+            assert_eq!(parse_result("c", [line.as_str()]), None, "{key}");
+        }
     }
 
     #[test]
@@ -566,15 +615,16 @@ mod tests {
 
     #[test]
     fn steady_state_uses_the_marks() {
-        let stats = serde_json::json!({"marks": [
-            {"label": MARK_BEGIN, "exits": 100},
-            {"label": 7, "exits": 150},
-            {"label": MARK_END, "exits": 400}
-        ]});
+        let mut stats = stats::sample("server");
+        stats.marks = vec![
+            stats::mark(MARK_BEGIN, 100, 0, 0),
+            stats::mark(7, 150, 0, 0),
+            stats::mark(MARK_END, 400, 0, 0),
+        ];
         assert_eq!(steady_exits_per_packet(Some(&stats), 100), Some(3.0));
         assert_eq!(steady_exits_per_packet(Some(&stats), 0), None);
-        let one = serde_json::json!({"marks": [{"label": MARK_BEGIN, "exits": 1}]});
-        assert_eq!(steady_exits_per_packet(Some(&one), 10), None);
+        stats.marks = vec![stats::mark(MARK_BEGIN, 1, 0, 0)];
+        assert_eq!(steady_exits_per_packet(Some(&stats), 10), None);
         assert_eq!(
             server_echoed([
                 "x",
@@ -596,6 +646,7 @@ mod tests {
             pps: 1,
             rx_irqs_by_cpu: v,
             quantiles_us: Vec::new(),
+            hints: GuestHints::default(),
         };
         assert!(placement_check(&r(vec![0, 500]), 1).1);
         assert!(
@@ -630,8 +681,8 @@ mod tests {
             steady_exits_per_packet: Some(2.5),
             numbers: Some(GuestNumbers {
                 exits: 300,
-                exits_by_reason: BTreeMap::new(),
-                notifications: BTreeMap::new(),
+                exits_by_reason: ExitsByReason::default(),
+                notifications: Notifications::default(),
                 tx_packets: 100,
                 rx_packets: 50,
                 interrupts: 0,

@@ -8,9 +8,8 @@
 
 use std::time::Duration;
 
-use serde_json::Value;
-
 use crate::error::Result;
+use crate::vmm::stats::{GuestStats, UpcallStats};
 use crate::{infra::build, vmm::shim};
 
 /// Runs the guest twice: with M3 upcalls (the shim's default; the
@@ -104,13 +103,13 @@ fn events_sent(report: &str) -> Option<u64> {
     before.rsplit(' ').next()?.parse().ok()
 }
 
-fn checks(g: Option<&Value>, sent: Option<u64>) -> Vec<(String, bool)> {
+fn checks(g: Option<&GuestStats>, sent: Option<u64>) -> Vec<(String, bool)> {
     let Some(g) = g else {
         return vec![("the shim reported the guest".to_owned(), false)];
     };
     let mut c = vec![(
         "the guest's test passed (exit status 0)".to_owned(),
-        g["exit_status"].as_u64() == Some(0),
+        g.exit_status == Some(0),
     )];
     let Some(sent) = sent else {
         c.push((
@@ -119,13 +118,7 @@ fn checks(g: Option<&Value>, sent: Option<u64>) -> Vec<(String, bool)> {
         ));
         return c;
     };
-    let mark = |label: u64| {
-        g["marks"]
-            .as_array()?
-            .iter()
-            .find(|m| m["label"].as_u64() == Some(label))?["sink_events"]
-            .as_u64()
-    };
+    let mark = |label: u64| Some(g.mark(label)?.sink_events);
     let consumed = mark(0x301)
         .zip(mark(0x300))
         .map(|(a, b)| a.saturating_sub(b));
@@ -133,22 +126,27 @@ fn checks(g: Option<&Value>, sent: Option<u64>) -> Vec<(String, bool)> {
         format!("every event across the move consumed exactly once ({consumed:?} of {sent})"),
         consumed == Some(sent),
     ));
-    let rejected = &g["doorbell"]["rejected"];
+    let rejected = &g.doorbell.rejected;
     c.push((
-        format!("nothing rejected ({rejected})"),
-        rejected.as_object().is_some_and(serde_json::Map::is_empty),
+        format!(
+            "nothing rejected ({})",
+            serde_json::to_string(rejected).unwrap_or_default()
+        ),
+        rejected.is_empty(),
     ));
-    c.push(upcall_check(&g["upcalls"]));
+    c.push(upcall_check(g.upcalls.as_ref()));
     c
 }
 
 /// With M3 upcalls offered (the shim's default) the one re-designation is
 /// announced by a Redesignation upcall, which the guest acknowledges; without
 /// them, by the MSI only (no upcall requested).
-fn upcall_check(u: &Value) -> (String, bool) {
-    let n = |k: &str| u[k]["redesignation"].as_u64();
-    let (req, del) = (n("requested"), n("delivered"));
-    if u["offered"].as_bool() == Some(true) {
+fn upcall_check(u: Option<&UpcallStats>) -> (String, bool) {
+    let (req, del) = (
+        u.map(|u| u.requested.redesignation),
+        u.map(|u| u.delivered.redesignation),
+    );
+    if u.is_some_and(|u| u.offered) {
         (
             format!(
                 "upcalls on: the re-designation upcall was requested and delivered once ({req:?}/{del:?})"
@@ -166,7 +164,7 @@ fn upcall_check(u: &Value) -> (String, bool) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use crate::vmm::stats::{self, mark};
 
     #[test]
     fn counts_must_match() {
@@ -177,15 +175,19 @@ mod tests {
             notifications("doorbell re-designation: 1 notification(s) on cpu 0"),
             None
         );
-        let mut g = json!({"exit_status": 0, "doorbell": {"rejected": {}},
-            "marks": [{"label": 0x300, "sink_events": 10}, {"label": 0x301, "sink_events": 4010}],
-            "upcalls": {"offered": true, "requested": {"redesignation": 1}, "delivered": {"redesignation": 1}}});
+        let mut g = stats::sample("ktest");
+        g.exit_status = Some(0);
+        g.doorbell.rejected.clear();
+        g.marks = vec![mark(0x300, 0, 10, 0), mark(0x301, 0, 4010, 0)];
+        let u = g.upcalls.as_mut().unwrap();
+        u.offered = true;
+        (u.requested.redesignation, u.delivered.redesignation) = (1, 1);
         assert!(checks(Some(&g), Some(4000)).iter().all(|(_, ok)| *ok));
         // An upcall requested but never acknowledged fails the leg.
-        g["upcalls"]["delivered"]["redesignation"] = json!(0);
+        g.upcalls.as_mut().unwrap().delivered.redesignation = 0;
         assert!(!checks(Some(&g), Some(4000)).iter().all(|(_, ok)| *ok));
         // Without upcalls the MSI announces it: nothing must be requested.
-        g["upcalls"] = json!({"offered": false});
+        g.upcalls = None;
         assert!(checks(Some(&g), Some(4000)).iter().all(|(_, ok)| *ok));
         assert!(!checks(Some(&g), Some(4001)).iter().all(|(_, ok)| *ok));
         assert!(!checks(Some(&g), None).iter().all(|(_, ok)| *ok));

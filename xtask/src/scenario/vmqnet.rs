@@ -6,12 +6,11 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use serde_json::Value;
-
 use crate::error::Result;
 use crate::infra::build;
 use crate::scenario::pingpong;
 use crate::vmm::shim;
+use crate::vmm::stats::{GuestStats, VmqStats};
 
 /// `net.vmq_policy=` values the leg runs.
 pub const POLICIES: [&str; 3] = ["lazy", "immediate", "doorbell"];
@@ -91,35 +90,18 @@ impl Outcome {
     }
 }
 
-fn figures(name: &str, g: Option<&Value>) -> GuestFigures {
-    let u = |v: Option<&Value>| v.and_then(Value::as_u64).unwrap_or(0);
-    let vmq = g.map(|g| &g["vmq"]);
+fn figures(name: &str, g: Option<&GuestStats>) -> GuestFigures {
+    let vmq = g.and_then(|g| g.vmq.as_ref());
     GuestFigures {
         name: name.to_owned(),
-        sends: ["sent_immediate", "sent_lazy", "sent_doorbell"]
-            .iter()
-            .map(|k| u(vmq.map(|v| &v[*k])))
-            .sum(),
-        received: u(vmq.map(|v| &v["received"])),
-        errors: vmq.and_then(|v| v["errors"].as_object()).map_or(0, |e| {
-            e.iter()
-                .filter(|(k, _)| *k != "vm_exited")
-                .filter_map(|(_, v)| v.as_u64())
-                .sum()
-        }),
-        vm_exited: u(vmq.map(|v| &v["errors"]["vm_exited"])),
-        exits: u(g.map(|g| &g["exits"])),
-        hypercall_exits: g.and_then(|g| g["vcpus"].as_array()).map_or(0, |v| {
-            v.iter()
-                .filter_map(|c| c["exits"]["hypercall"].as_u64())
-                .sum()
-        }),
-        kicks: u(g.map(|g| &g["doorbell"]["fallback_kicks"])),
-        virtio_packets: g.and_then(|g| g["nics"].as_array()).map_or(0, |n| {
-            n.iter()
-                .map(|n| u(Some(&n["tx_packets"])) + u(Some(&n["rx_packets"])))
-                .sum()
-        }),
+        sends: vmq.map_or(0, VmqStats::sends),
+        received: vmq.map_or(0, |v| v.received),
+        errors: vmq.map_or(0, |v| v.errors.not_vm_exited()),
+        vm_exited: vmq.map_or(0, |v| v.errors.vm_exited),
+        exits: g.map_or(0, |g| g.exits),
+        hypercall_exits: g.map_or(0, GuestStats::hypercall_exits),
+        kicks: g.map_or(0, |g| g.doorbell.fallback_kicks),
+        virtio_packets: g.map_or(0, |g| g.tx_packets() + g.rx_packets()),
     }
 }
 
@@ -266,18 +248,27 @@ fn guest_checks(policy: &str, count: u64, f: &GuestFigures, checks: &mut Vec<(St
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use crate::vmm::stats;
 
-    fn stats(sent: u64, received: u64, hypercalls: u64, gone: u64, full: u64) -> Value {
-        json!({
-            "exits": 5000,
-            "vcpus": [{"exits": {"hypercall": hypercalls, "intr": 9}}],
-            "doorbell": {"fallback_kicks": 3},
-            "nics": [],
-            "vmq": {"sent_lazy": sent, "sent_immediate": 0, "sent_doorbell": 0,
-                    "received": received,
-                    "errors": {"vm_exited": gone, "queue_full": full, "outside_ram": 0}},
-        })
+    fn stats(sent: u64, received: u64, hypercalls: u64, gone: u64, full: u64) -> GuestStats {
+        let mut g = stats::sample("ktest");
+        g.exits = 5000;
+        g.vcpus.truncate(1);
+        g.vcpus[0].exits.hypercall = hypercalls;
+        g.vcpus[0].exits.intr = 9;
+        g.doorbell.fallback_kicks = 3;
+        g.nics.clear();
+        let v = g.vmq.as_mut().unwrap();
+        (v.sent_lazy, v.sent_immediate, v.sent_doorbell) = (sent, 0, 0);
+        v.received = received;
+        v.errors.vm_exited = gone;
+        v.errors.others = [
+            ("queue_full".to_owned(), full),
+            ("outside_ram".to_owned(), 0),
+        ]
+        .into_iter()
+        .collect();
+        g
     }
 
     fn failed(policy: &str, f: &GuestFigures) -> Vec<String> {

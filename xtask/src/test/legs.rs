@@ -437,10 +437,7 @@ impl Runner {
             );
         }
         let mut reports = serial.reports;
-        if let Some(ms) = run
-            .guest_stats("ktest")
-            .and_then(|g| g["boot_to_main_ms"].as_f64())
-        {
+        if let Some(ms) = run.guest_stats("ktest").and_then(|g| g.boot_to_main_ms) {
             reports.push(format!(
                 "boot to guest main under the shim: {ms:.1} ms (shim's clock)"
             ));
@@ -669,11 +666,10 @@ fn compare_guests(
             continue;
         };
         #[allow(clippy::cast_precision_loss)] // packet counts far below 2^52
-        let per_packet = |n: &crate::vmm::shim::GuestNumbers, key: &str| {
-            n.notifications.get(key).copied().unwrap_or(0) as f64
-                / (n.tx_packets + n.rx_packets).max(1) as f64
+        let traps_per_packet = |n: &crate::vmm::shim::GuestNumbers| {
+            n.notifications.trap as f64 / (n.tx_packets + n.rx_packets).max(1) as f64
         };
-        let (trap_traps, door_traps) = (per_packet(tn, "trap"), per_packet(dn, "trap"));
+        let (trap_traps, door_traps) = (traps_per_packet(tn), traps_per_packet(dn));
         checks.push((
             format!(
                 "pair {}: {}: trap run notifies through the register ({trap_traps:.2}/packet)",

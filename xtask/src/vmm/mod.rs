@@ -4,3 +4,4 @@
 pub mod exit;
 pub mod qemu;
 pub mod shim;
+pub mod stats;

@@ -1,13 +1,11 @@
 //! Running guests under the host shim: build it, start it with guests under a
 //! time limit, split its console output by guest (each line is prefixed with
-//! `NAME| `), and read its `--stats-json`.
+//! `NAME| `), and read its `--stats-json` (typed in [`crate::vmm::stats`]).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
-
-use serde_json::Value;
 
 use crate::error::{Error, Result};
 use crate::infra::logfile::LogFile;
@@ -16,6 +14,7 @@ use crate::infra::serial::SerialLog;
 use crate::infra::setup;
 use crate::infra::workspace;
 use crate::vmm::exit::GuestExit;
+use crate::vmm::stats::{ExitsByReason, GuestStats, Notifications, ShimStats};
 
 /// One guest on the shim's command line.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -52,7 +51,8 @@ pub struct Run {
     /// Every stdout line of the shim (guest consoles and its summary).
     pub lines: Vec<Line>,
     pub stderr: String,
-    pub stats: Option<Value>,
+    /// The shim's `--stats-json`; `None` when it wrote none.
+    pub stats: Option<ShimStats>,
     pub log: PathBuf,
     pub elapsed: Duration,
 }
@@ -128,9 +128,9 @@ pub fn run(
     for line in finished.stderr.lines() {
         log.line(&format!("# shim stderr: {line}"));
     }
-    let stats = std::fs::read_to_string(&stats_path)
-        .ok()
-        .and_then(|s| serde_json::from_str(&s).ok());
+    // A file that does not parse (a key renamed in the shim) fails the run:
+    // read as zeros, its counters would pass checks they should fail.
+    let stats = ShimStats::read(&stats_path).map_err(Error::failed)?;
     log.line(&format!(
         "# xtask: shim ended {:?} after {:.1} s",
         finished.ending,
@@ -164,13 +164,8 @@ impl Run {
 
     /// Guest `name`'s entry in the stats JSON.
     #[must_use]
-    pub fn guest_stats(&self, name: &str) -> Option<&Value> {
-        self.stats
-            .as_ref()?
-            .get("guests")?
-            .as_array()?
-            .iter()
-            .find(|g| g["name"] == name)
+    pub fn guest_stats(&self, name: &str) -> Option<&GuestStats> {
+        self.stats.as_ref()?.guest(name)
     }
 
     /// How guest `name` ended, in the same terms as a QEMU run.
@@ -179,11 +174,8 @@ impl Run {
         if self.ending == Ending::TimedOut {
             return GuestExit::TimedOut;
         }
-        match self
-            .guest_stats(name)
-            .and_then(|g| g["exit_status"].as_u64())
-        {
-            Some(s) => GuestExit::Status(u32::try_from(s).unwrap_or(u32::MAX)),
+        match self.guest_stats(name).and_then(|g| g.exit_status) {
+            Some(s) => GuestExit::Status(s),
             // No status: the guest faulted, was stopped, or the shim failed.
             None => match self.ending {
                 Ending::Exited(2) => GuestExit::QemuError(2),
@@ -196,9 +188,10 @@ impl Run {
     /// The shim's account of guest `name` when it has no exit status.
     #[must_use]
     pub fn guest_outcome(&self, name: &str) -> String {
-        self.guest_stats(name)
-            .and_then(|g| g["outcome"].as_str())
-            .map_or_else(|| "no stats from the shim".to_owned(), str::to_owned)
+        self.guest_stats(name).map_or_else(
+            || "no stats from the shim".to_owned(),
+            |g| g.outcome.clone(),
+        )
     }
 
     /// The check every shim demo makes of each guest: it exited with status 0
@@ -247,31 +240,20 @@ pub const DOORBELL_BURST_EXIT_LIMIT: u64 = 32;
 /// Events in ktest's doorbell burst (`doorbell::ten_thousand_events_to_the_sink`).
 pub const DOORBELL_BURST_EVENTS: u64 = 10_000;
 
-/// The guest's stats mark with `label` (the `StatsMark` hypercall's argument).
-fn stats_mark(guest: Option<&Value>, label: u64) -> Option<&Value> {
-    guest?
-        .get("marks")?
-        .as_array()?
-        .iter()
-        .find(|m| m["label"].as_u64() == Some(label))
-}
-
 /// Checks on ktest's doorbell burst from the shim's stats marks 1 and 2.
 #[must_use]
-pub fn doorbell_burst_checks(guest: Option<&Value>) -> Vec<(String, bool)> {
-    let (Some(before), Some(after)) = (stats_mark(guest, 1), stats_mark(guest, 2)) else {
+pub fn doorbell_burst_checks(guest: Option<&GuestStats>) -> Vec<(String, bool)> {
+    let mark = |label| guest?.mark(label);
+    let (Some(before), Some(after)) = (mark(1), mark(2)) else {
         return vec![(
             "the shim recorded stats marks 1 and 2 around the doorbell burst".to_owned(),
             false,
         )];
     };
-    let delta = |key: &str| {
-        after[key]
-            .as_u64()
-            .unwrap_or(0)
-            .saturating_sub(before[key].as_u64().unwrap_or(u64::MAX))
-    };
-    let (sink, exits) = (delta("sink_events"), delta("exits"));
+    let (sink, exits) = (
+        after.sink_events.saturating_sub(before.sink_events),
+        after.exits.saturating_sub(before.exits),
+    );
     vec![
         (
             format!(
@@ -301,8 +283,8 @@ pub const TIMED_SLEEPS_SLACK: u64 = 32;
 
 /// Checks on ktest's timed sleeps from the shim's stats marks 0x400 and 0x401.
 #[must_use]
-pub fn timed_sleep_checks(guest: Option<&Value>) -> Vec<(String, bool)> {
-    let exits_at = |label: u64| stats_mark(guest, label)?["exits"].as_u64();
+pub fn timed_sleep_checks(guest: Option<&GuestStats>) -> Vec<(String, bool)> {
+    let exits_at = |label: u64| Some(guest?.mark(label)?.exits);
     let (Some(before), Some(after)) = (exits_at(0x400), exits_at(0x401)) else {
         return vec![(
             "the shim recorded stats marks 0x400 and 0x401 around the timed sleeps".to_owned(),
@@ -323,16 +305,14 @@ pub fn timed_sleep_checks(guest: Option<&Value>) -> Vec<(String, bool)> {
 /// every ping it was asked for acknowledged by the guest exactly once, the
 /// masked tests' pings injected at an interrupt-window exit, nothing rejected.
 #[must_use]
-pub fn upcall_checks(guest: Option<&Value>) -> Vec<(String, bool)> {
-    let Some(u) = guest.map(|g| &g["upcalls"]).filter(|u| u.is_object()) else {
+pub fn upcall_checks(guest: Option<&GuestStats>) -> Vec<(String, bool)> {
+    let Some(u) = guest.and_then(|g| g.upcalls.as_ref()) else {
         return vec![("the shim reports upcall counters".to_owned(), false)];
     };
-    let n = |v: &Value| v.as_u64().unwrap_or(0);
-    let sum = |v: &Value| v.as_object().map_or(0, |m| m.values().map(n).sum::<u64>());
-    let (req, del) = (n(&u["requested"]["ping"]), n(&u["delivered"]["ping"]));
-    let (all_req, all_del) = (sum(&u["requested"]), sum(&u["delivered"]));
-    let (window, exits) = (n(&u["injected_after_window"]), n(&u["irq_window_exits"]));
-    let rejected = sum(&u["rejected"]);
+    let (req, del) = (u.requested.ping, u.delivered.ping);
+    let (all_req, all_del) = (u.requested.total(), u.delivered.total());
+    let (window, exits) = (u.injected_after_window, u.irq_window_exits);
+    let rejected: u64 = u.rejected.values().sum();
     vec![
         (
             format!("upcalls: {del} of {req} pings acknowledged by the guest (shim's count)"),
@@ -356,8 +336,8 @@ pub fn upcall_checks(guest: Option<&Value>) -> Vec<(String, bool)> {
 #[derive(Debug, Clone, PartialEq)]
 pub struct GuestNumbers {
     pub exits: u64,
-    pub exits_by_reason: BTreeMap<String, u64>,
-    pub notifications: BTreeMap<String, u64>,
+    pub exits_by_reason: ExitsByReason,
+    pub notifications: Notifications,
     pub tx_packets: u64,
     pub rx_packets: u64,
     pub interrupts: u64,
@@ -366,53 +346,26 @@ pub struct GuestNumbers {
     pub kvm: BTreeMap<String, u64>,
 }
 
-/// Reads [`GuestNumbers`] from a guest's stats entry (the schema is in
-/// `host-shim/src/stats.rs`).
-pub fn numbers(guest: &Value) -> Result<GuestNumbers> {
-    let name = guest["name"].as_str().unwrap_or("?");
-    let missing =
-        |what: &str| Error::failed(format!("host-shim stats for guest {name} have no `{what}`"));
-    let map = |v: &Value, what: &str| -> Result<BTreeMap<String, u64>> {
-        v.as_object()
-            .ok_or_else(|| missing(what))?
-            .iter()
-            .map(|(k, v)| {
-                v.as_u64()
-                    .map(|n| (k.clone(), n))
-                    .ok_or_else(|| missing(what))
-            })
-            .collect()
-    };
-    let nics = guest["nics"].as_array().ok_or_else(|| missing("nics"))?;
-    let sum = |key: &str| nics.iter().filter_map(|n| n[key].as_u64()).sum::<u64>();
-    Ok(GuestNumbers {
-        exits: guest["exits"].as_u64().ok_or_else(|| missing("exits"))?,
-        exits_by_reason: map(&guest["exits_by_reason"], "exits_by_reason")?,
-        notifications: map(&guest["notifications"], "notifications")?,
-        tx_packets: sum("tx_packets"),
-        rx_packets: sum("rx_packets"),
-        interrupts: sum("interrupts"),
-        boot_to_main_ms: guest["boot_to_main_ms"].as_f64(),
-        kvm: kvm_sums(guest),
-    })
-}
-
-/// `vcpus[].kvm` summed by counter name.
-fn kvm_sums(guest: &Value) -> BTreeMap<String, u64> {
-    let mut out = BTreeMap::new();
-    for v in guest["vcpus"].as_array().into_iter().flatten() {
-        for (k, x) in v["kvm"].as_object().into_iter().flatten() {
-            if let Some(x) = x.as_u64() {
-                *out.entry(k.clone()).or_insert(0) += x;
-            }
+impl GuestNumbers {
+    #[must_use]
+    pub fn of(guest: &GuestStats) -> Self {
+        Self {
+            exits: guest.exits,
+            exits_by_reason: guest.exits_by_reason,
+            notifications: guest.notifications,
+            tx_packets: guest.tx_packets(),
+            rx_packets: guest.rx_packets(),
+            interrupts: guest.interrupts(),
+            boot_to_main_ms: guest.boot_to_main_ms,
+            kvm: guest.kvm_sums(),
         }
     }
-    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::vmm::stats;
 
     fn line(text: &str) -> Line {
         Line {
@@ -454,55 +407,62 @@ mod tests {
 
     #[test]
     fn upcall_counters_must_add_up() {
-        let g = serde_json::json!({"upcalls": {
-            "requested": {"ping": 4002, "vmq_arrival": 0},
-            "delivered": {"ping": 4002, "vmq_arrival": 0},
-            "injected_after_window": 10, "irq_window_exits": 12,
-            "rejected": {"bad_count": 0}
-        }});
+        let mut g = stats::sample("server");
+        let u = g.upcalls.as_mut().unwrap();
+        (u.requested.ping, u.delivered.ping) = (4002, 4002);
+        (u.injected_after_window, u.irq_window_exits) = (10, 12);
         assert!(upcall_checks(Some(&g)).iter().all(|(_, ok)| *ok));
         let mut lost = g.clone();
-        lost["upcalls"]["delivered"]["ping"] = serde_json::json!(4001);
+        lost.upcalls.as_mut().unwrap().delivered.ping = 4001;
         let failed: Vec<_> = upcall_checks(Some(&lost))
             .into_iter()
             .filter(|(_, ok)| !ok)
             .collect();
         assert_eq!(failed.len(), 2, "{failed:?}");
         let mut rejected = g.clone();
-        rejected["upcalls"]["rejected"]["bad_count"] = serde_json::json!(1);
+        rejected
+            .upcalls
+            .as_mut()
+            .unwrap()
+            .rejected
+            .insert("bad_count".into(), 1);
         assert!(!upcall_checks(Some(&rejected)).iter().all(|(_, ok)| *ok));
-        assert!(
-            !upcall_checks(Some(&serde_json::json!({})))
-                .iter()
-                .all(|(_, ok)| *ok)
-        );
+        let mut off = g;
+        off.upcalls = None;
+        assert!(!upcall_checks(Some(&off)).iter().all(|(_, ok)| *ok));
         assert!(!upcall_checks(None)[0].1);
+    }
+
+    fn with_marks(marks: Vec<stats::Mark>) -> GuestStats {
+        let mut g = stats::sample("ktest");
+        g.marks = marks;
+        g
     }
 
     #[test]
     fn timed_sleeps_are_judged_from_the_marks() {
         let g = |exits2: u64| {
-            serde_json::json!({"marks": [
-                {"label": 0x400, "exits": 100},
-                {"label": 0x401, "exits": exits2}
-            ]})
+            with_marks(vec![
+                stats::mark(0x400, 100, 0, 0),
+                stats::mark(0x401, exits2, 0, 0),
+            ])
         };
         assert!(timed_sleep_checks(Some(&g(100 + 3 * TIMED_SLEEPS)))[0].1);
         assert!(
             !timed_sleep_checks(Some(&g(100 + 5 * TIMED_SLEEPS)))[0].1,
             "a separate timer call per sleep"
         );
-        assert!(!timed_sleep_checks(Some(&serde_json::json!({"marks": []})))[0].1);
+        assert!(!timed_sleep_checks(Some(&with_marks(vec![])))[0].1);
         assert!(!timed_sleep_checks(None)[0].1);
     }
 
     #[test]
     fn doorbell_burst_is_judged_from_the_marks() {
         let g = |sink2: u64, exits2: u64| {
-            serde_json::json!({"marks": [
-                {"label": 1, "exits": 1000, "doorbell_events": 0, "sink_events": 5},
-                {"label": 2, "exits": exits2, "doorbell_events": 0, "sink_events": sink2}
-            ]})
+            with_marks(vec![
+                stats::mark(1, 1000, 5, 0),
+                stats::mark(2, exits2, sink2, 0),
+            ])
         };
         assert!(
             doorbell_burst_checks(Some(&g(10_005, 1003)))
@@ -518,21 +478,21 @@ mod tests {
             "too many exits"
         );
         assert!(
-            !doorbell_burst_checks(Some(&serde_json::json!({})))[0].1,
+            !doorbell_burst_checks(Some(&with_marks(vec![])))[0].1,
             "no marks"
         );
         assert!(!doorbell_burst_checks(None)[0].1);
     }
 
     #[test]
-    fn exits_come_from_the_stats_and_missing_fields_are_errors() {
-        let stats: Value = serde_json::json!({"guests": [
-            {"name": "a", "exit_status": 0, "outcome": "exit status 0", "exits": 100,
-             "exits_by_reason": {"io": 10, "mmio": 5, "halt": 1, "irq_window": 0, "other": 2, "in_kernel": 82},
-             "notifications": {"trap": 40, "doorbell": 0},
-             "nics": [{"tx_packets": 20, "rx_packets": 21, "interrupts": 30}]},
-            {"name": "b", "outcome": "triple fault"}
-        ]});
+    fn exits_and_statuses_come_from_the_stats() {
+        let mut b = stats::sample("ktest");
+        b.name = "b".into();
+        b.exit_status = None;
+        b.outcome = "triple fault".into();
+        let stats = ShimStats {
+            guests: vec![stats::sample("server"), b],
+        };
         let run = Run {
             ending: Ending::Exited(1),
             lines: vec![],
@@ -541,15 +501,21 @@ mod tests {
             log: PathBuf::new(),
             elapsed: Duration::ZERO,
         };
-        assert_eq!(run.guest_exit("a"), GuestExit::Status(0));
+        assert_eq!(run.guest_exit("server"), GuestExit::Status(0));
         assert_eq!(run.guest_exit("b"), GuestExit::QemuZero);
         assert_eq!(run.guest_outcome("b"), "triple fault");
-        let n = numbers(run.guest_stats("a").unwrap()).unwrap();
+        assert_eq!(run.guest_outcome("c"), "no stats from the shim");
+        let g = run.guest_stats("server").unwrap();
+        let n = GuestNumbers::of(g);
         assert_eq!(
             (n.exits, n.tx_packets, n.rx_packets, n.interrupts),
-            (100, 20, 21, 30)
+            (
+                g.exits,
+                g.nics[0].tx_packets,
+                g.nics[0].rx_packets,
+                g.nics[0].interrupts
+            )
         );
-        assert_eq!(n.exits_by_reason["in_kernel"], 82);
-        assert!(numbers(run.guest_stats("b").unwrap()).is_err());
+        assert_eq!(n.exits_by_reason.in_kernel, g.exits_by_reason.in_kernel);
     }
 }
