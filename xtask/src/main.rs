@@ -146,7 +146,7 @@ struct BenchArgs {
     #[arg(value_name = "SUITE")]
     suites: Vec<String>,
     /// Rounds per suite; every round measures each scenario once, interleaved.
-    #[arg(long, default_value_t = bench::DEFAULT_REPEATS, value_parser = clap::value_parser!(u32).range(1..=100))]
+    #[arg(long, default_value_t = bench::suite::DEFAULT_REPEATS, value_parser = clap::value_parser!(u32).range(1..=100))]
     repeats: u32,
     /// Only regenerate docs/benchmarks.md from the results in target/bench/.
     #[arg(long, conflicts_with_all = ["suites", "no_report"])]
@@ -223,12 +223,12 @@ fn main() -> ExitCode {
         }
         Command::Bench(args) => {
             if args.list {
-                for name in bench::suite_names() {
+                for name in bench::runner::suite_names() {
                     println!("{name}");
                 }
                 Ok(ExitCode::SUCCESS)
             } else {
-                bench::run(&bench::Options {
+                bench::runner::run(&bench::runner::Options {
                     suites: args.suites,
                     repeats: args.repeats,
                     report_only: args.report,

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use super::{Better, Metric, RoundResult, Scenario, Suite};
+use super::suite::{Better, Metric, RoundResult, Scenario, Suite};
 use crate::error::{Error, Result};
 use crate::infra::process::Line;
 use crate::infra::serial::SerialLog;

@@ -8,7 +8,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::{Better, Metric, RoundResult, Scenario, Suite};
+use super::suite::{Better, Metric, RoundResult, Scenario, Suite};
 use crate::error::{Error, Result};
 use crate::{infra::build, vmm::shim};
 

@@ -12,7 +12,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::{Better, Metric, Plot, RoundResult, Scenario, Suite};
+use super::suite::{Better, Metric, Plot, RoundResult, Scenario, Suite};
 use crate::error::{Error, Result};
 use crate::vmm::stats::GuestStats;
 use crate::{infra::build, vmm::shim};

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use super::probe::{Probe, Seen};
-use super::{Better, Metric, Plot, RoundResult, Scenario, Suite};
+use super::suite::{Better, Metric, Plot, RoundResult, Scenario, Suite};
 use crate::error::{Error, Result};
 use crate::scenario::pingpong::{self, Notify, Report};
 use crate::{infra::build, vmm::shim};
@@ -45,7 +45,7 @@ impl Pingpong {
     }
 
     fn run_qemu(&mut self, r: &mut RoundResult) -> Result<()> {
-        let dir = super::results_dir()?.join("qmp");
+        let dir = super::suite::results_dir()?.join("qmp");
         std::fs::create_dir_all(&dir)
             .map_err(|e| Error::failed(format!("cannot create {}: {e}", dir.display())))?;
         let socks: Vec<_> = ["server", "client1"]

@@ -8,7 +8,8 @@ use std::path::Path;
 use serde_json::Value;
 
 use super::stats::{Summary, fmt_num};
-use super::{results_dir, svg};
+use super::suite::results_dir;
+use super::svg;
 use crate::error::{Error, Result};
 use crate::infra::workspace;
 

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use super::{Better, Metric, RoundResult, Scenario, Suite};
+use super::suite::{Better, Metric, RoundResult, Scenario, Suite};
 use crate::error::{Error, Result};
 use crate::scenario::pipeline::{self, Policy, Transfer};
 
