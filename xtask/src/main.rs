@@ -18,7 +18,7 @@ use clap::{Args, Parser, Subcommand};
 use crate::error::{Error, Result};
 use crate::infra::{build, serial, sys};
 use crate::scenario::{pingpong, pipeline};
-use crate::test::legs;
+use crate::test::{leg, registry, runner};
 use crate::vmm::qemu::{self, Accel, Echo, Machine, Net};
 
 #[derive(Debug, Parser)]
@@ -334,21 +334,21 @@ fn resolve_image(image: &str) -> Result<(PathBuf, &'static str)> {
 }
 
 fn test(args: &TestArgs) -> Result<ExitCode> {
-    let legs = legs::select(&args.legs)?;
+    let legs = registry::select(&args.legs)?;
     if args.list {
-        for leg in legs::LEGS {
-            println!("{:<10} {}", leg.name, leg.about);
+        for leg in registry::LEGS {
+            println!("{:<10} {}", leg.name(), leg.about());
         }
         return Ok(ExitCode::SUCCESS);
     }
-    let opts = legs::Options {
+    let opts = leg::Options {
         timeout: Duration::from_secs(args.timeout),
         verbose: args.verbose,
     };
-    let mut runner = legs::Runner::default();
+    let mut legs_run = runner::Runner::default();
     let mut results = Vec::new();
     for leg in legs {
-        let result = runner.run(leg, &opts);
+        let result = legs_run.run(leg, &opts);
         let failed = !result.outcome.ok();
         results.push(result);
         if failed && args.on_failure.fail_fast {
@@ -356,8 +356,8 @@ fn test(args: &TestArgs) -> Result<ExitCode> {
             break;
         }
     }
-    for line in legs::summary_lines(&results) {
+    for line in runner::summary_lines(&results) {
         println!("{line}");
     }
-    Ok(ExitCode::from(legs::exit_code(&results)))
+    Ok(ExitCode::from(runner::exit_code(&results)))
 }

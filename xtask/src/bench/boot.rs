@@ -1,6 +1,6 @@
 //! `cargo xtask bench boot`: time from starting the VMM to the guest's main,
 //! for the same PVH image under QEMU `-M q35` (SeaBIOS), QEMU `-M microvm`
-//! (qboot) and the host shim (issue 10 item 2).
+//! (qboot) and the host shim.
 
 use std::time::Duration;
 

@@ -3,9 +3,9 @@
 //!
 //! A suite names its scenarios (the things compared: "QEMU", "shim, trap",
 //! "shim, doorbell") and its metrics (RTT p50 in µs, exits per packet...). The
-//! runner asks it for [`Suite::round`] `repeats` times; each round measures every
+//! runner asks it for [`suite::Suite::round`] `repeats` times; each round measures every
 //! scenario once, in an order that rotates from round to round, so that drift on
-//! this shared machine hits every scenario alike (issue 10: interleaved A/B/A/B).
+//! this shared machine hits every scenario alike (interleaved A/B/A/B).
 //! The runner then reports, per scenario and metric, the median with min–max over
 //! rounds, and for suites with a baseline the ratio to it computed **pair by pair
 //! within a round** (then median, min–max of those ratios).

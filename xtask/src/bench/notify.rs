@@ -1,4 +1,4 @@
-//! `cargo xtask bench notify` (issue 5 item 7): what one notification of the
+//! `cargo xtask bench notify`: what one notification of the
 //! host costs by each path, in one shim run of the ktest image's
 //! `notify_bench` test (`guest-kernel/src/bin/ktest/notify_bench.rs`; contract
 //! `para_abi::doorbell::bench`, host half `host-shim/src/doorbell/bench.rs`).

@@ -1,6 +1,6 @@
 //! `cargo xtask bench pingpong`: the same UDP ping-pong guest image, two guests,
 //! under QEMU/KVM (q35, socket netdev) and under the host shim with trapping and
-//! with doorbell notification (issue 10 item 2–3).
+//! with doorbell notification.
 
 use std::collections::BTreeMap;
 use std::time::Duration;

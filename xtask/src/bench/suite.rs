@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use crate::error::{Error, Result};
 use crate::infra::workspace;
 
-/// Rounds per suite unless `--repeats` says otherwise (issue 10: at least 5).
+/// Rounds per suite unless `--repeats` says otherwise (at least 5, so that a median means something).
 pub const DEFAULT_REPEATS: u32 = 5;
 
 /// One thing a suite compares.

@@ -1,4 +1,4 @@
-//! `cargo xtask bench upcall` (issue 7, M3): upcall delivery through KVM's
+//! `cargo xtask bench upcall` (M3): upcall delivery through KVM's
 //! interrupt-window exit against the naive polling path, in one shim binary
 //! (`--upcalls window` / `--upcalls poll`), on the ktest image's three upcall
 //! tests (masked 2 ms with a ping posted inside, twice; a 4000-ping storm at one

@@ -129,7 +129,7 @@ pub fn summary(opts: &Options, r: &Report) -> Vec<String> {
     out
 }
 
-/// The `--json` document (keys per issue 4; more are welcome).
+/// The `--json` document (its keys are kept stable; more are welcome).
 #[must_use]
 pub fn json(opts: &Options, r: &Report) -> Value {
     let first = r.clients.first();

@@ -190,7 +190,7 @@ pub fn on_shim(o: &Options, label: &str, mut echo: impl FnMut(&str)) -> Result<O
         out.bytes_verified = result.bytes_verified;
         out.mib_per_s = result.mib_per_s;
     }
-    // Arrivals reach the receivers as M3 upcalls (issue 7), each exactly once.
+    // Arrivals reach the receivers as M3 upcalls, each exactly once.
     for name in ["transform", "write"] {
         let u = run.guest_stats(name).and_then(|g| g.upcalls.as_ref());
         let (req, del) = u.map_or((0, 0), |u| {
