@@ -15,5 +15,6 @@ pub mod hints;
 pub mod hypercall;
 pub mod layout;
 pub mod region;
+pub mod report;
 pub mod upcall;
 pub mod vmq;

@@ -5,6 +5,8 @@
 
 use std::collections::BTreeMap;
 
+use para_abi::report::percentile;
+
 use crate::scenario::pingpong;
 use crate::test::leg::{Images, Leg, LegRun, Options};
 use crate::test::verdict;
@@ -35,9 +37,10 @@ const NOTIFY_PAIRS: usize = 3;
 /// The exits per packet the doorbells must save per guest.
 const NOTIFY_DROP: f64 = 0.8;
 
+/// The nearest-rank median (the definition the guests use too).
 fn median(v: &mut [f64]) -> Option<f64> {
     v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied()
+    percentile(v, 50)
 }
 
 /// The exit goal, per guest: the median of its doorbell runs' steady
