@@ -20,6 +20,7 @@ mod notify;
 mod pingpong;
 mod probe;
 mod report;
+mod results;
 pub mod runner;
 mod stats;
 pub mod suite;

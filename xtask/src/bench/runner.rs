@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use serde_json::{Value, json};
 
+use super::results::Results;
 use super::suite::{DEFAULT_REPEATS, Metric, Plot, RoundResult, Scenario, Suite, results_dir};
 use super::{boot, ctrl, hints, notify, pingpong, report, stats, sys, upcall, vmq};
 use crate::error::{Error, Result};
@@ -295,10 +296,16 @@ fn now_utc() -> String {
     workspace::utc_timestamp(now.as_secs(), now.subsec_millis())
 }
 
-/// Prints the aggregate as a text table (the same numbers the report shows).
+/// Prints the aggregate as a text table (the same numbers the report shows),
+/// read back as the report reads it.
 fn print_table(doc: &Value) {
-    for line in report::text_table(doc) {
-        println!("{line}");
+    match serde_json::from_value::<Results>(doc.clone()) {
+        Ok(results) => {
+            for line in report::text_table(&results) {
+                println!("{line}");
+            }
+        }
+        Err(e) => println!("bench: the results do not read back: {e}"),
     }
 }
 
@@ -367,5 +374,37 @@ mod tests {
         assert!(doc["ratios"].get("a").is_none());
         assert!(doc["summary"]["b"].get("nan").is_none());
         assert_eq!(doc["command"], json!("cargo xtask bench fake"));
+    }
+
+    /// What the runner writes, the report reads: every key the typed reader
+    /// names is written; a renamed one is an error naming it.
+    #[test]
+    fn the_written_results_read_back() {
+        let mut f = Fake { calls: 0 };
+        let sc = f.scenarios();
+        let ms = f.metrics();
+        let rounds: Vec<RoundResult> = (0..3).map(|r| f.round(r, &sc).unwrap()).collect();
+        let doc = aggregate(&f, &sc, &ms, &rounds, &["round 4: boom".into()], 4);
+        let text = serde_json::to_string_pretty(&doc).unwrap();
+        let r = Results::parse(&text).unwrap();
+        assert_eq!((r.suite.as_str(), r.rounds_ok, r.repeats), ("fake", 3, 4));
+        assert_eq!(r.baseline.as_deref(), Some("a"));
+        assert!((Results::at(&r.ratios, "b", "t").unwrap().median - 0.5).abs() < 1e-12);
+        assert_eq!(r.round_errors, ["round 4: boom"]);
+        for key in [
+            "rounds_ok",
+            "baseline",
+            "median",
+            "label",
+            "kvm_backend",
+            "metric",
+        ] {
+            let renamed = text.replace(&format!("\"{key}\":"), &format!("\"{key}_old\":"));
+            let err = Results::parse(&renamed).unwrap_err().to_string();
+            assert!(
+                err.contains(&format!("missing field `{key}`")),
+                "{key}: {err}"
+            );
+        }
     }
 }

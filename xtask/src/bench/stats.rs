@@ -6,7 +6,7 @@ use serde_json::{Value, json};
 /// Median with min–max over a set of values. The median is the nearest-rank
 /// 50th percentile (`para_abi::report::percentile`, the definition the guests
 /// use): always one of the values, the lower middle one of an even count.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Deserialize)]
 pub struct Summary {
     pub median: f64,
     pub min: f64,
@@ -32,15 +32,6 @@ impl Summary {
 
     pub fn to_json(self) -> Value {
         json!({"median": self.median, "min": self.min, "max": self.max, "n": self.n})
-    }
-
-    pub fn from_json(v: &Value) -> Option<Self> {
-        Some(Self {
-            median: v.get("median")?.as_f64()?,
-            min: v.get("min")?.as_f64()?,
-            max: v.get("max")?.as_f64()?,
-            n: usize::try_from(v.get("n")?.as_u64()?).ok()?,
-        })
     }
 }
 
@@ -95,7 +86,7 @@ mod tests {
         let s = Summary::of(&[4.0, 1.0, 3.0, 2.0]).unwrap();
         assert_eq!(s.median, 2.0, "nearest rank: the lower middle value");
         assert!(Summary::of(&[]).is_none());
-        assert_eq!(Summary::from_json(&s.to_json()), Some(s));
+        assert_eq!(serde_json::from_value::<Summary>(s.to_json()).unwrap(), s);
     }
 
     #[test]
