@@ -1,5 +1,17 @@
 //! `cargo xtask`: builds the guest images and host binaries, boots guests
 //! under QEMU, and runs every test leg.
+//!
+//! One job per module:
+//! - `infra/`: processes and their logs, machine setup, builds, the output
+//!   of `cargo test` and of a guest's serial console;
+//! - `vmm/`: QEMU, the host shim, and typed mirrors of the statistics the
+//!   shim writes (`vmm/stats.rs`: a key renamed in the shim fails the parse);
+//! - `scenario/`: what runs guests for a purpose (the ping-pong, the VM-queue
+//!   pipeline, hints, the doorbell flood...) and parses what they report;
+//! - `test/`: `cargo xtask test`, one `Leg` trait, the registry of legs, and
+//!   each leg with its judgement in `test/legs/`;
+//! - `run/`: `cargo xtask run`, its summaries and `--json` documents;
+//! - `bench/`: `cargo xtask bench`, its suites, runner and report.
 
 mod bench;
 mod error;
