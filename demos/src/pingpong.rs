@@ -1,4 +1,5 @@
-//! The UDP ping-pong protocol and its statistics.
+//! The UDP ping-pong protocol (its RTT percentiles come from
+//! `para_abi::report`, the definition the host uses too).
 //!
 //! A ping is `[magic u32][seq u64][padding]`; the server echoes it unchanged.
 //! The client ends the run with a datagram holding [`BYE`], which makes the
@@ -44,16 +45,6 @@ pub fn decode(p: &[u8]) -> Option<u64> {
     body_ok.then_some(seq)
 }
 
-/// The `p`-th percentile (0–100) of sorted samples, nearest-rank method.
-#[must_use]
-pub fn percentile(sorted: &[u64], p: u32) -> Option<u64> {
-    if sorted.is_empty() || p > 100 {
-        return None;
-    }
-    let rank = (u64::from(p) * sorted.len() as u64).div_ceil(100).max(1);
-    sorted.get(rank as usize - 1).copied()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -73,16 +64,5 @@ mod tests {
             HEADER_LEN,
             "size is at least the header"
         );
-    }
-
-    #[test]
-    fn nearest_rank_percentiles() {
-        let s: Vec<u64> = (1..=100).collect();
-        assert_eq!(percentile(&s, 50), Some(50));
-        assert_eq!(percentile(&s, 99), Some(99));
-        assert_eq!(percentile(&s, 100), Some(100));
-        assert_eq!(percentile(&[7], 99), Some(7));
-        assert_eq!(percentile(&[], 50), None);
-        assert_eq!(percentile(&s, 101), None);
     }
 }

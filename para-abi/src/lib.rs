@@ -16,5 +16,6 @@ pub mod hints;
 pub mod hypercall;
 pub mod layout;
 pub mod region;
+pub mod report;
 pub mod upcall;
 pub mod vmq;

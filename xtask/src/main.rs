@@ -1,28 +1,25 @@
 //! `cargo xtask`: builds the guest images and host binaries, boots guests
 //! under QEMU, and runs every test leg.
+//!
+//! One job per module:
+//! - `infra/`: processes and their logs, machine setup, builds, the output
+//!   of `cargo test` and of a guest's serial console;
+//! - `vmm/`: QEMU, the host shim, and typed mirrors of the statistics the
+//!   shim writes (`vmm/stats.rs`: a key renamed in the shim fails the parse);
+//! - `scenario/`: what runs guests for a purpose (the ping-pong, the VM-queue
+//!   pipeline, hints, the doorbell flood...) and parses what they report;
+//! - `test/`: `cargo xtask test`, one `Leg` trait, the registry of legs, and
+//!   each leg with its judgement in `test/legs/`;
+//! - `run/`: `cargo xtask run`, its summaries and `--json` documents;
+//! - `bench/`: `cargo xtask bench`, its suites, runner and report.
 
 mod bench;
-mod build;
-mod cargo_test;
-mod demo;
 mod error;
-mod flood;
-mod hints;
-mod interop;
-mod legs;
-mod logfile;
-mod pipeline;
-mod process;
-mod qemu;
-mod redesignate;
+mod infra;
 mod run;
-mod serial;
-mod setup;
-mod shim;
-mod sys;
-mod verdict;
-mod vmqnet;
-mod workspace;
+mod scenario;
+mod test;
+mod vmm;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -31,7 +28,10 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 
 use crate::error::{Error, Result};
-use crate::qemu::{Accel, Echo, Machine, Net};
+use crate::infra::{build, serial, sys};
+use crate::scenario::{pingpong, pipeline};
+use crate::test::{leg, registry, runner};
+use crate::vmm::qemu::{self, Accel, Echo, Machine, Net};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -134,13 +134,13 @@ struct RunArgs {
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=16))]
     vcpus: u32,
     /// RX mode of the guests' NICs: interrupt-driven or busy polling.
-    #[arg(long, value_enum, default_value_t = demo::Rx::Irq)]
-    rx: demo::Rx,
+    #[arg(long, value_enum, default_value_t = pingpong::Rx::Irq)]
+    rx: pingpong::Rx,
     /// How guests notify their NIC: exitless doorbells when the shim offers
     /// them (auto), the virtio notify register (trap), or doorbells (fails
     /// when not offered). The summary and JSON say which path was taken.
-    #[arg(long, value_enum, default_value_t = demo::Notify::Auto)]
-    notify: demo::Notify,
+    #[arg(long, value_enum, default_value_t = pingpong::Notify::Auto)]
+    notify: pingpong::Notify,
     /// Also write the results as JSON to FILE.
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
@@ -158,7 +158,7 @@ struct BenchArgs {
     #[arg(value_name = "SUITE")]
     suites: Vec<String>,
     /// Rounds per suite; every round measures each scenario once, interleaved.
-    #[arg(long, default_value_t = bench::DEFAULT_REPEATS, value_parser = clap::value_parser!(u32).range(1..=100))]
+    #[arg(long, default_value_t = bench::suite::DEFAULT_REPEATS, value_parser = clap::value_parser!(u32).range(1..=100))]
     repeats: u32,
     /// Only regenerate docs/benchmarks.md from the results in target/bench/.
     #[arg(long, conflicts_with_all = ["suites", "no_report"])]
@@ -215,10 +215,11 @@ fn main() -> ExitCode {
                 msg: args.msg,
                 timeout: Duration::from_secs(args.timeout),
             };
-            pipeline::run(&opts, args.json.as_deref(), args.verbose).map(|()| ExitCode::SUCCESS)
+            run::pipeline::run(&opts, args.json.as_deref(), args.verbose)
+                .map(|()| ExitCode::SUCCESS)
         }
         Command::Run(args) => {
-            let opts = demo::Options {
+            let opts = pingpong::Options {
                 guests: args.guests,
                 count: args.count,
                 size: args.size,
@@ -227,18 +228,19 @@ fn main() -> ExitCode {
                 notify: args.notify,
                 timeout: Duration::from_secs(args.timeout),
                 client_irq_cpu: None,
-                ..demo::Options::default()
+                ..pingpong::Options::default()
             };
-            run::run(&opts, args.json.as_deref(), args.verbose).map(|()| ExitCode::SUCCESS)
+            run::pingpong::run(&opts, args.json.as_deref(), args.verbose)
+                .map(|()| ExitCode::SUCCESS)
         }
         Command::Bench(args) => {
             if args.list {
-                for name in bench::suite_names() {
+                for name in bench::runner::suite_names() {
                     println!("{name}");
                 }
                 Ok(ExitCode::SUCCESS)
             } else {
-                bench::run(&bench::Options {
+                bench::runner::run(&bench::runner::Options {
                     suites: args.suites,
                     repeats: args.repeats,
                     report_only: args.report,
@@ -344,21 +346,21 @@ fn resolve_image(image: &str) -> Result<(PathBuf, &'static str)> {
 }
 
 fn test(args: &TestArgs) -> Result<ExitCode> {
-    let legs = legs::select(&args.legs)?;
+    let legs = registry::select(&args.legs)?;
     if args.list {
-        for leg in legs::LEGS {
-            println!("{:<10} {}", leg.name, leg.about);
+        for leg in registry::LEGS {
+            println!("{:<10} {}", leg.name(), leg.about());
         }
         return Ok(ExitCode::SUCCESS);
     }
-    let opts = legs::Options {
+    let opts = leg::Options {
         timeout: Duration::from_secs(args.timeout),
         verbose: args.verbose,
     };
-    let mut runner = legs::Runner::default();
+    let mut legs_run = runner::Runner::default();
     let mut results = Vec::new();
     for leg in legs {
-        let result = runner.run(leg, &opts);
+        let result = legs_run.run(leg, &opts);
         let failed = !result.outcome.ok();
         results.push(result);
         if failed && args.on_failure.fail_fast {
@@ -366,8 +368,8 @@ fn test(args: &TestArgs) -> Result<ExitCode> {
             break;
         }
     }
-    for line in legs::summary_lines(&results) {
+    for line in runner::summary_lines(&results) {
         println!("{line}");
     }
-    Ok(ExitCode::from(legs::exit_code(&results)))
+    Ok(ExitCode::from(runner::exit_code(&results)))
 }

@@ -19,11 +19,12 @@ mod guest {
 
     use alloc::vec::Vec;
     use core::time::Duration;
-    use demos::pingpong::{BYE, MARK_BEGIN, MARK_END, PORT, decode, encode, percentile};
+    use demos::pingpong::{BYE, MARK_BEGIN, MARK_END, PORT, decode, encode};
     use guest_kernel::println;
     use guest_kernel::rt::net::Net;
     use guest_kernel::rt::start::system;
     use guest_kernel::rt::time::Instant;
+    use para_abi::report::percentile;
     use smoltcp::wire::{IpEndpoint, Ipv4Address};
 
     guest_kernel::entry!(main);

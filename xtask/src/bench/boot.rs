@@ -1,15 +1,15 @@
 //! `cargo xtask bench boot`: time from starting the VMM to the guest's main,
 //! for the same PVH image under QEMU `-M q35` (SeaBIOS), QEMU `-M microvm`
-//! (qboot) and the host shim (issue 10 item 2).
+//! (qboot) and the host shim.
 
 use std::time::Duration;
 
-use super::{Better, Metric, RoundResult, Scenario, Suite};
+use super::suite::{Better, Metric, RoundResult, Scenario, Suite};
 use crate::error::{Error, Result};
-use crate::process::Line;
-use crate::qemu::{self, Accel, Echo, Machine, Net};
-use crate::serial::SerialLog;
-use crate::{build, shim};
+use crate::infra::process::Line;
+use crate::infra::serial::SerialLog;
+use crate::vmm::qemu::{self, Accel, Echo, Machine, Net};
+use crate::{infra::build, vmm::shim};
 
 /// A filter no test matches: ktest reaches main, runs nothing and exits 0.
 const APPEND: &str = "ktest.filter=-boot-only-";
@@ -124,7 +124,7 @@ impl Suite for Boot {
     }
 
     fn prepare(&mut self) -> Result<()> {
-        crate::setup::ensure_tool("qemu-system-x86_64", "qemu-system-x86")?;
+        crate::infra::setup::ensure_tool("qemu-system-x86_64", "qemu-system-x86")?;
         shim::build()?;
         build::build_guest(build::find_image("ktest")?)?;
         Ok(())

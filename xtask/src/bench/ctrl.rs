@@ -1,4 +1,4 @@
-//! `cargo xtask bench ctrl` (M4, issue 8): what one write of a control flag
+//! `cargo xtask bench ctrl` (M4): what one write of a control flag
 //! costs by the path it takes — owned (CR0.MP by `mov cr0` in a kernel call),
 //! shadowed (a store to the shadow word) and trapping (a hypercall) — in guest
 //! time (TSC → ns) and in KVM exits per write. Each round boots the ktest image
@@ -8,9 +8,9 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::{Better, Metric, RoundResult, Scenario, Suite};
+use super::suite::{Better, Metric, RoundResult, Scenario, Suite};
 use crate::error::{Error, Result};
-use crate::{build, shim};
+use crate::{infra::build, vmm::shim};
 
 pub struct Ctrl {
     prepared: Option<(PathBuf, PathBuf)>,

@@ -6,9 +6,9 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::{Better, Metric, RoundResult, Scenario, Suite};
+use super::suite::{Better, Metric, RoundResult, Scenario, Suite};
 use crate::error::{Error, Result};
-use crate::hints::{self, Outcome, Setup};
+use crate::scenario::hints::{self, Outcome, Setup};
 
 const PINGS: u64 = 1000;
 

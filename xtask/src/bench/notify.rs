@@ -1,4 +1,4 @@
-//! `cargo xtask bench notify` (issue 5 item 7): what one notification of the
+//! `cargo xtask bench notify`: what one notification of the
 //! host costs by each path, in one shim run of the ktest image's
 //! `notify_bench` test (`guest-kernel/src/bin/ktest/notify_bench.rs`; contract
 //! `para_abi::doorbell::bench`, host half `host-shim/src/doorbell/bench.rs`).
@@ -12,11 +12,12 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use serde_json::Value;
+use para_abi::report::percentile;
 
-use super::{Better, Metric, Plot, RoundResult, Scenario, Suite};
+use super::suite::{Better, Metric, Plot, RoundResult, Scenario, Suite};
 use crate::error::{Error, Result};
-use crate::{build, shim};
+use crate::vmm::stats::GuestStats;
+use crate::{infra::build, vmm::shim};
 
 /// Notifications per path and round (the parked path sends a quarter of these,
 /// each after a pause).
@@ -170,54 +171,43 @@ impl Suite for Notify {
 
 #[allow(clippy::cast_precision_loss)] // counts far below 2^52
 /// Fills `r` from the guest's stats entry (`doorbell.notify_bench` and `marks`).
-fn parse(g: &Value, r: &mut RoundResult) -> Result<()> {
-    let nb = &g["doorbell"]["notify_bench"];
-    if !nb.is_object() {
+fn parse(g: &GuestStats, r: &mut RoundResult) -> Result<()> {
+    let Some(nb) = &g.doorbell.notify_bench else {
         return Err(Error::failed(
             "the shim's stats have no doorbell.notify_bench",
         ));
-    }
-    let mark = |label: u64| {
-        g["marks"]
-            .as_array()?
-            .iter()
-            .find(|m| m["label"].as_u64() == Some(label))?["exits"]
-            .as_u64()
     };
+    let mark = |label: u64| Some(g.mark(label)?.exits);
     for (id, _, tag) in PATHS {
-        let p = &nb["paths"][id];
-        let count = p["guest_count"].as_u64().unwrap_or(0);
+        let Some(p) = nb.paths.get(id) else {
+            return Err(Error::failed(format!(
+                "path {id}: no notifications measured"
+            )));
+        };
+        let count = p.guest_count;
         if count == 0 {
             return Err(Error::failed(format!(
                 "path {id}: no notifications measured"
             )));
         }
-        let observed = p["observed"].as_u64().unwrap_or(0);
+        let observed = p.observed;
         if observed != count {
             return Err(Error::failed(format!(
                 "path {id}: the host observed {observed} of {count} notifications"
             )));
         }
-        r.set(id, "guest_ns", p["guest_ns"].as_f64().unwrap_or(f64::NAN));
-        let mut lat: Vec<f64> = p["latency_ns"]
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(Value::as_f64)
-                    .map(|ns| ns / 1e3)
-                    .collect()
-            })
-            .unwrap_or_default();
+        r.set(id, "guest_ns", p.guest_ns);
+        let mut lat: Vec<f64> = p.latency_ns.iter().map(|ns| ns / 1e3).collect();
         lat.sort_by(f64::total_cmp);
         r.set(
             id,
             "latency_p50_us",
-            super::stats::percentile_sorted(&lat, 50.0),
+            percentile(&lat, 50).unwrap_or(f64::NAN),
         );
         r.set(
             id,
             "latency_p99_us",
-            super::stats::percentile_sorted(&lat, 99.0),
+            percentile(&lat, 99).unwrap_or(f64::NAN),
         );
         r.samples(id, "latency_us", &lat);
         // para_abi::doorbell::bench::mark_before / mark_after.
@@ -230,8 +220,8 @@ fn parse(g: &Value, r: &mut RoundResult) -> Result<()> {
             );
         }
     }
-    let err = nb["offset_error_cycles"].as_u64().unwrap_or(0);
-    let khz = nb["tsc_khz"].as_u64().unwrap_or(0).max(1);
+    let err = nb.offset_error_cycles;
+    let khz = nb.tsc_khz.max(1);
     r.note(format!(
         "KVM TSC offset measured to within ±{:.1} µs (half the host-rdtsc bracket around KVM_GET_MSRS)",
         err as f64 / khz as f64 * 1e3
@@ -243,32 +233,48 @@ fn parse(g: &Value, r: &mut RoundResult) -> Result<()> {
 mod tests {
     #![allow(clippy::float_cmp)] // exact small values
     use super::*;
-    use serde_json::json;
+    use crate::vmm::stats::{self, NotifyPath, mark};
 
     #[test]
     fn parses_the_shims_figures() {
-        let path = |n: u64, lat: &[f64]| json!({"guest_count": n, "observed": n, "guest_ns": 200.0, "latency_ns": lat});
-        let g = json!({
-            "doorbell": {"notify_bench": {"tsc_offset": 5, "offset_error_cycles": 2000, "tsc_khz": 2_000_000, "paths": {
-                "mmio_exit": path(4, &[9000.0, 8000.0, 10000.0, 11000.0]),
-                "ioeventfd": path(2, &[1.0, 2.0]),
-                "doorbell_spin": path(2, &[1.0, 2.0]),
-                "doorbell_parked": path(2, &[1.0, 2.0]),
-            }}},
-            "marks": [{"label": 0x102, "exits": 10}, {"label": 0x103, "exits": 18}],
-        });
+        let path = |n: u64, lat: &[f64]| NotifyPath {
+            guest_count: n,
+            observed: n,
+            guest_ns: 200.0,
+            latency_ns: lat.to_vec(),
+        };
+        let mut g = stats::sample("ktest");
+        let nb = g.doorbell.notify_bench.as_mut().unwrap();
+        (nb.offset_error_cycles, nb.tsc_khz) = (2000, 2_000_000);
+        nb.paths = [
+            ("mmio_exit", path(4, &[9000.0, 8000.0, 10000.0, 11000.0])),
+            ("ioeventfd", path(2, &[1.0, 2.0])),
+            ("doorbell_spin", path(2, &[1.0, 2.0])),
+            ("doorbell_parked", path(2, &[1.0, 2.0])),
+        ]
+        .into_iter()
+        .map(|(k, p)| (k.to_owned(), p))
+        .collect();
+        g.marks = vec![mark(0x102, 10, 0, 0), mark(0x103, 18, 0, 0)];
         let mut r = RoundResult::default();
         parse(&g, &mut r).unwrap();
         let a = &r.values["mmio_exit"];
         assert_eq!(a["exits_per_notification"], 2.0);
-        assert_eq!(a["latency_p50_us"], 9.5);
-        assert!((a["latency_p99_us"] - 10.97).abs() < 1e-9);
+        // Nearest rank over 8, 9, 10, 11 µs.
+        assert_eq!(a["latency_p50_us"], 9.0);
+        assert_eq!(a["latency_p99_us"], 11.0);
         assert_eq!(a["guest_ns"], 200.0);
         assert!(!r.values["ioeventfd"].contains_key("exits_per_notification"));
         assert_eq!(r.distributions["mmio_exit"]["latency_us"].len(), 4);
         // A path the host did not see in full fails the round.
         let mut bad = g.clone();
-        bad["doorbell"]["notify_bench"]["paths"]["ioeventfd"]["observed"] = json!(1);
+        let nb = bad.doorbell.notify_bench.as_mut().unwrap();
+        nb.paths.get_mut("ioeventfd").unwrap().observed = 1;
         assert!(parse(&bad, &mut RoundResult::default()).is_err());
+        // So does one it did not see at all.
+        let mut gone = g;
+        let nb = gone.doorbell.notify_bench.as_mut().unwrap();
+        nb.paths.remove("doorbell_parked");
+        assert!(parse(&gone, &mut RoundResult::default()).is_err());
     }
 }

@@ -1,15 +1,15 @@
 //! `cargo xtask bench pingpong`: the same UDP ping-pong guest image, two guests,
 //! under QEMU/KVM (q35, socket netdev) and under the host shim with trapping and
-//! with doorbell notification (issue 10 item 2–3).
+//! with doorbell notification.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use super::probe::{Probe, Seen};
-use super::{Better, Metric, Plot, RoundResult, Scenario, Suite};
-use crate::demo::{self, Notify, Report};
+use super::suite::{Better, Metric, Plot, RoundResult, Scenario, Suite};
 use crate::error::{Error, Result};
-use crate::{build, shim};
+use crate::scenario::pingpong::{self, Notify, Report};
+use crate::{infra::build, vmm::shim};
 
 /// Pings per round: enough that boot is a small share of the CPU and exit
 /// totals, few enough that a round takes seconds.
@@ -34,18 +34,18 @@ impl Pingpong {
         Self { port: 17_400 }
     }
 
-    fn options(notify: Notify) -> demo::Options {
-        demo::Options {
+    fn options(notify: Notify) -> pingpong::Options {
+        pingpong::Options {
             count: PINGS,
             notify,
             timeout: Duration::from_secs(90),
             extra_cmdline: format!("pingpong.linger_ms={LINGER_MS} pingpong.quantiles=1"),
-            ..demo::Options::default()
+            ..pingpong::Options::default()
         }
     }
 
     fn run_qemu(&mut self, r: &mut RoundResult) -> Result<()> {
-        let dir = super::results_dir()?.join("qmp");
+        let dir = super::suite::results_dir()?.join("qmp");
         std::fs::create_dir_all(&dir)
             .map_err(|e| Error::failed(format!("cannot create {}: {e}", dir.display())))?;
         let socks: Vec<_> = ["server", "client1"]
@@ -64,7 +64,7 @@ impl Pingpong {
             self.port + 1
         };
         let probe = Probe::start(&["qemu-system-x86"], socks);
-        let report = demo::on_qemu(&opts, "bench-pingpong-qemu", self.port);
+        let report = pingpong::on_qemu(&opts, "bench-pingpong-qemu", self.port);
         let seen = probe.finish();
         let report = report?;
         let kvm: Vec<BTreeMap<String, u64>> = seen.kvm.values().cloned().collect();
@@ -78,7 +78,7 @@ impl Pingpong {
         let mut opts = Self::options(notify);
         opts.shim_args = args.iter().map(|a| (*a).to_owned()).collect();
         let probe = Probe::start(&["host-shim"], Vec::new());
-        let report = demo::on_shim(&opts, &format!("bench-pingpong-{id}"), |_| {});
+        let report = pingpong::on_shim(&opts, &format!("bench-pingpong-{id}"), |_| {});
         let seen = probe.finish();
         let report = report?;
         let kvm: Vec<BTreeMap<String, u64>> = report
@@ -99,7 +99,7 @@ fn record(
     kvm: &[BTreeMap<String, u64>],
     seen: &Seen,
 ) -> Result<()> {
-    crate::verdict::require_all(&format!("{id}: the ping-pong failed"), &report.checks)?;
+    crate::test::verdict::require_all(&format!("{id}: the ping-pong failed"), &report.checks)?;
     let Some(c) = report.clients.first() else {
         return Err(Error::failed(format!("{id}: no client result")));
     };
@@ -219,7 +219,7 @@ impl Suite for Pingpong {
     }
 
     fn prepare(&mut self) -> Result<()> {
-        crate::setup::ensure_tool("qemu-system-x86_64", "qemu-system-x86")?;
+        crate::infra::setup::ensure_tool("qemu-system-x86_64", "qemu-system-x86")?;
         shim::build()?;
         build::build_guest(build::find_image("udp-pingpong")?)?;
         Ok(())

@@ -7,10 +7,12 @@ use std::path::Path;
 
 use serde_json::Value;
 
+use super::results::{PlotDef, Results};
 use super::stats::{Summary, fmt_num};
-use super::{results_dir, svg};
+use super::suite::results_dir;
+use super::svg;
 use crate::error::{Error, Result};
-use crate::workspace;
+use crate::infra::workspace;
 
 /// Suites in report order; any other results file follows alphabetically.
 const ORDER: [&str; 8] = [
@@ -27,18 +29,7 @@ const ORDER: [&str; 8] = [
 const README_START: &str = "<!-- bench:headline:start -->";
 const README_END: &str = "<!-- bench:headline:end -->";
 
-fn str_of<'a>(v: &'a Value, key: &str) -> &'a str {
-    v.get(key).and_then(Value::as_str).unwrap_or("")
-}
-
-fn items(v: &Value, key: &str) -> Vec<Value> {
-    v.get(key)
-        .and_then(Value::as_array)
-        .cloned()
-        .unwrap_or_default()
-}
-
-fn cell(s: Option<Summary>) -> String {
+fn cell(s: Option<&Summary>) -> String {
     match s {
         None => "—".into(),
         Some(s) if s.n == 1 || (s.min - s.max).abs() < f64::EPSILON => fmt_num(s.median),
@@ -51,33 +42,19 @@ fn cell(s: Option<Summary>) -> String {
     }
 }
 
-fn summary_at(doc: &Value, table: &str, scenario: &str, metric: &str) -> Option<Summary> {
-    Summary::from_json(doc.get(table)?.get(scenario)?.get(metric)?)
-}
-
 /// Markdown rows: one per scenario, one column per metric.
-fn value_table(doc: &Value) -> Vec<String> {
-    let metrics = items(doc, "metrics");
+fn value_table(doc: &Results) -> Vec<String> {
     let mut head = String::from("| scenario |");
     let mut rule = String::from("|---|");
-    for m in &metrics {
-        let _ = write!(head, " {} ({}) |", str_of(m, "label"), str_of(m, "unit"));
+    for m in &doc.metrics {
+        let _ = write!(head, " {} ({}) |", m.label, m.unit);
         rule.push_str("---:|");
     }
     let mut out = vec![head, rule];
-    for s in items(doc, "scenarios") {
-        let mut row = format!("| {} |", str_of(&s, "label"));
-        for m in &metrics {
-            let _ = write!(
-                row,
-                " {} |",
-                cell(summary_at(
-                    doc,
-                    "summary",
-                    str_of(&s, "id"),
-                    str_of(m, "id")
-                ))
-            );
+    for s in &doc.scenarios {
+        let mut row = format!("| {} |", s.label);
+        for m in &doc.metrics {
+            let _ = write!(row, " {} |", cell(Results::at(&doc.summary, &s.id, &m.id)));
         }
         out.push(row);
     }
@@ -85,34 +62,27 @@ fn value_table(doc: &Value) -> Vec<String> {
 }
 
 /// Markdown rows of ratios to the baseline (pair by pair within rounds).
-fn ratio_table(doc: &Value) -> Vec<String> {
-    let Some(base) = doc.get("baseline").and_then(Value::as_str) else {
+fn ratio_table(doc: &Results) -> Vec<String> {
+    let Some(base) = &doc.baseline else {
         return Vec::new();
     };
-    let ratios = match doc.get("ratios").and_then(Value::as_object) {
-        Some(r) if !r.is_empty() => r,
-        _ => return Vec::new(),
-    };
-    let base_label = items(doc, "scenarios")
-        .iter()
-        .find(|s| str_of(s, "id") == base)
-        .map_or_else(|| base.to_owned(), |s| str_of(s, "label").to_owned());
-    let metrics = items(doc, "metrics");
-    let mut head = format!("| ratio to {base_label} |");
+    if doc.ratios.is_empty() {
+        return Vec::new();
+    }
+    let mut head = format!("| ratio to {} |", doc.scenario_label(base));
     let mut rule = String::from("|---|");
-    for m in &metrics {
-        let _ = write!(head, " {} |", str_of(m, "label"));
+    for m in &doc.metrics {
+        let _ = write!(head, " {} |", m.label);
         rule.push_str("---:|");
     }
     let mut out = vec![head, rule];
-    for s in items(doc, "scenarios") {
-        let id = str_of(&s, "id");
-        if !ratios.contains_key(id) {
+    for s in &doc.scenarios {
+        if !doc.ratios.contains_key(&s.id) {
             continue;
         }
-        let mut row = format!("| {} |", str_of(&s, "label"));
-        for m in &metrics {
-            let c = cell(summary_at(doc, "ratios", id, str_of(m, "id")));
+        let mut row = format!("| {} |", s.label);
+        for m in &doc.metrics {
+            let c = cell(Results::at(&doc.ratios, &s.id, &m.id));
             let _ = write!(row, " {}{} |", c, if c == "—" { "" } else { "×" });
         }
         out.push(row);
@@ -121,11 +91,10 @@ fn ratio_table(doc: &Value) -> Vec<String> {
 }
 
 /// The aggregate as plain text (what `cargo xtask bench` prints after a suite).
-pub fn text_table(doc: &Value) -> Vec<String> {
+pub fn text_table(doc: &Results) -> Vec<String> {
     let mut out = vec![format!(
         "bench {}: median (min–max) over {} round(s)",
-        str_of(doc, "suite"),
-        doc.get("rounds_ok").and_then(Value::as_u64).unwrap_or(0)
+        doc.suite, doc.rounds_ok
     )];
     out.extend(value_table(doc));
     let r = ratio_table(doc);
@@ -136,55 +105,51 @@ pub fn text_table(doc: &Value) -> Vec<String> {
     out
 }
 
-fn plot_files(doc: &Value, dir: &Path) -> Result<Vec<(String, String)>> {
-    let suite = str_of(doc, "suite");
-    let scenarios = items(doc, "scenarios");
-    let metrics = items(doc, "metrics");
+fn plot_files(doc: &Results, dir: &Path) -> Result<Vec<(String, String)>> {
+    let suite = &doc.suite;
     let mut made = Vec::new();
-    for (i, p) in items(doc, "plots").iter().enumerate() {
-        let (title, text) = match str_of(p, "kind") {
-            "bars" => {
-                let id = str_of(p, "metric");
-                let Some(m) = metrics.iter().find(|m| str_of(m, "id") == id) else {
+    for (i, p) in doc.plots.iter().enumerate() {
+        let (title, text) = match p {
+            PlotDef::Bars { metric: id } => {
+                let Some(m) = doc.metric(id) else {
                     continue;
                 };
-                let rows: Vec<(String, f64, f64, f64)> = scenarios
+                let rows: Vec<(String, f64, f64, f64)> = doc
+                    .scenarios
                     .iter()
                     .filter_map(|s| {
-                        let v = summary_at(doc, "summary", str_of(s, "id"), id)?;
-                        Some((str_of(s, "label").to_owned(), v.median, v.min, v.max))
+                        let v = Results::at(&doc.summary, &s.id, id)?;
+                        Some((s.label.clone(), v.median, v.min, v.max))
                     })
                     .collect();
                 if rows.is_empty() {
                     continue;
                 }
-                let title = format!("{suite}: {}", str_of(m, "label"));
-                let t = svg::bars(&title, str_of(m, "unit"), &rows);
+                let title = format!("{suite}: {}", m.label);
+                let t = svg::bars(&title, &m.unit, &rows);
                 (title, t)
             }
-            "cdf" => {
-                let d = str_of(p, "distribution");
-                let series: Vec<(String, Vec<f64>)> = scenarios
+            PlotDef::Cdf {
+                distribution,
+                label,
+                unit,
+            } => {
+                let series: Vec<(String, Vec<f64>)> = doc
+                    .scenarios
                     .iter()
                     .filter_map(|s| {
-                        let v = doc
-                            .get("distributions")?
-                            .get(str_of(s, "id"))?
-                            .get(d)?
-                            .as_array()?;
-                        let mut xs: Vec<f64> = v.iter().filter_map(Value::as_f64).collect();
+                        let mut xs = doc.distributions.get(&s.id)?.get(distribution)?.clone();
                         xs.sort_by(f64::total_cmp);
-                        Some((str_of(s, "label").to_owned(), xs))
+                        Some((s.label.clone(), xs))
                     })
                     .collect();
                 if series.is_empty() {
                     continue;
                 }
-                let title = format!("{suite}: {} distribution", str_of(p, "label"));
-                let t = svg::cdf(&title, str_of(p, "unit"), &series);
+                let title = format!("{suite}: {label} distribution");
+                let t = svg::cdf(&title, unit, &series);
                 (title, t)
             }
-            _ => continue,
         };
         let name = format!("{suite}-{i}.svg");
         let path = dir.join(&name);
@@ -195,28 +160,21 @@ fn plot_files(doc: &Value, dir: &Path) -> Result<Vec<(String, String)>> {
     Ok(made)
 }
 
-fn machine_section(doc: &Value) -> Vec<String> {
-    let m = doc.get("machine").cloned().unwrap_or(Value::Null);
-    let g = |k: &str| {
-        m.get(k).map_or_else(
-            || "unknown".to_owned(),
-            |v| v.as_str().map_or_else(|| v.to_string(), str::to_owned),
-        )
-    };
+fn machine_section(doc: &Results) -> Vec<String> {
+    let m = &doc.machine;
     vec![
-        format!("- CPU: {} ({} cores visible)", g("cpu"), g("cores")),
-        format!("- Memory: {}", g("memory")),
-        format!("- Kernel: {}", g("kernel")),
+        format!("- CPU: {} ({} cores visible)", m.cpu, m.cores),
+        format!("- Memory: {}", m.memory),
+        format!("- Kernel: {}", m.kernel),
         format!(
             "- KVM backend: {} (hardware virtualization flag in /proc/cpuinfo: {})",
-            g("kvm_backend"),
-            g("hardware_virtualization_flag")
+            m.kvm_backend, m.hardware_virtualization_flag
         ),
-        format!("- QEMU: {}", g("qemu")),
+        format!("- QEMU: {}", m.qemu),
     ]
 }
 
-fn load_results() -> Result<Vec<Value>> {
+fn load_results() -> Result<Vec<Results>> {
     let dir = results_dir()?;
     let mut docs = Vec::new();
     let entries = std::fs::read_dir(&dir)
@@ -230,15 +188,21 @@ fn load_results() -> Result<Vec<Value>> {
             .map_err(|e| Error::failed(format!("cannot read {}: {e}", path.display())))?;
         let doc: Value = serde_json::from_str(&text)
             .map_err(|e| Error::failed(format!("{} is not valid JSON: {e}", path.display())))?;
-        if doc.get("suite").and_then(Value::as_str).is_some() {
-            docs.push(doc);
+        // Other JSON in the folder (no `suite` key) is not a results file.
+        if doc.get("suite").is_none() {
+            continue;
         }
+        docs.push(Results::parse(&text).map_err(|e| {
+            Error::failed(format!("{} is not a results file: {e}", path.display()))
+        })?);
     }
-    let rank = |d: &Value| {
-        let s = str_of(d, "suite");
+    let rank = |d: &Results| {
         (
-            ORDER.iter().position(|o| *o == s).unwrap_or(ORDER.len()),
-            s.to_owned(),
+            ORDER
+                .iter()
+                .position(|o| *o == d.suite)
+                .unwrap_or(ORDER.len()),
+            d.suite.clone(),
         )
     };
     docs.sort_by_key(rank);
@@ -247,31 +211,24 @@ fn load_results() -> Result<Vec<Value>> {
 
 /// Headline lines: the ratios to the baseline of the (scenario, metric) pairs
 /// each suite names as its headline.
-fn headline(docs: &[Value]) -> Vec<String> {
+fn headline(docs: &[Results]) -> Vec<String> {
     let mut out = Vec::new();
     for doc in docs {
-        let Some(base) = doc.get("baseline").and_then(Value::as_str) else {
+        let Some(base) = &doc.baseline else {
             continue;
         };
-        let scen = items(doc, "scenarios");
-        let label = |id: &str| {
-            scen.iter()
-                .find(|s| str_of(s, "id") == id)
-                .map_or_else(|| id.to_owned(), |s| str_of(s, "label").to_owned())
-        };
-        let metrics = items(doc, "metrics");
-        for pair in items(doc, "headline") {
-            let (id, metric) = (str_of(&pair, "scenario"), str_of(&pair, "metric"));
-            let Some(m) = metrics.iter().find(|m| str_of(m, "id") == metric) else {
+        for pair in &doc.headline {
+            let (id, metric) = (pair.scenario.as_str(), pair.metric.as_str());
+            let Some(m) = doc.metric(metric) else {
                 continue;
             };
-            if let Some(r) = summary_at(doc, "ratios", id, metric) {
+            if let Some(r) = Results::at(&doc.ratios, id, metric) {
                 out.push(format!(
                     "- `{}` {}: {} / {} = **{}×** (median of per-round ratios, {}–{})",
-                    str_of(doc, "suite"),
-                    str_of(m, "label"),
-                    label(id),
-                    label(base),
+                    doc.suite,
+                    m.label,
+                    doc.scenario_label(id),
+                    doc.scenario_label(base),
                     fmt_num(r.median),
                     fmt_num(r.min),
                     fmt_num(r.max)
@@ -321,16 +278,13 @@ pub fn write_report() -> Result<()> {
     }
     for doc in &docs {
         md.push(String::new());
-        md.push(format!("## `{}`", str_of(doc, "suite")));
+        md.push(format!("## `{}`", doc.suite));
         md.push(String::new());
-        md.push(str_of(doc, "about").to_owned());
+        md.push(doc.about.clone());
         md.push(String::new());
         md.push(format!(
             "Command: `{}` — finished {} UTC, {} of {} rounds succeeded.",
-            str_of(doc, "command"),
-            str_of(doc, "finished_utc"),
-            doc.get("rounds_ok").and_then(Value::as_u64).unwrap_or(0),
-            doc.get("repeats").and_then(Value::as_u64).unwrap_or(0)
+            doc.command, doc.finished_utc, doc.rounds_ok, doc.repeats
         ));
         md.push(String::new());
         md.extend(value_table(doc));
@@ -339,17 +293,13 @@ pub fn write_report() -> Result<()> {
             md.push(String::new());
             md.extend(r);
         }
-        for n in items(doc, "notes") {
-            if let Some(n) = n.as_str() {
-                md.push(String::new());
-                md.push(format!("Note: {n}"));
-            }
+        for n in &doc.notes {
+            md.push(String::new());
+            md.push(format!("Note: {n}"));
         }
-        for e in items(doc, "round_errors") {
-            if let Some(e) = e.as_str() {
-                md.push(String::new());
-                md.push(format!("Failed round: {e}"));
-            }
+        for e in &doc.round_errors {
+            md.push(String::new());
+            md.push(format!("Failed round: {e}"));
         }
         for (title, file) in plot_files(doc, &plot_dir)? {
             md.push(String::new());
@@ -395,16 +345,23 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn doc() -> Value {
-        json!({
-            "suite": "x", "baseline": "a", "rounds_ok": 2,
+    fn doc() -> Results {
+        let s = |median: f64, min: f64, max: f64| json!({"median": median, "min": min, "max": max, "n": 2});
+        serde_json::from_value(json!({
+            "suite": "x", "about": "x things", "command": "cargo xtask bench x",
+            "finished_utc": "2026-12-04 12:00:00", "repeats": 2, "rounds_ok": 2,
+            "round_errors": [], "notes": [], "plots": [{"kind": "bars", "metric": "t"}],
+            "machine": {"cpu": "c", "cores": 2, "memory": "m", "kernel": "k",
+                        "kvm_backend": "kvm_pvm", "hardware_virtualization_flag": false, "qemu": "q"},
+            "baseline": "a",
             "headline": [{"scenario": "b", "metric": "t"}],
             "scenarios": [{"id": "a", "label": "A"}, {"id": "b", "label": "B"}],
             "metrics": [{"id": "t", "label": "time", "unit": "µs", "better": "lower"}],
-            "summary": {"a": {"t": {"median": 2.0, "min": 1.0, "max": 3.0, "n": 2}},
-                        "b": {"t": {"median": 1.0, "min": 1.0, "max": 1.0, "n": 2}}},
-            "ratios": {"b": {"t": {"median": 0.5, "min": 0.4, "max": 0.6, "n": 2}}},
-        })
+            "summary": {"a": {"t": s(2.0, 1.0, 3.0)}, "b": {"t": s(1.0, 1.0, 1.0)}},
+            "ratios": {"b": {"t": s(0.5, 0.4, 0.6)}},
+            "distributions": {},
+        }))
+        .unwrap()
     }
 
     #[test]
@@ -418,5 +375,9 @@ mod tests {
         let h = headline(&[doc()]);
         assert_eq!(h.len(), 1);
         assert!(h[0].contains("B / A = **0.500×**"));
+        assert_eq!(
+            machine_section(&doc())[3],
+            "- KVM backend: kvm_pvm (hardware virtualization flag in /proc/cpuinfo: false)"
+        );
     }
 }

@@ -1,9 +1,12 @@
 //! Order statistics for benchmark rounds and samples.
 
+use para_abi::report::percentile;
 use serde_json::{Value, json};
 
-/// Median with min–max over a set of values.
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// Median with min–max over a set of values. The median is the nearest-rank
+/// 50th percentile (`para_abi::report::percentile`, the definition the guests
+/// use): always one of the values, the lower middle one of an even count.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Deserialize)]
 pub struct Summary {
     pub median: f64,
     pub min: f64,
@@ -20,7 +23,7 @@ impl Summary {
         }
         v.sort_by(f64::total_cmp);
         Some(Self {
-            median: percentile_sorted(&v, 50.0),
+            median: percentile(&v, 50)?,
             min: v[0],
             max: v[v.len() - 1],
             n: v.len(),
@@ -30,32 +33,6 @@ impl Summary {
     pub fn to_json(self) -> Value {
         json!({"median": self.median, "min": self.min, "max": self.max, "n": self.n})
     }
-
-    pub fn from_json(v: &Value) -> Option<Self> {
-        Some(Self {
-            median: v.get("median")?.as_f64()?,
-            min: v.get("min")?.as_f64()?,
-            max: v.get("max")?.as_f64()?,
-            n: usize::try_from(v.get("n")?.as_u64()?).ok()?,
-        })
-    }
-}
-
-/// The `p`th percentile (0–100) of sorted values, by linear interpolation
-/// between closest ranks (the median of an even set is the mean of the middle two).
-#[allow(
-    clippy::cast_precision_loss,
-    clippy::cast_possible_truncation,
-    clippy::cast_sign_loss
-)]
-pub fn percentile_sorted(v: &[f64], p: f64) -> f64 {
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    let rank = (p / 100.0).clamp(0.0, 1.0) * (v.len() - 1) as f64;
-    let lo = rank.floor() as usize;
-    let hi = rank.ceil() as usize;
-    v[lo] + (v[hi] - v[lo]) * (rank - lo as f64)
 }
 
 /// At most `max` values, evenly spaced in sorted order (keeps a CDF's shape while
@@ -107,16 +84,9 @@ mod tests {
         let s = Summary::of(&[5.0, 1.0, 3.0, f64::NAN]).unwrap();
         assert_eq!((s.median, s.min, s.max, s.n), (3.0, 1.0, 5.0, 3));
         let s = Summary::of(&[4.0, 1.0, 3.0, 2.0]).unwrap();
-        assert!((s.median - 2.5).abs() < 1e-12);
+        assert_eq!(s.median, 2.0, "nearest rank: the lower middle value");
         assert!(Summary::of(&[]).is_none());
-        assert_eq!(Summary::from_json(&s.to_json()), Some(s));
-    }
-
-    #[test]
-    fn percentiles_interpolate() {
-        let v: Vec<f64> = (0..=100).map(f64::from).collect();
-        assert!((percentile_sorted(&v, 99.0) - 99.0).abs() < 1e-12);
-        assert!((percentile_sorted(&[1.0, 2.0], 50.0) - 1.5).abs() < 1e-12);
+        assert_eq!(serde_json::from_value::<Summary>(s.to_json()).unwrap(), s);
     }
 
     #[test]

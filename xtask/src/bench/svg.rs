@@ -4,6 +4,8 @@
 
 use std::fmt::Write as _;
 
+use para_abi::report::percentile;
+
 use super::stats::fmt_num;
 
 const WIDTH: f64 = 720.0;
@@ -124,7 +126,7 @@ pub fn cdf(title: &str, unit: &str, series: &[(String, Vec<f64>)]) -> String {
     let x_max = nice_ceiling(
         series
             .iter()
-            .map(|(_, v)| super::stats::percentile_sorted(v, 99.0))
+            .filter_map(|(_, v)| percentile(v, 99))
             .filter(|x| x.is_finite())
             .fold(0.0, f64::max),
     );

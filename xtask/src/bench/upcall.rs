@@ -1,4 +1,4 @@
-//! `cargo xtask bench upcall` (issue 7, M3): upcall delivery through KVM's
+//! `cargo xtask bench upcall` (M3): upcall delivery through KVM's
 //! interrupt-window exit against the naive polling path, in one shim binary
 //! (`--upcalls window` / `--upcalls poll`), on the ktest image's three upcall
 //! tests (masked 2 ms with a ping posted inside, twice; a 4000-ping storm at one
@@ -7,11 +7,10 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use serde_json::Value;
-
-use super::{Better, Metric, RoundResult, Scenario, Suite};
+use super::suite::{Better, Metric, RoundResult, Scenario, Suite};
 use crate::error::{Error, Result};
-use crate::shim;
+use crate::vmm::shim;
+use crate::vmm::stats::GuestStats;
 
 /// The storm's size and the labels of the marks around it (ktest `upcall.rs`).
 const STORM_PINGS: f64 = 4000.0;
@@ -54,7 +53,7 @@ impl UpcallSuite {
         let failed = serial
             .tests
             .iter()
-            .filter(|t| t.outcome != crate::serial::Outcome::Ok)
+            .filter(|t| t.outcome != crate::infra::serial::Outcome::Ok)
             .count();
         if failed > 0 || serial.tests.len() != 3 {
             return Err(Error::failed(format!(
@@ -101,33 +100,28 @@ impl UpcallSuite {
 }
 
 /// The figures the shim's stats JSON gives for one run.
-fn stats_metrics(mode: &str, g: &Value, result: &mut RoundResult) {
-    let u = &g["upcalls"];
-    let us = |v: &Value| v.as_f64().map_or(f64::NAN, |ns| ns / 1000.0);
-    result.set(mode, "open_latency_us", us(&u["latency_open"]["mean_ns"]));
+#[allow(clippy::cast_precision_loss)] // counts and ns far below 2^52
+fn stats_metrics(mode: &str, g: &GuestStats, result: &mut RoundResult) {
+    let u = g.upcalls.as_ref();
+    let us = |ns: Option<u64>| ns.map_or(f64::NAN, |ns| ns as f64 / 1000.0);
+    result.set(
+        mode,
+        "open_latency_us",
+        us(u.map(|u| u.latency_open.mean_ns)),
+    );
     result.set(
         mode,
         "deferred_latency_us",
-        us(&u["latency_deferred"]["mean_ns"]),
+        us(u.map(|u| u.latency_deferred.mean_ns)),
     );
-    let mark = |label: u64| {
-        g["marks"]
-            .as_array()?
-            .iter()
-            .find(|m| m["label"].as_u64() == Some(label))?["exits"]
-            .as_f64()
-    };
+    let mark = |label: u64| Some(g.mark(label)?.exits as f64);
     if let (Some(a), Some(b)) = (mark(MARK_BEFORE), mark(MARK_AFTER)) {
         result.set(mode, "storm_exits_per_upcall", (b - a) / STORM_PINGS);
     }
     // Exits the upcall path itself causes: kicks (EINTR) and window exits.
-    let kicks: f64 = g["vcpus"].as_array().map_or(0.0, |v| {
-        v.iter().filter_map(|c| c["exits"]["intr"].as_f64()).sum()
-    });
-    let requested: f64 = u["requested"]
-        .as_object()
-        .map_or(0.0, |m| m.values().filter_map(Value::as_f64).sum());
-    let window = u["irq_window_exits"].as_f64().unwrap_or(0.0);
+    let kicks = g.intr_exits() as f64;
+    let requested = u.map_or(0, |u| u.requested.total()) as f64;
+    let window = u.map_or(0, |u| u.irq_window_exits) as f64;
     if requested > 0.0 {
         result.set(
             mode,
@@ -213,7 +207,7 @@ impl Suite for UpcallSuite {
     }
 
     fn prepare(&mut self) -> Result<()> {
-        let image = crate::build::build_guest(crate::build::find_image("ktest")?)?;
+        let image = crate::infra::build::build_guest(crate::infra::build::find_image("ktest")?)?;
         self.shim = Some(shim::build()?);
         self.image = Some(image);
         Ok(())

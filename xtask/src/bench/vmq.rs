@@ -3,9 +3,9 @@
 
 use std::time::Duration;
 
-use super::{Better, Metric, RoundResult, Scenario, Suite};
+use super::suite::{Better, Metric, RoundResult, Scenario, Suite};
 use crate::error::{Error, Result};
-use crate::pipeline::{self, Policy, Transfer};
+use crate::scenario::pipeline::{self, Policy, Transfer};
 
 /// MiB each run moves: enough for hundreds of 64 KiB messages, short enough
 /// that 12 scenarios × a few rounds stay well under 15 minutes.
@@ -151,8 +151,8 @@ impl Suite for Vmq {
     }
 
     fn prepare(&mut self) -> Result<()> {
-        crate::shim::build()?;
-        crate::build::build_guest(crate::build::find_image("pipeline")?)?;
+        crate::vmm::shim::build()?;
+        crate::infra::build::build_guest(crate::infra::build::find_image("pipeline")?)?;
         Ok(())
     }
 

@@ -6,7 +6,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
-use crate::workspace;
+use crate::infra::workspace;
 
 pub struct LogFile {
     path: PathBuf,

@@ -13,10 +13,11 @@ use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::build;
 use crate::error::Result;
-use crate::qemu::{self, Accel, Echo, Machine, Net};
-use crate::setup;
+use crate::infra::build;
+use crate::infra::setup;
+use crate::test::leg::{Images, Leg, LegRun, Options};
+use crate::vmm::qemu::{self, Accel, Echo, Machine, Net};
 
 /// The datagram that ends the UDP server (see `demos/src/pingpong.rs`).
 const BYE: &[u8] = b"exitless-pingpong-bye";
@@ -176,7 +177,7 @@ fn curl_page(curl: &std::path::Path, port: u16) -> std::result::Result<String, S
 
 /// A NIC QEMU builds without (enough) MSI-X vectors must be refused at
 /// start-up with a clear message and the application-error status, never a
-/// crash (issue 4, bad input).
+/// crash.
 fn msix_refusals(timeout: Duration) -> Result<Vec<(String, bool)>> {
     let image = build::build_guest(build::find_image("udp-pingpong")?)?;
     let mut checks = Vec::new();
@@ -199,7 +200,7 @@ fn msix_refusals(timeout: Duration) -> Result<Vec<(String, bool)>> {
             },
         )?;
         let said = run.lines.iter().any(|l| l.text.contains(expect));
-        let status_ok = run.exit == crate::verdict::GuestExit::Status(4);
+        let status_ok = run.exit == crate::vmm::exit::GuestExit::Status(4);
         checks.push((
             format!("a NIC with {option} is refused at start-up: `{expect}` on the console, status 4 (got {})", run.exit),
             said && status_ok,
@@ -211,8 +212,28 @@ fn msix_refusals(timeout: Duration) -> Result<Vec<(String, bool)>> {
     Ok(checks)
 }
 
+/// Our guests under QEMU's virtio-net-pci reached by host clients.
+pub struct QemuInterop;
+
+impl Leg for QemuInterop {
+    fn name(&self) -> &'static str {
+        "interop"
+    }
+
+    fn about(&self) -> &'static str {
+        "guests on QEMU virtio-net-pci (TCG, user net) reached by host Rust clients (UDP, TCP) and curl (HTTP)"
+    }
+
+    fn run(&self, _: &mut Images, opts: &Options) -> LegRun {
+        match checks(opts.timeout) {
+            Ok(checks) => LegRun::from_checks(&checks, Vec::new(), None),
+            Err(e) => LegRun::broken(e.to_string()),
+        }
+    }
+}
+
 /// The interop checks: UDP echo and TCP echo from Rust clients, HTTP from curl.
-pub fn checks(timeout: Duration) -> Result<Vec<(String, bool)>> {
+fn checks(timeout: Duration) -> Result<Vec<(String, bool)>> {
     setup::ensure_qemu()?;
     let curl = setup::ensure_tool("curl", "curl")?;
     let mut checks = Vec::new();

@@ -1,7 +1,7 @@
 //! Summing the `test result:` lines that `cargo test` prints, one per test
 //! binary and doc-test run.
 
-use crate::serial::Summary;
+use crate::infra::serial::Summary;
 
 /// Sum over all result lines, and how many there were.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

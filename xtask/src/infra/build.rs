@@ -5,8 +5,8 @@
 use std::path::PathBuf;
 
 use crate::error::{Error, Result};
-use crate::setup::{self, GUEST_TARGET};
-use crate::workspace;
+use crate::infra::setup::{self, GUEST_TARGET};
+use crate::infra::workspace;
 
 /// A bootable guest image: one binary of one guest package.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -7,8 +7,8 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use crate::error::{Error, Result};
-use crate::sys;
-use crate::workspace;
+use crate::infra::sys;
+use crate::infra::workspace;
 
 pub const GUEST_TARGET: &str = "x86_64-unknown-none";
 pub const QEMU: &str = "qemu-system-x86_64";

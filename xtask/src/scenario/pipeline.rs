@@ -2,15 +2,15 @@
 //! `write` joined by VM queues under the shim (`cargo xtask run --demo
 //! pipeline`, leg `shim-pipeline`, bench suite `vmq`).
 
-use std::path::Path;
 use std::time::Duration;
 
 use clap::ValueEnum;
-use serde_json::{Value, json};
+use serde::Deserialize;
 
-use crate::build;
 use crate::error::{Error, Result};
-use crate::shim;
+use crate::infra::build;
+use crate::vmm::shim;
+use crate::vmm::stats::{GuestStats, VmqStats};
 
 /// When the shim delivers a message (`para_abi::vmq::Policy`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -118,6 +118,14 @@ fn cmdline(o: &Options, role: usize) -> String {
     )
 }
 
+/// The JSON of the write guest's `pipeline-result:` line
+/// (`demos/src/bin/pipeline.rs`), the keys xtask reads.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct ResultLine {
+    pub bytes_verified: u64,
+    pub mib_per_s: f64,
+}
+
 /// A `key=N` number in a guest's `pipeline-sender:` line.
 fn field(line: &str, key: &str) -> Option<u64> {
     line.split_whitespace()
@@ -155,49 +163,39 @@ pub fn on_shim(o: &Options, label: &str, mut echo: impl FnMut(&str)) -> Result<O
     for name in NAMES {
         out.checks.push(run.exit_check(name));
         let stats = run.guest_stats(name);
-        let vmq = stats.map(|g| &g["vmq"]);
+        let vmq = stats.and_then(|g| g.vmq.as_ref());
         let sender = shim::guest_lines(&run.lines, name)
             .into_iter()
             .find(|l| l.starts_with("pipeline-sender:"))
             .unwrap_or_default();
         let g = GuestFigures {
             name: name.to_string(),
-            exits: stats.and_then(|g| g["exits"].as_u64()).unwrap_or(0),
-            sends: vmq.map_or(0, |v| {
-                ["sent_immediate", "sent_lazy", "sent_doorbell"]
-                    .iter()
-                    .filter_map(|k| v[*k].as_u64())
-                    .sum::<u64>()
-            }),
+            exits: stats.map_or(0, |g| g.exits),
+            sends: vmq.map_or(0, VmqStats::sends),
             flushes: field(sender, "flushes").unwrap_or(0),
-            hypercall_exits: stats.and_then(|g| g["vcpus"].as_array()).map_or(0, |v| {
-                v.iter()
-                    .filter_map(|c| c["exits"]["hypercall"].as_u64())
-                    .sum()
-            }),
-            held: vmq.and_then(|v| v["held"].as_u64()).unwrap_or(0),
-            kicks: stats
-                .and_then(|g| g["doorbell"]["fallback_kicks"].as_u64())
-                .unwrap_or(0),
+            hypercall_exits: stats.map_or(0, GuestStats::hypercall_exits),
+            held: vmq.map_or(0, |v| v.held),
+            kicks: stats.map_or(0, |g| g.doorbell.fallback_kicks),
         };
         if name == "read" {
-            out.bytes_sent = vmq.and_then(|v| v["bytes_sent"].as_u64()).unwrap_or(0);
+            out.bytes_sent = vmq.map_or(0, |v| v.bytes_sent);
         }
         out.guests.push(g);
     }
     if let Some(result) = shim::guest_lines(&run.lines, "write")
         .into_iter()
         .find_map(|l| l.strip_prefix("pipeline-result: "))
-        .and_then(|j| serde_json::from_str::<Value>(j).ok())
+        .and_then(|j| serde_json::from_str::<ResultLine>(j).ok())
     {
-        out.bytes_verified = result["bytes_verified"].as_u64().unwrap_or(0);
-        out.mib_per_s = result["mib_per_s"].as_f64().unwrap_or(0.0);
+        out.bytes_verified = result.bytes_verified;
+        out.mib_per_s = result.mib_per_s;
     }
-    // Arrivals reach the receivers as M3 upcalls (issue 7), each exactly once.
+    // Arrivals reach the receivers as M3 upcalls, each exactly once.
     for name in ["transform", "write"] {
-        let u = run.guest_stats(name).map(|g| &g["upcalls"]);
-        let count = |k: &str| u.and_then(|u| u[k]["vmq_arrival"].as_u64()).unwrap_or(0);
-        let (req, del) = (count("requested"), count("delivered"));
+        let u = run.guest_stats(name).and_then(|g| g.upcalls.as_ref());
+        let (req, del) = u.map_or((0, 0), |u| {
+            (u.requested.vmq_arrival, u.delivered.vmq_arrival)
+        });
         out.checks.push((
             format!(
                 "{name}: VM-queue arrivals came as upcalls, each delivered once ({del} of {req})"
@@ -220,56 +218,6 @@ pub fn on_shim(o: &Options, label: &str, mut echo: impl FnMut(&str)) -> Result<O
     Ok(out)
 }
 
-/// The `--json` document.
-#[must_use]
-pub fn json(o: &Options, r: &Outcome) -> Value {
-    json!({
-        "demo": "pipeline",
-        "policy": o.policy.name(),
-        "transfer": o.transfer.name(),
-        "message_bytes": o.msg,
-        "bytes_sent": r.bytes_sent,
-        "bytes_verified": r.bytes_verified,
-        "mib_per_s": r.mib_per_s,
-        "guests": r.guests.iter().map(|g| json!({
-            "name": g.name, "exits": g.exits, "sends": g.sends, "flushes": g.flushes,
-            "hypercall_exits": g.hypercall_exits, "held": g.held, "doorbell_kicks": g.kicks,
-        })).collect::<Vec<_>>(),
-    })
-}
-
-/// `cargo xtask run --demo pipeline`.
-pub fn run(o: &Options, json_path: Option<&Path>, verbose: bool) -> Result<()> {
-    println!(
-        "cargo xtask run --demo pipeline: {} MiB read → transform → write, policy {}, transfer {}, {} B messages",
-        o.mib,
-        o.policy.name(),
-        o.transfer.name(),
-        o.msg
-    );
-    let r = on_shim(o, "run-pipeline", |line| {
-        if verbose || line.contains("pipeline") || line.contains("report:") {
-            println!("{line}");
-        }
-    })?;
-    println!(
-        "pipeline: {} of {} bytes verified, {:.1} MiB/s",
-        r.bytes_verified, r.bytes_sent, r.mib_per_s
-    );
-    for g in &r.guests {
-        println!(
-            "  {:<9} exits {:>7}  sends {:>6}  flush hypercalls {:>6}",
-            g.name, g.exits, g.sends, g.flushes
-        );
-    }
-    if let Some(path) = json_path {
-        crate::workspace::write_json(path, &json(o, &r))?;
-        println!("results written to {}", path.display());
-    }
-    println!("full log: {}", r.log.display());
-    crate::verdict::require_all("the pipeline did not complete", &r.checks)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -281,6 +229,21 @@ mod tests {
         assert!(cmdline(&o, 1).contains("pipeline.next=write"));
         assert!(!cmdline(&o, 2).contains("pipeline.next"));
         assert!(cmdline(&o, 2).contains("pipeline.policy=immediate pipeline.transfer=copy"));
+    }
+
+    #[test]
+    fn the_result_line_is_typed() {
+        // As the write guest printed it in a run.
+        let line = r#"{"bytes_verified": 67108864, "seconds": 0.967543, "mib_per_s": 66.15}"#;
+        let r: ResultLine = serde_json::from_str(line).unwrap();
+        assert_eq!(r.bytes_verified, 64 << 20);
+        assert!((r.mib_per_s - 66.15).abs() < 1e-9);
+        let err = serde_json::from_str::<ResultLine>(&line.replace("\"mib_per_s\"", "\"mibps\""))
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("missing field `mib_per_s`"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -2,18 +2,18 @@
 //! under the host shim (`cargo xtask run`, leg `shim-pingpong`) or as two
 //! QEMU/KVM guests joined by a socket netdev (leg `qemu-pingpong`).
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::ValueEnum;
-use serde_json::{Value, json};
+use serde::{Deserialize, Serialize};
 
-use crate::build;
 use crate::error::{Error, Result};
-use crate::qemu::{self, Accel, Echo, Machine, Net};
-use crate::shim::{self, GuestNumbers};
-use crate::verdict::GuestExit;
+use crate::infra::build;
+use crate::vmm::exit::GuestExit;
+use crate::vmm::qemu::{self, Accel, Echo, Machine, Net};
+use crate::vmm::shim::{self, GuestNumbers};
+use crate::vmm::stats::GuestStats;
 
 /// How the guests notify their NIC of new buffers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -38,18 +38,6 @@ impl Notify {
     }
 }
 
-/// The path the guests' notifications took, from the shim's counters.
-#[must_use]
-pub fn notify_path_used(r: &Report) -> &'static str {
-    let doorbell: u64 = r
-        .guests
-        .iter()
-        .filter_map(|g| g.numbers.as_ref())
-        .map(|n| n.notifications.get("doorbell").copied().unwrap_or(0))
-        .sum();
-    if doorbell > 0 { "doorbell" } else { "trap" }
-}
-
 /// How the guests take received frames.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Rx {
@@ -60,7 +48,9 @@ pub enum Rx {
 }
 
 impl Rx {
-    const fn cmdline(self) -> &'static str {
+    /// The guests' `net.rx=` word.
+    #[must_use]
+    pub const fn cmdline(self) -> &'static str {
         match self {
             Self::Irq => "irq",
             Self::Poll => "poll",
@@ -122,20 +112,57 @@ pub struct ClientResult {
     /// RTT at every 5th percentile (µs), when the client printed them
     /// (`pingpong.quantiles=1`).
     pub quantiles_us: Vec<f64>,
+    /// The client's interrupt-vCPU hint decisions.
+    pub hints: GuestHints,
+}
+
+/// The JSON of a client's `pingpong-result:` line
+/// (`demos/src/bin/udp_pingpong.rs`), the keys xtask reads; others are ignored.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct ResultLine {
+    pub packets_sent: u64,
+    pub packets_received: u64,
+    pub rtt_ns: RttLine,
+    pub pps: u64,
+    pub rx_irqs_by_cpu: Vec<u64>,
+    pub hints: GuestHints,
+}
+
+/// `rtt_ns` of a result line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub struct RttLine {
+    pub p50: u64,
+    pub p99: u64,
+}
+
+/// `hints` of a result line: what the guest's hint follower decided. Fields in
+/// key order, because the checks print the object as JSON.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+pub struct GuestHints {
+    pub already: u64,
+    pub ignored: u64,
+    pub retargeted: u64,
+    pub seen: u64,
+    /// `on`, `off`...
+    pub state: String,
+    pub torn: u64,
+    /// `HintUpdate` upcalls the guest handled.
+    pub upcalls: u64,
 }
 
 pub const QUANTILES_PREFIX: &str = "pingpong-quantiles-us: ";
 
 pub const RESULT_PREFIX: &str = "pingpong-result: ";
 
-/// Parses a client's result line (`None` when there is none or it is malformed).
+/// Parses a client's result line (`None` when there is none or it is
+/// malformed: a key missing or renamed in the guest counts as malformed).
 #[must_use]
 pub fn parse_result<'a>(
     name: &str,
     lines: impl IntoIterator<Item = &'a str>,
 ) -> Option<ClientResult> {
     let lines: Vec<&str> = lines.into_iter().collect();
-    let json: Value = lines
+    let line: ResultLine = lines
         .iter()
         .find_map(|l| l.trim().strip_prefix(RESULT_PREFIX))
         .and_then(|j| serde_json::from_str(j).ok())?;
@@ -146,16 +173,14 @@ pub fn parse_result<'a>(
         .unwrap_or_default();
     Some(ClientResult {
         name: name.to_owned(),
-        sent: json["packets_sent"].as_u64()?,
-        received: json["packets_received"].as_u64()?,
-        p50_ns: json["rtt_ns"]["p50"].as_u64()?,
-        p99_ns: json["rtt_ns"]["p99"].as_u64()?,
-        pps: json["pps"].as_u64()?,
-        rx_irqs_by_cpu: json["rx_irqs_by_cpu"]
-            .as_array()
-            .map(|a| a.iter().filter_map(Value::as_u64).collect())
-            .unwrap_or_default(),
+        sent: line.packets_sent,
+        received: line.packets_received,
+        p50_ns: line.rtt_ns.p50,
+        p99_ns: line.rtt_ns.p99,
+        pps: line.pps,
+        rx_irqs_by_cpu: line.rx_irqs_by_cpu,
         quantiles_us,
+        hints: line.hints,
     })
 }
 
@@ -177,14 +202,8 @@ const MARK_END: u64 = 0x7070_0002;
 
 /// Exits between the guest's steady-state marks divided by `packets`.
 #[allow(clippy::cast_precision_loss)] // counts far below 2^52
-fn steady_exits_per_packet(stats: Option<&Value>, packets: u64) -> Option<f64> {
-    let marks = stats?["marks"].as_array()?;
-    let at = |label: u64| {
-        marks
-            .iter()
-            .find(|m| m["label"].as_u64() == Some(label))
-            .and_then(|m| m["exits"].as_u64())
-    };
+fn steady_exits_per_packet(stats: Option<&GuestStats>, packets: u64) -> Option<f64> {
+    let at = |label: u64| Some(stats?.mark(label)?.exits);
     let (a, b) = (at(MARK_BEGIN)?, at(MARK_END)?);
     (packets > 0 && b >= a).then(|| (b - a) as f64 / packets as f64)
 }
@@ -346,14 +365,7 @@ pub fn on_shim(opts: &Options, label: &str, mut echo: impl FnMut(&str)) -> Resul
     for name in &names {
         checks.push(run.exit_check(name));
         let exit = run.guest_exit(name);
-        let numbers = run.guest_stats(name).map(shim::numbers).transpose();
-        let numbers = match numbers {
-            Ok(n) => n,
-            Err(e) => {
-                checks.push((format!("stats for {name}: {e}"), false));
-                None
-            }
-        };
+        let numbers = run.guest_stats(name).map(GuestNumbers::of);
         checks.push((
             format!("{name}: KVM exits were counted"),
             numbers.as_ref().is_some_and(|n| n.exits > 0),
@@ -378,7 +390,7 @@ pub fn on_shim(opts: &Options, label: &str, mut echo: impl FnMut(&str)) -> Resul
     // The path asked for is the path taken (the shim counts both).
     for g in &reports {
         let Some(n) = &g.numbers else { continue };
-        let doorbell = n.notifications.get("doorbell").copied().unwrap_or(0);
+        let doorbell = n.notifications.doorbell;
         match opts.notify {
             Notify::Doorbell => checks.push((
                 format!("{}: notifications went by doorbell ({doorbell})", g.name),
@@ -394,7 +406,7 @@ pub fn on_shim(opts: &Options, label: &str, mut echo: impl FnMut(&str)) -> Resul
             Notify::Auto => {}
         }
     }
-    if run.ending == crate::process::Ending::TimedOut {
+    if run.ending == crate::infra::process::Ending::TimedOut {
         checks.push((
             format!("the run ended within {} s", opts.timeout.as_secs()),
             false,
@@ -526,135 +538,51 @@ fn port_open(port: u16) -> bool {
     std::net::TcpListener::bind(("127.0.0.1", port)).is_err()
 }
 
-fn us(ns: u64) -> String {
-    format!("{:.0}", Duration::from_nanos(ns).as_secs_f64() * 1e6)
-}
-
-/// The summary table `cargo xtask run` prints.
-#[must_use]
-pub fn summary(opts: &Options, r: &Report) -> Vec<String> {
-    let mut out = vec![format!(
-        "== pingpong under the host shim: {} guests ({} vCPUs each), {} pings of {} B per client, RX {}, notify {}",
-        opts.guests,
-        opts.vcpus,
-        opts.count,
-        opts.size,
-        opts.rx.cmdline(),
-        notify_path_used(r)
-    )];
-    for c in &r.clients {
-        out.push(format!(
-            "{:<9} sent {} received {} lost {}   rtt p50 {} us  p99 {} us   {} pps",
-            c.name,
-            c.sent,
-            c.received,
-            c.sent.saturating_sub(c.received),
-            us(c.p50_ns),
-            us(c.p99_ns),
-            c.pps
-        ));
-    }
-    out.push(format!(
-        "{:<9} {:<10} {:>11} {:>9} {:>9} {:>6} {:>6} {:>6} {:>5} {:>7} {:>6} {:>9} {:>6} {:>6}",
-        "guest",
-        "status",
-        "pkts tx/rx",
-        "exits",
-        "exits/pkt",
-        "steady",
-        "io",
-        "mmio",
-        "halt",
-        "irq_win",
-        "other",
-        "in_kernel",
-        "notify",
-        "irqs"
-    ));
-    for g in &r.guests {
-        let status = match g.exit {
-            GuestExit::Status(s) => format!("exit {s}"),
-            other => format!("{other}").chars().take(10).collect(),
-        };
-        match &g.numbers {
-            Some(n) => {
-                let reason = |k: &str| n.exits_by_reason.get(k).copied().unwrap_or(0);
-                out.push(format!(
-                    "{:<9} {:<10} {:>11} {:>9} {:>9} {:>6} {:>6} {:>6} {:>5} {:>7} {:>6} {:>9} {:>6} {:>6}",
-                    g.name,
-                    status,
-                    format!("{}/{}", n.tx_packets, n.rx_packets),
-                    n.exits,
-                    g.exits_per_packet().map_or_else(|| "-".into(), |e| format!("{e:.2}")),
-                    g.steady_exits_per_packet
-                        .map_or_else(|| "-".into(), |e| format!("{e:.2}")),
-                    reason("io"),
-                    reason("mmio"),
-                    reason("halt"),
-                    reason("irq_window"),
-                    reason("other"),
-                    reason("in_kernel"),
-                    n.notifications.values().sum::<u64>(),
-                    n.interrupts
-                ));
-            }
-            None => out.push(format!("{:<9} {:<10} (no shim statistics)", g.name, status)),
-        }
-    }
-    out.push("exits: KVM's count for the guest's vCPUs; io/mmio/halt/irq_win/other: exits the shim handled; in_kernel: the rest (KVM handled them, e.g. ioeventfd); exits/pkt: exits / (packets sent + received by the guest's NIC); steady: the same between the guest's marks around the pings (no boot, no teardown)".to_owned());
-    out
-}
-
-/// The `--json` document (keys per issue 4; more are welcome).
-#[must_use]
-pub fn json(opts: &Options, r: &Report) -> Value {
-    let first = r.clients.first();
-    json!({
-        "demo": "pingpong",
-        "notify": notify_path_used(r),
-        "rx": opts.rx.cmdline(),
-        "size": opts.size,
-        "vcpus": opts.vcpus,
-        "packets_sent": r.clients.iter().map(|c| c.sent).sum::<u64>(),
-        "packets_received": r.clients.iter().map(|c| c.received).sum::<u64>(),
-        "rtt_ns": {"p50": first.map(|c| c.p50_ns), "p99": first.map(|c| c.p99_ns)},
-        "pps": r.clients.iter().map(|c| c.pps).sum::<u64>(),
-        "clients": r.clients.iter().map(|c| json!({"name": c.name, "packets_sent": c.sent, "packets_received": c.received, "rtt_ns": {"p50": c.p50_ns, "p99": c.p99_ns}, "pps": c.pps})).collect::<Vec<_>>(),
-        "guests": r.guests.iter().map(|g| {
-            let n = g.numbers.as_ref();
-            json!({
-                "name": g.name,
-                "exit": g.exit.to_string(),
-                "exits": n.map(|n| n.exits),
-                "exits_by_reason": n.map(|n| n.exits_by_reason.clone()).unwrap_or_default(),
-                "exits_per_packet": g.exits_per_packet(),
-                "steady_exits_per_packet": g.steady_exits_per_packet,
-                "notifications": n.map_or_else(|| BTreeMap::from([("trap".to_owned(), 0), ("doorbell".to_owned(), 0)]), |n| n.notifications.clone()),
-                "packets": n.map(|n| json!({"tx": n.tx_packets, "rx": n.rx_packets})),
-                "interrupts": n.map(|n| n.interrupts),
-                "boot_to_main_ms": n.and_then(|n| n.boot_to_main_ms),
-            })
-        }).collect::<Vec<_>>(),
-    })
-}
-
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use super::*;
+    use crate::vmm::stats::{self, ExitsByReason, Notifications};
+
+    /// A client's result line as udp-pingpong prints it.
+    const SAMPLE: &str = include_str!("../../tests/fixtures/pingpong-result.txt");
 
     #[test]
     fn result_lines_parse_and_junk_does_not() {
-        let lines = [
-            "[cpu0 INFO ] hi",
-            "pingpong-result: {\"packets_sent\": 10, \"packets_received\": 9, \"size\": 64, \"rtt_ns\": {\"p50\": 1000, \"p99\": 2000, \"min\": 1, \"max\": 3}, \"pps\": 42, \"rx_dropped\": 0}",
-        ];
+        let lines = ["[cpu0 INFO ] hi", SAMPLE.trim()];
         let r = parse_result("c", lines).unwrap();
         assert_eq!(
             (r.sent, r.received, r.p50_ns, r.p99_ns, r.pps),
-            (10, 9, 1000, 2000, 42)
+            (1000, 1000, 269_639, 336_278, 3611)
         );
+        assert_eq!(r.rx_irqs_by_cpu, [1011, 0]);
+        assert_eq!((r.hints.state.as_str(), r.hints.upcalls), ("on", 1));
         assert_eq!(parse_result("c", ["pingpong-result: {not json"]), None);
         assert_eq!(parse_result("c", ["report: nothing"]), None);
+    }
+
+    #[test]
+    fn a_renamed_key_in_the_result_line_is_an_error_naming_it() {
+        let json = SAMPLE.trim().strip_prefix(RESULT_PREFIX).unwrap();
+        for key in [
+            "packets_received",
+            "p99",
+            "pps",
+            "rx_irqs_by_cpu",
+            "retargeted",
+        ] {
+            let quoted = format!("\"{key}\":");
+            assert!(json.contains(&quoted), "{key}");
+            let renamed = json.replace(&quoted, &format!("\"{key}_renamed\":"));
+            let err = serde_json::from_str::<ResultLine>(&renamed).unwrap_err();
+            assert!(
+                err.to_string().contains(&format!("missing field `{key}`")),
+                "{key}: {err}"
+            );
+            let line = format!("{RESULT_PREFIX}{renamed}");
+            assert_eq!(parse_result("c", [line.as_str()]), None, "{key}");
+        }
     }
 
     #[test]
@@ -687,15 +615,16 @@ mod tests {
 
     #[test]
     fn steady_state_uses_the_marks() {
-        let stats = serde_json::json!({"marks": [
-            {"label": MARK_BEGIN, "exits": 100},
-            {"label": 7, "exits": 150},
-            {"label": MARK_END, "exits": 400}
-        ]});
+        let mut stats = stats::sample("server");
+        stats.marks = vec![
+            stats::mark(MARK_BEGIN, 100, 0, 0),
+            stats::mark(7, 150, 0, 0),
+            stats::mark(MARK_END, 400, 0, 0),
+        ];
         assert_eq!(steady_exits_per_packet(Some(&stats), 100), Some(3.0));
         assert_eq!(steady_exits_per_packet(Some(&stats), 0), None);
-        let one = serde_json::json!({"marks": [{"label": MARK_BEGIN, "exits": 1}]});
-        assert_eq!(steady_exits_per_packet(Some(&one), 10), None);
+        stats.marks = vec![stats::mark(MARK_BEGIN, 1, 0, 0)];
+        assert_eq!(steady_exits_per_packet(Some(&stats), 10), None);
         assert_eq!(
             server_echoed([
                 "x",
@@ -717,6 +646,7 @@ mod tests {
             pps: 1,
             rx_irqs_by_cpu: v,
             quantiles_us: Vec::new(),
+            hints: GuestHints::default(),
         };
         assert!(placement_check(&r(vec![0, 500]), 1).1);
         assert!(
@@ -751,8 +681,8 @@ mod tests {
             steady_exits_per_packet: Some(2.5),
             numbers: Some(GuestNumbers {
                 exits: 300,
-                exits_by_reason: BTreeMap::new(),
-                notifications: BTreeMap::new(),
+                exits_by_reason: ExitsByReason::default(),
+                notifications: Notifications::default(),
                 tx_packets: 100,
                 rx_packets: 50,
                 interrupts: 0,

@@ -10,7 +10,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
-use crate::sys;
+use crate::infra::sys;
 
 /// One line of the child's stdout, without its line ending.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -9,11 +9,11 @@ use std::time::Duration;
 use clap::ValueEnum;
 
 use crate::error::{Error, Result};
-use crate::logfile::LogFile;
-use crate::process::{self, Ending, Line, Stderr};
-use crate::serial::{self, LineKind, SerialLog};
-use crate::setup;
-use crate::verdict::GuestExit;
+use crate::infra::logfile::LogFile;
+use crate::infra::process::{self, Ending, Line, Stderr};
+use crate::infra::serial::{self, LineKind, SerialLog};
+use crate::infra::setup;
+use crate::vmm::exit::GuestExit;
 
 /// Default wall-clock limit for one QEMU run. Generous on purpose: under this
 /// machine's KVM, SeaBIOS alone takes ~6 s and every guest ring-0

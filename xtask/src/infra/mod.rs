@@ -1,0 +1,12 @@
+//! What every task stands on: running processes and keeping their logs,
+//! setting up the machine, building the workspace, and reading the output of
+//! `cargo test` and of a guest's serial console.
+
+pub mod build;
+pub mod cargo_test;
+pub mod logfile;
+pub mod process;
+pub mod serial;
+pub mod setup;
+pub mod sys;
+pub mod workspace;

@@ -1,0 +1,4 @@
+//! `cargo xtask run`: the demos, with their summaries and `--json` documents.
+
+pub mod pingpong;
+pub mod pipeline;

@@ -1,0 +1,14 @@
+//! Every leg of `cargo xtask test`, each in its file with its judgement.
+
+pub mod doorbell;
+pub mod flood;
+pub mod guest;
+pub mod guest_shim;
+pub mod hints;
+pub mod interop;
+pub mod pingpong;
+pub mod pipeline;
+pub mod redesignate;
+pub mod tap;
+pub mod unit;
+pub mod vmqnet;

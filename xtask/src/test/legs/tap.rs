@@ -1,0 +1,35 @@
+//! Leg `shim-tap`: the shim's `--tap` test (host-shim/tests/tap.rs, ignored
+//! by default: it needs root, `ip` and the tcp-echo image).
+
+use crate::infra::setup;
+use crate::test::leg::{Images, Leg, LegRun, Options};
+use crate::test::legs::unit::run_cargo_test;
+
+/// Linux in a network namespace reaching a tcp-echo guest through the TAP.
+pub struct ShimTap;
+
+impl Leg for ShimTap {
+    fn name(&self) -> &'static str {
+        "shim-tap"
+    }
+
+    fn about(&self) -> &'static str {
+        "Linux in a network namespace reaches a tcp-echo guest through the shim's TAP (HTTP + TCP echo)"
+    }
+
+    fn run(&self, images: &mut Images, opts: &Options) -> LegRun {
+        if let Err(why) = setup::check_kvm() {
+            return LegRun::broken(format!("cannot use KVM: {why}"));
+        }
+        let image = match images.get("tcp-echo") {
+            Ok(image) => image,
+            Err(e) => return LegRun::broken(e),
+        };
+        run_cargo_test(
+            self.name(),
+            opts,
+            &["-p", "host-shim", "--test", "tap", "--", "--ignored"],
+            &[("EXITLESS_TCP_ECHO_IMAGE", image.as_path())],
+        )
+    }
+}

@@ -1,0 +1,299 @@
+//! Leg `shim-vmqnet`: udp-pingpong, unchanged, over the VM-queue NIC under
+//! each delivery policy: every ping back, every frame a VM-queue message, and
+//! the hypercall exits each policy allows.
+
+use crate::infra::process::Ending;
+use crate::scenario::pingpong;
+use crate::scenario::vmqnet::{self, GuestFigures, Outcome};
+use crate::test::leg::{Images, Leg, LegRun, Options};
+use crate::test::verdict;
+
+/// The ping-pong over VM queues, once per policy.
+pub struct ShimVmqNet;
+
+impl Leg for ShimVmqNet {
+    fn name(&self) -> &'static str {
+        "shim-vmqnet"
+    }
+
+    fn about(&self) -> &'static str {
+        "udp-pingpong, unchanged, over the VM-queue NIC (net.dev=vmq, no virtio-net) under lazy, immediate and doorbell delivery: every ping back, every frame a VM-queue message"
+    }
+
+    fn run(&self, _: &mut Images, opts: &Options) -> LegRun {
+        run_vmqnet(self.name(), opts)
+    }
+}
+
+/// Slack for a guest's hypercalls that are not flushes (boot, upcall
+/// enabling, exit): twice the 4 one vCPU makes now.
+const OTHER_HYPERCALLS: u64 = 8;
+
+fn run_vmqnet(leg: &str, opts: &Options) -> LegRun {
+    let mut checks = Vec::new();
+    let mut reports = Vec::new();
+    let mut log = None;
+    for policy in vmqnet::POLICIES {
+        let count = 1000;
+        let r = match vmqnet::on_shim(
+            policy,
+            count,
+            opts.timeout,
+            &format!("{leg}-{policy}"),
+            |_| {},
+        ) {
+            Ok(r) => r,
+            Err(e) => {
+                checks.push((format!("{policy}: {e}"), false));
+                continue;
+            }
+        };
+        let run_checks = judge(policy, count, opts, &r);
+        if !run_checks.iter().all(|(_, ok)| *ok) {
+            r.run.print_post_mortem();
+        }
+        checks.extend(
+            run_checks
+                .into_iter()
+                .map(|(n, ok)| (format!("{policy}: {n}"), ok)),
+        );
+        reports.extend(report_line(&r, policy));
+        log = Some(r.run.log);
+    }
+    LegRun {
+        outcome: verdict::judge_checks(&checks),
+        reports,
+        log,
+    }
+}
+
+/// One run's checks: each guest exited 0 and its shim-counted figures fit
+/// `policy`, every ping came back, the run ended in time.
+fn judge(policy: &str, count: u64, opts: &Options, r: &Outcome) -> Vec<(String, bool)> {
+    let mut checks = Vec::new();
+    for f in &r.guests {
+        checks.push(r.run.exit_check(&f.name));
+        guest_checks(policy, count, f, &mut checks);
+    }
+    match &r.client {
+        Some(c) => checks.push((
+            format!(
+                "client1: all {count} pings came back (received {})",
+                c.received
+            ),
+            c.sent == count && c.received == count,
+        )),
+        None => checks.push((
+            format!("client1 printed its {}line", pingpong::RESULT_PREFIX),
+            false,
+        )),
+    }
+    if r.run.ending == Ending::TimedOut {
+        checks.push((
+            format!("the run ended within {} s", opts.timeout.as_secs()),
+            false,
+        ));
+    }
+    checks
+}
+
+/// The leg's report line: RTT, rate and exits per frame of both guests.
+#[must_use]
+fn report_line(r: &Outcome, policy: &str) -> Option<String> {
+    let c = r.client.as_ref()?;
+    let per = |name: &str| {
+        r.guests.iter().find(|g| g.name == name).map_or_else(
+            || "?".to_owned(),
+            |g| {
+                #[allow(clippy::cast_precision_loss)] // counts far below 2^52
+                let hc = g.hypercall_exits as f64 / g.sends.max(1) as f64;
+                format!(
+                    "{:.2} KVM exits/frame, {hc:.2} hypercall exits/send, {} kicks",
+                    g.exits_per_frame(),
+                    g.kicks
+                )
+            },
+        )
+    };
+    #[allow(clippy::cast_precision_loss)] // nanoseconds far below 2^52
+    let us = |ns: u64| ns as f64 / 1000.0;
+    Some(format!(
+        "vmqnet {policy}: {} pings, rtt p50 {:.1} us p99 {:.1} us, {} pps; client {}; server {}",
+        c.received,
+        us(c.p50_ns),
+        us(c.p99_ns),
+        c.pps,
+        per("client1"),
+        per("server"),
+    ))
+}
+
+/// The checks on one guest's shim-counted figures under `policy`.
+fn guest_checks(policy: &str, count: u64, f: &GuestFigures, checks: &mut Vec<(String, bool)>) {
+    let name = &f.name;
+    // Every ping and every echo is a frame; ARP and the byes come on top.
+    checks.push((
+        format!(
+            "{name}: ≥ {count} frames sent as VM-queue messages ({}), ≥ {count} received ({})",
+            f.sends, f.received
+        ),
+        f.sends >= count && f.received >= count,
+    ));
+    checks.push((
+        format!(
+            "{name}: no VM-queue send refused but for a gone peer ({})",
+            f.errors
+        ),
+        f.errors == 0,
+    ));
+    // The client sends its bye three times and the server leaves after the
+    // first: the repeats may find it gone. Nothing else may.
+    let gone = if name == "client1" { 2 } else { 0 };
+    checks.push((
+        format!(
+            "{name}: ≤ {gone} sends found the peer exited ({})",
+            f.vm_exited
+        ),
+        f.vm_exited <= gone,
+    ));
+    checks.push((
+        format!(
+            "{name}: no frame went through virtio-net ({})",
+            f.virtio_packets
+        ),
+        f.virtio_packets == 0,
+    ));
+    match policy {
+        // Each frame makes its own flush exit.
+        "immediate" => checks.push((
+            format!(
+                "{name}: immediate: hypercall exits {} ≥ sends {}",
+                f.hypercall_exits, f.sends
+            ),
+            f.hypercall_exits >= f.sends,
+        )),
+        // At most one flush per stack poll that sent: never more than one
+        // per frame posted (refused ones included), plus the guest's few
+        // other hypercalls (main reached, upcall enable, exit: 4 seen).
+        "lazy" => {
+            let posted = f.sends + f.errors + f.vm_exited;
+            checks.push((
+                format!(
+                    "{name}: lazy: hypercall exits {} ≤ frames posted {posted} + {OTHER_HYPERCALLS}",
+                    f.hypercall_exits
+                ),
+                f.hypercall_exits <= posted + OTHER_HYPERCALLS,
+            ));
+        }
+        // The shim's monitor delivers: no flush exits at all.
+        _ => checks.push((
+            format!(
+                "{name}: doorbell: sends {} ≥ 8 × hypercall exits {}",
+                f.sends, f.hypercall_exits
+            ),
+            f.sends >= 8 * f.hypercall_exits.max(1),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::scenario::vmqnet::figures;
+    use crate::vmm::stats;
+    use crate::vmm::stats::GuestStats;
+
+    fn stats(sent: u64, received: u64, hypercalls: u64, gone: u64, full: u64) -> GuestStats {
+        let mut g = stats::sample("ktest");
+        g.exits = 5000;
+        g.vcpus.truncate(1);
+        g.vcpus[0].exits.hypercall = hypercalls;
+        g.vcpus[0].exits.intr = 9;
+        g.doorbell.fallback_kicks = 3;
+        g.nics.clear();
+        let v = g.vmq.as_mut().unwrap();
+        (v.sent_lazy, v.sent_immediate, v.sent_doorbell) = (sent, 0, 0);
+        v.received = received;
+        v.errors.vm_exited = gone;
+        v.errors.others = [
+            ("queue_full".to_owned(), full),
+            ("outside_ram".to_owned(), 0),
+        ]
+        .into_iter()
+        .collect();
+        g
+    }
+
+    fn failed(policy: &str, f: &GuestFigures) -> Vec<String> {
+        let mut c = Vec::new();
+        guest_checks(policy, 1000, f, &mut c);
+        c.into_iter()
+            .filter(|(_, ok)| !ok)
+            .map(|(n, _)| n)
+            .collect()
+    }
+
+    #[test]
+    fn figures_come_from_the_shims_vmq_counters() {
+        let f = figures("client1", Some(&stats(1012, 1011, 1016, 2, 0)));
+        assert_eq!((f.sends, f.received, f.hypercall_exits), (1012, 1011, 1016));
+        assert_eq!(
+            (f.errors, f.vm_exited, f.kicks, f.virtio_packets),
+            (0, 2, 3, 0)
+        );
+        assert!((f.exits_per_frame() - 5000.0 / 2023.0).abs() < 1e-9);
+        assert_eq!(
+            figures("x", None),
+            GuestFigures {
+                name: "x".into(),
+                ..GuestFigures::default()
+            }
+        );
+    }
+
+    #[test]
+    fn the_checks_catch_refusals_missing_frames_and_extra_exits() {
+        let ok = figures("client1", Some(&stats(1012, 1011, 1014, 2, 0)));
+        assert!(failed("lazy", &ok).is_empty(), "{:?}", failed("lazy", &ok));
+        assert!(failed("immediate", &ok).is_empty());
+        // Doorbell delivery must not flush per frame.
+        assert_eq!(failed("doorbell", &ok).len(), 1);
+        let quiet = figures("client1", Some(&stats(1012, 1011, 3, 0, 0)));
+        assert!(failed("doorbell", &quiet).is_empty());
+        assert_eq!(failed("immediate", &quiet).len(), 1);
+        // A dropped frame, a server seeing its peer gone, too few frames.
+        assert_eq!(
+            failed(
+                "lazy",
+                &figures("client1", Some(&stats(1012, 1011, 1014, 0, 1)))
+            )
+            .len(),
+            1
+        );
+        assert_eq!(
+            failed(
+                "lazy",
+                &figures("server", Some(&stats(1011, 1012, 1013, 1, 0)))
+            )
+            .len(),
+            1
+        );
+        assert_eq!(
+            failed(
+                "lazy",
+                &figures("server", Some(&stats(999, 1012, 999, 0, 0)))
+            )
+            .len(),
+            1
+        );
+        // Lazy making more flushes than frames.
+        assert_eq!(
+            failed(
+                "lazy",
+                &figures("server", Some(&stats(1011, 1012, 2000, 0, 0)))
+            )
+            .len(),
+            1
+        );
+    }
+}

@@ -1,0 +1,341 @@
+//! Running guests under the host shim: build it, start it with guests under a
+//! time limit, split its console output by guest (each line is prefixed with
+//! `NAME| `), and read its `--stats-json` (typed in [`crate::vmm::stats`]).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use crate::error::{Error, Result};
+use crate::infra::logfile::LogFile;
+use crate::infra::process::{self, Ending, Line, Stderr};
+use crate::infra::serial::SerialLog;
+use crate::infra::setup;
+use crate::infra::workspace;
+use crate::vmm::exit::GuestExit;
+use crate::vmm::stats::{ExitsByReason, GuestStats, Notifications, ShimStats};
+
+/// One guest on the shim's command line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Guest {
+    pub name: String,
+    pub image: PathBuf,
+    pub vcpus: u32,
+    pub mem_mib: u32,
+    pub cmdline: String,
+}
+
+impl Guest {
+    /// The `--guest` value (cmdline last: it may contain commas).
+    #[must_use]
+    pub fn spec(&self) -> String {
+        let mut s = format!(
+            "name={},kernel={},vcpus={},mem={}M",
+            self.name,
+            self.image.display(),
+            self.vcpus,
+            self.mem_mib
+        );
+        if !self.cmdline.is_empty() {
+            s.push_str(",cmdline=");
+            s.push_str(&self.cmdline);
+        }
+        s
+    }
+}
+
+#[derive(Debug)]
+pub struct Run {
+    pub ending: Ending,
+    /// Every stdout line of the shim (guest consoles and its summary).
+    pub lines: Vec<Line>,
+    pub stderr: String,
+    /// The shim's `--stats-json`; `None` when it wrote none.
+    pub stats: Option<ShimStats>,
+    pub log: PathBuf,
+    pub elapsed: Duration,
+}
+
+/// Builds the shim (release) and returns its path.
+pub fn build() -> Result<PathBuf> {
+    let status = workspace::cargo()
+        .args(["build", "--release", "-p", "host-shim"])
+        .status()
+        .map_err(|e| Error::failed(format!("cannot run cargo build -p host-shim: {e}")))?;
+    if !status.success() {
+        return Err(Error::failed(format!(
+            "building host-shim failed ({status})"
+        )));
+    }
+    let path = workspace::target_dir().join("release").join("host-shim");
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(Error::failed(format!(
+            "cargo built host-shim but {} is missing",
+            path.display()
+        )))
+    }
+}
+
+/// Runs `shim` with `guests` (and `extra` flags) until it exits or `timeout`.
+/// `echo` sees every stdout line as it arrives.
+pub fn run(
+    shim: &PathBuf,
+    guests: &[Guest],
+    extra: &[String],
+    timeout: Duration,
+    label: &str,
+    mut echo: impl FnMut(&str),
+) -> Result<Run> {
+    setup::check_kvm().map_err(|why| Error::failed(format!("cannot use KVM: {why}")))?;
+    for g in guests {
+        if !g.image.is_file() {
+            return Err(Error::failed(format!(
+                "guest image {} does not exist",
+                g.image.display()
+            )));
+        }
+    }
+    let mut log = LogFile::create(label)?;
+    let stats_path = log.path().with_extension("stats.json");
+    let _ = std::fs::remove_file(&stats_path);
+    let mut cmd = Command::new(shim);
+    for g in guests {
+        cmd.arg("--guest").arg(g.spec());
+    }
+    // The shim's own limit comes first so it can report; ours is the backstop.
+    cmd.arg("--timeout")
+        .arg(timeout.as_secs().max(1).to_string());
+    cmd.arg("--stats-json").arg(&stats_path);
+    cmd.args(extra);
+    cmd.env("NO_COLOR", "1");
+    let shown: Vec<String> = cmd
+        .get_args()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    log.line(&format!("# xtask: {} {}", shim.display(), shown.join(" ")));
+    let finished = process::run(
+        &mut cmd,
+        timeout + Duration::from_secs(15),
+        Stderr::Capture,
+        |line| {
+            log.line(&line.text);
+            echo(&line.text);
+        },
+    )?;
+    for line in finished.stderr.lines() {
+        log.line(&format!("# shim stderr: {line}"));
+    }
+    // A file that does not parse (a key renamed in the shim) fails the run:
+    // read as zeros, its counters would pass checks they should fail.
+    let stats = ShimStats::read(&stats_path).map_err(Error::failed)?;
+    log.line(&format!(
+        "# xtask: shim ended {:?} after {:.1} s",
+        finished.ending,
+        finished.elapsed.as_secs_f64()
+    ));
+    Ok(Run {
+        ending: finished.ending,
+        lines: finished.lines,
+        stderr: finished.stderr,
+        stats,
+        log: log.path().to_path_buf(),
+        elapsed: finished.elapsed,
+    })
+}
+
+/// The console lines of guest `name`, without the `NAME| ` prefix.
+#[must_use]
+pub fn guest_lines<'a>(lines: &'a [Line], name: &str) -> Vec<&'a str> {
+    let prefix = format!("{name}| ");
+    lines
+        .iter()
+        .filter_map(|l| l.text.strip_prefix(prefix.as_str()))
+        .collect()
+}
+
+impl Run {
+    #[must_use]
+    pub fn serial(&self, name: &str) -> SerialLog {
+        SerialLog::parse(guest_lines(&self.lines, name))
+    }
+
+    /// Guest `name`'s entry in the stats JSON.
+    #[must_use]
+    pub fn guest_stats(&self, name: &str) -> Option<&GuestStats> {
+        self.stats.as_ref()?.guest(name)
+    }
+
+    /// How guest `name` ended, in the same terms as a QEMU run.
+    #[must_use]
+    pub fn guest_exit(&self, name: &str) -> GuestExit {
+        if self.ending == Ending::TimedOut {
+            return GuestExit::TimedOut;
+        }
+        match self.guest_stats(name).and_then(|g| g.exit_status) {
+            Some(s) => GuestExit::Status(s),
+            // No status: the guest faulted, was stopped, or the shim failed.
+            None => match self.ending {
+                Ending::Exited(2) => GuestExit::QemuError(2),
+                Ending::Signalled(sig) => GuestExit::Signalled(sig),
+                _ => GuestExit::QemuZero,
+            },
+        }
+    }
+
+    /// The shim's account of guest `name` when it has no exit status.
+    #[must_use]
+    pub fn guest_outcome(&self, name: &str) -> String {
+        self.guest_stats(name).map_or_else(
+            || "no stats from the shim".to_owned(),
+            |g| g.outcome.clone(),
+        )
+    }
+
+    /// The check every shim demo makes of each guest: it exited with status 0
+    /// (named with what the guest and the shim say otherwise).
+    #[must_use]
+    pub fn exit_check(&self, name: &str) -> (String, bool) {
+        let exit = self.guest_exit(name);
+        (
+            format!(
+                "{name} exited with status 0 ({exit}; shim: {})",
+                self.guest_outcome(name)
+            ),
+            exit.passed(),
+        )
+    }
+
+    /// Prints the tail of the run's output and the log path.
+    pub fn print_post_mortem(&self) {
+        let tail = process::tail(&self.lines, crate::vmm::qemu::TAIL_LINES);
+        println!(
+            "---- host-shim ran {:.1} s; last {} lines of its output ({}) ----",
+            self.elapsed.as_secs_f64(),
+            tail.len(),
+            self.log.display()
+        );
+        for line in tail {
+            println!("{}", line.text);
+        }
+        let err_tail: Vec<&str> = self.stderr.lines().rev().take(10).collect();
+        if !err_tail.is_empty() {
+            println!("---- host-shim stderr (last {} lines) ----", err_tail.len());
+            for l in err_tail.iter().rev() {
+                println!("{l}");
+            }
+        }
+        println!("---- end ----");
+    }
+}
+
+/// Numbers the demo summary needs from one guest's stats entry.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GuestNumbers {
+    pub exits: u64,
+    pub exits_by_reason: ExitsByReason,
+    pub notifications: Notifications,
+    pub tx_packets: u64,
+    pub rx_packets: u64,
+    pub interrupts: u64,
+    pub boot_to_main_ms: Option<f64>,
+    /// KVM's binary statistics summed over the guest's vCPUs.
+    pub kvm: BTreeMap<String, u64>,
+}
+
+impl GuestNumbers {
+    #[must_use]
+    pub fn of(guest: &GuestStats) -> Self {
+        Self {
+            exits: guest.exits,
+            exits_by_reason: guest.exits_by_reason,
+            notifications: guest.notifications,
+            tx_packets: guest.tx_packets(),
+            rx_packets: guest.rx_packets(),
+            interrupts: guest.interrupts(),
+            boot_to_main_ms: guest.boot_to_main_ms,
+            kvm: guest.kvm_sums(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vmm::stats;
+
+    fn line(text: &str) -> Line {
+        Line {
+            at: Duration::ZERO,
+            text: text.into(),
+        }
+    }
+
+    #[test]
+    fn guest_spec_puts_cmdline_last() {
+        let g = Guest {
+            name: "cli".into(),
+            image: PathBuf::from("/t/udp-pingpong"),
+            vcpus: 2,
+            mem_mib: 256,
+            cmdline: "ip=10.0.0.2/24 pingpong.peer=10.0.0.1".into(),
+        };
+        assert_eq!(
+            g.spec(),
+            "name=cli,kernel=/t/udp-pingpong,vcpus=2,mem=256M,cmdline=ip=10.0.0.2/24 pingpong.peer=10.0.0.1"
+        );
+    }
+
+    #[test]
+    fn console_lines_are_split_by_guest() {
+        let lines = [
+            line("a| test x ... ok"),
+            line("b| test y ... ok"),
+            line("=== summary"),
+            line("a| 1 passed, 0 failed"),
+        ];
+        assert_eq!(
+            guest_lines(&lines, "a"),
+            ["test x ... ok", "1 passed, 0 failed"]
+        );
+        assert_eq!(guest_lines(&lines, "b"), ["test y ... ok"]);
+        assert!(guest_lines(&lines, "ab").is_empty());
+    }
+
+    #[test]
+    fn exits_and_statuses_come_from_the_stats() {
+        let mut b = stats::sample("ktest");
+        b.name = "b".into();
+        b.exit_status = None;
+        b.outcome = "triple fault".into();
+        let stats = ShimStats {
+            guests: vec![stats::sample("server"), b],
+        };
+        let run = Run {
+            ending: Ending::Exited(1),
+            lines: vec![],
+            stderr: String::new(),
+            stats: Some(stats),
+            log: PathBuf::new(),
+            elapsed: Duration::ZERO,
+        };
+        assert_eq!(run.guest_exit("server"), GuestExit::Status(0));
+        assert_eq!(run.guest_exit("b"), GuestExit::QemuZero);
+        assert_eq!(run.guest_outcome("b"), "triple fault");
+        assert_eq!(run.guest_outcome("c"), "no stats from the shim");
+        let g = run.guest_stats("server").unwrap();
+        let n = GuestNumbers::of(g);
+        assert_eq!(
+            (n.exits, n.tx_packets, n.rx_packets, n.interrupts),
+            (
+                g.exits,
+                g.nics[0].tx_packets,
+                g.nics[0].rx_packets,
+                g.nics[0].interrupts
+            )
+        );
+        assert_eq!(n.exits_by_reason.in_kernel, g.exits_by_reason.in_kernel);
+    }
+}
