@@ -26,11 +26,12 @@ use crate::devices::tap::TapError;
 use crate::kvm::acpi::EcamInfo;
 use crate::mech::Upcaller;
 use crate::mech::ctrl::{CtrlError, GuestCtrl};
+use crate::mech::direct::{Channels, DirectError};
 use crate::mech::doorbell::bench::NotifyBench;
 use crate::mech::doorbell::manager::{ManagerError, ParaRegion, Plan, Request, plan};
 use crate::mech::doorbell::monitor::{Monitors, RingTask, SpinBudget};
 use crate::mech::doorbell::redesignate::{self, Redesignation};
-use crate::mech::doorbell::{Doorbells, GuestDoorbells, Target};
+use crate::mech::doorbell::{CallTarget, Doorbells, GuestDoorbells, Target};
 use crate::mech::hints::{DeviceHints, GuestHints, HintsError, IoPlacement};
 use crate::mech::quantum::Quantum;
 use crate::mech::upcalls::{Delivery, GuestUpcalls, Upcalls};
@@ -53,6 +54,8 @@ pub enum AssembleError {
     Monitors(std::io::Error),
     #[error("VM queues: {0}")]
     Vmq(#[from] AttachError),
+    #[error("direct channels: {0}")]
+    Direct(#[from] DirectError),
 }
 
 /// The MAC of guest `i`: locally administered, unicast (IEEE 802 §8.2.2), "EX" + index.
@@ -206,6 +209,9 @@ pub struct Assembly {
     /// Every guest's I/O-thread placement, for a run-time move.
     pub io_placements: Vec<Arc<IoPlacement>>,
     pub vmq: vmq::Setup,
+    /// Direct channels, and the VM of every guest that joined them.
+    direct: Arc<Channels>,
+    direct_vms: Vec<(u32, Arc<kvm_ioctls::VmFd>)>,
 }
 
 impl Assembly {
@@ -217,6 +223,8 @@ impl Assembly {
             per_cpu: BTreeMap::new(),
             io_placements: Vec::new(),
             vmq: vmq::Setup::default(),
+            direct: Arc::default(),
+            direct_vms: Vec::new(),
         }
     }
 
@@ -296,17 +304,21 @@ impl Assembly {
             hints.set_upcaller(u.clone());
             Some(u)
         };
+        let mut calls = Vec::new();
         let extra = if cli.vmq {
             let (q, targets) =
                 self.vmq
                     .attach(&cfg.name, &g.vm, &g.mem, upcall.clone(), cli.doorbells)?;
+            if cli.direct {
+                calls.push(self.direct(&mut g, q.id, upcall.clone())?);
+            }
             g.attach(q).map_err(err)?;
             targets
         } else {
             Vec::new()
         };
         let (doorbells, para) = self
-            .doorbells(cli, &g, para, extra, ctrl.as_ref())
+            .doorbells(cli, &g, para, extra, calls, ctrl.as_ref())
             .map_err(AssembleError::Monitors)?;
         g.attach(Arc::new(Doorbells::new(doorbells, para, upcall)))
             .map_err(err)?;
@@ -325,6 +337,29 @@ impl Assembly {
         Ok(g)
     }
 
+    /// Direct channels: guest `g` (VM-queue id `id`) gets one to every guest
+    /// that joined before it; returns the doorbell device its wake-up
+    /// requests arrive on.
+    fn direct(
+        &mut self,
+        g: &mut Guest,
+        id: u32,
+        upcall: Option<Upcaller>,
+    ) -> Result<CallTarget, AssembleError> {
+        let peers: Vec<(u32, &kvm_ioctls::VmFd)> =
+            self.direct_vms.iter().map(|(i, vm)| (*i, &**vm)).collect();
+        let wake = vmq::arrival_notify(&g.vm, upcall);
+        let d = Arc::new(self.direct.join(&g.name, id, &g.vm, &peers, wake)?);
+        self.direct_vms.push((id, g.vm.clone()));
+        self.vmq.manager.set_direct(id);
+        let target = d.wake_target();
+        g.attach(d).map_err(|source| AssembleError::Guest {
+            name: g.name.clone(),
+            source,
+        })?;
+        Ok(target)
+    }
+
     /// M1: guest `g`'s doorbell side for its NICs and `extra` targets, its rings
     /// handed to the monitors of the CPUs its designations name, and the test
     /// facilities the command line asks for (re-designation, the benchmark).
@@ -334,6 +369,7 @@ impl Assembly {
         g: &Guest,
         para: Option<Arc<ParaRegion>>,
         extra: Vec<Target>,
+        calls: Vec<CallTarget>,
         ctrl: Option<&Arc<GuestCtrl>>,
     ) -> std::io::Result<(Arc<GuestDoorbells>, Option<Arc<ParaRegion>>)> {
         let mut targets: Vec<Target> = g
@@ -349,7 +385,7 @@ impl Assembly {
             })
             .collect();
         targets.extend(extra);
-        let doorbells = Arc::new(GuestDoorbells::new(&g.name, targets));
+        let doorbells = Arc::new(GuestDoorbells::new(&g.name, targets).with_calls(calls));
         if let Some(region) = &para {
             for (i, d) in region.plan.designations.iter().enumerate() {
                 let mut task = RingTask::new(region.clone(), i, doorbells.clone())?;

@@ -159,6 +159,14 @@ pub struct Cli {
     #[arg(long, value_name = "on|off", default_value = "off", action = clap::ArgAction::Set, value_parser = parse_on_off)]
     pub vmq: bool,
 
+    /// Direct channels between guests: with `--vmq on`, "on" gives every pair
+    /// of guests a ring pair the shim maps at start-up (each guest's endpoint
+    /// read-write for it, read-only for its peer; CPUID 0x40000001 bit
+    /// DIRECT_CHANNELS, leaf 0x40000007), which a guest uses with
+    /// `net.dev=vmq net.vmq_policy=direct`; no host thread and no exit per frame.
+    #[arg(long, value_name = "on|off", default_value = "on", action = clap::ArgAction::Set, value_parser = parse_on_off)]
+    pub direct: bool,
+
     /// Give up and stop all guests after this many seconds (0 = never).
     #[arg(long, value_name = "SECS", default_value_t = 0)]
     pub timeout: u64,

@@ -141,6 +141,11 @@ struct RunArgs {
     /// when not offered). The summary and JSON say which path was taken.
     #[arg(long, value_enum, default_value_t = pingpong::Notify::Auto)]
     notify: pingpong::Notify,
+    /// What carries the frames: each guest's virtio-net NIC on the shim's
+    /// switch, or a direct channel the shim maps between the two guests
+    /// (no exit and no host thread per frame; two guests; best with --rx poll).
+    #[arg(long, value_enum, default_value_t = pingpong::Link::Switch)]
+    link: pingpong::Link,
     /// Also write the results as JSON to FILE.
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
@@ -226,6 +231,7 @@ fn main() -> ExitCode {
                 vcpus: args.vcpus,
                 rx: args.rx,
                 notify: args.notify,
+                link: args.link,
                 timeout: Duration::from_secs(args.timeout),
                 client_irq_cpu: None,
                 ..pingpong::Options::default()

@@ -144,6 +144,9 @@ pub mod slot {
     /// M5 VM queues: 110–199.
     pub const VMQ_FIRST: u32 = 110;
     pub const VMQ_LAST: u32 = 199;
+    /// Direct channels: two per peer id (own endpoint, the peer's), 200–263.
+    pub const DIRECT_FIRST: u32 = 200;
+    pub const DIRECT_LAST: u32 = DIRECT_FIRST + 2 * para_abi::vmq::DIR_ENTRIES as u32 - 1;
 }
 
 /// Registers every region of `mem` with KVM, slot numbers from 0.

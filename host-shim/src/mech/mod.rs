@@ -9,6 +9,8 @@
 //!   window is open;
 //! - [`ctrl`] (M4): shadowed control flags;
 //! - [`vmq`] (M5): VM queues between guests;
+//! - [`direct`]: ring pairs two guests share, set up by the shim, with no
+//!   host thread in the per-frame path;
 //! - [`quantum`]: time slices that wait for the interrupt window.
 //!
 //! A mechanism is built (its memory mapped, its threads started) by
@@ -18,6 +20,7 @@
 //! after each exit, and its part of the report.
 
 pub mod ctrl;
+pub mod direct;
 pub mod doorbell;
 pub mod hints;
 pub mod quantum;

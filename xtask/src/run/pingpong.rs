@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 
 use crate::error::Result;
 use crate::infra::setup;
-use crate::scenario::pingpong::{self, Options, Report};
+use crate::scenario::pingpong::{self, Link, Options, Report};
 use crate::vmm::exit::GuestExit;
 
 pub fn run(opts: &Options, json_path: Option<&Path>, verbose: bool) -> Result<()> {
@@ -58,13 +58,16 @@ fn us(ns: u64) -> String {
 #[must_use]
 pub fn summary(opts: &Options, r: &Report) -> Vec<String> {
     let mut out = vec![format!(
-        "== pingpong under the host shim: {} guests ({} vCPUs each), {} pings of {} B per client, RX {}, notify {}",
+        "== pingpong under the host shim: {} guests ({} vCPUs each), {} pings of {} B per client, RX {}, {}",
         opts.guests,
         opts.vcpus,
         opts.count,
         opts.size,
         opts.rx.cmdline(),
-        notify_path_used(r)
+        match opts.link {
+            Link::Switch => format!("notify {}", notify_path_used(r)),
+            Link::Direct => "over a direct channel (no switch, no NIC)".to_owned(),
+        }
     )];
     for c in &r.clients {
         out.push(format!(

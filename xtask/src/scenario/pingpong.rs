@@ -2,6 +2,7 @@
 //! under the host shim (`cargo xtask run`, leg `shim-pingpong`) or as two
 //! QEMU/KVM guests joined by a socket netdev (leg `qemu-pingpong`).
 
+use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -58,6 +59,16 @@ impl Rx {
     }
 }
 
+/// What carries the frames between the guests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Link {
+    /// Each guest's virtio-net NIC on the shim's switch (or QEMU's socket netdev).
+    Switch,
+    /// A direct channel the shim maps between two guests (shim only, two
+    /// guests): the VM-queue NIC with `net.vmq_policy=direct`, no virtio-net.
+    Direct,
+}
+
 #[derive(Debug, Clone)]
 pub struct Options {
     /// Guests in all: one server and `guests - 1` clients.
@@ -67,6 +78,7 @@ pub struct Options {
     pub vcpus: u32,
     pub rx: Rx,
     pub notify: Notify,
+    pub link: Link,
     pub timeout: Duration,
     /// Where the clients' NIC interrupts go (`net.irq_cpu`); `None` leaves the
     /// default (the CPU running the network stack). The placement check sets it.
@@ -89,6 +101,7 @@ impl Default for Options {
             vcpus: 2,
             rx: Rx::Irq,
             notify: Notify::Auto,
+            link: Link::Switch,
             timeout: Duration::from_mins(2),
             client_irq_cpu: None,
             extra_cmdline: String::new(),
@@ -256,6 +269,15 @@ fn guest_names(opts: &Options) -> Vec<String> {
 /// Guest `index`'s command line (0 is the server).
 pub(crate) fn cmdline(opts: &Options, index: u32) -> String {
     let mut common = format!("net.rx={}{}", opts.rx.cmdline(), opts.notify.cmdline());
+    if opts.link == Link::Direct {
+        // Two guests: each one's peer is the other.
+        let names = guest_names(opts);
+        let peer = &names[usize::from(index == 0)];
+        let _ = write!(
+            common,
+            " net.dev=vmq net.vmq_peer={peer} net.vmq_policy=direct"
+        );
+    }
     if !opts.extra_cmdline.is_empty() {
         common.push(' ');
         common.push_str(&opts.extra_cmdline);
@@ -321,6 +343,11 @@ fn placement_check(r: &ClientResult, cpu: u32) -> (String, bool) {
 }
 
 fn validate(opts: &Options) -> Result<()> {
+    if opts.link == Link::Direct && opts.guests != 2 {
+        return Err(Error::usage(
+            "--link direct joins two guests: give --guests 2",
+        ));
+    }
     if !(2..=200).contains(&opts.guests) {
         return Err(Error::usage(
             "--guests takes 2 to 200 (one server, the rest clients)",
@@ -351,10 +378,14 @@ pub fn on_shim(opts: &Options, label: &str, mut echo: impl FnMut(&str)) -> Resul
             cmdline: cmdline(opts, i),
         })
         .collect();
+    let mut shim_args = opts.shim_args.clone();
+    if opts.link == Link::Direct {
+        shim_args.extend(["--vmq", "on", "--no-net"].map(str::to_owned));
+    }
     let run = shim::run(
         &shim_path,
         &guests,
-        &opts.shim_args,
+        &shim_args,
         opts.timeout,
         label,
         &mut echo,
@@ -428,6 +459,11 @@ pub fn on_shim(opts: &Options, label: &str, mut echo: impl FnMut(&str)) -> Resul
 #[allow(clippy::too_many_lines)] // one linear script: boot two VMs, then judge both
 pub fn on_qemu(opts: &Options, label: &str, port: u16) -> Result<Report> {
     validate(opts)?;
+    if opts.link == Link::Direct {
+        return Err(Error::usage(
+            "--link direct needs the host shim: QEMU has no direct channels",
+        ));
+    }
     let image = build::build_guest(build::find_image("udp-pingpong")?)?;
     let qmp = |name: &str| {
         opts.qmp_dir.as_ref().map_or_else(Vec::new, |dir| {
@@ -688,6 +724,7 @@ mod tests {
                 interrupts: 0,
                 boot_to_main_ms: None,
                 kvm: BTreeMap::new(),
+                direct: None,
             }),
         };
         assert_eq!(g.exits_per_packet(), Some(2.0));

@@ -4,6 +4,7 @@
 
 use crate::error::{Error, Result};
 use crate::test::leg::Leg;
+use crate::test::legs::direct::ShimDirect;
 use crate::test::legs::doorbell::ShimDoorbell;
 use crate::test::legs::flood::ShimFlood;
 use crate::test::legs::guest::QemuGuest;
@@ -43,6 +44,7 @@ pub const LEGS: &[&dyn Leg] = &[
     &ShimHints,
     &ShimPipeline,
     &ShimVmqNet,
+    &ShimDirect,
     &QemuPingpong,
     &ShimTap,
     &QemuInterop,

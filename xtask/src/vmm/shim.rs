@@ -14,7 +14,7 @@ use crate::infra::serial::SerialLog;
 use crate::infra::setup;
 use crate::infra::workspace;
 use crate::vmm::exit::GuestExit;
-use crate::vmm::stats::{ExitsByReason, GuestStats, Notifications, ShimStats};
+use crate::vmm::stats::{DirectStats, ExitsByReason, GuestStats, Notifications, ShimStats};
 
 /// One guest on the shim's command line.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -243,6 +243,8 @@ pub struct GuestNumbers {
     pub boot_to_main_ms: Option<f64>,
     /// KVM's binary statistics summed over the guest's vCPUs.
     pub kvm: BTreeMap<String, u64>,
+    /// Direct-channel counters, when the shim offered direct channels.
+    pub direct: Option<DirectStats>,
 }
 
 impl GuestNumbers {
@@ -257,6 +259,7 @@ impl GuestNumbers {
             interrupts: guest.interrupts(),
             boot_to_main_ms: guest.boot_to_main_ms,
             kvm: guest.kvm_sums(),
+            direct: guest.direct.clone(),
         }
     }
 }

@@ -92,6 +92,22 @@ pub struct GuestStats {
     /// VM-queue counters, when the shim offered VM queues.
     #[serde(default)]
     pub vmq: Option<VmqStats>,
+    /// Direct-channel counters, when the shim offered direct channels.
+    #[serde(default)]
+    pub direct: Option<DirectStats>,
+}
+
+/// `direct`: the guest's channels and the host's part in them (wake-ups).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+pub struct DirectStats {
+    /// Channels to other guests.
+    pub channels: u64,
+    /// Wake-ups the guest asked the host to give a sleeping peer.
+    pub wakes_sent: u64,
+    /// Wake-ups the host gave the guest.
+    pub wakes_received: u64,
+    /// Refused accesses and requests by reason (non-zero only).
+    pub refused: BTreeMap<String, u64>,
 }
 
 impl GuestStats {

@@ -97,6 +97,9 @@ pub enum NicChoice<'a> {
     /// VM queues to the guest the shim calls `peer` (`net.vmq_peer=`), with
     /// `net.vmq_policy=`'s delivery.
     Vmq { peer: &'a str, policy: LinkPolicy },
+    /// A direct channel to the guest the shim calls `peer`
+    /// (`net.vmq_policy=direct`): frames cross shared memory, no exit.
+    Direct { peer: &'a str },
 }
 
 impl<'a> NicChoice<'a> {
@@ -111,8 +114,9 @@ impl<'a> NicChoice<'a> {
                 ))?;
                 let policy = match c.get("net.vmq_policy") {
                     None => LinkPolicy::Lazy,
+                    Some("direct") => return Ok(Self::Direct { peer }),
                     Some(p) => LinkPolicy::parse(p).ok_or(NetError::Config(
-                        "net.vmq_policy= takes lazy, immediate or doorbell",
+                        "net.vmq_policy= takes lazy, immediate, doorbell or direct",
                     ))?,
                 };
                 Ok(Self::Vmq { peer, policy })

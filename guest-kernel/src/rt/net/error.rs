@@ -1,5 +1,6 @@
 //! Why a NIC could not be opened or driven.
 
+use crate::rt::direct_link::DirectOpenError;
 use crate::rt::doorbell::DoorbellError;
 use crate::rt::vmq_link::LinkOpenError;
 use core::fmt;
@@ -20,6 +21,8 @@ pub enum NetError {
     Doorbell(DoorbellError),
     /// `net.dev=vmq`: the VM-queue link could not be opened.
     Vmq(LinkOpenError),
+    /// `net.vmq_policy=direct`: the direct channel could not be opened.
+    Direct(DirectOpenError),
 }
 
 impl fmt::Display for NetError {
@@ -35,6 +38,7 @@ impl fmt::Display for NetError {
             Self::NoSuchCpu(c) => write!(f, "no CPU {c} is online to take the NIC's interrupts"),
             Self::Doorbell(e) => write!(f, "net.notify=doorbell: {e}"),
             Self::Vmq(e) => write!(f, "net.dev=vmq: {e}"),
+            Self::Direct(e) => write!(f, "net.vmq_policy=direct: {e}"),
         }
     }
 }

@@ -137,6 +137,7 @@ impl Net {
         match NicChoice::from_cmdline(c, index)? {
             NicChoice::Virtio => Self::open(index, &cfg),
             NicChoice::Vmq { peer, policy } => Self::open_vmq(peer, policy, &cfg),
+            NicChoice::Direct { peer } => Self::open_direct(peer, &cfg),
         }
     }
 
@@ -146,16 +147,38 @@ impl Net {
     pub fn open_vmq(peer: &str, policy: LinkPolicy, cfg: &NetConfig) -> Result<Self, NetError> {
         let dev = nic::open_vmq(peer, policy)?;
         let (me, peer_id) = (dev.link().my_id(), dev.link().peer());
-        let mut nic: Box<dyn Nic> = Box::new(dev);
-        let (iface, sockets, dhcp) = stack::build(nic.as_mut(), cfg);
-        wake::set_stack_cpu(0);
+        let net = Self::on_peer_link(Box::new(dev), cfg);
         log::info!(
             "net0: VM-queue NIC, guest {me} -> {peer} (id {peer_id}), MAC {}, {}, RX {:?}, {policy:?} delivery",
-            nic.mac(),
+            net.nic.mac(),
             describe_address(cfg),
             cfg.rx_mode,
         );
-        Ok(Self {
+        Ok(net)
+    }
+
+    /// Opens the VM-queue NIC over a direct channel to the guest called
+    /// `peer` (index 0): frames cross memory the two guests share, the shim
+    /// only wakes a peer that halted. `cfg`'s addresses, DHCP and RX mode apply.
+    pub fn open_direct(peer: &str, cfg: &NetConfig) -> Result<Self, NetError> {
+        let dev = nic::open_direct(peer)?;
+        let (me, peer_id) = (dev.link().my_id(), dev.link().peer());
+        let net = Self::on_peer_link(Box::new(dev), cfg);
+        log::info!(
+            "net0: VM-queue NIC, guest {me} -> {peer} (id {peer_id}), MAC {}, {}, RX {:?}, direct channel",
+            net.nic.mac(),
+            describe_address(cfg),
+            cfg.rx_mode,
+        );
+        Ok(net)
+    }
+
+    /// The stack over a NIC that links to one peer guest (index 0; arrivals
+    /// wake vCPU 0, where the stack runs).
+    fn on_peer_link(mut nic: Box<dyn Nic>, cfg: &NetConfig) -> Self {
+        let (iface, sockets, dhcp) = stack::build(nic.as_mut(), cfg);
+        wake::set_stack_cpu(0);
+        Self {
             index: 0,
             nic,
             iface,
@@ -165,7 +188,7 @@ impl Net {
             hints: None,
             hint_signal: 0,
             hint_upcalls: 0,
-        })
+        }
     }
 
     /// Runs smoltcp once over whatever arrived; true when anything happened.
@@ -207,6 +230,9 @@ impl Net {
                 }
             }
             RxMode::Interrupt => {
+                if !self.nic.prepare_sleep() {
+                    return;
+                }
                 let index = self.index;
                 let seen = wake::rx_signals(index);
                 let hints_seen = self.hint_upcalls;
@@ -216,6 +242,7 @@ impl Net {
                         || wake::hint_upcalls() != hints_seen
                         || nic.rx_pending()
                 });
+                self.nic.end_sleep();
             }
         }
     }

@@ -8,6 +8,7 @@ use super::config::{NetConfig, Notify};
 use super::error::NetError;
 use super::wake;
 use crate::abi::vector;
+use crate::rt::direct_link::DirectLink;
 use crate::rt::start::system;
 use crate::rt::virtio::{KernelHal, KernelPciAccess, find_net_devices};
 use crate::rt::vmq_link::{LinkPolicy, LinkStats, VmqLink};
@@ -53,6 +54,14 @@ pub trait Nic: fmt::Debug {
     fn msix_mut(&mut self) -> Option<&mut MsixControl> {
         None
     }
+    /// About to halt until an interrupt: true when the stack may (the NIC
+    /// will be woken), false when frames arrived meanwhile. NICs whose
+    /// arrivals always interrupt need nothing.
+    fn prepare_sleep(&mut self) -> bool {
+        true
+    }
+    /// The halt [`Nic::prepare_sleep`] allowed has ended.
+    fn end_sleep(&mut self) {}
     /// The VM-queue link's outcomes and flush exits, for a VM-queue NIC.
     fn vmq_link_stats(&mut self) -> Option<(LinkStats, u64)> {
         None
@@ -254,5 +263,51 @@ impl Nic for VmqNet<VmqLink> {
 
     fn vmq_link_stats(&mut self) -> Option<(LinkStats, u64)> {
         Some((self.link_mut().stats(), self.link().flushes()))
+    }
+}
+
+/// Opens the VM-queue NIC over a direct channel to the guest called `peer`.
+pub fn open_direct(peer: &str) -> Result<VmqNet<DirectLink>, NetError> {
+    let link = DirectLink::open(peer).map_err(NetError::Direct)?;
+    let me = link.my_id();
+    Ok(VmqNet::new(link, drivers::vmq_net::mac_for(me)))
+}
+
+impl Nic for VmqNet<DirectLink> {
+    fn mac(&self) -> EthernetAddress {
+        EthernetAddress(VmqNet::mac(self))
+    }
+
+    fn interface(&mut self, config: Config, now: Instant) -> Interface {
+        Interface::new(config, self, now)
+    }
+
+    fn poll(
+        &mut self,
+        iface: &mut Interface,
+        now: Instant,
+        sockets: &mut SocketSet<'static>,
+    ) -> PollResult {
+        iface.poll(now, self, sockets)
+    }
+
+    fn rx_pending(&self) -> bool {
+        VmqNet::rx_pending(self)
+    }
+
+    fn prepare_sleep(&mut self) -> bool {
+        self.link_mut().prepare_sleep()
+    }
+
+    fn end_sleep(&mut self) {
+        self.link_mut().wake();
+    }
+
+    fn stats(&self) -> NetStats {
+        VmqNet::stats(self)
+    }
+
+    fn rx_vector(&self) -> u8 {
+        vector::VMQ_ARRIVAL
     }
 }

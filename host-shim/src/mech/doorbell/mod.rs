@@ -112,11 +112,23 @@ pub struct Target {
     pub queues: Vec<EventFd>,
 }
 
+/// A device whose events the monitor handles itself, on its own thread (no
+/// eventfd, no other thread woken): `call(queue)` acts on one event and says
+/// whether the queue named something real.
+pub struct CallTarget {
+    pub device: u8,
+    /// Queues `0..queues` it may name (all run when the ring's overflow set
+    /// says only "this device has work").
+    pub queues: u16,
+    pub call: Arc<dyn Fn(u16) -> bool + Send + Sync>,
+}
+
 /// One guest's side of the doorbells: what its events do, and its counters.
 pub struct GuestDoorbells {
     pub name: String,
     pub counters: Counters,
     targets: Vec<Target>,
+    calls: Vec<CallTarget>,
     /// The notification benchmark's observer (`--notify-bench` only).
     pub bench: OnceLock<Arc<bench::NotifyBench>>,
     /// Run-time re-designation (`--doorbell-redesignate` only).
@@ -130,6 +142,7 @@ impl GuestDoorbells {
             name: name.to_owned(),
             counters: Counters::default(),
             targets,
+            calls: Vec::new(),
             bench: OnceLock::new(),
             redesignation: OnceLock::new(),
         }
@@ -141,8 +154,25 @@ impl GuestDoorbells {
             .reject(r, &self.name, "doorbell input", what);
     }
 
+    /// Adds devices whose events run on the monitor's thread.
+    #[must_use]
+    pub fn with_calls(mut self, calls: Vec<CallTarget>) -> Self {
+        self.calls = calls;
+        self
+    }
+
     /// Rings the queue; false (and counted) when the guest named nothing real.
     fn notify(&self, device: u8, queue: u16, op: Op) -> bool {
+        if let Some(c) = self.calls.iter().find(|c| c.device == device) {
+            if op != Op::Notify || !(c.call)(queue) {
+                self.reject(
+                    Rejected::UnknownQueue,
+                    format_args!("{op:?} to device {device} queue {queue}"),
+                );
+                return false;
+            }
+            return true;
+        }
         let Some(t) = self.targets.iter().find(|t| t.device == device) else {
             self.reject(Rejected::UnknownDevice, format_args!("device {device}"));
             return false;
@@ -193,6 +223,14 @@ impl GuestDoorbells {
                 }
             }
             Pending::Device(SINK) => {}
+            Pending::Device(d) if self.calls.iter().any(|c| c.device == d) => {
+                for c in self.calls.iter().filter(|c| c.device == d) {
+                    for q in 0..c.queues {
+                        (c.call)(q);
+                    }
+                }
+                bump(&self.counters.overflow_notified);
+            }
             Pending::Device(d) => match self.targets.iter().find(|t| t.device == d) {
                 Some(t) => {
                     for q in &t.queues {

@@ -196,6 +196,8 @@ struct Endpoint {
     area_base: usize,
     _keep: Box<dyn std::any::Any + Send + Sync>,
     alive: bool,
+    /// It has a direct channel to every other guest with one (`mech::direct`).
+    direct: bool,
     window_used: Vec<bool>,
     cursor: usize,
     live: VecDeque<Live>,
@@ -395,6 +397,7 @@ impl Manager {
             area_base: mem.area.base,
             _keep: mem.keep,
             alive: true,
+            direct: false,
             window_used: vec![false; WINDOW_PAGES],
             cursor: 0,
             live: VecDeque::new(),
@@ -405,6 +408,16 @@ impl Manager {
         });
         publish_directory(&inner.eps);
         Ok((id, counters))
+    }
+
+    /// Guest `id` has direct channels to the other guests that have them; the
+    /// directory says so to each of them.
+    pub fn set_direct(&self, id: u32) {
+        let mut inner = self.lock();
+        if let Some(e) = inner.eps.get_mut(id as usize) {
+            e.direct = true;
+            publish_directory(&inner.eps);
+        }
     }
 
     /// The destination can no longer receive; senders get `VmExited`.
@@ -521,19 +534,20 @@ impl Manager {
 }
 
 fn publish_directory(eps: &[Endpoint]) {
-    let dir: Vec<DirRecord> = eps
-        .iter()
-        .enumerate()
-        .map(|(i, e)| {
-            DirRecord::new(
-                i as u32,
-                &e.name,
-                if e.alive { DirRecord::ALIVE } else { 0 },
-            )
-        })
-        .collect();
-    for (i, e) in eps.iter().enumerate() {
-        e.write_directory(&dir, i as u32);
+    for (reader, r) in eps.iter().enumerate() {
+        let dir: Vec<DirRecord> = eps
+            .iter()
+            .enumerate()
+            .map(|(i, e)| {
+                let mut flags = if e.alive { DirRecord::ALIVE } else { 0 };
+                // A channel joins two guests that both have them.
+                if e.direct && r.direct && i != reader {
+                    flags |= DirRecord::DIRECT;
+                }
+                DirRecord::new(i as u32, &e.name, flags)
+            })
+            .collect();
+        r.write_directory(&dir, reader as u32);
     }
 }
 

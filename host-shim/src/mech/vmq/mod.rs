@@ -131,6 +131,18 @@ fn upcall_notify(upcall: Upcaller, fallback: Notify) -> Notify {
     })
 }
 
+/// How guest `vm` learns that something arrived for it: a `VmqArrival`
+/// upcall where it takes upcalls, else the arrival MSI (vector
+/// `vmq::ARRIVAL_VECTOR`). The guest's wait loops re-read what they wait on
+/// after either, so any producer of "look again" may use it.
+pub fn arrival_notify(vm: &Arc<VmFd>, upcall: Option<Upcaller>) -> Notify {
+    let msi = msi_notify(vm.clone(), vmq::ARRIVAL_VECTOR);
+    match upcall {
+        Some(u) => upcall_notify(u, msi),
+        None => msi,
+    }
+}
+
 /// M5 as a guest's mechanism: delivers the guest's outbox at each exit of its
 /// vCPUs and notices its end.
 pub struct Vmq {
@@ -169,12 +181,7 @@ impl Vmq {
         unsafe { vm.set_user_memory_region(desc) }.map_err(AttachError::Slot)?;
         let base = area.base();
         let mem = endpoint_memory(ram, area)?;
-        let msi = msi_notify(vm.clone(), vmq::ARRIVAL_VECTOR);
-        let notify = match upcall {
-            Some(u) => upcall_notify(u, msi),
-            None => msi,
-        };
-        let (id, counters) = manager.add(name, mem, notify)?;
+        let (id, counters) = manager.add(name, mem, arrival_notify(vm, upcall))?;
         Ok(Self {
             manager: manager.clone(),
             id,
