@@ -135,6 +135,7 @@ fn upcall_notify(upcall: Upcaller, fallback: Notify) -> Notify {
 /// upcall where it takes upcalls, else the arrival MSI (vector
 /// `vmq::ARRIVAL_VECTOR`). The guest's wait loops re-read what they wait on
 /// after either, so any producer of "look again" may use it.
+#[must_use]
 pub fn arrival_notify(vm: &Arc<VmFd>, upcall: Option<Upcaller>) -> Notify {
     let msi = msi_notify(vm.clone(), vmq::ARRIVAL_VECTOR);
     match upcall {
