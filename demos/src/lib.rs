@@ -10,5 +10,7 @@ extern crate std;
 /// why on the console first).
 pub const APP_ERROR: i32 = guest_kernel::abi::status::APP_ERROR as i32;
 
+#[cfg(target_os = "none")]
+pub mod hostile;
 pub mod http;
 pub mod pingpong;

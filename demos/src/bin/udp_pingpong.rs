@@ -9,6 +9,9 @@
 //! when every ping came back.
 //! - client: `pingpong.quantiles=1` also prints RTT every 5th percentile (µs) on a
 //!   `pingpong-quantiles-us:` line.
+//! - client over a direct channel: `pingpong.hostile=1` first spoils the
+//!   channel (`demos::hostile`), then pings as usual; the server prints what
+//!   its link dropped.
 //! - both: `pingpong.linger_ms=N` stays up (halted) N ms before exiting, so a
 //!   benchmark can read the VMM's counters for the whole run.
 #![cfg_attr(target_os = "none", no_std, no_main)]
@@ -40,6 +43,30 @@ mod guest {
 
     fn main() -> i32 {
         let c = &system().cmdline;
+        // Only a client attacks: the server is the peer that must cope.
+        if c.flag("pingpong.hostile") && c.get("pingpong.role") == Some("client") {
+            match c
+                .get("net.vmq_peer")
+                .ok_or("pingpong.hostile needs net.vmq_peer=NAME")
+                .and_then(demos::hostile::spoil_direct_channel)
+            {
+                Ok(a) => println!(
+                    "report: hostile: {} bad frames, {} impossible index, {} stores into the peer's endpoint; peer's words {}",
+                    a.bad_frames,
+                    a.bad_indices,
+                    a.stores,
+                    if a.peer_unchanged {
+                        "unchanged"
+                    } else {
+                        "CHANGED"
+                    }
+                ),
+                Err(e) => {
+                    println!("udp-pingpong: hostile prelude: {e}");
+                    return APP_ERROR;
+                }
+            }
+        }
         let mut net = match Net::from_cmdline(0) {
             Ok(n) => n,
             Err(e) => {
@@ -121,6 +148,12 @@ mod guest {
                         println!(
                             "report: pingpong server echoed {echoed} datagrams for {clients} client(s)"
                         );
+                        if let Some(d) = net.direct_stats() {
+                            println!(
+                                "report: pingpong server direct link: dropped {} bad-length, {} too-long, {} corrupt-index; {} wake-ups asked",
+                                d.rx.bad_length, d.rx.too_long, d.rx.corrupt, d.wakes_sent
+                            );
+                        }
                         return 0;
                     }
                     continue;

@@ -43,6 +43,7 @@ pub use config::{NetConfig, Notify};
 pub use error::NetError;
 pub use wake::{MAX_NICS, hint_upcalls};
 
+use crate::rt::direct_link::DirectStats;
 use crate::rt::hints::{self, Follower};
 use crate::rt::start::system;
 use crate::rt::time::{self, Instant};
@@ -256,6 +257,13 @@ impl Net {
     #[must_use]
     pub fn stats(&self) -> NetStats {
         self.nic.stats()
+    }
+
+    /// A direct link's counters (`None` for other NICs): the peer's frames it
+    /// dropped by reason, and the wake-ups it asked of the host.
+    #[must_use]
+    pub fn direct_stats(&self) -> Option<DirectStats> {
+        self.nic.direct_stats()
     }
 
     /// The VM-queue link's outcomes (`None` for virtio-net): frames the shim

@@ -8,7 +8,7 @@ use super::config::{NetConfig, Notify};
 use super::error::NetError;
 use super::wake;
 use crate::abi::vector;
-use crate::rt::direct_link::DirectLink;
+use crate::rt::direct_link::{DirectLink, DirectStats};
 use crate::rt::start::system;
 use crate::rt::virtio::{KernelHal, KernelPciAccess, find_net_devices};
 use crate::rt::vmq_link::{LinkPolicy, LinkStats, VmqLink};
@@ -62,6 +62,10 @@ pub trait Nic: fmt::Debug {
     }
     /// The halt [`Nic::prepare_sleep`] allowed has ended.
     fn end_sleep(&mut self) {}
+    /// A direct link's own counters (what it refused or asked of the host).
+    fn direct_stats(&self) -> Option<DirectStats> {
+        None
+    }
     /// The VM-queue link's outcomes and flush exits, for a VM-queue NIC.
     fn vmq_link_stats(&mut self) -> Option<(LinkStats, u64)> {
         None
@@ -301,6 +305,10 @@ impl Nic for VmqNet<DirectLink> {
 
     fn end_sleep(&mut self) {
         self.link_mut().wake();
+    }
+
+    fn direct_stats(&self) -> Option<DirectStats> {
+        Some(self.link().stats())
     }
 
     fn stats(&self) -> NetStats {

@@ -53,12 +53,83 @@ impl Leg for ShimDirect {
                 Err(e) => checks.push((format!("{}: {e}", rx.cmdline()), false)),
             }
         }
+        match hostile(self.name(), opts) {
+            Ok(c) => {
+                reports.extend(
+                    check_reports(&c)
+                        .into_iter()
+                        .map(|l| format!("hostile: {l}")),
+                );
+                checks.extend(c.into_iter().map(|(n, ok)| (format!("hostile: {n}"), ok)));
+            }
+            Err(e) => checks.push((format!("hostile: {e}"), false)),
+        }
         LegRun {
             outcome: verdict::judge_checks(&checks),
             reports,
             log,
         }
     }
+}
+
+/// Bad frames and impossible indices the hostile client publishes, and its
+/// stores into the server's endpoint (`demos::hostile`).
+const BAD_FRAMES: u64 = 3;
+const BAD_INDICES: u64 = 1;
+const STORES: u64 = 3;
+
+/// The client spoils the channel before it pings: the server drops and
+/// counts the garbage and answers every ping; the shim refuses and counts
+/// the client's stores into the server's endpoint.
+fn hostile(leg: &str, opts: &Options) -> crate::error::Result<Vec<(String, bool)>> {
+    let demo = pingpong::Options {
+        count: 200,
+        vcpus: 1,
+        rx: Rx::Poll,
+        link: Link::Direct,
+        timeout: opts.timeout,
+        extra_cmdline: "pingpong.hostile=1".into(),
+        ..pingpong::Options::default()
+    };
+    let mut lines = Vec::new();
+    let r = pingpong::on_shim(&demo, &format!("{leg}-hostile"), |l| {
+        lines.push(l.to_owned());
+    })?;
+    let mut checks = r.checks.clone();
+    let find = |what: &str| lines.iter().find(|l| l.contains(what)).cloned();
+    let attack = find("report: hostile:");
+    checks.push((
+        format!(
+            "client1 spoiled the channel: {}",
+            attack.as_deref().unwrap_or("no report")
+        ),
+        attack.as_deref().is_some_and(|l| {
+            l.contains(&format!(
+                "{BAD_FRAMES} bad frames, {BAD_INDICES} impossible index, {STORES} stores"
+            )) && l.contains("words unchanged")
+        }),
+    ));
+    let dropped = find("direct link: dropped");
+    checks.push((
+        format!(
+            "server counted and dropped the garbage: {}",
+            dropped.as_deref().unwrap_or("no report")
+        ),
+        dropped.as_deref().is_some_and(|l| {
+            l.contains(&format!("dropped {BAD_FRAMES} bad-length"))
+                && l.contains(&format!("{BAD_INDICES} corrupt-index"))
+        }),
+    ));
+    let client = r.guests.iter().find(|g| g.name == "client1");
+    let refused = client
+        .and_then(|g| g.numbers.as_ref()?.direct.as_ref())
+        .and_then(|d| d.refused.get("write_to_peer_endpoint").copied())
+        .unwrap_or(0);
+    checks.push((
+        format!("the shim refused and counted client1's {refused} stores into the server's endpoint (expected {STORES})"),
+        refused == STORES,
+    ));
+    Ok(checks)
 }
 
 /// The most KVM exits per packet a polling guest may take in steady state:
