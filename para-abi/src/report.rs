@@ -2,6 +2,12 @@
 //! way on both sides: a guest's `rtt p99` and the host's p99 over the samples
 //! it collected mean the same thing.
 
+/// Console lines a measuring guest prints just outside its steady state (its
+/// timed work, without boot and teardown), for a host that times them: a VMM
+/// with no stats marks (QEMU) is sampled between them.
+pub const STEADY_BEGIN: &str = "steady-state: begin";
+pub const STEADY_END: &str = "steady-state: end";
+
 /// The `p`-th percentile (0–100) of `sorted` (ascending), by the nearest-rank
 /// method: the value at 1-based rank ⌈p·n/100⌉ (rank 1 for `p` = 0), i.e. the
 /// smallest sample that at least `p` % of the samples do not exceed.

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
@@ -27,6 +27,16 @@ pub struct ProcSample {
     pub hwm_kib: u64,
 }
 
+/// The watched processes' totals at one moment.
+#[derive(Debug, Clone, Copy)]
+pub struct Sample {
+    pub at: Instant,
+    /// utime + stime over the matched processes, seconds.
+    pub cpu_s: f64,
+    /// KVM `exits` over the QMP sockets' VMs (0 without sockets).
+    pub exits: u64,
+}
+
 /// What the probe saw by the time it was stopped.
 #[derive(Debug, Default)]
 pub struct Seen {
@@ -34,6 +44,41 @@ pub struct Seen {
     pub procs: BTreeMap<u32, ProcSample>,
     /// By QMP socket stem (`server`, `client1`): cumulative KVM stats summed over vCPUs.
     pub kvm: BTreeMap<String, BTreeMap<String, u64>>,
+    /// Every sample, in time order.
+    pub timeline: Vec<Sample>,
+}
+
+impl Seen {
+    /// Host CPU seconds and KVM exits spent between `from` and `to`, each
+    /// edge interpolated between the samples around it; `None` when the
+    /// timeline does not cover the window.
+    #[must_use]
+    pub fn window(&self, from: Instant, to: Instant) -> Option<(f64, f64)> {
+        let a = interpolate(&self.timeline, from)?;
+        let b = interpolate(&self.timeline, to)?;
+        (to > from).then_some((b.0 - a.0, b.1 - a.1))
+    }
+}
+
+/// (CPU s, exits) at `t`, linear between the samples around it.
+#[allow(clippy::cast_precision_loss)] // counts far below 2^52
+fn interpolate(timeline: &[Sample], t: Instant) -> Option<(f64, f64)> {
+    let after = timeline.iter().position(|s| s.at >= t)?;
+    let b = timeline[after];
+    if after == 0 {
+        return (b.at == t).then_some((b.cpu_s, b.exits as f64));
+    }
+    let a = timeline[after - 1];
+    let span = (b.at - a.at).as_secs_f64();
+    let f = if span > 0.0 {
+        (t - a.at).as_secs_f64() / span
+    } else {
+        1.0
+    };
+    Some((
+        a.cpu_s + f * (b.cpu_s - a.cpu_s),
+        a.exits as f64 + f * (b.exits as f64 - a.exits as f64),
+    ))
 }
 
 pub struct Probe {
@@ -65,6 +110,11 @@ impl Probe {
                         seen.kvm.insert(stem, stats);
                     }
                 }
+                seen.timeline.push(Sample {
+                    at: Instant::now(),
+                    cpu_s: seen.procs.values().map(|p| p.cpu_s).sum(),
+                    exits: seen.kvm.values().filter_map(|k| k.get("exits")).sum(),
+                });
                 std::thread::sleep(PERIOD);
             }
             seen
@@ -207,6 +257,40 @@ mod tests {
         assert!(parse_stat(line, 100, &["host-shim"]).is_none());
         let odd = "7 (a) b) R 100 7 7 0 -1 0 0 0 0 0 1 2 0 0 20 0 1 0";
         assert!(parse_stat(odd, 100, &["a) b"]).is_some());
+    }
+
+    #[test]
+    fn windows_interpolate_between_samples() {
+        let t0 = Instant::now();
+        let at = |ms| t0 + Duration::from_millis(ms);
+        let seen = Seen {
+            timeline: vec![
+                Sample {
+                    at: at(0),
+                    cpu_s: 1.0,
+                    exits: 100,
+                },
+                Sample {
+                    at: at(100),
+                    cpu_s: 2.0,
+                    exits: 200,
+                },
+                Sample {
+                    at: at(200),
+                    cpu_s: 2.0,
+                    exits: 400,
+                },
+            ],
+            ..Seen::default()
+        };
+        let (cpu, exits) = seen.window(at(50), at(150)).unwrap();
+        assert!((cpu - 0.5).abs() < 1e-9, "{cpu}");
+        assert!((exits - 150.0).abs() < 1e-6, "{exits}");
+        assert!(
+            seen.window(at(50), at(250)).is_none(),
+            "past the last sample"
+        );
+        assert!(seen.window(at(150), at(50)).is_none(), "backwards");
     }
 
     #[test]

@@ -4,13 +4,16 @@
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use clap::ValueEnum;
 use serde::{Deserialize, Serialize};
 
+use para_abi::report::{STEADY_BEGIN, STEADY_END};
+
 use crate::error::{Error, Result};
 use crate::infra::build;
+use crate::infra::process::Line;
 use crate::vmm::exit::GuestExit;
 use crate::vmm::qemu::{self, Accel, Echo, Machine, Net};
 use crate::vmm::shim::{self, GuestNumbers};
@@ -221,6 +224,28 @@ fn steady_exits_per_packet(stats: Option<&GuestStats>, packets: u64) -> Option<f
     (packets > 0 && b >= a).then(|| (b - a) as f64 / packets as f64)
 }
 
+/// The host's instants of `client`'s steady-state lines in `lines` of a child
+/// that ran `elapsed` and ended at `ended` (each line is stamped from the
+/// child's start).
+fn steady_window(
+    lines: &[Line],
+    client: &str,
+    elapsed: Duration,
+    ended: Instant,
+) -> Option<(Instant, Instant)> {
+    let start = ended.checked_sub(elapsed)?;
+    let at = |what: &str| {
+        lines
+            .iter()
+            .find(|l| {
+                let t = l.text.trim_end();
+                t.ends_with(what) && (t.starts_with(client) || t == what)
+            })
+            .map(|l| start + l.at)
+    };
+    Some((at(STEADY_BEGIN)?, at(STEADY_END)?))
+}
+
 /// The datagrams the server says it echoed (its `report:` line).
 fn server_echoed<'a>(lines: impl IntoIterator<Item = &'a str>) -> Option<u64> {
     lines.into_iter().find_map(|l| {
@@ -248,6 +273,10 @@ impl GuestReport {
 pub struct Report {
     pub clients: Vec<ClientResult>,
     pub guests: Vec<GuestReport>,
+    /// When the (first) client's timed pings began and ended, as the host
+    /// saw its `steady-state:` lines: the window a benchmark samples a VMM
+    /// without stats marks in.
+    pub steady: Option<(Instant, Instant)>,
     /// Named checks, for the test legs and the exit code.
     pub checks: Vec<(String, bool)>,
     pub log: PathBuf,
@@ -390,6 +419,7 @@ pub fn on_shim(opts: &Options, label: &str, mut echo: impl FnMut(&str)) -> Resul
         label,
         &mut echo,
     )?;
+    let ended = Instant::now();
     let mut checks = Vec::new();
     let mut reports = Vec::new();
     let mut clients = Vec::new();
@@ -446,6 +476,7 @@ pub fn on_shim(opts: &Options, label: &str, mut echo: impl FnMut(&str)) -> Resul
     let report = Report {
         clients,
         guests: reports,
+        steady: steady_window(&run.lines, "client1", run.elapsed, ended),
         checks,
         log: run.log.clone(),
     };
@@ -524,6 +555,7 @@ pub fn on_qemu(opts: &Options, label: &str, port: u16) -> Result<Report> {
                 prefix: "client1".into(),
             },
         )
+        .map(|run| (run, Instant::now()))
     } else {
         Err(Error::failed(format!(
             "the server's QEMU never listened on 127.0.0.1:{port}"
@@ -535,6 +567,11 @@ pub fn on_qemu(opts: &Options, label: &str, port: u16) -> Result<Report> {
     let mut checks = Vec::new();
     let mut guests = Vec::new();
     let mut clients = Vec::new();
+    let steady = client
+        .as_ref()
+        .ok()
+        .and_then(|(run, ended)| steady_window(&run.lines, "client1", run.elapsed, *ended));
+    let client = client.map(|(run, _)| run);
     for (name, run) in [("server", server), ("client1", client)] {
         match run {
             Ok(run) => {
@@ -562,6 +599,7 @@ pub fn on_qemu(opts: &Options, label: &str, port: u16) -> Result<Report> {
     Ok(Report {
         clients,
         guests,
+        steady,
         checks,
         log: PathBuf::new(),
     })

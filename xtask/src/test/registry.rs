@@ -90,6 +90,7 @@ mod tests {
                 "shim-hints",
                 "shim-pipeline",
                 "shim-vmqnet",
+                "shim-direct",
                 "qemu-pingpong",
                 "shim-tap",
                 "interop"
