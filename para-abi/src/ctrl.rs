@@ -1,4 +1,4 @@
-//! M4 shadowed control flags: the per-vCPU control blocks (DESIGN §3 M4).
+//! M4 shadowed control flags: the per-vCPU control blocks.
 //!
 //! The area at [`crate::layout::area::CTRL`] holds two pages:
 //!

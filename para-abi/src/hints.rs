@@ -1,4 +1,4 @@
-//! M2 interrupt-vCPU hints (DESIGN §3 M2; reference text US9411624): the page at
+//! M2 interrupt-vCPU hints (after the public description of interrupt-vCPU hints, US9411624): the page at
 //! [`area::HINTS`](crate::layout::area::HINTS) where the shim tells the guest which
 //! of its vCPUs share a host CPU with the thread that produces a device queue's
 //! events, so the guest can point that queue's MSI-X entry there.
