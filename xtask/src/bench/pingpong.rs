@@ -9,7 +9,7 @@ use std::time::Duration;
 use super::probe::{Probe, Seen};
 use super::suite::{Better, Metric, Plot, RoundResult, Scenario, Suite};
 use crate::error::{Error, Result};
-use crate::scenario::pingpong::{self, Link, Notify, Report, Rx};
+use crate::scenario::pingpong::{self, Link, Notify, QemuLink, Report, Rx};
 use crate::{infra::build, vmm::shim};
 
 /// Pings per round: enough that boot is a small share of the CPU and exit
@@ -46,7 +46,7 @@ impl Pingpong {
         }
     }
 
-    fn run_qemu(&mut self, r: &mut RoundResult, id: &str, rx: Rx) -> Result<()> {
+    fn run_qemu(&mut self, r: &mut RoundResult, id: &str, rx: Rx, link: QemuLink) -> Result<()> {
         let dir = super::suite::results_dir()?.join("qmp");
         std::fs::create_dir_all(&dir)
             .map_err(|e| Error::failed(format!("cannot create {}: {e}", dir.display())))?;
@@ -59,6 +59,7 @@ impl Pingpong {
         }
         let mut opts = Self::options(Notify::Trap);
         opts.rx = rx;
+        opts.qemu_link = link;
         opts.qmp_dir = Some(dir);
         // A fresh port each round: a socket netdev port can linger in TIME_WAIT.
         self.port = if self.port >= 17_499 {
@@ -166,7 +167,7 @@ impl Suite for Pingpong {
 
     fn about(&self) -> String {
         format!(
-            "Guest-to-guest UDP ping-pong, the same `udp-pingpong` image (2 vCPUs, 256 MiB) as server and client: {PINGS} pings of 64 B per round after 10 warm-up pings. `qemu` (the baseline): two QEMU/KVM `-M q35` VMs joined by a `socket` netdev (QEMU's fastest guest-to-guest link here: TAP and a Linux bridge were slower, and `-M microvm` gives this guest no PCI bus), virtio-net-pci, interrupt-driven RX; `qemu_poll` the same with busy-polling RX. Host shim, both guests in one shim process: `default` is exactly `cargo xtask run` (its defaults: the shim's switch, doorbell notifications where offered, interrupt-driven RX); `trap` uses the virtio notify register (an ioeventfd) instead; `fastest` joins the two guests by a direct channel (`--link direct`: shared rings the shim maps at start-up, no NIC, no switch) with busy-polling RX. RTT and pps are timed in the client guest by its TSC. Whole-run exits are KVM's own binary statistics summed over vCPUs (boot included), read directly by the shim and through QMP `query-stats` for QEMU, per guest and packet (2 per ping). Steady-state figures cover only the client's timed pings: the shim's exits between the guests' stats marks; QEMU's exits and every VMM's host CPU from 100 ms samples interpolated at the instants the host saw the client's `steady-state:` lines. Host CPU is utime+stime of the VMM processes (two QEMUs, or the one shim) per 100k packets; RSS is their peak resident set (`VmHWM`) per guest. Guests linger {LINGER_MS} ms after the last packet so the sampler sees final counters."
+            "Guest-to-guest UDP ping-pong, the same `udp-pingpong` image (2 vCPUs, 256 MiB) as server and client: {PINGS} pings of 64 B per round after 10 warm-up pings. `qemu` (the baseline): two QEMU/KVM `-M q35` VMs joined by a `socket` netdev , virtio-net-pci, interrupt-driven RX; `qemu_poll` the same with busy-polling RX; `qemu_tap` joins the two VMs by a TAP device each on a Linux bridge instead (`vhost-net` is not available here, and `-M microvm` gives this guest no PCI bus, so q35 it is). The baseline is whichever of these measures best, by the table below. Host shim, both guests in one shim process: `default` is exactly `cargo xtask run` (its defaults: the shim's switch, doorbell notifications where offered, interrupt-driven RX); `trap` uses the virtio notify register (an ioeventfd) instead; `fastest` joins the two guests by a direct channel (`--link direct`: shared rings the shim maps at start-up, no NIC, no switch) with busy-polling RX. RTT and pps are timed in the client guest by its TSC. Whole-run exits are KVM's own binary statistics summed over vCPUs (boot included), read directly by the shim and through QMP `query-stats` for QEMU, per guest and packet (2 per ping). Steady-state figures cover only the client's timed pings: the shim's exits between the guests' stats marks; QEMU's exits and every VMM's host CPU from 100 ms samples interpolated at the instants the host saw the client's `steady-state:` lines. Host CPU is utime+stime of the VMM processes (two QEMUs, or the one shim) per 100k packets; RSS is their peak resident set (`VmHWM`) per guest. Guests linger {LINGER_MS} ms after the last packet so the sampler sees final counters."
         )
     }
 
@@ -174,6 +175,7 @@ impl Suite for Pingpong {
         vec![
             Scenario::new("qemu", "QEMU/KVM q35, RX irq"),
             Scenario::new("qemu_poll", "QEMU/KVM q35, RX poll"),
+            Scenario::new("qemu_tap", "QEMU/KVM q35, TAP + bridge"),
             Scenario::new("default", "shim, cargo xtask run"),
             Scenario::new("trap", "shim, notify trap"),
             Scenario::new("fastest", "shim, direct channel, poll"),
@@ -274,8 +276,9 @@ impl Suite for Pingpong {
         r.note("KVM here is the paravirtual kvm_pvm backend, which never increments io_exits; ring-0 guest code is run by KVM's instruction emulator, so absolute times are inflated for every VMM alike.");
         for s in order {
             match s.id {
-                "qemu" => self.run_qemu(&mut r, "qemu", Rx::Irq)?,
-                "qemu_poll" => self.run_qemu(&mut r, "qemu_poll", Rx::Poll)?,
+                "qemu" => self.run_qemu(&mut r, "qemu", Rx::Irq, QemuLink::Socket)?,
+                "qemu_poll" => self.run_qemu(&mut r, "qemu_poll", Rx::Poll, QemuLink::Socket)?,
+                "qemu_tap" => self.run_qemu(&mut r, "qemu_tap", Rx::Irq, QemuLink::TapBridge)?,
                 // Exactly `cargo xtask run`: its defaults, nothing added.
                 "default" => Self::run_shim(&mut r, "default", &Self::options(Notify::Auto))?,
                 "trap" => Self::run_shim(&mut r, "trap", &Self::options(Notify::Trap))?,

@@ -72,6 +72,16 @@ pub enum Link {
     Direct,
 }
 
+/// How two QEMU guests are joined.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QemuLink {
+    /// A `socket` netdev: one QEMU listens on a loopback port, the other
+    /// connects; frames cross as a TCP stream between the two processes.
+    Socket,
+    /// A TAP device per QEMU, both on a Linux bridge (needs root).
+    TapBridge,
+}
+
 #[derive(Debug, Clone)]
 pub struct Options {
     /// Guests in all: one server and `guests - 1` clients.
@@ -82,6 +92,8 @@ pub struct Options {
     pub rx: Rx,
     pub notify: Notify,
     pub link: Link,
+    /// QEMU only: the netdev joining the two VMs.
+    pub qemu_link: QemuLink,
     pub timeout: Duration,
     /// Where the clients' NIC interrupts go (`net.irq_cpu`); `None` leaves the
     /// default (the CPU running the network stack). The placement check sets it.
@@ -105,6 +117,7 @@ impl Default for Options {
             rx: Rx::Irq,
             notify: Notify::Auto,
             link: Link::Switch,
+            qemu_link: QemuLink::Socket,
             timeout: Duration::from_mins(2),
             client_irq_cpu: None,
             extra_cmdline: String::new(),
@@ -522,16 +535,20 @@ pub fn on_qemu(opts: &Options, label: &str, port: u16) -> Result<Report> {
         extra_args: qmp(if index == 0 { "server" } else { "client1" }),
         timeout: opts.timeout,
     };
-    let server_cfg = cfg(
-        0,
-        format!("socket,id=net0,listen=127.0.0.1:{port}"),
-        "52:54:00:00:00:01",
-    );
-    let client_cfg = cfg(
-        1,
-        format!("socket,id=net0,connect=127.0.0.1:{port}"),
-        "52:54:00:00:00:02",
-    );
+    let bridge = match opts.qemu_link {
+        QemuLink::Socket => None,
+        QemuLink::TapBridge => Some(TapBridge::new(port)?),
+    };
+    let netdev = |index: usize| match &bridge {
+        Some(b) => format!(
+            "tap,id=net0,ifname={},script=no,downscript=no",
+            b.taps[index]
+        ),
+        None if index == 0 => format!("socket,id=net0,listen=127.0.0.1:{port}"),
+        None => format!("socket,id=net0,connect=127.0.0.1:{port}"),
+    };
+    let server_cfg = cfg(0, netdev(0), "52:54:00:00:00:01");
+    let client_cfg = cfg(1, netdev(1), "52:54:00:00:00:02");
     let server_label = format!("{label}-server");
     let server = std::thread::spawn(move || {
         qemu::boot(
@@ -543,10 +560,11 @@ pub fn on_qemu(opts: &Options, label: &str, port: u16) -> Result<Report> {
         )
     });
     // The server's QEMU must be listening before the client's connects.
-    let listening = (0..200).any(|_| {
-        std::thread::sleep(Duration::from_millis(50));
-        port_open(port) && !server.is_finished()
-    });
+    let listening = bridge.is_some()
+        || (0..200).any(|_| {
+            std::thread::sleep(Duration::from_millis(50));
+            port_open(port) && !server.is_finished()
+        });
     let client = if listening {
         qemu::boot(
             &client_cfg,
@@ -603,6 +621,56 @@ pub fn on_qemu(opts: &Options, label: &str, port: u16) -> Result<Report> {
         checks,
         log: PathBuf::new(),
     })
+}
+
+/// A Linux bridge with one TAP device per QEMU, removed on drop.
+struct TapBridge {
+    bridge: String,
+    taps: [String; 2],
+}
+
+impl TapBridge {
+    /// Names unique to this run (`tag`: its port).
+    fn new(tag: u16) -> Result<Self> {
+        let b = Self {
+            bridge: format!("exbr{tag}"),
+            taps: [format!("exq{tag}a"), format!("exq{tag}b")],
+        };
+        ip(&["link", "add", &b.bridge, "type", "bridge"])?;
+        ip(&["link", "set", &b.bridge, "up"])?;
+        for t in &b.taps {
+            ip(&["tuntap", "add", "dev", t, "mode", "tap"])?;
+            ip(&["link", "set", t, "master", &b.bridge])?;
+            ip(&["link", "set", t, "up"])?;
+        }
+        Ok(b)
+    }
+}
+
+/// Runs `ip ARGS` (iproute2).
+fn ip(args: &[&str]) -> Result<()> {
+    let out = std::process::Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(|e| Error::failed(format!("cannot run ip (iproute2): {e}")))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(Error::failed(format!(
+            "ip {} failed (the TAP link needs root): {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )))
+    }
+}
+
+impl Drop for TapBridge {
+    fn drop(&mut self) {
+        for t in &self.taps {
+            let _ = ip(&["link", "del", t]);
+        }
+        let _ = ip(&["link", "del", &self.bridge]);
+    }
 }
 
 /// True once something accepts TCP connections on the port (QEMU's listener).
