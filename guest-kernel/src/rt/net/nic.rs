@@ -20,7 +20,7 @@ use core::sync::atomic::Ordering;
 use drivers::msix::{ApicId, MsiMessage, Vector};
 use drivers::net::{NetDevice, NetStats, TX_QUEUE};
 use drivers::virtio_pci::{MsixControl, MsixPciTransport, QueueNotifier, VectorPlan};
-use drivers::vmq_net::VmqNet;
+use drivers::vmq_net::{FrameLink, VmqNet};
 use para_abi::doorbell::record::{Event, Op};
 use smoltcp::iface::{Config, Interface, PollResult, SocketSet};
 use smoltcp::time::Instant;
@@ -217,6 +217,44 @@ impl Nic for VirtioNic {
     }
 }
 
+/// A link to one peer guest under the VM-queue NIC: what the stack needs
+/// from it beyond carrying frames. VM queues and direct channels differ only
+/// here.
+pub trait PeerLink: FrameLink + fmt::Debug {
+    /// See [`Nic::prepare_sleep`].
+    fn prepare_sleep(&mut self) -> bool {
+        true
+    }
+    /// See [`Nic::end_sleep`].
+    fn end_sleep(&mut self) {}
+    fn vmq_link_stats(&mut self) -> Option<(LinkStats, u64)> {
+        None
+    }
+    fn direct_stats(&self) -> Option<DirectStats> {
+        None
+    }
+}
+
+impl PeerLink for VmqLink {
+    fn vmq_link_stats(&mut self) -> Option<(LinkStats, u64)> {
+        Some((self.stats(), self.flushes()))
+    }
+}
+
+impl PeerLink for DirectLink {
+    fn prepare_sleep(&mut self) -> bool {
+        DirectLink::prepare_sleep(self)
+    }
+
+    fn end_sleep(&mut self) {
+        self.wake();
+    }
+
+    fn direct_stats(&self) -> Option<DirectStats> {
+        Some(self.stats())
+    }
+}
+
 /// Opens the VM-queue NIC to the guest called `peer`.
 pub fn open_vmq(peer: &str, policy: LinkPolicy) -> Result<VmqNet<VmqLink>, NetError> {
     let link = VmqLink::open(peer, policy).map_err(NetError::Vmq)?;
@@ -224,7 +262,14 @@ pub fn open_vmq(peer: &str, policy: LinkPolicy) -> Result<VmqNet<VmqLink>, NetEr
     Ok(VmqNet::new(link, drivers::vmq_net::mac_for(me)))
 }
 
-impl Nic for VmqNet<VmqLink> {
+/// Opens the VM-queue NIC over a direct channel to the guest called `peer`.
+pub fn open_direct(peer: &str) -> Result<VmqNet<DirectLink>, NetError> {
+    let link = DirectLink::open(peer).map_err(NetError::Direct)?;
+    let me = link.my_id();
+    Ok(VmqNet::new(link, drivers::vmq_net::mac_for(me)))
+}
+
+impl<L: PeerLink> Nic for VmqNet<L> {
     fn mac(&self) -> EthernetAddress {
         EthernetAddress(VmqNet::mac(self))
     }
@@ -248,9 +293,17 @@ impl Nic for VmqNet<VmqLink> {
     fn rx_pending(&self) -> bool {
         // Pairs with the shim's fence between storing the inbox's `produced`
         // and loading `consumed` (see `Vmq::wait`): no lost wake-up before a
-        // halt.
+        // halt. (A direct link fences in its own sleep announcement.)
         core::sync::atomic::fence(Ordering::SeqCst);
         VmqNet::rx_pending(self)
+    }
+
+    fn prepare_sleep(&mut self) -> bool {
+        self.link_mut().prepare_sleep()
+    }
+
+    fn end_sleep(&mut self) {
+        self.link_mut().end_sleep();
     }
 
     fn flush(&mut self) {
@@ -265,57 +318,11 @@ impl Nic for VmqNet<VmqLink> {
         vector::VMQ_ARRIVAL
     }
 
-    fn vmq_link_stats(&mut self) -> Option<(LinkStats, u64)> {
-        Some((self.link_mut().stats(), self.link().flushes()))
-    }
-}
-
-/// Opens the VM-queue NIC over a direct channel to the guest called `peer`.
-pub fn open_direct(peer: &str) -> Result<VmqNet<DirectLink>, NetError> {
-    let link = DirectLink::open(peer).map_err(NetError::Direct)?;
-    let me = link.my_id();
-    Ok(VmqNet::new(link, drivers::vmq_net::mac_for(me)))
-}
-
-impl Nic for VmqNet<DirectLink> {
-    fn mac(&self) -> EthernetAddress {
-        EthernetAddress(VmqNet::mac(self))
-    }
-
-    fn interface(&mut self, config: Config, now: Instant) -> Interface {
-        Interface::new(config, self, now)
-    }
-
-    fn poll(
-        &mut self,
-        iface: &mut Interface,
-        now: Instant,
-        sockets: &mut SocketSet<'static>,
-    ) -> PollResult {
-        iface.poll(now, self, sockets)
-    }
-
-    fn rx_pending(&self) -> bool {
-        VmqNet::rx_pending(self)
-    }
-
-    fn prepare_sleep(&mut self) -> bool {
-        self.link_mut().prepare_sleep()
-    }
-
-    fn end_sleep(&mut self) {
-        self.link_mut().wake();
-    }
-
     fn direct_stats(&self) -> Option<DirectStats> {
-        Some(self.link().stats())
+        self.link().direct_stats()
     }
 
-    fn stats(&self) -> NetStats {
-        VmqNet::stats(self)
-    }
-
-    fn rx_vector(&self) -> u8 {
-        vector::VMQ_ARRIVAL
+    fn vmq_link_stats(&mut self) -> Option<(LinkStats, u64)> {
+        self.link_mut().vmq_link_stats()
     }
 }
