@@ -11,8 +11,11 @@
 //! - `test/`: `cargo xtask test`, one `Leg` trait, the registry of legs, and
 //!   each leg with its judgement in `test/legs/`;
 //! - `run/`: `cargo xtask run`, its summaries and `--json` documents;
-//! - `bench/`: `cargo xtask bench`, its suites, runner and report.
+//! - `bench/`: `cargo xtask bench`, its suites, runner and report;
+//! - `app/`: `cargo xtask new` and `cargo xtask run --app`, for apps that live
+//!   outside this repository.
 
+mod app;
 mod bench;
 mod error;
 mod infra;
@@ -58,6 +61,10 @@ enum Command {
     /// The main demo: the host shim runs a UDP ping-pong between guests on
     /// its switch and prints packets, RTT p50/p99, pps and VM exits per packet.
     Run(RunArgs),
+    /// Create a new unikernel app crate from a template: it builds for the
+    /// guest target, says hello and serves TCP echo on port 7. Then:
+    /// `cargo xtask run --app DIR/NAME` (under the host shim) or add `--qemu`.
+    New(NewArgs),
     /// Run the benchmark suites (all, or those named), write
     /// `target/bench/SUITE.json`, and regenerate docs/benchmarks.md, its plots and
     /// the README's headline ratios.
@@ -106,6 +113,22 @@ enum DemoKind {
 
 #[derive(Debug, Args)]
 struct RunArgs {
+    /// Build and boot your own app (a crate made by `cargo xtask new`) alone,
+    /// instead of a demo; its exit status becomes this command's.
+    #[arg(long, value_name = "PATH")]
+    app: Option<PathBuf>,
+    /// With --app: boot it under QEMU (KVM when available, else TCG, user
+    /// networking) instead of the host shim.
+    #[arg(long, requires = "app")]
+    qemu: bool,
+    /// With --app: the kernel command line [default: a static address on the
+    /// VMM's network].
+    #[arg(long, value_name = "CMDLINE", requires = "app")]
+    cmdline: Option<String>,
+    /// With --app --qemu: forward a host port to the guest (repeatable), e.g.
+    /// `tcp::8007-:7`.
+    #[arg(long, value_name = "RULE", requires = "qemu")]
+    hostfwd: Vec<String>,
     /// Which demo: the UDP ping-pong, or the three-guest VM-queue pipeline (M5).
     #[arg(long, value_enum, default_value_t = DemoKind::Pingpong)]
     demo: DemoKind,
@@ -155,6 +178,16 @@ struct RunArgs {
     /// Show every line the guests and the shim print.
     #[arg(long, short)]
     verbose: bool,
+}
+
+#[derive(Debug, Args)]
+struct NewArgs {
+    /// The app's name (its crate, binary and folder): lowercase letters,
+    /// digits, `-` and `_`.
+    name: String,
+    /// The folder to create it in.
+    #[arg(long, value_name = "DIR", default_value = ".")]
+    dir: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -212,6 +245,12 @@ fn main() -> ExitCode {
         Command::Build => build::build_all().map(|()| ExitCode::SUCCESS),
         Command::Qemu(args) => qemu_by_hand(&args),
         Command::Test(args) => test(&args),
+        Command::New(args) => app::new::create(&args.name, &args.dir).map(|path| {
+            println!("created {}", path.display());
+            println!("run it: cargo xtask run --app {}", path.display());
+            ExitCode::SUCCESS
+        }),
+        Command::Run(args) if args.app.is_some() => run_app(&args),
         Command::Run(args) if args.demo == DemoKind::Pipeline => {
             let opts = pipeline::Options {
                 policy: args.policy,
@@ -259,6 +298,29 @@ fn main() -> ExitCode {
     result.unwrap_or_else(|e| {
         eprintln!("error: {e}");
         ExitCode::from(e.exit_code())
+    })
+}
+
+fn run_app(args: &RunArgs) -> Result<ExitCode> {
+    let opts = app::run::Options {
+        path: args.app.clone().unwrap_or_default(),
+        vmm: if args.qemu {
+            app::run::Vmm::Qemu
+        } else {
+            app::run::Vmm::Shim
+        },
+        cmdline: args.cmdline.clone(),
+        hostfwd: args.hostfwd.clone(),
+        vcpus: args.vcpus,
+        timeout: Duration::from_secs(args.timeout),
+        show: true,
+    };
+    let (exit, _) = app::run::boot(&opts)?;
+    println!("app: {exit}");
+    Ok(if exit.passed() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     })
 }
 

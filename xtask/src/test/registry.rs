@@ -15,6 +15,7 @@ use crate::test::legs::pingpong::{QemuPingpong, ShimPingpong};
 use crate::test::legs::pipeline::ShimPipeline;
 use crate::test::legs::redesignate::ShimRedesignate;
 use crate::test::legs::tap::ShimTap;
+use crate::test::legs::template::Template;
 use crate::test::legs::unit::Unit;
 use crate::test::legs::vmqnet::ShimVmqNet;
 use crate::vmm::qemu::Accel;
@@ -47,6 +48,7 @@ pub const LEGS: &[&dyn Leg] = &[
     &ShimDirect,
     &QemuPingpong,
     &ShimTap,
+    &Template,
     &QemuInterop,
 ];
 
@@ -93,6 +95,7 @@ mod tests {
                 "shim-direct",
                 "qemu-pingpong",
                 "shim-tap",
+                "template",
                 "interop"
             ]
         );

@@ -11,5 +11,6 @@ pub mod pingpong;
 pub mod pipeline;
 pub mod redesignate;
 pub mod tap;
+pub mod template;
 pub mod unit;
 pub mod vmqnet;
