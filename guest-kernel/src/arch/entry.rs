@@ -1,7 +1,7 @@
 //! Interrupt and exception entry.
 //!
 //! Vectors 0–31 and the kernel-call vector take the *trap path*: save every
-//! register into a [`TrapFrame`] and call [`super::trap::exitless_trap`]. They
+//! register into a [`TrapFrame`] and call `super::trap::exitless_trap`. They
 //! are rare (faults) or deliberate (kernel calls). The one frequent kernel
 //! call, the halt, is run before that by `exitless_kcall_entry` (47
 //! instructions from ring 3 and back with a deadline and nothing pending).

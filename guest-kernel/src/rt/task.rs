@@ -3,7 +3,7 @@
 //! A switch saves the callee-saved registers and the stack pointer only, then
 //! sets CR0.TS with [`super::ctrl::write_flag`]. The next x87 instruction of the
 //! task now running raises #NM (SDM vol 3 §2.5, §6.15 "Interrupt 7"); ring 0
-//! clears TS (`clts`) and sends the task to [`exitless_nm_landing`], which saves
+//! clears TS (`clts`) and sends the task to `exitless_nm_landing`, which saves
 //! the x87 state of the task that last used it (`fnsave`) and loads the current
 //! task's (`frstor`), then returns to the faulting instruction. A task that never
 //! touches the FPU never pays for its state.

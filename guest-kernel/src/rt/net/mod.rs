@@ -27,7 +27,7 @@
 //! - `error`: [`NetError`].
 //! - `wake`: the RX and `HintUpdate` handlers, the counters a sleeping stack
 //!   waits on, and the RX queue's hint follower.
-//! - `nic`: the [`Nic`](nic::Nic) trait and its two NICs, virtio-net and
+//! - `nic`: the `Nic` trait and its two NICs, virtio-net and
 //!   VM queues.
 //! - `stack`: the smoltcp interface, sockets and DHCP lease, NIC-independent.
 //! - this file: [`Net`], which ties one NIC to its stack: polling, sleeping,
