@@ -159,6 +159,13 @@ pub struct Cli {
     #[arg(long, value_name = "on|off", default_value = "off", action = clap::ArgAction::Set, value_parser = parse_on_off)]
     pub vmq: bool,
 
+    /// Answer the test-only hypercalls (M3's upcall ping and storm, which the
+    /// in-guest tests and benchmarks use). Off by default: a guest then gets
+    /// "unknown call" for them, counted, and cannot make the shim start a
+    /// storm thread.
+    #[arg(long)]
+    pub test_hypercalls: bool,
+
     /// Give up and stop all guests after this many seconds (0 = never).
     #[arg(long, value_name = "SECS", default_value_t = 0)]
     pub timeout: u64,
@@ -498,6 +505,9 @@ mod tests {
             assert_eq!(c.upcalls, d);
         }
         assert!(Cli::try_parse_from(["host-shim", "--guest", &g, "--upcalls", "on"]).is_err());
+        assert!(!c.test_hypercalls, "test-only hypercalls are off by default");
+        let c = Cli::try_parse_from(["host-shim", "--guest", &g, "--test-hypercalls"]).unwrap();
+        assert!(c.test_hypercalls);
     }
 
     #[test]
