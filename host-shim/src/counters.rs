@@ -8,6 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::marker::PhantomData;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::Serialize;
@@ -197,9 +198,65 @@ pub struct MarkReport {
     pub unix_ms: u64,
 }
 
+/// The most `StatsMark` records one guest keeps: a guest that marks in a
+/// loop must not grow the shim's memory and stats file without bound.
+pub const MARKS_KEPT: usize = 1024;
+
+/// A guest's `StatsMark` records: the first [`MARKS_KEPT`], and a count of
+/// the ones dropped after them.
+#[derive(Debug, Default)]
+pub struct Marks {
+    kept: Mutex<Vec<MarkReport>>,
+    dropped: AtomicU64,
+}
+
+impl Marks {
+    /// Keeps `m` while there is room; else counts it as dropped (false).
+    pub fn record(&self, m: MarkReport) -> bool {
+        let mut kept = self.kept.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if kept.len() < MARKS_KEPT {
+            kept.push(m);
+            true
+        } else {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            false
+        }
+    }
+
+    /// The records kept, in the order they came.
+    #[must_use]
+    pub fn kept(&self) -> Vec<MarkReport> {
+        self.kept
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Records dropped for want of room.
+    #[must_use]
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn marks_are_bounded_and_the_dropped_ones_counted() {
+        let marks = Marks::default();
+        for label in 0..MARKS_KEPT as u64 + 5 {
+            marks.record(MarkReport {
+                label,
+                ..MarkReport::default()
+            });
+        }
+        let kept = marks.kept();
+        assert_eq!(kept.len(), MARKS_KEPT);
+        assert_eq!(kept[0].label, 0, "the first ones stay: labels are looked up first-come");
+        assert_eq!(marks.dropped(), 5);
+    }
 
     #[test]
     fn counters_count_and_snapshot_skips_zero() {

@@ -66,7 +66,8 @@
 //!       "label": u64,                         // the guest's RBX
 //!       "exits": u64,                         // KVM `exits` over all vCPUs then
 //!       "doorbell_events": u64, "sink_events": u64  // doorbell counters then
-//!     }],
+//!     }],                                     // the first 1024 (counters::MARKS_KEPT)
+//!     "marks_dropped": u64,                   // StatsMark calls beyond them
 //!     "vcpus": [{
 //!       "index": u32, "host_cpu": i32,        // sched_getcpu(3) at the last entry
 //!       "exits": {Exit::name(): u64},         // non-zero shim counters only
@@ -179,8 +180,10 @@ pub struct GuestReport {
     /// Interrupt-vCPU hint counters (M2), when offered.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub hints: Option<HintsReport>,
-    /// `StatsMark` snapshots, in order.
+    /// `StatsMark` snapshots, in order: the first `counters::MARKS_KEPT`.
     pub marks: Vec<MarkReport>,
+    /// `StatsMark` calls beyond those, counted and not kept.
+    pub marks_dropped: u64,
     /// M3 upcall counters, when offered.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub upcalls: Option<UpcallReport>,

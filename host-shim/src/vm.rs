@@ -410,10 +410,8 @@ impl Guest {
             vcpus,
             rejected: self.rejects.snapshot(),
             nics: self.nics.iter().map(nic_report).collect(),
-            marks: self
-                .ctx
-                .as_ref()
-                .map_or_else(Vec::new, |c| lock(&c.marks).clone()),
+            marks: self.ctx.as_ref().map_or_else(Vec::new, |c| c.marks.kept()),
+            marks_dropped: self.ctx.as_ref().map_or(0, |c| c.marks.dropped()),
             ..Default::default()
         };
         for m in &self.mechs {

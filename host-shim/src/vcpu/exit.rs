@@ -11,7 +11,7 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use para_abi::hypercall::{PORT as HYPERCALL_PORT, Status};
 use tracing::{debug, error, info, warn};
 
-use crate::counters::{Exit, MarkReport, Reject};
+use crate::counters::{Exit, MarkReport, Marks, Reject};
 use crate::hypercall::{self, Action};
 use crate::kvm::stats::KVM_FIELDS;
 use crate::mech::{CallCtx, ExitCtx, Mechanism};
@@ -57,8 +57,8 @@ pub struct GuestCtx {
     /// The first `MainReached` hypercall: when the shim saw it, and the guest's own
     /// µs since PVH entry (RBX).
     pub main_reached: OnceLock<(Instant, u64)>,
-    /// `StatsMark` hypercalls in the order they came.
-    pub marks: Mutex<Vec<MarkReport>>,
+    /// `StatsMark` hypercalls in the order they came (bounded).
+    pub marks: Marks,
     /// The mechanisms attached to the guest, in attach order; fixed before the start.
     pub mechs: Vec<Arc<dyn Mechanism>>,
 }
@@ -80,7 +80,7 @@ impl GuestCtx {
             vcpus,
             first_run: OnceLock::new(),
             main_reached: OnceLock::new(),
-            marks: Mutex::new(Vec::new()),
+            marks: Marks::default(),
             mechs,
         }
     }
@@ -107,7 +107,7 @@ impl GuestCtx {
         for mech in &self.mechs {
             mech.mark(&mut m);
         }
-        lock(&self.marks).push(m.clone());
+        self.marks.record(m.clone());
         m
     }
 
