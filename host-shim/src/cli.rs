@@ -505,7 +505,10 @@ mod tests {
             assert_eq!(c.upcalls, d);
         }
         assert!(Cli::try_parse_from(["host-shim", "--guest", &g, "--upcalls", "on"]).is_err());
-        assert!(!c.test_hypercalls, "test-only hypercalls are off by default");
+        assert!(
+            !c.test_hypercalls,
+            "test-only hypercalls are off by default"
+        );
         let c = Cli::try_parse_from(["host-shim", "--guest", &g, "--test-hypercalls"]).unwrap();
         assert!(c.test_hypercalls);
     }

@@ -11,6 +11,8 @@
 //! ```text
 //! {
 //!   "shim_max_rss_kib": u64,                  // getrusage(2) ru_maxrss of the shim
+//!   "log_lines_suppressed": u64,              // guest-triggered log lines held back
+//!                                             // by the rate limits (loglimit.rs)
 //!   "switch": {"forwarded": u64, "flooded": u64, "dropped_queue_full": u64, "runts": u64},
 //!   "tap": {                                  // only with --tap
 //!     "name": str, "rx_packets": u64, "rx_bytes": u64,   // TAP -> switch
@@ -226,6 +228,8 @@ impl GuestReport {
 pub struct Report {
     pub guests: Vec<GuestReport>,
     pub shim_max_rss_kib: u64,
+    /// Guest-triggered log lines the rate limits held back (`loglimit`).
+    pub log_lines_suppressed: u64,
     /// The L2 switch's counters (forwarded, flooded, drops...).
     pub switch: BTreeMap<&'static str, u64>,
     /// The host TAP port, when `--tap` was given.
@@ -418,6 +422,7 @@ mod tests {
                 ..Default::default()
             }],
             shim_max_rss_kib: 1234,
+            log_lines_suppressed: 0,
             ..Default::default()
         };
         let s = r.summary();
@@ -508,6 +513,7 @@ mod tests {
         let r = Report {
             guests: vec![g],
             shim_max_rss_kib: 1,
+            log_lines_suppressed: 0,
             ..Default::default()
         };
         let v: serde_json::Value = serde_json::to_value(&r).unwrap();

@@ -156,6 +156,7 @@ pub fn run(cli: &Cli, shim_start: Instant) -> Result<Report, RunError> {
     let report = Report {
         guests,
         shim_max_rss_kib: report::max_rss_kib(),
+        log_lines_suppressed: crate::loglimit::suppressed_total(),
         switch: switch.counters(),
         tap: tap.map(Tap::finish),
         monitors,

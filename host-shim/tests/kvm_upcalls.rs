@@ -125,7 +125,10 @@ fn test_only_calls_need_the_flag_and_a_guest_gets_one_storm_thread_at_a_time() {
     // Two pings a second apart: the first storm still runs at the second call.
     let storm = para_abi::upcall::storm_arg(2, 1_000_000);
     // Without --test-hypercalls: refused and counted, nothing started.
-    assert_eq!(me.call(Call::UpcallStorm, storm, &vcpu), Status::UnknownCall);
+    assert_eq!(
+        me.call(Call::UpcallStorm, storm, &vcpu),
+        Status::UnknownCall
+    );
     assert_eq!(me.call(Call::UpcallPing, 1, &vcpu), Status::UnknownCall);
     let r = u.report();
     assert_eq!(r.rejected.get("test_call_off"), Some(&2), "{r:?}");

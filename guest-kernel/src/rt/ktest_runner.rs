@@ -123,7 +123,10 @@ pub fn run(filter: Option<&str>) -> Tally {
     }
     crate::println!("{tally}");
     if tally.ran() == 0 {
-        crate::println!("ktest: no test ran ({} skipped): the suite fails", tally.skipped);
+        crate::println!(
+            "ktest: no test ran ({} skipped): the suite fails",
+            tally.skipped
+        );
     }
     tally
 }

@@ -357,9 +357,7 @@ impl Worker {
     fn reject(&self, e: &ChainError, q: &str) {
         let r = e.reason();
         self.rejects.bump(r);
-        if self.rejects.count(r) <= 8 {
-            warn!(nic = %self.name, queue = q, reason = r.name(), "rejected descriptor chain: {e:?}");
-        }
+        crate::guest_log!(warn, limit = self.rejects.limit(r), nic = %self.name, queue = q, reason = r.name(), "rejected descriptor chain: {e:?}");
     }
 
     fn process_tx(&mut self) {

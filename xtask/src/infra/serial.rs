@@ -113,9 +113,8 @@ impl SerialLog {
     /// Counts of `ok`, `FAILED` and `skipped` test lines.
     #[must_use]
     pub fn counted(&self) -> Summary {
-        let count = |f: fn(&Outcome) -> bool| {
-            saturate(self.tests.iter().filter(|t| f(&t.outcome)).count())
-        };
+        let count =
+            |f: fn(&Outcome) -> bool| saturate(self.tests.iter().filter(|t| f(&t.outcome)).count());
         Summary {
             passed: count(|o| *o == Outcome::Ok),
             failed: count(|o| matches!(o, Outcome::Failed(_))),
@@ -382,14 +381,8 @@ mod tests {
             "2 passed, 1 failed",
         ]);
         assert_eq!(log.tests.len(), 3);
-        assert_eq!(
-            log.counted(),
-            Summary::new(2, 1)
-        );
-        assert_eq!(
-            log.summary,
-            Some(Summary::new(2, 1))
-        );
+        assert_eq!(log.counted(), Summary::new(2, 1));
+        assert_eq!(log.summary, Some(Summary::new(2, 1)));
         assert_eq!(log.reports, ["r1"]);
         assert_eq!(log.boot, Some((1, Some(800.0))));
     }
@@ -399,9 +392,6 @@ mod tests {
         let log = SerialLog::parse(["test a ... ok", "PANIC at x.rs:1"]);
         assert_eq!(log.summary, None);
         assert_eq!(log.boot, None);
-        assert_eq!(
-            log.counted(),
-            Summary::new(1, 0)
-        );
+        assert_eq!(log.counted(), Summary::new(1, 0));
     }
 }

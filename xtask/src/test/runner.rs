@@ -139,11 +139,7 @@ test smp::ipi ... ok
     fn a_deliberately_failing_in_guest_test_makes_the_run_fail() {
         let unit = LegResult {
             name: "unit",
-            outcome: verdict::judge_unit(
-                Ending::Exited(0),
-                Summary::new(10, 0),
-                2,
-            ),
+            outcome: verdict::judge_unit(Ending::Exited(0), Summary::new(10, 0), 2),
             duration: Duration::from_secs(1),
             reports: vec![],
             log: None,
@@ -215,7 +211,10 @@ test heap::vec ... ok
 test ctrl::shadow ... skipped: not offered: M4 shadowed control flags
 1 passed, 0 failed, 1 skipped";
         let r = guest_result("guest-kvm", 1, SKIPPING);
-        assert_eq!(r.line(), "leg guest-kvm: 1 passed, 0 failed, 1 skipped (3.0 s)");
+        assert_eq!(
+            r.line(),
+            "leg guest-kvm: 1 passed, 0 failed, 1 skipped (3.0 s)"
+        );
         let lines = summary_lines(&[r, guest_result("guest-tcg", 1, PASSING)]);
         assert_eq!(lines.last().unwrap(), "3 passed, 0 failed, 1 skipped");
     }

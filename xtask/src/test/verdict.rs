@@ -283,7 +283,10 @@ mod tests {
         assert!(!outcome.ok());
         assert_eq!(outcome.passed, 0, "a skip is no pass");
         assert!(
-            outcome.problems.iter().any(|p| p.contains("no in-guest test ran")),
+            outcome
+                .problems
+                .iter()
+                .any(|p| p.contains("no in-guest test ran")),
             "{outcome:?}"
         );
         // Even a guest claiming success proves nothing by running nothing.

@@ -248,7 +248,7 @@ impl GuestHints {
                 qs.len() - 1
             }
             None => {
-                warn!(guest = %self.name, device, queue, "hints page full; queue gets no hints");
+                crate::guest_log!(warn, guest = %self.name, device, queue, "hints page full; queue gets no hints");
                 return None;
             }
         };

@@ -12,7 +12,6 @@ use std::sync::Arc;
 use kvm_ioctls::VcpuFd;
 use para_abi::hypercall::{Call, Status};
 use para_abi::upcall::{self, Class as UpcallClass, PING_MAX, STORM_MAX};
-use tracing::warn;
 
 pub use delivery::{GuestUpcalls, UpcallError};
 pub use report::Delivery;
@@ -83,7 +82,7 @@ impl Upcalls {
                         Status::BadArgument
                     }
                     Err(e) => {
-                        warn!(guest = %up.name, "upcall storm thread: {e}");
+                        crate::guest_log!(warn, guest = %up.name, "upcall storm thread: {e}");
                         Status::BadArgument
                     }
                 }

@@ -257,7 +257,10 @@ mod tests {
         offered_must_run(&log, &mut outcome);
         assert!(!outcome.ok());
         assert_eq!((outcome.passed, outcome.failed, outcome.skipped), (1, 1, 1));
-        assert!(outcome.problems[0].contains("ctrl::x skipped"), "{outcome:?}");
+        assert!(
+            outcome.problems[0].contains("ctrl::x skipped"),
+            "{outcome:?}"
+        );
     }
 
     #[test]
