@@ -23,7 +23,8 @@ usage errors. SIGINT/SIGTERM stop every guest cleanly.",
 #[allow(clippy::struct_excessive_bools)] // independent switches, not a state machine
 pub struct Cli {
     /// A guest to run; repeat for several. Comma-separated keys:
-    /// name=NAME (default g0, g1, ...), kernel=PATH (required, a PVH ELF),
+    /// name=NAME (default g0, g1, ...; at most 24 bytes of [A-Za-z0-9_-]),
+    /// kernel=PATH (required, a PVH ELF),
     /// vcpus=N (default 1, at most 254), mem=SIZE (default 256M; K/M/G suffixes; at most
     /// 2560M so that RAM ends below the para region at 0xA0000000 and the MMIO hole), cmdline=TEXT (the rest of the argument
     /// after "cmdline=" — put it last; may contain commas).
@@ -273,6 +274,15 @@ pub fn parse_guest(spec: &str) -> Result<GuestConfig, String> {
                         "guest name {value:?} must be non-empty [A-Za-z0-9_-]"
                     ));
                 }
+                if value.len() > para_abi::vmq::NAME_LEN {
+                    // Cut short in the VM-queue directory, two names could
+                    // read the same and a lookup find the wrong guest.
+                    return Err(format!(
+                        "guest name {value:?} is {} bytes; at most {} fit in the VM-queue directory",
+                        value.len(),
+                        para_abi::vmq::NAME_LEN
+                    ));
+                }
                 value.clone_into(&mut cfg.name);
             }
             "kernel" => cfg.kernel = PathBuf::from(value),
@@ -370,6 +380,10 @@ mod tests {
                 .contains("unknown")
         );
         assert!(parse_guest(&format!("kernel={k},name=a b")).is_err());
+        // 24 bytes fit the VM-queue directory; 25 would be cut short there.
+        assert!(parse_guest(&format!("kernel={k},name=pipeline-stage-1-primary")).is_ok());
+        let e = parse_guest(&format!("kernel={k},name=pipeline-stage-01-replica")).unwrap_err();
+        assert!(e.contains("25 bytes; at most 24"), "{e}");
     }
 
     #[test]

@@ -157,6 +157,7 @@ reasons! {
         VirtioBadRegister => "virtio_bad_register",
         VirtioBadQueue => "virtio_bad_queue_config",
         VirtioBadDescriptor => "virtio_bad_descriptor",
+        VirtioAvailJump => "virtio_avail_index_jump",
         VirtioNoRxBuffer => "virtio_rx_dropped_no_buffer",
         FrameTooBig => "frame_too_big",
     }
