@@ -167,6 +167,14 @@ pub struct Cli {
     #[arg(long)]
     pub test_hypercalls: bool,
 
+    /// When a guest fails (an exit status other than 0, a triple fault, an
+    /// error of the shim), stop every other guest at once instead of letting
+    /// them run on (a ping-pong server would wait for its dead client until
+    /// the timeout). Either way the shim says on its stdout, the moment it
+    /// happens, how the guest ended.
+    #[arg(long)]
+    pub end_on_failure: bool,
+
     /// Give up and stop all guests after this many seconds (0 = never).
     #[arg(long, value_name = "SECS", default_value_t = 0)]
     pub timeout: u64,

@@ -362,6 +362,13 @@ impl Guest {
         }
     }
 
+    /// Ends the guest from outside because of `why` (another guest failed).
+    pub fn stop(&self, why: &str) {
+        if let Some(ctx) = &self.ctx {
+            ctx.end(Outcome::Stopped(why.to_owned()));
+        }
+    }
+
     /// Waits for the vCPU threads and reports.
     pub fn join(mut self, shim_start: Instant) -> GuestReport {
         for t in self.threads.drain(..) {

@@ -30,6 +30,8 @@ pub enum Outcome {
     Failed(String),
     /// SIGINT/SIGTERM to the shim.
     Interrupted,
+    /// The shim ended the guest because another one failed (`--end-on-failure`).
+    Stopped(String),
 }
 
 impl std::fmt::Display for Outcome {
@@ -41,6 +43,7 @@ impl std::fmt::Display for Outcome {
             }
             Self::Failed(why) => write!(f, "failed: {why}"),
             Self::Interrupted => write!(f, "interrupted"),
+            Self::Stopped(why) => write!(f, "stopped: {why}"),
         }
     }
 }
