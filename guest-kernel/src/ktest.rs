@@ -40,6 +40,8 @@ impl From<&str> for Stop {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Skip(Why);
 
+// The constructors are used by the runtime, which builds for the guest only.
+#[cfg_attr(not(target_os = "none"), allow(dead_code))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Why {
     /// The host does not offer what the test exercises.
@@ -50,6 +52,7 @@ enum Why {
     NotAsked(&'static str),
 }
 
+#[cfg_attr(not(target_os = "none"), allow(dead_code))]
 impl Skip {
     pub(crate) const fn not_offered(what: &'static str) -> Self {
         Self(Why::NotOffered(what))
@@ -95,6 +98,7 @@ pub const fn feature_name(bit: u32) -> &'static str {
 
 /// `Ok` when `features` (CPUID 0x4000_0001 EAX, meaningful only under the
 /// shim) offers every bit of `bit`; else the skip naming it.
+#[cfg_attr(not(target_os = "none"), allow(dead_code))]
 pub(crate) fn offer_required(features: u32, under_shim: bool, bit: u32) -> TestResult {
     if under_shim && features & bit == bit {
         Ok(())
@@ -104,6 +108,7 @@ pub(crate) fn offer_required(features: u32, under_shim: bool, bit: u32) -> TestR
 }
 
 /// `Ok` when `bit` is not offered; else the skip of a test of its absence.
+#[cfg_attr(not(target_os = "none"), allow(dead_code))]
 pub(crate) fn absence_required(features: u32, under_shim: bool, bit: u32) -> TestResult {
     if under_shim && features & bit == bit {
         Err(Stop::Skipped(Skip::offered(feature_name(bit))))

@@ -39,6 +39,7 @@ pub struct Summary {
 }
 
 impl Summary {
+    #[cfg(test)]
     #[must_use]
     pub const fn new(passed: u32, failed: u32) -> Self {
         Self {
