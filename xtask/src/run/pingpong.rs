@@ -38,17 +38,10 @@ pub fn run(opts: &Options, json_path: Option<&Path>, verbose: bool) -> Result<()
 /// and at once, a guest's crash and the shim's word that a guest failed.
 #[must_use]
 pub fn shown_at_once(line: &str) -> bool {
-    line.starts_with("host-shim: ")
-        || [
-            "report:",
-            "udp-pingpong:",
-            "net0:",
-            "boot: main reached",
-            "PANIC",
-            "EXCEPTION ",
-        ]
-        .iter()
-        .any(|k| line.contains(k))
+    crate::vmm::shim::is_alarm(line)
+        || ["report:", "udp-pingpong:", "net0:", "boot: main reached"]
+            .iter()
+            .any(|k| line.contains(k))
 }
 
 /// The path the guests' notifications took, from the shim's counters.

@@ -149,6 +149,14 @@ pub fn run(
     })
 }
 
+/// Whether a line of the shim's stdout tells of a failure: the shim's word
+/// that a guest failed, or a guest's panic or fatal exception. Demos show
+/// these the moment they arrive.
+#[must_use]
+pub fn is_alarm(line: &str) -> bool {
+    line.starts_with("host-shim: ") || line.contains("PANIC") || line.contains("EXCEPTION ")
+}
+
 /// The guest's own account of a crash: its panic or exception line.
 #[must_use]
 pub fn crash_line<'a>(lines: &[&'a str]) -> Option<&'a str> {
