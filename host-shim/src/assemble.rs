@@ -184,13 +184,21 @@ fn ctrl(kvm: &Kvm, g: &Guest) -> Result<Arc<GuestCtrl>, CtrlError> {
     Ok(Arc::new(c))
 }
 
-/// M3: maps guest `g`'s upcall mailboxes, delivered the `delivery` way.
+/// M3: maps guest `g`'s upcall mailboxes, delivered the `delivery` way;
+/// `test_calls` answers its test-only hypercalls (`--test-hypercalls`).
 ///
 /// # Errors
 /// When the mailboxes cannot be mapped or the guest has too many vCPUs.
-pub fn upcalls(g: &mut Guest, delivery: Delivery) -> Result<Arc<GuestUpcalls>, VmError> {
+pub fn upcalls(
+    g: &mut Guest,
+    delivery: Delivery,
+    test_calls: bool,
+) -> Result<Arc<GuestUpcalls>, VmError> {
     let u = GuestUpcalls::new(&g.name, &g.vm, g.vcpus.len(), delivery)
         .map_err(|e| VmError::Device(e.to_string()))?;
+    if test_calls {
+        u.allow_test_calls();
+    }
     g.attach(Arc::new(Upcalls(u.clone())))?;
     Ok(u)
 }
@@ -300,7 +308,7 @@ impl Assembly {
         let upcall = if cli.upcalls == Delivery::Off {
             None
         } else {
-            let u = upcaller(&upcalls(&mut g, cli.upcalls).map_err(err)?);
+            let u = upcaller(&upcalls(&mut g, cli.upcalls, cli.test_hypercalls).map_err(err)?);
             hints.set_upcaller(u.clone());
             Some(u)
         };

@@ -23,7 +23,8 @@ usage errors. SIGINT/SIGTERM stop every guest cleanly.",
 #[allow(clippy::struct_excessive_bools)] // independent switches, not a state machine
 pub struct Cli {
     /// A guest to run; repeat for several. Comma-separated keys:
-    /// name=NAME (default g0, g1, ...), kernel=PATH (required, a PVH ELF),
+    /// name=NAME (default g0, g1, ...; at most 24 bytes of [A-Za-z0-9_-]),
+    /// kernel=PATH (required, a PVH ELF),
     /// vcpus=N (default 1, at most 254), mem=SIZE (default 256M; K/M/G suffixes; at most
     /// 2560M so that RAM ends below the para region at 0xA0000000 and the MMIO hole), cmdline=TEXT (the rest of the argument
     /// after "cmdline=" — put it last; may contain commas).
@@ -167,6 +168,21 @@ pub struct Cli {
     #[arg(long, value_name = "on|off", default_value = "on", action = clap::ArgAction::Set, value_parser = parse_on_off)]
     pub direct: bool,
 
+    /// Answer the test-only hypercalls (M3's upcall ping and storm, which the
+    /// in-guest tests and benchmarks use). Off by default: a guest then gets
+    /// "unknown call" for them, counted, and cannot make the shim start a
+    /// storm thread.
+    #[arg(long)]
+    pub test_hypercalls: bool,
+
+    /// When a guest fails (an exit status other than 0, a triple fault, an
+    /// error of the shim), stop every other guest at once instead of letting
+    /// them run on (a ping-pong server would wait for its dead client until
+    /// the timeout). Either way the shim says on its stdout, the moment it
+    /// happens, how the guest ended.
+    #[arg(long)]
+    pub end_on_failure: bool,
+
     /// Give up and stop all guests after this many seconds (0 = never).
     #[arg(long, value_name = "SECS", default_value_t = 0)]
     pub timeout: u64,
@@ -274,6 +290,15 @@ pub fn parse_guest(spec: &str) -> Result<GuestConfig, String> {
                         "guest name {value:?} must be non-empty [A-Za-z0-9_-]"
                     ));
                 }
+                if value.len() > para_abi::vmq::NAME_LEN {
+                    // Cut short in the VM-queue directory, two names could
+                    // read the same and a lookup find the wrong guest.
+                    return Err(format!(
+                        "guest name {value:?} is {} bytes; at most {} fit in the VM-queue directory",
+                        value.len(),
+                        para_abi::vmq::NAME_LEN
+                    ));
+                }
                 value.clone_into(&mut cfg.name);
             }
             "kernel" => cfg.kernel = PathBuf::from(value),
@@ -371,6 +396,10 @@ mod tests {
                 .contains("unknown")
         );
         assert!(parse_guest(&format!("kernel={k},name=a b")).is_err());
+        // 24 bytes fit the VM-queue directory; 25 would be cut short there.
+        assert!(parse_guest(&format!("kernel={k},name=pipeline-stage-1-primary")).is_ok());
+        let e = parse_guest(&format!("kernel={k},name=pipeline-stage-01-replica")).unwrap_err();
+        assert!(e.contains("25 bytes; at most 24"), "{e}");
     }
 
     #[test]
@@ -506,6 +535,12 @@ mod tests {
             assert_eq!(c.upcalls, d);
         }
         assert!(Cli::try_parse_from(["host-shim", "--guest", &g, "--upcalls", "on"]).is_err());
+        assert!(
+            !c.test_hypercalls,
+            "test-only hypercalls are off by default"
+        );
+        let c = Cli::try_parse_from(["host-shim", "--guest", &g, "--test-hypercalls"]).unwrap();
+        assert!(c.test_hypercalls);
     }
 
     #[test]

@@ -1,21 +1,19 @@
 //! Counters every part of the shim shares: why a vCPU came back ([`Exit`]), which
 //! guest inputs were refused ([`Reject`] and each mechanism's own reasons), the one
-//! way to declare such a set of reasons ([`reasons!`]), the one logging limit for
-//! refusals ([`LOG_LIMIT`]) and the `StatsMark` record ([`MarkReport`]).
+//! way to declare such a set of reasons ([`reasons!`]), with one rate-limited log
+//! per reason ([`crate::loglimit`]), and the `StatsMark` records ([`Marks`]).
 //!
-//! A leaf: it names no other module of the crate, so devices, PCI, mechanisms and
-//! the run loop can all count into it.
+//! It names only the leaf `loglimit`, so devices, PCI, mechanisms and the run loop
+//! can all count into it.
 
 use std::collections::BTreeMap;
 use std::marker::PhantomData;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::Serialize;
-use tracing::warn;
 
-/// How many refusals of one reason are logged before the log goes quiet for that
-/// reason (the count goes on).
-pub const LOG_LIMIT: u64 = 8;
+use crate::loglimit::LogLimit;
 
 /// A closed set of named reasons, each with its own counter; declared with
 /// [`reasons!`].
@@ -48,10 +46,12 @@ macro_rules! reasons {
     };
 }
 
-/// One atomic counter per reason of `R`.
+/// One atomic counter per reason of `R`, and one log limit per reason: a
+/// flood of one reason neither floods the log nor hides another reason.
 #[derive(Debug)]
 pub struct Tally<R: Reason> {
     counts: Box<[AtomicU64]>,
+    limits: Box<[LogLimit]>,
     reasons: PhantomData<R>,
 }
 
@@ -59,6 +59,7 @@ impl<R: Reason> Default for Tally<R> {
     fn default() -> Self {
         Self {
             counts: R::ALL.iter().map(|_| AtomicU64::new(0)).collect(),
+            limits: R::ALL.iter().map(|_| LogLimit::default()).collect(),
             reasons: PhantomData,
         }
     }
@@ -67,14 +68,9 @@ impl<R: Reason> Default for Tally<R> {
 impl<R: Reason> Tally<R> {
     /// Counts one `r`.
     pub fn bump(&self, r: R) {
-        self.counted(r);
-    }
-
-    /// Counts one `r`; returns the count before it.
-    fn counted(&self, r: R) -> u64 {
-        self.counts
-            .get(r.index())
-            .map_or(0, |c| c.fetch_add(1, Ordering::Relaxed))
+        if let Some(c) = self.counts.get(r.index()) {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     #[must_use]
@@ -106,18 +102,24 @@ impl<R: Reason> Tally<R> {
             .collect()
     }
 
-    /// Counts one `r`; true for the first [`LOG_LIMIT`] of its reason, which
-    /// the caller logs in its own words.
-    pub fn bump_to_log(&self, r: R) -> bool {
-        self.counted(r) < LOG_LIMIT
+    /// The log limit of reason `r`, for a caller that logs `r` in its own
+    /// words through [`crate::guest_log!`].
+    #[must_use]
+    pub fn limit(&self, r: R) -> &LogLimit {
+        &self.limits[r.index()]
     }
 
-    /// Counts a refused guest input and logs the first [`LOG_LIMIT`] of its reason
-    /// as "`what_for`: rejected `what`".
+    /// Counts a refused guest input and logs it as "`what_for`: rejected
+    /// `what`" through its reason's log limit.
     pub fn reject(&self, r: R, guest: &str, what_for: &str, what: std::fmt::Arguments<'_>) {
-        if self.bump_to_log(r) {
-            warn!(guest, reason = r.name(), "{what_for}: rejected {what}");
-        }
+        self.bump(r);
+        crate::guest_log!(
+            warn,
+            limit = self.limit(r),
+            guest,
+            reason = r.name(),
+            "{what_for}: rejected {what}"
+        );
     }
 }
 
@@ -155,6 +157,7 @@ reasons! {
         VirtioBadRegister => "virtio_bad_register",
         VirtioBadQueue => "virtio_bad_queue_config",
         VirtioBadDescriptor => "virtio_bad_descriptor",
+        VirtioAvailJump => "virtio_avail_index_jump",
         VirtioNoRxBuffer => "virtio_rx_dropped_no_buffer",
         FrameTooBig => "frame_too_big",
     }
@@ -197,9 +200,83 @@ pub struct MarkReport {
     pub unix_ms: u64,
 }
 
+/// The most `StatsMark` records one guest keeps: a guest that marks in a
+/// loop must not grow the shim's memory and stats file without bound.
+pub const MARKS_KEPT: usize = 1024;
+
+/// A guest's `StatsMark` records: the first [`MARKS_KEPT`], and a count of
+/// the ones dropped after them.
+#[derive(Debug, Default)]
+pub struct Marks {
+    kept: Mutex<Vec<MarkReport>>,
+    dropped: AtomicU64,
+}
+
+impl Marks {
+    /// Keeps `m` while there is room; else counts it as dropped (false).
+    pub fn record(&self, m: MarkReport) -> bool {
+        let mut kept = self
+            .kept
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if kept.len() < MARKS_KEPT {
+            kept.push(m);
+            true
+        } else {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            false
+        }
+    }
+
+    /// The records kept, in the order they came.
+    #[must_use]
+    pub fn kept(&self) -> Vec<MarkReport> {
+        self.kept
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Records dropped for want of room.
+    #[must_use]
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_flood_of_rejects_is_counted_in_full_and_logged_through_its_limit() {
+        let r = RejectCounters::default();
+        for i in 0..10_000 {
+            r.reject(Reject::UnknownPort, "g", "test", format_args!("port {i}"));
+        }
+        assert_eq!(r.count(Reject::UnknownPort), 10_000);
+        // The burst went to the log: this reason's limit is spent, another's not.
+        assert_eq!(r.limit(Reject::UnknownPort).allow(), None);
+        assert!(r.limit(Reject::UnmappedMmio).allow().is_some());
+    }
+
+    #[test]
+    fn marks_are_bounded_and_the_dropped_ones_counted() {
+        let marks = Marks::default();
+        for label in 0..MARKS_KEPT as u64 + 5 {
+            marks.record(MarkReport {
+                label,
+                ..MarkReport::default()
+            });
+        }
+        let kept = marks.kept();
+        assert_eq!(kept.len(), MARKS_KEPT);
+        assert_eq!(
+            kept[0].label, 0,
+            "the first ones stay: labels are looked up first-come"
+        );
+        assert_eq!(marks.dropped(), 5);
+    }
 
     #[test]
     fn counters_count_and_snapshot_skips_zero() {

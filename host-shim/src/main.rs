@@ -49,7 +49,7 @@ fn main() {
         }
         Err(e) => {
             eprintln!("host-shim: {e}");
-            std::process::exit(1);
+            std::process::exit(if e.is_usage() { 2 } else { 1 });
         }
     }
 }

@@ -303,3 +303,40 @@ fn a_guest_cannot_send_as_another_guest() {
     assert_eq!(ca.rx_packets.load(std::sync::atomic::Ordering::Relaxed), 1);
     assert_eq!(sw.counters()["dropped_forged_source"], 1);
 }
+
+#[test]
+fn an_avail_index_jump_is_counted_once() {
+    let sw = Arc::new(Switch::default());
+    let mem = crate::kvm::memory::create("j", 8 << 20).unwrap();
+    let rejects = Arc::new(RejectCounters::default());
+    let net = Net::new("j", [2, 0, 0, 0, 0, 0xD], sw.clone(), rejects.clone()).unwrap();
+    let msix = Arc::new(Msix::new(3, Arc::new(FakeRouter::default())).unwrap());
+    let mut d = VirtioPci::new(
+        "j",
+        Box::new(net),
+        msix.clone(),
+        mem.clone(),
+        None,
+        0xC000_0000,
+    )
+    .unwrap();
+    bring_up(&mut d, &msix, 0x10_0000);
+    // The driver claims 1000 new TX chains in a ring of 16, and kicks twice.
+    let b = ring_base(0x10_0000, 1);
+    mem.write_obj(1000u16, GuestAddress(b + 2 + 0x1000))
+        .unwrap();
+    let kick = NOTIFY + u64::from(NOTIFY_MULTIPLIER);
+    d.bar_write(0, kick, &1u16.to_le_bytes());
+    let t = Instant::now();
+    while rejects.count(Reject::VirtioAvailJump) == 0 {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "the jump was not counted"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    d.bar_write(0, kick, &1u16.to_le_bytes());
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(rejects.count(Reject::VirtioAvailJump), 1, "once per jump");
+    assert_eq!(used_idx(&mem, 0x10_0000, 1), 0, "nothing was taken");
+}

@@ -11,6 +11,8 @@
 //! ```text
 //! {
 //!   "shim_max_rss_kib": u64,                  // getrusage(2) ru_maxrss of the shim
+//!   "log_lines_suppressed": u64,              // guest-triggered log lines held back
+//!                                             // by the rate limits (loglimit.rs)
 //!   "switch": {"forwarded": u64, "flooded": u64, "dropped_queue_full": u64, "runts": u64},
 //!   "tap": {                                  // only with --tap
 //!     "name": str, "rx_packets": u64, "rx_bytes": u64,   // TAP -> switch
@@ -66,7 +68,8 @@
 //!       "label": u64,                         // the guest's RBX
 //!       "exits": u64,                         // KVM `exits` over all vCPUs then
 //!       "doorbell_events": u64, "sink_events": u64  // doorbell counters then
-//!     }],
+//!     }],                                     // the first 1024 (counters::MARKS_KEPT)
+//!     "marks_dropped": u64,                   // StatsMark calls beyond them
 //!     "vcpus": [{
 //!       "index": u32, "host_cpu": i32,        // sched_getcpu(3) at the last entry
 //!       "exits": {Exit::name(): u64},         // non-zero shim counters only
@@ -179,8 +182,10 @@ pub struct GuestReport {
     /// Interrupt-vCPU hint counters (M2), when offered.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub hints: Option<HintsReport>,
-    /// `StatsMark` snapshots, in order.
+    /// `StatsMark` snapshots, in order: the first `counters::MARKS_KEPT`.
     pub marks: Vec<MarkReport>,
+    /// `StatsMark` calls beyond those, counted and not kept.
+    pub marks_dropped: u64,
     /// M3 upcall counters, when offered.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub upcalls: Option<UpcallReport>,
@@ -223,6 +228,8 @@ impl GuestReport {
 pub struct Report {
     pub guests: Vec<GuestReport>,
     pub shim_max_rss_kib: u64,
+    /// Guest-triggered log lines the rate limits held back (`loglimit`).
+    pub log_lines_suppressed: u64,
     /// The L2 switch's counters (forwarded, flooded, drops...).
     pub switch: BTreeMap<&'static str, u64>,
     /// The host TAP port, when `--tap` was given.
@@ -415,6 +422,7 @@ mod tests {
                 ..Default::default()
             }],
             shim_max_rss_kib: 1234,
+            log_lines_suppressed: 0,
             ..Default::default()
         };
         let s = r.summary();
@@ -505,6 +513,7 @@ mod tests {
         let r = Report {
             guests: vec![g],
             shim_max_rss_kib: 1,
+            log_lines_suppressed: 0,
             ..Default::default()
         };
         let v: serde_json::Value = serde_json::to_value(&r).unwrap();

@@ -11,8 +11,10 @@ use crate::assemble::{AssembleError, Assembly};
 use crate::cli::Cli;
 use crate::devices::switch::Switch;
 use crate::devices::tap::Tap;
+use crate::kvm::boot::{self, ImageError};
 use crate::mech::{hints, quantum};
 use crate::report::{self, Report};
+use crate::vcpu::Outcome;
 use crate::vm::{Guest, VmError};
 
 #[derive(Debug, thiserror::Error)]
@@ -32,6 +34,86 @@ pub enum RunError {
     Assemble(#[from] AssembleError),
     #[error("starting the --vcpu-quantum ticker failed: {0}")]
     Quantum(std::io::Error),
+    #[error("guest {name}: kernel {path} cannot be booted: {source}")]
+    Image {
+        name: String,
+        path: String,
+        source: ImageError,
+    },
+}
+
+impl RunError {
+    /// A usage error (exit status 2): the command line named something the
+    /// shim cannot run.
+    #[must_use]
+    pub const fn is_usage(&self) -> bool {
+        matches!(self, Self::Image { .. })
+    }
+}
+
+/// Refuses a kernel that is no PVH ELF before any VM exists.
+fn check_images(cli: &Cli) -> Result<(), RunError> {
+    for g in &cli.guests {
+        boot::check_pvh_image(&g.kernel).map_err(|source| RunError::Image {
+            name: g.name.clone(),
+            path: g.kernel.display().to_string(),
+            source,
+        })?;
+    }
+    Ok(())
+}
+
+/// One line on the shim's stdout, between the guests' console lines, the
+/// moment guest `name` ended other than with status 0.
+fn failure_line(name: &str, outcome: &Outcome, stopping_others: bool) -> String {
+    let what = match outcome {
+        Outcome::Exited(1) => "exit status 1 (tests failed)".to_owned(),
+        Outcome::Exited(2) => "exit status 2 (the guest panicked)".to_owned(),
+        Outcome::Exited(3) => "exit status 3 (a fatal exception)".to_owned(),
+        Outcome::Exited(4) => {
+            "exit status 4 (the application refused its configuration)".to_owned()
+        }
+        other => other.to_string(),
+    };
+    let then = if stopping_others {
+        "; stopping every other guest (--end-on-failure)"
+    } else {
+        ""
+    };
+    format!("host-shim: guest {name} failed: {what}{then}")
+}
+
+/// Says on stdout, once each, which guests failed since the last look; with
+/// `end_on_failure`, stops every guest still running.
+fn tell_failures(running: &[Guest], told: &mut [bool], end_on_failure: bool) {
+    for (g, told) in running.iter().zip(told) {
+        let Some(outcome) = g.outcome().filter(|o| !*told && failed(o)) else {
+            continue;
+        };
+        *told = true;
+        {
+            use std::io::Write;
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "{}", failure_line(&g.name, &outcome, end_on_failure));
+            let _ = out.flush();
+        }
+        if end_on_failure {
+            let why = format!("guest {} failed", g.name);
+            running
+                .iter()
+                .filter(|o| o.outcome().is_none())
+                .for_each(|o| o.stop(&why));
+        }
+    }
+}
+
+/// A guest's outcome that is a failure: anything but status 0 or a stop the
+/// shim was asked for.
+fn failed(outcome: &Outcome) -> bool {
+    !matches!(
+        outcome,
+        Outcome::Exited(0) | Outcome::Interrupted | Outcome::Stopped(_)
+    )
 }
 
 /// SIGINT and SIGTERM, blocked in every thread and taken synchronously by the main loop.
@@ -77,6 +159,7 @@ fn host_cpus() -> usize {
 
 /// Builds, boots and runs every guest; returns the report once all have ended.
 pub fn run(cli: &Cli, shim_start: Instant) -> Result<Report, RunError> {
+    check_images(cli)?;
     block_stop_signals().map_err(RunError::Signals)?;
     let kvm = Kvm::new().map_err(RunError::Kvm)?;
     let ncpus = host_cpus();
@@ -132,7 +215,9 @@ pub fn run(cli: &Cli, shim_start: Instant) -> Result<Report, RunError> {
     }
 
     let deadline = (cli.timeout > 0).then(|| Instant::now() + Duration::from_secs(cli.timeout));
+    let mut told = vec![false; running.len()];
     loop {
+        tell_failures(&running, &mut told, cli.end_on_failure);
         if running.iter().all(Guest::finished) {
             break;
         }
@@ -156,6 +241,7 @@ pub fn run(cli: &Cli, shim_start: Instant) -> Result<Report, RunError> {
     let report = Report {
         guests,
         shim_max_rss_kib: report::max_rss_kib(),
+        log_lines_suppressed: crate::loglimit::suppressed_total(),
         switch: switch.counters(),
         tap: tap.map(Tap::finish),
         monitors,
@@ -174,4 +260,49 @@ pub fn run(cli: &Cli, shim_start: Instant) -> Result<Report, RunError> {
 #[must_use]
 pub fn exit_code(report: &Report) -> i32 {
     i32::from(!report.guests.iter().all(|g| g.exit_status == Some(0)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failures_are_worded_by_what_happened() {
+        assert!(!failed(&Outcome::Exited(0)));
+        assert!(!failed(&Outcome::Stopped("guest b failed".into())));
+        assert!(!failed(&Outcome::Interrupted));
+        assert!(failed(&Outcome::Exited(2)));
+        assert!(failed(&Outcome::TripleFault { vcpu: 0, rip: 1 }));
+        assert_eq!(
+            failure_line("client1", &Outcome::Exited(2), true),
+            "host-shim: guest client1 failed: exit status 2 (the guest panicked); \
+             stopping every other guest (--end-on-failure)"
+        );
+        assert_eq!(
+            failure_line("a", &Outcome::TripleFault { vcpu: 1, rip: 0x10 }, false),
+            "host-shim: guest a failed: triple fault on vCPU 1 at rip 0x10"
+        );
+    }
+
+    #[test]
+    fn a_kernel_that_is_no_pvh_elf_is_refused_before_any_vm() {
+        let not_elf = std::env::temp_dir().join(format!("shim-not-elf-{}", std::process::id()));
+        std::fs::write(&not_elf, b"hello").unwrap();
+        let cli = <Cli as clap::Parser>::try_parse_from([
+            "host-shim",
+            "--guest",
+            &format!("name=a,kernel={}", not_elf.display()),
+        ])
+        .unwrap();
+        let e = run(&cli, Instant::now()).unwrap_err();
+        let _ = std::fs::remove_file(&not_elf);
+        assert!(e.is_usage());
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "guest a: kernel {} cannot be booted: it is not an ELF file (it does not start with 0x7f 'ELF')",
+                not_elf.display()
+            )
+        );
+    }
 }

@@ -362,6 +362,13 @@ impl Guest {
         }
     }
 
+    /// Ends the guest from outside because of `why` (another guest failed).
+    pub fn stop(&self, why: &str) {
+        if let Some(ctx) = &self.ctx {
+            ctx.end(Outcome::Stopped(why.to_owned()));
+        }
+    }
+
     /// Waits for the vCPU threads and reports.
     pub fn join(mut self, shim_start: Instant) -> GuestReport {
         for t in self.threads.drain(..) {
@@ -410,10 +417,8 @@ impl Guest {
             vcpus,
             rejected: self.rejects.snapshot(),
             nics: self.nics.iter().map(nic_report).collect(),
-            marks: self
-                .ctx
-                .as_ref()
-                .map_or_else(Vec::new, |c| lock(&c.marks).clone()),
+            marks: self.ctx.as_ref().map_or_else(Vec::new, |c| c.marks.kept()),
+            marks_dropped: self.ctx.as_ref().map_or(0, |c| c.marks.dropped()),
             ..Default::default()
         };
         for m in &self.mechs {

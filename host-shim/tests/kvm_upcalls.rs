@@ -60,7 +60,7 @@ impl PioDevice for Poster {
 fn upcall_waits_for_the_window_when_masked_and_goes_at_once_when_open() {
     let kvm = Kvm::new().expect("these tests need /dev/kvm");
     let mut g = Guest::new(&kvm, "up", 16 << 20, 1, Sink::Buffer(Arc::default())).unwrap();
-    let upcalls = host_shim::assemble::upcalls(&mut g, Delivery::Window).unwrap();
+    let upcalls = host_shim::assemble::upcalls(&mut g, Delivery::Window, false).unwrap();
     #[rustfmt::skip]
     let main: &[u8] = &[
         0xfa,             // cli
@@ -111,4 +111,36 @@ fn upcall_waits_for_the_window_when_masked_and_goes_at_once_when_open() {
     // The stop found the guest in its final `cli; hlt`: a closed window to wait
     // for, and the watchdog ended the wait (the vCPU did stop, above).
     assert_eq!(u.stop_deferrals, 1, "{u:?}");
+}
+
+#[test]
+fn test_only_calls_need_the_flag_and_a_guest_gets_one_storm_thread_at_a_time() {
+    use host_shim::mech::upcalls::Upcalls;
+    use para_abi::hypercall::{Call, Status};
+    let kvm = Kvm::new().expect("these tests need /dev/kvm");
+    let mut g = Guest::new(&kvm, "storm", 16 << 20, 1, Sink::Buffer(Arc::default())).unwrap();
+    let u = host_shim::assemble::upcalls(&mut g, Delivery::Window, false).unwrap();
+    let me = Upcalls(u.clone());
+    let vcpu = g.vcpus[0].clone();
+    // Two pings a second apart: the first storm still runs at the second call.
+    let storm = para_abi::upcall::storm_arg(2, 1_000_000);
+    // Without --test-hypercalls: refused and counted, nothing started.
+    assert_eq!(
+        me.call(Call::UpcallStorm, storm, &vcpu),
+        Status::UnknownCall
+    );
+    assert_eq!(me.call(Call::UpcallPing, 1, &vcpu), Status::UnknownCall);
+    let r = u.report();
+    assert_eq!(r.rejected.get("test_call_off"), Some(&2), "{r:?}");
+    assert_eq!(r.requested.get("ping"), Some(&0), "no ping was posted");
+    u.allow_test_calls();
+    assert_eq!(me.call(Call::UpcallStorm, storm, &vcpu), Status::Ok);
+    assert_eq!(
+        me.call(Call::UpcallStorm, storm, &vcpu),
+        Status::BadArgument,
+        "a second storm thread while the first runs"
+    );
+    assert_eq!(u.report().rejected.get("storm_busy"), Some(&1));
+    // The guest ends: the storm stops at its next post.
+    u.close();
 }

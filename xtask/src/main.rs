@@ -147,8 +147,9 @@ struct RunArgs {
     /// Guests in all: one server, the rest clients pinging it.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(2..=200))]
     guests: u32,
-    /// Pings each client sends.
-    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+    /// Pings each client sends (at most 1,000,000: a client keeps every
+    /// round-trip time on its heap).
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=pingpong::MAX_COUNT))]
     count: u64,
     /// UDP payload bytes per ping (12 to 1472).
     #[arg(long, value_name = "BYTES", default_value_t = 64)]

@@ -225,7 +225,19 @@ mod guest {
             println!("udp-pingpong: no answer from {to} during warm-up");
             return 1;
         }
-        let mut rtts: Vec<u64> = Vec::with_capacity(count as usize);
+        // Every RTT is kept for the percentiles: refuse a count the heap
+        // cannot hold, rather than panic in the allocation.
+        let mut rtts: Vec<u64> = Vec::new();
+        if usize::try_from(count)
+            .ok()
+            .is_none_or(|n| rtts.try_reserve_exact(n).is_err())
+        {
+            println!(
+                "udp-pingpong: pingpong.count={count} needs {} MiB for its round-trip times; the heap cannot hold them",
+                count.saturating_mul(8) >> 20
+            );
+            return APP_ERROR;
+        }
         // The steady-state window for a VMM that has no marks (QEMU): the host
         // times these lines. Printed outside the marks, so a VMM that counts
         // between marks does not see their exits.

@@ -84,6 +84,16 @@ pub fn pop_tx(q: &mut Queue, mem: &GuestMem) -> Option<(u16, Result<Vec<u8>, Cha
     Some((head, res))
 }
 
+/// The driver's avail index when it runs more than the queue's size ahead of
+/// what the device has taken: no honest driver does that, and virtio-queue
+/// then yields no chain, so the queue stalls (the guest's own). `None` when
+/// the index is sane (or cannot be read).
+#[must_use]
+pub fn avail_jump(q: &Queue, mem: &GuestMem) -> Option<u16> {
+    let avail = q.avail_idx(mem, Ordering::Acquire).ok()?.0;
+    (avail.wrapping_sub(q.next_avail()) > q.size()).then_some(avail)
+}
+
 /// Writes `frame` into the next RX chain. `None`: no buffer available.
 /// Returns the head and the bytes written (0 when the chain was refused).
 pub fn push_rx(
@@ -224,6 +234,7 @@ impl VirtioDevice for Net {
             // the TX vector), so a TX hint would steer nothing.
             hints: [self.hints.as_ref().and_then(|h| h.queue(RX as u16)), None],
             quiet: self.quiet.clone(),
+            jumps: [None; 2],
         };
         let h = std::thread::Builder::new()
             .name(format!("{}-net", self.name))
@@ -254,6 +265,8 @@ struct Worker {
     stop: EventFd,
     hints: [Option<crate::mech::hints::QueueHinter>; 2],
     quiet: Option<QuietGate>,
+    /// Per queue, the avail index of the last jump counted (each jump once).
+    jumps: [Option<u16>; 2],
 }
 
 const T_RX: u64 = 0;
@@ -357,9 +370,29 @@ impl Worker {
     fn reject(&self, e: &ChainError, q: &str) {
         let r = e.reason();
         self.rejects.bump(r);
-        if self.rejects.count(r) <= 8 {
-            warn!(nic = %self.name, queue = q, reason = r.name(), "rejected descriptor chain: {e:?}");
+        crate::guest_log!(warn, limit = self.rejects.limit(r), nic = %self.name, queue = q, reason = r.name(), "rejected descriptor chain: {e:?}");
+    }
+
+    /// Counts and logs (once per jump) an avail index that stalls queue `q`.
+    fn check_avail_jump(&mut self, q: usize) {
+        let queue = if q == RX { &self.rx } else { &self.tx };
+        let Some(avail) = avail_jump(queue, &self.mem) else {
+            return;
+        };
+        if self.jumps[q] == Some(avail) {
+            return;
         }
+        self.jumps[q] = Some(avail);
+        let next = queue.next_avail();
+        self.rejects.reject(
+            Reject::VirtioAvailJump,
+            &self.name,
+            "virtio-net",
+            format_args!(
+                "{} avail index {avail} is more than the queue size ahead of {next}: the queue stalls",
+                if q == RX { "rx" } else { "tx" }
+            ),
+        );
     }
 
     fn process_tx(&mut self) {
@@ -383,6 +416,8 @@ impl Worker {
         }
         if used {
             self.signal(TX);
+        } else {
+            self.check_avail_jump(TX);
         }
     }
 
@@ -394,6 +429,7 @@ impl Worker {
                     // No buffer: keep the frame until the driver refills (bounded by the port queue).
                     self.port.unpop(frame);
                     debug!(nic = %self.name, "rx ring empty; {} frames wait", self.port.pending());
+                    self.check_avail_jump(RX);
                     break;
                 }
                 Some((head, res)) => {
@@ -448,6 +484,25 @@ mod tests {
         mq.avail().ring().ref_at(0).unwrap().store(0u16);
         mq.avail().idx().store(1u16);
         mq.create_queue().unwrap()
+    }
+
+    #[test]
+    fn an_avail_index_jump_is_seen() {
+        let m = mem();
+        let mq = MockSplitQueue::new(&m, 16);
+        let d = RawDescriptor::from(SplitDescriptor::new(0x10_0000, 64, 0, 0));
+        mq.desc_table().store(0, d).unwrap();
+        mq.avail().ring().ref_at(0).unwrap().store(0u16);
+        mq.avail().idx().store(1u16);
+        let mut q = mq.create_queue().unwrap();
+        assert_eq!(avail_jump(&q, &m), None, "one chain ahead: sane");
+        // The driver claims 1000 new chains in a ring of 16.
+        mq.avail().idx().store(1000u16);
+        assert_eq!(avail_jump(&q, &m), Some(1000));
+        assert!(q.pop_descriptor_chain(&m).is_none(), "the queue stalls");
+        // Exactly a ring's worth ahead is still legal.
+        mq.avail().idx().store(16u16);
+        assert_eq!(avail_jump(&q, &m), None);
     }
 
     #[test]

@@ -1,5 +1,8 @@
 //! The COM1 console: a vm-superio 16550 whose output is split into lines, each
-//! printed with the guest's name in front.
+//! printed with the guest's name in front. Control characters are escaped
+//! (`\x1b`, `\r`, `\u{202e}`...): a guest's bytes must not move the
+//! terminal's cursor, clear its line or reorder its text, or one guest could
+//! forge another's `name| ` lines.
 
 use std::io::Write;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -54,9 +57,7 @@ impl LineWriter {
     }
 
     fn emit(&mut self) {
-        let text = String::from_utf8_lossy(&self.line)
-            .trim_end_matches('\r')
-            .to_owned();
+        let text = escape_controls(String::from_utf8_lossy(&self.line).trim_end_matches('\r'));
         self.line.clear();
         match &self.sink {
             Sink::Stdout => {
@@ -94,6 +95,31 @@ impl Write for LineWriter {
     }
 }
 
+/// Characters that change how a terminal shows what follows: C0 and C1
+/// controls and DEL, and the bidirectional formatting characters (Unicode
+/// UAX #9: embeddings, overrides, isolates, marks). Tab stays.
+fn is_dangerous(c: char) -> bool {
+    (c.is_control() && c != '\t')
+        || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+}
+
+/// `text` with every dangerous character written as an escape.
+#[must_use]
+pub fn escape_controls(text: &str) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if !is_dangerous(c) {
+            out.push(c);
+        } else if (c as u32) < 0x80 {
+            let _ = write!(out, "\\x{:02x}", c as u32);
+        } else {
+            let _ = write!(out, "\\u{{{:x}}}", c as u32);
+        }
+    }
+    out
+}
+
 pub type Uart = Serial<NoInterrupt, vm_superio::serial::NoEvents, LineWriter>;
 
 #[must_use]
@@ -118,6 +144,23 @@ mod tests {
         uart.writer_mut().finish();
         assert_eq!(buf.lock().unwrap()[1], "wor");
         assert!(uart.writer().first_output.get().is_some());
+    }
+
+    #[test]
+    fn control_bytes_cannot_forge_another_guests_line() {
+        let buf = Arc::new(Mutex::new(Vec::new()));
+        let mut w = LineWriter::new("client1", Sink::Buffer(buf.clone()));
+        // Carriage return and "erase line": on a terminal this would show as
+        // a line of guest `server`.
+        w.write_all(b"x\r\x1b[2Kserver| pingpong-result: forged\x07\xc2\x9b\xe2\x80\xae\ttab\r\n")
+            .unwrap();
+        let line = buf.lock().unwrap()[0].clone();
+        assert_eq!(
+            line,
+            "x\\x0d\\x1b[2Kserver| pingpong-result: forged\\x07\\u{9b}\\u{202e}\ttab"
+        );
+        assert!(!line.chars().any(is_dangerous));
+        assert_eq!(escape_controls("plain text, 100%"), "plain text, 100%");
     }
 
     #[test]

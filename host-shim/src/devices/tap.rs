@@ -266,9 +266,9 @@ impl Forwarder {
     }
 
     fn dropped(&self, why: TapDrop, len: usize) {
-        if self.counters.dropped.bump_to_log(why) {
-            warn!(tap = %self.name, reason = why.name(), len, "dropped a TAP frame");
-        }
+        let d = &self.counters.dropped;
+        d.bump(why);
+        crate::guest_log!(warn, limit = d.limit(why), tap = %self.name, reason = why.name(), len, "dropped a TAP frame");
     }
 
     /// Reads every frame the host has queued and sends it into the switch.
@@ -359,7 +359,7 @@ mod tests {
     #[test]
     fn drops_are_counted_by_reason() {
         let c = TapCounters::default();
-        assert!(c.dropped.bump_to_log(TapDrop::TooLong));
+        c.dropped.bump(TapDrop::TooLong);
         c.dropped.bump(TapDrop::TooLong);
         c.dropped.bump(TapDrop::TooShort);
         assert_eq!(

@@ -63,6 +63,102 @@ pub enum BootError {
     Write(String),
 }
 
+/// `XEN_ELFNOTE_PHYS32_ENTRY` (Xen `public/elfnote.h`), in a note named "Xen".
+const XEN_ELFNOTE_PHYS32_ENTRY: u32 = 18;
+/// `PT_NOTE` (ELF gABI, "Program Header").
+const PT_NOTE: u32 = 4;
+/// `EM_X86_64`.
+const EM_X86_64: u16 = 62;
+
+/// Why an image is no kernel the shim can boot, in one sentence each.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ImageError {
+    #[error("cannot read it: {0}")]
+    Read(String),
+    #[error("it is not an ELF file (it does not start with 0x7f 'ELF')")]
+    NotElf,
+    #[error("it is an ELF file but not a 64-bit little-endian x86-64 one")]
+    NotX86_64,
+    #[error(
+        "it is an ELF file without a PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY); the shim boots only PVH kernels"
+    )]
+    NoPvhNote,
+}
+
+fn u16_at(b: &[u8], at: usize) -> Option<u16> {
+    Some(u16::from_le_bytes(b.get(at..at + 2)?.try_into().ok()?))
+}
+
+fn u32_at(b: &[u8], at: usize) -> Option<u32> {
+    Some(u32::from_le_bytes(b.get(at..at + 4)?.try_into().ok()?))
+}
+
+fn u64_at(b: &[u8], at: usize) -> Option<usize> {
+    usize::try_from(u64::from_le_bytes(b.get(at..at + 8)?.try_into().ok()?)).ok()
+}
+
+/// Whether the notes in `notes` (one `PT_NOTE` segment) hold a PVH entry.
+fn has_pvh_note(mut notes: &[u8]) -> bool {
+    while notes.len() >= 12 {
+        let (Some(namesz), Some(descsz), Some(kind)) =
+            (u32_at(notes, 0), u32_at(notes, 4), u32_at(notes, 8))
+        else {
+            return false;
+        };
+        let name_end = 12 + (namesz as usize).next_multiple_of(4);
+        let end = name_end + (descsz as usize).next_multiple_of(4);
+        let Some(name) = notes.get(12..12 + namesz as usize) else {
+            return false;
+        };
+        if kind == XEN_ELFNOTE_PHYS32_ENTRY && name.strip_suffix(&[0]).unwrap_or(name) == b"Xen" {
+            return true;
+        }
+        let Some(rest) = notes.get(end..) else {
+            return false;
+        };
+        notes = rest;
+    }
+    false
+}
+
+/// Checks that `image` is a 64-bit x86-64 ELF with a PVH entry note, before
+/// any VM is made for it.
+pub fn check_pvh_bytes(image: &[u8]) -> Result<(), ImageError> {
+    if image.get(..4) != Some(b"\x7fELF".as_slice()) {
+        return Err(ImageError::NotElf);
+    }
+    // EI_CLASS 2 = 64-bit, EI_DATA 1 = little-endian.
+    if image.get(4..6) != Some([2u8, 1].as_slice()) || u16_at(image, 18) != Some(EM_X86_64) {
+        return Err(ImageError::NotX86_64);
+    }
+    let (Some(phoff), Some(phentsize), Some(phnum)) =
+        (u64_at(image, 32), u16_at(image, 54), u16_at(image, 56))
+    else {
+        return Err(ImageError::NotX86_64);
+    };
+    for i in 0..usize::from(phnum) {
+        let ph = phoff + i * usize::from(phentsize);
+        if u32_at(image, ph) != Some(PT_NOTE) {
+            continue;
+        }
+        let (Some(off), Some(size)) = (u64_at(image, ph + 8), u64_at(image, ph + 32)) else {
+            continue;
+        };
+        if let Some(notes) = image.get(off..off.saturating_add(size))
+            && has_pvh_note(notes)
+        {
+            return Ok(());
+        }
+    }
+    Err(ImageError::NoPvhNote)
+}
+
+/// [`check_pvh_bytes`] on the file at `path`.
+pub fn check_pvh_image(path: &Path) -> Result<(), ImageError> {
+    let bytes = std::fs::read(path).map_err(|e| ImageError::Read(e.to_string()))?;
+    check_pvh_bytes(&bytes)
+}
+
 /// What the vCPU setup needs to know after loading.
 #[derive(Clone, Copy, Debug)]
 pub struct Loaded {
@@ -201,6 +297,75 @@ pub fn pvh_sregs(sregs: &mut kvm_sregs) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A minimal ELF64 x86-64 header with one `PT_NOTE` segment holding `note`.
+    fn elf_with_note(note: &[u8]) -> Vec<u8> {
+        let mut b = vec![0u8; 64 + 56];
+        b[..4].copy_from_slice(b"\x7fELF");
+        b[4] = 2; // 64-bit
+        b[5] = 1; // little-endian
+        b[18..20].copy_from_slice(&EM_X86_64.to_le_bytes());
+        b[32..40].copy_from_slice(&64u64.to_le_bytes()); // e_phoff
+        b[54..56].copy_from_slice(&56u16.to_le_bytes()); // e_phentsize
+        b[56..58].copy_from_slice(&1u16.to_le_bytes()); // e_phnum
+        b[64..68].copy_from_slice(&PT_NOTE.to_le_bytes());
+        b[72..80].copy_from_slice(&120u64.to_le_bytes()); // p_offset
+        b[96..104].copy_from_slice(&(note.len() as u64).to_le_bytes()); // p_filesz
+        b.extend_from_slice(note);
+        b
+    }
+
+    fn note(name: &[u8], kind: u32, desc: &[u8]) -> Vec<u8> {
+        let mut n = Vec::new();
+        n.extend_from_slice(&(name.len() as u32).to_le_bytes());
+        n.extend_from_slice(&(desc.len() as u32).to_le_bytes());
+        n.extend_from_slice(&kind.to_le_bytes());
+        n.extend_from_slice(name);
+        n.resize(n.len().next_multiple_of(4), 0);
+        n.extend_from_slice(desc);
+        n.resize(n.len().next_multiple_of(4), 0);
+        n
+    }
+
+    #[test]
+    fn only_pvh_elf_images_pass_the_check() {
+        let pvh = note(
+            b"Xen\0",
+            XEN_ELFNOTE_PHYS32_ENTRY,
+            &0x10_0000u64.to_le_bytes(),
+        );
+        assert_eq!(check_pvh_bytes(&elf_with_note(&pvh)), Ok(()));
+        // After another note.
+        let mut two = note(b"GNU\0", 3, &[0; 20]);
+        two.extend_from_slice(&pvh);
+        assert_eq!(check_pvh_bytes(&elf_with_note(&two)), Ok(()));
+        let other = note(b"Xen\0", 5, &[0; 8]);
+        assert_eq!(
+            check_pvh_bytes(&elf_with_note(&other)),
+            Err(ImageError::NoPvhNote)
+        );
+        assert_eq!(
+            check_pvh_bytes(b"#!/bin/sh\necho not a kernel\n"),
+            Err(ImageError::NotElf)
+        );
+        assert_eq!(check_pvh_bytes(b""), Err(ImageError::NotElf));
+        let mut arm = elf_with_note(&pvh);
+        arm[18] = 183; // EM_AARCH64
+        assert_eq!(check_pvh_bytes(&arm), Err(ImageError::NotX86_64));
+        // Lying sizes and offsets are refused, never a panic.
+        let mut lying = elf_with_note(&pvh);
+        lying[96..104].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert_eq!(check_pvh_bytes(&lying), Err(ImageError::NoPvhNote));
+        let mut huge = note(b"Xen\0", 1, &[]);
+        huge[0..4].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert_eq!(
+            check_pvh_bytes(&elf_with_note(&huge)),
+            Err(ImageError::NoPvhNote)
+        );
+        // The host test binary is an ELF, but no PVH kernel.
+        let me = std::env::current_exe().unwrap();
+        assert_eq!(check_pvh_image(&me), Err(ImageError::NoPvhNote));
+    }
 
     #[test]
     fn memory_map_reports_low_and_high_ram() {

@@ -27,6 +27,8 @@ pub struct ConfigSpace {
     wmask: [u8; 4096],
     next_cap: u16,
     last_cap: Option<u16>,
+    /// The address the shim gave each 64-bit BAR, by its first slot.
+    bar_homes: [Option<u64>; 6],
 }
 
 impl std::fmt::Debug for ConfigSpace {
@@ -50,6 +52,7 @@ impl ConfigSpace {
             wmask: [0; 4096],
             next_cap: 0x40,
             last_cap: None,
+            bar_homes: [None; 6],
         };
         c.set16(VENDOR_ID, vendor);
         c.set16(2, device);
@@ -103,6 +106,9 @@ impl ConfigSpace {
         let mask = !(size - 1);
         self.set_writable(off, &((mask as u32) & !0xF).to_le_bytes());
         self.set_writable(off + 4, &((mask >> 32) as u32).to_le_bytes());
+        if let Some(home) = self.bar_homes.get_mut(index as usize) {
+            *home = Some(base);
+        }
     }
 
     /// The current address of the 64-bit BAR at slot `index`.
@@ -143,7 +149,10 @@ impl ConfigSpace {
     }
 
     /// Writes through the write mask. Returns `PciConfigReadOnly` when the guest
-    /// tried to change a read-only bit (the rest of the write still applies).
+    /// tried to change a read-only bit (the rest of the write still applies),
+    /// else `BarRelocation` when the write moved a BAR away from where the shim
+    /// put it (accepted: the device follows; counted, because nothing the shim
+    /// boots does it).
     pub fn write(&mut self, off: u16, data: &[u8]) -> Option<Reject> {
         if !access_ok(off, data.len()) {
             return Some(Reject::PciConfigBadAccess);
@@ -160,8 +169,22 @@ impl ConfigSpace {
             self.bytes[o] = (self.bytes[o] & !m) | (v & m);
         }
         // Writing all ones to a BAR to size it is not a read-only violation (PCI 3.0 §6.2.5.1).
-        let bar_probe = (BAR0..BAR0 + 24).contains(&off) && data.iter().all(|&b| b == 0xFF);
-        (ro_change && !bar_probe).then_some(Reject::PciConfigReadOnly)
+        let in_bars = (BAR0..BAR0 + 24).contains(&off);
+        let bar_probe = in_bars && data.iter().all(|&b| b == 0xFF);
+        if ro_change && !bar_probe {
+            return Some(Reject::PciConfigReadOnly);
+        }
+        // Sizing leaves the mask in the BAR until the driver writes the
+        // address back: only a non-probe write that leaves a BAR elsewhere
+        // than its home moved it.
+        let moved = in_bars
+            && !bar_probe
+            && self
+                .bar_homes
+                .iter()
+                .enumerate()
+                .any(|(i, home)| home.is_some_and(|h| self.bar64(i as u16) != h));
+        moved.then_some(Reject::BarRelocation)
     }
 }
 
@@ -183,6 +206,27 @@ mod tests {
             c.write(STATUS, &[0xFF, 0xFF]).is_some(),
             "setting status bits still is"
         );
+    }
+
+    #[test]
+    fn sizing_is_not_a_move_and_a_move_is_counted() {
+        let mut c = cs();
+        c.set_bar64(0, 0xC000_0000, 0x4000);
+        // Sizing: all ones, read back, the address back; both halves.
+        assert_eq!(c.write(BAR0, &[0xFF; 4]), None);
+        assert_eq!(c.read32(BAR0) & !0xF, 0xFFFF_C000);
+        assert_eq!(c.write(BAR0, &0xC000_0004u32.to_le_bytes()), None);
+        assert_eq!(c.write(BAR0 + 4, &[0xFF; 4]), None);
+        assert_eq!(c.write(BAR0 + 4, &[0; 4]), None);
+        assert_eq!(c.bar64(0), 0xC000_0000);
+        // A move: accepted (the device follows), counted.
+        assert_eq!(
+            c.write(BAR0, &0xD000_0004u32.to_le_bytes()),
+            Some(Reject::BarRelocation)
+        );
+        assert_eq!(c.bar64(0), 0xD000_0000);
+        // Writing the home address back is no move.
+        assert_eq!(c.write(BAR0, &0xC000_0004u32.to_le_bytes()), None);
     }
 
     #[test]

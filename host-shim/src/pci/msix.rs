@@ -5,7 +5,6 @@ use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use tracing::warn;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::irq::{IrqError, MsiMessage, MsiRouter};
@@ -244,7 +243,7 @@ impl Msix {
                 None
             }
             Err(e) => {
-                warn!(vector = idx, "MSI route update failed: {e}");
+                crate::guest_log!(warn, vector = idx, "MSI route update failed: {e}");
                 Some(Reject::MsixBadAccess)
             }
         }

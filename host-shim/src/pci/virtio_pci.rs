@@ -5,7 +5,6 @@
 use std::sync::Arc;
 
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
-use tracing::{info, warn};
 use virtio_bindings::virtio_config;
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
@@ -246,7 +245,7 @@ impl VirtioPci {
         for (i, e) in self.notify.iter().enumerate() {
             let addr = bar + NOTIFY + i as u64 * u64::from(NOTIFY_MULTIPLIER);
             if let Err(err) = vm.register_ioevent(e, &IoEventAddress::Mmio(addr), NoDatamatch) {
-                warn!(dev = %self.name, "ioeventfd at {addr:#x}: {err}; notifications will exit");
+                crate::guest_log!(warn, dev = %self.name, "ioeventfd at {addr:#x}: {err}; notifications will exit");
             }
         }
         self.registered_bar = Some(bar);
@@ -270,7 +269,7 @@ impl VirtioPci {
 
     fn set_status(&mut self, v: u8) -> Option<Reject> {
         if v == 0 {
-            info!(dev = %self.name, "device reset by driver");
+            crate::guest_log!(info, dev = %self.name, "device reset by driver");
             self.reset();
             return None;
         }
@@ -302,7 +301,7 @@ impl VirtioPci {
         }
         for (i, q) in self.queues.iter().enumerate() {
             if q.ready() && !q.is_valid(&self.mem) {
-                warn!(dev = %self.name, queue = i, "queue rings outside guest RAM or misaligned; device failed");
+                crate::guest_log!(warn, dev = %self.name, queue = i, "queue rings outside guest RAM or misaligned; device failed");
                 self.status |= S_FAILED;
                 return Some(Reject::VirtioBadQueue);
             }
@@ -329,11 +328,11 @@ impl VirtioPci {
         match self.device.activate(a) {
             Ok(()) => {
                 self.active = true;
-                info!(dev = %self.name, features = format_args!("{:#x}", self.driver_features), "device activated");
+                crate::guest_log!(info, dev = %self.name, features = format_args!("{:#x}", self.driver_features), "device activated");
                 None
             }
             Err(e) => {
-                warn!(dev = %self.name, "activation failed: {e}");
+                crate::guest_log!(warn, dev = %self.name, "activation failed: {e}");
                 self.status |= S_FAILED;
                 Some(Reject::VirtioBadQueue)
             }

@@ -11,7 +11,7 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use para_abi::hypercall::{PORT as HYPERCALL_PORT, Status};
 use tracing::{debug, error, info, warn};
 
-use crate::counters::{Exit, MarkReport, Reject};
+use crate::counters::{Exit, MarkReport, Marks, Reject};
 use crate::hypercall::{self, Action};
 use crate::kvm::stats::KVM_FIELDS;
 use crate::mech::{CallCtx, ExitCtx, Mechanism};
@@ -30,6 +30,8 @@ pub enum Outcome {
     Failed(String),
     /// SIGINT/SIGTERM to the shim.
     Interrupted,
+    /// The shim ended the guest because another one failed (`--end-on-failure`).
+    Stopped(String),
 }
 
 impl std::fmt::Display for Outcome {
@@ -41,6 +43,7 @@ impl std::fmt::Display for Outcome {
             }
             Self::Failed(why) => write!(f, "failed: {why}"),
             Self::Interrupted => write!(f, "interrupted"),
+            Self::Stopped(why) => write!(f, "stopped: {why}"),
         }
     }
 }
@@ -57,8 +60,8 @@ pub struct GuestCtx {
     /// The first `MainReached` hypercall: when the shim saw it, and the guest's own
     /// µs since PVH entry (RBX).
     pub main_reached: OnceLock<(Instant, u64)>,
-    /// `StatsMark` hypercalls in the order they came.
-    pub marks: Mutex<Vec<MarkReport>>,
+    /// `StatsMark` hypercalls in the order they came (bounded).
+    pub marks: Marks,
     /// The mechanisms attached to the guest, in attach order; fixed before the start.
     pub mechs: Vec<Arc<dyn Mechanism>>,
 }
@@ -80,7 +83,7 @@ impl GuestCtx {
             vcpus,
             first_run: OnceLock::new(),
             main_reached: OnceLock::new(),
-            marks: Mutex::new(Vec::new()),
+            marks: Marks::default(),
             mechs,
         }
     }
@@ -107,7 +110,7 @@ impl GuestCtx {
         for mech in &self.mechs {
             mech.mark(&mut m);
         }
-        lock(&self.marks).push(m.clone());
+        self.marks.record(m.clone());
         m
     }
 

@@ -39,6 +39,8 @@ impl UpcallSuite {
             "--upcalls".to_owned(),
             mode.to_owned(),
             "--no-net".to_owned(),
+            // The ping and the storm are test-only hypercalls.
+            "--test-hypercalls".to_owned(),
         ];
         let label = format!("bench-upcall-{mode}");
         let run = shim::run(

@@ -11,13 +11,15 @@ pub struct Totals {
 }
 
 /// Parses `test result: ok. 12 passed; 0 failed; 1 ignored; ...` (or
-/// `FAILED.`); `None` for any other line.
+/// `FAILED.`); `None` for any other line. Ignored tests did not run: they
+/// are counted as skipped.
 #[must_use]
 pub fn parse_result_line(line: &str) -> Option<Summary> {
     let rest = line.trim().strip_prefix("test result: ")?;
     let (_verdict, counts) = rest.split_once(". ")?;
     let mut passed = None;
     let mut failed = None;
+    let mut skipped = 0;
     for field in counts.split(';') {
         let mut words = field.split_whitespace();
         let (Some(number), Some(what)) = (words.next(), words.next()) else {
@@ -29,12 +31,14 @@ pub fn parse_result_line(line: &str) -> Option<Summary> {
         match what {
             "passed" => passed = Some(number),
             "failed" => failed = Some(number),
+            "ignored" => skipped = number,
             _ => {}
         }
     }
     Some(Summary {
         passed: passed?,
         failed: failed?,
+        skipped,
     })
 }
 
@@ -47,6 +51,7 @@ pub fn sum<'a>(lines: impl IntoIterator<Item = &'a str>) -> Totals {
             summary: Summary {
                 passed: acc.summary.passed.saturating_add(s.passed),
                 failed: acc.summary.failed.saturating_add(s.failed),
+                skipped: acc.summary.skipped.saturating_add(s.skipped),
             },
             result_lines: acc.result_lines + 1,
         })
@@ -64,17 +69,15 @@ mod tests {
             ),
             Some(Summary {
                 passed: 12,
-                failed: 0
+                failed: 0,
+                skipped: 1
             })
         );
         assert_eq!(
             parse_result_line(
                 "test result: FAILED. 3 passed; 2 failed; 0 ignored; 0 measured; 0 filtered out"
             ),
-            Some(Summary {
-                passed: 3,
-                failed: 2
-            })
+            Some(Summary::new(3, 2))
         );
         assert_eq!(parse_result_line("test foo ... ok"), None);
         assert_eq!(parse_result_line("test result: ok. lots passed"), None);
@@ -111,7 +114,8 @@ test result: ok. 0 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; fini
             Totals {
                 summary: Summary {
                     passed: 4,
-                    failed: 1
+                    failed: 1,
+                    skipped: 1
                 },
                 result_lines: 3
             }

@@ -1,7 +1,10 @@
 //! The guest's serial protocol, line by line:
 //!
-//! - `test NAME ... ok` / `test NAME ... FAILED: REASON`: one in-guest test;
-//! - `N passed, M failed` alone on a line: the end of the in-guest suite;
+//! - `test NAME ... ok` / `test NAME ... FAILED: REASON` /
+//!   `test NAME ... skipped: REASON`: one in-guest test (a skipped one did
+//!   not run: it is never counted as passed);
+//! - `N passed, M failed, K skipped` (or, from older images, `N passed,
+//!   M failed`) alone on a line: the end of the in-guest suite;
 //! - `report: ...`: a measurement the guest wants shown;
 //! - a line containing `boot: main reached`, e.g. `... 1234 us after entry (TSC)`.
 //!
@@ -14,7 +17,13 @@ pub const BOOT_MARKER: &str = "boot: main reached";
 pub enum Outcome {
     Ok,
     Failed(String),
+    /// The test did not run; the guest's reason.
+    Skipped(String),
 }
+
+/// The start of a skip reason that says the host lacks what the test
+/// exercises (the guest's `ktest::NOT_OFFERED`).
+pub const NOT_OFFERED: &str = "not offered: ";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TestLine {
@@ -26,6 +35,36 @@ pub struct TestLine {
 pub struct Summary {
     pub passed: u32,
     pub failed: u32,
+    pub skipped: u32,
+}
+
+impl Summary {
+    #[cfg(test)]
+    #[must_use]
+    pub const fn new(passed: u32, failed: u32) -> Self {
+        Self {
+            passed,
+            failed,
+            skipped: 0,
+        }
+    }
+
+    /// Tests that ran: passed or failed (skipped ones did not).
+    #[must_use]
+    pub const fn ran(&self) -> u32 {
+        self.passed.saturating_add(self.failed)
+    }
+}
+
+impl std::fmt::Display for Summary {
+    /// `N passed, M failed`, and `, K skipped` when some were.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} passed, {} failed", self.passed, self.failed)?;
+        if self.skipped > 0 {
+            write!(f, ", {} skipped", self.skipped)?;
+        }
+        Ok(())
+    }
 }
 
 /// What one serial line means.
@@ -72,19 +111,25 @@ impl SerialLog {
         log
     }
 
-    /// Counts of `ok` and `FAILED` test lines.
+    /// Counts of `ok`, `FAILED` and `skipped` test lines.
     #[must_use]
     pub fn counted(&self) -> Summary {
-        let passed = self
-            .tests
-            .iter()
-            .filter(|t| t.outcome == Outcome::Ok)
-            .count();
-        let failed = self.tests.len() - passed;
+        let count =
+            |f: fn(&Outcome) -> bool| saturate(self.tests.iter().filter(|t| f(&t.outcome)).count());
         Summary {
-            passed: saturate(passed),
-            failed: saturate(failed),
+            passed: count(|o| *o == Outcome::Ok),
+            failed: count(|o| matches!(o, Outcome::Failed(_))),
+            skipped: count(|o| matches!(o, Outcome::Skipped(_))),
         }
+    }
+
+    /// The tests skipped because the host did not offer what they exercise.
+    #[must_use]
+    pub fn skipped_not_offered(&self) -> Vec<&TestLine> {
+        self.tests
+            .iter()
+            .filter(|t| matches!(&t.outcome, Outcome::Skipped(why) if why.starts_with(NOT_OFFERED)))
+            .collect()
     }
 }
 
@@ -135,6 +180,9 @@ fn parse_test_line(body: &str) -> Option<TestLine> {
     } else if let Some(reason) = result.strip_prefix("FAILED") {
         let reason = reason.strip_prefix(':').unwrap_or(reason).trim();
         Outcome::Failed(reason.to_owned())
+    } else if let Some(reason) = result.strip_prefix("skipped") {
+        let reason = reason.strip_prefix(':').unwrap_or(reason).trim();
+        Outcome::Skipped(reason.to_owned())
     } else {
         return None;
     };
@@ -144,13 +192,17 @@ fn parse_test_line(body: &str) -> Option<TestLine> {
     })
 }
 
-/// `N passed, M failed` and nothing else.
+/// `N passed, M failed` or `N passed, M failed, K skipped`, and nothing else.
 fn parse_summary(body: &str) -> Option<Summary> {
-    let (passed, failed) = body.split_once(" passed, ")?;
-    let failed = failed.strip_suffix(" failed")?;
+    let (passed, rest) = body.split_once(" passed, ")?;
+    let (failed, skipped) = match rest.split_once(" failed, ") {
+        Some((failed, skipped)) => (failed, parse_count(skipped.strip_suffix(" skipped")?)?),
+        None => (rest.strip_suffix(" failed")?, 0),
+    };
     Some(Summary {
         passed: parse_count(passed)?,
         failed: parse_count(failed)?,
+        skipped,
     })
 }
 
@@ -212,6 +264,40 @@ mod tests {
     }
 
     #[test]
+    fn skipped_test_lines_keep_their_reason() {
+        assert_eq!(
+            classify("test ctrl::x ... skipped: not offered: M4 shadowed control flags"),
+            LineKind::Test(TestLine {
+                name: "ctrl::x".into(),
+                outcome: Outcome::Skipped("not offered: M4 shadowed control flags".into())
+            })
+        );
+        let log = SerialLog::parse([
+            "test a ... ok",
+            "test b ... skipped: not offered: M3 upcalls",
+            "test c ... skipped: not asked for: notify.bench",
+            "1 passed, 0 failed, 2 skipped",
+        ]);
+        assert_eq!(
+            log.counted(),
+            Summary {
+                passed: 1,
+                failed: 0,
+                skipped: 2
+            }
+        );
+        assert_eq!(log.summary, Some(log.counted()));
+        let names: Vec<&str> = log
+            .skipped_not_offered()
+            .iter()
+            .map(|t| t.name.as_str())
+            .collect();
+        assert_eq!(names, ["b"]);
+        assert_eq!(log.counted().to_string(), "1 passed, 0 failed, 2 skipped");
+        assert_eq!(Summary::new(3, 1).to_string(), "3 passed, 1 failed");
+    }
+
+    #[test]
     fn lines_that_only_look_like_tests_are_ordinary_output() {
         assert_eq!(classify("test two words ... ok"), LineKind::Other);
         assert_eq!(classify("test heap ... ignored"), LineKind::Other);
@@ -223,18 +309,22 @@ mod tests {
     fn the_summary_line_must_stand_alone() {
         assert_eq!(
             classify("20 passed, 0 failed"),
-            LineKind::Summary(Summary {
-                passed: 20,
-                failed: 0
-            })
+            LineKind::Summary(Summary::new(20, 0))
         );
         assert_eq!(
             classify("[cpu0 INFO ] 3 passed, 1 failed"),
+            LineKind::Summary(Summary::new(3, 1))
+        );
+        assert_eq!(
+            classify("3 passed, 1 failed, 2 skipped"),
             LineKind::Summary(Summary {
                 passed: 3,
-                failed: 1
+                failed: 1,
+                skipped: 2
             })
         );
+        assert_eq!(classify("3 passed, 1 failed, x skipped"), LineKind::Other);
+        assert_eq!(classify("3 passed, 1 failed, 2 skipped!"), LineKind::Other);
         assert_eq!(classify("so far 3 passed, 1 failed"), LineKind::Other);
         assert_eq!(classify("3 passed, 1 failed tests"), LineKind::Other);
         assert_eq!(classify("-3 passed, 1 failed"), LineKind::Other);
@@ -292,20 +382,8 @@ mod tests {
             "2 passed, 1 failed",
         ]);
         assert_eq!(log.tests.len(), 3);
-        assert_eq!(
-            log.counted(),
-            Summary {
-                passed: 2,
-                failed: 1
-            }
-        );
-        assert_eq!(
-            log.summary,
-            Some(Summary {
-                passed: 2,
-                failed: 1
-            })
-        );
+        assert_eq!(log.counted(), Summary::new(2, 1));
+        assert_eq!(log.summary, Some(Summary::new(2, 1)));
         assert_eq!(log.reports, ["r1"]);
         assert_eq!(log.boot, Some((1, Some(800.0))));
     }
@@ -315,12 +393,6 @@ mod tests {
         let log = SerialLog::parse(["test a ... ok", "PANIC at x.rs:1"]);
         assert_eq!(log.summary, None);
         assert_eq!(log.boot, None);
-        assert_eq!(
-            log.counted(),
-            Summary {
-                passed: 1,
-                failed: 0
-            }
-        );
+        assert_eq!(log.counted(), Summary::new(1, 0));
     }
 }

@@ -19,11 +19,7 @@ pub fn run(opts: &Options, json_path: Option<&Path>, verbose: bool) -> Result<()
         opts.guests
     );
     let report = pingpong::on_shim(opts, "run-pingpong", |line| {
-        let shown = verbose
-            || ["report:", "udp-pingpong:", "net0:", "boot: main reached"]
-                .iter()
-                .any(|k| line.contains(k));
-        if shown {
+        if verbose || shown_at_once(line) {
             println!("{line}");
         }
     })?;
@@ -36,6 +32,16 @@ pub fn run(opts: &Options, json_path: Option<&Path>, verbose: bool) -> Result<()
     }
     println!("full log: {}", report.log.display());
     crate::test::verdict::require_all("the demo did not complete", &report.checks)
+}
+
+/// Whether a line of the shim's output is shown as it arrives: progress,
+/// and at once, a guest's crash and the shim's word that a guest failed.
+#[must_use]
+pub fn shown_at_once(line: &str) -> bool {
+    crate::vmm::shim::is_alarm(line)
+        || ["report:", "udp-pingpong:", "net0:", "boot: main reached"]
+            .iter()
+            .any(|k| line.contains(k))
 }
 
 /// The path the guests' notifications took, from the shim's counters.
@@ -163,4 +169,23 @@ pub fn json(opts: &Options, r: &Report) -> Value {
             })
         }).collect::<Vec<_>>(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn crashes_and_failures_show_at_once() {
+        assert!(shown_at_once(
+            "client1| PANIC on cpu0: memory allocation of 80000000 bytes failed"
+        ));
+        assert!(shown_at_once(
+            "host-shim: guest client1 failed: exit status 2 (the guest panicked)"
+        ));
+        assert!(shown_at_once(
+            "server| EXCEPTION #PF (vector 14) error=0x4 rip=0x200000"
+        ));
+        assert!(!shown_at_once("server| [cpu0 DEBUG] smoltcp poll"));
+    }
 }

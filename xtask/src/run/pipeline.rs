@@ -38,7 +38,11 @@ pub fn run(o: &Options, json_path: Option<&Path>, verbose: bool) -> Result<()> {
         o.msg
     );
     let r = on_shim(o, "run-pipeline", |line| {
-        if verbose || line.contains("pipeline") || line.contains("report:") {
+        if verbose
+            || line.contains("pipeline")
+            || line.contains("report:")
+            || crate::vmm::shim::is_alarm(line)
+        {
             println!("{line}");
         }
     })?;

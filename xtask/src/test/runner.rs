@@ -1,5 +1,6 @@
 //! Runs the selected legs one after the other and closes with the summary,
-//! whose last line is `N passed, M failed` over all of them.
+//! whose last line is `N passed, M failed` over all of them, with
+//! `, K skipped` when tests did not run (never counted as passed).
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -22,11 +23,14 @@ pub struct LegResult {
 impl LegResult {
     #[must_use]
     pub fn line(&self) -> String {
+        let counts = Summary {
+            passed: self.outcome.passed,
+            failed: self.outcome.failed,
+            skipped: self.outcome.skipped,
+        };
         format!(
-            "leg {}: {} passed, {} failed ({:.1} s)",
+            "leg {}: {counts} ({:.1} s)",
             self.name,
-            self.outcome.passed,
-            self.outcome.failed,
             self.duration.as_secs_f64()
         )
     }
@@ -61,16 +65,11 @@ impl Runner {
 /// Counts over all legs.
 #[must_use]
 pub fn total(results: &[LegResult]) -> Summary {
-    results.iter().fold(
-        Summary {
-            passed: 0,
-            failed: 0,
-        },
-        |acc, r| Summary {
-            passed: acc.passed.saturating_add(r.outcome.passed),
-            failed: acc.failed.saturating_add(r.outcome.failed),
-        },
-    )
+    results.iter().fold(Summary::default(), |acc, r| Summary {
+        passed: acc.passed.saturating_add(r.outcome.passed),
+        failed: acc.failed.saturating_add(r.outcome.failed),
+        skipped: acc.skipped.saturating_add(r.outcome.skipped),
+    })
 }
 
 /// The process exit code for a test run: 0 only if every leg passed.
@@ -79,7 +78,8 @@ pub fn exit_code(results: &[LegResult]) -> u8 {
     u8::from(results.is_empty() || results.iter().any(|r| !r.outcome.ok()))
 }
 
-/// The closing summary; its last line is exactly `N passed, M failed`.
+/// The closing summary; its last line is exactly `N passed, M failed`, or
+/// `N passed, M failed, K skipped` when tests were skipped.
 #[must_use]
 pub fn summary_lines(results: &[LegResult]) -> Vec<String> {
     let mut lines = vec!["== summary".to_owned()];
@@ -95,8 +95,7 @@ pub fn summary_lines(results: &[LegResult]) -> Vec<String> {
             lines.push(format!("  {} log: {}", result.name, log.display()));
         }
     }
-    let sum = total(results);
-    lines.push(format!("{} passed, {} failed", sum.passed, sum.failed));
+    lines.push(total(results).to_string());
     lines
 }
 
@@ -140,14 +139,7 @@ test smp::ipi ... ok
     fn a_deliberately_failing_in_guest_test_makes_the_run_fail() {
         let unit = LegResult {
             name: "unit",
-            outcome: verdict::judge_unit(
-                Ending::Exited(0),
-                Summary {
-                    passed: 10,
-                    failed: 0,
-                },
-                2,
-            ),
+            outcome: verdict::judge_unit(Ending::Exited(0), Summary::new(10, 0), 2),
             duration: Duration::from_secs(1),
             reports: vec![],
             log: None,
@@ -210,6 +202,21 @@ test smp::ipi ... ok
             "{lines:#?}"
         );
         assert_eq!(lines.last().unwrap(), "2 passed, 0 failed");
+    }
+
+    #[test]
+    fn skips_are_totalled_apart_from_passes() {
+        const SKIPPING: &str = "\
+test heap::vec ... ok
+test ctrl::shadow ... skipped: not offered: M4 shadowed control flags
+1 passed, 0 failed, 1 skipped";
+        let r = guest_result("guest-kvm", 1, SKIPPING);
+        assert_eq!(
+            r.line(),
+            "leg guest-kvm: 1 passed, 0 failed, 1 skipped (3.0 s)"
+        );
+        let lines = summary_lines(&[r, guest_result("guest-tcg", 1, PASSING)]);
+        assert_eq!(lines.last().unwrap(), "3 passed, 0 failed, 1 skipped");
     }
 
     #[test]

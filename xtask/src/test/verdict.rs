@@ -10,6 +10,8 @@ use crate::vmm::exit::GuestExit;
 pub struct LegOutcome {
     pub passed: u32,
     pub failed: u32,
+    /// Tests that did not run; never counted as passed.
+    pub skipped: u32,
     /// Reasons the leg failed beyond failing tests (crash, timeout, ...).
     pub problems: Vec<String>,
 }
@@ -20,6 +22,7 @@ impl LegOutcome {
         Self {
             passed: 0,
             failed: 1,
+            skipped: 0,
             problems: vec![reason.into()],
         }
     }
@@ -39,8 +42,8 @@ impl LegOutcome {
 }
 
 /// Judges an in-guest test run. It passes only if the guest reported
-/// status 0, the summary line was seen, it agrees with the test lines, and
-/// nothing failed.
+/// status 0, the summary line was seen, it agrees with the test lines, at
+/// least one test ran, and nothing failed.
 #[must_use]
 pub fn judge_guest(exit: GuestExit, log: &SerialLog) -> LegOutcome {
     let counted = log.counted();
@@ -66,9 +69,16 @@ pub fn judge_guest(exit: GuestExit, log: &SerialLog) -> LegOutcome {
     if exit.passed() && counted.failed > 0 {
         problems.push("guest exited with status 0 although tests failed".to_owned());
     }
+    if counted.ran() == 0 {
+        problems.push(format!(
+            "no in-guest test ran ({} skipped): a suite that runs nothing proves nothing",
+            counted.skipped
+        ));
+    }
     LegOutcome {
         passed: counted.passed,
         failed,
+        skipped: counted.skipped,
         problems,
     }
     .settle()
@@ -97,23 +107,29 @@ pub fn require_all(what: &str, checks: &[(String, bool)]) -> crate::error::Resul
     }
 }
 
-/// Judges a leg made of named host-side checks: each is one test.
+/// Judges a leg made of named host-side checks: each is one test, and a leg
+/// with none checked nothing, which fails it.
 #[must_use]
 pub fn judge_checks(checks: &[(String, bool)]) -> LegOutcome {
     let passed = checks.iter().filter(|(_, ok)| *ok).count();
+    let mut problems: Vec<String> = failed_checks(checks)
+        .iter()
+        .map(|name| format!("check failed: {name}"))
+        .collect();
+    if checks.is_empty() {
+        problems.push("the leg made no check".to_owned());
+    }
     LegOutcome {
         passed: u32::try_from(passed).unwrap_or(u32::MAX),
         failed: u32::try_from(checks.len() - passed).unwrap_or(u32::MAX),
-        problems: failed_checks(checks)
-            .iter()
-            .map(|name| format!("check failed: {name}"))
-            .collect(),
+        skipped: 0,
+        problems,
     }
     .settle()
 }
 
 fn show(s: Summary) -> String {
-    format!("{} passed, {} failed", s.passed, s.failed)
+    s.to_string()
 }
 
 /// Judges the host unit tests from cargo's exit code and summed results.
@@ -130,10 +146,16 @@ pub fn judge_unit(ending: Ending, totals: Summary, result_lines: usize) -> LegOu
     }
     if result_lines == 0 {
         problems.push("cargo test printed no `test result:` line (did it compile?)".to_owned());
+    } else if totals.ran() == 0 {
+        problems.push(format!(
+            "cargo test ran no test ({} ignored): a leg that runs nothing proves nothing",
+            totals.skipped
+        ));
     }
     LegOutcome {
         passed: totals.passed,
         failed: totals.failed,
+        skipped: totals.skipped,
         problems,
     }
     .settle()
@@ -158,6 +180,7 @@ mod tests {
             LegOutcome {
                 passed: 2,
                 failed: 0,
+                skipped: 0,
                 problems: vec![]
             }
         );
@@ -234,12 +257,54 @@ mod tests {
         }
         let outcome = judge_guest(GuestExit::TimedOut, &log(&["hanging"]));
         assert_eq!(outcome.failed, 1);
-        assert_eq!(outcome.problems.len(), 2);
+        // The timeout, the missing summary, and no test having run.
+        assert_eq!(outcome.problems.len(), 3);
+    }
+
+    #[test]
+    fn skips_are_counted_apart_and_a_run_of_skips_fails() {
+        let outcome = judge_guest(
+            GuestExit::Status(0),
+            &log(&[
+                "test a ... ok",
+                "test b ... skipped: not offered: M3 upcalls",
+                "1 passed, 0 failed, 1 skipped",
+            ]),
+        );
+        assert!(outcome.ok(), "{outcome:?}");
+        assert_eq!((outcome.passed, outcome.skipped), (1, 1));
+        let outcome = judge_guest(
+            GuestExit::Status(1),
+            &log(&[
+                "test b ... skipped: not offered: M3 upcalls",
+                "0 passed, 0 failed, 1 skipped",
+            ]),
+        );
+        assert!(!outcome.ok());
+        assert_eq!(outcome.passed, 0, "a skip is no pass");
+        assert!(
+            outcome
+                .problems
+                .iter()
+                .any(|p| p.contains("no in-guest test ran")),
+            "{outcome:?}"
+        );
+        // Even a guest claiming success proves nothing by running nothing.
+        let outcome = judge_guest(GuestExit::Status(0), &log(&["0 passed, 0 failed"]));
+        assert!(!outcome.ok());
+    }
+
+    #[test]
+    fn a_leg_without_checks_fails() {
+        let outcome = judge_checks(&[]);
+        assert!(!outcome.ok());
+        assert_eq!(outcome.failed, 1);
+        assert!(judge_checks(&[("x".into(), true)]).ok());
     }
 
     #[test]
     fn unit_judgement() {
-        let s = |passed, failed| Summary { passed, failed };
+        let s = Summary::new;
         assert!(judge_unit(Ending::Exited(0), s(10, 0), 3).ok());
         let outcome = judge_unit(Ending::Exited(101), s(9, 1), 3);
         assert_eq!((outcome.passed, outcome.failed), (9, 1));
@@ -249,6 +314,14 @@ mod tests {
         assert_eq!(outcome.failed, 1);
         assert!(!outcome.ok());
         assert!(!judge_unit(Ending::Exited(0), s(0, 0), 0).ok());
+        // It compiled, and ran nothing (a filter, or only ignored tests).
+        let ignored = Summary {
+            skipped: 1,
+            ..s(0, 0)
+        };
+        let outcome = judge_unit(Ending::Exited(0), ignored, 1);
+        assert!(!outcome.ok());
+        assert!(outcome.problems[0].contains("ran no test"), "{outcome:?}");
         assert!(!judge_unit(Ending::TimedOut, s(5, 0), 1).ok());
     }
 }

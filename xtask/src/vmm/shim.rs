@@ -108,6 +108,9 @@ pub fn run(
     // The shim's own limit comes first so it can report; ours is the backstop.
     cmd.arg("--timeout")
         .arg(timeout.as_secs().max(1).to_string());
+    // A guest that fails ends the run at once: nobody waits for the time
+    // limit next to a dead peer.
+    cmd.arg("--end-on-failure");
     cmd.arg("--stats-json").arg(&stats_path);
     cmd.args(extra);
     cmd.env("NO_COLOR", "1");
@@ -144,6 +147,39 @@ pub fn run(
         log: log.path().to_path_buf(),
         elapsed: finished.elapsed,
     })
+}
+
+/// Whether a line of the shim's stdout tells of a failure: the shim's word
+/// that a guest failed, or a guest's panic or fatal exception. Demos show
+/// these the moment they arrive.
+#[must_use]
+pub fn is_alarm(line: &str) -> bool {
+    line.starts_with("host-shim: ") || line.contains("PANIC") || line.contains("EXCEPTION ")
+}
+
+/// The guest's own account of a crash: its panic or exception line.
+#[must_use]
+pub fn crash_line<'a>(lines: &[&'a str]) -> Option<&'a str> {
+    lines
+        .iter()
+        .map(|l| l.trim())
+        .find(|l| l.contains("PANIC") || l.contains("EXCEPTION "))
+}
+
+/// How guest `name` ended, in words: `exit` as xtask reads it, `outcome` as
+/// the shim said it, `lines` its console (for a panic message).
+#[must_use]
+pub fn what_happened(name: &str, exit: GuestExit, outcome: &str, lines: &[&str]) -> String {
+    let crash = crash_line(lines).map_or_else(String::new, |l| format!(": {l}"));
+    match exit {
+        GuestExit::Status(0) => format!("{name} exited with status 0"),
+        GuestExit::Status(2) => format!("{name} panicked (exit status 2){crash}"),
+        GuestExit::Status(3) => format!("{name} died of a fatal exception (exit status 3){crash}"),
+        GuestExit::Status(s) => format!("{name} exited with status {s}, not 0 ({exit})"),
+        GuestExit::TimedOut => format!("{name} was still running at the time limit"),
+        _ if outcome.starts_with("stopped") => format!("{name} was {outcome}"),
+        _ => format!("{name} ended without an exit status: {outcome}{crash}"),
+    }
 }
 
 /// The console lines of guest `name`, without the `NAME| ` prefix.
@@ -194,16 +230,15 @@ impl Run {
         )
     }
 
-    /// The check every shim demo makes of each guest: it exited with status 0
-    /// (named with what the guest and the shim say otherwise).
+    /// The check every shim demo makes of each guest: it exited with status
+    /// 0. Named by what happened: a failed check reads as the fact it is
+    /// ("client1 panicked: ...", "server was stopped: guest client1 failed").
     #[must_use]
     pub fn exit_check(&self, name: &str) -> (String, bool) {
         let exit = self.guest_exit(name);
+        let lines = guest_lines(&self.lines, name);
         (
-            format!(
-                "{name} exited with status 0 ({exit}; shim: {})",
-                self.guest_outcome(name)
-            ),
+            what_happened(name, exit, &self.guest_outcome(name), &lines),
             exit.passed(),
         )
     }
@@ -305,6 +340,49 @@ mod tests {
         );
         assert_eq!(guest_lines(&lines, "b"), ["test y ... ok"]);
         assert!(guest_lines(&lines, "ab").is_empty());
+    }
+
+    #[test]
+    fn endings_are_worded_by_what_happened() {
+        let panic = [
+            "[cpu0 INFO ] x",
+            "PANIC on cpu0: memory allocation of 80000000 bytes failed",
+        ];
+        assert_eq!(
+            what_happened("client1", GuestExit::Status(2), "exit status 2", &panic),
+            "client1 panicked (exit status 2): PANIC on cpu0: memory allocation of 80000000 bytes failed"
+        );
+        assert_eq!(
+            what_happened("c", GuestExit::Status(0), "exit status 0", &[]),
+            "c exited with status 0"
+        );
+        let failed = what_happened("c", GuestExit::Status(1), "exit status 1", &[]);
+        assert!(
+            failed.starts_with("c exited with status 1, not 0"),
+            "{failed}"
+        );
+        assert_eq!(
+            what_happened(
+                "server",
+                GuestExit::QemuZero,
+                "stopped: guest client1 failed",
+                &[]
+            ),
+            "server was stopped: guest client1 failed"
+        );
+        assert_eq!(
+            what_happened("s", GuestExit::TimedOut, "interrupted", &[]),
+            "s was still running at the time limit"
+        );
+        assert_eq!(
+            what_happened(
+                "t",
+                GuestExit::QemuZero,
+                "triple fault on vCPU 0 at rip 0x0",
+                &[]
+            ),
+            "t ended without an exit status: triple fault on vCPU 0 at rip 0x0"
+        );
     }
 
     #[test]

@@ -14,10 +14,12 @@ use alloc::format;
 use guest_kernel::arch::cpu::rdtsc;
 use guest_kernel::rt::ctrl::{self, CtrlError};
 use guest_kernel::rt::irq;
+use guest_kernel::rt::ktest_runner::{require, require_absent};
 use guest_kernel::rt::net::{Net, NetConfig};
 use guest_kernel::rt::time::Instant;
 use guest_kernel::{check, check_eq, ktest, println};
 use para_abi::ctrl::{CR0_MP, Flag, Masks, Rule, query};
+use para_abi::discovery::features;
 use para_abi::hypercall::Call;
 use smoltcp::wire::{IpEndpoint, Ipv4Address};
 
@@ -46,9 +48,7 @@ fn empty_window() -> Result<u64, alloc::string::String> {
 
 ktest!(
     fn without_the_shim_hardware_flags_use_the_register() {
-        if ctrl::available() {
-            return Ok(());
-        }
+        require_absent(features::SHADOW_FLAGS)?;
         let mp0 = e(ctrl::cr0())? & CR0_MP != 0;
         check_eq!(e(ctrl::write_flag(Flag::Cr0Mp, !mp0))?, Rule::Owned);
         check_eq!(e(ctrl::read_flag(Flag::Cr0Mp))?, !mp0);
@@ -69,9 +69,7 @@ ktest!(
 
 ktest!(
     fn shadowed_toggles_cause_no_exits_and_apply_at_the_next() {
-        if !ctrl::available() {
-            return Ok(());
-        }
+        require(features::SHADOW_FLAGS)?;
         let saved = e(ctrl::current_masks())?;
         e(ctrl::set_masks(Masks {
             owned: 0,
@@ -86,7 +84,7 @@ ktest!(
         for i in 0..=TOGGLES {
             let v = (i % 2 == 0) != mp0;
             if ctrl::write_flag(Flag::Cr0Mp, v) != Ok(Rule::Shadowed) {
-                return Err(format!("toggle {i} did not take the shadow"));
+                return Err(format!("toggle {i} did not take the shadow").into());
             }
         }
         let cycles = rdtsc() - t0;
@@ -133,9 +131,7 @@ ktest!(
 
 ktest!(
     fn trapping_toggles_exit_once_each() {
-        if !ctrl::available() {
-            return Ok(());
-        }
+        require(features::SHADOW_FLAGS)?;
         let saved = e(ctrl::current_masks())?;
         e(ctrl::set_masks(Masks {
             owned: 0,
@@ -183,9 +179,7 @@ ktest!(
 
 ktest!(
     fn mask_changes_lose_no_write() {
-        if !ctrl::available() {
-            return Ok(());
-        }
+        require(features::SHADOW_FLAGS)?;
         let saved = e(ctrl::current_masks())?;
         let f = Flag::Nic0TxQuiet;
         let shadowed = Masks {
@@ -256,9 +250,7 @@ ktest!(
 
 ktest!(
     fn garbage_is_refused_and_counted() {
-        if !ctrl::available() {
-            return Ok(());
-        }
+        require(features::SHADOW_FLAGS)?;
         let masks = e(ctrl::current_masks())?;
         let r0 = q(query::REJECTS)?;
         let refused = |call: Call, arg| {
@@ -296,9 +288,7 @@ ktest!(
 
 ktest!(
     fn quiet_flag_withholds_the_queue_msi() {
-        if !ctrl::available() {
-            return Ok(());
-        }
+        require(features::SHADOW_FLAGS)?;
         let cfg = NetConfig {
             address: Some("10.0.0.98/24".parse().expect("literal")),
             gateway: None,
@@ -518,12 +508,9 @@ ktest!(
         use guest_kernel::rt::doorbell;
         use para_abi::doorbell::device::SINK;
         use para_abi::doorbell::record::{Event, Op};
-        if !ctrl::available() {
-            return Ok(());
-        }
-        let Ok(d) = doorbell::get() else {
-            return Ok(()); // the shim was started without doorbells
-        };
+        require(features::SHADOW_FLAGS)?;
+        require(features::DOORBELLS)?;
+        let d = doorbell::get().map_err(|e| format!("doorbells offered, yet: {e}"))?;
         let send = |arg: u16| -> Result<u64, alloc::string::String> {
             let (_, _, k0) = d.counters();
             let _ = d.send(Event {
@@ -580,9 +567,7 @@ ktest!(
 
 ktest!(
     fn trace_flag_traces_exits_while_set() {
-        if !ctrl::available() {
-            return Ok(());
-        }
+        require(features::SHADOW_FLAGS)?;
         let saved = e(ctrl::current_masks())?;
         // Trace traps: the shim learns of it at once.
         e(ctrl::set_masks(Masks::default()))?;

@@ -4,11 +4,13 @@
 //! the shim's statistics.
 
 use core::time::Duration;
-use guest_kernel::arch::BOOT;
+use guest_kernel::ktest::Stop;
 use guest_kernel::rt::doorbell::{self, DoorbellError};
+use guest_kernel::rt::ktest_runner::{require, require_spare_doorbell_range};
 use guest_kernel::rt::sys;
 use guest_kernel::rt::time::Instant;
 use guest_kernel::{check, check_eq, ktest, println};
+use para_abi::discovery::features;
 use para_abi::doorbell::device::SINK;
 use para_abi::doorbell::record::{Event, Op};
 use para_abi::hypercall::Call;
@@ -30,41 +32,28 @@ fn wait_drained(d: &doorbell::Doorbells) -> Result<(), &'static str> {
     Ok(())
 }
 
-/// The doorbells, or `None` where the only acceptable failure is that no
-/// shim offers them (tests then have nothing to check).
-fn doorbells_where_offered() -> Result<Option<&'static doorbell::Doorbells>, alloc::string::String>
-{
-    match doorbell::get() {
-        Ok(d) => Ok(Some(d)),
-        Err(e) => {
+/// The doorbells where the shim offers them. Where it does not, the manager
+/// must say "unavailable" and the calling test skips.
+fn offered_doorbells() -> Result<&'static doorbell::Doorbells, Stop> {
+    let offered = require(features::DOORBELLS);
+    match (doorbell::get(), offered) {
+        (Ok(d), Ok(())) => Ok(d),
+        (Ok(_), Err(_)) => Err("doorbells work although nobody offered them".into()),
+        (Err(e), Ok(())) => Err(alloc::format!("the shim offers doorbells, yet: {e}").into()),
+        (Err(e), Err(skip)) => {
             check_eq!(
                 e,
                 DoorbellError::Unavailable,
                 "no doorbells outside the shim"
             );
-            Ok(None)
+            Err(skip)
         }
     }
 }
 
 ktest!(
     fn ten_thousand_events_to_the_sink() {
-        let under_shim = BOOT.under_shim.load(core::sync::atomic::Ordering::Relaxed) != 0;
-        let features = guest_kernel::arch::cpu::cpuid(para_abi::discovery::LEAF_FEATURES, 0).eax;
-        let offered = under_shim && features & para_abi::discovery::features::DOORBELLS != 0;
-        let d = match doorbell::get() {
-            Ok(d) => d,
-            Err(e) => {
-                check!(!offered, "the shim offers doorbells, yet: {e}");
-                check_eq!(
-                    e,
-                    DoorbellError::Unavailable,
-                    "no para region outside the shim"
-                );
-                return Ok(());
-            }
-        };
-        check!(offered, "doorbells work although nobody offered them");
+        let d = offered_doorbells()?;
         // The shim-flood leg starts the burst once the other guest floods.
         if let Some(ms) = guest_kernel::rt::start::system()
             .cmdline
@@ -146,9 +135,7 @@ ktest!(
             .get("doorbell.flood_ms")
             .and_then(|v| v.parse::<u64>().ok())
             .unwrap_or(2);
-        let Some(d) = doorbells_where_offered()? else {
-            return Ok(());
-        };
+        let d = offered_doorbells()?;
         sys::hypercall(Call::StatsMark, MARK_FLOOD_BEFORE)
             .map_err(|e| alloc::format!("mark: {e:?}"))?;
         let deadline = Instant::now()
@@ -214,9 +201,15 @@ const MOVE_EVENTS: u32 = 2000;
 
 ktest!(
     fn doorbell_redesignation_keeps_every_event() {
-        let Some(d) = doorbells_where_offered()? else {
-            return Ok(());
-        };
+        let d = offered_doorbells()?;
+        if require_spare_doorbell_range(d).is_err() {
+            // Without a spare range the shim must refuse to move us.
+            check!(
+                !matches!(sys::hypercall(Call::DoorbellRedesignate, 0), Ok(0)),
+                "the shim moved us although it offered no spare range"
+            );
+        }
+        require_spare_doorbell_range(d)?;
         let (lanes, moves0, _) = d.designation_counters();
         let cpu0 = d.host_cpu();
         let was = guest_kernel::rt::irq::disable();
@@ -239,18 +232,11 @@ ktest!(
         };
         send(MOVE_EVENTS)?;
         let r = sys::hypercall(Call::DoorbellRedesignate, 0);
-        if !matches!(r, Ok(0)) {
-            // The shim offers no spare range (no --doorbell-redesignate).
-            guest_kernel::rt::irq::restore(was);
-            check_eq!(lanes, 1, "one range unless the shim offers a spare");
-            sys::hypercall(Call::StatsMark, MARK_MOVE_AFTER)
-                .map_err(|e| alloc::format!("mark: {e:?}"))?;
-            return Ok(());
-        }
         check!(
-            lanes >= 2,
-            "the shim moved us although it offered no spare range"
+            matches!(r, Ok(0)),
+            "the shim refused the move although it offered a spare range ({r:?})"
         );
+        check!(lanes >= 2, "a spare range was offered: {lanes} ranges");
         // Events keep flowing while the notification is on its way.
         let notified = Instant::now()
             .checked_add(Duration::from_secs(2))

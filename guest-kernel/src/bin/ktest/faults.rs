@@ -89,7 +89,7 @@ ktest!(
             Err(Caught::Panic(msg)) => {
                 check!(msg.contains("deliberate test panic 42"), "message: {msg}");
             }
-            other => return Err(alloc::format!("expected a panic, got {other:?}")),
+            other => return Err(alloc::format!("expected a panic, got {other:?}").into()),
         }
         // And after it, normal code runs on: nested recovery scopes still work.
         check_eq!(catch(|| 5).ok(), Some(5));

@@ -1,6 +1,8 @@
 //! The in-guest test suite: boots like any Exitless image, runs every
 //! registered test in ring 3, prints one line per test and a closing
-//! `N passed, M failed` line, and exits non-zero on any failure.
+//! `N passed, M failed, K skipped` line, and exits non-zero on any failure
+//! or when no test ran (a filter matching nothing, everything skipped).
+//! `ktest.boot_only` runs no test and exits 0: the boot benchmark.
 #![cfg_attr(target_os = "none", no_std, no_main)]
 
 #[cfg(target_os = "none")]
@@ -44,9 +46,12 @@ mod guest {
     guest_kernel::entry!(main);
 
     fn main() -> i32 {
-        let filter = guest_kernel::rt::start::system()
-            .cmdline
-            .get("ktest.filter");
+        let cmdline = &guest_kernel::rt::start::system().cmdline;
+        if cmdline.flag("ktest.boot_only") {
+            guest_kernel::println!("ktest: boot only, no test run");
+            return 0;
+        }
+        let filter = cmdline.get("ktest.filter");
         let tally = guest_kernel::rt::ktest_runner::run(filter);
         if tally.all_passed() {
             0

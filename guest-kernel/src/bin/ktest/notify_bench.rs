@@ -15,6 +15,7 @@ use alloc::alloc::{Layout, alloc_zeroed};
 use core::sync::atomic::{AtomicU64, Ordering};
 use guest_kernel::arch::cpu::rdtsc;
 use guest_kernel::rt::doorbell;
+use guest_kernel::rt::ktest_runner::require_asked;
 use guest_kernel::rt::sys;
 use guest_kernel::rt::time::tsc_khz;
 use guest_kernel::{check, ktest, println};
@@ -101,18 +102,22 @@ fn run_path(
 }
 
 ktest!(
+    fn notify_bench_refuses_a_mailbox_at_zero() {
+        // Wherever the call exists (and under QEMU it does not).
+        let r = sys::hypercall(Call::NotifyBench, 0);
+        check!(!matches!(r, Ok(0)), "a mailbox at GPA 0 was accepted");
+        Ok(())
+    }
+);
+
+ktest!(
     fn notify_bench_four_paths() {
+        require_asked("notify.bench")?;
         let cmdline = &guest_kernel::rt::start::system().cmdline;
-        let Some(n) = cmdline
+        let n = cmdline
             .get("notify.bench")
             .and_then(|v| v.parse::<u64>().ok())
-        else {
-            // Not asked to benchmark: a mailbox at address 0 is refused
-            // wherever the call exists (and under QEMU it does not).
-            let r = sys::hypercall(Call::NotifyBench, 0);
-            check!(!matches!(r, Ok(0)), "a mailbox at GPA 0 was accepted");
-            return Ok(());
-        };
+            .ok_or("notify.bench=N takes a number of notifications")?;
         let pause_us = cmdline
             .get("notify.pause_us")
             .and_then(|v| v.parse::<u64>().ok())

@@ -8,11 +8,14 @@ use core::sync::atomic::{AtomicU64, Ordering};
 use core::time::Duration;
 use guest_kernel::abi::upcall_probe as probe;
 use guest_kernel::arch::cpu::rdtsc;
+use guest_kernel::ktest::{Stop, TestResult};
 use guest_kernel::percpu;
+use guest_kernel::rt::ktest_runner::require;
 use guest_kernel::rt::time::{Instant, cycles_to_duration, duration_to_cycles};
 use guest_kernel::rt::upcall::{self, Class, UpcallError};
 use guest_kernel::rt::{irq, sys};
 use guest_kernel::{check, check_eq, ktest, println};
+use para_abi::discovery::features;
 use para_abi::hypercall::Call;
 
 /// Labels of the stats marks around the storm (the bench reads them).
@@ -33,9 +36,9 @@ fn on_ping(_: Class, n: u32) {
     PINGS.fetch_add(u64::from(n), Ordering::Release);
 }
 
-/// Sets this CPU up for upcalls: Ok(true) where offered, Ok(false) where the
-/// runtime correctly says "unavailable", Err otherwise.
-fn setup() -> Result<bool, alloc::string::String> {
+/// Sets this CPU up for upcalls where offered; where not, the test skips once
+/// the runtime has correctly said "unavailable".
+fn setup() -> TestResult {
     match upcall::init() {
         Ok(()) => {
             check!(upcall::offered(), "init succeeded without an offer");
@@ -45,20 +48,19 @@ fn setup() -> Result<bool, alloc::string::String> {
             LAST_AT.store(0, Ordering::Relaxed);
             // Run anything already pending so that the vector's bit starts clear.
             irq::restore(irq::disable());
-            Ok(true)
+            Ok(())
         }
         Err(e) => {
             check!(!upcall::offered(), "the shim offers upcalls, yet: {e}");
             check_eq!(e, UpcallError::Unavailable);
-            Ok(false)
+            require(features::UPCALLS)?;
+            Err("CPUID offers upcalls, the runtime does not see them".into())
         }
     }
 }
 
-fn masked_ping(mov_ss: bool) -> guest_kernel::ktest::TestResult {
-    if !setup()? {
-        return Ok(());
-    }
+fn masked_ping(mov_ss: bool) -> TestResult {
+    setup()?;
     let cpu = percpu::cpu_id();
     let taken0 = upcall::taken(cpu, Class::Ping);
     let masked = Duration::from_millis(2);
@@ -140,13 +142,14 @@ ktest!(
 
 ktest!(
     fn upcall_storm_to_a_cpu_that_masks_often() {
-        if !setup()? {
+        let ready = setup();
+        if matches!(ready, Err(Stop::Skipped(_))) {
             check!(
                 sys::hypercall(Call::UpcallStorm, para_abi::upcall::storm_arg(1, 0)).is_err(),
                 "a storm request outside the shim fails"
             );
-            return Ok(());
         }
+        ready?;
         let cpu = percpu::cpu_id();
         let taken0 = upcall::taken(cpu, Class::Ping);
         let (irqs0, empty0) = upcall::interrupts();
@@ -219,8 +222,8 @@ ktest!(
                     "cpu{cpu} takes upcalls under QEMU"
                 );
             }
-            return Ok(());
         }
+        require(features::UPCALLS)?;
         for cpu in 0..cpus {
             check!(
                 upcall::enabled_on(cpu),

@@ -21,7 +21,7 @@ use kvm_ioctls::{VcpuFd, VmFd};
 use para_abi::ctrl::{self, Flag, HARDWARE, KNOWN, MaskError, Masks};
 use para_abi::discovery::{self, features};
 use para_abi::layout::area;
-use tracing::{debug, warn};
+use tracing::debug;
 
 use super::report::CtrlReport;
 use crate::counters::Tally;
@@ -286,7 +286,7 @@ impl GuestCtrl {
             .get(vcpu as usize)
             .map_or(0, |v| v.values.load(Ordering::Relaxed));
         let Some(mut cr0) = cpu.cr0() else {
-            warn!(guest = %self.name, vcpu, "ctrl: cannot read CR0");
+            crate::guest_log!(warn, guest = %self.name, vcpu, "ctrl: cannot read CR0");
             return;
         };
         for f in [Flag::Cr0Mp, Flag::Cr0Ts] {
@@ -305,7 +305,7 @@ impl GuestCtrl {
                 .applied_at_exit
                 .fetch_add(u64::from(bits.count_ones()), Ordering::Relaxed);
         } else {
-            warn!(guest = %self.name, vcpu, "ctrl: cannot write CR0");
+            crate::guest_log!(warn, guest = %self.name, vcpu, "ctrl: cannot write CR0");
         }
     }
 

@@ -17,7 +17,6 @@ use std::sync::atomic::Ordering;
 use para_abi::ctrl::{self, Flag};
 use para_abi::hypercall::Call;
 use para_abi::layout::area;
-use tracing::info;
 
 pub use blocks::{CtrlError, DEFAULT_MASKS, GuestCtrl};
 
@@ -69,7 +68,7 @@ impl Mechanism for GuestCtrl {
         {
             let n = self.counters.traced_exits.fetch_add(1, Ordering::Relaxed);
             if n < TRACE_LOG_LIMIT {
-                info!(guest = %self.name, vcpu = i, exits = cx.vcpu.exits.total(), "ctrl trace: exit");
+                crate::guest_log!(info, guest = %self.name, vcpu = i, exits = cx.vcpu.exits.total(), "ctrl trace: exit");
             }
         }
         false

@@ -24,7 +24,6 @@ use para_abi::doorbell::bench::{
 };
 use para_abi::hypercall::Status;
 use serde::Serialize;
-use tracing::{info, warn};
 use vm_memory::{GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -137,7 +136,7 @@ impl NotifyBench {
             .then(|| self.mem.get_host_address(GuestAddress(gpa)).ok())
             .flatten()
         else {
-            warn!(guest = %self.name, "notify bench: mailbox at {gpa:#x} refused");
+            crate::guest_log!(warn, guest = %self.name, "notify bench: mailbox at {gpa:#x} refused");
             return Status::BadArgument;
         };
         let mut best: Option<(u64, i64)> = None;
@@ -163,7 +162,7 @@ impl NotifyBench {
             }
         }
         let Some((bracket, offset)) = best else {
-            warn!(guest = %self.name, "notify bench: KVM_GET_MSRS(IA32_TSC) failed");
+            crate::guest_log!(warn, guest = %self.name, "notify bench: KVM_GET_MSRS(IA32_TSC) failed");
             return Status::BadArgument;
         };
         self.tsc_offset.store(offset, Ordering::Relaxed);
@@ -172,10 +171,10 @@ impl NotifyBench {
         #[allow(clippy::cast_ptr_alignment)]
         let words = host.cast::<AtomicU64>().cast_const();
         if self.mailbox.set(Mailbox { words }).is_err() {
-            warn!(guest = %self.name, "notify bench: a second mailbox refused");
+            crate::guest_log!(warn, guest = %self.name, "notify bench: a second mailbox refused");
             return Status::BadArgument;
         }
-        info!(guest = %self.name, mailbox = format_args!("{gpa:#x}"), offset, bracket, "notify bench ready");
+        crate::guest_log!(info, guest = %self.name, mailbox = format_args!("{gpa:#x}"), offset, bracket, "notify bench ready");
         Status::Ok
     }
 

@@ -291,7 +291,7 @@ fn watch(monitors: &[Arc<Shared>], shared: &WatchShared) {
                         );
                     }
                 }
-                Err(e) => warn!("raising a starved monitor failed: {e}"),
+                Err(e) => crate::guest_log!(warn, "raising a starved monitor failed: {e}"),
             }
         }
     }

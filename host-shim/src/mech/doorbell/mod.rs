@@ -29,10 +29,9 @@ use para_abi::doorbell::ring::{Pending, RejectReason};
 use para_abi::doorbell::{Event, Op};
 use para_abi::hypercall::{Call, Status};
 use para_abi::layout::{KICK_BASE, KICK_SPAN};
-use tracing::warn;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::counters::{LOG_LIMIT, MarkReport, Reject, Tally};
+use crate::counters::{MarkReport, Reject, Tally};
 use crate::kvm::cpuid::Offer;
 use crate::mech::{CallCtx, Mechanism, UpcallClass, Upcaller};
 use crate::platform::MmioDevice;
@@ -292,9 +291,7 @@ impl MmioDevice for ParaMmio {
     fn mmio_write(&self, addr: u64, data: &[u8]) -> bool {
         if self.region.contains(addr) {
             bump(&self.guest.counters.protected_writes);
-            if get(&self.guest.counters.protected_writes) <= LOG_LIMIT {
-                warn!(guest = %self.guest.name, "write of {} bytes to read-only para region page {addr:#x} refused", data.len());
-            }
+            crate::guest_log!(warn, guest = %self.guest.name, "write of {} bytes to read-only para region page {addr:#x} refused", data.len());
             return true;
         }
         if (KICK_BASE..KICK_BASE + KICK_SPAN).contains(&addr) {

@@ -23,7 +23,6 @@ use kvm_ioctls::VmFd;
 use para_abi::doorbell::designation::ANY_SOURCE;
 use para_abi::doorbell::{Designation, SourceType};
 use para_abi::hypercall::Status;
-use tracing::{info, warn};
 
 use super::manager::{ParaRegion, Request};
 use crate::sync::lock;
@@ -96,7 +95,8 @@ impl Redesignation {
         t[a].source_id = SPARE_SOURCE;
         t[s].source_id = ANY_SOURCE;
         let generation = self.region.control().designate(&t);
-        info!(
+        crate::guest_log!(
+            info,
             guest,
             generation,
             from_cpu = t[a].host_cpu,
@@ -130,9 +130,11 @@ impl Redesignation {
                 ..Default::default()
             };
             if let Err(e) = vm.signal_msi(msi) {
-                warn!(
+                crate::guest_log!(
+                    warn,
                     guest,
-                    apic_id, "KVM_SIGNAL_MSI for the designation notification: {e}"
+                    apic_id,
+                    "KVM_SIGNAL_MSI for the designation notification: {e}"
                 );
             }
         }

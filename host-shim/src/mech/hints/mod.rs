@@ -26,9 +26,11 @@ use tracing::{info, warn};
 
 pub use report::{HintsReport, QueueReport};
 
+use crate::counters::Tally;
 use crate::kvm::cpuid::Offer;
 use crate::kvm::memory::{SharedMapping, slot};
 use crate::mech::{Mechanism, UpcallClass, Upcaller};
+use crate::platform::MmioDevice;
 use crate::report::GuestReport;
 use crate::sync::lock;
 use crate::vcpu::handle::{VcpuShared, pin_current_thread};
@@ -159,6 +161,16 @@ pub struct GuestHints {
     /// M3 upcalls, when the guest is offered them: each new hint is also
     /// announced by a `HintUpdate` upcall.
     upcalls: std::sync::OnceLock<Upcaller>,
+    /// Refused guest writes (`hints.rejected`).
+    rejected: Tally<Rejected>,
+}
+
+crate::reasons! {
+    /// Why the module refused a guest access (`hints.rejected`).
+    pub Rejected {
+        /// A store to the read-only hints page (an MMIO exit).
+        PageWrite => "page_write",
+    }
 }
 
 impl std::fmt::Debug for GuestHints {
@@ -185,6 +197,7 @@ impl GuestHints {
             io,
             offered: std::sync::atomic::AtomicBool::new(false),
             upcalls: std::sync::OnceLock::new(),
+            rejected: Tally::default(),
         })
     }
 
@@ -248,7 +261,7 @@ impl GuestHints {
                 qs.len() - 1
             }
             None => {
-                warn!(guest = %self.name, device, queue, "hints page full; queue gets no hints");
+                crate::guest_log!(warn, guest = %self.name, device, queue, "hints page full; queue gets no hints");
                 return None;
             }
         };
@@ -308,6 +321,7 @@ impl GuestHints {
             io_cpu: self.io.wanted().and_then(|c| i32::try_from(c).ok()),
             io_moves: self.io.moves.load(Ordering::Relaxed),
             queues,
+            rejected: self.rejected.snapshot(),
         }
     }
 }
@@ -461,8 +475,36 @@ impl Mechanism for GuestHints {
         self.offered.load(Ordering::Acquire).then(Self::cpuid_offer)
     }
 
+    fn mmio(self: Arc<Self>) -> Option<Arc<dyn MmioDevice>> {
+        Some(Arc::new(HintsPageMmio(self)))
+    }
+
     fn report(&self, r: &mut GuestReport) {
         r.hints = Some(GuestHints::report(self));
+    }
+}
+
+/// Exiting guest stores to the read-only hints page: refused and counted
+/// under their own reason, not as accesses to nothing.
+pub struct HintsPageMmio(pub Arc<GuestHints>);
+
+impl MmioDevice for HintsPageMmio {
+    fn mmio_read(&self, _addr: u64, _data: &mut [u8]) -> bool {
+        false // the page is readable memory; reads never exit
+    }
+
+    fn mmio_write(&self, addr: u64, data: &[u8]) -> bool {
+        let offered = self.0.offered.load(Ordering::Acquire);
+        if !offered || !(area::HINTS..area::HINTS + PAGE_BYTES as u64).contains(&addr) {
+            return false;
+        }
+        self.0.rejected.reject(
+            Rejected::PageWrite,
+            &self.0.name,
+            "hints",
+            format_args!("write of {} bytes at {addr:#x}", data.len()),
+        );
+        true
     }
 }
 
@@ -470,6 +512,20 @@ impl Mechanism for GuestHints {
 mod tests {
     use super::*;
     use para_abi::hints::split_key;
+
+    #[test]
+    fn writes_to_the_read_only_page_have_their_own_reason() {
+        let g = guest(&[0]);
+        let dev = HintsPageMmio(g.clone());
+        g.offered.store(false, Ordering::Release);
+        assert!(!dev.mmio_write(area::HINTS, &[1]), "not offered: not ours");
+        g.offered.store(true, Ordering::Release);
+        assert!(dev.mmio_write(area::HINTS + 8, &[1, 2, 3, 4]));
+        assert!(!dev.mmio_write(area::HINTS + PAGE_BYTES as u64, &[1]));
+        let mut d = [0u8; 4];
+        assert!(!dev.mmio_read(area::HINTS, &mut d));
+        assert_eq!(g.report().rejected.get("page_write"), Some(&1));
+    }
 
     fn guest(host_cpus: &[i32]) -> Arc<GuestHints> {
         let vcpus = host_cpus

@@ -29,6 +29,8 @@ pub struct HintsReport {
     pub io_cpu: Option<i32>,
     pub io_moves: u64,
     pub queues: Vec<QueueReport>,
+    /// Refused guest accesses by reason (`page_write`), non-zero only.
+    pub rejected: std::collections::BTreeMap<&'static str, u64>,
 }
 
 impl HintsReport {

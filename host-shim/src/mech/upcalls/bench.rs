@@ -17,19 +17,32 @@ use crate::vcpu::handle::VcpuShared;
 pub const STORM_INTERVAL_MAX_US: u32 = 1_000_000;
 
 /// Starts a thread that posts `count` pings to vCPU `vcpu`, one every
-/// `interval_us`, kicking it through `kick`.
+/// `interval_us`, kicking it through `kick`. A guest has one storm thread at
+/// most: `Ok(false)`, and nothing started, while its last one still runs.
 pub fn start_storm(
     up: &Arc<GuestUpcalls>,
     vcpu: u32,
     count: u32,
     interval_us: u32,
     kick: Arc<VcpuShared>,
-) -> std::io::Result<()> {
-    let up = up.clone();
-    std::thread::Builder::new()
+) -> std::io::Result<bool> {
+    if up.storming.swap(true, Ordering::AcqRel) {
+        return Ok(false);
+    }
+    let me = up.clone();
+    let spawned = std::thread::Builder::new()
         .name(format!("{}-storm", up.name))
-        .spawn(move || storm(&up, vcpu, count, interval_us, &kick))
-        .map(|_| ())
+        .spawn(move || {
+            storm(&me, vcpu, count, interval_us, &kick);
+            me.storming.store(false, Ordering::Release);
+        });
+    match spawned {
+        Ok(_) => Ok(true),
+        Err(e) => {
+            up.storming.store(false, Ordering::Release);
+            Err(e)
+        }
+    }
 }
 
 fn storm(up: &GuestUpcalls, vcpu: u32, count: u32, interval_us: u32, kick: &VcpuShared) {

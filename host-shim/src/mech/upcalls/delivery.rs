@@ -56,6 +56,11 @@ reasons! {
         NoMailbox => "no_mailbox",
         /// The guest acknowledged more than was posted.
         AckAhead => "ack_ahead",
+        /// A test-only call (ping, storm) without `--test-hypercalls`.
+        TestCallOff => "test_call_off",
+        /// A storm while the guest's previous one still runs: one storm
+        /// thread per guest at most.
+        StormBusy => "storm_busy",
     }
 }
 
@@ -141,6 +146,10 @@ pub struct GuestUpcalls {
     closed: Mutex<bool>,
     /// The guest's vCPUs, for the poller and the stop watchdog ([`Self::set_vcpus`]).
     handles: OnceLock<Vec<Arc<VcpuShared>>>,
+    /// The shim answers the test-only calls (`--test-hypercalls`).
+    pub(super) test_calls: AtomicBool,
+    /// A storm thread runs: the one a guest may have at a time.
+    pub(super) storming: AtomicBool,
 }
 
 // SAFETY: `page` is a process-lifetime shared mapping accessed only through atomics.
@@ -213,6 +222,8 @@ impl GuestUpcalls {
             counters: Counters::default(),
             closed: Mutex::new(false),
             handles: OnceLock::new(),
+            test_calls: AtomicBool::new(false),
+            storming: AtomicBool::new(false),
         };
         Ok(Arc::new(me))
     }
@@ -229,6 +240,11 @@ impl GuestUpcalls {
                 upcall::VERSION,
             ),
         }
+    }
+
+    /// Answers the test-only calls (the ping and the storm) from now on.
+    pub fn allow_test_calls(&self) {
+        self.test_calls.store(true, Ordering::Relaxed);
     }
 
     /// How the guest's upcalls wait for a closed window.

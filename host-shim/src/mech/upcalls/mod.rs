@@ -12,7 +12,6 @@ use std::sync::Arc;
 use kvm_ioctls::VcpuFd;
 use para_abi::hypercall::{Call, Status};
 use para_abi::upcall::{self, Class as UpcallClass, PING_MAX, STORM_MAX};
-use tracing::warn;
 
 pub use delivery::{GuestUpcalls, UpcallError};
 pub use report::Delivery;
@@ -35,12 +34,21 @@ impl Upcalls {
     }
 
     /// A hypercall of this module from vCPU `vcpu`.
-    fn call(&self, call: Call, arg: u64, vcpu: &Arc<VcpuShared>) -> Status {
+    pub fn call(&self, call: Call, arg: u64, vcpu: &Arc<VcpuShared>) -> Status {
         let up = &self.0;
         let i = vcpu.index;
         if i as usize >= up.vcpu_count() {
             up.reject(Rejected::NoMailbox, format_args!("vCPU {i}"));
             return Status::BadArgument;
+        }
+        if matches!(call, Call::UpcallPing | Call::UpcallStorm)
+            && !up.test_calls.load(std::sync::atomic::Ordering::Relaxed)
+        {
+            up.reject(
+                Rejected::TestCallOff,
+                format_args!("{call:?} (start the shim with --test-hypercalls)"),
+            );
+            return Status::UnknownCall;
         }
         match call {
             Call::UpcallPing => {
@@ -64,11 +72,20 @@ impl Upcalls {
                     );
                     return Status::BadArgument;
                 }
-                if let Err(e) = bench::start_storm(up, i, count, interval_us, vcpu.clone()) {
-                    warn!(guest = %up.name, "upcall storm thread: {e}");
-                    return Status::BadArgument;
+                match bench::start_storm(up, i, count, interval_us, vcpu.clone()) {
+                    Ok(true) => Status::Ok,
+                    Ok(false) => {
+                        up.reject(
+                            Rejected::StormBusy,
+                            format_args!("storm of {count} while one runs"),
+                        );
+                        Status::BadArgument
+                    }
+                    Err(e) => {
+                        crate::guest_log!(warn, guest = %up.name, "upcall storm thread: {e}");
+                        Status::BadArgument
+                    }
                 }
-                Status::Ok
             }
             Call::UpcallEnable => {
                 up.enable(i);

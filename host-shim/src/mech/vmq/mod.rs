@@ -20,7 +20,6 @@ use para_abi::discovery::{LEAF_VMQ, area_registers, features};
 use para_abi::hypercall::{Call, Status};
 use para_abi::layout::{LAPIC_BASE, area};
 use para_abi::vmq;
-use tracing::warn;
 use vm_memory::{FileOffset, GuestMemoryBackend, GuestMemoryRegion, MmapRegion};
 
 use crate::kvm::cpuid::Offer;
@@ -114,7 +113,7 @@ fn msi_notify(vm: Arc<VmFd>, vector: u8) -> Notify {
             ..Default::default()
         };
         if let Err(e) = vm.signal_msi(msi) {
-            warn!("VM-queue arrival MSI: {e}");
+            crate::guest_log!(warn, "VM-queue arrival MSI: {e}");
         }
     })
 }

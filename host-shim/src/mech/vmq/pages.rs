@@ -391,11 +391,11 @@ impl Backings {
     ) {
         let mut calls = 0;
         if let Err(e) = self.place(dst, at_dst, dst_pages, &mut calls) {
-            tracing::error!("VM-queue remap undo failed at the destination: {e}");
+            crate::guest_log!(error, "VM-queue remap undo failed at the destination: {e}");
             return;
         }
         if let Err(e) = self.place(src, at_src, src_pages, &mut calls) {
-            tracing::error!("VM-queue remap undo failed at the sender: {e}");
+            crate::guest_log!(error, "VM-queue remap undo failed at the sender: {e}");
         }
     }
 

@@ -1,7 +1,8 @@
 //! Leg `guest-shim`: the in-guest tests (`ktest`) under the host shim, and
 //! the host-side checks on the shim's counters for the tests that ran where
 //! the mechanism was offered: the doorbell burst, the upcalls, and the exits a
-//! timed sleep costs.
+//! timed sleep costs. The shim offers every mechanism here, so a test that
+//! skips for want of an offer fails the leg.
 
 use crate::error::Error;
 use crate::infra::serial;
@@ -43,8 +44,13 @@ impl Leg for ShimGuest {
         let prefix = self.name().to_owned();
         let verbose = opts.verbose;
         // Every mechanism on, VM queues included (off by default in the shim),
-        // so that the in-guest tests exercise each one, not its absence.
-        let extra = ["--vmq".to_owned(), "on".to_owned()];
+        // so that the in-guest tests exercise each one, not its absence; and
+        // the test-only hypercalls (the upcall ping and storm).
+        let extra = [
+            "--vmq".to_owned(),
+            "on".to_owned(),
+            "--test-hypercalls".to_owned(),
+        ];
         let run = shim::run(
             &shim_path,
             &[guest],
@@ -64,6 +70,7 @@ impl Leg for ShimGuest {
         };
         let serial = run.serial("ktest");
         let mut outcome = verdict::judge_guest(run.guest_exit("ktest"), &serial);
+        offered_must_run(&serial, &mut outcome);
         if !outcome.ok() {
             outcome
                 .problems
@@ -112,6 +119,22 @@ impl Leg for ShimGuest {
             reports,
             log: Some(run.log),
         }
+    }
+}
+
+/// Every mechanism is offered on this leg: a test that skipped for want of
+/// an offer counts as failed, not skipped.
+pub fn offered_must_run(serial: &serial::SerialLog, outcome: &mut verdict::LegOutcome) {
+    for t in serial.skipped_not_offered() {
+        let serial::Outcome::Skipped(why) = &t.outcome else {
+            continue;
+        };
+        outcome.skipped = outcome.skipped.saturating_sub(1);
+        outcome.failed += 1;
+        outcome.problems.push(format!(
+            "{} skipped ({why}) although the shim offers it on this leg",
+            t.name
+        ));
     }
 }
 
@@ -220,6 +243,25 @@ pub fn upcall_checks(guest: Option<&GuestStats>) -> Vec<(String, bool)> {
 mod tests {
     use super::*;
     use crate::vmm::stats;
+
+    #[test]
+    fn a_test_skipped_for_want_of_an_offer_fails_the_leg() {
+        let log = serial::SerialLog::parse([
+            "test a ... ok",
+            "test ctrl::x ... skipped: not offered: M4 shadowed control flags (CPUID 0x40000001 bit 5)",
+            "test notify::bench ... skipped: not asked for: notify.bench",
+            "1 passed, 0 failed, 2 skipped",
+        ]);
+        let mut outcome = verdict::judge_guest(crate::vmm::exit::GuestExit::Status(0), &log);
+        assert!(outcome.ok());
+        offered_must_run(&log, &mut outcome);
+        assert!(!outcome.ok());
+        assert_eq!((outcome.passed, outcome.failed, outcome.skipped), (1, 1, 1));
+        assert!(
+            outcome.problems[0].contains("ctrl::x skipped"),
+            "{outcome:?}"
+        );
+    }
 
     #[test]
     fn upcall_counters_must_add_up() {
