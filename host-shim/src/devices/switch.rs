@@ -16,7 +16,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tracing::warn;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::loglimit::LogLimit;
@@ -251,14 +250,13 @@ impl Switch {
     fn refuse_source(&self, port: &Port, src: Mac, why: &str) {
         port.forged.fetch_add(1, Ordering::Relaxed);
         self.forged.fetch_add(1, Ordering::Relaxed);
-        if let Some(suppressed) = self.log.allow() {
-            warn!(
-                port = %port.name,
-                source = %fmt_mac(src),
-                suppressed,
-                "switch dropped a frame: {why}"
-            );
-        }
+        crate::guest_log!(
+            warn,
+            limit = self.log,
+            port = %port.name,
+            source = %fmt_mac(src),
+            "switch dropped a frame: {why}"
+        );
     }
 
     /// Forwards `frame` that arrived on port `from`.

@@ -15,7 +15,6 @@ use para_abi::vmq::{
     self, Arrival, DirRecord, ENTRY_SIZE, Header, Message, Policy, RING_CONSUMED, RING_ENTRIES,
     RING_PRODUCED, SendStatus, Transfer,
 };
-use tracing::warn;
 
 use super::pages::{Backings, Limits, Mapping};
 use crate::loglimit::LogLimit;
@@ -461,9 +460,7 @@ impl Manager {
         let mut consumed = src.outbox_consumed;
         if vmq::occupancy(produced, consumed).is_none() {
             counters.bad_ring.fetch_add(1, Ordering::Relaxed);
-            if let Some(suppressed) = self.logs.bad_outbox.allow() {
-                warn!(guest = %src.name, produced, consumed, suppressed, "VM-queue outbox counter out of range");
-            }
+            crate::guest_log!(warn, limit = self.logs.bad_outbox, guest = %src.name, produced, consumed, "VM-queue outbox counter out of range");
             return out;
         }
         // Destinations found full in this drain: later messages to them are
@@ -501,9 +498,7 @@ impl Manager {
                 Err(r) => {
                     out.failed += 1;
                     counters.refusal(r).fetch_add(1, Ordering::Relaxed);
-                    if let Some(suppressed) = self.logs.refused.allow() {
-                        warn!(guest = %inner.eps[id as usize].name, dest = m.dest, addr = m.addr, len = m.len, suppressed, "VM-queue send refused: {r:?}");
-                    }
+                    crate::guest_log!(warn, limit = self.logs.refused, guest = %inner.eps[id as usize].name, dest = m.dest, addr = m.addr, len = m.len, "VM-queue send refused: {r:?}");
                     r.status()
                 }
             };
@@ -709,9 +704,7 @@ fn remap(inner: &mut Inner, from: u32, to: usize, p: &Pages, logs: &Logs) -> Res
             Ok(())
         }
         Err(e) => {
-            if let Some(suppressed) = logs.refused.allow() {
-                warn!(guest = %inner.eps[from as usize].name, dest = to, suppressed, "VM-queue remap refused: {e}");
-            }
+            crate::guest_log!(warn, limit = logs.refused, guest = %inner.eps[from as usize].name, dest = to, "VM-queue remap refused: {e}");
             for u in &mut inner.eps[to].window_used[p.first..p.first + p.count] {
                 *u = false;
             }
