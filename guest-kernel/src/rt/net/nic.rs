@@ -43,6 +43,12 @@ pub trait Nic: fmt::Debug {
     /// Hands frames queued but not yet delivered to the VMM; called before
     /// the stack halts, which is no exit a VMM sees.
     fn flush(&mut self) {}
+    /// Waits by one exit the VMM sees (which also delivers queued frames)
+    /// instead of halting, for at most `max_us` µs (0: the VMM's longest);
+    /// false when the NIC has no such wait (then the stack halts).
+    fn wait_exit(&mut self, _max_us: u32) -> bool {
+        false
+    }
     fn stats(&self) -> NetStats;
     /// The vector whose per-CPU counts are this NIC's RX interrupts.
     fn rx_vector(&self) -> u8;
@@ -212,6 +218,11 @@ pub fn open_vmq(peer: &str, policy: LinkPolicy) -> Result<VmqNet<VmqLink>, NetEr
 }
 
 impl Nic for VmqNet<VmqLink> {
+    fn wait_exit(&mut self, max_us: u32) -> bool {
+        self.link().idle(max_us);
+        true
+    }
+
     fn mac(&self) -> EthernetAddress {
         EthernetAddress(VmqNet::mac(self))
     }
