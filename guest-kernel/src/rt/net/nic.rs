@@ -237,10 +237,10 @@ impl Nic for VmqNet<VmqLink> {
         now: Instant,
         sockets: &mut SocketSet<'static>,
     ) -> PollResult {
-        let r = iface.poll(now, self, sockets);
-        // What this poll sent leaves in one exit (lazy links).
-        VmqNet::flush(self);
-        r
+        // What this poll sent lazily leaves with the stack's next exit: at
+        // the latest the kick-page wait of `Net::wait` (or its flush before
+        // spinning in poll mode), so no flush of its own here.
+        iface.poll(now, self, sockets)
     }
 
     fn rx_pending(&self) -> bool {

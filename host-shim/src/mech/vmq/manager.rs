@@ -608,6 +608,12 @@ impl Manager {
         }
     }
 
+    /// Whether guest `id`'s vCPU is blocked in [`Self::wait`] (tests).
+    #[cfg(test)]
+    pub(crate) fn is_waiting(&self, id: u32) -> bool {
+        self.lock().eps.get(id as usize).is_some_and(|e| e.waiting)
+    }
+
     /// Wakes every guest blocked in [`Self::wait`] (one of them is ending).
     pub fn wake_all(&self) {
         self.lock().cv.notify_all();

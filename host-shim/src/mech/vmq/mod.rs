@@ -244,7 +244,12 @@ impl Mechanism for Vmq {
     }
 
     fn mmio(self: Arc<Self>) -> Option<Arc<dyn MmioDevice>> {
-        Some(Arc::new(KickPage(self, LogLimit::default())))
+        Some(Arc::new(KickPage {
+            manager: self.manager.clone(),
+            id: self.id,
+            counters: self.counters.clone(),
+            log: LogLimit::default(),
+        }))
     }
 
     fn ending(&self) {
@@ -273,14 +278,19 @@ impl Mechanism for Vmq {
 /// ([`Manager::wait`]): the exit a guest about to idle makes in place of a
 /// halt (which this KVM handles without the shim), so lazy messages leave
 /// with it. Reads, and stores of another size, are refused and counted.
-struct KickPage(Arc<Vmq>, LogLimit);
+pub(crate) struct KickPage {
+    pub(crate) manager: Arc<Manager>,
+    pub(crate) id: u32,
+    pub(crate) counters: Arc<VmqCounters>,
+    pub(crate) log: LogLimit,
+}
 
 impl KickPage {
     fn refuse(&self, what: std::fmt::Arguments<'_>) {
-        self.0.counters.bad_kicks.fetch_add(1, Ordering::Relaxed);
-        if let Some(suppressed) = self.1.allow() {
+        self.counters.bad_kicks.fetch_add(1, Ordering::Relaxed);
+        if let Some(suppressed) = self.log.allow() {
             warn!(
-                vmq_id = self.0.id,
+                vmq_id = self.id,
                 suppressed, "VM-queue kick page: {what} refused"
             );
         }
@@ -300,7 +310,7 @@ impl MmioDevice for KickPage {
         if !kick_page(addr) {
             return false;
         }
-        let q = &self.0;
+        let q = self;
         let Ok(raw) = <[u8; 8]>::try_from(data) else {
             self.refuse(format_args!("write of {} bytes at {addr:#x}", data.len()));
             return true;

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
-use para_abi::layout::area;
+use para_abi::layout::{PARA_REGION_BASE, area};
 use para_abi::vmq::{
     self, Arrival, DirRecord, ENTRY_SIZE, Header, Message, RING_CONSUMED, RING_ENTRIES,
     RING_PRODUCED, SendStatus,
@@ -893,4 +893,188 @@ fn a_scattering_sender_meets_its_share_long_before_the_kernel_limit() {
     assert_ledger_matches_kernel(&mgr, &snd);
     assert_ledger_matches_kernel(&mgr, &rcv);
     assert!(mgr.with_backings(|b| b.consistent()));
+}
+
+#[test]
+fn hostile_remaps_are_refused_counted_and_map_nothing() {
+    let mgr = Manager::new();
+    let snd = TestGuest::new(&mgr, "a");
+    let rcv = TestGuest::new(&mgr, "b");
+    snd.fill(SRC, 4096, 7);
+    let before = snd.read(SRC, 4096);
+    let huge = |addr, len| Message {
+        huge: true,
+        ..msg(rcv.id, 1, addr, len)
+    };
+    let cases: Vec<(Message, SendStatus)> = vec![
+        // Bogus page numbers: far beyond RAM, wrapping, the last page + 1.
+        (
+            msg(rcv.id, 1, 0x7FFF_FFFF_F000, 4096),
+            SendStatus::OutsideRam,
+        ),
+        (
+            msg(rcv.id, 1, u64::MAX & !0xFFF, 8192),
+            SendStatus::OutsideRam,
+        ),
+        (msg(rcv.id, 1, RAM - 4096, 8192), SendStatus::OutsideRam),
+        (huge(RAM, 2 << 20), SendStatus::OutsideRam),
+        // Its para region, its own VM-queue control pages, the kick page.
+        (
+            msg(rcv.id, 1, PARA_REGION_BASE, 4096),
+            SendStatus::OutsideRam,
+        ),
+        (
+            msg(rcv.id, 1, area::VMQ + vmq::OUTBOX - 0x3000, 4096),
+            SendStatus::OutsideRam,
+        ),
+        (
+            msg(rcv.id, 1, area::VMQ + vmq::KICK, 4096),
+            SendStatus::OutsideRam,
+        ),
+        // Huge counts and misaligned huge pages.
+        (msg(rcv.id, 1, SRC, u32::MAX), SendStatus::BadDescriptor),
+        (
+            msg(rcv.id, 1, SRC, vmq::MAX_MESSAGE + 4096),
+            SendStatus::BadDescriptor,
+        ),
+        (huge(4096, 2 << 20), SendStatus::BadDescriptor),
+        // Itself, and destinations that name nobody.
+        (msg(snd.id, 1, SRC, 4096), SendStatus::BadDescriptor),
+        (msg(31, 1, SRC, 4096), SendStatus::NoSuchVm),
+        (msg(u32::MAX, 1, SRC, 4096), SendStatus::NoSuchVm),
+    ];
+    for (i, (m, want)) in cases.iter().enumerate() {
+        let k = snd.post(*m);
+        assert_eq!(mgr.drain(snd.id).failed, 1, "case {i}");
+        assert_eq!(snd.status(k), *want, "case {i}: {m:?}");
+    }
+    let c = &snd.counters;
+    let g = |x: &AtomicU64| x.load(Ordering::Relaxed);
+    assert_eq!(g(&c.err_outside_ram), 7);
+    assert_eq!(g(&c.err_bad_descriptor), 4);
+    assert_eq!(g(&c.err_no_such_vm), 2);
+    // Nothing was mapped anywhere: no page moved, no mmap made, the sender
+    // still sees its bytes and the receiver got nothing.
+    assert_eq!(mgr.moved_pages(), 0);
+    assert_eq!(g(&c.remap_mmaps), 0);
+    assert!(snd.read(SRC, 4096) == before, "the sender's page changed");
+    assert_eq!(rcv.inbox_len(), 0);
+    assert_eq!(g(&rcv.counters.window_fresh_pages), 0);
+    assert!(mgr.with_backings(|b| b.consistent()));
+}
+
+fn kick(wait: bool, full: bool, done: bool, seen: u8, max_us: u32) -> vmq::Kick {
+    vmq::Kick {
+        wait,
+        full,
+        done,
+        seen,
+        max_us,
+    }
+}
+
+#[test]
+fn a_wait_delivers_lazy_messages_and_wakes_a_waiting_receiver_without_an_interrupt() {
+    let mgr = Arc::new(Manager::new());
+    let snd = TestGuest::new(&mgr, "a");
+    let rcv = TestGuest::new(&mgr, "b");
+    let (m2, rid) = (mgr.clone(), rcv.id);
+    let waiter = std::thread::spawn(move || m2.wait(rid, &kick(true, false, false, 0, 0)));
+    while !mgr.is_waiting(rcv.id) {
+        std::thread::yield_now();
+    }
+    // A lazy message: it leaves with the sender's own wait, no flush.
+    snd.fill(SRC, 64, 3);
+    let k = snd.post(Message {
+        policy: 1,
+        ..msg(rcv.id, 0, SRC, 64)
+    });
+    // The sender waits for its outbox to be done: returns at once.
+    assert!(!mgr.wait(snd.id, &kick(true, false, true, 0, 0)));
+    assert_eq!(snd.status(k), SendStatus::Delivered);
+    assert!(waiter.join().unwrap(), "the receiver woke for its arrival");
+    let g = |x: &AtomicU64| x.load(Ordering::Relaxed);
+    assert_eq!(g(&snd.counters.delivered_at_wait), 1);
+    assert_eq!(g(&snd.counters.waits), 1);
+    assert_eq!(g(&rcv.counters.waits_woken), 1);
+    // The blocked receiver was woken directly: no interrupt on top.
+    assert_eq!(rcv.notified.load(Ordering::Relaxed), 0);
+    assert_eq!(g(&rcv.counters.notifications), 1);
+    // Not waiting any more: the next arrival comes as an interrupt again.
+    snd.post(Message {
+        policy: 1,
+        ..msg(rcv.id, 0, SRC, 64)
+    });
+    rcv.consume(1);
+    mgr.drain(snd.id);
+    assert_eq!(rcv.notified.load(Ordering::Relaxed), 1);
+}
+
+#[test]
+fn a_wait_returns_for_more_than_it_has_seen_or_at_its_deadline() {
+    let mgr = Manager::new();
+    let snd = TestGuest::new(&mgr, "a");
+    let rcv = TestGuest::new(&mgr, "b");
+    // Nothing comes: the deadline (2 ms) ends it, not an arrival.
+    assert!(!mgr.wait(rcv.id, &kick(true, false, false, 0, 2000)));
+    snd.post(msg(rcv.id, 0, SRC, 64));
+    mgr.drain(snd.id);
+    // One arrival it has already seen does not end a wait; a bogus "seen"
+    // larger than the inbox does not either, and nothing breaks.
+    assert!(!mgr.wait(rcv.id, &kick(true, false, false, 1, 1000)));
+    assert!(mgr.wait(rcv.id, &kick(true, false, false, 0, 1000)));
+    assert!(!mgr.wait(rcv.id, &kick(true, false, false, 200, 1000)));
+    assert_eq!(rcv.counters.waits.load(Ordering::Relaxed), 4);
+    assert_eq!(rcv.counters.waits_woken.load(Ordering::Relaxed), 1);
+}
+
+#[test]
+fn the_kick_page_flushes_counts_why_and_refuses_what_is_not_a_kick() {
+    use crate::platform::MmioDevice;
+    let mgr = Arc::new(Manager::new());
+    let snd = TestGuest::new(&mgr, "a");
+    let rcv = TestGuest::new(&mgr, "b");
+    let page = super::KickPage {
+        manager: mgr.clone(),
+        id: snd.id,
+        counters: snd.counters.clone(),
+        log: crate::loglimit::LogLimit::default(),
+    };
+    let at = area::VMQ + vmq::KICK;
+    let store = |k: &vmq::Kick| page.mmio_write(at, &k.encode().to_le_bytes());
+    snd.post(msg(rcv.id, 0, SRC, 64));
+    assert!(store(&kick(false, false, false, 0, 0)));
+    snd.post(msg(rcv.id, 0, SRC, 64));
+    assert!(store(&kick(false, true, false, 0, 0)));
+    assert_eq!(rcv.inbox_len(), 2);
+    let g = |x: &AtomicU64| x.load(Ordering::Relaxed);
+    assert_eq!(
+        (g(&snd.counters.kick_flushes), g(&snd.counters.full_flushes)),
+        (1, 1)
+    );
+    assert_eq!(g(&snd.counters.delivered_at_flush), 2);
+    // Reads, short stores: refused and counted; addresses beyond the page
+    // are not its own.
+    let mut b = [0u8; 8];
+    assert!(page.mmio_read(at, &mut b));
+    assert!(page.mmio_write(at + 8, &[1, 2, 3, 4]));
+    assert!(!page.mmio_write(at + vmq::KICK_SIZE, &[0; 8]));
+    assert!(!page.mmio_write(at - 8, &[0; 8]));
+    assert_eq!(g(&snd.counters.bad_kicks), 2);
+    assert_eq!(rcv.inbox_len(), 2);
+}
+
+#[test]
+fn window_pages_are_reused_lowest_first() {
+    let mgr = Manager::new();
+    let snd = TestGuest::new(&mgr, "a");
+    let rcv = TestGuest::new(&mgr, "b");
+    for _ in 0..100 {
+        snd.post(msg(rcv.id, 0, SRC, 4096));
+        mgr.drain(snd.id);
+        assert_eq!(rcv.peek(0).addr, area::VMQ + vmq::WINDOW);
+        rcv.consume(1);
+    }
+    // One page of the window was ever handed out: the guest faults once.
+    assert_eq!(rcv.counters.window_fresh_pages.load(Ordering::Relaxed), 1);
 }
