@@ -913,7 +913,7 @@ fn hostile_remaps_are_refused_counted_and_map_nothing() {
             SendStatus::OutsideRam,
         ),
         (
-            msg(rcv.id, 1, u64::MAX & !0xFFF, 8192),
+            msg(rcv.id, 1, !0xFFF, 8192),
             SendStatus::OutsideRam,
         ),
         (msg(rcv.id, 1, RAM - 4096, 8192), SendStatus::OutsideRam),
