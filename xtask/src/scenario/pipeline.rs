@@ -165,6 +165,63 @@ fn field(line: &str, key: &str) -> Option<u64> {
         .find_map(|w| w.strip_prefix(key)?.strip_prefix('=')?.parse().ok())
 }
 
+/// Where the host says whether shared memory (the shim's memfd guest RAM)
+/// may get transparent huge pages.
+const SHMEM_THP: &str = "/sys/kernel/mm/transparent_hugepage/shmem_enabled";
+
+/// The bracketed word of a `shmem_enabled` file.
+fn thp_mode(s: &str) -> Option<&str> {
+    let start = s.find('[')? + 1;
+    Some(&s[start..start + s[start..].find(']')?])
+}
+
+/// While alive, shared memory may get huge pages where a mapping asks for
+/// them (`advise`): the shim then remaps a 2 MiB message as one huge page,
+/// one guest fault instead of 512. Set only when running as root and the
+/// host says `never`; put back when dropped. Without it the shim falls back
+/// to 4 KiB pages (and says so in its log).
+struct HugePages {
+    restore: Option<String>,
+}
+
+impl HugePages {
+    fn enable() -> Self {
+        let Ok(now) = std::fs::read_to_string(SHMEM_THP) else {
+            return Self { restore: None };
+        };
+        let Some(mode) = thp_mode(&now).map(str::to_owned) else {
+            return Self { restore: None };
+        };
+        if mode != "never" || !crate::infra::sys::is_root() {
+            return Self { restore: None };
+        }
+        match std::fs::write(SHMEM_THP, "advise") {
+            Ok(()) => {
+                println!(
+                    "vmq: {SHMEM_THP}: never -> advise for this run (huge pages only where the shim asks; put back after)"
+                );
+                Self {
+                    restore: Some(mode),
+                }
+            }
+            Err(e) => {
+                println!("vmq: could not set {SHMEM_THP} to advise ({e}): remaps use 4 KiB pages");
+                Self { restore: None }
+            }
+        }
+    }
+}
+
+impl Drop for HugePages {
+    fn drop(&mut self) {
+        if let Some(mode) = self.restore.take()
+            && let Err(e) = std::fs::write(SHMEM_THP, &mode)
+        {
+            println!("vmq: could not put {SHMEM_THP} back to {mode}: {e}");
+        }
+    }
+}
+
 /// Runs the three guests once and judges the run.
 pub fn on_shim(o: &Options, label: &str, mut echo: impl FnMut(&str)) -> Result<Outcome> {
     if !(64..=(2 << 20)).contains(&o.msg) || !o.msg.is_power_of_two() {
@@ -193,7 +250,10 @@ pub fn on_shim(o: &Options, label: &str, mut echo: impl FnMut(&str)) -> Result<O
         "on".to_string(),
         "--no-net".to_string(),
     ];
-    let run = shim::run(&shim_path, &guests, &extra, o.timeout, label, &mut echo)?;
+    let huge = HugePages::enable();
+    let run = shim::run(&shim_path, &guests, &extra, o.timeout, label, &mut echo);
+    drop(huge);
+    let run = run?;
     let mut out = Outcome {
         log: run.log.clone(),
         ..Outcome::default()
@@ -292,6 +352,16 @@ mod tests {
             err.to_string().contains("missing field `mib_per_s`"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn the_thp_mode_is_the_bracketed_word() {
+        assert_eq!(
+            thp_mode("always within_size advise [never] deny force\n"),
+            Some("never")
+        );
+        assert_eq!(thp_mode("[advise] never"), Some("advise"));
+        assert_eq!(thp_mode("advise never"), None);
     }
 
     #[test]

@@ -912,10 +912,7 @@ fn hostile_remaps_are_refused_counted_and_map_nothing() {
             msg(rcv.id, 1, 0x7FFF_FFFF_F000, 4096),
             SendStatus::OutsideRam,
         ),
-        (
-            msg(rcv.id, 1, !0xFFF, 8192),
-            SendStatus::OutsideRam,
-        ),
+        (msg(rcv.id, 1, !0xFFF, 8192), SendStatus::OutsideRam),
         (msg(rcv.id, 1, RAM - 4096, 8192), SendStatus::OutsideRam),
         (huge(RAM, 2 << 20), SendStatus::OutsideRam),
         // Its para region, its own VM-queue control pages, the kick page.
