@@ -568,6 +568,10 @@ impl Manager {
         let deadline = Instant::now() + max;
         let mut first = true;
         let mut inner = self.lock();
+        // A guest that waits has usually just consumed what it had: senders
+        // held back by its full inbox may get through now. Its consuming
+        // made no exit, so this is the first moment the shim can know.
+        inner.cv.notify_all();
         loop {
             let d = self.drain_locked(&mut inner, id);
             if d.delivered > 0 {
