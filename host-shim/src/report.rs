@@ -64,6 +64,20 @@
 //!       "applied_at_exit": u64, "mask_changes": u64, "msis_suppressed": u64,
 //!       "traced_exits": u64, "rejected": {reason: u64}  // non-zero only
 //!     },
+//!     "vmq": {                                // M5, with --vmq on (mech::vmq::manager::VmqReport)
+//!       "id": u32, "sent_immediate": u64, "sent_lazy": u64, "sent_doorbell": u64,
+//!       "delivered_copy": u64, "delivered_remap": u64, "bytes_sent": u64,
+//!       "received": u64, "bytes_received": u64, "remap_mmaps": u64,
+//!       "drains": u64, "held": u64, "notifications": u64,
+//!       "errors": {reason: u64},              // every reason, zeros included
+//!       "bad_ring": u64, "remap_fragments": u64, "remap_fragment_limit": u64,
+//!       "window_fresh_pages": u64,            // window pages handed out the first time
+//!       "flush_calls": u64, "kick_flushes": u64, "full_flushes": u64,  // its flushes, by way and why
+//!       "waits": u64, "waits_woken": u64,     // kick-page waits, those ended by an arrival
+//!       "delivered_at_flush": u64, "delivered_at_wait": u64,  // messages, by the drain
+//!       "delivered_at_exit": u64, "delivered_at_worker": u64, // that delivered them
+//!       "bad_kicks": u64                      // kick-page reads and odd-size stores
+//!     },
 //!     "marks": [{                             // StatsMark hypercalls, in order
 //!       "label": u64,                         // the guest's RBX
 //!       "exits": u64,                         // KVM `exits` over all vCPUs then

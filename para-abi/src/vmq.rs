@@ -39,7 +39,73 @@ pub const WINDOW_SIZE: u64 = 64 << 20;
 /// Bytes the shim maps for the whole area.
 pub const AREA_SIZE: u64 = WINDOW + WINDOW_SIZE;
 
+/// The kick page, right after the area: no memory is behind it, so a guest
+/// store there is an exit the shim sees (an MMIO write) made from ring 3 with
+/// no kernel code. The stored u64 is a [`Kick`]: deliver my outbox now, and
+/// maybe block me until something arrives. A guest about to idle uses it in
+/// place of halting (a halt never reaches the shim here), so lazily posted
+/// messages leave with the one exit the wait costs anyway.
+pub const KICK: u64 = AREA_SIZE;
+pub const KICK_SIZE: u64 = PAGE;
+
+/// What a guest stores at [`KICK`] (8 bytes, little endian): bits 0..24 the
+/// longest wait in µs, bits 24..32 `seen`, bit 32 [`Kick::WAIT`], bit 33
+/// [`Kick::FULL`], bit 34 [`Kick::DONE`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Kick {
+    /// Block until more than `seen` arrivals wait in the inbox, or (with
+    /// `done`) every posted message has been acted on, or `max_us` passes
+    /// (0: the shim's longest wait).
+    pub wait: bool,
+    /// The outbox is full: the only reason a lazy sender flushes (counted).
+    pub full: bool,
+    pub done: bool,
+    pub seen: u8,
+    /// At most `MAX_US`.
+    pub max_us: u32,
+}
+
+impl Kick {
+    pub const WAIT: u64 = 1 << 32;
+    pub const FULL: u64 = 1 << 33;
+    pub const DONE: u64 = 1 << 34;
+    pub const MAX_US: u32 = (1 << 24) - 1;
+
+    #[must_use]
+    pub const fn encode(&self) -> u64 {
+        let us = if self.max_us > Self::MAX_US {
+            Self::MAX_US
+        } else {
+            self.max_us
+        };
+        let mut v = us as u64 | (self.seen as u64) << 24;
+        if self.wait {
+            v |= Self::WAIT;
+        }
+        if self.full {
+            v |= Self::FULL;
+        }
+        if self.done {
+            v |= Self::DONE;
+        }
+        v
+    }
+
+    /// Any value decodes; unknown bits are ignored.
+    #[must_use]
+    pub const fn decode(v: u64) -> Self {
+        Self {
+            wait: v & Self::WAIT != 0,
+            full: v & Self::FULL != 0,
+            done: v & Self::DONE != 0,
+            seen: (v >> 24) as u8,
+            max_us: (v as u32) & Self::MAX_US,
+        }
+    }
+}
+
 const _: () = assert!(AREA_SIZE <= crate::layout::area::VMQ_SIZE);
+const _: () = assert!(crate::layout::area::VMQ + KICK + KICK_SIZE <= crate::layout::area::DIRECT);
 const _: () = assert!(crate::layout::area::VMQ + AREA_SIZE <= crate::layout::area::DIRECT);
 const _: () = assert!(WINDOW.is_multiple_of(HUGE_PAGE));
 
@@ -470,6 +536,19 @@ mod tests {
                 Some(n) => prop_assert!(n <= RING_ENTRIES),
                 None => prop_assert!(produced.wrapping_sub(consumed) > RING_ENTRIES),
             }
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn kicks_round_trip(wait: bool, full: bool, done: bool, seen: u8, max_us in 0..=Kick::MAX_US) {
+            let k = Kick { wait, full, done, seen, max_us };
+            prop_assert_eq!(Kick::decode(k.encode()), k);
+        }
+
+        #[test]
+        fn any_kick_value_decodes_in_range(v: u64) {
+            prop_assert!(Kick::decode(v).max_us <= Kick::MAX_US);
         }
     }
 

@@ -39,6 +39,40 @@ mod guest {
         next: Option<u32>,
     }
 
+    /// `StatsMark` labels: every role marks once it has handled [`warm`]
+    /// messages and once at its end, so xtask can count the exits of the
+    /// steady part of the stream apart from boot and first touches.
+    const MARK_WARM: u64 = 0x5651_0001;
+    const MARK_END: u64 = 0x5651_0002;
+
+    /// Send buffers of the read role: 16 MiB worth, 2 to 64 of them.
+    fn pool(cfg: &Cfg) -> usize {
+        (16usize << 20)
+            .div_ceil(cfg.msg as usize)
+            .clamp(2, RING_ENTRIES as usize)
+    }
+
+    /// Messages each role handles before its warm mark: a quarter of the
+    /// stream, at least every send buffer once, at most half the stream.
+    fn warm(cfg: &Cfg) -> u64 {
+        let n = cfg.total / u64::from(cfg.msg);
+        (n / 4).max(pool(cfg) as u64).min(n / 2)
+    }
+
+    /// µs this role spent generating, transforming or checking bytes (the
+    /// rest of its run is queue work and waiting): where a slow run's time goes.
+    static BUSY_NS: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+
+    fn busy(since: Instant) {
+        // Nanoseconds: a 64 B or 4 KiB message takes well under a µs.
+        let ns = u64::try_from(since.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        BUSY_NS.fetch_add(ns, Ordering::Relaxed);
+    }
+
+    fn mark(label: u64) {
+        let _ = guest_kernel::rt::sys::hypercall(para_abi::hypercall::Call::StatsMark, label);
+    }
+
     fn word(i: u64) -> u64 {
         // splitmix64: every 8-byte word of the stream differs.
         let mut z = i.wrapping_add(0x9E37_79B9_7F4A_7C15);
@@ -53,6 +87,33 @@ mod guest {
         }
     }
 
+    /// XORs every byte with [`KEY`], a word at a time: this target has no
+    /// SIMD registers, so a byte loop would be eight times the iterations.
+    fn xor_key(bytes: &mut [u8]) {
+        let key = u64::from_ne_bytes([KEY; 8]);
+        let mut words = bytes.chunks_exact_mut(8);
+        for c in &mut words {
+            let w = u64::from_ne_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) ^ key;
+            c.copy_from_slice(&w.to_ne_bytes());
+        }
+        for b in words.into_remainder() {
+            *b ^= KEY;
+        }
+    }
+
+    /// Whether `got` is the stream from byte `offset` on, XORed with [`KEY`]:
+    /// every byte is checked, eight at a time (a word compare per 8 bytes
+    /// rather than a byte loop, so the check keeps up with the queues).
+    fn matches(got: &[u8], offset: u64) -> bool {
+        let key = u64::from_ne_bytes([KEY; 8]);
+        let mut bad = 0u64;
+        for (k, chunk) in got.chunks_exact(8).enumerate() {
+            let w = u64::from_le_bytes(chunk.try_into().unwrap_or([0; 8]));
+            bad |= w ^ word(offset / 8 + k as u64) ^ key;
+        }
+        bad == 0 && got.len().is_multiple_of(8)
+    }
+
     fn main() -> i32 {
         let c = &system().cmdline;
         let q = match vmq::open() {
@@ -64,8 +125,8 @@ mod guest {
         };
         let num = |k, d: u64| c.get(k).and_then(|s| s.parse().ok()).unwrap_or(d);
         let msg = u32::try_from(num("pipeline.msg", 64 << 10)).unwrap_or(0);
-        if !(4096..=(2 << 20)).contains(&msg) || !msg.is_power_of_two() {
-            println!("pipeline: pipeline.msg must be a power of two in 4096..=2097152");
+        if !(64..=(2 << 20)).contains(&msg) || !msg.is_power_of_two() {
+            println!("pipeline: pipeline.msg must be a power of two in 64..=2097152");
             return APP_ERROR;
         }
         let cfg = Cfg {
@@ -86,7 +147,12 @@ mod guest {
             println!("pipeline: the stream must be a whole number of messages");
             return APP_ERROR;
         }
+        if cfg.transfer == Transfer::Remap && msg < 4096 {
+            println!("pipeline: a remap moves whole pages: pipeline.msg >= 4096");
+            return APP_ERROR;
+        }
         let role = c.get("pipeline.role").unwrap_or("");
+        let started = Instant::now();
         if role != "write" && cfg.next.is_none() {
             println!("pipeline: {role} needs pipeline.next=NAME of a running guest");
             return APP_ERROR;
@@ -101,9 +167,14 @@ mod guest {
             }
         };
         println!(
-            "pipeline-sender: role={role} sends={} flushes={}",
+            "pipeline-sender: role={role} sends={} flushes={} full_flushes={} waits={} warm={} busy_us={} run_us={}",
             q.posted(),
-            q.flushes.load(Ordering::Relaxed)
+            q.flushes.load(Ordering::Relaxed),
+            q.full_flushes.load(Ordering::Relaxed),
+            q.waits.load(Ordering::Relaxed),
+            warm(&cfg),
+            BUSY_NS.load(Ordering::Relaxed) / 1000,
+            started.elapsed().as_micros()
         );
         match r {
             Ok(()) => 0,
@@ -150,9 +221,7 @@ mod guest {
 
     fn read(q: &Vmq, cfg: &Cfg) -> Result<(), &'static str> {
         let msg = cfg.msg as usize;
-        let pool = (16usize << 20)
-            .div_ceil(msg)
-            .clamp(2, RING_ENTRIES as usize);
+        let pool = pool(cfg);
         let layout = Layout::from_size_align(msg, msg).map_err(|_| "layout")?;
         let mut bufs: Vec<*mut u8> = Vec::new();
         for _ in 0..pool {
@@ -166,27 +235,33 @@ mod guest {
         let mut slot_of = alloc::vec![None::<u32>; pool];
         let n = cfg.total / u64::from(cfg.msg);
         for seq in 0..n {
+            if seq == warm(cfg) {
+                mark(MARK_WARM);
+            }
             let b = (seq % pool as u64) as usize;
             if let Some(i) = slot_of[b] {
                 settle(q, i)?;
             }
             // SAFETY: buffer `b` is ours again: its last message is done.
             let buf = unsafe { core::slice::from_raw_parts_mut(bufs[b], msg) };
+            let t = Instant::now();
             generate(buf, seq * u64::from(cfg.msg));
+            busy(t);
             slot_of[b] = Some(post(q, &message(cfg, bufs[b] as u64, cfg.msg, seq)));
         }
         for i in slot_of.into_iter().flatten() {
             settle(q, i)?;
         }
+        mark(MARK_END);
         Ok(())
     }
 
+    #[allow(clippy::many_single_char_names)] // q, n, k, a, p: the loop's short names
     fn transform(q: &Vmq, cfg: &Cfg) -> Result<(), &'static str> {
         let n = cfg.total / u64::from(cfg.msg);
         // Outbox slot of each forwarded, not yet consumed arrival, oldest first.
         let mut inflight: alloc::collections::VecDeque<u32> = alloc::collections::VecDeque::new();
         let (mut forwarded, mut consumed) = (0u64, 0u64);
-        let mut backoff = vmq::Backoff::default();
         while consumed < n {
             // Arrivals whose forward is done go back to the shim, in order.
             while let Some(&i) = inflight.front() {
@@ -199,7 +274,9 @@ mod guest {
                 q.consume();
                 inflight.pop_front();
                 consumed += 1;
-                backoff.reset();
+                if consumed == warm(cfg) {
+                    mark(MARK_WARM);
+                }
             }
             let k = inflight.len() as u32;
             if let Some(a) = q.peek_at(k) {
@@ -210,29 +287,30 @@ mod guest {
                 // SAFETY: the arrival's bytes are in our receive window, ours
                 // until consumed, and referenced nowhere else.
                 let bytes = unsafe { core::slice::from_raw_parts_mut(p, len) };
-                for b in bytes.iter_mut() {
-                    *b ^= KEY;
-                }
+                let t = Instant::now();
+                xor_key(bytes);
+                busy(t);
                 inflight.push_back(post(q, &message(cfg, a.addr, a.len, a.tag)));
                 forwarded += 1;
-            } else if !inflight.is_empty() {
-                // Nothing new: make the exit that moves what waits; if the
-                // last one did not get it through, the writer is holding it
-                // back, so sleep before trying again.
-                backoff.pause();
-                q.flush();
-            } else if consumed < n {
-                q.wait();
+            } else {
+                // Nothing new: one exit that delivers what waits in the
+                // outbox and blocks in the shim until a new arrival, or
+                // until every forward was acted on (then its arrival can be
+                // consumed). No flush of its own.
+                q.wait_for(k, !inflight.is_empty(), 0);
             }
         }
+        mark(MARK_END);
         Ok(())
     }
 
     fn write(q: &Vmq, cfg: &Cfg) -> Result<(), &'static str> {
         let n = cfg.total / u64::from(cfg.msg);
-        let mut expect = alloc::vec![0u8; cfg.msg as usize];
         let (mut verified, mut t0) = (0u64, None);
         for seq in 0..n {
+            if seq == warm(cfg) {
+                mark(MARK_WARM);
+            }
             let a = loop {
                 if let Some(a) = q.peek() {
                     break a;
@@ -243,14 +321,16 @@ mod guest {
             if a.tag != seq || a.len != cfg.msg {
                 return Err("arrival out of order or of the wrong length");
             }
-            generate(&mut expect, seq * u64::from(cfg.msg));
             let got = q.bytes(&a).ok_or("arrival outside the window")?;
-            if got.iter().zip(&expect).any(|(g, e)| *g != e ^ KEY) {
+            let t = Instant::now();
+            if !matches(got, seq * u64::from(cfg.msg)) {
                 return Err("a byte differs from the stream");
             }
+            busy(t);
             verified += u64::from(a.len);
             q.consume();
         }
+        mark(MARK_END);
         let secs = t0.map_or(0.0, |t| t.elapsed().as_secs_f64());
         let mib_s = if secs > 0.0 {
             f64::from(u32::try_from(verified >> 10).unwrap_or(u32::MAX)) / 1024.0 / secs

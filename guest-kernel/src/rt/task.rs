@@ -56,6 +56,11 @@ pub static STRAY_NM: AtomicU64 = AtomicU64::new(0);
 core::arch::global_asm!(
     // extern "C" fn(save: *mut u64, load: u64): callee-saved registers on the
     // stack, the stack pointer into *save, then the other context's.
+    // Its own section: a global_asm block without one continues whatever
+    // section the block before it in the same codegen unit left open (the
+    // AP trampoline's `.boot`, supervisor-only), which depends on how the
+    // crate happens to be split.
+    ".section .text.exitless_task_switch, \"ax\"",
     ".global exitless_task_switch",
     "exitless_task_switch:",
     "push rbp",

@@ -11,15 +11,14 @@
 
 use crate::abi::vector;
 use crate::arch::BOOT;
-use crate::rt::{irq, sys, wait};
+use crate::rt::{irq, wait};
 use core::fmt;
 use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use core::time::Duration;
 use para_abi::discovery::{self, features};
-use para_abi::hypercall::Call;
 use para_abi::layout::area;
 use para_abi::vmq::{
-    self, Arrival, DirRecord, ENTRY_SIZE, Header, Message, RING_CONSUMED, RING_ENTRIES,
+    self, Arrival, DirRecord, ENTRY_SIZE, Header, Kick, Message, RING_CONSUMED, RING_ENTRIES,
     RING_PRODUCED, SendStatus,
 };
 
@@ -49,8 +48,12 @@ impl fmt::Display for VmqError {
 pub struct Vmq {
     base: usize,
     my_id: u32,
-    /// Flush hypercalls made (each one exit).
+    /// Explicit flushes made (each one exit), and those of them made because
+    /// the outbox was full.
     pub flushes: AtomicU64,
+    pub full_flushes: AtomicU64,
+    /// Kick-page waits made (each one exit, in place of a halt).
+    pub waits: AtomicU64,
 }
 
 /// How long a sender held back by a full destination first sleeps between
@@ -118,6 +121,8 @@ fn open_area() -> Result<Vmq, VmqError> {
         base: gpa as usize,
         my_id: 0,
         flushes: AtomicU64::new(0),
+        full_flushes: AtomicU64::new(0),
+        waits: AtomicU64::new(0),
     };
     let h = q.header();
     if h.magic != vmq::MAGIC || h.window != area::VMQ + vmq::WINDOW {
@@ -246,17 +251,50 @@ impl Vmq {
         }
     }
 
-    /// Makes the exit that delivers the outbox now (one hypercall).
+    /// Stores `k` at the kick page: one exit, from ring 3, with no kernel
+    /// code; the shim delivers the outbox (and, for a wait, blocks this vCPU
+    /// until the wait is over).
+    fn kick(&self, k: &Kick) {
+        // SAFETY: the kick page is inside the VM-queue reservation the boot
+        // page tables map for ring 3; nothing backs it, so the store is an
+        // exit the shim answers, never a memory write.
+        unsafe {
+            core::ptr::write_volatile((self.base + vmq::KICK as usize) as *mut u64, k.encode());
+        }
+    }
+
+    /// Makes the exit that delivers the outbox now.
     pub fn flush(&self) {
         self.flushes.fetch_add(1, Ordering::Relaxed);
-        let _ = sys::hypercall(Call::VmqFlush, 0);
+        self.kick(&Kick {
+            wait: false,
+            full: false,
+            done: false,
+            seen: 0,
+            max_us: 0,
+        });
+    }
+
+    /// The flush of a full outbox: the one reason a lazy sender flushes.
+    pub fn flush_full(&self) {
+        self.flushes.fetch_add(1, Ordering::Relaxed);
+        self.full_flushes.fetch_add(1, Ordering::Relaxed);
+        self.kick(&Kick {
+            wait: false,
+            full: true,
+            done: false,
+            seen: 0,
+            max_us: 0,
+        });
     }
 
     /// Posts `m`, flushing first when the outbox is full; then flushes under
     /// [`Policy::Immediate`] (the status is final on return) or rings the
-    /// doorbell under [`Policy::Doorbell`].
+    /// doorbell under [`Policy::Doorbell`]. Under [`Policy::Lazy`] nothing
+    /// else happens: the message leaves at this guest's next exit, at the
+    /// latest the one [`Self::wait`] makes when it idles.
     pub fn send(&self, m: &Message) -> u32 {
-        let mut backoff = Backoff::default();
+        let mut flushed = false;
         loop {
             if let Some(i) = self.post(m) {
                 if m.policy == Policy::Immediate as u8 {
@@ -266,27 +304,42 @@ impl Vmq {
                 }
                 return i;
             }
-            // Still full after a flush: a destination is holding messages
-            // back (`Message::HOLD`); sleep rather than exit again at once.
-            backoff.pause();
-            self.flush();
+            if flushed {
+                // Still full after a flush: a destination is holding messages
+                // back (`Message::HOLD`); block in the shim until they move.
+                self.wait_for(self.len(), true, 0);
+            } else {
+                self.flush_full();
+                flushed = true;
+            }
         }
     }
 
-    /// Flushes until outbox slot `index` has been acted on, backing off
-    /// between flushes that did not get it through.
+    /// Waits (in the shim) until outbox slot `index` has been acted on.
     pub fn settle(&self, index: u32) -> SendStatus {
-        let mut backoff = Backoff::default();
         while self
             .done()
             .wrapping_sub(index.wrapping_add(1))
             .cast_signed()
             < 0
         {
-            backoff.pause();
-            self.flush();
+            self.wait_for(self.len(), true, 0);
         }
         self.status(index)
+    }
+
+    /// One exit that delivers the outbox and blocks this vCPU in the shim
+    /// until more than `seen` arrivals wait, or (`done`) every posted message
+    /// was acted on, or `max_us` (0: the shim's longest, 10 ms) passes.
+    pub fn wait_for(&self, seen: u32, done: bool, max_us: u32) {
+        self.waits.fetch_add(1, Ordering::Relaxed);
+        self.kick(&Kick {
+            wait: true,
+            full: false,
+            done,
+            seen: u8::try_from(seen).unwrap_or(u8::MAX),
+            max_us,
+        });
     }
 
     /// Arrivals waiting in the inbox (a plain read, no exit).
@@ -349,20 +402,13 @@ impl Vmq {
         }
     }
 
-    /// Halts until an arrival is waiting (the arrival interrupt wakes us).
-    /// A halt is handled inside KVM here and is no exit the shim sees, so
-    /// messages still in the outbox are flushed first: otherwise two guests
-    /// waiting on each other's lazy sends would sleep for ever.
+    /// Returns once an arrival is waiting. Each wait is one exit to the shim
+    /// (the kick page), which delivers this guest's lazily posted messages
+    /// and blocks the vCPU until an arrival; a halt would be no exit the shim
+    /// sees here, so it would have needed a flush of its own.
     pub fn wait(&self) {
-        if self.posted() != self.done() {
-            self.flush();
+        while self.is_empty() {
+            self.wait_for(0, false, 0);
         }
-        // Pairs with the shim's fence between storing `produced` and loading
-        // `consumed`: our last `consumed` store is visible before we read
-        // `produced`, so one of us sees the other and no wake-up is lost.
-        wait::wait_until(|| {
-            core::sync::atomic::fence(Ordering::SeqCst);
-            !self.is_empty()
-        });
     }
 }

@@ -9,9 +9,10 @@
 //! shim has read it. Messages carry no `HOLD`: a full peer drops the frame
 //! (`QueueFull`, counted here), as a full NIC ring would; TCP/ARP retry.
 //!
-//! Delivery ([`LinkPolicy`]): by default frames are posted lazily and the
-//! network stack flushes once per `poll` that sent anything (and before it
-//! halts), so a burst costs one exit; `immediate` flushes per frame;
+//! Delivery ([`LinkPolicy`]): by default frames are posted lazily and leave
+//! with the stack's next exit: its wait is one kick-page exit the shim sees
+//! ([`VmqLink::idle`]) rather than a halt, so a lazy link makes no flush of
+//! its own unless its outbox fills up; `immediate` flushes per frame;
 //! `doorbell` rings an M1 event per frame (no exit where the shim's monitor
 //! is spinning).
 //!
@@ -182,6 +183,14 @@ impl VmqLink {
         }
     }
 
+    /// Waits by one kick-page exit (delivering lazily posted frames) until
+    /// a frame arrives or `max_us` passes (0: the shim's longest wait).
+    pub fn idle(&self, max_us: u32) {
+        if self.q.is_empty() {
+            self.q.wait_for(0, false, max_us);
+        }
+    }
+
     fn outbox_full(&self) -> bool {
         self.q.posted().wrapping_sub(self.q.done()) >= RING_ENTRIES
     }
@@ -194,7 +203,7 @@ impl FrameLink for VmqLink {
         }
         if self.outbox_full() {
             // Without HOLD every drain answers every entry: one flush empties it.
-            self.q.flush();
+            self.q.flush_full();
             if self.outbox_full() {
                 return Err(LinkError::Full);
             }

@@ -24,7 +24,10 @@ pub fn json(o: &Options, r: &Outcome) -> Value {
         "guests": r.guests.iter().map(|g| json!({
             "name": g.name, "exits": g.exits, "sends": g.sends, "flushes": g.flushes,
             "hypercall_exits": g.hypercall_exits, "held": g.held, "doorbell_kicks": g.kicks,
+            "flush_exits": g.flush_exits, "full_flushes": g.full_flushes, "waits": g.waits,
+            "steady_exits": g.steady_exits, "steady_msgs": g.steady_msgs, "pf_taken": g.pf_taken,
         })).collect::<Vec<_>>(),
+        "steady_exits_per_msg": r.steady_exits_per_msg(),
     })
 }
 
@@ -52,9 +55,21 @@ pub fn run(o: &Options, json_path: Option<&Path>, verbose: bool) -> Result<()> {
     );
     for g in &r.guests {
         println!(
-            "  {:<9} exits {:>7}  sends {:>6}  flush hypercalls {:>6}",
-            g.name, g.exits, g.sends, g.flushes
+            "  {:<9} exits {:>7} (steady {:>6} over {} msgs)  pf_taken {:>6}  sends {:>6}  flush exits {:>5} ({} full)  waits {:>6}",
+            g.name,
+            g.exits,
+            g.steady_exits
+                .map_or_else(|| "?".to_string(), |x| x.to_string()),
+            g.steady_msgs,
+            g.pf_taken,
+            g.sends,
+            g.flush_exits,
+            g.full_flushes,
+            g.waits
         );
+    }
+    if let Some(x) = r.steady_exits_per_msg() {
+        println!("  steady KVM exits per message, all guests: {x:.2}");
     }
     if let Some(path) = json_path {
         workspace::write_json(path, &json(o, &r))?;

@@ -32,6 +32,12 @@ pub struct GuestFigures {
     pub exits: u64,
     /// Hypercall exits the shim handled (flushes, plus boot and exit calls).
     pub hypercall_exits: u64,
+    /// Its flush exits as the shim counted them (hypercall or kick page),
+    /// of which `full_flushes` because its outbox was full; `waits`: the
+    /// kick-page waits it made in place of halting.
+    pub flush_exits: u64,
+    pub full_flushes: u64,
+    pub waits: u64,
     pub kicks: u64,
     /// Frames through a virtio-net device (must stay 0: there is none).
     pub virtio_packets: u64,
@@ -67,6 +73,9 @@ pub fn figures(name: &str, g: Option<&GuestStats>) -> GuestFigures {
         vm_exited: vmq.map_or(0, |v| v.errors.vm_exited),
         exits: g.map_or(0, |g| g.exits),
         hypercall_exits: g.map_or(0, GuestStats::hypercall_exits),
+        flush_exits: vmq.map_or(0, |v| v.flush_calls + v.kick_flushes + v.full_flushes),
+        full_flushes: vmq.map_or(0, |v| v.full_flushes),
+        waits: vmq.map_or(0, |v| v.waits),
         kicks: g.map_or(0, |g| g.doorbell.fallback_kicks),
         virtio_packets: g.map_or(0, |g| g.tx_packets() + g.rx_packets()),
     }

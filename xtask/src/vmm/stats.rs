@@ -342,6 +342,17 @@ pub struct VmqStats {
     /// Drains stopped at a full destination.
     pub held: u64,
     pub errors: VmqErrors,
+    /// The guest's own flushes as the shim counted them (absent from older
+    /// shims' JSON: 0).
+    #[serde(default)]
+    pub flush_calls: u64,
+    #[serde(default)]
+    pub kick_flushes: u64,
+    #[serde(default)]
+    pub full_flushes: u64,
+    /// Kick-page waits (exits made in place of a halt).
+    #[serde(default)]
+    pub waits: u64,
 }
 
 impl VmqStats {

@@ -222,6 +222,19 @@ impl Net {
         if self.nic.rx_pending() || wake.is_some_and(|w| Instant::now() >= w) {
             return;
         }
+        // A VM-queue NIC waits by an exit the shim sees, which also delivers
+        // lazily posted frames: no flush of its own.
+        if self.mode == RxMode::Interrupt {
+            let max_us = wake.map_or(0, |w| {
+                let ticks = w.0.saturating_sub(Instant::now().0);
+                u32::try_from(ticks * 1000 / time::tsc_khz().max(1))
+                    .unwrap_or(u32::MAX)
+                    .max(1)
+            });
+            if self.nic.wait_exit(max_us) {
+                return;
+            }
+        }
         // A halt is no exit the shim sees: lazily posted frames go now.
         self.nic.flush();
         match self.mode {

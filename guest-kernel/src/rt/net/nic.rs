@@ -44,6 +44,12 @@ pub trait Nic: fmt::Debug {
     /// Hands frames queued but not yet delivered to the VMM; called before
     /// the stack halts, which is no exit a VMM sees.
     fn flush(&mut self) {}
+    /// Waits by one exit the VMM sees (which also delivers queued frames)
+    /// instead of halting, for at most `max_us` µs (0: the VMM's longest);
+    /// false when the NIC has no such wait (then the stack halts).
+    fn wait_exit(&mut self, _max_us: u32) -> bool {
+        false
+    }
     fn stats(&self) -> NetStats;
     /// The vector whose per-CPU counts are this NIC's RX interrupts.
     fn rx_vector(&self) -> u8;
@@ -227,6 +233,10 @@ pub trait PeerLink: FrameLink + fmt::Debug {
     }
     /// See [`Nic::end_sleep`].
     fn end_sleep(&mut self) {}
+    /// See [`Nic::wait_exit`].
+    fn wait_exit(&mut self, _max_us: u32) -> bool {
+        false
+    }
     fn vmq_link_stats(&mut self) -> Option<(LinkStats, u64)> {
         None
     }
@@ -236,6 +246,11 @@ pub trait PeerLink: FrameLink + fmt::Debug {
 }
 
 impl PeerLink for VmqLink {
+    fn wait_exit(&mut self, max_us: u32) -> bool {
+        self.idle(max_us);
+        true
+    }
+
     fn vmq_link_stats(&mut self) -> Option<(LinkStats, u64)> {
         Some((self.stats(), self.flushes()))
     }
@@ -270,6 +285,10 @@ pub fn open_direct(peer: &str) -> Result<VmqNet<DirectLink>, NetError> {
 }
 
 impl<L: PeerLink> Nic for VmqNet<L> {
+    fn wait_exit(&mut self, max_us: u32) -> bool {
+        self.link_mut().wait_exit(max_us)
+    }
+
     fn mac(&self) -> EthernetAddress {
         EthernetAddress(VmqNet::mac(self))
     }
@@ -284,10 +303,10 @@ impl<L: PeerLink> Nic for VmqNet<L> {
         now: Instant,
         sockets: &mut SocketSet<'static>,
     ) -> PollResult {
-        let r = iface.poll(now, self, sockets);
-        // What this poll sent leaves in one exit (lazy links).
-        VmqNet::flush(self);
-        r
+        // What this poll sent lazily leaves with the stack's next exit: at
+        // the latest the kick-page wait of `Net::wait` (or its flush before
+        // spinning in poll mode), so no flush of its own here.
+        iface.poll(now, self, sockets)
     }
 
     fn rx_pending(&self) -> bool {

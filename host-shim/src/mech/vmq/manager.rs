@@ -8,7 +8,8 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use para_abi::layout::area;
 use para_abi::vmq::{
@@ -61,6 +62,27 @@ pub struct VmqCounters {
     /// Host mapping fragments this guest's remaps hold now, and its bound.
     pub remap_fragments: AtomicU64,
     pub remap_fragment_limit: AtomicU64,
+    /// Receive-window pages handed out for the first time (each costs the
+    /// guest a page fault on its first touch under shadow paging).
+    pub window_fresh_pages: AtomicU64,
+    /// Why the shim drained this guest's outbox: `VmqFlush` hypercalls,
+    /// kick-page flushes (the guest's outbox was full / otherwise), kick-page
+    /// waits (the guest was about to idle), and messages delivered at each
+    /// kind of drain (`at_exit`: any other exit of the sender, the lazy
+    /// policy's natural delivery point; `at_worker`: the doorbell worker).
+    pub flush_calls: AtomicU64,
+    pub kick_flushes: AtomicU64,
+    pub full_flushes: AtomicU64,
+    pub waits: AtomicU64,
+    /// Waits that ended with something in the inbox (else: outbox progress,
+    /// the deadline, or the guest ending).
+    pub waits_woken: AtomicU64,
+    pub delivered_at_flush: AtomicU64,
+    pub delivered_at_wait: AtomicU64,
+    pub delivered_at_exit: AtomicU64,
+    pub delivered_at_worker: AtomicU64,
+    /// Kick-page accesses that were not an 8-byte store (refused).
+    pub bad_kicks: AtomicU64,
 }
 
 /// [`VmqCounters`] as serialised.
@@ -83,6 +105,17 @@ pub struct VmqReport {
     pub bad_ring: u64,
     pub remap_fragments: u64,
     pub remap_fragment_limit: u64,
+    pub window_fresh_pages: u64,
+    pub flush_calls: u64,
+    pub kick_flushes: u64,
+    pub full_flushes: u64,
+    pub waits: u64,
+    pub waits_woken: u64,
+    pub delivered_at_flush: u64,
+    pub delivered_at_wait: u64,
+    pub delivered_at_exit: u64,
+    pub delivered_at_worker: u64,
+    pub bad_kicks: u64,
 }
 
 /// Why a message was refused: its status, or a remap refused for a reason of
@@ -163,6 +196,17 @@ impl VmqCounters {
             bad_ring: g(&self.bad_ring),
             remap_fragments: g(&self.remap_fragments),
             remap_fragment_limit: g(&self.remap_fragment_limit),
+            window_fresh_pages: g(&self.window_fresh_pages),
+            flush_calls: g(&self.flush_calls),
+            kick_flushes: g(&self.kick_flushes),
+            full_flushes: g(&self.full_flushes),
+            waits: g(&self.waits),
+            waits_woken: g(&self.waits_woken),
+            delivered_at_flush: g(&self.delivered_at_flush),
+            delivered_at_wait: g(&self.delivered_at_wait),
+            delivered_at_exit: g(&self.delivered_at_exit),
+            delivered_at_worker: g(&self.delivered_at_worker),
+            bad_kicks: g(&self.bad_kicks),
         }
     }
 }
@@ -198,10 +242,17 @@ struct Endpoint {
     /// It has a direct channel to every other guest with one (`mech::direct`).
     direct: bool,
     window_used: Vec<bool>,
-    cursor: usize,
+    /// Window pages ever handed out: a page used before is already mapped
+    /// in the guest's (shadow) page tables, a fresh one costs a fault.
+    window_seen: Vec<bool>,
+    /// No window page below this index is free (a search starts here).
+    low: usize,
     live: VecDeque<Live>,
     inbox_produced: u32,
     outbox_consumed: u32,
+    /// Its vCPU is blocked in [`Manager::wait`]: arrivals wake it through
+    /// the manager's condition variable, not its `notify`.
+    waiting: bool,
     notify: Notify,
     counters: Arc<VmqCounters>,
 }
@@ -251,32 +302,53 @@ impl Endpoint {
             if consumed.wrapping_sub(l.index).cast_signed() <= 0 {
                 break;
             }
-            for u in &mut self.window_used[l.first..l.first + l.pages] {
-                *u = false;
-            }
+            let (first, pages) = (l.first, l.pages);
             self.live.pop_front();
+            self.free(first, pages);
         }
         Some(n)
     }
 
-    /// First-fit from a rotating cursor: `pages` free window pages starting at
-    /// a multiple of `align` pages.
+    /// Lowest-first fit: `pages` free window pages starting at a multiple of
+    /// `align` pages, the lowest such run. Reusing the pages the guest just
+    /// handed back, rather than rotating through the whole window, keeps the
+    /// pages an arrival lands in already mapped in the guest's page tables:
+    /// on this host (shadow paging) the first guest touch of every fresh 4 KiB
+    /// page is a fault, so a rotating cursor made a 64 MiB stream fault on
+    /// every window page once more per pass.
     fn alloc(&mut self, pages: usize, align: usize) -> Option<usize> {
         let slots = WINDOW_PAGES / align;
-        let start = self.cursor / align;
-        for k in 0..slots {
-            let first = ((start + k) % slots) * align;
+        for slot in self.low / align..slots {
+            let first = slot * align;
             if first + pages <= WINDOW_PAGES
                 && self.window_used[first..first + pages].iter().all(|u| !u)
             {
                 for u in &mut self.window_used[first..first + pages] {
                     *u = true;
                 }
-                self.cursor = (first + pages) % WINDOW_PAGES;
+                let fresh = self.window_seen[first..first + pages]
+                    .iter_mut()
+                    .map(|s| !std::mem::replace(s, true))
+                    .filter(|&f| f)
+                    .count();
+                self.counters
+                    .window_fresh_pages
+                    .fetch_add(fresh as u64, Ordering::Relaxed);
+                if first == self.low {
+                    self.low = first + pages;
+                }
                 return Some(first);
             }
         }
         None
+    }
+
+    /// Gives window pages `first..first + pages` back.
+    fn free(&mut self, first: usize, pages: usize) {
+        for u in &mut self.window_used[first..first + pages] {
+            *u = false;
+        }
+        self.low = self.low.min(first);
     }
 
     fn write_directory(&self, dir: &[DirRecord], my_id: u32) {
@@ -316,7 +388,28 @@ pub struct Drained {
 struct Inner {
     eps: Vec<Endpoint>,
     backings: Backings,
+    /// Guests blocked in [`Manager::wait`] (their vCPU threads) wait here.
+    cv: Arc<Condvar>,
 }
+
+/// Why an outbox is drained (counted per guest, see [`VmqCounters`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Origin {
+    /// An exit the guest made for another reason (the lazy policy's point).
+    Exit,
+    /// A flush the guest asked for (hypercall or kick page).
+    Flush,
+    /// The guest is about to idle (kick page wait).
+    Wait,
+    /// The doorbell worker thread.
+    Worker,
+}
+
+/// The longest a guest blocks in [`Manager::wait`] when it names no limit.
+pub const WAIT_MAX: Duration = Duration::from_millis(10);
+/// How often a blocked guest retries its held messages (a destination that
+/// consumes makes no exit the shim sees, so nothing else tells it).
+pub const WAIT_RETRY: Duration = Duration::from_micros(200);
 
 /// Log lines guests can trigger, each through its own rate limit.
 #[derive(Default)]
@@ -344,6 +437,7 @@ impl Manager {
             inner: Mutex::new(Inner {
                 eps: Vec::new(),
                 backings: Backings::default(),
+                cv: Arc::new(Condvar::new()),
             }),
             logs: Logs::default(),
         }
@@ -398,10 +492,12 @@ impl Manager {
             alive: true,
             direct: false,
             window_used: vec![false; WINDOW_PAGES],
-            cursor: 0,
+            window_seen: vec![false; WINDOW_PAGES],
+            low: 0,
             live: VecDeque::new(),
             inbox_produced: 0,
             outbox_consumed: 0,
+            waiting: false,
             notify,
             counters: counters.clone(),
         });
@@ -445,10 +541,101 @@ impl Manager {
         p.load(Ordering::Relaxed) != c.load(Ordering::Relaxed)
     }
 
-    /// Delivers everything in guest `id`'s outbox.
+    /// Delivers everything in guest `id`'s outbox, at one of its exits.
     pub fn drain(&self, id: u32) -> Drained {
+        self.drain_by(id, Origin::Exit)
+    }
+
+    /// Delivers everything in guest `id`'s outbox, counted under `origin`.
+    pub fn drain_by(&self, id: u32, origin: Origin) -> Drained {
         let mut inner = self.lock();
-        let inner = &mut *inner;
+        let d = self.drain_locked(&mut inner, id);
+        if let Some(e) = inner.eps.get(id as usize) {
+            let c = &e.counters;
+            match origin {
+                Origin::Exit => &c.delivered_at_exit,
+                Origin::Flush => &c.delivered_at_flush,
+                Origin::Wait => &c.delivered_at_wait,
+                Origin::Worker => &c.delivered_at_worker,
+            }
+            .fetch_add(u64::from(d.delivered), Ordering::Relaxed);
+        }
+        if d.delivered > 0 {
+            // A blocked sender held behind this guest may get through now.
+            inner.cv.notify_all();
+        }
+        d
+    }
+
+    /// Drains guest `id`'s outbox (counted as delivered at a wait), then
+    /// blocks the calling thread (the guest's vCPU thread) until more than
+    /// `k.seen` arrivals wait in its inbox, or (`k.done`) every message it
+    /// posted has been acted on, or it is ending, or `k.max_us` (at most
+    /// [`WAIT_MAX`]) passes. True when it returned for an arrival.
+    pub fn wait(&self, id: u32, k: &vmq::Kick) -> bool {
+        let max = match k.max_us {
+            0 => WAIT_MAX,
+            us => Duration::from_micros(u64::from(us)).min(WAIT_MAX),
+        };
+        let deadline = Instant::now() + max;
+        let mut first = true;
+        let mut inner = self.lock();
+        // A guest that waits has usually just consumed what it had: senders
+        // held back by its full inbox may get through now. Its consuming
+        // made no exit, so this is the first moment the shim can know.
+        inner.cv.notify_all();
+        loop {
+            let d = self.drain_locked(&mut inner, id);
+            if d.delivered > 0 {
+                inner.cv.notify_all();
+            }
+            let Some(e) = inner.eps.get_mut(id as usize) else {
+                return false;
+            };
+            e.counters
+                .delivered_at_wait
+                .fetch_add(u64::from(d.delivered), Ordering::Relaxed);
+            if first {
+                e.counters.waits.fetch_add(1, Ordering::Relaxed);
+            }
+            let consumed = e.u32_at(vmq::INBOX + RING_CONSUMED).load(Ordering::Acquire);
+            // A bogus guest counter reads as "something arrived": it returns.
+            let arrived =
+                vmq::occupancy(e.inbox_produced, consumed).is_none_or(|n| n > u32::from(k.seen));
+            let posted = e
+                .u32_at(vmq::OUTBOX + RING_PRODUCED)
+                .load(Ordering::Acquire);
+            let done = k.done && posted == e.outbox_consumed;
+            if arrived || done || !e.alive || Instant::now() >= deadline {
+                e.waiting = false;
+                if arrived {
+                    e.counters.waits_woken.fetch_add(1, Ordering::Relaxed);
+                }
+                return arrived;
+            }
+            first = false;
+            e.waiting = true;
+            let left = deadline.saturating_duration_since(Instant::now());
+            let cv = inner.cv.clone();
+            inner = cv
+                .wait_timeout(inner, left.min(WAIT_RETRY))
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .0;
+        }
+    }
+
+    /// Whether guest `id`'s vCPU is blocked in [`Self::wait`] (tests).
+    #[cfg(test)]
+    pub(crate) fn is_waiting(&self, id: u32) -> bool {
+        self.lock().eps.get(id as usize).is_some_and(|e| e.waiting)
+    }
+
+    /// Wakes every guest blocked in [`Self::wait`] (one of them is ending).
+    pub fn wake_all(&self) {
+        self.lock().cv.notify_all();
+    }
+
+    fn drain_locked(&self, inner: &mut Inner, id: u32) -> Drained {
         let mut out = Drained::default();
         let Some(src) = inner.eps.get(id as usize) else {
             return out;
@@ -513,6 +700,14 @@ impl Manager {
             counters.drains.fetch_add(1, Ordering::Relaxed);
         }
         out
+    }
+
+    /// Every page an exchange places from now on is advised for transparent
+    /// huge pages, like the guests' RAM and areas ([`super::pages::advise_huge`]).
+    pub fn use_huge_pages(&self) {
+        self.lock()
+            .backings
+            .set_sys(Box::new(super::pages::Kernel { huge: true }));
     }
 
     /// Pages currently exchanged away from their home (tests, reports).
@@ -671,8 +866,8 @@ fn deliver(inner: &mut Inner, from: u32, m: &Message, logs: &Logs) -> Result<(),
     dst.counters
         .bytes_received
         .fetch_add(u64::from(m.len), Ordering::Relaxed);
-    if was_empty {
-        notify_arrival(dst);
+    if was_empty || dst.waiting {
+        notify_arrival(dst, &inner.cv);
     }
     Ok(())
 }
@@ -705,9 +900,7 @@ fn remap(inner: &mut Inner, from: u32, to: usize, p: &Pages, logs: &Logs) -> Res
         }
         Err(e) => {
             crate::guest_log!(warn, limit = logs.refused, guest = %inner.eps[from as usize].name, dest = to, "VM-queue remap refused: {e}");
-            for u in &mut inner.eps[to].window_used[p.first..p.first + p.count] {
-                *u = false;
-            }
+            inner.eps[to].free(p.first, p.count);
             Err(if e.is_limit() {
                 Refusal::RemapLimit
             } else {
@@ -719,7 +912,13 @@ fn remap(inner: &mut Inner, from: u32, to: usize, p: &Pages, logs: &Logs) -> Res
 
 /// Tells the destination that its inbox went from empty to non-empty. The one
 /// seam where M3 upcalls replace the MSI path.
-fn notify_arrival(dst: &Endpoint) {
+fn notify_arrival(dst: &Endpoint, cv: &Condvar) {
     dst.counters.notifications.fetch_add(1, Ordering::Relaxed);
-    (dst.notify)();
+    if dst.waiting {
+        // Its vCPU is blocked in `Manager::wait`: waking that thread is the
+        // whole notification; an interrupt on top would cost it more exits.
+        cv.notify_all();
+    } else {
+        (dst.notify)();
+    }
 }

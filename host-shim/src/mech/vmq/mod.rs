@@ -24,11 +24,14 @@ use vm_memory::{FileOffset, GuestMemoryBackend, GuestMemoryRegion, MmapRegion};
 
 use crate::kvm::cpuid::Offer;
 use crate::kvm::memory::{self, GuestMem};
+use crate::loglimit::LogLimit;
 use crate::mech::doorbell::Target;
 use crate::mech::{CallCtx, ExitCtx, Mechanism, UpcallClass, Upcaller};
+use crate::platform::MmioDevice;
 use crate::report::GuestReport;
-use manager::{EndpointMemory, Manager, Notify, VmqCounters};
+use manager::{EndpointMemory, Manager, Notify, Origin, VmqCounters};
 use pages::Mapping;
+use std::sync::atomic::Ordering;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AttachError {
@@ -98,6 +101,31 @@ pub fn endpoint_memory(ram: &GuestMem, area: Area) -> Result<EndpointMemory, Att
         ram_file: fo.arc().clone(),
         area_file: area.file.clone(),
         keep: Box::new((ram.clone(), area)),
+    })
+}
+
+/// Whether the host gives shared memory transparent huge pages when asked
+/// (`shmem_enabled` `advise`, `within_size` or `always`); logged once.
+fn huge_pages() -> bool {
+    static MODE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *MODE.get_or_init(|| {
+        let mode = pages::shmem_thp_mode();
+        let on = matches!(
+            mode.as_deref(),
+            Some("advise" | "within_size" | "always" | "force")
+        );
+        if on {
+            tracing::info!(
+                "VM queues: shared-memory huge pages ({}): 2 MiB remaps fault once per 2 MiB",
+                mode.as_deref().unwrap_or("?")
+            );
+        } else {
+            tracing::info!(
+                "VM queues: no shared-memory huge pages (shmem_enabled {}): remapped pages fault per 4 KiB; as root, `echo advise > /sys/kernel/mm/transparent_hugepage/shmem_enabled` enables them",
+                mode.as_deref().unwrap_or("unknown")
+            );
+        }
+        on
     })
 }
 
@@ -181,6 +209,14 @@ impl Vmq {
         unsafe { vm.set_user_memory_region(desc) }.map_err(AttachError::Slot)?;
         let base = area.base();
         let mem = endpoint_memory(ram, area)?;
+        if huge_pages() {
+            for m in [&mem.ram, &mem.area] {
+                if let Err(e) = pages::advise_huge(m.base, m.len) {
+                    tracing::warn!(guest = name, "VM queues: MADV_HUGEPAGE: {e}");
+                }
+            }
+            manager.use_huge_pages();
+        }
         let (id, counters) = manager.add(name, mem, arrival_notify(vm, upcall))?;
         Ok(Self {
             manager: manager.clone(),
@@ -209,7 +245,24 @@ impl Mechanism for Vmq {
     }
 
     fn hypercall(&self, _cx: &CallCtx<'_>, _call: Call, _arg: u64) -> u64 {
+        self.counters.flush_calls.fetch_add(1, Ordering::Relaxed);
+        self.manager.drain_by(self.id, Origin::Flush);
         Status::Ok as u64
+    }
+
+    fn mmio(self: Arc<Self>) -> Option<Arc<dyn MmioDevice>> {
+        Some(Arc::new(KickPage {
+            manager: self.manager.clone(),
+            id: self.id,
+            counters: self.counters.clone(),
+            log: LogLimit::default(),
+        }))
+    }
+
+    fn ending(&self) {
+        // A vCPU blocked in a kick-page wait is in no KVM_RUN a kick reaches.
+        self.manager.mark_exited(self.id);
+        self.manager.wake_all();
     }
 
     fn after_exit(&self, cx: &mut ExitCtx<'_>) -> bool {
@@ -224,6 +277,70 @@ impl Mechanism for Vmq {
     fn report(&self, r: &mut GuestReport) {
         r.vmq = Some(self.counters.report(self.id));
     }
+}
+
+/// The kick page (`vmq::KICK`, no memory behind it): a guest store there is
+/// an MMIO exit on the storing vCPU's thread. It delivers the guest's outbox
+/// and, for a wait, blocks that thread until something arrives
+/// ([`Manager::wait`]): the exit a guest about to idle makes in place of a
+/// halt (which this KVM handles without the shim), so lazy messages leave
+/// with it. Reads, and stores of another size, are refused and counted.
+pub(crate) struct KickPage {
+    pub(crate) manager: Arc<Manager>,
+    pub(crate) id: u32,
+    pub(crate) counters: Arc<VmqCounters>,
+    pub(crate) log: LogLimit,
+}
+
+impl KickPage {
+    fn refuse(&self, what: std::fmt::Arguments<'_>) {
+        self.counters.bad_kicks.fetch_add(1, Ordering::Relaxed);
+        crate::guest_log!(
+            warn,
+            limit = self.log,
+            vmq_id = self.id,
+            "VM-queue kick page: {what} refused"
+        );
+    }
+}
+
+impl MmioDevice for KickPage {
+    fn mmio_read(&self, addr: u64, data: &mut [u8]) -> bool {
+        if !kick_page(addr) {
+            return false;
+        }
+        self.refuse(format_args!("read of {} bytes at {addr:#x}", data.len()));
+        true
+    }
+
+    fn mmio_write(&self, addr: u64, data: &[u8]) -> bool {
+        if !kick_page(addr) {
+            return false;
+        }
+        let q = self;
+        let Ok(raw) = <[u8; 8]>::try_from(data) else {
+            self.refuse(format_args!("write of {} bytes at {addr:#x}", data.len()));
+            return true;
+        };
+        let k = vmq::Kick::decode(u64::from_le_bytes(raw));
+        if k.wait {
+            q.manager.wait(q.id, &k);
+        } else {
+            if k.full {
+                &q.counters.full_flushes
+            } else {
+                &q.counters.kick_flushes
+            }
+            .fetch_add(1, Ordering::Relaxed);
+            q.manager.drain_by(q.id, Origin::Flush);
+        }
+        true
+    }
+}
+
+fn kick_page(addr: u64) -> bool {
+    let page = area::VMQ + vmq::KICK;
+    (page..page + vmq::KICK_SIZE).contains(&addr)
 }
 
 /// Every guest's VM-queue wiring for one shim run: one manager, and the
@@ -286,7 +403,7 @@ impl DoorbellWorker {
                     if stopping.load(std::sync::atomic::Ordering::Acquire) {
                         break;
                     }
-                    manager.drain(id);
+                    manager.drain_by(id, Origin::Worker);
                 }
             })?;
         Ok(Self {

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
-use para_abi::layout::area;
+use para_abi::layout::{PARA_REGION_BASE, area};
 use para_abi::vmq::{
     self, Arrival, DirRecord, ENTRY_SIZE, Header, Message, RING_CONSUMED, RING_ENTRIES,
     RING_PRODUCED, SendStatus,
@@ -20,6 +20,7 @@ const RAM: u64 = 8 << 20;
 struct TestGuest {
     id: u32,
     ram: GuestMem,
+    ram_len: u64,
     area: usize,
     counters: Arc<VmqCounters>,
     notified: Arc<AtomicU64>,
@@ -27,7 +28,11 @@ struct TestGuest {
 
 impl TestGuest {
     fn new(m: &Manager, name: &str) -> Self {
-        let ram = memory::create(name, RAM).unwrap();
+        Self::with_ram(m, name, RAM)
+    }
+
+    fn with_ram(m: &Manager, name: &str, bytes: u64) -> Self {
+        let ram = memory::create(name, bytes).unwrap();
         let area = Area::new(name).unwrap();
         let base = area.base();
         let notified = Arc::new(AtomicU64::new(0));
@@ -44,6 +49,7 @@ impl TestGuest {
         Self {
             id,
             ram,
+            ram_len: bytes,
             area: base,
             counters,
             notified,
@@ -527,14 +533,14 @@ impl Sys for Faulty {
         if self.maps.contains(&(self.seen.0 - 1)) {
             return Err(std::io::Error::from_raw_os_error(libc::ENOMEM));
         }
-        Kernel.map(addr, len, file, offset)
+        Kernel::default().map(addr, len, file, offset)
     }
     fn punch(&mut self, file: &std::fs::File, offset: u64, len: u64) -> std::io::Result<()> {
         self.seen.1 += 1;
         if self.punches.contains(&(self.seen.1 - 1)) {
             return Err(std::io::Error::from_raw_os_error(libc::EIO));
         }
-        Kernel.punch(file, offset, len)
+        Kernel::default().punch(file, offset, len)
     }
 }
 
@@ -630,7 +636,7 @@ fn a_remap_whose_second_mmap_fails_is_undone() {
     assert_untouched(&mgr, &snd, &rcv, &old);
     // The slot was freed and nothing is out of place: the same message goes
     // through once mmap works again.
-    mgr.with_backings(|b| b.set_sys(Box::new(Kernel)));
+    mgr.with_backings(|b| b.set_sys(Box::new(Kernel::default())));
     snd.fill(SRC, 8192, 0x21);
     let k = snd.post(msg(rcv.id, 1, SRC, 8192));
     mgr.drain(snd.id);
@@ -701,7 +707,7 @@ fn vmas_in(base: usize, len: usize) -> usize {
 
 fn assert_ledger_matches_kernel(mgr: &Manager, g: &TestGuest) {
     for (base, len) in [
-        (g.ram_base(), RAM as usize),
+        (g.ram_base(), g.ram_len as usize),
         (g.area, vmq::AREA_SIZE as usize),
     ] {
         assert_eq!(
@@ -838,7 +844,7 @@ fn a_refused_remap_is_held_like_a_full_queue_and_keeps_the_stream_in_order() {
     assert_eq!(snd.status(k), SendStatus::Pending);
     assert_eq!(snd.counters.err_remap_failed.load(Ordering::Relaxed), 2);
     assert_eq!(snd.counters.held.load(Ordering::Relaxed), 1);
-    mgr.with_backings(|b| b.set_sys(Box::new(Kernel)));
+    mgr.with_backings(|b| b.set_sys(Box::new(Kernel::default())));
     assert_eq!(mgr.drain(snd.id).delivered, 1);
     assert_eq!(snd.status(k), SendStatus::Delivered);
     assert!(mgr.with_backings(|b| b.consistent()));
@@ -851,9 +857,11 @@ fn a_scattering_sender_meets_its_share_long_before_the_kernel_limit() {
     // guests' mappings. Under the real bound (three guests: a third of half of
     // vm.max_map_count each) it is refused by reason, never by the kernel.
     // A fixed order would not do: the pool hands pages back in send order, so
-    // a repeated pattern coalesces by itself.
+    // a repeated pattern coalesces by itself. The receiver consumes at once,
+    // so its window slot is reused every time (lowest-first allocation): the
+    // splits are the sender's own, over 64 MiB of RAM.
     let mgr = Manager::new();
-    let snd = TestGuest::new(&mgr, "a");
+    let snd = TestGuest::with_ram(&mgr, "a", 64 << 20);
     let rcv = TestGuest::new(&mgr, "b");
     let _third = TestGuest::new(&mgr, "c");
     let limits = mgr.with_backings(|b| b.limits);
@@ -864,7 +872,7 @@ fn a_scattering_sender_meets_its_share_long_before_the_kernel_limit() {
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;
-        let page = 256 + x % 1792;
+        let page = 256 + x % 16_000;
         let k = snd.post(msg(rcv.id, 1, page * 4096, 4096));
         mgr.drain(snd.id);
         if snd.status(k) != SendStatus::Delivered {
@@ -877,9 +885,193 @@ fn a_scattering_sender_meets_its_share_long_before_the_kernel_limit() {
     assert_eq!(snd.counters.err_remap_limit.load(Ordering::Relaxed), 1);
     assert_eq!(snd.counters.err_remap_failed.load(Ordering::Relaxed), 0);
     let (total, own) = mgr.with_backings(|b| b.fragments(snd.id as usize));
-    assert!(own <= limits.per_sender && own + 8 > limits.per_sender);
+    assert!(
+        own <= limits.per_sender && own + 8 > limits.per_sender,
+        "own {own} total {total} limits {limits:?} sent {sent}"
+    );
     assert!(total <= limits.total);
     assert_ledger_matches_kernel(&mgr, &snd);
     assert_ledger_matches_kernel(&mgr, &rcv);
     assert!(mgr.with_backings(|b| b.consistent()));
+}
+
+#[test]
+fn hostile_remaps_are_refused_counted_and_map_nothing() {
+    let mgr = Manager::new();
+    let snd = TestGuest::new(&mgr, "a");
+    let rcv = TestGuest::new(&mgr, "b");
+    snd.fill(SRC, 4096, 7);
+    let before = snd.read(SRC, 4096);
+    let huge = |addr, len| Message {
+        huge: true,
+        ..msg(rcv.id, 1, addr, len)
+    };
+    let cases: Vec<(Message, SendStatus)> = vec![
+        // Bogus page numbers: far beyond RAM, wrapping, the last page + 1.
+        (
+            msg(rcv.id, 1, 0x7FFF_FFFF_F000, 4096),
+            SendStatus::OutsideRam,
+        ),
+        (msg(rcv.id, 1, !0xFFF, 8192), SendStatus::OutsideRam),
+        (msg(rcv.id, 1, RAM - 4096, 8192), SendStatus::OutsideRam),
+        (huge(RAM, 2 << 20), SendStatus::OutsideRam),
+        // Its para region, its own VM-queue control pages, the kick page.
+        (
+            msg(rcv.id, 1, PARA_REGION_BASE, 4096),
+            SendStatus::OutsideRam,
+        ),
+        (
+            msg(rcv.id, 1, area::VMQ + vmq::OUTBOX - 0x3000, 4096),
+            SendStatus::OutsideRam,
+        ),
+        (
+            msg(rcv.id, 1, area::VMQ + vmq::KICK, 4096),
+            SendStatus::OutsideRam,
+        ),
+        // Huge counts and misaligned huge pages.
+        (msg(rcv.id, 1, SRC, u32::MAX), SendStatus::BadDescriptor),
+        (
+            msg(rcv.id, 1, SRC, vmq::MAX_MESSAGE + 4096),
+            SendStatus::BadDescriptor,
+        ),
+        (huge(4096, 2 << 20), SendStatus::BadDescriptor),
+        // Itself, and destinations that name nobody.
+        (msg(snd.id, 1, SRC, 4096), SendStatus::BadDescriptor),
+        (msg(31, 1, SRC, 4096), SendStatus::NoSuchVm),
+        (msg(u32::MAX, 1, SRC, 4096), SendStatus::NoSuchVm),
+    ];
+    for (i, (m, want)) in cases.iter().enumerate() {
+        let k = snd.post(*m);
+        assert_eq!(mgr.drain(snd.id).failed, 1, "case {i}");
+        assert_eq!(snd.status(k), *want, "case {i}: {m:?}");
+    }
+    let c = &snd.counters;
+    let g = |x: &AtomicU64| x.load(Ordering::Relaxed);
+    assert_eq!(g(&c.err_outside_ram), 7);
+    assert_eq!(g(&c.err_bad_descriptor), 4);
+    assert_eq!(g(&c.err_no_such_vm), 2);
+    // Nothing was mapped anywhere: no page moved, no mmap made, the sender
+    // still sees its bytes and the receiver got nothing.
+    assert_eq!(mgr.moved_pages(), 0);
+    assert_eq!(g(&c.remap_mmaps), 0);
+    assert!(snd.read(SRC, 4096) == before, "the sender's page changed");
+    assert_eq!(rcv.inbox_len(), 0);
+    assert_eq!(g(&rcv.counters.window_fresh_pages), 0);
+    assert!(mgr.with_backings(|b| b.consistent()));
+}
+
+fn kick(wait: bool, full: bool, done: bool, seen: u8, max_us: u32) -> vmq::Kick {
+    vmq::Kick {
+        wait,
+        full,
+        done,
+        seen,
+        max_us,
+    }
+}
+
+#[test]
+fn a_wait_delivers_lazy_messages_and_wakes_a_waiting_receiver_without_an_interrupt() {
+    let mgr = Arc::new(Manager::new());
+    let snd = TestGuest::new(&mgr, "a");
+    let rcv = TestGuest::new(&mgr, "b");
+    let (m2, rid) = (mgr.clone(), rcv.id);
+    let waiter = std::thread::spawn(move || m2.wait(rid, &kick(true, false, false, 0, 0)));
+    while !mgr.is_waiting(rcv.id) {
+        std::thread::yield_now();
+    }
+    // A lazy message: it leaves with the sender's own wait, no flush.
+    snd.fill(SRC, 64, 3);
+    let k = snd.post(Message {
+        policy: 1,
+        ..msg(rcv.id, 0, SRC, 64)
+    });
+    // The sender waits for its outbox to be done: returns at once.
+    assert!(!mgr.wait(snd.id, &kick(true, false, true, 0, 0)));
+    assert_eq!(snd.status(k), SendStatus::Delivered);
+    assert!(waiter.join().unwrap(), "the receiver woke for its arrival");
+    let g = |x: &AtomicU64| x.load(Ordering::Relaxed);
+    assert_eq!(g(&snd.counters.delivered_at_wait), 1);
+    assert_eq!(g(&snd.counters.waits), 1);
+    assert_eq!(g(&rcv.counters.waits_woken), 1);
+    // The blocked receiver was woken directly: no interrupt on top.
+    assert_eq!(rcv.notified.load(Ordering::Relaxed), 0);
+    assert_eq!(g(&rcv.counters.notifications), 1);
+    // Not waiting any more: the next arrival comes as an interrupt again.
+    snd.post(Message {
+        policy: 1,
+        ..msg(rcv.id, 0, SRC, 64)
+    });
+    rcv.consume(1);
+    mgr.drain(snd.id);
+    assert_eq!(rcv.notified.load(Ordering::Relaxed), 1);
+}
+
+#[test]
+fn a_wait_returns_for_more_than_it_has_seen_or_at_its_deadline() {
+    let mgr = Manager::new();
+    let snd = TestGuest::new(&mgr, "a");
+    let rcv = TestGuest::new(&mgr, "b");
+    // Nothing comes: the deadline (2 ms) ends it, not an arrival.
+    assert!(!mgr.wait(rcv.id, &kick(true, false, false, 0, 2000)));
+    snd.post(msg(rcv.id, 0, SRC, 64));
+    mgr.drain(snd.id);
+    // One arrival it has already seen does not end a wait; a bogus "seen"
+    // larger than the inbox does not either, and nothing breaks.
+    assert!(!mgr.wait(rcv.id, &kick(true, false, false, 1, 1000)));
+    assert!(mgr.wait(rcv.id, &kick(true, false, false, 0, 1000)));
+    assert!(!mgr.wait(rcv.id, &kick(true, false, false, 200, 1000)));
+    assert_eq!(rcv.counters.waits.load(Ordering::Relaxed), 4);
+    assert_eq!(rcv.counters.waits_woken.load(Ordering::Relaxed), 1);
+}
+
+#[test]
+fn the_kick_page_flushes_counts_why_and_refuses_what_is_not_a_kick() {
+    use crate::platform::MmioDevice;
+    let mgr = Arc::new(Manager::new());
+    let snd = TestGuest::new(&mgr, "a");
+    let rcv = TestGuest::new(&mgr, "b");
+    let page = super::KickPage {
+        manager: mgr.clone(),
+        id: snd.id,
+        counters: snd.counters.clone(),
+        log: crate::loglimit::LogLimit::default(),
+    };
+    let at = area::VMQ + vmq::KICK;
+    let store = |k: &vmq::Kick| page.mmio_write(at, &k.encode().to_le_bytes());
+    snd.post(msg(rcv.id, 0, SRC, 64));
+    assert!(store(&kick(false, false, false, 0, 0)));
+    snd.post(msg(rcv.id, 0, SRC, 64));
+    assert!(store(&kick(false, true, false, 0, 0)));
+    assert_eq!(rcv.inbox_len(), 2);
+    let g = |x: &AtomicU64| x.load(Ordering::Relaxed);
+    assert_eq!(
+        (g(&snd.counters.kick_flushes), g(&snd.counters.full_flushes)),
+        (1, 1)
+    );
+    assert_eq!(g(&snd.counters.delivered_at_flush), 2);
+    // Reads, short stores: refused and counted; addresses beyond the page
+    // are not its own.
+    let mut b = [0u8; 8];
+    assert!(page.mmio_read(at, &mut b));
+    assert!(page.mmio_write(at + 8, &[1, 2, 3, 4]));
+    assert!(!page.mmio_write(at + vmq::KICK_SIZE, &[0; 8]));
+    assert!(!page.mmio_write(at - 8, &[0; 8]));
+    assert_eq!(g(&snd.counters.bad_kicks), 2);
+    assert_eq!(rcv.inbox_len(), 2);
+}
+
+#[test]
+fn window_pages_are_reused_lowest_first() {
+    let mgr = Manager::new();
+    let snd = TestGuest::new(&mgr, "a");
+    let rcv = TestGuest::new(&mgr, "b");
+    for _ in 0..100 {
+        snd.post(msg(rcv.id, 0, SRC, 4096));
+        mgr.drain(snd.id);
+        assert_eq!(rcv.peek(0).addr, area::VMQ + vmq::WINDOW);
+        rcv.consume(1);
+    }
+    // One page of the window was ever handed out: the guest faults once.
+    assert_eq!(rcv.counters.window_fresh_pages.load(Ordering::Relaxed), 1);
 }
