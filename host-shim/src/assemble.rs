@@ -122,7 +122,10 @@ fn attach_net(
     let device_hints = DeviceHints::new(hints.clone());
     net.hints = Some(device_hints.clone());
     if let Some(c) = ctrl.cloned() {
+        let (w, t) = (c.clone(), c.clone());
         net.quiet = Some(Arc::new(move |q| c.nic0_quiet(q)));
+        net.rx_work = Some(Arc::new(move || w.nic0_rx_work()));
+        net.tx_popped = Some(Arc::new(move || t.nic0_tx_popped()));
     }
     let counters = net.counters.clone();
     let router = Arc::new(KvmMsiRouter::new(g.vm.clone(), IOAPIC_PINS));

@@ -120,10 +120,18 @@ pub struct Net {
     pub hints: Option<Arc<crate::mech::hints::DeviceHints>>,
     /// Asked before a queue's MSI (queue 0 RX, 1 TX): true withholds it (M4 quiet flags).
     pub quiet: Option<QuietGate>,
+    /// Told after every batch of frames put into the RX used ring (M4's
+    /// exitless wait: wakes a vCPU held until its RX queue has work).
+    pub rx_work: Option<RxWork>,
+    /// Told before each frame taken off the TX ring goes to the switch (the
+    /// latency breakdown's sender stamps).
+    pub tx_popped: Option<RxWork>,
 }
 
 /// See [`Net::quiet`].
 pub type QuietGate = Arc<dyn Fn(usize) -> bool + Send + Sync>;
+/// See [`Net::rx_work`].
+pub type RxWork = Arc<dyn Fn() + Send + Sync>;
 
 impl Net {
     /// A NIC with `mac` on a new port of `switch`, bound to `mac`: the switch
@@ -146,6 +154,8 @@ impl Net {
             worker: None,
             hints: None,
             quiet: None,
+            rx_work: None,
+            tx_popped: None,
         })
     }
 
@@ -224,6 +234,8 @@ impl VirtioDevice for Net {
             // the TX vector), so a TX hint would steer nothing.
             hints: [self.hints.as_ref().and_then(|h| h.queue(RX as u16)), None],
             quiet: self.quiet.clone(),
+            rx_work: self.rx_work.clone(),
+            tx_popped: self.tx_popped.clone(),
         };
         let h = std::thread::Builder::new()
             .name(format!("{}-net", self.name))
@@ -254,6 +266,8 @@ struct Worker {
     stop: EventFd,
     hints: [Option<crate::mech::hints::QueueHinter>; 2],
     quiet: Option<QuietGate>,
+    rx_work: Option<RxWork>,
+    tx_popped: Option<RxWork>,
 }
 
 const T_RX: u64 = 0;
@@ -367,6 +381,9 @@ impl Worker {
         while let Some((head, res)) = pop_tx(&mut self.tx, &self.mem) {
             match res {
                 Ok(frame) => {
+                    if let Some(t) = &self.tx_popped {
+                        t();
+                    }
                     self.counters.tx_packets.fetch_add(1, Ordering::Relaxed);
                     self.counters
                         .tx_bytes
@@ -419,6 +436,11 @@ impl Worker {
             }
         }
         if used {
+            // The frame is in the ring: wake a held vCPU first (no MSI then
+            // when its quiet flag is set), then the interrupt for the others.
+            if let Some(w) = &self.rx_work {
+                w();
+            }
             self.signal(RX);
         }
     }

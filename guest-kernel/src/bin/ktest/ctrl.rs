@@ -307,6 +307,8 @@ ktest!(
             irq_cpu: 0,
             notify: guest_kernel::rt::net::Notify::Auto,
             tx_irq: true,
+            wait: guest_kernel::rt::net::WaitMode::Halt,
+            poll_us: 0,
         };
         let mut net = Net::open(0, &cfg).map_err(|e| format!("{e}"))?;
         let tx = net.rx_vector() + 1;

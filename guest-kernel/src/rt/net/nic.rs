@@ -95,6 +95,7 @@ impl QueueNotifier for DoorbellNotifier {
                     op: Op::Notify,
                     arg: 0,
                 };
+                crate::rt::ctrl::stamp_notify(crate::rt::time::Instant::now().0);
                 let _ = d.send(event);
                 true
             }

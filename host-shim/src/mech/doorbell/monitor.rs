@@ -82,7 +82,10 @@ impl RingTask {
         let mut n = 0;
         while n < batch {
             match self.consumer.poll(&ring) {
-                Polled::Event(e) => self.guest.event(e),
+                Polled::Event(e) => {
+                    crate::breakdown::NOTIFY_SEEN.store(crate::breakdown::now(), Ordering::Relaxed);
+                    self.guest.event(e);
+                }
                 Polled::Rejected(r) => self.guest.rejected(r.reason),
                 Polled::Empty => break,
             }
