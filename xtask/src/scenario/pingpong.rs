@@ -238,7 +238,12 @@ pub struct Report {
     /// Named checks, for the test legs and the exit code.
     pub checks: Vec<(String, bool)>,
     pub log: PathBuf,
+    /// Each guest's `pingpong-breakdown:` JSON (`pingpong.breakdown=1`): the
+    /// per-stage times of the datagrams it received.
+    pub breakdowns: Vec<(String, String)>,
 }
+
+pub const BREAKDOWN_PREFIX: &str = "pingpong-breakdown: ";
 
 impl Report {
     #[must_use]
@@ -412,11 +417,21 @@ pub fn on_shim(opts: &Options, label: &str, mut echo: impl FnMut(&str)) -> Resul
             false,
         ));
     }
+    let breakdowns = names
+        .iter()
+        .filter_map(|name| {
+            shim::guest_lines(&run.lines, name)
+                .into_iter()
+                .find_map(|l| l.trim().strip_prefix(BREAKDOWN_PREFIX).map(str::to_owned))
+                .map(|j| (name.clone(), j))
+        })
+        .collect();
     let report = Report {
         clients,
         guests: reports,
         checks,
         log: run.log.clone(),
+        breakdowns,
     };
     if !report.ok() {
         run.print_post_mortem();
@@ -528,6 +543,7 @@ pub fn on_qemu(opts: &Options, label: &str, port: u16) -> Result<Report> {
         guests,
         checks,
         log: PathBuf::new(),
+        breakdowns: Vec::new(),
     })
 }
 
