@@ -30,7 +30,7 @@ use crate::mech::doorbell::bench::NotifyBench;
 use crate::mech::doorbell::manager::{ManagerError, ParaRegion, Plan, Request, plan};
 use crate::mech::doorbell::monitor::{Monitors, RingTask, SpinBudget};
 use crate::mech::doorbell::redesignate::{self, Redesignation};
-use crate::mech::doorbell::{Doorbells, GuestDoorbells, Target};
+use crate::mech::doorbell::{Doorbells, GuestDoorbells, InlineWork, Target};
 use crate::mech::hints::{DeviceHints, GuestHints, HintsError, IoPlacement};
 use crate::mech::quantum::Quantum;
 use crate::mech::upcalls::{Delivery, GuestUpcalls, Upcalls};
@@ -106,7 +106,7 @@ fn attach_net(
     g: &Guest,
     bus: &mut PciBus,
     switch: &Arc<Switch>,
-    index: usize,
+    (index, inline_run): (usize, bool),
     hints: &Arc<GuestHints>,
     ctrl: Option<&Arc<GuestCtrl>>,
 ) -> Result<NicInfo, VmError> {
@@ -127,6 +127,8 @@ fn attach_net(
         net.rx_work = Some(Arc::new(move || w.nic0_rx_work()));
         net.tx_popped = Some(Arc::new(move || t.nic0_tx_popped()));
     }
+    net.run_to_completion = inline_run;
+    let inline = net.inline.clone();
     let counters = net.counters.clone();
     let router = Arc::new(KvmMsiRouter::new(g.vm.clone(), IOAPIC_PINS));
     // One vector per queue plus one for configuration changes.
@@ -156,6 +158,7 @@ fn attach_net(
         msix,
         pci_device: slot,
         doorbell_fds,
+        inline: inline_run.then_some(inline),
     })
 }
 
@@ -280,8 +283,15 @@ impl Assembly {
 
         let mut bus = PciBus::new(&cfg.name, g.rejects.clone());
         if !cli.no_net {
-            let nic = attach_net(&g, &mut bus, &self.switch, index, &hints, ctrl.as_ref())
-                .map_err(err)?;
+            let nic = attach_net(
+                &g,
+                &mut bus,
+                &self.switch,
+                (index, cli.run_to_completion),
+                &hints,
+                ctrl.as_ref(),
+            )
+            .map_err(err)?;
             g.nics.push(nic);
         }
         let bus = Arc::new(bus);
@@ -349,6 +359,10 @@ impl Assembly {
                     .iter()
                     .filter_map(|f| f.try_clone().ok())
                     .collect(),
+                inline: n.inline.clone().map(|i| {
+                    let run: InlineWork = Arc::new(move |q| i.run(q));
+                    run
+                }),
             })
             .collect();
         targets.extend(extra);

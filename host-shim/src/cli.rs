@@ -148,6 +148,14 @@ pub struct Cli {
     #[arg(long, value_name = "N")]
     pub io_cpu_move_to: Option<usize>,
 
+    /// Run to completion: "on" has the doorbell monitor that consumes a NIC
+    /// notification do the queue work itself (pop TX, switch, push into the
+    /// peer's RX ring, wake the peer) and the switch push frames into a guest
+    /// NIC's RX ring on the sender's thread; "off" wakes the NIC's worker
+    /// thread for each (eventfds).
+    #[arg(long, value_name = "on|off", default_value = "on", action = clap::ArgAction::Set, value_parser = parse_on_off)]
+    pub run_to_completion: bool,
+
     /// Shadowed control flags (M4): "on" maps every guest's control blocks
     /// (CPUID 0x40000001 bit SHADOW_FLAGS, leaf 0x40000005); "off" offers none.
     #[arg(long, value_name = "on|off", default_value = "on", action = clap::ArgAction::Set, value_parser = parse_on_off)]

@@ -126,6 +126,47 @@ pub struct Net {
     /// Told before each frame taken off the TX ring goes to the switch (the
     /// latency breakdown's sender stamps).
     pub tx_popped: Option<RxWork>,
+    /// Runs this NIC's queue work on the caller's thread (run to completion:
+    /// the M1 monitor that consumed a notification does the work itself).
+    pub inline: Arc<Inline>,
+    /// Offer [`Self::inline`] and push frames from the switch on the sender's
+    /// thread (`--run-to-completion`); off: every hand-over wakes the worker.
+    pub run_to_completion: bool,
+}
+
+/// A NIC's queue work, callable from any host thread once the driver has
+/// activated the device; until then (and after a reset) callers fall back to
+/// waking the NIC's worker.
+#[derive(Default)]
+pub struct Inline {
+    core: std::sync::RwLock<Option<Arc<Core>>>,
+}
+
+impl Inline {
+    /// Does the work a notification of `queue` asks for, here and now; false
+    /// when the device is not active (the caller wakes the worker instead).
+    pub fn run(&self, queue: u16) -> bool {
+        let core = match self.core.read() {
+            Ok(c) => c.clone(),
+            Err(p) => p.into_inner().clone(),
+        };
+        let Some(core) = core else {
+            return false;
+        };
+        match usize::from(queue) {
+            RX => core.process_rx(),
+            TX => core.process_tx(),
+            _ => return false,
+        }
+        true
+    }
+
+    fn set(&self, core: Option<Arc<Core>>) {
+        match self.core.write() {
+            Ok(mut c) => *c = core,
+            Err(p) => *p.into_inner() = core,
+        }
+    }
 }
 
 /// See [`Net::quiet`].
@@ -156,6 +197,8 @@ impl Net {
             quiet: None,
             rx_work: None,
             tx_popped: None,
+            inline: Arc::default(),
+            run_to_completion: false,
         })
     }
 
@@ -165,6 +208,8 @@ impl Net {
     }
 
     fn stop_worker(&mut self) {
+        self.inline.set(None);
+        self.port.set_direct(None);
         if let Some((stop, h)) = self.worker.take() {
             let _ = stop.write(1);
             let _ = h.join();
@@ -212,31 +257,46 @@ impl VirtioDevice for Net {
             return Err("virtio-net needs two queues".into());
         };
         let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| e.to_string())?;
-        let w = Worker {
+        let core = Arc::new(Core {
             name: self.name.clone(),
             mem: a.mem,
-            rx,
-            tx,
             vectors: [
                 a.vectors.first().copied().unwrap_or(NO_VECTOR),
                 a.vectors.get(1).copied().unwrap_or(NO_VECTOR),
             ],
             msix: a.msix,
-            notify: a.notify,
-            doorbell: a.doorbell,
             switch: self.switch.clone(),
             port_index: self.port_index,
             port: self.port.clone(),
             counters: self.counters.clone(),
             rejects: self.rejects.clone(),
-            stop: stop.try_clone().map_err(|e| e.to_string())?,
-            // Only RX: TX completions are reaped on the send path (the guest masks
-            // the TX vector), so a TX hint would steer nothing.
-            hints: [self.hints.as_ref().and_then(|h| h.queue(RX as u16)), None],
             quiet: self.quiet.clone(),
             rx_work: self.rx_work.clone(),
             tx_popped: self.tx_popped.clone(),
+            rx: std::sync::Mutex::new(RxSide {
+                q: rx,
+                // Only RX: TX completions are reaped on the send path (the guest
+                // masks the TX vector), so a TX hint would steer nothing.
+                hint: self.hints.as_ref().and_then(|h| h.queue(RX as u16)),
+            }),
+            tx: std::sync::Mutex::new(tx),
+        });
+        let w = Worker {
+            name: self.name.clone(),
+            notify: a.notify,
+            doorbell: a.doorbell,
+            port: self.port.clone(),
+            counters: self.counters.clone(),
+            stop: stop.try_clone().map_err(|e| e.to_string())?,
+            core: core.clone(),
         };
+        if self.run_to_completion {
+            self.inline.set(Some(core.clone()));
+            // Frames the switch hands this port are pushed into the RX ring on
+            // the sender's thread (no wake-up of this NIC's worker per frame).
+            self.port
+                .set_direct(Some(Arc::new(move || core.process_rx())));
+        }
         let h = std::thread::Builder::new()
             .name(format!("{}-net", self.name))
             .spawn(move || w.run())
@@ -249,25 +309,43 @@ impl VirtioDevice for Net {
     }
 }
 
-struct Worker {
+/// The receive side: the queue and its hint, under one lock.
+struct RxSide {
+    q: Queue,
+    hint: Option<crate::mech::hints::QueueHinter>,
+}
+
+/// A NIC's queues and what their work needs; any host thread may run it.
+/// Lock order: a thread holds at most one queue lock of one NIC, and never
+/// while it hands frames to the switch (which may run another NIC's RX work).
+pub struct Core {
     name: String,
     mem: GuestMem,
-    rx: Queue,
-    tx: Queue,
     vectors: [u16; 2],
     msix: Arc<crate::pci::msix::Msix>,
-    notify: Vec<EventFd>,
-    doorbell: Vec<EventFd>,
     switch: Arc<Switch>,
     port_index: usize,
     port: Arc<Port>,
     counters: Arc<NetCounters>,
     rejects: Arc<RejectCounters>,
-    stop: EventFd,
-    hints: [Option<crate::mech::hints::QueueHinter>; 2],
     quiet: Option<QuietGate>,
     rx_work: Option<RxWork>,
     tx_popped: Option<RxWork>,
+    rx: std::sync::Mutex<RxSide>,
+    tx: std::sync::Mutex<Queue>,
+}
+
+/// The NIC's own thread: waits for notifications that arrive as eventfds
+/// (the notify register's ioeventfd, a doorbell the monitor could not run
+/// inline, frames queued on the port) and runs the core's work for them.
+struct Worker {
+    name: String,
+    notify: Vec<EventFd>,
+    doorbell: Vec<EventFd>,
+    port: Arc<Port>,
+    counters: Arc<NetCounters>,
+    stop: EventFd,
+    core: Arc<Core>,
 }
 
 const T_RX: u64 = 0;
@@ -278,7 +356,7 @@ const T_DOORBELL_RX: u64 = 4;
 const T_DOORBELL_TX: u64 = 5;
 
 impl Worker {
-    fn run(mut self) {
+    fn run(self) {
         let Ok(epoll) = Epoll::new() else {
             warn!(nic = %self.name, "epoll_create failed; NIC stays silent");
             return;
@@ -296,10 +374,10 @@ impl Worker {
         }
         add(self.port.ready.as_raw_fd(), T_PORT);
         add(self.stop.as_raw_fd(), T_STOP);
-        self.follow_io_placement();
+        self.core.follow_io_placement();
         // Frames may already wait; the driver may have queued TX before we started.
-        self.process_tx();
-        self.process_rx();
+        self.core.process_tx();
+        self.core.process_rx();
         let mut events = vec![EpollEvent::default(); 8];
         loop {
             let n = match epoll.wait(-1, &mut events) {
@@ -310,40 +388,33 @@ impl Worker {
                     return;
                 }
             };
-            self.follow_io_placement();
+            self.core.follow_io_placement();
             for ev in &events[..n] {
                 match ev.data() {
                     T_STOP => return,
                     T_TX => {
                         self.count_notify(TX);
-                        self.process_tx();
+                        self.core.process_tx();
                     }
                     T_RX => {
                         self.count_notify(RX);
-                        self.process_rx();
+                        self.core.process_rx();
                     }
                     // Doorbell notifications (M1): counted by the monitor.
                     T_DOORBELL_TX => {
                         let _ = self.doorbell[TX].read();
-                        self.process_tx();
+                        self.core.process_tx();
                     }
                     T_DOORBELL_RX => {
                         let _ = self.doorbell[RX].read();
-                        self.process_rx();
+                        self.core.process_rx();
                     }
                     _ => {
                         let _ = self.port.ready.read();
-                        self.process_rx();
+                        self.core.process_rx();
                     }
                 }
             }
-        }
-    }
-
-    /// Moves this thread where `--io-cpu` (or a run-time move) says (M2).
-    fn follow_io_placement(&mut self) {
-        if let Some(h) = &mut self.hints[RX] {
-            h.follow_placement();
         }
     }
 
@@ -352,16 +423,30 @@ impl Worker {
             self.counters.notifications[q].fetch_add(n, Ordering::Relaxed);
         }
     }
+}
 
-    fn signal(&mut self, q: usize) {
-        let queue = if q == RX { &mut self.rx } else { &mut self.tx };
+impl Core {
+    /// Moves the calling thread where `--io-cpu` (or a run-time move) says (M2).
+    fn follow_io_placement(&self) {
+        if let Some(h) = &mut crate::sync::lock(&self.rx).hint {
+            h.follow_placement();
+        }
+    }
+
+    /// Raises queue `q`'s MSI unless the driver or a quiet flag withholds it.
+    fn signal(
+        &self,
+        q: usize,
+        queue: &mut Queue,
+        hint: Option<&mut crate::mech::hints::QueueHinter>,
+    ) {
         // Honour VIRTQ_AVAIL_F_NO_INTERRUPT / used_event (virtio 1.2 §2.7.10).
         if queue.needs_notification(&self.mem).unwrap_or(true)
             && self.vectors[q] != NO_VECTOR
             && !self.quiet.as_ref().is_some_and(|quiet| quiet(q))
         {
             // M2: the hint goes out before the interrupt it describes.
-            if let Some(h) = &mut self.hints[q] {
+            if let Some(h) = hint {
                 h.before_interrupt(self.msix.destination(self.vectors[q]));
             }
             self.msix.trigger(self.vectors[q]);
@@ -376,37 +461,49 @@ impl Worker {
         }
     }
 
-    fn process_tx(&mut self) {
-        let mut used = false;
-        while let Some((head, res)) = pop_tx(&mut self.tx, &self.mem) {
-            match res {
-                Ok(frame) => {
-                    if let Some(t) = &self.tx_popped {
-                        t();
+    /// Takes every frame off the TX ring, then (the queue lock released)
+    /// hands them to the switch.
+    pub fn process_tx(&self) {
+        let mut frames = Vec::new();
+        {
+            let mut tx = crate::sync::lock(&self.tx);
+            let mut used = false;
+            while let Some((head, res)) = pop_tx(&mut tx, &self.mem) {
+                match res {
+                    Ok(frame) => {
+                        if let Some(t) = &self.tx_popped {
+                            t();
+                        }
+                        self.counters.tx_packets.fetch_add(1, Ordering::Relaxed);
+                        self.counters
+                            .tx_bytes
+                            .fetch_add(frame.len() as u64, Ordering::Relaxed);
+                        frames.push(frame);
                     }
-                    self.counters.tx_packets.fetch_add(1, Ordering::Relaxed);
-                    self.counters
-                        .tx_bytes
-                        .fetch_add(frame.len() as u64, Ordering::Relaxed);
-                    self.switch.send(self.port_index, &frame);
+                    Err(e) => self.reject(&e, "tx"),
                 }
-                Err(e) => self.reject(&e, "tx"),
+                if tx.add_used(&self.mem, head, 0).is_err() {
+                    self.reject(&ChainError::Bad, "tx");
+                    break;
+                }
+                used = true;
             }
-            if self.tx.add_used(&self.mem, head, 0).is_err() {
-                self.reject(&ChainError::Bad, "tx");
-                break;
+            if used {
+                self.signal(TX, &mut tx, None);
             }
-            used = true;
         }
-        if used {
-            self.signal(TX);
+        for f in &frames {
+            self.switch.send(self.port_index, f);
         }
     }
 
-    fn process_rx(&mut self) {
+    /// Moves frames waiting on the port into the RX ring and wakes the guest.
+    pub fn process_rx(&self) {
+        let mut rx = crate::sync::lock(&self.rx);
+        let RxSide { q, hint } = &mut *rx;
         let mut used = false;
         while let Some(frame) = self.port.pop() {
-            match push_rx(&mut self.rx, &self.mem, &frame) {
+            match push_rx(q, &self.mem, &frame) {
                 None => {
                     // No buffer: keep the frame until the driver refills (bounded by the port queue).
                     self.port.unpop(frame);
@@ -427,7 +524,7 @@ impl Worker {
                             0
                         }
                     };
-                    if self.rx.add_used(&self.mem, head, len).is_err() {
+                    if q.add_used(&self.mem, head, len).is_err() {
                         self.reject(&ChainError::Bad, "rx");
                         break;
                     }
@@ -441,7 +538,7 @@ impl Worker {
             if let Some(w) = &self.rx_work {
                 w();
             }
-            self.signal(RX);
+            self.signal(RX, q, hint.as_mut());
         }
     }
 }

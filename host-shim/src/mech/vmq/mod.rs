@@ -309,6 +309,7 @@ pub fn doorbell_target(
     let target = Target {
         device: para_abi::doorbell::device::VMQ,
         queues: vec![worker.fd.try_clone()?],
+        inline: None,
     };
     Ok((target, worker))
 }
