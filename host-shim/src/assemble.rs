@@ -241,7 +241,11 @@ impl Assembly {
             name: cfg.name.clone(),
             source,
         };
-        let cpu = monitor_cpu(pins.first().copied().flatten(), self.ncpus);
+        let cpu = if matches!(cli.pin, crate::cli::PinPolicy::Sidecore) {
+            self.ncpus.max(1) - 1
+        } else {
+            monitor_cpu(pins.first().copied().flatten(), self.ncpus)
+        };
         let plan = if cli.doorbells {
             let spare = cli
                 .doorbell_redesignate
