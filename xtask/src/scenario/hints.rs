@@ -153,11 +153,15 @@ pub fn run(
             cmdline: cmdline(server, setup),
         })
         .collect();
+    // Hints name the vCPUs beside the NIC's I/O thread: the frames must go
+    // through that thread (`--run-to-completion off`), not the sender's.
     let mut extra: Vec<String> = vec![
         "--pin".into(),
         "0,1".into(),
         "--io-cpu".into(),
         setup.io_cpu.to_string(),
+        "--run-to-completion".into(),
+        "off".into(),
     ];
     if let Some((n, to)) = setup.move_after_irqs {
         extra.extend([
