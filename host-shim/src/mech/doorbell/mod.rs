@@ -382,6 +382,15 @@ impl Mechanism for Doorbells {
         status as u64
     }
 
+    /// The guest ends and its monitors will stop: writing is withdrawn, so
+    /// a vCPU still running sends through the notify register (what it wrote
+    /// before is consumed by the monitors' last pass).
+    fn ending(&self) {
+        if let Some(region) = &self.para {
+            region.control().set_writing_allowed(false);
+        }
+    }
+
     fn mark(&self, m: &mut MarkReport) {
         let s = self.guest.snapshot();
         m.doorbell_events = s.events;
