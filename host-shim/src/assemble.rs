@@ -123,9 +123,12 @@ fn attach_net(
     net.hints = Some(device_hints.clone());
     if let Some(c) = ctrl.cloned() {
         let (w, t) = (c.clone(), c.clone());
+        let stamps = c.latency_stamps.load(std::sync::atomic::Ordering::Relaxed);
         net.quiet = Some(Arc::new(move |q| c.nic0_quiet(q)));
         net.rx_work = Some(Arc::new(move || w.nic0_rx_work()));
-        net.tx_popped = Some(Arc::new(move || t.nic0_tx_popped()));
+        if stamps {
+            net.tx_popped = Some(Arc::new(move || t.nic0_tx_popped()));
+        }
     }
     net.run_to_completion = inline_run;
     let inline = net.inline.clone();
@@ -178,12 +181,14 @@ fn hints(g: &Guest, cli: &Cli) -> Result<Arc<GuestHints>, VmError> {
 }
 
 /// M4: maps guest `g`'s control blocks. Needs `KVM_CAP_READONLY_MEM`.
-fn ctrl(kvm: &Kvm, g: &Guest) -> Result<Arc<GuestCtrl>, CtrlError> {
+fn ctrl(kvm: &Kvm, g: &Guest, stamps: bool) -> Result<Arc<GuestCtrl>, CtrlError> {
     if !kvm.check_extension(Cap::ReadonlyMem) {
         return Err(CtrlError::NoReadonlyMem);
     }
     let c = GuestCtrl::new(&g.name, g.vcpus.len() as u32)?;
     c.register(&g.vm)?;
+    c.latency_stamps
+        .store(stamps, std::sync::atomic::Ordering::Relaxed);
     Ok(Arc::new(c))
 }
 
@@ -271,7 +276,7 @@ impl Assembly {
         self.io_placements.push(hints.io.clone());
         g.attach(hints.clone()).map_err(err)?;
         let ctrl = if cli.shadow_flags {
-            match ctrl(kvm, &g) {
+            match ctrl(kvm, &g, cli.latency_stamps) {
                 Ok(c) => {
                     g.attach(c.clone()).map_err(err)?;
                     Some(c)

@@ -159,6 +159,13 @@ pub struct Cli {
     #[arg(long, value_name = "on|off", default_value = "on", action = clap::ArgAction::Set, value_parser = parse_on_off)]
     pub run_to_completion: bool,
 
+    /// Latency-breakdown stamps (`cargo xtask bench breakdown`): "on" takes
+    /// each frame's host TSC stamps and the sender's own, converted to the
+    /// receiver's TSC, into the receiver's M4 wait page. Off by default: they
+    /// carry one guest's timing into another guest's page.
+    #[arg(long, value_name = "on|off", default_value = "off", action = clap::ArgAction::Set, value_parser = parse_on_off)]
+    pub latency_stamps: bool,
+
     /// Shadowed control flags (M4): "on" maps every guest's control blocks
     /// (CPUID 0x40000001 bit SHADOW_FLAGS, leaf 0x40000005); "off" offers none.
     #[arg(long, value_name = "on|off", default_value = "on", action = clap::ArgAction::Set, value_parser = parse_on_off)]

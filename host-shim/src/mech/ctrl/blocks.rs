@@ -149,6 +149,9 @@ pub struct GuestCtrl {
     /// The guest's TSC minus the host's (latency breakdown), measured on
     /// vCPU 0's thread before its first entry.
     tsc_offset: OnceLock<Option<i64>>,
+    /// Latency-breakdown stamps are taken and handed on (`--latency-stamps`).
+    /// Off by default: they carry one guest's timing into another's page.
+    pub latency_stamps: AtomicBool,
 }
 
 impl GuestCtrl {
@@ -164,6 +167,7 @@ impl GuestCtrl {
             counters: Counters::default(),
             waits: Waits::default(),
             tsc_offset: OnceLock::new(),
+            latency_stamps: AtomicBool::new(false),
         };
         for i in 0..vcpus {
             c.publish(i, DEFAULT_MASKS);
@@ -456,7 +460,9 @@ impl GuestCtrl {
     /// NIC 0 put frames into its RX used ring: hands the guest the frame's
     /// breakdown stamps, then wakes a vCPU held in a wait.
     pub fn nic0_rx_work(&self) {
-        if let Some(&Some(off)) = self.tsc_offset.get() {
+        if let Some(&Some(off)) = self.tsc_offset.get()
+            && self.latency_stamps.load(Ordering::Relaxed)
+        {
             let stamps = crate::breakdown::rx_pushed(|h| h.wrapping_add_signed(off));
             for (s, v) in ctrl::wait::Stamp::ALL.iter().zip(stamps) {
                 self.wait_word(s.offset()).store(v, Ordering::Relaxed);
@@ -502,7 +508,7 @@ impl GuestCtrl {
     /// `IA32_TSC` (MSR 0x10, SDM vol 4 table 2-2) read through `KVM_GET_MSRS`
     /// between two host TSC reads.
     pub(super) fn measure_tsc_offset(&self, fd: &VcpuFd) {
-        if self.tsc_offset.get().is_some() {
+        if self.tsc_offset.get().is_some() || !self.latency_stamps.load(Ordering::Relaxed) {
             return;
         }
         // Tried once: a KVM that refuses leaves the breakdown without stamps.
