@@ -31,7 +31,7 @@ use crate::mech::doorbell::bench::NotifyBench;
 use crate::mech::doorbell::manager::{ManagerError, ParaRegion, Plan, Request, plan};
 use crate::mech::doorbell::monitor::{Monitors, RingTask, SpinBudget};
 use crate::mech::doorbell::redesignate::{self, Redesignation};
-use crate::mech::doorbell::{CallTarget, Doorbells, GuestDoorbells, Target};
+use crate::mech::doorbell::{CallTarget, Doorbells, GuestDoorbells, InlineWork, Target};
 use crate::mech::hints::{DeviceHints, GuestHints, HintsError, IoPlacement};
 use crate::mech::quantum::Quantum;
 use crate::mech::upcalls::{Delivery, GuestUpcalls, Upcalls};
@@ -109,7 +109,7 @@ fn attach_net(
     g: &Guest,
     bus: &mut PciBus,
     switch: &Arc<Switch>,
-    index: usize,
+    (index, inline_run): (usize, bool),
     hints: &Arc<GuestHints>,
     ctrl: Option<&Arc<GuestCtrl>>,
 ) -> Result<NicInfo, VmError> {
@@ -125,8 +125,16 @@ fn attach_net(
     let device_hints = DeviceHints::new(hints.clone());
     net.hints = Some(device_hints.clone());
     if let Some(c) = ctrl.cloned() {
+        let (w, t) = (c.clone(), c.clone());
+        let stamps = c.latency_stamps.load(std::sync::atomic::Ordering::Relaxed);
         net.quiet = Some(Arc::new(move |q| c.nic0_quiet(q)));
+        net.rx_work = Some(Arc::new(move || w.nic0_rx_work()));
+        if stamps {
+            net.tx_popped = Some(Arc::new(move || t.nic0_tx_popped()));
+        }
     }
+    net.run_to_completion = inline_run;
+    let inline = net.inline.clone();
     let counters = net.counters.clone();
     let router = Arc::new(KvmMsiRouter::new(g.vm.clone(), IOAPIC_PINS));
     // One vector per queue plus one for configuration changes.
@@ -156,6 +164,7 @@ fn attach_net(
         msix,
         pci_device: slot,
         doorbell_fds,
+        inline: inline_run.then_some(inline),
     })
 }
 
@@ -175,12 +184,14 @@ fn hints(g: &Guest, cli: &Cli) -> Result<Arc<GuestHints>, VmError> {
 }
 
 /// M4: maps guest `g`'s control blocks. Needs `KVM_CAP_READONLY_MEM`.
-fn ctrl(kvm: &Kvm, g: &Guest) -> Result<Arc<GuestCtrl>, CtrlError> {
+fn ctrl(kvm: &Kvm, g: &Guest, stamps: bool) -> Result<Arc<GuestCtrl>, CtrlError> {
     if !kvm.check_extension(Cap::ReadonlyMem) {
         return Err(CtrlError::NoReadonlyMem);
     }
     let c = GuestCtrl::new(&g.name, g.vcpus.len() as u32)?;
     c.register(&g.vm)?;
+    c.latency_stamps
+        .store(stamps, std::sync::atomic::Ordering::Relaxed);
     Ok(Arc::new(c))
 }
 
@@ -251,7 +262,11 @@ impl Assembly {
             name: cfg.name.clone(),
             source,
         };
-        let cpu = monitor_cpu(pins.first().copied().flatten(), self.ncpus);
+        let cpu = if matches!(cli.pin, crate::cli::PinPolicy::Sidecore) {
+            self.ncpus.max(1) - 1
+        } else {
+            monitor_cpu(pins.first().copied().flatten(), self.ncpus)
+        };
         let plan = if cli.doorbells {
             let spare = cli
                 .doorbell_redesignate
@@ -277,7 +292,7 @@ impl Assembly {
         self.io_placements.push(hints.io.clone());
         g.attach(hints.clone()).map_err(err)?;
         let ctrl = if cli.shadow_flags {
-            match ctrl(kvm, &g) {
+            match ctrl(kvm, &g, cli.latency_stamps) {
                 Ok(c) => {
                     g.attach(c.clone()).map_err(err)?;
                     Some(c)
@@ -293,8 +308,15 @@ impl Assembly {
 
         let mut bus = PciBus::new(&cfg.name, g.rejects.clone());
         if !cli.no_net {
-            let nic = attach_net(&g, &mut bus, &self.switch, index, &hints, ctrl.as_ref())
-                .map_err(err)?;
+            let nic = attach_net(
+                &g,
+                &mut bus,
+                &self.switch,
+                (index, cli.run_to_completion),
+                &hints,
+                ctrl.as_ref(),
+            )
+            .map_err(err)?;
             g.nics.push(nic);
         }
         let bus = Arc::new(bus);
@@ -390,6 +412,10 @@ impl Assembly {
                     .iter()
                     .filter_map(|f| f.try_clone().ok())
                     .collect(),
+                inline: n.inline.clone().map(|i| {
+                    let run: InlineWork = Arc::new(move |q| i.run(q));
+                    run
+                }),
             })
             .collect();
         targets.extend(extra);

@@ -33,9 +33,12 @@ pub struct Cli {
 
     /// vCPU placement: "none" (let the host schedule), "spread" (round-robin over the
     /// N host CPUs, every guest's vCPU 0 first, then every guest's vCPU 1, ..., so that
-    /// the guests' boot vCPUs, which do most of the work, get different host CPUs), or a
-    /// comma list of host CPUs used round-robin over the vCPUs in command-line order
-    /// (guest a's vCPUs, then guest b's, ...).
+    /// the guests' boot vCPUs, which do most of the work, get different host CPUs),
+    /// "sidecore" (every guest's vCPU 0 on the host CPUs but the last, the other vCPUs
+    /// spread over all, and every doorbell monitor on the last CPU: a core for the
+    /// data path, for guests that take turns like a ping-pong pair), or a comma list of
+    /// host CPUs used round-robin over the vCPUs in command-line order (guest a's
+    /// vCPUs, then guest b's, ...).
     #[arg(long, value_name = "POLICY", default_value = "spread", value_parser = parse_pin)]
     pub pin: PinPolicy,
 
@@ -149,6 +152,21 @@ pub struct Cli {
     #[arg(long, value_name = "N")]
     pub io_cpu_move_to: Option<usize>,
 
+    /// Run to completion: "on" has the doorbell monitor that consumes a NIC
+    /// notification do the queue work itself (pop TX, switch, push into the
+    /// peer's RX ring, wake the peer) and the switch push frames into a guest
+    /// NIC's RX ring on the sender's thread; "off" wakes the NIC's worker
+    /// thread for each (eventfds).
+    #[arg(long, value_name = "on|off", default_value = "on", action = clap::ArgAction::Set, value_parser = parse_on_off)]
+    pub run_to_completion: bool,
+
+    /// Latency-breakdown stamps (`cargo xtask bench breakdown`): "on" takes
+    /// each frame's host TSC stamps and the sender's own, converted to the
+    /// receiver's TSC, into the receiver's M4 wait page. Off by default: they
+    /// carry one guest's timing into another guest's page.
+    #[arg(long, value_name = "on|off", default_value = "off", action = clap::ArgAction::Set, value_parser = parse_on_off)]
+    pub latency_stamps: bool,
+
     /// Shadowed control flags (M4): "on" maps every guest's control blocks
     /// (CPUID 0x40000001 bit SHADOW_FLAGS, leaf 0x40000005); "off" offers none.
     #[arg(long, value_name = "on|off", default_value = "on", action = clap::ArgAction::Set, value_parser = parse_on_off)]
@@ -193,6 +211,9 @@ pub struct Cli {
 pub enum PinPolicy {
     None,
     Spread,
+    /// A monitor core: every guest's vCPU 0 on the CPUs but the last, the
+    /// other vCPUs spread, every doorbell monitor on the last CPU.
+    Sidecore,
     List(Vec<usize>),
 }
 
@@ -216,6 +237,14 @@ impl PinPolicy {
                             cpus[v] = Some(k % ncpus);
                             k += 1;
                         }
+                    }
+                }
+            }
+            Self::Sidecore => {
+                let shared = (ncpus - 1).max(1);
+                for (g, cpus) in out.iter_mut().enumerate() {
+                    for (v, slot) in cpus.iter_mut().enumerate() {
+                        *slot = Some(if v == 0 { g % shared } else { v % ncpus });
                     }
                 }
             }
@@ -246,13 +275,14 @@ fn parse_pin(s: &str) -> Result<PinPolicy, String> {
     match s {
         "none" => Ok(PinPolicy::None),
         "spread" => Ok(PinPolicy::Spread),
+        "sidecore" => Ok(PinPolicy::Sidecore),
         list => {
             let cpus: Result<Vec<usize>, _> =
                 list.split(',').map(|c| c.trim().parse::<usize>()).collect();
             match cpus {
                 Ok(c) if !c.is_empty() => Ok(PinPolicy::List(c)),
                 _ => Err(format!(
-                    "expected none, spread or a CPU list like 0,1; got {list:?}"
+                    "expected none, spread, sidecore or a CPU list like 0,1; got {list:?}"
                 )),
             }
         }
@@ -419,6 +449,17 @@ mod tests {
             [vec![Some(0), Some(2), Some(3)], vec![Some(1)]]
         );
         assert_eq!(s.placement(&[1], 0), [vec![Some(0)]]);
+        // A monitor core: the boot vCPUs share the CPUs but the last.
+        let c = parse_pin("sidecore").unwrap();
+        assert_eq!(
+            c.placement(&[2, 2], 2),
+            [vec![Some(0), Some(1)], vec![Some(0), Some(1)]]
+        );
+        assert_eq!(
+            c.placement(&[1, 1, 2], 4),
+            [vec![Some(0)], vec![Some(1)], vec![Some(2), Some(1)]]
+        );
+        assert_eq!(c.placement(&[2], 1), [vec![Some(0), Some(0)]]);
         let l = parse_pin("1,0").unwrap();
         assert_eq!(
             l.placement(&[2, 1], 2),

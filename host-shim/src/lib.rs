@@ -8,6 +8,7 @@
 //! loop ([`vcpu::exit`]), [`vm`], [`assemble`], [`run`] and [`cli`].
 
 pub mod assemble;
+pub mod breakdown;
 pub mod cli;
 pub mod counters;
 pub mod devices;

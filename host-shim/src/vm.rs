@@ -91,6 +91,9 @@ pub struct NicInfo {
     pub pci_device: u8,
     /// Per queue: the eventfd a doorbell notification rings.
     pub doorbell_fds: Vec<vmm_sys_util::eventfd::EventFd>,
+    /// The NIC's queue work for the doorbell monitor to run itself (run to
+    /// completion), when asked for.
+    pub inline: Option<Arc<crate::devices::net::Inline>>,
 }
 
 /// A guest before and while it runs.

@@ -20,16 +20,19 @@
 //! to the shadow before the exit was consumed at that exit; one made after the
 //! exit under the old rule is redone; none is lost.
 
-/// Layout version in EDX of [`crate::discovery::LEAF_CTRL`].
-pub const VERSION: u32 = 1;
-/// Bytes of the area the shim maps: the mask page and the shadow page.
-pub const AREA_BYTES: u64 = 2 * PAGE;
+/// Layout version in EDX of [`crate::discovery::LEAF_CTRL`]. Version 2 adds
+/// the wait page ([`wait`]).
+pub const VERSION: u32 = 2;
+/// Bytes of the area the shim maps: the mask page, the shadow page and the wait page.
+pub const AREA_BYTES: u64 = 3 * PAGE;
 /// Page size of the two pages.
 pub const PAGE: u64 = 0x1000;
 /// Offset of the mask page (read-only to the guest).
 pub const MASK_PAGE: u64 = 0;
 /// Offset of the shadow page (guest-writable).
 pub const SHADOW_PAGE: u64 = PAGE;
+/// Offset of the wait page (read-only to the guest; see [`wait`]).
+pub const WAIT_PAGE: u64 = 2 * PAGE;
 /// Bytes per vCPU record in either page: a cache line, so vCPUs do not share one.
 pub const RECORD_BYTES: u64 = 64;
 /// vCPUs the area describes.
@@ -51,6 +54,131 @@ pub mod shadow {
     pub const VALUES: u64 = 0;
     /// u64 owned (real-register) writes the guest made, as it reports them.
     pub const OWNED_WRITES: u64 = 8;
+    /// u64 guest TSC when this vCPU's application last handed a frame to its
+    /// stack (latency breakdown only; the shim copies it, never trusts it).
+    pub const STAMP_APP_TX: u64 = 16;
+    /// u64 guest TSC when this vCPU last notified its NIC's TX queue.
+    pub const STAMP_NOTIFY: u64 = 24;
+}
+
+/// The exitless wait (wait page, [`WAIT_PAGE`]): a vCPU that has nothing to do
+/// until its NIC 0 receive queue has work sleeps with **one** exit and no ring-0
+/// code, instead of a halt kernel call and an RX interrupt.
+///
+/// The protocol, per wait:
+/// 1. Once: the guest sets [`super::Flag::Nic0RxQuiet`] (shadowed, no exit), so the
+///    shim raises no RX MSI for it.
+/// 2. It reads [`RX_SEQ`] (host-written; bumped after every batch of frames the
+///    shim puts in NIC 0's RX used ring), then checks its used ring.
+/// 3. Nothing there: it stores one 8-byte [`encode_request`] value (the low 32
+///    bits of the sequence it read, its timeout) at [`REQUEST`]. The page is
+///    mapped read-only, so the store is an MMIO exit straight from ring 3.
+/// 4. The shim blocks that vCPU's thread until the sequence moves away from the
+///    value given, the vCPU is kicked (an upcall or a stop for it), or the
+///    timeout passes (the guest's own timer interrupts cannot wake a thread
+///    blocked in user space, so the guest must pass its next deadline), then
+///    resumes the guest after the store, in ring 3, with the frame in its ring.
+///
+/// A frame that lands between steps 2 and 3 moved the sequence: the wait returns
+/// at once. Other interrupts for the vCPU (IPIs, other devices) are seen at the
+/// latest after the timeout or [`MAX_BLOCK_US`]; a vCPU that waits for those
+/// must halt instead.
+pub mod wait {
+    /// u64, host-written: NIC 0 RX batches pushed so far.
+    pub const RX_SEQ: u64 = 0;
+    /// Latency-breakdown stamps of the last frame pushed into NIC 0's RX ring,
+    /// host-written, each a u64 on **this guest's TSC** (the shim converts), in
+    /// the order of [`Stamp`]; 0 = unknown.
+    pub const STAMPS: u64 = 64;
+    /// The guest's request word: the one offset a guest may store to.
+    pub const REQUEST: u64 = 0x800;
+    /// Timeout meaning "until work or a kick" (bounded by [`MAX_BLOCK_US`]).
+    pub const NO_DEADLINE: u32 = u32::MAX;
+    /// Longest timeout a request may carry (10 s); longer ones are refused.
+    pub const MAX_TIMEOUT_US: u32 = 10_000_000;
+    /// Longest single block the shim allows (100 ms): a guest that gave no
+    /// deadline, or a long one, is resumed then and waits again.
+    pub const MAX_BLOCK_US: u32 = 100_000;
+
+    /// The stamps of one frame's trip, in trip order.
+    #[repr(u8)]
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum Stamp {
+        /// The sender's application handed the frame to its stack.
+        SenderApp = 0,
+        /// The sender notified its TX queue.
+        SenderNotify = 1,
+        /// A host thread saw the notification (monitor or NIC worker).
+        HostSaw = 2,
+        /// The NIC worker took the frame off the sender's TX ring.
+        TxPopped = 3,
+        /// The frame is in this guest's RX used ring.
+        RxPushed = 4,
+    }
+
+    impl Stamp {
+        pub const ALL: [Self; 5] = [
+            Self::SenderApp,
+            Self::SenderNotify,
+            Self::HostSaw,
+            Self::TxPopped,
+            Self::RxPushed,
+        ];
+
+        /// Offset of this stamp in the wait page.
+        #[must_use]
+        pub const fn offset(self) -> u64 {
+            STAMPS + 8 * self as u64
+        }
+    }
+
+    /// A decoded wait request.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct Request {
+        /// The low 32 bits of [`RX_SEQ`] the guest saw before it checked its ring.
+        pub token: u32,
+        /// Microseconds from the exit; `None`: no deadline.
+        pub timeout_us: Option<u32>,
+    }
+
+    /// Why a store to the wait page is refused (the vCPU resumes at once).
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum WaitError {
+        /// Not at [`REQUEST`], or not one aligned 8-byte store.
+        BadStore,
+        /// A timeout above [`MAX_TIMEOUT_US`] that is not [`NO_DEADLINE`].
+        BadTimeout,
+    }
+
+    /// The request value: token in bits 0..32, timeout (µs) in bits 32..64.
+    #[must_use]
+    pub const fn encode_request(token: u32, timeout_us: Option<u32>) -> u64 {
+        let t = match timeout_us {
+            Some(us) if us <= MAX_TIMEOUT_US => us,
+            Some(_) => MAX_TIMEOUT_US,
+            None => NO_DEADLINE,
+        };
+        token as u64 | (t as u64) << 32
+    }
+
+    /// Decodes and validates a store of `data` at wait-page offset `offset`.
+    pub fn decode_request(offset: u64, data: &[u8]) -> Result<Request, WaitError> {
+        let Ok(bytes) = <[u8; 8]>::try_from(data) else {
+            return Err(WaitError::BadStore);
+        };
+        if offset != REQUEST {
+            return Err(WaitError::BadStore);
+        }
+        let v = u64::from_le_bytes(bytes);
+        let token = v as u32;
+        let t = (v >> 32) as u32;
+        let timeout_us = match t {
+            NO_DEADLINE => None,
+            us if us <= MAX_TIMEOUT_US => Some(us),
+            _ => return Err(WaitError::BadTimeout),
+        };
+        Ok(Request { token, timeout_us })
+    }
 }
 
 /// Guest-physical address of vCPU `vcpu`'s mask record, from the area base.
@@ -342,7 +470,11 @@ mod tests {
 
     const _: () = {
         assert!(mask_record(0, MAX_VCPUS - 1) + RECORD_BYTES <= SHADOW_PAGE);
-        assert!(shadow_record(0, MAX_VCPUS - 1) + RECORD_BYTES <= AREA_BYTES);
+        assert!(shadow_record(0, MAX_VCPUS - 1) + RECORD_BYTES <= WAIT_PAGE);
+        assert!(shadow::STAMP_NOTIFY + 8 <= RECORD_BYTES);
+        assert!(wait::Stamp::RxPushed.offset() + 8 <= wait::REQUEST);
+        assert!(wait::REQUEST + 8 <= PAGE);
+        assert!(WAIT_PAGE + PAGE == AREA_BYTES);
         assert!(AREA_BYTES <= crate::layout::area::CTRL_SIZE);
         assert!(KNOWN == 0x3F);
     };
@@ -396,7 +528,47 @@ mod tests {
         );
     }
 
+    #[test]
+    fn hostile_wait_stores_are_refused() {
+        use wait::{REQUEST, WaitError, decode_request, encode_request};
+        let ok = encode_request(7, Some(250)).to_le_bytes();
+        assert_eq!(
+            decode_request(REQUEST, &ok),
+            Ok(wait::Request {
+                token: 7,
+                timeout_us: Some(250)
+            })
+        );
+        // Wrong width, wrong place, the host's own words.
+        assert_eq!(decode_request(REQUEST, &ok[..4]), Err(WaitError::BadStore));
+        assert_eq!(decode_request(REQUEST, &[]), Err(WaitError::BadStore));
+        assert_eq!(decode_request(REQUEST + 8, &ok), Err(WaitError::BadStore));
+        assert_eq!(decode_request(wait::RX_SEQ, &ok), Err(WaitError::BadStore));
+        assert_eq!(decode_request(REQUEST + 1, &ok), Err(WaitError::BadStore));
+        // A timeout beyond the limit that is not "none".
+        let long = (u64::from(wait::MAX_TIMEOUT_US) + 1) << 32;
+        assert_eq!(
+            decode_request(REQUEST, &long.to_le_bytes()),
+            Err(WaitError::BadTimeout)
+        );
+        let none = encode_request(1, None).to_le_bytes();
+        assert_eq!(decode_request(REQUEST, &none).unwrap().timeout_us, None);
+        // The encoder never produces what the decoder refuses.
+        let clamped = encode_request(0, Some(u32::MAX - 1)).to_le_bytes();
+        assert_eq!(
+            decode_request(REQUEST, &clamped).unwrap().timeout_us,
+            Some(wait::MAX_TIMEOUT_US)
+        );
+    }
+
     proptest! {
+        #[test]
+        fn wait_decoder_accepts_only_what_the_encoder_makes(v: u64) {
+            if let Ok(r) = wait::decode_request(wait::REQUEST, &v.to_le_bytes()) {
+                prop_assert_eq!(wait::encode_request(r.token, r.timeout_us), v);
+            }
+        }
+
         #[test]
         fn write_arguments_round_trip(id in 0u8..6, v: bool) {
             let f = Flag::from_id(u64::from(id)).unwrap();

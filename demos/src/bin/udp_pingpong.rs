@@ -12,6 +12,10 @@
 //! - client over a direct channel: `pingpong.hostile=1` first spoils the
 //!   channel (`demos::hostile`), then pings as usual; the server prints what
 //!   its link dropped.
+//! - both: `pingpong.breakdown=1` stamps every datagram's trip (the shim's
+//!   stamps plus this guest's) and prints the per-stage medians on a
+//!   `pingpong-breakdown:` line (the server for the pings, the client for the
+//!   echoes).
 //! - both: `pingpong.linger_ms=N` stays up (halted) N ms before exiting, so a
 //!   benchmark can read the VMM's counters for the whole run.
 #![cfg_attr(target_os = "none", no_std, no_main)]
@@ -25,6 +29,7 @@ mod guest {
     use demos::pingpong::{BYE, MARK_BEGIN, MARK_END, PORT, decode, encode};
     use guest_kernel::println;
     use guest_kernel::rt::net::Net;
+    use guest_kernel::rt::net::breakdown::Breakdown;
     use guest_kernel::rt::start::system;
     use guest_kernel::rt::time::Instant;
     use para_abi::report::{STEADY_BEGIN, STEADY_END, percentile};
@@ -74,9 +79,11 @@ mod guest {
                 return APP_ERROR;
             }
         };
+        let mut bd = (c.get("pingpong.breakdown") == Some("1")).then(Breakdown::default);
         let status = match c.get("pingpong.role") {
             Some("server") => server(
                 &mut net,
+                bd.as_mut(),
                 c.get("pingpong.clients")
                     .and_then(|s| s.parse().ok())
                     .unwrap_or(1),
@@ -98,6 +105,7 @@ mod guest {
                     .clamp(12, 1472);
                 client(
                     &mut net,
+                    bd.as_mut(),
                     peer,
                     num("pingpong.count", 1000),
                     size,
@@ -109,6 +117,9 @@ mod guest {
                 APP_ERROR
             }
         };
+        if let Some(b) = bd.as_mut() {
+            println!("pingpong-breakdown: {}", b.json());
+        }
         // A VMM's counters vanish with the VM: lingering (halted) lets a
         // benchmark read them after the last packet, e.g. QEMU's KVM stats over QMP.
         if let Some(ms) = c.get("pingpong.linger_ms").and_then(|s| s.parse().ok()) {
@@ -117,7 +128,7 @@ mod guest {
         status
     }
 
-    fn server(net: &mut Net, clients: usize, idle_s: u64) -> i32 {
+    fn server(net: &mut Net, mut bd: Option<&mut Breakdown>, clients: usize, idle_s: u64) -> i32 {
         let Ok(h) = net.udp_bind(PORT, 64) else {
             println!("udp-pingpong: cannot bind UDP port {PORT}");
             return APP_ERROR;
@@ -158,6 +169,10 @@ mod guest {
                     }
                     continue;
                 }
+                if let Some(b) = bd.as_deref_mut() {
+                    b.record(net.last_rx_poll());
+                    net.stamp_app_tx();
+                }
                 if net.udp(h).send_slice(&buf[..n], meta.endpoint).is_ok() {
                     echoed += 1;
                 }
@@ -176,6 +191,7 @@ mod guest {
     /// Sends one ping and waits for its echo; the RTT, or `None` on timeout.
     fn ping(
         net: &mut Net,
+        mut bd: Option<&mut Breakdown>,
         h: smoltcp::iface::SocketHandle,
         to: IpEndpoint,
         seq: u64,
@@ -183,6 +199,9 @@ mod guest {
     ) -> Option<Duration> {
         let payload = encode(seq, size);
         let t0 = Instant::now();
+        if bd.is_some() {
+            net.stamp_app_tx();
+        }
         if net.udp(h).send_slice(&payload, to).is_err() {
             return None;
         }
@@ -192,7 +211,11 @@ mod guest {
             net.poll();
             while let Ok((n, _)) = net.udp(h).recv_slice(&mut buf) {
                 if decode(&buf[..n]) == Some(seq) {
-                    return Some(t0.elapsed());
+                    let rtt = t0.elapsed();
+                    if let Some(b) = bd.as_deref_mut() {
+                        b.record(net.last_rx_poll());
+                    }
+                    return Some(rtt);
                 }
             }
             if Instant::now() >= deadline {
@@ -202,7 +225,14 @@ mod guest {
         }
     }
 
-    fn client(net: &mut Net, peer: Ipv4Address, count: u64, size: usize, warmup: u64) -> i32 {
+    fn client(
+        net: &mut Net,
+        mut bd: Option<&mut Breakdown>,
+        peer: Ipv4Address,
+        count: u64,
+        size: usize,
+        warmup: u64,
+    ) -> i32 {
         let Ok(h) = net.udp_bind(PORT + 1, 64) else {
             println!("udp-pingpong: cannot bind UDP port {}", PORT + 1);
             return APP_ERROR;
@@ -214,7 +244,7 @@ mod guest {
         // Warm-up: resolves ARP and lets the server start; not counted.
         let mut answered = 0;
         for seq in 0..warmup.max(1) * 20 {
-            if ping(net, h, to, u64::MAX - seq, size).is_some() {
+            if ping(net, None, h, to, u64::MAX - seq, size).is_some() {
                 answered += 1;
                 if answered >= warmup.max(1) {
                     break;
@@ -245,7 +275,7 @@ mod guest {
         mark(MARK_BEGIN);
         let start = Instant::now();
         for seq in 0..count {
-            if let Some(rtt) = ping(net, h, to, seq, size) {
+            if let Some(rtt) = ping(net, bd.as_deref_mut(), h, to, seq, size) {
                 rtts.push(rtt.as_nanos() as u64);
             }
         }

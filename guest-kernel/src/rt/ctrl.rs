@@ -249,3 +249,75 @@ pub fn shadow_word() -> Option<&'static AtomicU64> {
 pub fn mask_word_addr() -> Option<u64> {
     area().map(|b| ctrl::mask_record(b, vcpu()) + ctrl::mask::OWNED)
 }
+
+/// Exitless waits this guest made (all vCPUs), for reports.
+pub static WAITS: AtomicU64 = AtomicU64::new(0);
+
+/// The wait page ([`para_abi::ctrl::wait`]), when the shim offers it.
+#[must_use]
+pub fn wait_page() -> Option<u64> {
+    area().map(|b| b + ctrl::WAIT_PAGE)
+}
+
+/// The wait token: the low half of the shim's NIC 0 RX sequence. Read it
+/// **before** looking at the RX ring, then pass it to [`wait_exitless`].
+#[must_use]
+pub fn rx_token() -> Option<u32> {
+    #[allow(clippy::cast_possible_truncation)]
+    wait_page().map(|p| u64_at(p + ctrl::wait::RX_SEQ).load(Ordering::Acquire) as u32)
+}
+
+/// Sleeps with one exit and no ring-0 code until NIC 0's RX ring has work
+/// after `token` was read, this vCPU is kicked (an upcall), or `timeout_us`
+/// passes (`None`: the shim's bound). Returns at once where not offered.
+pub fn wait_exitless(token: u32, timeout_us: Option<u32>) {
+    let Some(p) = wait_page() else {
+        return;
+    };
+    let v = ctrl::wait::encode_request(token, timeout_us);
+    WAITS.fetch_add(1, Ordering::Relaxed);
+    // SAFETY: the request word lies in the wait page the shim mapped
+    // (identity-mapped, user-accessible, 8-byte aligned); the page is
+    // read-only to the guest, so this one store is the MMIO exit that waits.
+    unsafe { core::ptr::write_volatile((p + ctrl::wait::REQUEST) as *mut u64, v) };
+}
+
+/// Stores a hostile value into the wait page at `offset` (tests of the
+/// shim's validation): one exit, refused and counted by the shim.
+#[must_use]
+pub fn wait_page_store(offset: u64, value: u64) -> bool {
+    let Some(p) = wait_page() else {
+        return false;
+    };
+    // SAFETY: as `wait_exitless`: inside the wait page, aligned.
+    unsafe { core::ptr::write_volatile((p + (offset & !7 & (ctrl::PAGE - 1))) as *mut u64, value) };
+    true
+}
+
+/// Latency breakdown: this vCPU's application hands a frame to its stack now.
+pub fn stamp_app_tx(tsc: u64) {
+    if let Some(b) = area() {
+        u64_at(ctrl::shadow_record(b, vcpu()) + ctrl::shadow::STAMP_APP_TX)
+            .store(tsc, Ordering::Relaxed);
+    }
+}
+
+/// Latency breakdown: this vCPU notifies its TX queue now.
+pub fn stamp_notify(tsc: u64) {
+    if let Some(b) = area() {
+        u64_at(ctrl::shadow_record(b, vcpu()) + ctrl::shadow::STAMP_NOTIFY)
+            .store(tsc, Ordering::Relaxed);
+    }
+}
+
+/// Latency breakdown: the stamps of the last frame the shim put in NIC 0's
+/// RX ring, on this guest's TSC ([`para_abi::ctrl::wait::Stamp`] order).
+#[must_use]
+pub fn rx_stamps() -> Option<[u64; 5]> {
+    let p = wait_page()?;
+    let mut out = [0u64; 5];
+    for (o, s) in out.iter_mut().zip(ctrl::wait::Stamp::ALL) {
+        *o = u64_at(p + s.offset()).load(Ordering::Relaxed);
+    }
+    Some(out)
+}

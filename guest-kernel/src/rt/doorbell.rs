@@ -74,6 +74,8 @@ pub struct Doorbells {
     moves: AtomicU64,
     /// Notifications whose table named no range we know (we stay put).
     stale: AtomicU64,
+    /// Sends held back while the shim withdrew writing.
+    withheld: AtomicU64,
 }
 
 // SAFETY: the ring is views of atomics in shared memory (safe to use from
@@ -164,6 +166,7 @@ fn open() -> Result<Doorbells, DoorbellError> {
         kicks: AtomicU64::new(0),
         moves: AtomicU64::new(0),
         stale: AtomicU64::new(0),
+        withheld: AtomicU64::new(0),
     })
 }
 
@@ -231,6 +234,30 @@ pub fn get() -> Result<&'static Doorbells, DoorbellError> {
 }
 
 impl Doorbells {
+    /// True while the shim allows writing into the ranges (the memory
+    /// writing notification): it withdraws it while it moves or stops a monitor.
+    #[must_use]
+    pub fn writing_allowed(&self) -> bool {
+        self.region.writing_allowed()
+    }
+
+    /// [`Self::send`] if the shim allows writing now; `None` (nothing
+    /// written, counted) while it has withdrawn that: the caller takes
+    /// another path (the notify register) or tries again later.
+    pub fn try_send(&self, event: Event) -> Option<Sent> {
+        if !self.writing_allowed() {
+            self.withheld.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(self.send(event))
+    }
+
+    /// Events [`Self::try_send`] held back while writing was withdrawn.
+    #[must_use]
+    pub fn withheld(&self) -> u64 {
+        self.withheld.load(Ordering::Relaxed)
+    }
+
     /// Sends `event` to the host; kicks when the monitor was parked.
     pub fn send(&self, event: Event) -> Sent {
         let lane = self.lane();

@@ -130,10 +130,59 @@ pub struct Net {
     pub hints: Option<Arc<crate::mech::hints::DeviceHints>>,
     /// Asked before a queue's MSI (queue 0 RX, 1 TX): true withholds it (M4 quiet flags).
     pub quiet: Option<QuietGate>,
+    /// Told after every batch of frames put into the RX used ring (M4's
+    /// exitless wait: wakes a vCPU held until its RX queue has work).
+    pub rx_work: Option<RxWork>,
+    /// Told before each frame taken off the TX ring goes to the switch (the
+    /// latency breakdown's sender stamps).
+    pub tx_popped: Option<RxWork>,
+    /// Runs this NIC's queue work on the caller's thread (run to completion:
+    /// the M1 monitor that consumed a notification does the work itself).
+    pub inline: Arc<Inline>,
+    /// Offer [`Self::inline`] and push frames from the switch on the sender's
+    /// thread (`--run-to-completion`); off: every hand-over wakes the worker.
+    pub run_to_completion: bool,
+}
+
+/// A NIC's queue work, callable from any host thread once the driver has
+/// activated the device; until then (and after a reset) callers fall back to
+/// waking the NIC's worker.
+#[derive(Default)]
+pub struct Inline {
+    core: std::sync::RwLock<Option<Arc<Core>>>,
+}
+
+impl Inline {
+    /// Does the work a notification of `queue` asks for, here and now; false
+    /// when the device is not active (the caller wakes the worker instead).
+    pub fn run(&self, queue: u16) -> bool {
+        let core = match self.core.read() {
+            Ok(c) => c.clone(),
+            Err(p) => p.into_inner().clone(),
+        };
+        let Some(core) = core else {
+            return false;
+        };
+        match usize::from(queue) {
+            RX => core.process_rx(),
+            TX => core.process_tx(),
+            _ => return false,
+        }
+        true
+    }
+
+    fn set(&self, core: Option<Arc<Core>>) {
+        match self.core.write() {
+            Ok(mut c) => *c = core,
+            Err(p) => *p.into_inner() = core,
+        }
+    }
 }
 
 /// See [`Net::quiet`].
 pub type QuietGate = Arc<dyn Fn(usize) -> bool + Send + Sync>;
+/// See [`Net::rx_work`].
+pub type RxWork = Arc<dyn Fn() + Send + Sync>;
 
 impl Net {
     /// A NIC with `mac` on a new port of `switch`, bound to `mac`: the switch
@@ -156,6 +205,10 @@ impl Net {
             worker: None,
             hints: None,
             quiet: None,
+            rx_work: None,
+            tx_popped: None,
+            inline: Arc::default(),
+            run_to_completion: false,
         })
     }
 
@@ -165,6 +218,8 @@ impl Net {
     }
 
     fn stop_worker(&mut self) {
+        self.inline.set(None);
+        self.port.set_direct(None);
         if let Some((stop, h)) = self.worker.take() {
             let _ = stop.write(1);
             let _ = h.join();
@@ -212,30 +267,47 @@ impl VirtioDevice for Net {
             return Err("virtio-net needs two queues".into());
         };
         let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| e.to_string())?;
-        let w = Worker {
+        let core = Arc::new(Core {
             name: self.name.clone(),
             mem: a.mem,
-            rx,
-            tx,
             vectors: [
                 a.vectors.first().copied().unwrap_or(NO_VECTOR),
                 a.vectors.get(1).copied().unwrap_or(NO_VECTOR),
             ],
             msix: a.msix,
-            notify: a.notify,
-            doorbell: a.doorbell,
             switch: self.switch.clone(),
             port_index: self.port_index,
             port: self.port.clone(),
             counters: self.counters.clone(),
             rejects: self.rejects.clone(),
-            stop: stop.try_clone().map_err(|e| e.to_string())?,
-            // Only RX: TX completions are reaped on the send path (the guest masks
-            // the TX vector), so a TX hint would steer nothing.
-            hints: [self.hints.as_ref().and_then(|h| h.queue(RX as u16)), None],
             quiet: self.quiet.clone(),
-            jumps: [None; 2],
+            rx_work: self.rx_work.clone(),
+            tx_popped: self.tx_popped.clone(),
+            jumps: std::sync::Mutex::new([None; 2]),
+            rx: std::sync::Mutex::new(RxSide {
+                q: rx,
+                // Only RX: TX completions are reaped on the send path (the guest
+                // masks the TX vector), so a TX hint would steer nothing.
+                hint: self.hints.as_ref().and_then(|h| h.queue(RX as u16)),
+            }),
+            tx: std::sync::Mutex::new(tx),
+        });
+        let w = Worker {
+            name: self.name.clone(),
+            notify: a.notify,
+            doorbell: a.doorbell,
+            port: self.port.clone(),
+            counters: self.counters.clone(),
+            stop: stop.try_clone().map_err(|e| e.to_string())?,
+            core: core.clone(),
         };
+        if self.run_to_completion {
+            self.inline.set(Some(core.clone()));
+            // Frames the switch hands this port are pushed into the RX ring on
+            // the sender's thread (no wake-up of this NIC's worker per frame).
+            self.port
+                .set_direct(Some(Arc::new(move || core.process_rx())));
+        }
         let h = std::thread::Builder::new()
             .name(format!("{}-net", self.name))
             .spawn(move || w.run())
@@ -248,25 +320,45 @@ impl VirtioDevice for Net {
     }
 }
 
-struct Worker {
+/// The receive side: the queue and its hint, under one lock.
+struct RxSide {
+    q: Queue,
+    hint: Option<crate::mech::hints::QueueHinter>,
+}
+
+/// A NIC's queues and what their work needs; any host thread may run it.
+/// Lock order: a thread holds at most one queue lock of one NIC, and never
+/// while it hands frames to the switch (which may run another NIC's RX work).
+pub struct Core {
     name: String,
     mem: GuestMem,
-    rx: Queue,
-    tx: Queue,
     vectors: [u16; 2],
     msix: Arc<crate::pci::msix::Msix>,
-    notify: Vec<EventFd>,
-    doorbell: Vec<EventFd>,
     switch: Arc<Switch>,
     port_index: usize,
     port: Arc<Port>,
     counters: Arc<NetCounters>,
     rejects: Arc<RejectCounters>,
-    stop: EventFd,
-    hints: [Option<crate::mech::hints::QueueHinter>; 2],
     quiet: Option<QuietGate>,
+    rx_work: Option<RxWork>,
+    tx_popped: Option<RxWork>,
     /// Per queue, the avail index of the last jump counted (each jump once).
-    jumps: [Option<u16>; 2],
+    jumps: std::sync::Mutex<[Option<u16>; 2]>,
+    rx: std::sync::Mutex<RxSide>,
+    tx: std::sync::Mutex<Queue>,
+}
+
+/// The NIC's own thread: waits for notifications that arrive as eventfds
+/// (the notify register's ioeventfd, a doorbell the monitor could not run
+/// inline, frames queued on the port) and runs the core's work for them.
+struct Worker {
+    name: String,
+    notify: Vec<EventFd>,
+    doorbell: Vec<EventFd>,
+    port: Arc<Port>,
+    counters: Arc<NetCounters>,
+    stop: EventFd,
+    core: Arc<Core>,
 }
 
 const T_RX: u64 = 0;
@@ -277,7 +369,7 @@ const T_DOORBELL_RX: u64 = 4;
 const T_DOORBELL_TX: u64 = 5;
 
 impl Worker {
-    fn run(mut self) {
+    fn run(self) {
         let Ok(epoll) = Epoll::new() else {
             warn!(nic = %self.name, "epoll_create failed; NIC stays silent");
             return;
@@ -295,10 +387,10 @@ impl Worker {
         }
         add(self.port.ready.as_raw_fd(), T_PORT);
         add(self.stop.as_raw_fd(), T_STOP);
-        self.follow_io_placement();
+        self.core.follow_io_placement();
         // Frames may already wait; the driver may have queued TX before we started.
-        self.process_tx();
-        self.process_rx();
+        self.core.process_tx();
+        self.core.process_rx();
         let mut events = vec![EpollEvent::default(); 8];
         loop {
             let n = match epoll.wait(-1, &mut events) {
@@ -309,40 +401,33 @@ impl Worker {
                     return;
                 }
             };
-            self.follow_io_placement();
+            self.core.follow_io_placement();
             for ev in &events[..n] {
                 match ev.data() {
                     T_STOP => return,
                     T_TX => {
                         self.count_notify(TX);
-                        self.process_tx();
+                        self.core.process_tx();
                     }
                     T_RX => {
                         self.count_notify(RX);
-                        self.process_rx();
+                        self.core.process_rx();
                     }
                     // Doorbell notifications (M1): counted by the monitor.
                     T_DOORBELL_TX => {
                         let _ = self.doorbell[TX].read();
-                        self.process_tx();
+                        self.core.process_tx();
                     }
                     T_DOORBELL_RX => {
                         let _ = self.doorbell[RX].read();
-                        self.process_rx();
+                        self.core.process_rx();
                     }
                     _ => {
                         let _ = self.port.ready.read();
-                        self.process_rx();
+                        self.core.process_rx();
                     }
                 }
             }
-        }
-    }
-
-    /// Moves this thread where `--io-cpu` (or a run-time move) says (M2).
-    fn follow_io_placement(&mut self) {
-        if let Some(h) = &mut self.hints[RX] {
-            h.follow_placement();
         }
     }
 
@@ -351,16 +436,30 @@ impl Worker {
             self.counters.notifications[q].fetch_add(n, Ordering::Relaxed);
         }
     }
+}
 
-    fn signal(&mut self, q: usize) {
-        let queue = if q == RX { &mut self.rx } else { &mut self.tx };
+impl Core {
+    /// Moves the calling thread where `--io-cpu` (or a run-time move) says (M2).
+    fn follow_io_placement(&self) {
+        if let Some(h) = &mut crate::sync::lock(&self.rx).hint {
+            h.follow_placement();
+        }
+    }
+
+    /// Raises queue `q`'s MSI unless the driver or a quiet flag withholds it.
+    fn signal(
+        &self,
+        q: usize,
+        queue: &mut Queue,
+        hint: Option<&mut crate::mech::hints::QueueHinter>,
+    ) {
         // Honour VIRTQ_AVAIL_F_NO_INTERRUPT / used_event (virtio 1.2 §2.7.10).
         if queue.needs_notification(&self.mem).unwrap_or(true)
             && self.vectors[q] != NO_VECTOR
             && !self.quiet.as_ref().is_some_and(|quiet| quiet(q))
         {
             // M2: the hint goes out before the interrupt it describes.
-            if let Some(h) = &mut self.hints[q] {
+            if let Some(h) = hint {
                 h.before_interrupt(self.msix.destination(self.vectors[q]));
             }
             self.msix.trigger(self.vectors[q]);
@@ -374,15 +473,17 @@ impl Worker {
     }
 
     /// Counts and logs (once per jump) an avail index that stalls queue `q`.
-    fn check_avail_jump(&mut self, q: usize) {
-        let queue = if q == RX { &self.rx } else { &self.tx };
+    fn check_avail_jump(&self, q: usize, queue: &Queue) {
         let Some(avail) = avail_jump(queue, &self.mem) else {
             return;
         };
-        if self.jumps[q] == Some(avail) {
-            return;
+        {
+            let mut jumps = crate::sync::lock(&self.jumps);
+            if jumps[q] == Some(avail) {
+                return;
+            }
+            jumps[q] = Some(avail);
         }
-        self.jumps[q] = Some(avail);
         let next = queue.next_avail();
         self.rejects.reject(
             Reject::VirtioAvailJump,
@@ -395,41 +496,56 @@ impl Worker {
         );
     }
 
-    fn process_tx(&mut self) {
-        let mut used = false;
-        while let Some((head, res)) = pop_tx(&mut self.tx, &self.mem) {
-            match res {
-                Ok(frame) => {
-                    self.counters.tx_packets.fetch_add(1, Ordering::Relaxed);
-                    self.counters
-                        .tx_bytes
-                        .fetch_add(frame.len() as u64, Ordering::Relaxed);
-                    self.switch.send(self.port_index, &frame);
+    /// Takes every frame off the TX ring, then (the queue lock released)
+    /// hands them to the switch.
+    pub fn process_tx(&self) {
+        let mut frames = Vec::new();
+        {
+            let mut tx = crate::sync::lock(&self.tx);
+            let mut used = false;
+            while let Some((head, res)) = pop_tx(&mut tx, &self.mem) {
+                match res {
+                    Ok(frame) => {
+                        if let Some(t) = &self.tx_popped {
+                            t();
+                        }
+                        self.counters.tx_packets.fetch_add(1, Ordering::Relaxed);
+                        self.counters
+                            .tx_bytes
+                            .fetch_add(frame.len() as u64, Ordering::Relaxed);
+                        frames.push(frame);
+                    }
+                    Err(e) => self.reject(&e, "tx"),
                 }
-                Err(e) => self.reject(&e, "tx"),
+                if tx.add_used(&self.mem, head, 0).is_err() {
+                    self.reject(&ChainError::Bad, "tx");
+                    break;
+                }
+                used = true;
             }
-            if self.tx.add_used(&self.mem, head, 0).is_err() {
-                self.reject(&ChainError::Bad, "tx");
-                break;
+            if used {
+                self.signal(TX, &mut tx, None);
+            } else {
+                self.check_avail_jump(TX, &tx);
             }
-            used = true;
         }
-        if used {
-            self.signal(TX);
-        } else {
-            self.check_avail_jump(TX);
+        for f in &frames {
+            self.switch.send(self.port_index, f);
         }
     }
 
-    fn process_rx(&mut self) {
+    /// Moves frames waiting on the port into the RX ring and wakes the guest.
+    pub fn process_rx(&self) {
+        let mut rx = crate::sync::lock(&self.rx);
+        let RxSide { q, hint } = &mut *rx;
         let mut used = false;
         while let Some(frame) = self.port.pop() {
-            match push_rx(&mut self.rx, &self.mem, &frame) {
+            match push_rx(q, &self.mem, &frame) {
                 None => {
                     // No buffer: keep the frame until the driver refills (bounded by the port queue).
                     self.port.unpop(frame);
                     debug!(nic = %self.name, "rx ring empty; {} frames wait", self.port.pending());
-                    self.check_avail_jump(RX);
+                    self.check_avail_jump(RX, q);
                     break;
                 }
                 Some((head, res)) => {
@@ -446,7 +562,7 @@ impl Worker {
                             0
                         }
                     };
-                    if self.rx.add_used(&self.mem, head, len).is_err() {
+                    if q.add_used(&self.mem, head, len).is_err() {
                         self.reject(&ChainError::Bad, "rx");
                         break;
                     }
@@ -455,7 +571,12 @@ impl Worker {
             }
         }
         if used {
-            self.signal(RX);
+            // The frame is in the ring: wake a held vCPU first (no MSI then
+            // when its quiet flag is set), then the interrupt for the others.
+            if let Some(w) = &self.rx_work {
+                w();
+            }
+            self.signal(RX, q, hint.as_mut());
         }
     }
 }

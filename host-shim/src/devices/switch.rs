@@ -43,7 +43,13 @@ pub struct Port {
     pub dropped: AtomicU64,
     /// Frames from this port refused for their source MAC.
     pub forged: AtomicU64,
+    /// Run on the sender's thread after a frame lands in the inbox (the
+    /// owner's RX work, run to completion); unset: `ready` wakes the owner.
+    direct: std::sync::RwLock<Option<DirectRx>>,
 }
+
+/// See [`Port::set_direct`].
+pub type DirectRx = Arc<dyn Fn() + Send + Sync>;
 
 impl Port {
     /// Takes the next frame for this port.
@@ -59,6 +65,23 @@ impl Port {
     #[must_use]
     pub fn pending(&self) -> usize {
         lock(&self.inbox).len()
+    }
+
+    /// Has the sender's thread run `f` (the owner's RX work) after queueing a
+    /// frame, instead of waking the owner through `ready`; `None` goes back to
+    /// waking it.
+    pub fn set_direct(&self, f: Option<DirectRx>) {
+        match self.direct.write() {
+            Ok(mut d) => *d = f,
+            Err(p) => *p.into_inner() = f,
+        }
+    }
+
+    fn direct(&self) -> Option<DirectRx> {
+        match self.direct.read() {
+            Ok(d) => d.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
     }
 }
 
@@ -208,6 +231,7 @@ impl Switch {
             ready: EventFd::new(libc::EFD_NONBLOCK)?,
             dropped: AtomicU64::new(0),
             forged: AtomicU64::new(0),
+            direct: std::sync::RwLock::new(None),
         });
         let mut ports = lock(&self.ports);
         let index = ports.len();
@@ -243,7 +267,12 @@ impl Switch {
         }
         q.push_back(frame);
         drop(q);
-        let _ = port.ready.write(1);
+        match port.direct() {
+            Some(run) => run(),
+            None => {
+                let _ = port.ready.write(1);
+            }
+        }
     }
 
     /// Counts and (rate-limited) logs a frame dropped for its source MAC.
@@ -368,6 +397,35 @@ mod tests {
         assert_eq!(pc.pending(), 1);
         assert_eq!(pa.pop().unwrap(), frame(A, B));
         assert_eq!(s.forwarded.load(Ordering::Relaxed), 2);
+    }
+
+    #[test]
+    fn a_direct_port_runs_its_owners_work_on_the_senders_thread() {
+        let s = Switch::default();
+        let (_, _pa) = s.add_port("a").unwrap();
+        let (_, pb) = s.add_port("b").unwrap();
+        let ran = Arc::new(AtomicU64::new(0));
+        let (r, p) = (ran.clone(), pb.clone());
+        // The owner's work: take what arrived (here: count and drop it).
+        pb.set_direct(Some(Arc::new(move || {
+            while p.pop().is_some() {
+                r.fetch_add(1, Ordering::Relaxed);
+            }
+        })));
+        for _ in 0..5 {
+            s.send(0, &frame(B, A));
+        }
+        assert_eq!(
+            ran.load(Ordering::Relaxed),
+            5,
+            "every frame, on this thread"
+        );
+        assert_eq!(pb.pending(), 0);
+        assert!(pb.ready.read().is_err(), "no wake-up of the owner");
+        pb.set_direct(None);
+        s.send(0, &frame(B, A));
+        assert_eq!(pb.pending(), 1);
+        assert_eq!(pb.ready.read().unwrap(), 1, "back to waking the owner");
     }
 
     #[test]

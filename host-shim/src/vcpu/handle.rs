@@ -6,7 +6,8 @@
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Condvar, Mutex, OnceLock};
+use std::time::Instant;
 
 use kvm_bindings::{kvm_interrupt, kvm_run};
 use kvm_ioctls::VcpuFd;
@@ -38,6 +39,71 @@ pub struct VcpuShared {
     /// Yields taken, and yield requests deferred because the window was closed.
     pub preempted: AtomicU64,
     pub preempt_deferred: AtomicU64,
+    /// Where this vCPU's thread blocks in a mechanism's wait (M4's exitless
+    /// wait); every [`Self::kick`] unparks it.
+    pub park: Parker,
+}
+
+/// A thread blocked in user space on behalf of its vCPU, and what wakes it.
+///
+/// Wakers change the state the sleeper checks first, then call
+/// [`Parker::unpark`]; the sleeper publishes that it parks before it checks
+/// ([`Parker::park_until`]), so no wake-up falls between its check and its sleep.
+#[derive(Debug, Default)]
+pub struct Parker {
+    generation: Mutex<u64>,
+    cv: Condvar,
+    parked: AtomicBool,
+}
+
+/// Why [`Parker::park_until`] returned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Woken {
+    /// The condition held before the thread slept.
+    Ready,
+    /// Someone unparked it.
+    Unparked,
+    /// The deadline passed.
+    Timeout,
+}
+
+impl Parker {
+    /// Wakes the parked thread, if any (cheap when none is parked).
+    pub fn unpark(&self) {
+        if self.parked.load(Ordering::SeqCst) {
+            let mut g = crate::sync::lock(&self.generation);
+            *g = g.wrapping_add(1);
+            self.cv.notify_all();
+        }
+    }
+
+    /// Blocks until `ready()` holds (checked once, after publishing that this
+    /// thread parks), an [`Self::unpark`], or `deadline`.
+    pub fn park_until(&self, deadline: Instant, ready: impl FnOnce() -> bool) -> Woken {
+        self.parked.store(true, Ordering::SeqCst);
+        let mut g = crate::sync::lock(&self.generation);
+        let seen = *g;
+        let why = if ready() {
+            Woken::Ready
+        } else {
+            loop {
+                if *g != seen {
+                    break Woken::Unparked;
+                }
+                let now = Instant::now();
+                if now >= deadline {
+                    break Woken::Timeout;
+                }
+                g = match self.cv.wait_timeout(g, deadline - now) {
+                    Ok((g, _)) => g,
+                    Err(poisoned) => poisoned.into_inner().0,
+                };
+            }
+        };
+        drop(g);
+        self.parked.store(false, Ordering::SeqCst);
+        why
+    }
 }
 
 impl VcpuShared {
@@ -66,6 +132,8 @@ impl VcpuShared {
                 libc::pthread_kill(t, kick_signal());
             }
         }
+        // After the signal: a thread parked in a wait then finds immediate_exit set.
+        self.park.unpark();
     }
 
     /// Makes the calling thread the one [`Self::kick`] signals, and `run` (its

@@ -14,6 +14,7 @@
 //! `docs/benchmarks.md` with its plots under `docs/bench/`.
 
 mod boot;
+mod breakdown;
 mod ctrl;
 mod hints;
 mod notify;

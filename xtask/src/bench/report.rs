@@ -15,8 +15,9 @@ use crate::error::{Error, Result};
 use crate::infra::workspace;
 
 /// Suites in report order; any other results file follows alphabetically.
-const ORDER: [&str; 8] = [
+const ORDER: [&str; 9] = [
     "pingpong",
+    "breakdown",
     "boot",
     "footprint",
     "notify",
@@ -148,6 +149,38 @@ fn plot_files(doc: &Results, dir: &Path) -> Result<Vec<(String, String)>> {
                 }
                 let title = format!("{suite}: {label} distribution");
                 let t = svg::cdf(&title, unit, &series);
+                (title, t)
+            }
+            PlotDef::Stacked {
+                metrics,
+                label,
+                unit,
+            } => {
+                let parts: Vec<String> = metrics
+                    .iter()
+                    .map(|id| {
+                        doc.metric(id)
+                            .map_or_else(|| id.clone(), |m| m.label.clone())
+                    })
+                    .collect();
+                let rows: Vec<(String, Vec<f64>)> = doc
+                    .scenarios
+                    .iter()
+                    .filter_map(|s| {
+                        let v: Vec<f64> = metrics
+                            .iter()
+                            .map(|id| {
+                                Results::at(&doc.summary, &s.id, id).map_or(0.0, |x| x.median)
+                            })
+                            .collect();
+                        v.iter().any(|x| *x > 0.0).then(|| (s.label.clone(), v))
+                    })
+                    .collect();
+                if rows.is_empty() {
+                    continue;
+                }
+                let title = format!("{suite}: {label}");
+                let t = svg::stacked(&title, unit, &parts, &rows);
                 (title, t)
             }
         };

@@ -118,4 +118,10 @@ pub enum PlotDef {
         label: String,
         unit: String,
     },
+    /// One bar per scenario stacked from the medians of `metrics`.
+    Stacked {
+        metrics: Vec<String>,
+        label: String,
+        unit: String,
+    },
 }

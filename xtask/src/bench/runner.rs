@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 
 use super::results::Results;
 use super::suite::{DEFAULT_REPEATS, Metric, Plot, RoundResult, Scenario, Suite, results_dir};
-use super::{boot, ctrl, hints, notify, pingpong, report, stats, sys, upcall, vmq};
+use super::{boot, breakdown, ctrl, hints, notify, pingpong, report, stats, sys, upcall, vmq};
 use crate::error::{Error, Result};
 use crate::infra::workspace;
 
@@ -17,6 +17,7 @@ use crate::infra::workspace;
 fn all_suites() -> Vec<Box<dyn Suite>> {
     vec![
         Box::new(pingpong::Pingpong::new()),
+        Box::new(breakdown::Breakdown),
         Box::new(boot::Boot),
         Box::new(notify::Notify::default()),
         Box::new(hints::Hints::default()),
@@ -265,6 +266,11 @@ fn aggregate(
                 label,
                 unit,
             } => json!({"kind": "cdf", "distribution": distribution, "label": label, "unit": unit}),
+            Plot::Stacked {
+                metrics,
+                label,
+                unit,
+            } => json!({"kind": "stacked", "metrics": metrics, "label": label, "unit": unit}),
         })
         .collect();
     json!({

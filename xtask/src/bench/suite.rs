@@ -90,6 +90,13 @@ pub enum Plot {
         label: &'static str,
         unit: &'static str,
     },
+    /// One bar per scenario, stacked from the medians of `metrics` (all in
+    /// `unit`), e.g. the stages of one round trip.
+    Stacked {
+        metrics: Vec<&'static str>,
+        label: &'static str,
+        unit: &'static str,
+    },
 }
 
 /// What one round measured: `values[scenario][metric]`, and optionally raw

@@ -116,6 +116,91 @@ pub fn bars(title: &str, unit: &str, rows: &[(String, f64, f64, f64)]) -> String
     s
 }
 
+/// One horizontal bar per row, stacked from its parts (same order and
+/// colours in every row, named in a legend): (row label, part values).
+#[allow(clippy::cast_precision_loss)]
+pub fn stacked(title: &str, unit: &str, parts: &[String], rows: &[(String, Vec<f64>)]) -> String {
+    let (left, right, top, row_h) = (230.0, 80.0, 36.0, 30.0);
+    let legend_h = 18.0 * parts.len() as f64;
+    let height = top + row_h * rows.len() as f64 + 44.0 + legend_h;
+    let max = nice_ceiling(
+        rows.iter()
+            .map(|(_, v)| v.iter().filter(|x| **x > 0.0).sum::<f64>())
+            .fold(0.0, f64::max),
+    );
+    let scale = |v: f64| (WIDTH - left - right) * (v / max).clamp(0.0, 1.0);
+    let mut s = header(height, title);
+    for (i, (label, values)) in rows.iter().enumerate() {
+        let y = top + row_h * i as f64;
+        let _ = writeln!(
+            s,
+            "<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{}</text>",
+            left - 8.0,
+            y + row_h / 2.0 + 4.0,
+            esc(label)
+        );
+        let mut x = left;
+        for (k, v) in values.iter().enumerate() {
+            let w = scale(v.max(0.0));
+            let _ = writeln!(
+                s,
+                "<rect x=\"{x:.1}\" y=\"{}\" width=\"{w:.1}\" height=\"{}\" fill=\"{}\"><title>{}: {}</title></rect>",
+                y + 4.0,
+                row_h - 8.0,
+                PALETTE[k % PALETTE.len()],
+                esc(parts.get(k).map_or("", String::as_str)),
+                esc(&fmt_num(*v))
+            );
+            x += w;
+        }
+        let total: f64 = values.iter().filter(|x| **x > 0.0).sum();
+        let _ = writeln!(
+            s,
+            "<text x=\"{:.1}\" y=\"{}\">{}</text>",
+            x + 6.0,
+            y + row_h / 2.0 + 4.0,
+            esc(&fmt_num(total))
+        );
+    }
+    let axis_y = top + row_h * rows.len() as f64 + 4.0;
+    let _ = writeln!(
+        s,
+        "<path d=\"M{left} {axis_y} H{}\" stroke=\"#888\"/>",
+        WIDTH - right
+    );
+    for k in 0..=4 {
+        let v = max * f64::from(k) / 4.0;
+        let _ = writeln!(
+            s,
+            "<text x=\"{:.1}\" y=\"{}\" text-anchor=\"middle\" fill=\"#555\">{}</text>",
+            left + scale(v),
+            axis_y + 16.0,
+            esc(&fmt_num(v))
+        );
+    }
+    let _ = writeln!(
+        s,
+        "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\" fill=\"#555\">{} (medians over rounds, stacked)</text>",
+        (left + WIDTH - right) / 2.0,
+        axis_y + 32.0,
+        esc(unit)
+    );
+    for (k, p) in parts.iter().enumerate() {
+        let y = axis_y + 44.0 + 18.0 * k as f64;
+        let _ = writeln!(
+            s,
+            "<rect x=\"{left}\" y=\"{:.1}\" width=\"12\" height=\"12\" fill=\"{}\"/><text x=\"{}\" y=\"{:.1}\">{}</text>",
+            y - 10.0,
+            PALETTE[k % PALETTE.len()],
+            left + 18.0,
+            y,
+            esc(p)
+        );
+    }
+    s.push_str("</svg>\n");
+    s
+}
+
 /// Cumulative distributions: one line per (label, sorted samples). The x axis
 /// ends at the largest p99 so that a long tail does not flatten the rest.
 #[allow(clippy::cast_precision_loss)]
@@ -215,6 +300,15 @@ mod tests {
         assert_eq!(nice_ceiling(7.0), 10.0);
         assert_eq!(nice_ceiling(120.0), 200.0);
         assert_eq!(nice_ceiling(0.3), 0.5);
+    }
+
+    #[test]
+    fn stacked_bars_name_every_part() {
+        let parts = vec!["a".to_owned(), "b".to_owned()];
+        let t = stacked("t", "µs", &parts, &[("x".into(), vec![1.0, 2.0])]);
+        assert!(t.starts_with("<svg") && t.ends_with("</svg>\n"));
+        assert_eq!(t.matches("<title>").count(), 2);
+        assert!(t.contains(">a</text>") && t.contains(">b</text>"));
     }
 
     #[test]

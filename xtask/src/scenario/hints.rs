@@ -110,11 +110,13 @@ fn json_text(value: &impl serde::Serialize) -> String {
 }
 
 fn cmdline(role_server: bool, s: &Setup) -> String {
+    // Hints steer the RX interrupt: these runs take it (`net.wait=halt`); the
+    // default exitless wait withholds it and would leave nothing to steer.
     let hints = match (s.hints, s.irq_cpu) {
-        (false, None) => " hints=off".to_owned(),
-        (false, Some(c)) => format!(" hints=off net.irq_cpu={c}"),
-        (true, None) => String::new(),
-        (true, Some(c)) => format!(" hints=on net.irq_cpu={c}"),
+        (false, None) => " net.wait=halt hints=off".to_owned(),
+        (false, Some(c)) => format!(" net.wait=halt hints=off net.irq_cpu={c}"),
+        (true, None) => " net.wait=halt".to_owned(),
+        (true, Some(c)) => format!(" net.wait=halt hints=on net.irq_cpu={c}"),
     };
     if role_server {
         format!("pingpong.role=server ip=10.0.0.1/24 pingpong.clients=1{hints}")
@@ -151,11 +153,15 @@ pub fn run(
             cmdline: cmdline(server, setup),
         })
         .collect();
+    // Hints name the vCPUs beside the NIC's I/O thread: the frames must go
+    // through that thread (`--run-to-completion off`), not the sender's.
     let mut extra: Vec<String> = vec![
         "--pin".into(),
         "0,1".into(),
         "--io-cpu".into(),
         setup.io_cpu.to_string(),
+        "--run-to-completion".into(),
+        "off".into(),
     ];
     if let Some((n, to)) = setup.move_after_irqs {
         extra.extend([

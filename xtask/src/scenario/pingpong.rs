@@ -293,7 +293,12 @@ pub struct Report {
     /// Named checks, for the test legs and the exit code.
     pub checks: Vec<(String, bool)>,
     pub log: PathBuf,
+    /// Each guest's `pingpong-breakdown:` JSON (`pingpong.breakdown=1`): the
+    /// per-stage times of the datagrams it received.
+    pub breakdowns: Vec<(String, String)>,
 }
+
+pub const BREAKDOWN_PREFIX: &str = "pingpong-breakdown: ";
 
 impl Report {
     #[must_use]
@@ -417,6 +422,30 @@ fn validate(opts: &Options) -> Result<()> {
     Ok(())
 }
 
+/// The placement the demo asks the shim for unless `shim_args` name one:
+/// `sidecore` — the guests' boot vCPUs, which take turns in a ping-pong, share
+/// the host CPUs but the last, and the doorbell monitors, which carry every
+/// frame (run to completion), get the last one (`cargo xtask bench breakdown`
+/// shows what a monitor sharing a core with the vCPUs it wakes costs).
+pub const SHIM_PLACEMENT: [&str; 2] = ["--pin", "sidecore"];
+
+/// The shim flags of a run: the demo's placement, then `opts.shim_args`.
+fn shim_args(opts: &Options) -> Vec<String> {
+    let mut args: Vec<String> = Vec::new();
+    match opts.link {
+        Link::Switch if !opts.shim_args.iter().any(|a| a == SHIM_PLACEMENT[0]) => {
+            args.extend(SHIM_PLACEMENT.iter().map(|a| (*a).to_owned()));
+        }
+        Link::Switch => {}
+        // Both guests poll a direct channel: each needs a core of its own
+        // (the shim's default spread placement), and no monitor is in the
+        // per-frame path to place.
+        Link::Direct => args.extend(["--vmq", "on", "--no-net"].map(str::to_owned)),
+    }
+    args.extend(opts.shim_args.iter().cloned());
+    args
+}
+
 /// Runs the demo under the host shim.
 pub fn on_shim(opts: &Options, label: &str, mut echo: impl FnMut(&str)) -> Result<Report> {
     validate(opts)?;
@@ -434,10 +463,7 @@ pub fn on_shim(opts: &Options, label: &str, mut echo: impl FnMut(&str)) -> Resul
             cmdline: cmdline(opts, i),
         })
         .collect();
-    let mut shim_args = opts.shim_args.clone();
-    if opts.link == Link::Direct {
-        shim_args.extend(["--vmq", "on", "--no-net"].map(str::to_owned));
-    }
+    let shim_args = shim_args(opts);
     let run = shim::run(
         &shim_path,
         &guests,
@@ -500,12 +526,22 @@ pub fn on_shim(opts: &Options, label: &str, mut echo: impl FnMut(&str)) -> Resul
             false,
         ));
     }
+    let breakdowns = names
+        .iter()
+        .filter_map(|name| {
+            shim::guest_lines(&run.lines, name)
+                .into_iter()
+                .find_map(|l| l.trim().strip_prefix(BREAKDOWN_PREFIX).map(str::to_owned))
+                .map(|j| (name.clone(), j))
+        })
+        .collect();
     let report = Report {
         clients,
         guests: reports,
         steady: steady_window(&run.lines, "client1", run.elapsed, ended),
         checks,
         log: run.log.clone(),
+        breakdowns,
     };
     if !report.ok() {
         run.print_post_mortem();
@@ -634,6 +670,7 @@ pub fn on_qemu(opts: &Options, label: &str, port: u16) -> Result<Report> {
         steady,
         checks,
         log: PathBuf::new(),
+        breakdowns: Vec::new(),
     })
 }
 

@@ -297,6 +297,8 @@ ktest!(
             irq_cpu: 0,
             notify: guest_kernel::rt::net::Notify::Auto,
             tx_irq: true,
+            wait: guest_kernel::rt::net::WaitMode::Halt,
+            poll_us: 0,
         };
         let mut net = Net::open(0, &cfg).map_err(|e| format!("{e}"))?;
         let tx = net.rx_vector() + 1;
@@ -586,6 +588,47 @@ ktest!(
         e(ctrl::set_masks(saved))?;
         check!(t1 - t0 >= 5, "five exits while set: {} traced", t1 - t0);
         check_eq!(t3, t2, "none traced once cleared");
+        Ok(())
+    }
+);
+
+ktest!(
+    fn hostile_wait_requests_are_refused_and_counted() {
+        use para_abi::ctrl::wait;
+        let Some(page) = ctrl::wait_page() else {
+            return Ok(());
+        };
+        let r0 = q(query::REJECTS)?;
+        let seq0 = ctrl::rx_token().ok_or("no wait page")?;
+        // A store over the shim's own sequence word: refused, the word unchanged.
+        check!(ctrl::wait_page_store(wait::RX_SEQ, 0xDEAD_BEEF), "stored");
+        // A timeout beyond the limit that is not "none".
+        let long = u64::from(seq0) | (u64::from(wait::MAX_TIMEOUT_US) + 1) << 32;
+        check!(ctrl::wait_page_store(wait::REQUEST, long), "stored");
+        // A 4-byte store at the request word.
+        // SAFETY: inside the wait page the shim mapped (user-accessible, aligned);
+        // the page is read-only, so the store exits and the shim refuses it.
+        unsafe { core::ptr::write_volatile((page + wait::REQUEST) as *mut u32, 1) };
+        // A store into a stamp slot.
+        check!(ctrl::wait_page_store(wait::STAMPS, 1), "stored");
+        let r1 = q(query::REJECTS)?;
+        check_eq!(r1 - r0, 4, "every hostile store refused and counted");
+        check_eq!(
+            ctrl::rx_token(),
+            Some(seq0),
+            "the sequence is the shim's alone"
+        );
+        // A valid request with a stale token returns at once; one with the
+        // current token holds the vCPU until its timeout (no frames come).
+        ctrl::wait_exitless(seq0.wrapping_sub(1), Some(1_000_000));
+        let t = Instant::now();
+        ctrl::wait_exitless(seq0, Some(2_000));
+        check!(
+            t.elapsed() >= Duration::from_millis(1),
+            "held until the timeout: {:?}",
+            t.elapsed()
+        );
+        check_eq!(q(query::REJECTS)?, r1, "valid requests are not refused");
         Ok(())
     }
 );

@@ -272,6 +272,10 @@ ktest!(
         send(MOVE_EVENTS)?;
         wait_drained(d)?;
         check!(d.drained(), "both ranges drained");
+        check!(
+            d.writing_allowed(),
+            "the shim granted writing again after the move"
+        );
         sys::hypercall(Call::StatsMark, MARK_MOVE_AFTER)
             .map_err(|e| alloc::format!("mark: {e:?}"))?;
         guest_kernel::rt::irq::restore(was);

@@ -29,6 +29,8 @@ ktest!(
             notify: guest_kernel::rt::net::Notify::Auto,
             // This test watches TX-completion interrupts move between CPUs.
             tx_irq: true,
+            wait: guest_kernel::rt::net::WaitMode::Halt,
+            poll_us: 0,
         };
         let mut net = Net::open(0, &cfg).map_err(|e| alloc::format!("{e}"))?;
         check_eq!(

@@ -44,6 +44,8 @@ ktest!(
             irq_cpu: 0,
             notify: Notify::Auto,
             tx_irq: false,
+            wait: guest_kernel::rt::net::WaitMode::Auto,
+            poll_us: 0,
         };
         match Net::open_vmq("no-such-guest", LinkPolicy::Lazy, &cfg) {
             Ok(_) => return Err("a VM-queue NIC to nobody opened".into()),

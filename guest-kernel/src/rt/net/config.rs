@@ -22,6 +22,22 @@ pub struct NetConfig {
     pub notify: Notify,
     /// Take TX-completion interrupts (the TX vector is masked otherwise).
     pub tx_irq: bool,
+    /// How the stack sleeps (`net.wait=`).
+    pub wait: WaitMode,
+    /// Poll mode: microseconds to spin on the used ring before sleeping
+    /// (`net.poll_us=`; default 0: on a host with fewer cores than busy
+    /// threads a spinning vCPU holds the core the frame needs).
+    pub poll_us: u32,
+}
+
+/// How a stack with nothing to do sleeps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WaitMode {
+    /// The shim's exitless wait where offered (NIC 0 under the shim), with RX
+    /// interrupts withheld; a halt until the RX interrupt elsewhere.
+    Auto,
+    /// Always the halt kernel call and the RX interrupt.
+    Halt,
 }
 
 /// How the driver tells the device about new buffers.
@@ -71,6 +87,17 @@ impl NetConfig {
             Some(_) => return Err(NetError::Config("net.notify= takes doorbell or trap")),
         };
         let tx_irq = c.flag("net.tx_irq");
+        let wait = match c.get("net.wait") {
+            None | Some("exitless") => WaitMode::Auto,
+            Some("halt") => WaitMode::Halt,
+            Some(_) => return Err(NetError::Config("net.wait= takes exitless or halt")),
+        };
+        let poll_us = match c.get("net.poll_us") {
+            None => 0,
+            Some(s) => s
+                .parse()
+                .map_err(|_| NetError::Config("net.poll_us= takes microseconds"))?,
+        };
         let dhcp = c.flag("dhcp");
         if address.is_none() && !dhcp {
             return Err(NetError::Config(
@@ -85,6 +112,8 @@ impl NetConfig {
             irq_cpu,
             notify,
             tx_irq,
+            wait,
+            poll_us,
         })
     }
 }

@@ -33,13 +33,14 @@
 //! - this file: [`Net`], which ties one NIC to its stack: polling, sleeping,
 //!   following hints, sockets.
 
+pub mod breakdown;
 mod config;
 mod error;
 mod nic;
 mod stack;
 mod wake;
 
-pub use config::{NetConfig, Notify};
+pub use config::{NetConfig, Notify, WaitMode};
 pub use error::NetError;
 pub use wake::{MAX_NICS, hint_upcalls};
 
@@ -48,7 +49,7 @@ use crate::rt::hints::{self, Follower};
 use crate::rt::start::system;
 use crate::rt::time::{self, Instant};
 use crate::rt::vmq_link::{LinkPolicy, LinkStats};
-use crate::rt::{smp, wait};
+use crate::rt::{ctrl, smp, wait};
 use alloc::boxed::Box;
 use alloc::vec;
 use config::NicChoice;
@@ -76,6 +77,12 @@ pub struct Net {
     /// `HintUpdate` upcalls when the hints were last checked: and after the
     /// shim's `HintUpdate` upcalls (M3).
     hint_upcalls: u64,
+    /// Sleeps with the shim's exitless wait (M4's wait page), RX interrupts withheld.
+    exitless: bool,
+    /// Poll mode: spin this long (TSC ticks) before sleeping.
+    poll_ticks: u64,
+    /// When a poll last found a received frame (guest TSC; latency breakdown).
+    last_rx_poll: u64,
 }
 
 impl fmt::Debug for Net {
@@ -94,6 +101,16 @@ fn describe_address(cfg: &NetConfig) -> alloc::string::String {
         })
 }
 
+/// Withholds NIC 0's RX interrupt (M4 quiet flag, shadowed: no exit) where
+/// the shim offers the exitless wait; true when the stack may use it.
+fn quiet_rx() -> bool {
+    ctrl::wait_page().is_some() && ctrl::write_flag(para_abi::ctrl::Flag::Nic0RxQuiet, true).is_ok()
+}
+
+fn poll_ticks(cfg: &NetConfig) -> u64 {
+    u64::from(cfg.poll_us) * time::tsc_khz() / 1000
+}
+
 impl Net {
     /// Opens virtio-net device number `index` (bus order) with `cfg`.
     pub fn open(index: usize, cfg: &NetConfig) -> Result<Self, NetError> {
@@ -104,8 +121,9 @@ impl Net {
         let mut nic: Box<dyn Nic> = Box::new(opened.nic);
         let (iface, sockets, dhcp) = stack::build(nic.as_mut(), cfg);
         let rx = nic.rx_vector();
+        let exitless = index == 0 && cfg.wait == WaitMode::Auto && quiet_rx();
         log::info!(
-            "net{index}: virtio-net at {:02x}:{:02x}.{} MAC {}, {}, RX {:?}, interrupts to cpu{} (vectors {:#x}/{:#x}, {} accepted), notify by {}",
+            "net{index}: virtio-net at {:02x}:{:02x}.{} MAC {}, {}, RX {:?}, interrupts to cpu{} (vectors {:#x}/{:#x}, {} accepted), notify by {}, sleeps by {}",
             opened.bus,
             opened.device,
             opened.function,
@@ -116,7 +134,12 @@ impl Net {
             rx,
             rx + 1,
             opened.accepted,
-            if opened.doorbells { "doorbell" } else { "trap" }
+            if opened.doorbells { "doorbell" } else { "trap" },
+            if exitless {
+                "exitless wait"
+            } else {
+                "halt + RX interrupt"
+            }
         );
         Ok(Self {
             index,
@@ -128,6 +151,9 @@ impl Net {
             hints: wake::hint_follower(index, opened.device, opened.apic),
             hint_signal: 0,
             hint_upcalls: 0,
+            exitless,
+            poll_ticks: poll_ticks(cfg),
+            last_rx_poll: 0,
         })
     }
 
@@ -189,6 +215,9 @@ impl Net {
             hints: None,
             hint_signal: 0,
             hint_upcalls: 0,
+            exitless: false,
+            poll_ticks: poll_ticks(cfg),
+            last_rx_poll: 0,
         }
     }
 
@@ -200,6 +229,9 @@ impl Net {
             self.hint_signal = signal;
             self.hint_upcalls = upcalls;
             self.follow_hints();
+        }
+        if self.nic.rx_pending() {
+            self.last_rx_poll = Instant::now().0;
         }
         let r = self.nic.poll(&mut self.iface, now(), &mut self.sockets);
         if let Some(h) = self.dhcp {
@@ -219,6 +251,13 @@ impl Net {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
+        // Read before the ring is checked: a frame that lands after the check
+        // moves it, and the wait then returns at once.
+        let token = if self.exitless {
+            ctrl::rx_token()
+        } else {
+            None
+        };
         if self.nic.rx_pending() || wake.is_some_and(|w| Instant::now() >= w) {
             return;
         }
@@ -237,6 +276,10 @@ impl Net {
         }
         // A halt is no exit the shim sees: lazily posted frames go now.
         self.nic.flush();
+        if let Some(token) = token {
+            self.wait_exitless(token, wake);
+            return;
+        }
         match self.mode {
             RxMode::Poll => {
                 while !self.nic.rx_pending() && wake.is_none_or(|w| Instant::now() < w) {
@@ -259,6 +302,43 @@ impl Net {
                 self.nic.end_sleep();
             }
         }
+    }
+
+    /// Sleeps with one exit until the RX ring has work (after `token`), an
+    /// upcall, or `wake`; poll mode spins its budget first. No RX interrupt
+    /// comes (the quiet flag withholds it), no halt call, no ring-0 code.
+    fn wait_exitless(&mut self, token: u32, wake: Option<Instant>) {
+        if self.mode == RxMode::Poll && self.poll_ticks > 0 {
+            let until = Instant::now().0.saturating_add(self.poll_ticks);
+            while Instant::now().0 < until {
+                if self.nic.rx_pending() || wake.is_some_and(|w| Instant::now() >= w) {
+                    return;
+                }
+                core::hint::spin_loop();
+            }
+        }
+        let timeout_us = wake.map(|w| {
+            let ticks = w.0.saturating_sub(Instant::now().0);
+            u32::try_from(ticks.saturating_mul(1000) / time::tsc_khz().max(1)).unwrap_or(u32::MAX)
+        });
+        ctrl::wait_exitless(token, timeout_us);
+    }
+
+    /// True when this stack sleeps with the shim's exitless wait.
+    #[must_use]
+    pub fn exitless(&self) -> bool {
+        self.exitless
+    }
+
+    /// Latency breakdown: the application hands a frame to the stack now.
+    pub fn stamp_app_tx(&self) {
+        ctrl::stamp_app_tx(Instant::now().0);
+    }
+
+    /// Latency breakdown: when a poll last found a received frame (guest TSC).
+    #[must_use]
+    pub fn last_rx_poll(&self) -> u64 {
+        self.last_rx_poll
     }
 
     /// The interface's IPv4 address, once it has one.

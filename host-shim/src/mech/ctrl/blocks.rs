@@ -13,8 +13,8 @@
 //! Virtual flags act on the shim without waiting for an exit: the NIC's worker
 //! reads a shadowed quiet flag live from the shadow page before it raises an MSI.
 
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
 
 use kvm_bindings::{KVM_MEM_READONLY, kvm_userspace_memory_region};
 use kvm_ioctls::{VcpuFd, VmFd};
@@ -23,7 +23,8 @@ use para_abi::discovery::{self, features};
 use para_abi::layout::area;
 use tracing::debug;
 
-use super::report::CtrlReport;
+use super::report::{CtrlReport, WaitReport};
+use super::wait::Waits;
 use crate::counters::Tally;
 use crate::kvm::cpuid::Offer;
 use crate::kvm::memory::{SharedMapping, slot};
@@ -66,10 +67,12 @@ reasons! {
         UnknownFlag => "unknown_flag",
         BadValue => "bad_value",
         StrayShadowBits => "stray_shadow_bits",
+        WaitBadStore => "wait_bad_store",
+        WaitBadTimeout => "wait_bad_timeout",
     }
 }
 
-/// Two pages of anonymous shared memory behind the area, zero filled.
+/// Three pages of anonymous shared memory behind the area, zero filled.
 struct Mapping {
     mem: SharedMapping,
 }
@@ -141,6 +144,14 @@ pub struct GuestCtrl {
     mem: Mapping,
     pub(super) vcpus: Vec<VcpuCtrl>,
     pub(super) counters: Counters,
+    /// The exitless wait ([`super::wait`]).
+    pub(super) waits: Waits,
+    /// The guest's TSC minus the host's (latency breakdown), measured on
+    /// vCPU 0's thread before its first entry.
+    tsc_offset: OnceLock<Option<i64>>,
+    /// Latency-breakdown stamps are taken and handed on (`--latency-stamps`).
+    /// Off by default: they carry one guest's timing into another's page.
+    pub latency_stamps: AtomicBool,
 }
 
 impl GuestCtrl {
@@ -154,6 +165,9 @@ impl GuestCtrl {
             mem: Mapping::new().map_err(CtrlError::Map)?,
             vcpus: (0..vcpus).map(|_| VcpuCtrl::default()).collect(),
             counters: Counters::default(),
+            waits: Waits::default(),
+            tsc_offset: OnceLock::new(),
+            latency_stamps: AtomicBool::new(false),
         };
         for i in 0..vcpus {
             c.publish(i, DEFAULT_MASKS);
@@ -161,11 +175,13 @@ impl GuestCtrl {
         Ok(c)
     }
 
-    /// Maps the area into `vm`: the mask page read-only, the shadow page writable.
+    /// Maps the area into `vm`: the mask and wait pages read-only, the shadow
+    /// page writable.
     pub fn register(&self, vm: &VmFd) -> Result<(), CtrlError> {
         for (slot, offset, flags) in [
             (slot::CTRL_FIRST, ctrl::MASK_PAGE, KVM_MEM_READONLY),
             (slot::CTRL_FIRST + 1, ctrl::SHADOW_PAGE, 0),
+            (slot::CTRL_FIRST + 2, ctrl::WAIT_PAGE, KVM_MEM_READONLY),
         ] {
             let desc = kvm_userspace_memory_region {
                 slot,
@@ -422,6 +438,114 @@ impl GuestCtrl {
             msis_suppressed: ld(&c.msis_suppressed),
             traced_exits: ld(&c.traced_exits),
             rejected: c.rejected.snapshot(),
+            wait: {
+                let w = &self.waits.counters;
+                WaitReport {
+                    waits: ld(&w.waits),
+                    ready: ld(&w.ready),
+                    woken: ld(&w.woken),
+                    timeouts: ld(&w.timeouts),
+                    held_us: ld(&w.held_ns) / 1000,
+                    rx_batches: ld(&w.rx_batches),
+                }
+            },
+        }
+    }
+
+    /// The wait page's u64 at `offset`.
+    pub(super) fn wait_word(&self, offset: u64) -> &AtomicU64 {
+        self.mem.u64_at(ctrl::WAIT_PAGE + offset)
+    }
+
+    /// NIC 0 put frames into its RX used ring: hands the guest the frame's
+    /// breakdown stamps, then wakes a vCPU held in a wait.
+    pub fn nic0_rx_work(&self) {
+        if let Some(&Some(off)) = self.tsc_offset.get()
+            && self.latency_stamps.load(Ordering::Relaxed)
+        {
+            let stamps = crate::breakdown::rx_pushed(|h| h.wrapping_add_signed(off));
+            for (s, v) in ctrl::wait::Stamp::ALL.iter().zip(stamps) {
+                self.wait_word(s.offset()).store(v, Ordering::Relaxed);
+            }
+        }
+        self.waits.rx_work(self.wait_word(ctrl::wait::RX_SEQ));
+    }
+
+    /// NIC 0 took a frame off its TX ring: records the sender's own stamps
+    /// (the vCPU that notified last), on the host's TSC, for the breakdown.
+    /// The guest wrote them: numbers for a report, never acted on.
+    pub fn nic0_tx_popped(&self) {
+        let Some(&Some(off)) = self.tsc_offset.get() else {
+            crate::breakdown::tx_popped([0, 0]);
+            return;
+        };
+        let (mut app, mut notify) = (0u64, 0u64);
+        for i in 0..self.vcpus.len() as u32 {
+            let rec = ctrl::shadow_record(0, i);
+            let n = self
+                .mem
+                .u64_at(rec + ctrl::shadow::STAMP_NOTIFY)
+                .load(Ordering::Relaxed);
+            if n > notify {
+                notify = n;
+                app = self
+                    .mem
+                    .u64_at(rec + ctrl::shadow::STAMP_APP_TX)
+                    .load(Ordering::Relaxed);
+            }
+        }
+        let host = |g: u64| {
+            if g == 0 {
+                0
+            } else {
+                g.wrapping_add_signed(-off)
+            }
+        };
+        crate::breakdown::tx_popped([host(app), host(notify)]);
+    }
+
+    /// Measures the guest's TSC offset once, on a vCPU thread before it runs:
+    /// `IA32_TSC` (MSR 0x10, SDM vol 4 table 2-2) read through `KVM_GET_MSRS`
+    /// between two host TSC reads.
+    pub(super) fn measure_tsc_offset(&self, fd: &VcpuFd) {
+        if self.tsc_offset.get().is_some() || !self.latency_stamps.load(Ordering::Relaxed) {
+            return;
+        }
+        // Tried once: a KVM that refuses leaves the breakdown without stamps.
+        let _ = self.tsc_offset.set(Self::read_tsc_offset(fd));
+    }
+
+    fn read_tsc_offset(fd: &VcpuFd) -> Option<i64> {
+        let mut msrs = kvm_bindings::Msrs::from_entries(&[kvm_bindings::kvm_msr_entry {
+            index: 0x10,
+            ..Default::default()
+        }])
+        .ok()?;
+        let t0 = crate::breakdown::now();
+        let got = fd.get_msrs(&mut msrs).ok()?;
+        let t1 = crate::breakdown::now();
+        let guest = msrs.as_slice().first().filter(|_| got == 1)?.data;
+        let host = t0 / 2 + t1 / 2;
+        #[allow(clippy::cast_possible_wrap)]
+        Some(guest.wrapping_sub(host) as i64)
+    }
+
+    /// An exiting store into the wait page: a valid request is left for this
+    /// thread's exit hook; anything else is refused and counted (the vCPU
+    /// resumes at once).
+    pub(super) fn wait_store(&self, offset: u64, data: &[u8]) {
+        match ctrl::wait::decode_request(offset, data) {
+            Ok(r) => super::wait::post(r),
+            Err(e) => {
+                let reason = match e {
+                    ctrl::wait::WaitError::BadStore => Rejected::WaitBadStore,
+                    ctrl::wait::WaitError::BadTimeout => Rejected::WaitBadTimeout,
+                };
+                self.reject(
+                    reason,
+                    format_args!("wait page store of {data:x?} at offset {offset:#x}"),
+                );
+            }
         }
     }
 }

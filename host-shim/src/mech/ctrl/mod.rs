@@ -10,10 +10,12 @@
 pub mod blocks;
 pub mod calls;
 pub mod report;
+pub mod wait;
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
+use kvm_ioctls::VcpuFd;
 use para_abi::ctrl::{self, Flag};
 use para_abi::hypercall::Call;
 use para_abi::layout::area;
@@ -24,6 +26,7 @@ use crate::kvm::cpuid::Offer;
 use crate::mech::{CallCtx, ExitCtx, Mechanism};
 use crate::platform::MmioDevice;
 use crate::report::GuestReport;
+use crate::vcpu::handle::VcpuShared;
 use blocks::Rejected;
 
 /// The calls of the trapping path.
@@ -58,9 +61,36 @@ impl Mechanism for GuestCtrl {
         self.trap_call(cx.fd, cx.vcpu.index, call, arg, cx.kvm_exits)
     }
 
+    fn before_entry(&self, fd: &mut VcpuFd, _vcpu: &VcpuShared) -> bool {
+        self.measure_tsc_offset(fd);
+        false
+    }
+
+    fn start(&self, vcpus: &[Arc<VcpuShared>]) -> std::io::Result<()> {
+        self.waits.set_vcpus(vcpus);
+        Ok(())
+    }
+
     fn after_exit(&self, cx: &mut ExitCtx<'_>) -> bool {
         let i = cx.vcpu.index;
         self.at_exit(&*cx.fd, i);
+        // The exit was a wait request: the shadow (the quiet flag) is taken
+        // above, so the NIC already withholds the MSI this wait replaces.
+        if let Some(r) = wait::take() {
+            let run = std::ptr::from_mut(cx.fd.get_kvm_run());
+            // SAFETY: `run` is this thread's mapped kvm_run, alive for the fd's
+            // life; the kick handler stores immediate_exit from a signal on this
+            // same thread, hence the volatile read.
+            let kicked =
+                || unsafe { std::ptr::read_volatile(&raw const (*run).immediate_exit) != 0 };
+            self.waits.block(
+                cx.vcpu,
+                r,
+                self.wait_word(ctrl::wait::RX_SEQ),
+                kicked,
+                cx.stopping,
+            );
+        }
         if self
             .vcpus
             .get(i as usize)
@@ -79,7 +109,8 @@ impl Mechanism for GuestCtrl {
     }
 }
 
-/// Exiting guest writes to the read-only mask page: refused and counted.
+/// Exiting guest writes to the read-only mask page: refused and counted; to
+/// the wait page: a wait request (validated).
 pub struct MaskPageMmio(pub Arc<GuestCtrl>);
 
 impl MmioDevice for MaskPageMmio {
@@ -88,6 +119,11 @@ impl MmioDevice for MaskPageMmio {
     }
 
     fn mmio_write(&self, addr: u64, data: &[u8]) -> bool {
+        let wait = area::CTRL + ctrl::WAIT_PAGE;
+        if (wait..wait + ctrl::PAGE).contains(&addr) {
+            self.0.wait_store(addr - wait, data);
+            return true;
+        }
         let page = area::CTRL + ctrl::MASK_PAGE;
         if !(page..page + ctrl::PAGE).contains(&addr) {
             return false;

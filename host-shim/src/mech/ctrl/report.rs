@@ -21,6 +21,25 @@ pub struct CtrlReport {
     pub msis_suppressed: u64,
     pub traced_exits: u64,
     pub rejected: BTreeMap<&'static str, u64>,
+    /// The exitless wait.
+    pub wait: WaitReport,
+}
+
+/// M4's exitless wait in the stats JSON (`"ctrl": {"wait": ...}`).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct WaitReport {
+    /// Requests (one MMIO exit each).
+    pub waits: u64,
+    /// Returned at once: work had come since the guest looked.
+    pub ready: u64,
+    /// Woken by RX work or a kick.
+    pub woken: u64,
+    /// Ended by the guest's timeout or the shim's bound.
+    pub timeouts: u64,
+    /// Microseconds vCPU threads were held.
+    pub held_us: u64,
+    /// NIC 0 RX batches announced to the guest.
+    pub rx_batches: u64,
 }
 
 impl CtrlReport {
@@ -35,13 +54,18 @@ impl CtrlReport {
         self.offered.then(|| {
             format!(
                 "  ctrl: shadow changes {} hypercall writes {} owned writes {} applied at exit {} \
-                 mask changes {} msis suppressed {} rejected {{{}}}\n",
+                 mask changes {} msis suppressed {} waits {} (ready {} woken {} timeouts {}) \
+                 rejected {{{}}}\n",
                 self.shadow_changes,
                 self.hypercall_writes,
                 self.owned_writes_reported,
                 self.applied_at_exit,
                 self.mask_changes,
                 self.msis_suppressed,
+                self.wait.waits,
+                self.wait.ready,
+                self.wait.woken,
+                self.wait.timeouts,
                 rejected.join(" ")
             )
         })

@@ -86,6 +86,8 @@ pub struct Counters {
     pub fallback_kicks: AtomicU64,
     /// Guest writes to read-only pages of the para region.
     pub protected_writes: AtomicU64,
+    /// Events whose queue work the monitor ran itself (run to completion).
+    pub inline_runs: AtomicU64,
     pub rejected: Tally<Rejected>,
 }
 
@@ -109,6 +111,10 @@ fn bump(c: &AtomicU64) {
 pub struct Target {
     pub device: u8,
     pub queues: Vec<EventFd>,
+    /// Runs queue `q`'s work on the calling (monitor) thread: run to
+    /// completion, no wake-up of the device's worker. False when the device
+    /// cannot take it now (not activated): the eventfd wakes the worker then.
+    pub inline: Option<InlineWork>,
 }
 
 /// A device whose events the monitor handles itself, on its own thread (no
@@ -121,6 +127,9 @@ pub struct CallTarget {
     pub queues: u16,
     pub call: Arc<dyn Fn(u16) -> bool + Send + Sync>,
 }
+
+/// See [`Target::inline`].
+pub type InlineWork = Arc<dyn Fn(u16) -> bool + Send + Sync>;
 
 /// One guest's side of the doorbells: what its events do, and its counters.
 pub struct GuestDoorbells {
@@ -190,6 +199,10 @@ impl GuestDoorbells {
             );
             return false;
         }
+        if t.inline.as_ref().is_some_and(|run| run(queue)) {
+            bump(&self.counters.inline_runs);
+            return true;
+        }
         // The same wake-up the ioeventfd of the queue's notify address gives.
         let _ = q.write(1);
         true
@@ -253,6 +266,7 @@ impl GuestDoorbells {
             overflow_drained: get(&c.overflow_drained),
             overflow_notified: get(&c.overflow_notified),
             protected_writes: get(&c.protected_writes),
+            inline_runs: get(&c.inline_runs),
             rejected: c.rejected.snapshot(),
         }
     }
@@ -267,6 +281,7 @@ pub struct Snapshot {
     pub overflow_drained: u64,
     pub overflow_notified: u64,
     pub protected_writes: u64,
+    pub inline_runs: u64,
     pub rejected: std::collections::BTreeMap<&'static str, u64>,
 }
 
@@ -402,6 +417,15 @@ impl Mechanism for Doorbells {
         status as u64
     }
 
+    /// The guest ends and its monitors will stop: writing is withdrawn, so
+    /// a vCPU still running sends through the notify register (what it wrote
+    /// before is consumed by the monitors' last pass).
+    fn ending(&self) {
+        if let Some(region) = &self.para {
+            region.control().set_writing_allowed(false);
+        }
+    }
+
     fn mark(&self, m: &mut MarkReport) {
         let s = self.guest.snapshot();
         m.doorbell_events = s.events;
@@ -439,6 +463,7 @@ mod tests {
                 vec![Target {
                     device: 1,
                     queues: clones,
+                    inline: None,
                 }],
             ),
             fds,

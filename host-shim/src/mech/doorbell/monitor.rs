@@ -76,13 +76,26 @@ impl RingTask {
     /// Takes up to `batch` records, then drains the overflow set once. Returns how
     /// many records and overflow entries it handled.
     pub fn serve(&mut self, batch: usize) -> usize {
+        self.serve_raising(batch, &mut || {})
+    }
+
+    /// [`Self::serve`], calling `before_work` before the first event: the
+    /// events' queue work may run on this thread (run to completion), which
+    /// must not do it at the idle priority it spins at.
+    pub fn serve_raising(&mut self, batch: usize, before_work: &mut dyn FnMut()) -> usize {
         let Some(ring) = self.region.ring(self.index) else {
             return 0;
         };
         let mut n = 0;
         while n < batch {
             match self.consumer.poll(&ring) {
-                Polled::Event(e) => self.guest.event(e),
+                Polled::Event(e) => {
+                    if n == 0 {
+                        before_work();
+                    }
+                    crate::breakdown::NOTIFY_SEEN.store(crate::breakdown::now(), Ordering::Relaxed);
+                    self.guest.event(e);
+                }
                 Polled::Rejected(r) => self.guest.rejected(r.reason),
                 Polled::Empty => break,
             }
@@ -321,7 +334,11 @@ fn run(
     let mut idle_since: Option<Instant> = None;
     while !stop.load(Ordering::Acquire) {
         prio.beat();
-        if serve_all(&mut tasks, BATCH) > 0 {
+        let served: usize = tasks
+            .iter_mut()
+            .map(|t| t.serve_raising(BATCH, &mut || prio.parking()))
+            .sum();
+        if served > 0 {
             if let Some(since) = idle_since.take() {
                 spin.work_after(since.elapsed());
             }
@@ -410,6 +427,7 @@ mod tests {
             vec![Target {
                 device: 1,
                 queues: fds.iter().map(|f| f.try_clone().unwrap()).collect(),
+                inline: None,
             }],
         ));
         (region, guest, fds)

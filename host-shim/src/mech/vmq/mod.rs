@@ -433,6 +433,7 @@ pub fn doorbell_target(
     let target = Target {
         device: para_abi::doorbell::device::VMQ,
         queues: vec![worker.fd.try_clone()?],
+        inline: None,
     };
     Ok((target, worker))
 }

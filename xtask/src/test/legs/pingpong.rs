@@ -14,7 +14,7 @@ impl Leg for ShimPingpong {
     }
 
     fn about(&self) -> &'static str {
-        "two guests exchange 500 UDP pings through the host shim's switch; the client's RX interrupts must land on its CPU 1"
+        "two guests exchange 500 UDP pings through the host shim's switch, configured as `cargo xtask run` (doorbells, exitless wait, run to completion); every ping back, at most 0.75 steady-state KVM exits per packet per guest"
     }
 
     fn run(&self, _: &mut Images, opts: &Options) -> LegRun {
@@ -39,13 +39,21 @@ impl Leg for QemuPingpong {
     }
 }
 
+/// Steady-state KVM exits per packet a guest may take on the default path:
+/// one exitless wait per received frame is 0.5; measured 0.51–0.53 on a quiet
+/// machine (`cargo xtask run`), the margin (0.22) covers the trapping kicks a
+/// doorbell monitor starved by other load causes when it parks. The path
+/// before (halt call and RX interrupt) took 1.55.
+pub const STEADY_EXITS_MAX: f64 = 0.75;
+
 fn run_demo(leg: &str, opts: &Options, on_shim: bool) -> LegRun {
-    // The client's NIC interrupts go to its CPU 1: the run also checks that
-    // its RX interrupts were all taken there.
+    // Under QEMU the client's NIC interrupts go to its CPU 1: the run also
+    // checks that its RX interrupts were all taken there. Under the shim the
+    // run is `cargo xtask run`'s: the exitless wait takes no RX interrupt.
     let demo_opts = pingpong::Options {
         count: 500,
         timeout: opts.timeout,
-        client_irq_cpu: Some(1),
+        client_irq_cpu: (!on_shim).then_some(1),
         ..pingpong::Options::default()
     };
     let prefix = leg.to_owned();
@@ -60,7 +68,20 @@ fn run_demo(leg: &str, opts: &Options, on_shim: bool) -> LegRun {
         pingpong::on_qemu(&demo_opts, leg, free_port())
     };
     match report {
-        Ok(r) => {
+        Ok(mut r) => {
+            if on_shim {
+                for g in &r.guests {
+                    let steady = g.steady_exits_per_packet;
+                    r.checks.push((
+                        format!(
+                            "{}: steady-state KVM exits per packet {} <= {STEADY_EXITS_MAX}",
+                            g.name,
+                            steady.map_or_else(|| "missing".to_owned(), |s| format!("{s:.3}"))
+                        ),
+                        steady.is_some_and(|s| s <= STEADY_EXITS_MAX),
+                    ));
+                }
+            }
             let mut reports = check_reports(&r.checks);
             reports.extend(r.clients.iter().map(|c| {
                 format!(
