@@ -2,6 +2,7 @@
 
 pub mod doorbell;
 pub mod flood;
+pub mod fuzz;
 pub mod guest;
 pub mod guest_shim;
 pub mod hints;
