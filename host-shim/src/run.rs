@@ -32,6 +32,8 @@ pub enum RunError {
     Assemble(#[from] AssembleError),
     #[error("starting the --vcpu-quantum ticker failed: {0}")]
     Quantum(std::io::Error),
+    #[error("seccomp: {0}")]
+    Seccomp(#[from] crate::seccomp::SeccompError),
 }
 
 /// SIGINT and SIGTERM, blocked in every thread and taken synchronously by the main loop.
@@ -131,6 +133,9 @@ pub fn run(cli: &Cli, shim_start: Instant) -> Result<Report, RunError> {
         );
     }
 
+    // Every thread runs: from here on the main thread only waits, kicks,
+    // joins and reports.
+    crate::seccomp::install(crate::seccomp::Kind::Main)?;
     let deadline = (cli.timeout > 0).then(|| Instant::now() + Duration::from_secs(cli.timeout));
     loop {
         if running.iter().all(Guest::finished) {

@@ -28,7 +28,10 @@ pub fn start_storm(
     let up = up.clone();
     std::thread::Builder::new()
         .name(format!("{}-storm", up.name))
-        .spawn(move || storm(&up, vcpu, count, interval_us, &kick))
+        .spawn(move || {
+            crate::seccomp::install_or_exit(crate::seccomp::Kind::Helper);
+            storm(&up, vcpu, count, interval_us, &kick);
+        })
         .map(|_| ())
 }
 
@@ -61,6 +64,7 @@ pub fn start_poller(up: &Arc<GuestUpcalls>, vcpus: Vec<Arc<VcpuShared>>) -> std:
     std::thread::Builder::new()
         .name(format!("{}-upcall-poll", up.name))
         .spawn(move || {
+            crate::seccomp::install_or_exit(crate::seccomp::Kind::Helper);
             loop {
                 {
                     let closed = me.closed();
