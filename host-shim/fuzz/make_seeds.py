@@ -138,3 +138,17 @@ at(page, 0, "IIII", int.from_bytes(b"HINT", "little"), 1, 63, 64)
 at(page, 64, "IIIIQQQQ", 2, (1 << 31) | (1 << 16) | 1, 3, 2, 0b11, 0, 0, 0)
 at(page, 128, "IIIIQQQQ", 4, (1 << 31) | (2 << 16) | 0, 1, 1, 0, 1 << 5, 0, 0)
 put("guest_hints", "page", page)
+
+# host_monitor: the guest's stores into its ring (offsets past the protected
+# page: the ring header at 0, slot k at 0x100 + 8 k), then the monitor's pass.
+def store(offset, value):
+    return struct.pack("<BQQ", 1, offset, value)
+
+
+def serve(batch):
+    return struct.pack("<BQQ", 0, batch, 0)
+
+
+put("host_monitor", "records", store(0x100, record(1, 0, 1, 0)) + store(0x108, record(1, 1, 3, 1))
+    + store(0x110, record(9, 0, 1, 2)) + store(0, 3) + serve(8)
+    + store(64, 1) + store(72, 0b11) + serve(8))
