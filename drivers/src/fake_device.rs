@@ -69,6 +69,7 @@ const FEATURE_MAC: u64 = 1 << 5;
 pub const NET_HDR_LEN: usize = 12;
 
 impl FakeNet {
+    #[must_use]
     pub fn new() -> (Self, Device) {
         let state = Arc::new(Mutex::new(State::default()));
         (
@@ -192,7 +193,10 @@ impl Device {
         Some((head, addr, len))
     }
 
-    fn push_used(&self, queue: usize, id: u16, len: u32) {
+    /// Appends `(id, len)` to `queue`'s used ring and publishes it. Any id and
+    /// length: a hostile or broken device may complete a buffer it was never
+    /// given, or claim more bytes than the buffer holds.
+    pub fn push_used(&self, queue: usize, id: u16, len: u32) {
         let st = self.state.lock().unwrap();
         let q = &st.queues[queue];
         // used ring: flags u16, idx u16, ring[size] {id u32, len u32}.
@@ -210,10 +214,16 @@ impl Device {
     /// Puts `frame` into the next RX buffer, claiming `claimed_len` bytes of
     /// frame (a lying device may claim more than it wrote). False when the
     /// driver has no buffer posted.
+    #[must_use]
     pub fn deliver(&self, frame: &[u8], claimed_len: usize) -> bool {
         let Some((id, addr, cap)) = self.pop_avail(0) else {
             return false;
         };
+        // A recycled entry (see `complete_tx`): nothing to write into.
+        if addr == 0 || (cap as usize) < NET_HDR_LEN {
+            self.push_used(0, id, 0);
+            return true;
+        }
         let n = (NET_HDR_LEN + frame.len()).min(cap as usize);
         // SAFETY: the driver posted `cap` writable bytes at `addr`.
         unsafe {
@@ -229,12 +239,21 @@ impl Device {
     }
 
     /// Completes up to `n` pending transmissions; returns the frames sent.
+    #[must_use]
     pub fn complete_tx(&self, n: usize) -> Vec<Vec<u8>> {
         let mut out = Vec::new();
         while out.len() < n {
             let Some((id, addr, len)) = self.pop_avail(1) else {
                 break;
             };
+            // After this device completed a buffer it was never given (a lie
+            // `push_used` can tell), the driver may have recycled the entry:
+            // a header-less or null buffer is sent as an empty frame.
+            if addr == 0 || (len as usize) < NET_HDR_LEN {
+                out.push(Vec::new());
+                self.push_used(1, id, 0);
+                continue;
+            }
             // SAFETY: the driver posted `len` readable bytes at `addr`.
             let bytes = unsafe { std::slice::from_raw_parts(addr as *const u8, len as usize) };
             out.push(bytes[NET_HDR_LEN..].to_vec());

@@ -14,11 +14,11 @@
 #![no_std]
 
 extern crate alloc;
-#[cfg(test)]
+#[cfg(any(test, feature = "fuzzing"))]
 extern crate std;
 
-#[cfg(test)]
-mod fake_device;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fake_device;
 pub mod msix;
 pub mod net;
 pub mod virtio_pci;

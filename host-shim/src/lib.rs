@@ -22,6 +22,7 @@ pub mod pci;
 pub mod platform;
 pub mod report;
 pub mod run;
+pub mod seccomp;
 pub mod sync;
 pub mod vcpu;
 pub mod vm;

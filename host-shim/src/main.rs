@@ -33,6 +33,10 @@ fn main() {
         eprintln!("host-shim: {e} (see --help)");
         std::process::exit(2);
     }
+    host_shim::seccomp::set_enabled(cli.seccomp);
+    if let Some(kind) = &cli.seccomp_selftest {
+        host_shim::seccomp::selftest(kind);
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("SHIM_LOG")

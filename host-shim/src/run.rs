@@ -40,6 +40,8 @@ pub enum RunError {
         path: String,
         source: ImageError,
     },
+    #[error("seccomp: {0}")]
+    Seccomp(#[from] crate::seccomp::SeccompError),
 }
 
 impl RunError {
@@ -214,6 +216,9 @@ pub fn run(cli: &Cli, shim_start: Instant) -> Result<Report, RunError> {
         );
     }
 
+    // Every thread runs: from here on the main thread only waits, kicks,
+    // joins and reports.
+    crate::seccomp::install(crate::seccomp::Kind::Main)?;
     let deadline = (cli.timeout > 0).then(|| Instant::now() + Duration::from_secs(cli.timeout));
     let mut told = vec![false; running.len()];
     loop {

@@ -345,7 +345,10 @@ impl Guest {
             let pin = pins.get(i).copied().flatten();
             let h = std::thread::Builder::new()
                 .name(format!("{}-vcpu{i}", self.name))
-                .spawn(move || crate::vcpu::exit::run(fd, &me, &ctx, pin))
+                .spawn(move || {
+                    crate::seccomp::install_or_exit(crate::seccomp::Kind::Vcpu);
+                    crate::vcpu::exit::run(fd, &me, &ctx, pin);
+                })
                 .map_err(VmError::Thread)?;
             self.threads.push(h);
         }

@@ -310,7 +310,10 @@ impl VirtioDevice for Net {
         }
         let h = std::thread::Builder::new()
             .name(format!("{}-net", self.name))
-            .spawn(move || w.run())
+            .spawn(move || {
+                crate::seccomp::install_or_exit(crate::seccomp::Kind::Net);
+                w.run();
+            })
             .map_err(|e| e.to_string())?;
         self.worker = Some((stop, h));
         Ok(())

@@ -169,7 +169,10 @@ impl Tap {
         };
         let thread = std::thread::Builder::new()
             .name(format!("tap-{name}"))
-            .spawn(move || fwd.run())
+            .spawn(move || {
+                crate::seccomp::install_or_exit(crate::seccomp::Kind::Tap);
+                fwd.run();
+            })
             .map_err(io)?;
         info!(tap = name, port = index, "TAP attached to the switch");
         Ok(Self {

@@ -7,6 +7,7 @@ use crate::test::leg::Leg;
 use crate::test::legs::direct::ShimDirect;
 use crate::test::legs::doorbell::ShimDoorbell;
 use crate::test::legs::flood::ShimFlood;
+use crate::test::legs::fuzz::Fuzz;
 use crate::test::legs::guest::QemuGuest;
 use crate::test::legs::guest_shim::ShimGuest;
 use crate::test::legs::hints::ShimHints;
@@ -23,6 +24,7 @@ use crate::vmm::qemu::Accel;
 /// Every leg, in run order.
 pub const LEGS: &[&dyn Leg] = &[
     &Unit,
+    &Fuzz,
     &QemuGuest {
         name: "guest-tcg",
         about: "in-guest tests, QEMU TCG q35 -smp 2",
@@ -82,6 +84,7 @@ mod tests {
             all,
             [
                 "unit",
+                "fuzz",
                 "guest-tcg",
                 "guest-kvm",
                 "guest-shim",

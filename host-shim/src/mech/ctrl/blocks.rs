@@ -559,6 +559,27 @@ impl GuestCtrl {
     }
 }
 
+/// Entry points for the fuzz targets (feature `fuzzing`): the guest's side of
+/// the shadow page, and what a vCPU thread does with it, without KVM.
+#[cfg(feature = "fuzzing")]
+impl GuestCtrl {
+    /// Stores `value` at the 8-byte-aligned `offset` of the shadow page, as a
+    /// guest may at any time (offsets outside the page are ignored).
+    pub fn fuzz_guest_store(&self, offset: u64, value: u64) {
+        let offset = offset & !7;
+        if offset + 8 <= ctrl::PAGE {
+            self.mem
+                .u64_at(ctrl::SHADOW_PAGE + offset)
+                .store(value, Ordering::Release);
+        }
+    }
+
+    /// The work of one exit of `vcpu`, against `cpu`'s CR0.
+    pub fn fuzz_exit(&self, cpu: &dyn Cr0, vcpu: u32) {
+        self.at_exit(cpu, vcpu);
+    }
+}
+
 /// A vCPU's CR0 as the shim reaches it (`KVM_GET/SET_SREGS`; a fake in tests).
 pub trait Cr0 {
     fn cr0(&self) -> Option<u64>;

@@ -26,6 +26,15 @@ impl GuestCtrl {
         self.hypercall_on(fd, kvm_exits, vcpu, call, arg)
     }
 
+    /// Fuzzing entry (feature `fuzzing`): one M4 hypercall of `vcpu`, as
+    /// [`Self::trap_call`] runs it, against a CR0 that needs no KVM.
+    #[cfg(feature = "fuzzing")]
+    pub fn fuzz_call(&self, cpu: &dyn Cr0, vcpu: u32, call: Call, arg: u64) -> u64 {
+        let hw = self.consume_shadow(vcpu);
+        self.apply_cr0(cpu, vcpu, hw);
+        self.hypercall_on(cpu, &|| 0, vcpu, call, arg)
+    }
+
     /// [`Self::trap_call`] after the shadow was consumed; `cpu` is the vCPU's CR0.
     fn hypercall_on(
         &self,

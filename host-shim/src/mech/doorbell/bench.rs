@@ -120,7 +120,10 @@ impl NotifyBench {
         let fd = me.ioevent.try_clone()?;
         std::thread::Builder::new()
             .name(format!("{name}-benchfd"))
-            .spawn(move || ioevent_loop(&fd, &weak))?;
+            .spawn(move || {
+                crate::seccomp::install_or_exit(crate::seccomp::Kind::Helper);
+                ioevent_loop(&fd, &weak);
+            })?;
         Ok(me)
     }
 

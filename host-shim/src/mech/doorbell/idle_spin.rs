@@ -225,7 +225,10 @@ impl Watch {
         let s = shared.clone();
         let h = std::thread::Builder::new()
             .name("monitor-watch".into())
-            .spawn(move || watch(&monitors, &s))?;
+            .spawn(move || {
+                crate::seccomp::install_or_exit(crate::seccomp::Kind::Monitor);
+                watch(&monitors, &s);
+            })?;
         let _ = shared.thread.set(h.thread().clone());
         Ok(Self {
             shared,

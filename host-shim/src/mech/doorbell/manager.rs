@@ -258,6 +258,44 @@ impl ParaRegion {
     }
 }
 
+/// Fuzzing entry (feature `fuzzing`): the guest's stores to its rings.
+#[cfg(feature = "fuzzing")]
+impl ParaRegion {
+    /// Stores `value` at the 8-byte-aligned `offset` of designation `i`'s
+    /// range, past its protected (read-only to the guest) pages, as a guest
+    /// may at any time; `false` when that is outside the guest-writable part.
+    #[must_use]
+    pub fn fuzz_guest_store(&self, i: usize, offset: u64, value: u64) -> bool {
+        let Some(d) = self.plan.designations.get(i) else {
+            return false;
+        };
+        let offset = offset & !7;
+        if offset < u64::from(d.protected_len) || offset + 8 > d.range_len {
+            return false;
+        }
+        let Some(at) = d
+            .range_gpa
+            .checked_sub(self.plan.base)
+            .and_then(|start| usize::try_from(start + offset).ok())
+            .filter(|&at| at + 8 <= self.mem.len())
+        else {
+            return false;
+        };
+        // SAFETY: inside the mapping (checked above), 8-byte aligned (page-aligned
+        // mapping, aligned range and offset), and only ever accessed atomically.
+        #[allow(clippy::cast_ptr_alignment)]
+        let word = unsafe {
+            &*self
+                .mem
+                .as_ptr()
+                .add(at)
+                .cast::<std::sync::atomic::AtomicU64>()
+        };
+        word.store(value, std::sync::atomic::Ordering::Release);
+        true
+    }
+}
+
 /// A region with one range for any guest vCPU, monitored on host CPU 0.
 #[cfg(test)]
 pub(crate) fn test_region() -> std::sync::Arc<ParaRegion> {

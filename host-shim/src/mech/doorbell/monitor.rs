@@ -253,6 +253,7 @@ impl Monitors {
             let h = std::thread::Builder::new()
                 .name(format!("monitor-cpu{cpu}"))
                 .spawn(move || {
+                    crate::seccomp::install_or_exit(crate::seccomp::Kind::Monitor);
                     let prio = Priority::new(class, sh, ws);
                     run(cpu, tasks, spin, &stop, &wake, prio);
                 })?;

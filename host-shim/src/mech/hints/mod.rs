@@ -433,6 +433,7 @@ pub fn schedule_move(placements: Vec<Arc<IoPlacement>>, after: Duration, cpu: us
     let _ = std::thread::Builder::new()
         .name("io-mover".into())
         .spawn(move || {
+            crate::seccomp::install_or_exit(crate::seccomp::Kind::Helper);
             std::thread::sleep(after);
             info!(cpu, "moving the I/O threads");
             for p in placements {

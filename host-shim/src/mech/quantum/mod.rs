@@ -38,6 +38,7 @@ impl Ticker {
         let handle = std::thread::Builder::new()
             .name("vcpu-quantum".into())
             .spawn(move || {
+                crate::seccomp::install_or_exit(crate::seccomp::Kind::Helper);
                 while !flag.load(Ordering::Acquire) {
                     std::thread::sleep(period);
                     for v in &vcpus {

@@ -33,6 +33,7 @@ pub fn start_storm(
     let spawned = std::thread::Builder::new()
         .name(format!("{}-storm", up.name))
         .spawn(move || {
+            crate::seccomp::install_or_exit(crate::seccomp::Kind::Helper);
             storm(&me, vcpu, count, interval_us, &kick);
             me.storming.store(false, Ordering::Release);
         });
@@ -74,6 +75,7 @@ pub fn start_poller(up: &Arc<GuestUpcalls>, vcpus: Vec<Arc<VcpuShared>>) -> std:
     std::thread::Builder::new()
         .name(format!("{}-upcall-poll", up.name))
         .spawn(move || {
+            crate::seccomp::install_or_exit(crate::seccomp::Kind::Helper);
             loop {
                 {
                     let closed = me.closed();

@@ -518,6 +518,7 @@ impl GuestUpcalls {
         let spawned = std::thread::Builder::new()
             .name(format!("{}-upcall-stop", self.name))
             .spawn(move || {
+                crate::seccomp::install_or_exit(crate::seccomp::Kind::Helper);
                 std::thread::sleep(STOP_DEFER_LIMIT + Duration::from_millis(2));
                 let Some(handles) = me.handles.get() else {
                     return;

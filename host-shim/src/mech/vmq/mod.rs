@@ -398,6 +398,7 @@ impl DoorbellWorker {
         let thread = std::thread::Builder::new()
             .name(format!("vmq-doorbell-{id}"))
             .spawn(move || {
+                crate::seccomp::install_or_exit(crate::seccomp::Kind::Vmq);
                 // Each read returns after one or more writes (eventfd(2)).
                 while waiter.read().is_ok() {
                     if stopping.load(std::sync::atomic::Ordering::Acquire) {

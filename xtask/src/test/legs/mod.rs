@@ -3,6 +3,7 @@
 pub mod direct;
 pub mod doorbell;
 pub mod flood;
+pub mod fuzz;
 pub mod guest;
 pub mod guest_shim;
 pub mod hints;
