@@ -35,6 +35,7 @@ fuzz_target!(|data: &[u8]| {
         vec![Target {
             device: 1,
             queues: vec![queue(), queue()],
+            inline: None,
         }],
     ));
     let Ok(mut task) = RingTask::new(region.clone(), 0, guest.clone()) else {
