@@ -244,16 +244,17 @@ impl GuestDirect {
 
     fn refuse(&self, addr: u64, write: bool) {
         // Inside a channel that exists, only the peer's (read-only) endpoint
-        // exits; anything else is a hole.
-        let mapped = u32::try_from((addr - area::DIRECT) / direct::CHANNEL_STRIDE)
-            .ok()
-            .filter(|&peer| peer != self.id)
-            .and_then(|peer| {
-                let members = lock(&self.channels.members);
-                members.iter().any(|m| m.id == peer).then_some(peer)
-            })
-            .is_some();
-        let r = if write && mapped {
+        // exits on a write; the gap after each endpoint, and channels to
+        // guests that are not peers, are holes.
+        let off = addr - area::DIRECT;
+        let peer = u32::try_from(off / direct::CHANNEL_STRIDE).ok();
+        let in_peer_endpoint = (direct::ENDPOINT_STRIDE
+            ..direct::ENDPOINT_STRIDE + direct::ENDPOINT_SIZE as u64)
+            .contains(&(off % direct::CHANNEL_STRIDE));
+        let is_peer = peer.is_some_and(|p| {
+            p != self.id && lock(&self.channels.members).iter().any(|m| m.id == p)
+        });
+        let r = if write && is_peer && in_peer_endpoint {
             Refused::WriteToPeer
         } else {
             Refused::Unmapped

@@ -75,6 +75,8 @@ fn exiting_accesses_to_the_channel_area_are_refused_and_counted() {
     assert!(a.mmio_write(peer_view + 8, &[1, 2, 3, 4]));
     let (hole, _) = direct::channel(5).unwrap();
     assert!(a.mmio_write(hole, &[0]));
+    // Between the peer's endpoint and the next channel: nothing is mapped.
+    assert!(a.mmio_write(peer_view + direct::ENDPOINT_SIZE as u64 + 8, &[0]));
     let mut data = [0xFFu8; 4];
     assert!(a.mmio_read(hole, &mut data));
     assert_eq!(data, [0; 4]);
@@ -84,7 +86,7 @@ fn exiting_accesses_to_the_channel_area_are_refused_and_counted() {
     );
     let r = a.report();
     assert_eq!(r.refused.get("write_to_peer_endpoint"), Some(&1));
-    assert_eq!(r.refused.get("unmapped_channel_access"), Some(&2));
+    assert_eq!(r.refused.get("unmapped_channel_access"), Some(&3));
 }
 
 #[test]
