@@ -97,8 +97,15 @@ mod guest {
         }
         let mut buf = [0u8; 2048];
         if s.port == ECHO_PORT {
-            while sock.can_recv() && sock.send_capacity() - sock.send_queue() >= buf.len() {
-                match sock.recv_slice(&mut buf) {
+            // Take as much as the send buffer can echo now, however little:
+            // waiting for a whole buffer's room would leave the receive
+            // window shut while the last ACKs trickle in.
+            while sock.can_recv() {
+                let room = (sock.send_capacity() - sock.send_queue()).min(buf.len());
+                if room == 0 {
+                    break;
+                }
+                match sock.recv_slice(&mut buf[..room]) {
                     Ok(n) if n > 0 => {
                         let _ = sock.send_slice(&buf[..n]);
                     }
