@@ -18,7 +18,7 @@ virtio-net device on an in-process L2 switch shared by all guests.\n\n\
 Each guest ends on its own (exit hypercall, triple fault, or fatal error); the shim exits when \
 all have ended. Exit status: 0 when every guest exited with status 0, 1 otherwise, 2 for \
 usage errors. SIGINT/SIGTERM stop every guest cleanly.",
-    after_help = "Example:\n  host-shim --guest name=a,kernel=ktest,vcpus=2,mem=256M \\\n            --guest name=b,kernel=ktest,cmdline=\"role=peer\" --stats-json stats.json"
+    after_help = "Example (after `cargo xtask build`, from the repository's root): a UDP ping-pong between two guests\n  K=target/x86_64-unknown-none/release/udp-pingpong\n  host-shim --guest name=server,kernel=$K,cmdline=\"pingpong.role=server ip=10.0.0.1/24\" \\\n            --guest name=client,kernel=$K,cmdline=\"pingpong.role=client ip=10.0.0.2/24 pingpong.peer=10.0.0.1 pingpong.count=100\" \\\n            --stats-json stats.json\n\nLogs go to stderr, filtered by RUST_LOG (or SHIM_LOG), e.g. RUST_LOG=host_shim=debug."
 )]
 #[allow(clippy::struct_excessive_bools)] // independent switches, not a state machine
 pub struct Cli {

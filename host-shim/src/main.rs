@@ -7,6 +7,25 @@ use clap::error::ErrorKind;
 use host_shim::cli::Cli;
 use host_shim::run;
 
+/// A clap error as one line: its first paragraph (the message and what it
+/// names), without the usage and the help hint that follow.
+fn one_line(text: &str) -> String {
+    let mut out = Vec::new();
+    for line in text.lines().map(str::trim) {
+        if line.starts_with("Usage:") || line.starts_with("For more information") {
+            break;
+        }
+        if !line.is_empty() {
+            out.push(line.trim_start_matches("error: "));
+        }
+    }
+    if out.is_empty() {
+        "bad arguments".to_owned()
+    } else {
+        out.join(" ")
+    }
+}
+
 fn main() {
     let start = Instant::now();
     let mut cli = match Cli::try_parse() {
@@ -16,16 +35,10 @@ fn main() {
             std::process::exit(0);
         }
         Err(e) => {
-            // One line, as scripts expect; --help has the rest.
-            let text = e.to_string();
-            let first = text
-                .lines()
-                .find(|l| !l.trim().is_empty())
-                .unwrap_or("bad arguments");
-            eprintln!(
-                "host-shim: {} (see --help)",
-                first.trim_start_matches("error: ")
-            );
+            // One line, as scripts expect, but with what clap names on the
+            // lines after its first (the missing or offending arguments);
+            // --help has the rest.
+            eprintln!("host-shim: {} (see --help)", one_line(&e.to_string()));
             std::process::exit(2);
         }
     };
@@ -37,11 +50,16 @@ fn main() {
     if let Some(kind) = &cli.seccomp_selftest {
         host_shim::seccomp::selftest(kind);
     }
+    // RUST_LOG as every Rust program reads it; SHIM_LOG, the older name,
+    // wins when both are set. Colour only on a terminal: a log file gets
+    // plain text.
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("SHIM_LOG")
+                .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
                 .unwrap_or_else(|_| "host_shim=info".into()),
         )
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
     match run::run(&cli, start) {
