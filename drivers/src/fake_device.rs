@@ -262,3 +262,52 @@ impl Device {
         out
     }
 }
+
+/// Plays a lying device against the virtio-net driver: `input` is read as
+/// 8-byte operations (kind, queue, id as u16, length as u32), at most 512,
+/// mixing completions of buffers never given, frames claiming any length,
+/// and the driver's own sends, receives and reaping. The first byte picks
+/// poll or interrupt mode. The `guest_used_ring` fuzz target and the
+/// driver's regression tests both run inputs through it; `None` when the
+/// driver refused to start.
+#[must_use]
+pub fn replay_lying_device(
+    input: &[u8],
+) -> Option<(crate::net::NetDevice<TestHal, FakeNet>, Device)> {
+    use crate::net::{NetDevice, RxMode};
+    let (transport, device) = FakeNet::new();
+    let mode = if input.first().is_some_and(|b| b & 1 == 0) {
+        RxMode::Poll
+    } else {
+        RxMode::Interrupt
+    };
+    let mut dev = NetDevice::<TestHal, _>::new(transport, mode).ok()?;
+    let payload = [0xA5u8; 2048];
+    for op in input.chunks_exact(8).take(512) {
+        let id = u16::from_le_bytes([op[2], op[3]]);
+        let len = u32::from_le_bytes([op[4], op[5], op[6], op[7]]);
+        match op[0] % 6 {
+            // A completion the device makes up.
+            0 => device.push_used(usize::from(op[1] & 1), id, len),
+            // A frame in the next posted RX buffer, claiming any length.
+            1 => {
+                let n = usize::from(id) % payload.len();
+                let _ = device.deliver(&payload[..n], len as usize % 0x1_0000);
+            }
+            2 => {
+                let _ = dev.receive();
+            }
+            3 => {
+                let _ = dev.send(&payload[..usize::from(id) % 1600]);
+            }
+            4 => {
+                let _ = dev.reap_tx();
+                let _ = dev.rx_pending();
+            }
+            _ => {
+                let _ = device.complete_tx(usize::from(op[1]));
+            }
+        }
+    }
+    Some((dev, device))
+}
