@@ -90,6 +90,20 @@ pub fn bars(title: &str, unit: &str, rows: &[(String, f64, f64, f64)]) -> String
         );
     }
     let axis_y = top + row_h * rows.len() as f64 + 4.0;
+    axis(
+        &mut s,
+        (left, right, axis_y, max),
+        scale,
+        &format!("{unit} (median, whiskers min–max over rounds)"),
+    );
+    s.push_str("</svg>\n");
+    s
+}
+
+/// The value axis under the rows: a line, five ticks from 0 to `max` at
+/// `x(v)`, and `caption` below. `frame`: (left, right margins, axis y, max).
+fn axis(s: &mut String, frame: (f64, f64, f64, f64), x: impl Fn(f64) -> f64, caption: &str) {
+    let (left, right, axis_y, max) = frame;
     let _ = writeln!(
         s,
         "<path d=\"M{left} {axis_y} H{}\" stroke=\"#888\"/>",
@@ -97,23 +111,21 @@ pub fn bars(title: &str, unit: &str, rows: &[(String, f64, f64, f64)]) -> String
     );
     for k in 0..=4 {
         let v = max * f64::from(k) / 4.0;
-        let x = scale(v);
         let _ = writeln!(
             s,
-            "<text x=\"{x:.1}\" y=\"{}\" text-anchor=\"middle\" fill=\"#555\">{}</text>",
+            "<text x=\"{:.1}\" y=\"{}\" text-anchor=\"middle\" fill=\"#555\">{}</text>",
+            x(v),
             axis_y + 16.0,
             esc(&fmt_num(v))
         );
     }
     let _ = writeln!(
         s,
-        "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\" fill=\"#555\">{} (median, whiskers min–max over rounds)</text>",
+        "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\" fill=\"#555\">{}</text>",
         (left + WIDTH - right) / 2.0,
         axis_y + 32.0,
-        esc(unit)
+        esc(caption)
     );
-    s.push_str("</svg>\n");
-    s
 }
 
 /// One horizontal bar per row, stacked from its parts (same order and
@@ -163,27 +175,11 @@ pub fn stacked(title: &str, unit: &str, parts: &[String], rows: &[(String, Vec<f
         );
     }
     let axis_y = top + row_h * rows.len() as f64 + 4.0;
-    let _ = writeln!(
-        s,
-        "<path d=\"M{left} {axis_y} H{}\" stroke=\"#888\"/>",
-        WIDTH - right
-    );
-    for k in 0..=4 {
-        let v = max * f64::from(k) / 4.0;
-        let _ = writeln!(
-            s,
-            "<text x=\"{:.1}\" y=\"{}\" text-anchor=\"middle\" fill=\"#555\">{}</text>",
-            left + scale(v),
-            axis_y + 16.0,
-            esc(&fmt_num(v))
-        );
-    }
-    let _ = writeln!(
-        s,
-        "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\" fill=\"#555\">{} (medians over rounds, stacked)</text>",
-        (left + WIDTH - right) / 2.0,
-        axis_y + 32.0,
-        esc(unit)
+    axis(
+        &mut s,
+        (left, right, axis_y, max),
+        |v| left + scale(v),
+        &format!("{unit} (medians over rounds, stacked)"),
     );
     for (k, p) in parts.iter().enumerate() {
         let y = axis_y + 44.0 + 18.0 * k as f64;
