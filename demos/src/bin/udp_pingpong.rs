@@ -311,7 +311,7 @@ mod guest {
             rtts.last().copied().unwrap_or(0) / 1000,
         );
         println!(
-            "pingpong-result: {{\"packets_sent\": {count}, \"packets_received\": {received}, \"size\": {size}, \"rtt_ns\": {{\"p50\": {}, \"p99\": {}, \"min\": {}, \"max\": {}}}, \"pps\": {pps}, \"rx_dropped\": {}, \"rx_irqs_by_cpu\": [{}], \"hints\": {{\"state\": \"{}\", \"seen\": {}, \"retargeted\": {}, \"already\": {}, \"ignored\": {}, \"torn\": {}, \"upcalls\": {}}}}}",
+            "pingpong-result: {{\"packets_sent\": {count}, \"packets_received\": {received}, \"size\": {size}, \"rtt_ns\": {{\"p50\": {}, \"p99\": {}, \"min\": {}, \"max\": {}}}, \"pps\": {pps}, \"rx_dropped\": {}, \"rx_irqs_by_cpu\": [{}], \"hints\": {{\"state\": \"{}\", \"seen\": {}, \"retargeted\": {}, \"already\": {}, \"ignored\": {}, \"declined\": {}, \"torn\": {}, \"upcalls\": {}}}}}",
             p(50),
             p(99),
             rtts.first().copied().unwrap_or(0),
@@ -323,6 +323,7 @@ mod guest {
             h.retargeted,
             h.already,
             h.ignored,
+            h.declined,
             h.torn,
             guest_kernel::rt::net::hint_upcalls()
         );

@@ -20,16 +20,13 @@ pub struct Hints {
 /// The host CPU of the I/O threads, which is also the number of the vCPU that
 /// shares it (`--pin 0,1`).
 fn io_cpu(scenario: &str) -> usize {
-    match scenario {
-        "on_io0" | "irq1_off" | "irq1_on" => 0,
-        _ => 1,
-    }
+    usize::from(scenario.starts_with("io1"))
 }
 
 fn setup(scenario: &str) -> Setup {
     let irq1 = scenario.starts_with("irq1");
     Setup {
-        hints: !scenario.ends_with("off"),
+        hints: scenario.ends_with("_on"),
         io_cpu: io_cpu(scenario),
         irq_cpu: irq1.then_some(1),
         move_after_irqs: None,
@@ -81,14 +78,17 @@ impl Suite for Hints {
     fn about(&self) -> String {
         format!(
             "UDP ping-pong ({PINGS} × 64 B) between two 2-vCPU guests under the shim, \
-             `--pin 0,1` (vCPU n on host CPU n) and `--io-cpu 1` (both NIC I/O threads on \
-             host CPU 1), so the default RX interrupt placement (vCPU 0, host CPU 0) is not \
-             co-located with the thread that raises the interrupts. `off`: guests booted \
-             with `hints=off`; `on`: they follow the shim's hint to vCPU 1; `on_io0` (control): \
-             I/O threads on host CPU 0, where the hint names vCPU 0, the default; `irq1_off` / \
-             `irq1_on`: I/O threads on host CPU 0 and the NIC interrupts first placed on \
-             vCPU 1 (`net.irq_cpu=1`), away from both the stack and the I/O thread; with \
-             `hints=on` the hint moves them to vCPU 0. Co-located = RX \
+             `--pin 0,1` (vCPU n on host CPU n), both NIC I/O threads pinned by `--io-cpu`; \
+             the guests' stacks run on vCPU 0. Scenarios come in pairs, `<case>_off` (guests \
+             booted with `hints=off`) and `<case>_on` (hints offered and followed where they \
+             name the vCPU that runs the stack, declined elsewhere: an interrupt away from the \
+             stack costs a wake IPI). `io1`: I/O threads on host CPU 1, interrupts by default \
+             on vCPU 0 — the hint names vCPU 1; `io0`: I/O threads on host CPU 0, co-located \
+             with the stack's vCPU — the hint names vCPU 0, where the interrupts already are; \
+             `irq1`: I/O threads on host CPU 0 and the NIC interrupts first placed on vCPU 1 \
+             (`net.irq_cpu=1`), away from the stack (the wrong default) — the hint names \
+             vCPU 0 and brings them back. On / off = the pair's RTT p50 ratio within each \
+             round. Co-located = RX \
              interrupts the client took on the vCPU sharing the I/O thread's host CPU (guest \
              per-CPU counters); wake IPIs = \
              guest IPIs to the stack's vCPU (one per RX interrupt taken elsewhere; KVM has \
@@ -98,16 +98,17 @@ impl Suite for Hints {
 
     fn scenarios(&self) -> Vec<Scenario> {
         vec![
-            Scenario::new("off", "hints=off (default placement)"),
-            Scenario::new("on", "hints on"),
-            Scenario::new("on_io0", "hints on, I/O thread on host CPU 0 (control)"),
+            Scenario::new("io1_off", "I/O thread on host CPU 1, hints=off"),
+            Scenario::new("io1_on", "I/O thread on host CPU 1, hints on"),
+            Scenario::new("io0_off", "I/O thread on host CPU 0, hints=off"),
+            Scenario::new("io0_on", "I/O thread on host CPU 0, hints on"),
             Scenario::new(
                 "irq1_off",
                 "I/O thread on host CPU 0, interrupts placed on vCPU 1, hints=off",
             ),
             Scenario::new(
                 "irq1_on",
-                "I/O thread on host CPU 0, interrupts placed on vCPU 1, hints=on",
+                "I/O thread on host CPU 0, interrupts placed on vCPU 1, hints on",
             ),
         ]
     }
@@ -116,6 +117,12 @@ impl Suite for Hints {
         vec![
             Metric::new("rtt_p50_us", "RTT p50", "µs", Better::Lower),
             Metric::new("rtt_p99_us", "RTT p99", "µs", Better::Lower),
+            Metric::new(
+                "on_over_off",
+                "RTT p50 on / off (same round)",
+                "×",
+                Better::Lower,
+            ),
             Metric::new("pps", "Ping-pongs per second", "pps", Better::Higher),
             Metric::new(
                 "colocated_pct",
@@ -139,7 +146,7 @@ impl Suite for Hints {
     }
 
     fn baseline(&self) -> Option<&'static str> {
-        Some("off")
+        Some("io1_off")
     }
 
     fn prepare(&mut self) -> Result<()> {
@@ -153,6 +160,7 @@ impl Suite for Hints {
             None => hints::prepare()?,
         };
         let mut r = RoundResult::default();
+        let mut p50 = std::collections::BTreeMap::new();
         for s in order {
             let o = hints::run(
                 &shim_path,
@@ -162,6 +170,20 @@ impl Suite for Hints {
                 |_| {},
             )?;
             record(&mut r, s.id, &o)?;
+            if let Some(c) = &o.client {
+                p50.insert(s.id, c.p50_ns);
+            }
+        }
+        #[allow(clippy::cast_precision_loss)] // nanoseconds far below 2^52
+        for (id, on) in &p50 {
+            let Some(case) = id.strip_suffix("_on") else {
+                continue;
+            };
+            if let Some(&off) = p50.get(format!("{case}_off").as_str())
+                && off > 0
+            {
+                r.set(id, "on_over_off", *on as f64 / off as f64);
+            }
         }
         r.note("KVM's binary statistics have no IPI counter; IPIs are the guest's own wake IPIs.");
         Ok(r)

@@ -169,6 +169,8 @@ pub struct RttLine {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
 pub struct GuestHints {
     pub already: u64,
+    /// Hints naming only vCPUs that do not run the stack (not followed).
+    pub declined: u64,
     pub ignored: u64,
     pub retargeted: u64,
     pub seen: u64,

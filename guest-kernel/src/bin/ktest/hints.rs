@@ -51,14 +51,15 @@ ktest!(
             s.insert(id);
             s
         };
+        // `cpu` plays the vCPU that processes the queue: hints naming it are followed.
         let mut f = Follower::new(5, 0, a0);
-        check_eq!(f.check(&h), None, "no record yet");
+        check_eq!(f.check(&h, cpu), None, "no record yet");
         let before = hints::decisions();
         h.records[3].publish(key(5, 0), 1, &set(a1));
         let want = if a1 == a0 { None } else { Some(cpu) };
-        check_eq!(f.check(&h), want, "a new hint moves the entry");
+        check_eq!(f.check(&h, cpu), want, "a new hint moves the entry");
         check_eq!(
-            f.check(&h),
+            f.check(&h, cpu),
             None,
             "the same generation is not acted on twice"
         );
@@ -66,25 +67,49 @@ ktest!(
         // is "already there".
         f.set_current(a1);
         h.records[3].publish(key(5, 0), 1, &set(a1));
-        check_eq!(f.check(&h), None);
+        check_eq!(f.check(&h, cpu), None);
         f.set_current(a0);
         // A vCPU this guest does not have: ignored, default placement kept.
         h.records[3].publish(key(5, 0), 1, &set(250));
-        check_eq!(f.check(&h), None);
+        check_eq!(f.check(&h, cpu), None);
         // A record torn mid-write is left for a later interrupt, then followed.
         let g = h.records[3].generation.load(Ordering::Relaxed);
         h.records[3].generation.store(g + 1, Ordering::Relaxed);
-        check_eq!(f.check(&h), None);
+        check_eq!(f.check(&h, cpu), None);
         h.records[3].publish(key(5, 0), 1, &set(a1));
-        check_eq!(f.check(&h), want, "the torn record is retried");
+        check_eq!(f.check(&h, cpu), want, "the torn record is retried");
         // Another queue's record is not ours.
         h.records[4].publish(key(5, 1), 1, &set(a1));
-        check_eq!(Follower::new(5, 2, a0).check(&h), None);
-        let after = hints::decisions();
-        check_eq!(after.seen - before.seen, 4);
-        check!(after.already > before.already);
-        check_eq!(after.ignored - before.ignored, 1);
-        check!(after.torn > before.torn);
+        check_eq!(Follower::new(5, 2, a0).check(&h, cpu), None);
+        let mid = hints::decisions();
+        check_eq!(mid.seen - before.seen, 4);
+        check!(mid.already > before.already);
+        check_eq!(mid.ignored - before.ignored, 1);
+        check!(mid.torn > before.torn);
+        // A hint naming a vCPU that does not process the queue is declined:
+        // the interrupt would land away from the stack and need a wake IPI.
+        if a1 != a0 {
+            let mut g = Follower::new(6, 0, a0);
+            h.records[5].publish(key(6, 0), 1, &set(a1));
+            check_eq!(
+                g.check(&h, 0),
+                None,
+                "a hint away from the stack is declined"
+            );
+            check_eq!(hints::decisions().declined - mid.declined, 1);
+            // Its next generation naming the processing vCPU as well is followed.
+            let mut both = set(a1);
+            both.insert(a0);
+            g.set_current(a1);
+            h.records[5].publish(key(6, 0), 1, &both);
+            check_eq!(g.check(&h, 0), None, "already on a hinted vCPU");
+            h.records[5].publish(key(6, 0), 1, &set(a0));
+            check_eq!(
+                g.check(&h, 0),
+                Some(0),
+                "a hint naming the stack's vCPU is followed"
+            );
+        }
         Ok(())
     }
 );

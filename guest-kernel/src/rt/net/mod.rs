@@ -366,12 +366,13 @@ impl Net {
     }
 
     /// After an RX interrupt or a `HintUpdate` upcall: moves the RX vector to the
-    /// vCPU a new hint names (the follower decides each generation once).
+    /// vCPU a new hint names, where that is the vCPU polling this NIC (the
+    /// follower decides each generation once, and says why it declines).
     fn follow_hints(&mut self) {
         let (Some(f), Ok(h)) = (self.hints.as_mut(), hints::get()) else {
             return;
         };
-        if let Some(cpu) = f.check(&h) {
+        if let Some(cpu) = f.check(&h, crate::percpu::cpu_id()) {
             match self.retarget(RX_QUEUE, cpu) {
                 Ok(()) => log::info!("net{}: RX interrupts to cpu{cpu} (hint)", self.index),
                 Err(e) => log::warn!("net{}: following the hint to cpu{cpu}: {e}", self.index),

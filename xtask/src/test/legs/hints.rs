@@ -16,7 +16,7 @@ impl Leg for ShimHints {
     }
 
     fn about(&self) -> &'static str {
-        "ping-pong with the NIC I/O thread pinned to host CPU 1: with hints the client's RX interrupts move to its vCPU 1 after the first, with hints=off they stay on vCPU 0, and moving the I/O thread to host CPU 0 brings them back"
+        "ping-pong with pinned NIC I/O threads: a hint naming a vCPU other than the stack's is declined (interrupts stay on vCPU 0), one naming the stack's vCPU moves interrupts placed on vCPU 1 back to it, also when the I/O thread moves mid-run; hints=off leaves placement alone"
     }
 
     fn run(&self, _: &mut Images, opts: &Options) -> LegRun {
@@ -67,26 +67,28 @@ pub fn leg_checks(timeout: Duration, mut echo: impl FnMut(&str)) -> Result<Vec<(
         ));
     };
 
+    // The hint names vCPU 1 (the I/O thread's), the stack runs on vCPU 0: an
+    // interrupt there would need a wake IPI, so the guest declines it.
     let on = run(&shim_path, &image, &base, "shim-hints-on", &mut echo)?;
     common(&on, "hints on", &mut checks);
-    // The first interrupt goes where the driver put it (vCPU 0) and carries
-    // the hint; the driver retargets before it sends the next frame, so at most
-    // the frames already in flight (ARP reply and first echo) land on vCPU 0.
     checks.push((
         format!(
-            "hints on: RX interrupts follow the hint to vCPU 1 after the first (per CPU {:?}; guest {})",
+            "hints on, hint away from the stack: declined, RX interrupts stay on the stack's vCPU 0 (per CPU {:?}; guest {})",
             on.client.as_ref().map(|c| c.rx_irqs_by_cpu.clone()),
             on.guest_hints_text()
         ),
-        on.irqs_on(0) <= 2 && on.irqs_on(1) >= base.count && on.retargeted() == 1,
+        on.irqs_on(1) == 0
+            && on.irqs_on(0) >= base.count
+            && on.retargeted() == 0
+            && on.guest_hints().is_some_and(|h| h.declined == 1),
     ));
     checks.push((
         format!(
-            "hints on: the shim sent a hint naming vCPU 1 and saw it honoured ({})",
+            "hints on: the shim sent one hint naming vCPU 1 ({})",
             on.shim_rx_text()
         ),
         on.shim_rx()
-            .is_some_and(|q| q.hints_sent == 1 && q.hints_honoured == 1 && q.last_vcpus == [1]),
+            .is_some_and(|q| q.hints_sent == 1 && q.hints_honoured == 0 && q.last_vcpus == [1]),
     ));
     checks.push(hint_upcall_check(&on, "hints on", 1));
 
@@ -113,10 +115,46 @@ pub fn leg_checks(timeout: Duration, mut echo: impl FnMut(&str)) -> Result<Vec<(
             && off.retargeted() == 0,
     ));
 
+    // Interrupts first placed on vCPU 1 (net.irq_cpu=1), the I/O thread on
+    // host CPU 0: the hint names vCPU 0, where the stack runs, and is followed.
+    let back = run(
+        &shim_path,
+        &image,
+        &Setup {
+            io_cpu: 0,
+            irq_cpu: Some(1),
+            ..base.clone()
+        },
+        "shim-hints-back",
+        &mut echo,
+    )?;
+    common(&back, "hint to the stack", &mut checks);
+    checks.push((
+        format!(
+            "hint to the stack's vCPU: RX interrupts move from vCPU 1 to vCPU 0 after the first (per CPU {:?}; guest {})",
+            back.client.as_ref().map(|c| c.rx_irqs_by_cpu.clone()),
+            back.guest_hints_text()
+        ),
+        back.irqs_on(1) <= 2 && back.irqs_on(0) >= base.count && back.retargeted() == 1,
+    ));
+    checks.push((
+        format!(
+            "hint to the stack's vCPU: the shim sent a hint naming vCPU 0 and saw it honoured ({})",
+            back.shim_rx_text()
+        ),
+        back.shim_rx()
+            .is_some_and(|q| q.hints_sent == 1 && q.hints_honoured == 1 && q.last_vcpus == [0]),
+    ));
+    checks.push(hint_upcall_check(&back, "hint to the stack", 1));
+
+    // Interrupts on vCPU 1 with the I/O thread on host CPU 1 (already where the
+    // hint says), then the I/O thread moves to host CPU 0: the second hint
+    // names the stack's vCPU and the interrupts follow it there.
     let moved = run(
         &shim_path,
         &image,
         &Setup {
+            irq_cpu: Some(1),
             move_after_irqs: Some((150, 0)),
             ..base.clone()
         },
@@ -136,11 +174,14 @@ pub fn leg_checks(timeout: Duration, mut echo: impl FnMut(&str)) -> Result<Vec<(
     ));
     checks.push((
         format!(
-            "I/O thread moved: the interrupts followed, to vCPU 1 then back to vCPU 0 (per CPU {:?}; guest {})",
+            "I/O thread moved: the interrupts stayed on vCPU 1 (already hinted), then followed the second hint to vCPU 0 (per CPU {:?}; guest {})",
             moved.client.as_ref().map(|c| c.rx_irqs_by_cpu.clone()),
             moved.guest_hints_text()
         ),
-        moved.retargeted() == 2 && moved.irqs_on(1) >= 100 && moved.irqs_on(0) >= 100,
+        moved.retargeted() == 1
+            && moved.guest_hints().is_some_and(|h| h.already == 1)
+            && moved.irqs_on(1) >= 100
+            && moved.irqs_on(0) >= 100,
     ));
     checks.push(hint_upcall_check(&moved, "I/O thread moved", 2));
     Ok(checks)
