@@ -86,7 +86,8 @@ fn doorbell_plan(cpu: usize, spare: Option<usize>) -> Result<Plan, ManagerError>
     }])
 }
 
-/// Builds the para region of `plan` and maps it into guest `g` after its RAM's slots.
+/// Builds the para region of `plan` and maps it into guest `g` after its RAM's
+/// slots; its kick addresses are bound later (`ParaRegion::bind_kicks`).
 fn map_para(kvm: &Kvm, g: &Guest, plan: Plan) -> Result<Arc<ParaRegion>, VmError> {
     if !kvm.check_extension(Cap::ReadonlyMem) {
         return Err(VmError::Mechanism(
@@ -306,25 +307,6 @@ impl Assembly {
             None
         };
 
-        let mut bus = PciBus::new(&cfg.name, g.rejects.clone());
-        if !cli.no_net {
-            let nic = attach_net(
-                &g,
-                &mut bus,
-                &self.switch,
-                (index, cli.run_to_completion),
-                &hints,
-                ctrl.as_ref(),
-            )
-            .map_err(err)?;
-            g.nics.push(nic);
-        }
-        let bus = Arc::new(bus);
-        if let Some(p) = g.platform_mut() {
-            p.add_pio(bus.clone());
-            p.add_mmio(bus.clone());
-        }
-
         // M3 before M5 and M1: VM-queue arrivals, hints and re-designations are
         // announced through it when offered.
         let upcall = if cli.upcalls == Delivery::Off {
@@ -347,6 +329,30 @@ impl Assembly {
         } else {
             Vec::new()
         };
+        // Devices after every mechanism's memory slots: a slot added after an
+        // irqfd or ioeventfd waits for an SRCU grace period (5-15 ms each).
+        let mut bus = PciBus::new(&cfg.name, g.rejects.clone());
+        if !cli.no_net {
+            let nic = attach_net(
+                &g,
+                &mut bus,
+                &self.switch,
+                (index, cli.run_to_completion),
+                &hints,
+                ctrl.as_ref(),
+            )
+            .map_err(err)?;
+            g.nics.push(nic);
+        }
+        let bus = Arc::new(bus);
+        if let Some(p) = g.platform_mut() {
+            p.add_pio(bus.clone());
+            p.add_mmio(bus.clone());
+        }
+        if let Some(r) = &para {
+            r.bind_kicks(&g.vm)
+                .map_err(|e| err(VmError::Mechanism(format!("doorbells: {e}"))))?;
+        }
         let (doorbells, para) = self
             .doorbells(cli, &g, para, extra, calls, ctrl.as_ref())
             .map_err(AssembleError::Monitors)?;

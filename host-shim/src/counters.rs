@@ -160,6 +160,7 @@ reasons! {
         VirtioAvailJump => "virtio_avail_index_jump",
         VirtioNoRxBuffer => "virtio_rx_dropped_no_buffer",
         FrameTooBig => "frame_too_big",
+        ConsoleBadBuffer => "console_bad_buffer",
     }
 }
 

@@ -13,6 +13,8 @@ pub enum Action {
     MainReached { guest_us: u64 },
     /// Snapshot the guest's counters under `label` (RBX); resume with `Status::Ok`.
     StatsMark { label: u64 },
+    /// Write `len` bytes at guest-physical `gpa` to the guest's console.
+    ConsoleWrite { gpa: u32, len: usize },
     /// Any other known call: a mechanism's (M1 benchmark and re-designation, M3,
     /// M4, M5...), for the mechanism of the guest that claims it.
     Mechanism { call: Call, arg: u64 },
@@ -33,6 +35,10 @@ pub fn decode(size: usize, rax: u64, rbx: u64) -> Action {
         },
         Some(Call::MainReached) => Action::MainReached { guest_us: rbx },
         Some(Call::StatsMark) => Action::StatsMark { label: rbx },
+        Some(Call::ConsoleWrite) => match para_abi::hypercall::console_decode(rbx) {
+            Some((gpa, len)) => Action::ConsoleWrite { gpa, len },
+            None => Action::Return(Status::BadArgument),
+        },
         // Every other call belongs to a mechanism; the guest's mechanisms say
         // which (`Mechanism::calls`).
         Some(call) => Action::Mechanism { call, arg: rbx },
@@ -84,6 +90,22 @@ mod tests {
         );
         // Not a 32-bit out: not a call.
         assert_eq!(decode(2, 2, 5), Action::Return(Status::BadArgument));
+    }
+
+    #[test]
+    fn console_write_carries_address_and_length() {
+        let arg = para_abi::hypercall::console_arg(0x20_0000, 12);
+        assert_eq!(
+            decode(4, 28, arg),
+            Action::ConsoleWrite {
+                gpa: 0x20_0000,
+                len: 12
+            }
+        );
+        assert_eq!(
+            decode(4, 28, para_abi::hypercall::console_arg(0, 5000)),
+            Action::Return(Status::BadArgument)
+        );
     }
 
     #[test]

@@ -95,11 +95,22 @@ impl Platform {
         );
     }
 
+    /// Console bytes from a `ConsoleWrite` hypercall: written to the THR one by
+    /// one, so they reach the same line splitting and escaping as port output.
+    pub fn console_write(&self, bytes: &[u8]) {
+        let mut uart = self.uart();
+        for &b in bytes {
+            // The error type is Infallible: the UART cannot fail to write.
+            let _ = uart.write(0, b);
+        }
+    }
+
     pub fn pio_write(&self, port: u16, data: &[u8]) {
         if (SERIAL_PORT..SERIAL_PORT + serial::PORT_COUNT).contains(&port) {
-            if let Some(&b) = data.first() {
+            let mut uart = self.uart();
+            for &b in data {
                 // The error type is Infallible: the UART cannot fail to write.
-                let _ = self.uart().write((port - SERIAL_PORT) as u8, b);
+                let _ = uart.write((port - SERIAL_PORT) as u8, b);
             }
             return;
         }

@@ -57,9 +57,34 @@ pub enum Call {
     /// M5: deliver this guest's outbox now, before it resumes (the immediate
     /// policy, and the lazy policy's way out when its outbox is full).
     VmqFlush = 12,
+    /// Console output: write the bytes at guest-physical RBX[31:0], RBX[47:32]
+    /// of them (at most [`CONSOLE_MAX`]), to this guest's console, as if
+    /// written to its COM1 THR one by one ([`console_arg`]). One exit for a
+    /// whole line where the UART costs one per byte.
+    ConsoleWrite = 28,
     // Numbers reserved per mechanism so that they can grow independently:
     // 4–7 M4 (control flags), 8–11 M3 (upcalls), 12–19 M5 (VM queues),
-    // 20–23 M1 (doorbells), 24–27 M2 (hints).
+    // 20–23 M1 (doorbells), 24–27 M2 (hints), 28–31 the platform (console).
+}
+
+/// The most bytes one [`Call::ConsoleWrite`] takes.
+pub const CONSOLE_MAX: usize = 4096;
+
+/// [`Call::ConsoleWrite`]'s argument: `len` bytes at guest-physical `gpa`.
+#[must_use]
+pub const fn console_arg(gpa: u32, len: u16) -> u64 {
+    (gpa as u64) | ((len as u64) << 32)
+}
+
+/// [`console_arg`] read back: (gpa, len), or `None` when bits above 47 are set
+/// or `len` exceeds [`CONSOLE_MAX`].
+#[must_use]
+pub const fn console_decode(arg: u64) -> Option<(u32, usize)> {
+    let len = ((arg >> 32) & 0xffff) as usize;
+    if arg >> 48 != 0 || len > CONSOLE_MAX {
+        return None;
+    }
+    Some((arg as u32, len))
 }
 
 impl Call {
@@ -80,6 +105,7 @@ impl Call {
             6 => Some(Self::CtrlSetMasks),
             7 => Some(Self::CtrlQuery),
             12 => Some(Self::VmqFlush),
+            28 => Some(Self::ConsoleWrite),
             _ => None,
         }
     }
@@ -101,6 +127,20 @@ mod tests {
     use super::*;
 
     #[test]
+    fn console_argument_round_trips_and_bounds_the_length() {
+        assert_eq!(
+            console_decode(console_arg(0x12_3000, 80)),
+            Some((0x12_3000, 80))
+        );
+        assert_eq!(
+            console_decode(console_arg(u32::MAX, 4096)),
+            Some((u32::MAX, 4096))
+        );
+        assert_eq!(console_decode(console_arg(0, 4097)), None);
+        assert_eq!(console_decode(1 << 48), None);
+    }
+
+    #[test]
     fn call_numbers_decode() {
         assert_eq!(Call::from_raw(1), Some(Call::Exit));
         assert_eq!(Call::from_raw(2), Some(Call::MainReached));
@@ -110,6 +150,7 @@ mod tests {
         assert_eq!(Call::from_raw(9), Some(Call::UpcallStorm));
         assert_eq!(Call::from_raw(10), Some(Call::UpcallEnable));
         assert_eq!(Call::from_raw(12), Some(Call::VmqFlush));
+        assert_eq!(Call::from_raw(28), Some(Call::ConsoleWrite));
         assert_eq!(Call::from_raw(0), None);
         assert_eq!(Call::from_raw(u32::MAX), None);
     }

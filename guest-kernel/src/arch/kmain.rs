@@ -112,6 +112,7 @@ extern "C" fn exitless_kmain_bsp(start_info: u32) -> ! {
     BOOT.tsc_deadline
         .store(u8::from(deadline), Ordering::Relaxed);
     BOOT.under_shim.store(u8::from(shim), Ordering::Relaxed);
+    serial::use_hypercall(shim);
     BOOT.tsc_source.store(source as u8, Ordering::Relaxed);
     BOOT.tsc_at_user.store(rdtsc(), Ordering::Relaxed);
     let stack_top = core::ptr::addr_of!(BSP_USER_STACK) as u64 + USER_STACK_SIZE as u64;

@@ -121,42 +121,79 @@ fn has_pvh_note(mut notes: &[u8]) -> bool {
     false
 }
 
-/// Checks that `image` is a 64-bit x86-64 ELF with a PVH entry note, before
-/// any VM is made for it.
-pub fn check_pvh_bytes(image: &[u8]) -> Result<(), ImageError> {
-    if image.get(..4) != Some(b"\x7fELF".as_slice()) {
+/// The largest program header table or note segment the check reads; a
+/// kernel's are a few hundred bytes.
+const READ_MAX: usize = 1 << 20;
+
+/// The check behind [`check_pvh_bytes`] and [`check_pvh_image`]: `read(off,
+/// len)` returns up to `len` bytes at `off` (fewer at the end of the image).
+/// Only the ELF header, the program headers and the note segments are read.
+fn check_pvh(
+    mut read: impl FnMut(usize, usize) -> Result<Vec<u8>, ImageError>,
+) -> Result<(), ImageError> {
+    let header = read(0, 64)?;
+    if header.get(..4) != Some(b"\x7fELF".as_slice()) {
         return Err(ImageError::NotElf);
     }
     // EI_CLASS 2 = 64-bit, EI_DATA 1 = little-endian.
-    if image.get(4..6) != Some([2u8, 1].as_slice()) || u16_at(image, 18) != Some(EM_X86_64) {
+    if header.get(4..6) != Some([2u8, 1].as_slice()) || u16_at(&header, 18) != Some(EM_X86_64) {
         return Err(ImageError::NotX86_64);
     }
-    let (Some(phoff), Some(phentsize), Some(phnum)) =
-        (u64_at(image, 32), u16_at(image, 54), u16_at(image, 56))
-    else {
+    let (Some(phoff), Some(phentsize), Some(phnum)) = (
+        u64_at(&header, 32),
+        u16_at(&header, 54),
+        u16_at(&header, 56),
+    ) else {
         return Err(ImageError::NotX86_64);
     };
-    for i in 0..usize::from(phnum) {
-        let ph = phoff + i * usize::from(phentsize);
-        if u32_at(image, ph) != Some(PT_NOTE) {
+    let (phentsize, phnum) = (usize::from(phentsize), usize::from(phnum));
+    let table = read(phoff, (phnum * phentsize).min(READ_MAX))?;
+    for i in 0..phnum {
+        let ph = i * phentsize;
+        if u32_at(&table, ph) != Some(PT_NOTE) {
             continue;
         }
-        let (Some(off), Some(size)) = (u64_at(image, ph + 8), u64_at(image, ph + 32)) else {
+        let (Some(off), Some(size)) = (u64_at(&table, ph + 8), u64_at(&table, ph + 32)) else {
             continue;
         };
-        if let Some(notes) = image.get(off..off.saturating_add(size))
-            && has_pvh_note(notes)
-        {
+        if size > READ_MAX {
+            continue;
+        }
+        let notes = read(off, size)?;
+        if notes.len() == size && has_pvh_note(&notes) {
             return Ok(());
         }
     }
     Err(ImageError::NoPvhNote)
 }
 
-/// [`check_pvh_bytes`] on the file at `path`.
+/// Checks that `image` is a 64-bit x86-64 ELF with a PVH entry note, before
+/// any VM is made for it.
+pub fn check_pvh_bytes(image: &[u8]) -> Result<(), ImageError> {
+    check_pvh(|off, len| {
+        Ok(image
+            .get(off..)
+            .map(|rest| rest[..len.min(rest.len())].to_vec())
+            .unwrap_or_default())
+    })
+}
+
+/// [`check_pvh_bytes`] on the file at `path`, reading only the headers and
+/// notes: a kernel file with its debug information is megabytes, and reading
+/// all of it cost milliseconds of every start.
 pub fn check_pvh_image(path: &Path) -> Result<(), ImageError> {
-    let bytes = std::fs::read(path).map_err(|e| ImageError::Read(e.to_string()))?;
-    check_pvh_bytes(&bytes)
+    use std::io::{Read, Seek, SeekFrom};
+    let err = |e: std::io::Error| ImageError::Read(e.to_string());
+    let mut file = File::open(path).map_err(err)?;
+    check_pvh(|off, len| {
+        file.seek(SeekFrom::Start(off as u64)).map_err(err)?;
+        let mut bytes = Vec::with_capacity(len);
+        (&mut file)
+            .take(len as u64)
+            .read_to_end(&mut bytes)
+            .map_err(err)?;
+        Ok(bytes)
+    })
 }
 
 /// What the vCPU setup needs to know after loading.
@@ -365,6 +402,27 @@ mod tests {
         // The host test binary is an ELF, but no PVH kernel.
         let me = std::env::current_exe().unwrap();
         assert_eq!(check_pvh_image(&me), Err(ImageError::NoPvhNote));
+    }
+
+    #[test]
+    fn a_note_beyond_the_first_read_is_still_found() {
+        let pvh = note(
+            b"Xen\0",
+            XEN_ELFNOTE_PHYS32_ENTRY,
+            &0x10_0000u64.to_le_bytes(),
+        );
+        // The note far into the file, as in real images (after the code).
+        let mut far = elf_with_note(&[]);
+        let at = 600 * 1024;
+        far[72..80].copy_from_slice(&(at as u64).to_le_bytes());
+        far[96..104].copy_from_slice(&(pvh.len() as u64).to_le_bytes());
+        far.resize(at, 0);
+        far.extend_from_slice(&pvh);
+        let dir = std::env::temp_dir().join(format!("shim-far-note-{}", std::process::id()));
+        std::fs::write(&dir, &far).unwrap();
+        let got = check_pvh_image(&dir);
+        let _ = std::fs::remove_file(&dir);
+        assert_eq!(got, Ok(()));
     }
 
     #[test]

@@ -8,11 +8,13 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
 use kvm_ioctls::{VcpuExit, VcpuFd};
-use para_abi::hypercall::{PORT as HYPERCALL_PORT, Status};
+use para_abi::hypercall::{CONSOLE_MAX, PORT as HYPERCALL_PORT, Status};
 use tracing::{debug, error, info, warn};
+use vm_memory::{Bytes, GuestAddress};
 
 use crate::counters::{Exit, MarkReport, Marks, Reject};
 use crate::hypercall::{self, Action};
+use crate::kvm::memory::GuestMem;
 use crate::kvm::stats::KVM_FIELDS;
 use crate::mech::{CallCtx, ExitCtx, Mechanism};
 use crate::platform::Platform;
@@ -64,6 +66,8 @@ pub struct GuestCtx {
     pub marks: Marks,
     /// The mechanisms attached to the guest, in attach order; fixed before the start.
     pub mechs: Vec<Arc<dyn Mechanism>>,
+    /// The guest's RAM, for calls that pass a buffer (console writes).
+    pub mem: GuestMem,
 }
 
 impl GuestCtx {
@@ -74,6 +78,7 @@ impl GuestCtx {
         platform: Arc<Platform>,
         vcpus: Vec<Arc<VcpuShared>>,
         mechs: Vec<Arc<dyn Mechanism>>,
+        mem: GuestMem,
     ) -> Self {
         Self {
             name: name.to_owned(),
@@ -85,6 +90,28 @@ impl GuestCtx {
             main_reached: OnceLock::new(),
             marks: Marks::default(),
             mechs,
+            mem,
+        }
+    }
+
+    /// A `ConsoleWrite` hypercall: copies the bytes out of the guest's RAM
+    /// (refusing, counted, a range that is not all RAM) and writes them to its
+    /// console exactly as the UART would have.
+    pub fn console_write(&self, gpa: u32, len: usize) -> Status {
+        let mut buf = [0u8; CONSOLE_MAX];
+        let buf = &mut buf[..len.min(CONSOLE_MAX)];
+        match self.mem.read_slice(buf, GuestAddress(u64::from(gpa))) {
+            Ok(()) => {
+                self.platform.console_write(buf);
+                Status::Ok
+            }
+            Err(e) => {
+                self.platform.reject(
+                    Reject::ConsoleBadBuffer,
+                    format_args!("console write of {len} bytes at {gpa:#x}: {e}"),
+                );
+                Status::BadArgument
+            }
         }
     }
 
@@ -322,6 +349,10 @@ fn hypercall_exit(fd: &VcpuFd, me: &VcpuShared, guest: &GuestCtx, size: usize) -
             debug!(guest = %guest.name, label, exits = m.exits, sink = m.sink_events, "stats mark");
             resume_with(fd, me, &mut regs, Status::Ok as u64)
         }
+        Action::ConsoleWrite { gpa, len } => {
+            let status = guest.console_write(gpa, len);
+            resume_with(fd, me, &mut regs, status as u64)
+        }
         Action::MainReached { guest_us } => {
             if guest.main_reached.set((Instant::now(), guest_us)).is_ok() {
                 info!(guest = %guest.name, vcpu = me.index, guest_us, "guest reached main");
@@ -380,4 +411,30 @@ fn resume_with(
         return Some(Outcome::Failed(format!("KVM_SET_REGS: {e}")));
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::counters::RejectCounters;
+    use crate::devices::serial::{LineWriter, Sink, new_uart};
+
+    #[test]
+    fn console_writes_come_from_ram_only() {
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let uart = new_uart(LineWriter::new("g", Sink::Buffer(lines.clone())));
+        let rejects = Arc::new(RejectCounters::default());
+        let platform = Arc::new(Platform::new("g", uart, rejects.clone()));
+        let mem = crate::kvm::memory::create("g", 4 << 20).unwrap();
+        mem.write_slice(b"hello\nwor", GuestAddress(0x1000))
+            .unwrap();
+        let g = GuestCtx::new("g", platform, Vec::new(), Vec::new(), mem);
+        assert_eq!(g.console_write(0x1000, 9), Status::Ok);
+        assert_eq!(*lines.lock().unwrap(), vec!["hello".to_owned()]);
+        // Beyond RAM, and straddling its end: refused and counted, nothing written.
+        assert_eq!(g.console_write(0x50_0000, 4), Status::BadArgument);
+        assert_eq!(g.console_write((4 << 20) - 2, 4), Status::BadArgument);
+        assert_eq!(rejects.count(Reject::ConsoleBadBuffer), 2);
+        assert_eq!(lines.lock().unwrap().len(), 1);
+    }
 }

@@ -44,6 +44,7 @@ fn hint_upcall_check(o: &Outcome, what: &str, hints: u64) -> (String, bool) {
 /// The `shim-hints` leg: hints on (I/O thread on host CPU 1: interrupts move
 /// to vCPU 1 after the first), hints off (they stay on vCPU 0), and a run-time
 /// move of the I/O thread to host CPU 0 (a new hint; they come back to vCPU 0).
+#[allow(clippy::too_many_lines)] // four runs, each with its checks in order
 pub fn leg_checks(timeout: Duration, mut echo: impl FnMut(&str)) -> Result<Vec<(String, bool)>> {
     let (shim_path, image) = prepare()?;
     let base = Setup {
