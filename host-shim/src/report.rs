@@ -238,8 +238,24 @@ impl GuestReport {
     }
 }
 
+/// The version of the stats document (`--stats-json`, the API's stats):
+/// raised whenever a key changes meaning or goes away; new keys may come
+/// without it. docs/json.md describes each version's keys.
+pub const STATS_SCHEMA_VERSION: u32 = 1;
+
+/// Serialises as [`STATS_SCHEMA_VERSION`], so that no report can carry another.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SchemaVersion;
+
+impl Serialize for SchemaVersion {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u32(STATS_SCHEMA_VERSION)
+    }
+}
+
 #[derive(Debug, Default, Serialize)]
 pub struct Report {
+    pub schema_version: SchemaVersion,
     pub guests: Vec<GuestReport>,
     pub shim_max_rss_kib: u64,
     /// Guest-triggered log lines the rate limits held back (`loglimit`).
@@ -531,6 +547,7 @@ mod tests {
             ..Default::default()
         };
         let v: serde_json::Value = serde_json::to_value(&r).unwrap();
+        assert_eq!(v["schema_version"], STATS_SCHEMA_VERSION);
         assert!(v.get("tap").is_none(), "no tap key without --tap");
         let g = &v["guests"][0];
         assert_eq!(g["exits"], 50);

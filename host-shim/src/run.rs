@@ -244,6 +244,7 @@ pub fn run(cli: &Cli, shim_start: Instant) -> Result<Report, RunError> {
     asm.vmq.finish();
     let guests: Vec<_> = running.into_iter().map(|g| g.join(shim_start)).collect();
     let report = Report {
+        schema_version: crate::report::SchemaVersion,
         guests,
         shim_max_rss_kib: report::max_rss_kib(),
         log_lines_suppressed: crate::loglimit::suppressed_total(),

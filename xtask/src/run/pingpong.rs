@@ -143,6 +143,7 @@ pub fn summary(opts: &Options, r: &Report) -> Vec<String> {
 pub fn json(opts: &Options, r: &Report) -> Value {
     let first = r.clients.first();
     json!({
+        "schema_version": super::JSON_SCHEMA_VERSION,
         "demo": "pingpong",
         "notify": notify_path_used(r),
         "rx": opts.rx.cmdline(),

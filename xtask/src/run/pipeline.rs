@@ -14,6 +14,7 @@ use crate::test::verdict;
 #[must_use]
 pub fn json(o: &Options, r: &Outcome) -> Value {
     json!({
+        "schema_version": super::JSON_SCHEMA_VERSION,
         "demo": "pipeline",
         "policy": o.policy.name(),
         "transfer": o.transfer.name(),

@@ -392,6 +392,7 @@ mod tests {
         b.exit_status = None;
         b.outcome = "triple fault".into();
         let stats = ShimStats {
+            schema_version: crate::vmm::stats::STATS_SCHEMA_VERSION,
             guests: vec![stats::sample("server"), b],
         };
         let run = Run {

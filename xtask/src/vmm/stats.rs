@@ -34,7 +34,24 @@ where
 /// The whole document.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct ShimStats {
+    /// The shim's `STATS_SCHEMA_VERSION`; this mirror reads version 1.
+    #[serde(deserialize_with = "schema_v1")]
+    pub schema_version: u32,
     pub guests: Vec<GuestStats>,
+}
+
+/// The stats schema version this mirror reads.
+pub const STATS_SCHEMA_VERSION: u32 = 1;
+
+fn schema_v1<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    let v = u32::deserialize(d)?;
+    if v == STATS_SCHEMA_VERSION {
+        Ok(v)
+    } else {
+        Err(serde::de::Error::custom(format!(
+            "schema_version {v}: this xtask reads host-shim stats version {STATS_SCHEMA_VERSION} (rebuild both from one checkout)"
+        )))
+    }
 }
 
 impl ShimStats {
@@ -465,6 +482,7 @@ mod tests {
             "vm_exited",
             "tsc_khz",
             "guest_count",
+            "schema_version",
         ] {
             let quoted = format!("\"{key}\":");
             assert!(SAMPLE.contains(&quoted), "the sample has `{key}`");
@@ -482,6 +500,14 @@ mod tests {
             ShimStats::parse(&extra).unwrap(),
             ShimStats::parse(SAMPLE).unwrap()
         );
+    }
+
+    #[test]
+    fn another_schema_version_is_refused_by_name() {
+        let v2 = SAMPLE.replacen("\"schema_version\": 1", "\"schema_version\": 2", 1);
+        let err = ShimStats::parse(&v2).unwrap_err().to_string();
+        assert!(err.contains("schema_version 2"), "{err}");
+        assert_eq!(ShimStats::parse(SAMPLE).unwrap().schema_version, 1);
     }
 
     #[test]
