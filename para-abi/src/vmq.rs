@@ -23,7 +23,7 @@
 //! `consumed` past an arrival, its window pages go back to the shim.
 
 /// Layout version in EDX of [`crate::discovery::LEAF_VMQ`].
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 /// Magic in [`Header::magic`]: "VMQ1".
 pub const MAGIC: u32 = u32::from_le_bytes(*b"VMQ1");
 
@@ -31,7 +31,7 @@ pub const MAGIC: u32 = u32::from_le_bytes(*b"VMQ1");
 pub const HEADER: u64 = 0;
 pub const DIRECTORY: u64 = 0x800;
 pub const INBOX: u64 = 0x1000;
-pub const OUTBOX: u64 = 0x3000;
+pub const OUTBOX: u64 = 0x9000;
 /// The receive window starts on a 2 MiB boundary so 2 MiB pages can be remapped there.
 pub const WINDOW: u64 = 0x20_0000;
 /// Bytes of receive window (16384 4 KiB pages, 32 2 MiB pages).
@@ -49,8 +49,8 @@ pub const KICK: u64 = AREA_SIZE;
 pub const KICK_SIZE: u64 = PAGE;
 
 /// What a guest stores at [`KICK`] (8 bytes, little endian): bits 0..24 the
-/// longest wait in µs, bits 24..32 `seen`, bit 32 [`Kick::WAIT`], bit 33
-/// [`Kick::FULL`], bit 34 [`Kick::DONE`].
+/// longest wait in µs, bit 32 [`Kick::WAIT`], bit 33 [`Kick::FULL`], bit 34
+/// [`Kick::DONE`], bits 48..64 `seen`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Kick {
     /// Block until more than `seen` arrivals wait in the inbox, or (with
@@ -60,7 +60,7 @@ pub struct Kick {
     /// The outbox is full: the only reason a lazy sender flushes (counted).
     pub full: bool,
     pub done: bool,
-    pub seen: u8,
+    pub seen: u16,
     /// At most `MAX_US`.
     pub max_us: u32,
 }
@@ -78,7 +78,7 @@ impl Kick {
         } else {
             self.max_us
         };
-        let mut v = us as u64 | (self.seen as u64) << 24;
+        let mut v = us as u64 | (self.seen as u64) << 48;
         if self.wait {
             v |= Self::WAIT;
         }
@@ -98,7 +98,7 @@ impl Kick {
             wait: v & Self::WAIT != 0,
             full: v & Self::FULL != 0,
             done: v & Self::DONE != 0,
-            seen: (v >> 24) as u8,
+            seen: (v >> 48) as u16,
             max_us: (v as u32) & Self::MAX_US,
         }
     }
@@ -120,8 +120,10 @@ pub const DIR_RECORD_SIZE: usize = 32;
 pub const NAME_LEN: usize = 24;
 const _: () = assert!(DIRECTORY as usize + DIR_ENTRIES * DIR_RECORD_SIZE <= INBOX as usize);
 
-/// Ring geometry (inbox and outbox alike).
-pub const RING_ENTRIES: u32 = 64;
+/// Ring geometry (inbox and outbox alike). 512 entries: a 4 KiB stream
+/// between three guests moved 2.4x more with 128 than with 64, since every
+/// full ring makes the pipeline's guests take turns.
+pub const RING_ENTRIES: u32 = 512;
 pub const ENTRY_SIZE: usize = 32;
 /// Offsets inside a ring.
 pub const RING_PRODUCED: u64 = 0;
@@ -541,7 +543,7 @@ mod tests {
 
     proptest! {
         #[test]
-        fn kicks_round_trip(wait: bool, full: bool, done: bool, seen: u8, max_us in 0..=Kick::MAX_US) {
+        fn kicks_round_trip(wait: bool, full: bool, done: bool, seen: u16, max_us in 0..=Kick::MAX_US) {
             let k = Kick { wait, full, done, seen, max_us };
             prop_assert_eq!(Kick::decode(k.encode()), k);
         }

@@ -337,7 +337,7 @@ impl Vmq {
             wait: true,
             full: false,
             done,
-            seen: u8::try_from(seen).unwrap_or(u8::MAX),
+            seen: u16::try_from(seen).unwrap_or(u16::MAX),
             max_us,
         });
     }

@@ -960,7 +960,7 @@ fn hostile_remaps_are_refused_counted_and_map_nothing() {
     assert!(mgr.with_backings(|b| b.consistent()));
 }
 
-fn kick(wait: bool, full: bool, done: bool, seen: u8, max_us: u32) -> vmq::Kick {
+fn kick(wait: bool, full: bool, done: bool, seen: u16, max_us: u32) -> vmq::Kick {
     vmq::Kick {
         wait,
         full,
