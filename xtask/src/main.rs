@@ -115,69 +115,89 @@ enum DemoKind {
 struct RunArgs {
     /// Build and boot your own app (a crate made by `cargo xtask new`) alone,
     /// instead of a demo; its exit status becomes this command's.
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", help_heading = "Your own app")]
     app: Option<PathBuf>,
     /// With --app: boot it under QEMU (KVM when available, else TCG, user
     /// networking) instead of the host shim.
-    #[arg(long, requires = "app")]
+    #[arg(long, requires = "app", help_heading = "Your own app")]
     qemu: bool,
     /// With --app: the kernel command line [default: a static address on the
     /// VMM's network].
-    #[arg(long, value_name = "CMDLINE", requires = "app")]
+    #[arg(
+        long,
+        value_name = "CMDLINE",
+        requires = "app",
+        help_heading = "Your own app"
+    )]
     cmdline: Option<String>,
     /// With --app --qemu: forward a host port to the guest (repeatable), e.g.
     /// `tcp::8007-:7`.
-    #[arg(long, value_name = "RULE", requires = "qemu")]
+    #[arg(
+        long,
+        value_name = "RULE",
+        requires = "qemu",
+        help_heading = "Your own app"
+    )]
     hostfwd: Vec<String>,
     /// Which demo: the UDP ping-pong, or the three-guest VM-queue pipeline (M5).
-    #[arg(long, value_enum, default_value_t = DemoKind::Pingpong)]
+    #[arg(long, value_enum, default_value_t = DemoKind::Pingpong, help_heading = "Demos")]
     demo: DemoKind,
     /// Pipeline: when the shim delivers messages.
-    #[arg(long, value_enum, default_value_t = pipeline::Policy::Immediate)]
+    #[arg(long, value_enum, default_value_t = pipeline::Policy::Immediate, help_heading = "Pipeline (--demo pipeline)")]
     policy: pipeline::Policy,
     /// Pipeline: copy the bytes or remap the pages.
-    #[arg(long, value_enum, default_value_t = pipeline::Transfer::Copy)]
+    #[arg(long, value_enum, default_value_t = pipeline::Transfer::Copy, help_heading = "Pipeline (--demo pipeline)")]
     transfer: pipeline::Transfer,
     /// Pipeline: MiB to move through the three guests.
-    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=4096), help_heading = "Pipeline (--demo pipeline)")]
     mib: u64,
     /// Pipeline: bytes per message (a power of two, 4096 to 2097152).
-    #[arg(long, value_name = "BYTES", default_value_t = 65536)]
+    #[arg(
+        long,
+        value_name = "BYTES",
+        default_value_t = 65536,
+        help_heading = "Pipeline (--demo pipeline)"
+    )]
     msg: u32,
     /// Guests in all: one server, the rest clients pinging it.
-    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(2..=200))]
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(2..=200), help_heading = "Ping-pong")]
     guests: u32,
     /// Pings each client sends (at most 1,000,000: a client keeps every
     /// round-trip time on its heap).
-    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=pingpong::MAX_COUNT))]
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=pingpong::MAX_COUNT), help_heading = "Ping-pong")]
     count: u64,
     /// UDP payload bytes per ping (12 to 1472).
-    #[arg(long, value_name = "BYTES", default_value_t = 64)]
+    #[arg(
+        long,
+        value_name = "BYTES",
+        default_value_t = 64,
+        help_heading = "Ping-pong"
+    )]
     size: u32,
     /// vCPUs per guest.
-    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=16))]
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=16), help_heading = "Ping-pong")]
     vcpus: u32,
     /// RX mode of the guests' NICs: interrupt-driven or busy polling.
-    #[arg(long, value_enum, default_value_t = pingpong::Rx::Irq)]
+    #[arg(long, value_enum, default_value_t = pingpong::Rx::Irq, help_heading = "Data path (experiment knobs)")]
     rx: pingpong::Rx,
     /// How guests notify their NIC: exitless doorbells when the shim offers
     /// them (auto), the virtio notify register (trap), or doorbells (fails
     /// when not offered). The summary and JSON say which path was taken.
-    #[arg(long, value_enum, default_value_t = pingpong::Notify::Auto)]
+    #[arg(long, value_enum, default_value_t = pingpong::Notify::Auto, help_heading = "Data path (experiment knobs)")]
     notify: pingpong::Notify,
     /// What carries the frames: each guest's virtio-net NIC on the shim's
     /// switch, or a direct channel the shim maps between the two guests
     /// (no exit and no host thread per frame; two guests; best with --rx poll).
-    #[arg(long, value_enum, default_value_t = pingpong::Link::Switch)]
+    #[arg(long, value_enum, default_value_t = pingpong::Link::Switch, help_heading = "Data path (experiment knobs)")]
     link: pingpong::Link,
     /// Also write the results as JSON to FILE.
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", help_heading = "Output")]
     json: Option<PathBuf>,
     /// Wall-clock limit in seconds for the whole run.
-    #[arg(long, value_name = "SECS", default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, value_name = "SECS", default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..), help_heading = "Output")]
     timeout: u64,
     /// Show every line the guests and the shim print.
-    #[arg(long, short)]
+    #[arg(long, short, help_heading = "Output")]
     verbose: bool,
 }
 
