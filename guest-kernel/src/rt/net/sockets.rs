@@ -23,7 +23,7 @@ use smoltcp::wire::IpEndpoint;
 /// How long a closed stream may take to finish its FIN exchange before its
 /// socket is aborted and reclaimed: a peer that never acknowledges our FIN
 /// must not keep the memory forever.
-pub const CLOSE_LINGER: Duration = Duration::from_secs(10);
+pub const CLOSE_LINGER: core::time::Duration = core::time::Duration::from_secs(10);
 
 /// How a [`TcpListener`](super::TcpListener) sizes and limits its sockets.
 ///
@@ -110,6 +110,8 @@ pub struct SocketStats {
     pub linger_aborts: u64,
     /// Socket allocations (listeners, UDP sockets) that failed for want of heap.
     pub out_of_memory: u64,
+    /// Closed streams whose connection has not ended yet (now).
+    pub closing: usize,
 }
 
 /// Listener `n` of a stack (an index into [`Sockets`]' table).
@@ -227,7 +229,10 @@ impl Sockets {
 
     #[must_use]
     pub fn stats(&self) -> SocketStats {
-        self.stats
+        SocketStats {
+            closing: self.closing.len(),
+            ..self.stats
+        }
     }
 
     /// Counts a failed socket allocation made outside a listener.
@@ -461,7 +466,7 @@ impl Sockets {
         }
         self.closing.push(Closing {
             handle,
-            deadline: now + CLOSE_LINGER,
+            deadline: now + Duration::from(CLOSE_LINGER),
         });
         // A slot freed: a listener at its limit may listen again.
         self.rearm();
