@@ -100,6 +100,7 @@ mod tests {
                 "shim-direct",
                 "qemu-pingpong",
                 "shim-tap",
+                "parallel-tcp",
                 "template",
                 "interop"
             ]

@@ -127,7 +127,8 @@ struct Listener {
     ready: VecDeque<SocketHandle>,
     /// Accepted and not yet closed.
     open: usize,
-    /// The last re-arm stopped at `max_connections`.
+    /// Left with no listening socket at `max_connections` (and counted in
+    /// `stats.full`) since it last armed one.
     at_limit: bool,
     stats: ListenerStats,
 }
@@ -373,10 +374,12 @@ impl Sockets {
             }
             while listening < l.opts.backlog {
                 if l.owned() >= l.opts.max_connections {
+                    // Counted once per exhaustion: when the last listening
+                    // socket is taken and none may replace it.
                     if listening == 0 && !l.at_limit {
                         l.stats.full += 1;
+                        l.at_limit = true;
                     }
-                    l.at_limit = true;
                     break;
                 }
                 if l.armed.try_reserve(1).is_err() {
