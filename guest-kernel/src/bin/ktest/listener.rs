@@ -339,3 +339,40 @@ ktest!(
         Ok(())
     }
 );
+
+ktest!(
+    fn a_second_syn_for_a_known_connection_starts_no_second_handshake() {
+        let mut st = Stack::new();
+        // smoltcp gives a SYN to the first socket that takes it, in slot
+        // order, and a socket mid-handshake takes its own client's SYN: the
+        // case arises when a re-armed listening socket sits in a lower slot
+        // (freed by an earlier connection). A UDP socket holds slot 0 for
+        // that and is closed before the SYNs arrive.
+        let placeholder =
+            UdpSocket::bind(&mut st, 9, UdpOptions::default()).map_err(|err| err.to_string())?;
+        let listener =
+            TcpListener::bind(&mut st, 7, TcpOptions::default()).map_err(|err| err.to_string())?;
+        // Two client sockets with the same port send SYNs for the same
+        // connection with different sequence numbers: what a listener sees
+        // when a client's SYN is retransmitted.
+        let a = st.connect(7, 43_000)?;
+        let _b = st.connect(7, 43_000)?;
+        placeholder.close(&mut st);
+        let mut got = None;
+        st.poll_until("the connection accepted", |st| {
+            if got.is_none() {
+                got = listener.accept(st).ok();
+            }
+            got.is_some() && st.client(a).state() == tcp::State::Established
+        })?;
+        let stats = listener.stats(&mut st);
+        check_eq!(stats.duplicate_syns, 1, "the second SYN dropped: {stats:?}");
+        check_eq!(stats.half_open, 0, "no second handshake: {stats:?}");
+        check_eq!(stats.accepted, 1, "one connection");
+        let got = got.ok_or("no stream")?;
+        check_eq!(got.peer_addr().map(|p| p.port), Some(43_000), "its peer");
+        got.abort(&mut st);
+        listener.close(&mut st);
+        Ok(())
+    }
+);

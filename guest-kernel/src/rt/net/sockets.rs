@@ -99,6 +99,9 @@ pub struct ListenerStats {
     /// Half-open connections that ended (RST, timeout) before they were
     /// established; their sockets listen again.
     pub dropped_half_open: u64,
+    /// SYNs for a connection another socket already has (a client's
+    /// retransmission), dropped instead of starting a second handshake.
+    pub duplicate_syns: u64,
 }
 
 /// The stack's own counters over all sockets.
@@ -121,8 +124,9 @@ pub struct ListenerId(usize);
 struct Listener {
     port: u16,
     opts: TcpOptions,
-    /// Sockets in `Listen` or `SynReceived`.
-    armed: Vec<SocketHandle>,
+    /// Sockets in `Listen` or `SynReceived`, each with whether its
+    /// handshake was already checked against the other connections.
+    armed: Vec<(SocketHandle, bool)>,
     /// Established, waiting for `accept`, oldest first.
     ready: VecDeque<SocketHandle>,
     /// Accepted and not yet closed.
@@ -292,13 +296,13 @@ impl Sockets {
         let ok = l.armed.try_reserve(opts.backlog).is_ok();
         for _ in 0..opts.backlog {
             match Self::arm_one(&mut self.set, port, &opts) {
-                Ok(h) if ok => l.armed.push(h),
+                Ok(h) if ok => l.armed.push((h, false)),
                 Ok(h) => {
                     self.set.remove(h);
                     break;
                 }
                 Err(e) => {
-                    for h in l.armed.drain(..) {
+                    for (h, _) in l.armed.drain(..) {
                         self.set.remove(h);
                     }
                     return Err(e);
@@ -338,17 +342,38 @@ impl Sockets {
             let mut listening = 0;
             let mut i = 0;
             while i < l.armed.len() {
-                let h = l.armed[i];
-                let s = self.set.get_mut::<tcp::Socket>(h);
-                match s.state() {
+                let (h, checked) = l.armed[i];
+                let state = self.set.get::<tcp::Socket>(h).state();
+                match state {
                     tcp::State::Listen => {
+                        l.armed[i].1 = false;
                         listening += 1;
                         i += 1;
                     }
-                    tcp::State::SynReceived => i += 1,
+                    tcp::State::SynReceived if checked => i += 1,
+                    tcp::State::SynReceived => {
+                        // A SYN the client sent again (its first SYN-ACK
+                        // late or lost) reaches the first listening socket
+                        // smoltcp finds, not the one already answering that
+                        // client: the second handshake would reset the first.
+                        // Its SYN-ACK has not left yet (egress comes after
+                        // the frame), so it listens again without a trace.
+                        if Self::is_duplicate(&self.set, h) {
+                            let s = self.set.get_mut::<tcp::Socket>(h);
+                            s.abort();
+                            if s.listen(l.port).is_ok() {
+                                listening += 1;
+                            }
+                            l.stats.duplicate_syns += 1;
+                        } else {
+                            l.armed[i].1 = true;
+                        }
+                        i += 1;
+                    }
                     // A handshake that ended before it completed (RST,
                     // retransmissions exhausted): the socket listens again.
                     tcp::State::Closed | tcp::State::TimeWait => {
+                        let s = self.set.get_mut::<tcp::Socket>(h);
                         s.abort();
                         if s.listen(l.port).is_ok() {
                             listening += 1;
@@ -390,11 +415,27 @@ impl Sockets {
                     l.stats.out_of_memory += 1;
                     break;
                 };
-                l.armed.push(h);
+                l.armed.push((h, false));
                 listening += 1;
                 l.at_limit = false;
             }
         }
+    }
+
+    /// True when another TCP socket already has `h`'s connection (same
+    /// local port, same peer address and port).
+    fn is_duplicate(set: &SocketSet<'static>, h: SocketHandle) -> bool {
+        let me = set.get::<tcp::Socket>(h);
+        let (Some(local), Some(remote)) = (me.local_endpoint(), me.remote_endpoint()) else {
+            return false;
+        };
+        set.iter().any(|(other, socket)| {
+            other != h
+                && tcp::Socket::downcast(socket).is_some_and(|t| {
+                    t.remote_endpoint() == Some(remote)
+                        && t.local_endpoint().map(|e| e.port) == Some(local.port)
+                })
+        })
     }
 
     /// The oldest established connection of listener `id`, if any.
@@ -421,7 +462,7 @@ impl Sockets {
         let half_open = l
             .armed
             .iter()
-            .filter(|h| self.set.get::<tcp::Socket>(**h).state() == tcp::State::SynReceived)
+            .filter(|(h, _)| self.set.get::<tcp::Socket>(*h).state() == tcp::State::SynReceived)
             .count();
         Some(ListenerStats {
             listening: l.armed.len() - half_open,
@@ -438,7 +479,7 @@ impl Sockets {
         let Some(l) = self.listeners.get_mut(id.0).and_then(Option::take) else {
             return;
         };
-        for h in l.armed.into_iter().chain(l.ready) {
+        for h in l.armed.into_iter().map(|(h, _)| h).chain(l.ready) {
             self.set.get_mut::<tcp::Socket>(h).abort();
             // The RST still has to leave: reclaim through the closing list.
             self.closing.push(Closing {
