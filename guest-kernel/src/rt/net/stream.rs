@@ -190,6 +190,14 @@ impl TcpStream {
         !self.socket(net).may_recv()
     }
 
+    /// False once the connection can move no more data either way: both
+    /// sides closed, or it was reset (then only `close` is left to do).
+    #[must_use]
+    pub fn is_connected(&self, net: &mut impl AsMut<Sockets>) -> bool {
+        let s = self.socket(net);
+        s.may_send() || s.may_recv()
+    }
+
     /// The connection's TCP state (for logs and tests).
     #[must_use]
     pub fn state(&self, net: &mut impl AsMut<Sockets>) -> tcp::State {
