@@ -376,3 +376,77 @@ ktest!(
         Ok(())
     }
 );
+
+ktest!(
+    fn outgoing_streams_connect_talk_and_see_a_refusal() {
+        let mut st = Stack::new();
+        let listener = TcpListener::bind(&mut st, 8080, TcpOptions::default())
+            .map_err(|err| err.to_string())?;
+        let to = IpEndpoint::new(ADDR.into(), 8080);
+        let mut out = Vec::new();
+        for _ in 0..3 {
+            let s = TcpStream::connect(
+                &mut st.sockets,
+                st.iface.context(),
+                to,
+                &TcpOptions::default(),
+            )
+            .map_err(|err| err.to_string())?;
+            check!(s.is_connecting(&mut st), "connecting at first");
+            out.push(s);
+        }
+        let ports: Vec<_> = out
+            .iter()
+            .filter_map(|s| s.local_addr().map(|e| e.port))
+            .collect();
+        check!(
+            ports.len() == 3 && ports[0] != ports[1] && ports[1] != ports[2],
+            "distinct local ports: {ports:?}"
+        );
+        let mut inbound = Vec::new();
+        st.poll_until("3 accepts", |st| {
+            while let Ok(s) = listener.accept(st) {
+                inbound.push(s);
+            }
+            inbound.len() == 3 && out.iter().all(|s| s.is_connected(st))
+        })?;
+        for (i, s) in out.iter_mut().enumerate() {
+            let msg = format!("hello {i}");
+            check_eq!(s.write(&mut st, msg.as_bytes()), Ok(msg.len()), "write {i}");
+        }
+        let mut got = Vec::new();
+        let mut buf = [0u8; 64];
+        st.poll_until("3 messages", |st| {
+            for s in &mut inbound {
+                if let Ok(n @ 1..) = s.read(st, &mut buf) {
+                    got.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+                }
+            }
+            got.len() == 3
+        })?;
+        got.sort();
+        check_eq!(
+            got,
+            ["hello 0", "hello 1", "hello 2"],
+            "what the server read"
+        );
+
+        // Nobody listens on 8081: RST, and the stream reads as ended.
+        let mut refused = TcpStream::connect(
+            &mut st.sockets,
+            st.iface.context(),
+            IpEndpoint::new(ADDR.into(), 8081),
+            &TcpOptions::default(),
+        )
+        .map_err(|err| err.to_string())?;
+        st.poll_until("the refusal", |st| !refused.is_connecting(st))?;
+        check!(!refused.is_connected(&mut st), "refused");
+        check_eq!(refused.read(&mut st, &mut buf), Ok(0), "end of stream");
+        refused.close(&mut st);
+        for s in out.into_iter().chain(inbound) {
+            s.abort(&mut st);
+        }
+        listener.close(&mut st);
+        Ok(())
+    }
+);

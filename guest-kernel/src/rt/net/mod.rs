@@ -82,7 +82,7 @@ use drivers::net::{NetStats, RX_QUEUE, RxMode, TX_QUEUE};
 use nic::{Nic, VirtioNic};
 use smoltcp::iface::{Interface, PollResult, SocketHandle};
 use smoltcp::socket::{tcp, udp};
-use smoltcp::wire::Ipv4Address;
+use smoltcp::wire::{IpEndpoint, Ipv4Address};
 use stack::now;
 
 /// One NIC with its smoltcp interface and sockets.
@@ -468,6 +468,17 @@ impl Net {
     /// The TCP socket `h` from [`tcp_listen`](Self::tcp_listen).
     pub fn tcp(&mut self, h: SocketHandle) -> &mut tcp::Socket<'static> {
         self.sockets.set.get_mut::<tcp::Socket>(h)
+    }
+
+    /// Starts a TCP connection to `to` from a free local port (49152–65535).
+    /// The stream is usable once [`TcpStream::is_connecting`] turns false:
+    /// connected when [`TcpStream::is_connected`], refused otherwise.
+    ///
+    /// # Errors
+    /// [`NetError::Config`] for an unusable address or options, or when
+    /// every local port is taken; [`NetError::OutOfMemory`].
+    pub fn connect(&mut self, to: IpEndpoint, opts: TcpOptions) -> Result<TcpStream, NetError> {
+        TcpStream::connect(&mut self.sockets, self.iface.context(), to, &opts)
     }
 
     /// The stack's socket counters (streams reclaimed, allocations that failed).

@@ -14,7 +14,9 @@
 
 use alloc::collections::VecDeque;
 use alloc::vec::Vec;
-use smoltcp::iface::{Interface, PollIngressSingleResult, PollResult, SocketHandle, SocketSet};
+use smoltcp::iface::{
+    Context, Interface, PollIngressSingleResult, PollResult, SocketHandle, SocketSet,
+};
 use smoltcp::phy::Device;
 use smoltcp::socket::{AnySocket, tcp, udp};
 use smoltcp::time::{Duration, Instant};
@@ -162,7 +164,12 @@ pub struct Sockets {
     listeners: Vec<Option<Listener>>,
     closing: Vec<Closing>,
     stats: SocketStats,
+    /// Where the search for a free local port for `connect` starts.
+    next_port: u16,
 }
+
+/// The local ports outgoing connections take (IANA's dynamic range).
+const EPHEMERAL: core::ops::RangeInclusive<u16> = 49152..=65535;
 
 /// Buffer of `len` zero bytes, or `None` when the heap cannot give it.
 fn try_buffer(len: usize) -> Option<Vec<u8>> {
@@ -204,6 +211,17 @@ pub(super) enum ListenFailure {
     OutOfMemory,
 }
 
+/// Why an outgoing connection could not be started.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConnectFailure {
+    Options(&'static str),
+    /// Every port of the ephemeral range is taken.
+    NoPort,
+    /// Unspecified address or port 0, or no address of our own yet.
+    Unaddressable,
+    OutOfMemory,
+}
+
 impl Sockets {
     /// Sockets over `set`. `Net` makes its own; this is for a stack over
     /// another smoltcp device (a loopback in tests), driven by
@@ -215,6 +233,7 @@ impl Sockets {
             listeners: Vec::new(),
             closing: Vec::new(),
             stats: SocketStats::default(),
+            next_port: *EPHEMERAL.start(),
         }
     }
 
@@ -272,6 +291,42 @@ impl Sockets {
         self.rearm();
         self.reap(now);
         result
+    }
+
+    /// A TCP socket connecting to `to` from a free local port; its SYN
+    /// leaves with the next poll.
+    pub fn connect(
+        &mut self,
+        cx: &mut Context,
+        to: IpEndpoint,
+        opts: &TcpOptions,
+    ) -> Result<SocketHandle, ConnectFailure> {
+        opts.check().map_err(ConnectFailure::Options)?;
+        let port = self.free_port().ok_or(ConnectFailure::NoPort)?;
+        let Some(mut s) = try_tcp_socket(opts.rx_buffer, opts.tx_buffer) else {
+            self.stats.out_of_memory += 1;
+            return Err(ConnectFailure::OutOfMemory);
+        };
+        s.connect(cx, to, port)
+            .map_err(|_| ConnectFailure::Unaddressable)?;
+        Ok(self.set.add(s))
+    }
+
+    /// The next local port of the ephemeral range no TCP socket uses.
+    fn free_port(&mut self) -> Option<u16> {
+        let (first, last) = (*EPHEMERAL.start(), *EPHEMERAL.end());
+        for _ in EPHEMERAL {
+            let port = self.next_port;
+            self.next_port = if port >= last { first } else { port + 1 };
+            let used = self.set.iter().any(|(_, socket)| {
+                tcp::Socket::downcast(socket)
+                    .is_some_and(|t| t.local_endpoint().is_some_and(|e| e.port == port))
+            });
+            if !used {
+                return Some(port);
+            }
+        }
+        None
     }
 
     /// Opens a listener on `port`: `opts.backlog` sockets in `Listen`.

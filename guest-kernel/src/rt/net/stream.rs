@@ -9,7 +9,9 @@
 //! for its whole life while the application holds many of them.
 
 use super::error::{NetError, SocketError};
-use super::sockets::{ListenFailure, ListenerId, ListenerStats, Sockets, TcpOptions};
+use super::sockets::{
+    ConnectFailure, ListenFailure, ListenerId, ListenerStats, Sockets, TcpOptions,
+};
 use smoltcp::iface::SocketHandle;
 use smoltcp::socket::tcp;
 use smoltcp::wire::IpEndpoint;
@@ -113,6 +115,37 @@ pub struct TcpStream {
 }
 
 impl TcpStream {
+    /// Starts a connection to `to` over the interface whose context `cx` is.
+    /// `Net::connect` is the usual way; this is for [`Sockets`] driven over
+    /// another smoltcp device.
+    ///
+    /// # Errors
+    /// As `Net::connect`.
+    pub fn connect(
+        sockets: &mut Sockets,
+        cx: &mut smoltcp::iface::Context,
+        to: IpEndpoint,
+        opts: &TcpOptions,
+    ) -> Result<Self, NetError> {
+        let handle = sockets.connect(cx, to, opts).map_err(|e| match e {
+            ConnectFailure::Options(why) => NetError::Config(why),
+            ConnectFailure::NoPort => NetError::Config("every local port 49152-65535 is in use"),
+            ConnectFailure::Unaddressable => NetError::Config(
+                "cannot connect: unspecified address, port 0, or the stack has no address yet",
+            ),
+            ConnectFailure::OutOfMemory => NetError::OutOfMemory {
+                what: "a connection's buffers",
+            },
+        })?;
+        let local = sockets.set.get::<tcp::Socket>(handle).local_endpoint();
+        Ok(Self {
+            handle,
+            listener: None,
+            local,
+            peer: Some(to),
+        })
+    }
+
     fn socket<'a>(&self, net: &'a mut impl AsMut<Sockets>) -> &'a mut tcp::Socket<'static> {
         net.as_mut().set.get_mut::<tcp::Socket>(self.handle)
     }
@@ -130,6 +163,9 @@ impl TcpStream {
         buf: &mut [u8],
     ) -> Result<usize, SocketError> {
         let s = self.socket(net);
+        if matches!(s.state(), tcp::State::SynSent | tcp::State::SynReceived) {
+            return Err(SocketError::WouldBlock);
+        }
         if buf.is_empty() {
             return Ok(0);
         }
@@ -153,6 +189,9 @@ impl TcpStream {
         buf: &[u8],
     ) -> Result<usize, SocketError> {
         let s = self.socket(net);
+        if matches!(s.state(), tcp::State::SynSent | tcp::State::SynReceived) {
+            return Err(SocketError::WouldBlock);
+        }
         if !s.may_send() {
             return Err(SocketError::NotConnected);
         }
@@ -190,8 +229,18 @@ impl TcpStream {
         !self.socket(net).may_recv()
     }
 
+    /// True while an outgoing connection's handshake is under way.
+    #[must_use]
+    pub fn is_connecting(&self, net: &mut impl AsMut<Sockets>) -> bool {
+        matches!(
+            self.socket(net).state(),
+            tcp::State::SynSent | tcp::State::SynReceived
+        )
+    }
+
     /// False once the connection can move no more data either way: both
-    /// sides closed, or it was reset (then only `close` is left to do).
+    /// sides closed, or it was reset or refused (then only `close` is left
+    /// to do); also false while [connecting](Self::is_connecting).
     #[must_use]
     pub fn is_connected(&self, net: &mut impl AsMut<Sockets>) -> bool {
         let s = self.socket(net);
