@@ -348,14 +348,12 @@ impl Sockets {
             at_limit: false,
             stats: ListenerStats::default(),
         };
-        let ok = l.armed.try_reserve(opts.backlog).is_ok();
+        if l.armed.try_reserve(opts.backlog).is_err() || self.listeners.try_reserve(1).is_err() {
+            return Err(ListenFailure::OutOfMemory);
+        }
         for _ in 0..opts.backlog {
             match Self::arm_one(&mut self.set, port, &opts) {
-                Ok(h) if ok => l.armed.push((h, false)),
-                Ok(h) => {
-                    self.set.remove(h);
-                    break;
-                }
+                Ok(h) => l.armed.push((h, false)),
                 Err(e) => {
                     for (h, _) in l.armed.drain(..) {
                         self.set.remove(h);
@@ -364,17 +362,10 @@ impl Sockets {
                 }
             }
         }
-        if !ok {
-            return Err(ListenFailure::OutOfMemory);
-        }
-        let slot = self.listeners.iter().position(Option::is_none);
-        let id = if let Some(i) = slot {
-            self.listeners[i] = Some(l);
-            i
-        } else {
-            self.listeners.push(Some(l));
-            self.listeners.len() - 1
-        };
+        // Ids are never reused: a stream closed after its listener must not
+        // count against a newer listener that took the same slot.
+        self.listeners.push(Some(l));
+        let id = self.listeners.len() - 1;
         Ok(ListenerId(id))
     }
 
@@ -537,10 +528,19 @@ impl Sockets {
         for h in l.armed.into_iter().map(|(h, _)| h).chain(l.ready) {
             self.set.get_mut::<tcp::Socket>(h).abort();
             // The RST still has to leave: reclaim through the closing list.
-            self.closing.push(Closing {
-                handle: h,
-                deadline: Instant::from_micros(i64::MAX),
-            });
+            self.reclaim_later(h, Instant::from_micros(i64::MAX));
+        }
+    }
+
+    /// Puts `handle` on the closing list, to be freed once its connection
+    /// has ended or by `deadline`; when even that list cannot grow, frees it
+    /// now (its FIN or RST is lost, the peer times out) and counts it.
+    fn reclaim_later(&mut self, handle: SocketHandle, deadline: Instant) {
+        if self.closing.try_reserve(1).is_ok() {
+            self.closing.push(Closing { handle, deadline });
+        } else {
+            self.set.remove(handle);
+            self.stats.out_of_memory += 1;
         }
     }
 
@@ -563,10 +563,7 @@ impl Sockets {
         if let Some(l) = listener.and_then(|id| self.listeners.get_mut(id.0)?.as_mut()) {
             l.open = l.open.saturating_sub(1);
         }
-        self.closing.push(Closing {
-            handle,
-            deadline: now + Duration::from(CLOSE_LINGER),
-        });
+        self.reclaim_later(handle, now + Duration::from(CLOSE_LINGER));
         // A slot freed: a listener at its limit may listen again.
         self.rearm();
     }
