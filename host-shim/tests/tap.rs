@@ -486,6 +486,7 @@ fn guest_report(seen: &[String]) -> Option<(u64, u64, u64, u64, u64)> {
     let line = seen
         .iter()
         .find(|l| l.contains("report: tcp-echo served"))?;
+    eprintln!("tap: guest {line}");
     let after = |key: &str| -> Option<u64> {
         let rest = &line[line.find(key)? + key.len()..];
         let digits: String = rest

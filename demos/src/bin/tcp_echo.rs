@@ -4,7 +4,7 @@
 //! accepted connection is served from one poll loop. Kernel command line:
 //! `ip=…/…` or `dhcp`, `[serve.max_connections=N]` to exit after N
 //! connections (tests use it), `[serve.max_clients=N]` connections at once
-//! per port (default 128).
+//! per port (default 128, at least 8; each costs 32 KiB of heap).
 #![cfg_attr(target_os = "none", no_std, no_main)]
 
 #[cfg(target_os = "none")]
@@ -53,12 +53,8 @@ mod guest {
         };
         let max_connections: Option<u64> =
             c.get("serve.max_connections").and_then(|s| s.parse().ok());
-        let opts = TcpOptions {
-            max_connections: c
-                .get("serve.max_clients")
-                .and_then(|s| s.parse().ok())
-                .unwrap_or(TcpOptions::default().max_connections),
-            ..TcpOptions::default()
+        let Some(opts) = listen_options() else {
+            return APP_ERROR;
         };
         let mut listeners = Vec::new();
         for port in [ECHO_PORT, HTTP_PORT] {
@@ -118,31 +114,59 @@ mod guest {
             }
             net.poll();
             if max_connections.is_some_and(|m| served >= m) {
-                // Let the last data and FINs go out and be acknowledged
-                // before the VM ends: a fixed pause is too short when the
-                // host is busy, so wait for the closing streams themselves
-                // (each ends by CLOSE_LINGER at the latest).
-                let until = Instant::now().checked_add(CLOSE_LINGER + Duration::from_secs(1));
-                while net.socket_stats().closing > 0 && until.is_some_and(|u| Instant::now() < u) {
-                    net.poll();
-                    net.wait(Instant::now().checked_add(Duration::from_millis(100)));
-                }
-                let (echo, web) = (listeners[0].stats(&mut net), listeners[1].stats(&mut net));
-                let sockets = net.socket_stats();
-                println!(
-                    "report: tcp-echo served {served} connections (at most {peak} at once): echo accepted {}, HTTP accepted {}; listener full {} times, out of memory {} times; {} sockets reclaimed, {} lingering closes aborted, {} still closing",
-                    echo.accepted,
-                    web.accepted,
-                    echo.full + web.full,
-                    echo.out_of_memory + web.out_of_memory + sockets.out_of_memory,
-                    sockets.reclaimed,
-                    sockets.linger_aborts,
-                    sockets.closing,
-                );
+                finish(&mut net, &listeners, served, peak);
                 return 0;
             }
             net.wait(Instant::now().checked_add(Duration::from_secs(1)));
         }
+    }
+
+    /// The listeners' options: the defaults, with `serve.max_clients`.
+    fn listen_options() -> Option<TcpOptions> {
+        let defaults = TcpOptions::default();
+        let max_connections = match system()
+            .cmdline
+            .get("serve.max_clients")
+            .map(str::parse::<usize>)
+        {
+            None => defaults.max_connections,
+            Some(Ok(n)) if n >= defaults.backlog => n,
+            Some(_) => {
+                println!(
+                    "tcp-echo: serve.max_clients must be a number of at least {} (the listen backlog)",
+                    defaults.backlog
+                );
+                return None;
+            }
+        };
+        Some(TcpOptions {
+            max_connections,
+            ..defaults
+        })
+    }
+
+    /// Lets the last data and FINs go out and be acknowledged before the VM
+    /// ends, then prints the report line. A fixed pause is too short when
+    /// the host is busy, so it waits for the closing streams themselves
+    /// (each ends by CLOSE_LINGER at the latest).
+    fn finish(net: &mut Net, listeners: &[TcpListener], served: u64, peak: usize) {
+        let until = Instant::now().checked_add(CLOSE_LINGER + Duration::from_secs(1));
+        while net.socket_stats().closing > 0 && until.is_some_and(|u| Instant::now() < u) {
+            net.poll();
+            net.wait(Instant::now().checked_add(Duration::from_millis(100)));
+        }
+        let (echo, web) = (listeners[0].stats(net), listeners[1].stats(net));
+        let sockets = net.socket_stats();
+        println!(
+            "report: tcp-echo served {served} connections (at most {peak} at once): echo accepted {}, HTTP accepted {}; listener full {} times, out of memory {} times; {} sockets reclaimed, {} lingering closes aborted, {} still closing",
+            echo.accepted,
+            web.accepted,
+            echo.full + web.full,
+            echo.out_of_memory + web.out_of_memory + sockets.out_of_memory,
+            sockets.reclaimed,
+            sockets.linger_aborts,
+            sockets.closing,
+        );
     }
 
     /// Advances one connection; true when it is finished and may be closed.
