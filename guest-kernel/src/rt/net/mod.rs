@@ -74,7 +74,6 @@ use crate::rt::time::{self, Instant};
 use crate::rt::vmq_link::{LinkPolicy, LinkStats};
 use crate::rt::{ctrl, smp, wait};
 use alloc::boxed::Box;
-use alloc::vec;
 use config::NicChoice;
 use core::fmt;
 use drivers::msix::{ApicId, MsixError};
@@ -433,30 +432,39 @@ impl Net {
         self.nic.rx_vector()
     }
 
-    /// Binds a UDP socket to `port` with `packets` datagrams of buffering each way.
-    pub fn udp_bind(&mut self, port: u16, packets: usize) -> Result<SocketHandle, udp::BindError> {
-        let buf = || {
-            udp::PacketBuffer::new(
-                vec![udp::PacketMetadata::EMPTY; packets],
-                vec![0u8; packets * 1536],
-            )
+    /// Binds a UDP socket to `port` with `packets` datagrams of 1,536 bytes
+    /// of buffering each way; [`UdpSocket`] is the std-like way.
+    ///
+    /// # Errors
+    /// [`NetError::Config`] for port 0 or smoltcp's refusal,
+    /// [`NetError::OutOfMemory`] when the heap cannot hold the buffers.
+    pub fn udp_bind(&mut self, port: u16, packets: usize) -> Result<SocketHandle, NetError> {
+        let Some(mut s) = sockets::try_udp_socket(packets, 1536) else {
+            self.sockets.count_out_of_memory();
+            return Err(NetError::OutOfMemory {
+                what: "a UDP socket's buffers",
+            });
         };
-        let mut s = udp::Socket::new(buf(), buf());
-        s.bind(port)?;
+        s.bind(port)
+            .map_err(|_| NetError::Config("cannot bind UDP port 0 or an unusable address"))?;
         Ok(self.sockets.set.add(s))
     }
 
-    /// A TCP socket listening on `port`.
-    pub fn tcp_listen(
-        &mut self,
-        port: u16,
-        buffer: usize,
-    ) -> Result<SocketHandle, tcp::ListenError> {
-        let mut s = tcp::Socket::new(
-            tcp::SocketBuffer::new(vec![0; buffer]),
-            tcp::SocketBuffer::new(vec![0; buffer]),
-        );
-        s.listen(port)?;
+    /// One TCP socket listening on `port`, with `buffer` bytes each way. It
+    /// takes one connection at a time; [`TcpListener`] takes many.
+    ///
+    /// # Errors
+    /// [`NetError::Config`] for port 0, [`NetError::OutOfMemory`] when the
+    /// heap cannot hold the buffers.
+    pub fn tcp_listen(&mut self, port: u16, buffer: usize) -> Result<SocketHandle, NetError> {
+        let Some(mut s) = sockets::try_tcp_socket(buffer, buffer) else {
+            self.sockets.count_out_of_memory();
+            return Err(NetError::OutOfMemory {
+                what: "a TCP socket's buffers",
+            });
+        };
+        s.listen(port)
+            .map_err(|_| NetError::Config("cannot listen on TCP port 0"))?;
         Ok(self.sockets.set.add(s))
     }
 
