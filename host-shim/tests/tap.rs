@@ -229,7 +229,8 @@ fn preconditions() -> PathBuf {
 
 /// A tcp-echo guest under the shim with its TAP in a fresh network
 /// namespace, addressed and up, the guest listening; `kind` names the
-/// namespace, `cmdline` is appended to the guest's.
+/// namespace, `mem` is the guest's RAM, `cmdline` is appended to its
+/// command line.
 struct Running {
     ns: String,
     guard: Cleanup,
@@ -239,7 +240,7 @@ struct Running {
 }
 
 impl Running {
-    fn start(kind: &str, cmdline: &str) -> Self {
+    fn start(kind: &str, mem: &str, cmdline: &str) -> Self {
         let image = preconditions();
         let ns = format!("exitless-{kind}-{}", std::process::id());
         if let Err(e) = ip(&["netns", "add", &ns]) {
@@ -251,7 +252,7 @@ impl Running {
         };
         let stats = std::env::temp_dir().join(format!("{ns}-stats.json"));
         let spec = format!(
-            "name=echo,kernel={},vcpus=1,cmdline=ip=10.0.77.2/24 {cmdline}",
+            "name=echo,kernel={},vcpus=1,mem={mem},cmdline=ip=10.0.77.2/24 {cmdline}",
             image.display()
         );
         let mut child = Command::new("ip")
@@ -323,7 +324,7 @@ impl Running {
 #[test]
 #[ignore = "needs root, ip(8), /dev/kvm and EXITLESS_TCP_ECHO_IMAGE"]
 fn host_linux_talks_http_and_tcp_echo_to_a_guest_through_the_tap() {
-    let mut run = Running::start("tap", "serve.max_connections=2");
+    let mut run = Running::start("tap", "256M", "serve.max_connections=2");
     let ns = run.ns.clone();
     let result = std::thread::spawn(move || client(&ns))
         .join()
@@ -510,7 +511,9 @@ fn guest_report(seen: &[String]) -> Option<(u64, u64, u64, u64, u64)> {
 fn sixty_four_parallel_echo_and_http_clients_are_all_served() {
     // One warm-up connection (ARP, the first SYN), then each kind's round.
     let total = 1 + 2 * PARALLEL;
-    let mut run = Running::start("ptcp", &format!("serve.max_connections={total}"));
+    // 32 MiB of RAM, a 7 MiB heap: the smallest guest the guide promises
+    // 64 connections at once (32 KiB of buffers each) plus the backlogs.
+    let mut run = Running::start("ptcp", "32M", &format!("serve.max_connections={total}"));
     let ns = run.ns.clone();
     let warm = std::thread::spawn(move || client_warm_up(&ns))
         .join()

@@ -19,7 +19,7 @@ impl Leg for ParallelTcp {
     }
 
     fn about(&self) -> &'static str {
-        "64 Linux TCP echo clients, all connected at once, then 64 HTTP clients, against one tcp-echo guest through the shim's TAP: every byte back, every page served, none refused or reset"
+        "64 Linux TCP echo clients, all connected at once, then 64 HTTP clients, against one 32 MiB tcp-echo guest through the shim's TAP: every byte back, every page served, none refused or reset"
     }
 
     fn run(&self, images: &mut Images, opts: &Options) -> LegRun {
