@@ -8,12 +8,14 @@ use alloc::vec::Vec;
 use guest_kernel::rt::net::{
     NetError, SocketError, Sockets, TcpListener, TcpOptions, TcpStream, UdpOptions, UdpSocket,
 };
-use guest_kernel::rt::time;
+use guest_kernel::rt::time::{self, Instant};
 use guest_kernel::{check, check_eq, ktest};
 use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
 use smoltcp::phy::{Loopback, Medium};
 use smoltcp::socket::tcp;
-use smoltcp::wire::{EthernetAddress, IpAddress, IpCidr, IpEndpoint, Ipv4Address};
+use smoltcp::wire::{
+    EthernetAddress, IpAddress, IpCidr, IpEndpoint, IpListenEndpoint, Ipv4Address,
+};
 
 const ADDR: Ipv4Address = Ipv4Address::LOCALHOST;
 /// Polls a test may take before it calls the stack stuck (a guard against
@@ -75,6 +77,26 @@ impl Stack {
 
     fn client(&mut self, h: SocketHandle) -> &mut tcp::Socket<'static> {
         self.sockets.get_mut::<tcp::Socket>(h)
+    }
+
+    /// Polls until `done` holds; Err after `within` (a guard against
+    /// hanging for tests that wait on the stack's timers, not a measurement).
+    fn poll_within(
+        &mut self,
+        what: &str,
+        within: core::time::Duration,
+        mut done: impl FnMut(&mut Self) -> bool,
+    ) -> Result<(), String> {
+        let until = Instant::now()
+            .checked_add(within)
+            .ok_or("deadline overflow")?;
+        while Instant::now() < until {
+            self.poll();
+            if done(self) {
+                return Ok(());
+            }
+        }
+        Err(format!("stuck waiting for {what}"))
     }
 
     /// Polls until `done` holds; Err after [`MAX_POLLS`].
@@ -446,6 +468,73 @@ ktest!(
         for s in out.into_iter().chain(inbound) {
             s.abort(&mut st);
         }
+        listener.close(&mut st);
+        Ok(())
+    }
+);
+
+ktest!(
+    fn handshakes_that_never_finish_give_their_sockets_back() {
+        let mut st = Stack::new();
+        let quick = TcpOptions {
+            handshake_timeout: core::time::Duration::from_secs(1),
+            ..TcpOptions::default()
+        };
+        let listener = TcpListener::bind(&mut st, 7, quick).map_err(|err| err.to_string())?;
+        // A client that sends its SYN from an address nobody answers ARP
+        // for, so the SYN-ACK never leaves, and then falls silent (going
+        // back to listening forgets its connection without an RST).
+        let mut client = tcp::Socket::new(
+            tcp::SocketBuffer::new(alloc::vec![0; 1024]),
+            tcp::SocketBuffer::new(alloc::vec![0; 1024]),
+        );
+        client
+            .connect(
+                st.iface.context(),
+                IpEndpoint::new(ADDR.into(), 7),
+                IpListenEndpoint {
+                    addr: Some(Ipv4Address::new(127, 0, 0, 3).into()),
+                    port: 44_000,
+                },
+            )
+            .map_err(|err| format!("client connect: {err:?}"))?;
+        let c = st.sockets.add(client);
+        st.poll_until("the SYN", |st| listener.stats(st).half_open == 1)?;
+        st.client(c).abort();
+        st.client(c)
+            .listen(44_001)
+            .map_err(|err| format!("{err:?}"))?;
+        st.poll_within(
+            "the handshake timeout",
+            core::time::Duration::from_secs(30),
+            |st| listener.stats(st).dropped_half_open == 1,
+        )?;
+        let stats = listener.stats(&mut st);
+        check_eq!(stats.half_open, 0, "no half-open left: {stats:?}");
+        check_eq!(
+            stats.listening,
+            quick.backlog + 1,
+            "the socket listens again"
+        );
+        check_eq!(stats.accepted, 0, "nothing accepted");
+
+        // An outgoing connection to an address nobody has ends the same way.
+        let mut out = TcpStream::connect(
+            &mut st.sockets,
+            st.iface.context(),
+            IpEndpoint::new(Ipv4Address::new(127, 0, 0, 2).into(), 7),
+            &quick,
+        )
+        .map_err(|err| err.to_string())?;
+        st.poll_within(
+            "the connect timeout",
+            core::time::Duration::from_secs(30),
+            |st| !out.is_connecting(st),
+        )?;
+        check!(!out.is_connected(&mut st), "never connected");
+        let mut buf = [0u8; 8];
+        check_eq!(out.read(&mut st, &mut buf), Ok(0), "end of stream");
+        out.close(&mut st);
         listener.close(&mut st);
         Ok(())
     }

@@ -49,16 +49,24 @@ pub struct TcpOptions {
     /// the limit it stops re-arming: further SYNs are answered with RST by
     /// smoltcp, and [`ListenerStats::full`] counts each time it got there.
     pub max_connections: usize,
+    /// How long a half-open connection (SYN received, SYN-ACK sent) may wait
+    /// for the client's ACK before it is reset and its socket listens again:
+    /// without it, SYNs from clients that never answer (a SYN flood) would
+    /// hold `max_connections` sockets for good. Accepted connections have no
+    /// such limit.
+    pub handshake_timeout: core::time::Duration,
 }
 
 impl Default for TcpOptions {
-    /// 8 listening, 16 KiB each way, 128 sockets (4 MiB of heap at most).
+    /// 8 listening, 16 KiB each way, 128 sockets (4 MiB of heap at most),
+    /// 10 s for a handshake.
     fn default() -> Self {
         Self {
             backlog: 8,
             rx_buffer: 16 * 1024,
             tx_buffer: 16 * 1024,
             max_connections: 128,
+            handshake_timeout: core::time::Duration::from_secs(10),
         }
     }
 }
@@ -74,6 +82,9 @@ impl TcpOptions {
         }
         if self.max_connections < self.backlog {
             return Err("max_connections must be at least the backlog");
+        }
+        if self.handshake_timeout.is_zero() {
+            return Err("handshake_timeout must not be zero");
         }
         Ok(())
     }
@@ -98,8 +109,8 @@ pub struct ListenerStats {
     /// Socket allocations that failed for want of heap (retried after the
     /// next frame; SYNs meanwhile may get RST).
     pub out_of_memory: u64,
-    /// Half-open connections that ended (RST, timeout) before they were
-    /// established; their sockets listen again.
+    /// Half-open connections that ended (RST, `handshake_timeout`) before
+    /// they were established; their sockets listen again.
     pub dropped_half_open: u64,
     /// SYNs for a connection another socket already has (a client's
     /// retransmission), dropped instead of starting a second handshake.
@@ -166,6 +177,9 @@ pub struct Sockets {
     stats: SocketStats,
     /// Where the search for a free local port for `connect` starts.
     next_port: u16,
+    /// Outgoing connections still in their handshake (their socket carries
+    /// the handshake timeout until it ends).
+    connecting: Vec<SocketHandle>,
 }
 
 /// The local ports outgoing connections take (IANA's dynamic range).
@@ -234,6 +248,7 @@ impl Sockets {
             closing: Vec::new(),
             stats: SocketStats::default(),
             next_port: *EPHEMERAL.start(),
+            connecting: Vec::new(),
         }
     }
 
@@ -289,6 +304,7 @@ impl Sockets {
         }
         // Egress can move a socket too (a SYN-ACK's retransmission timing out).
         self.rearm();
+        self.settle_connects();
         self.reap(now);
         result
     }
@@ -307,9 +323,32 @@ impl Sockets {
             self.stats.out_of_memory += 1;
             return Err(ConnectFailure::OutOfMemory);
         };
+        if self.connecting.try_reserve(1).is_err() {
+            self.stats.out_of_memory += 1;
+            return Err(ConnectFailure::OutOfMemory);
+        }
+        // A peer that never answers must not keep the stream connecting
+        // for good: the handshake gets the listeners' limit.
+        s.set_timeout(Some(opts.handshake_timeout.into()));
         s.connect(cx, to, port)
             .map_err(|_| ConnectFailure::Unaddressable)?;
-        Ok(self.set.add(s))
+        let h = self.set.add(s);
+        self.connecting.push(h);
+        Ok(h)
+    }
+
+    /// Outgoing connections whose handshake ended (connected, refused or
+    /// timed out) lose the handshake timeout.
+    fn settle_connects(&mut self) {
+        let set = &mut self.set;
+        self.connecting.retain(|&h| {
+            let s = set.get_mut::<tcp::Socket>(h);
+            let done = s.state() != tcp::State::SynSent;
+            if done {
+                s.set_timeout(None);
+            }
+            !done
+        });
     }
 
     /// The next local port of the ephemeral range no TCP socket uses.
@@ -376,6 +415,7 @@ impl Sockets {
     ) -> Result<SocketHandle, ListenFailure> {
         let mut s =
             try_tcp_socket(opts.rx_buffer, opts.tx_buffer).ok_or(ListenFailure::OutOfMemory)?;
+        s.set_timeout(Some(opts.handshake_timeout.into()));
         s.listen(port).map_err(|_| ListenFailure::Port)?;
         Ok(set.add(s))
     }
@@ -392,6 +432,11 @@ impl Sockets {
                 let state = self.set.get::<tcp::Socket>(h).state();
                 match state {
                     tcp::State::Listen => {
+                        // Back from a handshake smoltcp gave up (an RST
+                        // from the client): counted like a timed-out one.
+                        if checked {
+                            l.stats.dropped_half_open += 1;
+                        }
                         l.armed[i].1 = false;
                         listening += 1;
                         i += 1;
@@ -434,6 +479,8 @@ impl Sockets {
                     // data and FIN at once): ready for accept.
                     _ => {
                         if l.ready.try_reserve(1).is_ok() {
+                            // The handshake's limit is not the connection's.
+                            self.set.get_mut::<tcp::Socket>(h).set_timeout(None);
                             l.ready.push_back(h);
                             l.armed.swap_remove(i);
                         } else {
@@ -563,6 +610,8 @@ impl Sockets {
         if let Some(l) = listener.and_then(|id| self.listeners.get_mut(id.0)?.as_mut()) {
             l.open = l.open.saturating_sub(1);
         }
+        // Its socket is freed once closed: no later look at it.
+        self.connecting.retain(|&h| h != handle);
         self.reclaim_later(handle, now + Duration::from(CLOSE_LINGER));
         // A slot freed: a listener at its limit may listen again.
         self.rearm();
