@@ -227,7 +227,7 @@ pub(super) enum ListenFailure {
 
 /// Why an outgoing connection could not be started.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ConnectFailure {
+pub(super) enum ConnectFailure {
     Options(&'static str),
     /// Every port of the ephemeral range is taken.
     NoPort,
@@ -311,7 +311,7 @@ impl Sockets {
 
     /// A TCP socket connecting to `to` from a free local port; its SYN
     /// leaves with the next poll.
-    pub fn connect(
+    pub(super) fn connect(
         &mut self,
         cx: &mut Context,
         to: IpEndpoint,
