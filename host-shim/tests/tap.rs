@@ -227,94 +227,133 @@ fn preconditions() -> PathBuf {
     image
 }
 
+/// A tcp-echo guest under the shim with its TAP in a fresh network
+/// namespace, addressed and up, the guest listening; `kind` names the
+/// namespace, `mem` is the guest's RAM, `cmdline` is appended to its
+/// command line.
+struct Running {
+    ns: String,
+    guard: Cleanup,
+    rx: Receiver<String>,
+    seen: Vec<String>,
+    stats: PathBuf,
+}
+
+impl Running {
+    fn start(kind: &str, mem: &str, cmdline: &str) -> Self {
+        let image = preconditions();
+        let ns = format!("exitless-{kind}-{}", std::process::id());
+        if let Err(e) = ip(&["netns", "add", &ns]) {
+            panic!("tap test cannot run: {e}");
+        }
+        let mut guard = Cleanup {
+            ns: ns.clone(),
+            shim: None,
+        };
+        let stats = std::env::temp_dir().join(format!("{ns}-stats.json"));
+        let spec = format!(
+            "name=echo,kernel={},vcpus=1,mem={mem},cmdline=ip=10.0.77.2/24 {cmdline}",
+            image.display()
+        );
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &ns, SHIM, "--tap", TAP, "--timeout", "120"])
+            .arg("--stats-json")
+            .arg(&stats)
+            .args(["--guest", &spec])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("tap test cannot run: starting the shim: {e}"));
+        let rx = lines_of(&mut child);
+        guard.shim = Some(child);
+        let mut run = Self {
+            ns,
+            guard,
+            rx,
+            seen: Vec::new(),
+            stats,
+        };
+        // The shim creates the TAP before the guests start; address it and bring it up.
+        let until = Instant::now() + Duration::from_secs(10);
+        while ip(&["-n", &run.ns, "link", "show", TAP]).is_err() {
+            if Instant::now() > until {
+                run.fail(&format!("TAP {TAP} never appeared in {}", run.ns));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let ns = run.ns.clone();
+        for args in [
+            &["-n", &ns, "addr", "add", HOST_ADDR, "dev", TAP][..],
+            &["-n", &ns, "link", "set", TAP, "up"][..],
+        ] {
+            if let Err(e) = ip(args) {
+                run.fail(&e);
+            }
+        }
+        if !wait_for(&run.rx, READY, Duration::from_secs(40), &mut run.seen) {
+            run.fail("the guest never said it listens");
+        }
+        run
+    }
+
+    /// Fails the test with `why` and everything the shim printed.
+    fn fail(&mut self, why: &str) -> ! {
+        drain(&self.rx, &mut self.seen);
+        panic!(
+            "{why}\n---- host-shim output ----\n{}",
+            self.seen.join("\n")
+        );
+    }
+
+    /// Waits for the guest to exit and the shim with it; fails unless both
+    /// ended with status 0.
+    fn expect_clean_exit(&mut self) {
+        let ended = self
+            .guard
+            .shim
+            .as_mut()
+            .and_then(|c| wait_exit(c, Duration::from_secs(30)));
+        drain(&self.rx, &mut self.seen);
+        if ended.is_none_or(|s| !s.success()) {
+            self.fail(&format!("shim ended with {ended:?}"));
+        }
+    }
+}
+
 #[test]
 #[ignore = "needs root, ip(8), /dev/kvm and EXITLESS_TCP_ECHO_IMAGE"]
 fn host_linux_talks_http_and_tcp_echo_to_a_guest_through_the_tap() {
-    let image = preconditions();
-    let ns = format!("exitless-tap-{}", std::process::id());
-    if let Err(e) = ip(&["netns", "add", &ns]) {
-        panic!("tap test cannot run: {e}");
-    }
-    let mut guard = Cleanup {
-        ns: ns.clone(),
-        shim: None,
-    };
-    let stats = std::env::temp_dir().join(format!("{ns}-stats.json"));
-    let spec = format!(
-        "name=echo,kernel={},vcpus=1,cmdline=ip=10.0.77.2/24 serve.max_connections=2",
-        image.display()
-    );
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", &ns, SHIM, "--tap", TAP, "--timeout", "120"])
-        .arg("--stats-json")
-        .arg(&stats)
-        .args(["--guest", &spec])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("tap test cannot run: starting the shim: {e}"));
-    let rx = lines_of(&mut child);
-    guard.shim = Some(child);
-    let mut seen = Vec::new();
-    let fail = |why: String, rx: &Receiver<String>, seen: &mut Vec<String>| -> ! {
-        drain(rx, seen);
-        panic!("{why}\n---- host-shim output ----\n{}", seen.join("\n"));
-    };
-
-    // The shim creates the TAP before the guests start; address it and bring it up.
-    let until = Instant::now() + Duration::from_secs(10);
-    while ip(&["-n", &ns, "link", "show", TAP]).is_err() {
-        if Instant::now() > until {
-            fail(format!("TAP {TAP} never appeared in {ns}"), &rx, &mut seen);
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    for args in [
-        &["-n", &ns, "addr", "add", HOST_ADDR, "dev", TAP][..],
-        &["-n", &ns, "link", "set", TAP, "up"][..],
-    ] {
-        if let Err(e) = ip(args) {
-            fail(e, &rx, &mut seen);
-        }
-    }
-    if !wait_for(&rx, READY, Duration::from_secs(40), &mut seen) {
-        fail("the guest never said it listens".into(), &rx, &mut seen);
-    }
-
-    let ns2 = ns.clone();
-    let result = std::thread::spawn(move || client(&ns2))
+    let mut run = Running::start("tap", "256M", "serve.max_connections=2");
+    let ns = run.ns.clone();
+    let result = std::thread::spawn(move || client(&ns))
         .join()
         .unwrap_or_else(|_| Err("client thread panicked".into()));
     let (page, echoed) = match result {
         Ok(r) => r,
-        Err(e) => fail(format!("host client: {e}"), &rx, &mut seen),
+        Err(e) => run.fail(&format!("host client: {e}")),
     };
     if !page.starts_with("HTTP/1.1 200 OK\r\n") || !page.contains("\r\n\r\n<") {
-        fail(format!("HTTP GET / answered {page:?}"), &rx, &mut seen);
+        run.fail(&format!("HTTP GET / answered {page:?}"));
     }
     if echoed != b"exitless tap echo: 0123456789\n" {
-        fail(
-            format!("echo returned {:?}", String::from_utf8_lossy(&echoed)),
-            &rx,
-            &mut seen,
-        );
+        run.fail(&format!(
+            "echo returned {:?}",
+            String::from_utf8_lossy(&echoed)
+        ));
     }
 
     // Two connections served: the guest exits 0, and so does the shim.
-    let ended = guard
-        .shim
-        .as_mut()
-        .and_then(|c| wait_exit(c, Duration::from_secs(30)));
-    drain(&rx, &mut seen);
-    if ended.is_none_or(|s| !s.success()) {
-        fail(format!("shim ended with {ended:?}"), &rx, &mut seen);
+    run.expect_clean_exit();
+    let stats = run.stats.clone();
+    if let Err(e) = check_stats(&stats, &format!("page {} bytes", page.len())) {
+        run.fail(&e);
     }
-    check_stats(&stats, &page).unwrap_or_else(|e| fail(e, &rx, &mut seen));
 }
 
-/// The shim's own account: frames through the TAP both ways, the guest's exit 0.
-fn check_stats(stats: &std::path::Path, page: &str) -> Result<(), String> {
+/// The shim's own account: frames through the TAP both ways, the guest's
+/// exit 0; `what` is what the clients saw, for the closing line.
+fn check_stats(stats: &std::path::Path, what: &str) -> Result<(), String> {
     let text = std::fs::read_to_string(stats).unwrap_or_default();
     let _ = std::fs::remove_file(stats);
     let v: serde_json::Value =
@@ -328,10 +367,204 @@ fn check_stats(stats: &std::path::Path, page: &str) -> Result<(), String> {
         return Err(format!("guest: {}", v["guests"][0]));
     }
     eprintln!(
-        "tap: {} frames host->guests, {} guests->host; page {} bytes; echo ok",
+        "tap: {} frames host->guests, {} guests->host; {what}",
         n("rx_packets"),
         n("tx_packets"),
-        page.len()
     );
+    Ok(())
+}
+
+/// Clients of each kind the parallel test opens at the same time.
+const PARALLEL: usize = 64;
+
+/// How each parallel client's connections went, counted by outcome.
+#[derive(Debug, Default)]
+struct Tally {
+    ok: usize,
+    refused: usize,
+    reset: usize,
+    other: Vec<String>,
+}
+
+impl Tally {
+    fn add(&mut self, r: Result<(), std::io::Error>, who: &str) {
+        match r {
+            Ok(()) => self.ok += 1,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => self.refused += 1,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => self.reset += 1,
+            Err(e) => self.other.push(format!("{who}: {e}")),
+        }
+    }
+}
+
+/// Client `i`'s payload: a few KiB, its length and bytes its own.
+fn payload(i: usize) -> Vec<u8> {
+    let len = 2048 + i * 97;
+    (0..len)
+        .map(|j| u8::try_from((j * 31 + i * 7 + j / 251) % 256).unwrap_or(0))
+        .collect()
+}
+
+/// An error that says which check failed, as an `io::Error` (kind `Other`).
+fn mismatch(what: String) -> std::io::Error {
+    std::io::Error::other(what)
+}
+
+/// Connects without retrying: a refusal must show, not be papered over.
+fn connect_once(port: u16) -> std::io::Result<TcpStream> {
+    let s =
+        TcpStream::connect_timeout(&SocketAddr::from((GUEST_IP, port)), Duration::from_secs(20))?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    s.set_write_timeout(Some(Duration::from_secs(30)))?;
+    Ok(s)
+}
+
+/// Client `i` of kind `port`: connect, wait until every client of the run is
+/// connected (`all`), then echo its payload or GET the page and check it.
+fn parallel_client(
+    ns: &str,
+    port: u16,
+    i: usize,
+    all: &std::sync::Barrier,
+) -> Result<(), std::io::Error> {
+    enter_netns(ns).map_err(mismatch)?;
+    let connected = connect_once(port);
+    // Everyone waits here, connected or not, so that the barrier never hangs.
+    all.wait();
+    let mut s = connected?;
+    if port == 7 {
+        let data = payload(i);
+        s.write_all(&data)?;
+        s.shutdown(std::net::Shutdown::Write)?;
+        let mut back = Vec::new();
+        s.read_to_end(&mut back)?;
+        if back != data {
+            let first = back.iter().zip(&data).position(|(a, b)| a != b);
+            return Err(mismatch(format!(
+                "echo client {i}: {} bytes back of {}, first difference at {first:?}",
+                back.len(),
+                data.len()
+            )));
+        }
+    } else {
+        s.write_all(format!("GET / HTTP/1.1\r\nHost: guest\r\nX-Client: {i}\r\n\r\n").as_bytes())?;
+        let mut page = Vec::new();
+        s.read_to_end(&mut page)?;
+        let page = String::from_utf8_lossy(&page);
+        if !page.starts_with("HTTP/1.1 200 OK\r\n")
+            || !page.contains("Hello from an Exitless unikernel")
+        {
+            return Err(mismatch(format!("HTTP client {i}: answered {page:?}")));
+        }
+    }
+    Ok(())
+}
+
+/// Runs `PARALLEL` clients of kind `port` from namespace `ns`, all connected
+/// at the same time before any sends.
+fn parallel_round(ns: &str, port: u16) -> Tally {
+    let all = std::sync::Arc::new(std::sync::Barrier::new(PARALLEL));
+    let threads: Vec<_> = (0..PARALLEL)
+        .map(|i| {
+            let (ns, all) = (ns.to_owned(), all.clone());
+            std::thread::spawn(move || parallel_client(&ns, port, i, &all))
+        })
+        .collect();
+    let mut tally = Tally::default();
+    for (i, t) in threads.into_iter().enumerate() {
+        let r = t
+            .join()
+            .unwrap_or_else(|_| Err(mismatch(format!("client {i} panicked"))));
+        tally.add(r, &format!("port {port} client {i}"));
+    }
+    tally
+}
+
+/// The guest's closing `report:` line, parsed: connections served and the
+/// most open at once, listener-full and out-of-memory events, closed
+/// connections that never ended.
+fn guest_report(seen: &[String]) -> Option<(u64, u64, u64, u64, u64)> {
+    let line = seen
+        .iter()
+        .find(|l| l.contains("report: tcp-echo served"))?;
+    eprintln!("tap: guest {line}");
+    let after = |key: &str| -> Option<u64> {
+        let rest = &line[line.find(key)? + key.len()..];
+        let digits: String = rest
+            .trim_start()
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect();
+        digits.parse().ok()
+    };
+    Some((
+        after("served")?,
+        after("at most")?,
+        after("listener full")?,
+        after("out of memory")?,
+        after("aborted,")?,
+    ))
+}
+
+#[test]
+#[ignore = "needs root, ip(8), /dev/kvm and EXITLESS_TCP_ECHO_IMAGE"]
+fn sixty_four_parallel_echo_and_http_clients_are_all_served() {
+    // One warm-up connection (ARP, the first SYN), then each kind's round.
+    let total = 1 + 2 * PARALLEL;
+    // 32 MiB of RAM, a 7 MiB heap: the smallest guest the guide promises
+    // 64 connections at once (32 KiB of buffers each) plus the backlogs.
+    let mut run = Running::start("ptcp", "32M", &format!("serve.max_connections={total}"));
+    let ns = run.ns.clone();
+    let warm = std::thread::spawn(move || client_warm_up(&ns))
+        .join()
+        .unwrap_or_else(|_| Err("warm-up thread panicked".into()));
+    if let Err(e) = warm {
+        run.fail(&format!("warm-up echo: {e}"));
+    }
+    let mut lines = Vec::new();
+    for (port, kind) in [(7, "echo"), (80, "HTTP")] {
+        let t = parallel_round(&run.ns, port);
+        let line = format!(
+            "{kind}: {} of {PARALLEL} parallel clients served, {} refused, {} reset, {} other failures",
+            t.ok,
+            t.refused,
+            t.reset,
+            t.other.len()
+        );
+        eprintln!("tap: {line}");
+        if t.ok != PARALLEL || t.refused + t.reset > 0 || !t.other.is_empty() {
+            run.fail(&format!("{line}: {:?}", t.other));
+        }
+        lines.push(line);
+    }
+    run.expect_clean_exit();
+    match guest_report(&run.seen) {
+        Some((served, peak, full, oom, closing)) => {
+            let want = u64::try_from(total).unwrap_or(u64::MAX);
+            let parallel = u64::try_from(PARALLEL).unwrap_or(u64::MAX);
+            if served != want || peak < parallel || full != 0 || oom != 0 || closing != 0 {
+                run.fail(&format!(
+                    "guest report: served {served} (want {want}), at most {peak} at once (want >= {parallel}), listener full {full}, out of memory {oom}, still closing {closing} (want 0, 0, 0)"
+                ));
+            }
+        }
+        None => run.fail("the guest printed no report line"),
+    }
+    let stats = run.stats.clone();
+    if let Err(e) = check_stats(&stats, &lines.join("; ")) {
+        run.fail(&e);
+    }
+}
+
+/// One echo round trip, retried while the first SYN waits on ARP.
+fn client_warm_up(ns: &str) -> Result<(), String> {
+    enter_netns(ns)?;
+    let mut s = connect(7)?;
+    s.write_all(b"warm-up\n").map_err(|e| e.to_string())?;
+    let mut back = [0u8; 8];
+    s.read_exact(&mut back).map_err(|e| e.to_string())?;
+    if &back != b"warm-up\n" {
+        return Err(format!("echoed {back:?}"));
+    }
     Ok(())
 }

@@ -12,6 +12,7 @@ use crate::test::legs::guest::QemuGuest;
 use crate::test::legs::guest_shim::ShimGuest;
 use crate::test::legs::hints::ShimHints;
 use crate::test::legs::interop::QemuInterop;
+use crate::test::legs::parallel_tcp::ParallelTcp;
 use crate::test::legs::pingpong::{QemuPingpong, ShimPingpong};
 use crate::test::legs::pipeline::ShimPipeline;
 use crate::test::legs::redesignate::ShimRedesignate;
@@ -50,6 +51,7 @@ pub const LEGS: &[&dyn Leg] = &[
     &ShimDirect,
     &QemuPingpong,
     &ShimTap,
+    &ParallelTcp,
     &Template,
     &QemuInterop,
 ];
@@ -98,6 +100,7 @@ mod tests {
                 "shim-direct",
                 "qemu-pingpong",
                 "shim-tap",
+                "parallel-tcp",
                 "template",
                 "interop"
             ]

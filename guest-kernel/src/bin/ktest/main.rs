@@ -23,6 +23,8 @@ mod interrupts;
 #[cfg(target_os = "none")]
 mod kcalls;
 #[cfg(target_os = "none")]
+mod listener;
+#[cfg(target_os = "none")]
 mod memory;
 #[cfg(target_os = "none")]
 mod net;

@@ -23,6 +23,10 @@ pub enum NetError {
     Vmq(LinkOpenError),
     /// `net.vmq_policy=direct`: the direct channel could not be opened.
     Direct(DirectOpenError),
+    /// The heap could not hold `what` (counted in `Net::socket_stats`).
+    OutOfMemory {
+        what: &'static str,
+    },
 }
 
 impl fmt::Display for NetError {
@@ -39,6 +43,35 @@ impl fmt::Display for NetError {
             Self::Doorbell(e) => write!(f, "net.notify=doorbell: {e}"),
             Self::Vmq(e) => write!(f, "net.dev=vmq: {e}"),
             Self::Direct(e) => write!(f, "net.vmq_policy=direct: {e}"),
+            Self::OutOfMemory { what } => write!(
+                f,
+                "the heap has no room for {what}: give the guest more memory (or heap=) or use smaller buffers"
+            ),
         }
+    }
+}
+
+/// Why a socket operation did nothing; the `std::io::ErrorKind`s they match.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SocketError {
+    /// Nothing to read or no room to write now: poll the stack and retry
+    /// (`WouldBlock`).
+    WouldBlock,
+    /// This side was closed, or the connection is gone (`NotConnected`).
+    NotConnected,
+    /// A datagram longer than the buffer given; it was dropped.
+    Truncated,
+    /// No usable destination: unspecified address or port 0 (`InvalidInput`).
+    Unaddressable,
+}
+
+impl fmt::Display for SocketError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::WouldBlock => "the operation would block: poll the stack and retry",
+            Self::NotConnected => "the connection is closed",
+            Self::Truncated => "the datagram was longer than the buffer and was dropped",
+            Self::Unaddressable => "no usable destination address or port",
+        })
     }
 }

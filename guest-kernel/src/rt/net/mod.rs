@@ -30,18 +30,41 @@
 //! - `nic`: the `Nic` trait and its two NICs, virtio-net and
 //!   VM queues.
 //! - `stack`: the smoltcp interface, sockets and DHCP lease, NIC-independent.
+//! - `sockets`: [`Sockets`], smoltcp's socket set plus listeners with a
+//!   backlog, closed streams reclaimed when done, buffers that never panic.
+//! - `stream`, `datagram`: the std-like socket types [`TcpListener`], [`TcpStream`],
+//!   [`UdpSocket`].
 //! - this file: [`Net`], which ties one NIC to its stack: polling, sleeping,
 //!   following hints, sockets.
+//!
+//! # Sockets
+//!
+//! [`TcpListener::bind`] listens with a backlog of sockets that the stack
+//! re-arms after every received frame, so many clients connecting at once
+//! are all accepted (up to [`TcpOptions::max_connections`]); `accept` hands
+//! out [`TcpStream`]s with non-blocking `read`/`write` and `close`.
+//! [`UdpSocket`] sends and receives datagrams. Every socket's buffers are
+//! taken from the heap at bind or when its listener re-arms; when the heap
+//! is short the call fails with [`NetError::OutOfMemory`] or the listener
+//! counts it and retries, never a panic. The older handle-based calls
+//! (`tcp_listen`, `udp_bind`, `tcp(h)`, `udp(h)`) still give smoltcp's
+//! sockets directly.
 
 pub mod breakdown;
 mod config;
+mod datagram;
 mod error;
 mod nic;
+mod sockets;
 mod stack;
+mod stream;
 mod wake;
 
 pub use config::{NetConfig, Notify, WaitMode};
-pub use error::NetError;
+pub use datagram::{UdpOptions, UdpSocket};
+pub use error::{NetError, SocketError};
+pub use sockets::{CLOSE_LINGER, ListenerStats, SocketStats, Sockets, TcpOptions};
+pub use stream::{TcpListener, TcpStream};
 pub use wake::{MAX_NICS, hint_upcalls};
 
 use crate::rt::direct_link::DirectStats;
@@ -51,15 +74,14 @@ use crate::rt::time::{self, Instant};
 use crate::rt::vmq_link::{LinkPolicy, LinkStats};
 use crate::rt::{ctrl, smp, wait};
 use alloc::boxed::Box;
-use alloc::vec;
 use config::NicChoice;
 use core::fmt;
 use drivers::msix::{ApicId, MsixError};
 use drivers::net::{NetStats, RX_QUEUE, RxMode, TX_QUEUE};
 use nic::{Nic, VirtioNic};
-use smoltcp::iface::{Interface, PollResult, SocketHandle, SocketSet};
+use smoltcp::iface::{Interface, PollResult, SocketHandle};
 use smoltcp::socket::{tcp, udp};
-use smoltcp::wire::Ipv4Address;
+use smoltcp::wire::{IpEndpoint, Ipv4Address};
 use stack::now;
 
 /// One NIC with its smoltcp interface and sockets.
@@ -67,7 +89,7 @@ pub struct Net {
     index: usize,
     nic: Box<dyn Nic>,
     iface: Interface,
-    pub sockets: SocketSet<'static>,
+    sockets: Sockets,
     dhcp: Option<SocketHandle>,
     mode: RxMode,
     /// Follows the shim's interrupt-vCPU hints for the RX queue (M2).
@@ -119,7 +141,7 @@ impl Net {
         }
         let opened = VirtioNic::open(index, cfg)?;
         let mut nic: Box<dyn Nic> = Box::new(opened.nic);
-        let (iface, sockets, dhcp) = stack::build(nic.as_mut(), cfg);
+        let (iface, set, dhcp) = stack::build(nic.as_mut(), cfg);
         let rx = nic.rx_vector();
         let exitless = index == 0 && cfg.wait == WaitMode::Auto && quiet_rx();
         log::info!(
@@ -145,7 +167,7 @@ impl Net {
             index,
             nic,
             iface,
-            sockets,
+            sockets: Sockets::new(set),
             dhcp,
             mode: cfg.rx_mode,
             hints: wake::hint_follower(index, opened.device, opened.apic),
@@ -203,13 +225,13 @@ impl Net {
     /// The stack over a NIC that links to one peer guest (index 0; arrivals
     /// wake vCPU 0, where the stack runs).
     fn on_peer_link(mut nic: Box<dyn Nic>, cfg: &NetConfig) -> Self {
-        let (iface, sockets, dhcp) = stack::build(nic.as_mut(), cfg);
+        let (iface, set, dhcp) = stack::build(nic.as_mut(), cfg);
         wake::set_stack_cpu(0);
         Self {
             index: 0,
             nic,
             iface,
-            sockets,
+            sockets: Sockets::new(set),
             dhcp,
             mode: cfg.rx_mode,
             hints: None,
@@ -235,7 +257,7 @@ impl Net {
         }
         let r = self.nic.poll(&mut self.iface, now(), &mut self.sockets);
         if let Some(h) = self.dhcp {
-            stack::follow_dhcp(self.index, &mut self.iface, &mut self.sockets, h);
+            stack::follow_dhcp(self.index, &mut self.iface, &mut self.sockets.set, h);
         }
         r != PollResult::None
     }
@@ -243,7 +265,7 @@ impl Net {
     /// Sleeps until a frame arrives, smoltcp wants polling, or `until` passes.
     /// Poll mode spins on the used ring instead of sleeping.
     pub fn wait(&mut self, until: Option<Instant>) {
-        let poll_at = self.iface.poll_at(now(), &self.sockets).map(|t| {
+        let poll_at = self.iface.poll_at(now(), &self.sockets.set).map(|t| {
             let us = u64::try_from(t.total_micros()).unwrap_or(0);
             Instant(us * time::tsc_khz() / 1000)
         });
@@ -411,38 +433,74 @@ impl Net {
         self.nic.rx_vector()
     }
 
-    /// Binds a UDP socket to `port` with `packets` datagrams of buffering each way.
-    pub fn udp_bind(&mut self, port: u16, packets: usize) -> Result<SocketHandle, udp::BindError> {
-        let buf = || {
-            udp::PacketBuffer::new(
-                vec![udp::PacketMetadata::EMPTY; packets],
-                vec![0u8; packets * 1536],
-            )
+    /// Binds a UDP socket to `port` with `packets` datagrams of 1,536 bytes
+    /// of buffering each way; [`UdpSocket`] is the std-like way.
+    ///
+    /// # Errors
+    /// [`NetError::Config`] for port 0 or smoltcp's refusal,
+    /// [`NetError::OutOfMemory`] when the heap cannot hold the buffers.
+    pub fn udp_bind(&mut self, port: u16, packets: usize) -> Result<SocketHandle, NetError> {
+        let Some(mut s) = sockets::try_udp_socket(packets, 1536) else {
+            self.sockets.count_out_of_memory();
+            return Err(NetError::OutOfMemory {
+                what: "a UDP socket's buffers",
+            });
         };
-        let mut s = udp::Socket::new(buf(), buf());
-        s.bind(port)?;
-        Ok(self.sockets.add(s))
+        s.bind(port)
+            .map_err(|_| NetError::Config("cannot bind UDP port 0 or an unusable address"))?;
+        Ok(self.sockets.set.add(s))
     }
 
-    /// A TCP socket listening on `port`.
-    pub fn tcp_listen(
-        &mut self,
-        port: u16,
-        buffer: usize,
-    ) -> Result<SocketHandle, tcp::ListenError> {
-        let mut s = tcp::Socket::new(
-            tcp::SocketBuffer::new(vec![0; buffer]),
-            tcp::SocketBuffer::new(vec![0; buffer]),
-        );
-        s.listen(port)?;
-        Ok(self.sockets.add(s))
+    /// One TCP socket listening on `port`, with `buffer` bytes each way. It
+    /// takes one connection at a time; [`TcpListener`] takes many.
+    ///
+    /// # Errors
+    /// [`NetError::Config`] for port 0, [`NetError::OutOfMemory`] when the
+    /// heap cannot hold the buffers.
+    pub fn tcp_listen(&mut self, port: u16, buffer: usize) -> Result<SocketHandle, NetError> {
+        let Some(mut s) = sockets::try_tcp_socket(buffer, buffer) else {
+            self.sockets.count_out_of_memory();
+            return Err(NetError::OutOfMemory {
+                what: "a TCP socket's buffers",
+            });
+        };
+        s.listen(port)
+            .map_err(|_| NetError::Config("cannot listen on TCP port 0"))?;
+        Ok(self.sockets.set.add(s))
     }
 
+    /// The UDP socket `h` from [`udp_bind`](Self::udp_bind).
     pub fn udp(&mut self, h: SocketHandle) -> &mut udp::Socket<'static> {
-        self.sockets.get_mut::<udp::Socket>(h)
+        self.sockets.set.get_mut::<udp::Socket>(h)
     }
 
+    /// The TCP socket `h` from [`tcp_listen`](Self::tcp_listen).
     pub fn tcp(&mut self, h: SocketHandle) -> &mut tcp::Socket<'static> {
-        self.sockets.get_mut::<tcp::Socket>(h)
+        self.sockets.set.get_mut::<tcp::Socket>(h)
+    }
+
+    /// Starts a TCP connection to `to` from a free local port (49152–65535).
+    /// The stream is usable once [`TcpStream::is_connecting`] turns false:
+    /// connected when [`TcpStream::is_connected`], refused otherwise.
+    ///
+    /// # Errors
+    /// [`NetError::Config`] for an unusable address or options, or when
+    /// every local port is taken; [`NetError::OutOfMemory`].
+    pub fn connect(&mut self, to: IpEndpoint, opts: TcpOptions) -> Result<TcpStream, NetError> {
+        TcpStream::connect(&mut self.sockets, self.iface.context(), to, &opts)
+    }
+
+    /// The stack's socket counters (streams reclaimed, allocations that failed).
+    #[must_use]
+    pub fn socket_stats(&self) -> SocketStats {
+        self.sockets.stats()
+    }
+}
+
+/// The sockets of this stack: what [`TcpListener`], [`TcpStream`] and
+/// [`UdpSocket`] take as `net`.
+impl AsMut<Sockets> for Net {
+    fn as_mut(&mut self) -> &mut Sockets {
+        &mut self.sockets
     }
 }

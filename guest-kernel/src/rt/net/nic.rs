@@ -6,6 +6,7 @@
 
 use super::config::{NetConfig, Notify};
 use super::error::NetError;
+use super::sockets::Sockets;
 use super::wake;
 use crate::abi::vector;
 use crate::rt::direct_link::{DirectLink, DirectStats};
@@ -22,7 +23,7 @@ use drivers::net::{NetDevice, NetStats, TX_QUEUE};
 use drivers::virtio_pci::{MsixControl, MsixPciTransport, QueueNotifier, VectorPlan};
 use drivers::vmq_net::{FrameLink, VmqNet};
 use para_abi::doorbell::record::{Event, Op};
-use smoltcp::iface::{Config, Interface, PollResult, SocketSet};
+use smoltcp::iface::{Config, Interface, PollResult};
 use smoltcp::time::Instant;
 use smoltcp::wire::EthernetAddress;
 
@@ -32,13 +33,9 @@ pub trait Nic: fmt::Debug {
     fn mac(&self) -> EthernetAddress;
     /// A smoltcp interface over this device.
     fn interface(&mut self, config: Config, now: Instant) -> Interface;
-    /// Runs `iface` once over whatever arrived and sends what it produces.
-    fn poll(
-        &mut self,
-        iface: &mut Interface,
-        now: Instant,
-        sockets: &mut SocketSet<'static>,
-    ) -> PollResult;
+    /// Runs `iface` once over whatever arrived (one frame at a time, see
+    /// [`Sockets::poll_device`]) and sends what it produces.
+    fn poll(&mut self, iface: &mut Interface, now: Instant, sockets: &mut Sockets) -> PollResult;
     /// A received frame is waiting.
     fn rx_pending(&self) -> bool;
     /// Hands frames queued but not yet delivered to the VMM; called before
@@ -195,13 +192,8 @@ impl Nic for VirtioNic {
         Interface::new(config, &mut self.dev, now)
     }
 
-    fn poll(
-        &mut self,
-        iface: &mut Interface,
-        now: Instant,
-        sockets: &mut SocketSet<'static>,
-    ) -> PollResult {
-        iface.poll(now, &mut self.dev, sockets)
+    fn poll(&mut self, iface: &mut Interface, now: Instant, sockets: &mut Sockets) -> PollResult {
+        sockets.poll_device(iface, now, &mut self.dev)
     }
 
     fn rx_pending(&self) -> bool {
@@ -299,16 +291,11 @@ impl<L: PeerLink> Nic for VmqNet<L> {
         Interface::new(config, self, now)
     }
 
-    fn poll(
-        &mut self,
-        iface: &mut Interface,
-        now: Instant,
-        sockets: &mut SocketSet<'static>,
-    ) -> PollResult {
+    fn poll(&mut self, iface: &mut Interface, now: Instant, sockets: &mut Sockets) -> PollResult {
         // What this poll sent lazily leaves with the stack's next exit: at
         // the latest the kick-page wait of `Net::wait` (or its flush before
         // spinning in poll mode), so no flush of its own here.
-        iface.poll(now, self, sockets)
+        sockets.poll_device(iface, now, self)
     }
 
     fn rx_pending(&self) -> bool {

@@ -8,6 +8,7 @@ pub mod guest;
 pub mod guest_shim;
 pub mod hints;
 pub mod interop;
+pub mod parallel_tcp;
 pub mod pingpong;
 pub mod pipeline;
 pub mod redesignate;

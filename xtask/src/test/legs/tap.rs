@@ -1,5 +1,6 @@
 //! Leg `shim-tap`: the shim's `--tap` test (host-shim/tests/tap.rs, ignored
-//! by default: it needs root, `ip` and the tcp-echo image).
+//! by default: it needs root, `ip` and the tcp-echo image). The file's
+//! parallel test is leg `parallel-tcp`.
 
 use crate::infra::setup;
 use crate::test::leg::{Images, Leg, LegRun, Options};
@@ -28,7 +29,16 @@ impl Leg for ShimTap {
         run_cargo_test(
             self.name(),
             opts,
-            &["-p", "host-shim", "--test", "tap", "--", "--ignored"],
+            &[
+                "-p",
+                "host-shim",
+                "--test",
+                "tap",
+                "--",
+                "--ignored",
+                "--exact",
+                "host_linux_talks_http_and_tcp_echo_to_a_guest_through_the_tap",
+            ],
             &[("EXITLESS_TCP_ECHO_IMAGE", image.as_path())],
         )
     }
