@@ -131,6 +131,12 @@ const EVERY_THREAD: &[i64] = &[
     // Duplicating eventfds (`try_clone`) and file-status flags only (see
     // [`conditions`]).
     libc::SYS_fcntl,
+    // Read-only (see [`conditions`]): glibc's malloc reads
+    // /sys/devices/system/cpu/online when a thread first allocates, and
+    // /proc/sys/vm/overcommit_memory the first time `free` shrinks a thread
+    // arena's heap, which any thread may do once a burst of frames is freed
+    // (the `hostile` leg's floods made a doorbell monitor do it).
+    libc::SYS_openat,
     libc::SYS_exit,
     libc::SYS_exit_group,
 ];
@@ -140,10 +146,6 @@ const EVERY_THREAD: &[i64] = &[
 /// installation of that filter. `prctl` and `seccomp` are allowed only for
 /// that (see [`conditions`]).
 const SPAWN: &[i64] = &[
-    // glibc sizes its malloc arenas when a new thread first allocates (in
-    // installing its filter), reading /sys/devices/system/cpu/online: allowed
-    // read-only (see [`conditions`]).
-    libc::SYS_openat,
     libc::SYS_clone3,
     libc::SYS_set_robust_list,
     libc::SYS_rseq,
