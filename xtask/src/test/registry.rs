@@ -11,6 +11,7 @@ use crate::test::legs::fuzz::Fuzz;
 use crate::test::legs::guest::QemuGuest;
 use crate::test::legs::guest_shim::ShimGuest;
 use crate::test::legs::hints::ShimHints;
+use crate::test::legs::hostile::Hostile;
 use crate::test::legs::interop::QemuInterop;
 use crate::test::legs::pingpong::{QemuPingpong, ShimPingpong};
 use crate::test::legs::pipeline::ShimPipeline;
@@ -48,6 +49,7 @@ pub const LEGS: &[&dyn Leg] = &[
     &ShimPipeline,
     &ShimVmqNet,
     &ShimDirect,
+    &Hostile,
     &QemuPingpong,
     &ShimTap,
     &Template,
@@ -96,6 +98,7 @@ mod tests {
                 "shim-pipeline",
                 "shim-vmqnet",
                 "shim-direct",
+                "hostile",
                 "qemu-pingpong",
                 "shim-tap",
                 "template",

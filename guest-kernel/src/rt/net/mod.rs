@@ -42,6 +42,7 @@ mod wake;
 
 pub use config::{NetConfig, Notify, WaitMode};
 pub use error::NetError;
+pub use nic::{VirtioNic, VirtioOpened};
 pub use wake::{MAX_NICS, hint_upcalls};
 
 use crate::rt::direct_link::DirectStats;
@@ -56,7 +57,7 @@ use config::NicChoice;
 use core::fmt;
 use drivers::msix::{ApicId, MsixError};
 use drivers::net::{NetStats, RX_QUEUE, RxMode, TX_QUEUE};
-use nic::{Nic, VirtioNic};
+use nic::Nic;
 use smoltcp::iface::{Interface, PollResult, SocketHandle, SocketSet};
 use smoltcp::socket::{tcp, udp};
 use smoltcp::wire::Ipv4Address;

@@ -7,6 +7,7 @@ pub mod fuzz;
 pub mod guest;
 pub mod guest_shim;
 pub mod hints;
+pub mod hostile;
 pub mod interop;
 pub mod pingpong;
 pub mod pipeline;
