@@ -16,6 +16,7 @@ use crate::test::legs::interop::QemuInterop;
 use crate::test::legs::pingpong::{QemuPingpong, ShimPingpong};
 use crate::test::legs::pipeline::ShimPipeline;
 use crate::test::legs::redesignate::ShimRedesignate;
+use crate::test::legs::soak::Soak;
 use crate::test::legs::tap::ShimTap;
 use crate::test::legs::template::Template;
 use crate::test::legs::unit::Unit;
@@ -52,6 +53,7 @@ pub const LEGS: &[&dyn Leg] = &[
     &Hostile,
     &QemuPingpong,
     &ShimTap,
+    &Soak,
     &Template,
     &QemuInterop,
 ];
@@ -101,6 +103,7 @@ mod tests {
                 "hostile",
                 "qemu-pingpong",
                 "shim-tap",
+                "soak",
                 "template",
                 "interop"
             ]

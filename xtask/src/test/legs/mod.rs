@@ -12,6 +12,7 @@ pub mod interop;
 pub mod pingpong;
 pub mod pipeline;
 pub mod redesignate;
+pub mod soak;
 pub mod tap;
 pub mod template;
 pub mod unit;
