@@ -319,11 +319,13 @@ mod guest {
     /// Stores into pages the shim maps read-only: the hints page, the para
     /// region's header, the control-flag mask page.
     fn read_only_pages() -> Vec<(&'static str, Outcome)> {
+        let region = area(discovery::LEAF_PARA_REGION);
         let targets = [
             ("store_hints_page", area(discovery::LEAF_HINTS)),
+            ("store_para_region_header", region),
             (
-                "store_para_region_header",
-                area(discovery::LEAF_PARA_REGION),
+                "store_designation_table",
+                region.map(|r| r + para_abi::region::TABLE_OFFSET as u64),
             ),
             (
                 "store_ctrl_mask_page",
@@ -355,6 +357,30 @@ mod guest {
                 (name, o)
             })
             .collect()
+    }
+
+    /// Bits no control flag owns, set in this guest's shadow word: the shim
+    /// must refuse them at the next exit and put them back.
+    fn stray_shadow_bits() -> Outcome {
+        use core::sync::atomic::Ordering;
+        let Some(w) = guest_kernel::rt::ctrl::shadow_word() else {
+            return Outcome {
+                sent: 0,
+                refused: false,
+                detail: "no control blocks offered".into(),
+            };
+        };
+        let stray = 0xFFu64 << 40;
+        w.fetch_or(stray, Ordering::SeqCst);
+        // Any exit will do: the shim reads the shadow word at each (a
+        // query, so that no other attack's count moves).
+        let _ = raw_hypercall(Call::CtrlQuery as u64, 0);
+        let left = w.load(Ordering::SeqCst) & stray;
+        Outcome {
+            sent: 1,
+            refused: left == 0,
+            detail: format!("bits {stray:#x} set; {left:#x} left after an exit"),
+        }
     }
 
     /// Garbage in this guest's own doorbell ring: words with bad checks,
@@ -687,6 +713,7 @@ mod guest {
         for (name, o) in read_only_pages() {
             report(name, &o);
         }
+        report("ctrl_stray_shadow_bits", &stray_shadow_bits());
         report("doorbell_garbage", &doorbell_garbage(&mut rng));
         for (name, o) in vmq_bad_sends(victim_name) {
             report(name, &o);

@@ -281,7 +281,7 @@ const EXPECTED: &[(&[&str], &str, Counter)] = &[
         },
     ),
     (
-        &["store_para_region_header"],
+        &["store_para_region_header", "store_designation_table"],
         "doorbell.protected_writes",
         |_, g| g.doorbell.protected_writes,
     ),
@@ -289,6 +289,11 @@ const EXPECTED: &[(&[&str], &str, Counter)] = &[
         &["store_ctrl_mask_page"],
         "ctrl.rejected.mask_page_write",
         |_, g| get(&g.ctrl.rejected, "mask_page_write"),
+    ),
+    (
+        &["ctrl_stray_shadow_bits"],
+        "ctrl.rejected.stray_shadow_bits",
+        |_, g| get(&g.ctrl.rejected, "stray_shadow_bits"),
     ),
     (
         &["doorbell_garbage"],
@@ -334,6 +339,7 @@ const EXACT: &[&str] = &[
     "stats_mark_flood",
     "store_hints_page",
     "store_para_region_header",
+    "store_designation_table",
     "store_ctrl_mask_page",
 ];
 
