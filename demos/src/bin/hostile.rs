@@ -495,28 +495,163 @@ mod guest {
         sys::pci_read(bdf, off).unwrap_or(u32::MAX)
     }
 
-    /// The MSI-X table's address: capability 0x11's table BAR and offset.
-    fn msix_table(bdf: u16) -> Option<u64> {
+    /// The address BAR `bir` decodes (32- or 64-bit memory BAR).
+    fn bar_address(bdf: u16, bir: u8) -> u64 {
+        let lo = pci_read(bdf, 0x10 + 4 * bir);
+        if lo & 0b110 == 0b100 {
+            u64::from(pci_read(bdf, 0x14 + 4 * bir)) << 32 | u64::from(lo & !0xF)
+        } else {
+            u64::from(lo & !0xF)
+        }
+    }
+
+    /// The first capability for which `pick` (given its offset and first
+    /// dword) answers.
+    fn find_cap<T>(bdf: u16, mut pick: impl FnMut(u8, u32) -> Option<T>) -> Option<T> {
         let mut ptr = (pci_read(bdf, 0x34) & 0xFC) as u8;
         for _ in 0..48 {
             if ptr == 0 {
                 return None;
             }
             let head = pci_read(bdf, ptr);
-            if head & 0xFF == 0x11 {
-                let t = pci_read(bdf, ptr + 4);
-                let bir = (t & 7) as u8;
-                let lo = pci_read(bdf, 0x10 + 4 * bir);
-                let base = if lo & 0b110 == 0b100 {
-                    u64::from(pci_read(bdf, 0x14 + 4 * bir)) << 32 | u64::from(lo & !0xF)
-                } else {
-                    u64::from(lo & !0xF)
-                };
-                return Some(base + u64::from(t & !7));
+            if let Some(t) = pick(ptr, head) {
+                return Some(t);
             }
             ptr = ((head >> 8) & 0xFC) as u8;
         }
         None
+    }
+
+    /// The MSI-X table's address: capability 0x11's table BAR and offset.
+    fn msix_table(bdf: u16) -> Option<u64> {
+        find_cap(bdf, |ptr, head| {
+            (head & 0xFF == 0x11).then(|| {
+                let t = pci_read(bdf, ptr + 4);
+                bar_address(bdf, (t & 7) as u8) + u64::from(t & !7)
+            })
+        })
+    }
+
+    /// A virtio structure (virtio 1.2 §4.1.4): its address, and the notify
+    /// multiplier for the notification structure.
+    fn virtio_cap(bdf: u16, cfg_type: u32) -> Option<(u64, u32)> {
+        find_cap(bdf, |ptr, head| {
+            (head & 0xFF == 0x09 && head >> 24 == cfg_type).then(|| {
+                let bar = (pci_read(bdf, ptr + 4) & 0xFF) as u8;
+                let offset = pci_read(bdf, ptr + 8);
+                (
+                    bar_address(bdf, bar) + u64::from(offset),
+                    pci_read(bdf, ptr + 16),
+                )
+            })
+        })
+    }
+
+    fn mmio_read16(a: u64) -> u16 {
+        // SAFETY: a register of the NIC's common configuration, mapped for
+        // ring 3 where the driver programs it; reads have no side effect.
+        unsafe { core::ptr::read_volatile(a as *const u16) }
+    }
+
+    fn mmio_read32(a: u64) -> u32 {
+        // SAFETY: as in `mmio_read16`.
+        unsafe { core::ptr::read_volatile(a as *const u32) }
+    }
+
+    fn mmio_write16(a: u64, v: u16) {
+        // SAFETY: a register of the NIC (queue select, a notification),
+        // mapped for ring 3 where the driver programs it.
+        unsafe { core::ptr::write_volatile(a as *mut u16, v) };
+    }
+
+    /// Writes `v` at `a` in this guest's own RAM (its TX queue's rings,
+    /// which the driver placed there).
+    fn ram_write<T>(a: u64, v: T) {
+        // SAFETY: `a` lies in the TX queue's descriptor table or available
+        // ring, which the common configuration names and the driver
+        // allocated in this guest's RAM, identity-mapped for ring 3; the
+        // driver never uses the queue again after this attack.
+        unsafe { core::ptr::write_volatile(a as *mut T, v) };
+    }
+
+    /// Hands the device TX chains no driver would: a buffer outside RAM, a
+    /// descriptor that chains to itself, a frame over 1514 bytes; then an
+    /// available index far ahead of the ring. Writes the TX queue's rings
+    /// directly (the driver is not used for TX afterwards).
+    fn virtqueue_attacks(bdf: u16) -> Vec<(&'static str, Outcome)> {
+        const TX: u16 = 1;
+        const F_NEXT: u16 = 1;
+        let none = |why: &str| Outcome {
+            sent: 0,
+            refused: false,
+            detail: why.into(),
+        };
+        let (Some((common, _)), Some((notify, mult))) = (virtio_cap(bdf, 1), virtio_cap(bdf, 2))
+        else {
+            return alloc::vec![("virtqueue_bad_chains", none("no virtio capabilities"))];
+        };
+        mmio_write16(common + 0x16, TX);
+        let size = mmio_read16(common + 0x18);
+        let notify_off = mmio_read16(common + 0x1E);
+        let u64_at =
+            |o| u64::from(mmio_read32(common + o)) | u64::from(mmio_read32(common + o + 4)) << 32;
+        let (desc, avail, used) = (u64_at(0x20), u64_at(0x28), u64_at(0x30));
+        if size < 4 || desc == 0 || avail == 0 || used == 0 {
+            return alloc::vec![("virtqueue_bad_chains", none("TX queue not set up"))];
+        }
+        let kick = notify + u64::from(notify_off) * u64::from(mult);
+        let buf = alloc::vec![0x77u8; 4096];
+        let mut idx = mmio_read16_ram(avail + 2);
+        // One descriptor per chain, from the table's end, each published
+        // once the device has returned the one before (its used index moved).
+        let mut publish = |d: u16, addr: u64, len: u32, flags: u16, next: u16| {
+            let entry = desc + 16 * u64::from(d);
+            ram_write(entry, addr);
+            ram_write(entry + 8, len);
+            ram_write(entry + 12, flags);
+            ram_write(entry + 14, next);
+            ram_write(avail + 4 + 2 * u64::from(idx % size), d);
+            idx = idx.wrapping_add(1);
+            ram_write(avail + 2, idx);
+            mmio_write16(kick, TX);
+            let end = Instant::now().checked_add(Duration::from_secs(2));
+            while mmio_read16_ram(used + 2) != idx && end.is_some_and(|e| Instant::now() < e) {
+                guest_kernel::rt::wait::sleep(Duration::from_millis(5));
+            }
+            mmio_read16_ram(used + 2) == idx
+        };
+        let base = buf.as_ptr() as u64;
+        let returned = [
+            publish(size - 1, 0xFFFF_FFFF_F000, 1514, 0, 0),
+            publish(size - 2, base, 64, F_NEXT, size - 2),
+            publish(size - 3, base, 4000, 0, 0),
+        ];
+        let chains = Outcome {
+            sent: 3,
+            refused: true,
+            detail: format!(
+                "buffer outside RAM, a self-chained descriptor, a 4000-byte frame; returned by the device: {returned:?}"
+            ),
+        };
+        ram_write(avail + 2, idx.wrapping_add(4 * size));
+        mmio_write16(kick, TX);
+        guest_kernel::rt::wait::sleep(Duration::from_millis(50));
+        let jump = Outcome {
+            sent: 1,
+            refused: true,
+            detail: format!("available index {} ahead of the ring of {size}", 4 * size),
+        };
+        drop(buf);
+        alloc::vec![
+            ("virtqueue_bad_chains", chains),
+            ("virtqueue_avail_jump", jump)
+        ]
+    }
+
+    fn mmio_read16_ram(a: u64) -> u16 {
+        // SAFETY: the TX queue's available ring in this guest's RAM (see
+        // `ram_write`).
+        unsafe { core::ptr::read_volatile(a as *const u16) }
     }
 
     /// Configuration space and MSI-X: read-only fields, moving the BAR away
@@ -719,8 +854,12 @@ mod guest {
             report(name, &o);
         }
         report("console_escapes", &console());
-        // Last: the PCI attacks move the NIC's BAR, after which it is not used.
+        // Last: the virtqueue and PCI attacks spoil the NIC's TX queue and
+        // move its BAR; it is not used after them.
         w.drain();
+        for (name, o) in virtqueue_attacks(bdf) {
+            report(name, &o);
+        }
         for (name, o) in pci_attacks(bdf) {
             report(name, &o);
         }

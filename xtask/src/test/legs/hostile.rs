@@ -312,6 +312,16 @@ const EXPECTED: &[(&[&str], &str, Counter)] = &[
         vmq_error(g, "outside_ram")
     }),
     (
+        &["virtqueue_bad_chains"],
+        "rejected.virtio_bad_descriptor + frame_too_big",
+        |_, g| get(&g.rejected, "virtio_bad_descriptor") + get(&g.rejected, "frame_too_big"),
+    ),
+    (
+        &["virtqueue_avail_jump"],
+        "rejected.virtio_avail_index_jump",
+        |_, g| get(&g.rejected, "virtio_avail_index_jump"),
+    ),
+    (
         &["pci_read_only_write"],
         "rejected.pci_config_ro_write",
         |_, g| get(&g.rejected, "pci_config_ro_write"),
@@ -341,6 +351,7 @@ const EXACT: &[&str] = &[
     "store_para_region_header",
     "store_designation_table",
     "store_ctrl_mask_page",
+    "virtqueue_bad_chains",
 ];
 
 fn judge_attacks(attacks: &BTreeMap<String, Attack>, stats: &ShimStats) -> Vec<(String, bool)> {
