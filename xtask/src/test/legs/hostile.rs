@@ -38,7 +38,7 @@ impl Leg for Hostile {
     }
 
     fn about(&self) -> &'static str {
-        "a hostile guest attacks the switch (forged and random source MACs, broadcast and unicast floods), hypercalls, read-only pages, the doorbell ring, VM queues, PCI/MSI-X and the console while a udp-pingpong pair runs: the shim survives, every ping comes back, no marker page of a victim is seen or changed, and each attack is counted under its reason in the stats JSON"
+        "a hostile guest attacks the switch (forged and random source MACs, broadcast and unicast floods), its NIC's TX queue, hypercalls, read-only pages, the doorbell ring, VM queues, PCI/MSI-X and the console while a udp-pingpong pair runs: the shim survives, every ping comes back, no marker page of a victim is seen or changed, and each attack is counted under its reason in the stats JSON"
     }
 
     fn run(&self, images: &mut Images, opts: &Options) -> LegRun {
