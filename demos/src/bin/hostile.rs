@@ -383,6 +383,34 @@ mod guest {
         }
     }
 
+    /// Stores into M4's wait page, which is the shim's to write: over its
+    /// sequence word, a request with a timeout beyond the limit, a request
+    /// of the wrong size, into a stamp slot.
+    fn wait_page_stores() -> Outcome {
+        use guest_kernel::rt::ctrl;
+        use para_abi::ctrl::wait;
+        let (Some(page), Some(seq)) = (ctrl::wait_page(), ctrl::rx_token()) else {
+            return Outcome {
+                sent: 0,
+                refused: false,
+                detail: "no wait page offered".into(),
+            };
+        };
+        let long = u64::from(seq) | (u64::from(wait::MAX_TIMEOUT_US) + 1) << 32;
+        let _ = ctrl::wait_page_store(wait::RX_SEQ, 0xDEAD_BEEF);
+        let _ = ctrl::wait_page_store(wait::REQUEST, long);
+        // SAFETY: inside the wait page the shim maps read-only for this
+        // guest (aligned): the store exits and the shim refuses it.
+        unsafe { core::ptr::write_volatile((page + wait::REQUEST) as *mut u32, 1) };
+        let _ = ctrl::wait_page_store(wait::STAMPS, 1);
+        let after = ctrl::rx_token();
+        Outcome {
+            sent: 4,
+            refused: after == Some(seq),
+            detail: format!("sequence {seq} before, {after:?} after"),
+        }
+    }
+
     /// Garbage in this guest's own doorbell ring: words with bad checks,
     /// unknown operations, records for other positions.
     fn doorbell_garbage(rng: &mut Rng) -> Outcome {
@@ -849,6 +877,7 @@ mod guest {
             report(name, &o);
         }
         report("ctrl_stray_shadow_bits", &stray_shadow_bits());
+        report("ctrl_wait_page_stores", &wait_page_stores());
         report("doorbell_garbage", &doorbell_garbage(&mut rng));
         for (name, o) in vmq_bad_sends(victim_name) {
             report(name, &o);

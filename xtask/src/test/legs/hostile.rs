@@ -296,6 +296,11 @@ const EXPECTED: &[(&[&str], &str, Counter)] = &[
         |_, g| get(&g.ctrl.rejected, "stray_shadow_bits"),
     ),
     (
+        &["ctrl_wait_page_stores"],
+        "ctrl.rejected.wait_bad_store + wait_bad_timeout",
+        |_, g| get(&g.ctrl.rejected, "wait_bad_store") + get(&g.ctrl.rejected, "wait_bad_timeout"),
+    ),
+    (
         &["doorbell_garbage"],
         "doorbell.rejected (every reason)",
         |_, g| g.doorbell.rejected.values().sum(),
@@ -352,6 +357,7 @@ const EXACT: &[&str] = &[
     "store_designation_table",
     "store_ctrl_mask_page",
     "virtqueue_bad_chains",
+    "ctrl_wait_page_stores",
 ];
 
 fn judge_attacks(attacks: &BTreeMap<String, Attack>, stats: &ShimStats) -> Vec<(String, bool)> {
