@@ -629,7 +629,7 @@ mod guest {
         }
         let kick = notify + u64::from(notify_off) * u64::from(mult);
         let buf = alloc::vec![0x77u8; 4096];
-        let mut idx = mmio_read16_ram(avail + 2);
+        let mut idx = ram_read16(avail + 2);
         // One descriptor per chain, from the table's end, each published
         // once the device has returned the one before (its used index moved).
         let mut publish = |d: u16, addr: u64, len: u32, flags: u16, next: u16| {
@@ -643,10 +643,10 @@ mod guest {
             ram_write(avail + 2, idx);
             mmio_write16(kick, TX);
             let end = Instant::now().checked_add(Duration::from_secs(2));
-            while mmio_read16_ram(used + 2) != idx && end.is_some_and(|e| Instant::now() < e) {
+            while ram_read16(used + 2) != idx && end.is_some_and(|e| Instant::now() < e) {
                 guest_kernel::rt::wait::sleep(Duration::from_millis(5));
             }
-            mmio_read16_ram(used + 2) == idx
+            ram_read16(used + 2) == idx
         };
         let base = buf.as_ptr() as u64;
         let returned = [
@@ -676,9 +676,10 @@ mod guest {
         ]
     }
 
-    fn mmio_read16_ram(a: u64) -> u16 {
-        // SAFETY: the TX queue's available ring in this guest's RAM (see
-        // `ram_write`).
+    fn ram_read16(a: u64) -> u16 {
+        // SAFETY: an index word of the TX queue's available or used ring,
+        // in this guest's RAM (see `ram_write`); the device writes the used
+        // one concurrently, hence the volatile read.
         unsafe { core::ptr::read_volatile(a as *const u16) }
     }
 
