@@ -407,18 +407,23 @@ fn judge_attacks(attacks: &BTreeMap<String, Attack>, stats: &ShimStats) -> Vec<(
 /// The victims' own frames were never dropped by the switch on their
 /// account, whatever the flood did.
 fn victims_unharmed(stats: &ShimStats) -> Vec<(String, bool)> {
-    stats
-        .switch_ports
+    ["server", "client1"]
         .iter()
-        .filter(|p| p.name.starts_with("server") || p.name.starts_with("client1"))
-        .map(|p| {
-            (
-                format!(
-                    "{}: none of its frames dropped by the switch ({:?})",
-                    p.name, p.dropped
+        .map(|victim| {
+            match stats
+                .switch_ports
+                .iter()
+                .find(|p| p.name.starts_with(&format!("{victim}-")))
+            {
+                Some(p) => (
+                    format!(
+                        "{}: none of its frames dropped by the switch ({:?})",
+                        p.name, p.dropped
+                    ),
+                    p.dropped.is_empty(),
                 ),
-                p.dropped.is_empty(),
-            )
+                None => (format!("{victim}: has a switch port in the stats"), false),
+            }
         })
         .collect()
 }
