@@ -13,4 +13,5 @@ pub const APP_ERROR: i32 = guest_kernel::abi::status::APP_ERROR as i32;
 #[cfg(target_os = "none")]
 pub mod hostile;
 pub mod http;
+pub mod marker;
 pub mod pingpong;

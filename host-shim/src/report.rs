@@ -13,7 +13,15 @@
 //!   "shim_max_rss_kib": u64,                  // getrusage(2) ru_maxrss of the shim
 //!   "log_lines_suppressed": u64,              // guest-triggered log lines held back
 //!                                             // by the rate limits (loglimit.rs)
-//!   "switch": {"forwarded": u64, "flooded": u64, "dropped_queue_full": u64, "runts": u64},
+//!   "switch": {"forwarded": u64, "flooded": u64, "dropped_queue_full": u64, "runts": u64,
+//!              "dropped_forged_source": u64, "dropped_flood_budget": u64,
+//!              "mac_evicted": u64, "mac_aged_out": u64},
+//!   "switch_ports": [{                        // per port, in port order
+//!     "name": str, "mac": str | null,         // null: the TAP (an open port)
+//!     "dropped": {"forged_source": u64, "flood_budget": u64, "queue_full": u64},
+//!                                             // its frames dropped, by reason (non-zero)
+//!     "inbox_dropped": u64                    // frames to it dropped at its full inbox
+//!   }],
 //!   "tap": {                                  // only with --tap
 //!     "name": str, "rx_packets": u64, "rx_bytes": u64,   // TAP -> switch
 //!     "tx_packets": u64, "tx_bytes": u64,                // switch -> TAP
@@ -262,11 +270,27 @@ pub struct Report {
     pub log_lines_suppressed: u64,
     /// The L2 switch's counters (forwarded, flooded, drops...).
     pub switch: BTreeMap<&'static str, u64>,
+    /// The switch's drops per port, in port order.
+    pub switch_ports: Vec<SwitchPortReport>,
     /// The host TAP port, when `--tap` was given.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tap: Option<TapReport>,
     /// The doorbell monitors, one per host CPU that has rings.
     pub monitors: Vec<MonitorReport>,
+}
+
+/// One switch port's drops.
+#[derive(Debug, Default, Serialize)]
+pub struct SwitchPortReport {
+    /// The NIC's (`GUEST.net0`) or the TAP's name.
+    pub name: String,
+    /// The MAC a guest NIC's port is bound to; `null` for the TAP.
+    pub mac: Option<String>,
+    /// Frames this port sent that the switch dropped, by reason (non-zero
+    /// only): `forged_source`, `flood_budget`, `queue_full`.
+    pub dropped: BTreeMap<&'static str, u64>,
+    /// Frames to this port dropped at its full inbox, whoever sent them.
+    pub inbox_dropped: u64,
 }
 
 /// Frames between the switch and the host TAP device.

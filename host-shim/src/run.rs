@@ -249,6 +249,7 @@ pub fn run(cli: &Cli, shim_start: Instant) -> Result<Report, RunError> {
         shim_max_rss_kib: report::max_rss_kib(),
         log_lines_suppressed: crate::loglimit::suppressed_total(),
         switch: switch.counters(),
+        switch_ports: switch.port_reports(),
         tap: tap.map(Tap::finish),
         monitors,
     };

@@ -76,7 +76,12 @@ impl Kind {
     fn allowed(self) -> Vec<i64> {
         let mut calls = EVERY_THREAD.to_vec();
         let own: &[i64] = match self {
-            Self::Main => MAIN,
+            Self::Main => {
+                // Stopping a guest (`--end-on-failure`) closes its upcalls,
+                // which starts their stop watchdog from this thread.
+                calls.extend_from_slice(SPAWN);
+                MAIN
+            }
             Self::Vcpu => {
                 // A vCPU thread starts its NIC's worker: the worker's calls
                 // pass this filter as well as its own.
@@ -131,6 +136,12 @@ const EVERY_THREAD: &[i64] = &[
     // Duplicating eventfds (`try_clone`) and file-status flags only (see
     // [`conditions`]).
     libc::SYS_fcntl,
+    // Read-only (see [`conditions`]): glibc's malloc reads
+    // /sys/devices/system/cpu/online when a thread first allocates, and
+    // /proc/sys/vm/overcommit_memory the first time `free` shrinks a thread
+    // arena's heap, which any thread may do once a burst of frames is freed
+    // (the `hostile` leg's floods made a doorbell monitor do it).
+    libc::SYS_openat,
     libc::SYS_exit,
     libc::SYS_exit_group,
 ];
@@ -140,10 +151,6 @@ const EVERY_THREAD: &[i64] = &[
 /// installation of that filter. `prctl` and `seccomp` are allowed only for
 /// that (see [`conditions`]).
 const SPAWN: &[i64] = &[
-    // glibc sizes its malloc arenas when a new thread first allocates (in
-    // installing its filter), reading /sys/devices/system/cpu/online: allowed
-    // read-only (see [`conditions`]).
-    libc::SYS_openat,
     libc::SYS_clone3,
     libc::SYS_set_robust_list,
     libc::SYS_rseq,
@@ -560,6 +567,16 @@ mod tests {
         }
         let vcpu = Kind::Vcpu.allowed();
         assert!(Kind::Net.allowed().iter().all(|c| vcpu.contains(c)));
+        // Threads that start others (main stops guests, whose upcalls start
+        // a watchdog) allow what a new thread does before its own filter,
+        // and everyone lets glibc's malloc open its /proc and /sys files.
+        for kind in [Kind::Main, Kind::Vcpu] {
+            let calls = kind.allowed();
+            assert!(SPAWN.iter().all(|c| calls.contains(c)), "{kind:?}");
+        }
+        for kind in [Kind::Monitor, Kind::Net, Kind::Tap, Kind::Vmq, Kind::Helper] {
+            assert!(kind.allowed().contains(&libc::SYS_openat), "{kind:?}");
+        }
         // The starters' own lists never allow starting programs or sockets.
         for kind in [Kind::Main, Kind::Vcpu, Kind::Net] {
             let calls = kind.allowed();

@@ -18,6 +18,13 @@
 //!   echoes).
 //! - both: `pingpong.linger_ms=N` stays up (halted) N ms before exiting, so a
 //!   benchmark can read the VMM's counters for the whole run.
+//! - client: `pingpong.timeout_ms=N` waits N ms for each echo (default 500)
+//!   before counting the ping lost; `pingpong.interval_us=N` starts a ping
+//!   every N µs instead of back to back.
+//! - both: `pingpong.marker=HEX` fills [`MARKER_PAGES`] pages with the pattern
+//!   of `demos::marker` first and prints `report: marker pages intact: N of
+//!   M` at the end (the `hostile` leg's isolation check: the attacker must
+//!   never see them, and nobody may change them).
 #![cfg_attr(target_os = "none", no_std, no_main)]
 
 #[cfg(target_os = "none")]
@@ -44,7 +51,30 @@ mod guest {
         let _ = guest_kernel::rt::sys::hypercall(para_abi::hypercall::Call::StatsMark, label);
     }
 
-    const REPLY_TIMEOUT: Duration = Duration::from_millis(500);
+    /// How long a client waits for an echo before it counts the ping lost
+    /// (`pingpong.timeout_ms`, default 500 ms): tests that load the host on
+    /// purpose wait longer, so that only a ping that never comes back counts.
+    static REPLY_TIMEOUT_MS: core::sync::atomic::AtomicU64 =
+        core::sync::atomic::AtomicU64::new(500);
+
+    /// The client's pause from one ping's start to the next
+    /// (`pingpong.interval_us`, default 0: back to back), so that a run of
+    /// `count` pings lasts about `count × interval`.
+    static INTERVAL_US: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+
+    /// Pages a victim fills with the marker pattern (1 MiB).
+    const MARKER_PAGES: usize = 256;
+
+    type Page = [u64; demos::marker::PAGE_WORDS];
+
+    /// The marker pages of `pingpong.marker`, filled.
+    fn marker_pages(marker: u64) -> Vec<Page> {
+        let mut pages = alloc::vec![[0u64; demos::marker::PAGE_WORDS]; MARKER_PAGES];
+        for p in &mut pages {
+            demos::marker::fill(p, marker);
+        }
+        pages
+    }
 
     fn main() -> i32 {
         let c = &system().cmdline;
@@ -80,6 +110,16 @@ mod guest {
             }
         };
         let mut bd = (c.get("pingpong.breakdown") == Some("1")).then(Breakdown::default);
+        for (key, cell) in [
+            ("pingpong.timeout_ms", &REPLY_TIMEOUT_MS),
+            ("pingpong.interval_us", &INTERVAL_US),
+        ] {
+            if let Some(v) = c.get(key).and_then(|s| s.parse().ok()) {
+                cell.store(v, core::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        let marker = c.get("pingpong.marker").and_then(demos::marker::parse);
+        let pages = marker.map(marker_pages);
         let status = match c.get("pingpong.role") {
             Some("server") => server(
                 &mut net,
@@ -119,6 +159,10 @@ mod guest {
         };
         if let Some(b) = bd.as_mut() {
             println!("pingpong-breakdown: {}", b.json());
+        }
+        if let (Some(m), Some(pages)) = (marker, &pages) {
+            let intact = pages.iter().filter(|p| demos::marker::intact(p, m)).count();
+            println!("report: marker pages intact: {intact} of {}", pages.len());
         }
         // A VMM's counters vanish with the VM: lingering (halted) lets a
         // benchmark read them after the last packet, e.g. QEMU's KVM stats over QMP.
@@ -205,7 +249,9 @@ mod guest {
         if net.udp(h).send_slice(&payload, to).is_err() {
             return None;
         }
-        let deadline = t0.checked_add(REPLY_TIMEOUT)?;
+        let timeout =
+            Duration::from_millis(REPLY_TIMEOUT_MS.load(core::sync::atomic::Ordering::Relaxed));
+        let deadline = t0.checked_add(timeout)?;
         let mut buf = [0u8; 2048];
         loop {
             net.poll();
@@ -222,6 +268,21 @@ mod guest {
                 return None;
             }
             net.wait(Some(deadline));
+        }
+    }
+
+    /// Paced runs: waits (serving the stack) until ping `seq` is due,
+    /// `seq` intervals after `start`; back to back when `interval` is zero.
+    fn pace(net: &mut Net, start: Instant, interval: Duration, seq: u64) {
+        if interval.is_zero() {
+            return;
+        }
+        let due = u32::try_from(seq)
+            .ok()
+            .and_then(|k| start.checked_add(interval * k));
+        while due.is_some_and(|d| Instant::now() < d) {
+            net.poll();
+            net.wait(due);
         }
     }
 
@@ -274,7 +335,10 @@ mod guest {
         println!("{STEADY_BEGIN}");
         mark(MARK_BEGIN);
         let start = Instant::now();
+        let interval =
+            Duration::from_micros(INTERVAL_US.load(core::sync::atomic::Ordering::Relaxed));
         for seq in 0..count {
+            pace(net, start, interval, seq);
             if let Some(rtt) = ping(net, bd.as_deref_mut(), h, to, seq, size) {
                 rtts.push(rtt.as_nanos() as u64);
             }

@@ -28,6 +28,11 @@ const F_STATUS: u64 = 1 << virtio_net::VIRTIO_NET_F_STATUS;
 pub const HDR_LEN: usize = std::mem::size_of::<virtio_net::virtio_net_hdr_v1>();
 /// Largest frame accepted: 64 KiB of payload plus an Ethernet header.
 pub const MAX_FRAME: usize = 65_536 + 14;
+/// Largest frame a guest may send: an Ethernet frame of 1500 bytes of
+/// payload. The device offers no segmentation offload, so an honest driver
+/// never sends more; a longer frame would only reach other guests' RX
+/// buffers, which are sized for this, and be refused there on their account.
+pub const MAX_TX_FRAME: usize = 1514;
 pub const QUEUE_SIZE: u16 = 256;
 const RX: usize = 0;
 const TX: usize = 1;
@@ -49,7 +54,7 @@ pub enum ChainError {
     Bad,
     /// Shorter than the header.
     Short,
-    /// Bigger than [`MAX_FRAME`].
+    /// Bigger than [`MAX_TX_FRAME`].
     TooBig,
 }
 
@@ -73,7 +78,7 @@ pub fn pop_tx(q: &mut Queue, mem: &GuestMem) -> Option<(u16, Result<Vec<u8>, Cha
         if n < HDR_LEN {
             return Err(ChainError::Short);
         }
-        if n - HDR_LEN > MAX_FRAME {
+        if n - HDR_LEN > MAX_TX_FRAME {
             return Err(ChainError::TooBig);
         }
         let mut buf = vec![0u8; n];
@@ -684,6 +689,19 @@ mod tests {
             .collect();
         let mut q = queue_with(&m, &big);
         assert_eq!(pop_tx(&mut q, &m).unwrap().1, Err(ChainError::TooBig));
+        // One byte over an Ethernet frame of 1500 bytes of payload: refused;
+        // exactly one: taken.
+        for (len, ok) in [(MAX_TX_FRAME + 1, false), (MAX_TX_FRAME, true)] {
+            let mut q = queue_with(&m, &[(0x10_0000, (HDR_LEN + len) as u32, 0, 0)]);
+            let r = pop_tx(&mut q, &m).unwrap().1;
+            assert_eq!(
+                r.as_ref().map(Vec::len).map_err(|_| ()),
+                if ok { Ok(len) } else { Err(()) }
+            );
+            if !ok {
+                assert_eq!(r, Err(ChainError::TooBig));
+            }
+        }
         // Next index beyond the table.
         let mut q = queue_with(&m, &[(0x10_0000, 64, VRING_DESC_F_NEXT, 200)]);
         let r = pop_tx(&mut q, &m).unwrap().1;

@@ -9,19 +9,37 @@
 //! its sources, and it may not claim a bound MAC either. Learned entries are
 //! bounded ([`LEARNED_MAX`], least recently seen evicted first) and age out
 //! ([`AGEING`]), so a flood of made-up source MACs costs a fixed amount of memory.
+//!
+//! One guest's flood must not cost the others their frames. Two rules see to
+//! it. Each port's inbox keeps one queue per sending port and serves them
+//! round robin; when the inbox is full, the frame dropped is one of the
+//! sender holding the most of it (longest queue drop), so a flooder fills
+//! only its own share and a light sender's frame always finds room. And the
+//! frames a port floods to every other port (broadcast, multicast, unknown
+//! unicast) draw on a token bucket per port ([`FLOOD_BURST`], [`FLOOD_RATE`]),
+//! so a broadcast storm is cut at the ingress before it fills anyone's inbox.
+//! Every drop is counted by reason against the port that sent the frame
+//! ([`PortDrop`]), and logged through that reason's rate limit.
 
 use crate::sync::lock;
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::loglimit::LogLimit;
+use crate::counters::Tally;
+use crate::reasons;
+use crate::report::SwitchPortReport;
 
-/// Frames queued per port before new ones are dropped (and counted).
+/// Frames queued per port (over all its senders) before one is dropped (and counted).
 pub const PORT_QUEUE: usize = 512;
+/// Frames a port may flood to every other port at once (ARP, DHCP and
+/// neighbour discovery send a few; a storm sends thousands)...
+pub const FLOOD_BURST: u32 = 256;
+/// ...and then per second.
+pub const FLOOD_RATE: u32 = 2000;
 /// Smallest frame carrying Ethernet addresses and type.
 pub const MIN_FRAME: usize = 14;
 /// Learned (not bound) MACs the table holds at most; at the cap the least
@@ -33,16 +51,143 @@ pub const AGEING: Duration = Duration::from_mins(5);
 
 pub type Mac = [u8; 6];
 
+reasons! {
+    /// Why the switch dropped a frame, counted against the port that sent it.
+    pub PortDrop {
+        /// Its source MAC was not the port's to use.
+        ForgedSource => "forged_source",
+        /// It would have flooded beyond the port's flood budget.
+        FloodBudget => "flood_budget",
+        /// The destination's inbox was full and this port held the most of it.
+        QueueFull => "queue_full",
+    }
+}
+
+/// A port's inbox: one FIFO per sending port, served round robin, at most
+/// [`PORT_QUEUE`] frames over all of them.
+#[derive(Default)]
+struct Inbox {
+    /// (sending port, its frames), in the order senders first appeared.
+    queues: Vec<(usize, VecDeque<Vec<u8>>)>,
+    len: usize,
+    /// The position in `queues` served next.
+    next: usize,
+    /// Where the frame popped last came from, for [`Inbox::unpop`].
+    last: Option<usize>,
+}
+
+impl Inbox {
+    /// The position of `from`'s queue, made on its first frame (at most one
+    /// per port of the switch).
+    fn index(&mut self, from: usize) -> usize {
+        self.queues
+            .iter()
+            .position(|(p, _)| *p == from)
+            .unwrap_or_else(|| {
+                self.queues.push((from, VecDeque::new()));
+                self.queues.len() - 1
+            })
+    }
+
+    fn queue(&mut self, from: usize) -> &mut VecDeque<Vec<u8>> {
+        let i = self.index(from);
+        &mut self.queues[i].1
+    }
+
+    /// Queues `frame` from port `from`. When the inbox is full, drops the
+    /// newest frame of the sender holding the most of it (the arriving one
+    /// if that is `from`, ties included) and returns that sender.
+    fn push(&mut self, from: usize, frame: Vec<u8>) -> Option<usize> {
+        if self.len < PORT_QUEUE {
+            self.queue(from).push_back(frame);
+            self.len += 1;
+            return None;
+        }
+        let own = self.queue(from).len();
+        let heaviest = self
+            .queues
+            .iter_mut()
+            .max_by_key(|(_, q)| q.len())
+            .filter(|(_, q)| q.len() > own);
+        match heaviest {
+            Some((victim, q)) => {
+                let victim = *victim;
+                q.pop_back();
+                self.queue(from).push_back(frame);
+                Some(victim)
+            }
+            None => Some(from),
+        }
+    }
+
+    fn pop(&mut self) -> Option<Vec<u8>> {
+        let n = self.queues.len();
+        for k in 0..n {
+            let i = (self.next + k) % n;
+            let (from, q) = &mut self.queues[i];
+            if let Some(f) = q.pop_front() {
+                self.last = Some(*from);
+                self.next = (i + 1) % n;
+                self.len -= 1;
+                return Some(f);
+            }
+        }
+        None
+    }
+
+    /// Puts `frame` back at the head of the queue it was popped from, and
+    /// serves that queue next, so the order is as if it was never taken.
+    fn unpop(&mut self, frame: Vec<u8>) {
+        let i = self.index(self.last.unwrap_or(usize::MAX));
+        self.queues[i].1.push_front(frame);
+        self.next = i;
+        self.len += 1;
+    }
+}
+
+/// A token bucket: [`FLOOD_BURST`] tokens, refilled at [`FLOOD_RATE`] a second.
+struct FloodBudget {
+    tokens: f64,
+    at: Option<Instant>,
+}
+
+impl Default for FloodBudget {
+    fn default() -> Self {
+        Self {
+            tokens: f64::from(FLOOD_BURST),
+            at: None,
+        }
+    }
+}
+
+impl FloodBudget {
+    fn take(&mut self, now: Instant) -> bool {
+        if let Some(at) = self.at {
+            let refill = now.saturating_duration_since(at).as_secs_f64() * f64::from(FLOOD_RATE);
+            self.tokens = (self.tokens + refill).min(f64::from(FLOOD_BURST));
+        }
+        self.at = Some(now);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
 /// One switch port's inbox; its owner waits on `ready`.
 pub struct Port {
     pub name: String,
     /// The one source MAC a guest NIC's port may send from; `None` for an open port.
     pub mac: Option<Mac>,
-    inbox: Mutex<VecDeque<Vec<u8>>>,
+    inbox: Mutex<Inbox>,
     pub ready: EventFd,
-    pub dropped: AtomicU64,
-    /// Frames from this port refused for their source MAC.
-    pub forged: AtomicU64,
+    /// Frames this port sent that the switch dropped, by reason.
+    pub drops: Tally<PortDrop>,
+    /// Frames to this port dropped at its full inbox (whoever sent them).
+    pub inbox_dropped: AtomicU64,
+    flood: Mutex<FloodBudget>,
     /// Run on the sender's thread after a frame lands in the inbox (the
     /// owner's RX work, run to completion); unset: `ready` wakes the owner.
     direct: std::sync::RwLock<Option<DirectRx>>,
@@ -54,17 +199,18 @@ pub type DirectRx = Arc<dyn Fn() + Send + Sync>;
 impl Port {
     /// Takes the next frame for this port.
     pub fn pop(&self) -> Option<Vec<u8>> {
-        lock(&self.inbox).pop_front()
+        lock(&self.inbox).pop()
     }
 
-    /// Puts a frame back at the head (the NIC had no buffer for it).
+    /// Puts the frame [`Self::pop`] returned last back at the head (the NIC
+    /// had no buffer for it).
     pub fn unpop(&self, frame: Vec<u8>) {
-        lock(&self.inbox).push_front(frame);
+        lock(&self.inbox).unpop(frame);
     }
 
     #[must_use]
     pub fn pending(&self) -> usize {
-        lock(&self.inbox).len()
+        lock(&self.inbox).len
     }
 
     /// Has the sender's thread run `f` (the owner's RX work) after queueing a
@@ -193,7 +339,8 @@ pub struct Switch {
     /// Learned MACs evicted at the cap, and forgotten after [`AGEING`].
     pub evicted: AtomicU64,
     pub aged_out: AtomicU64,
-    log: LogLimit,
+    /// Frames a port would have flooded beyond its budget.
+    pub flood_limited: AtomicU64,
 }
 
 fn fmt_mac(m: Mac) -> String {
@@ -229,8 +376,9 @@ impl Switch {
             mac,
             inbox: Mutex::default(),
             ready: EventFd::new(libc::EFD_NONBLOCK)?,
-            dropped: AtomicU64::new(0),
-            forged: AtomicU64::new(0),
+            drops: Tally::default(),
+            inbox_dropped: AtomicU64::new(0),
+            flood: Mutex::default(),
             direct: std::sync::RwLock::new(None),
         });
         let mut ports = lock(&self.ports);
@@ -258,33 +406,48 @@ impl Switch {
         lock(&self.table)
     }
 
-    fn deliver(&self, port: &Port, frame: Vec<u8>) {
-        let mut q = lock(&port.inbox);
-        if q.len() >= PORT_QUEUE {
-            port.dropped.fetch_add(1, Ordering::Relaxed);
+    /// Queues `frame` from port `from` in `to`'s inbox; a full inbox drops
+    /// the frame of its heaviest sender, counted against that sender.
+    fn deliver(&self, ports: &[Arc<Port>], from: usize, to: &Port, frame: Vec<u8>) {
+        let charged = lock(&to.inbox).push(from, frame);
+        if let Some(sender) = charged {
+            to.inbox_dropped.fetch_add(1, Ordering::Relaxed);
             self.dropped.fetch_add(1, Ordering::Relaxed);
-            return;
+            if let Some(s) = ports.get(sender) {
+                Self::count_drop(s, PortDrop::QueueFull, &to.name);
+            }
         }
-        q.push_back(frame);
-        drop(q);
-        match port.direct() {
+        if charged == Some(from) {
+            return; // nothing new arrived
+        }
+        match to.direct() {
             Some(run) => run(),
             None => {
-                let _ = port.ready.write(1);
+                let _ = to.ready.write(1);
             }
         }
     }
 
-    /// Counts and (rate-limited) logs a frame dropped for its source MAC.
-    fn refuse_source(&self, port: &Port, src: Mac, why: &str) {
-        port.forged.fetch_add(1, Ordering::Relaxed);
-        self.forged.fetch_add(1, Ordering::Relaxed);
+    /// Counts a frame `port` sent that was dropped for `why`, with a log line
+    /// through that port's limit for the reason.
+    fn count_drop(port: &Port, why: PortDrop, detail: &str) {
+        port.drops.bump(why);
         crate::guest_log!(
             warn,
-            limit = self.log,
+            limit = port.drops.limit(why),
             port = %port.name,
-            source = %fmt_mac(src),
-            "switch dropped a frame: {why}"
+            reason = why.name(),
+            "switch dropped a frame: {detail}"
+        );
+    }
+
+    /// Counts and (rate-limited) logs a frame dropped for its source MAC.
+    fn refuse_source(&self, port: &Port, src: Mac, why: &str) {
+        self.forged.fetch_add(1, Ordering::Relaxed);
+        Self::count_drop(
+            port,
+            PortDrop::ForgedSource,
+            &format!("source MAC {} {why}", fmt_mac(src)),
         );
     }
 
@@ -306,7 +469,7 @@ impl Switch {
         };
         match ingress.mac {
             Some(own) if src != own => {
-                self.refuse_source(ingress, src, "source MAC is not the NIC's own");
+                self.refuse_source(ingress, src, "is not the NIC's own");
                 return;
             }
             // An open port learns unicast sources only (a multicast source is
@@ -315,7 +478,7 @@ impl Switch {
                 let mut table = self.table();
                 if table.get(src).is_some_and(Entry::bound) {
                     drop(table);
-                    self.refuse_source(ingress, src, "source MAC belongs to a guest NIC");
+                    self.refuse_source(ingress, src, "belongs to a guest NIC");
                     return;
                 }
                 let (evicted, aged) = table.learn(src, from, now);
@@ -337,14 +500,23 @@ impl Switch {
             Some(to) => {
                 if let Some(p) = ports.get(to) {
                     self.forwarded.fetch_add(1, Ordering::Relaxed);
-                    self.deliver(p, frame.to_vec());
+                    self.deliver(&ports, from, p, frame.to_vec());
                 }
             }
             None => {
+                if !lock(&ingress.flood).take(now) {
+                    self.flood_limited.fetch_add(1, Ordering::Relaxed);
+                    Self::count_drop(
+                        ingress,
+                        PortDrop::FloodBudget,
+                        "broadcast, multicast or unknown destination beyond the flood budget",
+                    );
+                    return;
+                }
                 self.flooded.fetch_add(1, Ordering::Relaxed);
                 for (i, p) in ports.iter().enumerate() {
                     if i != from {
-                        self.deliver(p, frame.to_vec());
+                        self.deliver(&ports, from, p, frame.to_vec());
                     }
                 }
             }
@@ -352,7 +524,7 @@ impl Switch {
     }
 
     #[must_use]
-    pub fn counters(&self) -> std::collections::BTreeMap<&'static str, u64> {
+    pub fn counters(&self) -> BTreeMap<&'static str, u64> {
         [
             ("forwarded", self.forwarded.load(Ordering::Relaxed)),
             ("flooded", self.flooded.load(Ordering::Relaxed)),
@@ -361,9 +533,27 @@ impl Switch {
             ("dropped_forged_source", self.forged.load(Ordering::Relaxed)),
             ("mac_evicted", self.evicted.load(Ordering::Relaxed)),
             ("mac_aged_out", self.aged_out.load(Ordering::Relaxed)),
+            (
+                "dropped_flood_budget",
+                self.flood_limited.load(Ordering::Relaxed),
+            ),
         ]
         .into_iter()
         .collect()
+    }
+
+    /// Each port's drops, in port order (`switch_ports` in the stats JSON).
+    #[must_use]
+    pub fn port_reports(&self) -> Vec<SwitchPortReport> {
+        lock(&self.ports)
+            .iter()
+            .map(|p| SwitchPortReport {
+                name: p.name.clone(),
+                mac: p.mac.map(fmt_mac),
+                dropped: p.drops.snapshot(),
+                inbox_dropped: p.inbox_dropped.load(Ordering::Relaxed),
+            })
+            .collect()
     }
 }
 
@@ -461,7 +651,7 @@ mod tests {
         }
         assert_eq!((pa.pending(), pb.pending(), pc.pending()), (0, 0, 0));
         assert_eq!(forged(&s), 10);
-        assert_eq!(pc.forged.load(Ordering::Relaxed), 10);
+        assert_eq!(pc.drops.count(PortDrop::ForgedSource), 10);
         assert_eq!(s.counters()["dropped_forged_source"], 10);
         // Its own frames still flow.
         s.send(2, &frame(A, C));
@@ -515,7 +705,7 @@ mod tests {
         s.send(tap, &frame(BCAST, B));
         s.send(tap, &frame(A, B));
         assert_eq!(forged(&s), 2);
-        assert_eq!(pt.forged.load(Ordering::Relaxed), 2);
+        assert_eq!(pt.drops.count(PortDrop::ForgedSource), 2);
         assert_eq!(pa.pending(), 0);
         s.send(1, &frame(B, A));
         assert_eq!((pb.pending(), pt.pending(), pc.pending()), (1, 0, 0));
@@ -533,7 +723,8 @@ mod tests {
         let (_, pa) = s.add_nic_port("a", A).unwrap();
         let mut t = Instant::now();
         for i in 0..10 * LEARNED_MAX as u32 {
-            t += Duration::from_micros(1);
+            // Two broadcasts per 2 ms: well within the flood budget.
+            t += Duration::from_millis(2);
             let mut mac = [2, 0x77, 0, 0, 0, 0];
             mac[2..].copy_from_slice(&i.to_be_bytes());
             s.send_at(tap, &frame(BCAST, mac), t);
@@ -598,10 +789,152 @@ mod tests {
         let (_, pb) = s.add_port("b").unwrap();
         s.send(0, &[1, 2, 3]);
         assert_eq!(s.runts.load(Ordering::Relaxed), 1);
+        s.send(1, &frame(A, B)); // learns B behind b: frames to it do not flood
         for _ in 0..PORT_QUEUE + 5 {
-            s.send(0, &frame(BCAST, A));
+            s.send(0, &frame(B, A));
         }
         assert_eq!(pb.pending(), PORT_QUEUE);
-        assert_eq!(pb.dropped.load(Ordering::Relaxed), 5);
+        assert_eq!(pb.inbox_dropped.load(Ordering::Relaxed), 5);
+        assert_eq!(s.counters()["dropped_queue_full"], 5);
+    }
+
+    /// Fills `p`'s inbox from `from` with frames `B <- src`, `n` of them, at `t`.
+    fn fill(s: &Switch, from: usize, src: Mac, n: usize, t: Instant) {
+        for _ in 0..n {
+            s.send_at(from, &frame(B, src), t);
+        }
+    }
+
+    #[test]
+    fn a_full_inbox_drops_the_heaviest_senders_frames_not_a_light_senders() {
+        let s = Switch::default();
+        let [pa, pb, pc] = three_nics(&s);
+        let t = Instant::now();
+        // C floods B's inbox to the brim (unicast: no flood budget involved).
+        fill(&s, 2, C, PORT_QUEUE + 100, t);
+        assert_eq!(pb.pending(), PORT_QUEUE);
+        assert_eq!(pc.drops.count(PortDrop::QueueFull), 100);
+        // A's frames still get in, each at the cost of one of C's.
+        fill(&s, 0, A, 10, t);
+        assert_eq!(pb.pending(), PORT_QUEUE);
+        assert_eq!(pa.drops.count(PortDrop::QueueFull), 0);
+        assert_eq!(pc.drops.count(PortDrop::QueueFull), 110);
+        assert_eq!(pb.inbox_dropped.load(Ordering::Relaxed), 110);
+        // And they are served round robin, not after C's backlog.
+        let first: Vec<Vec<u8>> = (0..20).filter_map(|_| pb.pop()).collect();
+        let from_a = first.iter().filter(|f| f[6..12] == A).count();
+        assert_eq!(from_a, 10, "A's 10 frames among the first 20 served");
+        let _ = pa;
+    }
+
+    #[test]
+    fn equal_shares_drop_the_arriving_frame() {
+        let s = Switch::default();
+        let [pa, pb, pc] = three_nics(&s);
+        let t = Instant::now();
+        fill(&s, 0, A, PORT_QUEUE / 2, t);
+        fill(&s, 2, C, PORT_QUEUE / 2, t);
+        // Full, shares equal: whoever sends next loses their own frame.
+        fill(&s, 0, A, 3, t);
+        fill(&s, 2, C, 4, t);
+        assert_eq!(pa.drops.count(PortDrop::QueueFull), 3);
+        assert_eq!(pc.drops.count(PortDrop::QueueFull), 4);
+        assert_eq!(pb.pending(), PORT_QUEUE);
+    }
+
+    #[test]
+    fn unpop_keeps_the_order_and_the_turn() {
+        let s = Switch::default();
+        let [_pa, pb, _pc] = three_nics(&s);
+        let mut a1 = frame(B, A);
+        a1.push(1);
+        let mut a2 = frame(B, A);
+        a2.push(2);
+        s.send(0, &a1);
+        s.send(0, &a2);
+        s.send(2, &frame(B, C));
+        let f = pb.pop().unwrap();
+        assert_eq!(f, a1);
+        pb.unpop(f);
+        assert_eq!(pb.pending(), 3);
+        assert_eq!(
+            pb.pop().unwrap(),
+            a1,
+            "back at the head, served again first"
+        );
+        assert_eq!(
+            pb.pop().unwrap(),
+            frame(B, C),
+            "then the other sender's turn"
+        );
+        assert_eq!(pb.pop().unwrap(), a2);
+        assert_eq!(pb.pop(), None);
+    }
+
+    #[test]
+    fn a_broadcast_storm_is_cut_at_the_ingress_by_the_flood_budget() {
+        let s = Switch::default();
+        let [pa, pb, pc] = three_nics(&s);
+        let t0 = Instant::now();
+        let burst = FLOOD_BURST as usize;
+        // 10,000 broadcasts at one instant: the burst goes out, the rest not.
+        for _ in 0..10_000 {
+            s.send_at(2, &frame(BCAST, C), t0);
+        }
+        assert_eq!((pa.pending(), pb.pending()), (burst, burst));
+        assert_eq!(pc.drops.count(PortDrop::FloodBudget), 10_000 - burst as u64);
+        assert_eq!(s.counters()["dropped_flood_budget"], 10_000 - burst as u64);
+        // The victims' unicast between each other is not charged to any budget
+        // and finds room in spite of the storm's frames waiting.
+        s.send_at(0, &frame(B, A), t0);
+        assert_eq!(pb.pending(), burst + 1);
+        // A second later the budget has refilled by the rate, up to the burst.
+        let t1 = t0 + Duration::from_secs(1);
+        let mut sent = 0;
+        for _ in 0..10_000 {
+            s.send_at(2, &frame(BCAST, C), t1);
+            sent += 1;
+        }
+        let through = FLOOD_RATE.min(FLOOD_BURST) as usize;
+        assert_eq!(pa.pending(), burst + through);
+        assert_eq!(
+            pc.drops.count(PortDrop::FloodBudget),
+            20_000 - (burst + through) as u64
+        );
+        assert_eq!(sent, 10_000);
+        // A's own budget is untouched: its broadcast still floods.
+        s.send_at(0, &frame(BCAST, A), t1);
+        assert_eq!(pc.pending(), 1);
+        assert_eq!(pa.drops.count(PortDrop::FloodBudget), 0);
+    }
+
+    #[test]
+    fn the_flood_budget_refills_at_its_rate() {
+        let mut b = FloodBudget::default();
+        let t0 = Instant::now();
+        let burst = FLOOD_BURST as usize;
+        assert_eq!((0..burst + 10).filter(|_| b.take(t0)).count(), burst);
+        // 10 ms later: FLOOD_RATE / 100 tokens.
+        let t1 = t0 + Duration::from_millis(10);
+        let expect = FLOOD_RATE as usize / 100;
+        assert_eq!((0..burst).filter(|_| b.take(t1)).count(), expect);
+    }
+
+    #[test]
+    fn port_reports_name_each_ports_drops_by_reason() {
+        let s = Switch::default();
+        let (_, _pt) = s.add_port("tap").unwrap();
+        let [_pa, _pb, _pc] = three_nics(&s);
+        let t = Instant::now();
+        s.send_at(3, &frame(A, B), t); // C forges B
+        fill(&s, 3, C, PORT_QUEUE + 1, t);
+        let r = s.port_reports();
+        assert_eq!(r.len(), 4);
+        assert_eq!(r[0].mac, None);
+        assert_eq!(r[3].mac.as_deref(), Some("02:00:00:00:00:0c"));
+        assert_eq!(r[3].dropped.get("forged_source"), Some(&1));
+        assert_eq!(r[3].dropped.get("queue_full"), Some(&1));
+        assert_eq!(r[2].inbox_dropped, 1);
+        assert!(r[1].dropped.is_empty());
     }
 }

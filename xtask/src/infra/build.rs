@@ -46,6 +46,13 @@ pub const GUEST_IMAGES: &[GuestImage] = &[
         qemu_append: "ip=10.0.2.15/24 gw=10.0.2.2",
     },
     GuestImage {
+        name: "hostile",
+        package: "demos",
+        bin: "hostile",
+        // Attacks the shim's interfaces; under QEMU it finds no victim and says so.
+        qemu_append: "ip=10.0.2.15/24 hostile.victim=10.0.2.2 hostile.marker=1",
+    },
+    GuestImage {
         name: "pipeline",
         package: "demos",
         bin: "pipeline",

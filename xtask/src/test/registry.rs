@@ -11,11 +11,13 @@ use crate::test::legs::fuzz::Fuzz;
 use crate::test::legs::guest::QemuGuest;
 use crate::test::legs::guest_shim::ShimGuest;
 use crate::test::legs::hints::ShimHints;
+use crate::test::legs::hostile::Hostile;
 use crate::test::legs::interop::QemuInterop;
 use crate::test::legs::parallel_tcp::ParallelTcp;
 use crate::test::legs::pingpong::{QemuPingpong, ShimPingpong};
 use crate::test::legs::pipeline::ShimPipeline;
 use crate::test::legs::redesignate::ShimRedesignate;
+use crate::test::legs::soak::Soak;
 use crate::test::legs::tap::ShimTap;
 use crate::test::legs::template::Template;
 use crate::test::legs::unit::Unit;
@@ -49,9 +51,11 @@ pub const LEGS: &[&dyn Leg] = &[
     &ShimPipeline,
     &ShimVmqNet,
     &ShimDirect,
+    &Hostile,
     &QemuPingpong,
     &ShimTap,
     &ParallelTcp,
+    &Soak,
     &Template,
     &QemuInterop,
 ];
@@ -98,9 +102,11 @@ mod tests {
                 "shim-pipeline",
                 "shim-vmqnet",
                 "shim-direct",
+                "hostile",
                 "qemu-pingpong",
                 "shim-tap",
                 "parallel-tcp",
+                "soak",
                 "template",
                 "interop"
             ]

@@ -391,10 +391,8 @@ mod tests {
         b.name = "b".into();
         b.exit_status = None;
         b.outcome = "triple fault".into();
-        let stats = ShimStats {
-            schema_version: crate::vmm::stats::STATS_SCHEMA_VERSION,
-            guests: vec![stats::sample("server"), b],
-        };
+        let mut stats = ShimStats::parse(stats::SAMPLE).unwrap();
+        stats.guests = vec![stats::sample("server"), b];
         let run = Run {
             ending: Ending::Exited(1),
             lines: vec![],

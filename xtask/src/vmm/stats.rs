@@ -38,6 +38,37 @@ pub struct ShimStats {
     #[serde(deserialize_with = "schema_v1")]
     pub schema_version: u32,
     pub guests: Vec<GuestStats>,
+    /// The shim's peak resident set (`getrusage`), KiB.
+    pub shim_max_rss_kib: u64,
+    /// The switch's counters by name (`forwarded`, `dropped_queue_full`...).
+    pub switch: BTreeMap<String, u64>,
+    /// The switch's drops per port, in port order.
+    pub switch_ports: Vec<SwitchPortStats>,
+    /// The host TAP port, when the shim ran with `--tap`.
+    #[serde(default)]
+    pub tap: Option<TapStats>,
+}
+
+/// `tap`: frames between the switch and the host's TAP device.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct TapStats {
+    /// Frames read from the TAP into the switch.
+    pub rx_packets: u64,
+    /// Frames from the switch written to the TAP.
+    pub tx_packets: u64,
+    /// Frames dropped by reason (non-zero only).
+    pub dropped: BTreeMap<String, u64>,
+}
+
+/// One entry of `switch_ports`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct SwitchPortStats {
+    /// `GUEST.net0` for a guest NIC, the TAP's name for the TAP.
+    pub name: String,
+    /// Frames this port sent that the switch dropped, by reason (non-zero only).
+    pub dropped: BTreeMap<String, u64>,
+    /// Frames to this port dropped at its full inbox.
+    pub inbox_dropped: u64,
 }
 
 /// The stats schema version this mirror reads.
@@ -100,6 +131,12 @@ pub struct GuestStats {
     pub doorbell: DoorbellStats,
     /// `StatsMark` snapshots, in the order the guest made them.
     pub marks: Vec<Mark>,
+    /// `StatsMark` calls beyond those the shim keeps.
+    pub marks_dropped: u64,
+    /// Refused exits and device accesses by reason (non-zero only).
+    pub rejected: BTreeMap<String, u64>,
+    /// Shadowed control flags (M4).
+    pub ctrl: CtrlStats,
     /// Interrupt-vCPU hints, when the shim kept them.
     #[serde(default)]
     pub hints: Option<HintsStats>,
@@ -232,6 +269,13 @@ pub struct NicStats {
     pub interrupts: u64,
 }
 
+/// `ctrl`: the control-flag counters xtask reads.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+pub struct CtrlStats {
+    /// Refused guest input by reason (non-zero only).
+    pub rejected: BTreeMap<String, u64>,
+}
+
 /// `doorbell`: the doorbell counters.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct DoorbellStats {
@@ -240,6 +284,8 @@ pub struct DoorbellStats {
     pub overflow_drained: u64,
     /// Refused ring records by reason (non-zero only).
     pub rejected: BTreeMap<String, u64>,
+    /// Stores into the region's read-only pages, refused.
+    pub protected_writes: u64,
     /// The notification benchmark's figures (`--notify-bench` only).
     #[serde(default)]
     pub notify_bench: Option<NotifyBench>,
@@ -284,6 +330,8 @@ pub struct Mark {
 pub struct HintsStats {
     /// Moves of the NIC I/O thread to another host CPU.
     pub io_moves: u64,
+    /// Refused guest accesses by reason (non-zero only).
+    pub rejected: BTreeMap<String, u64>,
     pub queues: Vec<QueueHints>,
 }
 

@@ -176,6 +176,14 @@ impl VirtioNic {
     }
 }
 
+impl VirtioNic {
+    /// The virtio-net device itself, for frames no stack would send (the
+    /// `hostile` demo forges and floods through it).
+    pub fn device(&mut self) -> &mut NetDevice<KernelHal, MsixPciTransport> {
+        &mut self.dev
+    }
+}
+
 impl fmt::Debug for VirtioNic {
     /// The device alone: the MSI-X table has nothing to say in a log line.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
