@@ -8,6 +8,7 @@ use crate::test::legs::direct::ShimDirect;
 use crate::test::legs::doorbell::ShimDoorbell;
 use crate::test::legs::flood::ShimFlood;
 use crate::test::legs::fuzz::Fuzz;
+use crate::test::legs::gdb::Gdb;
 use crate::test::legs::guest::QemuGuest;
 use crate::test::legs::guest_shim::ShimGuest;
 use crate::test::legs::hints::ShimHints;
@@ -48,6 +49,7 @@ pub const LEGS: &[&dyn Leg] = &[
     &ShimPipeline,
     &ShimVmqNet,
     &ShimDirect,
+    &Gdb,
     &QemuPingpong,
     &ShimTap,
     &Template,

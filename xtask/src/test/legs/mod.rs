@@ -4,6 +4,7 @@ pub mod direct;
 pub mod doorbell;
 pub mod flood;
 pub mod fuzz;
+pub mod gdb;
 pub mod guest;
 pub mod guest_shim;
 pub mod hints;
