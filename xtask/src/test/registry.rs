@@ -4,6 +4,7 @@
 
 use crate::error::{Error, Result};
 use crate::test::leg::Leg;
+use crate::test::legs::backtrace::Backtrace;
 use crate::test::legs::direct::ShimDirect;
 use crate::test::legs::doorbell::ShimDoorbell;
 use crate::test::legs::flood::ShimFlood;
@@ -50,6 +51,7 @@ pub const LEGS: &[&dyn Leg] = &[
     &ShimVmqNet,
     &ShimDirect,
     &Gdb,
+    &Backtrace,
     &QemuPingpong,
     &ShimTap,
     &Template,
@@ -98,6 +100,8 @@ mod tests {
                 "shim-pipeline",
                 "shim-vmqnet",
                 "shim-direct",
+                "gdb",
+                "backtrace",
                 "qemu-pingpong",
                 "shim-tap",
                 "template",
