@@ -94,6 +94,13 @@ pub struct Config {
     pub timeout: Duration,
 }
 
+/// QEMU's gdb stub on 127.0.0.1:`port`, the guest stopped before its first
+/// instruction until gdb continues (`-S`).
+#[must_use]
+pub fn gdb_args(port: u16) -> Vec<String> {
+    vec!["-gdb".into(), format!("tcp:127.0.0.1:{port}"), "-S".into()]
+}
+
 /// QEMU's arguments for `cfg`. Checked against Debian's QEMU 7.2:
 /// - `-nodefaults -display none`: no default devices or window; the only
 ///   serial port is the one we add, on stdio.
