@@ -4,16 +4,18 @@
 //! application processor's ring-0 entry (`exitless_kmain_ap`), reads a
 //! register (its CPU index) and a kernel static, is refused an unmapped
 //! address, single-steps, detaches, and
-//! the guest then runs to its normal end. Each answer is checked in gdb's
-//! output.
+//! the guest then runs to its normal end. A second session interrupts a
+//! running `udp-pingpong` server with Ctrl-C (SIGINT to gdb, which sends
+//! the stub its interrupt byte), lists its threads and kills it: the shim
+//! stops. Each answer is checked in gdb's output.
 
 use std::net::TcpListener;
 use std::path::Path;
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::infra::process::{self, Stderr};
-use crate::infra::setup;
+use crate::infra::{setup, sys};
 use crate::test::leg::{Images, Leg, LegRun, Options};
 use crate::vmm::shim;
 
@@ -27,7 +29,7 @@ impl Leg for Gdb {
     }
 
     fn about(&self) -> &'static str {
-        "gdb --batch against the shim's --gdb stub (ktest, 2 vCPUs): one thread per vCPU, a breakpoint in the AP's entry hit on thread 2, a register and a static read, a single step, detach, then the guest exits 0"
+        "gdb --batch against the shim's --gdb stub (ktest, 2 vCPUs): one thread per vCPU, a breakpoint in the AP's entry hit on thread 2, a register and a static read, an unmapped address refused, a single step, detach, then the guest exits 0; Ctrl-C stops a running guest and gdb's kill stops the shim"
     }
 
     fn run(&self, images: &mut Images, opts: &Options) -> LegRun {
@@ -104,8 +106,128 @@ impl Leg for Gdb {
         {
             println!("gdb's output:\n{text}");
         }
+        match images.get("udp-pingpong") {
+            Ok(server) => checks.extend(interrupt_and_kill(&gdb, &shim_bin, &server, opts)),
+            Err(e) => checks.push((format!("building udp-pingpong: {e}"), false)),
+        }
         LegRun::from_checks(&checks, Vec::new(), log)
     }
+}
+
+/// The second session: Ctrl-C stops a guest that would run forever, gdb's
+/// `kill` stops the shim.
+fn interrupt_and_kill(
+    gdb: &Path,
+    shim_bin: &Path,
+    image: &Path,
+    opts: &Options,
+) -> Vec<(String, bool)> {
+    const NAME: &str = "srv";
+    let port = free_port();
+    let guest = shim::Guest {
+        name: NAME.into(),
+        image: image.to_path_buf(),
+        vcpus: 2,
+        mem_mib: 256,
+        cmdline: "pingpong.role=server ip=10.0.0.1/24".into(),
+    };
+    let extra = vec!["--gdb".to_owned(), port.to_string()];
+    let shim_bin = shim_bin.to_path_buf();
+    let (shim_run, out) = std::thread::scope(|s| {
+        let shim_thread = s.spawn(|| {
+            shim::run(
+                &shim_bin,
+                &[guest],
+                &extra,
+                opts.timeout,
+                "gdb-interrupt",
+                |_| {},
+            )
+        });
+        let out = if wait_listening(port, Duration::from_mins(1)) {
+            interrupt_session(gdb, image, port, opts.timeout)
+        } else {
+            Err(format!("the shim never listened on 127.0.0.1:{port}"))
+        };
+        let run = shim_thread
+            .join()
+            .unwrap_or_else(|_| Err(crate::error::Error::failed("the shim thread panicked")));
+        (run, out)
+    });
+    let text = out.unwrap_or_else(|e| format!("(gdb: {e})"));
+    if opts.verbose {
+        println!("{text}");
+    }
+    let has = |s: &str| text.contains(s);
+    let mut checks = vec![
+        (
+            "Ctrl-C stopped the running guest (`received signal SIGINT`)".into(),
+            has("received signal SIGINT"),
+        ),
+        (
+            "after the interrupt both vCPUs are listed".into(),
+            has("Thread 1.1") && has("Thread 1.2"),
+        ),
+        (
+            "gdb sent its kill (`Kill the program being debugged`)".into(),
+            has("Kill the program being debugged"),
+        ),
+    ];
+    match shim_run {
+        Ok(run) => checks.push((
+            "the shim stopped on gdb's kill, not at its --timeout".into(),
+            run.stderr.contains("gdb asked to kill") && !run.stderr.contains("--timeout"),
+        )),
+        Err(e) => checks.push((format!("the shim ran: {e}"), false)),
+    }
+    if checks.iter().any(|(_, ok)| !ok) {
+        println!("gdb's output (interrupt session):\n{text}");
+    }
+    checks
+}
+
+/// gdb continues the guest; after 3 s it gets SIGINT, as from Ctrl-C at its
+/// terminal, lists the threads and kills the guest.
+fn interrupt_session(
+    gdb: &Path,
+    image: &Path,
+    port: u16,
+    limit: Duration,
+) -> Result<String, String> {
+    let mut cmd = Command::new(gdb);
+    cmd.args(["--batch", "-nx", "-ex"])
+        .arg(format!("target remote 127.0.0.1:{port}"))
+        .args(["-ex", "continue", "-ex", "info threads", "-ex", "kill"])
+        .arg(image)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    sys::contain(&mut cmd);
+    let child = cmd.spawn().map_err(|e| format!("cannot start gdb: {e}"))?;
+    let pid = child.id();
+    std::thread::sleep(Duration::from_secs(3));
+    let _ = Command::new("kill")
+        .args(["-INT", &pid.to_string()])
+        .status();
+    let waiter = std::thread::spawn(move || child.wait_with_output());
+    let end = Instant::now() + limit;
+    while !waiter.is_finished() {
+        if Instant::now() > end {
+            sys::kill_group(pid);
+            let _ = waiter.join();
+            return Err(format!("gdb did not end within {} s", limit.as_secs()));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let output = waiter
+        .join()
+        .map_err(|_| "the gdb waiter panicked".to_owned())?
+        .map_err(|e| format!("waiting for gdb: {e}"))?;
+    Ok(format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    ))
 }
 
 /// A port nobody listens on now.
