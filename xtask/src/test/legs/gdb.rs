@@ -2,7 +2,8 @@
 //! runs the `ktest` image (2 vCPUs, `ktest.boot_only`) stopped before its
 //! first instruction; gdb attaches, lists one thread per vCPU, breaks in the
 //! application processor's ring-0 entry (`exitless_kmain_ap`), reads a
-//! register (its CPU index) and a kernel static, is refused an unmapped
+//! register (its CPU index) and a kernel static, writes both back and
+//! forth, is refused an unmapped
 //! address, single-steps, detaches, and
 //! the guest then runs to its normal end. A second session interrupts a
 //! running `udp-pingpong` server with Ctrl-C (SIGINT to gdb, which sends
@@ -269,6 +270,16 @@ fn run_gdb(gdb: &Path, image: &Path, port: u16, timeout: Duration) -> Result<Str
         // The image is Rust; the cast reads best in C.
         "set language c".to_owned(),
         "printf \"check-tsc=%lu\\n\", *(unsigned long *)&exitless_tsc_at_entry".to_owned(),
+        // Writes, each read back and undone: a register and kernel memory.
+        "set $saved_r11 = $r11".to_owned(),
+        "set $r11 = 0x5a5a5a".to_owned(),
+        "printf \"check-r11=%lu\\n\", $r11".to_owned(),
+        "set $r11 = $saved_r11".to_owned(),
+        "set $saved_tsc = *(unsigned long *)&exitless_tsc_at_entry".to_owned(),
+        "set *(unsigned long *)&exitless_tsc_at_entry = 4242".to_owned(),
+        "printf \"check-written=%lu\\n\", *(unsigned long *)&exitless_tsc_at_entry".to_owned(),
+        "set *(unsigned long *)&exitless_tsc_at_entry = $saved_tsc".to_owned(),
+        "printf \"check-restored=%lu\\n\", *(unsigned long *)&exitless_tsc_at_entry".to_owned(),
         // Canonical but outside the guest's page tables (they map 0-4 GiB).
         "x/gx 0x700000000000".to_owned(),
         "printf \"check-pc0=%lu\\n\", $pc".to_owned(),
@@ -334,6 +345,23 @@ fn judge_gdb(text: &str) -> Vec<(String, bool)> {
                 value(text, "tsc")
             ),
             value(text, "tsc").is_some_and(|v| v > 0),
+        ),
+        (
+            format!(
+                "a register write reads back (R11 = 0x5a5a5a: {:?})",
+                value(text, "r11")
+            ),
+            value(text, "r11") == Some(0x5a_5a5a),
+        ),
+        (
+            format!(
+                "a memory write reads back (4242: {:?}) and the old value is restored ({:?})",
+                value(text, "written"),
+                value(text, "restored")
+            ),
+            value(text, "written") == Some(4242)
+                && value(text, "restored").is_some()
+                && value(text, "restored") == value(text, "tsc"),
         ),
         (
             format!("stepi moved RIP by one instruction, 1 to 15 bytes ({step:?})"),
