@@ -363,7 +363,13 @@ impl Assembly {
                 .map_err(crate::gdb::GdbError::Usage)?
                 == index
         {
-            let d = crate::gdb::Debugger::listen(&cfg.name, spec.port, cfg.vcpus, g.mem.clone())?;
+            let d = crate::gdb::Debugger::listen(
+                &cfg.name,
+                &cfg.kernel,
+                spec.port,
+                cfg.vcpus,
+                g.mem.clone(),
+            )?;
             g.attach(Arc::new(d)).map_err(err)?;
         }
 

@@ -208,9 +208,11 @@ pub struct Cli {
     /// Debug one guest with gdb: listen on 127.0.0.1:PORT and keep the guest's
     /// vCPUs before their first instruction until gdb attaches and continues.
     /// "NAME=PORT" names the guest (required with several guests; "PORT" alone
-    /// picks the only one). Every vCPU is a gdb thread; breakpoints, single
-    /// steps, registers, memory at guest-virtual addresses, Ctrl-C and detach
-    /// work. Attach with: gdb -ex 'target remote :PORT' KERNEL
+    /// picks the only one). Every vCPU is a gdb thread; breakpoints (at most
+    /// four: debug registers), single steps, registers, memory at
+    /// guest-virtual addresses, Ctrl-C and detach work (docs/guide.md,
+    /// "Debugging", says where a host's KVM limits them). Attach with:
+    /// gdb -ex 'target remote 127.0.0.1:PORT' KERNEL
     #[arg(long, value_name = "[NAME=]PORT", value_parser = crate::gdb::GdbSpec::parse)]
     pub gdb: Option<crate::gdb::GdbSpec>,
 

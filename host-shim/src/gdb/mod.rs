@@ -85,6 +85,8 @@ pub struct Debugger {
     mem: GuestMem,
     listener: std::sync::Mutex<Option<TcpListener>>,
     addr: SocketAddr,
+    /// The guest's image, for the attach command the log shows.
+    kernel: std::path::PathBuf,
 }
 
 /// Why `--gdb` could not be set up.
@@ -102,7 +104,13 @@ pub enum GdbError {
 impl Debugger {
     /// Listens on 127.0.0.1:`port` for gdb (only local clients: the stub
     /// reads and writes the guest's memory).
-    pub fn listen(name: &str, port: u16, vcpus: u32, mem: GuestMem) -> Result<Self, GdbError> {
+    pub fn listen(
+        name: &str,
+        kernel: &std::path::Path,
+        port: u16,
+        vcpus: u32,
+        mem: GuestMem,
+    ) -> Result<Self, GdbError> {
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
         let listener =
             TcpListener::bind(addr).map_err(|source| GdbError::Listen { addr, source })?;
@@ -113,6 +121,7 @@ impl Debugger {
             mem,
             listener: std::sync::Mutex::new(Some(listener)),
             addr,
+            kernel: kernel.to_path_buf(),
         })
     }
 
@@ -136,8 +145,10 @@ impl Mechanism for Debugger {
         let target = GuestTarget::new(&self.name, self.control.clone(), self.mem.clone());
         info!(
             guest = %self.name,
-            "waiting for gdb on {}: the guest runs once gdb continues (gdb -ex 'target remote {}' KERNEL)",
-            self.addr, self.addr
+            "waiting for gdb on {}: the guest runs once gdb continues; attach with: gdb -ex 'target remote {}' {}",
+            self.addr,
+            self.addr,
+            self.kernel.display()
         );
         std::thread::Builder::new()
             .name(format!("{}-gdb", self.name))
