@@ -5,7 +5,9 @@
 //! register (its CPU index) and a kernel static, writes both back and
 //! forth, is refused an unmapped
 //! address, single-steps, detaches, and
-//! the guest then runs to its normal end. A second session interrupts a
+//! the guest then runs to its normal end. A raw client then sends the stub
+//! malformed and hostile packets and hangs up: the guest still runs to its
+//! end. A last session interrupts a
 //! running `udp-pingpong` server with Ctrl-C (SIGINT to gdb, which sends
 //! the stub its interrupt byte), lists its threads and kills it: the shim
 //! stops. Each answer is checked in gdb's output.
@@ -107,6 +109,7 @@ impl Leg for Gdb {
         {
             println!("gdb's output:\n{text}");
         }
+        checks.extend(hostile_client(&shim_bin, &image, opts));
         match images.get("udp-pingpong") {
             Ok(server) => checks.extend(interrupt_and_kill(&gdb, &shim_bin, &server, opts)),
             Err(e) => checks.push((format!("building udp-pingpong: {e}"), false)),
@@ -229,6 +232,116 @@ fn interrupt_session(
         String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr)
     ))
+}
+
+/// Packets a broken or hostile gdb client might send, each well framed
+/// (`$...#cs`) so that the stub parses it: unmapped and absurd memory
+/// ranges, a fifth breakpoint, a thread that does not exist, short register
+/// data, an absurd read of the target description, bad hex, a step with no
+/// thread; then garbage framing.
+const HOSTILE: &[&[u8]] = &[
+    b"m700000000000,8",
+    b"mffffffffffffffff,ffffffff",
+    b"Z0,1000,1",
+    b"Z0,2000,1",
+    b"Z0,3000,1",
+    b"Z0,4000,1",
+    b"Z0,5000,1",
+    b"Hgp1.9",
+    b"g",
+    b"Hgp1.1",
+    b"qXfer:features:read:target.xml:0,ffffffff",
+    // gdbstub ends the session on these (registers too short, a malformed
+    // command): last.
+    b"G0011",
+    b"M100180,4:zzzzzzzz",
+    b"vCont;s",
+];
+
+/// The packets of [`HOSTILE`] before the first that ends the session: each
+/// gets a reply.
+const HOSTILE_ANSWERED: usize = 11;
+
+/// A raw client sends [`HOSTILE`] and hangs up: the shim must neither panic
+/// nor stop, and the guest runs to its end.
+fn hostile_client(shim_bin: &Path, image: &Path, opts: &Options) -> Vec<(String, bool)> {
+    use std::io::{Read, Write};
+    const NAME: &str = "hostile";
+    let port = free_port();
+    let guest = shim::Guest {
+        name: NAME.into(),
+        image: image.to_path_buf(),
+        vcpus: 2,
+        mem_mib: 256,
+        cmdline: "ktest.boot_only".into(),
+    };
+    let extra = vec!["--gdb".to_owned(), port.to_string()];
+    let shim_bin = shim_bin.to_path_buf();
+    let (shim_run, answers) = std::thread::scope(|s| {
+        let shim_thread = s.spawn(|| {
+            shim::run(
+                &shim_bin,
+                &[guest],
+                &extra,
+                opts.timeout,
+                "gdb-hostile",
+                |_| {},
+            )
+        });
+        let mut answers = 0usize;
+        if wait_listening(port, Duration::from_mins(1))
+            && let Ok(mut c) = std::net::TcpStream::connect(("127.0.0.1", port))
+        {
+            let _ = c.set_read_timeout(Some(Duration::from_millis(300)));
+            let mut buf = [0u8; 4096];
+            for body in HOSTILE {
+                let sum = body.iter().fold(0u8, |a, &b| a.wrapping_add(b));
+                let mut packet = b"$".to_vec();
+                packet.extend_from_slice(body);
+                packet.extend_from_slice(format!("#{sum:02x}").as_bytes());
+                if c.write_all(&packet).is_err() {
+                    break;
+                }
+                // Replies start with '$' (acks are '+').
+                while let Ok(n) = c.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    // A few bytes per reply: a crate for counting them
+                    // would be more than the job.
+                    #[allow(clippy::naive_bytecount)]
+                    let replies = buf[..n].iter().filter(|&&b| b == b'$').count();
+                    answers += replies;
+                }
+            }
+            let _ = c.write_all(b"$\xff\xfe#zz+-+$#00");
+        }
+        let run = shim_thread
+            .join()
+            .unwrap_or_else(|_| Err(crate::error::Error::failed("the shim thread panicked")));
+        (run, answers)
+    });
+    let mut checks = vec![(
+        format!(
+            "the stub answered every hostile packet before the session-ending ones ({answers} replies, {HOSTILE_ANSWERED} expected)"
+        ),
+        answers >= HOSTILE_ANSWERED,
+    )];
+    match shim_run {
+        Ok(run) => {
+            let exit = run.guest_exit(NAME);
+            checks.push((
+                format!("after a hostile gdb client hung up, the guest ran to its end and exited 0 ({exit})"),
+                exit.passed(),
+            ));
+            checks.push((
+                "the shim did not panic on what the client sent".into(),
+                !run.stderr.contains("panicked"),
+            ));
+        }
+        Err(e) => checks.push((format!("the shim ran: {e}"), false)),
+    }
+    checks
 }
 
 /// A port nobody listens on now.
