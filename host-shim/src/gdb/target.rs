@@ -49,6 +49,8 @@ pub struct GuestTarget {
     /// and whether gdb named that vCPU (the others continue, unless gdb
     /// locks the scheduler: then they stay stopped).
     actions: Vec<(Action, bool)>,
+    /// The vCPU a step was asked of, and where it stood (RIP, ring).
+    stepping: Option<(u32, u64, u16)>,
 }
 
 impl GuestTarget {
@@ -60,6 +62,7 @@ impl GuestTarget {
             control,
             mem,
             actions: vec![(Action::Continue, false); n],
+            stepping: None,
         }
     }
 
@@ -260,6 +263,14 @@ impl MultiThreadResume for GuestTarget {
             return Err(ControlError::Ended);
         }
         let actions: Vec<Action> = self.actions.iter().map(|&(a, _)| a).collect();
+        self.stepping = actions
+            .iter()
+            .position(|&a| a == Action::Step)
+            .and_then(|v| {
+                let v = u32::try_from(v).ok()?;
+                let r = self.control.read_regs(v).ok()?;
+                Some((v, r.regs.rip, r.sregs.cs.selector & 3))
+            });
         self.control.resume(&actions);
         Ok(())
     }
@@ -363,6 +374,46 @@ impl HwBreakpoint for GuestTarget {
     }
 }
 
+impl GuestTarget {
+    /// After a step: a step from ring 3 that ends in the guest's own #DB
+    /// entry (IDT vector 1) means the host's KVM gave the single-step trap to
+    /// the guest instead of the shim. Said once per step, in words.
+    fn check_step(&self, stop: Stop) {
+        let Some((vcpu, from, ring)) = self.stepping else {
+            return;
+        };
+        if stop.why != Why::Step || stop.vcpu != vcpu || ring != 3 {
+            return;
+        }
+        let Ok(now) = self.control.read_regs(vcpu) else {
+            return;
+        };
+        let idt = now.sregs.idt;
+        let mut gate = [0u8; 16];
+        let at = idt.base.wrapping_add(16 * u64::from(control::DB_VECTOR));
+        let read = self
+            .gpa(vcpu, at)
+            .ok()
+            .map(|gpa| self.mem.read_slice(&mut gate, GuestAddress(gpa)).is_ok());
+        if u64::from(idt.limit) < 31 || read != Some(true) {
+            return;
+        }
+        // An IDT gate's handler offset: bytes 0-1, 6-7 and 8-11 (SDM vol 3 §6.14.1).
+        let handler = u64::from(u16::from_le_bytes([gate[0], gate[1]]))
+            | u64::from(u16::from_le_bytes([gate[6], gate[7]])) << 16
+            | u64::from(u32::from_le_bytes([gate[8], gate[9], gate[10], gate[11]])) << 32;
+        // KVM's trap comes once the guest's handler ran its first
+        // instruction (ring-0 traps do reach the shim).
+        if (handler..handler + 16).contains(&now.regs.rip) {
+            warn!(
+                guest = %self.name,
+                vcpu,
+                "gdb: the single step from ring 3 at {from:#x} entered the guest's own #DB handler ({handler:#x}): this host's KVM hands ring-3 debug traps to the guest, not to the shim; ring-3 code cannot be stepped or break here (docs/guide.md, Debugging)"
+            );
+        }
+    }
+}
+
 /// What gdb is told about a stop.
 fn reason(stop: Stop) -> MultiThreadStopReason<u64> {
     let t = tid(stop.vcpu);
@@ -397,6 +448,7 @@ impl BlockingEventLoop for EventLoop {
     > {
         loop {
             if let Some(stop) = target.control.wait_stop(POLL) {
+                target.check_step(stop);
                 return Ok(Event::TargetStopped(reason(stop)));
             }
             if target.control.ended() {
