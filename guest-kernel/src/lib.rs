@@ -17,6 +17,7 @@ extern crate alloc;
 extern crate std;
 
 pub mod abi;
+pub mod backtrace;
 pub mod cmdline;
 pub mod ktest;
 pub mod linebuf;

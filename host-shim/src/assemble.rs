@@ -56,6 +56,8 @@ pub enum AssembleError {
     Vmq(#[from] AttachError),
     #[error("direct channels: {0}")]
     Direct(#[from] DirectError),
+    #[error(transparent)]
+    Gdb(#[from] crate::gdb::GdbError),
 }
 
 /// The MAC of guest `i`: locally administered, unicast (IEEE 802 §8.2.2), "EX" + index.
@@ -358,6 +360,24 @@ impl Assembly {
             .map_err(AssembleError::Monitors)?;
         g.attach(Arc::new(Doorbells::new(doorbells, para, upcall)))
             .map_err(err)?;
+
+        // `--gdb`: after the others, so that a stopped vCPU parks right
+        // before its entry, once every other mechanism has looked.
+        if let Some(spec) = &cli.gdb
+            && spec
+                .pick(cli.guests.iter().map(|c| c.name.as_str()))
+                .map_err(crate::gdb::GdbError::Usage)?
+                == index
+        {
+            let d = crate::gdb::Debugger::listen(
+                &cfg.name,
+                &cfg.kernel,
+                spec.port,
+                cfg.vcpus,
+                g.mem.clone(),
+            )?;
+            g.attach(Arc::new(d)).map_err(err)?;
+        }
 
         // Last: its yield comes after every other mechanism's exit hook.
         if cli.vcpu_quantum.is_some() {

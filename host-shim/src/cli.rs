@@ -205,6 +205,17 @@ pub struct Cli {
     #[arg(long, value_name = "SECS", default_value_t = 0)]
     pub timeout: u64,
 
+    /// Debug one guest with gdb: listen on 127.0.0.1:PORT and keep the guest's
+    /// vCPUs before their first instruction until gdb attaches and continues.
+    /// "NAME=PORT" names the guest (required with several guests; "PORT" alone
+    /// picks the only one). Every vCPU is a gdb thread; breakpoints (at most
+    /// four: debug registers), single steps, registers, memory at
+    /// guest-virtual addresses, Ctrl-C and detach work (docs/guide.md,
+    /// "Debugging", says where a host's KVM limits them). Attach with:
+    /// gdb -ex 'target remote 127.0.0.1:PORT' KERNEL
+    #[arg(long, value_name = "[NAME=]PORT", value_parser = crate::gdb::GdbSpec::parse)]
+    pub gdb: Option<crate::gdb::GdbSpec>,
+
     /// Per-thread seccomp filters: every shim thread (main, vCPU, doorbell
     /// monitor, NIC worker, TAP, VM-queue worker, timers) runs under an
     /// allow-list of the system calls its kind makes. A call outside it stops

@@ -12,6 +12,7 @@ pub mod breakdown;
 pub mod cli;
 pub mod counters;
 pub mod devices;
+pub mod gdb;
 pub mod hypercall;
 pub mod kvm;
 pub mod loglimit;

@@ -49,7 +49,10 @@ impl RunError {
     /// shim cannot run.
     #[must_use]
     pub const fn is_usage(&self) -> bool {
-        matches!(self, Self::Image { .. })
+        matches!(
+            self,
+            Self::Image { .. } | Self::Assemble(AssembleError::Gdb(crate::gdb::GdbError::Usage(_)))
+        )
     }
 }
 

@@ -43,6 +43,8 @@ pub enum Kind {
     /// Small timer threads: the vCPU quantum ticker, the I/O mover, the
     /// deferred upcall stop.
     Helper,
+    /// The `--gdb` stub: one TCP connection to gdb.
+    Gdb,
 }
 
 impl Kind {
@@ -56,6 +58,7 @@ impl Kind {
             Self::Tap => "tap",
             Self::Vmq => "vmq",
             Self::Helper => "helper",
+            Self::Gdb => "gdb",
         }
     }
 
@@ -68,6 +71,7 @@ impl Kind {
             5 => Self::Tap,
             6 => Self::Vmq,
             7 => Self::Helper,
+            8 => Self::Gdb,
             _ => return None,
         })
     }
@@ -94,6 +98,7 @@ impl Kind {
             Self::Tap => TAP,
             Self::Vmq => VMQ,
             Self::Helper => HELPER,
+            Self::Gdb => GDB,
         };
         calls.extend_from_slice(own);
         calls.sort_unstable();
@@ -275,6 +280,19 @@ const VMQ: &[i64] = &[
 /// Timer threads: sleep, then kick vCPUs or move threads.
 const HELPER: &[i64] = &[libc::SYS_tgkill];
 
+/// The gdb stub: accepts one connection, reads it (peeking without
+/// blocking: `FIONBIO`) and writes it, kicks vCPUs to stop them, and sends
+/// the shim SIGTERM when gdb asks to kill the guest.
+const GDB: &[i64] = &[
+    libc::SYS_accept4,
+    libc::SYS_recvfrom,
+    libc::SYS_sendto,
+    libc::SYS_setsockopt,
+    libc::SYS_ioctl,
+    libc::SYS_tgkill,
+    libc::SYS_kill,
+];
+
 /// Whether filters are installed. Off until the binary turns it on from
 /// `--seccomp` (on by default there): tests that drive the library in their
 /// own process keep their harness unfiltered.
@@ -369,6 +387,7 @@ pub fn selftest(kind: &str) -> ! {
         Kind::Tap,
         Kind::Vmq,
         Kind::Helper,
+        Kind::Gdb,
     ];
     let Some(kind) = all.into_iter().find(|k| k.name() == kind) else {
         eprintln!("host-shim: --seccomp-selftest: no filter kind `{kind}`");
@@ -561,6 +580,7 @@ mod tests {
             Kind::Tap,
             Kind::Vmq,
             Kind::Helper,
+            Kind::Gdb,
         ] {
             assert!(!program(kind).unwrap().is_empty(), "{kind:?}");
             assert_eq!(Kind::from_raw(kind as u8), Some(kind));

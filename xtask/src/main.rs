@@ -99,6 +99,11 @@ struct QemuArgs {
     /// e.g. `tcp::8080-:80`.
     #[arg(long, value_name = "RULE")]
     hostfwd: Vec<String>,
+    /// Start QEMU's gdb stub on 127.0.0.1:PORT with the guest stopped before
+    /// its first instruction (-S); prints the gdb command that attaches with
+    /// the image's symbols. Raise --timeout for a long session.
+    #[arg(long, value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..))]
+    gdb: Option<u16>,
     /// Wall-clock limit in seconds; QEMU is killed after it.
     #[arg(long, value_name = "SECS", default_value_t = qemu::DEFAULT_TIMEOUT.as_secs(), value_parser = clap::value_parser!(u64).range(1..))]
     timeout: u64,
@@ -139,6 +144,11 @@ struct RunArgs {
         help_heading = "Your own app"
     )]
     hostfwd: Vec<String>,
+    /// With --app: wait for gdb on 127.0.0.1:PORT before the guest's first
+    /// instruction (the shim's --gdb, or QEMU's gdb stub under TCG with
+    /// --qemu) and print the gdb command that attaches with the app's symbols.
+    #[arg(long, value_name = "PORT", requires = "app", value_parser = clap::value_parser!(u16).range(1..))]
+    gdb: Option<u16>,
     /// Which demo: the UDP ping-pong, or the three-guest VM-queue pipeline (M5).
     #[arg(long, value_enum, default_value_t = DemoKind::Pingpong, help_heading = "Demos")]
     demo: DemoKind,
@@ -335,6 +345,7 @@ fn run_app(args: &RunArgs) -> Result<ExitCode> {
         vcpus: args.vcpus,
         timeout: Duration::from_secs(args.timeout),
         show: true,
+        gdb: args.gdb,
     };
     let (exit, _) = app::run::boot(&opts)?;
     println!("app: {exit}");
@@ -365,9 +376,12 @@ fn qemu_by_hand(args: &QemuArgs) -> Result<ExitCode> {
         netdev: None,
         mac: None,
         nic_options: Vec::new(),
-        extra_args: Vec::new(),
+        extra_args: args.gdb.map(qemu::gdb_args).unwrap_or_default(),
         timeout: Duration::from_secs(args.timeout),
     };
+    if let Some(port) = args.gdb {
+        app::run::print_gdb_hint(port, &cfg.image, cfg.timeout);
+    }
     let leg = format!("qemu-{}", args.accel.name());
     let image_name = cfg
         .image

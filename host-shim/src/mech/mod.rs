@@ -110,6 +110,10 @@ pub trait Mechanism: Send + Sync {
         false
     }
 
+    /// A debug exit (`KVM_EXIT_DEBUG`) of `vcpu`: exception vector and
+    /// address. Only a debugger that turned on `KVM_SET_GUEST_DEBUG` gets them.
+    fn debug_exit(&self, _vcpu: &VcpuShared, _exception: u32, _pc: u64) {}
+
     /// Whether vCPU `vcpu` takes upcalls (M3).
     fn takes_upcalls(&self, _vcpu: u32) -> bool {
         false

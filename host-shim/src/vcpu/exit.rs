@@ -297,6 +297,13 @@ fn handle_exit(exit: VcpuExit<'_>, me: &VcpuShared, guest: &GuestCtx) -> Option<
         }
         VcpuExit::IrqWindowOpen => me.exits.bump(Exit::IrqWindow),
         VcpuExit::Hlt => me.exits.bump(Exit::Hlt),
+        // Only with `--gdb`: the debugger turned guest debugging on.
+        VcpuExit::Debug(arch) => {
+            me.exits.bump(Exit::Other);
+            for m in &guest.mechs {
+                m.debug_exit(me, arch.exception, arch.pc);
+            }
+        }
         VcpuExit::Shutdown => {
             me.exits.bump(Exit::Shutdown);
             return Some(Pending::Fatal(Outcome::TripleFault {

@@ -33,6 +33,23 @@ pub struct Options {
     pub timeout: Duration,
     /// Print the console as it comes.
     pub show: bool,
+    /// Wait for gdb on 127.0.0.1:PORT before the guest's first instruction.
+    pub gdb: Option<u16>,
+}
+
+/// Tells the user how to attach gdb to a guest that waits for it.
+pub fn print_gdb_hint(port: u16, elf: &Path, timeout: Duration) {
+    println!(
+        "gdb: the guest waits for gdb on 127.0.0.1:{port}; attach from another terminal with:"
+    );
+    println!(
+        "  gdb -ex 'target remote 127.0.0.1:{port}' {}",
+        elf.display()
+    );
+    println!(
+        "gdb: the run still ends after {} s (--timeout SECS for a longer session); `detach` lets the guest run on",
+        timeout.as_secs()
+    );
 }
 
 /// The package name in `path/Cargo.toml` (its `[package]` `name`).
@@ -116,7 +133,15 @@ pub fn boot(opts: &Options) -> Result<(GuestExit, Vec<String>)> {
                 }
             };
             let label = format!("app-{name}");
-            let run = shim::run(&shim::build()?, &[guest], &[], opts.timeout, &label, echo)?;
+            let shim_bin = shim::build()?;
+            let extra: Vec<String> = opts
+                .gdb
+                .map(|port| vec!["--gdb".to_owned(), port.to_string()])
+                .unwrap_or_default();
+            if let Some(port) = opts.gdb {
+                print_gdb_hint(port, &guest.image, opts.timeout);
+            }
+            let run = shim::run(&shim_bin, &[guest], &extra, opts.timeout, &label, echo)?;
             let lines = shim::guest_lines(&run.lines, &name)
                 .into_iter()
                 .map(str::to_owned)
@@ -125,7 +150,10 @@ pub fn boot(opts: &Options) -> Result<(GuestExit, Vec<String>)> {
         }
         Vmm::Qemu => {
             let cfg = qemu::Config {
-                accel: if setup::check_kvm().is_ok() {
+                // With gdb, TCG: QEMU's breakpoints under KVM rely on the
+                // host reporting the guest's int3 (KVM_GUESTDBG_USE_SW_BP),
+                // which not every KVM does.
+                accel: if opts.gdb.is_none() && setup::check_kvm().is_ok() {
                     Accel::Kvm
                 } else {
                     Accel::Tcg
@@ -144,9 +172,12 @@ pub fn boot(opts: &Options) -> Result<(GuestExit, Vec<String>)> {
                 netdev: None,
                 mac: None,
                 nic_options: Vec::new(),
-                extra_args: Vec::new(),
+                extra_args: opts.gdb.map(qemu::gdb_args).unwrap_or_default(),
                 timeout: opts.timeout,
             };
+            if let Some(port) = opts.gdb {
+                print_gdb_hint(port, &cfg.image, opts.timeout);
+            }
             let echo = if opts.show { Echo::All } else { Echo::Quiet };
             let run = qemu::boot(&cfg, &format!("app-{name}"), &echo)?;
             let lines = run.lines.iter().map(|l| l.text.clone()).collect();

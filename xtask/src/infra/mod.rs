@@ -8,5 +8,6 @@ pub mod logfile;
 pub mod process;
 pub mod serial;
 pub mod setup;
+pub mod symbols;
 pub mod sys;
 pub mod workspace;

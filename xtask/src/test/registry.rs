@@ -4,10 +4,12 @@
 
 use crate::error::{Error, Result};
 use crate::test::leg::Leg;
+use crate::test::legs::backtrace::Backtrace;
 use crate::test::legs::direct::ShimDirect;
 use crate::test::legs::doorbell::ShimDoorbell;
 use crate::test::legs::flood::ShimFlood;
 use crate::test::legs::fuzz::Fuzz;
+use crate::test::legs::gdb::Gdb;
 use crate::test::legs::guest::QemuGuest;
 use crate::test::legs::guest_shim::ShimGuest;
 use crate::test::legs::hints::ShimHints;
@@ -52,6 +54,8 @@ pub const LEGS: &[&dyn Leg] = &[
     &ShimVmqNet,
     &ShimDirect,
     &Hostile,
+    &Gdb,
+    &Backtrace,
     &QemuPingpong,
     &ShimTap,
     &ParallelTcp,
@@ -103,6 +107,8 @@ mod tests {
                 "shim-vmqnet",
                 "shim-direct",
                 "hostile",
+                "gdb",
+                "backtrace",
                 "qemu-pingpong",
                 "shim-tap",
                 "parallel-tcp",

@@ -13,6 +13,7 @@ use crate::infra::logfile::LogFile;
 use crate::infra::process::{self, Ending, Line, Stderr};
 use crate::infra::serial::{self, LineKind, SerialLog};
 use crate::infra::setup;
+use crate::infra::symbols::Symbols;
 use crate::vmm::exit::GuestExit;
 
 /// Default wall-clock limit for one QEMU run. Generous on purpose: under this
@@ -92,6 +93,13 @@ pub struct Config {
     /// for a benchmark that reads KVM statistics).
     pub extra_args: Vec<String>,
     pub timeout: Duration,
+}
+
+/// QEMU's gdb stub on 127.0.0.1:`port`, the guest stopped before its first
+/// instruction until gdb continues (`-S`).
+#[must_use]
+pub fn gdb_args(port: u16) -> Vec<String> {
+    vec!["-gdb".into(), format!("tcp:127.0.0.1:{port}"), "-S".into()]
 }
 
 /// QEMU's arguments for `cfg`. Checked against Debian's QEMU 7.2:
@@ -253,10 +261,19 @@ pub fn boot(cfg: &Config, label: &str, echo: &Echo) -> Result<Run> {
 
     let mut cmd = Command::new(&qemu);
     cmd.args(&args);
-    let finished = process::run(&mut cmd, cfg.timeout, Stderr::Capture, |line| {
-        log.line(&line.text);
-        show(echo, &line.text);
+    // A panic's backtrace, symbolised from the image as it arrives.
+    let mut symbols = Symbols::new(&cfg.image);
+    let mut finished = process::run(&mut cmd, cfg.timeout, Stderr::Capture, |line| {
+        let shown = symbols.annotate(&line.text);
+        let text = shown.as_deref().unwrap_or(&line.text);
+        log.line(text);
+        show(echo, text);
     })?;
+    for line in &mut finished.lines {
+        if let Some(text) = symbols.annotate(&line.text) {
+            line.text = text;
+        }
+    }
 
     let exit = match finished.ending {
         // QEMU's own start-up errors also exit 1, which would read as guest

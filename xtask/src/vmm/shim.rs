@@ -12,6 +12,7 @@ use crate::infra::logfile::LogFile;
 use crate::infra::process::{self, Ending, Line, Stderr};
 use crate::infra::serial::SerialLog;
 use crate::infra::setup;
+use crate::infra::symbols::Symbols;
 use crate::infra::workspace;
 use crate::vmm::exit::GuestExit;
 use crate::vmm::stats::{DirectStats, ExitsByReason, GuestStats, Notifications, ShimStats};
@@ -119,15 +120,33 @@ pub fn run(
         .map(|a| a.to_string_lossy().into_owned())
         .collect();
     log.line(&format!("# xtask: {} {}", shim.display(), shown.join(" ")));
-    let finished = process::run(
+    // A guest's panic backtrace, symbolised from its image as it arrives.
+    let mut symbols: Vec<(String, Symbols)> = guests
+        .iter()
+        .map(|g| (format!("{}| ", g.name), Symbols::new(&g.image)))
+        .collect();
+    let mut symbolise = |text: &str| {
+        symbols
+            .iter_mut()
+            .find(|(prefix, _)| text.starts_with(prefix.as_str()))
+            .and_then(|(_, s)| s.annotate(text))
+    };
+    let mut finished = process::run(
         &mut cmd,
         timeout + Duration::from_secs(15),
         Stderr::Capture,
         |line| {
-            log.line(&line.text);
-            echo(&line.text);
+            let shown = symbolise(&line.text);
+            let text = shown.as_deref().unwrap_or(&line.text);
+            log.line(text);
+            echo(text);
         },
     )?;
+    for line in &mut finished.lines {
+        if let Some(text) = symbolise(&line.text) {
+            line.text = text;
+        }
+    }
     for line in finished.stderr.lines() {
         log.line(&format!("# shim stderr: {line}"));
     }

@@ -3,6 +3,8 @@
 //! `N passed, M failed, K skipped` line, and exits non-zero on any failure
 //! or when no test ran (a filter matching nothing, everything skipped).
 //! `ktest.boot_only` runs no test and exits 0: the boot benchmark.
+//! `ktest.panic` panics on purpose two calls deep, for the panic
+//! backtrace's test (the `backtrace` leg of `cargo xtask test`).
 #![cfg_attr(target_os = "none", no_std, no_main)]
 
 #[cfg(target_os = "none")]
@@ -49,6 +51,9 @@ mod guest {
 
     fn main() -> i32 {
         let cmdline = &guest_kernel::rt::start::system().cmdline;
+        if cmdline.flag("ktest.panic") {
+            return panic_on_purpose_outer(core::hint::black_box(7));
+        }
         if cmdline.flag("ktest.boot_only") {
             guest_kernel::println!("ktest: boot only, no test run");
             return 0;
@@ -60,6 +65,19 @@ mod guest {
         } else {
             guest_kernel::abi::status::TESTS_FAILED as i32
         }
+    }
+
+    /// Two frames of our own above the panic, kept apart (never inlined,
+    /// no tail call) so that the backtrace must name both.
+    #[inline(never)]
+    fn panic_on_purpose_outer(x: i32) -> i32 {
+        core::hint::black_box(panic_on_purpose_inner(x)) + 1
+    }
+
+    #[inline(never)]
+    fn panic_on_purpose_inner(x: i32) -> i32 {
+        assert!(core::hint::black_box(x) != 7, "on purpose (ktest.panic)");
+        x
     }
 }
 

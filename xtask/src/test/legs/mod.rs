@@ -1,9 +1,11 @@
 //! Every leg of `cargo xtask test`, each in its file with its judgement.
 
+pub mod backtrace;
 pub mod direct;
 pub mod doorbell;
 pub mod flood;
 pub mod fuzz;
+pub mod gdb;
 pub mod guest;
 pub mod guest_shim;
 pub mod hints;

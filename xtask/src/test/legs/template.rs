@@ -42,6 +42,7 @@ impl Leg for Template {
             vcpus: 2,
             timeout: opts.timeout,
             show: opts.verbose,
+            gdb: None,
         };
         let hello = format!("hello from {NAME}");
         match app::run::boot(&base) {

@@ -1,0 +1,507 @@
+//! Leg `gdb`: Debian's gdb drives the host shim's `--gdb` stub. The shim
+//! runs the `ktest` image (2 vCPUs, `ktest.boot_only`) stopped before its
+//! first instruction; gdb attaches, lists one thread per vCPU, breaks in the
+//! application processor's ring-0 entry (`exitless_kmain_ap`), reads a
+//! register (its CPU index) and a kernel static, writes both back and
+//! forth, is refused an unmapped
+//! address, single-steps, detaches, and
+//! the guest then runs to its normal end. A raw client then sends the stub
+//! malformed and hostile packets and hangs up: the guest still runs to its
+//! end. A last session interrupts a
+//! running `udp-pingpong` server with Ctrl-C (SIGINT to gdb, which sends
+//! the stub its interrupt byte), lists its threads and kills it: the shim
+//! stops. Each answer is checked in gdb's output.
+
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::infra::process::{self, Stderr};
+use crate::infra::{setup, sys};
+use crate::test::leg::{Images, Leg, LegRun, Options};
+use crate::vmm::shim;
+
+pub struct Gdb;
+
+const GUEST: &str = "dbg";
+
+impl Leg for Gdb {
+    fn name(&self) -> &'static str {
+        "gdb"
+    }
+
+    fn about(&self) -> &'static str {
+        "gdb --batch against the shim's --gdb stub (ktest, 2 vCPUs): one thread per vCPU, a breakpoint in the AP's entry hit on thread 2, a register and a static read, an unmapped address refused, a single step, detach, then the guest exits 0; Ctrl-C stops a running guest and gdb's kill stops the shim"
+    }
+
+    fn run(&self, images: &mut Images, opts: &Options) -> LegRun {
+        let gdb = match setup::ensure_tool("gdb", "gdb") {
+            Ok(p) => p,
+            Err(e) => return LegRun::broken(e.to_string()),
+        };
+        let image = match images.get("ktest") {
+            Ok(p) => p,
+            Err(e) => return LegRun::broken(format!("building ktest: {e}")),
+        };
+        let shim_bin = match shim::build() {
+            Ok(p) => p,
+            Err(e) => return LegRun::broken(e.to_string()),
+        };
+        let port = free_port();
+        let guest = shim::Guest {
+            name: GUEST.into(),
+            image: image.clone(),
+            vcpus: 2,
+            mem_mib: 256,
+            cmdline: "ktest.boot_only".into(),
+        };
+        let extra = vec!["--gdb".to_owned(), port.to_string()];
+        let verbose = opts.verbose;
+        let (shim_run, gdb_out) = std::thread::scope(|s| {
+            let shim_thread = s.spawn(|| {
+                shim::run(&shim_bin, &[guest], &extra, opts.timeout, "gdb-shim", |l| {
+                    if verbose {
+                        println!("{l}");
+                    }
+                })
+            });
+            let out = if wait_listening(port, Duration::from_mins(1)) {
+                run_gdb(&gdb, &image, port, opts.timeout)
+            } else {
+                Err(format!("the shim never listened on 127.0.0.1:{port}"))
+            };
+            let run = shim_thread
+                .join()
+                .unwrap_or_else(|_| Err(crate::error::Error::failed("the shim thread panicked")));
+            (run, out)
+        });
+        let mut checks = Vec::new();
+        let mut log = None;
+        match &gdb_out {
+            Ok(text) => {
+                if verbose {
+                    println!("{text}");
+                }
+                checks.extend(judge_gdb(text));
+            }
+            Err(e) => checks.push((format!("gdb ran: {e}"), false)),
+        }
+        match shim_run {
+            Ok(run) => {
+                let exit = run.guest_exit(GUEST);
+                checks.push((
+                    format!("after detach the guest ran to its end and exited 0 ({exit})"),
+                    exit.passed(),
+                ));
+                checks.push((
+                    "the guest's console shows it finished booting after the session".into(),
+                    shim::guest_lines(&run.lines, GUEST)
+                        .iter()
+                        .any(|l| l.contains("ktest: boot only, no test run")),
+                ));
+                log = Some(run.log.clone());
+            }
+            Err(e) => checks.push((format!("the shim ran: {e}"), false)),
+        }
+        if checks.iter().any(|(_, ok)| !ok)
+            && let Ok(text) = &gdb_out
+        {
+            println!("gdb's output:\n{text}");
+        }
+        checks.extend(hostile_client(&shim_bin, &image, opts));
+        match images.get("udp-pingpong") {
+            Ok(server) => checks.extend(interrupt_and_kill(&gdb, &shim_bin, &server, opts)),
+            Err(e) => checks.push((format!("building udp-pingpong: {e}"), false)),
+        }
+        LegRun::from_checks(&checks, Vec::new(), log)
+    }
+}
+
+/// The second session: Ctrl-C stops a guest that would run forever, gdb's
+/// `kill` stops the shim.
+fn interrupt_and_kill(
+    gdb: &Path,
+    shim_bin: &Path,
+    image: &Path,
+    opts: &Options,
+) -> Vec<(String, bool)> {
+    const NAME: &str = "srv";
+    let port = free_port();
+    let guest = shim::Guest {
+        name: NAME.into(),
+        image: image.to_path_buf(),
+        vcpus: 2,
+        mem_mib: 256,
+        cmdline: "pingpong.role=server ip=10.0.0.1/24".into(),
+    };
+    let extra = vec!["--gdb".to_owned(), port.to_string()];
+    let shim_bin = shim_bin.to_path_buf();
+    let (shim_run, out) = std::thread::scope(|s| {
+        let shim_thread = s.spawn(|| {
+            shim::run(
+                &shim_bin,
+                &[guest],
+                &extra,
+                opts.timeout,
+                "gdb-interrupt",
+                |_| {},
+            )
+        });
+        let out = if wait_listening(port, Duration::from_mins(1)) {
+            interrupt_session(gdb, image, port, opts.timeout)
+        } else {
+            Err(format!("the shim never listened on 127.0.0.1:{port}"))
+        };
+        let run = shim_thread
+            .join()
+            .unwrap_or_else(|_| Err(crate::error::Error::failed("the shim thread panicked")));
+        (run, out)
+    });
+    let text = out.unwrap_or_else(|e| format!("(gdb: {e})"));
+    if opts.verbose {
+        println!("{text}");
+    }
+    let has = |s: &str| text.contains(s);
+    let mut checks = vec![
+        (
+            "Ctrl-C stopped the running guest (`received signal SIGINT`)".into(),
+            has("received signal SIGINT"),
+        ),
+        (
+            "after the interrupt both vCPUs are listed".into(),
+            has("Thread 1.1") && has("Thread 1.2"),
+        ),
+        (
+            "gdb sent its kill (`Kill the program being debugged`)".into(),
+            has("Kill the program being debugged"),
+        ),
+    ];
+    match shim_run {
+        Ok(run) => checks.push((
+            "the shim stopped on gdb's kill, not at its --timeout".into(),
+            run.stderr.contains("gdb asked to kill") && !run.stderr.contains("--timeout"),
+        )),
+        Err(e) => checks.push((format!("the shim ran: {e}"), false)),
+    }
+    if checks.iter().any(|(_, ok)| !ok) {
+        println!("gdb's output (interrupt session):\n{text}");
+    }
+    checks
+}
+
+/// gdb continues the guest; after 3 s it gets SIGINT, as from Ctrl-C at its
+/// terminal, lists the threads and kills the guest.
+fn interrupt_session(
+    gdb: &Path,
+    image: &Path,
+    port: u16,
+    limit: Duration,
+) -> Result<String, String> {
+    let mut cmd = Command::new(gdb);
+    cmd.args(["--batch", "-nx", "-ex"])
+        .arg(format!("target remote 127.0.0.1:{port}"))
+        .args(["-ex", "continue", "-ex", "info threads", "-ex", "kill"])
+        .arg(image)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    sys::contain(&mut cmd);
+    let child = cmd.spawn().map_err(|e| format!("cannot start gdb: {e}"))?;
+    let pid = child.id();
+    std::thread::sleep(Duration::from_secs(3));
+    let _ = Command::new("kill")
+        .args(["-INT", &pid.to_string()])
+        .status();
+    let waiter = std::thread::spawn(move || child.wait_with_output());
+    let end = Instant::now() + limit;
+    while !waiter.is_finished() {
+        if Instant::now() > end {
+            sys::kill_group(pid);
+            let _ = waiter.join();
+            return Err(format!("gdb did not end within {} s", limit.as_secs()));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let output = waiter
+        .join()
+        .map_err(|_| "the gdb waiter panicked".to_owned())?
+        .map_err(|e| format!("waiting for gdb: {e}"))?;
+    Ok(format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    ))
+}
+
+/// Packets a broken or hostile gdb client might send, each well framed
+/// (`$...#cs`) so that the stub parses it: unmapped and absurd memory
+/// ranges, a fifth breakpoint, a thread that does not exist, short register
+/// data, an absurd read of the target description, bad hex, a step with no
+/// thread; then garbage framing.
+const HOSTILE: &[&[u8]] = &[
+    b"m700000000000,8",
+    b"mffffffffffffffff,ffffffff",
+    b"Z0,1000,1",
+    b"Z0,2000,1",
+    b"Z0,3000,1",
+    b"Z0,4000,1",
+    b"Z0,5000,1",
+    b"Hgp1.9",
+    b"g",
+    b"Hgp1.1",
+    b"qXfer:features:read:target.xml:0,ffffffff",
+    // gdbstub ends the session on these (registers too short, a malformed
+    // command): last.
+    b"G0011",
+    b"M100180,4:zzzzzzzz",
+    b"vCont;s",
+];
+
+/// The packets of [`HOSTILE`] before the first that ends the session: each
+/// gets a reply.
+const HOSTILE_ANSWERED: usize = 11;
+
+/// A raw client sends [`HOSTILE`] and hangs up: the shim must neither panic
+/// nor stop, and the guest runs to its end.
+fn hostile_client(shim_bin: &Path, image: &Path, opts: &Options) -> Vec<(String, bool)> {
+    use std::io::{Read, Write};
+    const NAME: &str = "hostile";
+    let port = free_port();
+    let guest = shim::Guest {
+        name: NAME.into(),
+        image: image.to_path_buf(),
+        vcpus: 2,
+        mem_mib: 256,
+        cmdline: "ktest.boot_only".into(),
+    };
+    let extra = vec!["--gdb".to_owned(), port.to_string()];
+    let shim_bin = shim_bin.to_path_buf();
+    let (shim_run, answers) = std::thread::scope(|s| {
+        let shim_thread = s.spawn(|| {
+            shim::run(
+                &shim_bin,
+                &[guest],
+                &extra,
+                opts.timeout,
+                "gdb-hostile",
+                |_| {},
+            )
+        });
+        let mut answers = 0usize;
+        if wait_listening(port, Duration::from_mins(1))
+            && let Ok(mut c) = std::net::TcpStream::connect(("127.0.0.1", port))
+        {
+            let _ = c.set_read_timeout(Some(Duration::from_millis(300)));
+            let mut buf = [0u8; 4096];
+            for body in HOSTILE {
+                let sum = body.iter().fold(0u8, |a, &b| a.wrapping_add(b));
+                let mut packet = b"$".to_vec();
+                packet.extend_from_slice(body);
+                packet.extend_from_slice(format!("#{sum:02x}").as_bytes());
+                if c.write_all(&packet).is_err() {
+                    break;
+                }
+                // Replies start with '$' (acks are '+').
+                while let Ok(n) = c.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    // A few bytes per reply: a crate for counting them
+                    // would be more than the job.
+                    #[allow(clippy::naive_bytecount)]
+                    let replies = buf[..n].iter().filter(|&&b| b == b'$').count();
+                    answers += replies;
+                }
+            }
+            let _ = c.write_all(b"$\xff\xfe#zz+-+$#00");
+        }
+        let run = shim_thread
+            .join()
+            .unwrap_or_else(|_| Err(crate::error::Error::failed("the shim thread panicked")));
+        (run, answers)
+    });
+    let mut checks = vec![(
+        format!(
+            "the stub answered every hostile packet before the session-ending ones ({answers} replies, {HOSTILE_ANSWERED} expected)"
+        ),
+        answers >= HOSTILE_ANSWERED,
+    )];
+    match shim_run {
+        Ok(run) => {
+            let exit = run.guest_exit(NAME);
+            checks.push((
+                format!("after a hostile gdb client hung up, the guest ran to its end and exited 0 ({exit})"),
+                exit.passed(),
+            ));
+            checks.push((
+                "the shim did not panic on what the client sent".into(),
+                !run.stderr.contains("panicked"),
+            ));
+        }
+        Err(e) => checks.push((format!("the shim ran: {e}"), false)),
+    }
+    checks
+}
+
+/// A port nobody listens on now.
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map_or(23_456, |a| a.port())
+}
+
+/// Waits until something listens on 127.0.0.1:`port`, read from
+/// /proc/net/tcp: a test connection would use up the stub's one session.
+fn wait_listening(port: u16, within: Duration) -> bool {
+    let want = format!("0100007F:{port:04X}");
+    let end = Instant::now() + within;
+    while Instant::now() < end {
+        if let Ok(table) = std::fs::read_to_string("/proc/net/tcp")
+            && table.lines().any(|l| {
+                let mut cols = l.split_whitespace();
+                cols.nth(1) == Some(want.as_str()) && cols.nth(1) == Some("0A")
+            })
+        {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    false
+}
+
+/// The session, as one gdb batch run; its whole output.
+fn run_gdb(gdb: &Path, image: &Path, port: u16, timeout: Duration) -> Result<String, String> {
+    let script = [
+        "set pagination off".to_owned(),
+        "set confirm off".to_owned(),
+        format!("target remote 127.0.0.1:{port}"),
+        "info threads".to_owned(),
+        "break exitless_kmain_ap".to_owned(),
+        "continue".to_owned(),
+        "printf \"check-rdi=%d\\n\", $rdi".to_owned(),
+        // The image is Rust; the cast reads best in C.
+        "set language c".to_owned(),
+        "printf \"check-tsc=%lu\\n\", *(unsigned long *)&exitless_tsc_at_entry".to_owned(),
+        // Writes, each read back and undone: a register and kernel memory.
+        "set $saved_r11 = $r11".to_owned(),
+        "set $r11 = 0x5a5a5a".to_owned(),
+        "printf \"check-r11=%lu\\n\", $r11".to_owned(),
+        "set $r11 = $saved_r11".to_owned(),
+        "set $saved_tsc = *(unsigned long *)&exitless_tsc_at_entry".to_owned(),
+        "set *(unsigned long *)&exitless_tsc_at_entry = 4242".to_owned(),
+        "printf \"check-written=%lu\\n\", *(unsigned long *)&exitless_tsc_at_entry".to_owned(),
+        "set *(unsigned long *)&exitless_tsc_at_entry = $saved_tsc".to_owned(),
+        "printf \"check-restored=%lu\\n\", *(unsigned long *)&exitless_tsc_at_entry".to_owned(),
+        // Canonical but outside the guest's page tables (they map 0-4 GiB).
+        "x/gx 0x700000000000".to_owned(),
+        "printf \"check-pc0=%lu\\n\", $pc".to_owned(),
+        "stepi".to_owned(),
+        "printf \"check-pc1=%lu\\n\", $pc".to_owned(),
+        "delete".to_owned(),
+        "detach".to_owned(),
+    ];
+    let mut cmd = Command::new(gdb);
+    cmd.args(["--batch", "-nx"]);
+    for line in &script {
+        cmd.arg("-ex").arg(line);
+    }
+    cmd.arg(image);
+    let finished =
+        process::run(&mut cmd, timeout, Stderr::Merge, |_| {}).map_err(|e| e.to_string())?;
+    Ok(finished
+        .lines
+        .iter()
+        .map(|l| l.text.as_str())
+        .collect::<Vec<_>>()
+        .join("\n"))
+}
+
+/// The number gdb printed after `check-NAME=`.
+fn value(text: &str, name: &str) -> Option<u64> {
+    let key = format!("check-{name}=");
+    text.lines()
+        .find_map(|l| l.trim().strip_prefix(&key)?.trim().parse().ok())
+}
+
+/// One check per answer of the session.
+fn judge_gdb(text: &str) -> Vec<(String, bool)> {
+    let has = |s: &str| text.contains(s);
+    let pc0 = value(text, "pc0");
+    let pc1 = value(text, "pc1");
+    let step = pc0.zip(pc1).map(|(a, b)| b.wrapping_sub(a));
+    vec![
+        (
+            "gdb attached to a guest still at its first instruction (exitless_pvh_start)".into(),
+            text.lines()
+                .next()
+                .is_some_and(|l| l.contains("in exitless_pvh_start")),
+        ),
+        (
+            "`info threads` lists one thread per vCPU (Thread 1.1, Thread 1.2)".into(),
+            has("Thread 1.1") && has("Thread 1.2") && !has("Thread 1.3"),
+        ),
+        (
+            "the breakpoint in exitless_kmain_ap was hit on thread 2 (vCPU 1)".into(),
+            has("Thread 2 hit Breakpoint 1") && has("exitless_kmain_ap"),
+        ),
+        (
+            format!(
+                "RDI, the AP's CPU index, reads 1 ({:?})",
+                value(text, "rdi")
+            ),
+            value(text, "rdi") == Some(1),
+        ),
+        (
+            format!(
+                "the kernel static exitless_tsc_at_entry reads non-zero ({:?})",
+                value(text, "tsc")
+            ),
+            value(text, "tsc").is_some_and(|v| v > 0),
+        ),
+        (
+            format!(
+                "a register write reads back (R11 = 0x5a5a5a: {:?})",
+                value(text, "r11")
+            ),
+            value(text, "r11") == Some(0x5a_5a5a),
+        ),
+        (
+            format!(
+                "a memory write reads back (4242: {:?}) and the old value is restored ({:?})",
+                value(text, "written"),
+                value(text, "restored")
+            ),
+            value(text, "written") == Some(4242)
+                && value(text, "restored").is_some()
+                && value(text, "restored") == value(text, "tsc"),
+        ),
+        (
+            format!("stepi moved RIP by one instruction, 1 to 15 bytes ({step:?})"),
+            step.is_some_and(|d| (1..=15).contains(&d)),
+        ),
+        (
+            "an unmapped address is refused: `Cannot access memory at address 0x700000000000`"
+                .into(),
+            has("Cannot access memory at address 0x700000000000"),
+        ),
+        (
+            "gdb detached".into(),
+            has("[Inferior 1 (process 1) detached]"),
+        ),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{judge_gdb, value};
+
+    #[test]
+    fn a_session_missing_its_answers_fails_every_check_it_misses() {
+        let checks = judge_gdb("0x0000000000100180 in exitless_pvh_start ()\ncheck-rdi=0\n");
+        assert!(checks[0].1);
+        assert!(checks[1..].iter().all(|(_, ok)| !ok), "{checks:?}");
+        assert_eq!(value("  check-pc0=42 \n", "pc0"), Some(42));
+        assert_eq!(value("check-pc0=x", "pc0"), None);
+    }
+}
