@@ -10,6 +10,7 @@
 pub mod assemble;
 pub mod breakdown;
 pub mod cli;
+pub mod config;
 pub mod counters;
 pub mod devices;
 pub mod hypercall;
@@ -23,6 +24,7 @@ pub mod platform;
 pub mod report;
 pub mod run;
 pub mod seccomp;
+pub mod spec;
 pub mod sync;
 pub mod vcpu;
 pub mod vm;
