@@ -7,12 +7,14 @@
 //! mechanisms ([`mech`], each behind [`mech::Mechanism`]), [`report`], the run
 //! loop ([`vcpu::exit`]), [`vm`], [`assemble`], [`run`] and [`cli`].
 
+pub mod api;
 pub mod assemble;
 pub mod breakdown;
 pub mod cli;
 pub mod config;
 pub mod counters;
 pub mod devices;
+pub mod fleet;
 pub mod hypercall;
 pub mod kvm;
 pub mod loglimit;

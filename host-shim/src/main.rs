@@ -75,7 +75,7 @@ fn main() {
             if !cli.quiet {
                 eprint!("{}", report.summary());
             }
-            std::process::exit(run::exit_code(&report));
+            std::process::exit(run::exit_code(&report, cli.api_sock.is_some()));
         }
         Err(e) => {
             eprintln!("host-shim: {e}");

@@ -230,6 +230,8 @@ impl Net {
 impl Drop for Net {
     fn drop(&mut self) {
         self.stop_worker();
+        // A guest removed at run time gives its switch port back.
+        self.switch.remove_port(self.port_index);
     }
 }
 

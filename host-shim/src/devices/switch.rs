@@ -180,7 +180,9 @@ impl Table {
 
 #[derive(Default)]
 pub struct Switch {
-    ports: Mutex<Vec<Arc<Port>>>,
+    /// Indexed by port number; a removed port leaves `None` until a new
+    /// port takes its number.
+    ports: Mutex<Vec<Option<Arc<Port>>>>,
     table: Mutex<Table>,
     pub forwarded: AtomicU64,
     pub flooded: AtomicU64,
@@ -234,7 +236,11 @@ impl Switch {
             direct: std::sync::RwLock::new(None),
         });
         let mut ports = lock(&self.ports);
-        let index = ports.len();
+        // A removed port's number is free again: its table entries went with it.
+        let index = ports
+            .iter()
+            .position(Option::is_none)
+            .unwrap_or(ports.len());
         if let Some(mac) = mac {
             let mut table = self.table();
             if let Some(e) = table.get(mac).filter(|e| e.bound()) {
@@ -250,8 +256,39 @@ impl Switch {
             // Replaces anything the TAP may have learned for it before the NIC existed.
             table.bind(mac, index);
         }
-        ports.push(port.clone());
+        if index == ports.len() {
+            ports.push(Some(port.clone()));
+        } else {
+            ports[index] = Some(port.clone());
+        }
         Ok((index, port))
+    }
+
+    /// Removes port `index` (a guest NIC that went away): its MAC binding
+    /// and every MAC learned behind it are forgotten, and frames in flight
+    /// to it are dropped with its inbox.
+    pub fn remove_port(&self, index: usize) {
+        let mut ports = lock(&self.ports);
+        let Some(slot) = ports.get_mut(index) else {
+            return;
+        };
+        if slot.take().is_none() {
+            return;
+        }
+        let mut table = self.table();
+        let mut learned_gone = 0;
+        table.map.retain(|_, e| {
+            let gone = e.port == index;
+            learned_gone += usize::from(gone && !e.bound());
+            !gone
+        });
+        table.learned -= learned_gone;
+    }
+
+    /// Ports in use: guest NICs and the TAP.
+    #[must_use]
+    pub fn port_count(&self) -> usize {
+        lock(&self.ports).iter().flatten().count()
     }
 
     fn table(&self) -> std::sync::MutexGuard<'_, Table> {
@@ -301,7 +338,7 @@ impl Switch {
         let dst: Mac = frame[0..6].try_into().unwrap_or([0xFF; 6]);
         let src: Mac = frame[6..12].try_into().unwrap_or([0; 6]);
         let ports = lock(&self.ports).clone();
-        let Some(ingress) = ports.get(from) else {
+        let Some(Some(ingress)) = ports.get(from) else {
             return;
         };
         match ingress.mac {
@@ -335,7 +372,7 @@ impl Switch {
         match known {
             Some(to) if to == from => {} // the destination is behind the ingress port
             Some(to) => {
-                if let Some(p) = ports.get(to) {
+                if let Some(Some(p)) = ports.get(to) {
                     self.forwarded.fetch_add(1, Ordering::Relaxed);
                     self.deliver(p, frame.to_vec());
                 }
@@ -343,6 +380,7 @@ impl Switch {
             None => {
                 self.flooded.fetch_add(1, Ordering::Relaxed);
                 for (i, p) in ports.iter().enumerate() {
+                    let Some(p) = p else { continue };
                     if i != from {
                         self.deliver(p, frame.to_vec());
                     }
@@ -361,6 +399,7 @@ impl Switch {
             ("dropped_forged_source", self.forged.load(Ordering::Relaxed)),
             ("mac_evicted", self.evicted.load(Ordering::Relaxed)),
             ("mac_aged_out", self.aged_out.load(Ordering::Relaxed)),
+            ("ports", self.port_count() as u64),
         ]
         .into_iter()
         .collect()
@@ -449,6 +488,25 @@ mod tests {
     /// Client `A`, server `B`, a third guest `C` that attacks.
     fn three_nics(s: &Switch) -> [Arc<Port>; 3] {
         [A, B, C].map(|m| s.add_nic_port(&format!("{m:?}"), m).unwrap().1)
+    }
+
+    #[test]
+    fn a_removed_port_frees_its_number_and_its_mac() {
+        let s = Switch::default();
+        let [pa, _pb, pc] = three_nics(&s);
+        assert_eq!(s.port_count(), 3);
+        s.remove_port(1);
+        s.remove_port(1); // twice is harmless
+        assert_eq!(s.port_count(), 2);
+        // B's MAC is free: frames to it flood to the ports left, none lost to a dead one.
+        s.send(0, &frame(B, A));
+        assert_eq!(pc.pending(), 1);
+        assert_eq!(s.flooded.load(Ordering::Relaxed), 1);
+        // A new NIC takes the free number and may bind B again.
+        let (i, pb2) = s.add_nic_port("B2", B).unwrap();
+        assert_eq!((i, s.port_count()), (1, 3));
+        s.send(0, &frame(B, A));
+        assert_eq!((pb2.pending(), pc.pending(), pa.pending()), (1, 1, 0));
     }
 
     #[test]
