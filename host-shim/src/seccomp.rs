@@ -296,6 +296,9 @@ const API: &[i64] = &[
     libc::SYS_recvfrom,
     libc::SYS_writev,
     libc::SYS_shutdown,
+    // glibc reads /proc/sys/vm/overcommit_memory when it shrinks a thread's
+    // malloc arena (after a burst of clients ends): read-only opens only.
+    libc::SYS_openat,
 ];
 
 /// What the main thread adds with `--api-sock`, where it assembles a guest

@@ -380,6 +380,9 @@ impl Guest {
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
+        for m in &self.mechs {
+            m.joined();
+        }
         if let Some(ctx) = &self.ctx {
             ctx.platform.finish();
         }
