@@ -14,9 +14,9 @@ use serde::Serialize;
 use tokio::sync::oneshot;
 use tracing::warn;
 
+use super::limits::{BODY_TIMEOUT, MAX_BODY};
 use super::model::{ActionBody, ApiError, Command, ErrorBody};
 use super::prometheus;
-use super::server::{BODY_TIMEOUT, MAX_BODY};
 use crate::spec::{self, GuestSpec};
 
 /// How long a request waits for the owner of the guests (which builds or
