@@ -4,6 +4,7 @@
 
 use crate::error::{Error, Result};
 use crate::test::leg::Leg;
+use crate::test::legs::api::ShimApi;
 use crate::test::legs::direct::ShimDirect;
 use crate::test::legs::doorbell::ShimDoorbell;
 use crate::test::legs::flood::ShimFlood;
@@ -50,6 +51,7 @@ pub const LEGS: &[&dyn Leg] = &[
     &ShimDirect,
     &QemuPingpong,
     &ShimTap,
+    &ShimApi,
     &Template,
     &QemuInterop,
 ];
@@ -98,6 +100,7 @@ mod tests {
                 "shim-direct",
                 "qemu-pingpong",
                 "shim-tap",
+                "api",
                 "template",
                 "interop"
             ]
