@@ -23,6 +23,10 @@ use crate::report::{self, Report};
 use crate::vcpu::Outcome;
 use crate::vm::{Guest, GuestConfig};
 
+/// The most guests the shim holds (command-line ones included) before the
+/// API refuses another: each costs threads, memory and a switch port.
+pub const MAX_GUESTS: usize = 64;
+
 /// One guest of the run and what belongs to it alone.
 pub struct Member {
     pub guest: Guest,
@@ -168,7 +172,22 @@ impl<'a> Fleet<'a> {
                 "a guest named {name:?} exists already (DELETE /guests/{name} first)"
             )));
         }
+        if self.members.len() >= MAX_GUESTS {
+            return Err(ApiError::conflict(format!(
+                "the shim holds {MAX_GUESTS} guests, the most it takes; DELETE one first"
+            )));
+        }
         let cfg = spec.check().map_err(ApiError::bad_request)?;
+        // The image is read whole: a file larger than the guest's RAM
+        // cannot fit in it anyway and must not cost the shim its size.
+        let size = std::fs::metadata(&cfg.kernel).map_or(0, |m| m.len());
+        if size > cfg.mem {
+            return Err(ApiError::bad_request(format!(
+                "kernel {} is {size} bytes, more than the guest's {} MiB of RAM",
+                cfg.kernel.display(),
+                cfg.mem >> 20
+            )));
+        }
         boot::check_pvh_image(&cfg.kernel).map_err(|e| {
             ApiError::bad_request(format!(
                 "kernel {} cannot be booted: {e}",

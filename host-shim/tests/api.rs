@@ -151,9 +151,10 @@ fn refused(shim: &Shim, (method, path, body): (&str, &str, &str), status: u16, n
 /// get and a piece of the error that must name the problem.
 type Case = (&'static str, &'static str, String, u16, &'static str);
 
-/// Requests a client gets wrong; `not_elf` names a file that is no ELF image.
+/// Requests a client gets wrong; `not_elf` names a file that is no ELF
+/// image, `huge` one larger than 4 MiB.
 #[rustfmt::skip]
-fn bad_request_cases(not_elf: &str) -> Vec<Case> {
+fn bad_request_cases(not_elf: &str, huge: &str) -> Vec<Case> {
     let elf_no_pvh = SHIM; // an ELF file, but no PVH entry note
     let kernel = |k: &str, more: &str| format!("{{\"kernel\": \"{k}\"{more}}}");
     let none = String::new;
@@ -167,6 +168,7 @@ fn bad_request_cases(not_elf: &str) -> Vec<Case> {
         ("PUT", "/guests/a", kernel("/no/such/kernel", ""), 400, "does not exist"),
         ("PUT", "/guests/a", kernel(SHIM, ", \"vcpus\": 0"), 400, "vcpus=0"),
         ("PUT", "/guests/a", kernel(SHIM, ", \"mem\": \"9G\""), 400, "mem=9G"),
+        ("PUT", "/guests/a", kernel(huge, ", \"mem\": \"4M\""), 400, "more than the guest's 4 MiB of RAM"),
         ("PUT", "/guests/a", kernel(SHIM, ", \"name\": \"b\""), 400, "the body names guest \"b\""),
         ("PUT", "/guests/a%20b", "{}".into(), 400, "guest name"),
         ("DELETE", "/guests/ghost", none(), 404, "no guest named \"ghost\""),
@@ -187,7 +189,13 @@ fn bad_requests_get_a_4xx_naming_the_problem_and_change_nothing() {
     let shim = Shim::start("bad", &[]);
     let not_elf = shim.dir.join("not-elf");
     std::fs::write(&not_elf, b"hello").unwrap();
-    let cases = bad_request_cases(&not_elf.display().to_string());
+    let huge = shim.dir.join("huge");
+    // Sparse: 5 MiB long, nothing written.
+    std::fs::File::create(&huge)
+        .unwrap()
+        .set_len(5 << 20)
+        .unwrap();
+    let cases = bad_request_cases(&not_elf.display().to_string(), &huge.display().to_string());
     for (method, path, body, status, needle) in &cases {
         refused(&shim, (method, path, body), *status, needle);
     }
