@@ -202,10 +202,16 @@ impl<'a> Fleet<'a> {
         let t0 = Instant::now();
         let pins = self.place(cfg.vcpus);
         let failed = |e: &dyn std::fmt::Display| ApiError::new(500, format!("guest {name}: {e}"));
-        let mut guest = self
-            .asm
-            .guest(&self.kvm, self.cli, &cfg, mac_index, &pins)
-            .map_err(|e| failed(&e))?;
+        let mut guest = match self.asm.guest(&self.kvm, self.cli, &cfg, mac_index, &pins) {
+            Ok(g) => g,
+            Err(e) => {
+                // Its NIC may have taken a port before the failure.
+                self.asm
+                    .switch
+                    .remove_nic_port(crate::assemble::guest_mac(mac_index));
+                return Err(failed(&e));
+            }
+        };
         // The placement of a run-time guest is not moved by
         // --io-cpu-move-after-ms; keep the list to the command line's.
         let _ = self.asm.io_placements.pop();
@@ -213,7 +219,11 @@ impl<'a> Fleet<'a> {
         if let Err(e) = guest.start(&pins) {
             guest.stop("its start failed");
             let _ = monitors.shutdown();
+            let ports: Vec<usize> = guest.nics.iter().map(|n| n.switch_port).collect();
             let _ = guest.join(t0);
+            for p in ports {
+                self.asm.switch.remove_port(p);
+            }
             return Err(failed(&e));
         }
         let member = Member {
@@ -255,7 +265,13 @@ impl<'a> Fleet<'a> {
         if let Some(mon) = m.monitors {
             let _ = mon.shutdown();
         }
+        let ports: Vec<usize> = m.guest.nics.iter().map(|n| n.switch_port).collect();
         let report = m.guest.join(m.t0);
+        // Its NIC is gone with it: the port's number and MAC are free again.
+        // (Command-line guests keep theirs to the end, for the final report.)
+        for p in ports {
+            self.asm.switch.remove_port(p);
+        }
         info!(guest = name, outcome = %report.outcome, "API: guest stopped and removed");
         Ok(serde_json::to_value(&report).unwrap_or_default())
     }

@@ -94,6 +94,8 @@ pub struct NicInfo {
     /// The NIC's queue work for the doorbell monitor to run itself (run to
     /// completion), when asked for.
     pub inline: Option<Arc<crate::devices::net::Inline>>,
+    /// Its port on the switch, given back when the guest is removed at run time.
+    pub switch_port: usize,
 }
 
 /// A guest before and while it runs.

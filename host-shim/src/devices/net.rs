@@ -217,6 +217,12 @@ impl Net {
         self.mac
     }
 
+    /// Its port number on the switch.
+    #[must_use]
+    pub const fn port_index(&self) -> usize {
+        self.port_index
+    }
+
     fn stop_worker(&mut self) {
         self.inline.set(None);
         self.port.set_direct(None);
@@ -230,8 +236,6 @@ impl Net {
 impl Drop for Net {
     fn drop(&mut self) {
         self.stop_worker();
-        // A guest removed at run time gives its switch port back.
-        self.switch.remove_port(self.port_index);
     }
 }
 

@@ -264,7 +264,7 @@ impl Switch {
         Ok((index, port))
     }
 
-    /// Removes port `index` (a guest NIC that went away): its MAC binding
+    /// Removes port `index` (the NIC of a guest removed at run time): its MAC binding
     /// and every MAC learned behind it are forgotten, and frames in flight
     /// to it are dropped with its inbox.
     pub fn remove_port(&self, index: usize) {
@@ -283,6 +283,15 @@ impl Switch {
             !gone
         });
         table.learned -= learned_gone;
+    }
+
+    /// Removes the port bound to `mac`, if any (a NIC whose guest could not
+    /// be built).
+    pub fn remove_nic_port(&self, mac: Mac) {
+        let port = self.table().get(mac).filter(|e| e.bound()).map(|e| e.port);
+        if let Some(p) = port {
+            self.remove_port(p);
+        }
     }
 
     /// Ports in use: guest NICs and the TAP.
@@ -502,11 +511,15 @@ mod tests {
         s.send(0, &frame(B, A));
         assert_eq!(pc.pending(), 1);
         assert_eq!(s.flooded.load(Ordering::Relaxed), 1);
-        // A new NIC takes the free number and may bind B again.
-        let (i, pb2) = s.add_nic_port("B2", B).unwrap();
-        assert_eq!((i, s.port_count()), (1, 3));
+        // A NIC's port found by its MAC goes the same way.
+        s.remove_nic_port(C);
+        assert_eq!(s.port_count(), 1);
+        // New NICs take the free numbers, lowest first, and may bind B and C again.
+        let (ic, pc) = s.add_nic_port("C2", C).unwrap();
+        let (ib, pb2) = s.add_nic_port("B2", B).unwrap();
+        assert_eq!((ic, ib, s.port_count()), (1, 2, 3));
         s.send(0, &frame(B, A));
-        assert_eq!((pb2.pending(), pc.pending(), pa.pending()), (1, 1, 0));
+        assert_eq!((pb2.pending(), pc.pending(), pa.pending()), (1, 0, 0));
     }
 
     #[test]
