@@ -82,9 +82,16 @@ impl ConfigFile {
     /// # Errors
     /// Malformed TOML, an unknown key, a value of the wrong type.
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
-        toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: path.display().to_string(),
-            message: e.to_string().trim_end().replace('\n', " "),
+        toml::from_str(text).map_err(|e| {
+            // One line: where, then what (toml's own text draws the line).
+            let line = e
+                .span()
+                .map(|r| text.get(..r.start).map_or(0, |t| t.matches('\n').count()) + 1);
+            let what = e.message().trim_end().replace('\n', " ");
+            ConfigError::Parse {
+                path: path.display().to_string(),
+                message: line.map_or_else(|| what.clone(), |l| format!("line {l}: {what}")),
+            }
         })
     }
 
