@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-/// Clients served at once; one more is closed at once (and counted).
+/// Clients served at once; one more is closed at once, with a (rate-limited) log line.
 pub const MAX_CONNECTIONS: usize = 16;
 /// A request's header section, in bytes, and its number of header lines.
 pub const MAX_HEADER_BYTES: usize = 16 * 1024;

@@ -8,7 +8,6 @@
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender};
 use std::time::Duration;
 
@@ -44,8 +43,6 @@ pub struct ApiServer {
     stop: Arc<Notify>,
     thread: Option<std::thread::JoinHandle<()>>,
     path: PathBuf,
-    /// Connections closed at once because [`MAX_CONNECTIONS`] were open.
-    pub refused: Arc<AtomicU64>,
 }
 
 /// Removes a socket a dead shim left behind; refuses anything else.
@@ -85,8 +82,7 @@ impl ApiServer {
         listener.set_nonblocking(true).map_err(io)?;
         let (tx, rx) = std::sync::mpsc::sync_channel(QUEUE);
         let stop = Arc::new(Notify::new());
-        let refused = Arc::new(AtomicU64::new(0));
-        let (stop2, refused2) = (stop.clone(), refused.clone());
+        let stop2 = stop.clone();
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_io()
             .enable_time()
@@ -96,7 +92,7 @@ impl ApiServer {
             .name("api".into())
             .spawn(move || {
                 crate::seccomp::install_or_exit(crate::seccomp::Kind::Api);
-                runtime.block_on(serve(listener, tx, &stop2, &refused2));
+                runtime.block_on(serve(listener, tx, &stop2));
             })
             .map_err(io)?;
         info!(path = %path.display(), "API listening");
@@ -105,7 +101,6 @@ impl ApiServer {
             stop,
             thread: Some(thread),
             path: path.to_owned(),
-            refused,
         })
     }
 
@@ -119,12 +114,7 @@ impl ApiServer {
     }
 }
 
-async fn serve(
-    listener: std::os::unix::net::UnixListener,
-    tx: SyncSender<Command>,
-    stop: &Notify,
-    refused: &AtomicU64,
-) {
+async fn serve(listener: std::os::unix::net::UnixListener, tx: SyncSender<Command>, stop: &Notify) {
     let listener = match tokio::net::UnixListener::from_std(listener) {
         Ok(l) => l,
         Err(e) => {
@@ -153,7 +143,6 @@ async fn serve(
             },
         };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
-            refused.fetch_add(1, Ordering::Relaxed);
             crate::guest_log!(
                 warn,
                 "API client refused: {MAX_CONNECTIONS} connections are open already"
