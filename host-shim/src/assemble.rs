@@ -137,6 +137,7 @@ fn attach_net(
         }
     }
     net.run_to_completion = inline_run;
+    let switch_port = net.port_index();
     let inline = net.inline.clone();
     let counters = net.counters.clone();
     let router = Arc::new(KvmMsiRouter::new(g.vm.clone(), IOAPIC_PINS));
@@ -168,6 +169,7 @@ fn attach_net(
         pci_device: slot,
         doorbell_fds,
         inline: inline_run.then_some(inline),
+        switch_port,
     })
 }
 

@@ -4,8 +4,15 @@ use std::path::PathBuf;
 
 use clap::Parser;
 
-use crate::kvm::memory;
-use crate::vm::{GuestConfig, MAX_VCPUS};
+use crate::spec::GuestSpec;
+use crate::vm::GuestConfig;
+
+/// `--help`'s groups: what every user needs first, the experiment knobs after.
+const GUESTS: &str = "Guests and networking";
+const RUN: &str = "Running, logging, reports and the API";
+const MECH: &str = "Paravirtual mechanisms (experiments; defaults are the fast path)";
+const TUNE: &str = "Placement and tuning (experiments)";
+const TEST: &str = "Tests, benchmarks and debugging";
 
 #[derive(Debug, Parser)]
 #[command(
@@ -17,9 +24,13 @@ use crate::vm::{GuestConfig, MAX_VCPUS};
 virtio-net device on an in-process L2 switch shared by all guests.\n\n\
 Each guest ends on its own (exit hypercall, triple fault, or fatal error); the shim exits when \
 all have ended. Exit status: 0 when every guest exited with status 0, 1 otherwise, 2 for \
-usage errors. SIGINT/SIGTERM stop every guest cleanly.",
+usage errors. SIGINT/SIGTERM stop every guest cleanly.\n\n\
+With --api-sock the shim serves an HTTP API on a Unix socket (docs/api.yaml) through which guests \
+are created and removed at run time; it then runs until told to shut down. --config FILE reads the \
+same options from a TOML file (docs/operations.md).",
     after_help = "Example (after `cargo xtask build`, from the repository's root): a UDP ping-pong between two guests\n  K=target/x86_64-unknown-none/release/udp-pingpong\n  host-shim --guest name=server,kernel=$K,cmdline=\"pingpong.role=server ip=10.0.0.1/24\" \\\n            --guest name=client,kernel=$K,cmdline=\"pingpong.role=client ip=10.0.0.2/24 pingpong.peer=10.0.0.1 pingpong.count=100\" \\\n            --stats-json stats.json\n\nLogs go to stderr, filtered by RUST_LOG (or SHIM_LOG), e.g. RUST_LOG=host_shim=debug."
 )]
+#[command(args_override_self = true)]
 #[allow(clippy::struct_excessive_bools)] // independent switches, not a state machine
 pub struct Cli {
     /// A guest to run; repeat for several. Comma-separated keys:
@@ -28,22 +39,11 @@ pub struct Cli {
     /// vcpus=N (default 1, at most 254), mem=SIZE (default 256M; K/M/G suffixes; at most
     /// 2560M so that RAM ends below the para region at 0xA0000000 and the MMIO hole), cmdline=TEXT (the rest of the argument
     /// after "cmdline=" — put it last; may contain commas).
-    #[arg(long = "guest", value_name = "SPEC", required = true, value_parser = parse_guest)]
+    #[arg(help_heading = GUESTS, long = "guest", value_name = "SPEC", value_parser = parse_guest)]
     pub guests: Vec<GuestConfig>,
 
-    /// vCPU placement: "none" (let the host schedule), "spread" (round-robin over the
-    /// N host CPUs, every guest's vCPU 0 first, then every guest's vCPU 1, ..., so that
-    /// the guests' boot vCPUs, which do most of the work, get different host CPUs),
-    /// "sidecore" (every guest's vCPU 0 on the host CPUs but the last, the other vCPUs
-    /// spread over all, and every doorbell monitor on the last CPU: a core for the
-    /// data path, for guests that take turns like a ping-pong pair), or a comma list of
-    /// host CPUs used round-robin over the vCPUs in command-line order (guest a's
-    /// vCPUs, then guest b's, ...).
-    #[arg(long, value_name = "POLICY", default_value = "spread", value_parser = parse_pin)]
-    pub pin: PinPolicy,
-
     /// Give guests no network device at all.
-    #[arg(long)]
+    #[arg(help_heading = GUESTS, long)]
     pub no_net: bool,
 
     /// Also connect the switch to the host TAP device NAME (created through
@@ -54,34 +54,62 @@ pub struct Cli {
     /// longer than 64 KiB are dropped and counted. A TAP the shim created goes away
     /// when the shim exits; make it persistent first (`ip tuntap add NAME mode tap`)
     /// to configure it before the guests start.
-    #[arg(long, value_name = "NAME", conflicts_with = "no_net", value_parser = parse_tap)]
+    #[arg(help_heading = GUESTS, long, value_name = "NAME", conflicts_with = "no_net", value_parser = parse_tap)]
     pub tap: Option<String>,
 
     /// Write per-guest and per-vCPU counters as JSON to FILE at exit.
-    #[arg(long, value_name = "FILE")]
+    #[arg(help_heading = RUN, long, value_name = "FILE")]
     pub stats_json: Option<PathBuf>,
 
     /// Don't print the summary table at exit.
-    #[arg(long)]
+    #[arg(help_heading = RUN, long)]
     pub quiet: bool,
+
+    /// Serve the shim's HTTP API (JSON, described in docs/api.yaml) on the
+    /// Unix socket PATH: list, create, stop and remove guests, read their
+    /// stats, shut the shim down. With it the shim may start with no guest
+    /// and runs until `PUT /actions {"action":"shutdown"}` or SIGTERM.
+    /// PATH must not exist yet (a stale socket of a dead shim is replaced).
+    #[arg(help_heading = RUN, long, value_name = "PATH")]
+    pub api_sock: Option<PathBuf>,
+
+    /// Read guests and options from the TOML file FILE (docs/operations.md
+    /// has a full example). Every flag has a key of the same name (e.g.
+    /// `stats-json = "s.json"`, `doorbells = false`) and every `--guest` a
+    /// `[[guest]]` table with its keys. Flags on the command line win over
+    /// the file's values for the same option; `--guest` flags add guests
+    /// after the file's. Unknown keys are refused, naming the key and FILE.
+    #[arg(help_heading = RUN, long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// vCPU placement: "none" (let the host schedule), "spread" (round-robin over the
+    /// N host CPUs, every guest's vCPU 0 first, then every guest's vCPU 1, ..., so that
+    /// the guests' boot vCPUs, which do most of the work, get different host CPUs),
+    /// "sidecore" (every guest's vCPU 0 on the host CPUs but the last, the other vCPUs
+    /// spread over all, and every doorbell monitor on the last CPU: a core for the
+    /// data path, for guests that take turns like a ping-pong pair), or a comma list of
+    /// host CPUs used round-robin over the vCPUs in command-line order (guest a's
+    /// vCPUs, then guest b's, ...).
+    #[arg(help_heading = TUNE, long, value_name = "POLICY", default_value = "spread", value_parser = parse_pin)]
+    pub pin: PinPolicy,
 
     /// Exitless doorbells (M1): "on" offers every guest a para region with a
     /// doorbell ring consumed by a host monitor thread (CPUID 0x40000001 bits
     /// PARA_REGION and DOORBELLS); "off" offers neither (leaf 0x40000002 reads zero).
-    #[arg(long, value_name = "on|off", default_value = "on", action = clap::ArgAction::Set, value_parser = parse_on_off)]
+    #[arg(help_heading = MECH, long, value_name = "on|off", default_value = "on", action = clap::ArgAction::Set, value_parser = parse_on_off)]
     pub doorbells: bool,
 
     /// How long a doorbell monitor spins (pause loop) on empty rings before it
     /// parks and sleeps until a trapping kick, in microseconds. Spinning costs a
     /// host CPU; the default (50) keeps an idle 2-core machine idle. 0 = park at once.
-    #[arg(long, value_name = "N", default_value_t = crate::mech::doorbell::monitor::DEFAULT_SPIN_US)]
+    #[arg(help_heading = TUNE, long, value_name = "N", default_value_t = crate::mech::doorbell::monitor::DEFAULT_SPIN_US)]
     pub doorbell_spin_us: u64,
 
     /// The most an adaptive monitor spins, in microseconds: the budget starts at
     /// --doorbell-spin-us, doubles while events keep arriving within it (or
     /// kicks come soon after parking) and falls back once the guests are idle.
     /// Equal to (or below) --doorbell-spin-us: a fixed budget.
-    #[arg(long, value_name = "N", default_value_t = crate::mech::doorbell::monitor::DEFAULT_SPIN_MAX_US)]
+    #[arg(help_heading = TUNE, long, value_name = "N", default_value_t = crate::mech::doorbell::monitor::DEFAULT_SPIN_MAX_US)]
     pub doorbell_spin_max_us: u64,
 
     /// The host priority a doorbell monitor spins at. "idle": SCHED_IDLE, so it
@@ -89,7 +117,7 @@ pub struct Cli {
     /// preempts it at once; a watch thread raises a monitor starved for 1 ms back
     /// to normal until it parks. "normal": spin at normal priority, sharing the
     /// CPU with the vCPU threads. Monitors always park at normal priority.
-    #[arg(long, value_name = "idle|normal", default_value = "idle", value_parser = crate::mech::doorbell::idle_spin::SpinClass::parse)]
+    #[arg(help_heading = TUNE, long, value_name = "idle|normal", default_value = "idle", value_parser = crate::mech::doorbell::idle_spin::SpinClass::parse)]
     pub doorbell_spin_class: crate::mech::doorbell::idle_spin::SpinClass,
 
     /// Cap KVM's halt polling for every guest at NS nanoseconds
@@ -97,26 +125,26 @@ pub struct Cli {
     /// host kernel for an interrupt before it sleeps; 0 turns it off. Unset: the
     /// host's default (/sys/module/kvm/parameters/halt_poll_ns). The stats JSON
     /// counts attempted and successful polls per vCPU.
-    #[arg(long, value_name = "NS")]
+    #[arg(help_heading = TUNE, long, value_name = "NS")]
     pub halt_poll_ns: Option<u32>,
 
     /// Serve the notification benchmark (`cargo xtask bench notify`): an MMIO
     /// exit address, an ioeventfd address and a doorbell device that each time
     /// and acknowledge a guest's notifications (needs --doorbells on).
-    #[arg(long)]
+    #[arg(help_heading = TEST, long)]
     pub notify_bench: bool,
 
     /// Give every guest a spare doorbell range on the next host CPU's monitor and
     /// let it ask (hypercall 21) to be moved there at run time: tests run-time
     /// re-designation and its notification (needs --doorbells on).
-    #[arg(long)]
+    #[arg(help_heading = TEST, long)]
     pub doorbell_redesignate: bool,
     /// Give every vCPU thread a time slice of MS milliseconds (1–1000): at its
     /// end the vCPU yields its host CPU, but never while the guest has interrupts
     /// masked — then the yield waits for the interrupt window (M3's window state
     /// informing scheduling; counted as preempt_deferred). Meant for more vCPUs
     /// than host CPUs; off by default.
-    #[arg(long, value_name = "MS", value_parser = clap::value_parser!(u64).range(crate::mech::quantum::MIN_MS..=crate::mech::quantum::MAX_MS))]
+    #[arg(help_heading = TUNE, long, value_name = "MS", value_parser = clap::value_parser!(u64).range(crate::mech::quantum::MIN_MS..=crate::mech::quantum::MAX_MS))]
     pub vcpu_quantum: Option<u64>,
 
     /// M3 upcalls: "window" offers every guest per-vCPU upcall mailboxes (CPUID
@@ -124,32 +152,32 @@ pub struct Cli {
     /// when the guest's interrupt window opens (KVM's interrupt-window exit);
     /// "poll" offers the same but, as a naive comparison, looks at IF again only
     /// at the vCPU's next exit of any cause; "off" offers nothing.
-    #[arg(long, value_name = "window|poll|off", default_value = "window")]
+    #[arg(help_heading = MECH, long, value_name = "window|poll|off", default_value = "window")]
     pub upcalls: crate::mech::upcalls::Delivery,
 
     /// Interrupt-vCPU hints (M2): "on" offers every guest a read-only hints page
     /// (CPUID 0x40000001 bit HINTS, leaf 0x40000003) where the NIC's I/O thread
     /// names the guest's vCPUs that share its host CPU; "off" offers none.
-    #[arg(long, value_name = "on|off", default_value = "on", action = clap::ArgAction::Set, value_parser = parse_on_off)]
+    #[arg(help_heading = MECH, long, value_name = "on|off", default_value = "on", action = clap::ArgAction::Set, value_parser = parse_on_off)]
     pub hints: bool,
 
     /// Pin every NIC's I/O thread (the worker that fills the RX ring and raises
     /// its interrupt) to host CPU N; unpinned by default.
-    #[arg(long, value_name = "N")]
+    #[arg(help_heading = TUNE, long, value_name = "N")]
     pub io_cpu: Option<usize>,
 
     /// Move the I/O threads to host CPU `--io-cpu-move-to` this many ms after the
     /// guests start (for tests and benchmarks of the hints).
-    #[arg(long, value_name = "MS", requires = "io_cpu_move_to")]
+    #[arg(help_heading = TUNE, long, value_name = "MS", requires = "io_cpu_move_to")]
     pub io_cpu_move_after_ms: Option<u64>,
 
     /// Move each guest's I/O thread to `--io-cpu-move-to` once it has raised
     /// this many interrupts (a move at a fixed point of the run, for tests).
-    #[arg(long, value_name = "N", requires = "io_cpu_move_to")]
+    #[arg(help_heading = TUNE, long, value_name = "N", requires = "io_cpu_move_to")]
     pub io_cpu_move_after_irqs: Option<u64>,
 
     /// Where `--io-cpu-move-after-ms` / `--io-cpu-move-after-irqs` move the I/O threads.
-    #[arg(long, value_name = "N")]
+    #[arg(help_heading = TUNE, long, value_name = "N")]
     pub io_cpu_move_to: Option<usize>,
 
     /// Run to completion: "on" has the doorbell monitor that consumes a NIC
@@ -157,25 +185,25 @@ pub struct Cli {
     /// peer's RX ring, wake the peer) and the switch push frames into a guest
     /// NIC's RX ring on the sender's thread; "off" wakes the NIC's worker
     /// thread for each (eventfds).
-    #[arg(long, value_name = "on|off", default_value = "on", action = clap::ArgAction::Set, value_parser = parse_on_off)]
+    #[arg(help_heading = MECH, long, value_name = "on|off", default_value = "on", action = clap::ArgAction::Set, value_parser = parse_on_off)]
     pub run_to_completion: bool,
 
     /// Latency-breakdown stamps (`cargo xtask bench breakdown`): "on" takes
     /// each frame's host TSC stamps and the sender's own, converted to the
     /// receiver's TSC, into the receiver's M4 wait page. Off by default: they
     /// carry one guest's timing into another guest's page.
-    #[arg(long, value_name = "on|off", default_value = "off", action = clap::ArgAction::Set, value_parser = parse_on_off)]
+    #[arg(help_heading = TEST, long, value_name = "on|off", default_value = "off", action = clap::ArgAction::Set, value_parser = parse_on_off)]
     pub latency_stamps: bool,
 
     /// Shadowed control flags (M4): "on" maps every guest's control blocks
     /// (CPUID 0x40000001 bit SHADOW_FLAGS, leaf 0x40000005); "off" offers none.
-    #[arg(long, value_name = "on|off", default_value = "on", action = clap::ArgAction::Set, value_parser = parse_on_off)]
+    #[arg(help_heading = MECH, long, value_name = "on|off", default_value = "on", action = clap::ArgAction::Set, value_parser = parse_on_off)]
     pub shadow_flags: bool,
 
     /// VM queues (M5): "on" gives every guest a VM-queue area (inbox, outbox,
     /// directory of all guests by name, receive window) and offers it (CPUID
     /// 0x40000001 bit VM_QUEUES, leaf 0x40000006).
-    #[arg(long, value_name = "on|off", default_value = "off", action = clap::ArgAction::Set, value_parser = parse_on_off)]
+    #[arg(help_heading = MECH, long, value_name = "on|off", default_value = "off", action = clap::ArgAction::Set, value_parser = parse_on_off)]
     pub vmq: bool,
 
     /// Direct channels between guests: with `--vmq on`, "on" gives every pair
@@ -183,14 +211,14 @@ pub struct Cli {
     /// read-write for it, read-only for its peer; CPUID 0x40000001 bit
     /// DIRECT_CHANNELS, leaf 0x40000007), which a guest uses with
     /// `net.dev=vmq net.vmq_policy=direct`; no host thread and no exit per frame.
-    #[arg(long, value_name = "on|off", default_value = "on", action = clap::ArgAction::Set, value_parser = parse_on_off)]
+    #[arg(help_heading = MECH, long, value_name = "on|off", default_value = "on", action = clap::ArgAction::Set, value_parser = parse_on_off)]
     pub direct: bool,
 
     /// Answer the test-only hypercalls (M3's upcall ping and storm, which the
     /// in-guest tests and benchmarks use). Off by default: a guest then gets
     /// "unknown call" for them, counted, and cannot make the shim start a
     /// storm thread.
-    #[arg(long)]
+    #[arg(help_heading = TEST, long)]
     pub test_hypercalls: bool,
 
     /// When a guest fails (an exit status other than 0, a triple fault, an
@@ -198,11 +226,11 @@ pub struct Cli {
     /// them run on (a ping-pong server would wait for its dead client until
     /// the timeout). Either way the shim says on its stdout, the moment it
     /// happens, how the guest ended.
-    #[arg(long)]
+    #[arg(help_heading = RUN, long)]
     pub end_on_failure: bool,
 
     /// Give up and stop all guests after this many seconds (0 = never).
-    #[arg(long, value_name = "SECS", default_value_t = 0)]
+    #[arg(help_heading = RUN, long, value_name = "SECS", default_value_t = 0)]
     pub timeout: u64,
 
     /// Debug one guest with gdb: listen on 127.0.0.1:PORT and keep the guest's
@@ -222,12 +250,12 @@ pub struct Cli {
     /// the shim with exit status 159 and one line naming the thread and the
     /// call. "off" is for debugging only (e.g. under a tool that makes calls
     /// of its own).
-    #[arg(long, value_name = "on|off", default_value = "on", action = clap::ArgAction::Set, value_parser = parse_on_off)]
+    #[arg(help_heading = TEST, long, value_name = "on|off", default_value = "on", action = clap::ArgAction::Set, value_parser = parse_on_off)]
     pub seccomp: bool,
 
     /// Test only: start one thread under the given filter kind that makes
     /// a system call outside every list, to show how a violation is reported.
-    #[arg(long, value_name = "KIND", hide = true)]
+    #[arg(help_heading = TEST, long, value_name = "KIND", hide = true)]
     pub seccomp_selftest: Option<String>,
 }
 
@@ -314,91 +342,23 @@ fn parse_pin(s: &str) -> Result<PinPolicy, String> {
     }
 }
 
-/// Parses `name=a,kernel=PATH,vcpus=2,mem=256M,cmdline=...`.
+/// Parses `name=a,kernel=PATH,vcpus=2,mem=256M,cmdline=...` (the keys of
+/// [`GuestSpec`]); an unnamed guest is named by [`Cli::finish`].
 pub fn parse_guest(spec: &str) -> Result<GuestConfig, String> {
-    let mut cfg = GuestConfig {
-        name: String::new(),
-        kernel: PathBuf::new(),
-        vcpus: 1,
-        mem: 256 << 20,
-        cmdline: String::new(),
-    };
-    let mut rest = spec;
-    while !rest.is_empty() {
-        let (key, after) = rest
-            .split_once('=')
-            .ok_or_else(|| format!("expected key=value in {rest:?}"))?;
-        if key == "cmdline" {
-            after.trim_matches('"').clone_into(&mut cfg.cmdline);
-            break;
-        }
-        let (value, next) = after.split_once(',').unwrap_or((after, ""));
-        rest = next;
-        match key {
-            "name" => {
-                if value.is_empty()
-                    || !value
-                        .chars()
-                        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-                {
-                    return Err(format!(
-                        "guest name {value:?} must be non-empty [A-Za-z0-9_-]"
-                    ));
-                }
-                if value.len() > para_abi::vmq::NAME_LEN {
-                    // Cut short in the VM-queue directory, two names could
-                    // read the same and a lookup find the wrong guest.
-                    return Err(format!(
-                        "guest name {value:?} is {} bytes; at most {} fit in the VM-queue directory",
-                        value.len(),
-                        para_abi::vmq::NAME_LEN
-                    ));
-                }
-                value.clone_into(&mut cfg.name);
-            }
-            "kernel" => cfg.kernel = PathBuf::from(value),
-            "vcpus" => {
-                cfg.vcpus = value
-                    .parse()
-                    .map_err(|_| format!("vcpus={value:?} is not a number"))?;
-                if cfg.vcpus == 0 || cfg.vcpus > MAX_VCPUS {
-                    return Err(format!("vcpus={value} is outside 1..={MAX_VCPUS}"));
-                }
-            }
-            "mem" => {
-                cfg.mem = memory::parse_size(value)
-                    .ok_or_else(|| format!("mem={value:?} is not a size like 256M"))?;
-                if !(memory::MIN_RAM..=memory::MAX_RAM).contains(&cfg.mem)
-                    || !cfg.mem.is_multiple_of(4096)
-                {
-                    return Err(format!(
-                        "mem={value} must be 4 KiB-aligned and within 4M..=2560M \
-                         (guest RAM must end below the para region at 0xA0000000)"
-                    ));
-                }
-            }
-            other => {
-                return Err(format!(
-                    "unknown guest key {other:?} (name, kernel, vcpus, mem, cmdline)"
-                ));
-            }
-        }
-    }
-    if cfg.kernel.as_os_str().is_empty() {
-        return Err("kernel=PATH is required".into());
-    }
-    if !cfg.kernel.is_file() {
-        return Err(format!(
-            "kernel {} does not exist or is not a file",
-            cfg.kernel.display()
-        ));
-    }
-    Ok(cfg)
+    GuestSpec::parse_flag(spec)?.check()
 }
 
 impl Cli {
-    /// Names guests that have none and checks names are unique.
+    /// Names guests that have none, checks names are unique and that there
+    /// is something to run.
     pub fn finish(&mut self) -> Result<(), String> {
+        if self.guests.is_empty() && self.api_sock.is_none() {
+            return Err(
+                "no guest to run: give --guest SPEC (or a [[guest]] table in \
+                        --config FILE), or --api-sock PATH to create guests at run time"
+                    .into(),
+            );
+        }
         for (i, g) in self.guests.iter_mut().enumerate() {
             if g.name.is_empty() {
                 g.name = format!("g{i}");

@@ -7,11 +7,14 @@
 //! mechanisms ([`mech`], each behind [`mech::Mechanism`]), [`report`], the run
 //! loop ([`vcpu::exit`]), [`vm`], [`assemble`], [`run`] and [`cli`].
 
+pub mod api;
 pub mod assemble;
 pub mod breakdown;
 pub mod cli;
+pub mod config;
 pub mod counters;
 pub mod devices;
+pub mod fleet;
 pub mod gdb;
 pub mod hypercall;
 pub mod kvm;
@@ -24,6 +27,7 @@ pub mod platform;
 pub mod report;
 pub mod run;
 pub mod seccomp;
+pub mod spec;
 pub mod sync;
 pub mod vcpu;
 pub mod vm;

@@ -28,7 +28,15 @@ fn one_line(text: &str) -> String {
 
 fn main() {
     let start = Instant::now();
-    let mut cli = match Cli::try_parse() {
+    // A --config file's flags go before the command line's own, which win.
+    let args = match host_shim::config::expand(std::env::args_os().collect()) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("host-shim: {e}");
+            std::process::exit(2);
+        }
+    };
+    let mut cli = match Cli::try_parse_from(args) {
         Ok(c) => c,
         Err(e) if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) => {
             let _ = e.print();
@@ -67,7 +75,7 @@ fn main() {
             if !cli.quiet {
                 eprint!("{}", report.summary());
             }
-            std::process::exit(run::exit_code(&report));
+            std::process::exit(run::exit_code(&report, cli.api_sock.is_some()));
         }
         Err(e) => {
             eprintln!("host-shim: {e}");

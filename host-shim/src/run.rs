@@ -7,15 +7,17 @@ use tracing::{error, info, warn};
 
 use std::sync::Arc;
 
-use crate::assemble::{AssembleError, Assembly};
+use crate::api::ApiServer;
+use crate::assemble::AssembleError;
 use crate::cli::Cli;
 use crate::devices::switch::Switch;
 use crate::devices::tap::Tap;
+use crate::fleet::{Fleet, Member};
 use crate::kvm::boot::{self, ImageError};
 use crate::mech::{hints, quantum};
 use crate::report::{self, Report};
 use crate::vcpu::Outcome;
-use crate::vm::{Guest, VmError};
+use crate::vm::VmError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -42,6 +44,8 @@ pub enum RunError {
     },
     #[error("seccomp: {0}")]
     Seccomp(#[from] crate::seccomp::SeccompError),
+    #[error(transparent)]
+    Api(#[from] crate::api::server::ApiStartError),
 }
 
 impl RunError {
@@ -51,7 +55,9 @@ impl RunError {
     pub const fn is_usage(&self) -> bool {
         matches!(
             self,
-            Self::Image { .. } | Self::Assemble(AssembleError::Gdb(crate::gdb::GdbError::Usage(_)))
+            Self::Image { .. }
+                | Self::Api(_)
+                | Self::Assemble(AssembleError::Gdb(crate::gdb::GdbError::Usage(_)))
         )
     }
 }
@@ -90,25 +96,30 @@ fn failure_line(name: &str, outcome: &Outcome, stopping_others: bool) -> String 
 
 /// Says on stdout, once each, which guests failed since the last look; with
 /// `end_on_failure`, stops every guest still running.
-fn tell_failures(running: &[Guest], told: &mut [bool], end_on_failure: bool) {
-    for (g, told) in running.iter().zip(told) {
-        let Some(outcome) = g.outcome().filter(|o| !*told && failed(o)) else {
+fn tell_failures(members: &mut [Member], end_on_failure: bool) {
+    for i in 0..members.len() {
+        let m = &members[i];
+        let Some(outcome) = m.guest.outcome().filter(|o| !m.told && failed(o)) else {
             continue;
         };
-        *told = true;
         {
             use std::io::Write;
             let mut out = std::io::stdout().lock();
-            let _ = writeln!(out, "{}", failure_line(&g.name, &outcome, end_on_failure));
+            let _ = writeln!(
+                out,
+                "{}",
+                failure_line(&m.guest.name, &outcome, end_on_failure)
+            );
             let _ = out.flush();
         }
         if end_on_failure {
-            let why = format!("guest {} failed", g.name);
-            running
+            let why = format!("guest {} failed", m.guest.name);
+            members
                 .iter()
-                .filter(|o| o.outcome().is_none())
-                .for_each(|o| o.stop(&why));
+                .filter(|o| o.guest.outcome().is_none())
+                .for_each(|o| o.guest.stop(&why));
         }
+        members[i].told = true;
     }
 }
 
@@ -162,7 +173,10 @@ fn host_cpus() -> usize {
     std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
 }
 
-/// Builds, boots and runs every guest; returns the report once all have ended.
+/// Builds, boots and runs every guest; returns the report once all have
+/// ended (with `--api-sock`: once a shutdown was asked for and every guest
+/// has ended).
+#[allow(clippy::too_many_lines)] // one linear run: build, start, serve, wait, report
 pub fn run(cli: &Cli, shim_start: Instant) -> Result<Report, RunError> {
     check_images(cli)?;
     block_stop_signals().map_err(RunError::Signals)?;
@@ -175,28 +189,32 @@ pub fn run(cli: &Cli, shim_start: Instant) -> Result<Report, RunError> {
         .map(|name| Tap::attach(name, &switch))
         .transpose()
         .map_err(AssembleError::from)?;
-    let counts: Vec<u32> = cli.guests.iter().map(|g| g.vcpus).collect();
-    let mut placement = cli.pin.placement(&counts, ncpus).into_iter();
-    let mut asm = Assembly::new(switch.clone(), ncpus);
+    let mut fleet = Fleet::new(cli, kvm, switch.clone(), ncpus, shim_start);
     let mut guests = Vec::with_capacity(cli.guests.len());
     for (i, cfg) in cli.guests.iter().enumerate() {
-        let pins: Vec<Option<usize>> = placement.next().unwrap_or_default();
-        let g = asm.guest(&kvm, cli, cfg, i, &pins)?;
-        guests.push((g, pins));
+        let pins = fleet.place(cfg.vcpus);
+        let g = {
+            let (kvm, asm) = fleet.kvm_and_assembly();
+            asm.guest(kvm, cli, cfg, i, &pins)?
+        };
+        guests.push((g, cfg.clone(), i, pins));
     }
-    let monitors = asm.start_monitors(cli)?;
-    let mut running = Vec::with_capacity(guests.len());
-    for (mut g, pins) in guests {
+    let monitors = fleet.asm.start_monitors(cli)?;
+    for (mut g, cfg, i, pins) in guests {
         g.start(&pins).map_err(|source| RunError::Guest {
             name: g.name.clone(),
             source,
         })?;
-        running.push(g);
+        fleet.push_built(g, cfg, i);
     }
-    info!(guests = running.len(), "all guests started");
+    info!(guests = fleet.members.len(), "all guests started");
     let ticker = match cli.vcpu_quantum {
         Some(ms) => {
-            let vcpus: Vec<_> = running.iter().flat_map(|g| g.vcpus.clone()).collect();
+            let vcpus: Vec<_> = fleet
+                .members
+                .iter()
+                .flat_map(|m| m.guest.vcpus.clone())
+                .collect();
             if vcpus.len() <= ncpus {
                 warn!(
                     vcpus = vcpus.len(),
@@ -213,30 +231,46 @@ pub fn run(cli: &Cli, shim_start: Instant) -> Result<Report, RunError> {
     };
     if let (Some(ms), Some(cpu)) = (cli.io_cpu_move_after_ms, cli.io_cpu_move_to) {
         hints::schedule_move(
-            std::mem::take(&mut asm.io_placements),
+            std::mem::take(&mut fleet.asm.io_placements),
             Duration::from_millis(ms),
             cpu,
         );
     }
+    let api = cli.api_sock.as_deref().map(ApiServer::start).transpose()?;
 
     // Every thread runs: from here on the main thread only waits, kicks,
-    // joins and reports.
-    crate::seccomp::install(crate::seccomp::Kind::Main)?;
+    // joins and reports, and with the API builds and frees guests.
+    crate::seccomp::install(if api.is_some() {
+        crate::seccomp::Kind::Control
+    } else {
+        crate::seccomp::Kind::Main
+    })?;
     let deadline = (cli.timeout > 0).then(|| Instant::now() + Duration::from_secs(cli.timeout));
-    let mut told = vec![false; running.len()];
+    // With the API a request waits for this loop: look often.
+    let tick = Duration::from_millis(if api.is_some() { 5 } else { 50 });
     loop {
-        tell_failures(&running, &mut told, cli.end_on_failure);
-        if running.iter().all(Guest::finished) {
+        tell_failures(&mut fleet.members, cli.end_on_failure);
+        if let Some(api) = &api {
+            while let Ok(cmd) = api.commands.try_recv() {
+                fleet.answer(cmd);
+            }
+        }
+        if fleet.all_finished() && (api.is_none() || fleet.closing) {
             break;
         }
-        if stop_signal_within(Duration::from_millis(50)) {
+        if stop_signal_within(tick) {
             info!("stop signal: shutting all guests down");
-            running.iter().for_each(Guest::interrupt);
+            fleet.closing = true;
+            fleet.interrupt_all();
         }
-        if deadline.is_some_and(|d| Instant::now() >= d) {
+        if deadline.is_some_and(|d| Instant::now() >= d) && !fleet.closing {
             error!("--timeout {}s reached: stopping all guests", cli.timeout);
-            running.iter().for_each(Guest::interrupt);
+            fleet.closing = true;
+            fleet.interrupt_all();
         }
+    }
+    if let Some(api) = api {
+        api.stop();
     }
     if let Some(t) = ticker {
         t.stop();
@@ -244,8 +278,12 @@ pub fn run(cli: &Cli, shim_start: Instant) -> Result<Report, RunError> {
     // The monitors' last pass and kick counts, and the VM-queue doorbell
     // workers' last drains, land before the guests report.
     let monitors = monitors.shutdown();
-    asm.vmq.finish();
-    let guests: Vec<_> = running.into_iter().map(|g| g.join(shim_start)).collect();
+    fleet.stop_own_monitors();
+    fleet.asm.vmq.finish();
+    let guests: Vec<_> = std::mem::take(&mut fleet.members)
+        .into_iter()
+        .map(|m| m.guest.join(m.t0))
+        .collect();
     let report = Report {
         schema_version: crate::report::SchemaVersion,
         guests,
@@ -266,10 +304,16 @@ pub fn run(cli: &Cli, shim_start: Instant) -> Result<Report, RunError> {
     Ok(report)
 }
 
-/// The process exit code for a finished run: 0 when every guest exited with 0.
+/// The process exit code for a finished run: 0 when every guest exited with
+/// 0. With the API (`served`), where guests run until a shutdown stops them,
+/// 0 unless a guest failed (exited non-zero, faulted, or the shim failed it).
 #[must_use]
-pub fn exit_code(report: &Report) -> i32 {
-    i32::from(!report.guests.iter().all(|g| g.exit_status == Some(0)))
+pub fn exit_code(report: &Report, served: bool) -> i32 {
+    let ok = |g: &crate::report::GuestReport| match g.exit_status {
+        Some(s) => s == 0,
+        None => served && (g.outcome == "interrupted" || g.outcome.starts_with("stopped")),
+    };
+    i32::from(!report.guests.iter().all(ok))
 }
 
 #[cfg(test)]

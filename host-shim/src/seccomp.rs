@@ -45,6 +45,11 @@ pub enum Kind {
     Helper,
     /// The `--gdb` stub: one TCP connection to gdb.
     Gdb,
+    /// The API server (`--api-sock`): accepts and serves its clients.
+    Api,
+    /// The main thread with `--api-sock`: besides what `Main` does, it
+    /// builds, starts and frees guests at run time.
+    Control,
 }
 
 impl Kind {
@@ -59,6 +64,8 @@ impl Kind {
             Self::Vmq => "vmq",
             Self::Helper => "helper",
             Self::Gdb => "gdb",
+            Self::Api => "api",
+            Self::Control => "control",
         }
     }
 
@@ -72,6 +79,8 @@ impl Kind {
             6 => Self::Vmq,
             7 => Self::Helper,
             8 => Self::Gdb,
+            9 => Self::Api,
+            10 => Self::Control,
             _ => return None,
         })
     }
@@ -99,6 +108,15 @@ impl Kind {
             Self::Vmq => VMQ,
             Self::Helper => HELPER,
             Self::Gdb => GDB,
+            Self::Api => API,
+            Self::Control => {
+                // It starts vCPU threads (and their NIC workers), monitors
+                // and helpers: their calls pass this filter too.
+                for list in [MAIN, VCPU, NET, MONITOR, HELPER, SPAWN] {
+                    calls.extend_from_slice(list);
+                }
+                CONTROL
+            }
         };
         calls.extend_from_slice(own);
         calls.sort_unstable();
@@ -203,9 +221,10 @@ fn conditions(kind: Kind, nr: i64) -> Result<Vec<SeccompRule>, seccompiler::Back
             )?])
         })
         .collect(),
-        // Main opens the stats JSON for writing: only the other kinds are
-        // limited to read-only opens.
-        libc::SYS_openat if kind != Kind::Main => {
+        // Main opens the stats JSON for writing (and Control guests' memory
+        // and kernel files): only the other kinds are limited to read-only
+        // opens.
+        libc::SYS_openat if !matches!(kind, Kind::Main | Kind::Control) => {
             Ok(vec![SeccompRule::new(vec![SeccompCondition::new(
                 2,
                 SeccompCmpArgLen::Dword,
@@ -291,6 +310,46 @@ const GDB: &[i64] = &[
     libc::SYS_ioctl,
     libc::SYS_tgkill,
     libc::SYS_kill,
+];
+
+/// The API thread: its runtime's epoll, accepting and serving clients over
+/// the Unix socket (created and bound before the filter).
+const API: &[i64] = &[
+    libc::SYS_epoll_wait,
+    libc::SYS_epoll_ctl,
+    libc::SYS_accept4,
+    libc::SYS_recvfrom,
+    libc::SYS_writev,
+    libc::SYS_shutdown,
+    // glibc reads /proc/sys/vm/overcommit_memory when it shrinks a thread's
+    // malloc arena (after a burst of clients ends): read-only opens only.
+    libc::SYS_openat,
+];
+
+/// What the main thread adds with `--api-sock`, where it assembles a guest
+/// at run time as it does the command line's before any filter: KVM's VM and
+/// vCPU ioctls, guest memory (memfd), the kernel image, eventfds and
+/// ioeventfds, its own NIC workers' and monitors' set-up.
+const CONTROL: &[i64] = &[
+    libc::SYS_ioctl,
+    libc::SYS_openat,
+    libc::SYS_statx,
+    // std's fallback where statx is missing.
+    libc::SYS_fstat,
+    libc::SYS_lseek,
+    libc::SYS_pread64,
+    libc::SYS_memfd_create,
+    libc::SYS_ftruncate,
+    libc::SYS_eventfd2,
+    libc::SYS_epoll_create1,
+    libc::SYS_epoll_ctl,
+    // The vCPU kick handler, installed once per guest built.
+    libc::SYS_rt_sigaction,
+    // Whether a new guest's monitors may spin at idle priority.
+    libc::SYS_geteuid,
+    libc::SYS_getrlimit,
+    // The API socket, removed at shutdown.
+    libc::SYS_unlink,
 ];
 
 /// Whether filters are installed. Off until the binary turns it on from
@@ -388,6 +447,8 @@ pub fn selftest(kind: &str) -> ! {
         Kind::Vmq,
         Kind::Helper,
         Kind::Gdb,
+        Kind::Api,
+        Kind::Control,
     ];
     let Some(kind) = all.into_iter().find(|k| k.name() == kind) else {
         eprintln!("host-shim: --seccomp-selftest: no filter kind `{kind}`");
@@ -581,6 +642,8 @@ mod tests {
             Kind::Vmq,
             Kind::Helper,
             Kind::Gdb,
+            Kind::Api,
+            Kind::Control,
         ] {
             assert!(!program(kind).unwrap().is_empty(), "{kind:?}");
             assert_eq!(Kind::from_raw(kind as u8), Some(kind));
@@ -598,7 +661,7 @@ mod tests {
             assert!(kind.allowed().contains(&libc::SYS_openat), "{kind:?}");
         }
         // The starters' own lists never allow starting programs or sockets.
-        for kind in [Kind::Main, Kind::Vcpu, Kind::Net] {
+        for kind in [Kind::Main, Kind::Vcpu, Kind::Net, Kind::Api, Kind::Control] {
             let calls = kind.allowed();
             for forbidden in [libc::SYS_execve, libc::SYS_socket, libc::SYS_fork] {
                 assert!(!calls.contains(&forbidden), "{kind:?} allows {forbidden}");

@@ -94,6 +94,8 @@ pub struct NicInfo {
     /// The NIC's queue work for the doorbell monitor to run itself (run to
     /// completion), when asked for.
     pub inline: Option<Arc<crate::devices::net::Inline>>,
+    /// Its port on the switch, given back when the guest is removed at run time.
+    pub switch_port: usize,
 }
 
 /// A guest before and while it runs.
@@ -398,12 +400,25 @@ impl Guest {
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
+        for m in &self.mechs {
+            m.joined();
+        }
         if let Some(ctx) = &self.ctx {
             ctx.platform.finish();
         }
-        let outcome = self
-            .outcome()
-            .unwrap_or_else(|| Outcome::Failed("never started".into()));
+        self.report(shim_start)
+    }
+
+    /// The report so far: every counter as it stands (a running guest's
+    /// KVM statistics are filled in only when its vCPUs end). `outcome` is
+    /// "running" until the guest ends.
+    #[must_use]
+    pub fn report(&self, shim_start: Instant) -> GuestReport {
+        let outcome = match self.outcome() {
+            Some(o) => Some(o),
+            None if self.started.is_some() && !self.threads.is_empty() => None,
+            None => Some(Outcome::Failed("never started".into())),
+        };
         let vcpus = self
             .vcpus
             .iter()
@@ -427,10 +442,10 @@ impl Guest {
         let mut report = GuestReport {
             name: self.name.clone(),
             exit_status: match outcome {
-                Outcome::Exited(s) => Some(s),
+                Some(Outcome::Exited(s)) => Some(s),
                 _ => None,
             },
-            outcome: outcome.to_string(),
+            outcome: outcome.map_or_else(|| "running".to_owned(), |o| o.to_string()),
             boot_ms: self.first_output.get().map(|&t| since(shim_start, t)),
             boot_to_main_ms: main.map(|(t, _)| since(shim_start, t)),
             boot_to_main_from_run_ms: main.zip(first_run).map(|((t, _), r)| since(r, t)),

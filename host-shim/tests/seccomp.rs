@@ -18,7 +18,7 @@ fn selftest(kind: &str, seccomp: &str) -> std::process::Output {
 #[test]
 fn a_call_outside_the_list_stops_the_shim_and_is_reported() {
     for kind in [
-        "main", "vcpu", "monitor", "net", "tap", "vmq", "helper", "gdb",
+        "main", "vcpu", "monitor", "net", "tap", "vmq", "helper", "gdb", "api", "control",
     ] {
         let out = selftest(kind, "on");
         let stderr = String::from_utf8_lossy(&out.stderr);

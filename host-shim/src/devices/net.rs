@@ -222,6 +222,12 @@ impl Net {
         self.mac
     }
 
+    /// Its port number on the switch.
+    #[must_use]
+    pub const fn port_index(&self) -> usize {
+        self.port_index
+    }
+
     fn stop_worker(&mut self) {
         self.inline.set(None);
         self.port.set_direct(None);

@@ -326,7 +326,9 @@ impl Table {
 
 #[derive(Default)]
 pub struct Switch {
-    ports: Mutex<Vec<Arc<Port>>>,
+    /// Indexed by port number; a removed port leaves `None` until a new
+    /// port takes its number.
+    ports: Mutex<Vec<Option<Arc<Port>>>>,
     table: Mutex<Table>,
     pub forwarded: AtomicU64,
     pub flooded: AtomicU64,
@@ -382,7 +384,11 @@ impl Switch {
             direct: std::sync::RwLock::new(None),
         });
         let mut ports = lock(&self.ports);
-        let index = ports.len();
+        // A removed port's number is free again: its table entries went with it.
+        let index = ports
+            .iter()
+            .position(Option::is_none)
+            .unwrap_or(ports.len());
         if let Some(mac) = mac {
             let mut table = self.table();
             if let Some(e) = table.get(mac).filter(|e| e.bound()) {
@@ -398,8 +404,48 @@ impl Switch {
             // Replaces anything the TAP may have learned for it before the NIC existed.
             table.bind(mac, index);
         }
-        ports.push(port.clone());
+        if index == ports.len() {
+            ports.push(Some(port.clone()));
+        } else {
+            ports[index] = Some(port.clone());
+        }
         Ok((index, port))
+    }
+
+    /// Removes port `index` (the NIC of a guest removed at run time): its MAC binding
+    /// and every MAC learned behind it are forgotten, and frames in flight
+    /// to it are dropped with its inbox.
+    pub fn remove_port(&self, index: usize) {
+        let mut ports = lock(&self.ports);
+        let Some(slot) = ports.get_mut(index) else {
+            return;
+        };
+        if slot.take().is_none() {
+            return;
+        }
+        let mut table = self.table();
+        let mut learned_gone = 0;
+        table.map.retain(|_, e| {
+            let gone = e.port == index;
+            learned_gone += usize::from(gone && !e.bound());
+            !gone
+        });
+        table.learned -= learned_gone;
+    }
+
+    /// Removes the port bound to `mac`, if any (a NIC whose guest could not
+    /// be built).
+    pub fn remove_nic_port(&self, mac: Mac) {
+        let port = self.table().get(mac).filter(|e| e.bound()).map(|e| e.port);
+        if let Some(p) = port {
+            self.remove_port(p);
+        }
+    }
+
+    /// Ports in use: guest NICs and the TAP.
+    #[must_use]
+    pub fn port_count(&self) -> usize {
+        lock(&self.ports).iter().flatten().count()
     }
 
     fn table(&self) -> std::sync::MutexGuard<'_, Table> {
@@ -408,12 +454,12 @@ impl Switch {
 
     /// Queues `frame` from port `from` in `to`'s inbox; a full inbox drops
     /// the frame of its heaviest sender, counted against that sender.
-    fn deliver(&self, ports: &[Arc<Port>], from: usize, to: &Port, frame: Vec<u8>) {
+    fn deliver(&self, ports: &[Option<Arc<Port>>], from: usize, to: &Port, frame: Vec<u8>) {
         let charged = lock(&to.inbox).push(from, frame);
         if let Some(sender) = charged {
             to.inbox_dropped.fetch_add(1, Ordering::Relaxed);
             self.dropped.fetch_add(1, Ordering::Relaxed);
-            if let Some(s) = ports.get(sender) {
+            if let Some(Some(s)) = ports.get(sender) {
                 Self::count_drop(s, PortDrop::QueueFull, &to.name);
             }
         }
@@ -464,7 +510,7 @@ impl Switch {
         let dst: Mac = frame[0..6].try_into().unwrap_or([0xFF; 6]);
         let src: Mac = frame[6..12].try_into().unwrap_or([0; 6]);
         let ports = lock(&self.ports).clone();
-        let Some(ingress) = ports.get(from) else {
+        let Some(Some(ingress)) = ports.get(from) else {
             return;
         };
         match ingress.mac {
@@ -498,7 +544,7 @@ impl Switch {
         match known {
             Some(to) if to == from => {} // the destination is behind the ingress port
             Some(to) => {
-                if let Some(p) = ports.get(to) {
+                if let Some(Some(p)) = ports.get(to) {
                     self.forwarded.fetch_add(1, Ordering::Relaxed);
                     self.deliver(&ports, from, p, frame.to_vec());
                 }
@@ -515,6 +561,7 @@ impl Switch {
                 }
                 self.flooded.fetch_add(1, Ordering::Relaxed);
                 for (i, p) in ports.iter().enumerate() {
+                    let Some(p) = p else { continue };
                     if i != from {
                         self.deliver(&ports, from, p, frame.to_vec());
                     }
@@ -537,6 +584,7 @@ impl Switch {
                 "dropped_flood_budget",
                 self.flood_limited.load(Ordering::Relaxed),
             ),
+            ("ports", self.port_count() as u64),
         ]
         .into_iter()
         .collect()
@@ -547,6 +595,7 @@ impl Switch {
     pub fn port_reports(&self) -> Vec<SwitchPortReport> {
         lock(&self.ports)
             .iter()
+            .flatten()
             .map(|p| SwitchPortReport {
                 name: p.name.clone(),
                 mac: p.mac.map(fmt_mac),
@@ -639,6 +688,29 @@ mod tests {
     /// Client `A`, server `B`, a third guest `C` that attacks.
     fn three_nics(s: &Switch) -> [Arc<Port>; 3] {
         [A, B, C].map(|m| s.add_nic_port(&format!("{m:?}"), m).unwrap().1)
+    }
+
+    #[test]
+    fn a_removed_port_frees_its_number_and_its_mac() {
+        let s = Switch::default();
+        let [pa, _pb, pc] = three_nics(&s);
+        assert_eq!(s.port_count(), 3);
+        s.remove_port(1);
+        s.remove_port(1); // twice is harmless
+        assert_eq!(s.port_count(), 2);
+        // B's MAC is free: frames to it flood to the ports left, none lost to a dead one.
+        s.send(0, &frame(B, A));
+        assert_eq!(pc.pending(), 1);
+        assert_eq!(s.flooded.load(Ordering::Relaxed), 1);
+        // A NIC's port found by its MAC goes the same way.
+        s.remove_nic_port(C);
+        assert_eq!(s.port_count(), 1);
+        // New NICs take the free numbers, lowest first, and may bind B and C again.
+        let (ic, pc) = s.add_nic_port("C2", C).unwrap();
+        let (ib, pb2) = s.add_nic_port("B2", B).unwrap();
+        assert_eq!((ic, ib, s.port_count()), (1, 2, 3));
+        s.send(0, &frame(B, A));
+        assert_eq!((pb2.pending(), pc.pending(), pa.pending()), (1, 0, 0));
     }
 
     #[test]

@@ -131,6 +131,10 @@ pub trait Mechanism: Send + Sync {
     /// vCPU `vcpu`'s thread leaves its run loop: no more kicks for it.
     fn vcpu_gone(&self, _vcpu: u32) {}
 
+    /// Every vCPU thread of the guest has been joined: join the helper
+    /// threads it started, so that a removed guest leaves nothing running.
+    fn joined(&self) {}
+
     /// Adds its counters to a `StatsMark` record.
     fn mark(&self, _m: &mut MarkReport) {}
 

@@ -4,6 +4,7 @@
 
 use crate::error::{Error, Result};
 use crate::test::leg::Leg;
+use crate::test::legs::api::ShimApi;
 use crate::test::legs::backtrace::Backtrace;
 use crate::test::legs::direct::ShimDirect;
 use crate::test::legs::doorbell::ShimDoorbell;
@@ -60,6 +61,7 @@ pub const LEGS: &[&dyn Leg] = &[
     &ShimTap,
     &ParallelTcp,
     &Soak,
+    &ShimApi,
     &Template,
     &QemuInterop,
 ];
@@ -113,6 +115,7 @@ mod tests {
                 "shim-tap",
                 "parallel-tcp",
                 "soak",
+                "api",
                 "template",
                 "interop"
             ]

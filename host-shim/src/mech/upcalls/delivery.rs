@@ -40,7 +40,7 @@ use tracing::{debug, warn};
 use super::report::{Delivery, LatencyReport, UpcallReport};
 use crate::counters::Tally;
 use crate::kvm::cpuid::Offer;
-use crate::kvm::memory::slot;
+use crate::kvm::memory::{SharedMapping, slot};
 use crate::reasons;
 use crate::sync::lock;
 use crate::vcpu::handle::{VcpuShared, inject};
@@ -136,9 +136,15 @@ struct Counters {
 /// A guest's upcall mailboxes and pending indicators.
 pub struct GuestUpcalls {
     pub(super) name: String,
-    /// The mailbox page, mapped shared and never unmapped (KVM keeps a memslot on it
-    /// for as long as the VM lives, which may outlast this value).
+    /// The mailbox page (in `_mapping`), reached through atomics only.
     page: NonNull<AtomicU32>,
+    /// Owns the page: unmapped when the last holder of this value goes, which
+    /// is after the guest's vCPU threads (they hold it through the guest's
+    /// mechanisms), so no `KVM_RUN` reaches the memslot on it any more. A
+    /// guest removed at run time gives the page back this way.
+    _mapping: SharedMapping,
+    /// The stop watchdog ([`Self::close`]), joined with the vCPU threads.
+    watchdog: Mutex<Option<std::thread::JoinHandle<()>>>,
     pub(super) vcpus: Vec<VcpuState>,
     pub(super) delivery: Delivery,
     epoch: Instant,
@@ -152,7 +158,8 @@ pub struct GuestUpcalls {
     pub(super) storming: AtomicBool,
 }
 
-// SAFETY: `page` is a process-lifetime shared mapping accessed only through atomics.
+// SAFETY: `page` points into `_mapping`, which lives as long as this value and
+// is accessed only through atomics.
 unsafe impl Send for GuestUpcalls {}
 // SAFETY: as above.
 unsafe impl Sync for GuestUpcalls {}
@@ -186,20 +193,8 @@ impl GuestUpcalls {
             return Err(UpcallError::TooManyVcpus(vcpus));
         }
         let size = area::UPCALLS_SIZE as usize;
-        // SAFETY: a fresh anonymous shared mapping; no existing memory is touched.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                size,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(UpcallError::Map(std::io::Error::last_os_error()));
-        }
+        let mapping = SharedMapping::new(size).map_err(UpcallError::Map)?;
+        let p = mapping.as_ptr();
         // mmap returns page-aligned memory: aligned for the u32 counters.
         #[allow(clippy::cast_ptr_alignment)]
         let page = NonNull::new(p.cast::<AtomicU32>())
@@ -211,11 +206,14 @@ impl GuestUpcalls {
             memory_size: area::UPCALLS_SIZE,
             userspace_addr: p as u64,
         };
-        // SAFETY: the range is a mapping this module owns and never unmaps.
+        // SAFETY: the range is `mapping`, owned by the value returned, which
+        // outlives every vCPU run of `vm` (see `_mapping`).
         unsafe { vm.set_user_memory_region(desc) }.map_err(UpcallError::Slot)?;
         let me = Self {
             name: name.to_owned(),
             page,
+            _mapping: mapping,
+            watchdog: Mutex::new(None),
             vcpus: (0..vcpus).map(|_| VcpuState::default()).collect(),
             delivery,
             epoch: Instant::now(),
@@ -534,8 +532,19 @@ impl GuestUpcalls {
                     }
                 }
             });
-        if let Err(e) = spawned {
-            warn!(guest = %self.name, "upcall stop watchdog: {e}");
+        match spawned {
+            Ok(h) => *lock(&self.watchdog) = Some(h),
+            Err(e) => warn!(guest = %self.name, "upcall stop watchdog: {e}"),
+        }
+    }
+
+    /// Waits for the stop watchdog (after the vCPU threads are joined; it
+    /// ends [`STOP_DEFER_LIMIT`] after the stop), so that nothing of the
+    /// guest outlives its removal.
+    pub fn join_watchdog(&self) {
+        let h = lock(&self.watchdog).take();
+        if let Some(h) = h {
+            let _ = h.join();
         }
     }
 

@@ -141,6 +141,10 @@ impl Mechanism for Upcalls {
         self.0.vcpu_gone(vcpu);
     }
 
+    fn joined(&self) {
+        self.0.join_watchdog();
+    }
+
     fn report(&self, r: &mut GuestReport) {
         r.upcalls = Some(self.0.report());
     }
