@@ -975,11 +975,19 @@ fn a_wait_delivers_lazy_messages_and_wakes_a_waiting_receiver_without_an_interru
     let mgr = Arc::new(Manager::new());
     let snd = TestGuest::new(&mgr, "a");
     let rcv = TestGuest::new(&mgr, "b");
-    let (m2, rid) = (mgr.clone(), rcv.id);
-    let waiter = std::thread::spawn(move || m2.wait(rid, &kick(true, false, false, 0, 0)));
-    while !mgr.is_waiting(rcv.id) {
-        std::thread::yield_now();
-    }
+    // A wait lasts at most WAIT_MAX (10 ms): on a loaded host the waiter may
+    // time out before this thread sees it blocked, so it starts again then.
+    let waiter = loop {
+        let (m2, rid) = (mgr.clone(), rcv.id);
+        let w = std::thread::spawn(move || m2.wait(rid, &kick(true, false, false, 0, 0)));
+        while !mgr.is_waiting(rcv.id) && !w.is_finished() {
+            std::thread::yield_now();
+        }
+        if mgr.is_waiting(rcv.id) {
+            break w;
+        }
+        assert!(!w.join().unwrap(), "nothing had arrived");
+    };
     // A lazy message: it leaves with the sender's own wait, no flush.
     snd.fill(SRC, 64, 3);
     let k = snd.post(Message {
