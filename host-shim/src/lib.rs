@@ -19,6 +19,7 @@ pub mod gdb;
 pub mod hypercall;
 pub mod kvm;
 pub mod loglimit;
+pub mod mainwake;
 pub mod mech;
 #[cfg(test)]
 mod net_e2e_tests;

@@ -321,6 +321,8 @@ const API: &[i64] = &[
     libc::SYS_recvfrom,
     libc::SYS_writev,
     libc::SYS_shutdown,
+    // Waking the main thread for a queued command (`mainwake`).
+    libc::SYS_tgkill,
     // glibc reads /proc/sys/vm/overcommit_memory when it shrinks a thread's
     // malloc arena (after a burst of clients ends): read-only opens only.
     libc::SYS_openat,

@@ -368,6 +368,8 @@ impl Guest {
                 .spawn(move || {
                     crate::seccomp::install_or_exit(crate::seccomp::Kind::Vcpu);
                     crate::vcpu::exit::run(fd, &me, &ctx, pin);
+                    // The main loop notices the guest's end now, not at its next tick.
+                    crate::mainwake::wake();
                 })
                 .map_err(VmError::Thread)?;
             self.threads.push(h);

@@ -100,7 +100,7 @@ async fn ask<T>(
 ) -> Result<T, ApiError> {
     let (reply, answer) = oneshot::channel();
     match tx.try_send(make(reply)) {
-        Ok(()) => {}
+        Ok(()) => crate::mainwake::wake(),
         Err(TrySendError::Full(_)) => {
             return Err(ApiError::new(503, "the shim is busy; retry"));
         }
