@@ -168,13 +168,6 @@ impl Sink {
                 source,
             })
     }
-
-    fn stdio(&self) -> Result<Stdio, std::io::Error> {
-        match self {
-            Self::Null => Ok(Stdio::null()),
-            Self::File(f) => Ok(Stdio::from(f.try_clone()?)),
-        }
-    }
 }
 
 /// Opens the task's stdin FIFO for reading without blocking, so a writer
@@ -196,23 +189,28 @@ pub fn open_stdin(uri: &str) -> Result<Option<File>, GuestError> {
         })
 }
 
+/// One of the host shim's output pipes.
+type Output = Box<dyn std::io::Read + Send>;
+
 /// A running host-shim child.
 #[derive(Debug)]
 pub struct Running {
     child: Child,
-    pump: Option<std::thread::JoinHandle<()>>,
+    pumps: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl Running {
     /// Starts the host shim with `args`; its stdout (the guest's console,
     /// each line prefixed `NAME| `) goes to `stdout` without the prefix, its
-    /// stderr (its own log) to `stderr`.
+    /// stderr (its own log) to `stderr`. Both pass through pipes this shim
+    /// drains: handed a FIFO directly, the host shim would die of EPIPE on
+    /// its next log line once the reader left (`ctr run -d` exits at once).
     pub fn spawn(
         binary: &Path,
         args: &[OsString],
         name: &str,
         stdout: Sink,
-        stderr: &Sink,
+        stderr: Sink,
     ) -> Result<Self, GuestError> {
         let spawn_err = |source| GuestError::Spawn {
             path: binary.display().to_string(),
@@ -222,23 +220,37 @@ impl Running {
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(stderr.stdio().map_err(spawn_err)?)
+            .stderr(Stdio::piped())
             .spawn()
             .map_err(spawn_err)?;
-        let out = child.stdout.take();
-        let prefix = format!("{name}| ").into_bytes();
-        let pump = std::thread::Builder::new()
-            .name("console".into())
-            .spawn(move || {
-                if let Some(out) = out {
-                    pump_console(out, &prefix, stdout);
+        let mut pumps = Vec::new();
+        let streams: [(Option<Output>, Vec<u8>, Sink); 2] = [
+            (
+                child.stdout.take().map(|o| Box::new(o) as _),
+                format!("{name}| ").into_bytes(),
+                stdout,
+            ),
+            (
+                child.stderr.take().map(|e| Box::new(e) as _),
+                Vec::new(),
+                stderr,
+            ),
+        ];
+        for (i, (out, prefix, sink)) in streams.into_iter().enumerate() {
+            let Some(out) = out else { continue };
+            let pump = std::thread::Builder::new()
+                .name(if i == 0 { "console" } else { "log" }.into())
+                .spawn(move || pump_console(out, &prefix, sink));
+            match pump {
+                Ok(p) => pumps.push(p),
+                Err(e) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Err(spawn_err(e));
                 }
-            })
-            .map_err(spawn_err)?;
-        Ok(Self {
-            child,
-            pump: Some(pump),
-        })
+            }
+        }
+        Ok(Self { child, pumps })
     }
 
     #[must_use]
@@ -260,21 +272,21 @@ impl Running {
     }
 
     /// Waits until the child has ended without reaping it (its pid stays
-    /// reserved), then until its console has been copied out.
-    pub fn wait_ended(pid: u32, pump: Option<std::thread::JoinHandle<()>>) {
+    /// reserved), then until its output has been copied out.
+    pub fn wait_ended(pid: u32, pumps: Vec<std::thread::JoinHandle<()>>) {
         let Ok(raw) = i32::try_from(pid) else { return };
         while let Err(nix::errno::Errno::EINTR) = waitid(
             Id::Pid(Pid::from_raw(raw)),
             WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT,
         ) {}
-        if let Some(p) = pump {
+        for p in pumps {
             let _ = p.join();
         }
     }
 
-    /// The console pump, for [`Running::wait_ended`].
-    pub fn take_pump(&mut self) -> Option<std::thread::JoinHandle<()>> {
-        self.pump.take()
+    /// The output pumps, for [`Running::wait_ended`].
+    pub fn take_pumps(&mut self) -> Vec<std::thread::JoinHandle<()>> {
+        std::mem::take(&mut self.pumps)
     }
 
     /// Reaps the ended child and reads what the host shim wrote.
@@ -304,8 +316,9 @@ impl Running {
     }
 }
 
-/// Copies the host shim's stdout to the task's, dropping the `NAME| ` each
-/// console line starts with; the host shim's own lines pass unchanged.
+/// Copies the host shim's output to the task's, dropping the `prefix`
+/// (`NAME| `) console lines start with; other lines pass unchanged. A
+/// reader that goes away only ends the copying, never the reading.
 fn pump_console(out: impl std::io::Read, prefix: &[u8], sink: Sink) {
     let Sink::File(mut sink) = sink else {
         // Read it all anyway: a full pipe would stall the guest's console.
@@ -319,7 +332,11 @@ fn pump_console(out: impl std::io::Read, prefix: &[u8], sink: Sink) {
         match reader.read_until(b'\n', &mut line) {
             Ok(0) | Err(_) => break,
             Ok(_) => {
-                let text = line.strip_prefix(prefix).unwrap_or(&line);
+                let text = if prefix.is_empty() {
+                    &line[..]
+                } else {
+                    line.strip_prefix(prefix).unwrap_or(&line)
+                };
                 if sink.write_all(text).is_err() {
                     // The reader went away (ctr exited): keep draining.
                     let _ = std::io::copy(&mut reader, &mut std::io::sink());

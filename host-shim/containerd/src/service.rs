@@ -306,6 +306,7 @@ impl containerd_shim::Task for Service {
         let args = guest::host_shim_args(&name, &task.kernel, &task.spec, &stats);
         let binary = guest::host_shim_binary();
         let stdout = std::mem::replace(stdout, Sink::Null);
+        let stderr = std::mem::replace(stderr, Sink::Null);
         let mut running = Running::spawn(&binary, &args, &name, stdout, stderr)
             .map_err(|e| rpc_error(Code::INTERNAL, format!("exitless: {e}")))?;
         let pid = running.pid();
@@ -318,7 +319,7 @@ impl containerd_shim::Task for Service {
         if let Err(e) = std::fs::write(&pid_file, pid.to_string()) {
             warn!("writing {}: {e}", pid_file.display());
         }
-        let pump = running.take_pump();
+        let pumps = running.take_pumps();
         *phase = Phase::Running {
             guest: running,
             signal_sent: None,
@@ -330,7 +331,7 @@ impl containerd_shim::Task for Service {
         let namespace = self.namespace.clone();
         std::thread::Builder::new()
             .name(format!("wait-{pid}"))
-            .spawn(move || watch(&waiter_task, pid, pump, &publisher, &namespace))
+            .spawn(move || watch(&waiter_task, pid, pumps, &publisher, &namespace))
             .map_err(|e| rpc_error(Code::INTERNAL, format!("exitless: a thread: {e}")))?;
 
         self.publish(
@@ -505,11 +506,11 @@ impl containerd_shim::Task for Service {
 fn watch(
     task: &Task,
     pid: u32,
-    pump: Option<std::thread::JoinHandle<()>>,
+    pumps: Vec<std::thread::JoinHandle<()>>,
     publisher: &RemotePublisher,
     namespace: &str,
 ) {
-    Running::wait_ended(pid, pump);
+    Running::wait_ended(pid, pumps);
     let mut phase = task.phase();
     let placeholder = Phase::Stopped {
         pid,

@@ -47,7 +47,7 @@ pub enum SpecError {
     )]
     NoArgs,
     #[error(
-        "process.args[0] {0:?} must be an absolute path inside the image without `..` (the guest ELF, e.g. /kernel)"
+        "process.args[0] {0:?} must be an absolute path inside the image without `..` (the guest ELF, e.g. /kernel; `ctr run IMAGE ID ARGS...` replaces the Entrypoint too, so start ARGS with /kernel)"
     )]
     BadKernelPath(String),
     #[error(
