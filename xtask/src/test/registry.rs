@@ -4,6 +4,7 @@
 
 use crate::error::{Error, Result};
 use crate::test::leg::Leg;
+use crate::test::legs::containerd::Containerd;
 use crate::test::legs::direct::ShimDirect;
 use crate::test::legs::doorbell::ShimDoorbell;
 use crate::test::legs::flood::ShimFlood;
@@ -52,6 +53,7 @@ pub const LEGS: &[&dyn Leg] = &[
     &ShimTap,
     &Template,
     &QemuInterop,
+    &Containerd,
 ];
 
 /// The legs named (all of them when none is), in the order of [`LEGS`].

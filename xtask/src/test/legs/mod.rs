@@ -1,5 +1,6 @@
 //! Every leg of `cargo xtask test`, each in its file with its judgement.
 
+pub mod containerd;
 pub mod direct;
 pub mod doorbell;
 pub mod flood;
