@@ -68,6 +68,7 @@ impl Leg for Containerd {
             scenario(&ctl, &mut checks);
             let stopped = daemon.stop();
             checks.push(("containerd stopped on SIGTERM".to_owned(), stopped.is_ok()));
+            checks.push(forwarded_events(&log));
             Ok::<_, Error>(())
         })();
         // Shims exit a moment after containerd asks them to: give them 10 s.
@@ -416,6 +417,25 @@ fn scenario(ctl: &Ctl, checks: &mut Vec<(String, bool)>) {
         "no task left in containerd".into(),
         ok_status(&ls, 0) && ls.output.trim().is_empty(),
     ));
+}
+
+/// The four runs' task events, each forwarded by the shim: containerd's
+/// debug log says `event forwarded` for what a shim published.
+fn forwarded_events(log: &Path) -> (String, bool) {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let counts: Vec<(&str, usize)> = ["create", "start", "exit", "delete"]
+        .into_iter()
+        .map(|topic| {
+            let needle = format!("msg=\"event forwarded\" ns={NAMESPACE} topic=/tasks/{topic} ");
+            (topic, text.lines().filter(|l| l.contains(&needle)).count())
+        })
+        .collect();
+    (
+        format!(
+            "the shim published TaskCreate, TaskStart, TaskExit, TaskDelete once per run (4 runs): {counts:?}"
+        ),
+        counts.iter().all(|(_, n)| *n == 4),
+    )
 }
 
 /// Processes whose command line names the leg's folder: the containerd,
