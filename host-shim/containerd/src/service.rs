@@ -48,11 +48,24 @@ enum Phase {
         guest: Running,
         signal_sent: Option<i32>,
     },
+    /// A started pod sandbox: nothing runs, the shim's own pid stands for it.
+    Holding,
     Stopped {
         pid: u32,
         status: u32,
         at: Timestamp,
     },
+}
+
+/// What a task runs.
+#[derive(Debug)]
+enum What {
+    /// A guest ELF (its path resolved in the root filesystem).
+    Guest { spec: GuestSpec, kernel: PathBuf },
+    /// A Kubernetes pod sandbox (the CRI's "pause" container): there is no
+    /// process to hold the pod's namespaces, since guests use none of them,
+    /// so it only lives until it is killed.
+    Sandbox,
 }
 
 /// One container's guest.
@@ -63,8 +76,7 @@ struct Task {
     stdin: String,
     stdout: String,
     stderr: String,
-    spec: GuestSpec,
-    kernel: PathBuf,
+    what: What,
     /// The rootfs this shim mounted (and unmounts at delete), if any.
     mounted: Option<PathBuf>,
     /// Held so a writer to the stdin FIFO never blocks on a missing reader.
@@ -134,7 +146,12 @@ fn create_task(req: &CreateTaskRequest) -> Result<Task, String> {
     let config = Path::new(&req.bundle).join("config.json");
     let spec = oci_spec::runtime::Spec::load(&config)
         .map_err(|e| format!("reading {}: {e}", config.display()))?;
-    let spec = GuestSpec::from_oci(&spec).map_err(|e| e.to_string())?;
+    let sandbox = crate::spec::is_sandbox(&spec);
+    let spec = if sandbox {
+        None
+    } else {
+        Some(GuestSpec::from_oci(&spec).map_err(|e| e.to_string())?)
+    };
     if req.terminal {
         return Err(
             "a terminal was asked for: guests have a serial console, not a TTY; run without -t"
@@ -145,14 +162,17 @@ fn create_task(req: &CreateTaskRequest) -> Result<Task, String> {
         return Err("restoring from a checkpoint is not supported".into());
     }
     let (rootfs, mounted) = rootfs(&req.bundle, &req.rootfs)?;
-    let kernel = match guest::resolve_kernel(&rootfs, &spec.kernel) {
-        Ok(k) => k,
-        Err(e) => {
-            if let Some(m) = &mounted {
-                unmount(m);
+    let what = match spec {
+        None => What::Sandbox,
+        Some(spec) => match guest::resolve_kernel(&rootfs, &spec.kernel) {
+            Ok(kernel) => What::Guest { spec, kernel },
+            Err(e) => {
+                if let Some(m) = &mounted {
+                    unmount(m);
+                }
+                return Err(e.to_string());
             }
-            return Err(e.to_string());
-        }
+        },
     };
     let io = (|| {
         let stdin = guest::open_stdin(&req.stdin)?;
@@ -175,8 +195,7 @@ fn create_task(req: &CreateTaskRequest) -> Result<Task, String> {
         stdin: req.stdin.clone(),
         stdout: req.stdout.clone(),
         stderr: req.stderr.clone(),
-        spec,
-        kernel,
+        what,
         mounted,
         _stdin: stdin,
         phase: Mutex::new(Phase::Created { stdout, stderr }),
@@ -239,6 +258,7 @@ impl containerd_shim::Task for Service {
     fn connect(&self, _: &TtrpcContext, req: ConnectRequest) -> TtrpcResult<ConnectResponse> {
         let task_pid = self.task(&req.id, "").map_or(0, |t| match &*t.phase() {
             Phase::Running { guest, .. } => guest.pid(),
+            Phase::Holding => std::process::id(),
             Phase::Stopped { pid, .. } => *pid,
             Phase::Created { .. } => 0,
         });
@@ -261,14 +281,17 @@ impl containerd_shim::Task for Service {
             warn!("create {}: {e}", req.id);
             rpc_error(Code::INVALID_ARGUMENT, format!("exitless: {e}"))
         })?;
-        info!(
-            "created task {}: {} with {} vCPU(s), {} MiB, cmdline {:?}",
-            task.id,
-            task.kernel.display(),
-            task.spec.vcpus,
-            task.spec.memory_mib,
-            task.spec.cmdline
-        );
+        match &task.what {
+            What::Guest { spec, kernel } => info!(
+                "created task {}: {} with {} vCPU(s), {} MiB, cmdline {:?}",
+                task.id,
+                kernel.display(),
+                spec.vcpus,
+                spec.memory_mib,
+                spec.cmdline
+            ),
+            What::Sandbox => info!("created task {}: a pod sandbox (runs nothing)", task.id),
+        }
         self.tasks().insert(req.id.clone(), Arc::new(task));
         self.publish(
             "/tasks/create",
@@ -300,10 +323,28 @@ impl containerd_shim::Task for Service {
                 format!("task {} was already started", req.id),
             ));
         };
+        let What::Guest { spec, kernel } = &task.what else {
+            *phase = Phase::Holding;
+            drop(phase);
+            let pid = std::process::id();
+            info!("task {}: pod sandbox started", task.id);
+            self.publish(
+                "/tasks/start",
+                Box::new(TaskStart {
+                    container_id: req.id.clone(),
+                    pid,
+                    ..Default::default()
+                }),
+            );
+            return Ok(StartResponse {
+                pid,
+                ..Default::default()
+            });
+        };
         let name = guest::guest_name(&task.id);
         let stats = task.stats_path();
         let _ = std::fs::remove_file(&stats);
-        let args = guest::host_shim_args(&name, &task.kernel, &task.spec, &stats);
+        let args = guest::host_shim_args(&name, kernel, spec, &stats);
         let binary = guest::host_shim_binary();
         let stdout = std::mem::replace(stdout, Sink::Null);
         let stderr = std::mem::replace(stderr, Sink::Null);
@@ -353,6 +394,7 @@ impl containerd_shim::Task for Service {
         let (status, pid, exit_status, exited_at) = match &*task.phase() {
             Phase::Created { .. } => (Status::CREATED, 0, 0, None),
             Phase::Running { guest, .. } => (Status::RUNNING, guest.pid(), 0, None),
+            Phase::Holding => (Status::RUNNING, std::process::id(), 0, None),
             Phase::Stopped { pid, status, at } => {
                 (Status::STOPPED, *pid, *status, Some(at.clone()))
             }
@@ -405,12 +447,29 @@ impl containerd_shim::Task for Service {
                 );
                 Ok(api::Empty::default())
             }
-            Phase::Created { .. } => {
-                // Nothing runs yet: the task ends as if killed.
+            Phase::Created { .. } | Phase::Holding => {
+                // Nothing runs (not yet, or a sandbox): the task ends as if
+                // killed by any real signal; signal 0 only asks whether it lives.
+                if !(1..=64).contains(&req.signal) {
+                    return if req.signal == 0 {
+                        Ok(api::Empty::default())
+                    } else {
+                        Err(rpc_error(
+                            Code::INVALID_ARGUMENT,
+                            format!("exitless: signal {} is not a signal number", req.signal),
+                        ))
+                    };
+                }
                 let status = 128 + req.signal;
                 let at = now();
+                let pid = if matches!(*phase, Phase::Holding) {
+                    std::process::id()
+                } else {
+                    0
+                };
+                info!("task {}: stopped by signal {}", task.id, req.signal);
                 *phase = Phase::Stopped {
-                    pid: 0,
+                    pid,
                     status,
                     at: at.clone(),
                 };
@@ -421,7 +480,7 @@ impl containerd_shim::Task for Service {
                     Box::new(TaskExit {
                         container_id: task.id.clone(),
                         id: task.id.clone(),
-                        pid: 0,
+                        pid,
                         exit_status: status,
                         exited_at: MessageField::some(at),
                         ..Default::default()
@@ -439,7 +498,7 @@ impl containerd_shim::Task for Service {
     fn delete(&self, _: &TtrpcContext, req: DeleteRequest) -> TtrpcResult<api::DeleteResponse> {
         let task = self.task(&req.id, &req.exec_id)?;
         let (pid, status, at) = match &*task.phase() {
-            Phase::Running { .. } => {
+            Phase::Running { .. } | Phase::Holding => {
                 return Err(rpc_error(
                     Code::FAILED_PRECONDITION,
                     format!("task {} is running: kill it first", task.id),

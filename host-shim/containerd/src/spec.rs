@@ -66,6 +66,24 @@ pub enum SpecError {
     },
 }
 
+/// The annotation the Kubernetes CRI (containerd's and CRI-O's names) puts
+/// on every container it creates, saying whether it is the pod's sandbox.
+const CRI_CONTAINER_TYPE: [&str; 2] = [
+    "io.kubernetes.cri.container-type",
+    "io.kubernetes.cri-o.ContainerType",
+];
+
+/// Whether `spec` is a Kubernetes pod sandbox (the "pause" container), which
+/// this runtime holds without running anything.
+#[must_use]
+pub fn is_sandbox(spec: &Spec) -> bool {
+    spec.annotations().as_ref().is_some_and(|a| {
+        CRI_CONTAINER_TYPE
+            .iter()
+            .any(|k| a.get(*k).is_some_and(|v| v == "sandbox"))
+    })
+}
+
 /// The guest one task runs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GuestSpec {
@@ -298,6 +316,18 @@ mod tests {
         let ann = r#","annotations":{"io.exitless.vcpus":"4","io.exitless.memory":"1G"}"#;
         let g = guest(&format!("{base}{res}{ann}}}")).unwrap();
         assert_eq!((g.vcpus, g.memory_mib), (4, 1024));
+    }
+
+    #[test]
+    fn pod_sandboxes_are_told_apart_by_the_cri_annotation() {
+        let j = |v: &str| {
+            format!(
+                r#"{{"ociVersion":"1.0.2","process":{{"cwd":"/","args":["/pause"]}},"annotations":{{"io.kubernetes.cri.container-type":"{v}"}}}}"#
+            )
+        };
+        assert!(is_sandbox(&spec(&j("sandbox"))));
+        assert!(!is_sandbox(&spec(&j("container"))));
+        assert!(!is_sandbox(&spec(r#"{"ociVersion":"1.0.2"}"#)));
     }
 
     #[test]

@@ -3,9 +3,11 @@
 //! directory, socket and config, the `native` snapshotter, the shim on its
 //! PATH) imports an image made by `cargo xtask oci`; `ctr run` runs a guest
 //! that prints and exits 0, one that refuses its command line (status 4),
-//! and two long-running ones that `ctr task kill` stops with SIGTERM (143)
-//! and SIGKILL (137). Then containerd stops, and no containerd, shim or host
-//! shim of this leg may be left running.
+//! two long-running ones (resources from ctr's flags and from an annotation)
+//! that `ctr task kill` stops with SIGTERM (143) and SIGKILL (137), and a pod
+//! sandbox that runs nothing until killed. Each run's task events must reach
+//! containerd. Then containerd stops, and no containerd, shim or host shim of
+//! this leg may be left running.
 
 use std::io::Write;
 use std::os::unix::fs::symlink;
@@ -33,7 +35,7 @@ impl Leg for Containerd {
     }
 
     fn about(&self) -> &'static str {
-        "a private containerd runs tcp-echo guests through containerd-shim-exitless-v1: ctr run prints and exits 0, a refused command line exits 4, ctr task kill stops long-running guests with 143 (SIGTERM) and 137 (SIGKILL); nothing left running"
+        "a private containerd runs tcp-echo guests through containerd-shim-exitless-v1: ctr run prints and exits 0, a refused command line exits 4, resources from --cpus/--memory-limit and annotations, ctr task kill stops long-running guests with 143 (SIGTERM) and 137 (SIGKILL), a pod sandbox runs nothing, task events reach containerd; nothing left running"
     }
 
     fn run(&self, images: &mut Images, opts: &Options) -> LegRun {
@@ -320,6 +322,43 @@ fn ok_status(ran: &Ran, want: i32) -> bool {
     ran.status == Some(want)
 }
 
+/// A Kubernetes pod sandbox ("pause" container): held, runs nothing.
+fn pod_sandbox(ctl: &Ctl, run: &[&str], checks: &mut Vec<(String, bool)>) {
+    let id = "pod-sandbox";
+    let mut args = run.to_vec();
+    args.extend([
+        "-d",
+        "--annotation",
+        "io.kubernetes.cri.container-type=sandbox",
+        REFERENCE,
+        id,
+        "/pause",
+    ]);
+    let started = ctl.run(&args);
+    let running = ctl.await_status(id, "RUNNING").is_some();
+    let stopped = kill_and_delete(ctl, id, "SIGKILL", 137);
+    checks.push((
+        "a pod sandbox (CRI annotation) runs no guest, stays RUNNING until ctr task kill, then exits 137".into(),
+        ok_status(&started, 0) && running && stopped,
+    ));
+}
+
+/// `ctr task kill` then delete and remove: whether the task stopped with
+/// exit status `want` and every step worked.
+fn kill_and_delete(ctl: &Ctl, id: &str, signal: &str, want: u32) -> bool {
+    let killed = ctl.run(&["task", "kill", "--signal", signal, id]);
+    let stopped = ctl.await_status(id, "STOPPED");
+    let deleted = ctl.run(&["task", "delete", id]);
+    let removed = ctl.run(&["container", "rm", id]);
+    if !deleted.output.contains(&format!("exit code {want}")) {
+        println!("containerd: ctr task delete {id} said: {}", deleted.output);
+    }
+    ok_status(&killed, 0)
+        && stopped.is_some()
+        && deleted.output.contains(&format!("exit code {want}"))
+        && ok_status(&removed, 0)
+}
+
 fn scenario(ctl: &Ctl, checks: &mut Vec<(String, bool)>) {
     let run = ["run", "--snapshotter", "native", "--runtime", RUNTIME];
     let tar = ctl.socket.with_file_name("image.tar");
@@ -370,48 +409,45 @@ fn scenario(ctl: &Ctl, checks: &mut Vec<(String, bool)>) {
         ok_status(&bad, 4) && bad.output.contains("ip= wants"),
     ));
 
-    // Long-running guests (no max_connections), with resources from ctr's flags.
-    for (id, signal, want) in [("long-term", "SIGTERM", 143), ("long-kill", "SIGKILL", 137)] {
-        let started = ctl.run(
-            &[
-                &run[..],
-                &[
-                    "-d",
-                    "--cpus",
-                    "2",
-                    "--memory-limit",
-                    "134217728",
-                    REFERENCE,
-                    id,
-                    "/kernel",
-                    "ip=10.0.0.3/24",
-                ],
-            ]
-            .concat(),
-        );
+    // Long-running guests (no max_connections), with resources from ctr's
+    // flags, and from an annotation, which wins over them.
+    let runs: [(&str, &str, u32, &[&str], &str); 2] = [
+        ("long-term", "SIGTERM", 143, &[], "vcpus=2,mem=128M,"),
+        (
+            "long-kill",
+            "SIGKILL",
+            137,
+            &["--annotation", "io.exitless.vcpus=3"],
+            "vcpus=3,mem=128M,",
+        ),
+    ];
+    for (id, signal, want, extra, resources) in runs {
+        let mut args = run.to_vec();
+        args.extend(["-d", "--cpus", "2", "--memory-limit", "134217728"]);
+        args.extend(extra);
+        args.extend([REFERENCE, id, "/kernel", "ip=10.0.0.3/24"]);
+        let started = ctl.run(&args);
         let pid = ctl.await_status(id, "RUNNING");
         let cmdline = pid
             .and_then(|p| std::fs::read(format!("/proc/{p}/cmdline")).ok())
             .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
             .unwrap_or_default();
         checks.push((
-            format!("{id}: ctr run -d starts a host shim with 2 vCPUs and 128 MiB from --cpus 2 --memory-limit"),
-            ok_status(&started, 0) && cmdline.contains("vcpus=2,mem=128M,"),
+            format!(
+                "{id}: ctr run -d {} starts a host shim with {resources}",
+                extra.join(" ")
+            ),
+            ok_status(&started, 0) && cmdline.contains(resources),
         ));
-        let killed = ctl.run(&["task", "kill", "--signal", signal, id]);
-        let stopped = ctl.await_status(id, "STOPPED");
-        let deleted = ctl.run(&["task", "delete", id]);
-        let removed = ctl.run(&["container", "rm", id]);
+        let stopped = kill_and_delete(ctl, id, signal, want);
         let gone = pid.is_some_and(|p| !Path::new(&format!("/proc/{p}")).exists());
         checks.push((
             format!("{id}: ctr task kill --signal {signal} stops it with exit status {want}, and its host shim is gone"),
-            ok_status(&killed, 0)
-                && stopped.is_some()
-                && deleted.output.contains(&format!("exit code {want}"))
-                && ok_status(&removed, 0)
-                && gone,
+            stopped && gone,
         ));
     }
+
+    pod_sandbox(ctl, &run, checks);
     let ls = ctl.run(&["task", "ls", "-q"]);
     checks.push((
         "no task left in containerd".into(),
@@ -419,7 +455,7 @@ fn scenario(ctl: &Ctl, checks: &mut Vec<(String, bool)>) {
     ));
 }
 
-/// The four runs' task events, each forwarded by the shim: containerd's
+/// The five runs' task events, each forwarded by the shim: containerd's
 /// debug log says `event forwarded` for what a shim published.
 fn forwarded_events(log: &Path) -> (String, bool) {
     let text = std::fs::read_to_string(log).unwrap_or_default();
@@ -432,9 +468,9 @@ fn forwarded_events(log: &Path) -> (String, bool) {
         .collect();
     (
         format!(
-            "the shim published TaskCreate, TaskStart, TaskExit, TaskDelete once per run (4 runs): {counts:?}"
+            "the shim published TaskCreate, TaskStart, TaskExit, TaskDelete once per run (5 runs): {counts:?}"
         ),
-        counts.iter().all(|(_, n)| *n == 4),
+        counts.iter().all(|(_, n)| *n == 5),
     )
 }
 
