@@ -261,11 +261,17 @@ impl Running {
     /// Sends `signal` to the host shim. Safe from pid reuse: the child is
     /// reaped only through [`Running::reap`], which the caller serialises
     /// with this.
+    /// Signal 0 only asks whether it lives, as kill(2) does.
     pub fn signal(&self, signal: u32) -> Result<(), GuestError> {
-        let sig = i32::try_from(signal)
-            .ok()
-            .and_then(|s| Signal::try_from(s).ok())
-            .ok_or(GuestError::BadSignal(signal))?;
+        let sig = match signal {
+            0 => None,
+            s => Some(
+                i32::try_from(s)
+                    .ok()
+                    .and_then(|s| Signal::try_from(s).ok())
+                    .ok_or(GuestError::BadSignal(signal))?,
+            ),
+        };
         let pid =
             Pid::from_raw(i32::try_from(self.pid()).map_err(|_| GuestError::BadSignal(signal))?);
         kill(pid, sig).map_err(GuestError::Kill)

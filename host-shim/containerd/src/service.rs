@@ -440,7 +440,9 @@ impl containerd_shim::Task for Service {
                 guest
                     .signal(req.signal)
                     .map_err(|e| rpc_error(Code::INVALID_ARGUMENT, format!("exitless: {e}")))?;
-                *signal_sent = i32::try_from(req.signal).ok();
+                if req.signal != 0 {
+                    *signal_sent = i32::try_from(req.signal).ok();
+                }
                 info!(
                     "task {}: sent signal {} to the host shim",
                     task.id, req.signal

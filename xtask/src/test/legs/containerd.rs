@@ -336,27 +336,29 @@ fn pod_sandbox(ctl: &Ctl, run: &[&str], checks: &mut Vec<(String, bool)>) {
     ]);
     let started = ctl.run(&args);
     let running = ctl.await_status(id, "RUNNING").is_some();
-    let stopped = kill_and_delete(ctl, id, "SIGKILL", 137);
+    let status = kill_and_delete(ctl, id, "SIGKILL");
     checks.push((
-        "a pod sandbox (CRI annotation) runs no guest, stays RUNNING until ctr task kill, then exits 137".into(),
-        ok_status(&started, 0) && running && stopped,
+        format!("a pod sandbox (CRI annotation) runs no guest, stays RUNNING until ctr task kill, then exits 137 (got {status:?})"),
+        ok_status(&started, 0) && running && status == Some(137),
     ));
 }
 
-/// `ctr task kill` then delete and remove: whether the task stopped with
-/// exit status `want` and every step worked.
-fn kill_and_delete(ctl: &Ctl, id: &str, signal: &str, want: u32) -> bool {
+/// `ctr task kill` then delete and remove: the task's exit status (from
+/// ctr's warning about a non-zero one) when every step worked.
+fn kill_and_delete(ctl: &Ctl, id: &str, signal: &str) -> Option<u32> {
     let killed = ctl.run(&["task", "kill", "--signal", signal, id]);
     let stopped = ctl.await_status(id, "STOPPED");
     let deleted = ctl.run(&["task", "delete", id]);
     let removed = ctl.run(&["container", "rm", id]);
-    if !deleted.output.contains(&format!("exit code {want}")) {
-        println!("containerd: ctr task delete {id} said: {}", deleted.output);
-    }
-    ok_status(&killed, 0)
-        && stopped.is_some()
-        && deleted.output.contains(&format!("exit code {want}"))
-        && ok_status(&removed, 0)
+    let status = deleted.output.split("exit code ").nth(1).and_then(|rest| {
+        rest.split(|c: char| !c.is_ascii_digit())
+            .next()?
+            .parse()
+            .ok()
+    });
+    (ok_status(&killed, 0) && stopped.is_some() && ok_status(&removed, 0))
+        .then_some(status)
+        .flatten()
 }
 
 fn scenario(ctl: &Ctl, checks: &mut Vec<(String, bool)>) {
@@ -422,8 +424,11 @@ fn scenario(ctl: &Ctl, checks: &mut Vec<(String, bool)>) {
         ),
     ];
     for (id, signal, want, extra, resources) in runs {
+        let task_log = ctl.socket.with_file_name(format!("{id}.log"));
+        let log_uri = format!("file://{}", task_log.display());
         let mut args = run.to_vec();
-        args.extend(["-d", "--cpus", "2", "--memory-limit", "134217728"]);
+        args.extend(["-d", "--log-uri", &log_uri]);
+        args.extend(["--cpus", "2", "--memory-limit", "134217728"]);
         args.extend(extra);
         args.extend([REFERENCE, id, "/kernel", "ip=10.0.0.3/24"]);
         let started = ctl.run(&args);
@@ -439,11 +444,23 @@ fn scenario(ctl: &Ctl, checks: &mut Vec<(String, bool)>) {
             ),
             ok_status(&started, 0) && cmdline.contains(resources),
         ));
-        let stopped = kill_and_delete(ctl, id, signal, want);
+        let status = kill_and_delete(ctl, id, signal);
         let gone = pid.is_some_and(|p| !Path::new(&format!("/proc/{p}")).exists());
+        let console = std::fs::read_to_string(&task_log).unwrap_or_default();
+        if status == Some(128 + 31) {
+            println!(
+                "containerd: {id}: the host shim died of SIGSYS: its seccomp filter refused a system call"
+            );
+        }
         checks.push((
-            format!("{id}: ctr task kill --signal {signal} stops it with exit status {want}, and its host shim is gone"),
-            stopped && gone,
+            format!(
+                "{id}: ctr task kill --signal {signal} stops it with exit status {want} (got {status:?}), its host shim is gone"
+            ),
+            status == Some(want) && gone,
+        ));
+        checks.push((
+            format!("{id}: ctr run -d --log-uri file://…: the console reaches the file"),
+            console.contains("tcp-echo: TCP echo on 7"),
         ));
     }
 
