@@ -322,6 +322,62 @@ fn ok_status(ran: &Ran, want: i32) -> bool {
     ran.status == Some(want)
 }
 
+/// Long-running guests (no max_connections) stopped by `ctr task kill`.
+fn long_running(ctl: &Ctl, run: &[&str], checks: &mut Vec<(String, bool)>) {
+    // Long-running guests (no max_connections), with resources from ctr's
+    // flags, and from an annotation, which wins over them.
+    let runs: [(&str, &str, u32, &[&str], &str); 2] = [
+        ("long-term", "SIGTERM", 143, &[], "vcpus=2,mem=128M,"),
+        (
+            "long-kill",
+            "SIGKILL",
+            137,
+            &["--annotation", "io.exitless.vcpus=3"],
+            "vcpus=3,mem=128M,",
+        ),
+    ];
+    for (id, signal, want, extra, resources) in runs {
+        let task_log = ctl.socket.with_file_name(format!("{id}.log"));
+        let log_uri = format!("file://{}", task_log.display());
+        let mut args = run.to_vec();
+        args.extend(["-d", "--log-uri", &log_uri]);
+        args.extend(["--cpus", "2", "--memory-limit", "134217728"]);
+        args.extend(extra);
+        args.extend([REFERENCE, id, "/kernel", "ip=10.0.0.3/24"]);
+        let started = ctl.run(&args);
+        let pid = ctl.await_status(id, "RUNNING");
+        let cmdline = pid
+            .and_then(|p| std::fs::read(format!("/proc/{p}/cmdline")).ok())
+            .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+            .unwrap_or_default();
+        checks.push((
+            format!(
+                "{id}: ctr run -d {} starts a host shim with {resources}",
+                extra.join(" ")
+            ),
+            ok_status(&started, 0) && cmdline.contains(resources),
+        ));
+        let status = kill_and_delete(ctl, id, signal);
+        let gone = pid.is_some_and(|p| !Path::new(&format!("/proc/{p}")).exists());
+        let console = std::fs::read_to_string(&task_log).unwrap_or_default();
+        if status == Some(128 + 31) {
+            println!(
+                "containerd: {id}: the host shim died of SIGSYS: its seccomp filter refused a system call"
+            );
+        }
+        checks.push((
+            format!(
+                "{id}: ctr task kill --signal {signal} stops it with exit status {want} (got {status:?}), its host shim is gone"
+            ),
+            status == Some(want) && gone,
+        ));
+        checks.push((
+            format!("{id}: ctr run -d --log-uri file://…: the console reaches the file"),
+            console.contains("tcp-echo: TCP echo on 7"),
+        ));
+    }
+}
+
 /// A Kubernetes pod sandbox ("pause" container): held, runs nothing.
 fn pod_sandbox(ctl: &Ctl, run: &[&str], checks: &mut Vec<(String, bool)>) {
     let id = "pod-sandbox";
@@ -411,60 +467,9 @@ fn scenario(ctl: &Ctl, checks: &mut Vec<(String, bool)>) {
         ok_status(&bad, 4) && bad.output.contains("ip= wants"),
     ));
 
-    // Long-running guests (no max_connections), with resources from ctr's
-    // flags, and from an annotation, which wins over them.
-    let runs: [(&str, &str, u32, &[&str], &str); 2] = [
-        ("long-term", "SIGTERM", 143, &[], "vcpus=2,mem=128M,"),
-        (
-            "long-kill",
-            "SIGKILL",
-            137,
-            &["--annotation", "io.exitless.vcpus=3"],
-            "vcpus=3,mem=128M,",
-        ),
-    ];
-    for (id, signal, want, extra, resources) in runs {
-        let task_log = ctl.socket.with_file_name(format!("{id}.log"));
-        let log_uri = format!("file://{}", task_log.display());
-        let mut args = run.to_vec();
-        args.extend(["-d", "--log-uri", &log_uri]);
-        args.extend(["--cpus", "2", "--memory-limit", "134217728"]);
-        args.extend(extra);
-        args.extend([REFERENCE, id, "/kernel", "ip=10.0.0.3/24"]);
-        let started = ctl.run(&args);
-        let pid = ctl.await_status(id, "RUNNING");
-        let cmdline = pid
-            .and_then(|p| std::fs::read(format!("/proc/{p}/cmdline")).ok())
-            .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
-            .unwrap_or_default();
-        checks.push((
-            format!(
-                "{id}: ctr run -d {} starts a host shim with {resources}",
-                extra.join(" ")
-            ),
-            ok_status(&started, 0) && cmdline.contains(resources),
-        ));
-        let status = kill_and_delete(ctl, id, signal);
-        let gone = pid.is_some_and(|p| !Path::new(&format!("/proc/{p}")).exists());
-        let console = std::fs::read_to_string(&task_log).unwrap_or_default();
-        if status == Some(128 + 31) {
-            println!(
-                "containerd: {id}: the host shim died of SIGSYS: its seccomp filter refused a system call"
-            );
-        }
-        checks.push((
-            format!(
-                "{id}: ctr task kill --signal {signal} stops it with exit status {want} (got {status:?}), its host shim is gone"
-            ),
-            status == Some(want) && gone,
-        ));
-        checks.push((
-            format!("{id}: ctr run -d --log-uri file://…: the console reaches the file"),
-            console.contains("tcp-echo: TCP echo on 7"),
-        ));
-    }
-
+    long_running(ctl, &run, checks);
     pod_sandbox(ctl, &run, checks);
+    shim_crash(ctl, &run, checks);
     let ls = ctl.run(&["task", "ls", "-q"]);
     checks.push((
         "no task left in containerd".into(),
@@ -472,10 +477,48 @@ fn scenario(ctl: &Ctl, checks: &mut Vec<(String, bool)>) {
     ));
 }
 
+/// A shim killed under a running guest: containerd runs `shim delete` in
+/// the bundle, which must stop the orphaned host shim.
+fn shim_crash(ctl: &Ctl, run: &[&str], checks: &mut Vec<(String, bool)>) {
+    let id = "shim-crash";
+    let mut args = run.to_vec();
+    args.extend(["-d", REFERENCE, id, "/kernel", "ip=10.0.0.4/24"]);
+    let started = ctl.run(&args);
+    let host = ctl.await_status(id, "RUNNING");
+    let needle = format!("\0-id\0{id}\0");
+    let shim = leftovers(ctl.socket.parent().unwrap_or(Path::new("/")))
+        .into_iter()
+        .find(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+                let program = c.split(|b| *b == 0).next().unwrap_or_default();
+                program.ends_with(b"containerd-shim-exitless-v1")
+                    && c.windows(needle.len()).any(|w| w == needle.as_bytes())
+            })
+        });
+    if let Some(pid) = shim {
+        kill(pid);
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let host_gone = |p: u32| !Path::new(&format!("/proc/{p}")).exists();
+    while host.is_some_and(|p| !host_gone(p)) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let _ = ctl.run(&["task", "delete", id]);
+    let removed = ctl.run(&["container", "rm", id]);
+    checks.push((
+        "a shim killed by SIGKILL under a running guest: containerd's clean-up (shim delete) stops the host shim".into(),
+        ok_status(&started, 0)
+            && shim.is_some()
+            && host.is_some_and(host_gone)
+            && ok_status(&removed, 0),
+    ));
+}
+
 /// The five runs' task events, each forwarded by the shim: containerd's
 /// debug log says `event forwarded` for what a shim published.
 fn forwarded_events(log: &Path) -> (String, bool) {
     let text = std::fs::read_to_string(log).unwrap_or_default();
+    // The killed shim's run forwards only its create and start.
     let counts: Vec<(&str, usize)> = ["create", "start", "exit", "delete"]
         .into_iter()
         .map(|topic| {
@@ -485,9 +528,9 @@ fn forwarded_events(log: &Path) -> (String, bool) {
         .collect();
     (
         format!(
-            "the shim published TaskCreate, TaskStart, TaskExit, TaskDelete once per run (5 runs): {counts:?}"
+            "the shims published TaskCreate, TaskStart (6 runs), TaskExit, TaskDelete (the 5 whose shim lived): {counts:?}"
         ),
-        counts.iter().all(|(_, n)| *n == 5),
+        counts == [("create", 6), ("start", 6), ("exit", 5), ("delete", 5)],
     )
 }
 
