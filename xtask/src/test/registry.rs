@@ -101,7 +101,8 @@ mod tests {
                 "qemu-pingpong",
                 "shim-tap",
                 "template",
-                "interop"
+                "interop",
+                "containerd",
             ]
         );
         let some: Vec<&str> = select(&["guest-kvm".into(), "unit".into()])
