@@ -292,7 +292,20 @@ impl containerd_shim::Task for Service {
             ),
             What::Sandbox => info!("created task {}: a pod sandbox (runs nothing)", task.id),
         }
-        self.tasks().insert(req.id.clone(), Arc::new(task));
+        // Checked again under the lock: two creates of one id may race.
+        {
+            let mut tasks = self.tasks();
+            if tasks.contains_key(&req.id) {
+                if let Some(m) = &task.mounted {
+                    unmount(m);
+                }
+                return Err(rpc_error(
+                    Code::ALREADY_EXISTS,
+                    format!("task {} already exists", req.id),
+                ));
+            }
+            tasks.insert(req.id.clone(), Arc::new(task));
+        }
         self.publish(
             "/tasks/create",
             Box::new(TaskCreate {
