@@ -109,7 +109,8 @@ struct Layout {
     version: &'static str,
 }
 
-fn digest(bytes: &[u8]) -> String {
+/// `sha256:HEX` of `bytes`, as OCI descriptors name blobs.
+pub fn digest(bytes: &[u8]) -> String {
     let hash = Sha256::digest(bytes);
     let mut hex = String::with_capacity(64);
     for b in hash {

@@ -78,6 +78,9 @@ impl containerd_shim::Shim for Shim {
         // One shim process per container: each task is its own group.
         let grouping = opts.id.clone();
         let (_pid, address) = containerd_shim::spawn(opts, &grouping, Vec::new())?;
+        // The bundle's `address` file: the server removes its socket at exit
+        // by it, and `delete` after a crash finds the socket there.
+        containerd_shim::synchronous::util::write_address(&address)?;
         Ok(address)
     }
 

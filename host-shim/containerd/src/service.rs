@@ -26,6 +26,8 @@ use crate::spec::GuestSpec;
 
 /// The file in the bundle the host shim writes its report to.
 pub const STATS_FILE: &str = "exitless-stats.json";
+/// Where containerd-shim (the crate) puts every shim's socket.
+const SHIM_SOCKETS: &str = "/run/containerd/s";
 /// The file in the bundle holding the host shim's pid, for `delete` after a crash.
 pub const PID_FILE: &str = "exitless-host-shim.pid";
 
@@ -661,6 +663,18 @@ pub fn cleanup_bundle(bundle: &Path) -> DeleteResponse {
     let rootfs = bundle.join("rootfs");
     if rootfs.is_dir() {
         unmount(&rootfs);
+    }
+    // A dead server could not remove its socket. Only a socket in
+    // containerd's shim socket folder is removed, whatever the file says.
+    if let Some(socket) = std::fs::read_to_string(bundle.join("address"))
+        .ok()
+        .and_then(|a| a.trim().strip_prefix("unix://").map(PathBuf::from))
+        .filter(|p| p.parent() == Some(Path::new(SHIM_SOCKETS)))
+        && socket
+            .symlink_metadata()
+            .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()))
+    {
+        let _ = std::fs::remove_file(&socket);
     }
     DeleteResponse {
         exit_status: 128 + 9,

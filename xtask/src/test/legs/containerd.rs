@@ -384,6 +384,7 @@ fn pod_sandbox(ctl: &Ctl, run: &[&str], checks: &mut Vec<(String, bool)>) {
     let mut args = run.to_vec();
     args.extend([
         "-d",
+        "--null-io",
         "--annotation",
         "io.kubernetes.cri.container-type=sandbox",
         REFERENCE,
@@ -470,6 +471,22 @@ fn scenario(ctl: &Ctl, checks: &mut Vec<(String, bool)>) {
     long_running(ctl, &run, checks);
     pod_sandbox(ctl, &run, checks);
     shim_crash(ctl, &run, checks);
+    let sockets: Vec<PathBuf> = [
+        "hello",
+        "refused",
+        "long-term",
+        "long-kill",
+        "pod-sandbox",
+        "shim-crash",
+    ]
+    .iter()
+    .map(|id| shim_socket(&ctl.socket, id))
+    .filter(|s| s.exists())
+    .collect();
+    checks.push((
+        format!("every shim's socket is gone, the killed one's too (left: {sockets:?})"),
+        sockets.is_empty(),
+    ));
     let ls = ctl.run(&["task", "ls", "-q"]);
     checks.push((
         "no task left in containerd".into(),
@@ -477,12 +494,26 @@ fn scenario(ctl: &Ctl, checks: &mut Vec<(String, bool)>) {
     ));
 }
 
+/// Where the shim for task `id` listens: containerd-shim's naming, a hash
+/// of containerd's socket, the namespace and the id.
+fn shim_socket(containerd: &Path, id: &str) -> PathBuf {
+    let digest = oci::digest(format!("{}/{NAMESPACE}/{id}", containerd.display()).as_bytes());
+    Path::new("/run/containerd/s").join(digest.trim_start_matches("sha256:"))
+}
+
 /// A shim killed under a running guest: containerd runs `shim delete` in
 /// the bundle, which must stop the orphaned host shim.
 fn shim_crash(ctl: &Ctl, run: &[&str], checks: &mut Vec<(String, bool)>) {
     let id = "shim-crash";
     let mut args = run.to_vec();
-    args.extend(["-d", REFERENCE, id, "/kernel", "ip=10.0.0.4/24"]);
+    args.extend([
+        "-d",
+        "--null-io",
+        REFERENCE,
+        id,
+        "/kernel",
+        "ip=10.0.0.4/24",
+    ]);
     let started = ctl.run(&args);
     let host = ctl.await_status(id, "RUNNING");
     let needle = format!("\0-id\0{id}\0");
