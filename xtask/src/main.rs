@@ -13,12 +13,14 @@
 //! - `run/`: `cargo xtask run`, its summaries and `--json` documents;
 //! - `bench/`: `cargo xtask bench`, its suites, runner and report;
 //! - `app/`: `cargo xtask new` and `cargo xtask run --app`, for apps that live
-//!   outside this repository.
+//!   outside this repository;
+//! - `oci.rs`: `cargo xtask oci`, a guest ELF as an OCI image for containerd.
 
 mod app;
 mod bench;
 mod error;
 mod infra;
+mod oci;
 mod run;
 mod scenario;
 mod test;
@@ -69,6 +71,42 @@ enum Command {
     /// `target/bench/SUITE.json`, and regenerate docs/benchmarks.md, its plots and
     /// the README's headline ratios.
     Bench(BenchArgs),
+    /// Package a guest ELF as an OCI image archive for `ctr image import`,
+    /// run by the Exitless containerd shim (docs/containerd.md). E.g.
+    /// `cargo xtask oci tcp-echo --cmdline "ip=10.0.0.2/24"`, then
+    /// `ctr image import target/oci/tcp-echo.tar` and
+    /// `ctr run --rm --runtime io.containerd.exitless.v1 docker.io/exitless/tcp-echo:latest t1`.
+    Oci(OciArgs),
+}
+
+#[derive(Debug, Args)]
+struct OciArgs {
+    /// A guest image name (built first: ktest, udp-pingpong, tcp-echo,
+    /// pipeline) or a path to a guest ELF file.
+    #[arg(value_name = "NAME|PATH", required_unless_present = "app")]
+    image: Option<String>,
+    /// Package your own app (a crate made by `cargo xtask new`) instead: it
+    /// is built first.
+    #[arg(long, value_name = "DIR", conflicts_with = "image")]
+    app: Option<PathBuf>,
+    /// The guest's command line, stored as the image's Cmd (one word per
+    /// space); `ctr run IMAGE ID WORDS...` replaces it.
+    #[arg(long, value_name = "TEXT", default_value = "")]
+    cmdline: String,
+    /// Default vCPUs, stored as env EXITLESS_VCPUS (and a label): used when
+    /// the container asks for no CPU limit.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=254))]
+    vcpus: Option<u32>,
+    /// Default memory (bytes, or with a K/M/G suffix), stored as env
+    /// EXITLESS_MEMORY (and a label): used when the container has no memory limit.
+    #[arg(long, value_name = "SIZE")]
+    memory: Option<String>,
+    /// The image reference [default: docker.io/exitless/NAME:latest].
+    #[arg(long = "ref", value_name = "REF")]
+    reference: Option<String>,
+    /// Where to write the archive [default: target/oci/NAME.tar].
+    #[arg(long, short, value_name = "FILE")]
+    output: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -281,6 +319,7 @@ fn main() -> ExitCode {
             println!("run it: cargo xtask run --app {}", path.display());
             ExitCode::SUCCESS
         }),
+        Command::Oci(args) => oci_image(&args).map(|()| ExitCode::SUCCESS),
         Command::Run(args) if args.app.is_some() => run_app(&args),
         Command::Run(args) if args.demo == DemoKind::Pipeline => {
             let opts = pipeline::Options {
@@ -330,6 +369,44 @@ fn main() -> ExitCode {
         eprintln!("error: {e}");
         ExitCode::from(e.exit_code())
     })
+}
+
+fn oci_image(args: &OciArgs) -> Result<()> {
+    let (name, elf) = if let Some(dir) = &args.app {
+        let elf = app::run::build(dir)?;
+        (oci::name_of(&elf), elf)
+    } else {
+        let image = args.image.as_deref().unwrap_or_default();
+        let (elf, _) = resolve_image(image)?;
+        (oci::name_of(&elf), elf)
+    };
+    let output = args.output.clone().unwrap_or_else(|| {
+        infra::workspace::target_dir()
+            .join("oci")
+            .join(format!("{name}.tar"))
+    });
+    let reference = args
+        .reference
+        .clone()
+        .unwrap_or_else(|| oci::default_reference(&name));
+    let digest = oci::write_image(&oci::Options {
+        elf: elf.clone(),
+        reference: reference.clone(),
+        cmdline: args.cmdline.clone(),
+        vcpus: args.vcpus,
+        memory: args.memory.clone(),
+        output: output.clone(),
+    })?;
+    println!(
+        "oci: {} -> {} ({reference}, manifest {digest})",
+        elf.display(),
+        output.display()
+    );
+    println!("import it: ctr image import {}", output.display());
+    println!(
+        "run it:    ctr run --rm --runtime io.containerd.exitless.v1 {reference} ID [CMDLINE WORDS...]"
+    );
+    Ok(())
 }
 
 fn run_app(args: &RunArgs) -> Result<ExitCode> {

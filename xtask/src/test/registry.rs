@@ -6,6 +6,7 @@ use crate::error::{Error, Result};
 use crate::test::leg::Leg;
 use crate::test::legs::api::ShimApi;
 use crate::test::legs::backtrace::Backtrace;
+use crate::test::legs::containerd::Containerd;
 use crate::test::legs::direct::ShimDirect;
 use crate::test::legs::doorbell::ShimDoorbell;
 use crate::test::legs::flood::ShimFlood;
@@ -64,6 +65,7 @@ pub const LEGS: &[&dyn Leg] = &[
     &ShimApi,
     &Template,
     &QemuInterop,
+    &Containerd,
 ];
 
 /// The legs named (all of them when none is), in the order of [`LEGS`].
@@ -117,7 +119,8 @@ mod tests {
                 "soak",
                 "api",
                 "template",
-                "interop"
+                "interop",
+                "containerd",
             ]
         );
         let some: Vec<&str> = select(&["guest-kvm".into(), "unit".into()])

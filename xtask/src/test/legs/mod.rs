@@ -2,6 +2,7 @@
 
 pub mod api;
 pub mod backtrace;
+pub mod containerd;
 pub mod direct;
 pub mod doorbell;
 pub mod flood;
