@@ -10,4 +10,5 @@ pub mod serial;
 pub mod setup;
 pub mod symbols;
 pub mod sys;
+pub mod unix_http;
 pub mod workspace;
