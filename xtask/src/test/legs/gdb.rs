@@ -10,7 +10,10 @@
 //! end. A last session interrupts a
 //! running `udp-pingpong` server with Ctrl-C (SIGINT to gdb, which sends
 //! the stub its interrupt byte), lists its threads and kills it: the shim
-//! stops. Each answer is checked in gdb's output.
+//! stops. Last, the application's main, which is ring-3 code: this host's
+//! KVM gives the shim's stub no ring-3 breakpoint, so gdb breaks there
+//! through QEMU's stub under TCG (`cargo xtask run --app PATH --qemu
+//! --gdb`). Each answer is checked in gdb's output.
 
 use std::net::TcpListener;
 use std::path::Path;
@@ -32,7 +35,7 @@ impl Leg for Gdb {
     }
 
     fn about(&self) -> &'static str {
-        "gdb --batch against the shim's --gdb stub (ktest, 2 vCPUs): one thread per vCPU, a breakpoint in the AP's entry hit on thread 2, a register and a static read, an unmapped address refused, a single step, detach, then the guest exits 0; Ctrl-C stops a running guest and gdb's kill stops the shim"
+        "gdb --batch against the shim's --gdb stub (ktest, 2 vCPUs): one thread per vCPU, a breakpoint in the AP's entry hit on thread 2, a register and a static read, an unmapped address refused, a single step, detach, then the guest exits 0; Ctrl-C stops a running guest and gdb's kill stops the shim; and against QEMU's stub (TCG): a breakpoint on the app's main hit in ring 3, a backtrace, a step, detach"
     }
 
     fn run(&self, images: &mut Images, opts: &Options) -> LegRun {
@@ -114,8 +117,122 @@ impl Leg for Gdb {
             Ok(server) => checks.extend(interrupt_and_kill(&gdb, &shim_bin, &server, opts)),
             Err(e) => checks.push((format!("building udp-pingpong: {e}"), false)),
         }
+        checks.extend(app_main_under_qemu(&gdb, &image, opts));
         LegRun::from_checks(&checks, Vec::new(), log)
     }
+}
+
+/// The application's main is ring-3 code, where this host's KVM gives the
+/// shim's stub no breakpoint or step (the guest takes the trap itself): the
+/// app session runs against QEMU's stub under TCG, as `cargo xtask run --app
+/// PATH --qemu --gdb PORT` does. Breakpoint on `exitless_app_main`, hit in
+/// ring 3 (CS's RPL 3), a backtrace, a single step, detach, and the guest
+/// runs to its end.
+fn app_main_under_qemu(gdb: &Path, image: &Path, opts: &Options) -> Vec<(String, bool)> {
+    use crate::vmm::qemu::{self, Accel, Echo, Machine, Net};
+    let port = free_port();
+    let cfg = qemu::Config {
+        accel: Accel::Tcg,
+        machine: Machine::Q35,
+        smp: 2,
+        mem_mib: 256,
+        image: image.to_path_buf(),
+        append: "ktest.boot_only".into(),
+        net: Net::User,
+        hostfwd: Vec::new(),
+        netdev: None,
+        mac: None,
+        nic_options: Vec::new(),
+        extra_args: qemu::gdb_args(port),
+        timeout: opts.timeout,
+    };
+    let script = [
+        "set pagination off".to_owned(),
+        "set confirm off".to_owned(),
+        format!("target remote 127.0.0.1:{port}"),
+        "hbreak exitless_app_main".to_owned(),
+        "continue".to_owned(),
+        "printf \"check-cs=%d\\n\", $cs".to_owned(),
+        "bt 3".to_owned(),
+        "printf \"check-pc0=%lu\\n\", $pc".to_owned(),
+        "stepi".to_owned(),
+        "printf \"check-pc1=%lu\\n\", $pc".to_owned(),
+        "printf \"check-cs1=%d\\n\", $cs".to_owned(),
+        "delete".to_owned(),
+        "detach".to_owned(),
+    ];
+    let (run, out) = std::thread::scope(|s| {
+        let vm = s.spawn(|| qemu::boot(&cfg, "gdb-qemu-app", &Echo::Quiet));
+        let out = if wait_listening(port, Duration::from_mins(1)) {
+            let mut cmd = Command::new(gdb);
+            cmd.args(["--batch", "-nx"]);
+            for line in &script {
+                cmd.arg("-ex").arg(line);
+            }
+            cmd.arg(image);
+            process::run(&mut cmd, opts.timeout, Stderr::Merge, |_| {})
+                .map(|f| {
+                    f.lines
+                        .iter()
+                        .map(|l| l.text.as_str())
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                })
+                .map_err(|e| e.to_string())
+        } else {
+            Err(format!("QEMU never listened on 127.0.0.1:{port}"))
+        };
+        let run = vm
+            .join()
+            .unwrap_or_else(|_| Err(crate::error::Error::failed("the QEMU thread panicked")));
+        (run, out)
+    });
+    let text = match out {
+        Ok(t) => t,
+        Err(e) => return vec![(format!("QEMU app session: gdb ran: {e}"), false)],
+    };
+    let (pc0, pc1) = (value(&text, "pc0"), value(&text, "pc1"));
+    let checks = vec![
+        (
+            "QEMU (TCG) app session: the breakpoint on the app's main (exitless_app_main) was hit".into(),
+            text.contains("exitless_app_main") && text.contains("Breakpoint 1"),
+        ),
+        (
+            format!(
+                "QEMU app session: it stopped in ring 3 (CS RPL {:?})",
+                value(&text, "cs").map(|c| c & 3)
+            ),
+            value(&text, "cs").is_some_and(|c| c & 3 == 3),
+        ),
+        (
+            "QEMU app session: the backtrace names the runtime's caller (#1 in the ring-3 start code)".into(),
+            text.lines().any(|l| l.trim_start().starts_with("#1 ")),
+        ),
+        (
+            // The first instruction may be a jump or call: any move counts.
+            format!(
+                "QEMU app session: stepi executed one instruction, still in ring 3 (RIP {pc0:?} -> {pc1:?}, CS RPL {:?})",
+                value(&text, "cs1").map(|c| c & 3)
+            ),
+            pc0.zip(pc1).is_some_and(|(a, b)| a != b) && value(&text, "cs1").is_some_and(|c| c & 3 == 3),
+        ),
+        (
+            "QEMU app session: gdb detached".into(),
+            text.contains("detached"),
+        ),
+        (
+            format!(
+                "QEMU app session: the guest then ran to its end ({})",
+                run.as_ref()
+                    .map_or_else(ToString::to_string, |r| format!("{:?}", r.exit))
+            ),
+            run.as_ref().is_ok_and(|r| r.exit.passed()),
+        ),
+    ];
+    if checks.iter().any(|(_, ok)| !ok) {
+        println!("gdb's output (QEMU app session):\n{text}");
+    }
+    checks
 }
 
 /// The second session: Ctrl-C stops a guest that would run forever, gdb's
