@@ -164,21 +164,7 @@ fn app_main_under_qemu(gdb: &Path, image: &Path, opts: &Options) -> Vec<(String,
     let (run, out) = std::thread::scope(|s| {
         let vm = s.spawn(|| qemu::boot(&cfg, "gdb-qemu-app", &Echo::Quiet));
         let out = if wait_listening(port, Duration::from_mins(1)) {
-            let mut cmd = Command::new(gdb);
-            cmd.args(["--batch", "-nx"]);
-            for line in &script {
-                cmd.arg("-ex").arg(line);
-            }
-            cmd.arg(image);
-            process::run(&mut cmd, opts.timeout, Stderr::Merge, |_| {})
-                .map(|f| {
-                    f.lines
-                        .iter()
-                        .map(|l| l.text.as_str())
-                        .collect::<Vec<_>>()
-                        .join("\n")
-                })
-                .map_err(|e| e.to_string())
+            gdb_batch(gdb, image, &script, opts.timeout)
         } else {
             Err(format!("QEMU never listened on 127.0.0.1:{port}"))
         };
@@ -518,9 +504,19 @@ fn run_gdb(gdb: &Path, image: &Path, port: u16, timeout: Duration) -> Result<Str
         "delete".to_owned(),
         "detach".to_owned(),
     ];
+    gdb_batch(gdb, image, &script, timeout)
+}
+
+/// `gdb --batch` running `script` on `image`; its whole output.
+fn gdb_batch(
+    gdb: &Path,
+    image: &Path,
+    script: &[String],
+    timeout: Duration,
+) -> Result<String, String> {
     let mut cmd = Command::new(gdb);
     cmd.args(["--batch", "-nx"]);
-    for line in &script {
+    for line in script {
         cmd.arg("-ex").arg(line);
     }
     cmd.arg(image);
