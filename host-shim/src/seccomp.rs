@@ -104,7 +104,13 @@ impl Kind {
             }
             Self::Monitor => MONITOR,
             Self::Net => NET,
-            Self::Tap => TAP,
+            Self::Tap => {
+                // It delivers frames into guests' RX rings on its own thread
+                // (run to completion): a NIC worker's calls, for the MSIs and
+                // upcall kicks that follow.
+                calls.extend_from_slice(NET);
+                TAP
+            }
             Self::Vmq => VMQ,
             Self::Helper => HELPER,
             Self::Gdb => GDB,
@@ -185,6 +191,10 @@ const SPAWN: &[i64] = &[
 /// thread or setting no-new-privileges, and `seccomp` adding a filter (which
 /// can only narrow what is allowed), `openat` read-only outside the main
 /// thread. Any other call of theirs traps.
+/// `KVM_SET_GSI_ROUTING` (linux/kvm.h: `_IOW(KVMIO, 0x6a, struct
+/// kvm_irq_routing)`, an 8-byte header).
+const KVM_SET_GSI_ROUTING: u64 = (1 << 30) | (8 << 16) | (0xAE << 8) | 0x6a;
+
 fn conditions(kind: Kind, nr: i64) -> Result<Vec<SeccompRule>, seccompiler::BackendError> {
     let first_arg_is = |values: &[u64]| -> Result<Vec<SeccompRule>, seccompiler::BackendError> {
         values
@@ -224,6 +234,18 @@ fn conditions(kind: Kind, nr: i64) -> Result<Vec<SeccompRule>, seccompiler::Back
         // Main opens the stats JSON for writing (and Control guests' memory
         // and kernel files): only the other kinds are limited to read-only
         // opens.
+        // Threads that run a NIC's RX or TX work (NIC workers, doorbell
+        // monitors running to completion, the TAP forwarder delivering into a
+        // guest's ring) fire its MSIs: a route the guest changed while the
+        // rate limit held it back is synced then, with this one ioctl.
+        libc::SYS_ioctl if matches!(kind, Kind::Net | Kind::Monitor | Kind::Tap) => {
+            Ok(vec![SeccompRule::new(vec![SeccompCondition::new(
+                1,
+                SeccompCmpArgLen::Dword,
+                SeccompCmpOp::Eq,
+                KVM_SET_GSI_ROUTING,
+            )?])?])
+        }
         libc::SYS_openat if !matches!(kind, Kind::Main | Kind::Control) => {
             Ok(vec![SeccompRule::new(vec![SeccompCondition::new(
                 2,
@@ -267,6 +289,8 @@ const MONITOR: &[i64] = &[
     libc::SYS_epoll_wait,
     libc::SYS_sched_setscheduler,
     libc::SYS_tgkill,
+    // KVM_SET_GSI_ROUTING only (see [`conditions`]).
+    libc::SYS_ioctl,
 ];
 
 /// A NIC worker: epoll over its notify, doorbell, port and stop eventfds;
@@ -276,6 +300,8 @@ const NET: &[i64] = &[
     libc::SYS_epoll_ctl,
     libc::SYS_epoll_wait,
     libc::SYS_tgkill,
+    // KVM_SET_GSI_ROUTING only (see [`conditions`]).
+    libc::SYS_ioctl,
 ];
 
 /// The TAP forwarder: reads and writes the TAP fd, epoll over it, the
