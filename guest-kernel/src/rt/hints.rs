@@ -1,7 +1,9 @@
 //! Interrupt-vCPU hints (mechanism M2), guest half: the shim names,
 //! per device queue, the vCPUs that share a host CPU with the thread producing
-//! the queue's events; a driver that follows the hint points the queue's MSI-X
-//! entry at one of them, so the interrupt is taken where the event came from.
+//! the queue's events. A driver follows a hint (points the queue's MSI-X entry
+//! there) only where it names the vCPU that processes the queue: an interrupt
+//! anywhere else would need a wake IPI to that vCPU, which costs more than the
+//! hint saves (see [`Follower::check`]); other hints are declined and counted.
 //!
 //! The page is read-only to the guest and read from ring 3. A driver calls
 //! [`Follower::check`] after an interrupt: a new (even, whole) generation is
