@@ -51,7 +51,6 @@ impl Leg for Gdb {
             Ok(p) => p,
             Err(e) => return LegRun::broken(e.to_string()),
         };
-        let port = free_port();
         let guest = shim::Guest {
             name: GUEST.into(),
             image: image.clone(),
@@ -59,31 +58,16 @@ impl Leg for Gdb {
             mem_mib: 256,
             cmdline: "ktest.boot_only".into(),
         };
-        let extra = vec!["--gdb".to_owned(), port.to_string()];
-        let verbose = opts.verbose;
-        let (shim_run, gdb_out) = std::thread::scope(|s| {
-            let shim_thread = s.spawn(|| {
-                shim::run(&shim_bin, &[guest], &extra, opts.timeout, "gdb-shim", |l| {
-                    if verbose {
-                        println!("{l}");
-                    }
-                })
+        let (shim_run, gdb_out) =
+            with_stub(&shim_bin, guest, "gdb-shim", opts, |port| match port {
+                Some(port) => run_gdb(&gdb, &image, port, opts.timeout),
+                None => Err("the shim never listened for gdb".to_owned()),
             });
-            let out = if wait_listening(port, Duration::from_mins(1)) {
-                run_gdb(&gdb, &image, port, opts.timeout)
-            } else {
-                Err(format!("the shim never listened on 127.0.0.1:{port}"))
-            };
-            let run = shim_thread
-                .join()
-                .unwrap_or_else(|_| Err(crate::error::Error::failed("the shim thread panicked")));
-            (run, out)
-        });
         let mut checks = Vec::new();
         let mut log = None;
         match &gdb_out {
             Ok(text) => {
-                if verbose {
+                if opts.verbose {
                     println!("{text}");
                 }
                 checks.extend(judge_gdb(text));
@@ -230,7 +214,6 @@ fn interrupt_and_kill(
     opts: &Options,
 ) -> Vec<(String, bool)> {
     const NAME: &str = "srv";
-    let port = free_port();
     let guest = shim::Guest {
         name: NAME.into(),
         image: image.to_path_buf(),
@@ -238,28 +221,9 @@ fn interrupt_and_kill(
         mem_mib: 256,
         cmdline: "pingpong.role=server ip=10.0.0.1/24".into(),
     };
-    let extra = vec!["--gdb".to_owned(), port.to_string()];
-    let shim_bin = shim_bin.to_path_buf();
-    let (shim_run, out) = std::thread::scope(|s| {
-        let shim_thread = s.spawn(|| {
-            shim::run(
-                &shim_bin,
-                &[guest],
-                &extra,
-                opts.timeout,
-                "gdb-interrupt",
-                |_| {},
-            )
-        });
-        let out = if wait_listening(port, Duration::from_mins(1)) {
-            interrupt_session(gdb, image, port, opts.timeout)
-        } else {
-            Err(format!("the shim never listened on 127.0.0.1:{port}"))
-        };
-        let run = shim_thread
-            .join()
-            .unwrap_or_else(|_| Err(crate::error::Error::failed("the shim thread panicked")));
-        (run, out)
+    let (shim_run, out) = with_stub(shim_bin, guest, "gdb-interrupt", opts, |port| match port {
+        Some(port) => interrupt_session(gdb, image, port, opts.timeout),
+        None => Err("the shim never listened for gdb".to_owned()),
     });
     let text = out.unwrap_or_else(|e| format!("(gdb: {e})"));
     if opts.verbose {
@@ -370,7 +334,6 @@ const HOSTILE_ANSWERED: usize = 11;
 fn hostile_client(shim_bin: &Path, image: &Path, opts: &Options) -> Vec<(String, bool)> {
     use std::io::{Read, Write};
     const NAME: &str = "hostile";
-    let port = free_port();
     let guest = shim::Guest {
         name: NAME.into(),
         image: image.to_path_buf(),
@@ -378,21 +341,9 @@ fn hostile_client(shim_bin: &Path, image: &Path, opts: &Options) -> Vec<(String,
         mem_mib: 256,
         cmdline: "ktest.boot_only".into(),
     };
-    let extra = vec!["--gdb".to_owned(), port.to_string()];
-    let shim_bin = shim_bin.to_path_buf();
-    let (shim_run, answers) = std::thread::scope(|s| {
-        let shim_thread = s.spawn(|| {
-            shim::run(
-                &shim_bin,
-                &[guest],
-                &extra,
-                opts.timeout,
-                "gdb-hostile",
-                |_| {},
-            )
-        });
+    let (shim_run, answers) = with_stub(shim_bin, guest, "gdb-hostile", opts, |port| {
         let mut answers = 0usize;
-        if wait_listening(port, Duration::from_mins(1))
+        if let Some(port) = port
             && let Ok(mut c) = std::net::TcpStream::connect(("127.0.0.1", port))
         {
             let _ = c.set_read_timeout(Some(Duration::from_millis(300)));
@@ -419,10 +370,7 @@ fn hostile_client(shim_bin: &Path, image: &Path, opts: &Options) -> Vec<(String,
             }
             let _ = c.write_all(b"$\xff\xfe#zz+-+$#00");
         }
-        let run = shim_thread
-            .join()
-            .unwrap_or_else(|_| Err(crate::error::Error::failed("the shim thread panicked")));
-        (run, answers)
+        answers
     });
     let mut checks = vec![(
         format!(
@@ -445,6 +393,43 @@ fn hostile_client(shim_bin: &Path, image: &Path, opts: &Options) -> Vec<(String,
         Err(e) => checks.push((format!("the shim ran: {e}"), false)),
     }
     checks
+}
+
+/// Runs `image` alone under the shim with `--gdb` on a free port (`label`
+/// names its log), waits until the stub listens, and runs `session` against
+/// that port while the shim runs; the shim's run and the session's result.
+/// `session` gets `None` if the stub never listened.
+fn with_stub<T>(
+    shim_bin: &Path,
+    guest: shim::Guest,
+    label: &str,
+    opts: &Options,
+    session: impl FnOnce(Option<u16>) -> T,
+) -> (crate::error::Result<shim::Run>, T) {
+    let port = free_port();
+    let extra = vec!["--gdb".to_owned(), port.to_string()];
+    let verbose = opts.verbose;
+    std::thread::scope(|s| {
+        let shim_thread = s.spawn(|| {
+            shim::run(
+                &shim_bin.to_path_buf(),
+                &[guest],
+                &extra,
+                opts.timeout,
+                label,
+                |l| {
+                    if verbose {
+                        println!("{l}");
+                    }
+                },
+            )
+        });
+        let out = session(wait_listening(port, Duration::from_mins(1)).then_some(port));
+        let run = shim_thread
+            .join()
+            .unwrap_or_else(|_| Err(crate::error::Error::failed("the shim thread panicked")));
+        (run, out)
+    })
 }
 
 /// A port nobody listens on now.
