@@ -3,9 +3,8 @@
 //! of host-shim/tests/tap.rs, ignored by default: it needs root, `ip` and
 //! the tcp-echo image).
 
-use crate::infra::setup;
 use crate::test::leg::{Images, Leg, LegRun, Options};
-use crate::test::legs::unit::run_cargo_test;
+use crate::test::legs::tap::tap_test;
 
 /// The test's name in host-shim/tests/tap.rs.
 const TEST: &str = "sixty_four_parallel_echo_and_http_clients_are_all_served";
@@ -23,28 +22,6 @@ impl Leg for ParallelTcp {
     }
 
     fn run(&self, images: &mut Images, opts: &Options) -> LegRun {
-        if let Err(why) = setup::check_kvm() {
-            return LegRun::broken(format!("cannot use KVM: {why}"));
-        }
-        let image = match images.get("tcp-echo") {
-            Ok(image) => image,
-            Err(e) => return LegRun::broken(e),
-        };
-        run_cargo_test(
-            self.name(),
-            opts,
-            &[
-                "-p",
-                "host-shim",
-                "--test",
-                "tap",
-                "--",
-                "--ignored",
-                "--exact",
-                TEST,
-                "--nocapture",
-            ],
-            &[("EXITLESS_TCP_ECHO_IMAGE", image.as_path())],
-        )
+        tap_test(self.name(), images, opts, TEST, &["--nocapture"])
     }
 }

@@ -19,27 +19,47 @@ impl Leg for ShimTap {
     }
 
     fn run(&self, images: &mut Images, opts: &Options) -> LegRun {
-        if let Err(why) = setup::check_kvm() {
-            return LegRun::broken(format!("cannot use KVM: {why}"));
-        }
-        let image = match images.get("tcp-echo") {
-            Ok(image) => image,
-            Err(e) => return LegRun::broken(e),
-        };
-        run_cargo_test(
+        tap_test(
             self.name(),
+            images,
             opts,
-            &[
-                "-p",
-                "host-shim",
-                "--test",
-                "tap",
-                "--",
-                "--ignored",
-                "--exact",
-                "host_linux_talks_http_and_tcp_echo_to_a_guest_through_the_tap",
-            ],
-            &[("EXITLESS_TCP_ECHO_IMAGE", image.as_path())],
+            "host_linux_talks_http_and_tcp_echo_to_a_guest_through_the_tap",
+            &[],
         )
     }
+}
+
+/// Runs one test of host-shim/tests/tap.rs (ignored by default) with the
+/// tcp-echo image, `extra` arguments after the test's name.
+pub fn tap_test(
+    leg: &str,
+    images: &mut Images,
+    opts: &Options,
+    test: &str,
+    extra: &[&str],
+) -> LegRun {
+    if let Err(why) = setup::check_kvm() {
+        return LegRun::broken(format!("cannot use KVM: {why}"));
+    }
+    let image = match images.get("tcp-echo") {
+        Ok(image) => image,
+        Err(e) => return LegRun::broken(e),
+    };
+    let mut args = vec![
+        "-p",
+        "host-shim",
+        "--test",
+        "tap",
+        "--",
+        "--ignored",
+        "--exact",
+        test,
+    ];
+    args.extend_from_slice(extra);
+    run_cargo_test(
+        leg,
+        opts,
+        &args,
+        &[("EXITLESS_TCP_ECHO_IMAGE", image.as_path())],
+    )
 }
