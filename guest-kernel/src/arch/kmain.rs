@@ -79,17 +79,23 @@ unsafe fn enter_user(rip: u64, rsp: u64, arg: u64) -> ! {
 #[unsafe(no_mangle)]
 extern "C" fn exitless_kmain_bsp(start_info: u32) -> ! {
     let tsc_kmain = rdtsc();
-    // SAFETY: first ring-0 code on the boot CPU, interrupts disabled.
-    unsafe {
-        serial::init();
-        pic::remap_and_mask();
+    let hv = cpuid(discovery::LEAF_SIGNATURE, 0);
+    let shim = discovery::is_exitless(hv.ebx, hv.ecx, hv.edx);
+    // Under the shim there is no 8259 to mask (its interrupt controller is
+    // the local APIC alone) and the console goes by hypercall, so the 17
+    // port writes (each an exit) that set both up are left out.
+    serial::use_hypercall(shim);
+    if !shim {
+        // SAFETY: first ring-0 code on the boot CPU, interrupts disabled.
+        unsafe {
+            serial::init();
+            pic::remap_and_mask();
+        }
     }
     let leaf1 = cpuid(1, 0);
     let x2 = leaf1.ecx & (1 << 21) != 0;
     let deadline = leaf1.ecx & (1 << 24) != 0;
     apic::set_mode(x2);
-    let hv = cpuid(discovery::LEAF_SIGNATURE, 0);
-    let shim = discovery::is_exitless(hv.ebx, hv.ecx, hv.edx);
     // SAFETY: CPU 0, once; then calibration on the enabled APIC.
     let (tsc_khz, lapic_khz, source) = unsafe {
         cpu_init(0);
@@ -112,7 +118,6 @@ extern "C" fn exitless_kmain_bsp(start_info: u32) -> ! {
     BOOT.tsc_deadline
         .store(u8::from(deadline), Ordering::Relaxed);
     BOOT.under_shim.store(u8::from(shim), Ordering::Relaxed);
-    serial::use_hypercall(shim);
     BOOT.tsc_source.store(source as u8, Ordering::Relaxed);
     BOOT.tsc_at_user.store(rdtsc(), Ordering::Relaxed);
     let stack_top = core::ptr::addr_of!(BSP_USER_STACK) as u64 + USER_STACK_SIZE as u64;
