@@ -122,6 +122,8 @@ pub struct Guest {
     mechs: Vec<Arc<dyn Mechanism>>,
     /// An offer came since the vCPUs' CPUID was last set.
     cpuid_stale: bool,
+    /// vCPU threads whose run loop has returned.
+    vcpus_returned: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// Sets vCPU `apic_id`'s CPUID from what KVM supports filtered by `params`.
@@ -258,6 +260,7 @@ impl Guest {
             cpuid_params: params,
             mechs: Vec::new(),
             cpuid_stale: false,
+            vcpus_returned: Arc::default(),
         })
     }
 
@@ -363,11 +366,16 @@ impl Guest {
             let me = self.vcpus[i].clone();
             let ctx = ctx.clone();
             let pin = pins.get(i).copied().flatten();
+            let returned = self.vcpus_returned.clone();
             let h = std::thread::Builder::new()
                 .name(format!("{}-vcpu{i}", self.name))
                 .spawn(move || {
                     crate::seccomp::install_or_exit(crate::seccomp::Kind::Vcpu);
                     crate::vcpu::exit::run(fd, &me, &ctx, pin);
+                    // Counted before the wake-up: the main loop must see this
+                    // vCPU done when the signal wakes it, which the thread's
+                    // JoinHandle says only a little later.
+                    returned.fetch_add(1, std::sync::atomic::Ordering::Release);
                     // The main loop notices the guest's end now, not at its next tick.
                     crate::mainwake::wake();
                 })
@@ -377,10 +385,13 @@ impl Guest {
         Ok(())
     }
 
-    /// True once every vCPU thread has returned.
+    /// True once every vCPU thread has returned from its run loop (its
+    /// thread may still be ending: [`Guest::join`] waits for that).
     #[must_use]
     pub fn finished(&self) -> bool {
-        self.threads.iter().all(JoinHandle::is_finished)
+        self.vcpus_returned
+            .load(std::sync::atomic::Ordering::Acquire)
+            >= self.threads.len()
     }
 
     /// Ends the guest from outside (SIGINT).

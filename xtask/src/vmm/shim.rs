@@ -115,6 +115,11 @@ pub fn run(
     cmd.arg("--stats-json").arg(&stats_path);
     cmd.args(extra);
     cmd.env("NO_COLOR", "1");
+    // The shim arranges its own end with xtask: no fork here (see `contain`).
+    cmd.env(
+        crate::infra::sys::PARENT_PID_ENV,
+        std::process::id().to_string(),
+    );
     let shown: Vec<String> = cmd
         .get_args()
         .map(|a| a.to_string_lossy().into_owned())
