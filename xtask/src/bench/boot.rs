@@ -112,12 +112,20 @@ fn on_api(r: &mut RoundResult) -> Result<()> {
     let dir = std::env::temp_dir().join(format!("exitless-launch-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| Error::failed(format!("{}: {e}", dir.display())))?;
     let sock = dir.join("api.sock");
-    let mut child = std::process::Command::new(&path)
-        .arg("--api-sock")
+    let mut cmd = std::process::Command::new(&path);
+    cmd.arg("--api-sock")
         .arg(&sock)
         .arg("--quiet")
+        .env(
+            crate::infra::sys::PARENT_PID_ENV,
+            std::process::id().to_string(),
+        )
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    // Never left behind: it ends with xtask (the variable above) and is in
+    // a process group of its own.
+    crate::infra::sys::contain(&mut cmd);
+    let mut child = cmd
         .spawn()
         .map_err(|e| Error::failed(format!("cannot start {}: {e}", path.display())))?;
     let api = |method: &str, p: &str, body: &str| {
