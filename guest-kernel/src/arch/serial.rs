@@ -106,7 +106,9 @@ fn to_uart(bytes: &[u8]) {
     }
 }
 
-/// `rep outsb`: every byte of `bytes` to `port`, in one exit under KVM.
+/// `rep outsb`: every byte of `bytes` to `port` in one instruction (KVM still
+/// exits once per byte, but the byte loop's own instructions, each emulated
+/// in ring 0 here, are gone).
 #[inline]
 fn out_string(port: u16, bytes: &[u8]) {
     // SAFETY: reads exactly `bytes.len()` bytes from `bytes` and writes them to
