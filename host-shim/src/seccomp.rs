@@ -53,6 +53,20 @@ pub enum Kind {
 }
 
 impl Kind {
+    /// Every kind, in number order.
+    pub const ALL: [Self; 10] = [
+        Self::Main,
+        Self::Vcpu,
+        Self::Monitor,
+        Self::Net,
+        Self::Tap,
+        Self::Vmq,
+        Self::Helper,
+        Self::Gdb,
+        Self::Api,
+        Self::Control,
+    ];
+
     #[must_use]
     pub const fn name(self) -> &'static str {
         match self {
@@ -466,19 +480,7 @@ pub fn install_or_exit(kind: Kind) {
 /// with `--seccomp off` the call goes through, and the process says so and
 /// exits 0.
 pub fn selftest(kind: &str) -> ! {
-    let all = [
-        Kind::Main,
-        Kind::Vcpu,
-        Kind::Monitor,
-        Kind::Net,
-        Kind::Tap,
-        Kind::Vmq,
-        Kind::Helper,
-        Kind::Gdb,
-        Kind::Api,
-        Kind::Control,
-    ];
-    let Some(kind) = all.into_iter().find(|k| k.name() == kind) else {
+    let Some(kind) = Kind::ALL.into_iter().find(|k| k.name() == kind) else {
         eprintln!("host-shim: --seccomp-selftest: no filter kind `{kind}`");
         std::process::exit(2);
     };
@@ -661,18 +663,7 @@ mod tests {
 
     #[test]
     fn every_list_builds_and_vcpus_allow_what_their_net_workers_need() {
-        for kind in [
-            Kind::Main,
-            Kind::Vcpu,
-            Kind::Monitor,
-            Kind::Net,
-            Kind::Tap,
-            Kind::Vmq,
-            Kind::Helper,
-            Kind::Gdb,
-            Kind::Api,
-            Kind::Control,
-        ] {
+        for kind in Kind::ALL {
             assert!(!program(kind).unwrap().is_empty(), "{kind:?}");
             assert_eq!(Kind::from_raw(kind as u8), Some(kind));
         }
