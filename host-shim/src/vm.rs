@@ -389,9 +389,11 @@ impl Guest {
     /// thread may still be ending: [`Guest::join`] waits for that).
     #[must_use]
     pub fn finished(&self) -> bool {
+        // A thread that ended without returning (a panic) counts as well.
         self.vcpus_returned
             .load(std::sync::atomic::Ordering::Acquire)
             >= self.threads.len()
+            || self.threads.iter().all(JoinHandle::is_finished)
     }
 
     /// Ends the guest from outside (SIGINT).
