@@ -156,6 +156,20 @@ fn attach_net(
     )
     .map_err(io)?;
     let doorbell_fds = dev.doorbell_fds();
+    if let Some(c) = ctrl {
+        // A wait that carries a TX notification: run the TX queue on the
+        // waiting vCPU's thread when the NIC runs to completion, else wake its
+        // worker as the queue's doorbell would.
+        let wake = doorbell_fds.get(1).and_then(|f| f.try_clone().ok());
+        let run = inline.clone();
+        c.set_nic0_tx(Arc::new(move || {
+            if !(inline_run && run.run(crate::devices::net::TX as u16))
+                && let Some(fd) = &wake
+            {
+                let _ = fd.write(1);
+            }
+        }));
+    }
     let slot = bus
         .add(Arc::new(Mutex::new(dev)))
         .ok_or_else(|| VmError::Device("PCI bus full".into()))?;

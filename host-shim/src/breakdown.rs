@@ -19,7 +19,8 @@ pub fn now() -> u64 {
     unsafe { core::arch::x86_64::_rdtsc() }
 }
 
-/// The last time a doorbell monitor consumed a notification record (host TSC).
+/// The last time a doorbell monitor consumed a notification record, or a
+/// vCPU's wait carried one (host TSC).
 pub static NOTIFY_SEEN: AtomicU64 = AtomicU64::new(0);
 
 /// The stamps of the frame that last left a guest's TX ring, on the host's TSC:

@@ -340,3 +340,100 @@ fn an_avail_index_jump_is_counted_once() {
     assert_eq!(rejects.count(Reject::VirtioAvailJump), 1, "once per jump");
     assert_eq!(used_idx(&mem, 0x10_0000, 1), 0, "nothing was taken");
 }
+
+fn used_flags(mem: &GuestMem, base: u64, q: u16) -> u16 {
+    mem.read_obj(GuestAddress(ring_base(base, q) + 0x2000))
+        .unwrap()
+}
+
+fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !ok() {
+        assert!(t.elapsed() < Duration::from_secs(5), "{what}");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// virtio 1.2 §2.7.7.1: the RX queue asks for no refill notifications while
+/// it has buffers, asks for the next one when frames wait for a buffer, and
+/// stops asking once the refill came; a hostile avail index makes it give up
+/// looking (counted) instead of spinning on buffers that never pop.
+#[test]
+fn rx_refill_notifications_are_asked_for_only_when_frames_wait() {
+    const NO_NOTIFY: u16 = 1;
+    let sw = Arc::new(Switch::default());
+    let mem_a = crate::kvm::memory::create("a", 8 << 20).unwrap();
+    let mem_b = crate::kvm::memory::create("b", 8 << 20).unwrap();
+    let rejects_b = Arc::new(RejectCounters::default());
+    let (mut a, msix_a, _) = nic("a", [2, 0, 0, 0, 0, 0xA], &sw, &mem_a);
+    let net_b = Net::new("b", [2, 0, 0, 0, 0, 0xB], sw.clone(), rejects_b.clone()).unwrap();
+    let cb = net_b.counters.clone();
+    let msix_b = Arc::new(Msix::new(3, Arc::new(FakeRouter::default())).unwrap());
+    let mut b = VirtioPci::new(
+        "b",
+        Box::new(net_b),
+        msix_b.clone(),
+        mem_b.clone(),
+        None,
+        0xC000_0000,
+    )
+    .unwrap();
+    bring_up(&mut a, &msix_a, 0x10_0000);
+    bring_up(&mut b, &msix_b, 0x10_0000);
+    assert_eq!(
+        used_flags(&mem_b, 0x10_0000, 0),
+        NO_NOTIFY,
+        "a fresh RX queue asks for no refill notifications"
+    );
+    // A frame for B, which has no buffer: it waits, and B's queue asks.
+    transmit(
+        &mut a,
+        &mem_a,
+        [2, 0, 0, 0, 0, 0xB],
+        [2, 0, 0, 0, 0, 0xA],
+        b"one",
+    );
+    wait_for("the RX queue never asked for a refill", || {
+        used_flags(&mem_b, 0x10_0000, 0) == 0
+    });
+    // The refill (posted and notified) takes the frame; the queue is quiet again.
+    post(&mut b, &mem_b, 0x10_0000, 0, 0x30_0000, 2048, true);
+    wait_for("the waiting frame never arrived", || {
+        used_idx(&mem_b, 0x10_0000, 0) == 1
+    });
+    wait_for("the queue kept asking after the refill", || {
+        used_flags(&mem_b, 0x10_0000, 0) == NO_NOTIFY
+    });
+    assert_eq!(cb.rx_packets.load(std::sync::atomic::Ordering::Relaxed), 1);
+    // A hostile avail index (far beyond the ring) with a frame waiting: the
+    // device looks once more, gives up, counts the jump and stays live.
+    mem_b
+        .write_obj(1000u16, GuestAddress(ring_base(0x10_0000, 0) + 2 + 0x1000))
+        .unwrap();
+    let mem_a2 = mem_a.clone();
+    let b_used = ring_base(0x10_0000, 1) + 0x2000 + 2;
+    // A's TX descriptor 0 is reused: its used index moves to 2.
+    let mut pkt = vec![0u8; HDR_LEN];
+    pkt.extend_from_slice(&[2, 0, 0, 0, 0, 0xB, 2, 0, 0, 0, 0, 0xA, 0x88, 0xB5]);
+    pkt.extend_from_slice(b"two");
+    mem_a.write_slice(&pkt, GuestAddress(0x30_0000)).unwrap();
+    let tb = ring_base(0x10_0000, 1);
+    mem_a
+        .write_obj(0u16, GuestAddress(tb + 6 + 0x1000))
+        .unwrap(); // avail.ring[1] = 0
+    mem_a
+        .write_obj(2u16, GuestAddress(tb + 2 + 0x1000))
+        .unwrap(); // avail.idx = 2
+    a.bar_write(
+        0,
+        NOTIFY + u64::from(NOTIFY_MULTIPLIER),
+        &1u16.to_le_bytes(),
+    );
+    wait_for("A's second frame never left", || {
+        mem_a2.read_obj::<u16>(GuestAddress(b_used)).unwrap() == 2
+    });
+    wait_for("the RX avail index jump was never counted", || {
+        rejects_b.snapshot().get("virtio_avail_index_jump") == Some(&1)
+    });
+    assert_eq!(cb.rx_packets.load(std::sync::atomic::Ordering::Relaxed), 1);
+}

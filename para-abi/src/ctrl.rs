@@ -79,6 +79,11 @@ pub mod shadow {
 ///    blocked in user space, so the guest must pass its next deadline), then
 ///    resumes the guest after the store, in ring 3, with the frame in its ring.
 ///
+/// A vCPU that queued frames on NIC 0's TX ring without notifying the queue
+/// stores its request at [`REQUEST_TX`] instead: the wait's exit is then the
+/// notification, and the shim moves those frames on before it holds the vCPU
+/// (a sender about to wait needs no doorbell of its own).
+///
 /// A frame that lands between steps 2 and 3 moved the sequence: the wait returns
 /// at once. Other interrupts for the vCPU (IPIs, other devices) are seen at the
 /// latest after the timeout or [`MAX_BLOCK_US`]; a vCPU that waits for those
@@ -90,8 +95,12 @@ pub mod wait {
     /// host-written, each a u64 on **this guest's TSC** (the shim converts), in
     /// the order of [`Stamp`]; 0 = unknown.
     pub const STAMPS: u64 = 64;
-    /// The guest's request word: the one offset a guest may store to.
+    /// The guest's request word.
     pub const REQUEST: u64 = 0x800;
+    /// The same request, carrying a TX notification for NIC 0: the guest queued
+    /// TX buffers it did not notify. With [`REQUEST`], the only offsets a guest
+    /// may store to.
+    pub const REQUEST_TX: u64 = 0x808;
     /// Timeout meaning "until work or a kick" (bounded by [`MAX_BLOCK_US`]).
     pub const NO_DEADLINE: u32 = u32::MAX;
     /// Longest timeout a request may carry (10 s); longer ones are refused.
@@ -139,12 +148,14 @@ pub mod wait {
         pub token: u32,
         /// Microseconds from the exit; `None`: no deadline.
         pub timeout_us: Option<u32>,
+        /// Stored at [`REQUEST_TX`]: NIC 0's TX queue has work to take first.
+        pub tx: bool,
     }
 
     /// Why a store to the wait page is refused (the vCPU resumes at once).
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]
     pub enum WaitError {
-        /// Not at [`REQUEST`], or not one aligned 8-byte store.
+        /// Not at [`REQUEST`] or [`REQUEST_TX`], or not one aligned 8-byte store.
         BadStore,
         /// A timeout above [`MAX_TIMEOUT_US`] that is not [`NO_DEADLINE`].
         BadTimeout,
@@ -161,14 +172,23 @@ pub mod wait {
         token as u64 | (t as u64) << 32
     }
 
+    /// Where a request is stored: [`REQUEST_TX`] when it carries a TX
+    /// notification.
+    #[must_use]
+    pub const fn request_offset(tx: bool) -> u64 {
+        if tx { REQUEST_TX } else { REQUEST }
+    }
+
     /// Decodes and validates a store of `data` at wait-page offset `offset`.
     pub fn decode_request(offset: u64, data: &[u8]) -> Result<Request, WaitError> {
         let Ok(bytes) = <[u8; 8]>::try_from(data) else {
             return Err(WaitError::BadStore);
         };
-        if offset != REQUEST {
-            return Err(WaitError::BadStore);
-        }
+        let tx = match offset {
+            REQUEST => false,
+            REQUEST_TX => true,
+            _ => return Err(WaitError::BadStore),
+        };
         let v = u64::from_le_bytes(bytes);
         let token = v as u32;
         let t = (v >> 32) as u32;
@@ -177,7 +197,11 @@ pub mod wait {
             us if us <= MAX_TIMEOUT_US => Some(us),
             _ => return Err(WaitError::BadTimeout),
         };
-        Ok(Request { token, timeout_us })
+        Ok(Request {
+            token,
+            timeout_us,
+            tx,
+        })
     }
 }
 
@@ -473,7 +497,7 @@ mod tests {
         assert!(shadow_record(0, MAX_VCPUS - 1) + RECORD_BYTES <= WAIT_PAGE);
         assert!(shadow::STAMP_NOTIFY + 8 <= RECORD_BYTES);
         assert!(wait::Stamp::RxPushed.offset() + 8 <= wait::REQUEST);
-        assert!(wait::REQUEST + 8 <= PAGE);
+        assert!(wait::REQUEST + 8 <= wait::REQUEST_TX && wait::REQUEST_TX + 8 <= PAGE);
         assert!(WAIT_PAGE + PAGE == AREA_BYTES);
         assert!(AREA_BYTES <= crate::layout::area::CTRL_SIZE);
         assert!(KNOWN == 0x3F);
@@ -536,13 +560,26 @@ mod tests {
             decode_request(REQUEST, &ok),
             Ok(wait::Request {
                 token: 7,
-                timeout_us: Some(250)
+                timeout_us: Some(250),
+                tx: false,
+            })
+        );
+        assert_eq!(
+            decode_request(wait::request_offset(true), &ok),
+            Ok(wait::Request {
+                token: 7,
+                timeout_us: Some(250),
+                tx: true,
             })
         );
         // Wrong width, wrong place, the host's own words.
         assert_eq!(decode_request(REQUEST, &ok[..4]), Err(WaitError::BadStore));
         assert_eq!(decode_request(REQUEST, &[]), Err(WaitError::BadStore));
-        assert_eq!(decode_request(REQUEST + 8, &ok), Err(WaitError::BadStore));
+        assert_eq!(decode_request(REQUEST + 16, &ok), Err(WaitError::BadStore));
+        assert_eq!(
+            decode_request(wait::REQUEST_TX + 4, &ok[..4]),
+            Err(WaitError::BadStore)
+        );
         assert_eq!(decode_request(wait::RX_SEQ, &ok), Err(WaitError::BadStore));
         assert_eq!(decode_request(REQUEST + 1, &ok), Err(WaitError::BadStore));
         // A timeout beyond the limit that is not "none".

@@ -112,12 +112,12 @@ mod guest {
                     i += 1;
                 }
             }
-            net.poll();
             if max_connections.is_some_and(|m| served >= m) {
                 finish(&mut net, &listeners, served, peak);
                 return 0;
             }
-            net.wait(Instant::now().checked_add(Duration::from_secs(1)));
+            // Sends what the streams wrote, then sleeps: one exit does both.
+            net.poll_wait(Instant::now().checked_add(Duration::from_secs(1)));
         }
     }
 
@@ -152,8 +152,7 @@ mod guest {
     fn finish(net: &mut Net, listeners: &[TcpListener], served: u64, peak: usize) {
         let until = Instant::now().checked_add(CLOSE_LINGER + Duration::from_secs(1));
         while net.socket_stats().closing > 0 && until.is_some_and(|u| Instant::now() < u) {
-            net.poll();
-            net.wait(Instant::now().checked_add(Duration::from_millis(100)));
+            net.poll_wait(Instant::now().checked_add(Duration::from_millis(100)));
         }
         let (echo, web) = (listeners[0].stats(net), listeners[1].stats(net));
         let sockets = net.socket_stats();

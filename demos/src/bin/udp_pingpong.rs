@@ -221,14 +221,14 @@ mod guest {
                     echoed += 1;
                 }
             }
-            net.poll();
             if last.elapsed() > Duration::from_secs(idle_s) {
                 println!(
                     "udp-pingpong: server idle for {idle_s} s after {echoed} datagrams; giving up"
                 );
                 return 1;
             }
-            net.wait(Instant::now().checked_add(Duration::from_secs(1)));
+            // Sends the echoes, then sleeps: one exit does both.
+            net.poll_wait(Instant::now().checked_add(Duration::from_secs(1)));
         }
     }
 
@@ -254,7 +254,9 @@ mod guest {
         let deadline = t0.checked_add(timeout)?;
         let mut buf = [0u8; 2048];
         loop {
-            net.poll();
+            // Sends the ping (the first time round), then sleeps until a
+            // frame comes; the next round's poll takes it in.
+            net.poll_wait(Some(deadline));
             while let Ok((n, _)) = net.udp(h).recv_slice(&mut buf) {
                 if decode(&buf[..n]) == Some(seq) {
                     let rtt = t0.elapsed();
@@ -267,7 +269,6 @@ mod guest {
             if Instant::now() >= deadline {
                 return None;
             }
-            net.wait(Some(deadline));
         }
     }
 
@@ -281,8 +282,7 @@ mod guest {
             .ok()
             .and_then(|k| start.checked_add(interval * k));
         while due.is_some_and(|d| Instant::now() < d) {
-            net.poll();
-            net.wait(due);
+            net.poll_wait(due);
         }
     }
 
@@ -348,8 +348,7 @@ mod guest {
         println!("{STEADY_END}");
         for _ in 0..3 {
             let _ = net.udp(h).send_slice(BYE, to);
-            net.poll();
-            net.wait(Instant::now().checked_add(Duration::from_millis(5)));
+            net.poll_wait(Instant::now().checked_add(Duration::from_millis(5)));
         }
         let received = rtts.len() as u64;
         // RX interrupts per CPU: where the NIC's MSI-X vector actually landed.

@@ -269,17 +269,21 @@ pub fn rx_token() -> Option<u32> {
 
 /// Sleeps with one exit and no ring-0 code until NIC 0's RX ring has work
 /// after `token` was read, this vCPU is kicked (an upcall), or `timeout_us`
-/// passes (`None`: the shim's bound). Returns at once where not offered.
-pub fn wait_exitless(token: u32, timeout_us: Option<u32>) {
+/// passes (`None`: the shim's bound). With `tx`, the exit is also NIC 0's
+/// TX notification: the shim takes the frames queued but not notified before
+/// it holds the vCPU. Returns false at once where not offered.
+pub fn wait_exitless(token: u32, timeout_us: Option<u32>, tx: bool) -> bool {
     let Some(p) = wait_page() else {
-        return;
+        return false;
     };
     let v = ctrl::wait::encode_request(token, timeout_us);
     WAITS.fetch_add(1, Ordering::Relaxed);
+    let word = p + ctrl::wait::request_offset(tx);
     // SAFETY: the request word lies in the wait page the shim mapped
     // (identity-mapped, user-accessible, 8-byte aligned); the page is
     // read-only to the guest, so this one store is the MMIO exit that waits.
-    unsafe { core::ptr::write_volatile((p + ctrl::wait::REQUEST) as *mut u64, v) };
+    unsafe { core::ptr::write_volatile(word as *mut u64, v) };
+    true
 }
 
 /// Stores a hostile value into the wait page at `offset` (tests of the

@@ -34,8 +34,9 @@ pub const MAX_FRAME: usize = 65_536 + 14;
 /// buffers, which are sized for this, and be refused there on their account.
 pub const MAX_TX_FRAME: usize = 1514;
 pub const QUEUE_SIZE: u16 = 256;
-const RX: usize = 0;
-const TX: usize = 1;
+/// Queue indices (virtio 1.2 §5.1.2).
+pub const RX: usize = 0;
+pub const TX: usize = 1;
 
 #[derive(Debug, Default)]
 pub struct NetCounters {
@@ -277,6 +278,7 @@ impl VirtioDevice for Net {
         let (Some(rx), Some(tx)) = (queues.next(), queues.next()) else {
             return Err("virtio-net needs two queues".into());
         };
+        let rx = rx_quiet(rx, &a.mem);
         let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| e.to_string())?;
         let core = Arc::new(Core {
             name: self.name.clone(),
@@ -297,6 +299,7 @@ impl VirtioDevice for Net {
             jumps: std::sync::Mutex::new([None; 2]),
             rx: std::sync::Mutex::new(RxSide {
                 q: rx,
+                refill_wanted: false,
                 // Only RX: TX completions are reaped on the send path (the guest
                 // masks the TX vector), so a TX hint would steer nothing.
                 hint: self.hints.as_ref().and_then(|h| h.queue(RX as u16)),
@@ -338,6 +341,19 @@ impl VirtioDevice for Net {
 struct RxSide {
     q: Queue,
     hint: Option<crate::mech::hints::QueueHinter>,
+    /// The device asked for the driver's next RX refill notification (it ran
+    /// out of buffers); otherwise the used ring says `VRING_USED_F_NO_NOTIFY`.
+    refill_wanted: bool,
+}
+
+/// The RX queue with refill notifications off (virtio 1.2 §2.7.7.1: the
+/// device sets `VRING_USED_F_NO_NOTIFY`): a driver re-posting buffers
+/// notifies only after the device ran out and asked, so a guest that keeps
+/// its ring stocked rings no doorbell for RX. Frames are pushed whenever they
+/// come, and the buffers are looked for then.
+fn rx_quiet(mut q: Queue, mem: &GuestMem) -> Queue {
+    let _ = q.disable_notification(mem);
+    q
 }
 
 /// A NIC's queues and what their work needs; any host thread may run it.
@@ -551,13 +567,35 @@ impl Core {
     /// Moves frames waiting on the port into the RX ring and wakes the guest.
     pub fn process_rx(&self) {
         let mut rx = crate::sync::lock(&self.rx);
-        let RxSide { q, hint } = &mut *rx;
+        let RxSide {
+            q,
+            hint,
+            refill_wanted,
+        } = &mut *rx;
+        if std::mem::take(refill_wanted) {
+            // Refilled (or about to be looked at): quiet again.
+            let _ = q.disable_notification(&self.mem);
+        }
         let mut used = false;
+        // A frame went into the ring since the last look for buffers.
+        let mut progress = true;
         while let Some(frame) = self.port.pop() {
             match push_rx(q, &self.mem, &frame) {
                 None => {
                     // No buffer: keep the frame until the driver refills (bounded by the port queue).
                     self.port.unpop(frame);
+                    // Ask for the refill's notification, then look again: a
+                    // buffer posted before the driver saw the flag notifies
+                    // nobody. Only after progress: a hostile avail index keeps
+                    // "new buffers" showing that never pop.
+                    *refill_wanted = true;
+                    let more = q.enable_notification(&self.mem).unwrap_or(false);
+                    if more && progress {
+                        progress = false;
+                        *refill_wanted = false;
+                        let _ = q.disable_notification(&self.mem);
+                        continue;
+                    }
                     debug!(nic = %self.name, "rx ring empty; {} frames wait", self.port.pending());
                     self.check_avail_jump(RX, q);
                     break;
@@ -581,6 +619,7 @@ impl Core {
                         break;
                     }
                     used = true;
+                    progress = true;
                 }
             }
         }

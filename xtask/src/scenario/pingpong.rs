@@ -888,6 +888,7 @@ mod tests {
                 boot_to_main_ms: None,
                 kvm: BTreeMap::new(),
                 direct: None,
+                tx_carried_by_waits: 0,
             }),
         };
         assert_eq!(g.exits_per_packet(), Some(2.0));

@@ -304,6 +304,8 @@ pub struct GuestNumbers {
     pub kvm: BTreeMap<String, u64>,
     /// Direct-channel counters, when the shim offered direct channels.
     pub direct: Option<DirectStats>,
+    /// Exitless waits that carried a TX notification.
+    pub tx_carried_by_waits: u64,
 }
 
 impl GuestNumbers {
@@ -319,6 +321,7 @@ impl GuestNumbers {
             boot_to_main_ms: guest.boot_to_main_ms,
             kvm: guest.kvm_sums(),
             direct: guest.direct.clone(),
+            tx_carried_by_waits: guest.ctrl.wait.tx_carried,
         }
     }
 }

@@ -274,6 +274,20 @@ pub struct NicStats {
 pub struct CtrlStats {
     /// Refused guest input by reason (non-zero only).
     pub rejected: BTreeMap<String, u64>,
+    /// The exitless wait's counters.
+    #[serde(default)]
+    pub wait: WaitStats,
+}
+
+/// `ctrl.wait`: the exitless wait's counters xtask reads.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+pub struct WaitStats {
+    /// Waits (one exit each).
+    #[serde(default)]
+    pub waits: u64,
+    /// Waits that carried NIC 0's TX notification instead of a doorbell.
+    #[serde(default)]
+    pub tx_carried: u64,
 }
 
 /// `doorbell`: the doorbell counters.

@@ -299,6 +299,7 @@ ktest!(
             tx_irq: true,
             wait: guest_kernel::rt::net::WaitMode::Halt,
             poll_us: 0,
+            tx_at_wait: true,
         };
         let mut net = Net::open(0, &cfg).map_err(|e| format!("{e}"))?;
         let tx = net.rx_vector() + 1;
@@ -620,9 +621,9 @@ ktest!(
         );
         // A valid request with a stale token returns at once; one with the
         // current token holds the vCPU until its timeout (no frames come).
-        ctrl::wait_exitless(seq0.wrapping_sub(1), Some(1_000_000));
+        ctrl::wait_exitless(seq0.wrapping_sub(1), Some(1_000_000), false);
         let t = Instant::now();
-        ctrl::wait_exitless(seq0, Some(2_000));
+        ctrl::wait_exitless(seq0, Some(2_000), false);
         check!(
             t.elapsed() >= Duration::from_millis(1),
             "held until the timeout: {:?}",

@@ -31,6 +31,7 @@ ktest!(
             tx_irq: true,
             wait: guest_kernel::rt::net::WaitMode::Halt,
             poll_us: 0,
+            tx_at_wait: true,
         };
         let mut net = Net::open(0, &cfg).map_err(|e| alloc::format!("{e}"))?;
         check_eq!(

@@ -46,6 +46,7 @@ ktest!(
             tx_irq: false,
             wait: guest_kernel::rt::net::WaitMode::Auto,
             poll_us: 0,
+            tx_at_wait: true,
         };
         match Net::open_vmq("no-such-guest", LinkPolicy::Lazy, &cfg) {
             Ok(_) => return Err("a VM-queue NIC to nobody opened".into()),

@@ -28,6 +28,10 @@ pub struct NetConfig {
     /// (`net.poll_us=`; default 0: on a host with fewer cores than busy
     /// threads a spinning vCPU holds the core the frame needs).
     pub poll_us: u32,
+    /// Frames sent right before an exitless wait ride on its exit instead of
+    /// a doorbell each (`net.tx_at_wait=on|off`, default on; see
+    /// `Net::poll_wait`).
+    pub tx_at_wait: bool,
 }
 
 /// How a stack with nothing to do sleeps.
@@ -52,8 +56,8 @@ pub enum Notify {
 }
 
 impl NetConfig {
-    /// Reads `ip=`, `gw=`, `dhcp`, `net.rx=`, `net.irq_cpu=`, `net.notify=`
-    /// and `net.tx_irq`.
+    /// Reads `ip=`, `gw=`, `dhcp`, `net.rx=`, `net.irq_cpu=`, `net.notify=`,
+    /// `net.tx_irq`, `net.wait=`, `net.poll_us=` and `net.tx_at_wait=`.
     pub fn from_cmdline(c: &Cmdline<'_>) -> Result<Self, NetError> {
         let address = c
             .get("ip")
@@ -98,6 +102,11 @@ impl NetConfig {
                 .parse()
                 .map_err(|_| NetError::Config("net.poll_us= takes microseconds"))?,
         };
+        let tx_at_wait = match c.get("net.tx_at_wait") {
+            None | Some("on") => true,
+            Some("off") => false,
+            Some(_) => return Err(NetError::Config("net.tx_at_wait= takes on or off")),
+        };
         let dhcp = c.flag("dhcp");
         if address.is_none() && !dhcp {
             return Err(NetError::Config(
@@ -114,6 +123,7 @@ impl NetConfig {
             tx_irq,
             wait,
             poll_us,
+            tx_at_wait,
         })
     }
 }

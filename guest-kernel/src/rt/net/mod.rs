@@ -263,9 +263,40 @@ impl Net {
         r != PollResult::None
     }
 
+    /// [`Net::poll`], then [`Net::wait`] unless a frame had arrived (the app
+    /// has something to read then): the loop's two calls in one, and the
+    /// cheaper pair under the shim's exitless wait, where the frames this
+    /// poll sends ride on the wait's exit instead of a doorbell each (the
+    /// sender is about to sleep: one exit does both). Returns what the poll
+    /// returned.
+    pub fn poll_wait(&mut self, until: Option<Instant>) -> bool {
+        let arrived = self.nic.rx_pending();
+        let hold = self.exitless && !arrived && self.nic.hold_tx(true);
+        let r = self.poll();
+        if hold {
+            self.nic.hold_tx(false);
+        }
+        if arrived {
+            return r;
+        }
+        self.wait(until);
+        r
+    }
+
+    /// Sends a TX notification held back by [`Net::poll_wait`] that no wait
+    /// carries.
+    fn notify_held_tx(&mut self, held: &mut bool) {
+        if core::mem::take(held) {
+            self.nic.notify_tx();
+        }
+    }
+
     /// Sleeps until a frame arrives, smoltcp wants polling, or `until` passes.
     /// Poll mode spins on the used ring instead of sleeping.
     pub fn wait(&mut self, until: Option<Instant>) {
+        // TX notifications `poll_wait` held back: the exitless wait's exit
+        // carries them; every other way out sends them first.
+        let mut held = self.nic.take_held_tx();
         let poll_at = self.iface.poll_at(now(), &self.sockets.set).map(|t| {
             let us = u64::try_from(t.total_micros()).unwrap_or(0);
             Instant(us * time::tsc_khz() / 1000)
@@ -282,6 +313,7 @@ impl Net {
             None
         };
         if self.nic.rx_pending() || wake.is_some_and(|w| Instant::now() >= w) {
+            self.notify_held_tx(&mut held);
             return;
         }
         // A VM-queue NIC waits by an exit the shim sees, which also delivers
@@ -293,16 +325,17 @@ impl Net {
                     .unwrap_or(u32::MAX)
                     .max(1)
             });
-            if self.nic.wait_exit(max_us) {
+            if !held && self.nic.wait_exit(max_us) {
                 return;
             }
         }
         // A halt is no exit the shim sees: lazily posted frames go now.
         self.nic.flush();
         if let Some(token) = token {
-            self.wait_exitless(token, wake);
+            self.wait_exitless(token, wake, held);
             return;
         }
+        self.notify_held_tx(&mut held);
         match self.mode {
             RxMode::Poll => {
                 while !self.nic.rx_pending() && wake.is_none_or(|w| Instant::now() < w) {
@@ -330,8 +363,10 @@ impl Net {
     /// Sleeps with one exit until the RX ring has work (after `token`), an
     /// upcall, or `wake`; poll mode spins its budget first. No RX interrupt
     /// comes (the quiet flag withholds it), no halt call, no ring-0 code.
-    fn wait_exitless(&mut self, token: u32, wake: Option<Instant>) {
+    fn wait_exitless(&mut self, token: u32, wake: Option<Instant>, mut tx: bool) {
         if self.mode == RxMode::Poll && self.poll_ticks > 0 {
+            // The frames go before the spin that waits for their answers.
+            self.notify_held_tx(&mut tx);
             let until = Instant::now().0.saturating_add(self.poll_ticks);
             while Instant::now().0 < until {
                 if self.nic.rx_pending() || wake.is_some_and(|w| Instant::now() >= w) {
@@ -344,7 +379,9 @@ impl Net {
             let ticks = w.0.saturating_sub(Instant::now().0);
             u32::try_from(ticks.saturating_mul(1000) / time::tsc_khz().max(1)).unwrap_or(u32::MAX)
         });
-        ctrl::wait_exitless(token, timeout_us);
+        if !ctrl::wait_exitless(token, timeout_us, tx) {
+            self.notify_held_tx(&mut tx);
+        }
     }
 
     /// True when this stack sleeps with the shim's exitless wait.

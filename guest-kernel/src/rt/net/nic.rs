@@ -15,9 +15,10 @@ use crate::rt::virtio::{KernelHal, KernelPciAccess, find_net_devices};
 use crate::rt::vmq_link::{LinkPolicy, LinkStats, VmqLink};
 use crate::rt::{doorbell, smp};
 use alloc::boxed::Box;
+use alloc::sync::Arc;
 use alloc::vec;
 use core::fmt;
-use core::sync::atomic::Ordering;
+use core::sync::atomic::{AtomicBool, Ordering};
 use drivers::msix::{ApicId, MsiMessage, Vector};
 use drivers::net::{NetDevice, NetStats, TX_QUEUE};
 use drivers::virtio_pci::{MsixControl, MsixPciTransport, QueueNotifier, VectorPlan};
@@ -41,6 +42,18 @@ pub trait Nic: fmt::Debug {
     /// Hands frames queued but not yet delivered to the VMM; called before
     /// the stack halts, which is no exit a VMM sees.
     fn flush(&mut self) {}
+    /// From `true` until `false`: TX notifications are held back, for the
+    /// wait that follows to carry ([`super::Net::poll_wait`]); false when
+    /// this NIC cannot hold them (then nothing changes).
+    fn hold_tx(&mut self, _on: bool) -> bool {
+        false
+    }
+    /// Takes the TX notification held back: true when one is owed.
+    fn take_held_tx(&mut self) -> bool {
+        false
+    }
+    /// Sends a TX notification now (one held back that no wait carried).
+    fn notify_tx(&mut self) {}
     /// Waits by one exit the VMM sees (which also delivers queued frames)
     /// instead of halting, for at most `max_us` µs (0: the VMM's longest);
     /// false when the NIC has no such wait (then the stack halts).
@@ -82,6 +95,18 @@ pub struct VirtioNic {
     dev: Device,
     msix: MsixControl,
     rx_vector: u8,
+    /// PCI device number: how doorbell events name this device.
+    device: u8,
+    /// Where notifications are doorbells: TX notifications held back.
+    hold: Option<Arc<TxHold>>,
+}
+
+/// TX notifications held back while a stack polls right before it waits:
+/// the wait's exit carries them instead of a doorbell each.
+#[derive(Debug, Default)]
+struct TxHold {
+    holding: AtomicBool,
+    owed: AtomicBool,
 }
 
 /// What opening a virtio-net NIC found, for its log line and hint follower.
@@ -98,26 +123,39 @@ pub struct VirtioOpened {
     pub doorbells: bool,
 }
 
-/// Queue notifications as doorbell events (device = PCI device number).
-struct DoorbellNotifier;
+/// Queue notifications as doorbell events (device = PCI device number),
+/// TX ones held back while [`TxHold`] says so.
+struct DoorbellNotifier {
+    hold: Arc<TxHold>,
+}
 
 impl QueueNotifier for DoorbellNotifier {
     fn notify(&self, device: u8, queue: u16) -> bool {
-        match doorbell::get() {
-            Ok(d) => {
-                let event = Event {
-                    device,
-                    queue,
-                    op: Op::Notify,
-                    arg: 0,
-                };
-                crate::rt::ctrl::stamp_notify(crate::rt::time::Instant::now().0);
-                // While the shim withholds writing (it moves or stops a
-                // monitor), the notify register carries the notification.
-                d.try_send(event).is_some()
-            }
-            Err(_) => false,
+        if queue == TX_QUEUE && self.hold.holding.load(Ordering::Relaxed) {
+            crate::rt::ctrl::stamp_notify(crate::rt::time::Instant::now().0);
+            self.hold.owed.store(true, Ordering::Relaxed);
+            return true;
         }
+        send_doorbell(device, queue)
+    }
+}
+
+/// One doorbell event for `queue` of PCI device `device`; false when the
+/// shim withholds writing (it moves or stops a monitor): then the notify
+/// register must carry the notification.
+fn send_doorbell(device: u8, queue: u16) -> bool {
+    match doorbell::get() {
+        Ok(d) => {
+            let event = Event {
+                device,
+                queue,
+                op: Op::Notify,
+                arg: 0,
+            };
+            crate::rt::ctrl::stamp_notify(crate::rt::time::Instant::now().0);
+            d.try_send(event).is_some()
+        }
+        Err(_) => false,
     }
 }
 
@@ -146,8 +184,14 @@ impl VirtioNic {
             (Notify::Doorbell | Notify::Auto, Ok(_)) => true,
             (Notify::Doorbell, Err(e)) => return Err(NetError::Doorbell(e)),
         };
+        // Held TX notifications need a wait that carries them: the shim's
+        // exitless wait.
+        let hold = (doorbells && cfg.tx_at_wait && crate::rt::ctrl::wait_page().is_some())
+            .then(|| Arc::new(TxHold::default()));
         if doorbells {
-            transport.set_notifier(Box::new(DoorbellNotifier));
+            transport.set_notifier(Box::new(DoorbellNotifier {
+                hold: hold.clone().unwrap_or_default(),
+            }));
         }
         let dev = NetDevice::new(transport, cfg.rx_mode).map_err(NetError::Driver)?;
         if !cfg.tx_irq {
@@ -165,6 +209,8 @@ impl VirtioNic {
                 dev,
                 msix,
                 rx_vector: rx,
+                device: df.device,
+                hold,
             },
             bus: df.bus,
             device: df.device,
@@ -206,6 +252,28 @@ impl Nic for VirtioNic {
 
     fn rx_pending(&self) -> bool {
         self.dev.rx_pending()
+    }
+
+    fn hold_tx(&mut self, on: bool) -> bool {
+        let Some(h) = &self.hold else {
+            return false;
+        };
+        h.holding.store(on, Ordering::Relaxed);
+        true
+    }
+
+    fn take_held_tx(&mut self) -> bool {
+        self.hold
+            .as_ref()
+            .is_some_and(|h| h.owed.swap(false, Ordering::Relaxed))
+    }
+
+    fn notify_tx(&mut self) {
+        // Doorbell writing withheld: a wait of no time carries it instead
+        // (one exit; holding is only on where that wait exists).
+        if !send_doorbell(self.device, TX_QUEUE) {
+            let _ = crate::rt::ctrl::wait_exitless(0, Some(0), true);
+        }
     }
 
     fn stats(&self) -> NetStats {

@@ -14,7 +14,7 @@
 //! reads a shadowed quiet flag live from the shadow page before it raises an MSI.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use kvm_bindings::{KVM_MEM_READONLY, kvm_userspace_memory_region};
 use kvm_ioctls::{VcpuFd, VmFd};
@@ -69,6 +69,7 @@ reasons! {
         StrayShadowBits => "stray_shadow_bits",
         WaitBadStore => "wait_bad_store",
         WaitBadTimeout => "wait_bad_timeout",
+        WaitTxNoNic => "wait_tx_no_nic",
     }
 }
 
@@ -152,7 +153,13 @@ pub struct GuestCtrl {
     /// Latency-breakdown stamps are taken and handed on (`--latency-stamps`).
     /// Off by default: they carry one guest's timing into another's page.
     pub latency_stamps: AtomicBool,
+    /// NIC 0's TX notification, for a wait that carries one
+    /// (`ctrl::wait::REQUEST_TX`); unset when the guest has no virtio NIC.
+    nic0_tx: OnceLock<TxWork>,
 }
+
+/// Runs (or wakes the thread that runs) a NIC's TX queue work.
+pub type TxWork = Arc<dyn Fn() + Send + Sync>;
 
 impl GuestCtrl {
     /// Control blocks for `vcpus` vCPUs with [`DEFAULT_MASKS`].
@@ -168,6 +175,7 @@ impl GuestCtrl {
             waits: Waits::default(),
             tsc_offset: OnceLock::new(),
             latency_stamps: AtomicBool::new(false),
+            nic0_tx: OnceLock::new(),
         };
         for i in 0..vcpus {
             c.publish(i, DEFAULT_MASKS);
@@ -447,6 +455,7 @@ impl GuestCtrl {
                     timeouts: ld(&w.timeouts),
                     held_us: ld(&w.held_ns) / 1000,
                     rx_batches: ld(&w.rx_batches),
+                    tx_carried: ld(&w.tx_carried),
                 }
             },
         }
@@ -469,6 +478,31 @@ impl GuestCtrl {
             }
         }
         self.waits.rx_work(self.wait_word(ctrl::wait::RX_SEQ));
+    }
+
+    /// What a wait carrying a TX notification runs (set once, when NIC 0 is
+    /// attached).
+    pub fn set_nic0_tx(&self, work: TxWork) {
+        let _ = self.nic0_tx.set(work);
+    }
+
+    /// A wait request carried NIC 0's TX notification: the queue's work runs
+    /// now, on the waiting vCPU's thread, before the vCPU is held. A guest
+    /// without a virtio NIC is refused and counted (the wait still happens).
+    pub(super) fn nic0_tx_at_wait(&self) {
+        let Some(work) = self.nic0_tx.get() else {
+            self.reject(
+                Rejected::WaitTxNoNic,
+                format_args!("a wait carried a TX notification, but the guest has no NIC"),
+            );
+            return;
+        };
+        crate::breakdown::NOTIFY_SEEN.store(crate::breakdown::now(), Ordering::Relaxed);
+        self.waits
+            .counters
+            .tx_carried
+            .fetch_add(1, Ordering::Relaxed);
+        work();
     }
 
     /// NIC 0 took a frame off its TX ring: records the sender's own stamps
@@ -605,6 +639,34 @@ impl Cr0 for VcpuFd {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_wait_carrying_tx_runs_the_nics_tx_work_once_and_counts_it() {
+        let c = GuestCtrl::new("t", 1).unwrap();
+        // No NIC yet: refused and counted, nothing runs.
+        c.wait_store(
+            ctrl::wait::REQUEST_TX,
+            &ctrl::wait::encode_request(0, Some(0)).to_le_bytes(),
+        );
+        let r = super::super::wait::take().expect("a valid request is posted");
+        assert!(r.tx);
+        c.nic0_tx_at_wait();
+        assert_eq!(c.counters.rejected.snapshot()["wait_tx_no_nic"], 1);
+        let ran = Arc::new(AtomicU64::new(0));
+        let r2 = ran.clone();
+        c.set_nic0_tx(Arc::new(move || {
+            r2.fetch_add(1, Ordering::Relaxed);
+        }));
+        c.nic0_tx_at_wait();
+        assert_eq!(ran.load(Ordering::Relaxed), 1);
+        assert_eq!(c.waits.counters.tx_carried.load(Ordering::Relaxed), 1);
+        // A plain request carries nothing.
+        c.wait_store(
+            ctrl::wait::REQUEST,
+            &ctrl::wait::encode_request(0, Some(0)).to_le_bytes(),
+        );
+        assert!(!super::super::wait::take().unwrap().tx);
+    }
 
     #[test]
     fn defaults_are_valid_and_ts_is_not_shadowed() {

@@ -77,6 +77,9 @@ impl Mechanism for GuestCtrl {
         // The exit was a wait request: the shadow (the quiet flag) is taken
         // above, so the NIC already withholds the MSI this wait replaces.
         if let Some(r) = wait::take() {
+            if r.tx {
+                self.nic0_tx_at_wait();
+            }
             let run = std::ptr::from_mut(cx.fd.get_kvm_run());
             // SAFETY: `run` is this thread's mapped kvm_run, alive for the fd's
             // life; the kick handler stores immediate_exit from a signal on this

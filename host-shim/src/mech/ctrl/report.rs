@@ -40,6 +40,9 @@ pub struct WaitReport {
     pub held_us: u64,
     /// NIC 0 RX batches announced to the guest.
     pub rx_batches: u64,
+    /// Waits that carried NIC 0's TX notification (frames queued without a
+    /// doorbell, moved on before the vCPU was held).
+    pub tx_carried: u64,
 }
 
 impl CtrlReport {
@@ -54,8 +57,8 @@ impl CtrlReport {
         self.offered.then(|| {
             format!(
                 "  ctrl: shadow changes {} hypercall writes {} owned writes {} applied at exit {} \
-                 mask changes {} msis suppressed {} waits {} (ready {} woken {} timeouts {}) \
-                 rejected {{{}}}\n",
+                 mask changes {} msis suppressed {} waits {} (ready {} woken {} timeouts {} \
+                 carrying TX {}) rejected {{{}}}\n",
                 self.shadow_changes,
                 self.hypercall_writes,
                 self.owned_writes_reported,
@@ -66,6 +69,7 @@ impl CtrlReport {
                 self.wait.ready,
                 self.wait.woken,
                 self.wait.timeouts,
+                self.wait.tx_carried,
                 rejected.join(" ")
             )
         })

@@ -49,6 +49,8 @@ pub struct WaitCounters {
     pub held_ns: AtomicU64,
     /// RX batches announced (bumps of the sequence).
     pub rx_batches: AtomicU64,
+    /// Requests that carried NIC 0's TX notification.
+    pub tx_carried: AtomicU64,
 }
 
 /// One guest's waits.
@@ -117,6 +119,7 @@ mod tests {
         Request {
             token,
             timeout_us: Some(us),
+            tx: false,
         }
     }
 
@@ -183,6 +186,7 @@ mod tests {
         let r = Request {
             token: 0,
             timeout_us: None,
+            tx: false,
         };
         assert_eq!(w.block(&v, r, &seq, || false, false), Woken::Timeout);
         assert!(t.elapsed() >= Duration::from_micros(u64::from(wait::MAX_BLOCK_US)));

@@ -14,7 +14,7 @@ impl Leg for ShimPingpong {
     }
 
     fn about(&self) -> &'static str {
-        "two guests exchange 500 UDP pings through the host shim's switch, configured as `cargo xtask run` (doorbells, exitless wait, run to completion); every ping back, at most 0.75 steady-state KVM exits per packet per guest"
+        "two guests exchange 500 UDP pings through the host shim's switch, configured as `cargo xtask run` (doorbells, exitless wait, run to completion); every ping back, at most 0.6 steady-state KVM exits per packet per guest, queue notifications carried by the waits (at most 1 doorbell per 10 frames sent)"
     }
 
     fn run(&self, _: &mut Images, opts: &Options) -> LegRun {
@@ -40,11 +40,12 @@ impl Leg for QemuPingpong {
 }
 
 /// Steady-state KVM exits per packet a guest may take on the default path:
-/// one exitless wait per received frame is 0.5; measured 0.51–0.53 on a quiet
-/// machine (`cargo xtask run`), the margin (0.22) covers the trapping kicks a
-/// doorbell monitor starved by other load causes when it parks. The path
-/// before (halt call and RX interrupt) took 1.55.
-pub const STEADY_EXITS_MAX: f64 = 0.75;
+/// one exitless wait per received frame is 0.5 (the wait also carries the
+/// guest's TX notification); measured 0.503–0.507 (`cargo xtask run`), the
+/// rest being host interrupts that land while the vCPU runs. The margin
+/// (0.1) covers more of those on a loaded machine. The path before (halt
+/// call and RX interrupt) took 1.55.
+pub const STEADY_EXITS_MAX: f64 = 0.6;
 
 fn run_demo(leg: &str, opts: &Options, on_shim: bool) -> LegRun {
     // Under QEMU the client's NIC interrupts go to its CPU 1: the run also
@@ -80,6 +81,7 @@ fn run_demo(leg: &str, opts: &Options, on_shim: bool) -> LegRun {
                         ),
                         steady.is_some_and(|s| s <= STEADY_EXITS_MAX),
                     ));
+                    r.checks.push(notified_by_waits(g));
                 }
             }
             let mut reports = check_reports(&r.checks);
@@ -105,6 +107,32 @@ fn run_demo(leg: &str, opts: &Options, on_shim: bool) -> LegRun {
         }
         Err(e) => LegRun::broken(e.to_string()),
     }
+}
+
+/// Frames sent per queue notification that was not a wait's: a sender about
+/// to wait hands its frames over with the wait's exit, and a guest whose RX
+/// ring stays stocked is not asked for refill notifications, so doorbells
+/// (and register writes) are only the few around start and end.
+pub const FRAMES_PER_NOTIFICATION_MIN: u64 = 10;
+
+/// The default path's notifications ride on the waits: at most one doorbell
+/// or register write per [`FRAMES_PER_NOTIFICATION_MIN`] frames sent, and at
+/// least 9 in 10 frames sent by a wait that carried the notification.
+fn notified_by_waits(g: &crate::scenario::pingpong::GuestReport) -> (String, bool) {
+    let Some(n) = &g.numbers else {
+        return (format!("{}: no stats", g.name), false);
+    };
+    let notes = n.notifications.total();
+    (
+        format!(
+            "{}: {} frames sent, {} queue notifications, {} waits carrying TX \
+             (notifications <= 1 per {FRAMES_PER_NOTIFICATION_MIN} frames, carried >= 9 in 10)",
+            g.name, n.tx_packets, notes, n.tx_carried_by_waits
+        ),
+        n.tx_packets > 0
+            && notes * FRAMES_PER_NOTIFICATION_MIN <= n.tx_packets
+            && n.tx_carried_by_waits * 10 >= n.tx_packets * 9,
+    )
 }
 
 /// A free loopback port for QEMU's socket netdev.
