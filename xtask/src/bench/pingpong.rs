@@ -173,7 +173,7 @@ impl Suite for Pingpong {
 
     fn about(&self) -> String {
         format!(
-            "Guest-to-guest UDP ping-pong, the same `udp-pingpong` image (2 vCPUs, 256 MiB) as server and client: {PINGS} pings of 64 B per round after 10 warm-up pings ({FASTEST_PINGS} for `fastest`, whose round trips take microseconds, so that its steady window lasts about as long as the others'). `qemu` (the baseline): two QEMU/KVM `-M q35` VMs, each with a TAP device on one Linux bridge, virtio-net-pci, interrupt-driven RX: QEMU's best configuration here by RTT and round trips/s; `qemu_socket` joins them by a `socket` netdev instead, `qemu_poll` the same with busy-polling RX (`vhost-net` is not available here, and `-M microvm` gives this guest no PCI bus, so q35 it is). Host shim, both guests in one shim process: `default` is exactly `cargo xtask run` (its defaults: the shim's switch, doorbell notifications, the exitless wait, run to completion, the monitor core); `trap` uses the virtio notify register (an ioeventfd) instead of doorbells; `fastest` joins the two guests by a direct channel (`--link direct`: shared rings the shim maps at start-up, no NIC, no switch) with busy-polling RX. RTT and pps are timed in the client guest by its TSC. Whole-run exits are KVM's own binary statistics summed over vCPUs (boot included), read directly by the shim and through QMP `query-stats` for QEMU, per guest and packet (2 per ping). Steady-state figures cover only the client's timed pings: the shim's exits between the guests' stats marks; QEMU's exits and every VMM's host CPU from 100 ms samples interpolated at the instants the host saw the client's `steady-state:` lines. Host CPU is utime+stime of the VMM processes (two QEMUs, or the one shim) per 100k packets; RSS is their peak resident set (`VmHWM`) per guest. Guests linger {LINGER_MS} ms after the last packet so the sampler sees final counters."
+            "Guest-to-guest UDP ping-pong, the same `udp-pingpong` image (2 vCPUs, 256 MiB) as server and client: {PINGS} pings of 64 B per round after 10 warm-up pings ({FASTEST_PINGS} for `fastest`, whose round trips take microseconds, so that its steady window lasts about as long as the others'). `qemu` (the baseline): two QEMU/KVM `-M q35` VMs, each with a TAP device on one Linux bridge, virtio-net-pci, interrupt-driven RX: QEMU's best configuration here by RTT and round trips/s; `qemu_socket` joins them by a `socket` netdev instead, `qemu_poll` the same with busy-polling RX (`vhost-net` is not available here, and `-M microvm` gives this guest no PCI bus, so q35 it is). Host shim, both guests in one shim process: `default` is exactly `cargo xtask run` (its defaults: the shim's switch, doorbell notifications, the exitless wait, run to completion, the monitor core); `tx_doorbell` is `default` with `net.tx_at_wait=off`: every TX notification a doorbell the spinning monitor takes on the other core, instead of the sender's wait carrying it (lower RTT, a core's worth of monitor CPU); `trap` uses the virtio notify register (an ioeventfd) instead of doorbells; `fastest` joins the two guests by a direct channel (`--link direct`: shared rings the shim maps at start-up, no NIC, no switch) with busy-polling RX. RTT and pps are timed in the client guest by its TSC. Whole-run exits are KVM's own binary statistics summed over vCPUs (boot included), read directly by the shim and through QMP `query-stats` for QEMU, per guest and packet (2 per ping). Steady-state figures cover only the client's timed pings: the shim's exits between the guests' stats marks; QEMU's exits and every VMM's host CPU from 100 ms samples interpolated at the instants the host saw the client's `steady-state:` lines. Host CPU is utime+stime of the VMM processes (two QEMUs, or the one shim) per 100k packets; RSS is their peak resident set (`VmHWM`) per guest. Guests linger {LINGER_MS} ms after the last packet so the sampler sees final counters."
         )
     }
 
@@ -183,6 +183,7 @@ impl Suite for Pingpong {
             Scenario::new("qemu_socket", "QEMU/KVM q35, socket netdev"),
             Scenario::new("qemu_poll", "QEMU/KVM q35, socket, RX poll"),
             Scenario::new("default", "shim, cargo xtask run"),
+            Scenario::new("tx_doorbell", "shim, TX by doorbell"),
             Scenario::new("trap", "shim, notify trap"),
             Scenario::new("fastest", "shim, direct channel, poll"),
         ]
@@ -288,6 +289,11 @@ impl Suite for Pingpong {
                 // Exactly `cargo xtask run`: its defaults, nothing added.
                 "default" => Self::run_shim(&mut r, "default", &Self::options(Notify::Auto))?,
                 "trap" => Self::run_shim(&mut r, "trap", &Self::options(Notify::Trap))?,
+                "tx_doorbell" => {
+                    let mut opts = Self::options(Notify::Auto);
+                    opts.extra_cmdline.push_str(" net.tx_at_wait=off");
+                    Self::run_shim(&mut r, "tx_doorbell", &opts)?;
+                }
                 _ => {
                     let opts = pingpong::Options {
                         link: Link::Direct,
