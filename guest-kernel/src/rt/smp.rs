@@ -32,9 +32,12 @@ const SECOND_SIPI_WAIT: Duration = Duration::from_secs(3);
 
 fn wake(_: u8) {}
 
-/// Starts every usable CPU in `cpus` other than this one. Returns how many
-/// CPUs are online afterwards (this one included).
-pub fn start_aps(cpus: &[Cpu]) -> usize {
+/// Starts every usable CPU in `cpus` other than this one, running
+/// `meanwhile` on this CPU once, while the first of them comes up (its ring-0
+/// start is emulated: hundreds of µs this CPU would otherwise spin away).
+/// Returns how many CPUs are online afterwards (this one included).
+pub fn start_aps(cpus: &[Cpu], meanwhile: impl FnOnce()) -> usize {
+    let mut meanwhile = Some(meanwhile);
     irq::register(vector::WAKE, wake);
     let me = percpu::current().apic_id.load(Ordering::Relaxed);
     let mut next = 1;
@@ -52,12 +55,17 @@ pub fn start_aps(cpus: &[Cpu]) -> usize {
         pc.user_stack_top.store(top, Ordering::Release);
         pc.apic_id.store(cpu.apic_id, Ordering::Relaxed);
         let t0 = Instant::now();
-        let ok = sys::start_ap(next, cpu.apic_id, false).is_ok()
+        let sent = sys::start_ap(next, cpu.apic_id, false).is_ok();
+        if sent && let Some(f) = meanwhile.take() {
+            f();
+        }
+        let ok = sent
             && (wait_online(next, FIRST_SIPI_WAIT)
                 || (sys::start_ap(next, cpu.apic_id, true).is_ok()
                     && wait_online(next, SECOND_SIPI_WAIT)));
         if ok {
-            log::info!(
+            // Debug: under the shim each console line costs a kernel call.
+            log::debug!(
                 "smp: cpu{next} (APIC id {}) online after {} us",
                 cpu.apic_id,
                 t0.elapsed().as_micros()
@@ -71,6 +79,9 @@ pub fn start_aps(cpus: &[Cpu]) -> usize {
         }
     }
     CPU_COUNT.store(next as u32, Ordering::Release);
+    if let Some(f) = meanwhile {
+        f();
+    }
     next
 }
 
@@ -85,10 +96,12 @@ fn wait_online(cpu: usize, limit: Duration) -> bool {
     false
 }
 
-/// Ring-3 entry of an application processor: report in, then serve its mailbox.
+/// Ring-3 entry of an application processor: take upcalls where offered,
+/// report in, then serve its mailbox.
 #[unsafe(no_mangle)]
 extern "C" fn exitless_user_ap(cpu: u64) -> ! {
     let cpu = cpu as usize;
+    super::upcall::init_ap();
     CPUS[cpu].online.store(1, Ordering::Release);
     irq::enable();
     loop {

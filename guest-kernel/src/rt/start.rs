@@ -74,19 +74,24 @@ extern "C" fn exitless_user_bsp() -> ! {
         crate::println!("boot failed: {e}");
         sys::exit(status::PANIC)
     });
-    let cpus = smp::start_aps(&platform.cpus);
-    // M3: the shim's upcalls (re-designations, hint updates...) on every CPU.
-    match super::upcall::bring_up() {
-        Ok(n) => log::info!("exitless: upcalls taken on {n} of {cpus} CPU(s)"),
-        Err(e) => log::info!("exitless: {e}"),
-    }
+    // M3: the shim's upcalls (re-designations, hint updates...) on every
+    // CPU: this one's set up while the others start.
+    let mut upcalls = Ok(());
+    let t_aps = rdtsc();
+    let cpus = smp::start_aps(&platform.cpus, || upcalls = super::upcall::bring_up());
+    let aps_us = rdtsc().saturating_sub(t_aps) * 1000 / time::tsc_khz();
+    let upcalls = match upcalls {
+        Ok(()) => alloc::format!("upcalls taken on {} of them", super::upcall::taking()),
+        Err(e) => alloc::format!("{e}"),
+    };
     let pci = platform.ecam.map_or(pci::Access::Ports, pci::Access::Ecam);
 
     let khz = time::tsc_khz();
     let us = |from: u64, to: u64| to.saturating_sub(from) * 1000 / khz;
     let entry = BOOT.tsc_at_entry.load(Ordering::Relaxed);
+    // Few lines: under the shim each costs a kernel call and an exit.
     log::info!(
-        "exitless: {} CPU(s) online of {} described, {} MiB usable RAM, heap {} MiB, {} free frames",
+        "exitless: {} CPU(s) online of {} described after {aps_us} us, {upcalls}; {} MiB usable RAM, heap {} MiB, {} free frames",
         cpus,
         platform.cpus.len(),
         memory.usable_bytes >> 20,

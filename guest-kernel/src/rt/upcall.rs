@@ -107,20 +107,30 @@ pub fn init() -> Result<(), UpcallError> {
     Ok(())
 }
 
-/// At bring-up: makes every online CPU take upcalls when the shim offers
-/// them. Returns how many CPUs do; a CPU that fails is logged and left out
-/// (the shim then sends it nothing but the pings it asks for itself).
-pub fn bring_up() -> Result<usize, UpcallError> {
+/// At bring-up, on the boot CPU (while the others start): makes it take
+/// upcalls when the shim offers them. Each application processor sets
+/// itself up before it reports online ([`init_ap`]): no IPI round trip per
+/// CPU, where every interrupt entry is emulated ring-0 code. A CPU that fails
+/// is logged and left out (the shim then sends it nothing but the pings it
+/// asks for itself); [`taking`] counts the others.
+pub fn bring_up() -> Result<(), UpcallError> {
     check_area()?;
-    let mut taking = 0;
-    for cpu in 0..super::smp::online() {
-        match super::smp::run_on_wait(cpu, core::time::Duration::from_millis(500), init) {
-            Ok(Ok(())) => taking += 1,
-            Ok(Err(e)) => log::warn!("cpu{cpu}: takes no upcalls: {e}"),
-            Err(e) => log::warn!("cpu{cpu}: upcall set-up did not run: {e:?}"),
-        }
+    init().inspect_err(|e| log::warn!("cpu{}: takes no upcalls: {e}", percpu::cpu_id()))
+}
+
+/// CPUs online that take upcalls.
+#[must_use]
+pub fn taking() -> usize {
+    (0..super::smp::online()).filter(|&c| enabled_on(c)).count()
+}
+
+/// An application processor's own set-up, before it reports online: as
+/// [`init`], quiet where the shim offers no upcalls.
+pub(super) fn init_ap() {
+    match init() {
+        Ok(()) | Err(UpcallError::Unavailable) => {}
+        Err(e) => log::warn!("cpu{}: takes no upcalls: {e}", percpu::cpu_id()),
     }
-    Ok(taking)
 }
 
 /// True when this CPU takes upcalls.
