@@ -53,6 +53,7 @@ fn die_with_parent() {
 fn main() {
     let start = Instant::now();
     die_with_parent();
+    host_shim::kvm::cpuid::prefetch();
     // A --config file's flags go before the command line's own, which win.
     let args = match host_shim::config::expand(std::env::args_os().collect()) {
         Ok(a) => a,

@@ -6,9 +6,7 @@ use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use kvm_bindings::{
-    CpuId, KVM_CAP_SPLIT_IRQCHIP, KVM_MAX_CPUID_ENTRIES, Msrs, kvm_enable_cap, kvm_msr_entry,
-};
+use kvm_bindings::{CpuId, KVM_CAP_SPLIT_IRQCHIP, Msrs, kvm_enable_cap, kvm_msr_entry};
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use tracing::info;
 use vm_memory::{Bytes, GuestAddress};
@@ -116,7 +114,7 @@ pub struct Guest {
     /// Set once the platform is shared with running vCPUs; devices can no longer be added.
     platform: Option<Platform>,
     /// What KVM supports and what the shim offers, to rebuild CPUID on [`Guest::attach`].
-    cpuid_supported: CpuId,
+    cpuid_supported: &'static [kvm_bindings::kvm_cpuid_entry2],
     cpuid_params: CpuidParams,
     /// The mechanisms attached ([`Guest::attach`]), handed to the vCPU threads at start.
     mechs: Vec<Arc<dyn Mechanism>>,
@@ -192,17 +190,16 @@ impl Guest {
             );
         }
         let tsc_khz = fds[0].get_tsc_khz().map_err(kvm_err("KVM_GET_TSC_KHZ"))?;
-        let supported = kvm
-            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+        let supported = cpuid::supported(&kvm).map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
         let params = CpuidParams {
             vcpus,
             tsc_khz,
             tsc_deadline: kvm.check_extension(Cap::TscDeadlineTimer),
             offers: Vec::new(),
         };
-        for (i, fd) in fds.iter().enumerate() {
-            set_cpuid(fd, supported.as_slice(), i as u32, &params)?;
+        // CPUID is set once, at start, with every mechanism's offer
+        // (`apply_offers`): not here as well.
+        for fd in &fds {
             let msrs = Msrs::from_entries(&[
                 kvm_msr_entry {
                     index: MSR_IA32_MISC_ENABLE,
@@ -259,7 +256,7 @@ impl Guest {
             cpuid_supported: supported,
             cpuid_params: params,
             mechs: Vec::new(),
-            cpuid_stale: false,
+            cpuid_stale: true,
             vcpus_returned: Arc::default(),
         })
     }
@@ -296,16 +293,11 @@ impl Guest {
         self.cpuid_stale = true;
     }
 
-    /// Sets every vCPU's CPUID again if an offer came since it was last set.
+    /// Sets every vCPU's CPUID if it was never set or an offer came since.
     fn apply_offers(&mut self) -> Result<(), VmError> {
         if std::mem::take(&mut self.cpuid_stale) {
             for (i, fd) in self.vcpu_fds.iter().enumerate() {
-                set_cpuid(
-                    fd,
-                    self.cpuid_supported.as_slice(),
-                    i as u32,
-                    &self.cpuid_params,
-                )?;
+                set_cpuid(fd, self.cpuid_supported, i as u32, &self.cpuid_params)?;
             }
         }
         Ok(())
