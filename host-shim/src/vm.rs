@@ -190,7 +190,7 @@ impl Guest {
             );
         }
         let tsc_khz = fds[0].get_tsc_khz().map_err(kvm_err("KVM_GET_TSC_KHZ"))?;
-        let supported = cpuid::supported(&kvm).map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+        let supported = cpuid::supported(kvm).map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
         let params = CpuidParams {
             vcpus,
             tsc_khz,

@@ -27,7 +27,7 @@ pub fn supported(kvm: &Kvm) -> Result<&'static [kvm_cpuid_entry2], kvm_ioctls::E
 fn ask(kvm: &Kvm) -> Result<Vec<kvm_cpuid_entry2>, i32> {
     kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map(|c| c.as_slice().to_vec())
-        .map_err(|e| e.errno())
+        .map_err(kvm_ioctls::Error::errno)
 }
 
 /// Asks KVM for its supported CPUID on a thread of its own, while the caller
