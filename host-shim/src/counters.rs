@@ -194,6 +194,9 @@ pub struct MarkReport {
     pub label: u64,
     /// KVM's `exits` summed over the guest's vCPUs.
     pub exits: u64,
+    /// Of those, KVM's `irq_exits`: a host interrupt came while a vCPU ran
+    /// guest code (the guest neither causes nor can avoid them).
+    pub host_irq_exits: u64,
     pub doorbell_events: u64,
     pub sink_events: u64,
     /// Wall-clock time of the mark, ms since the Unix epoch: orders marks of

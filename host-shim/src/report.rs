@@ -89,6 +89,7 @@
 //!     "marks": [{                             // StatsMark hypercalls, in order
 //!       "label": u64,                         // the guest's RBX
 //!       "exits": u64,                         // KVM `exits` over all vCPUs then
+//!       "host_irq_exits": u64,                // of them, KVM `irq_exits` (host interrupts)
 //!       "doorbell_events": u64, "sink_events": u64  // doorbell counters then
 //!     }],                                     // the first 1024 (counters::MARKS_KEPT)
 //!     "marks_dropped": u64,                   // StatsMark calls beyond them
@@ -559,6 +560,7 @@ mod tests {
         g.marks = vec![MarkReport {
             label: 1,
             exits: 9,
+            host_irq_exits: 0,
             doorbell_events: 0,
             sink_events: 3,
             unix_ms: 1,
@@ -596,7 +598,7 @@ mod tests {
         );
         assert_eq!(
             g["marks"],
-            serde_json::json!([{"label": 1, "exits": 9, "doorbell_events": 0, "sink_events": 3, "unix_ms": 1}])
+            serde_json::json!([{"label": 1, "exits": 9, "host_irq_exits": 0, "doorbell_events": 0, "sink_events": 3, "unix_ms": 1}])
         );
         assert!(r.summary().contains("doorbell: events 4 sink 10"));
         assert_eq!(g["boot_to_main_ms"], 9.5);

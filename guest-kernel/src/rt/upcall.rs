@@ -118,10 +118,10 @@ pub fn bring_up() -> Result<(), UpcallError> {
     init().inspect_err(|e| log::warn!("cpu{}: takes no upcalls: {e}", percpu::cpu_id()))
 }
 
-/// CPUs online that take upcalls.
+/// CPUs that take upcalls.
 #[must_use]
 pub fn taking() -> usize {
-    (0..super::smp::online()).filter(|&c| enabled_on(c)).count()
+    ENABLED_CPUS.load(Ordering::Acquire).count_ones() as usize
 }
 
 /// An application processor's own set-up, before it reports online: as

@@ -97,4 +97,6 @@ pub const KVM_FIELDS: &[&str] = &[
     // MMIO writes are page faults it takes.
     "insn_emulation_fail",
     "pf_taken",
+    // Host interrupts taken while the vCPU ran guest code.
+    "irq_exits",
 ];

@@ -118,9 +118,14 @@ impl GuestCtx {
     /// KVM's `exits` summed over every vCPU of the guest, now.
     #[must_use]
     pub fn kvm_exits(&self) -> u64 {
+        self.kvm_sum("exits")
+    }
+
+    /// KVM statistic `name` summed over the guest's vCPUs.
+    fn kvm_sum(&self, name: &str) -> u64 {
         self.vcpus
             .iter()
-            .filter_map(|v| v.kvm_stats.get()?.read("exits"))
+            .filter_map(|v| v.kvm_stats.get()?.read(name))
             .sum()
     }
 
@@ -129,6 +134,7 @@ impl GuestCtx {
         let mut m = MarkReport {
             label,
             exits: self.kvm_exits(),
+            host_irq_exits: self.kvm_sum("irq_exits"),
             unix_ms: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),

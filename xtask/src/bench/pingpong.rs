@@ -102,6 +102,18 @@ impl Pingpong {
             .collect();
         let steady = (marks.len() == report.guests.len() && marks.len() == 2)
             .then(|| marks.iter().sum::<f64>() / 2.0);
+        let irqs: Vec<f64> = report
+            .guests
+            .iter()
+            .filter_map(|g| g.steady_host_irq_exits_per_packet)
+            .collect();
+        if irqs.len() == 2 {
+            r.set(
+                id,
+                "steady_host_irq_exits_per_packet",
+                irqs.iter().sum::<f64>() / 2.0,
+            );
+        }
         record(r, id, &report, &kvm, &seen, steady)
     }
 }
@@ -215,6 +227,12 @@ impl Suite for Pingpong {
             Metric::new(
                 "steady_exits_per_packet",
                 "steady KVM exits/packet",
+                "per guest",
+                Better::Lower,
+            ),
+            Metric::new(
+                "steady_host_irq_exits_per_packet",
+                "of which host interrupts",
                 "per guest",
                 Better::Lower,
             ),

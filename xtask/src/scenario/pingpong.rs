@@ -225,6 +225,9 @@ pub struct GuestReport {
     /// client's timed pings; the server's first datagram to the last bye): the
     /// data path without boot and teardown. Shim runs only.
     pub steady_exits_per_packet: Option<f64>,
+    /// Of those, host interrupts that landed while a vCPU ran guest code
+    /// (KVM's `irq_exits` between the same marks). Shim runs only.
+    pub steady_host_irq_exits_per_packet: Option<f64>,
 }
 
 /// Labels of the demo's `StatsMark`s (`demos::pingpong::MARK_BEGIN`/`MARK_END`).
@@ -232,9 +235,19 @@ const MARK_BEGIN: u64 = 0x7070_0001;
 const MARK_END: u64 = 0x7070_0002;
 
 /// Exits between the guest's steady-state marks divided by `packets`.
-#[allow(clippy::cast_precision_loss)] // counts far below 2^52
 fn steady_exits_per_packet(stats: Option<&GuestStats>, packets: u64) -> Option<f64> {
-    let at = |label: u64| Some(stats?.mark(label)?.exits);
+    steady_per_packet(stats, packets, |m| m.exits)
+}
+
+/// A mark's counter `of`, between the guest's steady-state marks, divided by
+/// `packets`.
+#[allow(clippy::cast_precision_loss)] // counts far below 2^52
+fn steady_per_packet(
+    stats: Option<&GuestStats>,
+    packets: u64,
+    of: impl Fn(&crate::vmm::stats::Mark) -> u64,
+) -> Option<f64> {
+    let at = |label: u64| Some(of(stats?.mark(label)?));
     let (a, b) = (at(MARK_BEGIN)?, at(MARK_END)?);
     (packets > 0 && b >= a).then(|| (b - a) as f64 / packets as f64)
 }
@@ -501,6 +514,8 @@ pub fn on_shim(opts: &Options, label: &str, mut echo: impl FnMut(&str)) -> Resul
             numbers,
             steady_exits_per_packet: steady_packets
                 .and_then(|p| steady_exits_per_packet(run.guest_stats(name), p)),
+            steady_host_irq_exits_per_packet: steady_packets
+                .and_then(|p| steady_per_packet(run.guest_stats(name), p, |m| m.host_irq_exits)),
         });
     }
     // The path asked for is the path taken (the shim counts both).
@@ -661,6 +676,7 @@ pub fn on_qemu(opts: &Options, label: &str, port: u16) -> Result<Report> {
                     exit: run.exit,
                     numbers: None,
                     steady_exits_per_packet: None,
+                    steady_host_irq_exits_per_packet: None,
                 });
             }
             Err(e) => checks.push((format!("{name} ran: {e}"), false)),
@@ -878,6 +894,7 @@ mod tests {
             name: "a".into(),
             exit: GuestExit::Status(0),
             steady_exits_per_packet: Some(2.5),
+            steady_host_irq_exits_per_packet: None,
             numbers: Some(GuestNumbers {
                 exits: 300,
                 exits_by_reason: ExitsByReason::default(),

@@ -334,6 +334,9 @@ pub struct Mark {
     pub label: u64,
     /// KVM's `exits` over all vCPUs then.
     pub exits: u64,
+    /// Of those, host interrupts taken while a vCPU ran (KVM's `irq_exits`).
+    #[serde(default)]
+    pub host_irq_exits: u64,
     pub sink_events: u64,
     /// Wall-clock time, ms since the Unix epoch.
     pub unix_ms: u64,
@@ -482,6 +485,7 @@ pub const fn mark(label: u64, exits: u64, sink_events: u64, unix_ms: u64) -> Mar
     Mark {
         label,
         exits,
+        host_irq_exits: 0,
         sink_events,
         unix_ms,
     }
