@@ -58,14 +58,19 @@ pub const fn unoffered(call: Call) -> Status {
 }
 
 /// Whether a call of a mechanism the guest was not offered counts as an
-/// `unknown_hypercall` reject: a guest that asks for the benchmark or a
-/// control flag without the offer is wrong; one that tries upcalls or a
+/// `unknown_hypercall` reject: a guest that asks for the benchmark, a
+/// control flag or a debugger (a debug trap) without the offer is wrong; one that tries upcalls or a
 /// re-designation learns from the status that they are absent.
 #[must_use]
 pub const fn unoffered_is_counted(call: Call) -> bool {
     matches!(
         call,
-        Call::NotifyBench | Call::CtrlWrite | Call::CtrlRead | Call::CtrlSetMasks | Call::CtrlQuery
+        Call::NotifyBench
+            | Call::CtrlWrite
+            | Call::CtrlRead
+            | Call::CtrlSetMasks
+            | Call::CtrlQuery
+            | Call::DebugTrap
     )
 }
 
@@ -166,6 +171,9 @@ mod tests {
         assert_eq!(unoffered(Call::CtrlRead), Status::UnknownCall);
         assert!(unoffered_is_counted(Call::CtrlRead));
         assert!(!unoffered_is_counted(Call::UpcallPing));
+        // A debug trap without --gdb: refused and counted.
+        assert_eq!(unoffered(Call::DebugTrap), Status::UnknownCall);
+        assert!(unoffered_is_counted(Call::DebugTrap));
     }
 
     #[test]
