@@ -6,6 +6,9 @@
 
 use gdbstub_arch::x86::reg::X86_64CoreRegs;
 use para_abi::hypercall::debug_frame as w;
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::kvm::memory::GuestMem;
 
 /// RFLAGS.TF: trap after the next instruction (SDM vol 3 §18.3.1.4).
 pub const TF: u64 = 1 << 8;
@@ -126,9 +129,59 @@ impl Frame {
     }
 }
 
+/// The frame a `DebugTrap` hypercall names, or why it is refused: it must
+/// be 8-aligned and all in RAM, and say #DB or #BP taken in ring 3.
+pub fn checked(mem: &GuestMem, gpa: u64) -> Result<Frame, String> {
+    let f = read(mem, gpa).ok_or("not 8-aligned in RAM")?;
+    if !f.from_ring3() || !matches!(f.vector(), 1 | 3) {
+        return Err(format!(
+            "vector {}, cs {:#x} (wants #DB or #BP from ring 3)",
+            f.vector(),
+            f.0[w::CS]
+        ));
+    }
+    Ok(f)
+}
+
+/// The trap frame at guest-physical `gpa`, if 8-aligned and all in RAM.
+#[must_use]
+pub fn read(mem: &GuestMem, gpa: u64) -> Option<Frame> {
+    if !gpa.is_multiple_of(8) {
+        return None;
+    }
+    let mut b = [0u8; w::BYTES];
+    mem.read_slice(&mut b, GuestAddress(gpa)).ok()?;
+    Some(Frame::from_bytes(&b))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_debug_trap_frame_must_be_aligned_in_ram_and_from_ring_3() {
+        let mem = crate::kvm::memory::create("g", 4 << 20).unwrap();
+        let mut f = Frame([0; w::WORDS]);
+        f.0[w::VECTOR] = 3;
+        f.0[w::CS] = 0x23;
+        f.0[w::RIP] = 0x20_1001;
+        mem.write_slice(&f.to_bytes(), GuestAddress(0x8000))
+            .unwrap();
+        assert_eq!(checked(&mem, 0x8000), Ok(f));
+        assert!(checked(&mem, 0x8004).is_err(), "misaligned");
+        assert!(checked(&mem, (4 << 20) - 8).is_err(), "runs past RAM");
+        assert!(checked(&mem, u64::MAX - 7).is_err(), "wraps");
+        // A ring-0 frame, and a page fault's, are not the debugger's.
+        f.0[w::CS] = 0x08;
+        mem.write_slice(&f.to_bytes(), GuestAddress(0x8000))
+            .unwrap();
+        assert!(checked(&mem, 0x8000).unwrap_err().contains("ring 3"));
+        f.0[w::CS] = 0x23;
+        f.0[w::VECTOR] = 14;
+        mem.write_slice(&f.to_bytes(), GuestAddress(0x8000))
+            .unwrap();
+        assert!(checked(&mem, 0x8000).is_err());
+    }
 
     fn sample() -> Frame {
         let mut f = Frame([0; w::WORDS]);

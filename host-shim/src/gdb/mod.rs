@@ -155,30 +155,6 @@ impl Debugger {
     }
 }
 
-/// The frame a `DebugTrap` hypercall names, or why it is refused: it must
-/// be 8-aligned and all in RAM, and say #DB or #BP taken in ring 3.
-fn checked_frame(mem: &GuestMem, gpa: u64) -> Result<frame::Frame, String> {
-    let f = read_frame(mem, gpa).ok_or("not 8-aligned in RAM")?;
-    if !f.from_ring3() || !matches!(f.vector(), 1 | 3) {
-        return Err(format!(
-            "vector {}, cs {:#x} (wants #DB or #BP from ring 3)",
-            f.vector(),
-            f.0[debug_frame::CS]
-        ));
-    }
-    Ok(f)
-}
-
-/// The trap frame at guest-physical `gpa`, if 8-aligned and all in RAM.
-pub(crate) fn read_frame(mem: &GuestMem, gpa: u64) -> Option<frame::Frame> {
-    if !gpa.is_multiple_of(8) {
-        return None;
-    }
-    let mut b = [0u8; debug_frame::BYTES];
-    mem.read_slice(&mut b, GuestAddress(gpa)).ok()?;
-    Some(frame::Frame::from_bytes(&b))
-}
-
 impl Mechanism for Debugger {
     fn name(&self) -> &'static str {
         "gdb"
@@ -202,7 +178,7 @@ impl Mechanism for Debugger {
     /// be 8-aligned and in RAM, say ring 3 and vector 1 or 3.
     fn hypercall(&self, cx: &CallCtx<'_>, _call: Call, arg: u64) -> u64 {
         let vcpu = cx.vcpu.index;
-        let mut frame = match checked_frame(&self.mem, arg) {
+        let mut frame = match frame::checked(&self.mem, arg) {
             Ok(f) => f,
             Err(why) => {
                 cx.platform.reject(
@@ -327,34 +303,7 @@ fn detach(target: &mut GuestTarget) {
 
 #[cfg(test)]
 mod tests {
-    use super::{GdbSpec, checked_frame};
-    use para_abi::hypercall::debug_frame as w;
-    use vm_memory::{Bytes, GuestAddress};
-
-    #[test]
-    fn a_debug_trap_frame_must_be_aligned_in_ram_and_from_ring_3() {
-        let mem = crate::kvm::memory::create("g", 4 << 20).unwrap();
-        let mut f = super::frame::Frame([0; w::WORDS]);
-        f.0[w::VECTOR] = 3;
-        f.0[w::CS] = 0x23;
-        f.0[w::RIP] = 0x20_1001;
-        mem.write_slice(&f.to_bytes(), GuestAddress(0x8000))
-            .unwrap();
-        assert_eq!(checked_frame(&mem, 0x8000), Ok(f));
-        assert!(checked_frame(&mem, 0x8004).is_err(), "misaligned");
-        assert!(checked_frame(&mem, (4 << 20) - 8).is_err(), "runs past RAM");
-        assert!(checked_frame(&mem, u64::MAX - 7).is_err(), "wraps");
-        // A ring-0 frame, and a page fault's, are not the debugger's.
-        f.0[w::CS] = 0x08;
-        mem.write_slice(&f.to_bytes(), GuestAddress(0x8000))
-            .unwrap();
-        assert!(checked_frame(&mem, 0x8000).unwrap_err().contains("ring 3"));
-        f.0[w::CS] = 0x23;
-        f.0[w::VECTOR] = 14;
-        mem.write_slice(&f.to_bytes(), GuestAddress(0x8000))
-            .unwrap();
-        assert!(checked_frame(&mem, 0x8000).is_err());
-    }
+    use super::GdbSpec;
 
     #[test]
     fn a_port_alone_picks_the_only_guest_and_a_name_picks_its_guest() {

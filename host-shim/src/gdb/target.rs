@@ -212,7 +212,7 @@ impl GuestTarget {
             return Ok(None);
         };
         // Checked when the trap came; RAM does not move.
-        match super::read_frame(&self.mem, gpa) {
+        match super::frame::read(&self.mem, gpa) {
             Some(f) => Ok(Some((gpa, f))),
             None => Err(TargetError::Errno(EFAULT)),
         }
