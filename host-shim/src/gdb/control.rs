@@ -57,6 +57,9 @@ pub enum Trap {
     },
     /// The guest was already stopping for another vCPU.
     Overtaken { stepped: bool, rewind: bool },
+    /// A single step the debugger did not ask for (a TF left over from an
+    /// earlier step): no stop; the frame's TF is to be cleared.
+    Stray,
 }
 
 /// Why the guest stopped.
@@ -308,9 +311,9 @@ impl Control {
 
     /// A ring-3 debug trap the guest forwarded (`Call::DebugTrap`) on vCPU
     /// `index`: `frame` is the guest-physical address of its trap frame,
-    /// `vector` and `rip` from that frame. Stops the guest there unless it
-    /// is stopping already.
-    pub fn debug_trap(&self, index: u32, frame: u64, vector: u64, rip: u64) -> Trap {
+    /// `vector`, `rip` and whether RFLAGS.TF is set (`tf`) from that frame.
+    /// Stops the guest there unless it is stopping already.
+    pub fn debug_trap(&self, index: u32, frame: u64, vector: u64, rip: u64, tf: bool) -> Trap {
         let mut s = lock(&self.state);
         if s.detached || s.ending {
             return Trap::Refused;
@@ -326,6 +329,12 @@ impl Control {
             Why::Step
         } else if rewind || (vector == u64::from(DB_VECTOR) && s.breakpoints.contains(&Some(rip))) {
             Why::Breakpoint
+        } else if vector == u64::from(DB_VECTOR) && tf {
+            // A single-step trap nobody asked for: a TF of an earlier step
+            // that the guest saved with the interrupted RFLAGS when it
+            // delivered an interrupt during that step (the upcall frame),
+            // and restored later with `popfq`.
+            return Trap::Stray;
         } else {
             Why::Trap
         };
@@ -660,7 +669,7 @@ mod tests {
         c.add_breakpoint(0x20_1000);
         c.resume(&[Action::Continue, Action::Continue]);
         // An int3 of the debugger's: RIP is one past it, to be rewound.
-        let t = c.debug_trap(1, 0x9000, u64::from(BP_VECTOR), 0x20_1001);
+        let t = c.debug_trap(1, 0x9000, u64::from(BP_VECTOR), 0x20_1001, false);
         assert_eq!(
             t,
             Trap::Stopped {
@@ -672,7 +681,7 @@ mod tests {
         assert_eq!(c.frame(1), Some(0x9000));
         assert_eq!(c.frame(0), None);
         // vCPU 0's trap while stopped: no new stop, no frame.
-        let t = c.debug_trap(0, 0xa000, u64::from(BP_VECTOR), 0x20_1001);
+        let t = c.debug_trap(0, 0xa000, u64::from(BP_VECTOR), 0x20_1001, false);
         assert_eq!(
             t,
             Trap::Overtaken {
@@ -685,7 +694,7 @@ mod tests {
         // and the frame is given up at the resume.
         c.resume(&[Action::Hold, Action::Step]);
         assert_eq!(c.frame(1), None);
-        let t = c.debug_trap(1, 0x9000, u64::from(DB_VECTOR), 0x20_1003);
+        let t = c.debug_trap(1, 0x9000, u64::from(DB_VECTOR), 0x20_1003, true);
         assert_eq!(
             t,
             Trap::Stopped {
@@ -696,7 +705,7 @@ mod tests {
         );
         // An int3 that is not the debugger's is a plain SIGTRAP.
         c.resume(&[Action::Continue, Action::Continue]);
-        let t = c.debug_trap(0, 0xa000, u64::from(BP_VECTOR), 0x20_5000);
+        let t = c.debug_trap(0, 0xa000, u64::from(BP_VECTOR), 0x20_5000, false);
         assert!(matches!(
             t,
             Trap::Stopped {
@@ -705,11 +714,20 @@ mod tests {
                 ..
             }
         ));
+        // A single-step trap on a vCPU gdb did not step (TF restored from
+        // an upcall frame): no stop.
+        c.resume(&[Action::Continue, Action::Continue]);
+        assert_eq!(
+            c.debug_trap(1, 0x9000, u64::from(DB_VECTOR), 0x20_7000, true),
+            Trap::Stray
+        );
+        assert_eq!(c.frame(1), None);
+        assert!(c.interrupt().is_some(), "the guest was still running");
         // Once gdb has gone, the guest's own handling applies.
         c.detach();
         assert_eq!(c.frame(0), None);
         assert_eq!(
-            c.debug_trap(0, 0xa000, u64::from(BP_VECTOR), 0x20_1001),
+            c.debug_trap(0, 0xa000, u64::from(BP_VECTOR), 0x20_1001, false),
             Trap::Refused
         );
     }

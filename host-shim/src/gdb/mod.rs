@@ -189,7 +189,8 @@ impl Mechanism for Debugger {
             }
         };
         let vector = frame.vector();
-        let (stepped, rewind) = match self.control.debug_trap(vcpu, arg, vector, frame.rip()) {
+        let tf = frame.0[debug_frame::RFLAGS] & frame::TF != 0;
+        let (stepped, rewind) = match self.control.debug_trap(vcpu, arg, vector, frame.rip(), tf) {
             control::Trap::Refused => {
                 cx.platform.reject(
                     Reject::UnknownHypercall,
@@ -201,6 +202,7 @@ impl Mechanism for Debugger {
                 stepped, rewind, ..
             }
             | control::Trap::Overtaken { stepped, rewind } => (stepped, rewind),
+            control::Trap::Stray => (true, false),
         };
         if stepped {
             frame.end_step();
