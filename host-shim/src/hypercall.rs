@@ -179,6 +179,14 @@ mod tests {
     #[test]
     fn hostile_calls_are_refused() {
         assert_eq!(decode(4, 0, 0), Action::Return(Status::UnknownCall));
+        // A debug trap is a mechanism's call: without --gdb nobody claims it.
+        assert_eq!(
+            decode(4, 29, 0x8000),
+            Action::Mechanism {
+                call: Call::DebugTrap,
+                arg: 0x8000
+            }
+        );
         assert_eq!(decode(4, 0xFFFF, 0), Action::Return(Status::UnknownCall));
         assert_eq!(decode(1, 1, 0), Action::Return(Status::BadArgument));
         assert_eq!(decode(4, 1, 1 << 40), Action::Return(Status::BadArgument));

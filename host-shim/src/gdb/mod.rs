@@ -307,6 +307,67 @@ fn detach(target: &mut GuestTarget) {
 mod tests {
     use super::GdbSpec;
 
+    /// The `DebugTrap` hypercall as a guest makes it (a real vCPU fd for
+    /// the call's context): refused and counted without an attached
+    /// debugger or with a bad frame, a stop with the frame otherwise.
+    #[test]
+    fn debug_trap_calls_are_checked_and_counted() {
+        use super::{Debugger, Mechanism, control};
+        use crate::counters::{Reject, RejectCounters};
+        use crate::devices::serial::{LineWriter, Sink, new_uart};
+        use crate::mech::CallCtx;
+        use crate::platform::Platform;
+        use crate::vcpu::handle::VcpuShared;
+        use para_abi::hypercall::{Call, Status, debug_frame as w};
+        use std::sync::{Arc, Mutex};
+        use vm_memory::{Bytes, GuestAddress};
+
+        let kvm = kvm_ioctls::Kvm::new().expect("open /dev/kvm");
+        let vm = kvm.create_vm().expect("create a VM");
+        let fd = vm.create_vcpu(0).expect("create a vCPU");
+        let mem = crate::kvm::memory::create("g", 4 << 20).unwrap();
+        let rejects = Arc::new(RejectCounters::default());
+        let uart = new_uart(LineWriter::new(
+            "g",
+            Sink::Buffer(Arc::new(Mutex::new(Vec::new()))),
+        ));
+        let platform = Platform::new("g", uart, rejects.clone());
+        let vcpu = Arc::new(VcpuShared::new(0));
+        let d = Debugger::listen("g", std::path::Path::new("k"), 0, 1, mem.clone()).unwrap();
+        let cx = CallCtx {
+            fd: &fd,
+            vcpu: &vcpu,
+            platform: &platform,
+            kvm_exits: &|| 0,
+        };
+        let call = |arg| d.hypercall(&cx, Call::DebugTrap, arg);
+        let mut f = super::frame::Frame([0; w::WORDS]);
+        f.0[w::VECTOR] = 3;
+        f.0[w::CS] = 0x23;
+        f.0[w::RIP] = 0x20_1001;
+        f.0[w::RFLAGS] = 0x202;
+        mem.write_slice(&f.to_bytes(), GuestAddress(0x8000))
+            .unwrap();
+
+        // Misaligned, past RAM: refused as bad frames.
+        assert_eq!(call(0x8004), Status::BadArgument as u64);
+        assert_eq!(call(4 << 20), Status::BadArgument as u64);
+        assert_eq!(rejects.count(Reject::DebugBadFrame), 2);
+
+        // gdb resumed the guest: the trap stops it with that frame.
+        d.control.resume(&[control::Action::Continue]);
+        assert_eq!(call(0x8000), Status::Ok as u64);
+        assert_eq!(d.control.frame(0), Some(0x8000));
+        let stop = d.control.wait_stop(std::time::Duration::ZERO).unwrap();
+        assert_eq!(stop.why, control::Why::Trap);
+
+        // gdb gone: the same call is refused as with no debugger at all.
+        d.control.detach();
+        assert_eq!(call(0x8000), Status::UnknownCall as u64);
+        assert_eq!(rejects.count(Reject::UnknownHypercall), 1);
+        assert_eq!(rejects.count(Reject::DebugBadFrame), 2);
+    }
+
     #[test]
     fn a_port_alone_picks_the_only_guest_and_a_name_picks_its_guest() {
         let alone = GdbSpec::parse("1234").unwrap();
