@@ -14,8 +14,9 @@
 //! shim (on `kvm_pvm` through the guest's forwarded debug traps): a
 //! breakpoint there is hit in ring 3, a register and a static read, a
 //! register written in the trap frame, a `stepi` stays in ring-3 code, a
-//! second breakpoint is hit, and gdb detaches; a second session continues
-//! from main to the guest's own exit, which gdb reports. Last, the same
+//! second breakpoint is hit, and gdb detaches; a second session breaks in
+//! the AP's ring-3 entry on thread 2, then continues from main to the
+//! guest's own exit, which gdb reports. Last, the same
 //! main through QEMU's stub under TCG (`cargo xtask run --app PATH --qemu
 //! --gdb`). Each answer is checked in gdb's output.
 
@@ -39,7 +40,7 @@ impl Leg for Gdb {
     }
 
     fn about(&self) -> &'static str {
-        "gdb --batch against the shim's --gdb stub (ktest, 2 vCPUs): one thread per vCPU, a breakpoint in the AP's entry hit on thread 2, a register and a static read, an unmapped address refused, a single step, detach, then the guest exits 0; Ctrl-C stops a running guest and gdb's kill stops the shim; the app's main (ring 3) under the shim: breakpoint hit, registers read and written, stepi in ring 3, a second breakpoint, detach, and continue to the guest's exit; and against QEMU's stub (TCG): a breakpoint on the app's main hit in ring 3, a backtrace, a step, detach"
+        "gdb --batch against the shim's --gdb stub (ktest, 2 vCPUs): one thread per vCPU, a breakpoint in the AP's entry hit on thread 2, a register and a static read, an unmapped address refused, a single step, detach, then the guest exits 0; Ctrl-C stops a running guest and gdb's kill stops the shim; the app's main (ring 3) under the shim: breakpoint hit, registers read and written, stepi in ring 3, a second breakpoint, detach, a breakpoint in the AP's ring-3 entry hit on thread 2, and continue to the guest's exit; and against QEMU's stub (TCG): a breakpoint on the app's main hit in ring 3, a backtrace, a step, detach"
     }
 
     fn run(&self, images: &mut Images, opts: &Options) -> LegRun {
@@ -261,9 +262,10 @@ fn judge_app_session(text: &str) -> Vec<(String, bool)> {
     ]
 }
 
-/// From the app's main to the guest's own end: break on main, delete the
-/// breakpoint, continue; gdb reports the guest's exit status as a
-/// process's (`exited normally` for 0).
+/// Ring 3 on the second vCPU, then from the app's main to the guest's own
+/// end: break in the AP's ring-3 entry (`exitless_user_ap`, thread 2),
+/// then on main (thread 1), delete, continue; gdb reports the guest's exit
+/// status as a process's (`exited normally` for 0).
 fn app_to_exit_under_shim(
     gdb: &Path,
     shim_bin: &Path,
@@ -276,6 +278,11 @@ fn app_to_exit_under_shim(
             "set pagination off".to_owned(),
             "set confirm off".to_owned(),
             format!("target remote 127.0.0.1:{port}"),
+            "break exitless_user_ap".to_owned(),
+            "continue".to_owned(),
+            "printf \"check-apcs=%d\\n\", $cs".to_owned(),
+            "printf \"check-aprsp=%lu\\n\", $rsp".to_owned(),
+            "delete".to_owned(),
             "break exitless_app_main".to_owned(),
             "continue".to_owned(),
             "delete".to_owned(),
@@ -293,11 +300,24 @@ fn app_to_exit_under_shim(
         },
     );
     let text = out.unwrap_or_else(|e| format!("(gdb: {e})"));
-    let mut checks = vec![(
-        "shim app session 2: main hit, then continue ran the guest to its exit, reported to gdb (`exited normally`)".into(),
-        text.contains("hit Breakpoint 1")
-            && text.contains("[Inferior 1 (process 1) exited normally]"),
-    )];
+    let mut checks = vec![
+        (
+            format!(
+                "shim app session 2: a breakpoint in the AP's ring-3 entry (exitless_user_ap) was hit on thread 2, in ring 3 (CS RPL {:?}) on ring 3's stack ({:?})",
+                value(&text, "apcs").map(|c| c & 3),
+                value(&text, "aprsp")
+            ),
+            text.contains("Thread 2 hit Breakpoint 1")
+                && text.contains("exitless_user_ap")
+                && value(&text, "apcs").is_some_and(|c| c & 3 == 3)
+                && value(&text, "aprsp").is_some_and(|v| v >= USER_TEXT),
+        ),
+        (
+            "shim app session 2: main hit on thread 1, then continue ran the guest to its exit, reported to gdb (`exited normally`)".into(),
+            text.contains("Thread 1 hit Breakpoint 2")
+                && text.contains("[Inferior 1 (process 1) exited normally]"),
+        ),
+    ];
     match shim_run {
         Ok(run) => {
             let exit = run.guest_exit(NAME);
