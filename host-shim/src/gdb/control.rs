@@ -312,8 +312,18 @@ impl Control {
     /// A ring-3 debug trap the guest forwarded (`Call::DebugTrap`) on vCPU
     /// `index`: `frame` is the guest-physical address of its trap frame,
     /// `vector`, `rip` and whether RFLAGS.TF is set (`tf`) from that frame.
-    /// Stops the guest there unless it is stopping already.
-    pub fn debug_trap(&self, index: u32, frame: u64, vector: u64, rip: u64, tf: bool) -> Trap {
+    /// Stops the guest there unless it is stopping already. `fix` gets
+    /// (clear TF, rewind RIP by one) to apply to the frame before gdb can
+    /// see the stop.
+    pub fn debug_trap(
+        &self,
+        index: u32,
+        frame: u64,
+        vector: u64,
+        rip: u64,
+        tf: bool,
+        fix: impl FnOnce(bool, bool),
+    ) -> Trap {
         let mut s = lock(&self.state);
         if s.detached || s.ending {
             return Trap::Refused;
@@ -334,10 +344,12 @@ impl Control {
             // that the guest saved with the interrupted RFLAGS when it
             // delivered an interrupt during that step (the upcall frame),
             // and restored later with `popfq`.
+            fix(true, false);
             return Trap::Stray;
         } else {
             Why::Trap
         };
+        fix(stepped, rewind);
         if !s.running {
             // Another vCPU stopped the guest first: a breakpoint hits again
             // after the resume (an int3 once its RIP is rewound); a step is
@@ -669,7 +681,7 @@ mod tests {
         c.add_breakpoint(0x20_1000);
         c.resume(&[Action::Continue, Action::Continue]);
         // An int3 of the debugger's: RIP is one past it, to be rewound.
-        let t = c.debug_trap(1, 0x9000, u64::from(BP_VECTOR), 0x20_1001, false);
+        let t = c.debug_trap(1, 0x9000, u64::from(BP_VECTOR), 0x20_1001, false, |_, _| {});
         assert_eq!(
             t,
             Trap::Stopped {
@@ -681,7 +693,7 @@ mod tests {
         assert_eq!(c.frame(1), Some(0x9000));
         assert_eq!(c.frame(0), None);
         // vCPU 0's trap while stopped: no new stop, no frame.
-        let t = c.debug_trap(0, 0xa000, u64::from(BP_VECTOR), 0x20_1001, false);
+        let t = c.debug_trap(0, 0xa000, u64::from(BP_VECTOR), 0x20_1001, false, |_, _| {});
         assert_eq!(
             t,
             Trap::Overtaken {
@@ -694,7 +706,7 @@ mod tests {
         // and the frame is given up at the resume.
         c.resume(&[Action::Hold, Action::Step]);
         assert_eq!(c.frame(1), None);
-        let t = c.debug_trap(1, 0x9000, u64::from(DB_VECTOR), 0x20_1003, true);
+        let t = c.debug_trap(1, 0x9000, u64::from(DB_VECTOR), 0x20_1003, true, |_, _| {});
         assert_eq!(
             t,
             Trap::Stopped {
@@ -705,7 +717,7 @@ mod tests {
         );
         // An int3 that is not the debugger's is a plain SIGTRAP.
         c.resume(&[Action::Continue, Action::Continue]);
-        let t = c.debug_trap(0, 0xa000, u64::from(BP_VECTOR), 0x20_5000, false);
+        let t = c.debug_trap(0, 0xa000, u64::from(BP_VECTOR), 0x20_5000, false, |_, _| {});
         assert!(matches!(
             t,
             Trap::Stopped {
@@ -718,7 +730,7 @@ mod tests {
         // an upcall frame): no stop.
         c.resume(&[Action::Continue, Action::Continue]);
         assert_eq!(
-            c.debug_trap(1, 0x9000, u64::from(DB_VECTOR), 0x20_7000, true),
+            c.debug_trap(1, 0x9000, u64::from(DB_VECTOR), 0x20_7000, true, |_, _| {}),
             Trap::Stray
         );
         assert_eq!(c.frame(1), None);
@@ -727,7 +739,7 @@ mod tests {
         c.detach();
         assert_eq!(c.frame(0), None);
         assert_eq!(
-            c.debug_trap(0, 0xa000, u64::from(BP_VECTOR), 0x20_1001, false),
+            c.debug_trap(0, 0xa000, u64::from(BP_VECTOR), 0x20_1001, false, |_, _| {}),
             Trap::Refused
         );
     }

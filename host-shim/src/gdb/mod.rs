@@ -147,7 +147,7 @@ impl Debugger {
 }
 
 impl Debugger {
-    /// The trap frame at guest-physical `gpa`, if 8-aligned and all in RAM.
+    /// Writes the trap frame back to guest-physical `gpa`.
     fn write_frame(&self, gpa: u64, f: &frame::Frame) {
         if let Err(e) = self.mem.write_slice(&f.to_bytes(), GuestAddress(gpa)) {
             warn!(guest = %self.name, "gdb: writing the trap frame at {gpa:#x}: {e}");
@@ -190,7 +190,21 @@ impl Mechanism for Debugger {
         };
         let vector = frame.vector();
         let tf = frame.0[debug_frame::RFLAGS] & frame::TF != 0;
-        let (stepped, rewind) = match self.control.debug_trap(vcpu, arg, vector, frame.rip(), tf) {
+        let rip = frame.rip();
+        // The frame is put right before gdb hears of the stop: no step's TF
+        // left, RIP back on a breakpoint's int3.
+        let fix = |clear_tf: bool, rewind: bool| {
+            if clear_tf {
+                frame.end_step();
+            }
+            if rewind {
+                frame.set_rip(frame.rip().wrapping_sub(1));
+            }
+            if clear_tf || rewind {
+                self.write_frame(arg, &frame);
+            }
+        };
+        match self.control.debug_trap(vcpu, arg, vector, rip, tf, fix) {
             control::Trap::Refused => {
                 cx.platform.reject(
                     Reject::UnknownHypercall,
@@ -198,20 +212,9 @@ impl Mechanism for Debugger {
                 );
                 return Status::UnknownCall as u64;
             }
-            control::Trap::Stopped {
-                stepped, rewind, ..
-            }
-            | control::Trap::Overtaken { stepped, rewind } => (stepped, rewind),
-            control::Trap::Stray => (true, false),
-        };
-        if stepped {
-            frame.end_step();
-        }
-        if rewind {
-            frame.set_rip(frame.rip().wrapping_sub(1));
-        }
-        if stepped || rewind {
-            self.write_frame(arg, &frame);
+            control::Trap::Stopped { .. }
+            | control::Trap::Overtaken { .. }
+            | control::Trap::Stray => {}
         }
         // The vCPU parks in `before_entry` until gdb resumes it.
         Status::Ok as u64
@@ -354,12 +357,17 @@ mod tests {
         assert_eq!(call(4 << 20), Status::BadArgument as u64);
         assert_eq!(rejects.count(Reject::DebugBadFrame), 2);
 
-        // gdb resumed the guest: the trap stops it with that frame.
+        // gdb resumed the guest: the trap stops it with that frame, which
+        // already has RIP back on the breakpoint's int3 when gdb hears.
+        d.control.add_breakpoint(0x20_1000);
         d.control.resume(&[control::Action::Continue]);
         assert_eq!(call(0x8000), Status::Ok as u64);
         assert_eq!(d.control.frame(0), Some(0x8000));
         let stop = d.control.wait_stop(std::time::Duration::ZERO).unwrap();
-        assert_eq!(stop.why, control::Why::Trap);
+        assert_eq!(stop.why, control::Why::Breakpoint);
+        let mut b = [0u8; w::BYTES];
+        mem.read_slice(&mut b, GuestAddress(0x8000)).unwrap();
+        assert_eq!(super::frame::Frame::from_bytes(&b).rip(), 0x20_1000);
 
         // gdb gone: the same call is refused as with no debugger at all.
         d.control.detach();
