@@ -58,14 +58,19 @@ pub const fn unoffered(call: Call) -> Status {
 }
 
 /// Whether a call of a mechanism the guest was not offered counts as an
-/// `unknown_hypercall` reject: a guest that asks for the benchmark or a
-/// control flag without the offer is wrong; one that tries upcalls or a
+/// `unknown_hypercall` reject: a guest that asks for the benchmark, a
+/// control flag or a debugger (a debug trap) without the offer is wrong; one that tries upcalls or a
 /// re-designation learns from the status that they are absent.
 #[must_use]
 pub const fn unoffered_is_counted(call: Call) -> bool {
     matches!(
         call,
-        Call::NotifyBench | Call::CtrlWrite | Call::CtrlRead | Call::CtrlSetMasks | Call::CtrlQuery
+        Call::NotifyBench
+            | Call::CtrlWrite
+            | Call::CtrlRead
+            | Call::CtrlSetMasks
+            | Call::CtrlQuery
+            | Call::DebugTrap
     )
 }
 
@@ -166,11 +171,22 @@ mod tests {
         assert_eq!(unoffered(Call::CtrlRead), Status::UnknownCall);
         assert!(unoffered_is_counted(Call::CtrlRead));
         assert!(!unoffered_is_counted(Call::UpcallPing));
+        // A debug trap without --gdb: refused and counted.
+        assert_eq!(unoffered(Call::DebugTrap), Status::UnknownCall);
+        assert!(unoffered_is_counted(Call::DebugTrap));
     }
 
     #[test]
     fn hostile_calls_are_refused() {
         assert_eq!(decode(4, 0, 0), Action::Return(Status::UnknownCall));
+        // A debug trap is a mechanism's call: without --gdb nobody claims it.
+        assert_eq!(
+            decode(4, 29, 0x8000),
+            Action::Mechanism {
+                call: Call::DebugTrap,
+                arg: 0x8000
+            }
+        );
         assert_eq!(decode(4, 0xFFFF, 0), Action::Return(Status::UnknownCall));
         assert_eq!(decode(1, 1, 0), Action::Return(Status::BadArgument));
         assert_eq!(decode(4, 1, 1 << 40), Action::Return(Status::BadArgument));

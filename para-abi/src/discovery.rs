@@ -25,6 +25,10 @@ pub const LEAF_CTRL: u32 = 0x4000_0005;
 pub const LEAF_VMQ: u32 = 0x4000_0006;
 /// Direct channels between guests ([`crate::direct`]; see [`LEAF_HINTS`]).
 pub const LEAF_DIRECT: u32 = 0x4000_0007;
+/// Debug traps forwarded to an attached debugger ([`features::DEBUG_TRAPS`]):
+/// EAX = [`crate::hypercall::debug_frame::VERSION`], EBX = the frame's size
+/// in bytes ([`crate::hypercall::debug_frame::BYTES`]), ECX = EDX = 0.
+pub const LEAF_DEBUG: u32 = 0x4000_0008;
 /// CPUID leaf with timing information, following the convention `VMware` and KVM
 /// guests already know: EAX = TSC frequency in kHz, EBX = LAPIC timer frequency in kHz.
 pub const LEAF_TIMING: u32 = 0x4000_0010;
@@ -72,6 +76,10 @@ pub mod features {
     /// Direct channels to other guests ([`super::LEAF_DIRECT`]); implies
     /// [`VM_QUEUES`], whose directory says which peers have one.
     pub const DIRECT_CHANNELS: u32 = 1 << 7;
+    /// A debugger is attached to this guest (`--gdb`): ring 3's #DB and #BP
+    /// go to the shim through [`crate::hypercall::Call::DebugTrap`]
+    /// ([`super::LEAF_DEBUG`]).
+    pub const DEBUG_TRAPS: u32 = 1 << 8;
 }
 
 /// The (EAX, EBX, ECX, EDX) of a mechanism leaf ([`LEAF_HINTS`]...).

@@ -62,9 +62,20 @@ pub enum Call {
     /// written to its COM1 THR one by one ([`console_arg`]). One exit for a
     /// whole line where the UART costs one per byte.
     ConsoleWrite = 28,
+    /// A debug trap (#DB, vector 1, or #BP, vector 3) taken in ring 3 while
+    /// a debugger is attached ([`crate::discovery::features::DEBUG_TRAPS`]):
+    /// RBX = the guest-physical address of the saved ring-3 state, laid out
+    /// as [`debug_frame`]. The shim stops the guest there for its debugger,
+    /// which reads and writes the ring-3 registers in that frame; the call
+    /// returns when the debugger resumes the vCPU, and the guest then
+    /// returns from the trap with the frame as it stands (RIP, RFLAGS.TF
+    /// for a step, RF past a breakpoint). Refused (`UnknownCall`, counted)
+    /// without an attached debugger; a frame outside RAM, misaligned, not
+    /// from ring 3 or of another vector is refused (`BadArgument`, counted).
+    DebugTrap = 29,
     // Numbers reserved per mechanism so that they can grow independently:
     // 4–7 M4 (control flags), 8–11 M3 (upcalls), 12–19 M5 (VM queues),
-    // 20–23 M1 (doorbells), 24–27 M2 (hints), 28–31 the platform (console).
+    // 20–23 M1 (doorbells), 24–27 M2 (hints), 28–31 the platform (console, debug traps).
 }
 
 /// The most bytes one [`Call::ConsoleWrite`] takes.
@@ -87,6 +98,42 @@ pub const fn console_decode(arg: u64) -> Option<(u32, usize)> {
     Some((arg as u32, len))
 }
 
+/// The ring-3 state a [`Call::DebugTrap`] hands over: 22 little-endian
+/// quadwords at the address in RBX, lowest address first, the general
+/// registers the guest's trap entry saved followed by the vector, the error
+/// code and the frame the CPU pushed (SDM vol 3 §6.14.2). Word indices.
+pub mod debug_frame {
+    pub const RAX: usize = 0;
+    pub const RBX: usize = 1;
+    pub const RCX: usize = 2;
+    pub const RDX: usize = 3;
+    pub const RSI: usize = 4;
+    pub const RDI: usize = 5;
+    pub const RBP: usize = 6;
+    pub const R8: usize = 7;
+    pub const R9: usize = 8;
+    pub const R10: usize = 9;
+    pub const R11: usize = 10;
+    pub const R12: usize = 11;
+    pub const R13: usize = 12;
+    pub const R14: usize = 13;
+    pub const R15: usize = 14;
+    pub const VECTOR: usize = 15;
+    pub const ERROR: usize = 16;
+    pub const RIP: usize = 17;
+    pub const CS: usize = 18;
+    pub const RFLAGS: usize = 19;
+    pub const RSP: usize = 20;
+    pub const SS: usize = 21;
+    /// Quadwords in the frame.
+    pub const WORDS: usize = 22;
+    /// Bytes in the frame.
+    pub const BYTES: usize = WORDS * 8;
+    /// The frame's layout version, in EAX of
+    /// [`crate::discovery::LEAF_DEBUG`].
+    pub const VERSION: u32 = 1;
+}
+
 impl Call {
     /// Decodes a hypercall number; `None` for numbers this ABI does not define.
     #[must_use]
@@ -106,6 +153,7 @@ impl Call {
             7 => Some(Self::CtrlQuery),
             12 => Some(Self::VmqFlush),
             28 => Some(Self::ConsoleWrite),
+            29 => Some(Self::DebugTrap),
             _ => None,
         }
     }
@@ -151,6 +199,7 @@ mod tests {
         assert_eq!(Call::from_raw(10), Some(Call::UpcallEnable));
         assert_eq!(Call::from_raw(12), Some(Call::VmqFlush));
         assert_eq!(Call::from_raw(28), Some(Call::ConsoleWrite));
+        assert_eq!(Call::from_raw(29), Some(Call::DebugTrap));
         assert_eq!(Call::from_raw(0), None);
         assert_eq!(Call::from_raw(u32::MAX), None);
     }

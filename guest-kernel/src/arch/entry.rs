@@ -48,6 +48,28 @@ pub struct TrapFrame {
     pub ss: u64,
 }
 
+// The layout the shim reads for a ring-3 debug trap (`Call::DebugTrap`).
+const _: () = {
+    use core::mem::{offset_of, size_of};
+    use para_abi::hypercall::debug_frame as w;
+    assert!(size_of::<TrapFrame>() == w::BYTES);
+    assert!(offset_of!(TrapFrame, rax) == 8 * w::RAX);
+    assert!(offset_of!(TrapFrame, rbx) == 8 * w::RBX);
+    assert!(offset_of!(TrapFrame, rcx) == 8 * w::RCX);
+    assert!(offset_of!(TrapFrame, rdx) == 8 * w::RDX);
+    assert!(offset_of!(TrapFrame, rsi) == 8 * w::RSI);
+    assert!(offset_of!(TrapFrame, rdi) == 8 * w::RDI);
+    assert!(offset_of!(TrapFrame, rbp) == 8 * w::RBP);
+    assert!(offset_of!(TrapFrame, r8) == 8 * w::R8);
+    assert!(offset_of!(TrapFrame, r15) == 8 * w::R15);
+    assert!(offset_of!(TrapFrame, vector) == 8 * w::VECTOR);
+    assert!(offset_of!(TrapFrame, rip) == 8 * w::RIP);
+    assert!(offset_of!(TrapFrame, cs) == 8 * w::CS);
+    assert!(offset_of!(TrapFrame, rflags) == 8 * w::RFLAGS);
+    assert!(offset_of!(TrapFrame, rsp) == 8 * w::RSP);
+    assert!(offset_of!(TrapFrame, ss) == 8 * w::SS);
+};
+
 impl TrapFrame {
     /// True when the trap came from ring 3.
     #[must_use]

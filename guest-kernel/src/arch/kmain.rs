@@ -76,6 +76,17 @@ unsafe fn enter_user(rip: u64, rsp: u64, arg: u64) -> ! {
     }
 }
 
+/// Whether the shim forwards ring 3's debug traps to a debugger, with the
+/// frame layout this kernel saves (one CPUID, two with a debugger).
+fn debug_traps_offered() -> bool {
+    use para_abi::hypercall::debug_frame;
+    if cpuid(discovery::LEAF_FEATURES, 0).eax & discovery::features::DEBUG_TRAPS == 0 {
+        return false;
+    }
+    let leaf = cpuid(discovery::LEAF_DEBUG, 0);
+    leaf.eax == debug_frame::VERSION && leaf.ebx as usize == debug_frame::BYTES
+}
+
 #[unsafe(no_mangle)]
 extern "C" fn exitless_kmain_bsp(start_info: u32) -> ! {
     let tsc_kmain = rdtsc();
@@ -118,6 +129,8 @@ extern "C" fn exitless_kmain_bsp(start_info: u32) -> ! {
     BOOT.tsc_deadline
         .store(u8::from(deadline), Ordering::Relaxed);
     BOOT.under_shim.store(u8::from(shim), Ordering::Relaxed);
+    BOOT.debug_traps
+        .store(u8::from(shim && debug_traps_offered()), Ordering::Relaxed);
     BOOT.tsc_source.store(source as u8, Ordering::Relaxed);
     BOOT.tsc_at_user.store(rdtsc(), Ordering::Relaxed);
     let stack_top = core::ptr::addr_of!(BSP_USER_STACK) as u64 + USER_STACK_SIZE as u64;

@@ -33,6 +33,9 @@ pub struct BootInfo {
     pub tsc_deadline: AtomicU8,
     /// 1 under the Exitless host shim.
     pub under_shim: AtomicU8,
+    /// 1 when the shim has a debugger attached and takes ring 3's debug
+    /// traps (`para_abi::discovery::features::DEBUG_TRAPS`).
+    pub debug_traps: AtomicU8,
     /// Where `tsc_khz` came from (see [`time::Source`]).
     pub tsc_source: AtomicU8,
 }
@@ -47,6 +50,7 @@ pub static BOOT: BootInfo = BootInfo {
     x2apic: AtomicU8::new(0),
     tsc_deadline: AtomicU8::new(0),
     under_shim: AtomicU8::new(0),
+    debug_traps: AtomicU8::new(0),
     tsc_source: AtomicU8::new(0),
 };
 

@@ -2,7 +2,7 @@
 
 use super::entry::{TrapFrame, exitless_fault_landing};
 use super::serial::{LineBuf, write};
-use super::{exit, syscall};
+use super::{BOOT, exit, syscall};
 use crate::abi::{KSTACK_SIZE, is_user_range, status, vector};
 use crate::percpu::PerCpu;
 use core::fmt::Write as _;
@@ -76,9 +76,28 @@ extern "C" fn exitless_trap(f: &mut TrapFrame) {
     } else if f.vector == 6 && f.from_user() && is_int80_at(f.rip) {
         f.rip += 2;
         syscall::dispatch(f, percpu_from_kstack());
-    } else if !(f.vector == 7 && f.from_user() && nm_to_ring3(f)) {
+    } else if f.vector == 7 && f.from_user() && nm_to_ring3(f) {
+        // Ring 3 swaps its x87 state and returns to the instruction.
+    } else if matches!(f.vector, 1 | 3) && f.from_user() && to_debugger(f) {
+        // The debugger had the guest stopped here; back to ring 3.
+    } else {
         exception(f);
     }
+}
+
+/// #DB or #BP from ring 3 with a debugger attached to the shim: the shim
+/// stops the guest here and its debugger reads and writes the ring-3
+/// registers in `f`; the trap then returns to ring 3 with `f` as the
+/// debugger left it. False (the trap stays fatal) without a debugger or
+/// when the shim refuses.
+fn to_debugger(f: &mut TrapFrame) -> bool {
+    use para_abi::hypercall::{Call, Status};
+    if BOOT.debug_traps.load(Ordering::Relaxed) == 0 {
+        return false;
+    }
+    // The kernel stack is identity-mapped: its address is guest-physical.
+    let frame = core::ptr::from_mut(f) as u64;
+    exit::hypercall(Call::DebugTrap, frame) == Status::Ok as u64
 }
 
 unsafe extern "C" {

@@ -22,6 +22,8 @@ use crate::vcpu::handle::VcpuShared;
 /// The #DB exception vector (SDM vol 3, table 6-1), as KVM reports it in a
 /// debug exit.
 pub const DB_VECTOR: u32 = 1;
+/// The #BP exception vector (int3).
+pub const BP_VECTOR: u32 = 3;
 /// Instruction breakpoints the debug registers hold (DR0-DR3).
 pub const BREAKPOINTS: usize = 4;
 
@@ -37,6 +39,27 @@ pub enum Action {
     Continue,
     /// Runs one instruction, interrupts blocked, then stops the guest.
     Step,
+}
+
+/// What becomes of a forwarded ring-3 debug trap ([`Control::debug_trap`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Trap {
+    /// No debugger is attached (or the guest is ending): the guest's own
+    /// handling applies.
+    Refused,
+    /// The guest stopped here; `stepped`: the vCPU was stepping (its
+    /// frame's TF is the debugger's, to be cleared); `rewind`: it hit one
+    /// of the debugger's int3s, its RIP goes back onto the breakpoint.
+    Stopped {
+        why: Why,
+        stepped: bool,
+        rewind: bool,
+    },
+    /// The guest was already stopping for another vCPU.
+    Overtaken { stepped: bool, rewind: bool },
+    /// A single step the debugger did not ask for (a TF left over from an
+    /// earlier step): no stop; the frame's TF is to be cleared.
+    Stray,
 }
 
 /// Why the guest stopped.
@@ -108,6 +131,12 @@ struct Slot {
     applied: (u32, u64),
     /// Its thread left its run loop.
     gone: bool,
+    /// Stopped in a forwarded ring-3 debug trap: the guest-physical address
+    /// of the trap frame that holds its ring-3 registers.
+    frame: Option<u64>,
+    /// This resume's step runs through the frame's TF (the guest's own
+    /// trap brings it back), not through KVM's single step.
+    frame_step: bool,
 }
 
 #[derive(Debug)]
@@ -119,6 +148,8 @@ struct State {
     detached: bool,
     /// The guest is ending: nothing parks any more.
     ending: bool,
+    /// The status the guest ended itself with, if it did.
+    exit_status: Option<u32>,
     stop: Option<Stop>,
     slots: Vec<Slot>,
     /// Breakpoint addresses (guest-virtual), one per debug register, and a
@@ -151,6 +182,7 @@ impl Control {
                 running: false,
                 detached: false,
                 ending: false,
+                exit_status: None,
                 stop: None,
                 slots: (0..vcpus).map(|_| Slot::default()).collect(),
                 breakpoints: [None; BREAKPOINTS],
@@ -215,7 +247,7 @@ impl Control {
         } else {
             KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_HW_BP
         };
-        let step = want != 0 && slot.action == Some(Action::Step);
+        let step = want != 0 && slot.action == Some(Action::Step) && !slot.frame_step;
         if step {
             want |= KVM_GUESTDBG_SINGLESTEP;
             if s.block_irq {
@@ -277,6 +309,66 @@ impl Control {
         // was overtaken by the other stop anyway.
     }
 
+    /// A ring-3 debug trap the guest forwarded (`Call::DebugTrap`) on vCPU
+    /// `index`: `frame` is the guest-physical address of its trap frame,
+    /// `vector`, `rip` and whether RFLAGS.TF is set (`tf`) from that frame.
+    /// Stops the guest there unless it is stopping already. `fix` gets
+    /// (clear TF, rewind RIP by one) to apply to the frame before gdb can
+    /// see the stop.
+    pub fn debug_trap(
+        &self,
+        index: u32,
+        frame: u64,
+        vector: u64,
+        rip: u64,
+        tf: bool,
+        fix: impl FnOnce(bool, bool),
+    ) -> Trap {
+        let mut s = lock(&self.state);
+        if s.detached || s.ending {
+            return Trap::Refused;
+        }
+        let Some(slot) = s.slots.get(index as usize) else {
+            return Trap::Refused;
+        };
+        let stepped = slot.action == Some(Action::Step);
+        // int3 traps: the saved RIP is past it (SDM vol 3 §6.15, #BP).
+        let rewind =
+            vector == u64::from(BP_VECTOR) && s.breakpoints.contains(&Some(rip.wrapping_sub(1)));
+        let why = if vector == u64::from(DB_VECTOR) && stepped {
+            Why::Step
+        } else if rewind || (vector == u64::from(DB_VECTOR) && s.breakpoints.contains(&Some(rip))) {
+            Why::Breakpoint
+        } else if vector == u64::from(DB_VECTOR) && tf {
+            // A single-step trap nobody asked for: a TF of an earlier step
+            // that the guest saved with the interrupted RFLAGS when it
+            // delivered an interrupt during that step (the upcall frame),
+            // and restored later with `popfq`.
+            fix(true, false);
+            return Trap::Stray;
+        } else {
+            Why::Trap
+        };
+        fix(stepped, rewind);
+        if !s.running {
+            // Another vCPU stopped the guest first: a breakpoint hits again
+            // after the resume (an int3 once its RIP is rewound); a step is
+            // lost, as in [`Control::debug_exit`].
+            return Trap::Overtaken { stepped, rewind };
+        }
+        s.running = false;
+        s.stop = Some(Stop { vcpu: index, why });
+        s.slots[index as usize].frame = Some(frame);
+        self.cv.notify_all();
+        drop(s);
+        self.kick_all(Some(index));
+        Trap::Stopped {
+            why,
+            stepped,
+            rewind,
+        }
+    }
+
     /// vCPU `index`'s thread left its run loop.
     pub fn vcpu_gone(&self, index: u32) {
         let mut s = lock(&self.state);
@@ -284,6 +376,11 @@ impl Control {
             slot.gone = true;
         }
         self.cv.notify_all();
+    }
+
+    /// The guest ended itself with `status` (the exit hypercall).
+    pub fn exited(&self, status: u32) {
+        lock(&self.state).exit_status = Some(status);
     }
 
     /// The guest is ending: release every parked vCPU and waiting gdb call.
@@ -300,11 +397,36 @@ impl Control {
         lock(&self.state).ending
     }
 
+    /// The status the guest ended itself with, if it did.
+    #[must_use]
+    pub fn exit_status(&self) -> Option<u32> {
+        lock(&self.state).exit_status
+    }
+
+    /// The trap frame vCPU `vcpu` is stopped in (guest-physical), if it
+    /// stopped in a forwarded ring-3 debug trap.
+    #[must_use]
+    pub fn frame(&self, vcpu: u32) -> Option<u64> {
+        let s = lock(&self.state);
+        s.slots.get(vcpu as usize).and_then(|x| x.frame)
+    }
+
+    /// Whether a breakpoint is set at `gva`.
+    #[must_use]
+    pub fn has_breakpoint(&self, gva: u64) -> bool {
+        lock(&self.state).breakpoints.contains(&Some(gva))
+    }
+
     /// Resumes the guest with one action per vCPU.
     pub fn resume(&self, actions: &[Action]) {
         let mut s = lock(&self.state);
         for (slot, a) in s.slots.iter_mut().zip(actions) {
             slot.action = Some(*a);
+            if *a != Action::Hold {
+                // A vCPU in a ring-3 trap resumes through the guest's
+                // return from it: its step is the frame's TF.
+                slot.frame_step = slot.frame.take().is_some() && *a == Action::Step;
+            }
         }
         s.stop = None;
         s.running = true;
@@ -358,6 +480,10 @@ impl Control {
         s.detached = true;
         s.running = true;
         s.stop = None;
+        for slot in &mut s.slots {
+            slot.frame = None;
+            slot.frame_step = false;
+        }
         self.cv.notify_all();
     }
 
@@ -546,6 +672,76 @@ mod tests {
         // A guest that ends answers no request.
         c.ending();
         assert!(matches!(c.read_regs(1), Err(ControlError::Ended)));
+    }
+
+    #[test]
+    fn a_forwarded_ring3_trap_stops_the_guest_with_its_frame() {
+        use super::{BP_VECTOR, DB_VECTOR, Trap, Why};
+        let c = Control::new(2);
+        c.add_breakpoint(0x20_1000);
+        c.resume(&[Action::Continue, Action::Continue]);
+        // An int3 of the debugger's: RIP is one past it, to be rewound.
+        let t = c.debug_trap(1, 0x9000, u64::from(BP_VECTOR), 0x20_1001, false, |_, _| {});
+        assert_eq!(
+            t,
+            Trap::Stopped {
+                why: Why::Breakpoint,
+                stepped: false,
+                rewind: true
+            }
+        );
+        assert_eq!(c.frame(1), Some(0x9000));
+        assert_eq!(c.frame(0), None);
+        // vCPU 0's trap while stopped: no new stop, no frame.
+        let t = c.debug_trap(0, 0xa000, u64::from(BP_VECTOR), 0x20_1001, false, |_, _| {});
+        assert_eq!(
+            t,
+            Trap::Overtaken {
+                stepped: false,
+                rewind: true
+            }
+        );
+        assert_eq!(c.frame(0), None);
+        // A step out of the frame is the frame's TF: reported as a step,
+        // and the frame is given up at the resume.
+        c.resume(&[Action::Hold, Action::Step]);
+        assert_eq!(c.frame(1), None);
+        let t = c.debug_trap(1, 0x9000, u64::from(DB_VECTOR), 0x20_1003, true, |_, _| {});
+        assert_eq!(
+            t,
+            Trap::Stopped {
+                why: Why::Step,
+                stepped: true,
+                rewind: false
+            }
+        );
+        // An int3 that is not the debugger's is a plain SIGTRAP.
+        c.resume(&[Action::Continue, Action::Continue]);
+        let t = c.debug_trap(0, 0xa000, u64::from(BP_VECTOR), 0x20_5000, false, |_, _| {});
+        assert!(matches!(
+            t,
+            Trap::Stopped {
+                why: Why::Trap,
+                rewind: false,
+                ..
+            }
+        ));
+        // A single-step trap on a vCPU gdb did not step (TF restored from
+        // an upcall frame): no stop.
+        c.resume(&[Action::Continue, Action::Continue]);
+        assert_eq!(
+            c.debug_trap(1, 0x9000, u64::from(DB_VECTOR), 0x20_7000, true, |_, _| {}),
+            Trap::Stray
+        );
+        assert_eq!(c.frame(1), None);
+        assert!(c.interrupt().is_some(), "the guest was still running");
+        // Once gdb has gone, the guest's own handling applies.
+        c.detach();
+        assert_eq!(c.frame(0), None);
+        assert_eq!(
+            c.debug_trap(0, 0xa000, u64::from(BP_VECTOR), 0x20_1001, false, |_, _| {}),
+            Trap::Refused
+        );
     }
 
     #[test]

@@ -2,7 +2,13 @@
 //! thread per vCPU (thread id = vCPU index + 1), memory at guest-virtual
 //! addresses translated through the stopped vCPU's page tables
 //! (`KVM_TRANSLATE`), and breakpoints in the debug registers
-//! (`KVM_GUESTDBG_USE_HW_BP`), whether gdb asks for `break` or `hbreak`.
+//! (`KVM_GUESTDBG_USE_HW_BP`) plus an int3 in guest memory (for ring 3 on
+//! `kvm_pvm`, see [`super`]), whether gdb asks for `break` or `hbreak`.
+//!
+//! A vCPU stopped in a forwarded ring-3 debug trap (see [`super::frame`])
+//! shows gdb the ring-3 registers of its trap frame, and takes gdb's
+//! register writes there; KVM's registers (the guest kernel's trap handler)
+//! are left alone.
 //!
 //! Everything gdb asks is checked here: an address that is not mapped, or
 //! that maps outside the guest's RAM, is refused with EFAULT; a thread id
@@ -32,6 +38,7 @@ use tracing::{debug, warn};
 use vm_memory::{Bytes, GuestAddress};
 
 use super::control::{self, Action, Control, ControlError, Stop, Why};
+use super::frame::Frame;
 use crate::kvm::memory::GuestMem;
 
 const PAGE: u64 = 4096;
@@ -51,6 +58,8 @@ pub struct GuestTarget {
     actions: Vec<(Action, bool)>,
     /// The vCPU a step was asked of, and where it stood (RIP, ring).
     stepping: Option<(u32, u64, u16)>,
+    /// The int3s the stub wrote for breakpoints.
+    planted: Vec<Planted>,
 }
 
 impl GuestTarget {
@@ -63,6 +72,7 @@ impl GuestTarget {
             mem,
             actions: vec![(Action::Continue, false); n],
             stepping: None,
+            planted: Vec::new(),
         }
     }
 
@@ -116,10 +126,9 @@ impl Target for GuestTarget {
     // only; the guest's control registers are not shown.
 }
 
-impl MultiThreadBase for GuestTarget {
-    fn read_registers(&mut self, out: &mut X86_64CoreRegs, tid: Tid) -> TargetResult<(), Self> {
-        let vcpu = self.vcpu_or_err(tid)?;
-        let all = self.control.read_regs(vcpu).map_err(|e| soft(&e))?;
+impl GuestTarget {
+    /// gdb's registers from KVM's.
+    fn kvm_to_gdb(all: &control::Regs, out: &mut X86_64CoreRegs) {
         let g = &all.regs;
         out.regs = [
             g.rax, g.rbx, g.rcx, g.rdx, g.rsi, g.rdi, g.rbp, g.rsp, g.r8, g.r9, g.r10, g.r11,
@@ -149,11 +158,9 @@ impl MultiThreadBase for GuestTarget {
             *x = u128::from_le_bytes(*b);
         }
         out.mxcsr = f.mxcsr;
-        Ok(())
     }
 
-    fn write_registers(&mut self, regs: &X86_64CoreRegs, tid: Tid) -> TargetResult<(), Self> {
-        let v = self.vcpu_or_err(tid)?;
+    fn write_kvm_registers(&self, v: u32, regs: &X86_64CoreRegs) -> TargetResult<(), Self> {
         // General registers, RIP and RFLAGS are written; segment, x87 and SSE
         // values gdb sends back are not (the guest's descriptors and FPU
         // state stay as they are).
@@ -198,6 +205,63 @@ impl MultiThreadBase for GuestTarget {
         self.control.write_regs(v, g).map_err(|e| soft(&e))
     }
 
+    /// The trap frame vCPU `v` is stopped in, if it stopped in a forwarded
+    /// ring-3 debug trap: its address and contents.
+    fn frame(&self, v: u32) -> Result<Option<(u64, Frame)>, TargetError<ControlError>> {
+        let Some(gpa) = self.control.frame(v) else {
+            return Ok(None);
+        };
+        // Checked when the trap came; RAM does not move.
+        match super::frame::read(&self.mem, gpa) {
+            Some(f) => Ok(Some((gpa, f))),
+            None => Err(TargetError::Errno(EFAULT)),
+        }
+    }
+
+    fn put_frame(&self, gpa: u64, f: &Frame) -> TargetResult<(), Self> {
+        self.mem
+            .write_slice(&f.to_bytes(), GuestAddress(gpa))
+            .map_err(|_| TargetError::Errno(EFAULT))
+    }
+
+    /// Before a resume: each vCPU stopped in a ring-3 trap returns from it
+    /// with TF set for a step, clear for a continue, and RF when it resumes
+    /// on a breakpoint.
+    fn prepare_frames(&self, actions: &[Action]) {
+        for (v, &a) in (0u32..).zip(actions) {
+            if a == Action::Hold {
+                continue;
+            }
+            if let Ok(Some((gpa, mut f))) = self.frame(v) {
+                f.resume(a == Action::Step, self.control.has_breakpoint(f.rip()));
+                if self.put_frame(gpa, &f).is_err() {
+                    warn!(guest = %self.name, vcpu = v, "gdb: the trap frame at {gpa:#x} cannot be written");
+                }
+            }
+        }
+    }
+}
+
+impl MultiThreadBase for GuestTarget {
+    fn read_registers(&mut self, out: &mut X86_64CoreRegs, tid: Tid) -> TargetResult<(), Self> {
+        let vcpu = self.vcpu_or_err(tid)?;
+        let all = self.control.read_regs(vcpu).map_err(|e| soft(&e))?;
+        Self::kvm_to_gdb(&all, out);
+        if let Some((_, f)) = self.frame(vcpu)? {
+            f.to_gdb(out);
+        }
+        Ok(())
+    }
+
+    fn write_registers(&mut self, regs: &X86_64CoreRegs, tid: Tid) -> TargetResult<(), Self> {
+        let v = self.vcpu_or_err(tid)?;
+        if let Some((gpa, mut f)) = self.frame(v)? {
+            f.set_from_gdb(regs);
+            return self.put_frame(gpa, &f);
+        }
+        self.write_kvm_registers(v, regs)
+    }
+
     fn read_addrs(&mut self, start: u64, data: &mut [u8], tid: Tid) -> TargetResult<usize, Self> {
         let v = self.vcpu_or_err(tid)?;
         let mut done = 0usize;
@@ -222,6 +286,7 @@ impl MultiThreadBase for GuestTarget {
             }
             done += n;
         }
+        self.unmask(start, &mut data[..done]);
         Ok(done)
     }
 
@@ -242,6 +307,7 @@ impl MultiThreadBase for GuestTarget {
             }
             done += n;
         }
+        self.rewrite_planted(start, data);
         Ok(())
     }
 
@@ -268,9 +334,14 @@ impl MultiThreadResume for GuestTarget {
             .position(|&a| a == Action::Step)
             .and_then(|v| {
                 let v = u32::try_from(v).ok()?;
+                // A step out of a ring-3 trap is the guest's own (TF).
+                if self.control.frame(v).is_some() {
+                    return None;
+                }
                 let r = self.control.read_regs(v).ok()?;
                 Some((v, r.regs.rip, r.sregs.cs.selector & 3))
             });
+        self.prepare_frames(&actions);
         self.control.resume(&actions);
         Ok(())
     }
@@ -329,10 +400,13 @@ impl MultiThreadSingleStep for GuestTarget {
 }
 
 impl Breakpoints for GuestTarget {
-    // gdb's `break` (Z0) and `hbreak` (Z1) both take a debug register: the
-    // KVM this shim runs on does not report int3 to the host
-    // (KVM_GUESTDBG_USE_SW_BP has no effect there; the guest takes the #BP),
-    // and without Z0 gdb would write int3 into guest memory itself.
+    // gdb's `break` (Z0) and `hbreak` (Z1) both take a debug register and
+    // an int3. The register stops ring 0 (and every ring on a KVM with VMX
+    // or SVM) before the int3 runs; the int3 stops ring 3 on `kvm_pvm`,
+    // where debug registers do not fire in ring 3 and the guest forwards
+    // its #BP (`Call::DebugTrap`). The KVM this shim runs on does not report
+    // int3 to the host itself (KVM_GUESTDBG_USE_SW_BP has no effect there),
+    // and without Z0 gdb would write int3 into guest memory on its own.
     fn support_sw_breakpoint(&mut self) -> Option<SwBreakpointOps<'_, Self>> {
         Some(self)
     }
@@ -343,15 +417,112 @@ impl Breakpoints for GuestTarget {
 }
 
 impl GuestTarget {
-    fn set_breakpoint(&self, addr: u64) -> bool {
+    fn set_breakpoint(&mut self, addr: u64) -> bool {
         let ok = self.control.add_breakpoint(addr);
         if ok {
             debug!(guest = %self.name, addr = format_args!("{addr:#x}"), "gdb: breakpoint set");
+            self.plant(addr);
         } else {
             warn!(guest = %self.name, addr = format_args!("{addr:#x}"), "gdb: breakpoint refused: all {} debug registers are in use", control::BREAKPOINTS);
         }
         ok
     }
+
+    fn clear_breakpoint(&mut self, addr: u64) -> bool {
+        self.unplant(addr);
+        self.control.remove_breakpoint(addr)
+    }
+
+    /// Writes an int3 over the byte at `gva` (translated through vCPU 0's
+    /// page tables), keeping the byte. An address that does not translate
+    /// keeps only its debug register.
+    fn plant(&mut self, gva: u64) {
+        if self.planted.iter().any(|p| p.gva == gva) {
+            return;
+        }
+        let Ok(gpa) = self.gpa(0, gva) else {
+            return;
+        };
+        let mut orig = [0u8];
+        if self.mem.read_slice(&mut orig, GuestAddress(gpa)).is_err()
+            || self.mem.write_slice(&[INT3], GuestAddress(gpa)).is_err()
+        {
+            return;
+        }
+        self.planted.push(Planted {
+            gva,
+            gpa,
+            orig: orig[0],
+        });
+    }
+
+    /// Puts back the byte under the int3 at `gva`, unless the guest has
+    /// written that byte since.
+    fn unplant(&mut self, gva: u64) {
+        let Some(i) = self.planted.iter().position(|p| p.gva == gva) else {
+            return;
+        };
+        let p = self.planted.swap_remove(i);
+        let mut now = [0u8];
+        if self.mem.read_slice(&mut now, GuestAddress(p.gpa)).is_ok() && now[0] == INT3 {
+            let _ = self.mem.write_slice(&[p.orig], GuestAddress(p.gpa));
+        }
+    }
+
+    /// Removes every int3 the stub planted (gdb left without removing its
+    /// breakpoints).
+    pub fn unplant_all(&mut self) {
+        let all: Vec<u64> = self.planted.iter().map(|p| p.gva).collect();
+        for gva in all {
+            self.unplant(gva);
+        }
+    }
+
+    /// Whether the stub has an int3 in guest memory.
+    #[must_use]
+    pub fn has_planted(&self) -> bool {
+        !self.planted.is_empty()
+    }
+
+    /// gdb is shown the bytes under the stub's int3s (`data` was read at
+    /// `start`).
+    fn unmask(&self, start: u64, data: &mut [u8]) {
+        for p in &self.planted {
+            if let Some(b) = p
+                .gva
+                .checked_sub(start)
+                .and_then(|o| data.get_mut(usize::try_from(o).ok()?))
+            {
+                *b = p.orig;
+            }
+        }
+    }
+
+    /// gdb wrote `data` at `start`: a byte it wrote under an int3 becomes
+    /// the byte put back later, and the int3 stays.
+    fn rewrite_planted(&mut self, start: u64, data: &[u8]) {
+        for p in &mut self.planted {
+            if let Some(&b) = p
+                .gva
+                .checked_sub(start)
+                .and_then(|o| data.get(usize::try_from(o).ok()?))
+            {
+                p.orig = b;
+                let _ = self.mem.write_slice(&[INT3], GuestAddress(p.gpa));
+            }
+        }
+    }
+}
+
+/// The int3 instruction (SDM vol 2A, INT n).
+const INT3: u8 = 0xCC;
+
+/// An int3 the stub wrote over the first byte of a breakpoint's instruction.
+#[derive(Clone, Copy, Debug)]
+struct Planted {
+    gva: u64,
+    gpa: u64,
+    orig: u8,
 }
 
 impl SwBreakpoint for GuestTarget {
@@ -360,7 +531,7 @@ impl SwBreakpoint for GuestTarget {
     }
 
     fn remove_sw_breakpoint(&mut self, addr: u64, _kind: usize) -> TargetResult<bool, Self> {
-        Ok(self.control.remove_breakpoint(addr))
+        Ok(self.clear_breakpoint(addr))
     }
 }
 
@@ -370,7 +541,7 @@ impl HwBreakpoint for GuestTarget {
     }
 
     fn remove_hw_breakpoint(&mut self, addr: u64, _kind: usize) -> TargetResult<bool, Self> {
-        Ok(self.control.remove_breakpoint(addr))
+        Ok(self.clear_breakpoint(addr))
     }
 }
 
@@ -408,7 +579,7 @@ impl GuestTarget {
             warn!(
                 guest = %self.name,
                 vcpu,
-                "gdb: the single step from ring 3 at {from:#x} entered the guest's own #DB handler ({handler:#x}): this host's KVM hands ring-3 debug traps to the guest, not to the shim; ring-3 code cannot be stepped or break here (docs/guide.md, Debugging)"
+                "gdb: the single step from ring 3 at {from:#x} entered the guest's own #DB handler ({handler:#x}): this host's KVM hands ring-3 debug traps to the guest, and this guest's kernel does not forward them to the shim (no DEBUG_TRAPS support); ring-3 code cannot be stepped or break here (docs/guide.md, Debugging)"
             );
         }
     }
@@ -452,11 +623,13 @@ impl BlockingEventLoop for EventLoop {
                 return Ok(Event::TargetStopped(reason(stop)));
             }
             if target.control.ended() {
-                // The guest ended on its own while gdb let it run; its
-                // status is in the shim's report, not known here.
-                return Ok(Event::TargetStopped(MultiThreadStopReason::Terminated(
-                    Signal::SIGKILL,
-                )));
+                // The guest ended while gdb let it run: by its exit
+                // hypercall (gdb is told the status's low byte, as a
+                // process's), or stopped by the shim.
+                return Ok(Event::TargetStopped(match target.control.exit_status() {
+                    Some(status) => MultiThreadStopReason::Exited(status as u8),
+                    None => MultiThreadStopReason::Terminated(Signal::SIGKILL),
+                }));
             }
             if conn
                 .peek()

@@ -128,6 +128,10 @@ pub trait Mechanism: Send + Sync {
     /// The guest is ending (before its vCPU threads are joined).
     fn ending(&self) {}
 
+    /// The guest ended itself with the exit hypercall's `status`; called
+    /// before [`Mechanism::ending`].
+    fn exited(&self, _status: u32) {}
+
     /// vCPU `vcpu`'s thread leaves its run loop: no more kicks for it.
     fn vcpu_gone(&self, _vcpu: u32) {}
 

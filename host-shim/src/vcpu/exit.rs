@@ -157,7 +157,14 @@ impl GuestCtx {
             }
         }
         self.stop.store(true, Ordering::Release);
+        let exited = match *lock(&self.outcome) {
+            Some(Outcome::Exited(status)) => Some(status),
+            _ => None,
+        };
         for m in &self.mechs {
+            if let Some(status) = exited {
+                m.exited(status);
+            }
             m.ending();
         }
         for v in &self.vcpus {

@@ -95,7 +95,14 @@ ktest!(
         let under_shim = BOOT.under_shim.load(core::sync::atomic::Ordering::Relaxed) != 0;
         let main_reached = sys::hypercall(Call::MainReached, 1);
         let exit = sys::hypercall(Call::Exit, 0);
+        // Only the kernel's trap path hands a trap frame to the debugger.
+        let debug_trap = sys::hypercall(Call::DebugTrap, 0x10_0000);
         if under_shim {
+            check_eq!(
+                debug_trap,
+                Err(SysError::Invalid),
+                "DebugTrap is not ring 3's to make"
+            );
             check_eq!(
                 main_reached,
                 Ok(Status::Ok as u64),
@@ -109,6 +116,7 @@ ktest!(
         } else {
             check_eq!(main_reached, Err(SysError::NoSys));
             check_eq!(exit, Err(SysError::NoSys));
+            check_eq!(debug_trap, Err(SysError::NoSys));
         }
         Ok(())
     }

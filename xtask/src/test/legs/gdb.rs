@@ -10,9 +10,14 @@
 //! end. A last session interrupts a
 //! running `udp-pingpong` server with Ctrl-C (SIGINT to gdb, which sends
 //! the stub its interrupt byte), lists its threads and kills it: the shim
-//! stops. Last, the application's main, which is ring-3 code: this host's
-//! KVM gives the shim's stub no ring-3 breakpoint, so gdb breaks there
-//! through QEMU's stub under TCG (`cargo xtask run --app PATH --qemu
+//! stops. Then the application's main, which is ring-3 code, under the
+//! shim (on `kvm_pvm` through the guest's forwarded debug traps): a
+//! breakpoint there is hit in ring 3, a register and a static read, a
+//! register written in the trap frame, a `stepi` stays in ring-3 code, a
+//! second breakpoint is hit, and gdb detaches; a second session breaks in
+//! the AP's ring-3 entry on thread 2, then continues from main to the
+//! guest's own exit, which gdb reports. Last, the same
+//! main through QEMU's stub under TCG (`cargo xtask run --app PATH --qemu
 //! --gdb`). Each answer is checked in gdb's output.
 
 use std::net::TcpListener;
@@ -35,7 +40,7 @@ impl Leg for Gdb {
     }
 
     fn about(&self) -> &'static str {
-        "gdb --batch against the shim's --gdb stub (ktest, 2 vCPUs): one thread per vCPU, a breakpoint in the AP's entry hit on thread 2, a register and a static read, an unmapped address refused, a single step, detach, then the guest exits 0; Ctrl-C stops a running guest and gdb's kill stops the shim; and against QEMU's stub (TCG): a breakpoint on the app's main hit in ring 3, a backtrace, a step, detach"
+        "gdb --batch against the shim's --gdb stub (ktest, 2 vCPUs): one thread per vCPU, a breakpoint in the AP's entry hit on thread 2, a register and a static read, an unmapped address refused, a single step, detach, then the guest exits 0; Ctrl-C stops a running guest and gdb's kill stops the shim; the app's main (ring 3) under the shim: breakpoint hit, registers read and written, stepi in ring 3, a second breakpoint, detach, a breakpoint in the AP's ring-3 entry hit on thread 2, and continue to the guest's exit; and against QEMU's stub (TCG): a breakpoint on the app's main hit in ring 3, a backtrace, a step, detach"
     }
 
     fn run(&self, images: &mut Images, opts: &Options) -> LegRun {
@@ -101,14 +106,235 @@ impl Leg for Gdb {
             Ok(server) => checks.extend(interrupt_and_kill(&gdb, &shim_bin, &server, opts)),
             Err(e) => checks.push((format!("building udp-pingpong: {e}"), false)),
         }
+        checks.extend(app_main_under_shim(&gdb, &shim_bin, &image, opts));
+        checks.extend(app_to_exit_under_shim(&gdb, &shim_bin, &image, opts));
         checks.extend(app_main_under_qemu(&gdb, &image, opts));
         LegRun::from_checks(&checks, Vec::new(), log)
     }
 }
 
-/// The application's main is ring-3 code, where this host's KVM gives the
-/// shim's stub no breakpoint or step (the guest takes the trap itself): the
-/// app session runs against QEMU's stub under TCG, as `cargo xtask run --app
+/// Where the image's ring-3-accessible part, and its `.text`, begins
+/// (`guest-kernel/link.ld`): below it lie the kernel-private stubs and
+/// tables, where a step into the guest's own #DB handler would land.
+const USER_TEXT: u64 = 0x20_0000;
+
+/// A ktest guest under the shim for the app sessions.
+fn app_guest(image: &Path, name: &str) -> shim::Guest {
+    shim::Guest {
+        name: name.into(),
+        image: image.to_path_buf(),
+        vcpus: 2,
+        mem_mib: 256,
+        cmdline: "ktest.boot_only".into(),
+    }
+}
+
+/// The app's main under the shim: on this host's KVM (`kvm_pvm`) ring-3
+/// #DB and #BP reach the guest, not the host, and the guest's kernel hands
+/// them to the shim (`Call::DebugTrap`); elsewhere the debug exits do it.
+/// Breakpoint on `exitless_app_main` hit in ring 3, RSP and a static read,
+/// R11 written and read back (in the trap frame), `stepi` moves RIP and
+/// stays in ring-3 text, a second breakpoint (`Cmdline::flag`, called from
+/// main) is hit in ring 3 too, detach, and the guest runs to exit 0.
+fn app_main_under_shim(
+    gdb: &Path,
+    shim_bin: &Path,
+    image: &Path,
+    opts: &Options,
+) -> Vec<(String, bool)> {
+    const NAME: &str = "app";
+    let script = |port: u16| {
+        [
+            "set pagination off".to_owned(),
+            "set confirm off".to_owned(),
+            format!("target remote 127.0.0.1:{port}"),
+            "break exitless_app_main".to_owned(),
+            "continue".to_owned(),
+            // gdb names the inlined `main`; the symbol is the app's entry.
+            "info symbol $pc".to_owned(),
+            "printf \"check-cs=%d\\n\", $cs".to_owned(),
+            "printf \"check-rsp=%lu\\n\", $rsp".to_owned(),
+            "set language c".to_owned(),
+            "printf \"check-tsc=%lu\\n\", *(unsigned long *)&exitless_tsc_at_entry".to_owned(),
+            "set $saved_r11 = $r11".to_owned(),
+            "set $r11 = 0x5a5a5a".to_owned(),
+            "printf \"check-r11=%lu\\n\", $r11".to_owned(),
+            "set $r11 = $saved_r11".to_owned(),
+            "printf \"check-pc0=%lu\\n\", $pc".to_owned(),
+            "stepi".to_owned(),
+            "printf \"check-pc1=%lu\\n\", $pc".to_owned(),
+            "printf \"check-cs1=%d\\n\", $cs".to_owned(),
+            "break guest_kernel::cmdline::Cmdline::flag".to_owned(),
+            "continue".to_owned(),
+            "printf \"check-cs2=%d\\n\", $cs".to_owned(),
+            "delete".to_owned(),
+            "detach".to_owned(),
+        ]
+    };
+    let (shim_run, out) = with_stub(
+        shim_bin,
+        app_guest(image, NAME),
+        "gdb-shim-app",
+        opts,
+        |port| match port {
+            Some(port) => gdb_batch(gdb, image, &script(port), opts.timeout),
+            None => Err("the shim never listened for gdb".to_owned()),
+        },
+    );
+    let text = match out {
+        Ok(t) => t,
+        Err(e) => return vec![(format!("shim app session: gdb ran: {e}"), false)],
+    };
+    if opts.verbose {
+        println!("{text}");
+    }
+    let mut checks = judge_app_session(&text);
+    match shim_run {
+        Ok(run) => {
+            let exit = run.guest_exit(NAME);
+            checks.push((
+                format!(
+                    "shim app session: after detach the guest ran to its end and exited 0 ({exit})"
+                ),
+                exit.passed(),
+            ));
+        }
+        Err(e) => checks.push((format!("shim app session: the shim ran: {e}"), false)),
+    }
+    if checks.iter().any(|(_, ok)| !ok) {
+        println!("gdb's output (shim app session):\n{text}");
+    }
+    checks
+}
+
+/// One check per answer of the shim app session.
+fn judge_app_session(text: &str) -> Vec<(String, bool)> {
+    let ring3 = |name: &str| value(text, name).is_some_and(|c| c & 3 == 3);
+    let (pc0, pc1) = (value(text, "pc0"), value(text, "pc1"));
+    vec![
+        (
+            "shim app session: the breakpoint on the app's main (exitless_app_main) was hit".into(),
+            text.contains("hit Breakpoint 1")
+                && text.contains("exitless_app_main + ")
+                && text.contains("in section .text"),
+        ),
+        (
+            format!(
+                "shim app session: it stopped in ring 3 (CS RPL {:?})",
+                value(text, "cs").map(|c| c & 3)
+            ),
+            ring3("cs"),
+        ),
+        (
+            format!(
+                "shim app session: RSP is ring 3's stack ({:?}), the static exitless_tsc_at_entry reads non-zero ({:?})",
+                value(text, "rsp"),
+                value(text, "tsc")
+            ),
+            value(text, "rsp").is_some_and(|v| v >= USER_TEXT)
+                && value(text, "tsc").is_some_and(|v| v > 0),
+        ),
+        (
+            format!(
+                "shim app session: a ring-3 register write reads back (R11 = 0x5a5a5a: {:?})",
+                value(text, "r11")
+            ),
+            value(text, "r11") == Some(0x5a_5a5a),
+        ),
+        (
+            // The first instruction may be a jump or call: any move counts,
+            // as long as it stays in ring-3 text.
+            format!(
+                "shim app session: stepi moved RIP in ring 3 and stayed in app text ({pc0:?} -> {pc1:?}, CS RPL {:?})",
+                value(text, "cs1").map(|c| c & 3)
+            ),
+            pc0.zip(pc1).is_some_and(|(a, b)| a != b && b >= USER_TEXT) && ring3("cs1"),
+        ),
+        (
+            "shim app session: a second ring-3 breakpoint (Cmdline::flag) was hit after the step"
+                .into(),
+            text.contains("hit Breakpoint 2") && text.contains("Cmdline::flag") && ring3("cs2"),
+        ),
+        (
+            "shim app session: gdb detached".into(),
+            text.contains("[Inferior 1 (process 1) detached]"),
+        ),
+    ]
+}
+
+/// Ring 3 on the second vCPU, then from the app's main to the guest's own
+/// end: break in the AP's ring-3 entry (`exitless_user_ap`, thread 2),
+/// then on main (thread 1), delete, continue; gdb reports the guest's exit
+/// status as a process's (`exited normally` for 0).
+fn app_to_exit_under_shim(
+    gdb: &Path,
+    shim_bin: &Path,
+    image: &Path,
+    opts: &Options,
+) -> Vec<(String, bool)> {
+    const NAME: &str = "app-exit";
+    let script = |port: u16| {
+        [
+            "set pagination off".to_owned(),
+            "set confirm off".to_owned(),
+            format!("target remote 127.0.0.1:{port}"),
+            "break exitless_user_ap".to_owned(),
+            "continue".to_owned(),
+            "printf \"check-apcs=%d\\n\", $cs".to_owned(),
+            "printf \"check-aprsp=%lu\\n\", $rsp".to_owned(),
+            "delete".to_owned(),
+            "break exitless_app_main".to_owned(),
+            "continue".to_owned(),
+            "delete".to_owned(),
+            "continue".to_owned(),
+        ]
+    };
+    let (shim_run, out) = with_stub(
+        shim_bin,
+        app_guest(image, NAME),
+        "gdb-shim-app-exit",
+        opts,
+        |port| match port {
+            Some(port) => gdb_batch(gdb, image, &script(port), opts.timeout),
+            None => Err("the shim never listened for gdb".to_owned()),
+        },
+    );
+    let text = out.unwrap_or_else(|e| format!("(gdb: {e})"));
+    let mut checks = vec![
+        (
+            format!(
+                "shim app session 2: a breakpoint in the AP's ring-3 entry (exitless_user_ap) was hit on thread 2, in ring 3 (CS RPL {:?}) on ring 3's stack ({:?})",
+                value(&text, "apcs").map(|c| c & 3),
+                value(&text, "aprsp")
+            ),
+            text.contains("Thread 2 hit Breakpoint 1")
+                && text.contains("exitless_user_ap")
+                && value(&text, "apcs").is_some_and(|c| c & 3 == 3)
+                && value(&text, "aprsp").is_some_and(|v| v >= USER_TEXT),
+        ),
+        (
+            "shim app session 2: main hit on thread 1, then continue ran the guest to its exit, reported to gdb (`exited normally`)".into(),
+            text.contains("Thread 1 hit Breakpoint 2")
+                && text.contains("[Inferior 1 (process 1) exited normally]"),
+        ),
+    ];
+    match shim_run {
+        Ok(run) => {
+            let exit = run.guest_exit(NAME);
+            checks.push((
+                format!("shim app session 2: the guest exited 0 ({exit})"),
+                exit.passed(),
+            ));
+        }
+        Err(e) => checks.push((format!("shim app session 2: the shim ran: {e}"), false)),
+    }
+    if checks.iter().any(|(_, ok)| !ok) {
+        println!("gdb's output (shim app session 2):\n{text}");
+    }
+    checks
+}
+
+/// The same main through QEMU's stub under TCG, as `cargo xtask run --app
 /// PATH --qemu --gdb PORT` does. Breakpoint on `exitless_app_main`, hit in
 /// ring 3 (CS's RPL 3), a backtrace, a single step, detach, and the guest
 /// runs to its end.
@@ -592,7 +818,22 @@ fn judge_gdb(text: &str) -> Vec<(String, bool)> {
 
 #[cfg(test)]
 mod tests {
-    use super::{judge_gdb, value};
+    use super::{judge_app_session, judge_gdb, value};
+
+    #[test]
+    fn an_app_session_that_never_reached_ring_3_fails_its_checks() {
+        // What the shim's stub gave before ring-3 traps were forwarded: the
+        // breakpoint never hit, the guest ran to its end.
+        let checks = judge_app_session(
+            "Breakpoint 1 at 0x22c899: file guest-kernel/src/lib.rs, line 46.\n\
+             Program terminated with signal SIGKILL, Killed.\n",
+        );
+        assert!(checks.iter().all(|(_, ok)| !ok), "{checks:?}");
+        // A step that lands in the guest's own #DB handler (ring 0, below
+        // the ring-3 text) fails the step check.
+        let checks = judge_app_session("check-pc0=2279577\ncheck-pc1=1064976\ncheck-cs1=8\n");
+        assert!(!checks[4].1, "{checks:?}");
+    }
 
     #[test]
     fn a_session_missing_its_answers_fails_every_check_it_misses() {
