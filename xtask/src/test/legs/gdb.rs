@@ -280,6 +280,9 @@ fn app_to_exit_under_shim(
             format!("target remote 127.0.0.1:{port}"),
             "break exitless_user_ap".to_owned(),
             "continue".to_owned(),
+            // The stop may be reported in code inlined into the function:
+            // name the function the PC is in.
+            "info symbol $pc".to_owned(),
             "printf \"check-apcs=%d\\n\", $cs".to_owned(),
             "printf \"check-aprsp=%lu\\n\", $rsp".to_owned(),
             "delete".to_owned(),
@@ -308,7 +311,7 @@ fn app_to_exit_under_shim(
                 value(&text, "aprsp")
             ),
             text.contains("Thread 2 hit Breakpoint 1")
-                && text.contains("exitless_user_ap")
+                && text.contains("exitless_user_ap in section")
                 && value(&text, "apcs").is_some_and(|c| c & 3 == 3)
                 && value(&text, "aprsp").is_some_and(|v| v >= USER_TEXT),
         ),
