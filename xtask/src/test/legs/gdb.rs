@@ -311,7 +311,10 @@ fn app_to_exit_under_shim(
                 value(&text, "aprsp")
             ),
             text.contains("Thread 2 hit Breakpoint 1")
-                && text.contains("exitless_user_ap in section")
+                && text.lines().any(|l| {
+                    // `info symbol`: "NAME in section" or "NAME + OFFSET in section".
+                    l.starts_with("exitless_user_ap ") && l.contains(" in section ")
+                })
                 && value(&text, "apcs").is_some_and(|c| c & 3 == 3)
                 && value(&text, "aprsp").is_some_and(|v| v >= USER_TEXT),
         ),
