@@ -71,8 +71,15 @@ impl Parker {
     /// Wakes the parked thread, if any (cheap when none is parked).
     pub fn unpark(&self) {
         if self.parked.load(Ordering::SeqCst) {
-            let mut g = crate::sync::lock(&self.generation);
-            *g = g.wrapping_add(1);
+            {
+                let mut g = crate::sync::lock(&self.generation);
+                *g = g.wrapping_add(1);
+            }
+            // Notified after the lock is let go: a woken thread that runs at
+            // once (same host CPU, wake-up preemption) would otherwise block
+            // on the lock still held here, and cost two more switches. No
+            // wake-up is lost: a parker checks the generation under the lock
+            // and waits, releasing it, before this bump can be made.
             self.cv.notify_all();
         }
     }

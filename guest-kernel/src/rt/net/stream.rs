@@ -29,7 +29,7 @@ use smoltcp::wire::IpEndpoint;
 ///         streams.push(s);
 ///     }
 ///     // ... read and write each stream, close the finished ones ...
-///     net.wait(None);
+///     net.poll_wait(None);
 /// }
 /// ```
 #[derive(Debug)]
