@@ -388,8 +388,6 @@ pub struct Drained {
 struct Inner {
     eps: Vec<Endpoint>,
     backings: Backings,
-    /// Guests blocked in [`Manager::wait`] (their vCPU threads) wait here.
-    cv: Arc<Condvar>,
 }
 
 /// Why an outbox is drained (counted per guest, see [`VmqCounters`]).
@@ -421,6 +419,11 @@ struct Logs {
 /// The VM queue manager shared by every guest's vCPU threads.
 pub struct Manager {
     inner: Mutex<Inner>,
+    /// Guests blocked in [`Manager::wait`] (their vCPU threads) wait here.
+    /// Notified only after `inner` is let go: a woken thread on the
+    /// notifier's host CPU runs at once and would block on the lock still
+    /// held, costing two more context switches.
+    cv: Condvar,
     logs: Logs,
 }
 
@@ -437,8 +440,8 @@ impl Manager {
             inner: Mutex::new(Inner {
                 eps: Vec::new(),
                 backings: Backings::default(),
-                cv: Arc::new(Condvar::new()),
             }),
+            cv: Condvar::new(),
             logs: Logs::default(),
         }
     }
@@ -560,9 +563,11 @@ impl Manager {
             }
             .fetch_add(u64::from(d.delivered), Ordering::Relaxed);
         }
+        drop(inner);
         if d.delivered > 0 {
-            // A blocked sender held behind this guest may get through now.
-            inner.cv.notify_all();
+            // A blocked sender held behind this guest, or a receiver waiting
+            // for these messages, may go on now.
+            self.cv.notify_all();
         }
         d
     }
@@ -579,15 +584,18 @@ impl Manager {
         };
         let deadline = Instant::now() + max;
         let mut first = true;
-        let mut inner = self.lock();
         // A guest that waits has usually just consumed what it had: senders
         // held back by its full inbox may get through now. Its consuming
         // made no exit, so this is the first moment the shim can know.
-        inner.cv.notify_all();
+        self.cv.notify_all();
+        let mut inner = self.lock();
         loop {
             let d = self.drain_locked(&mut inner, id);
             if d.delivered > 0 {
-                inner.cv.notify_all();
+                // Receivers of these messages wake once the lock is free.
+                drop(inner);
+                self.cv.notify_all();
+                inner = self.lock();
             }
             let Some(e) = inner.eps.get_mut(id as usize) else {
                 return false;
@@ -616,8 +624,8 @@ impl Manager {
             first = false;
             e.waiting = true;
             let left = deadline.saturating_duration_since(Instant::now());
-            let cv = inner.cv.clone();
-            inner = cv
+            inner = self
+                .cv
                 .wait_timeout(inner, left.min(WAIT_RETRY))
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .0;
@@ -632,7 +640,7 @@ impl Manager {
 
     /// Wakes every guest blocked in [`Self::wait`] (one of them is ending).
     pub fn wake_all(&self) {
-        self.lock().cv.notify_all();
+        self.cv.notify_all();
     }
 
     fn drain_locked(&self, inner: &mut Inner, id: u32) -> Drained {
@@ -867,7 +875,7 @@ fn deliver(inner: &mut Inner, from: u32, m: &Message, logs: &Logs) -> Result<(),
         .bytes_received
         .fetch_add(u64::from(m.len), Ordering::Relaxed);
     if was_empty || dst.waiting {
-        notify_arrival(dst, &inner.cv);
+        notify_arrival(dst);
     }
     Ok(())
 }
@@ -912,12 +920,12 @@ fn remap(inner: &mut Inner, from: u32, to: usize, p: &Pages, logs: &Logs) -> Res
 
 /// Tells the destination that its inbox went from empty to non-empty. The one
 /// seam where M3 upcalls replace the MSI path.
-fn notify_arrival(dst: &Endpoint, cv: &Condvar) {
+fn notify_arrival(dst: &Endpoint) {
     dst.counters.notifications.fetch_add(1, Ordering::Relaxed);
     if dst.waiting {
         // Its vCPU is blocked in `Manager::wait`: waking that thread is the
-        // whole notification; an interrupt on top would cost it more exits.
-        cv.notify_all();
+        // whole notification (the drainer does it, once the manager's lock
+        // is free); an interrupt on top would cost it more exits.
     } else {
         (dst.notify)();
     }
