@@ -161,6 +161,7 @@ reasons! {
         VirtioNoRxBuffer => "virtio_rx_dropped_no_buffer",
         FrameTooBig => "frame_too_big",
         ConsoleBadBuffer => "console_bad_buffer",
+        SerialBadAccess => "serial_bad_access",
     }
 }
 
