@@ -148,18 +148,19 @@ impl PioDevice for PciBus {
                 super::put_le(data, u64::from(self.cf8.load(Ordering::Relaxed)));
             }
             CONFIG_DATA..=0xCFF => {
-                match ecam::decode_cf8(self.cf8.load(Ordering::Relaxed), port - CONFIG_DATA) {
-                    Some(a) => self.config_read(a, data),
-                    None => {
-                        data.fill(0xFF);
-                        self.reject(
-                            Reject::PciConfigBadAccess,
-                            format_args!(
-                                "{}-byte read from {port:#x} with CONFIG_ADDRESS disabled",
-                                data.len()
-                            ),
-                        );
-                    }
+                if let Some(a) =
+                    ecam::decode_cf8(self.cf8.load(Ordering::Relaxed), port - CONFIG_DATA)
+                {
+                    self.config_read(a, data);
+                } else {
+                    data.fill(0xFF);
+                    self.reject(
+                        Reject::PciConfigBadAccess,
+                        format_args!(
+                            "{}-byte read from {port:#x} with CONFIG_ADDRESS disabled",
+                            data.len()
+                        ),
+                    );
                 }
             }
             0xCF8..=0xCFB => {
