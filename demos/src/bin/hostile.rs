@@ -6,7 +6,12 @@
 //! Kernel command line (the shim offers VM queues with `--vmq on`):
 //!
 //! `ip=10.0.0.3/24 net.rx=poll hostile.victim=10.0.0.1 hostile.marker=HEX
-//! [hostile.flood_ms=3000] [kernel.port_io=1]`
+//! [hostile.flood_ms=3000] [kernel.port_io=1] [hostile.sink=NAME]`
+//!
+//! The same image with `hostile.role=sink hostile.marker=HEX` is the
+//! receiving end of the VM-queue remap attack: it consumes what arrives and
+//! reports whether the page the shim refused to remap ever showed up in its
+//! receive window (`hostile-sink: received=N pages=P found=F`).
 //!
 //! `kernel.port_io=1` lets the guest make port accesses of its own (raw
 //! hypercalls, odd sizes); without it those attacks report nothing sent.
@@ -445,7 +450,8 @@ mod guest {
     }
 
     /// VM-queue sends that must come back refused: to nobody, to ourselves,
-    /// of memory outside our RAM, a misaligned remap.
+    /// of memory outside our RAM, a misaligned remap; `victim_name` is the
+    /// guest the others go to.
     fn vmq_bad_sends(victim_name: &str) -> Vec<(&'static str, Outcome)> {
         use guest_kernel::rt::vmq::{self, Policy, Transfer};
         use para_abi::vmq::{Message, SendStatus};
@@ -526,6 +532,136 @@ mod guest {
             .collect();
         drop(buf);
         out
+    }
+
+    /// The tag of the message that tells the sink the attack is over.
+    const SINK_STOP: u64 = 0x5170_9000;
+    /// The key of the pattern the hostile guest writes into the page the
+    /// shim refused to remap (`marker ^ REFUSED_KEY`), which the sink must
+    /// never see.
+    const REFUSED_KEY: u64 = 0x0BAD_0000_5EED;
+
+    /// Remaps single pages (every other one of pairs, so that each splits
+    /// the shim's mappings) to the guest called `sink` until the shim
+    /// refuses one at this sender's share of `vm.max_map_count`. The refused
+    /// page must still be ours: the guest fills it with a pattern the sink
+    /// then looks for in its whole receive window.
+    fn remap_bound(m: u64, sink: &str) -> Outcome {
+        use guest_kernel::mem::heap::{alloc_frames, free_frames};
+        use guest_kernel::rt::vmq::{self, Policy, Transfer};
+        use para_abi::vmq::{Message, SendStatus};
+        let none = |why: String| Outcome {
+            sent: 0,
+            refused: false,
+            detail: why,
+        };
+        let Ok(q) = vmq::open() else {
+            return none("VM queues not offered".into());
+        };
+        let Some(dest) = q.lookup(sink) else {
+            return none(format!("no guest {sink} in the directory"));
+        };
+        let msg = |addr, len, transfer: Transfer, tag| Message {
+            dest,
+            policy: Policy::Immediate as u8,
+            transfer: transfer as u8,
+            huge: false,
+            status: 0,
+            len,
+            flags: 0,
+            addr,
+            tag,
+        };
+        let mut frames = Vec::new();
+        let (mut delivered, mut refused_at, mut other) = (0u64, None, None);
+        'pages: while delivered < 40_000 {
+            let Some(pair) = alloc_frames(2, 1) else {
+                other = Some("out of frames");
+                break;
+            };
+            frames.push(pair);
+            // SAFETY: the first word of a frame this guest just allocated,
+            // identity-mapped and writable from ring 3.
+            unsafe { core::ptr::write_volatile(pair as *mut u64, delivered) };
+            // A full inbox passes once the sink consumes; the bound does not.
+            for _ in 0..20 {
+                let k = q.send(&msg(pair, 4096, Transfer::Remap, delivered));
+                match q.settle(k) {
+                    SendStatus::Delivered => {
+                        delivered += 1;
+                        continue 'pages;
+                    }
+                    SendStatus::QueueFull => {
+                        guest_kernel::rt::wait::sleep(Duration::from_millis(5));
+                    }
+                    _ => {
+                        other = Some("a refusal other than QueueFull");
+                        break 'pages;
+                    }
+                }
+            }
+            refused_at = Some(pair);
+            break;
+        }
+        // The refused page is still ours and writable: fill it with the
+        // pattern the sink must not find anywhere in its window.
+        let kept = refused_at.map(|p| {
+            let mut page = [0u64; marker::PAGE_WORDS];
+            marker::fill(&mut page, m ^ REFUSED_KEY);
+            // SAFETY: `p` is a frame this guest allocated and still owns (the
+            // shim refused to move it), identity-mapped, writable from ring 3.
+            unsafe { core::ptr::copy_nonoverlapping(page.as_ptr(), p as *mut u64, page.len()) };
+            marker::page_matches(m ^ REFUSED_KEY, |i| load(p + 8 * i as u64))
+        });
+        let stop = [0u8; 64];
+        let k = q.send(&msg(stop.as_ptr() as u64, 64, Transfer::Copy, SINK_STOP));
+        let stop_status = q.settle(k);
+        for f in frames {
+            let _ = free_frames(f, 2);
+        }
+        Outcome {
+            sent: u64::from(refused_at.is_some()),
+            refused: refused_at.is_some() && kept == Some(true) && other.is_none(),
+            detail: format!(
+                "{delivered} pages remapped to {sink} before the refusal ({}); the refused page still ours: {kept:?}; stop message {stop_status:?}",
+                other.unwrap_or("QueueFull 20 times")
+            ),
+        }
+    }
+
+    /// The other end of [`remap_bound`] (`hostile.role=sink`): consumes
+    /// every arrival until the stop message, then looks for the refused
+    /// page's pattern in its whole receive window and prints
+    /// `hostile-sink: received=N pages=P found=F`.
+    fn sink(m: u64) -> i32 {
+        use guest_kernel::rt::vmq;
+        let Ok(q) = vmq::open() else {
+            println!("hostile-sink: VM queues not offered");
+            return APP_ERROR;
+        };
+        let mut received = 0u64;
+        'wait: loop {
+            q.wait();
+            while let Some(a) = q.peek() {
+                q.consume();
+                if a.tag == SINK_STOP {
+                    break 'wait;
+                }
+                received += 1;
+            }
+        }
+        let window = para_abi::layout::area::VMQ + para_abi::vmq::WINDOW;
+        let (mut pages, mut found) = (0u64, 0u64);
+        let mut a = window;
+        while a < window + para_abi::vmq::WINDOW_SIZE {
+            pages += 1;
+            if marker::page_matches(m ^ REFUSED_KEY, |i| load(a + 8 * i as u64)) {
+                found += 1;
+            }
+            a += PAGE;
+        }
+        println!("hostile-sink: received={received} pages={pages} found={found}");
+        0
     }
 
     fn pci_read(bdf: u16, off: u8) -> u32 {
@@ -1173,7 +1309,9 @@ mod guest {
         }
         let jump = Outcome {
             sent: 1,
-            refused: ram_read16(r.used + 2) == u,
+            // Frames do reach us (the chains above were taken), so a used
+            // index that stays put means the device found nothing to take.
+            refused: ram_read16(r.used + 2) == u && empty > 0,
             detail: format!(
                 "available index {} ahead of the ring of {}; the used index stayed: {}",
                 4 * r.size,
@@ -1383,6 +1521,9 @@ mod guest {
             println!("hostile: give hostile.marker=HEX");
             return APP_ERROR;
         };
+        if c.get("hostile.role") == Some("sink") {
+            return sink(m);
+        }
         let (Some(me), Some(victim_ip)) = (
             c.get("ip")
                 .and_then(|s| s.split('/').next())
@@ -1437,22 +1578,28 @@ mod guest {
         let (bcast, ucast) = flood(&mut w, victim, flood_ms);
         report("switch_broadcast_flood", &bcast);
         report("switch_unicast_flood", &ucast);
+        // While the victims still answer ARP: the RX queue's attacks need
+        // frames for us. The driver takes nothing off the RX queue after
+        // this drain.
+        w.drain();
+        report_all(rx_queue_attacks(&mut w, bdf, me, victim_ip));
         report_all(hypercalls());
         report("stats_mark_flood", &marks());
         report_all(read_only_pages());
         report("ctrl_stray_shadow_bits", &stray_shadow_bits());
         report("ctrl_wait_page_stores", &wait_page_stores());
         report("doorbell_garbage", &doorbell_garbage(&mut rng));
-        report_all(vmq_bad_sends(victim_name));
+        // To the sink, which stays until the remap attack tells it to stop
+        // (the server ends when its client has its pings).
+        let sink_name = c.get("hostile.sink").unwrap_or("sink");
+        report_all(vmq_bad_sends(sink_name));
+        report("vmq_remap_bound", &remap_bound(m, sink_name));
         report("console_escapes", &console());
         report_all(raw_hypercalls());
         report_all(odd_port_io(bdf));
         report_all(odd_mmio(bdf));
-        // Last: the virtqueue and PCI attacks spoil the NIC's queues and
-        // move its BAR; the driver takes nothing off the RX queue after the
-        // drain, and the NIC is not used after them.
-        w.drain();
-        report_all(rx_queue_attacks(&mut w, bdf, me, victim_ip));
+        // Last: the TX queue and PCI attacks spoil the NIC's TX queue and
+        // move its BAR; the NIC is not used after them.
         report_all(virtqueue_attacks(bdf));
         report_all(pci_attacks(bdf));
         let (planted, foreign, pages) = scan(m);

@@ -2,7 +2,9 @@
 //! shim's guest-facing interfaces while a udp-pingpong server and client run
 //! in the same shim. The shim must survive, the pair must get every ping
 //! back and keep its memory to itself, and every attack must be refused and
-//! show up in the stats JSON under its counted reason.
+//! show up in the stats JSON under its counted reason. A fourth guest, the
+//! same image as a sink, takes the VM-queue remaps until the shim refuses
+//! one at the sender's bound, and must never see the refused page.
 
 use std::collections::BTreeMap;
 use std::hash::{BuildHasher, RandomState};
@@ -78,8 +80,15 @@ impl Leg for Hostile {
                 "hostile",
                 &hostile,
                 format!(
-                    "ip=10.0.0.3/24 net.rx=poll hostile.victim=10.0.0.1 hostile.victim_name=server hostile.marker={marker:x} hostile.flood_ms={FLOOD_MS} kernel.port_io=1"
+                    "ip=10.0.0.3/24 net.rx=poll hostile.victim=10.0.0.1 hostile.victim_name=server hostile.marker={marker:x} hostile.flood_ms={FLOOD_MS} kernel.port_io=1 hostile.sink=sink"
                 ),
+            ),
+            // The hostile guest's partner in the remap attack: it only
+            // consumes, then looks for the page the shim refused to move.
+            guest(
+                "sink",
+                &hostile,
+                format!("hostile.role=sink hostile.marker={marker:x}"),
             ),
         ];
         // VM queues on, so that they can be attacked; no test-only hypercalls.
@@ -112,6 +121,7 @@ impl Leg for Hostile {
         }
         let hostile_lines = lines("hostile");
         checks.push(scan_check(&hostile_lines));
+        checks.push(sink_check(&lines("sink")));
         let attacks = parse_attacks(&hostile_lines);
         let mut reports = vec![format!("marker {marker:x}")];
         match &run.stats {
@@ -186,6 +196,36 @@ fn scan_check(lines: &[&str]) -> (String, bool) {
         }
         None => ("hostile printed its scan".into(), false),
     }
+}
+
+/// `hostile-sink: received=N pages=P found=F`: the sink got the remapped
+/// pages and never saw the one the shim refused to move.
+fn sink_check(lines: &[&str]) -> (String, bool) {
+    let Some(rest) = lines
+        .iter()
+        .find_map(|l| l.trim().strip_prefix("hostile-sink: "))
+    else {
+        return ("the sink printed what it received".into(), false);
+    };
+    let kv: BTreeMap<&str, u64> = rest
+        .split_whitespace()
+        .filter_map(|w| {
+            let (k, v) = w.split_once('=')?;
+            Some((k, v.parse().ok()?))
+        })
+        .collect();
+    let get = |k| kv.get(k).copied();
+    (
+        format!(
+            "sink: received {:?} remapped pages, the refused page found in {:?} of {:?} window pages",
+            get("received"),
+            get("found"),
+            get("pages")
+        ),
+        get("received").is_some_and(|n| n > 0)
+            && get("found") == Some(0)
+            && get("pages").is_some_and(|n| n > 0),
+    )
 }
 
 fn marker_intact(victim: &str, lines: &[&str]) -> (String, bool) {
@@ -333,6 +373,11 @@ const EXPECTED: &[(&[&str], &str, Counter)] = &[
     (&["vmq_outside_ram"], "vmq.errors.outside_ram", |_, g| {
         vmq_error(g, "outside_ram")
     }),
+    (
+        &["vmq_remap_bound"],
+        "vmq.errors.remap_limit (the sender's share of vm.max_map_count)",
+        |_, g| vmq_error(g, "remap_limit"),
+    ),
     (
         &["virtqueue_bad_chains", "virtqueue_rx_bad_chains"],
         "rejected.virtio_bad_descriptor + frame_too_big",
@@ -580,6 +625,17 @@ mod tests {
             !scan_check(&blind).1,
             "a scan that misses its own plant proves nothing"
         );
+    }
+
+    #[test]
+    fn the_sink_must_have_received_and_never_seen_the_refused_page() {
+        assert!(sink_check(&["hostile-sink: received=9000 pages=16384 found=0"]).1);
+        assert!(!sink_check(&["hostile-sink: received=9000 pages=16384 found=1"]).1);
+        assert!(
+            !sink_check(&["hostile-sink: received=0 pages=16384 found=0"]).1,
+            "nothing remapped: the bound was never approached"
+        );
+        assert!(!sink_check(&[]).1);
     }
 
     #[test]
