@@ -1238,8 +1238,8 @@ mod guest {
     /// next buffer the driver posted when a frame arrives for us, so each
     /// attack rewrites that buffer's descriptor, makes the victim answer an
     /// ARP request, waits for the device to return the descriptor, and puts
-    /// the driver's back. Then an available index far ahead. The driver
-    /// takes nothing off the RX queue afterwards.
+    /// the driver's back. Then an available index far ahead, which stalls
+    /// the queue until the driver next refills it.
     fn rx_queue_attacks(
         w: &mut Wire,
         bdf: u16,
@@ -1572,17 +1572,17 @@ mod guest {
             "hostile: victim {victim_name} has MAC {:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
             victim[0], victim[1], victim[2], victim[3], victim[4], victim[5]
         );
+        // First, while the victim surely answers ARP (it just did): the RX
+        // queue's attacks need frames for us. They leave the RX queue
+        // stalled until the driver next refills it; nothing below needs it.
+        w.drain();
+        report_all(rx_queue_attacks(&mut w, bdf, me, victim_ip));
         let (forged, random) = forge(&mut w, victim, &mut rng);
         report("switch_forged_source", &forged);
         report("switch_random_source_flood", &random);
         let (bcast, ucast) = flood(&mut w, victim, flood_ms);
         report("switch_broadcast_flood", &bcast);
         report("switch_unicast_flood", &ucast);
-        // While the victims still answer ARP: the RX queue's attacks need
-        // frames for us. The driver takes nothing off the RX queue after
-        // this drain.
-        w.drain();
-        report_all(rx_queue_attacks(&mut w, bdf, me, victim_ip));
         report_all(hypercalls());
         report("stats_mark_flood", &marks());
         report_all(read_only_pages());
