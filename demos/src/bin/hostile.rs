@@ -748,12 +748,14 @@ mod guest {
     }
 
     /// Hands the device TX chains no driver would: a buffer outside RAM, a
-    /// descriptor that chains to itself, a frame over 1514 bytes; then an
-    /// available index far ahead of the ring. Writes the TX queue's rings
-    /// directly (the driver is not used for TX afterwards).
+    /// descriptor that chains to itself, a frame over 1514 bytes, a
+    /// write-only buffer; then an available index far ahead of the ring.
+    /// Writes the TX queue's rings directly (the driver is not used for TX
+    /// afterwards).
     fn virtqueue_attacks(bdf: u16) -> Vec<(&'static str, Outcome)> {
         const TX: u16 = 1;
         const F_NEXT: u16 = 1;
+        const F_WRITE: u16 = 2;
         let none = |why: &str| Outcome {
             sent: 0,
             refused: false,
@@ -798,12 +800,14 @@ mod guest {
             publish(size - 1, 0xFFFF_FFFF_F000, 1514, 0, 0),
             publish(size - 2, base, 64, F_NEXT, size - 2),
             publish(size - 3, base, 4000, 0, 0),
+            // Write-only: a buffer for the device to fill, on a queue it reads.
+            publish(size - 4, base, 64, F_WRITE, 0),
         ];
         let chains = Outcome {
-            sent: 3,
-            refused: true,
+            sent: returned.len() as u64,
+            refused: returned.iter().all(|&r| r),
             detail: format!(
-                "buffer outside RAM, a self-chained descriptor, a 4000-byte frame; returned by the device: {returned:?}"
+                "buffer outside RAM, a self-chained descriptor, a 4000-byte frame, a write-only buffer; returned by the device: {returned:?}"
             ),
         };
         ram_write(avail + 2, idx.wrapping_add(4 * size));
