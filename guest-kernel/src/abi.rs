@@ -121,6 +121,14 @@ pub enum Sys {
     /// M4: set the CR0 bits in mask RDI (only MP and TS may be named) to those
     /// of RSI; returns the new CR0 (`Invalid` for other bits).
     Cr0Write = 11,
+    /// Tests of the VMM only (the `hostile` leg): one port access from ring
+    /// 3, with every operand the caller's. RDI = port, RSI = size (1, 2 or
+    /// 4), plus [`PORT_IO_OUT`] for an `out`; RDX = RAX during the access
+    /// (what an `out` writes; a hypercall's number), R10 = RBX (a
+    /// hypercall's argument). Returns RAX after it: what an `in` read, what
+    /// the VMM answered a hypercall. `NoSys` unless the command line has
+    /// `kernel.port_io=1`.
+    PortIo = 26,
     // Numbers reserved per mechanism: 10–13 M4 (control registers), 14–17 M3
     // (upcalls), 18–21 M5 (VM queues), 22–25 M2 (hints).
 }
@@ -143,10 +151,14 @@ impl Sys {
             15 => Self::UpcallMaskedSpin,
             10 => Self::Cr0Read,
             11 => Self::Cr0Write,
+            26 => Self::PortIo,
             _ => return None,
         })
     }
 }
+
+/// [`Sys::PortIo`]: the access is an `out` (else an `in`).
+pub const PORT_IO_OUT: u64 = 1 << 8;
 
 /// What [`Sys::UpcallMaskedSpin`] saw of the upcall vector's pending bit.
 pub mod upcall_probe {
@@ -247,6 +259,8 @@ mod tests {
             assert_eq!(Sys::from_raw(raw).map(|s| s as u64), Some(raw));
         }
         assert_eq!(Sys::from_raw(16), None);
+        assert_eq!(Sys::from_raw(26), Some(Sys::PortIo));
+        assert_eq!(Sys::from_raw(27), None);
         assert_eq!(Sys::from_raw(u64::MAX), None);
     }
 

@@ -162,6 +162,7 @@ reasons! {
         FrameTooBig => "frame_too_big",
         ConsoleBadBuffer => "console_bad_buffer",
         DebugBadFrame => "debug_bad_frame",
+        SerialBadAccess => "serial_bad_access",
     }
 }
 

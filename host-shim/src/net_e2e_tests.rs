@@ -21,6 +21,9 @@ use crate::pci::virtio_pci::{
 
 const QSIZE: u64 = 16;
 
+fn w8(d: &mut VirtioPci, off: u64, v: u8) -> Option<Reject> {
+    d.bar_write(0, off, &[v])
+}
 fn w16(d: &mut VirtioPci, off: u64, v: u16) -> Option<Reject> {
     d.bar_write(0, off, &v.to_le_bytes())
 }
@@ -40,13 +43,10 @@ fn ring_base(base: u64, q: u16) -> u64 {
 
 /// Brings the device up like a virtio 1.2 §3.1.1 driver: features, queues, vectors, DRIVER_OK.
 fn bring_up(d: &mut VirtioPci, msix: &Msix, base: u64) {
-    w32(d, 0x14, u32::from(S_ACKNOWLEDGE | S_DRIVER));
+    w8(d, 0x14, S_ACKNOWLEDGE | S_DRIVER);
     w32(d, 0x08, 1);
     w32(d, 0x0C, (F_VERSION_1 >> 32) as u32);
-    assert_eq!(
-        w32(d, 0x14, u32::from(S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK)),
-        None
-    );
+    assert_eq!(w8(d, 0x14, S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK), None);
     assert_ne!(r8(d, 0x14) & S_FEATURES_OK, 0, "features accepted");
     for q in 0..2u16 {
         w16(d, 0x16, q);
@@ -75,10 +75,10 @@ fn bring_up(d: &mut VirtioPci, msix: &Msix, base: u64) {
     }
     msix.set_control(CONTROL_ENABLE);
     assert_eq!(
-        w32(
+        w8(
             d,
             0x14,
-            u32::from(S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK)
+            S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK
         ),
         None
     );
@@ -191,11 +191,11 @@ fn hostile_transport_writes_are_refused() {
     w32(&mut d, 0x08, 0);
     w32(&mut d, 0x0C, 0xFFFF_FFFF);
     assert_eq!(
-        w32(&mut d, 0x14, u32::from(S_FEATURES_OK)),
+        w8(&mut d, 0x14, S_FEATURES_OK),
         Some(Reject::VirtioBadRegister)
     );
     assert_eq!(r8(&mut d, 0x14) & S_FEATURES_OK, 0);
-    w32(&mut d, 0x14, 0); // reset
+    w8(&mut d, 0x14, 0); // reset
     // Queue size not a power of two / above the maximum.
     assert_eq!(w16(&mut d, 0x18, 3), Some(Reject::VirtioBadQueue));
     assert_eq!(w16(&mut d, 0x18, 4096), Some(Reject::VirtioBadQueue));
@@ -203,6 +203,22 @@ fn hostile_transport_writes_are_refused() {
     assert_eq!(w16(&mut d, 0x1C, 0), Some(Reject::VirtioBadQueue));
     // Read-only and unknown registers, device config writes, odd BAR offsets.
     assert_eq!(w16(&mut d, 0x12, 9), Some(Reject::VirtioBadRegister));
+    // Fields at a width not their own: refused, the registers unchanged.
+    assert_eq!(w32(&mut d, 0x14, 0), Some(Reject::VirtioBadRegister));
+    assert_eq!(
+        w32(&mut d, 0x16, 0x0010_0001),
+        Some(Reject::VirtioBadRegister)
+    );
+    assert_eq!(w8(&mut d, 0x17, 1), Some(Reject::VirtioBadRegister));
+    let mut wide = [0u8; 8];
+    assert_eq!(
+        d.bar_read(0, 0x14, &mut wide),
+        Some(Reject::VirtioBadRegister)
+    );
+    assert_eq!(wide, [0xFF; 8]);
+    let mut select = [0xAAu8; 2];
+    assert_eq!(d.bar_read(0, 0x16, &mut select), None);
+    assert_eq!(select, [0, 0], "queue_select kept");
     assert_eq!(
         d.bar_write(0, 0x2000, &[1]),
         Some(Reject::VirtioBadRegister)
@@ -222,19 +238,15 @@ fn hostile_transport_writes_are_refused() {
     // Rings outside RAM: DRIVER_OK fails the device instead of crashing.
     w32(&mut d, 0x08, 1);
     w32(&mut d, 0x0C, 1);
-    w32(
-        &mut d,
-        0x14,
-        u32::from(S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK),
-    );
+    w8(&mut d, 0x14, S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK);
     w16(&mut d, 0x16, 0);
     w32(&mut d, 0x20, 0xF000_0000);
     w16(&mut d, 0x1C, 1);
     assert_eq!(
-        w32(
+        w8(
             &mut d,
             0x14,
-            u32::from(S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK)
+            S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK
         ),
         Some(Reject::VirtioBadQueue)
     );

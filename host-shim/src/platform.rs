@@ -70,9 +70,16 @@ impl Platform {
 
     pub fn pio_read(&self, port: u16, data: &mut [u8]) {
         if (SERIAL_PORT..SERIAL_PORT + serial::PORT_COUNT).contains(&port) {
-            let v = self.uart().read((port - SERIAL_PORT) as u8);
-            data.fill(0);
-            data[0] = v;
+            // The UART's registers are bytes (16550A data sheet).
+            if data.len() != 1 {
+                data.fill(0xFF);
+                self.reject(
+                    Reject::SerialBadAccess,
+                    format_args!("{}-byte in from UART port {port:#x}", data.len()),
+                );
+                return;
+            }
+            data[0] = self.uart().read((port - SERIAL_PORT) as u8);
             return;
         }
         if PIC_PORTS.contains(&port) {
@@ -107,11 +114,15 @@ impl Platform {
 
     pub fn pio_write(&self, port: u16, data: &[u8]) {
         if (SERIAL_PORT..SERIAL_PORT + serial::PORT_COUNT).contains(&port) {
-            let mut uart = self.uart();
-            for &b in data {
-                // The error type is Infallible: the UART cannot fail to write.
-                let _ = uart.write((port - SERIAL_PORT) as u8, b);
-            }
+            let &[b] = data else {
+                self.reject(
+                    Reject::SerialBadAccess,
+                    format_args!("out of {data:x?} to UART port {port:#x}"),
+                );
+                return;
+            };
+            // The error type is Infallible: the UART cannot fail to write.
+            let _ = self.uart().write((port - SERIAL_PORT) as u8, b);
             return;
         }
         // With the split irqchip there is no in-kernel PIC; the guest only masks it.
@@ -208,5 +219,24 @@ mod tests {
         let mut d = [0u8; 4];
         p.pio_read(0x1234, &mut d);
         assert_eq!(p.rejects.count(Reject::UnknownPort), 1);
+    }
+
+    #[test]
+    fn uart_accesses_wider_than_a_byte_are_refused_and_counted() {
+        let (p, buf) = platform();
+        p.pio_write(SERIAL_PORT, b"AB");
+        p.pio_write(SERIAL_PORT + 7, &[1, 2, 3, 4]);
+        let mut d = [0u8; 4];
+        p.pio_read(SERIAL_PORT + 5, &mut d);
+        assert_eq!(d, [0xFF; 4]);
+        let mut w = [0u8; 2];
+        p.pio_read(SERIAL_PORT, &mut w);
+        assert_eq!(p.rejects.count(Reject::SerialBadAccess), 4);
+        p.pio_write(SERIAL_PORT, b"\n");
+        assert!(
+            buf.lock().unwrap().iter().all(|l| !l.contains('A')),
+            "nothing of the refused write reached the console"
+        );
+        assert_eq!(p.rejects.count(Reject::UnknownPort), 0);
     }
 }

@@ -69,6 +69,7 @@ pub fn dispatch(f: &mut TrapFrame, pc: &PerCpu) {
         Sys::UpcallMaskedSpin => upcall_masked_spin(f, pc),
         Sys::Cr0Read => Cr0::read_raw(),
         Sys::Cr0Write => cr0_write(f.rdi, f.rsi),
+        Sys::PortIo => port_io(f.rdi, f.rsi, f.rdx, f.r10),
         Sys::Ring0Loop => {
             if f.rdi > RING0_LOOP_MAX {
                 SysError::Invalid as u64
@@ -103,6 +104,47 @@ fn forward_hypercall(call: u64, arg: u64) -> u64 {
         ) => exit::hypercall(c, arg),
         _ => SysError::Invalid as u64,
     }
+}
+
+/// `Sys::PortIo`: one port access with the caller's operands, for tests
+/// that attack the VMM's port handling from an application.
+fn port_io(port: u64, op: u64, rax: u64, rbx: u64) -> u64 {
+    use crate::abi::PORT_IO_OUT;
+    if !crate::cmdline::Cmdline::new(super::bootinfo::get().cmdline()).flag("kernel.port_io") {
+        return SysError::NoSys as u64;
+    }
+    let Ok(port) = u16::try_from(port) else {
+        return SysError::Invalid as u64;
+    };
+    let out: u64;
+    // SAFETY: the caller asked for this access on a kernel command line that
+    // allows it (`kernel.port_io`); nothing of the kernel's lives behind a
+    // port (the UART, PCI configuration and the hypercall port are the
+    // VMM's). RBX is reserved by the compiler, so it is swapped in and out.
+    unsafe {
+        match op {
+            1 => {
+                core::arch::asm!("xchg rbx, {b}", "in al, dx", "xchg rbx, {b}", b = inout(reg) rbx => _, in("dx") port, inlateout("rax") rax => out, options(nostack));
+            }
+            2 => {
+                core::arch::asm!("xchg rbx, {b}", "in ax, dx", "xchg rbx, {b}", b = inout(reg) rbx => _, in("dx") port, inlateout("rax") rax => out, options(nostack));
+            }
+            4 => {
+                core::arch::asm!("xchg rbx, {b}", "in eax, dx", "xchg rbx, {b}", b = inout(reg) rbx => _, in("dx") port, inlateout("rax") rax => out, options(nostack));
+            }
+            o if o == PORT_IO_OUT | 1 => {
+                core::arch::asm!("xchg rbx, {b}", "out dx, al", "xchg rbx, {b}", b = inout(reg) rbx => _, in("dx") port, inlateout("rax") rax => out, options(nostack));
+            }
+            o if o == PORT_IO_OUT | 2 => {
+                core::arch::asm!("xchg rbx, {b}", "out dx, ax", "xchg rbx, {b}", b = inout(reg) rbx => _, in("dx") port, inlateout("rax") rax => out, options(nostack));
+            }
+            o if o == PORT_IO_OUT | 4 => {
+                core::arch::asm!("xchg rbx, {b}", "out dx, eax", "xchg rbx, {b}", b = inout(reg) rbx => _, in("dx") port, inlateout("rax") rax => out, options(nostack));
+            }
+            _ => return SysError::Invalid as u64,
+        }
+    }
+    out
 }
 
 /// Longest masked spin one `UpcallMaskedSpin` may ask for (TSC cycles; about a

@@ -145,6 +145,23 @@ pub fn cr0_write(mask: u64, values: u64) -> Result<u64, SysError> {
     result(call3(Sys::Cr0Write, mask, values, 0))
 }
 
+/// One port access with every operand the caller's ([`Sys::PortIo`]): `size`
+/// bytes (1, 2 or 4) at `port`, an `out` of `rax` when `write`, with `rbx`
+/// in RBX. RAX after the access: what an `in` read (its low `size` bytes),
+/// what the VMM answered a hypercall. Only for tests that attack the VMM;
+/// `NoSys` unless the command line has `kernel.port_io=1`.
+#[must_use]
+pub fn port_io(port: u16, size: u8, write: bool, rax: u64, rbx: u64) -> u64 {
+    let op = u64::from(size) | if write { crate::abi::PORT_IO_OUT } else { 0 };
+    let ret: u64;
+    // SAFETY: as `call`; the kernel reads R10 too.
+    unsafe {
+        core::arch::asm!("int 0x80", inlateout("rax") Sys::PortIo as u64 => ret, in("rdi") u64::from(port),
+            in("rsi") op, in("rdx") rax, in("r10") rbx, options(nostack));
+    }
+    ret
+}
+
 /// An undefined kernel-call number, for tests of the kernel's rejection path.
 #[must_use]
 pub fn raw_call(number: u64, a: u64, b: u64) -> u64 {

@@ -148,12 +148,28 @@ impl PioDevice for PciBus {
                 super::put_le(data, u64::from(self.cf8.load(Ordering::Relaxed)));
             }
             CONFIG_DATA..=0xCFF => {
-                match ecam::decode_cf8(self.cf8.load(Ordering::Relaxed), port - CONFIG_DATA) {
-                    Some(a) => self.config_read(a, data),
-                    None => data.fill(0xFF),
+                if let Some(a) =
+                    ecam::decode_cf8(self.cf8.load(Ordering::Relaxed), port - CONFIG_DATA)
+                {
+                    self.config_read(a, data);
+                } else {
+                    data.fill(0xFF);
+                    self.reject(
+                        Reject::PciConfigBadAccess,
+                        format_args!(
+                            "{}-byte read from {port:#x} with CONFIG_ADDRESS disabled",
+                            data.len()
+                        ),
+                    );
                 }
             }
-            0xCF8..=0xCFB => data.fill(0xFF),
+            0xCF8..=0xCFB => {
+                data.fill(0xFF);
+                self.reject(
+                    Reject::PciConfigBadAccess,
+                    format_args!("{}-byte read from {port:#x}", data.len()),
+                );
+            }
             _ => return false,
         }
         true
@@ -166,10 +182,12 @@ impl PioDevice for PciBus {
                 self.cf8.store(le_value(data) as u32, Ordering::Relaxed);
             }
             CONFIG_DATA..=0xCFF => {
-                if let Some(a) =
-                    ecam::decode_cf8(self.cf8.load(Ordering::Relaxed), port - CONFIG_DATA)
-                {
-                    self.config_write(a, data);
+                match ecam::decode_cf8(self.cf8.load(Ordering::Relaxed), port - CONFIG_DATA) {
+                    Some(a) => self.config_write(a, data),
+                    None => self.reject(
+                        Reject::PciConfigBadAccess,
+                        format_args!("write {data:x?} to {port:#x} with CONFIG_ADDRESS disabled"),
+                    ),
                 }
             }
             0xCF8..=0xCFB => self.reject(
@@ -249,6 +267,22 @@ mod tests {
         assert_eq!(r.count(Reject::PciConfigBadAccess), 1);
         bus.pio_write(0xCF9, &[1]); // not a CONFIG_ADDRESS write
         assert_eq!(r.count(Reject::PciConfigBadAccess), 2);
+        // Nor reads of less than its dword: all ones, counted.
+        let mut w = [0u8; 2];
+        assert!(bus.pio_read(0xCF8, &mut w));
+        assert_eq!(w, [0xFF; 2]);
+        assert_eq!(r.count(Reject::PciConfigBadAccess), 3);
+        // A data access while CONFIG_ADDRESS has its enable bit clear.
+        assert!(bus.pio_write(0xCF8, &0x0000_0000u32.to_le_bytes()));
+        assert!(bus.pio_read(0xCFC, &mut d));
+        assert_eq!(d, [0xFF; 4]);
+        assert!(bus.pio_write(0xCFC, &[1, 2, 3, 4]));
+        assert_eq!(r.count(Reject::PciConfigBadAccess), 5);
+        // Through 0xCFC..0xCFF, misaligned for its size (0xCFD + 2, 0xCFE + 4).
+        assert!(bus.pio_write(0xCF8, &0x8000_0000u32.to_le_bytes()));
+        assert!(bus.pio_read(0xCFD, &mut w));
+        assert!(bus.pio_read(0xCFE, &mut d));
+        assert_eq!(r.count(Reject::PciConfigBadAccess), 7);
         assert!(!bus.mmio_read(0xC000_0000, &mut d), "no BAR there yet");
     }
 

@@ -467,6 +467,22 @@ impl VirtioPci {
     }
 }
 
+/// True when an access of `len` bytes at offset `off` of the common
+/// configuration names exactly one field at its own width (virtio 1.2
+/// §4.1.3.1: the driver accesses each field with its width; a 64-bit queue
+/// address may also be written as two 32-bit halves). Anything else would
+/// read or write parts of several fields.
+#[must_use]
+pub fn common_access_ok(off: u64, len: usize) -> bool {
+    match off {
+        0x00 | 0x04 | 0x08 | 0x0C | 0x24 | 0x2C | 0x34 => len == 4,
+        0x10 | 0x12 | 0x16 | 0x18 | 0x1A | 0x1C | 0x1E | 0x38 | 0x3A => len == 2,
+        0x14 | 0x15 => len == 1,
+        0x20 | 0x28 | 0x30 => len == 4 || len == 8,
+        _ => false,
+    }
+}
+
 impl PciDevice for VirtioPci {
     fn config_read(&mut self, offset: u16, data: &mut [u8]) {
         let _ = self.config.read(offset, data);
@@ -495,7 +511,13 @@ impl PciDevice for VirtioPci {
     fn bar_read(&mut self, _bar: usize, off: u64, data: &mut [u8]) -> Option<Reject> {
         let len = data.len() as u64;
         match off {
-            o if o + len <= COMMON + COMMON_LEN => self.common_read(o - COMMON, data),
+            o if o + len <= COMMON + COMMON_LEN => {
+                if !common_access_ok(o - COMMON, data.len()) {
+                    data.fill(0xFF);
+                    return Some(Reject::VirtioBadRegister);
+                }
+                self.common_read(o - COMMON, data)
+            }
             o if (ISR..ISR + 4).contains(&o) => {
                 // MSI-X is in use: the ISR carries nothing; reading it clears it (§4.1.4.5).
                 put_le(data, 0);
@@ -521,7 +543,12 @@ impl PciDevice for VirtioPci {
     fn bar_write(&mut self, _bar: usize, off: u64, data: &[u8]) -> Option<Reject> {
         let len = data.len() as u64;
         match off {
-            o if o + len <= COMMON + COMMON_LEN => self.common_write(o - COMMON, data),
+            o if o + len <= COMMON + COMMON_LEN => {
+                if !common_access_ok(o - COMMON, data.len()) {
+                    return Some(Reject::VirtioBadRegister);
+                }
+                self.common_write(o - COMMON, data)
+            }
             o if (DEVICE..DEVICE + DEVICE_LEN).contains(&o) && o + len <= DEVICE + DEVICE_LEN => {
                 self.device.write_config(o - DEVICE, data)
             }
@@ -544,5 +571,31 @@ impl PciDevice for VirtioPci {
             }
             _ => Some(Reject::VirtioBadRegister),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::common_access_ok;
+
+    #[test]
+    fn common_configuration_takes_each_field_at_its_width_only() {
+        assert!(common_access_ok(0x14, 1), "device_status");
+        assert!(common_access_ok(0x16, 2), "queue_select");
+        assert!(common_access_ok(0x20, 8), "queue_desc");
+        assert!(common_access_ok(0x20, 4) && common_access_ok(0x24, 4));
+        // Wider than the field: it would touch the next one too.
+        assert!(!common_access_ok(0x14, 8), "status + generation + ...");
+        assert!(!common_access_ok(0x16, 4), "queue_select + queue_size");
+        assert!(!common_access_ok(0x00, 8));
+        // Narrower than the field, or inside it.
+        assert!(!common_access_ok(0x16, 1));
+        assert!(!common_access_ok(0x17, 1));
+        assert!(!common_access_ok(0x15, 4));
+        assert!(
+            !common_access_ok(0x24, 8),
+            "the upper half of queue_desc is 4 bytes"
+        );
+        assert!(!common_access_ok(0x3C, 1), "past the structure");
     }
 }

@@ -28,6 +28,12 @@ ktest!(
     fn unknown_calls_and_bad_arguments_are_rejected() {
         check_eq!(sys::raw_call(999, 0, 0), SysError::NoSys as u64);
         check_eq!(sys::raw_call(u64::MAX, 0, 0), SysError::NoSys as u64);
+        // Raw port I/O is for the hostile leg's guest only (`kernel.port_io=1`).
+        check_eq!(
+            sys::port_io(0x80, 1, true, 0, 0),
+            SysError::NoSys as u64,
+            "ring 3 port I/O without kernel.port_io"
+        );
         let me = smp::apic_id(0).ok_or("no APIC id for cpu0")?;
         check_eq!(
             sys::send_ipi(me, 2),

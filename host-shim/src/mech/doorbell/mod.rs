@@ -401,7 +401,8 @@ impl Mechanism for Doorbells {
                 status
             }
             Call::DoorbellRedesignate => {
-                self.guest
+                let status = self
+                    .guest
                     .redesignation
                     .get()
                     .map_or(Status::UnknownCall, |r| {
@@ -410,7 +411,14 @@ impl Mechanism for Doorbells {
                                 .as_ref()
                                 .is_some_and(|u| u(None, UpcallClass::Redesignation).is_some())
                         })
-                    })
+                    });
+                if status == Status::UnknownCall {
+                    cx.platform.reject(
+                        Reject::UnknownHypercall,
+                        format_args!("doorbell re-designation without --doorbell-redesignate"),
+                    );
+                }
+                status
             }
             _ => Status::UnknownCall,
         };

@@ -25,6 +25,7 @@
 //! [`para_abi::upcall`]); the shim only ever raises `posted`, and reads
 //! `acked` back (never trusting it) for the report.
 
+use std::collections::HashMap;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
@@ -56,6 +57,9 @@ reasons! {
         NoMailbox => "no_mailbox",
         /// The guest acknowledged more than was posted.
         AckAhead => "ack_ahead",
+        /// A word of the area that is no vCPU's counter (slot padding, the
+        /// slot of a vCPU the guest does not have) was found non-zero.
+        StrayWrite => "stray_write",
         /// A test-only call (ping, storm) without `--test-hypercalls`.
         TestCallOff => "test_call_off",
         /// A storm while the guest's previous one still runs: one storm
@@ -156,6 +160,10 @@ pub struct GuestUpcalls {
     pub(super) test_calls: AtomicBool,
     /// A storm thread runs: the one a guest may have at a time.
     pub(super) storming: AtomicBool,
+    /// Mailbox words already counted as refused, by offset, with the value
+    /// seen: a report taken again counts a bad word again only once the
+    /// guest has written it anew.
+    flagged: Mutex<HashMap<u64, u32>>,
 }
 
 // SAFETY: `page` points into `_mapping`, which lives as long as this value and
@@ -222,6 +230,7 @@ impl GuestUpcalls {
             handles: OnceLock::new(),
             test_calls: AtomicBool::new(false),
             storming: AtomicBool::new(false),
+            flagged: Mutex::new(HashMap::new()),
         };
         Ok(Arc::new(me))
     }
@@ -274,7 +283,8 @@ impl GuestUpcalls {
     pub fn enable(&self, vcpu: u32) {
         if let Some(s) = self.vcpus.get(vcpu as usize) {
             s.takes.store(true, Ordering::Release);
-            debug!(guest = %self.name, vcpu, "upcalls enabled");
+            // The guest may make this call as often as it likes.
+            crate::guest_log!(debug, guest = %self.name, vcpu, "upcalls enabled");
         }
     }
 
@@ -556,6 +566,20 @@ impl GuestUpcalls {
         }
     }
 
+    /// True for the offsets of the `posted` and `acked` words of the guest's
+    /// vCPUs; every other word of the area stays 0 in an honest guest.
+    fn is_counter(&self, off: u64) -> bool {
+        let (slot, within) = (off / upcall::SLOT_SIZE, off % upcall::SLOT_SIZE);
+        let counters = |start: u64| (start..start + 4 * CLASSES as u64).contains(&within);
+        slot < self.vcpus.len() as u64
+            && (counters(upcall::POSTED_OFFSET) || counters(upcall::ACKED_OFFSET))
+    }
+
+    /// True the first time the word at `off` is seen bad with value `v`.
+    fn first_sight(&self, off: u64, v: u32) -> bool {
+        lock(&self.flagged).insert(off, v) != Some(v)
+    }
+
     /// The report, with deliveries read back from the guest's acknowledgements.
     #[must_use]
     pub fn report(&self) -> UpcallReport {
@@ -576,13 +600,30 @@ impl GuestUpcalls {
                     full
                 };
                 if full > published {
-                    self.reject(
-                        Rejected::AckAhead,
-                        format_args!("vCPU {v} {} acked {acked}", cl.name()),
-                    );
+                    if self.first_sight(off, acked as u32) {
+                        self.reject(
+                            Rejected::AckAhead,
+                            format_args!(
+                                "vCPU {v} {} acked {acked}, {published} posted",
+                                cl.name()
+                            ),
+                        );
+                    }
                     continue;
                 }
                 delivered[cl as usize] += full;
+            }
+        }
+        for off in (0..area::UPCALLS_SIZE).step_by(4) {
+            if self.is_counter(off) {
+                continue;
+            }
+            let v = self.word(off).load(Ordering::Acquire);
+            if v != 0 && self.first_sight(off, v) {
+                self.reject(
+                    Rejected::StrayWrite,
+                    format_args!("{v:#x} at mailbox offset {off:#x}, which is no vCPU's counter"),
+                );
             }
         }
         let by_class = |a: [u64; CLASSES]| {
@@ -609,5 +650,51 @@ impl GuestUpcalls {
             latency_deferred: c.latency_deferred.report(),
             rejected: c.rejected.all(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store(u: &GuestUpcalls, off: u64, v: u32) {
+        u.word(off).store(v, Ordering::Release);
+    }
+
+    /// Acknowledgements ahead of what was posted and words that are no
+    /// vCPU's counter are each counted once, however often the report is
+    /// taken, and again once the guest writes them anew.
+    #[test]
+    fn hostile_mailbox_writes_are_counted_once_each() {
+        let kvm = kvm_ioctls::Kvm::new().expect("open /dev/kvm");
+        let vm = kvm.create_vm().expect("KVM_CREATE_VM");
+        let u = GuestUpcalls::new("t", &vm, 2, Delivery::Window).unwrap();
+        let acked = |v, cl| upcall::acked_offset(v, cl).unwrap();
+        store(&u, acked(0, UpcallClass::Ping), 1000);
+        store(&u, acked(1, UpcallClass::HintUpdate), 7);
+        // Slot padding, and the slot of a vCPU the guest does not have.
+        store(&u, 16, 0xAA);
+        store(&u, upcall::SLOT_SIZE - 4, 0xBB);
+        store(&u, acked(5, UpcallClass::Ping), 1);
+        store(
+            &u,
+            upcall::posted_offset(9, UpcallClass::VmqArrival).unwrap(),
+            2,
+        );
+        let r = u.report();
+        assert_eq!(r.rejected["ack_ahead"], 2);
+        assert_eq!(r.rejected["stray_write"], 4);
+        assert_eq!(r.delivered["ping"], 0, "an ack ahead delivers nothing");
+        let again = u.report();
+        assert_eq!(again.rejected, r.rejected, "nothing new was written");
+        store(&u, acked(0, UpcallClass::Ping), 1001);
+        store(&u, 16, 0xAB);
+        let r = u.report();
+        assert_eq!(r.rejected["ack_ahead"], 3);
+        assert_eq!(r.rejected["stray_write"], 5);
+        // The guest's own counters of an existing vCPU are no stray words.
+        store(&u, acked(1, UpcallClass::HintUpdate), 0);
+        store(&u, upcall::posted_offset(1, UpcallClass::Ping).unwrap(), 0);
+        assert_eq!(u.report().rejected, r.rejected);
     }
 }

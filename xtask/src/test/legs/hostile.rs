@@ -2,7 +2,9 @@
 //! shim's guest-facing interfaces while a udp-pingpong server and client run
 //! in the same shim. The shim must survive, the pair must get every ping
 //! back and keep its memory to itself, and every attack must be refused and
-//! show up in the stats JSON under its counted reason.
+//! show up in the stats JSON under its counted reason. A fourth guest, the
+//! same image as a sink, takes the VM-queue remaps until the shim refuses
+//! one at the sender's bound, and must never see the refused page.
 
 use std::collections::BTreeMap;
 use std::hash::{BuildHasher, RandomState};
@@ -38,7 +40,7 @@ impl Leg for Hostile {
     }
 
     fn about(&self) -> &'static str {
-        "a hostile guest attacks the switch (forged and random source MACs, broadcast and unicast floods), its NIC's TX queue, hypercalls, read-only pages, the doorbell ring, VM queues, PCI/MSI-X and the console while a udp-pingpong pair runs: the shim survives, every ping comes back, no marker page of a victim is seen or changed, and each attack is counted under its reason in the stats JSON"
+        "a hostile guest attacks the switch (forged and random source MACs, broadcast and unicast floods), its NIC's TX and RX queues, hypercalls (undefined numbers and sizes included), read-only pages, the doorbell ring, its upcall mailboxes, VM queues, PCI/MSI-X, port I/O and MMIO of odd sizes and offsets, and the console while a udp-pingpong pair runs: the shim survives, every ping comes back, no marker page of a victim is seen or changed, and each attack is counted under its reason in the stats JSON"
     }
 
     fn run(&self, images: &mut Images, opts: &Options) -> LegRun {
@@ -78,8 +80,15 @@ impl Leg for Hostile {
                 "hostile",
                 &hostile,
                 format!(
-                    "ip=10.0.0.3/24 net.rx=poll hostile.victim=10.0.0.1 hostile.victim_name=server hostile.marker={marker:x} hostile.flood_ms={FLOOD_MS}"
+                    "ip=10.0.0.3/24 net.rx=poll hostile.victim=10.0.0.1 hostile.victim_name=server hostile.marker={marker:x} hostile.flood_ms={FLOOD_MS} kernel.port_io=1 hostile.sink=sink"
                 ),
+            ),
+            // The hostile guest's partner in the remap attack: it only
+            // consumes, then looks for the page the shim refused to move.
+            guest(
+                "sink",
+                &hostile,
+                format!("hostile.role=sink hostile.marker={marker:x}"),
             ),
         ];
         // VM queues on, so that they can be attacked; no test-only hypercalls.
@@ -112,6 +121,7 @@ impl Leg for Hostile {
         }
         let hostile_lines = lines("hostile");
         checks.push(scan_check(&hostile_lines));
+        checks.push(sink_check(&lines("sink")));
         let attacks = parse_attacks(&hostile_lines);
         let mut reports = vec![format!("marker {marker:x}")];
         match &run.stats {
@@ -188,6 +198,36 @@ fn scan_check(lines: &[&str]) -> (String, bool) {
     }
 }
 
+/// `hostile-sink: received=N pages=P found=F`: the sink got the remapped
+/// pages and never saw the one the shim refused to move.
+fn sink_check(lines: &[&str]) -> (String, bool) {
+    let Some(rest) = lines
+        .iter()
+        .find_map(|l| l.trim().strip_prefix("hostile-sink: "))
+    else {
+        return ("the sink printed what it received".into(), false);
+    };
+    let kv: BTreeMap<&str, u64> = rest
+        .split_whitespace()
+        .filter_map(|w| {
+            let (k, v) = w.split_once('=')?;
+            Some((k, v.parse().ok()?))
+        })
+        .collect();
+    let get = |k| kv.get(k).copied();
+    (
+        format!(
+            "sink: received {:?} remapped pages, the refused page found in {:?} of {:?} window pages",
+            get("received"),
+            get("found"),
+            get("pages")
+        ),
+        get("received").is_some_and(|n| n > 0)
+            && get("found") == Some(0)
+            && get("pages").is_some_and(|n| n > 0),
+    )
+}
+
 fn marker_intact(victim: &str, lines: &[&str]) -> (String, bool) {
     let want = format!("report: marker pages intact: {MARKER_PAGES} of {MARKER_PAGES}");
     let line = lines
@@ -216,6 +256,18 @@ fn port_drop(s: &ShimStats, reason: &str) -> u64 {
 
 fn get(m: &BTreeMap<String, u64>, k: &str) -> u64 {
     m.get(k).copied().unwrap_or(0)
+}
+
+/// The hostile guest's count of top-level reason `k` above the server's:
+/// both run the same kernel and NIC driver, so what they both do at boot
+/// cancels out and the rest is the attack's.
+fn beyond_server(s: &ShimStats, g: &GuestStats, k: &str) -> u64 {
+    let server = s.guest("server").map_or(u64::MAX, |v| get(&v.rejected, k));
+    get(&g.rejected, k).saturating_sub(server)
+}
+
+fn upcall_rejected(g: &GuestStats, k: &str) -> u64 {
+    g.upcalls.as_ref().map_or(0, |u| get(&u.rejected, k))
 }
 
 fn vmq_error(g: &GuestStats, k: &str) -> u64 {
@@ -247,9 +299,14 @@ const EXPECTED: &[(&[&str], &str, Counter)] = &[
         },
     ),
     (
-        &["hypercall_notify_bench", "hypercall_redesignate"],
-        "rejected.unknown_hypercall",
-        |_, g| get(&g.rejected, "unknown_hypercall"),
+        &[
+            "hypercall_notify_bench",
+            "hypercall_redesignate",
+            "hypercall_undefined",
+            "hypercall_bad_arguments",
+        ],
+        "rejected.unknown_hypercall beyond the server's",
+        |s, g| beyond_server(s, g, "unknown_hypercall"),
     ),
     (
         &["hypercall_ctrl_unknown_flag", "hypercall_ctrl_read_unknown"],
@@ -317,14 +374,54 @@ const EXPECTED: &[(&[&str], &str, Counter)] = &[
         vmq_error(g, "outside_ram")
     }),
     (
-        &["virtqueue_bad_chains"],
+        &["vmq_remap_bound"],
+        "vmq.errors.remap_limit (the sender's share of vm.max_map_count)",
+        |_, g| vmq_error(g, "remap_limit"),
+    ),
+    (
+        &["virtqueue_bad_chains", "virtqueue_rx_bad_chains"],
         "rejected.virtio_bad_descriptor + frame_too_big",
         |_, g| get(&g.rejected, "virtio_bad_descriptor") + get(&g.rejected, "frame_too_big"),
     ),
     (
-        &["virtqueue_avail_jump"],
-        "rejected.virtio_avail_index_jump",
+        &["virtqueue_avail_jump", "virtqueue_rx_avail_jump"],
+        "rejected.virtio_avail_index_jump (once per queue)",
         |_, g| get(&g.rejected, "virtio_avail_index_jump"),
+    ),
+    (
+        &["port_unassigned"],
+        "rejected.unknown_port beyond the server's",
+        |s, g| beyond_server(s, g, "unknown_port"),
+    ),
+    (
+        &["port_pci_config_odd", "mmio_ecam_odd"],
+        "rejected.pci_config_bad_access beyond the server's",
+        |s, g| beyond_server(s, g, "pci_config_bad_access"),
+    ),
+    (
+        &["port_uart_wide"],
+        "rejected.serial_bad_access beyond the server's",
+        |s, g| beyond_server(s, g, "serial_bad_access"),
+    ),
+    (
+        &["mmio_virtio_odd_width"],
+        "rejected.virtio_bad_register beyond the server's",
+        |s, g| beyond_server(s, g, "virtio_bad_register"),
+    ),
+    (
+        &["mmio_unmapped"],
+        "rejected.unmapped_mmio beyond the server's",
+        |s, g| beyond_server(s, g, "unmapped_mmio"),
+    ),
+    (
+        &["upcall_ack_ahead"],
+        "upcalls.rejected.ack_ahead",
+        |_, g| upcall_rejected(g, "ack_ahead"),
+    ),
+    (
+        &["upcall_stray_writes"],
+        "upcalls.rejected.stray_write",
+        |_, g| upcall_rejected(g, "stray_write"),
     ),
     (
         &["pci_read_only_write"],
@@ -357,7 +454,22 @@ const EXACT: &[&str] = &[
     "store_designation_table",
     "store_ctrl_mask_page",
     "virtqueue_bad_chains",
+    "virtqueue_rx_bad_chains",
+    "virtqueue_avail_jump",
+    "virtqueue_rx_avail_jump",
     "ctrl_wait_page_stores",
+    "hypercall_notify_bench",
+    "hypercall_redesignate",
+    "hypercall_undefined",
+    "hypercall_bad_arguments",
+    "port_unassigned",
+    "port_pci_config_odd",
+    "mmio_ecam_odd",
+    "port_uart_wide",
+    "mmio_virtio_odd_width",
+    "mmio_unmapped",
+    "upcall_ack_ahead",
+    "upcall_stray_writes",
 ];
 
 fn judge_attacks(attacks: &BTreeMap<String, Attack>, stats: &ShimStats) -> Vec<(String, bool)> {
@@ -513,6 +625,17 @@ mod tests {
             !scan_check(&blind).1,
             "a scan that misses its own plant proves nothing"
         );
+    }
+
+    #[test]
+    fn the_sink_must_have_received_and_never_seen_the_refused_page() {
+        assert!(sink_check(&["hostile-sink: received=9000 pages=16384 found=0"]).1);
+        assert!(!sink_check(&["hostile-sink: received=9000 pages=16384 found=1"]).1);
+        assert!(
+            !sink_check(&["hostile-sink: received=0 pages=16384 found=0"]).1,
+            "nothing remapped: the bound was never approached"
+        );
+        assert!(!sink_check(&[]).1);
     }
 
     #[test]
