@@ -337,7 +337,13 @@ const VMQ: &[i64] = &[
 ];
 
 /// Timer threads: sleep, then kick vCPUs or move threads.
-const HELPER: &[i64] = &[libc::SYS_tgkill];
+const HELPER: &[i64] = &[
+    libc::SYS_tgkill,
+    // The notify benchmark's ioeventfd observer waits in poll(2), 100 ms at
+    // a time, so that it notices the benchmark's end.
+    libc::SYS_poll,
+    libc::SYS_ppoll,
+];
 
 /// The gdb stub: accepts one connection, reads it (peeking without
 /// blocking: `FIONBIO`) and writes it, kicks vCPUs to stop them, and sends
