@@ -73,12 +73,13 @@ mod guest {
         let _ = guest_kernel::rt::sys::hypercall(para_abi::hypercall::Call::StatsMark, label);
     }
 
+    /// Word `i` of the stream: `i` times an odd constant, a bijection, so
+    /// every 8-byte word of the stream differs and names its own position
+    /// (a lost, repeated, misplaced or stale word fails the check). One
+    /// multiply per word: the check measures the queues, not a generator
+    /// (splitmix64 here cost 0.55 ms per 2 MiB message, more than a copy).
     fn word(i: u64) -> u64 {
-        // splitmix64: every 8-byte word of the stream differs.
-        let mut z = i.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        i.wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15)
     }
 
     fn generate(buf: &mut [u8], offset: u64) {
