@@ -143,41 +143,36 @@ fn app_main_under_shim(
     opts: &Options,
 ) -> Vec<(String, bool)> {
     const NAME: &str = "app";
-    let script = |port: u16| {
-        [
-            "set pagination off".to_owned(),
-            "set confirm off".to_owned(),
-            format!("target remote 127.0.0.1:{port}"),
-            "break exitless_app_main".to_owned(),
-            "continue".to_owned(),
-            // gdb names the inlined `main`; the symbol is the app's entry.
-            "info symbol $pc".to_owned(),
-            "printf \"check-cs=%d\\n\", $cs".to_owned(),
-            "printf \"check-rsp=%lu\\n\", $rsp".to_owned(),
-            "set language c".to_owned(),
-            "printf \"check-tsc=%lu\\n\", *(unsigned long *)&exitless_tsc_at_entry".to_owned(),
-            "set $saved_r11 = $r11".to_owned(),
-            "set $r11 = 0x5a5a5a".to_owned(),
-            "printf \"check-r11=%lu\\n\", $r11".to_owned(),
-            "set $r11 = $saved_r11".to_owned(),
-            "printf \"check-pc0=%lu\\n\", $pc".to_owned(),
-            "stepi".to_owned(),
-            "printf \"check-pc1=%lu\\n\", $pc".to_owned(),
-            "printf \"check-cs1=%d\\n\", $cs".to_owned(),
-            "break guest_kernel::cmdline::Cmdline::flag".to_owned(),
-            "continue".to_owned(),
-            "printf \"check-cs2=%d\\n\", $cs".to_owned(),
-            "delete".to_owned(),
-            "detach".to_owned(),
-        ]
-    };
+    let script = [
+        "break exitless_app_main".to_owned(),
+        "continue".to_owned(),
+        // gdb names the inlined `main`; the symbol is the app's entry.
+        "info symbol $pc".to_owned(),
+        "printf \"check-cs=%d\\n\", $cs".to_owned(),
+        "printf \"check-rsp=%lu\\n\", $rsp".to_owned(),
+        "set language c".to_owned(),
+        "printf \"check-tsc=%lu\\n\", *(unsigned long *)&exitless_tsc_at_entry".to_owned(),
+        "set $saved_r11 = $r11".to_owned(),
+        "set $r11 = 0x5a5a5a".to_owned(),
+        "printf \"check-r11=%lu\\n\", $r11".to_owned(),
+        "set $r11 = $saved_r11".to_owned(),
+        "printf \"check-pc0=%lu\\n\", $pc".to_owned(),
+        "stepi".to_owned(),
+        "printf \"check-pc1=%lu\\n\", $pc".to_owned(),
+        "printf \"check-cs1=%d\\n\", $cs".to_owned(),
+        "break guest_kernel::cmdline::Cmdline::flag".to_owned(),
+        "continue".to_owned(),
+        "printf \"check-cs2=%d\\n\", $cs".to_owned(),
+        "delete".to_owned(),
+        "detach".to_owned(),
+    ];
     let (shim_run, out) = with_stub(
         shim_bin,
         app_guest(image, NAME),
         "gdb-shim-app",
         opts,
         |port| match port {
-            Some(port) => gdb_batch(gdb, image, &script(port), opts.timeout),
+            Some(port) => gdb_batch(gdb, image, port, &script, opts.timeout),
             None => Err("the shim never listened for gdb".to_owned()),
         },
     );
@@ -273,32 +268,27 @@ fn app_to_exit_under_shim(
     opts: &Options,
 ) -> Vec<(String, bool)> {
     const NAME: &str = "app-exit";
-    let script = |port: u16| {
-        [
-            "set pagination off".to_owned(),
-            "set confirm off".to_owned(),
-            format!("target remote 127.0.0.1:{port}"),
-            "break exitless_user_ap".to_owned(),
-            "continue".to_owned(),
-            // The stop may be reported in code inlined into the function:
-            // name the function the PC is in.
-            "info symbol $pc".to_owned(),
-            "printf \"check-apcs=%d\\n\", $cs".to_owned(),
-            "printf \"check-aprsp=%lu\\n\", $rsp".to_owned(),
-            "delete".to_owned(),
-            "break exitless_app_main".to_owned(),
-            "continue".to_owned(),
-            "delete".to_owned(),
-            "continue".to_owned(),
-        ]
-    };
+    let script = [
+        "break exitless_user_ap".to_owned(),
+        "continue".to_owned(),
+        // The stop may be reported in code inlined into the function:
+        // name the function the PC is in.
+        "info symbol $pc".to_owned(),
+        "printf \"check-apcs=%d\\n\", $cs".to_owned(),
+        "printf \"check-aprsp=%lu\\n\", $rsp".to_owned(),
+        "delete".to_owned(),
+        "break exitless_app_main".to_owned(),
+        "continue".to_owned(),
+        "delete".to_owned(),
+        "continue".to_owned(),
+    ];
     let (shim_run, out) = with_stub(
         shim_bin,
         app_guest(image, NAME),
         "gdb-shim-app-exit",
         opts,
         |port| match port {
-            Some(port) => gdb_batch(gdb, image, &script(port), opts.timeout),
+            Some(port) => gdb_batch(gdb, image, port, &script, opts.timeout),
             None => Err("the shim never listened for gdb".to_owned()),
         },
     );
@@ -363,9 +353,6 @@ fn app_main_under_qemu(gdb: &Path, image: &Path, opts: &Options) -> Vec<(String,
         timeout: opts.timeout,
     };
     let script = [
-        "set pagination off".to_owned(),
-        "set confirm off".to_owned(),
-        format!("target remote 127.0.0.1:{port}"),
         "hbreak exitless_app_main".to_owned(),
         "continue".to_owned(),
         "printf \"check-cs=%d\\n\", $cs".to_owned(),
@@ -380,7 +367,7 @@ fn app_main_under_qemu(gdb: &Path, image: &Path, opts: &Options) -> Vec<(String,
     let (run, out) = std::thread::scope(|s| {
         let vm = s.spawn(|| qemu::boot(&cfg, "gdb-qemu-app", &Echo::Quiet));
         let out = if wait_listening(port, Duration::from_mins(1)) {
-            gdb_batch(gdb, image, &script, opts.timeout)
+            gdb_batch(gdb, image, port, &script, opts.timeout)
         } else {
             Err(format!("QEMU never listened on 127.0.0.1:{port}"))
         };
@@ -693,9 +680,6 @@ fn wait_listening(port: u16, within: Duration) -> bool {
 /// The session, as one gdb batch run; its whole output.
 fn run_gdb(gdb: &Path, image: &Path, port: u16, timeout: Duration) -> Result<String, String> {
     let script = [
-        "set pagination off".to_owned(),
-        "set confirm off".to_owned(),
-        format!("target remote 127.0.0.1:{port}"),
         "info threads".to_owned(),
         "break exitless_kmain_ap".to_owned(),
         "continue".to_owned(),
@@ -721,19 +705,26 @@ fn run_gdb(gdb: &Path, image: &Path, port: u16, timeout: Duration) -> Result<Str
         "delete".to_owned(),
         "detach".to_owned(),
     ];
-    gdb_batch(gdb, image, &script, timeout)
+    gdb_batch(gdb, image, port, &script, timeout)
 }
 
-/// `gdb --batch` running `script` on `image`; its whole output.
+/// `gdb --batch` on `image`, attached to the stub at 127.0.0.1:`port`
+/// (no pager, no questions), then running `script`; its whole output.
 fn gdb_batch(
     gdb: &Path,
     image: &Path,
+    port: u16,
     script: &[String],
     timeout: Duration,
 ) -> Result<String, String> {
     let mut cmd = Command::new(gdb);
     cmd.args(["--batch", "-nx"]);
-    for line in script {
+    let attach = [
+        "set pagination off".to_owned(),
+        "set confirm off".to_owned(),
+        format!("target remote 127.0.0.1:{port}"),
+    ];
+    for line in attach.iter().chain(script) {
         cmd.arg("-ex").arg(line);
     }
     cmd.arg(image);
