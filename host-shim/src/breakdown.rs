@@ -3,7 +3,7 @@
 //! M4's wait page use it).
 //!
 //! A ping-pong has one frame in flight at a time, so one process-wide slot per
-//! stage is enough to follow it: the sender's side fills [`Trip`] as the frame
+//! stage is enough to follow it: the sender's side fills [`TRIP`] as the frame
 //! leaves its TX ring; the receiver's NIC worker reads it when it puts the
 //! frame into the peer's RX ring and hands the stamps, converted to that
 //! guest's TSC, to the guest (`para_abi::ctrl::wait::STAMPS`). With several

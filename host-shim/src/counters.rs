@@ -1,6 +1,6 @@
 //! Counters every part of the shim shares: why a vCPU came back ([`Exit`]), which
 //! guest inputs were refused ([`Reject`] and each mechanism's own reasons), the one
-//! way to declare such a set of reasons ([`reasons!`]), with one rate-limited log
+//! way to declare such a set of reasons ([`crate::reasons!`]), with one rate-limited log
 //! per reason ([`crate::loglimit`]), and the `StatsMark` records ([`Marks`]).
 //!
 //! It names only the leaf `loglimit`, so devices, PCI, mechanisms and the run loop
@@ -16,7 +16,7 @@ use serde::Serialize;
 use crate::loglimit::LogLimit;
 
 /// A closed set of named reasons, each with its own counter; declared with
-/// [`reasons!`].
+/// [`crate::reasons!`].
 pub trait Reason: Copy + 'static {
     /// Every reason, in report order.
     const ALL: &'static [Self];

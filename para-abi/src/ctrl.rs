@@ -3,12 +3,12 @@
 //! The area at [`crate::layout::area::CTRL`] holds two pages:
 //!
 //! - the **mask page** (host-owned, mapped read-only for the guest: a guest store
-//!   there is an MMIO exit the shim rejects and counts) with one [`MaskRecord`] per
+//!   there is an MMIO exit the shim rejects and counts) with one mask record ([`mask`]) per
 //!   vCPU: a seqlock `version`, the **owned** mask (the guest writes those flags to
 //!   the real register itself) and the **shadowed** mask (the guest writes those to
 //!   its shadow word, no exit). A flag in neither mask traps: the guest asks the
 //!   shim with [`crate::hypercall`] `CtrlWrite`.
-//! - the **shadow page** (guest-writable) with one [`ShadowRecord`] per vCPU: the
+//! - the **shadow page** (guest-writable) with one shadow record ([`shadow`]) per vCPU: the
 //!   shadow value word (one bit per [`Flag`]) and a counter of owned
 //!   (real-register) writes the guest reports, for statistics only.
 //!
@@ -66,12 +66,12 @@ pub mod shadow {
 /// code, instead of a halt kernel call and an RX interrupt.
 ///
 /// The protocol, per wait:
-/// 1. Once: the guest sets [`super::Flag::Nic0RxQuiet`] (shadowed, no exit), so the
+/// 1. Once: the guest sets [`Flag::Nic0RxQuiet`] (shadowed, no exit), so the
 ///    shim raises no RX MSI for it.
-/// 2. It reads [`RX_SEQ`] (host-written; bumped after every batch of frames the
+/// 2. It reads [`wait::RX_SEQ`] (host-written; bumped after every batch of frames the
 ///    shim puts in NIC 0's RX used ring), then checks its used ring.
-/// 3. Nothing there: it stores one 8-byte [`encode_request`] value (the low 32
-///    bits of the sequence it read, its timeout) at [`REQUEST`]. The page is
+/// 3. Nothing there: it stores one 8-byte [`wait::encode_request`] value (the low 32
+///    bits of the sequence it read, its timeout) at [`wait::REQUEST`]. The page is
 ///    mapped read-only, so the store is an MMIO exit straight from ring 3.
 /// 4. The shim blocks that vCPU's thread until the sequence moves away from the
 ///    value given, the vCPU is kicked (an upcall or a stop for it), or the
@@ -80,13 +80,13 @@ pub mod shadow {
 ///    resumes the guest after the store, in ring 3, with the frame in its ring.
 ///
 /// A vCPU that queued frames on NIC 0's TX ring without notifying the queue
-/// stores its request at [`REQUEST_TX`] instead: the wait's exit is then the
+/// stores its request at [`wait::REQUEST_TX`] instead: the wait's exit is then the
 /// notification, and the shim moves those frames on before it holds the vCPU
 /// (a sender about to wait needs no doorbell of its own).
 ///
 /// A frame that lands between steps 2 and 3 moved the sequence: the wait returns
 /// at once. Other interrupts for the vCPU (IPIs, other devices) are seen at the
-/// latest after the timeout or [`MAX_BLOCK_US`]; a vCPU that waits for those
+/// latest after the timeout or [`wait::MAX_BLOCK_US`]; a vCPU that waits for those
 /// must halt instead.
 pub mod wait {
     /// u64, host-written: NIC 0 RX batches pushed so far.
@@ -430,7 +430,7 @@ pub fn read_masks(mut read: impl FnMut(u64) -> u64, tries: u32) -> Option<(u32, 
     None
 }
 
-/// What the guest's write protocol ([`write`]) needs from its surroundings.
+/// What the guest's write protocol ([`write()`]) needs from its surroundings.
 pub trait Port {
     type Error;
     /// The u64 at `offset` of this vCPU's mask record (the u32 version is the

@@ -57,7 +57,7 @@ pub enum Call {
     /// M5: deliver this guest's outbox now, before it resumes (the immediate
     /// policy, and the lazy policy's way out when its outbox is full).
     VmqFlush = 12,
-    /// Console output: write the bytes at guest-physical RBX[31:0], RBX[47:32]
+    /// Console output: write the bytes at guest-physical RBX\[31:0\], RBX\[47:32\]
     /// of them (at most [`CONSOLE_MAX`]), to this guest's console, as if
     /// written to its COM1 THR one by one ([`console_arg`]). One exit for a
     /// whole line where the UART costs one per byte.

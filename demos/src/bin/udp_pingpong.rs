@@ -21,7 +21,7 @@
 //! - client: `pingpong.timeout_ms=N` waits N ms for each echo (default 500)
 //!   before counting the ping lost; `pingpong.interval_us=N` starts a ping
 //!   every N µs instead of back to back.
-//! - both: `pingpong.marker=HEX` fills [`MARKER_PAGES`] pages with the pattern
+//! - both: `pingpong.marker=HEX` fills `MARKER_PAGES` (256) pages with the pattern
 //!   of `demos::marker` first and prints `report: marker pages intact: N of
 //!   M` at the end (the `hostile` leg's isolation check: the attacker must
 //!   never see them, and nobody may change them).

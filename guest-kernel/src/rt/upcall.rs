@@ -109,7 +109,7 @@ pub fn init() -> Result<(), UpcallError> {
 
 /// At bring-up, on the boot CPU (while the others start): makes it take
 /// upcalls when the shim offers them. Each application processor sets
-/// itself up before it reports online ([`init_ap`]): no IPI round trip per
+/// itself up before it reports online (`init_ap`): no IPI round trip per
 /// CPU, where every interrupt entry is emulated ring-0 code. A CPU that fails
 /// is logged and left out (the shim then sends it nothing but the pings it
 /// asks for itself); [`taking`] counts the others.

@@ -99,7 +99,7 @@ impl Frame {
     }
 
     /// Takes gdb's general registers, RIP and the RFLAGS bits it may change
-    /// ([`GDB_WRITABLE`]); CS and SS stay: the trap returns to ring 3.
+    /// (`GDB_WRITABLE`); CS and SS stay: the trap returns to ring 3.
     pub fn set_from_gdb(&mut self, regs: &X86_64CoreRegs) {
         for (&r, &i) in regs.regs.iter().zip(&GDB_ORDER) {
             self.0[i] = r;

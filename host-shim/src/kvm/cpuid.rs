@@ -1,6 +1,6 @@
 //! The CPUID a guest vCPU sees: KVM's supported set, filtered.
 //!
-//! Per vCPU we set the APIC id (leaf 1 EBX[31:24], leaves 0xB/0x1F EDX), a flat
+//! Per vCPU we set the APIC id (leaf 1 EBX\[31:24\], leaves 0xB/0x1F EDX), a flat
 //! topology of one core per vCPU, the hypervisor bit, and we replace KVM's own
 //! paravirtual range `0x4000_0000`.. with the Exitless leaves (para-abi discovery).
 

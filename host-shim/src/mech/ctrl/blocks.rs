@@ -4,7 +4,7 @@
 //! The shim owns every vCPU's masks. It maps the mask page read-only
 //! (`KVM_MEM_READONLY`, KVM api.rst §4.35: a guest store is an MMIO exit, refused
 //! and counted here) and the shadow page writable. At each exit of a vCPU
-//! ([`GuestCtrl::at_exit`]) it reads that vCPU's shadow word, applies changed hardware flags
+//! (`GuestCtrl::at_exit`) it reads that vCPU's shadow word, applies changed hardware flags
 //! to CR0 (`KVM_GET/SET_SREGS`) and records the virtual ones; then it publishes
 //! mask changes that were asked for. Mask changes happen only there, on the
 //! vCPU's own thread while the vCPU is out of the guest, after the shadow was

@@ -4,7 +4,7 @@
 //!   read-only/writable memslots, kick addresses.
 //! - [`monitor`] (with [`idle_spin`] and [`waitpkg`]): one thread per host CPU
 //!   consuming the rings designated to it.
-//! - [`redesignate`] and [`bench`]: run-time re-designation and the notification
+//! - [`redesignate`] and [`bench`](mod@bench): run-time re-designation and the notification
 //!   benchmark, for tests and measurements.
 //! - [`report`]: M1's part of the stats JSON.
 //! - here: what an event *means* for one guest ([`GuestDoorbells::event`]), the

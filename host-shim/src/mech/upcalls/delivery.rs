@@ -448,7 +448,7 @@ impl GuestUpcalls {
 
     /// Scheduling use: the shim wants vCPU `vcpu` stopped. True when the stop must
     /// wait, because its window is closed: the window request is then armed and
-    /// the stop retried at the next exit, for at most [`STOP_DEFER_LIMIT`].
+    /// the stop retried at the next exit, for at most `STOP_DEFER_LIMIT`.
     pub fn defer_stop(&self, fd: &mut VcpuFd, vcpu: u32) -> bool {
         if self.delivery != Delivery::Window {
             return false;
@@ -510,7 +510,7 @@ impl GuestUpcalls {
     /// vCPU threads are joined).
     /// Also bounds the stop deferral: a vCPU that waits for its window inside
     /// `KVM_RUN` (spinning or halted with IF = 0) gets no exit by itself, so a
-    /// watchdog kicks it once [`STOP_DEFER_LIMIT`] has passed.
+    /// watchdog kicks it once `STOP_DEFER_LIMIT` has passed.
     pub fn close(self: &Arc<Self>) {
         {
             let mut closed = self.closed();
@@ -549,7 +549,7 @@ impl GuestUpcalls {
     }
 
     /// Waits for the stop watchdog (after the vCPU threads are joined; it
-    /// ends [`STOP_DEFER_LIMIT`] after the stop), so that nothing of the
+    /// ends `STOP_DEFER_LIMIT` after the stop), so that nothing of the
     /// guest outlives its removal.
     pub fn join_watchdog(&self) {
         let h = lock(&self.watchdog).take();

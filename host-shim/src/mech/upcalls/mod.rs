@@ -1,6 +1,6 @@
 //! M3 upcalls, host half (`para_abi::upcall`): the delivery of the shim's
 //! events when the vCPU's interrupt window is open ([`delivery`]), the storm
-//! and poll machinery for tests and comparisons ([`bench`]) and the report
+//! and poll machinery for tests and comparisons ([`bench`](mod@bench)) and the report
 //! ([`report`]), attached to a guest as one [`Mechanism`], [`Upcalls`].
 
 pub mod bench;

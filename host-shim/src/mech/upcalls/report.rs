@@ -13,7 +13,7 @@ pub enum Delivery {
     #[default]
     Window,
     /// The naive comparison: no window request; a poller thread kicks a vCPU
-    /// with a waiting upcall every [`POLL_INTERVAL`] (signal + `immediate_exit`),
+    /// with a waiting upcall every `POLL_INTERVAL` (signal + `immediate_exit`),
     /// and IF is looked at again at each of those exits (or any other), until
     /// it is found set.
     Poll,

@@ -319,7 +319,7 @@ impl Backings {
     /// host `dst` (the destination's window slot): `dst` shows what `src` showed,
     /// `src` shows zeroed pages. Returns the number of `mmap` calls made (runs of
     /// file-contiguous pages share one). On error nothing has changed for either
-    /// guest, except after a failed undo (see [`Self::undo`]).
+    /// guest, except after a failed undo (see `Self::undo`).
     pub fn exchange(
         &mut self,
         src: usize,
