@@ -718,19 +718,8 @@ impl TapBridge {
 
 /// Runs `ip ARGS` (iproute2).
 fn ip(args: &[&str]) -> Result<()> {
-    let out = std::process::Command::new("ip")
-        .args(args)
-        .output()
-        .map_err(|e| Error::failed(format!("cannot run ip (iproute2): {e}")))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(Error::failed(format!(
-            "ip {} failed (the TAP link needs root): {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        )))
-    }
+    crate::infra::iproute::ip(args)
+        .map_err(|e| Error::failed(format!("{e} (the TAP link needs root)")))
 }
 
 impl Drop for TapBridge {

@@ -10,11 +10,11 @@ use std::fs::File;
 use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::infra::iproute::ip;
 use crate::infra::process::Ending;
 use crate::infra::{setup, sys};
 use crate::scenario::pingpong::parse_result;
@@ -136,22 +136,6 @@ impl Drop for NetnsGuard {
         if let Err(e) = ip(&["netns", "del", &self.0]) {
             eprintln!("soak: cleanup: {e}");
         }
-    }
-}
-
-fn ip(args: &[&str]) -> Result<(), String> {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .map_err(|e| format!("running ip {args:?}: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "ip {} failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
     }
 }
 
