@@ -166,16 +166,7 @@ fn app_main_under_shim(
         "delete".to_owned(),
         "detach".to_owned(),
     ];
-    let (shim_run, out) = with_stub(
-        shim_bin,
-        app_guest(image, NAME),
-        "gdb-shim-app",
-        opts,
-        |port| match port {
-            Some(port) => gdb_batch(gdb, image, port, &script, opts.timeout),
-            None => Err("the shim never listened for gdb".to_owned()),
-        },
-    );
+    let (shim_run, out) = shim_app_session(gdb, shim_bin, image, NAME, &script, opts);
     let text = match out {
         Ok(t) => t,
         Err(e) => return vec![(format!("shim app session: gdb ran: {e}"), false)],
@@ -184,34 +175,80 @@ fn app_main_under_shim(
         println!("{text}");
     }
     let mut checks = judge_app_session(&text);
+    checks.push(guest_exit_check("shim app session", NAME, shim_run));
+    print_on_failure("shim app session", &checks, &text);
+    checks
+}
+
+/// One gdb session running `script` against the shim's stub on the app
+/// guest `name`: the shim's run and gdb's output.
+fn shim_app_session(
+    gdb: &Path,
+    shim_bin: &Path,
+    image: &Path,
+    name: &str,
+    script: &[String],
+    opts: &Options,
+) -> (crate::error::Result<shim::Run>, Result<String, String>) {
+    with_stub(
+        shim_bin,
+        app_guest(image, name),
+        &format!("gdb-shim-{name}"),
+        opts,
+        |port| match port {
+            Some(port) => gdb_batch(gdb, image, port, script, opts.timeout),
+            None => Err("the shim never listened for gdb".to_owned()),
+        },
+    )
+}
+
+/// After a session: guest `name` ran on to its own end and exited 0.
+fn guest_exit_check(
+    session: &str,
+    name: &str,
+    shim_run: crate::error::Result<shim::Run>,
+) -> (String, bool) {
     match shim_run {
         Ok(run) => {
-            let exit = run.guest_exit(NAME);
-            checks.push((
-                format!(
-                    "shim app session: after detach the guest ran to its end and exited 0 ({exit})"
-                ),
+            let exit = run.guest_exit(name);
+            (
+                format!("{session}: the guest ran to its end and exited 0 ({exit})"),
                 exit.passed(),
-            ));
+            )
         }
-        Err(e) => checks.push((format!("shim app session: the shim ran: {e}"), false)),
+        Err(e) => (format!("{session}: the shim ran: {e}"), false),
     }
+}
+
+/// Prints gdb's output when a check of `session` failed.
+fn print_on_failure(session: &str, checks: &[(String, bool)], text: &str) {
     if checks.iter().any(|(_, ok)| !ok) {
-        println!("gdb's output (shim app session):\n{text}");
+        println!("gdb's output ({session}):\n{text}");
     }
-    checks
+}
+
+/// `info symbol $pc` named function `func`: "FUNC in section …" or
+/// "FUNC + OFFSET in section …" (a stop may be reported in code inlined
+/// into it, under another name).
+fn stopped_in(text: &str, func: &str) -> bool {
+    text.lines().any(|l| {
+        l.strip_prefix(func).is_some_and(|r| r.starts_with(' ')) && l.contains(" in section ")
+    })
+}
+
+/// The `check-NAME` value printed is a code selector with RPL 3.
+fn ring3(text: &str, name: &str) -> bool {
+    value(text, name).is_some_and(|c| c & 3 == 3)
 }
 
 /// One check per answer of the shim app session.
 fn judge_app_session(text: &str) -> Vec<(String, bool)> {
-    let ring3 = |name: &str| value(text, name).is_some_and(|c| c & 3 == 3);
+    let ring3 = |name: &str| ring3(text, name);
     let (pc0, pc1) = (value(text, "pc0"), value(text, "pc1"));
     vec![
         (
             "shim app session: the breakpoint on the app's main (exitless_app_main) was hit".into(),
-            text.contains("hit Breakpoint 1")
-                && text.contains("exitless_app_main + ")
-                && text.contains("in section .text"),
+            text.contains("hit Breakpoint 1") && stopped_in(text, "exitless_app_main"),
         ),
         (
             format!(
@@ -282,16 +319,7 @@ fn app_to_exit_under_shim(
         "delete".to_owned(),
         "continue".to_owned(),
     ];
-    let (shim_run, out) = with_stub(
-        shim_bin,
-        app_guest(image, NAME),
-        "gdb-shim-app-exit",
-        opts,
-        |port| match port {
-            Some(port) => gdb_batch(gdb, image, port, &script, opts.timeout),
-            None => Err("the shim never listened for gdb".to_owned()),
-        },
-    );
+    let (shim_run, out) = shim_app_session(gdb, shim_bin, image, NAME, &script, opts);
     let text = out.unwrap_or_else(|e| format!("(gdb: {e})"));
     let mut checks = vec![
         (
@@ -301,11 +329,8 @@ fn app_to_exit_under_shim(
                 value(&text, "aprsp")
             ),
             text.contains("Thread 2 hit Breakpoint 1")
-                && text.lines().any(|l| {
-                    // `info symbol`: "NAME in section" or "NAME + OFFSET in section".
-                    l.starts_with("exitless_user_ap ") && l.contains(" in section ")
-                })
-                && value(&text, "apcs").is_some_and(|c| c & 3 == 3)
+                && stopped_in(&text, "exitless_user_ap")
+                && ring3(&text, "apcs")
                 && value(&text, "aprsp").is_some_and(|v| v >= USER_TEXT),
         ),
         (
@@ -314,19 +339,8 @@ fn app_to_exit_under_shim(
                 && text.contains("[Inferior 1 (process 1) exited normally]"),
         ),
     ];
-    match shim_run {
-        Ok(run) => {
-            let exit = run.guest_exit(NAME);
-            checks.push((
-                format!("shim app session 2: the guest exited 0 ({exit})"),
-                exit.passed(),
-            ));
-        }
-        Err(e) => checks.push((format!("shim app session 2: the shim ran: {e}"), false)),
-    }
-    if checks.iter().any(|(_, ok)| !ok) {
-        println!("gdb's output (shim app session 2):\n{text}");
-    }
+    checks.push(guest_exit_check("shim app session 2", NAME, shim_run));
+    print_on_failure("shim app session 2", &checks, &text);
     checks
 }
 
@@ -391,7 +405,7 @@ fn app_main_under_qemu(gdb: &Path, image: &Path, opts: &Options) -> Vec<(String,
                 "QEMU app session: it stopped in ring 3 (CS RPL {:?})",
                 value(&text, "cs").map(|c| c & 3)
             ),
-            value(&text, "cs").is_some_and(|c| c & 3 == 3),
+            ring3(&text, "cs"),
         ),
         (
             "QEMU app session: the backtrace names the runtime's caller (#1 in the ring-3 start code)".into(),
@@ -403,7 +417,7 @@ fn app_main_under_qemu(gdb: &Path, image: &Path, opts: &Options) -> Vec<(String,
                 "QEMU app session: stepi executed one instruction, still in ring 3 (RIP {pc0:?} -> {pc1:?}, CS RPL {:?})",
                 value(&text, "cs1").map(|c| c & 3)
             ),
-            pc0.zip(pc1).is_some_and(|(a, b)| a != b) && value(&text, "cs1").is_some_and(|c| c & 3 == 3),
+            pc0.zip(pc1).is_some_and(|(a, b)| a != b) && ring3(&text, "cs1"),
         ),
         (
             "QEMU app session: gdb detached".into(),
@@ -418,9 +432,7 @@ fn app_main_under_qemu(gdb: &Path, image: &Path, opts: &Options) -> Vec<(String,
             run.as_ref().is_ok_and(|r| r.exit.passed()),
         ),
     ];
-    if checks.iter().any(|(_, ok)| !ok) {
-        println!("gdb's output (QEMU app session):\n{text}");
-    }
+    print_on_failure("QEMU app session", &checks, &text);
     checks
 }
 
@@ -470,9 +482,7 @@ fn interrupt_and_kill(
         )),
         Err(e) => checks.push((format!("the shim ran: {e}"), false)),
     }
-    if checks.iter().any(|(_, ok)| !ok) {
-        println!("gdb's output (interrupt session):\n{text}");
-    }
+    print_on_failure("interrupt session", &checks, &text);
     checks
 }
 
