@@ -30,6 +30,9 @@ unsafe extern "C" {
 
 /// Loads this CPU's IDT and TSS, points GS and the kernel-stack slot at its
 /// per-CPU block, and enables its local APIC.
+///
+/// # Safety
+/// Ring 0, once per CPU, on CPU `cpu` itself, before its first interrupt.
 unsafe fn cpu_init(cpu: usize) {
     let pc = &CPUS[cpu];
     let addr = core::ptr::from_ref(pc) as u64;
@@ -54,6 +57,10 @@ unsafe fn cpu_init(cpu: usize) {
 const USER_RFLAGS: u64 = RFlags::INTERRUPT_FLAG.bits() | (1 << 1);
 
 /// Enters ring 3 at `rip` with stack `rsp`, interrupts enabled, `arg` in RDI.
+///
+/// # Safety
+/// Ring 0, with this CPU set up (`cpu_init`); `rip` is ring-3 code and `rsp`
+/// the top of a ring-3 stack nothing else uses.
 unsafe fn enter_user(rip: u64, rsp: u64, arg: u64) -> ! {
     // SAFETY: builds an interrupt-return frame for CPL 3 (SDM vol 3 §6.14.3);
     // the target is ring-3 code and the stack is ring-3 memory.
