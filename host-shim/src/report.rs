@@ -77,11 +77,13 @@
 //!       "delivered_copy": u64, "delivered_remap": u64, "bytes_sent": u64,
 //!       "received": u64, "bytes_received": u64, "remap_mmaps": u64,
 //!       "drains": u64, "held": u64, "notifications": u64,
+//!       "notifications_quiet": u64,           // of those, not sent: the guest asked for none
 //!       "errors": {reason: u64},              // every reason, zeros included
 //!       "bad_ring": u64, "remap_fragments": u64, "remap_fragment_limit": u64,
 //!       "window_fresh_pages": u64,            // window pages handed out the first time
 //!       "flush_calls": u64, "kick_flushes": u64, "full_flushes": u64,  // its flushes, by way and why
 //!       "waits": u64, "waits_woken": u64,     // kick-page waits, those ended by an arrival
+//!       "flush_waits": u64,                   // immediate flushes that waited too (not in waits)
 //!       "delivered_at_flush": u64, "delivered_at_wait": u64,  // messages, by the drain
 //!       "delivered_at_exit": u64, "delivered_at_worker": u64, // that delivered them
 //!       "bad_kicks": u64                      // kick-page reads and odd-size stores

@@ -50,25 +50,43 @@ pub const KICK_SIZE: u64 = PAGE;
 
 /// What a guest stores at [`KICK`] (8 bytes, little endian): bits 0..24 the
 /// longest wait in µs, bit 32 [`Kick::WAIT`], bit 33 [`Kick::FULL`], bit 34
-/// [`Kick::DONE`], bits 48..64 `seen`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// [`Kick::DONE`] ([`UntilDone::Yes`]), bit 35 [`Kick::HELD_DONE`]
+/// ([`UntilDone::IfHeld`]), bits 48..64 `seen`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Kick {
-    /// Block until more than `seen` arrivals wait in the inbox, or (with
+    /// Block until more than `seen` arrivals wait in the inbox, or (see
     /// `done`) every posted message has been acted on, or `max_us` passes
     /// (0: the shim's longest wait).
     pub wait: bool,
     /// The outbox is full: the only reason a lazy sender flushes (counted).
     pub full: bool,
-    pub done: bool,
+    pub done: UntilDone,
     pub seen: u16,
     /// At most `MAX_US`.
     pub max_us: u32,
+}
+
+/// Whether a [`Kick`] wait also ends once every message the guest posted
+/// has been acted on.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum UntilDone {
+    /// No: only an arrival, the deadline or the guest's end.
+    #[default]
+    No,
+    /// Yes (a sender waiting for its outbox to move).
+    Yes,
+    /// Only if this exit's own delivery held something back
+    /// (`Message::HOLD`). An immediate sender with nothing to do until its
+    /// next arrival sends its flush as such a wait: one exit delivers and
+    /// waits, and it never sleeps behind its own held message.
+    IfHeld,
 }
 
 impl Kick {
     pub const WAIT: u64 = 1 << 32;
     pub const FULL: u64 = 1 << 33;
     pub const DONE: u64 = 1 << 34;
+    pub const HELD_DONE: u64 = 1 << 35;
     pub const MAX_US: u32 = (1 << 24) - 1;
 
     #[must_use]
@@ -85,19 +103,28 @@ impl Kick {
         if self.full {
             v |= Self::FULL;
         }
-        if self.done {
-            v |= Self::DONE;
-        }
+        v |= match self.done {
+            UntilDone::No => 0,
+            UntilDone::Yes => Self::DONE,
+            UntilDone::IfHeld => Self::HELD_DONE,
+        };
         v
     }
 
-    /// Any value decodes; unknown bits are ignored.
+    /// Any value decodes; unknown bits are ignored ([`Kick::DONE`] wins
+    /// over [`Kick::HELD_DONE`]).
     #[must_use]
     pub const fn decode(v: u64) -> Self {
         Self {
             wait: v & Self::WAIT != 0,
             full: v & Self::FULL != 0,
-            done: v & Self::DONE != 0,
+            done: if v & Self::DONE != 0 {
+                UntilDone::Yes
+            } else if v & Self::HELD_DONE != 0 {
+                UntilDone::IfHeld
+            } else {
+                UntilDone::No
+            },
             seen: (v >> 48) as u16,
             max_us: (v as u32) & Self::MAX_US,
         }
@@ -129,6 +156,13 @@ pub const ENTRY_SIZE: usize = 32;
 pub const RING_PRODUCED: u64 = 0;
 pub const RING_CONSUMED: u64 = 64;
 pub const RING_ENTRIES_AT: u64 = 128;
+/// Guest-written u32 on the inbox's `consumed` line: non-zero asks for no
+/// arrival notification (upcall or MSI) while the guest is not in a
+/// kick-page wait. A guest that only ever idles in such waits sets it: the
+/// wait itself sees arrivals, and an upcall to a running vCPU is an exit.
+/// Zero (the default) keeps the notification, for guests that halt.
+pub const INBOX_QUIET: u64 = INBOX + RING_CONSUMED + 4;
+const _: () = assert!(INBOX_QUIET + 4 <= INBOX + RING_ENTRIES_AT);
 const _: () = assert!(INBOX + RING_ENTRIES_AT + RING_ENTRIES as u64 * ENTRY_SIZE as u64 <= OUTBOX);
 const _: () = assert!(OUTBOX + RING_ENTRIES_AT + RING_ENTRIES as u64 * ENTRY_SIZE as u64 <= WINDOW);
 
@@ -543,7 +577,8 @@ mod tests {
 
     proptest! {
         #[test]
-        fn kicks_round_trip(wait: bool, full: bool, done: bool, seen: u16, max_us in 0..=Kick::MAX_US) {
+        fn kicks_round_trip(wait: bool, full: bool, done in 0..3u8, seen: u16, max_us in 0..=Kick::MAX_US) {
+            let done = [UntilDone::No, UntilDone::Yes, UntilDone::IfHeld][usize::from(done)];
             let k = Kick { wait, full, done, seen, max_us };
             prop_assert_eq!(Kick::decode(k.encode()), k);
         }

@@ -19,7 +19,7 @@ use para_abi::discovery::{self, features};
 use para_abi::layout::area;
 use para_abi::vmq::{
     self, Arrival, DirRecord, ENTRY_SIZE, Header, Kick, Message, RING_CONSUMED, RING_ENTRIES,
-    RING_PRODUCED, SendStatus,
+    RING_PRODUCED, SendStatus, UntilDone,
 };
 
 pub use para_abi::vmq::{Policy, Transfer};
@@ -143,8 +143,8 @@ fn open_area() -> Result<Vmq, VmqError> {
 
 impl Vmq {
     fn ctr(&self, off: u64) -> &AtomicU32 {
-        // SAFETY: ring counters are aligned u32s in the area's first page, which
-        // the boot page tables map for ring 3 and the shim keeps for the VM's life.
+        // SAFETY: ring counters (and `INBOX_QUIET`) are aligned u32s on the
+        // rings' counter lines, which the boot page tables map for ring 3 and the shim keeps for the VM's life.
         unsafe { &*((self.base + off as usize) as *const AtomicU32) }
     }
 
@@ -266,13 +266,7 @@ impl Vmq {
     /// Makes the exit that delivers the outbox now.
     pub fn flush(&self) {
         self.flushes.fetch_add(1, Ordering::Relaxed);
-        self.kick(&Kick {
-            wait: false,
-            full: false,
-            done: false,
-            seen: 0,
-            max_us: 0,
-        });
+        self.kick(&Kick::default());
     }
 
     /// The flush of a full outbox: the one reason a lazy sender flushes.
@@ -280,11 +274,8 @@ impl Vmq {
         self.flushes.fetch_add(1, Ordering::Relaxed);
         self.full_flushes.fetch_add(1, Ordering::Relaxed);
         self.kick(&Kick {
-            wait: false,
             full: true,
-            done: false,
-            seen: 0,
-            max_us: 0,
+            ..Kick::default()
         });
     }
 
@@ -335,11 +326,43 @@ impl Vmq {
         self.waits.fetch_add(1, Ordering::Relaxed);
         self.kick(&Kick {
             wait: true,
-            full: false,
-            done,
+            done: if done { UntilDone::Yes } else { UntilDone::No },
             seen: u16::try_from(seen).unwrap_or(u16::MAX),
             max_us,
+            ..Kick::default()
         });
+    }
+
+    /// [`Self::send`] for a guest with nothing to do until its next arrival:
+    /// under [`Policy::Immediate`], unless more than `seen` arrivals already
+    /// wait, the flush is a wait (one exit delivers `m`, then blocks until
+    /// more than `seen` arrivals wait, or `m` has been acted on after being
+    /// held back). Other policies post as `send` does.
+    pub fn send_then_wait(&self, m: &Message, seen: u32) -> u32 {
+        if m.policy != Policy::Immediate as u8 || self.len() > seen {
+            return self.send(m);
+        }
+        let Some(i) = self.post(m) else {
+            return self.send(m);
+        };
+        // Counted as the flush it is (not also as a wait): one exit.
+        self.flushes.fetch_add(1, Ordering::Relaxed);
+        self.kick(&Kick {
+            wait: true,
+            done: UntilDone::IfHeld,
+            seen: u16::try_from(seen).unwrap_or(u16::MAX),
+            ..Kick::default()
+        });
+        i
+    }
+
+    /// Asks the shim for no arrival notification (upcall or interrupt) while
+    /// this guest runs (`vmq::INBOX_QUIET`): right for a guest that idles
+    /// only through [`Self::wait`] / [`Self::wait_for`], which see arrivals
+    /// themselves; each notification to a running vCPU is an exit.
+    pub fn set_quiet(&self, quiet: bool) {
+        self.ctr(vmq::INBOX_QUIET)
+            .store(u32::from(quiet), Ordering::Release);
     }
 
     /// Arrivals waiting in the inbox (a plain read, no exit).

@@ -27,6 +27,7 @@ pub fn json(o: &Options, r: &Outcome) -> Value {
             "hypercall_exits": g.hypercall_exits, "held": g.held, "doorbell_kicks": g.kicks,
             "flush_exits": g.flush_exits, "full_flushes": g.full_flushes, "waits": g.waits,
             "steady_exits": g.steady_exits, "steady_msgs": g.steady_msgs, "pf_taken": g.pf_taken,
+            "host_irq_exits": g.host_irqs,
         })).collect::<Vec<_>>(),
         "steady_exits_per_msg": r.steady_exits_per_msg(),
     })
@@ -56,13 +57,14 @@ pub fn run(o: &Options, json_path: Option<&Path>, verbose: bool) -> Result<()> {
     );
     for g in &r.guests {
         println!(
-            "  {:<9} exits {:>7} (steady {:>6} over {} msgs)  pf_taken {:>6}  sends {:>6}  flush exits {:>5} ({} full)  waits {:>6}",
+            "  {:<9} exits {:>7} (steady {:>6} over {} msgs)  pf_taken {:>6}  host irqs {:>5}  sends {:>6}  flush exits {:>5} ({} full)  waits {:>6}",
             g.name,
             g.exits,
             g.steady_exits
                 .map_or_else(|| "?".to_string(), |x| x.to_string()),
             g.steady_msgs,
             g.pf_taken,
+            g.host_irqs,
             g.sends,
             g.flush_exits,
             g.full_flushes,

@@ -435,6 +435,12 @@ pub struct VmqStats {
     /// Kick-page waits (exits made in place of a halt).
     #[serde(default)]
     pub waits: u64,
+    /// Immediate flushes that waited in the same exit (not in `waits`).
+    #[serde(default)]
+    pub flush_waits: u64,
+    /// Arrival notifications not sent because the guest asked for quiet.
+    #[serde(default)]
+    pub notifications_quiet: u64,
 }
 
 impl VmqStats {

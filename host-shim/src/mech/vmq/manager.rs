@@ -46,6 +46,9 @@ pub struct VmqCounters {
     pub held: AtomicU64,
     /// Arrival interrupts sent to this guest (inbox empty → non-empty).
     pub notifications: AtomicU64,
+    /// Of those, left unsent because the guest asked for none
+    /// (`vmq::INBOX_QUIET`) and was running: it sees them at its next wait.
+    pub notifications_quiet: AtomicU64,
     pub err_outside_ram: AtomicU64,
     pub err_not_owned: AtomicU64,
     pub err_no_such_vm: AtomicU64,
@@ -74,6 +77,9 @@ pub struct VmqCounters {
     pub kick_flushes: AtomicU64,
     pub full_flushes: AtomicU64,
     pub waits: AtomicU64,
+    /// Immediate flushes that waited in the same exit (`UntilDone::IfHeld`;
+    /// not in `waits`): one exit delivered and waited for the next arrival.
+    pub flush_waits: AtomicU64,
     /// Waits that ended with something in the inbox (else: outbox progress,
     /// the deadline, or the guest ending).
     pub waits_woken: AtomicU64,
@@ -101,6 +107,7 @@ pub struct VmqReport {
     pub drains: u64,
     pub held: u64,
     pub notifications: u64,
+    pub notifications_quiet: u64,
     pub errors: std::collections::BTreeMap<&'static str, u64>,
     pub bad_ring: u64,
     pub remap_fragments: u64,
@@ -110,6 +117,7 @@ pub struct VmqReport {
     pub kick_flushes: u64,
     pub full_flushes: u64,
     pub waits: u64,
+    pub flush_waits: u64,
     pub waits_woken: u64,
     pub delivered_at_flush: u64,
     pub delivered_at_wait: u64,
@@ -181,6 +189,7 @@ impl VmqCounters {
             drains: g(&self.drains),
             held: g(&self.held),
             notifications: g(&self.notifications),
+            notifications_quiet: g(&self.notifications_quiet),
             errors: [
                 ("outside_ram", g(&self.err_outside_ram)),
                 ("not_owned", g(&self.err_not_owned)),
@@ -201,6 +210,7 @@ impl VmqCounters {
             kick_flushes: g(&self.kick_flushes),
             full_flushes: g(&self.full_flushes),
             waits: g(&self.waits),
+            flush_waits: g(&self.flush_waits),
             waits_woken: g(&self.waits_woken),
             delivered_at_flush: g(&self.delivered_at_flush),
             delivered_at_wait: g(&self.delivered_at_wait),
@@ -259,8 +269,8 @@ struct Endpoint {
 
 impl Endpoint {
     fn u32_at(&self, off: u64) -> &AtomicU32 {
-        // SAFETY: `off` is a 4-aligned offset inside the first page of the area
-        // (ring counters), which `_keep` keeps mapped for `self`'s lifetime; an
+        // SAFETY: `off` is a 4-aligned offset of a ring's counter lines (or
+        // `INBOX_QUIET` among them) inside the area, which `_keep` keeps mapped for `self`'s lifetime; an
         // AtomicU32 has the size and alignment of u32 and the guest only ever
         // writes it with aligned stores.
         unsafe { &*((self.area_base + off as usize) as *const AtomicU32) }
@@ -574,8 +584,9 @@ impl Manager {
 
     /// Drains guest `id`'s outbox (counted as delivered at a wait), then
     /// blocks the calling thread (the guest's vCPU thread) until more than
-    /// `k.seen` arrivals wait in its inbox, or (`k.done`) every message it
-    /// posted has been acted on, or it is ending, or `k.max_us` (at most
+    /// `k.seen` arrivals wait in its inbox, or (`k.done`: always, or only
+    /// if this first drain held something back) every message it posted
+    /// has been acted on, or it is ending, or `k.max_us` (at most
     /// [`WAIT_MAX`]) passes. True when it returned for an arrival.
     pub fn wait(&self, id: u32, k: &vmq::Kick) -> bool {
         let max = match k.max_us {
@@ -584,6 +595,7 @@ impl Manager {
         };
         let deadline = Instant::now() + max;
         let mut first = true;
+        let mut watch_done = k.done == vmq::UntilDone::Yes;
         // A guest that waits has usually just consumed what it had: senders
         // held back by its full inbox may get through now. Its consuming
         // made no exit, so this is the first moment the shim can know.
@@ -603,17 +615,22 @@ impl Manager {
             e.counters
                 .delivered_at_wait
                 .fetch_add(u64::from(d.delivered), Ordering::Relaxed);
-            if first {
+            let posted = e
+                .u32_at(vmq::OUTBOX + RING_PRODUCED)
+                .load(Ordering::Acquire);
+            if first && k.done == vmq::UntilDone::IfHeld {
+                // An immediate flush that waits: counted as the flush it is.
+                e.counters.flush_waits.fetch_add(1, Ordering::Relaxed);
+                // Its own message held back: it must not sleep behind it.
+                watch_done |= posted != e.outbox_consumed;
+            } else if first {
                 e.counters.waits.fetch_add(1, Ordering::Relaxed);
             }
             let consumed = e.u32_at(vmq::INBOX + RING_CONSUMED).load(Ordering::Acquire);
             // A bogus guest counter reads as "something arrived": it returns.
             let arrived =
                 vmq::occupancy(e.inbox_produced, consumed).is_none_or(|n| n > u32::from(k.seen));
-            let posted = e
-                .u32_at(vmq::OUTBOX + RING_PRODUCED)
-                .load(Ordering::Acquire);
-            let done = k.done && posted == e.outbox_consumed;
+            let done = watch_done && posted == e.outbox_consumed;
             if arrived || done || !e.alive || Instant::now() >= deadline {
                 e.waiting = false;
                 if arrived {
@@ -926,6 +943,13 @@ fn notify_arrival(dst: &Endpoint) {
         // Its vCPU is blocked in `Manager::wait`: waking that thread is the
         // whole notification (the drainer does it, once the manager's lock
         // is free); an interrupt on top would cost it more exits.
+    } else if dst.u32_at(vmq::INBOX_QUIET).load(Ordering::Relaxed) != 0 {
+        // It idles only in kick-page waits, which look at the inbox under
+        // this lock before blocking: nothing is lost, and an upcall to its
+        // running vCPU would cost it an exit.
+        dst.counters
+            .notifications_quiet
+            .fetch_add(1, Ordering::Relaxed);
     } else {
         (dst.notify)();
     }

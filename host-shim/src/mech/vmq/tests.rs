@@ -964,7 +964,11 @@ fn kick(wait: bool, full: bool, done: bool, seen: u16, max_us: u32) -> vmq::Kick
     vmq::Kick {
         wait,
         full,
-        done,
+        done: if done {
+            vmq::UntilDone::Yes
+        } else {
+            vmq::UntilDone::No
+        },
         seen,
         max_us,
     }
@@ -1082,4 +1086,130 @@ fn window_pages_are_reused_lowest_first() {
     }
     // One page of the window was ever handed out: the guest faults once.
     assert_eq!(rcv.counters.window_fresh_pages.load(Ordering::Relaxed), 1);
+}
+
+#[test]
+fn a_quiet_receiver_gets_no_notification_while_running_and_still_wakes_from_a_wait() {
+    let mgr = Arc::new(Manager::new());
+    let snd = TestGuest::new(&mgr, "a");
+    let rcv = TestGuest::new(&mgr, "b");
+    let g = |x: &AtomicU64| x.load(Ordering::Relaxed);
+    rcv.ctr(vmq::INBOX_QUIET).store(1, Ordering::Release);
+    // Running (not in a wait): the empty → non-empty edge sends nothing.
+    snd.post(msg(rcv.id, 0, SRC, 64));
+    mgr.drain(snd.id);
+    assert_eq!(rcv.inbox_len(), 1);
+    assert_eq!(rcv.notified.load(Ordering::Relaxed), 0);
+    assert_eq!(
+        (
+            g(&rcv.counters.notifications),
+            g(&rcv.counters.notifications_quiet)
+        ),
+        (1, 1)
+    );
+    // Its next wait sees the arrival at once: nothing was lost.
+    assert!(mgr.wait(rcv.id, &kick(true, false, false, 0, 1000)));
+    rcv.consume(1);
+    // Blocked in a wait, it is woken by the drain as before.
+    let waiter = loop {
+        let (m2, rid) = (mgr.clone(), rcv.id);
+        let w = std::thread::spawn(move || m2.wait(rid, &kick(true, false, false, 0, 0)));
+        while !mgr.is_waiting(rcv.id) && !w.is_finished() {
+            std::thread::yield_now();
+        }
+        if mgr.is_waiting(rcv.id) {
+            break w;
+        }
+        assert!(!w.join().unwrap(), "nothing had arrived");
+    };
+    snd.post(msg(rcv.id, 0, SRC, 64));
+    mgr.drain(snd.id);
+    assert!(
+        waiter.join().unwrap(),
+        "the quiet receiver woke for its arrival"
+    );
+    assert_eq!(rcv.notified.load(Ordering::Relaxed), 0);
+    // Quiet off again (a guest about to halt): the edge notifies.
+    rcv.consume(1);
+    rcv.ctr(vmq::INBOX_QUIET).store(0, Ordering::Release);
+    snd.post(msg(rcv.id, 0, SRC, 64));
+    mgr.drain(snd.id);
+    assert_eq!(rcv.notified.load(Ordering::Relaxed), 1);
+}
+
+#[test]
+fn a_flush_that_waits_delivers_then_waits_and_never_sleeps_behind_its_own_held_message() {
+    let mgr = Manager::new();
+    let snd = TestGuest::new(&mgr, "a");
+    let rcv = TestGuest::new(&mgr, "b");
+    let g = |x: &AtomicU64| x.load(Ordering::Relaxed);
+    let flush_wait = |seen: u16, max_us: u32| vmq::Kick {
+        done: vmq::UntilDone::IfHeld,
+        ..kick(true, false, false, seen, max_us)
+    };
+    // Delivered by the exit; nothing arrives for the sender: it waits to
+    // its deadline (done alone does not end it: its message went).
+    let i = snd.post(msg(rcv.id, 0, SRC, 64));
+    let t = std::time::Instant::now();
+    assert!(!mgr.wait(snd.id, &flush_wait(0, 3000)));
+    assert!(t.elapsed() >= std::time::Duration::from_millis(3));
+    assert_eq!(snd.status(i), SendStatus::Delivered);
+    assert_eq!(g(&snd.counters.delivered_at_wait), 1);
+    assert_eq!(
+        (g(&snd.counters.flush_waits), g(&snd.counters.waits)),
+        (1, 0)
+    );
+    // Something for the sender already there: it returns at once.
+    rcv.post(msg(snd.id, 0, SRC, 64));
+    mgr.drain(rcv.id);
+    let i = snd.post(msg(rcv.id, 0, SRC, 64));
+    assert!(mgr.wait(snd.id, &flush_wait(0, 0)));
+    assert_eq!(snd.status(i), SendStatus::Delivered);
+    // Held back at a full receiver that stays full: not done, so the wait
+    // runs to its deadline with the message still pending.
+    snd.consume(snd.inbox_len());
+    rcv.consume(rcv.inbox_len());
+    for _ in 0..RING_ENTRIES {
+        snd.post(msg(rcv.id, 0, SRC, 64));
+    }
+    mgr.drain(snd.id);
+    assert_eq!(rcv.inbox_len(), RING_ENTRIES);
+    let hold = |n| Message {
+        flags: Message::HOLD,
+        tag: n,
+        ..msg(rcv.id, 0, SRC, 64)
+    };
+    let i = snd.post(hold(0));
+    assert!(!mgr.wait(snd.id, &flush_wait(0, 2000)));
+    assert_eq!(snd.status(i), SendStatus::Pending);
+    rcv.consume(1);
+    mgr.drain(snd.id);
+    assert_eq!(snd.status(i), SendStatus::Delivered);
+    // Held, and the receiver makes room while the sender waits: the retry
+    // delivers it and the wait ends then, well before its 10 ms deadline
+    // (without `held_done` it would sleep to that deadline behind its own
+    // message). Tried a few times: a loaded host may stall a test thread.
+    let mgr = Arc::new(mgr);
+    let quick = (1..=5).any(|n| {
+        let (m2, sid) = (mgr.clone(), snd.id);
+        let rcv_area = rcv.area;
+        let freer = std::thread::spawn(move || {
+            while !m2.is_waiting(sid) {
+                std::thread::yield_now();
+            }
+            // SAFETY: the receiver's area stays mapped by the manager.
+            let c = unsafe {
+                &*((rcv_area + (vmq::INBOX + RING_CONSUMED) as usize) as *const AtomicU32)
+            };
+            c.fetch_add(1, Ordering::Release);
+            std::time::Instant::now()
+        });
+        let j = snd.post(hold(n));
+        assert!(!mgr.wait(snd.id, &flush_wait(0, 0)));
+        let back = std::time::Instant::now();
+        let room_at = freer.join().unwrap();
+        assert_eq!(snd.status(j), SendStatus::Delivered);
+        back.duration_since(room_at) < super::manager::WAIT_MAX / 2
+    });
+    assert!(quick, "a flush-wait slept behind its own held message");
 }
