@@ -3,7 +3,9 @@
 //! forwards the pages, *write* checks every byte arrived in order and reports.
 //! Kernel command line (every role):
 //! `pipeline.role=read|transform|write [pipeline.next=NAME] [pipeline.mib=64]
-//!  [pipeline.msg=65536] [pipeline.policy=immediate|lazy|doorbell] [pipeline.transfer=copy|remap]`
+//!  [pipeline.msg=65536] [pipeline.policy=immediate|lazy|doorbell] [pipeline.transfer=copy|remap]
+//!  [pipeline.quiet=on|off] [pipeline.flush_wait=on|off]`
+//! (the last two, on by default, exist to measure what they save).
 //!
 //! The writer prints `pipeline-result: {json}` with the bytes verified and
 //! MiB/s (TSC-timed from its first arrival to its last); every role prints a
@@ -37,6 +39,8 @@ mod guest {
         total: u64,
         msg: u32,
         next: Option<u32>,
+        /// The transform's immediate flush waits for its next arrival.
+        flush_wait: bool,
     }
 
     /// `StatsMark` labels: every role marks once it has handled [`warm`]
@@ -126,7 +130,7 @@ mod guest {
         };
         // Every role idles only in kick-page waits, which see arrivals
         // themselves: an arrival upcall to a running role is an exit for nothing.
-        q.set_quiet(true);
+        q.set_quiet(c.get("pipeline.quiet") != Some("off"));
         let num = |k, d: u64| c.get(k).and_then(|s| s.parse().ok()).unwrap_or(d);
         let msg = u32::try_from(num("pipeline.msg", 64 << 10)).unwrap_or(0);
         if !(64..=(2 << 20)).contains(&msg) || !msg.is_power_of_two() {
@@ -146,6 +150,7 @@ mod guest {
             total: num("pipeline.mib", 64) << 20,
             msg,
             next: c.get("pipeline.next").and_then(|n| q.lookup(n)),
+            flush_wait: c.get("pipeline.flush_wait") != Some("off"),
         };
         if !cfg.total.is_multiple_of(u64::from(msg)) {
             println!("pipeline: the stream must be a whole number of messages");
@@ -298,7 +303,11 @@ mod guest {
                 // unless that is already here, its flush waits for it (one
                 // exit instead of a flush and a wait).
                 let m = message(cfg, a.addr, a.len, a.tag);
-                inflight.push_back(q.send_then_wait(&m, k + 1));
+                inflight.push_back(if cfg.flush_wait {
+                    q.send_then_wait(&m, k + 1)
+                } else {
+                    q.send(&m)
+                });
                 forwarded += 1;
             } else {
                 // Nothing new: one exit that delivers what waits in the

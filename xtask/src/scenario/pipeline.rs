@@ -229,7 +229,9 @@ impl Drop for HugePages {
 
 /// The roles ask for quiet arrivals (`vmq::INBOX_QUIET`): a receiver blocked
 /// in a kick-page wait is woken directly, one that runs finds the arrival
-/// at its next look, so no arrival upcall may be requested for them.
+/// at its next look, so no arrival upcall is requested for them — but for
+/// one: an arrival before the receiver opened its queue and asked for quiet
+/// (only the empty → non-empty edge notifies, and it consumes nothing yet).
 fn quiet_checks(run: &shim::Run, checks: &mut Vec<(String, bool)>) {
     for name in ["transform", "write"] {
         let g = run.guest_stats(name);
@@ -240,9 +242,9 @@ fn quiet_checks(run: &shim::Run, checks: &mut Vec<(String, bool)>) {
             .map_or(0, |v| v.notifications_quiet);
         checks.push((
             format!(
-                "{name}: no VM-queue arrival upcalls to a quiet guest ({req} requested; {quiet} notifications left unsent while it ran)"
+                "{name}: no VM-queue arrival upcalls to a quiet guest but one before it asked ({req} requested; {quiet} notifications left unsent while it ran)"
             ),
-            req == 0,
+            req <= 1,
         ));
     }
 }
