@@ -119,7 +119,10 @@ impl Suite for Vmq {
              2 MiB (64 B messages), 16 MiB (4 and 64 KiB) or 512 MiB (2 MiB) per run \
              with every byte verified by the writer. The transform \
              XORs each message in place in its receive window and forwards the same \
-             pages. Immediate: every send is followed by a flush exit (kick page); lazy: \
+             pages. Every role asks for no arrival upcall while it runs (it idles only \
+             in kick-page waits). Immediate: every send is followed by a flush exit \
+             (kick page); the transform's flush also waits for its next arrival when \
+             none is there yet (one exit, not two); lazy: \
              messages wait in the outbox for the sender's next exit, at the latest \
              the kick-page wait it makes instead of halting (a flush only when the \
              outbox is full); doorbell: \

@@ -70,6 +70,19 @@ fn judge(policy: &str, count: u64, opts: &Options, r: &Outcome) -> Vec<(String, 
     for f in &r.guests {
         checks.push(r.run.exit_check(&f.name));
         guest_checks(policy, count, f, &mut checks);
+        // The stack does not ask for quiet arrivals: a frame that finds it
+        // running comes as an M3 upcall, each delivered exactly once.
+        let u = r.run.guest_stats(&f.name).and_then(|g| g.upcalls.as_ref());
+        let (req, del) = u.map_or((0, 0), |u| {
+            (u.requested.vmq_arrival, u.delivered.vmq_arrival)
+        });
+        checks.push((
+            format!(
+                "{}: VM-queue arrival upcalls each delivered once ({del} of {req})",
+                f.name
+            ),
+            u.is_some() && del == req,
+        ));
     }
     match &r.client {
         Some(c) => checks.push((
