@@ -13,21 +13,22 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use kvm_ioctls::{Cap, Kvm};
-use para_abi::doorbell::SourceType;
 use para_abi::doorbell::designation::ANY_SOURCE;
+use para_abi::doorbell::{Event, Op, SourceType};
 use tracing::{info, warn};
 use vm_memory::GuestMemoryBackend;
 
-use crate::cli::Cli;
+use crate::cli::{Cli, RxHandoff};
 use crate::devices::net::Net;
 use crate::devices::serial::Sink;
-use crate::devices::switch::Switch;
+use crate::devices::switch::{DirectRx, Switch};
 use crate::devices::tap::TapError;
 use crate::kvm::acpi::EcamInfo;
 use crate::mech::Upcaller;
 use crate::mech::ctrl::{CtrlError, GuestCtrl};
 use crate::mech::direct::{Channels, DirectError};
 use crate::mech::doorbell::bench::NotifyBench;
+use crate::mech::doorbell::host_lane::HostLane;
 use crate::mech::doorbell::manager::{ManagerError, ParaRegion, Plan, Request, plan};
 use crate::mech::doorbell::monitor::{Monitors, RingTask, SpinBudget};
 use crate::mech::doorbell::redesignate::{self, Redesignation};
@@ -75,17 +76,27 @@ pub fn monitor_cpu(vcpu0: Option<usize>, ncpus: usize) -> usize {
     vcpu0.map_or(n - 1, |c| (c + 1) % n)
 }
 
-/// The guest's one designation: any of its vCPUs to the monitor on `cpu`.
-/// With `spare`, also a spare range on that CPU (`--doorbell-redesignate`).
-fn doorbell_plan(cpu: usize, spare: Option<usize>) -> Result<Plan, ManagerError> {
-    if let Some(s) = spare {
-        return plan(&redesignate::requests(cpu, s));
+/// The guest's designations: any of its vCPUs to the monitor on `cpu`. With
+/// `spare`, also a spare range on that CPU (`--doorbell-redesignate`); with
+/// `host_range`, a range on `cpu` for other host threads' events
+/// (`--rx-handoff monitor`), after the guest's own.
+fn doorbell_plan(cpu: usize, spare: Option<usize>, host_range: bool) -> Result<Plan, ManagerError> {
+    let mut requests = match spare {
+        Some(s) => redesignate::requests(cpu, s),
+        None => vec![Request {
+            source: SourceType::GuestVcpu,
+            source_id: ANY_SOURCE,
+            host_cpu: cpu as u32,
+        }],
+    };
+    if host_range {
+        requests.push(Request {
+            source: SourceType::HostCpu,
+            source_id: ANY_SOURCE,
+            host_cpu: cpu as u32,
+        });
     }
-    plan(&[Request {
-        source: SourceType::GuestVcpu,
-        source_id: ANY_SOURCE,
-        host_cpu: cpu as u32,
-    }])
+    plan(&requests)
 }
 
 /// Builds the para region of `plan` and maps it into guest `g` after its RAM's
@@ -137,6 +148,7 @@ fn attach_net(
         }
     }
     net.run_to_completion = inline_run;
+    let rx_post = net.rx_post.clone();
     let switch_port = net.port_index();
     let inline = net.inline.clone();
     let counters = net.counters.clone();
@@ -184,6 +196,7 @@ fn attach_net(
         doorbell_fds,
         inline: inline_run.then_some(inline),
         switch_port,
+        rx_post,
     })
 }
 
@@ -290,8 +303,9 @@ impl Assembly {
             let spare = cli
                 .doorbell_redesignate
                 .then_some((cpu + 1) % self.ncpus.max(1));
+            let host_range = cli.run_to_completion && cli.rx_handoff == RxHandoff::Monitor;
             Some(
-                doorbell_plan(cpu, spare)
+                doorbell_plan(cpu, spare, host_range)
                     .map_err(|e| err(VmError::Mechanism(format!("doorbells: {e}"))))?,
             )
         } else {
@@ -360,6 +374,17 @@ impl Assembly {
                 ctrl.as_ref(),
             )
             .map_err(err)?;
+            if let Some(lane) = para
+                .as_ref()
+                .and_then(|r| HostLane::open(r, SourceType::HostCpu))
+            {
+                // `--rx-handoff monitor`: frames for this NIC become an event
+                // for its RX queue in the host-written range.
+                let lane = Arc::new(lane);
+                let event = Event::new(nic.pci_device, crate::devices::net::RX as u16, Op::Notify);
+                let post: DirectRx = Arc::new(move || lane.post(event));
+                let _ = nic.rx_post.set(post);
+            }
             g.nics.push(nic);
         }
         let bus = Arc::new(bus);

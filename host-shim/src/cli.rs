@@ -188,6 +188,15 @@ pub struct Cli {
     #[arg(help_heading = MECH, long, value_name = "on|off", default_value = "on", action = clap::ArgAction::Set, value_parser = parse_on_off)]
     pub run_to_completion: bool,
 
+    /// With run to completion, who pushes the frames the switch hands a
+    /// guest's NIC into its RX ring: "sender", the thread that hands them
+    /// over (the TAP reader, the other guest's vCPU or monitor); "monitor",
+    /// that guest's doorbell monitor, to which the sender posts an event
+    /// through a host-written range of the guest's para region (source type
+    /// "host CPU", read-only to the guest). Needs --doorbells on.
+    #[arg(help_heading = MECH, long, value_name = "sender|monitor", default_value = "sender")]
+    pub rx_handoff: RxHandoff,
+
     /// Latency-breakdown stamps (`cargo xtask bench breakdown`): "on" takes
     /// each frame's host TSC stamps and the sender's own, converted to the
     /// receiver's TSC, into the receiver's M4 wait page. Off by default: they
@@ -257,6 +266,26 @@ pub struct Cli {
     /// a system call outside every list, to show how a violation is reported.
     #[arg(help_heading = TEST, long, value_name = "KIND", hide = true)]
     pub seccomp_selftest: Option<String>,
+}
+
+/// Who does a guest NIC's RX work for frames another host thread hands it
+/// (`--rx-handoff`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum RxHandoff {
+    /// The handing thread itself.
+    Sender,
+    /// The guest's doorbell monitor, woken through a host-written range.
+    Monitor,
+}
+
+impl RxHandoff {
+    #[must_use]
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Sender => "sender",
+            Self::Monitor => "monitor",
+        }
+    }
 }
 
 /// How vCPU threads are placed on host CPUs.
@@ -369,6 +398,13 @@ impl Cli {
         if names.windows(2).any(|w| w[0] == w[1]) {
             return Err("guest names must be unique".into());
         }
+        if self.rx_handoff == RxHandoff::Monitor && !(self.doorbells && self.run_to_completion) {
+            return Err(
+                "--rx-handoff monitor hands RX work to the guest's doorbell monitor: it needs \
+                 --doorbells on and --run-to-completion on"
+                    .into(),
+            );
+        }
         Ok(())
     }
 }
@@ -476,6 +512,29 @@ mod tests {
         .unwrap();
         assert!(c.finish().is_err());
         assert!(Cli::try_parse_from(["host-shim", "--bogus"]).is_err());
+    }
+
+    #[test]
+    fn rx_handoff_to_the_monitor_needs_doorbells_and_run_to_completion() {
+        let g = format!("kernel={}", exe());
+        let parse = |extra: &[&str]| {
+            let mut args = vec!["host-shim", "--guest", &g];
+            args.extend_from_slice(extra);
+            let mut c = Cli::try_parse_from(args).unwrap();
+            c.finish().map(|()| c.rx_handoff)
+        };
+        assert_eq!(parse(&[]), Ok(RxHandoff::Sender));
+        assert_eq!(parse(&["--rx-handoff", "monitor"]), Ok(RxHandoff::Monitor));
+        for off in [["--doorbells", "off"], ["--run-to-completion", "off"]] {
+            let e = parse(&[&["--rx-handoff", "monitor"][..], &off[..]].concat()).unwrap_err();
+            assert!(
+                e.contains("--doorbells on and --run-to-completion on"),
+                "{e}"
+            );
+        }
+        assert!(
+            Cli::try_parse_from(["host-shim", "--guest", &g, "--rx-handoff", "worker"]).is_err()
+        );
     }
 
     #[test]

@@ -64,6 +64,8 @@ pub struct ConfigFile {
     pub io_cpu_move_after_irqs: Option<u64>,
     pub io_cpu_move_to: Option<usize>,
     pub run_to_completion: Option<bool>,
+    /// `"sender"` or `"monitor"`.
+    pub rx_handoff: Option<String>,
     pub latency_stamps: Option<bool>,
     pub shadow_flags: Option<bool>,
     pub vmq: Option<bool>,
@@ -142,6 +144,7 @@ impl ConfigFile {
         );
         value("io-cpu-move-to", self.io_cpu_move_to.map(|v| v.to_string()));
         value("run-to-completion", sw(self.run_to_completion));
+        value("rx-handoff", self.rx_handoff.clone());
         value("latency-stamps", sw(self.latency_stamps));
         value("shadow-flags", sw(self.shadow_flags));
         value("vmq", sw(self.vmq));
@@ -256,6 +259,8 @@ mod tests {
             "9",
             "--io-cpu-move-to",
             "0",
+            "--rx-handoff",
+            "sender",
             "--vmq",
             "on",
             "--stats-json",
@@ -285,6 +290,7 @@ hints = false
 io-cpu = 1
 io-cpu-move-after-irqs = 9
 io-cpu-move-to = 0
+rx-handoff = "sender"
 vmq = true
 stats-json = "/tmp/s.json"
 api-sock = "/tmp/api.sock"

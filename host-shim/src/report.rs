@@ -64,7 +64,11 @@
 //!       "rejected": {reason: u64},  // bad_check, unknown_op, wrong_sequence,
 //!                               // unknown_device, unknown_queue, unsupported_op,
 //!                               // bad_kick; non-zero only
-//!       "protected_writes": u64 // guest writes to read-only para pages (MMIO exits)
+//!       "protected_writes": u64,// guest writes to read-only para pages (MMIO exits)
+//!       "host_events": u64,     // events host threads posted through the
+//!       "host_kicks": u64       // host-written range (--rx-handoff monitor), and
+//!                               // the parked-monitor wake-ups they made
+//!                               // (not in events: those are the guest's)
 //!     },
 //!     "ctrl": {                               // M4 (mech::ctrl::report::CtrlReport)
 //!       "offered": bool, "shadow_changes": u64, "hypercall_writes": u64,
@@ -400,12 +404,14 @@ impl Report {
                 let _ = writeln!(
                     s,
                     "  doorbell: events {} sink {} fallback kicks {} overflow drained {} \
-                     protected writes {} rejected {{{}}} | marks {}",
+                     protected writes {} host events {} (kicks {}) rejected {{{}}} | marks {}",
                     d.events,
                     d.sink_events,
                     d.fallback_kicks,
                     d.overflow_drained,
                     d.protected_writes,
+                    d.host_events,
+                    d.host_kicks,
                     pairs(&d.rejected),
                     g.marks.len()
                 );
@@ -596,7 +602,8 @@ mod tests {
             g["doorbell"],
             serde_json::json!({"offered": true, "events": 4, "sink_events": 10,
                 "fallback_kicks": 0, "overflow_drained": 0,
-                "rejected": {"bad_check": 2}, "protected_writes": 0})
+                "rejected": {"bad_check": 2}, "protected_writes": 0,
+                "host_events": 0, "host_kicks": 0})
         );
         assert_eq!(
             g["marks"],

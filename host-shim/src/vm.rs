@@ -94,6 +94,9 @@ pub struct NicInfo {
     pub inline: Option<Arc<crate::devices::net::Inline>>,
     /// Its port on the switch, given back when the guest is removed at run time.
     pub switch_port: usize,
+    /// What the switch's sender runs for this NIC in place of its RX work
+    /// (`--rx-handoff monitor`), set once; see `devices::net::Net::rx_post`.
+    pub rx_post: Arc<std::sync::OnceLock<crate::devices::switch::DirectRx>>,
 }
 
 /// A guest before and while it runs.

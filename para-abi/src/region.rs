@@ -302,7 +302,7 @@ mod tests {
             64,
             0xD000_0000,
         );
-        let d1 = Designation::standard(SourceType::Device, 3, 1, 0x3000, 64, 0xD000_0004);
+        let d1 = Designation::host_written(SourceType::Device, 3, 1, 0x3000, 64);
         let bad = Designation {
             ring_capacity: 3,
             ..d1

@@ -17,7 +17,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::counters::{Reject, RejectCounters};
-use crate::devices::switch::{Port, Switch};
+use crate::devices::switch::{DirectRx, Port, Switch};
 use crate::kvm::memory::GuestMem;
 use crate::pci::virtio_pci::{Activation, F_VERSION_1, NO_VECTOR, VirtioDevice};
 
@@ -164,6 +164,10 @@ pub struct Net {
     /// Offer [`Self::inline`] and push frames from the switch on the sender's
     /// thread (`--run-to-completion`); off: every hand-over wakes the worker.
     pub run_to_completion: bool,
+    /// With run to completion: what the switch's sender runs instead of this
+    /// NIC's RX work (`--rx-handoff monitor`: post an event to the guest's
+    /// monitor, which runs it). Set once the NIC's PCI slot is known.
+    pub rx_post: Arc<std::sync::OnceLock<DirectRx>>,
 }
 
 /// A NIC's queue work, callable from any host thread once the driver has
@@ -231,6 +235,7 @@ impl Net {
             tx_popped: None,
             inline: Arc::default(),
             run_to_completion: false,
+            rx_post: Arc::default(),
         })
     }
 
@@ -334,9 +339,13 @@ impl VirtioDevice for Net {
         if self.run_to_completion {
             self.inline.set(Some(core.clone()));
             // Frames the switch hands this port are pushed into the RX ring on
-            // the sender's thread (no wake-up of this NIC's worker per frame).
-            self.port
-                .set_direct(Some(Arc::new(move || core.process_rx())));
+            // the sender's thread (no wake-up of this NIC's worker per frame),
+            // or announced to the guest's monitor, which does it.
+            let direct: DirectRx = match self.rx_post.get() {
+                Some(post) => post.clone(),
+                None => Arc::new(move || core.process_rx()),
+            };
+            self.port.set_direct(Some(direct));
         }
         let h = std::thread::Builder::new()
             .name(format!("{}-net", self.name))

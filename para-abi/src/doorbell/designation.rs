@@ -15,6 +15,13 @@
 //! | RingStatus @ status_offset  ...  | RingHeader @ ring_offset | slots[capacity] |
 //! ```
 //!
+//! A range for another source type ([`SourceType::HostCpu`],
+//! [`SourceType::Device`]: other host threads waking the same monitor) is
+//! protected whole ([`Designation::host_written`]): its ring lies in the
+//! protected portion, written by the host only, and it has no kick address
+//! (host producers wake the monitor themselves). The guest sees it in the
+//! table and cannot write it.
+//!
 //! The table in the para region holds [`DesignationSlot`]s, each a small seqlock:
 //! the host bumps the entry generation to odd, rewrites the fields, bumps it to
 //! even; a reader that sees an odd generation or a different one after reading
@@ -75,11 +82,13 @@ pub struct Designation {
     pub protected_len: u32,
     /// Offset of the ring's status words, inside the protected portion.
     pub status_offset: u32,
-    /// Offset of the ring's header, inside the writable portion; slots follow it.
+    /// Offset of the ring's header, inside the writable portion (inside the
+    /// protected one for host-written ranges); slots follow it.
     pub ring_offset: u32,
     /// Slots in the ring (a power of two, at most [`MAX_CAPACITY`]).
     pub ring_capacity: u32,
-    /// Guest-physical address of the trapping kick (a 4-byte MMIO write, any value).
+    /// Guest-physical address of the trapping kick (a 4-byte MMIO write, any
+    /// value); 0 for host-written ranges, which have none.
     pub kick_gpa: u64,
 }
 
@@ -92,7 +101,9 @@ pub enum DesignationError {
     BadProtectedLen,
     /// Status words misaligned or not inside the protected portion.
     BadStatusOffset,
-    /// Ring header or slots misaligned, inside the protected portion, or past the end.
+    /// Ring header or slots misaligned, past the end, or on the wrong side of
+    /// the protected portion (a vCPU range's ring outside it, any other's
+    /// inside it, clear of the status words).
     BadRingOffset,
     /// Capacity not a power of two in `2..=MAX_CAPACITY`.
     BadCapacity,
@@ -126,6 +137,42 @@ impl Designation {
         }
     }
 
+    /// A range for host-side producers of source type `source` (not
+    /// [`SourceType::GuestVcpu`]): status at offset 0, the ring's header right
+    /// after it, slots after that, the whole range protected (the guest may
+    /// read it, never write it), no kick address (`kick_gpa` 0).
+    #[must_use]
+    pub const fn host_written(
+        source: SourceType,
+        source_id: u32,
+        host_cpu: u32,
+        range_gpa: u64,
+        capacity: u32,
+    ) -> Self {
+        let header = STATUS_SIZE as u64;
+        let end = header + HEADER_SIZE as u64 + capacity as u64 * SLOT_SIZE as u64;
+        let len = end.div_ceil(PAGE_SIZE) * PAGE_SIZE;
+        Self {
+            source,
+            source_id,
+            host_cpu,
+            range_gpa,
+            range_len: len,
+            protected_len: len as u32,
+            status_offset: 0,
+            ring_offset: header as u32,
+            ring_capacity: capacity,
+            kick_gpa: 0,
+        }
+    }
+
+    /// Whether guests write this range's ring (vCPU ranges) or only the host
+    /// does (every other source type: the ring lies in the protected portion).
+    #[must_use]
+    pub const fn guest_writes(&self) -> bool {
+        matches!(self.source, SourceType::GuestVcpu)
+    }
+
     /// Validates the designation and returns where its ring lies.
     pub const fn ring_layout(&self) -> Result<RingLayout, DesignationError> {
         let Some(_) = self.range_gpa.checked_add(self.range_len) else {
@@ -152,7 +199,14 @@ impl Designation {
         let header = self.ring_offset as u64;
         let slots = header + HEADER_SIZE as u64;
         let end = slots + capacity as u64 * SLOT_SIZE as u64;
-        if !header.is_multiple_of(64) || header < protected || end > self.range_len {
+        // A vCPU range's ring is in the writable portion; a host-written one
+        // lies inside the protected portion, clear of the status words.
+        let placed = if self.guest_writes() {
+            header >= protected
+        } else {
+            end <= protected && (header >= status + STATUS_SIZE as u64 || end <= status)
+        };
+        if !header.is_multiple_of(64) || !placed || end > self.range_len {
             return Err(DesignationError::BadRingOffset);
         }
         Ok(RingLayout {
@@ -342,8 +396,39 @@ mod tests {
         assert_eq!(l.header_offset, PAGE_SIZE);
         assert_eq!(l.slots_offset, PAGE_SIZE + HEADER_SIZE as u64);
         assert_eq!(l.capacity, 256);
-        let big = Designation::standard(SourceType::Device, 0, 0, 0, MAX_CAPACITY, 0);
+        let big = Designation::standard(SourceType::GuestVcpu, 0, 0, 0, MAX_CAPACITY, 0);
         assert!(big.ring_layout().is_ok());
+    }
+
+    #[test]
+    fn host_written_ranges_are_protected_whole() {
+        for source in [SourceType::HostCpu, SourceType::Device] {
+            let d = Designation::host_written(source, ANY_SOURCE, 1, 0x20_0000, MAX_CAPACITY);
+            assert!(!d.guest_writes());
+            // 64 B status + 256 B header + 16 KiB slots -> 5 pages, all protected.
+            assert_eq!(d.range_len, 5 * PAGE_SIZE);
+            assert_eq!(u64::from(d.protected_len), d.range_len);
+            assert_eq!(d.kick_gpa, 0);
+            let l = d.ring_layout().unwrap();
+            assert_eq!(l.status_offset, 0);
+            assert_eq!(l.header_offset, STATUS_SIZE as u64);
+            assert_eq!(l.slots_offset, (STATUS_SIZE + HEADER_SIZE) as u64);
+            // The vCPU layout (ring writable by the guest) is refused for it...
+            let exposed = Designation::standard(source, ANY_SOURCE, 1, 0x20_0000, 256, 0);
+            assert_eq!(exposed.ring_layout(), Err(DesignationError::BadRingOffset));
+            // ...as is a ring over its own status words.
+            let over = Designation {
+                ring_offset: 0,
+                ..d
+            };
+            assert_eq!(over.ring_layout(), Err(DesignationError::BadRingOffset));
+            // And a vCPU range may not have its ring in the protected portion.
+            let hidden = Designation {
+                source: SourceType::GuestVcpu,
+                ..d
+            };
+            assert_eq!(hidden.ring_layout(), Err(DesignationError::BadRingOffset));
+        }
     }
 
     #[test]
@@ -472,12 +557,13 @@ mod tests {
             host_cpu: 0,
             range_gpa: 0x40_0000,
             range_len: 4 * PAGE_SIZE,
-            protected_len: 2 * PAGE_SIZE as u32,
+            protected_len: 4 * PAGE_SIZE as u32,
             status_offset: 64,
             ring_offset: 3 * PAGE_SIZE as u32,
             ring_capacity: 64,
             kick_gpa: 0xD000_1000,
         };
+        assert!(b.ring_layout().is_ok());
         std::thread::scope(|s| {
             s.spawn(|| {
                 for i in 0..20_000 {

@@ -306,6 +306,9 @@ pub struct GuestNumbers {
     pub direct: Option<DirectStats>,
     /// Exitless waits that carried a TX notification.
     pub tx_carried_by_waits: u64,
+    /// Doorbell events host threads posted through its host-written range
+    /// (`--rx-handoff monitor`), as its monitor consumed them.
+    pub host_events: u64,
 }
 
 impl GuestNumbers {
@@ -322,6 +325,7 @@ impl GuestNumbers {
             kvm: guest.kvm_sums(),
             direct: guest.direct.clone(),
             tx_carried_by_waits: guest.ctrl.wait.tx_carried,
+            host_events: guest.doorbell.host_events,
         }
     }
 }

@@ -300,6 +300,12 @@ pub struct DoorbellStats {
     pub rejected: BTreeMap<String, u64>,
     /// Stores into the region's read-only pages, refused.
     pub protected_writes: u64,
+    /// Events host threads posted through the host-written range
+    /// (`--rx-handoff monitor`), and the parked-monitor wake-ups they made.
+    #[serde(default)]
+    pub host_events: u64,
+    #[serde(default)]
+    pub host_kicks: u64,
     /// The notification benchmark's figures (`--notify-bench` only).
     #[serde(default)]
     pub notify_bench: Option<NotifyBench>,

@@ -103,14 +103,26 @@ pub fn plan(requests: &[Request]) -> Result<Plan, ManagerError> {
     let mut next = CONTROL_SIZE as u64;
     let mut designations = Vec::with_capacity(requests.len());
     for (index, r) in requests.iter().enumerate() {
-        let d = Designation::standard(
-            r.source,
-            r.source_id,
-            r.host_cpu,
-            PARA_REGION_BASE + next,
-            RING_CAPACITY,
-            KICK_BASE + index as u64 * KICK_STRIDE,
-        );
+        let d = if r.source == SourceType::GuestVcpu {
+            Designation::standard(
+                r.source,
+                r.source_id,
+                r.host_cpu,
+                PARA_REGION_BASE + next,
+                RING_CAPACITY,
+                KICK_BASE + index as u64 * KICK_STRIDE,
+            )
+        } else {
+            // Other host threads' range (reference text claims 2 and 6): the
+            // ring in the protected portion, no guest kick.
+            Designation::host_written(
+                r.source,
+                r.source_id,
+                r.host_cpu,
+                PARA_REGION_BASE + next,
+                RING_CAPACITY,
+            )
+        };
         d.ring_layout()
             .map_err(|error| ManagerError::BadDesignation { index, error })?;
         let protected = u64::from(d.protected_len);
@@ -238,7 +250,14 @@ impl ParaRegion {
     /// change (ioeventfd, irqfd) waits for the SRCU grace period that change
     /// started, measured at 5–15 ms per slot on this project's hosts.
     pub fn bind_kicks(&self, vm: &VmFd) -> Result<(), ManagerError> {
-        for (d, e) in self.plan.designations.iter().zip(&self.kicks) {
+        // Host-written ranges have no guest kick: their producers write the eventfd.
+        for (d, e) in self
+            .plan
+            .designations
+            .iter()
+            .zip(&self.kicks)
+            .filter(|(d, _)| d.guest_writes())
+        {
             vm.register_ioevent(e, &IoEventAddress::Mmio(d.kick_gpa), NoDatamatch)
                 .map_err(|source| ManagerError::Ioeventfd {
                     addr: d.kick_gpa,
@@ -261,7 +280,7 @@ impl ParaRegion {
             .plan
             .designations
             .iter()
-            .position(|d| d.kick_gpa == addr)?;
+            .position(|d| d.guest_writes() && d.kick_gpa == addr)?;
         self.kicks.get(i)
     }
 }

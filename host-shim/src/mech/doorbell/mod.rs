@@ -13,6 +13,7 @@
 //!   guest's [`Mechanism`].
 
 pub mod bench;
+pub mod host_lane;
 pub mod idle_spin;
 pub mod manager;
 pub mod monitor;
@@ -88,6 +89,11 @@ pub struct Counters {
     pub protected_writes: AtomicU64,
     /// Events whose queue work the monitor ran itself (run to completion).
     pub inline_runs: AtomicU64,
+    /// Events other host threads posted through a host-written range
+    /// (`host_lane`; not in `events`, which are the guest's), and the
+    /// wake-ups of a parked monitor they made.
+    pub host_events: AtomicU64,
+    pub host_kicks: AtomicU64,
     pub rejected: Tally<Rejected>,
 }
 
@@ -219,6 +225,14 @@ impl GuestDoorbells {
         }
     }
 
+    /// Runs one event another host thread posted (`host_lane`): counted as a
+    /// host event, not as one of the guest's notifications.
+    pub fn host_event(&self, e: Event) {
+        if self.notify(e.device, e.queue, e.op) {
+            bump(&self.counters.host_events);
+        }
+    }
+
     /// Counts a slot the consumer refused.
     pub fn rejected(&self, r: RejectReason) {
         self.reject(Rejected::from_ring(r), format_args!("{r:?}"));
@@ -267,6 +281,8 @@ impl GuestDoorbells {
             overflow_notified: get(&c.overflow_notified),
             protected_writes: get(&c.protected_writes),
             inline_runs: get(&c.inline_runs),
+            host_events: get(&c.host_events),
+            host_kicks: get(&c.host_kicks),
             rejected: c.rejected.snapshot(),
         }
     }
@@ -282,6 +298,8 @@ pub struct Snapshot {
     pub overflow_notified: u64,
     pub protected_writes: u64,
     pub inline_runs: u64,
+    pub host_events: u64,
+    pub host_kicks: u64,
     pub rejected: std::collections::BTreeMap<&'static str, u64>,
 }
 
@@ -451,6 +469,8 @@ impl Mechanism for Doorbells {
             overflow_notified: s.overflow_notified,
             rejected: s.rejected,
             protected_writes: s.protected_writes,
+            host_events: s.host_events,
+            host_kicks: s.host_kicks,
             notify_bench: self.guest.bench.get().map(|b| b.report()),
         };
     }

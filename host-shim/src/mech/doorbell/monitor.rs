@@ -45,6 +45,8 @@ pub struct RingTask {
     pub guest: Arc<GuestDoorbells>,
     pub kick: EventFd,
     consumer: Consumer,
+    /// Host threads write this range (`host_lane`), not the guest.
+    host: bool,
     /// The guest asks the monitor to keep polling instead of parking (M4 flag
     /// "keep polling my doorbell range", M4).
     pub keep_polling: Option<Arc<dyn Fn() -> bool + Send + Sync>>,
@@ -63,12 +65,18 @@ impl RingTask {
             .get(index)
             .ok_or_else(|| std::io::Error::other("no such designation"))?
             .try_clone()?;
+        let host = region
+            .plan
+            .designations
+            .get(index)
+            .is_some_and(|d| !d.guest_writes());
         Ok(Self {
             region,
             index,
             guest,
             kick,
             consumer: Consumer::new(),
+            host,
             keep_polling: None,
         })
     }
@@ -94,7 +102,11 @@ impl RingTask {
                         before_work();
                     }
                     crate::breakdown::NOTIFY_SEEN.store(crate::breakdown::now(), Ordering::Relaxed);
-                    self.guest.event(e);
+                    if self.host {
+                        self.guest.host_event(e);
+                    } else {
+                        self.guest.event(e);
+                    }
                 }
                 Polled::Rejected(r) => self.guest.rejected(r.reason),
                 Polled::Empty => break,
@@ -117,14 +129,29 @@ impl RingTask {
         }
     }
 
-    /// Adds what the kick eventfd counted to the guest's fallback kicks.
+    /// Adds what the kick eventfd counted to the guest's fallback kicks (or,
+    /// for a host-written range, to the host producers' wake-ups).
     fn count_kicks(&self) {
         if let Ok(n) = self.kick.read() {
-            self.guest
-                .counters
-                .fallback_kicks
-                .fetch_add(n, Ordering::Relaxed);
+            let c = &self.guest.counters;
+            if self.host {
+                &c.host_kicks
+            } else {
+                &c.fallback_kicks
+            }
+            .fetch_add(n, Ordering::Relaxed);
         }
+    }
+
+    /// Parks this ring alone (tests of producers): true when it parked.
+    #[cfg(test)]
+    pub(crate) fn park_for_test(&self) -> bool {
+        self.park() == Park::Sleep
+    }
+
+    #[cfg(test)]
+    pub(crate) fn count_kicks_for_test(&self) {
+        self.count_kicks();
     }
 }
 

@@ -19,6 +19,10 @@ pub struct DoorbellReport {
     pub overflow_notified: u64,
     pub rejected: BTreeMap<&'static str, u64>,
     pub protected_writes: u64,
+    /// Events other host threads posted through the guest's host-written
+    /// range (`--rx-handoff monitor`), and wake-ups of a parked monitor they made.
+    pub host_events: u64,
+    pub host_kicks: u64,
     /// The notification benchmark's figures (`--notify-bench` only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub notify_bench: Option<BenchReport>,
