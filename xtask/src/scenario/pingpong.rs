@@ -895,6 +895,7 @@ mod tests {
                 kvm: BTreeMap::new(),
                 direct: None,
                 tx_carried_by_waits: 0,
+                host_events: 0,
             }),
         };
         assert_eq!(g.exits_per_packet(), Some(2.0));

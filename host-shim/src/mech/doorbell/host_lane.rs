@@ -30,6 +30,7 @@ pub struct HostLane {
 impl HostLane {
     /// The producer end of `region`'s first range designated for `source`;
     /// `None` when it has none (or `source` is the guest's own).
+    #[must_use]
     pub fn open(region: &Arc<ParaRegion>, source: SourceType) -> Option<Self> {
         if source == SourceType::GuestVcpu {
             return None;
