@@ -15,6 +15,7 @@ use std::time::Duration;
 use kvm_ioctls::{Cap, Kvm};
 use para_abi::doorbell::designation::ANY_SOURCE;
 use para_abi::doorbell::{Event, Op, SourceType};
+use para_abi::region::Route;
 use tracing::{info, warn};
 use vm_memory::GuestMemoryBackend;
 
@@ -78,17 +79,28 @@ pub fn monitor_cpu(vcpu0: Option<usize>, ncpus: usize) -> usize {
 
 /// The guest's designations: any of its vCPUs to the monitor on `cpu`. With
 /// `spare`, also a spare range on that CPU (`--doorbell-redesignate`); with
-/// `host_range`, a range on `cpu` for other host threads' events
-/// (`--rx-handoff monitor`), after the guest's own.
-fn doorbell_plan(cpu: usize, spare: Option<usize>, host_range: bool) -> Result<Plan, ManagerError> {
+/// `nic_cpu` (another CPU), a second vCPU range on that CPU's monitor for
+/// its NIC queues (`--doorbell-nic-cpu`); with `host_range`, a range on `cpu`
+/// for other host threads' events (`--rx-handoff monitor`), after the
+/// guest's own.
+fn doorbell_plan(
+    cpu: usize,
+    spare: Option<usize>,
+    nic_cpu: Option<usize>,
+    host_range: bool,
+) -> Result<Plan, ManagerError> {
+    let any = |cpu: usize| Request {
+        source: SourceType::GuestVcpu,
+        source_id: ANY_SOURCE,
+        host_cpu: cpu as u32,
+    };
     let mut requests = match spare {
         Some(s) => redesignate::requests(cpu, s),
-        None => vec![Request {
-            source: SourceType::GuestVcpu,
-            source_id: ANY_SOURCE,
-            host_cpu: cpu as u32,
-        }],
+        None => vec![any(cpu)],
     };
+    if let Some(n) = nic_cpu.filter(|&n| n != cpu) {
+        requests.push(any(n));
+    }
     if host_range {
         requests.push(Request {
             source: SourceType::HostCpu,
@@ -304,8 +316,17 @@ impl Assembly {
                 .doorbell_redesignate
                 .then_some((cpu + 1) % self.ncpus.max(1));
             let host_range = cli.run_to_completion && cli.rx_handoff == RxHandoff::Monitor;
+            if let Some(n) = cli.doorbell_nic_cpu
+                && n >= self.ncpus.max(1)
+            {
+                return Err(err(VmError::Mechanism(format!(
+                    "--doorbell-nic-cpu {n}: this host has {} CPUs (0 to {})",
+                    self.ncpus.max(1),
+                    self.ncpus.max(1) - 1
+                ))));
+            }
             Some(
-                doorbell_plan(cpu, spare, host_range)
+                doorbell_plan(cpu, spare, cli.doorbell_nic_cpu, host_range)
                     .map_err(|e| err(VmError::Mechanism(format!("doorbells: {e}"))))?,
             )
         } else {
@@ -374,6 +395,20 @@ impl Assembly {
                 ctrl.as_ref(),
             )
             .map_err(err)?;
+            if let Some(r) = &para {
+                // Claim 5: the guest picks, per NIC queue, the range of the
+                // host CPU that serves it.
+                let serves = cli.doorbell_nic_cpu.unwrap_or(cpu) as u32;
+                let routes: Vec<Route> = [crate::devices::net::RX, crate::devices::net::TX]
+                    .iter()
+                    .map(|&q| Route {
+                        device: nic.pci_device,
+                        queue: q as u16,
+                        host_cpu: serves,
+                    })
+                    .collect();
+                r.control().set_routes(&routes);
+            }
             if let Some(lane) = para
                 .as_ref()
                 .and_then(|r| HostLane::open(r, SourceType::HostCpu))
@@ -530,5 +565,42 @@ impl Assembly {
             cli.doorbell_spin_class,
         )
         .map_err(AssembleError::Monitors)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn doorbell_plans_add_a_nic_range_and_a_host_range_after_the_guests_own() {
+        let sources = |p: &Plan| -> Vec<(SourceType, u32, u32)> {
+            p.designations
+                .iter()
+                .map(|d| (d.source, d.source_id, d.host_cpu))
+                .collect()
+        };
+        let any = |cpu| (SourceType::GuestVcpu, ANY_SOURCE, cpu);
+        assert_eq!(
+            sources(&doorbell_plan(1, None, None, false).unwrap()),
+            [any(1)]
+        );
+        // The NIC's CPU is the guest's own: one range serves both.
+        assert_eq!(
+            sources(&doorbell_plan(1, None, Some(1), false).unwrap()),
+            [any(1)]
+        );
+        let p = doorbell_plan(1, None, Some(0), true).unwrap();
+        assert_eq!(
+            sources(&p),
+            [any(1), any(0), (SourceType::HostCpu, ANY_SOURCE, 1)]
+        );
+        assert!(p.designations[2].kick_gpa == 0 && !p.designations[2].guest_writes());
+        // With a spare range (re-designation) first: the ranges it swaps stay
+        // at 0 and 1.
+        let p = doorbell_plan(1, Some(0), Some(0), false).unwrap();
+        assert_eq!(p.designations.len(), 3);
+        assert_eq!(sources(&p)[0], any(1));
+        assert_eq!(sources(&p)[2], any(0));
     }
 }

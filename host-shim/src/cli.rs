@@ -99,6 +99,15 @@ pub struct Cli {
     #[arg(help_heading = MECH, long, value_name = "on|off", default_value = "on", action = clap::ArgAction::Set, value_parser = parse_on_off)]
     pub doorbells: bool,
 
+    /// The host CPU whose doorbell monitor serves the guests' NIC queues.
+    /// Each guest gets a vCPU range on that CPU's monitor besides its own,
+    /// and the para region's queue routes name that CPU for every NIC queue:
+    /// the guest writes a NIC event into the range of the CPU its route names
+    /// (other devices' events into its own range). Unset: its own monitor's
+    /// CPU, one range (the routes name it all the same).
+    #[arg(help_heading = TUNE, long, value_name = "CPU")]
+    pub doorbell_nic_cpu: Option<usize>,
+
     /// How long a doorbell monitor spins (pause loop) on empty rings before it
     /// parks and sleeps until a trapping kick, in microseconds. Spinning costs a
     /// host CPU; the default (50) keeps an idle 2-core machine idle. 0 = park at once.

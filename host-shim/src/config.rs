@@ -49,6 +49,7 @@ pub struct ConfigFile {
     pub pin: Option<String>,
     pub doorbells: Option<bool>,
     pub doorbell_spin_us: Option<u64>,
+    pub doorbell_nic_cpu: Option<usize>,
     pub doorbell_spin_max_us: Option<u64>,
     /// `"idle"` or `"normal"`.
     pub doorbell_spin_class: Option<String>,
@@ -123,6 +124,10 @@ impl ConfigFile {
         value(
             "doorbell-spin-us",
             self.doorbell_spin_us.map(|v| v.to_string()),
+        );
+        value(
+            "doorbell-nic-cpu",
+            self.doorbell_nic_cpu.map(|v| v.to_string()),
         );
         value(
             "doorbell-spin-max-us",
@@ -249,6 +254,8 @@ mod tests {
             "off",
             "--doorbell-spin-us",
             "7",
+            "--doorbell-nic-cpu",
+            "0",
             "--upcalls",
             "poll",
             "--hints",
@@ -285,6 +292,7 @@ mod tests {
 pin = "sidecore"
 doorbells = false
 doorbell-spin-us = 7
+doorbell-nic-cpu = 0
 upcalls = "poll"
 hints = false
 io-cpu = 1

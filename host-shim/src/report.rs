@@ -32,7 +32,8 @@
 //!     "spin_class": "idle" | "normal",        // --doorbell-spin-class (as applied)
 //!     "idle_spins": u64,                      // spins begun at SCHED_IDLE
 //!     "starved_boosts": u64,                  // raised by the watch after 1 ms starved
-//!     "parks": u64                            // sleeps until a kick (or the timeout)
+//!     "parks": u64,                           // sleeps until a kick (or the timeout)
+//!     "served": u64                           // ring records and overflow entries consumed
 //!   }],
 //!   "guests": [{
 //!     "name": str,

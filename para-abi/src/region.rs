@@ -5,6 +5,8 @@
 //! ```text
 //! offset 0     RegionHeader (128 bytes)
 //! offset 128   designation table: TABLE_CAPACITY × DesignationSlot (64 bytes each)
+//! offset 2304  queue routes: ROUTE_CAPACITY × u64, which host CPU serves
+//!              each device queue (see [`Route`])
 //! ...          (the rest of the first page is reserved)
 //! ranges       anywhere in guest RAM the table says (the shim puts them after
 //!              the first page of the region; see `doorbell::designation`)
@@ -22,6 +24,12 @@
 //! the guest writes into designated ranges only while it is [`WRITING_ALLOWED`].
 //! Where the shim can interrupt the guest, it also raises
 //! [`RegionHeader::notify_vector`] after either changes; otherwise the guest polls.
+//!
+//! The *queue routes* say which host CPU serves each device queue: the
+//! guest's event source manager keeps the association between its ranges
+//! and their host CPUs (each designation names one) and writes an event for
+//! a queue into a range of the CPU its route names (reference text claim 5).
+//! The same generation covers them.
 
 use core::sync::atomic::{AtomicU32, AtomicU64, Ordering, fence};
 
@@ -37,8 +45,55 @@ pub const HEADER_SIZE: usize = 128;
 pub const TABLE_OFFSET: usize = HEADER_SIZE;
 /// Entries in the designation table.
 pub const TABLE_CAPACITY: usize = 32;
-/// Bytes at the start of the region holding header and table (one page).
+/// Offset of the queue-route table in the region.
+pub const ROUTE_OFFSET: usize = 2304;
+/// Entries in the queue-route table.
+pub const ROUTE_CAPACITY: usize = 64;
+/// Bytes at the start of the region holding header and tables (one page).
 pub const CONTROL_SIZE: usize = 4096;
+
+/// One queue route: events for `device`'s queue `queue` go to a range of
+/// `host_cpu`'s monitor. Stored as one u64: bit 63 set for a used entry,
+/// bits 32..63 the host CPU (31 bits), 16..32 the queue, 0..8 the device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Route {
+    pub device: u8,
+    pub queue: u16,
+    pub host_cpu: u32,
+}
+
+impl Route {
+    const USED: u64 = 1 << 63;
+    /// Host CPUs a route can name (31 bits).
+    pub const MAX_CPU: u32 = (1 << 31) - 1;
+
+    /// The stored word; `None` for a host CPU beyond [`Route::MAX_CPU`].
+    #[must_use]
+    pub const fn encode(&self) -> Option<u64> {
+        if self.host_cpu > Self::MAX_CPU {
+            return None;
+        }
+        Some(
+            Self::USED
+                | (self.host_cpu as u64) << 32
+                | (self.queue as u64) << 16
+                | self.device as u64,
+        )
+    }
+
+    /// `None` for a free entry; any used word decodes (unused bits ignored).
+    #[must_use]
+    pub const fn decode(v: u64) -> Option<Self> {
+        if v & Self::USED == 0 {
+            return None;
+        }
+        Some(Self {
+            device: v as u8,
+            queue: (v >> 16) as u16,
+            host_cpu: ((v >> 32) as u32) & Self::MAX_CPU,
+        })
+    }
+}
 
 /// [`RegionHeader::writing_allowed`]: the guest must not write into ranges.
 pub const WRITING_FORBIDDEN: u32 = 0;
@@ -88,7 +143,9 @@ const _: () = {
     assert!(offset_of!(RegionHeader, writing_allowed) == 36);
     assert!(offset_of!(RegionHeader, generation) == 40);
     assert!(offset_of!(RegionHeader, notify_vector) == 48);
-    assert!(TABLE_OFFSET + TABLE_CAPACITY * SLOT_BYTES <= CONTROL_SIZE);
+    assert!(TABLE_OFFSET + TABLE_CAPACITY * SLOT_BYTES <= ROUTE_OFFSET);
+    assert!(ROUTE_OFFSET.is_multiple_of(64));
+    assert!(ROUTE_OFFSET + ROUTE_CAPACITY * 8 <= CONTROL_SIZE);
 };
 
 /// Why memory is not a para region this crate understands.
@@ -113,6 +170,8 @@ pub struct Region<'a> {
     pub header: &'a RegionHeader,
     /// The designation table.
     pub table: &'a [DesignationSlot; TABLE_CAPACITY],
+    /// The queue routes ([`Route`] words).
+    pub routes: &'a [AtomicU64; ROUTE_CAPACITY],
 }
 
 impl Region<'_> {
@@ -133,6 +192,7 @@ impl Region<'_> {
                 table: &*base
                     .add(TABLE_OFFSET)
                     .cast::<[DesignationSlot; TABLE_CAPACITY]>(),
+                routes: &*base.add(ROUTE_OFFSET).cast::<[AtomicU64; ROUTE_CAPACITY]>(),
             }
         }
     }
@@ -178,6 +238,9 @@ impl Region<'_> {
         for slot in self.table {
             slot.write(None);
         }
+        for r in self.routes {
+            r.store(0, Ordering::Relaxed);
+        }
         h.version.store(VERSION, Ordering::Relaxed);
         h.header_size.store(HEADER_SIZE as u32, Ordering::Relaxed);
         h.region_size.store(region_size, Ordering::Relaxed);
@@ -212,6 +275,51 @@ impl Region<'_> {
         let next = (g | 1).wrapping_add(1);
         h.generation.store(next, Ordering::Release);
         next
+    }
+
+    /// Host: publishes the queue routes (entries past [`ROUTE_CAPACITY`], and
+    /// routes naming a CPU beyond [`Route::MAX_CPU`], are left out), the rest
+    /// freed, under one odd/even bump of the generation. Returns how many were
+    /// published.
+    #[allow(clippy::must_use_candidate)] // the count is informational
+    pub fn set_routes(&self, routes: &[Route]) -> usize {
+        let h = self.header;
+        let g = h.generation.load(Ordering::Relaxed);
+        h.generation.store(g | 1, Ordering::Relaxed);
+        fence(Ordering::Release);
+        let mut words = routes.iter().filter_map(Route::encode);
+        let mut n = 0;
+        for slot in self.routes {
+            let w = words.next().unwrap_or(0);
+            n += usize::from(w != 0);
+            slot.store(w, Ordering::Relaxed);
+        }
+        h.generation
+            .store((g | 1).wrapping_add(1), Ordering::Release);
+        n
+    }
+
+    /// Guest: a consistent copy of the queue routes (as [`Self::snapshot`]).
+    pub fn snapshot_routes(
+        &self,
+        out: &mut [Option<Route>; ROUTE_CAPACITY],
+        attempts: u32,
+    ) -> Result<u64, RegionError> {
+        for _ in 0..attempts {
+            let g1 = self.header.generation.load(Ordering::Acquire);
+            if g1 & 1 != 0 {
+                core::hint::spin_loop();
+                continue;
+            }
+            for (slot, out) in self.routes.iter().zip(out.iter_mut()) {
+                *out = Route::decode(slot.load(Ordering::Relaxed));
+            }
+            fence(Ordering::Acquire);
+            if self.header.generation.load(Ordering::Relaxed) == g1 {
+                return Ok(g1);
+            }
+        }
+        Err(RegionError::Busy)
     }
 
     /// Host: the memory writing notification.
@@ -319,6 +427,47 @@ mod tests {
         assert_eq!(guest.snapshot(&mut out, 4), Err(RegionError::Busy));
         host.header.version.store(9, Ordering::Relaxed);
         assert_eq!(guest.check(), Err(RegionError::BadVersion(9)));
+    }
+
+    #[test]
+    fn routes_publish_read_back_and_bump_the_generation() {
+        let mut page = Page([0xEE; CONTROL_SIZE]);
+        let base = page.0.as_mut_ptr();
+        // SAFETY: a local, aligned page accessed only through the regions below.
+        let host = unsafe { Region::from_raw(base) };
+        host.init(0x10_0000, 0);
+        // SAFETY: as above.
+        let guest = unsafe { Region::open(base, 0x10_0000) }.unwrap();
+        let mut out = [None; ROUTE_CAPACITY];
+        assert_eq!(guest.snapshot_routes(&mut out, 4), Ok(0));
+        assert!(
+            out.iter().all(Option::is_none),
+            "init clears the 0xEE bytes"
+        );
+        let rx = Route {
+            device: 1,
+            queue: 0,
+            host_cpu: 7,
+        };
+        let tx = Route { queue: 1, ..rx };
+        let far = Route {
+            host_cpu: u32::MAX,
+            ..rx
+        };
+        assert_eq!(host.set_routes(&[rx, far, tx]), 2);
+        assert_eq!(guest.snapshot_routes(&mut out, 4), Ok(2));
+        assert_eq!(&out[..3], &[Some(rx), Some(tx), None]);
+        let many = [rx; ROUTE_CAPACITY + 3];
+        assert_eq!(host.set_routes(&many), ROUTE_CAPACITY);
+        host.header.generation.store(5, Ordering::Relaxed);
+        assert_eq!(guest.snapshot_routes(&mut out, 4), Err(RegionError::Busy));
+        for v in [0, 1 << 63, u64::MAX, 0x7FFF_FFFF_FFFF_FFFF] {
+            let r = Route::decode(v);
+            assert_eq!(r.is_some(), v >> 63 == 1);
+            if let Some(r) = r {
+                assert_eq!(Route::decode(r.encode().unwrap()), Some(r));
+            }
+        }
     }
 
     #[test]

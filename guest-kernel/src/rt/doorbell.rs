@@ -13,12 +13,12 @@
 use crate::abi::vector;
 use crate::arch::BOOT;
 use core::fmt;
-use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use para_abi::discovery::{self, features};
 use para_abi::doorbell::designation::{ANY_SOURCE, Designation, SourceType};
 use para_abi::doorbell::record::Event;
 use para_abi::doorbell::ring::{Ring, Sent, Via};
-use para_abi::region::{Region, TABLE_CAPACITY};
+use para_abi::region::{ROUTE_CAPACITY, Region, Route, TABLE_CAPACITY};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DoorbellError {
@@ -53,6 +53,8 @@ struct Lane {
     slots: *const AtomicU64,
     kick: *mut u32,
     designation: Designation,
+    /// Designated for "any vCPU" now (a spare range is not, until a move).
+    usable: AtomicBool,
 }
 
 /// Most vCPU ranges the manager keeps (the active one and spares it may be
@@ -67,6 +69,11 @@ pub struct Doorbells {
     current: AtomicUsize,
     /// The table generation `current` was chosen under.
     generation: AtomicU64,
+    /// The shim's queue routes (`para_abi::region::Route` words, a copy):
+    /// which host CPU serves each device queue.
+    routes: [AtomicU64; ROUTE_CAPACITY],
+    /// Events written into the range of the host CPU their queue's route named.
+    routed: AtomicU64,
     sent: AtomicU64,
     overflowed: AtomicU64,
     kicks: AtomicU64,
@@ -148,6 +155,9 @@ fn open() -> Result<Doorbells, DoorbellError> {
         lanes.push(lane(d, gpa, end)?);
     }
     let current = current_lane(&table, &lanes).ok_or(DoorbellError::NoDesignation)?;
+    mark_usable(&table, &lanes);
+    let routes = [const { AtomicU64::new(0) }; ROUTE_CAPACITY];
+    copy_routes(&region, &routes);
     if region.header.notify_vector.load(Ordering::Relaxed) == u32::from(vector::DOORBELL_NOTIFY) {
         crate::rt::irq::register(vector::DOORBELL_NOTIFY, on_designation_notify);
     }
@@ -161,6 +171,8 @@ fn open() -> Result<Doorbells, DoorbellError> {
         lanes,
         current: AtomicUsize::new(current),
         generation: AtomicU64::new(generation),
+        routes,
+        routed: AtomicU64::new(0),
         sent: AtomicU64::new(0),
         overflowed: AtomicU64::new(0),
         kicks: AtomicU64::new(0),
@@ -200,7 +212,31 @@ fn lane(d: &Designation, gpa: u64, end: u64) -> Result<Lane, DoorbellError> {
         slots: (d.range_gpa + layout.slots_offset) as *const AtomicU64,
         kick: d.kick_gpa as *mut u32,
         designation: *d,
+        usable: AtomicBool::new(false),
     })
+}
+
+/// Marks the lanes the table designates for "any vCPU" now as usable.
+fn mark_usable(table: &[Option<Designation>], lanes: &[Lane]) {
+    for l in lanes {
+        let any = table.iter().flatten().any(|d| {
+            d.range_gpa == l.designation.range_gpa
+                && d.source == SourceType::GuestVcpu
+                && d.source_id == ANY_SOURCE
+        });
+        l.usable.store(any, Ordering::Release);
+    }
+}
+
+/// Copies the region's queue routes (free entries as 0); a table the host
+/// keeps rewriting leaves the old copy.
+fn copy_routes(region: &Region<'static>, into: &[AtomicU64; ROUTE_CAPACITY]) {
+    let mut routes = [None; ROUTE_CAPACITY];
+    if region.snapshot_routes(&mut routes, 64).is_ok() {
+        for (r, slot) in routes.iter().zip(into) {
+            slot.store(r.and_then(|r| r.encode()).unwrap_or(0), Ordering::Relaxed);
+        }
+    }
 }
 
 /// The lane the table designates for "any vCPU".
@@ -258,9 +294,57 @@ impl Doorbells {
         self.withheld.load(Ordering::Relaxed)
     }
 
-    /// Sends `event` to the host; kicks when the monitor was parked.
+    /// The shim's queue routes (this guest's copy).
+    pub fn routes(&self) -> impl Iterator<Item = Route> + '_ {
+        self.routes
+            .iter()
+            .map(|w| w.load(Ordering::Relaxed))
+            .take_while(|&w| w != 0)
+            .filter_map(Route::decode)
+    }
+
+    /// The host CPU the shim's route names for `device`'s queue `queue`.
+    #[must_use]
+    pub fn route(&self, device: u8, queue: u16) -> Option<u32> {
+        self.routes()
+            .find(|r| r.device == device && r.queue == queue)
+            .map(|r| r.host_cpu)
+    }
+
+    /// The lane an event for `device`'s queue `queue` goes into: a usable
+    /// range of the host CPU its route names (the association the guest
+    /// keeps between ranges and host CPUs), else the "any vCPU" range.
+    fn lane_for(&self, device: u8, queue: u16) -> (&Lane, bool) {
+        if let Some(cpu) = self.route(device, queue)
+            && let Some(l) = self
+                .lanes
+                .iter()
+                .find(|l| l.designation.host_cpu == cpu && l.usable.load(Ordering::Acquire))
+        {
+            return (l, true);
+        }
+        (self.lane(), false)
+    }
+
+    /// The host CPU whose monitor gets events for `device`'s queue `queue`.
+    #[must_use]
+    pub fn host_cpu_for(&self, device: u8, queue: u16) -> u32 {
+        self.lane_for(device, queue).0.designation.host_cpu
+    }
+
+    /// Events written into the range their queue's route named.
+    #[must_use]
+    pub fn routed(&self) -> u64 {
+        self.routed.load(Ordering::Relaxed)
+    }
+
+    /// Sends `event` to the host, into the range of the host CPU that serves
+    /// its queue; kicks when that monitor was parked.
     pub fn send(&self, event: Event) -> Sent {
-        let lane = self.lane();
+        let (lane, routed) = self.lane_for(event.device, event.queue);
+        if routed {
+            self.routed.fetch_add(1, Ordering::Relaxed);
+        }
         let sent = lane.ring.send(event);
         self.sent.fetch_add(1, Ordering::Relaxed);
         if sent.via == Via::Overflow {
@@ -353,6 +437,8 @@ impl Doorbells {
             self.stale.fetch_add(1, Ordering::Relaxed);
             return;
         };
+        mark_usable(&table, &self.lanes);
+        copy_routes(&self.region, &self.routes);
         match current_lane(&table, &self.lanes) {
             Some(i) => {
                 if self.current.swap(i, Ordering::AcqRel) != i {

@@ -47,6 +47,19 @@ pub struct ShimStats {
     /// The host TAP port, when the shim ran with `--tap`.
     #[serde(default)]
     pub tap: Option<TapStats>,
+    /// The doorbell monitors, one per host CPU that had rings.
+    #[serde(default)]
+    pub monitors: Vec<MonitorStats>,
+}
+
+/// `monitors[]`: one doorbell monitor thread.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct MonitorStats {
+    pub cpu: usize,
+    pub rings: usize,
+    /// Ring records and overflow entries it consumed.
+    #[serde(default)]
+    pub served: u64,
 }
 
 /// `tap`: frames between the switch and the host's TAP device.

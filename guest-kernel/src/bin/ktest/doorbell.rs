@@ -111,6 +111,32 @@ ktest!(
     }
 );
 
+ktest!(
+    fn nic_queue_events_go_to_the_range_of_the_cpu_their_route_names() {
+        let d = offered_doorbells()?;
+        let routes: alloc::vec::Vec<_> = d.routes().collect();
+        // This guest has a NIC: the shim routes its RX and TX queues.
+        check!(
+            routes.len() >= 2,
+            "the shim published routes for the NIC's queues ({} routes)",
+            routes.len()
+        );
+        for r in &routes {
+            check_eq!(
+                d.host_cpu_for(r.device, r.queue),
+                r.host_cpu,
+                "the guest keeps a range of the CPU the route names for device {} queue {}",
+                r.device,
+                r.queue
+            );
+        }
+        // A queue without a route goes to the range for any vCPU.
+        check_eq!(d.route(SINK, 0), None);
+        check_eq!(d.host_cpu_for(SINK, 0), d.host_cpu());
+        Ok(())
+    }
+);
+
 /// Stats marks around the flood (the shim-flood leg reads them).
 pub const MARK_FLOOD_BEFORE: u64 = 0x200;
 pub const MARK_FLOOD_AFTER: u64 = 0x201;

@@ -123,6 +123,8 @@ pub struct Shared {
     pub idle_spins: AtomicU64,
     /// Times the monitor parked.
     pub parks: AtomicU64,
+    /// Ring records and overflow entries it consumed, over all its rings.
+    pub served: AtomicU64,
 }
 
 /// The monitor's side: keeps its thread's priority in step with its phase.
@@ -155,6 +157,11 @@ impl Priority {
     pub fn beat(&mut self) {
         self.beats = self.beats.wrapping_add(1);
         self.shared.heartbeat.store(self.beats, Ordering::Relaxed);
+    }
+
+    /// The monitor consumed `n` records or overflow entries.
+    pub fn served(&self, n: usize) {
+        self.shared.served.fetch_add(n as u64, Ordering::Relaxed);
     }
 
     /// The monitor parked.

@@ -308,6 +308,7 @@ impl Monitors {
                 idle_spins: s.idle_spins.load(Ordering::Relaxed),
                 starved_boosts: s.starved_boosts.load(Ordering::Relaxed),
                 parks: s.parks.load(Ordering::Relaxed),
+                served: s.served.load(Ordering::Relaxed),
             })
             .collect()
     }
@@ -367,6 +368,7 @@ fn run(
             .map(|t| t.serve_raising(BATCH, &mut || prio.parking()))
             .sum();
         if served > 0 {
+            prio.served(served);
             if let Some(since) = idle_since.take() {
                 spin.work_after(since.elapsed());
             }

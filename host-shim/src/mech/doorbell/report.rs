@@ -41,4 +41,6 @@ pub struct MonitorReport {
     pub starved_boosts: u64,
     /// Times it parked (slept until a kick or the timeout).
     pub parks: u64,
+    /// Ring records and overflow entries it consumed (every guest, every range).
+    pub served: u64,
 }

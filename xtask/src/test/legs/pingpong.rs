@@ -14,18 +14,16 @@ impl Leg for ShimPingpong {
     }
 
     fn about(&self) -> &'static str {
-        "two guests exchange 500 UDP pings through the host shim's switch, configured as `cargo xtask run` (doorbells, exitless wait, run to completion); every ping back, at most 0.6 steady-state KVM exits per packet per guest, queue notifications carried by the waits (at most 1 doorbell per 10 frames sent); again with `--rx-handoff monitor`: every frame a guest received announced to its monitor through its host-written range"
+        "two guests exchange 500 UDP pings through the host shim's switch, configured as `cargo xtask run` (doorbells, exitless wait, run to completion); every ping back, at most 0.6 steady-state KVM exits per packet per guest, queue notifications carried by the waits (at most 1 doorbell per 10 frames sent); again with `--rx-handoff monitor`: every frame a guest received announced to its monitor through its host-written range; and with TX by doorbell (`net.tx_at_wait=off`) and `--doorbell-nic-cpu 0`: every NIC notification written into the range its queue's route names, consumed by the monitor on CPU 0, none by the guests' own monitor on CPU 1"
     }
 
     fn run(&self, _: &mut Images, opts: &Options) -> LegRun {
         let mut checks = Vec::new();
         let mut reports = Vec::new();
         let mut log = None;
-        for (tag, args) in [
-            ("", &[][..]),
-            ("rx-handoff monitor: ", &["--rx-handoff", "monitor"][..]),
-        ] {
-            match demo_checks(self.name(), opts, true, args) {
+        for variant in [Variant::Default, Variant::RxHandoff, Variant::NicCpu] {
+            let tag = variant.tag();
+            match demo_checks(self.name(), opts, true, variant) {
                 Ok(run) => {
                     checks.extend(
                         run.checks
@@ -61,7 +59,7 @@ impl Leg for QemuPingpong {
     }
 
     fn run(&self, _: &mut Images, opts: &Options) -> LegRun {
-        run_demo(self.name(), opts, false, &[])
+        run_demo(self.name(), opts, false)
     }
 }
 
@@ -73,9 +71,42 @@ impl Leg for QemuPingpong {
 /// call and RX interrupt) took 1.55.
 pub const STEADY_EXITS_MAX: f64 = 0.6;
 
+/// Which configuration a shim ping-pong run checks.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Variant {
+    /// `cargo xtask run`'s.
+    Default,
+    /// `--rx-handoff monitor`: frames handed to the guests' monitors.
+    RxHandoff,
+    /// TX by doorbell and `--doorbell-nic-cpu 0`: NIC events routed to CPU 0.
+    NicCpu,
+}
+
+/// The monitor `--doorbell-nic-cpu` names in [`Variant::NicCpu`]; the
+/// guests' own is on the last CPU (`--pin sidecore`).
+const NIC_CPU: usize = 0;
+
+impl Variant {
+    fn tag(self) -> &'static str {
+        match self {
+            Self::Default => "",
+            Self::RxHandoff => "rx-handoff monitor: ",
+            Self::NicCpu => "doorbell-nic-cpu 0: ",
+        }
+    }
+
+    fn shim_args(self) -> Vec<String> {
+        match self {
+            Self::Default => Vec::new(),
+            Self::RxHandoff => vec!["--rx-handoff".into(), "monitor".into()],
+            Self::NicCpu => vec!["--doorbell-nic-cpu".into(), NIC_CPU.to_string()],
+        }
+    }
+}
+
 /// One ping-pong run as a leg.
-fn run_demo(leg: &str, opts: &Options, on_shim: bool, shim_args: &[&str]) -> LegRun {
-    match demo_checks(leg, opts, on_shim, shim_args) {
+fn run_demo(leg: &str, opts: &Options, on_shim: bool) -> LegRun {
+    match demo_checks(leg, opts, on_shim, Variant::Default) {
         Ok(run) => {
             let mut reports = check_reports(&run.checks);
             reports.extend(run.reports);
@@ -96,12 +127,13 @@ struct DemoRun {
     log: Option<std::path::PathBuf>,
 }
 
-/// One ping-pong run; `shim_args` are added to the shim's (shim runs only).
+/// One ping-pong run in configuration `variant` (shim runs only; QEMU's is
+/// always the default).
 fn demo_checks(
     leg: &str,
     opts: &Options,
     on_shim: bool,
-    shim_args: &[&str],
+    variant: Variant,
 ) -> Result<DemoRun, String> {
     // Under QEMU the client's NIC interrupts go to its CPU 1: the run also
     // checks that its RX interrupts were all taken there. Under the shim the
@@ -110,10 +142,15 @@ fn demo_checks(
         count: 500,
         timeout: opts.timeout,
         client_irq_cpu: (!on_shim).then_some(1),
-        shim_args: shim_args.iter().map(|&a| a.to_owned()).collect(),
+        shim_args: variant.shim_args(),
+        // TX by doorbell: every frame sent is a notification to route.
+        extra_cmdline: if variant == Variant::NicCpu {
+            " net.tx_at_wait=off".into()
+        } else {
+            String::new()
+        },
         ..pingpong::Options::default()
     };
-    let handoff = shim_args.contains(&"monitor");
     let prefix = leg.to_owned();
     let verbose = opts.verbose;
     let report = if on_shim {
@@ -137,10 +174,17 @@ fn demo_checks(
                 ),
                 steady.is_some_and(|s| s <= STEADY_EXITS_MAX),
             ));
-            r.checks.push(notified_by_waits(g));
-            if handoff {
-                r.checks.push(handed_to_monitor(g));
+            match variant {
+                Variant::Default => r.checks.push(notified_by_waits(g)),
+                Variant::RxHandoff => {
+                    r.checks.push(notified_by_waits(g));
+                    r.checks.push(handed_to_monitor(g));
+                }
+                Variant::NicCpu => {}
             }
+        }
+        if variant == Variant::NicCpu {
+            r.checks.extend(routed_to_nic_cpu(&r));
         }
     }
     let mut reports: Vec<String> = r
@@ -209,6 +253,50 @@ fn handed_to_monitor(g: &crate::scenario::pingpong::GuestReport) -> (String, boo
         ),
         n.rx_packets > 0 && n.host_events * 100 >= n.rx_packets * 99,
     )
+}
+
+/// With `--doorbell-nic-cpu 0` each guest has a vCPU range on CPU 0's
+/// monitor besides its own on the last CPU's, and the queue routes name CPU 0
+/// for its NIC queues: the guest writes every NIC notification into the
+/// CPU 0 range. So CPU 0's monitor consumes at least the doorbell
+/// notifications both guests made, and the other monitor nothing.
+fn routed_to_nic_cpu(r: &crate::scenario::pingpong::Report) -> Vec<(String, bool)> {
+    let stats = match crate::vmm::stats::ShimStats::read(&r.log.with_extension("stats.json")) {
+        Ok(Some(s)) => s,
+        Ok(None) => return vec![("the shim wrote its stats".into(), false)],
+        Err(e) => return vec![(format!("the shim's stats: {e}"), false)],
+    };
+    let notes: u64 = r
+        .guests
+        .iter()
+        .filter_map(|g| g.numbers.as_ref())
+        .map(|n| n.notifications.doorbell)
+        .sum();
+    let nic = stats
+        .monitors
+        .iter()
+        .find(|m| m.cpu == NIC_CPU)
+        .map(|m| m.served);
+    let others: u64 = stats
+        .monitors
+        .iter()
+        .filter(|m| m.cpu != NIC_CPU)
+        .map(|m| m.served)
+        .sum();
+    vec![
+        (
+            format!(
+                "{notes} doorbell notifications by both guests, {nic:?} records consumed by the monitor on CPU {NIC_CPU} (at least as many)"
+            ),
+            notes >= 500 && nic.is_some_and(|n| n >= notes),
+        ),
+        (
+            format!(
+                "the guests' own monitor consumed {others} records: none (every event was a NIC's)"
+            ),
+            others == 0,
+        ),
+    ]
 }
 
 /// A free loopback port for QEMU's socket netdev.
