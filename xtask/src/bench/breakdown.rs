@@ -144,7 +144,7 @@ impl Suite for Breakdown {
 
     fn about(&self) -> String {
         format!(
-            "Where one ping's round trip goes, stage by stage, on one clock: the `udp-pingpong` pair of `cargo xtask run` (2 guests, 2 vCPUs, doorbell notifications) with `pingpong.breakdown=1`, {PINGS} pings of 64 B per round. The shim takes and hands on the stamps only with `--latency-stamps on` (off by default: they would carry one guest's timing into another's page). The sender stamps (guest TSC, plain stores into its M4 shadow record) when its application hands the datagram to the stack and when it notifies its TX queue; the shim stamps (host TSC) when it sees the notification (the sender's wait exit that carries it, or a doorbell monitor consuming it), when the NIC worker pops the frame off the TX ring and when it puts it into the peer's RX ring, converts all of them to the receiver's TSC with each guest's offset (`IA32_TSC` read through `KVM_GET_MSRS` between two host TSC reads) and leaves them in the receiver's M4 wait page; the receiver adds when its stack first polled the ring after that and when the application got the datagram. Each stage is the sum of the median of both directions (the server reports the pings, the client the echoes); `rest` is the client's RTT p50 minus the stages (the server application's turnaround, and the difference between a sum of medians and the median of the sums). Offsets between two guests' clocks are good to a few µs: a stage up to 20 µs negative counts as 0, a larger one drops the frame (`stamped_share` is the share kept). Every scenario runs with `cargo xtask run`'s placement (`--pin sidecore`: both guests' vCPU 0 on host CPU 0, the doorbell monitors on CPU 1) unless it names another. Scenarios: the default (`cargo xtask run`: exitless wait, the sender's wait exit carries its TX notification and the waiting vCPU's thread runs the queue work to completion), the same with TX notified by doorbell (`net.tx_at_wait=off`: the spinning monitor on the other core runs it), the same with each guest's vCPU 0 on a CPU of its own and each guest's monitor on the other guest's CPU (`--pin spread`, the shim's own default), the same with the NIC worker threads doing it (`--run-to-completion off`: doorbell -> monitor -> eventfd -> worker -> switch -> peer's worker), the path before both (halt call and RX interrupt, `net.wait=halt`, worker threads) and poll mode (`--rx poll`, default `net.poll_us=0`)."
+            "Where one ping's round trip goes, stage by stage, on one clock: the `udp-pingpong` pair of `cargo xtask run` (2 guests, 2 vCPUs, doorbell notifications) with `pingpong.breakdown=1`, {PINGS} pings of 64 B per round. The shim takes and hands on the stamps only with `--latency-stamps on` (off by default: they would carry one guest's timing into another's page). The sender stamps (guest TSC, plain stores into its M4 shadow record) when its application hands the datagram to the stack and when it notifies its TX queue; the shim stamps (host TSC) when it sees the notification (the sender's wait exit that carries it, or a doorbell monitor consuming it), when the NIC worker pops the frame off the TX ring and when it puts it into the peer's RX ring, converts all of them to the receiver's TSC with each guest's offset (`IA32_TSC` read through `KVM_GET_MSRS` between two host TSC reads) and leaves them in the receiver's M4 wait page; the receiver adds when its stack first polled the ring after that and when the application got the datagram. Each stage is the sum of the median of both directions (the server reports the pings, the client the echoes); `rest` is the client's RTT p50 minus the stages (the server application's turnaround, and the difference between a sum of medians and the median of the sums). Offsets between two guests' clocks are good to a few µs: a stage up to 20 µs negative counts as 0, a larger one drops the frame (`stamped_share` is the share kept). Every scenario runs with `cargo xtask run`'s placement (`--pin sidecore`: both guests' vCPU 0 on host CPU 0, the doorbell monitors on CPU 1) unless it names another. Scenarios: the default (`cargo xtask run`: exitless wait, the sender's wait exit carries its TX notification and the waiting vCPU's thread runs the queue work to completion), the same with TX notified by doorbell (`net.tx_at_wait=off`: the spinning monitor on the other core runs it), the same with each guest's vCPU 0 on a CPU of its own and each guest's monitor on the other guest's CPU (`--pin spread`, the shim's own default), the same with the receiver's monitor pushing the frame into its RX ring (`--rx-handoff monitor`: the sender posts an event into the receiver's host-written range instead), the same with the NIC worker threads doing it (`--run-to-completion off`: doorbell -> monitor -> eventfd -> worker -> switch -> peer's worker), the path before both (halt call and RX interrupt, `net.wait=halt`, worker threads) and poll mode (`--rx poll`, default `net.poll_us=0`)."
         )
     }
 
@@ -153,6 +153,7 @@ impl Suite for Breakdown {
             Scenario::new("default", "default (exitless wait)"),
             Scenario::new("tx_doorbell", "default, TX by doorbell"),
             Scenario::new("spread", "default, --pin spread"),
+            Scenario::new("rx_monitor", "default, RX work by the receiver's monitor"),
             Scenario::new("worker_threads", "exitless wait, NIC worker threads"),
             Scenario::new("halt", "halt + RX interrupt"),
             Scenario::new("poll", "--rx poll"),
@@ -217,6 +218,13 @@ impl Suite for Breakdown {
                     Self::run(&mut r, "tx_doorbell", Rx::Irq, "net.tx_at_wait=off", &[])?;
                 }
                 "spread" => Self::run(&mut r, "spread", Rx::Irq, "", &["--pin", "spread"])?,
+                "rx_monitor" => Self::run(
+                    &mut r,
+                    "rx_monitor",
+                    Rx::Irq,
+                    "",
+                    &["--rx-handoff", "monitor"],
+                )?,
                 "worker_threads" => Self::run(
                     &mut r,
                     "worker_threads",
