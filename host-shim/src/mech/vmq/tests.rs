@@ -974,24 +974,30 @@ fn kick(wait: bool, full: bool, done: bool, seen: u16, max_us: u32) -> vmq::Kick
     }
 }
 
+/// A thread blocked in a kick-page wait of guest `id` with nothing seen,
+/// returning whether an arrival ended it. A wait lasts at most WAIT_MAX
+/// (10 ms): on a loaded host the waiter may time out before this thread sees
+/// it blocked, so it starts again then.
+fn blocked_waiter(mgr: &Arc<Manager>, id: u32) -> std::thread::JoinHandle<bool> {
+    loop {
+        let m2 = mgr.clone();
+        let w = std::thread::spawn(move || m2.wait(id, &kick(true, false, false, 0, 0)));
+        while !mgr.is_waiting(id) && !w.is_finished() {
+            std::thread::yield_now();
+        }
+        if mgr.is_waiting(id) {
+            return w;
+        }
+        assert!(!w.join().unwrap(), "nothing had arrived");
+    }
+}
+
 #[test]
 fn a_wait_delivers_lazy_messages_and_wakes_a_waiting_receiver_without_an_interrupt() {
     let mgr = Arc::new(Manager::new());
     let snd = TestGuest::new(&mgr, "a");
     let rcv = TestGuest::new(&mgr, "b");
-    // A wait lasts at most WAIT_MAX (10 ms): on a loaded host the waiter may
-    // time out before this thread sees it blocked, so it starts again then.
-    let waiter = loop {
-        let (m2, rid) = (mgr.clone(), rcv.id);
-        let w = std::thread::spawn(move || m2.wait(rid, &kick(true, false, false, 0, 0)));
-        while !mgr.is_waiting(rcv.id) && !w.is_finished() {
-            std::thread::yield_now();
-        }
-        if mgr.is_waiting(rcv.id) {
-            break w;
-        }
-        assert!(!w.join().unwrap(), "nothing had arrived");
-    };
+    let waiter = blocked_waiter(&mgr, rcv.id);
     // A lazy message: it leaves with the sender's own wait, no flush.
     snd.fill(SRC, 64, 3);
     let k = snd.post(Message {
@@ -1111,17 +1117,7 @@ fn a_quiet_receiver_gets_no_notification_while_running_and_still_wakes_from_a_wa
     assert!(mgr.wait(rcv.id, &kick(true, false, false, 0, 1000)));
     rcv.consume(1);
     // Blocked in a wait, it is woken by the drain as before.
-    let waiter = loop {
-        let (m2, rid) = (mgr.clone(), rcv.id);
-        let w = std::thread::spawn(move || m2.wait(rid, &kick(true, false, false, 0, 0)));
-        while !mgr.is_waiting(rcv.id) && !w.is_finished() {
-            std::thread::yield_now();
-        }
-        if mgr.is_waiting(rcv.id) {
-            break w;
-        }
-        assert!(!w.join().unwrap(), "nothing had arrived");
-    };
+    let waiter = blocked_waiter(&mgr, rcv.id);
     snd.post(msg(rcv.id, 0, SRC, 64));
     mgr.drain(snd.id);
     assert!(
