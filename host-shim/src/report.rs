@@ -91,6 +91,7 @@
 //!       "flush_waits": u64,                   // immediate flushes that waited too (not in waits)
 //!       "delivered_at_flush": u64, "delivered_at_wait": u64,  // messages, by the drain
 //!       "delivered_at_exit": u64, "delivered_at_worker": u64, // that delivered them
+//!       "delivered_at_monitor": u64,          // (monitor: the doorbell policy, run to completion)
 //!       "bad_kicks": u64                      // kick-page reads and odd-size stores
 //!     },
 //!     "marks": [{                             // StatsMark hypercalls, in order

@@ -208,14 +208,18 @@ const SPAWN: &[i64] = &[
 /// `KVM_SET_GSI_ROUTING` (linux/kvm.h: `_IOW(KVMIO, 0x6a, struct
 /// kvm_irq_routing)`, an 8-byte header).
 const KVM_SET_GSI_ROUTING: u64 = (1 << 30) | (8 << 16) | (0xAE << 8) | 0x6a;
+/// `KVM_SIGNAL_MSI` (linux/kvm.h: `_IOW(KVMIO, 0xa5, struct kvm_msi)`, 32
+/// bytes): a VM-queue arrival's MSI where the guest takes no upcalls.
+const KVM_SIGNAL_MSI: u64 = (1 << 30) | (32 << 16) | (0xAE << 8) | 0xa5;
 
 fn conditions(kind: Kind, nr: i64) -> Result<Vec<SeccompRule>, seccompiler::BackendError> {
-    let first_arg_is = |values: &[u64]| -> Result<Vec<SeccompRule>, seccompiler::BackendError> {
+    // One rule per value: the call passes when argument `arg` is any of them.
+    let arg_is = |arg: u8, values: &[u64]| -> Result<Vec<SeccompRule>, seccompiler::BackendError> {
         values
             .iter()
             .map(|&v| {
                 SeccompRule::new(vec![SeccompCondition::new(
-                    0,
+                    arg,
                     SeccompCmpArgLen::Dword,
                     SeccompCmpOp::Eq,
                     v,
@@ -223,6 +227,7 @@ fn conditions(kind: Kind, nr: i64) -> Result<Vec<SeccompRule>, seccompiler::Back
             })
             .collect()
     };
+    let first_arg_is = |values: &[u64]| arg_is(0, values);
     match nr {
         libc::SYS_prctl => {
             first_arg_is(&[libc::PR_SET_NAME as u64, libc::PR_SET_NO_NEW_PRIVS as u64])
@@ -252,13 +257,13 @@ fn conditions(kind: Kind, nr: i64) -> Result<Vec<SeccompRule>, seccompiler::Back
         // monitors running to completion, the TAP forwarder delivering into a
         // guest's ring) fire its MSIs: a route the guest changed while the
         // rate limit held it back is synced then, with this one ioctl.
-        libc::SYS_ioctl if matches!(kind, Kind::Net | Kind::Monitor | Kind::Tap) => {
-            Ok(vec![SeccompRule::new(vec![SeccompCondition::new(
-                1,
-                SeccompCmpArgLen::Dword,
-                SeccompCmpOp::Eq,
-                KVM_SET_GSI_ROUTING,
-            )?])?])
+        libc::SYS_ioctl if matches!(kind, Kind::Net | Kind::Tap) => {
+            arg_is(1, &[KVM_SET_GSI_ROUTING])
+        }
+        // A monitor also drains VM-queue outboxes for doorbell events (run
+        // to completion): an arrival is an MSI where the guest takes no upcalls.
+        libc::SYS_ioctl if kind == Kind::Monitor => {
+            arg_is(1, &[KVM_SET_GSI_ROUTING, KVM_SIGNAL_MSI])
         }
         libc::SYS_openat if !matches!(kind, Kind::Main | Kind::Control) => {
             Ok(vec![SeccompRule::new(vec![SeccompCondition::new(
@@ -303,8 +308,12 @@ const MONITOR: &[i64] = &[
     libc::SYS_epoll_wait,
     libc::SYS_sched_setscheduler,
     libc::SYS_tgkill,
-    // KVM_SET_GSI_ROUTING only (see [`conditions`]).
+    // KVM_SET_GSI_ROUTING and KVM_SIGNAL_MSI only (see [`conditions`]).
     libc::SYS_ioctl,
+    // The VM-queue page exchanges of a doorbell-policy drain, as a vCPU's.
+    libc::SYS_fallocate,
+    libc::SYS_memfd_create,
+    libc::SYS_ftruncate,
 ];
 
 /// A NIC worker: epoll over its notify, doorbell, port and stop eventfds;

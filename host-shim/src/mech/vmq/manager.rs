@@ -87,6 +87,7 @@ pub struct VmqCounters {
     pub delivered_at_wait: AtomicU64,
     pub delivered_at_exit: AtomicU64,
     pub delivered_at_worker: AtomicU64,
+    pub delivered_at_monitor: AtomicU64,
     /// Kick-page accesses that were not an 8-byte store (refused).
     pub bad_kicks: AtomicU64,
 }
@@ -123,6 +124,7 @@ pub struct VmqReport {
     pub delivered_at_wait: u64,
     pub delivered_at_exit: u64,
     pub delivered_at_worker: u64,
+    pub delivered_at_monitor: u64,
     pub bad_kicks: u64,
 }
 
@@ -216,6 +218,7 @@ impl VmqCounters {
             delivered_at_wait: g(&self.delivered_at_wait),
             delivered_at_exit: g(&self.delivered_at_exit),
             delivered_at_worker: g(&self.delivered_at_worker),
+            delivered_at_monitor: g(&self.delivered_at_monitor),
             bad_kicks: g(&self.bad_kicks),
         }
     }
@@ -411,6 +414,8 @@ pub enum Origin {
     Wait,
     /// The doorbell worker thread.
     Worker,
+    /// The M1 monitor that consumed the doorbell event, itself (run to completion).
+    Monitor,
 }
 
 /// The longest a guest blocks in [`Manager::wait`] when it names no limit.
@@ -570,6 +575,7 @@ impl Manager {
                 Origin::Flush => &c.delivered_at_flush,
                 Origin::Wait => &c.delivered_at_wait,
                 Origin::Worker => &c.delivered_at_worker,
+                Origin::Monitor => &c.delivered_at_monitor,
             }
             .fetch_add(u64::from(d.delivered), Ordering::Relaxed);
         }

@@ -425,16 +425,26 @@ impl Drop for DoorbellWorker {
     }
 }
 
-/// The doorbell target for manager id `id`'s VM-queue outbox and the worker behind it.
+/// The doorbell target for manager id `id`'s VM-queue outbox and the worker
+/// behind it. The monitor that consumes the event drains the outbox itself
+/// (run to completion, counted `delivered_at_monitor`); the worker takes
+/// what the monitor hands on through the eventfd (an overflowed ring's
+/// "device has work").
 pub fn doorbell_target(
     manager: &Arc<Manager>,
     id: u32,
 ) -> std::io::Result<(Target, DoorbellWorker)> {
     let worker = DoorbellWorker::start(manager.clone(), id)?;
+    let m = manager.clone();
     let target = Target {
         device: para_abi::doorbell::device::VMQ,
         queues: vec![worker.fd.try_clone()?],
-        inline: None,
+        inline: Some(Arc::new(move |queue| {
+            queue == 0 && {
+                m.drain_by(id, Origin::Monitor);
+                true
+            }
+        })),
     };
     Ok((target, worker))
 }

@@ -479,6 +479,36 @@ fn outbox_pending_sees_only_unsent_messages() {
 }
 
 #[test]
+fn the_monitor_drains_a_doorbell_event_itself() {
+    let mgr = Arc::new(Manager::new());
+    let snd = TestGuest::new(&mgr, "snd");
+    let rcv = TestGuest::new(&mgr, "rcv");
+    let (target, worker) = super::doorbell_target(&mgr, snd.id).unwrap();
+    let run = target.inline.clone().unwrap();
+    snd.fill(SRC, 4096, 5);
+    let k = snd.post(Message {
+        policy: 2,
+        ..msg(rcv.id, 0, SRC, 4096)
+    });
+    // What the M1 monitor does for an event naming the VMQ device's queue 0:
+    // the drain runs on its own thread, no worker woken.
+    assert!(run(0));
+    assert_eq!(snd.status(k), SendStatus::Delivered);
+    assert_eq!(rcv.read(rcv.peek(0).addr, 4096), snd.read(SRC, 4096));
+    let g = |x: &AtomicU64| x.load(Ordering::Relaxed);
+    assert_eq!(
+        (
+            g(&snd.counters.delivered_at_monitor),
+            g(&snd.counters.delivered_at_worker)
+        ),
+        (1, 0)
+    );
+    // Another queue number is not the outbox's: refused (the caller counts it).
+    assert!(!run(1));
+    drop(worker);
+}
+
+#[test]
 fn the_doorbell_worker_drains_when_its_eventfd_is_written() {
     let mgr = Arc::new(Manager::new());
     let snd = TestGuest::new(&mgr, "snd");
