@@ -265,16 +265,49 @@ impl Region<'_> {
     /// generation. Extra entries past [`TABLE_CAPACITY`] are ignored.
     #[allow(clippy::must_use_candidate)] // the generation is informational
     pub fn designate(&self, entries: &[Designation]) -> u64 {
+        self.rewrite(|| {
+            for (i, slot) in self.table.iter().enumerate() {
+                slot.write(entries.get(i));
+            }
+        })
+    }
+
+    /// Host: runs `write` with the generation odd (the seqlock's writer
+    /// side), then makes it even and larger. Returns the new generation.
+    fn rewrite(&self, write: impl FnOnce()) -> u64 {
         let h = self.header;
         let g = h.generation.load(Ordering::Relaxed);
         h.generation.store(g | 1, Ordering::Relaxed);
         fence(Ordering::Release);
-        for (i, slot) in self.table.iter().enumerate() {
-            slot.write(entries.get(i));
-        }
+        write();
         let next = (g | 1).wrapping_add(1);
         h.generation.store(next, Ordering::Release);
         next
+    }
+
+    /// Guest: runs `read` until it sees one even generation before and after
+    /// (the seqlock's reader side; `read` returns false for a torn entry), at
+    /// most `attempts` times. Returns that generation.
+    fn read_consistent(
+        &self,
+        attempts: u32,
+        mut read: impl FnMut() -> bool,
+    ) -> Result<u64, RegionError> {
+        for _ in 0..attempts {
+            let g1 = self.header.generation.load(Ordering::Acquire);
+            if g1 & 1 != 0 {
+                core::hint::spin_loop();
+                continue;
+            }
+            if !read() {
+                continue;
+            }
+            fence(Ordering::Acquire);
+            if self.header.generation.load(Ordering::Relaxed) == g1 {
+                return Ok(g1);
+            }
+        }
+        Err(RegionError::Busy)
     }
 
     /// Host: publishes the queue routes (entries past [`ROUTE_CAPACITY`], and
@@ -283,19 +316,15 @@ impl Region<'_> {
     /// published.
     #[allow(clippy::must_use_candidate)] // the count is informational
     pub fn set_routes(&self, routes: &[Route]) -> usize {
-        let h = self.header;
-        let g = h.generation.load(Ordering::Relaxed);
-        h.generation.store(g | 1, Ordering::Relaxed);
-        fence(Ordering::Release);
         let mut words = routes.iter().filter_map(Route::encode);
         let mut n = 0;
-        for slot in self.routes {
-            let w = words.next().unwrap_or(0);
-            n += usize::from(w != 0);
-            slot.store(w, Ordering::Relaxed);
-        }
-        h.generation
-            .store((g | 1).wrapping_add(1), Ordering::Release);
+        self.rewrite(|| {
+            for slot in self.routes {
+                let w = words.next().unwrap_or(0);
+                n += usize::from(w != 0);
+                slot.store(w, Ordering::Relaxed);
+            }
+        });
         n
     }
 
@@ -305,21 +334,12 @@ impl Region<'_> {
         out: &mut [Option<Route>; ROUTE_CAPACITY],
         attempts: u32,
     ) -> Result<u64, RegionError> {
-        for _ in 0..attempts {
-            let g1 = self.header.generation.load(Ordering::Acquire);
-            if g1 & 1 != 0 {
-                core::hint::spin_loop();
-                continue;
-            }
+        self.read_consistent(attempts, || {
             for (slot, out) in self.routes.iter().zip(out.iter_mut()) {
                 *out = Route::decode(slot.load(Ordering::Relaxed));
             }
-            fence(Ordering::Acquire);
-            if self.header.generation.load(Ordering::Relaxed) == g1 {
-                return Ok(g1);
-            }
-        }
-        Err(RegionError::Busy)
+            true
+        })
     }
 
     /// Host: the memory writing notification.
@@ -353,25 +373,16 @@ impl Region<'_> {
         out: &mut [Option<Designation>; TABLE_CAPACITY],
         attempts: u32,
     ) -> Result<u64, RegionError> {
-        'attempt: for _ in 0..attempts {
-            let g1 = self.header.generation.load(Ordering::Acquire);
-            if g1 & 1 != 0 {
-                core::hint::spin_loop();
-                continue;
-            }
+        self.read_consistent(attempts, || {
             for (slot, out) in self.table.iter().zip(out.iter_mut()) {
                 *out = match slot.read() {
                     Ok(d) if d.ring_layout().is_ok() => Some(d),
                     Ok(_) | Err(ReadError::Free | ReadError::BadSource(_)) => None,
-                    Err(ReadError::Torn) => continue 'attempt,
+                    Err(ReadError::Torn) => return false,
                 };
             }
-            fence(Ordering::Acquire);
-            if self.header.generation.load(Ordering::Relaxed) == g1 {
-                return Ok(g1);
-            }
-        }
-        Err(RegionError::Busy)
+            true
+        })
     }
 }
 

@@ -47,13 +47,11 @@ pub fn shown_at_once(line: &str) -> bool {
 /// The path the guests' notifications took, from the shim's counters.
 #[must_use]
 pub fn notify_path_used(r: &Report) -> &'static str {
-    let doorbell: u64 = r
-        .guests
-        .iter()
-        .filter_map(|g| g.numbers.as_ref())
-        .map(|n| n.notifications.doorbell)
-        .sum();
-    if doorbell > 0 { "doorbell" } else { "trap" }
+    if r.doorbell_notifications() > 0 {
+        "doorbell"
+    } else {
+        "trap"
+    }
 }
 
 fn us(ns: u64) -> String {

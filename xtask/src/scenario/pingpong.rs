@@ -311,6 +311,8 @@ pub struct Report {
     /// Each guest's `pingpong-breakdown:` JSON (`pingpong.breakdown=1`): the
     /// per-stage times of the datagrams it received.
     pub breakdowns: Vec<(String, String)>,
+    /// The shim's doorbell monitors (shim runs only).
+    pub monitors: Vec<crate::vmm::stats::MonitorStats>,
 }
 
 pub const BREAKDOWN_PREFIX: &str = "pingpong-breakdown: ";
@@ -319,6 +321,16 @@ impl Report {
     #[must_use]
     pub fn ok(&self) -> bool {
         self.checks.iter().all(|(_, ok)| *ok)
+    }
+
+    /// Queue notifications the guests made by doorbell, as the shim counted them.
+    #[must_use]
+    pub fn doorbell_notifications(&self) -> u64 {
+        self.guests
+            .iter()
+            .filter_map(|g| g.numbers.as_ref())
+            .map(|n| n.notifications.doorbell)
+            .sum()
     }
 }
 
@@ -461,6 +473,19 @@ fn shim_args(opts: &Options) -> Vec<String> {
     args
 }
 
+/// Each guest's `pingpong-breakdown:` JSON line, by guest name.
+fn breakdowns(run: &shim::Run, names: &[String]) -> Vec<(String, String)> {
+    names
+        .iter()
+        .filter_map(|name| {
+            shim::guest_lines(&run.lines, name)
+                .into_iter()
+                .find_map(|l| l.trim().strip_prefix(BREAKDOWN_PREFIX).map(str::to_owned))
+                .map(|j| (name.clone(), j))
+        })
+        .collect()
+}
+
 /// Runs the demo under the host shim.
 pub fn on_shim(opts: &Options, label: &str, mut echo: impl FnMut(&str)) -> Result<Report> {
     validate(opts)?;
@@ -543,22 +568,18 @@ pub fn on_shim(opts: &Options, label: &str, mut echo: impl FnMut(&str)) -> Resul
             false,
         ));
     }
-    let breakdowns = names
-        .iter()
-        .filter_map(|name| {
-            shim::guest_lines(&run.lines, name)
-                .into_iter()
-                .find_map(|l| l.trim().strip_prefix(BREAKDOWN_PREFIX).map(str::to_owned))
-                .map(|j| (name.clone(), j))
-        })
-        .collect();
     let report = Report {
         clients,
         guests: reports,
         steady: steady_window(&run.lines, "client1", run.elapsed, ended),
         checks,
         log: run.log.clone(),
-        breakdowns,
+        breakdowns: breakdowns(&run, &names),
+        monitors: run
+            .stats
+            .as_ref()
+            .map(|s| s.monitors.clone())
+            .unwrap_or_default(),
     };
     if !report.ok() {
         run.print_post_mortem();
@@ -689,6 +710,7 @@ pub fn on_qemu(opts: &Options, label: &str, port: u16) -> Result<Report> {
         checks,
         log: PathBuf::new(),
         breakdowns: Vec::new(),
+        monitors: Vec::new(),
     })
 }
 

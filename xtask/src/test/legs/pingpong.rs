@@ -261,23 +261,16 @@ fn handed_to_monitor(g: &crate::scenario::pingpong::GuestReport) -> (String, boo
 /// CPU 0 range. So CPU 0's monitor consumes at least the doorbell
 /// notifications both guests made, and the other monitor nothing.
 fn routed_to_nic_cpu(r: &crate::scenario::pingpong::Report) -> Vec<(String, bool)> {
-    let stats = match crate::vmm::stats::ShimStats::read(&r.log.with_extension("stats.json")) {
-        Ok(Some(s)) => s,
-        Ok(None) => return vec![("the shim wrote its stats".into(), false)],
-        Err(e) => return vec![(format!("the shim's stats: {e}"), false)],
-    };
-    let notes: u64 = r
-        .guests
-        .iter()
-        .filter_map(|g| g.numbers.as_ref())
-        .map(|n| n.notifications.doorbell)
-        .sum();
-    let nic = stats
+    if r.monitors.is_empty() {
+        return vec![("the shim reported its monitors".into(), false)];
+    }
+    let notes = r.doorbell_notifications();
+    let nic = r
         .monitors
         .iter()
         .find(|m| m.cpu == NIC_CPU)
         .map(|m| m.served);
-    let others: u64 = stats
+    let others: u64 = r
         .monitors
         .iter()
         .filter(|m| m.cpu != NIC_CPU)
